@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from kernels import MAX_KERNEL_ROWS, dequantize_weight, sparse_gemv, sparse_gemv_reference
+from kernels import dequantize_weight, sparse_gemv, sparse_gemv_reference
+from kernels.sparse_gemv import MAX_BATCH
 
 FORMATS = ("fp", "int8", "int4")
 
@@ -77,7 +78,7 @@ class PackedLinear(nn.Module):
         decode_step = x.dim() < 3 or x.shape[-2] == 1
         sparsify = self.sparse and (decode_step or self.sparse_prefill)
         scales, zeros = self._quant_args()
-        if x.is_cuda and x2.shape[0] <= MAX_KERNEL_ROWS and (sparsify or self.fmt != "fp"):
+        if x.is_cuda and x2.shape[0] <= MAX_BATCH and (sparsify or self.fmt != "fp"):
             # Decode: our Triton kernel, dense (thresholds of zeros) or sparse; rows of zeroed
             # inputs are never read.
             thresholds = self.thresholds if sparsify else torch.zeros_like(self.thresholds)

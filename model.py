@@ -64,13 +64,17 @@ class ModelArgs:
             raise ValueError(
                 f"unsupported architecture {archs or model_type!r}: only Llama-family models "
                 f"({', '.join(SUPPORTED_HF_ARCHS)}) are supported")
-        rope_scaling = cfg.get("rope_scaling")
-        if rope_scaling is not None:
-            kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
-            if kind != "llama3":
-                raise ValueError(f"unsupported rope_scaling type {kind!r} (only 'llama3' is implemented)")
-            rope_scaling = {k: float(rope_scaling[k]) for k in (
+        # transformers < 5 writes `rope_theta` + `rope_scaling`; 5.x nests both in `rope_parameters`.
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "llama3":
+            rope_scaling = {k: float(rope[k]) for k in (
                 "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        elif kind == "default":
+            rope_scaling = None
+        else:
+            raise ValueError(f"unsupported RoPE type {kind!r} (implemented: default, llama3)")
         n_head = cfg["num_attention_heads"]
         return cls(
             dim=cfg["hidden_size"],
@@ -81,7 +85,7 @@ class ModelArgs:
             vocab_size=cfg["vocab_size"],
             block_size=cfg.get("max_position_embeddings", 4096),
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
-            rope_base=float(cfg.get("rope_theta", 10000.0)),
+            rope_base=float(rope_theta),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rope_scaling=rope_scaling,

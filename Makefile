@@ -1,0 +1,43 @@
+# Two entry points: `make demo` (set up, fetch + convert the default model, calibrate, generate
+# dense and sparse) and `make test` (set up, run the suite). Everything lives in ./.venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL := checkpoints/SmolLM2-135M-Instruct
+CALIB_TEXT := checkpoints/python-docs.txt
+PROMPT ?= Explain in two sentences why the sky is blue.
+SPARSITY ?= 0.4
+
+.PHONY: demo test setup model clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: the pinned build is the local CPU wheel on the project's machines; any >=2.5 works
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q 'torch>=2.5'
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+model: $(MODEL)/model.safetensors
+
+$(MODEL)/model.safetensors: | $(VENV)/.installed
+	$(PY) scripts/fetch_default_model.py --out $(MODEL)
+
+# Calibration text every Python install carries: the topic pages of Python's own documentation.
+$(CALIB_TEXT): | $(VENV)/.installed
+	$(PY) scripts/python_docs_text.py $@
+
+$(MODEL)/teal_thresholds.safetensors: $(MODEL)/model.safetensors $(CALIB_TEXT)
+	$(PY) calibrate.py --checkpoint_path $(MODEL) --text $(CALIB_TEXT) --out $@
+
+demo: $(MODEL)/teal_thresholds.safetensors
+	$(PY) generate.py --checkpoint_path $(MODEL) --chat --prompt "$(PROMPT)" --temperature 0 \
+		--max_new_tokens 120 --compile --sparsity 0 $(SPARSITY)
+
+test: $(MODEL)/model.safetensors
+	REQUIRE_MODEL=1 TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) checkpoints

@@ -1,0 +1,337 @@
+"""Generate text with a Llama-family checkpoint, dense or TEAL-sparse, and report decode speed.
+
+gpt-fast conventions: static KV cache, prefill then a token-by-token decode that can be compiled
+(`--compile`: `torch.compile(fullgraph=True)`, CUDA graphs on GPUs). `--sparsity 0 0.5` runs the same
+prompt dense and sparse and prints the two side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from checkpoint import CheckpointError, load_model
+from model import ModelArgs, Transformer
+from tokenizer import Tokenizer, chat_template, load_tokenizer, render_chat
+
+DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class UserError(Exception):
+    """Bad input from the command line; reported as one line, exit status 1."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and the decode loop
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+
+
+def sample(logits: Tensor, s: Sampling) -> Tensor:
+    """Next token ids [batch, 1] from last-position logits [batch, vocab], without a host sync."""
+    if s.temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / s.temperature
+    if s.top_k is not None:
+        kth = torch.topk(logits, min(s.top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if s.top_p is not None:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > s.top_p  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    # argmax(p / E) with E ~ Exp(1) draws from p (exponential race), with no multinomial sync.
+    race = torch.empty_like(probs).exponential_(1)
+    return (probs / race).argmax(-1, keepdim=True)
+
+
+def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, s: Sampling) -> Tensor:
+    return sample(model(idx, input_pos)[:, -1], s)
+
+
+def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, s: Sampling) -> Tensor:
+    return sample(model(token, input_pos)[:, -1], s)
+
+
+@dataclass
+class Sample:
+    tokens: list[int]
+    prompt_len: int
+    ttft_s: float  # prefill + first token
+    decode_s: float  # the remaining tokens
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = self.new_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ensure_caches(model: Transformer, total: int) -> None:
+    """Grow the KV cache to at least `total` positions, in steps of 256 so that cache shapes (and
+    so compiled graphs) stay the same across calls of similar length."""
+    if model.max_seq_length < total:
+        model.setup_caches(1, min(-(-total // 256) * 256, model.config.block_size))
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, s: Sampling,
+             decode_fn=decode_one_token, prefill_fn=prefill, eos_ids: set[int] = frozenset(),
+             on_token=None) -> Sample:
+    """Greedy/sampled continuation of one prompt; stops at EOS or after max_new_tokens."""
+    device = model.norm.weight.device
+    total = len(prompt) + max_new_tokens
+    ensure_caches(model, total)
+    t0 = time.perf_counter()
+    idx = torch.tensor([prompt], device=device)
+    token = prefill_fn(model, idx, torch.arange(len(prompt), device=device), s).clone()
+    out = list(prompt) + [int(token)]
+    t1 = time.perf_counter()
+    if on_token:
+        on_token(out)
+    input_pos = torch.tensor([len(prompt)], device=device)
+    while len(out) < total and out[-1] not in eos_ids:
+        # clone: under CUDA graphs the next replay overwrites the step's output buffer
+        token = decode_fn(model, token, input_pos, s).clone()
+        input_pos += 1
+        out.append(int(token))
+        if on_token:
+            on_token(out)
+    _sync(device)
+    t2 = time.perf_counter()
+    return Sample(out, len(prompt), t1 - t0, t2 - t1)
+
+
+def compile_steps(device: torch.device, compile_prefill: bool):
+    """Compiled decode (and optionally prefill) steps; CUDA graphs on GPUs."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    decode = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    pre = torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill
+    return decode, pre
+
+
+def weight_bytes_per_token(model: Transformer, skipped_fraction: float = 0.0) -> float:
+    """Bytes read per decode step: every weight but the embedding table (one row is gathered);
+    `skipped_fraction` of the decoder projections' bytes are not read under TEAL."""
+    from linear import packed_projections
+    embed = model.tok_embeddings.weight
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+                if t is not embed and t.dim() >= 2 and not _is_cache(t, model))
+    if model.config.tie_embeddings:  # the tied lm_head is read in full
+        total += embed.numel() * embed.element_size()
+    proj = sum(m.weight.numel() * m.weight.element_size() for m in packed_projections(model).values())
+    return total - skipped_fraction * proj
+
+
+def _is_cache(t: Tensor, model: Transformer) -> bool:
+    return any(t is layer.attention.kv_cache.k_cache or t is layer.attention.kv_cache.v_cache
+               for layer in model.layers if layer.attention.kv_cache is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default="Hello, my name is",
+                   help="text to continue (with --chat: the user message)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's own chat template (instruct models)")
+    p.add_argument("--interactive", action="store_true",
+                   help="read prompts from standard input until an empty line or EOF")
+    p.add_argument("--num_samples", type=int, default=1, help="samples to generate per setting")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (off by default)")
+    p.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="converted checkpoint folder or its .safetensors file")
+    p.add_argument("--random_weights", metavar="MODEL_NAME",
+                   help="no checkpoint: random weights at a named shape (e.g. Llama-3-8B), for speed tests")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="compute/weight dtype")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile fullgraph; CUDA graphs on GPUs)")
+    p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.0],
+                   help="TEAL sparsity level(s) in [0, 1); several values run the same prompt at each")
+    p.add_argument("--thresholds", type=Path, default=None,
+                   help="calibrated thresholds file from calibrate.py (default: <checkpoint>/teal_thresholds.safetensors)")
+    p.add_argument("--allocation", choices=["uniform", "greedy"], default="uniform",
+                   help="how sparsity is split between projections (see calibrate.py)")
+    p.add_argument("--sparse_prefill", action="store_true",
+                   help="also sparsify the prompt tokens (decode is always sparse when sparsity > 0)")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error("--max_new_tokens must be at least 1")
+    if args.num_samples < 1:
+        p.error("--num_samples must be at least 1")
+    for s in args.sparsity:
+        if not 0.0 <= s < 1.0:
+            p.error(f"--sparsity {s} is outside [0, 1)")
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported --device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA GPU is available")
+    return device
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Transformer, Tokenizer | None]:
+    dtype = DTYPES[args.dtype]
+    if args.random_weights:
+        try:
+            cfg = ModelArgs.from_name(args.random_weights)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        with torch.device(device):
+            model = Transformer(cfg).to(dtype)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        return model.eval(), None
+    model = load_model(args.checkpoint_path, device=device, dtype=dtype)
+    folder = args.checkpoint_path if args.checkpoint_path.is_dir() else args.checkpoint_path.parent
+    return model, load_tokenizer(folder)
+
+
+def set_sparsity(model: Transformer, level: float, args: argparse.Namespace) -> None:
+    """Dense for level 0, else load the calibrated thresholds for this level and swap them in."""
+    from linear import packed_projections
+    if level == 0.0:
+        if packed_projections(model):  # sparsified by an earlier level of this run
+            from teal import densify
+            densify(model)
+        return
+    from teal import load_thresholds, sparsify
+    folder = args.checkpoint_path if args.checkpoint_path.is_dir() else args.checkpoint_path.parent
+    path = args.thresholds or folder / "teal_thresholds.safetensors"
+    if not path.exists():
+        raise UserError(f"no thresholds file at {path}: run calibrate.py first (see README)")
+    sparsify(model, load_thresholds(path, model, level, args.allocation), sparse_prefill=args.sparse_prefill)
+
+
+def encode_prompt(text: str, tok: Tokenizer | None, args: argparse.Namespace, vocab: int) -> list[int]:
+    if tok is None:  # random weights: a fixed pseudo-random prompt of the text's length
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(vocab, (max(1, len(text.split())),), generator=g).tolist()
+    if args.chat:
+        template = chat_template(args.checkpoint_path if args.checkpoint_path.is_dir()
+                                 else args.checkpoint_path.parent)
+        if template is None:
+            raise UserError("--chat: this checkpoint has no chat template")
+        text = render_chat(template, [{"role": "user", "content": text}])
+    ids = tok.encode(text)
+    if tok.add_bos and tok.bos_id is not None:
+        ids = [tok.bos_id] + ids
+    return ids
+
+
+class Streamer:
+    """Prints the decoded continuation as it grows (decoding the whole tail keeps UTF-8 intact)."""
+
+    def __init__(self, tok: Tokenizer, prompt_len: int) -> None:
+        self.tok, self.prompt_len, self.printed = tok, prompt_len, ""
+
+    def __call__(self, ids: list[int]) -> None:
+        text = self.tok.decode(ids[self.prompt_len:])
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        print(text[len(self.printed):], end="", flush=True)
+        self.printed = text
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    model, tok = build_model(args, device)
+    s = Sampling(args.temperature, args.top_k, args.top_p)
+    decode, pre = compile_steps(device, args.compile_prefill) if args.compile else (decode_one_token, prefill)
+    eos = tok.eos_ids if tok else set()
+    prompts = iter(lambda: input("> "), "") if args.interactive else [args.prompt]
+    results = []
+    for text in prompts:
+        ids = encode_prompt(text, tok, args, model.config.vocab_size)
+        if len(ids) + args.max_new_tokens > model.config.block_size:
+            raise UserError(f"prompt ({len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) "
+                            f"exceeds the model's context of {model.config.block_size} tokens")
+        ensure_caches(model, len(ids) + args.max_new_tokens)
+        for level in args.sparsity:
+            set_sparsity(model, level, args)
+            if args.compile:  # warm-up: compilation (and CUDA-graph capture) out of the timing
+                generate(model, ids, min(args.max_new_tokens, 8), s, decode, pre)
+            for i in range(args.num_samples):
+                header = f"[sparsity {level:.2f}, sample {i + 1}]"
+                print(f"\n{header}\n{text if tok and not args.chat else ''}", end="", flush=True)
+                stream = Streamer(tok, len(ids)) if tok else None
+                res = generate(model, ids, args.max_new_tokens, s, decode, pre, eos, stream)
+                results.append(report(model, res, level))
+    if len(results) > 1:
+        print_table(results)
+    return results
+
+
+def report(model: Transformer, res: Sample, level: float) -> dict:
+    row = {"sparsity": level, "prompt_tokens": res.prompt_len, "new_tokens": res.new_tokens,
+           "ttft_s": res.ttft_s, "decode_tok_s": res.decode_tok_s, "realized_sparsity": 0.0}
+    if level > 0:
+        from teal import realized_sparsity
+        seq = torch.tensor([res.tokens], device=model.norm.weight.device)
+        row["realized_sparsity"] = realized_sparsity(model, seq)["parameter_weighted"]
+    row["gb_s"] = weight_bytes_per_token(model, row["realized_sparsity"]) * row["decode_tok_s"] / 1e9
+    print(f"\n-- {row['new_tokens']} tokens, prompt {row['prompt_tokens']} tokens, time to first token "
+          f"{row['ttft_s'] * 1000:.0f} ms, decode {row['decode_tok_s']:.1f} tok/s, "
+          f"{row['gb_s']:.1f} GB/s of weights, realized sparsity {row['realized_sparsity']:.1%}")
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| sparsity | realized | decode tok/s | GB/s | TTFT ms | new tokens |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['sparsity']:.2f} | {r['realized_sparsity']:.1%} | {r['decode_tok_s']:.1f} | "
+              f"{r['gb_s']:.1f} | {r['ttft_s'] * 1000:.0f} | {r['new_tokens']} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (UserError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

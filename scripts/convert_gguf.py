@@ -1,0 +1,23 @@
+"""Convert a llama.cpp GGUF file (architecture 'llama', any quantization the `gguf` package can
+dequantize) to our checkpoint folder, tokenizer and chat template included."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from _cli import run_cli
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("gguf", type=Path, help="the .gguf file")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    args = p.parse_args()
+    if not args.gguf.exists():
+        raise FileNotFoundError(f"no such file: {args.gguf}")
+    from checkpoint import convert_gguf
+    print(f"converted -> {convert_gguf(args.gguf, args.out)}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
