@@ -1,0 +1,136 @@
+"""Sparse GEMV vs cuBLAS on Llama layer shapes, across activation sparsity.
+
+    python benchmarks/bench_kernels.py [--formats bf16 int8 int4-g128] [--out benchmarks/results/kernels]
+
+For each layer and sparsity s (x ~ N(0, 1), threshold = s-quantile of |x|) it times
+our kernel (config from kernels/tuned_configs.json or the heuristic), ``x @ w_t``
+and ``F.linear(x, w)`` with w in [N, K] (both dense bf16/fp16, so they do not depend
+on s or on our weight format), all in CUDA graphs that rotate over weight copies.
+Effective TB/s = bytes of the weight rows actually needed / time.  Writes
+``OUT.json`` (with GPU, versions, date, command) and ``OUT.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from timing import (  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
+    MODEL_SHAPES,
+    Problem,
+    copies_for,
+    graph_time_us,
+    make_weight,
+    make_x,
+    parse_format,
+    threshold_for,
+    weight_bytes_needed,
+)
+from kernels.sparse_gemv import get_config, gpu_name, sparse_gemv, weight_format_name
+
+DEFAULT_SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
+
+
+@functools.cache
+def dense_times(m: int, k: int, n: int, dtype: torch.dtype) -> dict[str, float]:
+    """µs of cuBLAS on the same shape: x @ w_t ([K, N]) and F.linear with w [N, K]."""
+    nbytes = k * n * torch.finfo(dtype).bits // 8
+    copies = copies_for(nbytes)
+    x = make_x(m, k, dtype, "cuda", seed=0)
+    w_t = [make_weight("bf16" if dtype == torch.bfloat16 else "fp16", k, n, "cuda", seed=i)[0] for i in range(copies)]
+    t_matmul = graph_time_us(lambda i: x @ w_t[i], copies)
+    w = [t.t().contiguous() for t in w_t]
+    w_t.clear()  # free the [K, N] copies before timing the [N, K] ones
+    t_linear = graph_time_us(lambda i: F.linear(x, w[i]), copies)
+    return {"matmul_us": t_matmul, "linear_us": t_linear}
+
+
+def bench_layer(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float]) -> list[dict]:
+    kind, _ = parse_format(fmt)
+    dtype = torch.float16 if kind == "fp16" else torch.bfloat16
+    n = sum(splits)
+    dense = dense_times(m, k, n, dtype)
+    weights = [make_weight(fmt, k, n, "cuda", seed=1)]
+    nbytes = sum(t.numel() * t.element_size() for t in weights[0][:3] if t is not None)
+    weights += [make_weight(fmt, k, n, "cuda", seed=1 + i) for i in range(1, copies_for(nbytes))]
+    x = make_x(m, k, dtype, "cuda", seed=0)
+    config = get_config(gpu_name(x.device), weight_format_name(weights[0][0], weights[0][3]), m, k, n)
+    rows = []
+    for s in sparsities:
+        problems = [Problem(x, w, threshold_for(x, s, len(splits)), splits, sc, z, g) for w, sc, z, g in weights]
+        ours = graph_time_us(lambda i: sparse_gemv(*problems[i].args()), len(problems))
+        needed = weight_bytes_needed(problems[0])
+        rows.append({
+            "sparsity": s, "sparse_us": ours, **dense,
+            "needed_bytes": needed, "effective_tbps": needed / ours / 1e6,
+            "speedup_vs_linear": dense["linear_us"] / ours, "config": config.to_dict(),
+        })
+    return rows
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    lines = [
+        f"# Sparse GEMV benchmark ({meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']})",
+        "",
+        f"`{meta['command']}`",
+        "",
+        "| model | layer | format | M | K | N | sparsity | sparse µs | x@w_t µs | F.linear µs | speedup | eff. TB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | {r['layer']} | {r['format']} | {r['M']} | {r['K']} | {r['N']} | {r['sparsity']:.0%} "
+            f"| {r['sparse_us']:.1f} | {r['matmul_us']:.1f} | {r['linear_us']:.1f} "
+            f"| {r['speedup_vs_linear']:.2f}x | {r['effective_tbps']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODEL_SHAPES), choices=list(MODEL_SHAPES))
+    parser.add_argument("--formats", nargs="+", default=["bf16"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--sparsities", nargs="+", type=float, default=DEFAULT_SPARSITIES)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels"),
+                        help="output path without extension; writes OUT.json and OUT.md")
+    args = parser.parse_args()
+
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    results = []
+    for model in args.models:
+        for layer, k, splits in MODEL_SHAPES[model]:
+            for fmt in args.formats:
+                for row in bench_layer(fmt, args.batch, k, splits, args.sparsities):
+                    row = {"model": model, "layer": layer, "format": fmt, "M": args.batch, "K": k, "N": sum(splits),
+                           **row}
+                    results.append(row)
+                    print(f"{model:10s} {layer:8s} {fmt:10s} s={row['sparsity']:.2f} sparse {row['sparse_us']:7.1f} µs"
+                          f"  F.linear {row['linear_us']:7.1f} µs  x@w_t {row['matmul_us']:7.1f} µs"
+                          f"  {row['effective_tbps']:.2f} TB/s")
+                torch.cuda.empty_cache()
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(results, meta))
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Shared helpers of the kernel benchmarks: layer shapes, synthetic inputs and a
+CUDA-graph timer that rotates through weight copies so the 60 MB L2 cannot hold them."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, for `import kernels`
+
+# (layer, K, split sizes of N): fused q|k|v and gate|up use one threshold per segment.
+MODEL_SHAPES: dict[str, list[tuple[str, int, list[int]]]] = {
+    "llama3-8b": [
+        ("qkv", 4096, [4096, 1024, 1024]),
+        ("o", 4096, [4096]),
+        ("gate_up", 4096, [14336, 14336]),
+        ("down", 14336, [4096]),
+    ],
+    "llama2-7b": [
+        ("qkv", 4096, [4096, 4096, 4096]),
+        ("o", 4096, [4096]),
+        ("gate_up", 4096, [11008, 11008]),
+        ("down", 11008, [4096]),
+    ],
+}
+ROTATION_BYTES = 256 << 20  # > 4x the H200's L2
+
+
+@dataclass
+class Problem:
+    """One sparse GEMV call: inputs in the layout sparse_gemv expects."""
+
+    x: torch.Tensor
+    w: torch.Tensor
+    thresholds: torch.Tensor
+    split_sizes: list[int]
+    scales: torch.Tensor | None
+    zeros: torch.Tensor | None
+    group_size: int
+
+    def args(self) -> tuple:
+        return (self.x, self.w, self.thresholds, self.split_sizes, self.scales, self.zeros, self.group_size)
+
+
+def parse_format(fmt: str) -> tuple[str, int]:
+    """'bf16' -> ('bf16', 0); 'int4-g128' -> ('int4', 128)."""
+    if fmt.startswith("int4-g"):
+        return "int4", int(fmt.removeprefix("int4-g"))
+    if fmt in ("bf16", "fp16", "int8"):
+        return fmt, 0
+    raise ValueError(f"Unknown weight format {fmt!r}; expected bf16, fp16, int8 or int4-g<group>.")
+
+
+def make_weight(fmt: str, k: int, n: int, device: str, seed: int) -> tuple[torch.Tensor, ...]:
+    """Random weight of format ``fmt`` as (w, scales, zeros, group_size)."""
+    kind, group = parse_format(fmt)
+    g = torch.Generator(device=device).manual_seed(seed)
+    if kind in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if kind == "bf16" else torch.float16
+        w = (torch.randn(k, n, generator=g, device=device) * 0.02).to(dtype)
+        return w, None, None, 0
+    if kind == "int8":
+        w = torch.randint(-127, 128, (k, n), generator=g, device=device, dtype=torch.int8)
+        return w, torch.rand(n, generator=g, device=device) * 1e-3, None, 0
+    w = torch.randint(0, 256, (k, n // 2), generator=g, device=device, dtype=torch.uint8)
+    scales = torch.rand(k // group, n, generator=g, device=device) * 1e-2
+    zeros = torch.randn(k // group, n, generator=g, device=device) * 1e-3
+    return w, scales, zeros, group
+
+
+def make_x(m: int, k: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(m, k, generator=g, device=device).to(dtype)
+
+
+def threshold_for(x: torch.Tensor, sparsity: float, segments: int) -> torch.Tensor:
+    """Same threshold for every segment: the ``sparsity``-quantile of |x| (0 keeps everything)."""
+    t = torch.quantile(x.abs().float().flatten(), sparsity).item() if sparsity > 0 else 0.0
+    return torch.full((segments,), t, dtype=torch.float32, device=x.device)
+
+
+def weight_bytes_needed(p: Problem) -> int:
+    """Bytes of weight (plus scales/zeros) a perfect kernel reads: only rows some batch row keeps."""
+    n = sum(p.split_sizes)
+    kept = sum(
+        int((p.x.abs().float() > p.thresholds[j]).any(dim=0).sum()) * size
+        for j, size in enumerate(p.split_sizes)
+    )
+    per_elem = p.w.element_size() * p.w.shape[1] / n  # 0.5 for packed int4
+    extra = sum(t.numel() * t.element_size() for t in (p.scales, p.zeros) if t is not None)
+    return int(kept * per_elem) + extra
+
+
+def copies_for(bytes_per_copy: int) -> int:
+    """Weight copies to rotate through so one graph replay streams > ROTATION_BYTES."""
+    return max(2, min(16, math.ceil(ROTATION_BYTES / max(bytes_per_copy, 1))))
+
+
+def graph_time_us(step: Callable[[int], object], n_variants: int, calls: int = 32) -> float:
+    """Median µs per call of ``step(i)`` replayed in one CUDA graph cycling over i < n_variants.
+
+    Runs every variant once eagerly first (JIT compilation, persistent buffers), then
+    captures ``calls`` calls (rounded up to a multiple of n_variants) and times replays
+    with triton.testing.do_bench, which flushes L2 between replays.
+    """
+    import triton.testing
+
+    calls = math.ceil(calls / n_variants) * n_variants
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(n_variants):
+            step(i)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            step(i % n_variants)
+    graph.replay()
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+    del graph
+    return ms * 1e3 / calls

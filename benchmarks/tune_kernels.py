@@ -1,0 +1,161 @@
+"""Pick a KernelConfig per (GPU, weight format, batch, shape) and store it in kernels/tuned_configs.json.
+
+Run on the target GPU, e.g.::
+
+    python benchmarks/tune_kernels.py                      # Llama-3-8B + Llama-2-7B, bf16/int8/int4-g128
+    python benchmarks/tune_kernels.py --quick --formats bf16
+
+Each candidate is first checked against the torch reference, then timed inside a
+CUDA graph that rotates over weight copies (benchmarks/timing.py).  Stage 1 times
+every candidate at the highest --sparsities value; stage 2 times the best few at
+the other values too, and the lowest sum over all sparsities wins.  The file is
+rewritten atomically after every shape, so an interrupted run keeps its progress
+and a rerun skips shapes already tuned (unless --force).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from timing import (  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
+    MODEL_SHAPES,
+    Problem,
+    copies_for,
+    graph_time_us,
+    make_weight,
+    make_x,
+    parse_format,
+    threshold_for,
+)
+from kernels.sparse_gemv import (
+    TUNED_CONFIGS_PATH,
+    KernelConfig,
+    _heuristic_config,
+    config_key,
+    sparse_gemv_reference,
+    sparse_gemv_triton,
+)
+
+STAGE2_KEEP = 3
+
+
+def candidates(fmt: str, m: int, k: int, n: int, quick: bool) -> list[KernelConfig]:
+    """A small grid around the heuristic; accumulator tiles capped at 8K fp32 (4K for int4)."""
+    kind, _ = parse_format(fmt)
+    block_m = triton.next_power_of_2(m)
+    block_ns = (128, 256) if kind in ("bf16", "fp16") else (256, 512)
+    budget = 4096 if kind == "int4" else 8192
+    block_ks = (256, 512) if quick else (128, 256, 512)
+    sub_ks = (16,) if quick else (8, 16, 32)
+    grid = {_heuristic_config(fmt, m, k, n)}
+    for bn in block_ns:
+        for bk in block_ks:
+            for sub in sub_ks:
+                if 1024 <= block_m * sub * bn <= budget:
+                    for compact in (True, False):
+                        grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sub, compact=compact))
+    return sorted(grid, key=lambda c: dataclasses.astuple(c))
+
+
+def build_problems(fmt: str, m: int, k: int, splits: list[int], sparsity: float) -> list[Problem]:
+    """Weight copies (different seeds) sharing one x and thresholds."""
+    kind, _ = parse_format(fmt)
+    dtype = torch.float16 if kind == "fp16" else torch.bfloat16
+    x = make_x(m, k, dtype, "cuda", seed=0)
+    thresholds = threshold_for(x, sparsity, len(splits))
+    first = make_weight(fmt, k, sum(splits), "cuda", seed=1)
+    nbytes = sum(t.numel() * t.element_size() for t in first[:3] if t is not None)
+    weights = [first] + [make_weight(fmt, k, sum(splits), "cuda", seed=1 + i) for i in range(1, copies_for(nbytes))]
+    return [Problem(x, w, thresholds, splits, s, z, g) for w, s, z, g in weights]
+
+
+def time_config(cfg: KernelConfig, problems: list[Problem]) -> float:
+    return graph_time_us(lambda i: sparse_gemv_triton(*problems[i].args(), config=cfg), len(problems))
+
+
+def is_correct(cfg: KernelConfig, p: Problem, ref: torch.Tensor) -> bool:
+    out = sparse_gemv_triton(*p.args(), config=cfg).float()
+    return bool(torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()))
+
+
+def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float], quick: bool) -> dict:
+    n = sum(splits)
+    main_s = max(sparsities)
+    problems = build_problems(fmt, m, k, splits, main_s)
+    ref = sparse_gemv_reference(*problems[0].args()).float()
+    grid = [c for c in candidates(fmt, m, k, n, quick) if is_correct(c, problems[0], ref)]
+    if not grid:
+        raise RuntimeError(f"No candidate config matched the reference for {fmt} M={m} K={k} N={n}.")
+    stage1 = {c: time_config(c, problems) for c in grid}
+    finalists = sorted(grid, key=stage1.get)[:STAGE2_KEEP]
+    wide = (dataclasses.replace(c, num_warps=8) for c in finalists)
+    finalists += [c for c in wide if is_correct(c, problems[0], ref)]
+    times: dict[KernelConfig, dict[float, float]] = {c: {} for c in finalists}
+    for s in sorted(sparsities, reverse=True):
+        if s != main_s:
+            del problems  # free the previous weight copies first
+            problems = build_problems(fmt, m, k, splits, s)
+        for c in finalists:
+            times[c][s] = time_config(c, problems)
+    best = min(finalists, key=lambda c: sum(times[c].values()))
+    heuristic_us = stage1.get(_heuristic_config(fmt, m, k, n))  # None if it failed the check
+    return {
+        "config": best.to_dict(),
+        "us": {str(s): round(t, 2) for s, t in sorted(times[best].items())},
+        "heuristic_us_at_max_sparsity": heuristic_us and round(heuristic_us, 2),
+        "candidates": len(grid),
+    }
+
+
+def write_atomically(path: Path, table: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODEL_SHAPES), choices=list(MODEL_SHAPES))
+    parser.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4-g128"])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes M to tune")
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.5])
+    parser.add_argument("--quick", action="store_true", help="smaller candidate grid")
+    parser.add_argument("--force", action="store_true", help="retune shapes already in the file")
+    parser.add_argument("--out", type=Path, default=TUNED_CONFIGS_PATH)
+    args = parser.parse_args()
+
+    device = torch.cuda.get_device_name()
+    table = json.loads(args.out.read_text()) if args.out.exists() else {}
+    shapes = sorted({(k, tuple(splits)) for model in args.models for _, k, splits in MODEL_SHAPES[model]})
+    for fmt in args.formats:
+        for m in args.batch:
+            for k, splits in shapes:
+                key = config_key(device, fmt, m, k, sum(splits))
+                if key in table and not args.force:
+                    print(f"{key}: already tuned, skipping")
+                    continue
+                start = time.time()
+                entry = tune_shape(fmt, m, k, list(splits), args.sparsities, args.quick)
+                entry["date"] = datetime.date.today().isoformat()
+                table[key] = entry
+                write_atomically(args.out, table)
+                print(f"{key}: {entry['config']} {entry['us']} µs "
+                      f"(heuristic {entry['heuristic_us_at_max_sparsity']} µs, {time.time() - start:.0f} s)")
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,609 @@
+"""Threshold-sparse GEMV for small-batch decode (TEAL activation sparsity).
+
+    out[m, n] = sum_k W[k, n] * x[m, k] * (|x[m, k]| > thresholds[seg(n)])
+
+The weight is stored transposed, ``w_t`` of shape [K, N], so dropping input ``k``
+means not reading one contiguous row of W^T.  Decode is memory bound, hence the
+goal: the time of a call should fall with sparsity towards the time needed to
+read only the kept rows.
+
+Weight formats (told apart by ``w.dtype``):
+  * bf16 / fp16 ``w`` [K, N] (same dtype as ``x``);
+  * int8 ``w`` [K, N] with float32 ``scales`` [N]:  W = w * scales[n];
+  * int4 ``w`` uint8 [K, N // 2] (column 2j in the low nibble of byte j, 2j + 1 in
+    the high nibble) with float32 ``scales``/``zeros`` [K // group_size, N]:
+    W = (q - 8) * scales[k // g, n] + zeros[k // g, n].
+
+Public entry points: ``sparse_gemv`` (the ``teal::sparse_gemv`` custom op),
+``sparse_gemv_triton`` (launcher with an explicit config, for tuning and tests),
+``sparse_gemv_reference`` (plain torch, the CPU path), ``dequantize_weight`` and
+``get_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import threading
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.jit import JITFunction
+
+__all__ = [
+    "KernelConfig",
+    "MAX_BATCH",
+    "dequantize_weight",
+    "get_config",
+    "sparse_gemv",
+    "sparse_gemv_reference",
+    "sparse_gemv_triton",
+    "weight_format_name",
+]
+
+MAX_BATCH = 8  # larger M is compute-bound enough for the dense path
+MAX_SEGMENTS = 8
+_SEGMENT_SLOTS = tl.constexpr(MAX_SEGMENTS)  # the kernel walks this many (possibly empty) segments
+INT4_GROUP_SIZES = (32, 64, 128)
+TUNED_CONFIGS_PATH = Path(__file__).with_name("tuned_configs.json")
+
+# Weight-format codes, passed to the kernel as a constexpr.
+FMT_FLOAT, FMT_INT8, FMT_INT4 = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------
+# Plain-torch reference path
+# ---------------------------------------------------------------------------
+
+
+def dequantize_weight(
+    w: Tensor, scales: Tensor | None = None, zeros: Tensor | None = None, group_size: int = 0
+) -> Tensor:
+    """Return the real weight W^T as float32 [K, N] for any of the three formats."""
+    if w.dtype in (torch.bfloat16, torch.float16):
+        return w.float()
+    if w.dtype == torch.int8:
+        if scales is None:
+            raise ValueError("int8 weights need per-output-channel float32 scales of shape [N].")
+        return w.float() * scales.float()
+    if w.dtype == torch.uint8:
+        if scales is None or zeros is None or group_size <= 0:
+            raise ValueError("int4 weights need scales, zeros and a positive group_size.")
+        k = w.shape[0]
+        q = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(k, -1).float() - 8.0
+        s = scales.float().repeat_interleave(group_size, dim=0)
+        z = zeros.float().repeat_interleave(group_size, dim=0)
+        return q * s + z
+    raise TypeError(f"Unsupported weight dtype {w.dtype}; expected bf16, fp16, int8 or uint8 (packed int4).")
+
+
+def sparse_gemv_reference(
+    x: Tensor,
+    w: Tensor,
+    thresholds: Tensor,
+    split_sizes: list[int],
+    scales: Tensor | None = None,
+    zeros: Tensor | None = None,
+    group_size: int = 0,
+) -> Tensor:
+    """Plain-torch version of ``sparse_gemv`` (any batch size; float32 math).
+
+    Reads no tensor value on the host, so it is usable under torch.compile.
+    """
+    _validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=False)
+    weight = dequantize_weight(w, scales, zeros, group_size)
+    xf = x.float()
+    outs = []
+    for j, w_cols in enumerate(weight.split(list(split_sizes), dim=1)):
+        kept = torch.where(xf.abs() > thresholds[j], xf, 0.0)
+        outs.append(kept @ w_cols)
+    return torch.cat(outs, dim=1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Input validation (shared by every entry point)
+# ---------------------------------------------------------------------------
+
+
+def weight_format_name(w: Tensor, group_size: int = 0) -> str:
+    """Config-table name of a weight format: bf16, fp16, int8 or int4-g{group_size}."""
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}
+    if w.dtype == torch.uint8:
+        return f"int4-g{group_size}"
+    return names[w.dtype]
+
+
+def _validate(
+    x: Tensor,
+    w: Tensor,
+    thresholds: Tensor,
+    split_sizes: list[int],
+    scales: Tensor | None,
+    zeros: Tensor | None,
+    group_size: int,
+    for_kernel: bool,
+) -> int:
+    """Check every argument; return the format code.  ``for_kernel`` adds the kernel-only limits."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be bf16 or fp16, got {x.dtype}.")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}.")
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D [K, N] (transposed weight), got shape {tuple(w.shape)}.")
+    m, k = x.shape
+    if w.shape[0] != k:
+        raise ValueError(f"w must have K={k} rows to match x [M, K], got shape {tuple(w.shape)}.")
+
+    if w.dtype in (torch.bfloat16, torch.float16):
+        fmt, n = FMT_FLOAT, w.shape[1]
+        if w.dtype != x.dtype:
+            raise TypeError(f"Floating-point w must have x's dtype {x.dtype}, got {w.dtype}.")
+        if scales is not None or zeros is not None or group_size != 0:
+            raise ValueError("Floating-point w takes no scales, zeros or group_size.")
+    elif w.dtype == torch.int8:
+        fmt, n = FMT_INT8, w.shape[1]
+        if zeros is not None or group_size != 0:
+            raise ValueError("int8 w takes per-channel scales only (no zeros, group_size=0).")
+        _check_aux("scales", scales, (n,))
+    elif w.dtype == torch.uint8:
+        fmt, n = FMT_INT4, 2 * w.shape[1]
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}.")
+        if k % group_size != 0:
+            raise ValueError(f"int4 needs K divisible by group_size, got K={k}, group_size={group_size}.")
+        _check_aux("scales", scales, (k // group_size, n))
+        _check_aux("zeros", zeros, (k // group_size, n))
+    else:
+        raise TypeError(f"w dtype must be bf16, fp16, int8 or uint8 (packed int4), got {w.dtype}.")
+
+    if not isinstance(split_sizes, (list, tuple)) or not all(isinstance(s, int) and s > 0 for s in split_sizes):
+        raise ValueError(f"split_sizes must be a list of positive ints, got {split_sizes!r}.")
+    if not 1 <= len(split_sizes) <= MAX_SEGMENTS:
+        raise ValueError(f"split_sizes must have 1..{MAX_SEGMENTS} entries, got {len(split_sizes)}.")
+    if sum(split_sizes) != n:
+        raise ValueError(f"split_sizes must sum to N={n}, got sum {sum(split_sizes)}.")
+    if fmt == FMT_INT4 and any(s % 2 for s in split_sizes):
+        raise ValueError(f"int4 split_sizes must be even (two columns per byte), got {split_sizes}.")
+    if thresholds.dtype != torch.float32 or thresholds.shape != (len(split_sizes),):
+        raise ValueError(
+            f"thresholds must be float32 of shape [{len(split_sizes)}] (one per segment), "
+            f"got {thresholds.dtype} {tuple(thresholds.shape)}."
+        )
+    for name, t in (("w", w), ("thresholds", thresholds), ("scales", scales), ("zeros", zeros)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}.")
+
+    if for_kernel:
+        if not 1 <= m <= MAX_BATCH:
+            raise ValueError(f"sparse_gemv handles batch 1..{MAX_BATCH}, got M={m}; use the dense path instead.")
+        for name, t in (("x", x), ("w", w), ("thresholds", thresholds), ("scales", scales), ("zeros", zeros)):
+            if t is not None and not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous.")
+        if k * n >= 2**31:
+            raise ValueError(f"K*N must be below 2**31 for 32-bit offsets, got K={k}, N={n}.")
+    return fmt
+
+
+def _check_aux(name: str, t: Tensor | None, shape: tuple[int, ...]) -> None:
+    if t is None or t.dtype != torch.float32 or tuple(t.shape) != shape:
+        got = "None" if t is None else f"{t.dtype} {tuple(t.shape)}"
+        raise ValueError(f"{name} must be float32 of shape {list(shape)}, got {got}.")
+
+
+# ---------------------------------------------------------------------------
+# Per-shape launch configuration
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes of one launch.
+
+    block_n: output columns per program.  block_k: input rows per program (split-K).
+    sub_k: rows per inner step (skip granularity, or gathered rows per step if compact).
+    compact: gather the kept rows of the K-block (True) or walk fixed row chunks with
+    a skip branch and masked loads (False).
+    """
+
+    block_n: int = 128
+    block_k: int = 256
+    sub_k: int = 32
+    compact: bool = True
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KernelConfig:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def config_key(device_name: str, weight_format: str, m: int, k: int, n: int) -> str:
+    """Key of tuned_configs.json, e.g. ``NVIDIA H200|int4-g128|M1|K4096|N6144``."""
+    return f"{device_name}|{weight_format}|M{m}|K{k}|N{n}"
+
+
+def gpu_name(device: torch.device) -> str:
+    """The name configs are keyed by: torch.cuda.get_device_name, or "cpu" (interpreter)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+@functools.cache
+def _tuned_table() -> dict:
+    if not TUNED_CONFIGS_PATH.exists():
+        return {}
+    return json.loads(TUNED_CONFIGS_PATH.read_text())
+
+
+def get_config(device_name: str, weight_format: str, m: int, k: int, n: int) -> KernelConfig:
+    """Tuned config for this GPU and shape if benchmarks/tune_kernels.py stored one, else a heuristic.
+
+    fp16 reuses bf16 entries (same bytes per element).  Never autotunes.
+    """
+    table = _tuned_table()
+    formats = [weight_format, "bf16"] if weight_format == "fp16" else [weight_format]
+    for fmt in formats:
+        entry = table.get(config_key(device_name, fmt, m, k, n))
+        if entry is not None:
+            return KernelConfig.from_dict(entry["config"])
+    return _heuristic_config(weight_format, m, k, n)
+
+
+def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfig:
+    """256-byte slices of weight rows, ~4K accumulator elements per program (2K for int4,
+    which also keeps a per-group sum), and ~1K programs to fill the GPU."""
+    int4 = weight_format.startswith("int4")
+    bytes_per_elem = 0.5 if int4 else 1.0 if weight_format == "int8" else 2.0
+    budget = 2048 if int4 else 4096
+    block_m = triton.next_power_of_2(m)
+    block_n = min(256, int(256 / bytes_per_elem), budget // (2 * block_m), max(16, triton.next_power_of_2(n)))
+    sub_k = max(2, min(32, budget // (block_m * block_n)))
+    programs_n = triton.cdiv(n, block_n)
+    block_k = triton.next_power_of_2(triton.cdiv(k, max(1, 1024 // programs_n)))
+    block_k = max(64, sub_k, min(512, block_k))
+    return KernelConfig(block_n=block_n, block_k=block_k, sub_k=sub_k)
+
+
+def _fit_config(cfg: KernelConfig, fmt: int, group_size: int) -> KernelConfig:
+    """Check powers of two; make block_k hold whole int4 groups and sub_k fit one group."""
+    for name in ("block_n", "block_k", "sub_k"):
+        v = getattr(cfg, name)
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"KernelConfig.{name} must be a power of two, got {v}.")
+    if cfg.block_n < 16:
+        raise ValueError(f"KernelConfig.block_n must be at least 16, got {cfg.block_n}.")
+    block_k = max(cfg.block_k, group_size) if fmt == FMT_INT4 else cfg.block_k
+    window = group_size if fmt == FMT_INT4 else block_k
+    return dataclasses.replace(cfg, block_k=block_k, sub_k=min(cfg.sub_k, window))
+
+
+# ---------------------------------------------------------------------------
+# Kernel: split-K sparse GEMV with an in-kernel, deterministic K reduction
+# ---------------------------------------------------------------------------
+#
+# Grid (K blocks, N blocks).  Program (pk, pn) owns rows [pk*BLOCK_K, +BLOCK_K) and
+# BLOCK_N columns of one segment (segments are tiled separately, so a program has a
+# single threshold).  The K block is walked in windows (one int4 group, otherwise the
+# whole block); the int4 group scale/zero is applied once per window.
+#
+# Row selection, per KernelConfig.compact:
+#   * False: chunks of SUB_K consecutive rows; a chunk where no batch row keeps any x
+#     is skipped by a scalar branch (no weight load issued); otherwise masked loads.
+#   * True: the kept rows of the block (union over the batch) are compacted with a
+#     prefix sum into a per-program index list in global scratch, then gathered
+#     SUB_K at a time, so nearly every weight load is a full row (one extra
+#     dependent scratch round trip per program, but no extra launch).
+#
+# Batch: the accumulator is a 2-D [BLOCK_M * SUB_K, BLOCK_N] tile whose lane r holds
+# batch row r // SUB_K and chunk row r % SUB_K.  Each lane loads its weight row only
+# if its own x is kept, so every batch row uses its own mask; lanes of different batch
+# rows that need the same weight row hit L1, and DRAM sees the union.  For M = 1 this
+# is the plain 2-D GEMV tile, with one cross-lane reduction at the very end.
+#
+# Reduction over K blocks: each program stores its fp32 partial [M, BLOCK_N] to a
+# workspace and takes a ticket from a per-column-block arrival counter; the last
+# arriving program sums the GRID_K partials in a fixed order, applies the int8
+# column scale, casts, writes the output and resets the counter.  One launch per
+# call, no memset (each call leaves the counters at zero) and bit-reproducible
+# results.  tl.atomic_add into fp32 would need a memset and a cast (3 launches) and
+# depend on arrival order; a separate reduction kernel would be 2 launches.
+
+
+@triton.jit
+def _masked_x(x_ptr, lane_m, rows, ok, threshold, K):
+    """x[lane_m, rows] as fp32 where |x| > threshold and ok, else 0."""
+    xv = tl.load(x_ptr + lane_m * K + rows, mask=ok, other=0.0).to(tl.float32)
+    return tl.where(tl.abs(xv) > threshold, xv, 0.0)
+
+
+@triton.jit
+def _weight_rows(
+    w_ptr, rows, load, col_start, col_end, W_ROW,
+    FORMAT: tl.constexpr, COL_ALIGN: tl.constexpr, LANES: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Rows ``rows`` of W^T as fp32 [LANES, BLOCK_N] (q - 8 for int4), reading only where ``load``."""
+    if FORMAT == 2:  # int4: BLOCK_N // 2 bytes per row, low nibble = even column
+        byte_cols = tl.multiple_of(col_start // 2, COL_ALIGN // 2) + tl.arange(0, BLOCK_N // 2)
+        byte_end = tl.multiple_of(col_end // 2, COL_ALIGN // 2)
+        packed = tl.load(
+            w_ptr + rows[:, None] * W_ROW + byte_cols[None, :],
+            mask=load[:, None] & (byte_cols < byte_end)[None, :],
+            other=0,
+        )
+        q = tl.join(packed & 0xF, packed >> 4).reshape(LANES, BLOCK_N)
+        return q.to(tl.float32) - 8.0
+    else:
+        cols = col_start + tl.arange(0, BLOCK_N)
+        wt = tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=load[:, None] & (cols < col_end)[None, :])
+        return wt.to(tl.float32)
+
+
+@triton.jit
+def _sparse_gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr,
+    out_ptr, part_ptr, counter_ptr, idx_ptr,
+    M, K, N, W_ROW, GRID_K,
+    SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
+    FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    WINDOW: tl.constexpr, COMPACT: tl.constexpr, RED_K: tl.constexpr,
+):
+    LANES: tl.constexpr = BLOCK_M * SUB_K
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+
+    # Segment and columns of this program.
+    first_block = 0
+    col_start = 0
+    col_end = 0
+    seg = 0
+    for j in tl.static_range(_SEGMENT_SLOTS):
+        n_blocks = tl.cdiv(SPLITS[j + 1] - SPLITS[j], BLOCK_N)
+        mine = (pid_n >= first_block) & (pid_n < first_block + n_blocks)
+        col_start = tl.where(mine, SPLITS[j] + (pid_n - first_block) * BLOCK_N, col_start)
+        col_end = tl.where(mine, SPLITS[j + 1], col_end)
+        seg = tl.where(mine, j, seg)
+        first_block += n_blocks
+    col_start = tl.multiple_of(col_start, COL_ALIGN)  # alignment hints let loads vectorize
+    col_end = tl.multiple_of(col_end, COL_ALIGN)
+    threshold = tl.load(thr_ptr + seg)
+    cols = col_start + tl.arange(0, BLOCK_N)
+    cols_ok = cols < col_end
+    lane = tl.arange(0, LANES)
+    lane_m = lane // SUB_K
+    lane_k = lane % SUB_K
+    m_ok = lane_m < M
+    k_block = pid_k * BLOCK_K
+
+    if COMPACT:
+        # Slot i of this program's scratch <- i-th row of the block kept by any batch row.
+        block_rows = k_block + tl.arange(0, BLOCK_K)
+        m_offs = tl.arange(0, BLOCK_M)
+        block_ok = (m_offs[:, None] < M) & (block_rows[None, :] < K)
+        block_x = _masked_x(x_ptr, m_offs[:, None], block_rows[None, :], block_ok, threshold, K)
+        kept = (tl.max(tl.abs(block_x), axis=0) > 0).to(tl.int32)
+        slots = idx_ptr + (pid_n * GRID_K + pid_k) * BLOCK_K
+        tl.store(slots + tl.cumsum(kept, 0) - kept, block_rows, mask=kept > 0)
+        win_kept = tl.sum(tl.reshape(kept, [BLOCK_K // WINDOW, WINDOW]), axis=1)
+        win_ids = tl.arange(0, BLOCK_K // WINDOW)
+        tl.debug_barrier()  # every thread's slot writes are visible before the gathers
+
+    if FORMAT == 2:  # int4 sums each group's lanes at the group's end
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:  # lanes are summed once, at the end of the program
+        acc = tl.zeros([LANES, BLOCK_N], dtype=tl.float32)
+    n_windows = tl.cdiv(tl.minimum(K - k_block, BLOCK_K), WINDOW)  # none past row K
+    for win in tl.range(0, n_windows):
+        win_start = k_block + win * WINDOW
+        if FORMAT == 2:  # sum of x * (q - 8) and of x in this group, scaled below
+            wacc = tl.zeros([LANES, BLOCK_N], dtype=tl.float32)
+            xacc = tl.zeros([LANES], dtype=tl.float32)
+        else:
+            wacc = acc
+        if COMPACT:
+            first = tl.sum(tl.where(win_ids < win, win_kept, 0), axis=0)
+            last = first + tl.sum(tl.where(win_ids == win, win_kept, 0), axis=0)
+            slot = first + lane_k
+            rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
+            xm = _masked_x(x_ptr, lane_m, rows, (slot < last) & m_ok, threshold, K)
+            for _ in tl.range(first, last, SUB_K):
+                wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N)
+                # Prefetch the next chunk's row ids and x while the weight rows are in flight.
+                slot += SUB_K
+                rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
+                next_xm = _masked_x(x_ptr, lane_m, rows, (slot < last) & m_ok, threshold, K)
+                wacc += xm[:, None] * wt
+                if FORMAT == 2:
+                    xacc += xm
+                xm = next_xm
+        else:
+            win_end = tl.minimum(win_start + WINDOW, K)
+            rows = win_start + lane_k
+            xm = _masked_x(x_ptr, lane_m, rows, (rows < win_end) & m_ok, threshold, K)
+            for c in range(0, WINDOW, SUB_K):
+                # Prefetch the next chunk's x, then skip this chunk if no batch row keeps any row.
+                next_rows = rows + SUB_K
+                next_xm = _masked_x(x_ptr, lane_m, next_rows, (next_rows < win_end) & m_ok, threshold, K)
+                if tl.max(tl.abs(xm), axis=0) > 0:
+                    wt = _weight_rows(
+                        w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N
+                    )
+                    wacc += xm[:, None] * wt
+                    if FORMAT == 2:
+                        xacc += xm
+                rows = next_rows
+                xm = next_xm
+        if FORMAT == 2:
+            group = win_start // GROUP_SIZE
+            s = tl.load(scale_ptr + group * N + cols, mask=cols_ok, other=0.0)
+            z = tl.load(zero_ptr + group * N + cols, mask=cols_ok, other=0.0)
+            w_sum = tl.sum(tl.reshape(wacc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
+            x_sum = tl.sum(tl.reshape(xacc, [BLOCK_M, SUB_K]), axis=1)
+            acc += w_sum * s[None, :] + x_sum[:, None] * z[None, :]
+        else:
+            acc = wacc
+
+    # Publish this block's partial; the last program of the column block reduces.
+    m_offs = tl.arange(0, BLOCK_M)
+    out_ok = (m_offs[:, None] < M) & cols_ok[None, :]
+    if FORMAT == 2:
+        partial = acc
+    else:
+        partial = tl.sum(tl.reshape(acc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
+    tl.store(part_ptr + (pid_k * M + m_offs[:, None]) * N + cols[None, :], partial, mask=out_ok)
+    tl.debug_barrier()  # all threads' partial stores precede the release below
+    ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if ticket == GRID_K - 1:
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, GRID_K, RED_K):
+            r = r0 + tl.arange(0, RED_K)
+            offs = (r[:, None, None] * M + m_offs[None, :, None]) * N + cols[None, None, :]
+            ok = (r < GRID_K)[:, None, None] & out_ok[None, :, :]
+            total += tl.sum(tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+        if FORMAT == 1:
+            total *= tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)[None, :]
+        tl.store(out_ptr + m_offs[:, None] * N + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(counter_ptr + pid_n, 0)  # ready for the next call
+
+
+# ---------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------
+
+_MAX_COUNTERS = 1 << 14
+_counters: dict[torch.device, Tensor] = {}
+_INTERPRETED = not isinstance(_sparse_gemv_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Uninitialised buffer: the kernel writes every element it later reads."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _arrival_counters(device: torch.device) -> Tensor:
+    """Per-device int32 counters, zero between calls, never freed (graphs keep their address).
+
+    Allocated from a helper thread: torch.compile's CUDA-graph trees send every
+    allocation of the calling thread during warm-up into their private pool, which
+    must hold only their own tensors.
+    """
+    counters = _counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("Call sparse_gemv once on this device before capturing a CUDA graph.")
+        made: list[Tensor] = []
+
+        def allocate() -> None:
+            made.append(torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        worker = threading.Thread(target=allocate)
+        worker.start()
+        worker.join()
+        if not made:
+            raise RuntimeError(f"Could not allocate the sparse_gemv counters on {device}.")
+        counters = _counters[device] = made[0]
+    return counters
+
+
+def sparse_gemv_triton(
+    x: Tensor,
+    w: Tensor,
+    thresholds: Tensor,
+    split_sizes: list[int],
+    scales: Tensor | None = None,
+    zeros: Tensor | None = None,
+    group_size: int = 0,
+    config: KernelConfig | None = None,
+) -> Tensor:
+    """Run the Triton kernel (on CUDA, or on CPU under TRITON_INTERPRET=1).
+
+    ``config`` overrides the tuned/heuristic config (used by the tuner and tests).
+    """
+    fmt = _validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True)
+    if x.device.type != "cuda" and not _INTERPRETED:
+        raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
+    m, k = x.shape
+    n = w.shape[1] * (2 if fmt == FMT_INT4 else 1)
+    if config is None:
+        config = get_config(gpu_name(x.device), weight_format_name(w, group_size), m, k, n)
+    cfg = _fit_config(config, fmt, group_size)
+
+    block_m = triton.next_power_of_2(m)
+    grid_k = triton.cdiv(k, cfg.block_k)
+    grid_n = sum(triton.cdiv(s, cfg.block_n) for s in split_sizes)
+    if grid_n > _MAX_COUNTERS:
+        raise ValueError(f"N={n} needs {grid_n} column blocks, more than {_MAX_COUNTERS}; use a larger block_n.")
+    # Boundaries padded with N to a fixed length: one compiled kernel for any segment count.
+    splits = (0, *itertools.accumulate(split_sizes), *([n] * (MAX_SEGMENTS - len(split_sizes))))
+
+    out = _alloc((m, n), x.dtype, x.device)
+    partials = _alloc((grid_k, m, n), torch.float32, x.device)
+    counters = _arrival_counters(x.device)
+    idx = _alloc((grid_n * grid_k * cfg.block_k,), torch.int32, x.device) if cfg.compact else counters
+    red_k = max(1, min(32, 4096 // (block_m * cfg.block_n)))  # partials summed per step
+    # Largest power of two dividing every program's first column: lets loads vectorize.
+    col_align = min(cfg.block_n, 32, *(s & -s for s in split_sizes))
+
+    _sparse_gemv_kernel[(grid_k, grid_n)](
+        x, w, scales if scales is not None else thresholds, zeros if zeros is not None else thresholds, thresholds,
+        out, partials, counters, idx,
+        m, k, n, w.shape[1], grid_k, splits,
+        FORMAT=fmt, GROUP_SIZE=max(group_size, 1), COL_ALIGN=col_align,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
+        WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact, RED_K=red_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------
+# torch.library custom op (torch.compile / CUDA graphs)
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("teal::sparse_gemv", mutates_args=())
+def _sparse_gemv_op(
+    x: Tensor,
+    w: Tensor,
+    thresholds: Tensor,
+    split_sizes: list[int],
+    scales: Tensor | None = None,
+    zeros: Tensor | None = None,
+    group_size: int = 0,
+) -> Tensor:
+    if x.device.type == "cuda" or _INTERPRETED:
+        return sparse_gemv_triton(x, w, thresholds, split_sizes, scales, zeros, group_size)
+    _validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True)
+    return sparse_gemv_reference(x, w, thresholds, split_sizes, scales, zeros, group_size)
+
+
+@_sparse_gemv_op.register_fake
+def _(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0):
+    _validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True)
+    return x.new_empty(x.shape[0], sum(split_sizes))
+
+
+def sparse_gemv(
+    x: Tensor,
+    w: Tensor,
+    thresholds: Tensor,
+    split_sizes: list[int],
+    scales: Tensor | None = None,
+    zeros: Tensor | None = None,
+    group_size: int = 0,
+) -> Tensor:
+    """Threshold-sparse x @ W^T for M <= 8 via ``torch.ops.teal.sparse_gemv``.
+
+    CUDA runs the Triton kernel; CPU runs it under TRITON_INTERPRET=1 and the plain
+    torch reference otherwise.  Output [M, N] in x.dtype, fp32 accumulation.
+    """
+    return torch.ops.teal.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size)

@@ -1,0 +1,446 @@
+"""Tests of kernels/sparse_gemv.py against an independent float64 reference.
+
+Without CUDA the Triton kernel runs under TRITON_INTERPRET=1 (set in conftest.py),
+so CPU shapes are tiny; the GPU-only tests at the bottom use real Llama shapes.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # also set by conftest.py
+
+import importlib  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+import triton  # noqa: E402
+
+from kernels import KernelConfig, dequantize_weight, get_config, sparse_gemv, sparse_gemv_reference  # noqa: E402
+from kernels.sparse_gemv import sparse_gemv_triton  # noqa: E402
+
+sg = importlib.import_module("kernels.sparse_gemv")  # the package attribute is the function
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+# --- independent float64 reference -------------------------------------------------
+
+
+def real_weight64(w, scales, zeros, group_size):
+    """W [K, N] in float64, straight from the packing definition."""
+    if w.dtype == torch.uint8:
+        k, half = w.shape
+        q = torch.empty(k, 2 * half, dtype=torch.float64, device=w.device)
+        q[:, 0::2] = (w % 16).double()
+        q[:, 1::2] = (w // 16).double()
+        group = torch.arange(k, device=w.device) // group_size
+        return (q - 8) * scales.double()[group] + zeros.double()[group]
+    if w.dtype == torch.int8:
+        return w.double() * scales.double()[None, :]
+    return w.double()
+
+
+def ref64(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0):
+    weight = real_weight64(w, scales, zeros, group_size)
+    col_threshold = torch.cat([thresholds[j].double().expand(size) for j, size in enumerate(split_sizes)])
+    xd = x.double()
+    keep = xd.abs()[:, :, None] > col_threshold[None, None, :]  # [M, K, N]
+    return (xd[:, :, None] * keep * weight[None]).sum(dim=1)
+
+
+def assert_close_to_ref(out, x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0):
+    """Within one output rounding (the interpreter truncates) plus fp32 accumulation error."""
+    ref = ref64(x, w, thresholds, split_sizes, scales, zeros, group_size)
+    scale = x.double().abs() @ real_weight64(w, scales, zeros, group_size).abs()
+    eps = 2.0**-7 if out.dtype == torch.bfloat16 else 2.0**-10
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref).abs()
+    tol = 1.01 * eps * ref.abs() + 1e-5 * scale + 1e-30
+    assert (err <= tol).all(), f"max excess {(err - tol).max().item():.3g}"
+
+
+# --- problem construction ----------------------------------------------------------
+
+
+def make_problem(fmt, dtype, m, k, split_sizes, group_size=0, quantiles=None, seed=0):
+    """Random inputs; batch rows get different scales so their masks differ."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(split_sizes)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-0.3, 0.3, m)[:, None]
+    scales = zeros = None
+    if fmt == "fp":
+        w = torch.randn(k, n, generator=g).to(dtype)
+    elif fmt == "int8":
+        w = torch.randint(-128, 128, (k, n), generator=g, dtype=torch.int8)
+        scales = torch.rand(n, generator=g) * 0.05
+    else:
+        w = torch.randint(0, 256, (k, n // 2), generator=g, dtype=torch.uint8)
+        scales = torch.rand(k // group_size, n, generator=g) * 0.1
+        zeros = torch.randn(k // group_size, n, generator=g) * 0.1
+    x = x.to(dtype)
+    qs = quantiles if quantiles is not None else [0.3, 0.5, 0.7, 0.4][: len(split_sizes)]
+    thresholds = torch.quantile(x.abs().float().flatten(), torch.tensor(qs, dtype=torch.float32))
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return to(x), to(w), to(thresholds.float()), list(split_sizes), to(scales), to(zeros), group_size
+
+
+# (format, dtype, M, K, split sizes, group size, config).  Shapes are not multiples of
+# the blocks; segment boundaries fall inside column blocks; configs cover several
+# K blocks, several sub-chunks per block and int4 groups smaller than a block.
+CASES = [
+    ("fp", torch.bfloat16, 1, 40, [24], 0, KernelConfig(block_n=16, block_k=16, sub_k=4)),
+    ("fp", torch.bfloat16, 3, 40, [8, 16], 0, KernelConfig(block_n=16, block_k=32, sub_k=8)),
+    ("fp", torch.float16, 1, 200, [40, 32], 0, KernelConfig(block_n=32, block_k=64, sub_k=16)),
+    ("fp", torch.float16, 3, 128, [50], 0, KernelConfig(block_n=32, block_k=64, sub_k=8)),
+    ("fp", torch.bfloat16, 2, 96, [16, 16, 16], 0, KernelConfig(block_n=16, block_k=32, sub_k=8)),
+    ("int8", torch.bfloat16, 1, 200, [72], 0, KernelConfig(block_n=32, block_k=64, sub_k=8)),
+    ("int8", torch.float16, 3, 64, [24, 16], 0, KernelConfig(block_n=16, block_k=32, sub_k=16)),
+    ("int4", torch.bfloat16, 1, 128, [16, 32], 32, KernelConfig(block_n=16, block_k=32, sub_k=8)),
+    ("int4", torch.float16, 3, 192, [32, 16, 16], 64, KernelConfig(block_n=32, block_k=128, sub_k=16)),
+    ("int4", torch.bfloat16, 2, 96, [10, 10], 32, KernelConfig(block_n=16, block_k=64, sub_k=8)),
+]
+
+
+def case_id(case):
+    fmt, dtype, m, k, splits, group, cfg = case
+    return f"{fmt}{group or ''}-{str(dtype)[6:]}-M{m}-K{k}-N{'+'.join(map(str, splits))}-bk{cfg.block_k}"
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "skip"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_kernel_matches_float64_reference(case, compact):
+    fmt, dtype, m, k, splits, group, cfg = case
+    args = make_problem(fmt, dtype, m, k, splits, group)
+    out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "compact": compact}))
+    assert_close_to_ref(out, *args)
+
+
+def random_case(seed):
+    """A random small problem and config (block sizes rarely divide the shape)."""
+    rng = torch.Generator().manual_seed(seed)
+    pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=rng))]  # noqa: E731
+    fmt = pick(["fp", "int8", "int4"])
+    group = pick([32, 64]) if fmt == "int4" else 0
+    k = group * pick([1, 2, 3]) if group else pick([8, 24, 40, 72, 130, 200])
+    n_segments = pick([1, 2, 3])
+    splits = [(2 if fmt == "int4" else 1) * pick([3, 5, 8, 12, 17, 32]) for _ in range(n_segments)]
+    cfg = KernelConfig(
+        block_n=pick([16, 32]), block_k=pick([16, 32, 64]), sub_k=pick([2, 4, 8]), compact=pick([True, False])
+    )
+    return fmt, pick([torch.bfloat16, torch.float16]), pick([1, 2, 3, 5, 8]), k, splits, group, cfg
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_shapes(seed):
+    fmt, dtype, m, k, splits, group, cfg = random_case(seed)
+    quantiles = [0.1 * (seed % 9) + 0.05 * j for j in range(len(splits))]
+    args = make_problem(fmt, dtype, m, k, splits, group, quantiles=quantiles, seed=seed)
+    assert_close_to_ref(sparse_gemv_triton(*args, config=cfg), *args)
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "skip"])
+def test_dropped_rows_are_never_used(compact):
+    """Weight rows dropped by every batch row are NaN: any use would poison the output."""
+    x, w, thresholds, splits, *_ = make_problem("fp", torch.float16, 2, 96, [16, 16], 0, quantiles=[0.6, 0.6])
+    dropped = ~(x.abs() > thresholds[0]).any(dim=0)
+    assert dropped.any()
+    w_nan = w.clone()
+    w_nan[dropped] = float("nan")
+    out = sparse_gemv_triton(x, w_nan, thresholds, splits, config=KernelConfig(16, 32, 4, compact))
+    assert_close_to_ref(out, x, w, thresholds, splits)
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "skip"])
+@pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32)])
+def test_keep_all_keep_none_and_mixed_segments(fmt, group, compact):
+    cfg = KernelConfig(block_n=16, block_k=32, sub_k=8, compact=compact)
+    x, w, _, splits, scales, zeros, g = make_problem(fmt, torch.bfloat16, 3, 64, [16, 16, 16], group)
+
+    none = torch.full((3,), float("inf"), device=DEVICE)
+    out = sparse_gemv_triton(x, w, none, splits, scales, zeros, g, config=cfg)
+    assert torch.equal(out, torch.zeros_like(out))  # exact zeros, not just small
+
+    keep_all = torch.zeros(3, device=DEVICE)
+    out = sparse_gemv_triton(x, w, keep_all, splits, scales, zeros, g, config=cfg)
+    assert_close_to_ref(out, x, w, keep_all, splits, scales, zeros, g)  # == dense x @ W
+
+    mixed = torch.tensor([0.0, float("inf"), 0.8], device=DEVICE)
+    out = sparse_gemv_triton(x, w, mixed, splits, scales, zeros, g, config=cfg)
+    assert torch.equal(out[:, 16:32], torch.zeros_like(out[:, 16:32]))
+    assert_close_to_ref(out, x, w, mixed, splits, scales, zeros, g)
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "skip"])
+def test_batch_rows_use_their_own_masks(compact):
+    """Row 0 keeps nothing, row 1 everything, row 2 a few entries: must match row-wise."""
+    cfg = KernelConfig(block_n=16, block_k=32, sub_k=8, compact=compact)
+    x, w, _, splits, *_ = make_problem("fp", torch.bfloat16, 3, 64, [32], 0)
+    x = x.clone()
+    x[0] = 0.25
+    x[1] = 3.0
+    x[2] = 0.0
+    x[2, [3, 17, 40]] = torch.tensor([2.0, -5.0, 1.5], dtype=x.dtype, device=DEVICE)
+    thresholds = torch.tensor([1.0], device=DEVICE)
+    out = sparse_gemv_triton(x, w, thresholds, splits, config=cfg)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert_close_to_ref(out, x, w, thresholds, splits)
+    for row in range(3):  # and each row equals the same call with that row alone
+        alone = sparse_gemv_triton(x[row : row + 1].contiguous(), w, thresholds, splits, config=cfg)
+        assert_close_to_ref(alone, x[row : row + 1], w, thresholds, splits)
+
+
+def test_uninitialised_buffers_and_counters(monkeypatch):
+    """Poison every buffer the launcher allocates: no NaN/garbage may reach the output."""
+
+    def poisoned(shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else 2**30
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(sg, "_alloc", poisoned)
+    for compact in (True, False):
+        args = make_problem("int4", torch.bfloat16, 2, 96, [16, 32], 32)
+        out = sparse_gemv_triton(*args, config=KernelConfig(block_n=16, block_k=32, sub_k=8, compact=compact))
+        assert_close_to_ref(out, *args)
+    assert not sg._arrival_counters(torch.device(DEVICE)).any()  # every call leaves them at zero
+
+
+def test_deterministic():
+    args = make_problem("fp", torch.bfloat16, 2, 200, [40, 32], 0)
+    cfg = KernelConfig(block_n=32, block_k=32, sub_k=8)
+    assert torch.equal(sparse_gemv_triton(*args, config=cfg), sparse_gemv_triton(*args, config=cfg))
+
+
+def test_default_config_and_batch_limit():
+    args = make_problem("fp", torch.bfloat16, 8, 64, [32], 0)
+    assert_close_to_ref(sparse_gemv_triton(*args), *args)  # heuristic config, M = 8
+
+
+@pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)])
+def test_reference_and_dequantize(fmt, group):
+    args = make_problem(fmt, torch.float16, 5, 256, [48, 16], group)
+    x, w, thresholds, splits, scales, zeros, g = args
+    assert torch.allclose(dequantize_weight(w, scales, zeros, g).double(), real_weight64(w, scales, zeros, g))
+    assert_close_to_ref(sparse_gemv_reference(*args), *args)
+    big_x = x.repeat(4, 1)  # the reference has no batch limit
+    assert_close_to_ref(sparse_gemv_reference(big_x, *args[1:]), big_x, *args[1:])
+
+
+# --- validation --------------------------------------------------------------------
+
+
+def _bad(**changes):
+    x, w, t, splits, s, z, g = make_problem("int4", torch.bfloat16, 1, 64, [16, 16], 32)
+    args = dict(x=x, w=w, thresholds=t, split_sizes=splits, scales=s, zeros=z, group_size=g)
+    args.update({k: (v(args) if callable(v) else v) for k, v in changes.items()})
+    return args
+
+
+BAD_INPUTS = [
+    ("x-dtype", dict(x=lambda a: a["x"].float()), TypeError, "x must be bf16 or fp16"),
+    ("x-3d", dict(x=lambda a: a["x"][None]), ValueError, "x must be 2-D"),
+    ("k-mismatch", dict(x=lambda a: a["x"][:, :32].contiguous()), ValueError, "K=32 rows"),
+    ("w-dtype", dict(w=lambda a: a["w"].float()), TypeError, "w dtype must be"),
+    ("fp-w-dtype", dict(w=lambda a: torch.zeros(64, 32, dtype=torch.float16, device=DEVICE), scales=None,
+                        zeros=None, group_size=0), TypeError, "x's dtype"),
+    ("fp-scales", dict(w=lambda a: torch.zeros(64, 32, dtype=torch.bfloat16, device=DEVICE)), ValueError,
+     "takes no scales"),
+    ("int8-scales", dict(w=lambda a: torch.zeros(64, 32, dtype=torch.int8, device=DEVICE),
+                         scales=lambda a: torch.ones(31, device=DEVICE), zeros=None, group_size=0), ValueError,
+     r"scales must be float32 of shape \[32\]"),
+    ("int4-group", dict(group_size=48), ValueError, "group_size must be one of"),
+    ("int4-k-div", dict(x=lambda a: a["x"][:, :32].contiguous(), w=lambda a: a["w"][:32].contiguous(),
+                        group_size=64, scales=lambda a: a["scales"][:0], zeros=lambda a: a["zeros"][:0]),
+     ValueError, "K divisible by group_size"),
+    ("int4-zeros", dict(zeros=None), ValueError, "zeros must be float32"),
+    ("int4-odd-split", dict(split_sizes=[15, 17]), ValueError, "even"),
+    ("split-sum", dict(split_sizes=[16, 8]), ValueError, "sum to N=32"),
+    ("split-count", dict(split_sizes=[2] * 16, thresholds=lambda a: torch.zeros(16, device=DEVICE)), ValueError,
+     "1..8 entries"),
+    ("thr-shape", dict(thresholds=lambda a: a["thresholds"][:1]), ValueError, r"thresholds must be float32 of shape"),
+    ("thr-dtype", dict(thresholds=lambda a: a["thresholds"].double()), ValueError, "thresholds must be float32"),
+    ("batch", dict(x=lambda a: a["x"].repeat(9, 1)), ValueError, "use the dense path"),
+    ("contiguous", dict(x=lambda a: a["x"].repeat(1, 2)[:, ::2]), ValueError, "x must be contiguous"),
+    ("device", dict(thresholds=lambda a: a["thresholds"].to("meta")), ValueError, "must be on x's device"),
+]
+
+
+@pytest.mark.parametrize("changes,exc,match", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_validation_errors(changes, exc, match):
+    with pytest.raises(exc, match=match):
+        sparse_gemv(**_bad(**changes))
+
+
+def test_launcher_rejects_non_int_splits_and_bad_config():
+    with pytest.raises(ValueError, match="positive ints"):  # the op's schema already refuses floats
+        sparse_gemv_triton(**_bad(split_sizes=[16.0, 16.0]))
+    with pytest.raises(ValueError, match="power of two"):
+        sparse_gemv_triton(**_bad(), config=KernelConfig(block_n=24))
+
+
+# --- configs -----------------------------------------------------------------------
+
+
+def test_get_config_lookup(monkeypatch):
+    tuned = KernelConfig(block_n=64, block_k=512, sub_k=16, compact=False, num_warps=8)
+    key = sg.config_key("NVIDIA H200", "bf16", 1, 4096, 6144)
+    assert key == "NVIDIA H200|bf16|M1|K4096|N6144"
+    monkeypatch.setattr(sg, "_tuned_table", lambda: {key: {"config": tuned.to_dict(), "us": {}}})
+    assert get_config("NVIDIA H200", "bf16", 1, 4096, 6144) == tuned
+    assert get_config("NVIDIA H200", "fp16", 1, 4096, 6144) == tuned  # fp16 reuses bf16
+    assert get_config("NVIDIA H200", "int8", 1, 4096, 6144) == sg._heuristic_config("int8", 1, 4096, 6144)
+    assert get_config("NVIDIA H100", "bf16", 1, 4096, 6144) != tuned
+
+
+def test_tuned_config_file_is_valid():
+    sg._tuned_table.cache_clear()
+    for key, entry in sg._tuned_table().items():
+        device, fmt, m, k, n = key.split("|")
+        assert fmt in ("bf16", "fp16", "int8") or fmt.startswith("int4-g"), key
+        assert m[0] == "M" and k[0] == "K" and n[0] == "N", key
+        KernelConfig.from_dict(entry["config"])
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-g128"])
+@pytest.mark.parametrize("m", [1, 2, 8])
+def test_heuristic_configs_are_legal(fmt, m):
+    for k, n in [(4096, 6144), (4096, 28672), (14336, 4096), (11008, 4096), (40, 24)]:
+        cfg = get_config("no such gpu", fmt, m, k, n)
+        sg._fit_config(cfg, sg.FMT_INT4 if fmt.startswith("int4") else sg.FMT_FLOAT, 128)
+        assert triton.next_power_of_2(m) * cfg.sub_k * cfg.block_n <= 4096
+
+
+# --- custom op / torch.compile -----------------------------------------------------
+
+
+def test_custom_op_matches_launcher():
+    args = make_problem("int8", torch.bfloat16, 2, 64, [16, 16], 0)
+    assert torch.equal(torch.ops.teal.sparse_gemv(*args), sparse_gemv_triton(*args))
+    assert torch.equal(sparse_gemv(*args), sparse_gemv_triton(*args))
+
+
+def test_opcheck():
+    args = make_problem("int4", torch.bfloat16, 1, 64, [16, 16], 32)
+    torch.library.opcheck(torch.ops.teal.sparse_gemv.default, args)
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = make_problem("fp", torch.float16, 3, 64, [8, 24], 0)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        out = torch.ops.teal.sparse_gemv(*fake)
+    assert out.shape == (3, 32) and out.dtype == torch.float16
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "aot_eager",
+        pytest.param(
+            "inductor",
+            marks=pytest.mark.skipif(HAS_CUDA or not shutil.which("g++"), reason="CPU inductor needs g++"),
+        ),
+    ],
+)
+def test_torch_compile_fullgraph(backend):
+    x, w, t, splits, s, z, g = make_problem("int4", torch.bfloat16, 1, 64, [16, 16], 32)
+
+    def layer(x, w, t, s, z):
+        return sparse_gemv(x * 2, w, t, splits, s, z, g).float().relu()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    assert torch.equal(compiled(x, w, t, s, z), layer(x, w, t, s, z))
+
+
+# --- GPU only ----------------------------------------------------------------------
+
+LLAMA_SHAPES = [(4096, [4096, 1024, 1024]), (14336, [4096]), (4096, [14336, 14336])]
+
+
+def gpu_problem(fmt, m, k, splits, group, sparsity, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    n = sum(splits)
+    x = torch.randn(m, k, generator=g, device="cuda").bfloat16()
+    scales = zeros = None
+    if fmt == "fp":
+        w = (torch.randn(k, n, generator=g, device="cuda") * 0.02).bfloat16()
+    elif fmt == "int8":
+        w = torch.randint(-128, 128, (k, n), generator=g, device="cuda", dtype=torch.int8)
+        scales = torch.rand(n, generator=g, device="cuda") * 1e-3
+    else:
+        w = torch.randint(0, 256, (k, n // 2), generator=g, device="cuda", dtype=torch.uint8)
+        scales = torch.rand(k // group, n, generator=g, device="cuda") * 1e-2
+        zeros = torch.randn(k // group, n, generator=g, device="cuda") * 1e-3
+    t = torch.quantile(x.abs().float().flatten(), sparsity).item()
+    thresholds = torch.tensor([t * (1 + 0.1 * j) for j in range(len(splits))], device="cuda")
+    return x, w, thresholds, list(splits), scales, zeros, group
+
+
+def assert_close_gpu(out, args):
+    ref = sparse_gemv_reference(*args).float()  # fp32 on the GPU; fp64 is too slow at these sizes
+    assert torch.allclose(out.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+@needs_cuda
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "skip"])
+@pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 128), ("int4", 32)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_gpu_llama_shapes(fmt, group, m, compact):
+    for k, splits in LLAMA_SHAPES:
+        for sparsity in (0.0, 0.5, 0.9):
+            args = gpu_problem(fmt, m, k, splits, group, sparsity)
+            cfg = sg._heuristic_config(sg.weight_format_name(args[1], group), m, k, sum(splits))
+            out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "compact": compact}))
+            assert_close_gpu(out, args)
+            assert_close_gpu(sparse_gemv(*args), args)  # tuned/default config
+
+
+@needs_cuda
+def test_gpu_deterministic_and_counters_reset():
+    args = gpu_problem("fp", 1, 14336, [4096], 0, 0.5)
+    first = sparse_gemv(*args)
+    for _ in range(50):
+        assert torch.equal(sparse_gemv(*args), first)
+    torch.cuda.synchronize()
+    assert not sg._arrival_counters(torch.device("cuda", torch.cuda.current_device())).any()
+
+
+@needs_cuda
+def test_gpu_cuda_graph_replay():
+    problems = [gpu_problem("int4", 1, 4096, [4096, 1024, 1024], 128, s, seed=i) for i, s in enumerate((0.3, 0.6))]
+    for p in problems:
+        sparse_gemv(*p)  # warm up: compile and allocate the counters outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [sparse_gemv(*p) for p in problems]
+    for _ in range(3):
+        for o in outs:
+            o.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for o, p in zip(outs, problems):
+            assert_close_gpu(o, p)
+
+
+@needs_cuda
+def test_gpu_torch_compile_reduce_overhead():
+    x, w, t, splits, s, z, g = gpu_problem("fp", 1, 4096, [14336, 14336], 0, 0.5)
+
+    def mlp_in(x, w, t):
+        gate, up = sparse_gemv(x, w, t, splits).split(splits, dim=1)
+        return gate * 2, up.float().relu()  # exact ops, so eager and compiled must agree bitwise
+
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp_in, mode="reduce-overhead", fullgraph=True)
+    expected = mlp_in(x, w, t)
+    for _ in range(4):  # warm-up runs, then CUDA-graph replays
+        got = compiled(x.clone(), w, t)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
