@@ -129,8 +129,10 @@ def _validate(
     for_kernel: bool,
 ) -> int:
     """Check every argument; return the format code.  ``for_kernel`` adds the kernel-only limits."""
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"x must be bf16 or fp16, got {x.dtype}.")
+    # The reference also serves float32 models on the CPU (quality work); the kernel does not.
+    x_dtypes = (torch.bfloat16, torch.float16) if for_kernel else (torch.bfloat16, torch.float16, torch.float32)
+    if x.dtype not in x_dtypes:
+        raise TypeError(f"x must be {' or '.join(str(d) for d in x_dtypes)}, got {x.dtype}.")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}.")
     if w.dim() != 2:
@@ -139,7 +141,7 @@ def _validate(
     if w.shape[0] != k:
         raise ValueError(f"w must have K={k} rows to match x [M, K], got shape {tuple(w.shape)}.")
 
-    if w.dtype in (torch.bfloat16, torch.float16):
+    if w.dtype in (torch.bfloat16, torch.float16, torch.float32):
         fmt, n = FMT_FLOAT, w.shape[1]
         if w.dtype != x.dtype:
             raise TypeError(f"Floating-point w must have x's dtype {x.dtype}, got {w.dtype}.")

@@ -1,0 +1,145 @@
+"""End-to-end decode speed: a model of a named shape with random weights, dense vs TEAL levels.
+
+No checkpoint needed (real 8B weights cannot reach the benchmark GPU). Thresholds are calibrated
+on the model's own activations over random tokens (uniform allocation, dense-model quantiles), so
+the realized sparsity is the one asked for. Each setting: decode compiled with CUDA graphs
+(`torch.compile(mode="reduce-overhead", fullgraph=True)`), `--runs` runs of `--tokens` tokens
+after a warm-up, median reported. Writes JSON + Markdown (+ PNG if matplotlib is there).
+
+    python benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 int8 int4-g128
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from generate import Sampling, decode_one_token, weight_bytes_per_token  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+
+
+def random_model(name: str, dtype: torch.dtype, device: torch.device) -> Transformer:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(ModelArgs.from_name(name)).to(dtype)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return model.eval()
+
+
+def apply_weights(model: Transformer, weights: str) -> None:
+    """bf16 (as built), int8, or int4-gN weight-only quantization of the projections."""
+    if weights == "bf16":
+        return
+    from quantize import quantize_model
+    mode, _, group = weights.partition("-g")
+    quantize_model(model, mode, int(group or 128))
+
+
+def calibrated_sparsify(model: Transformer, level: float, hist) -> None:
+    from teal import densify, sparsify
+    from teal.calibration import thresholds_at
+    from teal.sparsify import segments, thresholds_from_vector
+    if level == 0:
+        densify(model)
+        return
+    levels = torch.full((len(segments(model)),), level)
+    sparsify(model, thresholds_from_vector(model, thresholds_at(model, hist, levels)))
+
+
+@torch.no_grad()
+def time_decode(model: Transformer, step, n_tokens: int, runs: int, prompt_len: int = 16) -> list[float]:
+    """tok/s of `runs` timed decodes of n_tokens each (greedy, no per-token host sync)."""
+    device = model.norm.weight.device
+    model.setup_caches(1, prompt_len + n_tokens + 8)
+    prompt = torch.randint(model.config.vocab_size, (1, prompt_len), device=device)
+    results = []
+    for r in range(runs + 1):  # run 0 warms up (compilation, graph capture)
+        token = model(prompt, torch.arange(prompt_len, device=device))[:, -1:].argmax(-1)
+        pos = torch.tensor([prompt_len], device=device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n_tokens if r else 8):
+            token = step(model, token, pos, Sampling()).clone()
+            pos += 1
+        torch.cuda.synchronize()
+        if r:
+            results.append(n_tokens / (time.perf_counter() - t0))
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="Llama-3-8B", help="shape from model.MODEL_CONFIGS")
+    p.add_argument("--weights", nargs="+", default=["bf16"], help="bf16, int8, int4-g128 ... (each one run)")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0, 0.25, 0.4, 0.5, 0.65])
+    p.add_argument("--tokens", type=int, default=256, help="decoded tokens per timed run")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per setting (median reported)")
+    p.add_argument("--calib_tokens", type=int, default=2048, help="random tokens for calibration")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/decode"),
+                   help="output prefix: writes <out>.json, <out>.md (and <out>.png)")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: bench_decode.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    from teal.calibration import input_histograms
+
+    torch._dynamo.config.cache_size_limit = 64  # one graph per model object and setting
+    step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    model = random_model(args.model, torch.bfloat16, device)
+    baseline = statistics.median(time_decode(model, step, args.tokens, args.runs))
+    rows = [dict(weights="bf16", sparsity=0.0, path="nn.Linear (cuBLAS)", realized=0.0,
+                 tok_s=baseline, gb_s=weight_bytes_per_token(model) * baseline / 1e9)]
+    print(rows[-1], flush=True)
+    for weights in args.weights:
+        model = random_model(args.model, torch.bfloat16, device)
+        apply_weights(model, weights)
+        calib = torch.randint(model.config.vocab_size, (args.calib_tokens // 512, 512))
+        hist = input_histograms(model, calib, batch=4)
+        for level in args.sparsity:
+            calibrated_sparsify(model, level, hist)
+            tok_s = statistics.median(time_decode(model, step, args.tokens, args.runs))
+            realized = realized_on(model, level)
+            rows.append(dict(weights=weights, sparsity=level, path="PackedLinear", realized=realized,
+                             tok_s=tok_s, gb_s=weight_bytes_per_token(model, realized) * tok_s / 1e9))
+            print(rows[-1], flush=True)
+        del model
+        torch.cuda.empty_cache()
+    write_results(args, rows)
+
+
+def realized_on(model: Transformer, level: float) -> float:
+    if level == 0:
+        return 0.0
+    from teal import realized_sparsity
+    idx = torch.randint(model.config.vocab_size, (1, 256), device=model.norm.weight.device)
+    return realized_sparsity(model, idx)["parameter_weighted"]
+
+
+def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
+    import triton
+    meta = dict(command=" ".join(sys.argv), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, date=datetime.date.today().isoformat(), model=args.model,
+                tokens=args.tokens, runs=args.runs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    base = rows[0]["tok_s"]
+    lines = [f"# Decode, {args.model} shape, random weights — {meta['gpu']}, torch {meta['torch']}, "
+             f"triton {meta['triton']}, {meta['date']}", "", f"`{meta['command']}`", "",
+             "| weights | path | sparsity | realized | tok/s | vs dense bf16 | GB/s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['weights']} | {r['path']} | {r['sparsity']:.2f} | {r['realized']:.3f} | {r['tok_s']:.1f} | "
+              f"{r['tok_s'] / base:.2f}x | {r['gb_s']:.0f} |" for r in rows]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

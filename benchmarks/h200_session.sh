@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: bf16 | quant)
+set -uo pipefail
+out=${1:?output dir}; phase=${2:?phase}
+export PYTHONUNBUFFERED=1
+mkdir -p "$out"
+step() { local t=$1; shift; echo "=== $* (limit ${t}s)"; local s=$SECONDS; timeout "$t" "$@"; echo "=== rc=$? in $((SECONDS - s))s"; }
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+case $phase in
+  bf16)
+    step 150 python3 -m pytest -q -x tests/test_kernels.py -k gpu
+    step 150 python3 benchmarks/tune_kernels.py --quick --formats bf16 --models llama3-8b
+    step 60 python3 benchmarks/bench_kernels.py --formats bf16 --models llama3-8b --out "$out/kernels_llama3_8b_bf16"
+    step 200 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 --out "$out/decode_llama3_8b_bf16"
+    ;;
+  quant)
+    step 200 python3 benchmarks/tune_kernels.py --quick --formats int8 int4-g128 --models llama3-8b
+    step 60 python3 benchmarks/bench_kernels.py --formats int8 int4-g128 --models llama3-8b --out "$out/kernels_llama3_8b_quant"
+    step 240 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights int8 int4-g128 --sparsity 0 0.4 0.5 --out "$out/decode_llama3_8b_quant"
+    ;;
+esac
+cp kernels/tuned_configs.json "$out/tuned_configs.json"
