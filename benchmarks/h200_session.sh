@@ -9,16 +9,13 @@ step() { local t=$1; shift; echo "=== $* (limit ${t}s)"; local s=$SECONDS; timeo
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case $phase in
-  bf16)
-    step 150 python3 -m pytest -q -x tests/test_kernels.py -k gpu
-    step 150 python3 benchmarks/tune_kernels.py --quick --formats bf16 --models llama3-8b
-    step 60 python3 benchmarks/bench_kernels.py --formats bf16 --models llama3-8b --out "$out/kernels_llama3_8b_bf16"
-    step 200 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 --out "$out/decode_llama3_8b_bf16"
+  tune)  # full grid, all formats, Llama-3-8B shapes; then kernels and bf16 end to end
+    step 330 python3 benchmarks/tune_kernels.py --force --formats bf16 int8 int4-g128 --models llama3-8b
+    step 90 python3 benchmarks/bench_kernels.py --formats bf16 int8 int4-g128 --models llama3-8b --out "$out/kernels_llama3_8b"
+    step 170 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 --out "$out/decode_llama3_8b_bf16"
     ;;
   quant)
-    step 200 python3 benchmarks/tune_kernels.py --quick --formats int8 int4-g128 --models llama3-8b
-    step 60 python3 benchmarks/bench_kernels.py --formats int8 int4-g128 --models llama3-8b --out "$out/kernels_llama3_8b_quant"
-    step 240 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights int8 int4-g128 --sparsity 0 0.4 0.5 --out "$out/decode_llama3_8b_quant"
+    step 300 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights int8 int4-g128 --sparsity 0 0.25 0.4 0.5 --out "$out/decode_llama3_8b_quant"
     ;;
 esac
 cp kernels/tuned_configs.json "$out/tuned_configs.json"

@@ -50,20 +50,26 @@ STAGE2_KEEP = 3
 
 
 def candidates(fmt: str, m: int, k: int, n: int, quick: bool) -> list[KernelConfig]:
-    """A small grid around the heuristic; accumulator tiles capped at 8K fp32 (4K for int4)."""
+    """A grid around the heuristic: accumulator tiles of up to 2K fp32 per warp (1K for int4),
+    4 or 8 warps; the first H200 run showed the 4-warp, 8K-tile grid starved of loads in flight."""
     kind, _ = parse_format(fmt)
     block_m = triton.next_power_of_2(m)
     block_ns = (128, 256) if kind in ("bf16", "fp16") else (256, 512)
-    budget = 4096 if kind == "int4" else 8192
-    block_ks = (256, 512) if quick else (128, 256, 512)
-    sub_ks = (16,) if quick else (8, 16, 32)
+    if not quick:
+        block_ns += (512,) if kind in ("bf16", "fp16") else (1024,)
+    block_ks = (256, 512) if quick else (256, 512, 1024)
+    sub_ks = (16,) if quick else (16, 32, 64)
+    warps = (4,) if quick else (4, 8)
     grid = {_heuristic_config(fmt, m, k, n)}
-    for bn in block_ns:
-        for bk in block_ks:
-            for sub in sub_ks:
-                if 1024 <= block_m * sub * bn <= budget:
-                    for compact in (True, False):
-                        grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sub, compact=compact))
+    for nw in warps:
+        budget = nw * (1024 if kind == "int4" else 2048)
+        for bn in block_ns:
+            for bk in block_ks:
+                for sub in sub_ks:
+                    if 1024 <= block_m * sub * bn <= budget and sub <= bk:
+                        for compact in (True, False):
+                            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sub, compact=compact,
+                                                  num_warps=nw))
     return sorted(grid, key=lambda c: dataclasses.astuple(c))
 
 
