@@ -14,8 +14,10 @@ case $phase in
     step 90 python3 benchmarks/bench_kernels.py --formats bf16 int8 int4-g128 --models llama3-8b --out "$out/kernels_llama3_8b"
     step 170 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 --out "$out/decode_llama3_8b_bf16"
     ;;
-  quant)
-    step 300 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights int8 int4-g128 --sparsity 0 0.25 0.4 0.5 --out "$out/decode_llama3_8b_quant"
+  decode)  # end to end with the tuned configs: bf16 levels, quantized levels, generate.py dense
+    step 220 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 --out "$out/decode_llama3_8b_bf16"
+    step 240 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights int8 int4-g128 --sparsity 0 0.5 --runs 2 --out "$out/decode_llama3_8b_quant"
+    step 100 python3 generate.py --random_weights Llama-3-8B --compile --max_new_tokens 256 --prompt "a b c d e f g h"
     ;;
 esac
 cp kernels/tuned_configs.json "$out/tuned_configs.json"
