@@ -15,9 +15,9 @@ case $phase in
     step 170 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 --out "$out/decode_llama3_8b_bf16"
     ;;
   decode)  # end to end with the tuned configs: bf16 levels, quantized levels, generate.py dense
-    step 220 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 --out "$out/decode_llama3_8b_bf16"
-    step 240 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights int8 int4-g128 --sparsity 0 0.5 --runs 2 --out "$out/decode_llama3_8b_quant"
-    step 100 python3 generate.py --random_weights Llama-3-8B --compile --max_new_tokens 256 --prompt "a b c d e f g h"
+    [ "${SKIP_BF16:-0}" = 1 ] || step 220 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 --out "$out/decode_llama3_8b_bf16"
+    step 240 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights int8 int4-g128 --sparsity 0 0.4 0.5 --runs 2 --out "$out/decode_llama3_8b_quant"
+    [ "${SKIP_GENERATE:-0}" = 1 ] || step 100 python3 generate.py --random_weights Llama-3-8B --compile --max_new_tokens 256 --prompt "a b c d e f g h"
     ;;
 esac
 cp kernels/tuned_configs.json "$out/tuned_configs.json"
