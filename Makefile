@@ -30,7 +30,8 @@ $(CALIB_TEXT): | $(VENV)/.installed
 	$(PY) scripts/python_docs_text.py $@
 
 $(MODEL)/teal_thresholds.safetensors: $(MODEL)/model.safetensors $(CALIB_TEXT)
-	$(PY) calibrate.py --checkpoint_path $(MODEL) --text $(CALIB_TEXT) --out $@
+	$(PY) calibrate.py --checkpoint_path $(MODEL) --text $(CALIB_TEXT) --output $@ \
+		--methods uniform --tokens 4096 --correction_tokens 1024
 
 demo: $(MODEL)/teal_thresholds.safetensors
 	$(PY) generate.py --checkpoint_path $(MODEL) --chat --prompt "$(PROMPT)" --temperature 0 \

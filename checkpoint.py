@@ -119,8 +119,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 
 def _keeps_dtype(name: str) -> bool:
-    """Quantization scales stay float32: casting them to bf16 would add error for no speed."""
-    return name.endswith((".scales", ".zeros"))
+    """Quantization scales and TEAL thresholds stay float32: casting them to bf16 would add error
+    for no speed (and the kernels take float32)."""
+    return name.endswith((".scales", ".zeros", ".thresholds"))
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:

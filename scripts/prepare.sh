@@ -6,4 +6,4 @@ repo=$1; text=$2; shift 2
 dir=checkpoints/$repo
 python scripts/download.py --repo_id "$repo" --out "$dir" "$@"
 python scripts/convert_hf_checkpoint.py --checkpoint_dir "$dir"
-python calibrate.py --checkpoint_path "$dir" --text "$text" --out "$dir/teal_thresholds.safetensors"
+python calibrate.py --checkpoint_path "$dir" --text "$text"
