@@ -19,5 +19,11 @@ case $phase in
     step 240 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights int8 int4-g128 --sparsity 0 0.4 0.5 --runs 2 --out "$out/decode_llama3_8b_quant"
     [ "${SKIP_GENERATE:-0}" = 1 ] || step 100 python3 generate.py --random_weights Llama-3-8B --compile --max_new_tokens 256 --prompt "a b c d e f g h"
     ;;
+  int4)  # kernel rework: GPU tests, re-time every format at the stored configs, tune int4, re-time it
+    step 90 python3 -m pytest -q -x tests/test_kernels.py -k gpu
+    step 60 python3 benchmarks/bench_kernels.py --formats bf16 int8 int4-g128 --models llama3-8b --out "$out/kernels_llama3_8b_before_int4_tune"
+    step 170 python3 benchmarks/tune_kernels.py --force --formats int4-g128 --models llama3-8b
+    step 40 python3 benchmarks/bench_kernels.py --formats int4-g128 --models llama3-8b --out "$out/kernels_llama3_8b_int4"
+    ;;
 esac
 cp kernels/tuned_configs.json "$out/tuned_configs.json"

@@ -50,23 +50,29 @@ STAGE2_KEEP = 3
 
 
 def candidates(fmt: str, m: int, k: int, n: int, quick: bool) -> list[KernelConfig]:
-    """A grid around the heuristic: accumulator tiles of up to 2K fp32 per warp (1K for int4),
-    4 or 8 warps; the first H200 run showed the 4-warp, 8K-tile grid starved of loads in flight."""
+    """A grid around the heuristic: accumulator tiles of up to 2K fp32 per warp, 4 or 8 warps;
+    the first H200 run showed the 4-warp, 8K-tile grid starved of loads in flight.  int4 takes
+    16 to 64 accumulators per thread (its loads are small), wide rows with few lanes, and
+    128-row blocks (one g128 group: no cross-group accumulator)."""
     kind, _ = parse_format(fmt)
+    int4 = kind == "int4"
     block_m = triton.next_power_of_2(m)
     block_ns = (128, 256) if kind in ("bf16", "fp16") else (256, 512)
     if not quick:
         block_ns += (512,) if kind in ("bf16", "fp16") else (1024,)
     block_ks = (256, 512) if quick else (256, 512, 1024)
     sub_ks = (16,) if quick else (16, 32, 64)
+    if int4:
+        block_ks = (128, 256) if quick else (128, 256, 512)
+        sub_ks = (8, 16) if quick else (2, 4, 8, 16, 32)
     warps = (4,) if quick else (4, 8)
     grid = {_heuristic_config(fmt, m, k, n)}
     for nw in warps:
-        budget = nw * (1024 if kind == "int4" else 2048)
+        low, high = (512 * nw, 2048 * nw) if int4 else (1024, 2048 * nw)
         for bn in block_ns:
             for bk in block_ks:
                 for sub in sub_ks:
-                    if 1024 <= block_m * sub * bn <= budget and sub <= bk:
+                    if low <= block_m * sub * bn <= high and sub <= bk:
                         for compact in (True, False):
                             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sub, compact=compact,
                                                   num_warps=nw))

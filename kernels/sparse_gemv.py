@@ -65,7 +65,7 @@ def dequantize_weight(
     w: Tensor, scales: Tensor | None = None, zeros: Tensor | None = None, group_size: int = 0
 ) -> Tensor:
     """Return the real weight W^T as float32 [K, N] for any of the three formats."""
-    if w.dtype in (torch.bfloat16, torch.float16):
+    if w.dtype in (torch.bfloat16, torch.float16, torch.float32):
         return w.float()
     if w.dtype == torch.int8:
         if scales is None:
@@ -130,9 +130,9 @@ def _validate(
 ) -> int:
     """Check every argument; return the format code.  ``for_kernel`` adds the kernel-only limits."""
     # The reference also serves float32 models on the CPU (quality work); the kernel does not.
-    x_dtypes = (torch.bfloat16, torch.float16) if for_kernel else (torch.bfloat16, torch.float16, torch.float32)
+    x_dtypes = {torch.bfloat16: "bf16", torch.float16: "fp16"} | ({} if for_kernel else {torch.float32: "fp32"})
     if x.dtype not in x_dtypes:
-        raise TypeError(f"x must be {' or '.join(str(d) for d in x_dtypes)}, got {x.dtype}.")
+        raise TypeError(f"x must be {' or '.join(x_dtypes.values())}, got {x.dtype}.")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}.")
     if w.dim() != 2:
@@ -141,7 +141,7 @@ def _validate(
     if w.shape[0] != k:
         raise ValueError(f"w must have K={k} rows to match x [M, K], got shape {tuple(w.shape)}.")
 
-    if w.dtype in (torch.bfloat16, torch.float16, torch.float32):
+    if w.dtype in x_dtypes:
         fmt, n = FMT_FLOAT, w.shape[1]
         if w.dtype != x.dtype:
             raise TypeError(f"Floating-point w must have x's dtype {x.dtype}, got {w.dtype}.")

@@ -103,6 +103,9 @@ CASES = [
     ("int4", torch.bfloat16, 1, 128, [16, 32], 32, KernelConfig(block_n=16, block_k=32, sub_k=8)),
     ("int4", torch.float16, 3, 192, [32, 16, 16], 64, KernelConfig(block_n=32, block_k=128, sub_k=16)),
     ("int4", torch.bfloat16, 2, 96, [10, 10], 32, KernelConfig(block_n=16, block_k=64, sub_k=8)),
+    # Wide int4 tiles (the H200 configs): one or several groups per block, columns past N masked.
+    ("int4", torch.bfloat16, 1, 384, [1024, 512], 128, KernelConfig(block_n=1024, block_k=128, sub_k=8)),
+    ("int4", torch.float16, 3, 256, [512, 1024], 64, KernelConfig(block_n=1024, block_k=256, sub_k=4, num_warps=8)),
 ]
 
 
