@@ -1,0 +1,107 @@
+"""Calibrate TEAL thresholds for a checkpoint on a text file and write one thresholds file.
+
+    python calibrate.py --text ../shared/data/wikitext2-calib.txt \
+        --checkpoint_path checkpoints/SmolLM2-135M-Instruct
+
+The file (format in teal/thresholds.py) holds three allocations, each a path of levels that
+`teal.load_thresholds` can be asked any level of: "uniform" and "greedy" (corrected so that the
+realized sparsity matches the target) and "uniform-dense" (the reference protocol's thresholds).
+How each is computed: teal/calibration.py.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from checkpoint import CheckpointError, load_model
+from teal.calibration import calibrate, read_text, text_windows
+from teal.thresholds import check_sparsity, save_thresholds
+from tokenizer import load_tokenizer
+
+DEFAULT_CHECKPOINT = "checkpoints/SmolLM2-135M-Instruct"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint_path", type=Path, default=Path(DEFAULT_CHECKPOINT),
+                   help="converted checkpoint folder (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--text", type=Path, required=True,
+                   help="calibration text, any UTF-8 file; tokenized whole, without BOS")
+    p.add_argument("--output", type=Path, default=None,
+                   help="thresholds file to write (default: CHECKPOINT/teal_thresholds.safetensors)")
+    p.add_argument("--tokens", type=int, default=8192,
+                   help="calibration tokens: the first TOKENS // WINDOW_LEN windows of the text")
+    p.add_argument("--window_len", type=int, default=512,
+                   help="tokens per window; every window starts from an empty context")
+    p.add_argument("--batch", type=int, default=4, help="windows per forward pass (memory vs speed)")
+    p.add_argument("--methods", nargs="+", choices=["uniform", "greedy"], default=["uniform", "greedy"],
+                   help="allocations to calibrate ('uniform-dense' is always written: it costs nothing)")
+    p.add_argument("--max_sparsity", type=float, default=0.9,
+                   help="highest parameter-weighted sparsity on the uniform/greedy paths, in [0, 1)")
+    p.add_argument("--level_step", type=float, default=0.05,
+                   help="spacing of the path points; levels in between are interpolated at load time")
+    p.add_argument("--correction_tokens", type=int, default=2048,
+                   help="tokens (the first calibration windows, run as one batch) on which uniform and "
+                        "greedy thresholds are set layer by layer with upstream layers sparsified")
+    p.add_argument("--greedy_tokens", type=int, default=256,
+                   help="tokens per block on which greedy measures the block-output error")
+    p.add_argument("--greedy_step", type=float, default=0.05,
+                   help="sparsity increment of one projection per greedy step")
+    p.add_argument("--greedy_exact", action="store_true",
+                   help="re-score every projection at every greedy step instead of lazily (~4x slower)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device to calibrate on (float32 throughout)")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> Path:
+    check_sparsity(args.max_sparsity)
+    for name in ("level_step", "greedy_step"):
+        if not 0.0 < getattr(args, name) < 1.0:
+            raise ValueError(f"--{name} {getattr(args, name)} is outside (0, 1)")
+    output = args.output or args.checkpoint_path / "teal_thresholds.safetensors"
+    raw = read_text(args.text)
+    tokenizer = load_tokenizer(args.checkpoint_path)
+    ids = tokenizer.encode(raw)
+    windows = text_windows(ids, args.tokens // args.window_len, args.window_len)
+    model = load_model(args.checkpoint_path, device=args.device, dtype=torch.float32)
+    n_win = windows.shape[0]
+    greedy_windows = (windows[: max(1, min(n_win, args.greedy_tokens // args.window_len))]
+                      if args.greedy_tokens >= args.window_len else windows[:1, : args.greedy_tokens])
+    grid = torch.arange(0, args.max_sparsity + 1e-9, args.level_step, dtype=torch.float64)
+    start = time.perf_counter()
+    allocations = calibrate(
+        model, windows, args.batch, grid, args.methods,
+        correction_windows=max(1, args.correction_tokens // args.window_len),
+        greedy_windows=greedy_windows, greedy_step=args.greedy_step, greedy_exact=args.greedy_exact,
+        dense_grid=torch.arange(0, 0.99 + 1e-9, 0.01, dtype=torch.float64))
+    seconds = time.perf_counter() - start
+    save_thresholds(output, model, allocations, {
+        "text": str(args.text), "text_sha256": hashlib.sha256(args.text.read_bytes()).hexdigest(),
+        "text_tokens": len(ids), "tokens": windows.numel(), "window_len": args.window_len,
+        "batch": args.batch, "methods": args.methods,
+        "correction_tokens": min(n_win, max(1, args.correction_tokens // args.window_len)) * args.window_len,
+        "greedy_tokens": greedy_windows.numel(), "greedy_step": args.greedy_step,
+        "greedy_exact": args.greedy_exact,
+        "device": str(args.device), "dtype": "float32", "seconds": round(seconds, 1)})
+    print(f"wrote {output} ({', '.join(allocations)}; {seconds:.0f} s)")
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, CheckpointError, OSError) as e:
+        print(f"calibrate.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

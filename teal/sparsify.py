@@ -1,0 +1,159 @@
+"""Turn TEAL on and off on a model, and measure how much of the weights it really skips.
+
+Sparsification is a module swap: `linear.pack_model` replaces every decoder projection by a
+PackedLinear whose `thresholds` buffer holds one value per output segment (q|k|v, o, gate|up,
+down: 7 per layer). A segment ignores every input entry with |x| <= its threshold, so that entry's
+weight row is never read. Embeddings and lm_head stay dense. Decode steps are sparse whenever
+`sparse` is set; prefill only with `sparse_prefill` (prefill is compute-bound, so skipping rows
+there buys no speed and costs quality).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from linear import PackedLinear, pack_model, packed_projections, projection_splits
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+_SEGMENT_LABELS = {"attention.wqkv": ("q", "k", "v"), "attention.wo": ("o",),
+                   "feed_forward.w13": ("gate", "up"), "feed_forward.w2": ("down",)}
+
+Thresholds = dict[str, list[float]]  # PackedLinear module name -> one threshold per segment
+
+
+def segments(model: nn.Module) -> list[tuple[str, int, str]]:
+    """(module name, segment index, projection label) in the canonical order files store them."""
+    out = []
+    for name, splits in projection_splits(model).items():
+        labels = _SEGMENT_LABELS[name.split(".", 2)[2]]
+        assert len(labels) == len(splits), f"{name}: {len(splits)} segments, expected {labels}"
+        out.extend((name, j, label) for j, label in enumerate(labels))
+    return out
+
+
+def segment_weights(model: nn.Module) -> Tensor:
+    """Weight count of every segment (in_features * segment width): what skipping it saves."""
+    splits = projection_splits(model)
+    return torch.tensor([model.get_submodule(name).in_features * splits[name][j]
+                         for name, j, _ in segments(model)], dtype=torch.float64)
+
+
+def thresholds_from_vector(model: nn.Module, values: Tensor) -> Thresholds:
+    """Canonical flat vector (one value per segment) -> {module name: [per-segment values]}."""
+    out: Thresholds = {}
+    for (name, _, _), v in zip(segments(model), values.tolist(), strict=True):
+        out.setdefault(name, []).append(float(v))
+    return out
+
+
+def sparsify(model: nn.Module, thr: Thresholds, sparse_prefill: bool = False) -> nn.Module:
+    """Pack the projections (if not yet) and switch TEAL on with the given thresholds, in place."""
+    pack_model(model)
+    mods = packed_projections(model)
+    if set(mods) != set(thr):
+        diff = sorted(set(mods) ^ set(thr))
+        raise ValueError(f"thresholds do not match the model's projections (e.g. {diff[0]})")
+    for name, m in mods.items():
+        if len(thr[name]) != len(m.split_sizes):
+            raise ValueError(f"{name}: {len(thr[name])} thresholds for {len(m.split_sizes)} segments")
+        m.thresholds.copy_(torch.tensor(thr[name], dtype=torch.float32))
+        # All-zero thresholds skip only exact zeros: the dense product is the same, and exact.
+        m.sparse, m.sparse_prefill = any(t > 0 for t in thr[name]), sparse_prefill
+    return model
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Switch TEAL off; packed weights and thresholds stay, so `sparsify` can switch it back on."""
+    for m in packed_projections(model).values():
+        m.sparse = m.sparse_prefill = False
+    return model
+
+
+@contextmanager
+def every_token_sparse(model: nn.Module) -> Iterator[None]:
+    """Temporarily sparsify prefill too (measurements and calibration); restore the flags after."""
+    mods = packed_projections(model).values()
+    saved = [(m.sparse, m.sparse_prefill) for m in mods]
+    for m in mods:
+        m.sparse = m.sparse_prefill = True
+    try:
+        yield
+    finally:
+        for m, (s, sp) in zip(mods, saved):
+            m.sparse, m.sparse_prefill = s, sp
+
+
+class SparsityMeter:
+    """Counts, per segment, the input entries at or below the threshold (= weight rows skipped)
+    on the calls where the segment is sparse (dense calls skip nothing).
+
+    Forward pre-hooks on every PackedLinear; used as a context manager so the hooks never outlive
+    the measurement.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names = [(name, j) for name, j, _ in segments(model)]
+        self.labels = [label for _, _, label in segments(model)]
+        self.skipped = torch.zeros(len(self.names), dtype=torch.float64)
+        self.seen = torch.zeros(len(self.names), dtype=torch.float64)
+        self._handles: list = []
+
+    def __enter__(self) -> "SparsityMeter":
+        first = {}
+        for i, (name, j) in enumerate(self.names):
+            first.setdefault(name, i)
+        for name, m in packed_projections(self.model).items():
+            self._handles.append(m.register_forward_pre_hook(self._hook(first[name])))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, start: int):
+        def hook(module: PackedLinear, args: tuple[Tensor, ...]) -> None:
+            x = args[0]
+            decode_step = x.dim() < 3 or x.shape[-2] == 1  # PackedLinear.forward's rule
+            active = module.sparse and (decode_step or module.sparse_prefill)
+            a = x.detach().abs().reshape(-1, module.in_features)
+            for j, t in enumerate(module.thresholds.tolist()):
+                if active:
+                    self.skipped[start + j] += (a <= t).sum().item()
+                self.seen[start + j] += a.numel()
+        return hook
+
+    def per_segment(self) -> Tensor:
+        return self.skipped / self.seen.clamp(min=1)
+
+    def result(self) -> dict:
+        frac, w = self.per_segment(), segment_weights(self.model)
+        per_projection = {}
+        for p in PROJECTIONS:
+            idx = [i for i, label in enumerate(self.labels) if label == p]
+            per_projection[p] = float((frac[idx] * w[idx]).sum() / w[idx].sum())
+        n_layer = len(self.model.layers)
+        per_layer = [float(v) for v in ((frac * w).view(n_layer, -1).sum(1) / w.view(n_layer, -1).sum(1))]
+        return {"parameter_weighted": float((frac * w).sum() / w.sum()),
+                "per_projection": per_projection, "per_layer": per_layer}
+
+
+@torch.no_grad()
+def realized_sparsity(model: nn.Module, idx: Tensor) -> dict:
+    """Fraction of decoder weight rows skipped on `idx` [1, S], every token sparsified.
+
+    Runs one eager forward (overwriting the KV cache; caches are re-made if they do not fit) and returns
+    {"parameter_weighted", "per_projection" (q..down over all layers), "per_layer"}; each fraction
+    is weighted by its segment's weight count, so it is the share of weight bytes not read.
+    """
+    seq = idx.shape[1]
+    if model.max_seq_length < seq or model.max_batch_size != idx.shape[0]:  # caches fit batches exactly
+        model.setup_caches(idx.shape[0], seq)
+    with every_token_sparse(model), SparsityMeter(model) as meter:
+        model(idx, torch.arange(seq, device=idx.device))
+    return meter.result()

@@ -1,0 +1,231 @@
+"""Weight-only quantization: error bounds, the int4 byte layout, checkpoint round trips, bad inputs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from checkpoint import CheckpointError, load_model, model_state_for_saving, save_checkpoint
+from kernels import dequantize_weight
+from linear import pack_model, packed_projections
+from model import ModelArgs, Transformer
+from quantize import (GROUP_SIZES, METADATA_KEY, QuantizationError, pack_int4, quantize_int4,
+                      quantize_int8, quantize_model, save_quantized)
+from teal import sparsify
+
+REPO = Path(__file__).resolve().parents[1]
+# K is 64 for q|k|v, o, gate|up and lm_head and 96 for down: group size 32 fits, 64 does not.
+TINY = dict(dim=64, n_layer=2, n_head=4, n_local_heads=2, intermediate_size=96, vocab_size=256,
+            block_size=32)
+
+
+def tiny_model(tie: bool = True, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(**TINY, tie_embeddings=tie))
+
+
+def tiny_checkpoint(folder: Path, tie: bool = True) -> Path:
+    model = tiny_model(tie)
+    save_checkpoint(folder, model.config, model_state_for_saving(model))
+    return folder
+
+
+@torch.no_grad()
+def logits(model: Transformer, ids: Tensor) -> Tensor:
+    model.setup_caches(1, ids.shape[1])
+    return model(ids, torch.arange(ids.shape[1]))
+
+
+IDS = torch.randint(0, TINY["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The math
+# ---------------------------------------------------------------------------------------------
+
+def test_int8_error_is_at_most_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(96, 40) * torch.rand(40) * 3  # channels of different ranges
+    w[:, 0] = 0  # an all-zero channel must not divide by zero
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.dtype == torch.float32 and scales.shape == (40,)
+    assert q[:, 1:].abs().amax(dim=0).eq(127).all()  # the full range is used
+    err = (dequantize_weight(q, scales, None, 0) - w).abs()
+    assert (err <= scales / 2 + 1e-6 * w.abs()).all()
+    assert err[:, 0].eq(0).all()
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_int4_error_is_at_most_half_a_step_of_its_group(group_size):
+    torch.manual_seed(0)
+    k, n = 256, 48
+    w = torch.randn(k, n) * torch.rand(n) + torch.linspace(-2, 2, n)  # asymmetric ranges
+    w[:group_size, 1] = 0.5  # a constant group
+    packed, scales, zeros = quantize_int4(w, group_size)
+    assert packed.dtype == torch.uint8 and packed.shape == (k, n // 2)
+    assert scales.shape == zeros.shape == (k // group_size, n) and scales.dtype == zeros.dtype == torch.float32
+    err = (dequantize_weight(packed, scales, zeros, group_size) - w).abs()
+    assert (err <= scales.repeat_interleave(group_size, 0) / 2 + 1e-6 * (1 + w.abs())).all()
+    assert err[:group_size, 1].max() < 1e-6
+
+
+def test_pack_int4_nibble_order():
+    q = torch.tensor([[1, 2, 3, 4], [15, 0, 0, 15]], dtype=torch.uint8)
+    assert pack_int4(q).tolist() == [[0x21, 0x43], [0x0F, 0xF0]]
+
+
+def test_int4_bytes_decode_independently_to_the_weights():
+    """Decode the bytes with plain Python ints and float64, following the documented layout."""
+    torch.manual_seed(0)
+    k, n, g = 64, 6, 32
+    w = torch.randn(k, n, dtype=torch.float64)
+    packed, scales, zeros = quantize_int4(w, g)
+    s, z = scales.double().tolist(), zeros.double().tolist()
+    ref = torch.zeros(k, n, dtype=torch.float64)
+    for row, data in enumerate(packed.tolist()):
+        for j, byte in enumerate(data):
+            for col, q in ((2 * j, byte & 0xF), (2 * j + 1, byte >> 4)):
+                ref[row, col] = (q - 8) * s[row // g][col] + z[row // g][col]
+    assert ((ref - w).abs() <= scales.double().repeat_interleave(g, 0) / 2 + 1e-6).all()
+    torch.testing.assert_close(dequantize_weight(packed, scales, zeros, g).double(), ref, rtol=0, atol=1e-6)
+
+
+def test_int4_rejects_k_not_divisible_by_group():
+    with pytest.raises(QuantizationError, match="divisible"):
+        quantize_int4(torch.randn(96, 8), 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and checkpoints
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, group_size", [("int8", 0), ("int4", 32)])
+def test_quantized_logits_match_float64_with_dequantized_weights(mode, group_size):
+    model, ref = tiny_model(tie=False), tiny_model(tie=False)
+    quantize_model(model, mode, group_size, include_lm_head=True)
+    for name, layer in packed_projections(model).items():
+        assert layer.fmt == mode and layer.weight.is_contiguous()  # the decode kernel needs row-major
+        ref.get_submodule(name).weight.data = layer.dense_weight_t(torch.float32).t()
+    got = logits(model, IDS)
+    want = logits(ref.double(), IDS)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode, group_size, tie, lm_head",
+                         [("int8", 0, True, False), ("int4", 32, True, False), ("int4", 32, False, True)])
+def test_saved_checkpoint_loads_to_identical_logits(tmp_path, mode, group_size, tie, lm_head):
+    folder = tiny_checkpoint(tmp_path, tie)
+    model = load_model(folder, "cpu", torch.float32)
+    cfg = quantize_model(model, mode, group_size, lm_head)
+    path = folder / f"model_{cfg.label}.safetensors"
+    save_quantized(model, cfg, path)
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()[METADATA_KEY]) == {"mode": mode, "group_size": group_size, "lm_head": lm_head}
+    loaded = load_model(path, "cpu", torch.float32)
+    assert {n: (m.fmt, m.group_size) for n, m in packed_projections(loaded).items()} == \
+           {n: (m.fmt, m.group_size) for n, m in packed_projections(model).items()}
+    assert all(m.scales.dtype == torch.float32 for m in packed_projections(loaded).values())
+    assert (loaded.output.weight is loaded.tok_embeddings.weight) == tie
+    assert torch.equal(logits(model, IDS), logits(loaded, IDS))
+
+
+def test_teal_state_survives_quantization():
+    model = pack_model(tiny_model())
+    layer = model.layers[0].attention.wqkv
+    layer.thresholds.fill_(0.25)
+    layer.sparse = True
+    quantize_model(model, "int8", 0)
+    quantized = model.layers[0].attention.wqkv
+    assert quantized.fmt == "int8" and quantized.sparse and quantized.thresholds.eq(0.25).all()
+
+
+def test_model_errors_leave_the_model_untouched():
+    model = tiny_model()
+    with pytest.raises(QuantizationError, match="tied"):
+        quantize_model(model, "int8", 0, include_lm_head=True)
+    with pytest.raises(QuantizationError, match=r"K=96 .* fit this model: \[32\]"):
+        quantize_model(model, "int4", 64)
+    assert not packed_projections(model)
+    quantize_model(model, "int4", 32)
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize_model(model, "int8", 0)
+
+
+@pytest.mark.parametrize("record", ['{"mode": "int3", "group_size": 0, "lm_head": false}',
+                                    '{"mode": "int4", "group_size": 64, "lm_head": false}', "nonsense"])
+def test_bad_quantization_metadata_is_a_checkpoint_error(tmp_path, record):
+    folder = tiny_checkpoint(tmp_path)
+    path = folder / "model_bad.safetensors"
+    save_file(load_file(str(folder / "model.safetensors")), str(path), metadata={METADATA_KEY: record})
+    with pytest.raises(CheckpointError):
+        load_model(path, "cpu", torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "quantize.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_writes_default_name_and_loads(tmp_path):
+    folder = tiny_checkpoint(tmp_path)
+    res = run_cli("--checkpoint_path", str(folder), "--mode", "int4", "--groupsize", "32")
+    assert res.returncode == 0, res.stderr
+    path = folder / "model_int4-g32.safetensors"
+    model = load_model(path, "cpu", torch.float32)
+    assert model.layers[1].feed_forward.w2.fmt == "int4"
+    assert model.tok_embeddings.weight.dtype == torch.float32  # the stored dtype, not bf16
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "int4", "--groupsize", "48"], "unsupported group size 48"),
+    (["--mode", "int4", "--groupsize", "64"], "not divisible by group size 64"),
+    (["--mode", "int3"], "invalid choice"),
+    (["--mode", "int8", "--include_lm_head"], "tied"),
+    (["--mode", "int8", "--output", "{folder}/model.safetensors"], "overwrite"),
+    (["--mode", "int8", "--checkpoint_path", "{folder}/model_int4-g32.safetensors"], "already quantized (int4-g32)"),
+    (["--checkpoint_path", "{folder}/missing"], "checkpoint not found"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    folder = tiny_checkpoint(tmp_path)
+    model = tiny_model()
+    save_quantized(model, quantize_model(model, "int4", 32), folder / "model_int4-g32.safetensors")
+    before = sorted(p.name for p in folder.iterdir())
+    args = [a.format(folder=folder) for a in args]
+    if "--checkpoint_path" not in args:
+        args += ["--checkpoint_path", str(folder)]
+    res = run_cli(*args)
+    assert res.returncode != 0
+    assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr, res.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+@pytest.mark.parametrize("mode, group_size", [("int8", 0), ("int4", 32)])
+def test_quantized_checkpoint_serves_sparse_decode_in_bf16(tmp_path, mode, group_size):
+    """The serving setup: quantized file loaded in bf16 (on the GPU when there is one), TEAL on,
+    dense prefill then one sparse decode step, against the float32 in-memory model on the CPU."""
+    folder = tiny_checkpoint(tmp_path)
+    ref = load_model(folder, "cpu", torch.float32)
+    save_quantized(ref, quantize_model(ref, mode, group_size), folder / "q.safetensors")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(folder / "q.safetensors", device, torch.bfloat16)
+    thresholds = {name: [0.3] * len(m.split_sizes) for name, m in packed_projections(ref).items()}
+    n = IDS.shape[1] - 1
+    outs = []
+    for m, dev in ((ref, "cpu"), (model, device)):
+        sparsify(m, thresholds)
+        m.setup_caches(1, n + 1)
+        with torch.no_grad():
+            m(IDS[:, :n].to(dev), torch.arange(n, device=dev))
+            outs.append(m(IDS[:, n:].to(dev), torch.tensor([n], device=dev)).float().cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0.01 * outs[0].abs().max().item())
