@@ -31,7 +31,7 @@ $(CALIB_TEXT): | $(VENV)/.installed
 
 $(MODEL)/teal_thresholds.safetensors: $(MODEL)/model.safetensors $(CALIB_TEXT)
 	$(PY) calibrate.py --checkpoint_path $(MODEL) --text $(CALIB_TEXT) --output $@ \
-		--methods uniform --tokens 4096 --correction_tokens 1024
+		--methods uniform --tokens 4096 --correction_tokens 1024 --max_sparsity 0.6 --level_step 0.2
 
 demo: $(MODEL)/teal_thresholds.safetensors
 	$(PY) generate.py --checkpoint_path $(MODEL) --chat --prompt "$(PROMPT)" --temperature 0 \

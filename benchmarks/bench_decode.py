@@ -4,7 +4,7 @@ No checkpoint needed (real 8B weights cannot reach the benchmark GPU). Threshold
 on the model's own activations over random tokens (uniform allocation, dense-model quantiles), so
 the realized sparsity is the one asked for. Each setting: decode compiled with CUDA graphs
 (`torch.compile(mode="reduce-overhead", fullgraph=True)`), `--runs` runs of `--tokens` tokens
-after a warm-up, median reported. Writes JSON + Markdown (+ PNG if matplotlib is there).
+after a warm-up, median reported. Writes JSON + Markdown; benchmarks/plot_decode.py draws the PNG.
 
     python benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 int8 int4-g128
 """
