@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, load_model
+from checkpoint import CheckpointError, load_model, resolve_checkpoint
 from teal.calibration import calibrate, read_text, text_windows
 from teal.thresholds import check_sparsity, save_thresholds
 from tokenizer import load_tokenizer
@@ -64,9 +64,10 @@ def run(args: argparse.Namespace) -> Path:
     for name in ("level_step", "greedy_step"):
         if not 0.0 < getattr(args, name) < 1.0:
             raise ValueError(f"--{name} {getattr(args, name)} is outside (0, 1)")
-    output = args.output or args.checkpoint_path / "teal_thresholds.safetensors"
+    folder = resolve_checkpoint(args.checkpoint_path)[0]  # a folder, or a (quantized) file in one
+    output = args.output or folder / "teal_thresholds.safetensors"
     raw = read_text(args.text)
-    tokenizer = load_tokenizer(args.checkpoint_path)
+    tokenizer = load_tokenizer(folder)
     ids = tokenizer.encode(raw)
     windows = text_windows(ids, args.tokens // args.window_len, args.window_len)
     model = load_model(args.checkpoint_path, device=args.device, dtype=torch.float32)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from checkpoint import load_model, write_json
+from checkpoint import load_model, resolve_checkpoint, write_json
 from teal import densify, load_thresholds, sparsify
 from teal.calibration import read_text, text_windows
 from teal.sparsify import SparsityMeter
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> list[dict]:
     for s in args.sparsity:
         check_sparsity(s)
-    ids = load_tokenizer(args.checkpoint_path).encode(read_text(args.text))
+    ids = load_tokenizer(resolve_checkpoint(args.checkpoint_path)[0]).encode(read_text(args.text))
     text_windows(ids, args.windows, args.window_len)  # fail on a short text before loading the model
     model = load_model(args.checkpoint_path, device=args.device, dtype=torch.float32)
     if args.thresholds is not None:  # a foreign or broken file fails before any evaluation
