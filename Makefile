@@ -12,12 +12,14 @@ SPARSITY ?= 0.4
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: the pinned build is the local CPU wheel on the project's machines; any >=2.5 works
 	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q 'torch>=2.5'
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# the project itself, editable: scripts/, benchmarks/ and tests/ import its modules
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 model: $(MODEL)/model.safetensors

@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, load_model, resolve_checkpoint
+from checkpoint import load_model, resolve_checkpoint
+from cli import DEFAULT_CHECKPOINT, ArgumentParser, run_main
 from teal.calibration import calibrate, read_text, text_windows
 from teal.thresholds import check_sparsity, save_thresholds
 from tokenizer import load_tokenizer
 
-DEFAULT_CHECKPOINT = "checkpoints/SmolLM2-135M-Instruct"
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint_path", type=Path, default=Path(DEFAULT_CHECKPOINT),
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help="converted checkpoint folder (config.json, model.safetensors, tokenizer)")
     p.add_argument("--text", type=Path, required=True,
                    help="calibration text, any UTF-8 file; tokenized whole, without BOS")
@@ -94,15 +92,5 @@ def run(args: argparse.Namespace) -> Path:
     return output
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, CheckpointError, OSError) as e:
-        print(f"calibrate.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(lambda: run(parse_args()))

@@ -7,48 +7,25 @@ written to a temporary name and renamed, so a failed conversion never leaves a h
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from files import atomic_path, write_json
+from linear import PackedLinear, QuantConfig, prepare_quantized
 from model import ModelArgs, Transformer
 
 WEIGHTS_FILE = "model.safetensors"
 
 
-class CheckpointError(Exception):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line meant for the user."""
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make converted models private
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def save_state_dict(state: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -85,9 +62,18 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 
 
 def load_config(folder: str | Path) -> ModelArgs:
+    """Our config.json (ModelArgs fields); a Hugging Face config.json is read too."""
+    path = Path(folder) / "config.json"
     try:
-        return ModelArgs.from_json(Path(folder) / "config.json")
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        cfg = json.loads(path.read_text())
+        if "architectures" in cfg or "model_type" in cfg:
+            return hf_model_args(cfg)
+        fields = {f.name for f in dataclasses.fields(ModelArgs)}
+        unknown = set(cfg) - fields
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        return ModelArgs(**cfg)
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"bad config.json in {folder}: {e}") from None
 
 
@@ -102,9 +88,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"cannot read {weights}: {e} (file corrupt or truncated?)") from None
     with torch.device("meta"):
         model = Transformer(args)
-    if "quantization" in _safetensors_metadata(weights):
-        from quantize import apply_quantized_state  # a quantized checkpoint swaps its linears first
-        apply_quantized_state(model, weights)
+    try:  # a quantized checkpoint: swap in empty modules of the format it records first
+        quant = QuantConfig.from_metadata(_safetensors_metadata(weights), weights)
+        if quant is not None:
+            prepare_quantized(model, quant, weights)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     expected = set(model_state_for_saving(model))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -113,6 +102,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     state = {k: v.to(dtype) if v.is_floating_point() and not _keeps_dtype(k) else v
              for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
+    for m in model.modules():  # derived buffers are not in the file: still on the meta device
+        if isinstance(m, PackedLinear):
+            m.no_thresholds = torch.zeros_like(m.thresholds)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.to(device).eval()
@@ -133,6 +125,45 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # Hugging Face -> ours
 # ---------------------------------------------------------------------------------------------
+
+SUPPORTED_HF_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def hf_model_args(cfg: dict[str, Any]) -> ModelArgs:
+    """Build from a Hugging Face `config.json` of a Llama/Mistral-architecture model."""
+    archs = cfg.get("architectures") or []
+    model_type = cfg.get("model_type", "")
+    if model_type not in ("llama", "mistral") and not any(a in SUPPORTED_HF_ARCHS for a in archs):
+        raise ValueError(
+            f"unsupported architecture {archs or model_type!r}: only Llama-family models "
+            f"({', '.join(SUPPORTED_HF_ARCHS)}) are supported")
+    # transformers < 5 writes `rope_theta` + `rope_scaling`; 5.x nests both in `rope_parameters`.
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "llama3":
+        rope_scaling = {k: float(rope[k]) for k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    elif kind == "default":
+        rope_scaling = None
+    else:
+        raise ValueError(f"unsupported RoPE type {kind!r} (implemented: default, llama3)")
+    n_head = cfg["num_attention_heads"]
+    return ModelArgs(
+        dim=cfg["hidden_size"],
+        n_layer=cfg["num_hidden_layers"],
+        n_head=n_head,
+        n_local_heads=cfg.get("num_key_value_heads", n_head),
+        intermediate_size=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
+        block_size=cfg.get("max_position_embeddings", 4096),
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
+        rope_base=float(rope_theta),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        rope_scaling=rope_scaling,
+    )
+
 
 def interleave_rope_rows(w: Tensor, n_heads: int, head_dim: int) -> Tensor:
     """HF Llama rotates halves (i, i+d/2); our RoPE rotates pairs (2i, 2i+1): reorder Q/K rows."""
@@ -193,7 +224,7 @@ def convert_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path | None = None)
     if not cfg_path.exists():
         raise CheckpointError(f"no config.json in {hf_dir}")
     try:
-        args = ModelArgs.from_hf_config(json.loads(cfg_path.read_text()))
+        args = hf_model_args(json.loads(cfg_path.read_text()))
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
     state = convert_hf_state_dict(read_hf_weights(hf_dir), args)
@@ -239,6 +270,28 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return meta, tensors
 
 
+def gguf_model_args(meta: dict[str, Any], has_output_tensor: bool) -> ModelArgs:
+    """Build from the `llama.*` keys of a GGUF file (the file says its architecture)."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"unsupported GGUF architecture {arch!r}: only 'llama' is supported")
+    n_head = int(meta["llama.attention.head_count"])
+    dim = int(meta["llama.embedding_length"])
+    return ModelArgs(
+        dim=dim,
+        n_layer=int(meta["llama.block_count"]),
+        n_head=n_head,
+        n_local_heads=int(meta.get("llama.attention.head_count_kv", n_head)),
+        intermediate_size=int(meta["llama.feed_forward_length"]),
+        vocab_size=int(meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", [])))),
+        block_size=int(meta.get("llama.context_length", 4096)),
+        head_dim=int(meta.get("llama.rope.dimension_count", dim // n_head)),
+        rope_base=float(meta.get("llama.rope.freq_base", 10000.0)),
+        norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings=not has_output_tensor,
+    )
+
+
 def convert_gguf_state_dict(g: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
     """GGUF keeps Q/K rows in llama.cpp's order, which is already our interleaved-RoPE order."""
     out = {"tok_embeddings.weight": g["token_embd.weight"], "norm.weight": g["output_norm.weight"]}
@@ -281,7 +334,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     meta, tensors = read_gguf(gguf_path)
     try:
-        args = ModelArgs.from_gguf_metadata(meta, has_output_tensor="output.weight" in tensors)
+        args = gguf_model_args(meta, has_output_tensor="output.weight" in tensors)
         state = convert_gguf_state_dict(tensors, args)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{gguf_path}: unsupported or incomplete GGUF ({e})") from None

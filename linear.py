@@ -3,20 +3,60 @@
 The weight is stored transposed, [in_features, out_features], so that the decode kernel can skip
 the whole contiguous row of every input entry TEAL zeroes; prefill multiplies by the same tensor
 (`x @ W^T` is a plain GEMM for cuBLAS), so nothing is stored twice. Formats: bf16/fp16 ("fp"),
-int8 per output channel, int4 groupwise along the input dimension (layouts in kernels/sparse_gemv.py).
+int8 per output channel, int4 groupwise along the input dimension (layouts in kernels/reference.py).
 
-`PackedLinear.forward` is the single place that decides which kernel runs for a layer.
+This file owns three decisions, each in one place:
+- which decoder modules are projections and how their outputs split into threshold segments
+  (`PROJECTION_TABLE`, `projection_splits`, `segments`);
+- which kernel runs for a projection call (`PackedLinear.forward`);
+- which modules a quantized checkpoint holds (`QuantConfig`, `prepare_quantized`).
 """
 from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from kernels import dequantize_weight, sparse_gemv, sparse_gemv_reference
-from kernels.sparse_gemv import MAX_BATCH
+from kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
+from kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES
 
 FORMATS = ("fp", "int8", "int4")
+
+# Decoder projections: module path inside a block -> one label per output segment (each segment
+# gets its own TEAL threshold; q|k|v and gate|up are fused weights that share one input).
+PROJECTION_TABLE: dict[str, tuple[str, ...]] = {
+    "attention.wqkv": ("q", "k", "v"),
+    "attention.wo": ("o",),
+    "feed_forward.w13": ("gate", "up"),
+    "feed_forward.w2": ("down",),
+}
+PROJECTIONS: tuple[str, ...] = tuple(label for labels in PROJECTION_TABLE.values() for label in labels)
+
+
+class Segment(NamedTuple):
+    module: str  # full module name, e.g. "layers.3.attention.wqkv"
+    index: int  # segment index inside the module's output
+    label: str  # one of PROJECTIONS
+
+
+def projection_splits(model: nn.Module) -> dict[str, list[int]]:
+    """Full module name -> output segment widths, for every decoder projection, layer by layer."""
+    cfg = model.config
+    kv = cfg.n_local_heads * cfg.head_dim
+    widths = {"attention.wqkv": [cfg.n_head * cfg.head_dim, kv, kv], "attention.wo": [cfg.dim],
+              "feed_forward.w13": [cfg.intermediate_size] * 2, "feed_forward.w2": [cfg.dim]}
+    return {f"layers.{i}.{path}": list(widths[path]) for i in range(cfg.n_layer) for path in PROJECTION_TABLE}
+
+
+def segments(model: nn.Module) -> list[Segment]:
+    """Every threshold segment in the canonical order files store them: layer by layer q..down."""
+    return [Segment(name, j, label) for name in projection_splits(model)
+            for j, label in enumerate(PROJECTION_TABLE[name.split(".", 2)[2]])]
 
 
 class PackedLinear(nn.Module):
@@ -50,8 +90,11 @@ class PackedLinear(nn.Module):
             self.register_buffer("zeros", torch.empty(k // group_size, n, dtype=torch.float32, device=device))
         self.register_buffer("weight", weight)
         # TEAL state: off until teal.sparsify() sets thresholds; prefill stays dense unless asked.
-        self.register_buffer("thresholds", torch.zeros(len(self.split_sizes), dtype=torch.float32,
-                                                       device=device))
+        n_seg = len(self.split_sizes)
+        self.register_buffer("thresholds", torch.zeros(n_seg, dtype=torch.float32, device=device))
+        # What a dense call of the kernel gets (quantized weights are always read by the kernel).
+        self.register_buffer("no_thresholds", torch.zeros(n_seg, dtype=torch.float32, device=device),
+                             persistent=False)
         self.sparse = False
         self.sparse_prefill = False
 
@@ -69,54 +112,139 @@ class PackedLinear(nn.Module):
         """The weight as [in, out] in `dtype` (dequantized for int formats)."""
         if self.fmt == "fp":
             return self.weight.to(dtype)
-        scales, zeros = self._quant_args()
-        return dequantize_weight(self.weight, scales, zeros, self.group_size).to(dtype)
+        return dequantize_weight(self.weight, *self._quant_args(), self.group_size).to(dtype)
+
+    def applies_sparsity(self, x: Tensor) -> bool:
+        """TEAL acts on decode steps (one position per sequence) and, if asked, on prefill."""
+        decode_step = x.dim() < 3 or x.shape[-2] == 1
+        return self.sparse and (decode_step or self.sparse_prefill)
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        decode_step = x.dim() < 3 or x.shape[-2] == 1
-        sparsify = self.sparse and (decode_step or self.sparse_prefill)
-        scales, zeros = self._quant_args()
-        if x.is_cuda and x2.shape[0] <= MAX_BATCH and (sparsify or self.fmt != "fp"):
-            # Decode: our Triton kernel, dense (thresholds of zeros) or sparse; rows of zeroed
-            # inputs are never read.
-            thresholds = self.thresholds if sparsify else torch.zeros_like(self.thresholds)
-            out = sparse_gemv(x2, self.weight, thresholds, self.split_sizes, scales, zeros, self.group_size)
-        elif sparsify:
-            out = sparse_gemv_reference(x2, self.weight, self.thresholds, self.split_sizes,
-                                        scales, zeros, self.group_size)
+        rows = x.reshape(-1, self.in_features)
+        sparse = self.applies_sparsity(x)
+        thresholds = self.thresholds if sparse else self.no_thresholds
+        if self.fmt == "fp" and not sparse:
+            out = rows @ self.dense_weight_t(x.dtype)  # dense float: cuBLAS / the CPU's BLAS
+        elif rows.shape[0] <= MAX_BATCH and x.dtype in KERNEL_DTYPES:
+            # Decode: the teal::sparse_gemv op (Triton on CUDA, the reference on CPU); rows of
+            # zeroed inputs are never read.
+            out = sparse_gemv(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(), self.group_size)
         else:
-            out = x2 @ self.dense_weight_t(x.dtype)
-        return out.view(*lead, self.out_features)
+            # Prefill-sized batches are compute-bound, float32 (quality work) has no kernel:
+            # dequantize and multiply.
+            out = sparse_gemv_reference(rows, self.weight, thresholds, self.split_sizes,
+                                        *self._quant_args(), self.group_size)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, splits={self.split_sizes}, "
                 f"fmt={self.fmt}{f'-g{self.group_size}' if self.fmt == 'int4' else ''}, sparse={self.sparse}")
 
 
-def packed_projections(model: nn.Module) -> dict[str, "PackedLinear"]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+def swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called `name` (dotted path) by `module`."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
-def projection_splits(model: nn.Module) -> dict[str, list[int]]:
-    """Output segments of every decoder projection: q|k|v and gate|up get one threshold each."""
-    splits = {}
-    for i, layer in enumerate(model.layers):
-        att, ff = layer.attention, layer.feed_forward
-        splits[f"layers.{i}.attention.wqkv"] = list(att.qkv_sizes)
-        splits[f"layers.{i}.attention.wo"] = [att.wo.out_features]
-        splits[f"layers.{i}.feed_forward.w13"] = [ff.hidden, ff.hidden]
-        splits[f"layers.{i}.feed_forward.w2"] = [ff.w2.out_features]
-    return splits
+def packed_projections(model: nn.Module) -> dict[str, PackedLinear]:
+    """The decoder projections that are PackedLinear (lm_head excluded, even when quantized)."""
+    mods = {name: model.get_submodule(name) for name in projection_splits(model)}
+    return {name: m for name, m in mods.items() if isinstance(m, PackedLinear)}
 
 
 def pack_model(model: nn.Module) -> nn.Module:
     """Swap every decoder projection nn.Linear for a PackedLinear (idempotent; lm_head stays)."""
     for name, splits in projection_splits(model).items():
-        parent_name, attr = name.rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
-        child = getattr(parent, attr)
+        child = model.get_submodule(name)
         if isinstance(child, nn.Linear):
-            setattr(parent, attr, PackedLinear.from_linear(child, splits))
+            swap_module(model, name, PackedLinear.from_linear(child, splits))
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized checkpoints: which modules hold which format (the math is in quantize.py)
+# ---------------------------------------------------------------------------------------------
+
+QUANT_MODES = ("int8", "int4")
+QUANT_METADATA_KEY = "quantization"
+
+
+class QuantizationError(ValueError):
+    """A quantization request this model cannot take; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What a quantized checkpoint records in its safetensors metadata, so loading needs no flags."""
+
+    mode: str
+    group_size: int = 0  # int4 only; int8 scales are per output channel
+    lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in QUANT_MODES:
+            raise QuantizationError(f"unknown quantization mode {self.mode!r}; expected one of {QUANT_MODES}")
+        expected = INT4_GROUP_SIZES if self.mode == "int4" else (0,)
+        if self.group_size not in expected:
+            raise QuantizationError(f"unsupported group size {self.group_size} for {self.mode}; "
+                                    f"expected one of {', '.join(map(str, expected))}")
+
+    @classmethod
+    def request(cls, mode: str, group_size: int, lm_head: bool) -> "QuantConfig":
+        """From user options: the group size only applies to int4."""
+        return cls(mode, group_size if mode == "int4" else 0, lm_head)
+
+    @property
+    def label(self) -> str:
+        return f"int4-g{self.group_size}" if self.mode == "int4" else self.mode
+
+    def to_metadata(self) -> dict[str, str]:
+        return {QUANT_METADATA_KEY: json.dumps(dataclasses.asdict(self))}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: object) -> "QuantConfig | None":
+        """The config a weights file records, or None for a float checkpoint."""
+        if QUANT_METADATA_KEY not in meta:
+            return None
+        try:
+            return cls(**json.loads(meta[QUANT_METADATA_KEY]))
+        except (TypeError, ValueError) as e:  # QuantizationError is a ValueError
+            raise QuantizationError(f"{source}: bad {QUANT_METADATA_KEY!r} metadata: {e}") from None
+
+
+def quantization_targets(model: nn.Module, cfg: QuantConfig) -> dict[str, list[int]]:
+    """Module names to quantize -> output splits; every check runs before anything is swapped."""
+    targets = projection_splits(model)
+    if cfg.lm_head:
+        if model.config.tie_embeddings:
+            raise QuantizationError("lm_head is tied to the token embedding (tie_embeddings) and "
+                                    "quantizing it would quantize the embedding lookup too; "
+                                    "drop --include_lm_head")
+        targets["output"] = [model.config.vocab_size]
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, PackedLinear) and module.fmt != "fp":
+            current = QuantConfig(module.fmt, module.group_size).label
+            raise QuantizationError(f"model is already quantized ({current}); requantizing as "
+                                    f"{cfg.label} would compound the error: start from the float checkpoint")
+        k = module.in_features
+        if cfg.mode == "int4" and k % cfg.group_size:
+            fits = [g for g in INT4_GROUP_SIZES
+                    if all(model.get_submodule(t).in_features % g == 0 for t in targets)]
+            raise QuantizationError(f"{name}: K={k} is not divisible by group size {cfg.group_size} "
+                                    f"(group sizes that fit this model: {fits or 'none'})")
+    return targets
+
+
+def prepare_quantized(model: nn.Module, cfg: QuantConfig, source: object) -> None:
+    """Swap the (meta-device) model's projections for empty ones of cfg's format, so that
+    load_state_dict(assign=True) can fill them from a quantized checkpoint."""
+    try:
+        targets = quantization_targets(model, cfg)
+    except QuantizationError as e:
+        raise QuantizationError(f"{source}: {e}") from None
+    for name, splits in targets.items():
+        old = model.get_submodule(name)
+        swap_module(model, name, PackedLinear(old.in_features, old.out_features, splits, cfg.mode,
+                                              cfg.group_size, device=old.weight.device))

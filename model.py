@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,64 +54,6 @@ class ModelArgs:
                 return cls(**cfg)
         raise ValueError(f"unknown model name {name!r}; known: {', '.join(MODEL_CONFIGS)}")
 
-    @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
-        """Build from a Hugging Face `config.json` of a Llama/Mistral-architecture model."""
-        archs = cfg.get("architectures") or []
-        model_type = cfg.get("model_type", "")
-        if model_type not in ("llama", "mistral") and not any(a in SUPPORTED_HF_ARCHS for a in archs):
-            raise ValueError(
-                f"unsupported architecture {archs or model_type!r}: only Llama-family models "
-                f"({', '.join(SUPPORTED_HF_ARCHS)}) are supported")
-        # transformers < 5 writes `rope_theta` + `rope_scaling`; 5.x nests both in `rope_parameters`.
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind == "llama3":
-            rope_scaling = {k: float(rope[k]) for k in (
-                "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-        elif kind == "default":
-            rope_scaling = None
-        else:
-            raise ValueError(f"unsupported RoPE type {kind!r} (implemented: default, llama3)")
-        n_head = cfg["num_attention_heads"]
-        return cls(
-            dim=cfg["hidden_size"],
-            n_layer=cfg["num_hidden_layers"],
-            n_head=n_head,
-            n_local_heads=cfg.get("num_key_value_heads", n_head),
-            intermediate_size=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            block_size=cfg.get("max_position_embeddings", 4096),
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
-            rope_base=float(rope_theta),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            rope_scaling=rope_scaling,
-        )
-
-    @classmethod
-    def from_gguf_metadata(cls, meta: dict[str, Any], has_output_tensor: bool) -> "ModelArgs":
-        """Build from the `llama.*` keys of a GGUF file (the file says its architecture)."""
-        arch = meta.get("general.architecture")
-        if arch != "llama":
-            raise ValueError(f"unsupported GGUF architecture {arch!r}: only 'llama' is supported")
-        n_head = int(meta["llama.attention.head_count"])
-        dim = int(meta["llama.embedding_length"])
-        return cls(
-            dim=dim,
-            n_layer=int(meta["llama.block_count"]),
-            n_head=n_head,
-            n_local_heads=int(meta.get("llama.attention.head_count_kv", n_head)),
-            intermediate_size=int(meta["llama.feed_forward_length"]),
-            vocab_size=int(meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", [])))),
-            block_size=int(meta.get("llama.context_length", 4096)),
-            head_dim=int(meta.get("llama.rope.dimension_count", dim // n_head)),
-            rope_base=float(meta.get("llama.rope.freq_base", 10000.0)),
-            norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            tie_embeddings=not has_output_tensor,
-        )
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -120,20 +61,6 @@ class ModelArgs:
         """Short hash of the architecture; calibration files record it to refuse a foreign model."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
-    @classmethod
-    def from_json(cls, path: str | Path) -> "ModelArgs":
-        with open(path) as f:
-            cfg = json.load(f)
-        if "architectures" in cfg or "model_type" in cfg:  # a Hugging Face config.json
-            return cls.from_hf_config(cfg)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(cfg) - fields
-        if unknown:
-            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
-        return cls(**cfg)
-
-
-SUPPORTED_HF_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
 
 _LLAMA31_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                     "original_max_position_embeddings": 8192.0}
@@ -301,13 +228,6 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, freqs_cis, mask, input_pos)
         return self.output(self.norm(x))
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.bfloat16) -> "Transformer":
-        """Load a converted checkpoint folder (config.json + model.safetensors); see checkpoint.py."""
-        from checkpoint import load_model
-        return load_model(checkpoint_dir, device=device, dtype=dtype)
 
 
 def _llama3_scale_freqs(freqs: Tensor, scaling: dict[str, float]) -> Tensor:

@@ -19,70 +19,23 @@ config.json and tokenizer); the metadata key "quantization" records {"mode", "gr
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import torch
-import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_model, model_state_for_saving, resolve_checkpoint, save_state_dict
-from kernels.sparse_gemv import INT4_GROUP_SIZES as GROUP_SIZES  # what the decode kernel takes
-from linear import PackedLinear, projection_splits
+from checkpoint import load_model, model_state_for_saving, resolve_checkpoint, save_state_dict
+from cli import DEFAULT_CHECKPOINT, ArgumentParser, run_main
+from kernels.reference import INT4_GROUP_SIZES
+from linear import (QUANT_MODES, PackedLinear, QuantConfig, QuantizationError, quantization_targets,
+                    swap_module)
 from model import Transformer
-
-MODES = ("int8", "int4")
-METADATA_KEY = "quantization"
-
-
-class QuantizationError(ValueError):
-    """A quantization request this model cannot take; the message is one line meant for the user."""
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """What a quantized checkpoint records, so that loading it needs no flags."""
-
-    mode: str
-    group_size: int = 0  # int4 only; int8 scales are per output channel
-    lm_head: bool = False
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise QuantizationError(f"unknown quantization mode {self.mode!r}; expected one of {MODES}")
-        expected = GROUP_SIZES if self.mode == "int4" else (0,)
-        if self.group_size not in expected:
-            raise QuantizationError(f"unsupported group size {self.group_size} for {self.mode}; "
-                                    f"expected one of {', '.join(map(str, expected))}")
-
-    @classmethod
-    def request(cls, mode: str, group_size: int, lm_head: bool) -> "QuantConfig":
-        """From user options: the group size only applies to int4."""
-        return cls(mode, group_size if mode == "int4" else 0, lm_head)
-
-    @property
-    def label(self) -> str:
-        return f"int4-g{self.group_size}" if self.mode == "int4" else self.mode
-
-    def to_metadata(self) -> dict[str, str]:
-        return {METADATA_KEY: json.dumps(dataclasses.asdict(self))}
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str], source: str | Path) -> "QuantConfig":
-        try:
-            return cls(**json.loads(meta[METADATA_KEY]))
-        except (KeyError, TypeError, ValueError) as e:  # QuantizationError is a ValueError
-            raise CheckpointError(f"{source}: bad {METADATA_KEY!r} metadata: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
-# The math, on one transposed weight [K, N]; dequantization is kernels.dequantize_weight.
+# The math, on one transposed weight [K, N]; dequantization is kernels.reference.dequantize_weight.
 # ---------------------------------------------------------------------------------------------
 
 _TINY = torch.finfo(torch.float32).tiny  # floor for the scale of an all-equal column or group
@@ -133,34 +86,6 @@ def quantize_projection(w_t: Tensor, split_sizes: list[int], cfg: QuantConfig) -
 # Whole models
 # ---------------------------------------------------------------------------------------------
 
-def _targets(model: Transformer, cfg: QuantConfig) -> dict[str, list[int]]:
-    """Module names to quantize -> output splits; every check runs before anything is swapped."""
-    targets = projection_splits(model)
-    if cfg.lm_head:
-        if model.config.tie_embeddings:
-            raise QuantizationError("lm_head is tied to the token embedding (tie_embeddings) and "
-                                    "quantizing it would quantize the embedding lookup too; "
-                                    "drop --include_lm_head")
-        targets["output"] = [model.config.vocab_size]
-    for name in targets:
-        module = model.get_submodule(name)
-        if isinstance(module, PackedLinear) and module.fmt != "fp":
-            current = QuantConfig(module.fmt, module.group_size).label
-            raise QuantizationError(f"model is already quantized ({current}); requantizing as "
-                                    f"{cfg.label} would compound the error: start from the float checkpoint")
-        k = module.in_features
-        if cfg.mode == "int4" and k % cfg.group_size:
-            fits = [g for g in GROUP_SIZES if all(model.get_submodule(t).in_features % g == 0 for t in targets)]
-            raise QuantizationError(f"{name}: K={k} is not divisible by group size {cfg.group_size} "
-                                    f"(group sizes that fit this model: {fits or 'none'})")
-    return targets
-
-
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), attr, module)
-
-
 def quantize_model(model: Transformer, mode: str, group_size: int = 128,
                    include_lm_head: bool = False) -> QuantConfig:
     """Quantize every decoder projection (and lm_head if asked) in place; returns what to record.
@@ -168,7 +93,7 @@ def quantize_model(model: Transformer, mode: str, group_size: int = 128,
     Takes nn.Linear or float PackedLinear projections; TEAL state set by teal.sparsify carries over.
     """
     cfg = QuantConfig.request(mode, group_size, include_lm_head)
-    targets = _targets(model, cfg)
+    targets = quantization_targets(model, cfg)
     for name, splits in tqdm(targets.items(), desc=f"quantizing to {cfg.label}", unit="matrix"):
         old = model.get_submodule(name)
         w_t = old.weight if isinstance(old, PackedLinear) else old.weight.t()
@@ -176,23 +101,8 @@ def quantize_model(model: Transformer, mode: str, group_size: int = 128,
         if isinstance(old, PackedLinear):
             new.thresholds.copy_(old.thresholds)
             new.sparse, new.sparse_prefill = old.sparse, old.sparse_prefill
-        _swap(model, name, new)
+        swap_module(model, name, new)
     return cfg
-
-
-def apply_quantized_state(model: Transformer, weights_path: str | Path) -> None:
-    """Swap the (meta-device) model's projections for empty ones of the format `weights_path`
-    records, so that checkpoint.load_model's load_state_dict(assign=True) fills them."""
-    with safe_open(str(weights_path), framework="pt") as f:
-        cfg = QuantConfig.from_metadata(f.metadata() or {}, weights_path)
-    try:
-        targets = _targets(model, cfg)
-    except QuantizationError as e:
-        raise CheckpointError(f"{weights_path}: {e}") from None
-    for name, splits in targets.items():
-        old = model.get_submodule(name)
-        _swap(model, name, PackedLinear(old.in_features, old.out_features, splits, cfg.mode,
-                                        cfg.group_size, device=old.weight.device))
 
 
 def save_quantized(model: Transformer, cfg: QuantConfig, path: str | Path) -> None:
@@ -213,35 +123,33 @@ def _stored_dtype(weights: Path) -> torch.dtype:
         return torch.float32  # unreadable: load_model says why
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")  # one line, without the usage block
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = _Parser(description="Weight-only int8 / int4 quantization of a converted checkpoint.")
-    p.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct"),
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help="float checkpoint folder or its .safetensors file")
-    p.add_argument("--mode", choices=MODES, default="int8")
-    p.add_argument("--groupsize", type=int, default=128, help=f"int4 group size, one of {GROUP_SIZES}")
+    p.add_argument("--mode", choices=QUANT_MODES, default="int8", help="weight format")
+    p.add_argument("--groupsize", type=int, default=128,
+                   help=f"int4 group size, one of {INT4_GROUP_SIZES} (must divide every projection's K)")
     p.add_argument("--include_lm_head", action="store_true",
                    help="also quantize lm_head (refused when it is tied to the embedding)")
     p.add_argument("--output", type=Path, default=None,
-                   help="default: <checkpoint dir>/model_int8.safetensors or model_int4-g<G>.safetensors")
-    args = p.parse_args(argv)
-    try:
-        cfg = QuantConfig.request(args.mode, args.groupsize, args.include_lm_head)
-        folder, weights = resolve_checkpoint(args.checkpoint_path)
-        output = args.output or folder / f"model_{cfg.label}.safetensors"
-        if output.resolve() == weights.resolve():
-            raise QuantizationError(f"--output {output} would overwrite the checkpoint being quantized")
-        model = load_model(weights, "cpu", _stored_dtype(weights))
-        quantize_model(model, cfg.mode, cfg.group_size, cfg.lm_head)
-        save_quantized(model, cfg, output)
-    except (CheckpointError, QuantizationError) as e:
-        sys.exit(f"error: {e}")
+                   help="file to write (default: <checkpoint dir>/model_int8.safetensors or "
+                        "model_int4-g<G>.safetensors)")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> Path:
+    cfg = QuantConfig.request(args.mode, args.groupsize, args.include_lm_head)
+    folder, weights = resolve_checkpoint(args.checkpoint_path)
+    output = args.output or folder / f"model_{cfg.label}.safetensors"
+    if output.resolve() == weights.resolve():
+        raise QuantizationError(f"--output {output} would overwrite the checkpoint being quantized")
+    model = load_model(weights, "cpu", _stored_dtype(weights))
+    quantize_model(model, cfg.mode, cfg.group_size, cfg.lm_head)
+    save_quantized(model, cfg, output)
     print(f"wrote {output} ({cfg.label}{', lm_head too' if cfg.lm_head else ''})")
+    return output
 
 
 if __name__ == "__main__":
-    main()
+    run_main(lambda: run(parse_args()))

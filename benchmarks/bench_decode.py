@@ -20,19 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from generate import Sampling, decode_one_token, weight_bytes_per_token  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
-
-
-def random_model(name: str, dtype: torch.dtype, device: torch.device) -> Transformer:
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Transformer(ModelArgs.from_name(name)).to(dtype)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    return model.eval()
+from generate import Sampling, decode_one_token, random_model, self_calibrated_thresholds, weight_bytes_per_token
+from model import Transformer
 
 
 def apply_weights(model: Transformer, weights: str) -> None:
@@ -44,15 +33,12 @@ def apply_weights(model: Transformer, weights: str) -> None:
     quantize_model(model, mode, int(group or 128))
 
 
-def calibrated_sparsify(model: Transformer, level: float, hist) -> None:
+def set_level(model: Transformer, level: float, calib_tokens: int) -> None:
     from teal import densify, sparsify
-    from teal.calibration import thresholds_at
-    from teal.sparsify import segments, thresholds_from_vector
     if level == 0:
         densify(model)
-        return
-    levels = torch.full((len(segments(model)),), level)
-    sparsify(model, thresholds_from_vector(model, thresholds_at(model, hist, levels)))
+    else:
+        sparsify(model, self_calibrated_thresholds(model, level, calib_tokens))
 
 
 @torch.no_grad()
@@ -90,8 +76,6 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("error: bench_decode.py needs a CUDA GPU")
     device = torch.device("cuda")
-    from teal.calibration import input_histograms
-
     torch._dynamo.config.cache_size_limit = 64  # one graph per model object and setting
     step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     model = random_model(args.model, torch.bfloat16, device)
@@ -102,10 +86,8 @@ def main() -> None:
     for weights in args.weights:
         model = random_model(args.model, torch.bfloat16, device)
         apply_weights(model, weights)
-        calib = torch.randint(model.config.vocab_size, (args.calib_tokens // 512, 512))
-        hist = input_histograms(model, calib, batch=4)
         for level in args.sparsity:
-            calibrated_sparsify(model, level, hist)
+            set_level(model, level, args.calib_tokens)
             tok_s = statistics.median(time_decode(model, step, args.tokens, args.runs))
             realized = realized_on(model, level)
             rows.append(dict(weights=weights, sparsity=level, path="PackedLinear", realized=realized,

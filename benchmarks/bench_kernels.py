@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from timing import (  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
+from benchmarks.timing import (
     MODEL_SHAPES,
     Problem,
     copies_for,
@@ -35,7 +35,9 @@ from timing import (  # noqa: I001  (benchmarks/ is on sys.path when run as a sc
     threshold_for,
     weight_bytes_needed,
 )
-from kernels.sparse_gemv import get_config, gpu_name, sparse_gemv, weight_format_name
+from kernels import sparse_gemv
+from kernels.reference import weight_format_name
+from kernels.triton_gemv import get_config, gpu_name
 
 DEFAULT_SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
 

@@ -10,20 +10,20 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=c
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case $phase in
   tune)  # full grid, all formats, Llama-3-8B shapes; then kernels and bf16 end to end
-    step 330 python3 benchmarks/tune_kernels.py --force --formats bf16 int8 int4-g128 --models llama3-8b
-    step 90 python3 benchmarks/bench_kernels.py --formats bf16 int8 int4-g128 --models llama3-8b --out "$out/kernels_llama3_8b"
-    step 170 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 --out "$out/decode_llama3_8b_bf16"
+    step 330 python3 -m benchmarks.tune_kernels --force --formats bf16 int8 int4-g128 --models llama3-8b
+    step 90 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --out "$out/kernels_llama3_8b"
+    step 170 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --out "$out/decode_llama3_8b_bf16"
     ;;
   decode)  # end to end with the tuned configs: bf16 levels, quantized levels, generate.py dense
-    [ "${SKIP_BF16:-0}" = 1 ] || step 220 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 --out "$out/decode_llama3_8b_bf16"
-    step 240 python3 benchmarks/bench_decode.py --model Llama-3-8B --weights int8 int4-g128 --sparsity 0 0.4 0.5 --runs 2 --out "$out/decode_llama3_8b_quant"
+    [ "${SKIP_BF16:-0}" = 1 ] || step 220 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --out "$out/decode_llama3_8b_bf16"
+    step 240 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8 int4-g128 --sparsity 0 0.4 0.5 --runs 2 --out "$out/decode_llama3_8b_quant"
     [ "${SKIP_GENERATE:-0}" = 1 ] || step 100 python3 generate.py --random_weights Llama-3-8B --compile --max_new_tokens 256 --prompt "a b c d e f g h"
     ;;
   int4)  # kernel rework: GPU tests, re-time every format at the stored configs, tune int4, re-time it
     step 90 python3 -m pytest -q -x tests/test_kernels.py -k gpu
-    step 60 python3 benchmarks/bench_kernels.py --formats bf16 int8 int4-g128 --models llama3-8b --out "$out/kernels_llama3_8b_before_int4_tune"
-    step 170 python3 benchmarks/tune_kernels.py --force --formats int4-g128 --models llama3-8b
-    step 40 python3 benchmarks/bench_kernels.py --formats int4-g128 --models llama3-8b --out "$out/kernels_llama3_8b_int4"
+    step 60 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --out "$out/kernels_llama3_8b_before_int4_tune"
+    step 170 python3 -m benchmarks.tune_kernels --force --formats int4-g128 --models llama3-8b
+    step 40 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --out "$out/kernels_llama3_8b_int4"
     ;;
 esac
 cp kernels/tuned_configs.json "$out/tuned_configs.json"

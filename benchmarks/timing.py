@@ -4,14 +4,11 @@ CUDA-graph timer that rotates through weight copies so the 60 MB L2 cannot hold 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, for `import kernels`
 
 # (layer, K, split sizes of N): fused q|k|v and gate|up use one threshold per segment.
 MODEL_SHAPES: dict[str, list[tuple[str, int, list[int]]]] = {

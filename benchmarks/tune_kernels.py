@@ -19,15 +19,13 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import triton
 
-from timing import (  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
+from benchmarks.timing import (
     MODEL_SHAPES,
     Problem,
     copies_for,
@@ -37,14 +35,9 @@ from timing import (  # noqa: I001  (benchmarks/ is on sys.path when run as a sc
     parse_format,
     threshold_for,
 )
-from kernels.sparse_gemv import (
-    TUNED_CONFIGS_PATH,
-    KernelConfig,
-    _heuristic_config,
-    config_key,
-    sparse_gemv_reference,
-    sparse_gemv_triton,
-)
+from files import atomic_path
+from kernels.reference import sparse_gemv_reference
+from kernels.triton_gemv import TUNED_CONFIGS_PATH, KernelConfig, _heuristic_config, config_key, sparse_gemv_triton
 
 STAGE2_KEEP = 3
 
@@ -130,12 +123,8 @@ def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[flo
 
 
 def write_atomically(path: Path, table: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 
 def main() -> None:

@@ -1,19 +1,11 @@
-"""Triton kernels of the TEAL inference path (see kernels/sparse_gemv.py)."""
+"""Kernels of the TEAL decode path.
 
-from kernels.sparse_gemv import (
-    KernelConfig,
-    dequantize_weight,
-    get_config,
-    sparse_gemv,
-    sparse_gemv_reference,
-    sparse_gemv_triton,
-)
+- ``kernels.reference``: weight formats, validation, dequantization and the plain-torch product
+  (no Triton import: the CPU path).
+- ``kernels.triton_gemv``: the Triton sparse GEMV and its per-shape launch configs.
+- ``kernels.ops``: the ``teal::sparse_gemv`` torch op (CUDA: Triton; CPU: the reference).
+"""
+from kernels.ops import sparse_gemv
+from kernels.reference import MAX_BATCH, dequantize_weight, sparse_gemv_reference
 
-__all__ = [
-    "KernelConfig",
-    "dequantize_weight",
-    "get_config",
-    "sparse_gemv",
-    "sparse_gemv_reference",
-    "sparse_gemv_triton",
-]
+__all__ = ["MAX_BATCH", "dequantize_weight", "sparse_gemv", "sparse_gemv_reference"]

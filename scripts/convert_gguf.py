@@ -2,14 +2,13 @@
 dequantize) to our checkpoint folder, tokenizer and chat template included."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from _cli import run_cli
+from cli import ArgumentParser, run_main
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("gguf", type=Path, help="the .gguf file")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     args = p.parse_args()
@@ -20,4 +19,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_main(main)

@@ -2,14 +2,13 @@
 model.safetensors with fused q|k|v and gate|up, Q/K rows in interleaved-RoPE order, config.json."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from _cli import run_cli
+from cli import ArgumentParser, run_main
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint_dir", type=Path, required=True, help="folder downloaded from the Hub")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: convert in place)")
     args = p.parse_args()
@@ -19,4 +18,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_main(main)

@@ -5,16 +5,15 @@ scripts/convert_hf_checkpoint.py (scripts/prepare.sh does both).
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from _cli import run_cli
+from cli import ArgumentParser, run_main
 
 ALLOW = ["*.json", "*.safetensors", "tokenizer.model", "pytorch_model*.bin"]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--repo_id", required=True, help="e.g. meta-llama/Meta-Llama-3-8B-Instruct")
     p.add_argument("--hf_token", default=None, help="access token for gated repos")
     p.add_argument("--out", type=Path, default=None, help="folder (default: checkpoints/<repo_id>)")
@@ -36,4 +35,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_main(main)

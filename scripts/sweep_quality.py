@@ -20,16 +20,17 @@ import json
 import time
 from pathlib import Path
 
-from _cli import run_cli  # puts the project root on sys.path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 import calibrate
-from checkpoint import atomic_path, load_model, write_json
-from perplexity import evaluate, perplexity
+from checkpoint import load_model
+from cli import DEFAULT_CHECKPOINT, ArgumentParser, run_main
+from files import atomic_path, write_json
+from linear import PROJECTIONS
+from scripts.perplexity import evaluate, perplexity
 from teal.calibration import LogHistogram, read_text, stream, text_windows
 from teal.sparsify import segment_weights
 from teal.thresholds import read_thresholds
@@ -45,7 +46,8 @@ METHODS = ("uniform-dense", "uniform", "greedy", "CATS")
 def cats_share(model: nn.Module) -> float:
     """Share of the decoder projection weights that CATS can skip (up and down)."""
     w = segment_weights(model).view(len(model.layers), -1)
-    return float(w[:, 5:].sum() / w.sum())  # columns: q k v o gate up down
+    cols = [PROJECTIONS.index("up"), PROJECTIONS.index("down")]
+    return float(w[:, cols].sum() / w.sum())
 
 
 def _gate(module: nn.Module, out: Tensor) -> Tensor:
@@ -92,8 +94,8 @@ def cats_perplexity(model: nn.Module, ids: list[int], thresholds: list[float], w
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint_path", type=Path, default=Path(calibrate.DEFAULT_CHECKPOINT),
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help="converted checkpoint folder")
     p.add_argument("--calib_text", type=Path, default=DATA / "wikitext2-calib.txt",
                    help="calibration text (never the evaluation text)")
@@ -246,4 +248,4 @@ def plot(path: Path, result: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: run(parse_args()))
+    run_main(lambda: run(parse_args()))

@@ -28,10 +28,13 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from linear import pack_model, packed_projections
-from teal.sparsify import PROJECTIONS, densify, every_token_sparse, segment_weights, segments
+from linear import PROJECTION_TABLE, PROJECTIONS, pack_model, packed_projections, segments
+from teal.sparsify import densify, every_token_sparse, segment_weights
 
 MAX_SEGMENT_SPARSITY = 0.99  # greedy never empties a projection
+# Projections whose inputs live in the attention half of a block (a change there re-runs it).
+ATTENTION_LABELS = frozenset(label for path, labels in PROJECTION_TABLE.items()
+                             if path.startswith("attention.") for label in labels)
 
 
 class LogHistogram:
@@ -186,9 +189,9 @@ class BlockProbe:
         model.setup_caches(x.shape[0], seq)
         self.pos = torch.arange(seq, device=x.device)
         self.freqs, self.mask = model.freqs_cis[self.pos], model.causal_mask[None, None, self.pos]
-        att, ff = self.block.attention, self.block.feed_forward
-        self.slots = [(att.wqkv, 0), (att.wqkv, 1), (att.wqkv, 2), (att.wo, 0),
-                      (ff.w13, 0), (ff.w13, 1), (ff.w2, 0)]  # PROJECTIONS order
+        mine = [s for s in segments(model) if s.module.startswith(f"layers.{layer}.")]
+        assert [s.label for s in mine] == list(PROJECTIONS)
+        self.slots = [(model.get_submodule(s.module), s.index) for s in mine]  # PROJECTIONS order
         self.set(torch.zeros(len(PROJECTIONS)))
         self.ref = self.mlp_half(self.attention_half())
         self.ref_sq = self.ref.pow(2).sum(-1)
@@ -281,7 +284,7 @@ def _greedy_block(probe: BlockProbe, table: Tensor, weights: Tensor, grid: Tenso
             cand = count.clone()
             cand[p] += 1
             probe.set(table[torch.arange(n_proj), cand])
-            hc = probe.attention_half() if PROJECTIONS[p] in ("q", "k", "v", "o") else h
+            hc = probe.attention_half() if PROJECTIONS[p] in ATTENTION_LABELS else h
             e = probe.error(probe.mlp_half(hc))
             score[p] = (e - err) / (step * float(weights[p]))
             fresh[p] = (e, hc)

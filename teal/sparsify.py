@@ -16,23 +16,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from linear import PackedLinear, pack_model, packed_projections, projection_splits
-
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-_SEGMENT_LABELS = {"attention.wqkv": ("q", "k", "v"), "attention.wo": ("o",),
-                   "feed_forward.w13": ("gate", "up"), "feed_forward.w2": ("down",)}
+from linear import PROJECTIONS, PackedLinear, pack_model, packed_projections, projection_splits, segments
 
 Thresholds = dict[str, list[float]]  # PackedLinear module name -> one threshold per segment
-
-
-def segments(model: nn.Module) -> list[tuple[str, int, str]]:
-    """(module name, segment index, projection label) in the canonical order files store them."""
-    out = []
-    for name, splits in projection_splits(model).items():
-        labels = _SEGMENT_LABELS[name.split(".", 2)[2]]
-        assert len(labels) == len(splits), f"{name}: {len(splits)} segments, expected {labels}"
-        out.extend((name, j, label) for j, label in enumerate(labels))
-    return out
 
 
 def segment_weights(model: nn.Module) -> Tensor:
@@ -119,8 +105,7 @@ class SparsityMeter:
     def _hook(self, start: int):
         def hook(module: PackedLinear, args: tuple[Tensor, ...]) -> None:
             x = args[0]
-            decode_step = x.dim() < 3 or x.shape[-2] == 1  # PackedLinear.forward's rule
-            active = module.sparse and (decode_step or module.sparse_prefill)
+            active = module.applies_sparsity(x)
             a = x.detach().abs().reshape(-1, module.in_features)
             for j, t in enumerate(module.thresholds.tolist()):
                 if active:

@@ -5,7 +5,7 @@ three float32 tensors:
   "A.levels"      [P]              parameter-weighted sparsity of each path point, ascending from 0
   "A.sparsity"    [P, n_segments]  target sparsity of every segment at that point
   "A.thresholds"  [P, n_segments]  |x| threshold of every segment at that point
-Segments are in the order of teal.sparsify.segments: layer by layer q, k, v, o, gate, up, down.
+Segments are in the order of linear.segments: layer by layer q, k, v, o, gate, up, down.
 The header's metadata has one key, "teal": a JSON object
   {"format": 1, "model_fingerprint": ..., "model_config": {...},
    "segments": ["layers.0.attention.wqkv:q", ...],
@@ -24,8 +24,9 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from checkpoint import save_state_dict
+from linear import segments
 from teal.calibration import Allocation
-from teal.sparsify import Thresholds, segments, thresholds_from_vector
+from teal.sparsify import Thresholds, thresholds_from_vector
 
 FORMAT_VERSION = 1
 

@@ -1,9 +1,8 @@
-"""Shared fixtures. Triton kernels run in the interpreter on machines without CUDA, which must be
-chosen before triton is first imported."""
+"""Pytest fixtures. Triton kernels run in the interpreter on machines without CUDA, which must be
+chosen before triton is first imported. Builders of tiny models and checkpoints: tests/fixtures.py."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-SMOLLM2 = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
-SHARED_DATA = ROOT.parent / "shared" / "data"
+from fixtures import SHARED_DATA, SMOLLM2, tiny_checkpoint  # noqa: E402  (after TRITON_INTERPRET)
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +43,9 @@ def eval_text() -> str:
     if not path.exists():
         pytest.skip(f"{path} missing (the shared data folder is beside the checkout in CI)")
     return path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A tiny random checkpoint (64-token context) with the offline byte tokenizer."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", block_size=64, tie_embeddings=True)

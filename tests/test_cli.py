@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import model_state_for_saving, save_checkpoint
-from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,18 +24,6 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> Non
     err = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr, proc.stderr
     assert needle in err[-1], proc.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, smollm2_dir: Path) -> Path:
-    """A tiny random model with a 64-token context and SmolLM2's tokenizer files."""
-    folder = tmp_path_factory.mktemp("tiny")
-    args = ModelArgs(dim=32, n_layer=1, n_head=2, intermediate_size=64, vocab_size=49152, block_size=64,
-                     tie_embeddings=True)
-    save_checkpoint(folder, args, model_state_for_saving(Transformer(args)))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir / name, folder / name)
-    return folder
 
 
 def test_generate_missing_checkpoint(tmp_path: Path) -> None:

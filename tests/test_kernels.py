@@ -1,7 +1,9 @@
-"""Tests of kernels/sparse_gemv.py against an independent float64 reference.
+"""Tests of kernels/ (the Triton sparse GEMV, the reference, the op) against an independent
+float64 reference.
 
-Without CUDA the Triton kernel runs under TRITON_INTERPRET=1 (set in conftest.py),
-so CPU shapes are tiny; the GPU-only tests at the bottom use real Llama shapes.
+Without CUDA the Triton kernel runs under TRITON_INTERPRET=1 (set in conftest.py), and this
+module routes the op's CPU implementation through it too (TEAL_CPU_KERNELS=interpreter), so CPU
+shapes are tiny; the GPU-only tests at the bottom use real Llama shapes.
 """
 
 import os
@@ -11,20 +13,26 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # also set by conftest.py
 
-import importlib  # noqa: E402
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 import triton  # noqa: E402
 
-from kernels import KernelConfig, dequantize_weight, get_config, sparse_gemv, sparse_gemv_reference  # noqa: E402
-from kernels.sparse_gemv import sparse_gemv_triton  # noqa: E402
-
-sg = importlib.import_module("kernels.sparse_gemv")  # the package attribute is the function
+import kernels.triton_gemv as sg  # noqa: E402
+from kernels import dequantize_weight, sparse_gemv, sparse_gemv_reference  # noqa: E402
+from kernels.ops import CPU_KERNELS_ENV  # noqa: E402
+from kernels.reference import FMT_FLOAT, FMT_INT4, weight_format_name  # noqa: E402
+from kernels.triton_gemv import KernelConfig, get_config, sparse_gemv_triton  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def op_runs_the_triton_kernel(monkeypatch):
+    """On the CPU the op runs the reference by default; here it must run the kernel."""
+    monkeypatch.setenv(CPU_KERNELS_ENV, "interpreter")
 
 
 # --- independent float64 reference -------------------------------------------------
@@ -218,9 +226,24 @@ def test_deterministic():
     assert torch.equal(sparse_gemv_triton(*args, config=cfg), sparse_gemv_triton(*args, config=cfg))
 
 
-def test_default_config_and_batch_limit():
+def test_heuristic_config_at_the_largest_batch():
     args = make_problem("fp", torch.bfloat16, 8, 64, [32], 0)
-    assert_close_to_ref(sparse_gemv_triton(*args), *args)  # heuristic config, M = 8
+    assert_close_to_ref(sparse_gemv_triton(*args), *args)  # heuristic config, M = MAX_BATCH = 8
+
+
+@pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32)])
+def test_op_cpu_reference_matches_the_kernel(monkeypatch, fmt, group):
+    """The op's default CPU implementation (plain torch) computes what the kernel computes."""
+    args = make_problem(fmt, torch.bfloat16, 3, 64, [16, 16], group)
+    kernel = sparse_gemv(*args)
+    monkeypatch.setenv(CPU_KERNELS_ENV, "reference")
+    if not HAS_CUDA:
+        assert_close_to_ref(sparse_gemv(*args), *args)
+        torch.testing.assert_close(sparse_gemv(*args).float(), kernel.float(), rtol=2**-7, atol=1e-3)
+    monkeypatch.setenv(CPU_KERNELS_ENV, "nonsense")
+    if not HAS_CUDA:
+        with pytest.raises(ValueError, match="reference' or 'interpreter"):
+            sparse_gemv(*args)
 
 
 @pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)])
@@ -308,12 +331,21 @@ def test_tuned_config_file_is_valid():
         KernelConfig.from_dict(entry["config"])
 
 
+def test_stored_config_with_unknown_or_missing_fields_is_refused():
+    good = KernelConfig().to_dict()
+    assert KernelConfig.from_dict(good) == KernelConfig()
+    with pytest.raises(ValueError, match="do not match"):
+        KernelConfig.from_dict({**good, "block_q": 8})
+    with pytest.raises(ValueError, match="do not match"):
+        KernelConfig.from_dict({k: v for k, v in good.items() if k != "sub_k"})
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-g128"])
 @pytest.mark.parametrize("m", [1, 2, 8])
 def test_heuristic_configs_are_legal(fmt, m):
     for k, n in [(4096, 6144), (4096, 28672), (14336, 4096), (11008, 4096), (40, 24)]:
         cfg = get_config("no such gpu", fmt, m, k, n)
-        sg._fit_config(cfg, sg.FMT_INT4 if fmt.startswith("int4") else sg.FMT_FLOAT, 128)
+        sg._fit_config(cfg, FMT_INT4 if fmt.startswith("int4") else FMT_FLOAT, 128)
         assert triton.next_power_of_2(m) * cfg.sub_k * cfg.block_n <= 4096
 
 
@@ -399,7 +431,7 @@ def test_gpu_llama_shapes(fmt, group, m, compact):
     for k, splits in LLAMA_SHAPES:
         for sparsity in (0.0, 0.5, 0.9):
             args = gpu_problem(fmt, m, k, splits, group, sparsity)
-            cfg = sg._heuristic_config(sg.weight_format_name(args[1], group), m, k, sum(splits))
+            cfg = sg._heuristic_config(weight_format_name(args[1], group), m, k, sum(splits))
             out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "compact": compact}))
             assert_close_gpu(out, args)
             assert_close_gpu(sparse_gemv(*args), args)  # tuned/default config

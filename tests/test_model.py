@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import convert_hf_checkpoint, load_model
+from checkpoint import convert_hf_checkpoint, hf_model_args, load_model
 from model import ModelArgs, Transformer
 
 TINY_HF = {
@@ -101,7 +101,7 @@ def test_config_table_and_hf_config() -> None:
     with pytest.raises(ValueError, match="unknown model name"):
         ModelArgs.from_name("llama-3-8b-instruct-typo")
     with pytest.raises(ValueError, match="unsupported architecture"):
-        ModelArgs.from_hf_config({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+        hf_model_args({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
 
 
 # --- the real default model -------------------------------------------------------------------

@@ -12,29 +12,28 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from checkpoint import CheckpointError, load_model, model_state_for_saving, save_checkpoint
+import fixtures
+
+from checkpoint import CheckpointError, load_model
 from kernels import dequantize_weight
-from linear import pack_model, packed_projections
-from model import ModelArgs, Transformer
-from quantize import (GROUP_SIZES, METADATA_KEY, QuantizationError, pack_int4, quantize_int4,
-                      quantize_int8, quantize_model, save_quantized)
+from kernels.reference import INT4_GROUP_SIZES as GROUP_SIZES
+from linear import QUANT_METADATA_KEY as METADATA_KEY
+from linear import PackedLinear, QuantizationError, pack_model, packed_projections
+from model import Transformer
+from quantize import pack_int4, quantize_int4, quantize_int8, quantize_model, save_quantized
 from teal import sparsify
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = fixtures.ROOT
 # K is 64 for q|k|v, o, gate|up and lm_head and 96 for down: group size 32 fits, 64 does not.
-TINY = dict(dim=64, n_layer=2, n_head=4, n_local_heads=2, intermediate_size=96, vocab_size=256,
-            block_size=32)
+QUANT_TINY = dict(intermediate_size=96, block_size=32)
 
 
 def tiny_model(tie: bool = True, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelArgs(**TINY, tie_embeddings=tie))
+    return fixtures.tiny_model(seed, tie_embeddings=tie, **QUANT_TINY)
 
 
 def tiny_checkpoint(folder: Path, tie: bool = True) -> Path:
-    model = tiny_model(tie)
-    save_checkpoint(folder, model.config, model_state_for_saving(model))
-    return folder
+    return fixtures.tiny_checkpoint(folder, tie_embeddings=tie, **QUANT_TINY)
 
 
 @torch.no_grad()
@@ -43,7 +42,7 @@ def logits(model: Transformer, ids: Tensor) -> Tensor:
     return model(ids, torch.arange(ids.shape[1]))
 
 
-IDS = torch.randint(0, TINY["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(0, fixtures.TINY["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +109,9 @@ def test_int4_rejects_k_not_divisible_by_group():
 def test_quantized_logits_match_float64_with_dequantized_weights(mode, group_size):
     model, ref = tiny_model(tie=False), tiny_model(tie=False)
     quantize_model(model, mode, group_size, include_lm_head=True)
-    for name, layer in packed_projections(model).items():
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    assert set(quantized) == set(packed_projections(model)) | {"output"}
+    for name, layer in quantized.items():
         assert layer.fmt == mode and layer.weight.is_contiguous()  # the decode kernel needs row-major
         ref.get_submodule(name).weight.data = layer.dense_weight_t(torch.float32).t()
     got = logits(model, IDS)

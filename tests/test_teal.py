@@ -12,30 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import ROOT, SHARED_DATA, SMOLLM2, TINY, tiny_checkpoint, tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from checkpoint import load_model
+from linear import PROJECTIONS, pack_model, packed_projections, segments
+from model import Transformer
+from teal import densify, load_thresholds, realized_sparsity, sparsify
+from teal.calibration import (BlockProbe, calibrate, greedy_levels, input_histograms, sequential_thresholds,
+                              stream, text_windows, thresholds_at)
+from teal.sparsify import SparsityMeter, every_token_sparse, segment_weights, thresholds_from_vector
+from teal.thresholds import save_thresholds
 
-from checkpoint import load_model, save_checkpoint  # noqa: E402
-from linear import PackedLinear, pack_model, packed_projections  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
-from teal import densify, load_thresholds, realized_sparsity, sparsify  # noqa: E402
-from teal.calibration import (BlockProbe, calibrate, greedy_levels, input_histograms,  # noqa: E402
-                              sequential_thresholds, stream, text_windows, thresholds_at)
-from teal.sparsify import (SparsityMeter, every_token_sparse, segment_weights, segments,  # noqa: E402
-                           thresholds_from_vector)
-from teal.thresholds import save_thresholds  # noqa: E402
-
-REAL = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
-CALIB = ROOT.parent / "shared" / "data" / "wikitext2-calib.txt"
-TINY = dict(dim=64, n_layer=2, n_head=4, n_local_heads=2, intermediate_size=128, vocab_size=256,
-            block_size=128)
+REAL = SMOLLM2
+CALIB = SHARED_DATA / "wikitext2-calib.txt"
 GRID = torch.tensor([0.0, 0.25, 0.5, 0.75], dtype=torch.float64)
-
-
-def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelArgs(**{**TINY, **overrides})).eval()
 
 
 def tiny_windows(n: int = 8, length: int = 64, seed: int = 1) -> torch.Tensor:
@@ -59,12 +49,17 @@ def tiny_calibrated(tmp_path_factory) -> tuple[Transformer, torch.Tensor, Path]:
 
 def test_every_projection_input_has_a_threshold():
     model = pack_model(tiny_model())
+    # Every nn.Linear inside the decoder blocks was swapped; lm_head was not.
+    assert not [n for n, m in model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert type(model.output) is torch.nn.Linear
     mods = packed_projections(model)
-    assert len(mods) == 4 * TINY["n_layer"]
-    assert all(isinstance(m, PackedLinear) for m in mods.values())
+    assert list(mods) == [f"layers.{i}.{p}" for i in range(TINY["n_layer"]) for p in
+                          ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")]
     assert sum(len(m.split_sizes) for m in mods.values()) == len(segments(model)) == 7 * TINY["n_layer"]
-    assert [label for _, _, label in segments(model)][:7] == ["q", "k", "v", "o", "gate", "up", "down"]
-    assert not isinstance(model.output, PackedLinear)  # lm_head stays dense
+    assert [s.label for s in segments(model)][:7] == list(PROJECTIONS) == ["q", "k", "v", "o", "gate", "up", "down"]
+    qkv = mods["layers.0.attention.wqkv"]
+    hd = TINY["dim"] // TINY["n_head"]
+    assert qkv.split_sizes == [TINY["n_head"] * hd, TINY["n_local_heads"] * hd, TINY["n_local_heads"] * hd]
 
 
 def test_sparsity_zero_is_exactly_dense(tiny_calibrated):
@@ -209,20 +204,6 @@ def test_real_model_correction_removes_overshoot():
 
 # --- command lines -----------------------------------------------------------------------------
 
-def write_tiny_checkpoint(folder: Path, **overrides) -> Path:
-    """A tiny random model with a byte-level tokenizer (one token per byte, vocabulary 256)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    model = tiny_model(**overrides)
-    save_checkpoint(folder, model.config, {k: v for k, v in model.state_dict().items()
-                                           if not k.endswith(("freqs_cis", "causal_mask"))})
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(folder / "tokenizer.json"))
-    return folder
-
-
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env,
@@ -236,8 +217,8 @@ def assert_one_line_error(r: subprocess.CompletedProcess, match: str) -> None:
 
 
 def test_cli_calibrate_then_perplexity_and_bad_inputs(tmp_path):
-    ckpt = write_tiny_checkpoint(tmp_path / "tiny")
-    other = write_tiny_checkpoint(tmp_path / "other", n_layer=3)
+    ckpt = tiny_checkpoint(tmp_path / "tiny")
+    other = tiny_checkpoint(tmp_path / "other", n_layer=3)
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 30)  # 1350 tokens
     thr = tmp_path / "thr.safetensors"

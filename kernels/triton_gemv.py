@@ -1,23 +1,12 @@
-"""Threshold-sparse GEMV for small-batch decode (TEAL activation sparsity).
+"""Triton threshold-sparse GEMV for small-batch decode (TEAL activation sparsity).
 
-    out[m, n] = sum_k W[k, n] * x[m, k] * (|x[m, k]| > thresholds[seg(n)])
+Computes kernels.reference's product (formats and the definition are documented there) for
+M <= MAX_BATCH rows, skipping the weight rows of zeroed inputs. Decode is memory bound, hence the
+goal: the time of a call should fall with sparsity towards the time needed to read only the kept
+rows.
 
-The weight is stored transposed, ``w_t`` of shape [K, N], so dropping input ``k``
-means not reading one contiguous row of W^T.  Decode is memory bound, hence the
-goal: the time of a call should fall with sparsity towards the time needed to
-read only the kept rows.
-
-Weight formats (told apart by ``w.dtype``):
-  * bf16 / fp16 ``w`` [K, N] (same dtype as ``x``);
-  * int8 ``w`` [K, N] with float32 ``scales`` [N]:  W = w * scales[n];
-  * int4 ``w`` uint8 [K, N // 2] (column 2j in the low nibble of byte j, 2j + 1 in
-    the high nibble) with float32 ``scales``/``zeros`` [K // group_size, N]:
-    W = (q - 8) * scales[k // g, n] + zeros[k // g, n].
-
-Public entry points: ``sparse_gemv`` (the ``teal::sparse_gemv`` custom op),
-``sparse_gemv_triton`` (launcher with an explicit config, for tuning and tests),
-``sparse_gemv_reference`` (plain torch, the CPU path), ``dequantize_weight`` and
-``get_config``.
+Entry point: ``sparse_gemv_triton`` (explicit config for tuning and tests; the model reaches it
+through the ``teal::sparse_gemv`` op of kernels/ops.py), plus ``get_config``.
 """
 
 from __future__ import annotations
@@ -35,166 +24,12 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-__all__ = [
-    "KernelConfig",
-    "MAX_BATCH",
-    "dequantize_weight",
-    "get_config",
-    "sparse_gemv",
-    "sparse_gemv_reference",
-    "sparse_gemv_triton",
-    "weight_format_name",
-]
+from kernels.reference import FMT_INT4, MAX_SEGMENTS, validate, weight_format_name
 
-MAX_BATCH = 8  # larger M is compute-bound enough for the dense path
-MAX_SEGMENTS = 8
+__all__ = ["INTERPRETED", "KernelConfig", "get_config", "gpu_name", "sparse_gemv_triton"]
+
 _SEGMENT_SLOTS = tl.constexpr(MAX_SEGMENTS)  # the kernel walks this many (possibly empty) segments
-INT4_GROUP_SIZES = (32, 64, 128)
 TUNED_CONFIGS_PATH = Path(__file__).with_name("tuned_configs.json")
-
-# Weight-format codes, passed to the kernel as a constexpr.
-FMT_FLOAT, FMT_INT8, FMT_INT4 = 0, 1, 2
-
-
-# ---------------------------------------------------------------------------
-# Plain-torch reference path
-# ---------------------------------------------------------------------------
-
-
-def dequantize_weight(
-    w: Tensor, scales: Tensor | None = None, zeros: Tensor | None = None, group_size: int = 0
-) -> Tensor:
-    """Return the real weight W^T as float32 [K, N] for any of the three formats."""
-    if w.dtype in (torch.bfloat16, torch.float16, torch.float32):
-        return w.float()
-    if w.dtype == torch.int8:
-        if scales is None:
-            raise ValueError("int8 weights need per-output-channel float32 scales of shape [N].")
-        return w.float() * scales.float()
-    if w.dtype == torch.uint8:
-        if scales is None or zeros is None or group_size <= 0:
-            raise ValueError("int4 weights need scales, zeros and a positive group_size.")
-        k = w.shape[0]
-        q = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(k, -1).float() - 8.0
-        s = scales.float().repeat_interleave(group_size, dim=0)
-        z = zeros.float().repeat_interleave(group_size, dim=0)
-        return q * s + z
-    raise TypeError(f"Unsupported weight dtype {w.dtype}; expected bf16, fp16, int8 or uint8 (packed int4).")
-
-
-def sparse_gemv_reference(
-    x: Tensor,
-    w: Tensor,
-    thresholds: Tensor,
-    split_sizes: list[int],
-    scales: Tensor | None = None,
-    zeros: Tensor | None = None,
-    group_size: int = 0,
-) -> Tensor:
-    """Plain-torch version of ``sparse_gemv`` (any batch size; float32 math).
-
-    Reads no tensor value on the host, so it is usable under torch.compile.
-    """
-    _validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=False)
-    weight = dequantize_weight(w, scales, zeros, group_size)
-    xf = x.float()
-    outs = []
-    for j, w_cols in enumerate(weight.split(list(split_sizes), dim=1)):
-        kept = torch.where(xf.abs() > thresholds[j], xf, 0.0)
-        outs.append(kept @ w_cols)
-    return torch.cat(outs, dim=1).to(x.dtype)
-
-
-# ---------------------------------------------------------------------------
-# Input validation (shared by every entry point)
-# ---------------------------------------------------------------------------
-
-
-def weight_format_name(w: Tensor, group_size: int = 0) -> str:
-    """Config-table name of a weight format: bf16, fp16, int8 or int4-g{group_size}."""
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}
-    if w.dtype == torch.uint8:
-        return f"int4-g{group_size}"
-    return names[w.dtype]
-
-
-def _validate(
-    x: Tensor,
-    w: Tensor,
-    thresholds: Tensor,
-    split_sizes: list[int],
-    scales: Tensor | None,
-    zeros: Tensor | None,
-    group_size: int,
-    for_kernel: bool,
-) -> int:
-    """Check every argument; return the format code.  ``for_kernel`` adds the kernel-only limits."""
-    # The reference also serves float32 models on the CPU (quality work); the kernel does not.
-    x_dtypes = {torch.bfloat16: "bf16", torch.float16: "fp16"} | ({} if for_kernel else {torch.float32: "fp32"})
-    if x.dtype not in x_dtypes:
-        raise TypeError(f"x must be {' or '.join(x_dtypes.values())}, got {x.dtype}.")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}.")
-    if w.dim() != 2:
-        raise ValueError(f"w must be 2-D [K, N] (transposed weight), got shape {tuple(w.shape)}.")
-    m, k = x.shape
-    if w.shape[0] != k:
-        raise ValueError(f"w must have K={k} rows to match x [M, K], got shape {tuple(w.shape)}.")
-
-    if w.dtype in x_dtypes:
-        fmt, n = FMT_FLOAT, w.shape[1]
-        if w.dtype != x.dtype:
-            raise TypeError(f"Floating-point w must have x's dtype {x.dtype}, got {w.dtype}.")
-        if scales is not None or zeros is not None or group_size != 0:
-            raise ValueError("Floating-point w takes no scales, zeros or group_size.")
-    elif w.dtype == torch.int8:
-        fmt, n = FMT_INT8, w.shape[1]
-        if zeros is not None or group_size != 0:
-            raise ValueError("int8 w takes per-channel scales only (no zeros, group_size=0).")
-        _check_aux("scales", scales, (n,))
-    elif w.dtype == torch.uint8:
-        fmt, n = FMT_INT4, 2 * w.shape[1]
-        if group_size not in INT4_GROUP_SIZES:
-            raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}.")
-        if k % group_size != 0:
-            raise ValueError(f"int4 needs K divisible by group_size, got K={k}, group_size={group_size}.")
-        _check_aux("scales", scales, (k // group_size, n))
-        _check_aux("zeros", zeros, (k // group_size, n))
-    else:
-        raise TypeError(f"w dtype must be bf16, fp16, int8 or uint8 (packed int4), got {w.dtype}.")
-
-    if not isinstance(split_sizes, (list, tuple)) or not all(isinstance(s, int) and s > 0 for s in split_sizes):
-        raise ValueError(f"split_sizes must be a list of positive ints, got {split_sizes!r}.")
-    if not 1 <= len(split_sizes) <= MAX_SEGMENTS:
-        raise ValueError(f"split_sizes must have 1..{MAX_SEGMENTS} entries, got {len(split_sizes)}.")
-    if sum(split_sizes) != n:
-        raise ValueError(f"split_sizes must sum to N={n}, got sum {sum(split_sizes)}.")
-    if fmt == FMT_INT4 and any(s % 2 for s in split_sizes):
-        raise ValueError(f"int4 split_sizes must be even (two columns per byte), got {split_sizes}.")
-    if thresholds.dtype != torch.float32 or thresholds.shape != (len(split_sizes),):
-        raise ValueError(
-            f"thresholds must be float32 of shape [{len(split_sizes)}] (one per segment), "
-            f"got {thresholds.dtype} {tuple(thresholds.shape)}."
-        )
-    for name, t in (("w", w), ("thresholds", thresholds), ("scales", scales), ("zeros", zeros)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}.")
-
-    if for_kernel:
-        if not 1 <= m <= MAX_BATCH:
-            raise ValueError(f"sparse_gemv handles batch 1..{MAX_BATCH}, got M={m}; use the dense path instead.")
-        for name, t in (("x", x), ("w", w), ("thresholds", thresholds), ("scales", scales), ("zeros", zeros)):
-            if t is not None and not t.is_contiguous():
-                raise ValueError(f"{name} must be contiguous.")
-        if k * n >= 2**31:
-            raise ValueError(f"K*N must be below 2**31 for 32-bit offsets, got K={k}, N={n}.")
-    return fmt
-
-
-def _check_aux(name: str, t: Tensor | None, shape: tuple[int, ...]) -> None:
-    if t is None or t.dtype != torch.float32 or tuple(t.shape) != shape:
-        got = "None" if t is None else f"{t.dtype} {tuple(t.shape)}"
-        raise ValueError(f"{name} must be float32 of shape {list(shape)}, got {got}.")
 
 
 # ---------------------------------------------------------------------------
@@ -224,7 +59,11 @@ class KernelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> KernelConfig:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+        """Strict: a stored config with an unknown or missing field is an error, not a default."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) != names:
+            raise ValueError(f"kernel config fields {sorted(d)} do not match {sorted(names)}")
+        return cls(**d)
 
 
 def config_key(device_name: str, weight_format: str, m: int, k: int, n: int) -> str:
@@ -481,7 +320,7 @@ def _sparse_gemv_kernel(
 
 _MAX_COUNTERS = 1 << 14
 _counters: dict[torch.device, Tensor] = {}
-_INTERPRETED = not isinstance(_sparse_gemv_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
+INTERPRETED = not isinstance(_sparse_gemv_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -530,8 +369,8 @@ def sparse_gemv_triton(
 
     ``config`` overrides the tuned/heuristic config (used by the tuner and tests).
     """
-    fmt = _validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True)
-    if x.device.type != "cuda" and not _INTERPRETED:
+    fmt = validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True)
+    if x.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
     m, k = x.shape
     n = w.shape[1] * (2 if fmt == FMT_INT4 else 1)
@@ -565,47 +404,3 @@ def sparse_gemv_triton(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
-
-
-# ---------------------------------------------------------------------------
-# torch.library custom op (torch.compile / CUDA graphs)
-# ---------------------------------------------------------------------------
-
-
-@torch.library.custom_op("teal::sparse_gemv", mutates_args=())
-def _sparse_gemv_op(
-    x: Tensor,
-    w: Tensor,
-    thresholds: Tensor,
-    split_sizes: list[int],
-    scales: Tensor | None = None,
-    zeros: Tensor | None = None,
-    group_size: int = 0,
-) -> Tensor:
-    if x.device.type == "cuda" or _INTERPRETED:
-        return sparse_gemv_triton(x, w, thresholds, split_sizes, scales, zeros, group_size)
-    _validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True)
-    return sparse_gemv_reference(x, w, thresholds, split_sizes, scales, zeros, group_size)
-
-
-@_sparse_gemv_op.register_fake
-def _(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0):
-    _validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True)
-    return x.new_empty(x.shape[0], sum(split_sizes))
-
-
-def sparse_gemv(
-    x: Tensor,
-    w: Tensor,
-    thresholds: Tensor,
-    split_sizes: list[int],
-    scales: Tensor | None = None,
-    zeros: Tensor | None = None,
-    group_size: int = 0,
-) -> Tensor:
-    """Threshold-sparse x @ W^T for M <= 8 via ``torch.ops.teal.sparse_gemv``.
-
-    CUDA runs the Triton kernel; CPU runs it under TRITON_INTERPRET=1 and the plain
-    torch reference otherwise.  Output [M, N] in x.dtype, fp32 accumulation.
-    """
-    return torch.ops.teal.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size)

@@ -1,0 +1,1 @@
+"""Speed benchmarks (GPU): kernels, end-to-end decode, tuning, profiling."""

@@ -1,0 +1,1 @@
+"""Command-line helpers: download, convert, fetch the default model, perplexity, quality sweep."""

@@ -1,0 +1,61 @@
+"""What the tests build themselves: a tiny random model, an offline tokenizer, a checkpoint folder.
+
+Plain functions (pytest fixtures wrapping them are in conftest.py), so a test module can also call
+them with its own overrides. Nothing here needs the downloaded model or the network.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from checkpoint import model_state_for_saving, save_checkpoint
+from model import ModelArgs, Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2 = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# GQA (4 query heads on 2 KV heads), two layers; the vocabulary holds the 256 byte tokens of
+# `write_byte_tokenizer` plus its special tokens.
+TINY = dict(dim=64, n_layer=2, n_head=4, n_local_heads=2, intermediate_size=128, vocab_size=272,
+            block_size=128)
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    return ModelArgs(**{**TINY, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    """A random tiny Transformer in eval mode (float32)."""
+    torch.manual_seed(seed)
+    return Transformer(tiny_args(**overrides)).eval()
+
+
+def write_byte_tokenizer(folder: Path) -> None:
+    """A byte-level BPE with no merges (one token per byte, ids 0..255) and three special tokens,
+    with a ChatML template; the files a converted checkpoint carries."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[2], "add_bos_token": False,
+        "chat_template": CHAT_TEMPLATE}))
+
+
+def tiny_checkpoint(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A converted checkpoint folder of `tiny_model(seed, **overrides)` with the byte tokenizer."""
+    model = tiny_model(seed, **overrides)
+    save_checkpoint(folder, model.config, model_state_for_saving(model))
+    write_byte_tokenizer(folder)
+    return folder

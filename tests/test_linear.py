@@ -1,0 +1,90 @@
+"""PackedLinear, the one dispatch point: the model -> op -> kernel path on the CPU (the Triton
+kernel in the interpreter), the batch limit, and a dense model without Triton."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from fixtures import ROOT, tiny_model
+
+from kernels.ops import CPU_KERNELS_ENV
+from kernels.reference import MAX_BATCH
+from linear import PackedLinear, pack_model, packed_projections
+from quantize import quantize_model
+from teal import sparsify
+
+
+def sparse_tiny(fmt: str) -> torch.nn.Module:
+    """Tiny bf16 model, projections packed (and quantized), TEAL at thresholds that skip about
+    half of every projection's inputs."""
+    model = tiny_model(seed=2).to(torch.bfloat16)
+    if fmt != "fp":
+        quantize_model(model, fmt, 32)
+    pack_model(model)
+    for m in packed_projections(model).values():
+        m.thresholds.fill_(0.6)
+    sparsify(model, {n: m.thresholds.tolist() for n, m in packed_projections(model).items()})
+    return model
+
+
+@torch.no_grad()
+def greedy_decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
+    model.setup_caches(1, prompt.shape[1] + steps)
+    logits = model(prompt, torch.arange(prompt.shape[1]))
+    tokens, all_logits = [], []
+    for i in range(steps):
+        token = logits[:, -1:].argmax(-1)
+        tokens.append(int(token))
+        logits = model(token, torch.tensor([prompt.shape[1] + i]))  # a decode step: the op path
+        all_logits.append(logits.float())
+    return tokens, torch.cat(all_logits, 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU routing test")
+@pytest.mark.parametrize("fmt", ["fp", "int8", "int4"])
+def test_decode_through_the_interpreted_kernel_matches_the_reference(monkeypatch, fmt):
+    """The same model decoded with the op's CPU reference and with the Triton kernel (interpreter):
+    the kernel path is what runs on a GPU, so this tests model -> PackedLinear -> op -> kernel."""
+    model = sparse_tiny(fmt)
+    prompt = torch.randint(0, 256, (1, MAX_BATCH + 4), generator=torch.Generator().manual_seed(3))
+    calls = []
+    import kernels.triton_gemv as triton_gemv
+    real = triton_gemv.sparse_gemv_triton
+    monkeypatch.setattr(triton_gemv, "sparse_gemv_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv(CPU_KERNELS_ENV, "reference")
+    ref_tokens, ref_logits = greedy_decode(model, prompt, 4)
+    assert not calls
+    monkeypatch.setenv(CPU_KERNELS_ENV, "interpreter")
+    tokens, logits = greedy_decode(model, prompt, 4)
+    assert len(calls) == 4 * 4 * 2  # 4 projections x 2 layers x 4 steps
+    torch.testing.assert_close(logits, ref_logits, rtol=0.02, atol=0.02 * ref_logits.abs().max().item())
+    assert tokens == ref_tokens
+
+
+def test_batches_above_the_kernel_limit_use_the_reference(monkeypatch):
+    """Nine rows (one prompt of nine tokens) cannot go to the kernel; the result is still exact."""
+    layer = PackedLinear(64, 48, [16, 32], dtype=torch.bfloat16)
+    layer.weight.copy_(torch.randn(64, 48))
+    layer.thresholds.copy_(torch.tensor([0.5, 1.0]))
+    layer.sparse = layer.sparse_prefill = True
+    x = torch.randn(1, MAX_BATCH + 1, 64).bfloat16()
+    monkeypatch.setenv(CPU_KERNELS_ENV, "no such implementation")  # the op must not be called
+    out = layer(x).double()
+    xd, w = x.double()[0], layer.weight.double()
+    want = torch.cat([torch.where(xd.abs() > 0.5, xd, 0) @ w[:, :16], torch.where(xd.abs() > 1.0, xd, 0) @ w[:, 16:]], 1)
+    torch.testing.assert_close(out[0], want, rtol=2**-7, atol=1e-2)
+    with pytest.raises(ValueError, match="TEAL_CPU_KERNELS"):  # while a decode-sized call does reach it
+        layer(x[:, :1])
+
+
+def test_dense_generation_without_triton(tiny_ckpt):
+    """Triton is optional: with it unimportable, generate.py still runs a dense model."""
+    code = ("import sys; sys.modules['triton'] = None; import generate; "
+            f"sys.argv = ['generate.py', '--checkpoint_path', {str(tiny_ckpt)!r}, '--max_new_tokens', '3', "
+            "'--temperature', '0', '--device', 'cpu']; "
+            "generate.run(generate.parse_args())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "tok/s" in proc.stdout
