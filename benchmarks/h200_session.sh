@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: bf16 | quant)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -24,6 +24,13 @@ case $phase in
     step 60 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --out "$out/kernels_llama3_8b_before_int4_tune"
     step 170 python3 -m benchmarks.tune_kernels --force --formats int4-g128 --models llama3-8b
     step 40 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --out "$out/kernels_llama3_8b_int4"
+    ;;
+  check)  # GPU tests of the new kernels, attention benchmark, SmolLM2 profile, generate.py vs the bench loop
+    step 150 python3 -m pytest -q -x tests/test_kernels.py tests/test_attention.py tests/test_linear.py -k "gpu or cuda"
+    step 60 python3 -m benchmarks.bench_attention
+    step 150 env TORCH_LOGS=perf_hints python3 -m benchmarks.profile_decode --model SmolLM2-135M --sparsity 0 0.5 --label before --out "$out/profile_smollm2_before"
+    step 100 python3 generate.py --random_weights SmolLM2-135M --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h i j k l m n o p"
+    step 100 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 0.5 --out "$out/decode_smollm2"
     ;;
 esac
 cp kernels/tuned_configs.json "$out/tuned_configs.json"

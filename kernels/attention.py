@@ -1,0 +1,371 @@
+"""Split-KV flash-decode attention over the filled prefix of a static KV cache.
+
+    out[b, h] = softmax_s(q[b, h] . k[b, h // G, s] * scale) @ v[b, h // G, s],  s = 0..p
+
+One new query per sequence (decode), G = H // Hkv query heads per KV head (GQA), and
+p = input_pos[0] the position just written into the cache (the same for every batch row,
+as in model.py).  Positions beyond p are never read, so the cost grows with the context
+instead of with the cache size, and garbage there (stale or NaN) cannot leak in.
+
+p is read inside the kernels from the device tensor ``input_pos``, never on the host:
+the call is captured once in a CUDA graph and replayed with a changing position.  So
+the grid is fixed (by B, Hkv, S_max and the GPU's SM count), and the kernels derive the
+work split from p:
+
+  * The filled prefix 0..p is cut into NUM_SPLITS chunks of equal length, rounded up to
+    whole BLOCK_S tiles: chunk = ceil(ceil((p + 1) / NUM_SPLITS) / BLOCK_S) * BLOCK_S.
+    Short contexts use only the first few splits; long ones spread over all of them, so
+    every context keeps as many SMs busy as it can use (a chunk length fixed by S_max
+    would leave 1024 positions of Llama-3-8B on 32 programs).
+  * Stage 1 (``_split_kernel``), grid (B * Hkv, NUM_SPLITS).  A program owns one (batch,
+    KV head, chunk) and all G query heads of that group, so each K/V tile is read once
+    per group: the scores are one [G, D] x [D, BLOCK_S] dot per tile, followed by an
+    online softmax in fp32.  A program whose chunk starts beyond p returns at once,
+    writing nothing.  The others store their normalized output and log-sum-exp (base 2).
+  * Stage 2 (``_combine_kernel``), grid (B * H,), reads p again, so it knows how many
+    chunks hold data (ceil((p + 1) / chunk)), and merges them with the log-sum-exp rule.
+  * With NUM_SPLITS = 1, stage 1 writes the output itself and stage 2 is not launched.
+
+Public entry points: ``decode_attention`` (the ``teal::decode_attention`` custom op,
+usable under torch.compile(fullgraph=True) and CUDA graphs), ``decode_attention_triton``
+(launcher with explicit split count and tile, for tests and tuning),
+``decode_attention_reference`` (plain torch, the CPU path) and ``default_num_splits``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.jit import JITFunction
+
+__all__ = [
+    "MAX_GROUP",
+    "MAX_SPLITS",
+    "decode_attention",
+    "decode_attention_reference",
+    "decode_attention_triton",
+    "default_block_s",
+    "default_num_splits",
+]
+
+MAX_SPLITS = 64  # stage 2 holds [MAX_SPLITS, D] fp32 partials in registers
+PROGRAMS_PER_SM = 2  # stage-1 programs to aim for per SM (D=128 bf16: ~70 KB shared memory, 135 registers)
+CPU_SM_COUNT = 132  # stand-in under the interpreter (an H200's count), so CPU runs split like the GPU
+MAX_GROUP = 64  # query heads per KV head: the [GROUP, D] fp32 accumulator lives in registers
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------
+# Plain-torch reference path
+# ---------------------------------------------------------------------------
+
+
+def decode_attention_reference(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float | None = None
+) -> Tensor:
+    """Plain-torch ``decode_attention`` in float32 (the path on a CPU without the interpreter).
+
+    Masks positions > p with a comparison against the device tensor, so it reads no value on
+    the host and stays capturable; it reads the whole cache, and masks with ``where`` so that
+    non-finite garbage beyond p cannot leak in.
+    """
+    _validate(q, k_cache, v_cache, input_pos, scale)
+    b, h, d = q.shape
+    h_kv, s_max = k_cache.shape[1], k_cache.shape[2]
+    group = h // h_kv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    keep = torch.arange(s_max, device=q.device) <= input_pos.reshape(1).to(torch.int64)  # [S]
+    qf = q.float().view(b, h_kv, group, d)
+    k = torch.where(keep[:, None], k_cache.float(), 0.0)
+    v = torch.where(keep[:, None], v_cache.float(), 0.0)
+    scores = torch.einsum("bngd,bnsd->bngs", qf, k) * scale
+    scores = scores.masked_fill(~keep, float("-inf"))
+    out = torch.einsum("bngs,bnsd->bngd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(b, h, d).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Input validation and launch parameters
+# ---------------------------------------------------------------------------
+
+
+def _validate(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float | None) -> None:
+    """Check every argument; raise ValueError/TypeError naming what is rejected and why."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D [B, H, D] (one decode token per sequence), got shape {tuple(q.shape)}.")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be 4-D [B, Hkv, S_max, D], got shape {tuple(k_cache.shape)}.")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}.")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q must be bf16, fp16 or fp32, got {q.dtype}.")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}.")
+    b, h, d = q.shape
+    kb, h_kv, s_max, kd = k_cache.shape
+    if kb != b or kd != d:
+        raise ValueError(
+            f"k_cache [B, Hkv, S_max, D] = {tuple(k_cache.shape)} does not match q [B, H, D] = {tuple(q.shape)}."
+        )
+    if h_kv == 0 or h % h_kv != 0:
+        raise ValueError(f"the query head count H={h} must be a multiple of the KV head count Hkv={h_kv}.")
+    if h // h_kv > MAX_GROUP:
+        raise ValueError(f"at most {MAX_GROUP} query heads per KV head are supported, got H/Hkv={h // h_kv}.")
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"head dim D must be a power of two in 16..256 (tl.dot tile), got D={d}.")
+    if b == 0 or s_max == 0:
+        raise ValueError(f"empty batch or cache: B={b}, S_max={s_max}.")
+    if input_pos.dtype not in (torch.int32, torch.int64) or input_pos.numel() != 1 or input_pos.dim() > 1:
+        raise ValueError(
+            f"input_pos must be an int32/int64 tensor of shape [1] holding the current position, "
+            f"got {input_pos.dtype} of shape {tuple(input_pos.shape)}."
+        )
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("input_pos", input_pos)):
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}.")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}.")
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return CPU_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_num_splits(batch: int, n_kv: int, s_max: int, block_s: int, sm_count: int) -> int:
+    """Splits per (batch, KV head): enough for ~PROGRAMS_PER_SM programs per SM on a long context.
+
+    A power of two, at most MAX_SPLITS and at most one per BLOCK_S tile of the cache.  Fixed
+    by shapes only (not by the position), so one CUDA graph serves every decode step.
+    """
+    want = max(1, triton.cdiv(PROGRAMS_PER_SM * sm_count, batch * n_kv))
+    splits = min(MAX_SPLITS, triton.cdiv(s_max, block_s), want)
+    return 1 << (splits.bit_length() - 1)  # round down to a power of two
+
+
+def default_block_s(d: int, elem_bytes: int) -> int:
+    """Positions per tile: 16 KB of K (and of V) per tile, 16..64 positions (tl.dot needs >= 16)."""
+    return max(16, min(64, 16384 // (d * elem_bytes)))
+
+
+@triton.jit
+def _chunk_len(p, NUM_SPLITS, BLOCK_S: tl.constexpr):
+    """Positions per split for the prefix 0..p: an equal share, rounded up to whole tiles."""
+    return tl.cdiv(tl.cdiv(p + 1, NUM_SPLITS), BLOCK_S) * BLOCK_S
+
+
+@triton.jit
+def _load_position(pos_ptr, S_MAX):
+    """p from the device, clamped to 0..S_MAX-1 so that a bad value cannot read out of bounds."""
+    return tl.minimum(tl.maximum(tl.load(pos_ptr).to(tl.int32), 0), S_MAX - 1)
+
+
+# ---------------------------------------------------------------------------
+# Stage 1: one program per (batch, KV head, chunk), all query heads of the group
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, o_part_ptr, lse_part_ptr,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    qk_scale_log2,  # scale * log2(e): the softmax runs in base 2
+    H_KV, S_MAX, NUM_SPLITS,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,  # power of two >= 16 (tl.dot's smallest M)
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    SINGLE: tl.constexpr,  # one chunk covers the cache: write the final output directly
+    DOT_FP32: tl.constexpr,  # fp32 operands with IEEE products (fp32 inputs; interpreter)
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    p = _load_position(pos_ptr, S_MAX)
+    chunk = _chunk_len(p, NUM_SPLITS, BLOCK_S)
+    start = split * chunk
+    if start > p:
+        return  # chunk entirely beyond the filled prefix: stage 2 does not read it
+    end = tl.minimum(start + chunk, p + 1)
+
+    b = (pid_bh // H_KV).to(tl.int64)
+    kvh = (pid_bh % H_KV).to(tl.int64)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D)
+    g_ok = g < GROUP
+    heads = kvh * GROUP + g  # query heads of this KV head
+
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=g_ok[:, None], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
+    for s0 in range(start, end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < end  # every tile holds at least one valid position, so m_i stays finite
+        k = tl.load(k_base + s[:, None] * stride_ks + d[None, :] * stride_kd, mask=s_ok[:, None], other=0.0)
+        v = tl.load(v_base + s[:, None] * stride_vs + d[None, :] * stride_vd, mask=s_ok[:, None], other=0.0)
+        if DOT_FP32:
+            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))  # bf16/fp16 operands, fp32 accumulation
+        scores = tl.where(s_ok[None, :], scores * qk_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        probs = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(probs, axis=1)
+        if DOT_FP32:
+            pv = tl.dot(probs, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(probs.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    rows = (b * H_KV + kvh) * GROUP + g  # flat (batch, query head) index
+    if SINGLE:
+        tl.store(out_ptr + rows[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+    else:
+        part = rows * NUM_SPLITS + split
+        tl.store(o_part_ptr + part[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
+        tl.store(lse_part_ptr + part, m_i + tl.log2(l_i), mask=g_ok)
+
+
+# ---------------------------------------------------------------------------
+# Stage 2: merge the chunks that hold data, one program per (batch, query head)
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _combine_kernel(
+    o_part_ptr, lse_part_ptr, pos_ptr, out_ptr,
+    S_MAX, NUM_SPLITS,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    p = _load_position(pos_ptr, S_MAX)
+    n_valid = tl.cdiv(p + 1, _chunk_len(p, NUM_SPLITS, BLOCK_S))  # the rest hold stale memory
+    sp = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D)
+    sp_ok = sp < n_valid
+    lse = tl.load(lse_part_ptr + row * NUM_SPLITS + sp, mask=sp_ok, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # chunk 0 always holds data: the max is finite
+    o = tl.load(o_part_ptr + (row * NUM_SPLITS + sp[:, None]) * D + d[None, :], mask=sp_ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------
+
+_INTERPRETED = not isinstance(_split_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
+
+
+def decode_attention_triton(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    input_pos: Tensor,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    block_s: int | None = None,
+    num_warps: int = 4,
+) -> Tensor:
+    """Run the Triton kernels (on CUDA, or on CPU under TRITON_INTERPRET=1).
+
+    ``num_splits`` (default ``default_num_splits``, 1..MAX_SPLITS) and ``block_s`` (positions
+    per tile, a power of two >= 16, default ``default_block_s``) are exposed for tests and
+    tuning.  Positions outside 0..S_max-1 are clamped in the kernel (a host check would sync).
+    """
+    _validate(q, k_cache, v_cache, input_pos, scale)
+    if q.device.type != "cuda" and not _INTERPRETED:
+        raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
+    b, h, d = q.shape
+    h_kv, s_max = k_cache.shape[1], k_cache.shape[2]
+    group = h // h_kv
+    if block_s is None:
+        block_s = default_block_s(d, q.element_size())
+    if block_s < 16 or block_s & (block_s - 1):
+        raise ValueError(f"block_s must be a power of two >= 16 (tl.dot tile), got {block_s}.")
+    if num_splits is None:
+        num_splits = default_num_splits(b, h_kv, s_max, block_s, _sm_count(q.device))
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}.")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    single = num_splits == 1
+
+    out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
+    if single:  # stage 1 writes `out`; the partial pointers are unused
+        o_part = lse_part = out
+    else:
+        o_part = torch.empty((b * h, num_splits, d), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((b * h, num_splits), dtype=torch.float32, device=q.device)
+
+    _split_kernel[(b * h_kv, num_splits)](
+        q, k_cache, v_cache, input_pos, out, o_part, lse_part,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        scale * _LOG2E, h_kv, s_max, num_splits,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
+        BLOCK_S=block_s, SINGLE=single,
+        DOT_FP32=_INTERPRETED or q.dtype == torch.float32,
+        num_warps=num_warps,
+    )
+    if not single:
+        _combine_kernel[(b * h,)](
+            o_part, lse_part, input_pos, out, s_max, num_splits,
+            D=d, BLOCK_S=block_s, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4 if num_splits * d <= 4096 else 8,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------
+# torch.library custom op (torch.compile / CUDA graphs)
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("teal::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float | None = None
+) -> Tensor:
+    if q.device.type == "cuda" or _INTERPRETED:
+        return decode_attention_triton(q, k_cache, v_cache, input_pos, scale)
+    return decode_attention_reference(q, k_cache, v_cache, input_pos, scale)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, input_pos, scale=None):
+    _validate(q, k_cache, v_cache, input_pos, scale)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float | None = None
+) -> Tensor:
+    """Attention of one new token per sequence over cache positions 0..input_pos[0].
+
+    q [B, H, D] (RoPE applied), k_cache/v_cache [B, Hkv, S_max, D] of q's dtype already holding
+    the new token, input_pos int32/int64 [1] on q's device.  Returns [B, H, D] in q's dtype with
+    fp32 softmax and accumulation; scale defaults to 1/sqrt(D).  Via ``torch.ops.teal.
+    decode_attention``: CUDA runs the Triton kernels, CPU runs them under TRITON_INTERPRET=1 and
+    the plain torch reference otherwise.
+    """
+    return torch.ops.teal.decode_attention(q, k_cache, v_cache, input_pos, scale)

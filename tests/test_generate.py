@@ -1,0 +1,43 @@
+"""generate(): the decode loop that reads tokens behind the GPU gives exactly the tokens of a plain
+token-by-token loop, stops at EOS and at max_new_tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+from fixtures import tiny_model
+
+from generate import Sampling, TokenReader, generate
+
+
+@torch.no_grad()
+def plain_greedy(model, prompt: list[int], max_new: int, eos: set[int]) -> list[int]:
+    """The reference: argmax, one step at a time, the host reads every token at once."""
+    model.setup_caches(1, len(prompt) + max_new)
+    logits = model(torch.tensor([prompt]), torch.arange(len(prompt)))
+    out = list(prompt)
+    while True:
+        out.append(int(logits[0, -1].argmax()))
+        if len(out) == len(prompt) + max_new or out[-1] in eos:
+            return out
+        logits = model(torch.tensor([[out[-1]]]), torch.tensor([len(out) - 1]))
+
+
+@pytest.mark.parametrize("max_new", [1, 2, TokenReader.DEPTH, 17])
+def test_same_tokens_as_a_plain_loop(max_new):
+    model = tiny_model(seed=5)
+    prompt = [3, 14, 15, 92, 65]
+    got = generate(model, prompt, max_new, Sampling())
+    assert got.tokens == plain_greedy(model, prompt, max_new, set())
+    assert got.new_tokens == max_new
+
+
+def test_stops_at_eos_even_with_steps_in_flight():
+    model = tiny_model(seed=5)
+    prompt = [3, 14, 15, 92, 65]
+    free = plain_greedy(model, prompt, 24, set())
+    eos = {free[len(prompt) + 6]}  # the 7th generated token (or an earlier repeat of it)
+    seen: list[list[int]] = []
+    got = generate(model, prompt, 24, Sampling(), eos_ids=eos, on_token=lambda ids: seen.append(list(ids)))
+    want = plain_greedy(model, prompt, 24, eos)
+    assert got.tokens == want and got.tokens[-1] in eos and len(want) <= len(prompt) + 7
+    assert seen[-1] == want and [len(s) for s in seen] == list(range(len(prompt) + 1, len(want) + 1))
