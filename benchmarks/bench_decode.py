@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from generate import Sampling, decode_one_token, random_model, self_calibrated_thresholds, weight_bytes_per_token
+from decode import install_fused_decode
 from model import Transformer
 
 
@@ -70,6 +71,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256, help="decoded tokens per timed run")
     p.add_argument("--runs", type=int, default=3, help="timed runs per setting (median reported)")
     p.add_argument("--calib_tokens", type=int, default=2048, help="random tokens for calibration")
+    p.add_argument("--attention", nargs="+", choices=["reference", "fused"], default=["reference"],
+                   help="decode attention: model.py's (SDPA over the masked cache) and/or decode.py's "
+                        "fused RoPE + cache write + split-KV kernel; each one run per setting")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/decode"),
                    help="output prefix: writes <out>.json, <out>.md (and <out>.png)")
     args = p.parse_args()
@@ -86,13 +90,17 @@ def main() -> None:
     for weights in args.weights:
         model = random_model(args.model, torch.bfloat16, device)
         apply_weights(model, weights)
-        for level in args.sparsity:
-            set_level(model, level, args.calib_tokens)
-            tok_s = statistics.median(time_decode(model, step, args.tokens, args.runs))
-            realized = realized_on(model, level)
-            rows.append(dict(weights=weights, sparsity=level, path="PackedLinear", realized=realized,
-                             tok_s=tok_s, gb_s=weight_bytes_per_token(model, realized) * tok_s / 1e9))
-            print(rows[-1], flush=True)
+        for attention in sorted(args.attention, reverse=True):  # "reference" before "fused"
+            if attention == "fused":
+                install_fused_decode(model)
+            for level in args.sparsity:
+                set_level(model, level, args.calib_tokens)
+                realized = realized_on(model, level)
+                tok_s = statistics.median(time_decode(model, step, args.tokens, args.runs))
+                rows.append(dict(weights=weights, sparsity=level, path=f"PackedLinear, {attention} attention",
+                                 realized=realized, tok_s=tok_s,
+                                 gb_s=weight_bytes_per_token(model, realized) * tok_s / 1e9))
+                print(rows[-1], flush=True)
         del model
         torch.cuda.empty_cache()
     write_results(args, rows)

@@ -32,5 +32,10 @@ case $phase in
     step 100 python3 generate.py --random_weights SmolLM2-135M --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h i j k l m n o p"
     step 100 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 0.5 --out "$out/decode_smollm2"
     ;;
+  lab)  # GEMV design lab timings (M=1, chain with/without PDL), the fused attention path end to end
+    step 230 python3 benchmarks/gemv_lab.py --chain --jobs 8
+    step 40 python3 -m pytest -q -x tests/test_decode.py -k gpu
+    step 110 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 0.5 --attention reference fused --runs 2 --out "$out/decode_smollm2_fused"
+    ;;
 esac
 cp kernels/tuned_configs.json "$out/tuned_configs.json"

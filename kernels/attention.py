@@ -26,10 +26,14 @@ work split from p:
     chunks hold data (ceil((p + 1) / chunk)), and merges them with the log-sum-exp rule.
   * With NUM_SPLITS = 1, stage 1 writes the output itself and stage 2 is not launched.
 
-Public entry points: ``decode_attention`` (the ``teal::decode_attention`` custom op,
-usable under torch.compile(fullgraph=True) and CUDA graphs), ``decode_attention_triton``
-(launcher with explicit split count and tile, for tests and tuning),
-``decode_attention_reference`` (plain torch, the CPU path) and ``default_num_splits``.
+The fused decode step (FUSED): stage 1 reads q from the q|k|v projection row and applies RoPE
+itself, and the program whose chunk holds p first writes the rotated key and the value of the new
+token into the caches, then reads its tiles: RoPE, the cache write and attention in one launch.
+
+Entry points: ``decode_attention_triton`` and ``decode_attention_step_triton`` (launchers with
+explicit split count and tile, for tests and tuning); the model reaches them through the
+``teal::decode_attention`` / ``teal::decode_attention_step`` ops of kernels/ops.py. The plain-torch
+definitions (and the argument checks) are in kernels/reference.py.
 """
 
 from __future__ import annotations
@@ -43,95 +47,15 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-__all__ = [
-    "MAX_GROUP",
-    "MAX_SPLITS",
-    "decode_attention",
-    "decode_attention_reference",
-    "decode_attention_triton",
-    "default_block_s",
-    "default_num_splits",
-]
+from kernels.reference import MAX_GROUP, validate_attention as _validate, validate_step
+
+__all__ = ["INTERPRETED", "MAX_SPLITS", "decode_attention_step_triton", "decode_attention_triton",
+           "default_block_s", "default_num_splits"]
 
 MAX_SPLITS = 64  # stage 2 holds [MAX_SPLITS, D] fp32 partials in registers
 PROGRAMS_PER_SM = 2  # stage-1 programs to aim for per SM (D=128 bf16: ~70 KB shared memory, 135 registers)
 CPU_SM_COUNT = 132  # stand-in under the interpreter (an H200's count), so CPU runs split like the GPU
-MAX_GROUP = 64  # query heads per KV head: the [GROUP, D] fp32 accumulator lives in registers
-_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _LOG2E = 1.4426950408889634
-
-
-# ---------------------------------------------------------------------------
-# Plain-torch reference path
-# ---------------------------------------------------------------------------
-
-
-def decode_attention_reference(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float | None = None
-) -> Tensor:
-    """Plain-torch ``decode_attention`` in float32 (the path on a CPU without the interpreter).
-
-    Masks positions > p with a comparison against the device tensor, so it reads no value on
-    the host and stays capturable; it reads the whole cache, and masks with ``where`` so that
-    non-finite garbage beyond p cannot leak in.
-    """
-    _validate(q, k_cache, v_cache, input_pos, scale)
-    b, h, d = q.shape
-    h_kv, s_max = k_cache.shape[1], k_cache.shape[2]
-    group = h // h_kv
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    keep = torch.arange(s_max, device=q.device) <= input_pos.reshape(1).to(torch.int64)  # [S]
-    qf = q.float().view(b, h_kv, group, d)
-    k = torch.where(keep[:, None], k_cache.float(), 0.0)
-    v = torch.where(keep[:, None], v_cache.float(), 0.0)
-    scores = torch.einsum("bngd,bnsd->bngs", qf, k) * scale
-    scores = scores.masked_fill(~keep, float("-inf"))
-    out = torch.einsum("bngs,bnsd->bngd", torch.softmax(scores, dim=-1), v)
-    return out.reshape(b, h, d).to(q.dtype)
-
-
-# ---------------------------------------------------------------------------
-# Input validation and launch parameters
-# ---------------------------------------------------------------------------
-
-
-def _validate(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float | None) -> None:
-    """Check every argument; raise ValueError/TypeError naming what is rejected and why."""
-    if q.dim() != 3:
-        raise ValueError(f"q must be 3-D [B, H, D] (one decode token per sequence), got shape {tuple(q.shape)}.")
-    if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must be 4-D [B, Hkv, S_max, D], got shape {tuple(k_cache.shape)}.")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}.")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"q must be bf16, fp16 or fp32, got {q.dtype}.")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}.")
-    b, h, d = q.shape
-    kb, h_kv, s_max, kd = k_cache.shape
-    if kb != b or kd != d:
-        raise ValueError(
-            f"k_cache [B, Hkv, S_max, D] = {tuple(k_cache.shape)} does not match q [B, H, D] = {tuple(q.shape)}."
-        )
-    if h_kv == 0 or h % h_kv != 0:
-        raise ValueError(f"the query head count H={h} must be a multiple of the KV head count Hkv={h_kv}.")
-    if h // h_kv > MAX_GROUP:
-        raise ValueError(f"at most {MAX_GROUP} query heads per KV head are supported, got H/Hkv={h // h_kv}.")
-    if d < 16 or d > 256 or d & (d - 1):
-        raise ValueError(f"head dim D must be a power of two in 16..256 (tl.dot tile), got D={d}.")
-    if b == 0 or s_max == 0:
-        raise ValueError(f"empty batch or cache: B={b}, S_max={s_max}.")
-    if input_pos.dtype not in (torch.int32, torch.int64) or input_pos.numel() != 1 or input_pos.dim() > 1:
-        raise ValueError(
-            f"input_pos must be an int32/int64 tensor of shape [1] holding the current position, "
-            f"got {input_pos.dtype} of shape {tuple(input_pos.shape)}."
-        )
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("input_pos", input_pos)):
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}.")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}.")
 
 
 @functools.cache
@@ -175,8 +99,21 @@ def _load_position(pos_ptr, S_MAX):
 
 
 @triton.jit
+def _rotate_pairs(x_ptr, rows, ok, cs_ptr, N: tl.constexpr, D: tl.constexpr):
+    """RoPE of rows of length D at x_ptr + rows * D: pairs (2i, 2i+1) rotated by cs[i] = (cos, sin),
+    in fp32 as model.apply_rotary_emb, rounded back to x's dtype; [len(rows), D] in pair order."""
+    i = tl.arange(0, D // 2)
+    even = tl.load(x_ptr + rows[:, None] * D + 2 * i[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    odd = tl.load(x_ptr + rows[:, None] * D + 2 * i[None, :] + 1, mask=ok[:, None], other=0.0).to(tl.float32)
+    cos = tl.load(cs_ptr + 2 * i)[None, :]
+    sin = tl.load(cs_ptr + 2 * i + 1)[None, :]
+    out = tl.join(even * cos - odd * sin, odd * cos + even * sin)  # [rows, D/2, 2]
+    return tl.reshape(out, [N, D]).to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, o_part_ptr, lse_part_ptr,
+    q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, o_part_ptr, lse_part_ptr, cs_ptr,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -188,6 +125,7 @@ def _split_kernel(
     BLOCK_S: tl.constexpr,
     SINGLE: tl.constexpr,  # one chunk covers the cache: write the final output directly
     DOT_FP32: tl.constexpr,  # fp32 operands with IEEE products (fp32 inputs; interpreter)
+    FUSED: tl.constexpr,  # q_ptr is the q|k|v projection row: RoPE q and k, write k and v at p
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -204,13 +142,26 @@ def _split_kernel(
     d = tl.arange(0, D)
     g_ok = g < GROUP
     heads = kvh * GROUP + g  # query heads of this KV head
-
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
-                mask=g_ok[:, None], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
+
+    if FUSED:
+        # Row b of q|k|v: H*D query values, then H_KV*D keys, then H_KV*D values (stride_qb apart).
+        row = q_ptr + b * stride_qb
+        q = _rotate_pairs(row, heads, g_ok, cs_ptr, GROUP_PAD, D)
+        if end == p + 1:  # this chunk holds position p: write the new key and value first
+            one = tl.arange(0, 1)
+            n_head = H_KV * GROUP
+            k_new = _rotate_pairs(row + n_head * D, kvh + one, one == 0, cs_ptr, 1, D)
+            v_new = tl.load(row + (n_head + H_KV + kvh) * D + d)
+            tl.store(k_base + p * stride_ks + d[None, :] * stride_kd, k_new)
+            tl.store(v_base + p * stride_vs + d * stride_vd, v_new)
+            tl.debug_barrier()  # the stores are visible to every thread before the tiles load
+    else:
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                    mask=g_ok[:, None], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -276,7 +227,50 @@ def _combine_kernel(
 # Launcher
 # ---------------------------------------------------------------------------
 
-_INTERPRETED = not isinstance(_split_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
+INTERPRETED = not isinstance(_split_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
+
+
+def _launch(q_src: Tensor, q_strides: tuple[int, int, int], cs: Tensor, fused: bool, b: int, h: int,
+            k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float | None,
+            num_splits: int | None, block_s: int | None, num_warps: int) -> Tensor:
+    """Stage 1 (+ stage 2 when split) for q given as [B, H, D] strides (plain) or as q|k|v rows."""
+    if q_src.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
+    h_kv, s_max, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    if block_s is None:
+        block_s = default_block_s(d, k_cache.element_size())
+    if block_s < 16 or block_s & (block_s - 1):
+        raise ValueError(f"block_s must be a power of two >= 16 (tl.dot tile), got {block_s}.")
+    if num_splits is None:
+        num_splits = default_num_splits(b, h_kv, s_max, block_s, _sm_count(q_src.device))
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}.")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    single = num_splits == 1
+
+    out = torch.empty((b, h, d), dtype=k_cache.dtype, device=k_cache.device)
+    if single:  # stage 1 writes `out`; the partial pointers are unused
+        o_part = lse_part = out
+    else:
+        o_part = torch.empty((b * h, num_splits, d), dtype=torch.float32, device=out.device)
+        lse_part = torch.empty((b * h, num_splits), dtype=torch.float32, device=out.device)
+
+    _split_kernel[(b * h_kv, num_splits)](
+        q_src, k_cache, v_cache, input_pos, out, o_part, lse_part, cs,
+        *q_strides, *k_cache.stride(), *v_cache.stride(),
+        scale * _LOG2E, h_kv, s_max, num_splits,
+        GROUP=h // h_kv, GROUP_PAD=max(16, triton.next_power_of_2(h // h_kv)), D=d,
+        BLOCK_S=block_s, SINGLE=single,
+        DOT_FP32=INTERPRETED or k_cache.dtype == torch.float32, FUSED=fused,
+        num_warps=num_warps,
+    )
+    if not single:
+        _combine_kernel[(b * h,)](
+            o_part, lse_part, input_pos, out, s_max, num_splits,
+            D=d, BLOCK_S=block_s, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4 if num_splits * d <= 4096 else 8,
+        )
+    return out
 
 
 def decode_attention_triton(
@@ -296,76 +290,27 @@ def decode_attention_triton(
     tuning.  Positions outside 0..S_max-1 are clamped in the kernel (a host check would sync).
     """
     _validate(q, k_cache, v_cache, input_pos, scale)
-    if q.device.type != "cuda" and not _INTERPRETED:
-        raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
-    b, h, d = q.shape
-    h_kv, s_max = k_cache.shape[1], k_cache.shape[2]
-    group = h // h_kv
-    if block_s is None:
-        block_s = default_block_s(d, q.element_size())
-    if block_s < 16 or block_s & (block_s - 1):
-        raise ValueError(f"block_s must be a power of two >= 16 (tl.dot tile), got {block_s}.")
-    if num_splits is None:
-        num_splits = default_num_splits(b, h_kv, s_max, block_s, _sm_count(q.device))
-    if not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}.")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    single = num_splits == 1
-
-    out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
-    if single:  # stage 1 writes `out`; the partial pointers are unused
-        o_part = lse_part = out
-    else:
-        o_part = torch.empty((b * h, num_splits, d), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((b * h, num_splits), dtype=torch.float32, device=q.device)
-
-    _split_kernel[(b * h_kv, num_splits)](
-        q, k_cache, v_cache, input_pos, out, o_part, lse_part,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        scale * _LOG2E, h_kv, s_max, num_splits,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
-        BLOCK_S=block_s, SINGLE=single,
-        DOT_FP32=_INTERPRETED or q.dtype == torch.float32,
-        num_warps=num_warps,
-    )
-    if not single:
-        _combine_kernel[(b * h,)](
-            o_part, lse_part, input_pos, out, s_max, num_splits,
-            D=d, BLOCK_S=block_s, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            num_warps=4 if num_splits * d <= 4096 else 8,
-        )
-    return out
+    return _launch(q, q.stride(), q, False, q.shape[0], q.shape[1], k_cache, v_cache, input_pos, scale,
+                   num_splits, block_s, num_warps)
 
 
-# ---------------------------------------------------------------------------
-# torch.library custom op (torch.compile / CUDA graphs)
-# ---------------------------------------------------------------------------
-
-
-@torch.library.custom_op("teal::decode_attention", mutates_args=())
-def _decode_attention_op(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float | None = None
+def decode_attention_step_triton(
+    qkv: Tensor,
+    freqs_cis: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    input_pos: Tensor,
+    n_head: int,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    block_s: int | None = None,
+    num_warps: int = 4,
 ) -> Tensor:
-    if q.device.type == "cuda" or _INTERPRETED:
-        return decode_attention_triton(q, k_cache, v_cache, input_pos, scale)
-    return decode_attention_reference(q, k_cache, v_cache, input_pos, scale)
-
-
-@_decode_attention_op.register_fake
-def _(q, k_cache, v_cache, input_pos, scale=None):
-    _validate(q, k_cache, v_cache, input_pos, scale)
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-
-
-def decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float | None = None
-) -> Tensor:
-    """Attention of one new token per sequence over cache positions 0..input_pos[0].
-
-    q [B, H, D] (RoPE applied), k_cache/v_cache [B, Hkv, S_max, D] of q's dtype already holding
-    the new token, input_pos int32/int64 [1] on q's device.  Returns [B, H, D] in q's dtype with
-    fp32 softmax and accumulation; scale defaults to 1/sqrt(D).  Via ``torch.ops.teal.
-    decode_attention``: CUDA runs the Triton kernels, CPU runs them under TRITON_INTERPRET=1 and
-    the plain torch reference otherwise.
-    """
-    return torch.ops.teal.decode_attention(q, k_cache, v_cache, input_pos, scale)
+    """The decode step of attention in one op: RoPE on q and k, k and v written into the caches at
+    position p, attention over 0..p. qkv [B, (n_head + 2 Hkv) D] is the fused projection's output,
+    freqs_cis the (cos, sin) pairs of position p ([D/2, 2] float32, any leading ones).
+    Mutates k_cache and v_cache; returns [B, n_head, D]."""
+    q_shape = validate_step(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
+    b = q_shape[0]
+    return _launch(qkv, (qkv.stride(0), 0, 0), freqs_cis, True, b, n_head, k_cache, v_cache, input_pos, scale,
+                   num_splits, block_s, num_warps)

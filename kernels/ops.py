@@ -1,11 +1,13 @@
-"""The ``teal::sparse_gemv`` torch op: what PackedLinear calls for decode-sized batches.
+"""The torch ops of the decode path: ``teal::sparse_gemv`` (what PackedLinear calls for
+decode-sized batches), ``teal::decode_attention`` and ``teal::decode_attention_step`` (the fused
+decode path's attention, decode.py).
 
-One op, one implementation per device: CUDA runs the Triton kernel (kernels/triton_gemv.py), the
-CPU runs the plain-torch reference (kernels/reference.py), so a dense model works where Triton is
-not installed. ``TEAL_CPU_KERNELS=interpreter`` (with ``TRITON_INTERPRET=1`` set before Triton is
-imported) makes the CPU run the Triton kernel in Triton's interpreter instead: that is how CI tests
-the model -> kernel path without a GPU. A ``register_fake`` lets ``torch.compile(fullgraph=True)``
-trace through the op (CUDA graphs included).
+One op, one implementation per device: CUDA runs the Triton kernels (kernels/triton_gemv.py,
+kernels/attention.py), the CPU runs the plain-torch references (kernels/reference.py), so a model
+works where Triton is not installed. ``TEAL_CPU_KERNELS=interpreter`` (with ``TRITON_INTERPRET=1``
+set before Triton is imported) makes the CPU run the Triton kernels in Triton's interpreter
+instead: that is how CI tests the model -> kernel path without a GPU. ``register_fake`` lets
+``torch.compile(fullgraph=True)`` trace through the ops (CUDA graphs included).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import os
 import torch
 from torch import Tensor
 
-from kernels.reference import masked_product, validate
+from kernels.reference import (attention_reference, attention_step_reference, masked_product, validate,
+                               validate_attention, validate_step)
 
 CPU_KERNELS_ENV = "TEAL_CPU_KERNELS"  # "reference" (default) or "interpreter"
 
@@ -23,6 +26,16 @@ def _triton_launcher():
     """Imported on first use: Triton is optional on the CPU."""
     from kernels.triton_gemv import sparse_gemv_triton
     return sparse_gemv_triton
+
+
+def _cpu_runs_interpreter() -> bool:
+    """What the CPU implementations run: the reference, or the Triton kernels interpreted."""
+    mode = os.environ.get(CPU_KERNELS_ENV, "reference")
+    if mode not in ("reference", "interpreter"):
+        raise ValueError(f"{CPU_KERNELS_ENV} must be 'reference' or 'interpreter', got {mode!r}")
+    if mode == "interpreter" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{CPU_KERNELS_ENV}=interpreter needs TRITON_INTERPRET=1 set before Triton is imported")
+    return mode == "interpreter"
 
 
 @torch.library.custom_op("teal::sparse_gemv", mutates_args=(), device_types="cpu")
@@ -35,14 +48,8 @@ def _sparse_gemv_cpu(
     zeros: Tensor | None = None,
     group_size: int = 0,
 ) -> Tensor:
-    mode = os.environ.get(CPU_KERNELS_ENV, "reference")
-    if mode == "interpreter":
-        from kernels.triton_gemv import INTERPRETED
-        if not INTERPRETED:
-            raise RuntimeError(f"{CPU_KERNELS_ENV}=interpreter needs TRITON_INTERPRET=1 set before Triton is imported")
+    if _cpu_runs_interpreter():
         return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size)
-    if mode != "reference":
-        raise ValueError(f"{CPU_KERNELS_ENV} must be 'reference' or 'interpreter', got {mode!r}")
     validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True)
     return masked_product(x, w, thresholds, split_sizes, scales, zeros, group_size)
 
@@ -73,3 +80,68 @@ def sparse_gemv(
     the GPU.
     """
     return torch.ops.teal.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode attention
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("teal::decode_attention", mutates_args=(), device_types="cpu")
+def _decode_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
+                          scale: float | None = None) -> Tensor:
+    if _cpu_runs_interpreter():
+        from kernels.attention import decode_attention_triton
+        return decode_attention_triton(q, k_cache, v_cache, input_pos, scale)
+    return attention_reference(q, k_cache, v_cache, input_pos, scale)
+
+
+@_decode_attention_cpu.register_kernel("cuda")
+def _(q, k_cache, v_cache, input_pos, scale=None):
+    from kernels.attention import decode_attention_triton
+    return decode_attention_triton(q, k_cache, v_cache, input_pos, scale)
+
+
+@_decode_attention_cpu.register_fake
+def _(q, k_cache, v_cache, input_pos, scale=None):
+    validate_attention(q, k_cache, v_cache, input_pos, scale)
+    return torch.empty_like(q)
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
+                     scale: float | None = None) -> Tensor:
+    """Attention of one new token per sequence over cache positions 0..input_pos[0].
+
+    q [B, H, D] (RoPE applied), k_cache/v_cache [B, Hkv, S_max, D] of q's dtype already holding
+    the new token, input_pos int32/int64 [1] on q's device (read on the device: CUDA-graph safe).
+    Returns [B, H, D] in q's dtype, fp32 softmax; scale defaults to 1/sqrt(D).
+    """
+    return torch.ops.teal.decode_attention(q, k_cache, v_cache, input_pos, scale)
+
+
+@torch.library.custom_op("teal::decode_attention_step", mutates_args=("k_cache", "v_cache"), device_types="cpu")
+def _decode_attention_step_cpu(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor,
+                               input_pos: Tensor, n_head: int, scale: float | None = None) -> Tensor:
+    if _cpu_runs_interpreter():
+        from kernels.attention import decode_attention_step_triton
+        return decode_attention_step_triton(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
+    return attention_step_reference(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
+
+
+@_decode_attention_step_cpu.register_kernel("cuda")
+def _(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale=None):
+    from kernels.attention import decode_attention_step_triton
+    return decode_attention_step_triton(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
+
+
+@_decode_attention_step_cpu.register_fake
+def _(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale=None):
+    return qkv.new_empty(validate_step(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale))
+
+
+def decode_attention_step(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor,
+                          input_pos: Tensor, n_head: int, scale: float | None = None) -> Tensor:
+    """Attention's decode step in one op: RoPE of q and k, k and v written into the caches at
+    input_pos (in place), attention over 0..input_pos. qkv [B, (n_head + 2 Hkv) D] is the fused
+    q|k|v projection's output; freqs_cis the [D/2, 2] (cos, sin) of the position. Returns
+    [B, n_head, D]."""
+    return torch.ops.teal.decode_attention_step(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)

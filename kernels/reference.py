@@ -17,12 +17,16 @@ the input but each have their own threshold.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 MAX_BATCH = 8  # rows of x the decode kernels take; larger batches are GEMMs (dequantize + matmul)
 MAX_SEGMENTS = 8
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # activation dtypes of the decode kernels
+ATTENTION_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+MAX_GROUP = 64  # query heads per KV head the attention kernel takes (its accumulator is in registers)
 INT4_GROUP_SIZES = (32, 64, 128)
 
 # Weight-format codes (the Triton kernels take them as a constexpr).
@@ -173,3 +177,117 @@ def sparse_gemv_reference(
     """Threshold-sparse x @ W^T in plain torch, any batch size, any device."""
     validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=False)
     return masked_product(x, w, thresholds, split_sizes, scales, zeros, group_size)
+
+
+# ---------------------------------------------------------------------------
+# Decode attention over the filled prefix of a static KV cache (kernels/attention.py)
+# ---------------------------------------------------------------------------
+
+
+def attention_reference(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float | None = None
+) -> Tensor:
+    """Plain-torch ``decode_attention`` in float32 (the path on a CPU without the interpreter).
+
+    Masks positions > p with a comparison against the device tensor, so it reads no value on
+    the host and stays capturable; it reads the whole cache, and masks with ``where`` so that
+    non-finite garbage beyond p cannot leak in.
+    """
+    validate_attention(q, k_cache, v_cache, input_pos, scale)
+    b, h, d = q.shape
+    h_kv, s_max = k_cache.shape[1], k_cache.shape[2]
+    group = h // h_kv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    keep = torch.arange(s_max, device=q.device) <= input_pos.reshape(1).to(torch.int64)  # [S]
+    qf = q.float().view(b, h_kv, group, d)
+    k = torch.where(keep[:, None], k_cache.float(), 0.0)
+    v = torch.where(keep[:, None], v_cache.float(), 0.0)
+    scores = torch.einsum("bngd,bnsd->bngs", qf, k) * scale
+    scores = scores.masked_fill(~keep, float("-inf"))
+    out = torch.einsum("bngs,bnsd->bngd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(b, h, d).to(q.dtype)
+
+
+
+
+def validate_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float | None) -> None:
+    """Check every argument; raise ValueError/TypeError naming what is rejected and why."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D [B, H, D] (one decode token per sequence), got shape {tuple(q.shape)}.")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be 4-D [B, Hkv, S_max, D], got shape {tuple(k_cache.shape)}.")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}.")
+    if q.dtype not in ATTENTION_DTYPES:
+        raise TypeError(f"q must be bf16, fp16 or fp32, got {q.dtype}.")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}.")
+    b, h, d = q.shape
+    kb, h_kv, s_max, kd = k_cache.shape
+    if kb != b or kd != d:
+        raise ValueError(
+            f"k_cache [B, Hkv, S_max, D] = {tuple(k_cache.shape)} does not match q [B, H, D] = {tuple(q.shape)}."
+        )
+    if h_kv == 0 or h % h_kv != 0:
+        raise ValueError(f"the query head count H={h} must be a multiple of the KV head count Hkv={h_kv}.")
+    if h // h_kv > MAX_GROUP:
+        raise ValueError(f"at most {MAX_GROUP} query heads per KV head are supported, got H/Hkv={h // h_kv}.")
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"head dim D must be a power of two in 16..256 (tl.dot tile), got D={d}.")
+    if b == 0 or s_max == 0:
+        raise ValueError(f"empty batch or cache: B={b}, S_max={s_max}.")
+    if input_pos.dtype not in (torch.int32, torch.int64) or input_pos.numel() != 1 or input_pos.dim() > 1:
+        raise ValueError(
+            f"input_pos must be an int32/int64 tensor of shape [1] holding the current position, "
+            f"got {input_pos.dtype} of shape {tuple(input_pos.shape)}."
+        )
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("input_pos", input_pos)):
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}.")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}.")
+
+
+def validate_step(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
+                  n_head: int, scale: float | None) -> tuple[int, int, int]:
+    """Check the arguments of the fused decode step; return the [B, H, D] shape of its output."""
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be 4-D [B, Hkv, S_max, D], got shape {tuple(k_cache.shape)}.")
+    b, h_kv, _, d = k_cache.shape
+    width = (n_head + 2 * h_kv) * d
+    if qkv.dim() != 2 or qkv.shape != (b, width):
+        raise ValueError(f"qkv must be [B, (n_head + 2 Hkv) D] = [{b}, {width}], got {tuple(qkv.shape)}.")
+    if qkv.stride(1) != 1:
+        raise ValueError("qkv rows must be contiguous.")
+    if freqs_cis.dtype != torch.float32 or freqs_cis.numel() != d or not freqs_cis.is_contiguous():
+        raise ValueError(f"freqs_cis must be a contiguous float32 [D/2, 2] (cos, sin) table of one position, "
+                         f"got {freqs_cis.dtype} {tuple(freqs_cis.shape)}.")
+    if freqs_cis.device != k_cache.device:
+        raise ValueError(f"freqs_cis must be on the cache's device {k_cache.device}, got {freqs_cis.device}.")
+    validate_attention(qkv[:, : n_head * d].view(b, n_head, d), k_cache, v_cache, input_pos, scale)
+    return b, n_head, d
+
+
+def rope_pairs(x: Tensor, cos_sin: Tensor) -> Tensor:
+    """model.apply_rotary_emb for one position: pairs (2i, 2i+1) of x [..., D] rotated by
+    cos_sin [D/2, 2], in float32, back to x's dtype."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    c, s = cos_sin[..., 0], cos_sin[..., 1]
+    out = torch.stack([xs[..., 0] * c - xs[..., 1] * s, xs[..., 1] * c + xs[..., 0] * s], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def attention_step_reference(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor,
+                             input_pos: Tensor, n_head: int, scale: float | None = None) -> Tensor:
+    """Plain-torch fused decode step: RoPE, cache write at p (in place), attention over 0..p."""
+    b, h, d = validate_step(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
+    h_kv = k_cache.shape[1]
+    cs = freqs_cis.reshape(d // 2, 2)
+    q = rope_pairs(qkv[:, : h * d].reshape(b, h, d), cs)
+    k = rope_pairs(qkv[:, h * d: (h + h_kv) * d].reshape(b, h_kv, 1, d), cs)
+    v = qkv[:, (h + h_kv) * d:].reshape(b, h_kv, 1, d)
+    pos = input_pos.reshape(1).to(torch.int64)
+    k_cache.index_copy_(2, pos, k)
+    v_cache.index_copy_(2, pos, v)
+    return attention_reference(q, k_cache, v_cache, input_pos, scale)

@@ -13,25 +13,25 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # also set by conftest.py
 
-import importlib.util  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from kernels.attention import (  # noqa: E402
-    MAX_SPLITS,
-    decode_attention,
-    decode_attention_reference,
-    decode_attention_triton,
-    default_block_s,
-    default_num_splits,
-)
+import benchmarks.bench_attention as bench_attention  # noqa: E402
+from kernels.attention import MAX_SPLITS, decode_attention_triton, default_block_s, default_num_splits  # noqa: E402
+from kernels.ops import CPU_KERNELS_ENV, decode_attention  # noqa: E402
+from kernels.reference import attention_reference as decode_attention_reference  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def op_runs_the_triton_kernel(monkeypatch):
+    """On the CPU the ops run the reference by default; here they must run the kernels."""
+    monkeypatch.setenv(CPU_KERNELS_ENV, "interpreter")
 
 
 # --- independent float64 reference -------------------------------------------------
@@ -283,11 +283,7 @@ def test_torch_compile_fullgraph(backend):
 
 
 def _bench_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_attention
 
 
 def test_bench_helpers_on_tiny_shapes():

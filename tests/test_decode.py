@@ -1,0 +1,121 @@
+"""The fused decode path (decode.py) against the reference model: the same logits, the same KV
+cache and the same greedy tokens; through the CPU reference op and through the Triton kernels in
+the interpreter."""
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+from fixtures import tiny_model
+
+from decode import DecodeAttention, install_fused_decode
+from kernels.ops import CPU_KERNELS_ENV
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def model_pair(dtype: torch.dtype, seed: int = 4, **overrides) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(reference, fused) copies of one tiny model."""
+    ref = tiny_model(seed, **overrides).to(dtype)
+    return ref, install_fused_decode(copy.deepcopy(ref))
+
+
+@torch.no_grad()
+def greedy(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the stacked decode-step logits (float32)."""
+    model.setup_caches(prompt.shape[0], prompt.shape[1] + steps)
+    logits = model(prompt, torch.arange(prompt.shape[1]))[:, -1:]
+    tokens, outs = [], []
+    for i in range(steps):
+        token = logits.argmax(-1)
+        tokens.append(token)
+        logits = model(token, torch.tensor([prompt.shape[1] + i]))
+        outs.append(logits.float())
+    return torch.cat(tokens, 1).tolist(), torch.cat(outs, 1)
+
+
+def test_install_swaps_every_attention_and_keeps_module_names():
+    ref, fused = model_pair(torch.float32)
+    assert all(type(layer.attention) is DecodeAttention for layer in fused.layers)
+    assert [n for n, _ in fused.named_modules()] == [n for n, _ in ref.named_modules()]
+    assert install_fused_decode(fused) is fused  # idempotent
+    assert fused.layers[0].attention.wqkv is not ref.layers[0].attention.wqkv  # a copy, same weights
+    torch.testing.assert_close(fused.layers[0].attention.wqkv.weight, ref.layers[0].attention.wqkv.weight)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_reference_op_matches_the_model_for_64_steps(batch):
+    """The op's CPU reference: logits, KV caches and 64 greedy tokens equal the plain model's."""
+    ref, fused = model_pair(torch.float32)
+    prompt = torch.randint(0, 256, (batch, 7), generator=torch.Generator().manual_seed(1))
+    want_tokens, want = greedy(ref, prompt, 64)
+    got_tokens, got = greedy(fused, prompt, 64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_tokens == want_tokens
+    for a, b in zip(fused.layers, ref.layers):
+        torch.testing.assert_close(a.attention.kv_cache.k_cache, b.attention.kv_cache.k_cache, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a.attention.kv_cache.v_cache, b.attention.kv_cache.v_cache, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU interpreter test")
+def test_interpreted_kernels_match_the_model(monkeypatch):
+    """bf16, the Triton attention-step kernel in the interpreter, against the plain model: the
+    path a GPU runs, tested on the CPU. (With TEAL on, bf16 rounding differences flip inputs
+    near a threshold and the two paths drift apart by design; test_linear covers that kernel.)"""
+    monkeypatch.setenv(CPU_KERNELS_ENV, "interpreter")
+    ref, fused = model_pair(torch.bfloat16, n_head=6, n_local_heads=2, dim=96)  # GQA group of 3
+    prompt = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    want_tokens, want = greedy(ref, prompt, 12)
+    got_tokens, got = greedy(fused, prompt, 12)
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
+    assert got_tokens == want_tokens
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
+    HAS_CUDA or not shutil.which("g++"), reason="CPU inductor needs g++"))])
+def test_compiled_fused_decode_matches_eager(backend):
+    """The decode step under torch.compile(fullgraph=True): the op's in-place cache write survives
+    functionalization, and the cache is not copied."""
+    ref, fused = model_pair(torch.float32)
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3))
+    want_tokens, _ = greedy(ref, prompt, 8)
+    torch._dynamo.reset()
+    step = torch.compile(fused, fullgraph=True, backend=backend)
+    fused.setup_caches(1, 13)
+    with torch.no_grad():
+        logits = fused(prompt, torch.arange(5))[:, -1:]
+        tokens = []
+        for i in range(8):
+            token = logits.argmax(-1)
+            tokens.append(token)
+            logits = step(token, torch.tensor([5 + i]))
+    assert torch.cat(tokens, 1).tolist() == want_tokens
+    for a, b in zip(fused.layers, ref.layers):
+        torch.testing.assert_close(a.attention.kv_cache.k_cache, b.attention.kv_cache.k_cache, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_fused_decode_under_cuda_graphs():
+    """On the GPU, compiled with CUDA graphs (generate.py's setting), fed the reference's tokens
+    for 32 steps: every layer's KV cache (which depends on the attention outputs of the layers
+    below) matches the reference model's."""
+    from generate import Sampling, decode_one_token
+    ref = tiny_model(4, n_head=9, n_local_heads=3, dim=576, intermediate_size=1536).to("cuda", torch.bfloat16)
+    fused = install_fused_decode(copy.deepcopy(ref))
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(5)).cuda()
+    want_tokens, _ = greedy(ref, prompt, 32)
+    torch._dynamo.reset()
+    step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    fused.setup_caches(1, 9 + 32)
+    with torch.no_grad():
+        fused(prompt, torch.arange(9, device="cuda"))
+        pos = torch.tensor([9], device="cuda")
+        for i in range(32):
+            token = torch.tensor([[want_tokens[0][i]]], device="cuda")
+            step(fused, token, pos, Sampling())
+            pos += 1
+    for a, b in zip(fused.layers, ref.layers):
+        torch.testing.assert_close(a.attention.kv_cache.k_cache.float(), b.attention.kv_cache.k_cache.float(),
+                                   rtol=0.02, atol=0.02)
