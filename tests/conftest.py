@@ -49,3 +49,11 @@ def eval_text() -> str:
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A tiny random checkpoint (64-token context) with the offline byte tokenizer."""
     return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", block_size=64, tie_embeddings=True)
+
+
+@pytest.fixture
+def interpreted_kernels(monkeypatch) -> None:
+    """On the CPU the ops run the plain-torch reference by default; with this they run the Triton
+    kernels in the interpreter (a no-op on a GPU, where the ops always run the kernels)."""
+    from kernels.ops import CPU_KERNELS_ENV
+    monkeypatch.setenv(CPU_KERNELS_ENV, "interpreter")

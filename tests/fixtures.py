@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from checkpoint import model_state_for_saving, save_checkpoint
@@ -16,6 +17,9 @@ from model import ModelArgs, Transformer
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 # GQA (4 query heads on 2 KV heads), two layers; the vocabulary holds the 256 byte tokens of
 # `write_byte_tokenizer` plus its special tokens.

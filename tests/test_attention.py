@@ -6,32 +6,19 @@ many chunk boundaries into a small cache; the GPU-only tests at the bottom use r
 shapes.  Chunk length for the prefix 0..p: ceil(ceil((p + 1) / splits) / tile) * tile.
 """
 
-import os
+import math
+import shutil
 
+import pytest
 import torch
+from fixtures import DEVICE, HAS_CUDA, needs_cuda
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # also set by conftest.py
+import benchmarks.bench_attention as bench_attention
+from kernels.attention import MAX_SPLITS, decode_attention_triton, default_block_s, default_num_splits
+from kernels.ops import decode_attention
+from kernels.reference import attention_reference as decode_attention_reference
 
-import math  # noqa: E402
-import shutil  # noqa: E402
-
-import pytest  # noqa: E402
-
-import benchmarks.bench_attention as bench_attention  # noqa: E402
-from kernels.attention import MAX_SPLITS, decode_attention_triton, default_block_s, default_num_splits  # noqa: E402
-from kernels.ops import CPU_KERNELS_ENV, decode_attention  # noqa: E402
-from kernels.reference import attention_reference as decode_attention_reference  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-
-
-@pytest.fixture(autouse=True)
-def op_runs_the_triton_kernel(monkeypatch):
-    """On the CPU the ops run the reference by default; here they must run the kernels."""
-    monkeypatch.setenv(CPU_KERNELS_ENV, "interpreter")
+pytestmark = pytest.mark.usefixtures("interpreted_kernels")
 
 
 # --- independent float64 reference -------------------------------------------------

@@ -6,33 +6,20 @@ module routes the op's CPU implementation through it too (TEAL_CPU_KERNELS=inter
 shapes are tiny; the GPU-only tests at the bottom use real Llama shapes.
 """
 
-import os
+import shutil
 
+import pytest
 import torch
+import triton
+from fixtures import DEVICE, HAS_CUDA, needs_cuda
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # also set by conftest.py
+import kernels.triton_gemv as sg
+from kernels import dequantize_weight, sparse_gemv, sparse_gemv_reference
+from kernels.ops import CPU_KERNELS_ENV
+from kernels.reference import FMT_FLOAT, FMT_INT4, weight_format_name
+from kernels.triton_gemv import KernelConfig, get_config, sparse_gemv_triton
 
-import shutil  # noqa: E402
-
-import pytest  # noqa: E402
-import triton  # noqa: E402
-
-import kernels.triton_gemv as sg  # noqa: E402
-from kernels import dequantize_weight, sparse_gemv, sparse_gemv_reference  # noqa: E402
-from kernels.ops import CPU_KERNELS_ENV  # noqa: E402
-from kernels.reference import FMT_FLOAT, FMT_INT4, weight_format_name  # noqa: E402
-from kernels.triton_gemv import KernelConfig, get_config, sparse_gemv_triton  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-
-
-@pytest.fixture(autouse=True)
-def op_runs_the_triton_kernel(monkeypatch):
-    """On the CPU the op runs the reference by default; here it must run the kernel."""
-    monkeypatch.setenv(CPU_KERNELS_ENV, "interpreter")
+pytestmark = pytest.mark.usefixtures("interpreted_kernels")
 
 
 # --- independent float64 reference -------------------------------------------------
