@@ -24,6 +24,7 @@ from torch import Tensor
 
 from kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
 from kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES
+from kernels.speed_table import sparse_beats_dense
 
 FORMATS = ("fp", "int8", "int4")
 
@@ -97,6 +98,10 @@ class PackedLinear(nn.Module):
                              persistent=False)
         self.sparse = False
         self.sparse_prefill = False
+        # Parameter-weighted target sparsity of the segments (teal.sparsify sets it from the
+        # thresholds file): what the measured speed table is read at.
+        self.target_sparsity: float | None = None
+        self._kernel_pays: dict[str, bool | None] = {}  # device name -> measured verdict
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes: list[int] | None = None) -> "PackedLinear":
@@ -114,10 +119,40 @@ class PackedLinear(nn.Module):
             return self.weight.to(dtype)
         return dequantize_weight(self.weight, *self._quant_args(), self.group_size).to(dtype)
 
+    @property
+    def format_name(self) -> str:
+        """bf16 / fp16 / fp32 / int8 / int4-g<G>: the name speed and config tables use."""
+        if self.fmt == "fp":
+            return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.weight.dtype, "fp32")
+        return f"int4-g{self.group_size}" if self.fmt == "int4" else self.fmt
+
+    def sparse_kernel_pays(self, device: torch.device, rows: int = 1) -> bool | None:
+        """Measured verdict for a decode call on `device`: does the sparse kernel at this layer's
+        target sparsity beat the dense path? None: no measurement (or no target) for it."""
+        if device.type != "cuda" or self.target_sparsity is None:
+            return None
+        name = f"{torch.cuda.get_device_name(device)}|M{rows}"
+        if name not in self._kernel_pays:
+            self._kernel_pays[name] = sparse_beats_dense(torch.cuda.get_device_name(device), self.format_name,
+                                                         rows, self.in_features, self.out_features,
+                                                         self.target_sparsity)
+        return self._kernel_pays[name]
+
     def applies_sparsity(self, x: Tensor) -> bool:
-        """TEAL acts on decode steps (one position per sequence) and, if asked, on prefill."""
+        """TEAL acts on decode steps (one position per sequence) and, if asked, on prefill; a GPU
+        decode call stays dense where the speed table measured the kernel slower (never slower
+        than dense, at the cost of the skipped rows)."""
+        rows = x.numel() // self.in_features
         decode_step = x.dim() < 3 or x.shape[-2] == 1
-        return self.sparse and (decode_step or self.sparse_prefill)
+        if not self.sparse or not (decode_step or self.sparse_prefill):
+            return False
+        return rows > MAX_BATCH or self.sparse_kernel_pays(x.device, rows) is not False
+
+    def set_target_sparsity(self, per_segment: list[float] | None) -> None:
+        """Record the segments' target sparsity (weighted by their widths) for the speed table."""
+        self.target_sparsity = None if per_segment is None else \
+            sum(s * w for s, w in zip(per_segment, self.split_sizes, strict=True)) / self.out_features
+        self._kernel_pays.clear()
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)

@@ -39,7 +39,8 @@ def set_level(model: Transformer, level: float, calib_tokens: int) -> None:
     if level == 0:
         densify(model)
     else:
-        sparsify(model, self_calibrated_thresholds(model, level, calib_tokens))
+        thresholds = self_calibrated_thresholds(model, level, calib_tokens)
+        sparsify(model, thresholds, targets={name: [level] * len(t) for name, t in thresholds.items()})
 
 
 @torch.no_grad()

@@ -35,8 +35,10 @@ from benchmarks.timing import (
     threshold_for,
     weight_bytes_needed,
 )
+from files import atomic_path
 from kernels import sparse_gemv
 from kernels.reference import weight_format_name
+from kernels.speed_table import SPEED_TABLE_PATH, table_key
 from kernels.triton_gemv import get_config, gpu_name
 
 DEFAULT_SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
@@ -97,6 +99,28 @@ def markdown(results: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_table_entries(results: list[dict], meta: dict) -> dict[str, dict]:
+    """kernels/speed_table.json entries (see kernels/speed_table.py) from this benchmark's rows."""
+    entries: dict[str, dict] = {}
+    for r in results:
+        key = table_key(meta["gpu"], r["format"], r["M"], r["K"], r["N"])
+        entry = entries.setdefault(key, {"sparse_us": {}, "source": f"{meta['command']} ({meta['date']})"})
+        entry["sparse_us"][f"{r['sparsity']:g}"] = round(r["sparse_us"], 2)
+        if r["format"] in ("bf16", "fp16"):
+            entry["dense_us"] = round(r["matmul_us"], 2)  # PackedLinear's dense path: x @ W^T
+    for entry in entries.values():  # int8/int4 have no other path than the kernel at 0%
+        entry.setdefault("dense_us", entry["sparse_us"].get("0"))
+    return {k: v for k, v in entries.items() if v["dense_us"] is not None}
+
+
+def update_speed_table(results: list[dict], meta: dict) -> None:
+    table = json.loads(SPEED_TABLE_PATH.read_text()) if SPEED_TABLE_PATH.exists() else {}
+    table.update(speed_table_entries(results, meta))
+    with atomic_path(SPEED_TABLE_PATH) as tmp:
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"updated {SPEED_TABLE_PATH} ({len(table)} shapes)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODEL_SHAPES), choices=list(MODEL_SHAPES))
@@ -105,7 +129,15 @@ def main() -> None:
     parser.add_argument("--sparsities", nargs="+", type=float, default=DEFAULT_SPARSITIES)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels"),
                         help="output path without extension; writes OUT.json and OUT.md")
+    parser.add_argument("--table", action="store_true",
+                        help="also merge the results into kernels/speed_table.json (the dispatch's data)")
+    parser.add_argument("--table_from", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="no GPU run: merge an earlier run's OUT.json into kernels/speed_table.json")
     args = parser.parse_args()
+    if args.table_from is not None:
+        saved = json.loads(args.table_from.read_text())
+        update_speed_table(saved["results"], saved["meta"])
+        return
 
     meta = {
         "gpu": torch.cuda.get_device_name(),
@@ -132,6 +164,8 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(results, meta))
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+    if args.table:
+        update_speed_table(results, meta)
 
 
 if __name__ == "__main__":

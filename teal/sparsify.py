@@ -36,20 +36,41 @@ def thresholds_from_vector(model: nn.Module, values: Tensor) -> Thresholds:
     return out
 
 
-def sparsify(model: nn.Module, thr: Thresholds, sparse_prefill: bool = False) -> nn.Module:
-    """Pack the projections (if not yet) and switch TEAL on with the given thresholds, in place."""
+def sparsify(model: nn.Module, thr: Thresholds, sparse_prefill: bool = False,
+             targets: Thresholds | None = None) -> nn.Module:
+    """Pack the projections (if not yet) and switch TEAL on with the given thresholds, in place.
+
+    `targets` (same layout: the segments' target sparsity, from the thresholds file) lets a
+    projection stay dense on a GPU where the measured speed table says its kernel would be slower
+    (PackedLinear.applies_sparsity); without it every projection goes sparse.
+    """
     pack_model(model)
     mods = packed_projections(model)
-    if set(mods) != set(thr):
-        diff = sorted(set(mods) ^ set(thr))
-        raise ValueError(f"thresholds do not match the model's projections (e.g. {diff[0]})")
+    for given in (thr, targets):
+        if given is not None and set(mods) != set(given):
+            diff = sorted(set(mods) ^ set(given))
+            raise ValueError(f"thresholds do not match the model's projections (e.g. {diff[0]})")
     for name, m in mods.items():
         if len(thr[name]) != len(m.split_sizes):
             raise ValueError(f"{name}: {len(thr[name])} thresholds for {len(m.split_sizes)} segments")
         m.thresholds.copy_(torch.tensor(thr[name], dtype=torch.float32))
         # All-zero thresholds skip only exact zeros: the dense product is the same, and exact.
         m.sparse, m.sparse_prefill = any(t > 0 for t in thr[name]), sparse_prefill
+        m.set_target_sparsity(None if targets is None else targets[name])
     return model
+
+
+def dense_fallbacks(model: nn.Module, device: torch.device) -> tuple[list[str], list[str]]:
+    """(projections that stay dense on `device` because the speed table measured their kernel
+    slower, sparse projections whose shape it has not measured): what to tell the user."""
+    slower, unmeasured = [], []
+    for name, m in packed_projections(model).items():
+        verdict = m.sparse_kernel_pays(device) if m.sparse else True
+        if verdict is False:
+            slower.append(name)
+        elif verdict is None and m.sparse and device.type == "cuda":
+            unmeasured.append(name)
+    return slower, unmeasured
 
 
 def densify(model: nn.Module) -> nn.Module:
@@ -105,7 +126,8 @@ class SparsityMeter:
     def _hook(self, start: int):
         def hook(module: PackedLinear, args: tuple[Tensor, ...]) -> None:
             x = args[0]
-            active = module.applies_sparsity(x)
+            # as a decode step on this device would: layers that stay dense there skip nothing
+            active = module.applies_sparsity(x) and module.sparse_kernel_pays(x.device) is not False
             a = x.detach().abs().reshape(-1, module.in_features)
             for j, t in enumerate(module.thresholds.tolist()):
                 if active:

@@ -89,9 +89,9 @@ def path_thresholds(levels: Tensor, thresholds: Tensor, sparsity: float) -> Tens
     return (1 - a) * thresholds[k - 1] + a * thresholds[k]
 
 
-def load_thresholds(path: str | Path, model: nn.Module, sparsity: float,
-                    allocation: str = "uniform") -> Thresholds:
-    """Per-module thresholds of `allocation` at parameter-weighted `sparsity`, for `sparsify`."""
+def _path_at(path: str | Path, model: nn.Module, sparsity: float, allocation: str, what: str) -> Thresholds:
+    """Per-module values of tensor `what` ("thresholds" or "sparsity") of `allocation`, read at
+    parameter-weighted `sparsity` (linear between the two path points around it)."""
     check_sparsity(sparsity)
     meta, tensors = read_thresholds(path)
     check_model(meta, model, path)
@@ -102,6 +102,16 @@ def load_thresholds(path: str | Path, model: nn.Module, sparsity: float,
     if sparsity > float(levels[-1]) + 1e-6:
         raise ValueError(f"sparsity {sparsity} is above the highest level calibrated for "
                          f"{allocation!r} ({float(levels[-1]):g}) in {path}")
-    thr = path_thresholds(levels, tensors[f"{allocation}.thresholds"].double(),
-                          min(sparsity, float(levels[-1])))
-    return thresholds_from_vector(model, thr.float())
+    values = path_thresholds(levels, tensors[f"{allocation}.{what}"].double(), min(sparsity, float(levels[-1])))
+    return thresholds_from_vector(model, values.float())
+
+
+def load_thresholds(path: str | Path, model: nn.Module, sparsity: float,
+                    allocation: str = "uniform") -> Thresholds:
+    """Per-module thresholds of `allocation` at parameter-weighted `sparsity`, for `sparsify`."""
+    return _path_at(path, model, sparsity, allocation, "thresholds")
+
+
+def load_targets(path: str | Path, model: nn.Module, sparsity: float, allocation: str = "uniform") -> Thresholds:
+    """Per-module target sparsity of every segment at the same point (`sparsify`'s `targets`)."""
+    return _path_at(path, model, sparsity, allocation, "sparsity")

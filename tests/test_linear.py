@@ -88,3 +88,41 @@ def test_dense_generation_without_triton(tiny_ckpt):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "tok/s" in proc.stdout
+
+
+def test_speed_table_lookup_interpolates_and_falls_back(monkeypatch):
+    """The measured table decides per shape and sparsity; unmeasured shapes get no verdict."""
+    import kernels.speed_table as st
+    key = st.table_key("Fake GPU", "bf16", 1, 64, 48)
+    monkeypatch.setattr(st, "speed_table", lambda: {key: {"dense_us": 10.0, "sparse_us": {"0": 14.0, "0.5": 8.0}}})
+    assert st.sparse_beats_dense("Fake GPU", "bf16", 1, 64, 48, 0.1) is False  # 12.8 µs
+    assert st.sparse_beats_dense("Fake GPU", "bf16", 1, 64, 48, 0.4) is True  # 9.2 µs
+    assert st.sparse_beats_dense("Fake GPU", "fp16", 4, 64, 48, 0.9) is True  # fp16 -> bf16, M4 -> M1, clamped
+    assert st.sparse_beats_dense("Fake GPU", "int8", 1, 64, 48, 0.5) is None
+    assert st.sparse_beats_dense("Other GPU", "bf16", 1, 64, 48, 0.5) is None
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    layer = PackedLinear(64, 48, [16, 32], dtype=torch.bfloat16)
+    assert layer.sparse_kernel_pays(torch.device("cuda")) is None  # no target sparsity yet
+    layer.set_target_sparsity([0.1, 0.1])
+    assert layer.sparse_kernel_pays(torch.device("cuda")) is False
+    assert layer.sparse_kernel_pays(torch.device("cpu")) is None
+    layer.set_target_sparsity([0.7, 0.25])  # width-weighted: 0.4
+    assert layer.target_sparsity == pytest.approx(0.4)
+    assert layer.sparse_kernel_pays(torch.device("cuda")) is True
+
+
+def test_a_projection_the_table_calls_slower_stays_dense(monkeypatch):
+    """When the verdict is 'slower', a decode call takes the dense path and skips nothing."""
+    layer = PackedLinear(64, 48, [16, 32], dtype=torch.bfloat16)
+    layer.weight.copy_(torch.randn(64, 48))
+    layer.thresholds.copy_(torch.tensor([0.5, 1.0]))
+    layer.sparse = True
+    x = torch.randn(1, 1, 64).bfloat16()
+    assert layer.applies_sparsity(x)
+    monkeypatch.setattr(PackedLinear, "sparse_kernel_pays", lambda self, device, rows=1: False)
+    assert not layer.applies_sparsity(x)
+    assert layer.applies_sparsity(x.expand(1, MAX_BATCH + 1, 64)) is False  # not a decode step, no prefill
+    layer.sparse_prefill = True
+    assert layer.applies_sparsity(x.expand(1, MAX_BATCH + 1, 64))  # prefill-sized: quality work, sparse
+    torch.testing.assert_close(layer(x).float(), (x.float() @ layer.weight.float()), rtol=2**-7, atol=1e-2)
