@@ -1,11 +1,13 @@
-"""The fused decode path: module swaps that run a decoder block's decode step in fewer kernels.
+"""The fused decode path: a decoder block's decode step in fewer kernels.
 
-model.py stays the plain reference, and prefill always runs it. `install_fused_decode` swaps each
-block's Attention for a DecodeAttention whose single-position steps run RoPE, the KV-cache write
-and split-KV attention over the filled prefix as one op (``teal::decode_attention_step``: Triton
-on CUDA, the plain-torch reference on the CPU); its q|k|v and o projections stay the block's
-PackedLinear / nn.Linear modules, so TEAL and quantization apply unchanged and module names (and
-so thresholds files) do not change.
+model.py stays the plain reference, and prefill always runs it. `install_fused_decode` packs the
+projections and swaps each TransformerBlock for a DecodeBlock whose single-position steps run:
+  qkv GEMV -> one attention op (RoPE, KV-cache write at p, split-KV attention over 0..p:
+  ``teal::decode_attention_step``) -> o GEMV + residual (epilogue) -> gate|up GEMV ->
+  down GEMV with SiLU(gate) * up in its prologue + residual (epilogue),
+plus the two RMSNorms. The projections stay the block's PackedLinear modules, so TEAL, the speed
+table's dense fallback and quantization apply unchanged, and module names (so thresholds files)
+do not change. Where a projection runs dense in float, the fusions are left to torch/Inductor.
 """
 from __future__ import annotations
 
@@ -13,32 +15,34 @@ import torch.nn as nn
 from torch import Tensor
 
 from kernels.ops import decode_attention_step
-from linear import swap_module
-from model import Attention
+from linear import pack_model, swap_module
+from model import TransformerBlock
 
 
-class DecodeAttention(Attention):
-    """Attention whose decode steps (one position per sequence) take the fused op."""
+class DecodeBlock(TransformerBlock):
+    """TransformerBlock whose decode steps (one position per sequence) take the fused ops."""
 
-    def __init__(self, reference: Attention) -> None:
-        nn.Module.__init__(self)  # the reference's submodules and sizes, not new ones
-        self.n_head, self.n_kv, self.head_dim = reference.n_head, reference.n_kv, reference.head_dim
-        self.qkv_sizes = reference.qkv_sizes
-        self.wqkv, self.wo, self.kv_cache = reference.wqkv, reference.wo, reference.kv_cache
+    def __init__(self, reference: TransformerBlock) -> None:
+        nn.Module.__init__(self)  # the reference's submodules, not new ones
+        self.attention, self.feed_forward = reference.attention, reference.feed_forward
+        self.attention_norm, self.ffn_norm = reference.attention_norm, reference.ffn_norm
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        att, ff = self.attention, self.feed_forward
         bsz, seqlen, _ = x.shape
-        if seqlen != 1 or self.kv_cache is None:
+        if seqlen != 1 or att.kv_cache is None:
             return super().forward(x, freqs_cis, mask, input_pos)
-        qkv = self.wqkv(x).view(bsz, -1)
-        y = decode_attention_step(qkv, freqs_cis.reshape(-1, 2), self.kv_cache.k_cache, self.kv_cache.v_cache,
-                                  input_pos, self.n_head)
-        return self.wo(y.view(bsz, 1, self.n_head * self.head_dim))
+        qkv = att.wqkv(self.attention_norm(x)).view(bsz, -1)
+        y = decode_attention_step(qkv, freqs_cis.reshape(-1, 2), att.kv_cache.k_cache, att.kv_cache.v_cache,
+                                  input_pos, att.n_head)
+        h = att.wo(y.view(bsz, 1, att.n_head * att.head_dim), residual=x)
+        return ff.w2(ff.w13(self.ffn_norm(h)), gated=True, residual=h)
 
 
 def install_fused_decode(model: nn.Module) -> nn.Module:
-    """Swap every block's Attention for DecodeAttention (idempotent)."""
+    """Pack the projections and swap every block for a DecodeBlock (idempotent)."""
+    pack_model(model)
     for i, layer in enumerate(model.layers):
-        if type(layer.attention) is Attention:
-            swap_module(model, f"layers.{i}.attention", DecodeAttention(layer.attention))
+        if type(layer) is TransformerBlock:
+            swap_module(model, f"layers.{i}", DecodeBlock(layer))
     return model

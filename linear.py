@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
-from kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES
+from kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, gated_input
 from kernels.speed_table import sparse_beats_dense
 
 FORMATS = ("fp", "int8", "int4")
@@ -142,7 +142,7 @@ class PackedLinear(nn.Module):
         """TEAL acts on decode steps (one position per sequence) and, if asked, on prefill; a GPU
         decode call stays dense where the speed table measured the kernel slower (never slower
         than dense, at the cost of the skipped rows)."""
-        rows = x.numel() // self.in_features
+        rows = x.numel() // x.shape[-1]
         decode_step = x.dim() < 3 or x.shape[-2] == 1
         if not self.sparse or not (decode_step or self.sparse_prefill):
             return False
@@ -154,21 +154,28 @@ class PackedLinear(nn.Module):
             sum(s * w for s, w in zip(per_segment, self.split_sizes, strict=True)) / self.out_features
         self._kernel_pays.clear()
 
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features)
+    def forward(self, x: Tensor, gated: bool = False, residual: Tensor | None = None) -> Tensor:
+        """x [..., K] -> [..., N]. The decode path's fusions (decode.py): with `gated`, x is a
+        gate|up output [..., 2K] and the input is SiLU(gate) * up; `residual` [..., N] is added
+        to the output. The decode kernel does both in its prologue / epilogue; elsewhere torch."""
+        rows = x.reshape(-1, x.shape[-1])
+        res = None if residual is None else residual.reshape(-1, self.out_features)
         sparse = self.applies_sparsity(x)
         thresholds = self.thresholds if sparse else self.no_thresholds
         if self.fmt == "fp" and not sparse:
-            out = rows @ self.dense_weight_t(x.dtype)  # dense float: cuBLAS / the CPU's BLAS
+            # dense float: cuBLAS / the CPU's BLAS, the fusions left to torch (Inductor)
+            out = (gated_input(rows) if gated else rows) @ self.dense_weight_t(x.dtype)
+            out = out if res is None else out + res
         elif rows.shape[0] <= MAX_BATCH and x.dtype in KERNEL_DTYPES:
             # Decode: the teal::sparse_gemv op (Triton on CUDA, the reference on CPU); rows of
             # zeroed inputs are never read.
-            out = sparse_gemv(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(), self.group_size)
+            out = sparse_gemv(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(), self.group_size,
+                              gated, res)
         else:
             # Prefill-sized batches are compute-bound, float32 (quality work) has no kernel:
             # dequantize and multiply.
-            out = sparse_gemv_reference(rows, self.weight, thresholds, self.split_sizes,
-                                        *self._quant_args(), self.group_size)
+            out = sparse_gemv_reference(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(),
+                                        self.group_size, gated, res)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

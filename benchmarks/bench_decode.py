@@ -72,9 +72,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256, help="decoded tokens per timed run")
     p.add_argument("--runs", type=int, default=3, help="timed runs per setting (median reported)")
     p.add_argument("--calib_tokens", type=int, default=2048, help="random tokens for calibration")
-    p.add_argument("--attention", nargs="+", choices=["reference", "fused"], default=["reference"],
-                   help="decode attention: model.py's (SDPA over the masked cache) and/or decode.py's "
-                        "fused RoPE + cache write + split-KV kernel; each one run per setting")
+    p.add_argument("--decode_path", nargs="+", choices=["reference", "fused"], default=["reference"],
+                   help="model.py's decode step and/or decode.py's fused one (attention op, GEMV "
+                        "prologue/epilogue fusions); each one run per setting")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/decode"),
                    help="output prefix: writes <out>.json, <out>.md (and <out>.png)")
     args = p.parse_args()
@@ -91,14 +91,14 @@ def main() -> None:
     for weights in args.weights:
         model = random_model(args.model, torch.bfloat16, device)
         apply_weights(model, weights)
-        for attention in sorted(args.attention, reverse=True):  # "reference" before "fused"
-            if attention == "fused":
+        for path in sorted(args.decode_path, reverse=True):  # "reference" before "fused"
+            if path == "fused":
                 install_fused_decode(model)
             for level in args.sparsity:
                 set_level(model, level, args.calib_tokens)
                 realized = realized_on(model, level)
                 tok_s = statistics.median(time_decode(model, step, args.tokens, args.runs))
-                rows.append(dict(weights=weights, sparsity=level, path=f"PackedLinear, {attention} attention",
+                rows.append(dict(weights=weights, sparsity=level, path=f"PackedLinear, {path} decode",
                                  realized=realized, tok_s=tok_s,
                                  gb_s=weight_bytes_per_token(model, realized) * tok_s / 1e9))
                 print(rows[-1], flush=True)

@@ -35,13 +35,17 @@ case $phase in
   lab)  # GEMV design lab timings (M=1, chain with/without PDL), the fused attention path end to end
     step 230 python3 benchmarks/gemv_lab.py --chain --jobs 8
     step 40 python3 -m pytest -q -x tests/test_decode.py -k gpu
-    step 110 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 0.5 --attention reference fused --runs 2 --out "$out/decode_smollm2_fused"
+    step 110 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 0.5 --decode_path reference fused --runs 2 --out "$out/decode_smollm2_fused"
     ;;
   small)  # speed-table rows for the small shapes (never slower than dense), then their decode
     step 120 python3 -m benchmarks.bench_kernels --models smollm2-135m llama3.2-1b --formats bf16 --sparsities 0 0.25 0.5 0.65 --table --out "$out/kernels_small"
     cp kernels/speed_table.json "$out/speed_table.json"
-    step 150 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 0.5 --attention reference fused --out "$out/decode_smollm2"
+    step 150 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 0.5 --decode_path reference fused --out "$out/decode_smollm2"
     step 150 python3 generate.py --random_weights SmolLM2-135M --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h i j k l m n o p"
+    ;;
+  after)  # profiles of the fused decode path
+    step 200 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0 0.5 --decode_path fused --label after --out "$out/profile_llama3_8b_after"
+    step 120 python3 -m benchmarks.profile_decode --model SmolLM2-135M --sparsity 0 0.5 --decode_path fused --label after --out "$out/profile_smollm2_after"
     ;;
 esac
 cp kernels/tuned_configs.json "$out/tuned_configs.json"

@@ -173,6 +173,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], int]:
     """Profile every (weights, sparsity); sparsity 0 first, so dense bf16 is nn.Linear (cuBLAS)
     like bench_decode's baseline (calibrating a sparse level packs the projections)."""
     from benchmarks.bench_decode import apply_weights, realized_on, set_level
+    from decode import install_fused_decode
     from generate import decode_one_token, random_model, weight_bytes_per_token
     from linear import packed_projections
     from torch._dynamo.utils import counters
@@ -182,6 +183,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], int]:
     for weights in args.weights:
         model = random_model(args.model, torch.bfloat16, torch.device("cuda"))
         apply_weights(model, weights)
+        if args.decode_path == "fused":
+            install_fused_decode(model)
         for level in sorted(set(args.sparsity)):
             set_level(model, level, CALIB_TOKENS)  # histogram calibration on the model's own activations
             realized = realized_on(model, level)
@@ -222,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         Path("benchmarks/results/profile_decode")
     p.add_argument("--out", type=Path, default=default_out, help="output prefix: <out>.json, <out>.md")
     p.add_argument("--label", default="", help="free text recorded in the output, e.g. 'before'")
+    p.add_argument("--decode_path", choices=["reference", "fused"], default="reference",
+                   help="model.py's decode step or decode.py's fused one")
     return p.parse_args(argv)
 
 
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(command=shlex.join([Path(sys.executable).name, *sys.argv]), gpu=torch.cuda.get_device_name(),
                 torch=torch.__version__, triton=triton.__version__, date=datetime.date.today().isoformat(),
                 model=args.model, weights=args.weights, sparsity=args.sparsity, context=args.context,
-                batch=args.batch, steps=args.steps, kv_len=kv_len, label=args.label)
+                batch=args.batch, steps=args.steps, kv_len=kv_len, label=args.label, decode_path=args.decode_path)
     md = markdown(meta, rows)
     write_atomic(Path(f"{args.out}.json"), json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     write_atomic(Path(f"{args.out}.md"), md)

@@ -47,21 +47,27 @@ def _sparse_gemv_cpu(
     scales: Tensor | None = None,
     zeros: Tensor | None = None,
     group_size: int = 0,
+    gated: bool = False,
+    residual: Tensor | None = None,
 ) -> Tensor:
+    args = (x, w, thresholds, split_sizes, scales, zeros, group_size)
     if _cpu_runs_interpreter():
-        return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size)
-    validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True)
-    return masked_product(x, w, thresholds, split_sizes, scales, zeros, group_size)
+        return _triton_launcher()(*args, gated=gated, residual=residual)
+    validate(*args, for_kernel=True, gated=gated, residual=residual)
+    return masked_product(*args, gated=gated, residual=residual)
 
 
 @_sparse_gemv_cpu.register_kernel("cuda")
-def _sparse_gemv_cuda(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0):
-    return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size)
+def _sparse_gemv_cuda(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0, gated=False,
+                      residual=None):
+    return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size, gated=gated,
+                              residual=residual)
 
 
 @_sparse_gemv_cpu.register_fake
-def _(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0):
-    validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True)
+def _(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0, gated=False, residual=None):
+    validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True, gated=gated,
+             residual=residual)
     return x.new_empty(x.shape[0], sum(split_sizes))
 
 
@@ -73,13 +79,17 @@ def sparse_gemv(
     scales: Tensor | None = None,
     zeros: Tensor | None = None,
     group_size: int = 0,
+    gated: bool = False,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """Threshold-sparse x @ W^T for 1 <= M <= MAX_BATCH rows (formats: kernels/reference.py).
+    """Threshold-sparse x @ W^T for 1 <= M <= MAX_BATCH rows (formats, and the `gated` and
+    `residual` fusions: kernels/reference.py).
 
     Output [M, N] in x.dtype, float32 accumulation; rows of W for zeroed inputs are not read on
     the GPU.
     """
-    return torch.ops.teal.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size)
+    return torch.ops.teal.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size, gated,
+                                      residual)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,11 @@ one contiguous row. Formats (told apart by ``w.dtype``):
     W = (q - 8) * scales[k // g, n] + zeros[k // g, n].
 Output segments: ``split_sizes`` cut N into segments (fused q|k|v: three, gate|up: two) that share
 the input but each have their own threshold.
+
+Two fusions for the decode path (decode.py): ``gated`` takes x as the gate|up projection's output
+[M, 2K] and uses x = SiLU(gate) * up (computed in float32, rounded once to x's dtype) as the input;
+``residual`` [M, N] is added to the output (the product rounded to x's dtype first, then the sum),
+which is what the unfused model computes.
 """
 from __future__ import annotations
 
@@ -70,6 +75,8 @@ def validate(
     zeros: Tensor | None,
     group_size: int,
     for_kernel: bool,
+    gated: bool = False,
+    residual: Tensor | None = None,
 ) -> int:
     """Check every argument of a sparse GEMV; return the format code.
 
@@ -83,9 +90,11 @@ def validate(
         raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}.")
     if w.dim() != 2:
         raise ValueError(f"w must be 2-D [K, N] (transposed weight), got shape {tuple(w.shape)}.")
-    m, k = x.shape
-    if w.shape[0] != k:
-        raise ValueError(f"w must have K={k} rows to match x [M, K], got shape {tuple(w.shape)}.")
+    m, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
+    if w.shape[0] != k or (gated and x.shape[1] != 2 * k):
+        what = "x [M, 2K] (gate | up)" if gated else "x [M, K]"
+        raise ValueError(f"w must have K={k} rows to match {what} of shape {tuple(x.shape)}, "
+                         f"got shape {tuple(w.shape)}.")
 
     if w.dtype in x_dtypes:
         fmt, n = FMT_FLOAT, w.shape[1]
@@ -122,14 +131,19 @@ def validate(
             f"thresholds must be float32 of shape [{len(split_sizes)}] (one per segment), "
             f"got {thresholds.dtype} {tuple(thresholds.shape)}."
         )
-    for name, t in (("w", w), ("thresholds", thresholds), ("scales", scales), ("zeros", zeros)):
+    if residual is not None and (residual.shape != (m, n) or residual.dtype != x.dtype):
+        raise ValueError(f"residual must be {x.dtype} of shape [{m}, {n}], got {residual.dtype} "
+                         f"{tuple(residual.shape)}.")
+    for name, t in (("w", w), ("thresholds", thresholds), ("scales", scales), ("zeros", zeros),
+                    ("residual", residual)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}.")
 
     if for_kernel:
         if not 1 <= m <= MAX_BATCH:
             raise ValueError(f"sparse_gemv handles batch 1..{MAX_BATCH}, got M={m}; use the dense path instead.")
-        for name, t in (("x", x), ("w", w), ("thresholds", thresholds), ("scales", scales), ("zeros", zeros)):
+        for name, t in (("x", x), ("w", w), ("thresholds", thresholds), ("scales", scales), ("zeros", zeros),
+                        ("residual", residual)):
             if t is not None and not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous.")
         if k * n >= 2**31:
@@ -143,6 +157,12 @@ def _check_aux(name: str, t: Tensor | None, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must be float32 of shape {list(shape)}, got {got}.")
 
 
+def gated_input(x: Tensor) -> Tensor:
+    """SiLU(gate) * up of a gate|up output [M, 2K], in float32, rounded once to x's dtype."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
 def masked_product(
     x: Tensor,
     w: Tensor,
@@ -151,18 +171,23 @@ def masked_product(
     scales: Tensor | None,
     zeros: Tensor | None,
     group_size: int,
+    gated: bool = False,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """The product itself, unvalidated: float32 math, output in x's dtype.
 
     Reads no tensor value on the host, so it is usable under torch.compile.
     """
+    if gated:
+        x = gated_input(x)
     weight = dequantize_weight(w, scales, zeros, group_size)
     xf = x.float()
     outs = []
     for j, w_cols in enumerate(weight.split(list(split_sizes), dim=1)):
         kept = torch.where(xf.abs() > thresholds[j], xf, 0.0)
         outs.append(kept @ w_cols)
-    return torch.cat(outs, dim=1).to(x.dtype)
+    out = torch.cat(outs, dim=1).to(x.dtype)
+    return out if residual is None else (out.float() + residual.float()).to(x.dtype)
 
 
 def sparse_gemv_reference(
@@ -173,10 +198,12 @@ def sparse_gemv_reference(
     scales: Tensor | None = None,
     zeros: Tensor | None = None,
     group_size: int = 0,
+    gated: bool = False,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """Threshold-sparse x @ W^T in plain torch, any batch size, any device."""
-    validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=False)
-    return masked_product(x, w, thresholds, split_sizes, scales, zeros, group_size)
+    validate(x, w, thresholds, split_sizes, scales, zeros, group_size, False, gated, residual)
+    return masked_product(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual)
 
 
 # ---------------------------------------------------------------------------

@@ -158,9 +158,15 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int) -> KernelConfig:
 
 
 @triton.jit
-def _masked_x(x_ptr, lane_m, rows, ok, threshold, K):
-    """x[lane_m, rows] as fp32 where |x| > threshold and ok, else 0."""
-    xv = tl.load(x_ptr + lane_m * K + rows, mask=ok, other=0.0).to(tl.float32)
+def _masked_x(x_ptr, lane_m, rows, ok, threshold, K, GATED: tl.constexpr):
+    """x[lane_m, rows] as fp32 where |x| > threshold and ok, else 0. GATED: x is SiLU(gate) * up
+    of a [M, 2K] gate|up row, computed in fp32 and rounded to x's dtype like the unfused model."""
+    if GATED:
+        gate = tl.load(x_ptr + lane_m * 2 * K + rows, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + lane_m * 2 * K + K + rows, mask=ok, other=0.0).to(tl.float32)
+        xv = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        xv = tl.load(x_ptr + lane_m * K + rows, mask=ok, other=0.0).to(tl.float32)
     return tl.where(tl.abs(xv) > threshold, xv, 0.0)
 
 
@@ -188,13 +194,14 @@ def _weight_rows(
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr,
+    x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr,
     out_ptr, part_ptr, counter_ptr, idx_ptr,
     M, K, N, W_ROW, GRID_K,
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
     WINDOW: tl.constexpr, COMPACT: tl.constexpr, RED_K: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     LANES: tl.constexpr = BLOCK_M * SUB_K
     pid_k = tl.program_id(0)
@@ -228,7 +235,7 @@ def _sparse_gemv_kernel(
         block_rows = k_block + tl.arange(0, BLOCK_K)
         m_offs = tl.arange(0, BLOCK_M)
         block_ok = (m_offs[:, None] < M) & (block_rows[None, :] < K)
-        block_x = _masked_x(x_ptr, m_offs[:, None], block_rows[None, :], block_ok, threshold, K)
+        block_x = _masked_x(x_ptr, m_offs[:, None], block_rows[None, :], block_ok, threshold, K, GATED)
         kept = (tl.max(tl.abs(block_x), axis=0) > 0).to(tl.int32)
         slots = idx_ptr + (pid_n * GRID_K + pid_k) * BLOCK_K
         tl.store(slots + tl.cumsum(kept, 0) - kept, block_rows, mask=kept > 0)
@@ -253,13 +260,13 @@ def _sparse_gemv_kernel(
             last = first + tl.sum(tl.where(win_ids == win, win_kept, 0), axis=0)
             slot = first + lane_k
             rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
-            xm = _masked_x(x_ptr, lane_m, rows, (slot < last) & m_ok, threshold, K)
+            xm = _masked_x(x_ptr, lane_m, rows, (slot < last) & m_ok, threshold, K, GATED)
             for _ in tl.range(first, last, SUB_K):
                 wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N)
                 # Prefetch the next chunk's row ids and x while the weight rows are in flight.
                 slot += SUB_K
                 rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
-                next_xm = _masked_x(x_ptr, lane_m, rows, (slot < last) & m_ok, threshold, K)
+                next_xm = _masked_x(x_ptr, lane_m, rows, (slot < last) & m_ok, threshold, K, GATED)
                 wacc += xm[:, None] * wt
                 if FORMAT == 2:
                     xacc += xm
@@ -267,11 +274,11 @@ def _sparse_gemv_kernel(
         else:
             win_end = tl.minimum(win_start + WINDOW, K)
             rows = win_start + lane_k
-            xm = _masked_x(x_ptr, lane_m, rows, (rows < win_end) & m_ok, threshold, K)
+            xm = _masked_x(x_ptr, lane_m, rows, (rows < win_end) & m_ok, threshold, K, GATED)
             for c in range(0, WINDOW, SUB_K):
                 # Prefetch the next chunk's x, then skip this chunk if no batch row keeps any row.
                 next_rows = rows + SUB_K
-                next_xm = _masked_x(x_ptr, lane_m, next_rows, (next_rows < win_end) & m_ok, threshold, K)
+                next_xm = _masked_x(x_ptr, lane_m, next_rows, (next_rows < win_end) & m_ok, threshold, K, GATED)
                 if tl.max(tl.abs(xm), axis=0) > 0:
                     wt = _weight_rows(
                         w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N
@@ -310,7 +317,11 @@ def _sparse_gemv_kernel(
             total += tl.sum(tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
         if FORMAT == 1:
             total *= tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)[None, :]
-        tl.store(out_ptr + m_offs[:, None] * N + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=out_ok)
+        result = total.to(out_ptr.dtype.element_ty)
+        if RESIDUAL:  # the unfused model's rounding: product to x's dtype, then the sum
+            res = tl.load(res_ptr + m_offs[:, None] * N + cols[None, :], mask=out_ok, other=0.0)
+            result = (result.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + m_offs[:, None] * N + cols[None, :], result, mask=out_ok)
         tl.store(counter_ptr + pid_n, 0)  # ready for the next call
 
 
@@ -364,15 +375,18 @@ def sparse_gemv_triton(
     zeros: Tensor | None = None,
     group_size: int = 0,
     config: KernelConfig | None = None,
+    gated: bool = False,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """Run the Triton kernel (on CUDA, or on CPU under TRITON_INTERPRET=1).
 
-    ``config`` overrides the tuned/heuristic config (used by the tuner and tests).
+    ``config`` overrides the tuned/heuristic config (used by the tuner and tests); ``gated`` and
+    ``residual`` are the prologue / epilogue fusions of kernels/reference.py.
     """
-    fmt = validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True)
+    fmt = validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual)
     if x.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
-    m, k = x.shape
+    m, k = x.shape[0], w.shape[0]
     n = w.shape[1] * (2 if fmt == FMT_INT4 else 1)
     if config is None:
         config = get_config(gpu_name(x.device), weight_format_name(w, group_size), m, k, n)
@@ -396,11 +410,13 @@ def sparse_gemv_triton(
 
     _sparse_gemv_kernel[(grid_k, grid_n)](
         x, w, scales if scales is not None else thresholds, zeros if zeros is not None else thresholds, thresholds,
+        residual if residual is not None else x,
         out, partials, counters, idx,
         m, k, n, w.shape[1], grid_k, splits,
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), COL_ALIGN=col_align,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact, RED_K=red_k,
+        GATED=gated, RESIDUAL=residual is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -10,8 +10,10 @@ import pytest
 import torch
 from fixtures import tiny_model
 
-from decode import DecodeAttention, install_fused_decode
+from decode import DecodeBlock, install_fused_decode
 from kernels.ops import CPU_KERNELS_ENV
+from linear import PackedLinear, pack_model, packed_projections
+from teal import sparsify
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -36,13 +38,13 @@ def greedy(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> tuple[li
     return torch.cat(tokens, 1).tolist(), torch.cat(outs, 1)
 
 
-def test_install_swaps_every_attention_and_keeps_module_names():
+def test_install_swaps_every_block_and_keeps_module_names():
     ref, fused = model_pair(torch.float32)
-    assert all(type(layer.attention) is DecodeAttention for layer in fused.layers)
+    assert all(type(layer) is DecodeBlock for layer in fused.layers)
     assert [n for n, _ in fused.named_modules()] == [n for n, _ in ref.named_modules()]
     assert install_fused_decode(fused) is fused  # idempotent
-    assert fused.layers[0].attention.wqkv is not ref.layers[0].attention.wqkv  # a copy, same weights
-    torch.testing.assert_close(fused.layers[0].attention.wqkv.weight, ref.layers[0].attention.wqkv.weight)
+    assert isinstance(fused.layers[0].feed_forward.w2, PackedLinear)  # packed: the fused calls need it
+    torch.testing.assert_close(fused.layers[0].attention.wqkv.weight.t(), ref.layers[0].attention.wqkv.weight)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -57,6 +59,19 @@ def test_reference_op_matches_the_model_for_64_steps(batch):
     for a, b in zip(fused.layers, ref.layers):
         torch.testing.assert_close(a.attention.kv_cache.k_cache, b.attention.kv_cache.k_cache, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(a.attention.kv_cache.v_cache, b.attention.kv_cache.v_cache, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_fused_block_matches_the_sparse_model():
+    """TEAL on (float32: the masked reference product with the gate|up prologue and the residual
+    epilogue): the fused block computes what the plain sparse model computes."""
+    ref, fused = model_pair(torch.float32)
+    for m in (ref, fused):
+        sparsify(m, {n: [0.3] * len(p.split_sizes) for n, p in packed_projections(pack_model(m)).items()})
+    prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(6))
+    want_tokens, want = greedy(ref, prompt, 16)
+    got_tokens, got = greedy(fused, prompt, 16)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert got_tokens == want_tokens
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU interpreter test")

@@ -466,3 +466,52 @@ def test_gpu_torch_compile_reduce_overhead():
     for _ in range(4):  # warm-up runs, then CUDA-graph replays
         got = compiled(x.clone(), w, t)
         assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+# --- fusions: SiLU(gate) * up prologue, residual epilogue ----------------------------------
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "skip"])
+@pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32)])
+def test_gated_prologue_and_residual_epilogue(fmt, group, compact):
+    """x given as gate|up [M, 2K] (the kernel computes SiLU(gate) * up, rounded to bf16), plus a
+    residual added to the output, against float64 math. Thresholds sit halfway between two |x|
+    values, so the one-ulp rounding of the gated input (the interpreter truncates) cannot flip a
+    mask; the tolerance allows that ulp on every term."""
+    _, w, _, splits, scales, zeros, g = make_problem(fmt, torch.bfloat16, 3, 64, [16, 32], group)
+    gen = torch.Generator().manual_seed(11)
+    gate_up = (torch.randn(3, 128, generator=gen) * 2).to(torch.bfloat16).to(DEVICE)
+    residual = torch.randn(3, 48, generator=gen).to(torch.bfloat16).to(DEVICE)
+    x64 = torch.nn.functional.silu(gate_up[:, :64].double()) * gate_up[:, 64:].double()
+    levels = x64.abs().flatten().sort().values
+    ratio = levels[1:] / levels[:-1]  # a wide gap near the 30% and 60% quantiles: no value within an ulp
+    gaps = [int(window.argmax()) + lo for lo, window in ((48, ratio[48:68]), (106, ratio[106:126]))]
+    assert all(ratio[i] > 1.02 for i in gaps)
+    thresholds = torch.stack([(levels[i] + levels[i + 1]) / 2 for i in gaps]).float().to(DEVICE)
+    cfg = KernelConfig(block_n=16, block_k=32, sub_k=8, compact=compact)
+    fused = sparse_gemv_triton(gate_up, w, thresholds, splits, scales, zeros, g, config=cfg, gated=True,
+                               residual=residual)
+    weight = real_weight64(w, scales, zeros, g)
+    keep = torch.cat([(x64.abs() > thresholds[j].double())[:, :, None].expand(-1, -1, n)
+                      for j, n in enumerate(splits)], dim=2)
+    want = (x64[:, :, None] * keep * weight[None]).sum(1) + residual.double()
+    scale = x64.abs() @ weight.abs()
+    assert fused.dtype == torch.bfloat16 and torch.isfinite(fused).all()
+    # bf16 ulps (2^-7 relative when the interpreter truncates): the gated input's on every term,
+    # the product's and the sum's on the output
+    tol = 2**-6 * want.abs() + 2**-7 * (scale + residual.double().abs()) + 1e-6
+    assert ((fused.double() - want).abs() <= tol).all()
+    ref = sparse_gemv_reference(gate_up, w, thresholds, splits, scales, zeros, g, gated=True, residual=residual)
+    assert ((ref.double() - want).abs() <= tol).all()
+    plain = sparse_gemv_triton(gate_up, w, thresholds, splits, scales, zeros, g, config=cfg, gated=True)
+    assert ((fused.double() - plain.double() - residual.double()).abs() <= 2**-6 * fused.double().abs() + 1e-6).all()
+
+
+def test_fusion_arguments_are_checked():
+    x, w, t, splits, s, z, g = make_problem("fp", torch.bfloat16, 2, 64, [32], 0)
+    with pytest.raises(ValueError, match=r"x \[M, 2K\]"):
+        sparse_gemv(x, w, t, splits, gated=True)  # x is [M, K], not gate|up
+    with pytest.raises(ValueError, match="residual must be"):
+        sparse_gemv(x, w, t, splits, residual=torch.zeros(2, 31, dtype=torch.bfloat16, device=DEVICE))
+    with pytest.raises(ValueError, match="residual must be"):
+        sparse_gemv(x, w, t, splits, residual=torch.zeros(2, 32, device=DEVICE))
