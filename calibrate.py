@@ -1,7 +1,6 @@
 """Calibrate TEAL thresholds for a checkpoint on a text file and write one thresholds file.
 
-    python calibrate.py --text ../shared/data/wikitext2-calib.txt \
-        --checkpoint_path checkpoints/SmolLM2-135M-Instruct
+    python calibrate.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct --text my_text.txt
 
 The file (format in teal/thresholds.py) holds three allocations, each a path of levels that
 `teal.load_thresholds` can be asked any level of: "uniform" and "greedy" (corrected so that the
@@ -15,12 +14,15 @@ import hashlib
 import time
 from pathlib import Path
 
+# cli before torch: a Ctrl-C during the slow imports below is then one line too (cli.py)
+from cli import DEFAULT_CHECKPOINT, FRACTION, ArgumentParser, float_in, int_at_least, run_main
+
 import torch
 
 from checkpoint import load_model, resolve_checkpoint
-from cli import DEFAULT_CHECKPOINT, ArgumentParser, run_main
+from files import check_writable
 from teal.calibration import calibrate, read_text, text_windows
-from teal.thresholds import check_sparsity, save_thresholds
+from teal.thresholds import save_thresholds
 from tokenizer import load_tokenizer
 
 
@@ -32,23 +34,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="calibration text, any UTF-8 file; tokenized whole, without BOS")
     p.add_argument("--output", type=Path, default=None,
                    help="thresholds file to write (default: CHECKPOINT/teal_thresholds.safetensors)")
-    p.add_argument("--tokens", type=int, default=8192,
+    p.add_argument("--tokens", type=int_at_least(2), default=8192,
                    help="calibration tokens: the first TOKENS // WINDOW_LEN windows of the text")
-    p.add_argument("--window_len", type=int, default=512,
+    p.add_argument("--window_len", type=int_at_least(2), default=512,
                    help="tokens per window; every window starts from an empty context")
-    p.add_argument("--batch", type=int, default=4, help="windows per forward pass (memory vs speed)")
+    p.add_argument("--batch", type=int_at_least(1), default=4, help="windows per forward pass (memory vs speed)")
     p.add_argument("--methods", nargs="+", choices=["uniform", "greedy"], default=["uniform", "greedy"],
                    help="allocations to calibrate ('uniform-dense' is always written: it costs nothing)")
-    p.add_argument("--max_sparsity", type=float, default=0.9,
+    p.add_argument("--max_sparsity", type=FRACTION, default=0.9,
                    help="highest parameter-weighted sparsity on the uniform/greedy paths, in [0, 1)")
-    p.add_argument("--level_step", type=float, default=0.05,
+    p.add_argument("--level_step", type=float_in(0, 1, low_open=True, high_open=True), default=0.05,
                    help="spacing of the path points; levels in between are interpolated at load time")
-    p.add_argument("--correction_tokens", type=int, default=2048,
+    p.add_argument("--correction_tokens", type=int_at_least(1), default=2048,
                    help="tokens (the first calibration windows, run as one batch) on which uniform and "
                         "greedy thresholds are set layer by layer with upstream layers sparsified")
-    p.add_argument("--greedy_tokens", type=int, default=256,
+    p.add_argument("--greedy_tokens", type=int_at_least(1), default=256,
                    help="tokens per block on which greedy measures the block-output error")
-    p.add_argument("--greedy_step", type=float, default=0.05,
+    p.add_argument("--greedy_step", type=float_in(0, 1, low_open=True, high_open=True), default=0.05,
                    help="sparsity increment of one projection per greedy step")
     p.add_argument("--greedy_exact", action="store_true",
                    help="re-score every projection at every greedy step instead of lazily (~4x slower)")
@@ -58,12 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Path:
-    check_sparsity(args.max_sparsity)
-    for name in ("level_step", "greedy_step"):
-        if not 0.0 < getattr(args, name) < 1.0:
-            raise ValueError(f"--{name} {getattr(args, name)} is outside (0, 1)")
-    folder = resolve_checkpoint(args.checkpoint_path)[0]  # a folder, or a (quantized) file in one
-    output = args.output or folder / "teal_thresholds.safetensors"
+    folder, weights = resolve_checkpoint(args.checkpoint_path)  # a folder, or a (quantized) file in one
+    output = check_writable(args.output or folder / "teal_thresholds.safetensors", weights, args.text)
     raw = read_text(args.text)
     tokenizer = load_tokenizer(folder)
     ids = tokenizer.encode(raw)

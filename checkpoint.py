@@ -57,7 +57,8 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if not weights.exists():
         raise CheckpointError(f"checkpoint not found: {weights} (convert one first, see README)")
     if not (folder / "config.json").exists():
-        raise CheckpointError(f"no config.json next to {weights}")
+        raise CheckpointError(f"no config.json next to {weights}: a weights file is read with the "
+                              f"config.json and tokenizer files of its checkpoint folder; copy them beside it")
     return folder, weights
 
 
@@ -215,27 +216,50 @@ def read_hf_weights(folder: Path) -> dict[str, Tensor]:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
+COMPANION_FILES = ("config.json",) + TOKENIZER_FILES  # what a weights file is read with
 
 
-def convert_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    hf_dir = Path(hf_dir)
-    out_dir = Path(out_dir) if out_dir else hf_dir
+def check_companions(src: Path, dst: Path, names: tuple[str, ...] = COMPANION_FILES) -> None:
+    """Refuse, before any work, to copy `names` from folder `src` into folder `dst` where `dst`
+    already holds different ones (another checkpoint's)."""
+    for name in names:
+        theirs, mine = dst / name, src / name
+        if mine.exists() and theirs.exists() and mine.read_bytes() != theirs.read_bytes():
+            raise CheckpointError(f"{dst} already holds another checkpoint's {name}; choose another folder")
+
+
+def copy_companions(src: Path, dst: Path, names: tuple[str, ...] = COMPANION_FILES) -> None:
+    """Copy the files among `names` that `src` has into `dst` (atomically, each)."""
+    for name in names:
+        if (src / name).exists() and src.resolve() != dst.resolve():
+            with atomic_path(dst / name) as tmp:
+                tmp.write_bytes((src / name).read_bytes())
+
+
+def convert_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Convert into `out_dir`, never in place: the downloaded folder stays as it was, so a second
+    conversion (or another tool) can still read it."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if out_dir.resolve() == hf_dir.resolve():
+        raise CheckpointError(f"the output folder is the Hugging Face folder {hf_dir}: convert into "
+                              "another one (--out), the source is never modified")
     cfg_path = hf_dir / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"no config.json in {hf_dir}")
     try:
-        args = hf_model_args(json.loads(cfg_path.read_text()))
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+    if "n_layer" in cfg and not {"architectures", "model_type"} & set(cfg):
+        raise CheckpointError(f"{hf_dir} holds a converted checkpoint (our config.json), not a Hugging "
+                              "Face one: use it as it is, or download the model again")
+    try:
+        args = hf_model_args(cfg)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
     state = convert_hf_state_dict(read_hf_weights(hf_dir), args)
-    if out_dir != hf_dir:
-        for name in TOKENIZER_FILES:
-            if (hf_dir / name).exists():
-                with atomic_path(out_dir / name) as tmp:
-                    tmp.write_bytes((hf_dir / name).read_bytes())
-    # Our config.json replaces HF's only after the weights are in place (same folder case).
-    save_state_dict(state, out_dir / WEIGHTS_FILE)
-    write_json(out_dir / "config.json", args.to_dict())
+    save_checkpoint(out_dir, args, state)
+    copy_companions(hf_dir, out_dir, TOKENIZER_FILES)
     return out_dir
 
 

@@ -14,16 +14,21 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+# cli before torch: a Ctrl-C during the slow imports below is then one line too (cli.py)
+from cli import (DEFAULT_CHECKPOINT, FRACTION, NON_NEGATIVE, ArgumentParser, UserError, float_in,
+                 int_at_least, run_main)
 
 import torch
 from torch import Tensor
 
 from checkpoint import load_model
-from cli import DEFAULT_CHECKPOINT, ArgumentParser, UserError, run_main
 from linear import packed_projections, segments
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, chat_template, load_tokenizer, render_chat
@@ -91,38 +96,39 @@ def _sync(device: torch.device) -> None:
 
 
 def ensure_caches(model: Transformer, total: int) -> None:
-    """Grow the KV cache to at least `total` positions, in steps of 256 so that cache shapes (and
-    so compiled graphs) stay the same across calls of similar length."""
-    if model.max_seq_length < total:
-        model.setup_caches(1, min(-(-total // 256) * 256, model.config.block_size))
+    """A batch-1 KV cache of at least `total` positions, grown in steps of 256 so that cache shapes
+    (and so compiled graphs) stay the same across calls of similar length. Calibration may have
+    left caches of another batch size."""
+    if model.max_seq_length < total or model.max_batch_size != 1:
+        model.setup_caches(1, min(-(-max(total, model.max_seq_length) // 256) * 256, model.config.block_size))
 
 
 class TokenReader:
-    """Brings decoded tokens to the host one step behind the GPU.
+    """Brings decoded tokens to the host a few steps behind the GPU.
 
     Reading a token with int() right after its step would make the host wait for the GPU every
     step, and the GPU then waits for the host to launch the next one (measured: 170 vs 213 tok/s on
-    Llama-3-8B). Instead each step's token is copied into pinned memory with an event, and the
-    host reads step i only after it has launched step i+1. On the CPU there is nothing to overlap.
+    Llama-3-8B). Instead each step's token is copied into pinned memory behind an event, and the
+    host reads step i only after it has launched steps up to i + DEPTH - 1. On the CPU there is
+    nothing to overlap.
     """
 
-    DEPTH = 2  # steps in flight: the one being read and the one the GPU is running
+    DEPTH = 3  # steps launched but not yet read
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.pending: deque[tuple[Tensor, torch.cuda.Event | None]] = deque()
-        self.buffers = ([torch.empty(1, dtype=torch.long, pin_memory=True) for _ in range(self.DEPTH + 1)]
-                        if self.cuda else [])
-        self.next_buffer = 0
+        slots = self.DEPTH + 1 if self.cuda else 0
+        self.ring = [(torch.empty(1, dtype=torch.long, pin_memory=True), torch.cuda.Event()) for _ in range(slots)]
+        self.next_slot = 0
 
     def push(self, token: Tensor) -> None:
         if not self.cuda:
             self.pending.append((token, None))
             return
-        buf = self.buffers[self.next_buffer]
-        self.next_buffer = (self.next_buffer + 1) % len(self.buffers)
+        buf, event = self.ring[self.next_slot]
+        self.next_slot = (self.next_slot + 1) % len(self.ring)
         buf.copy_(token.view(-1), non_blocking=True)
-        event = torch.cuda.Event()
         event.record()
         self.pending.append((buf, event))
 
@@ -133,7 +139,7 @@ class TokenReader:
         value, event = self.pending.popleft()
         if event is not None:
             event.synchronize()
-        return int(value[0] if event is not None else value)
+        return int(value.view(-1)[0])
 
 
 @torch.no_grad()
@@ -142,8 +148,8 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, s: Samp
              on_token=None) -> Sample:
     """Greedy/sampled continuation of one prompt; stops at EOS or after max_new_tokens.
 
-    The decode loop keeps one step in flight on the GPU (TokenReader), so after an EOS one extra
-    step may have been computed; it is discarded.
+    The decode loop keeps steps in flight on the GPU (TokenReader), so after an EOS up to
+    TokenReader.DEPTH - 1 extra steps may have been computed; they are discarded.
     """
     device = model.norm.weight.device
     total = len(prompt) + max_new_tokens
@@ -213,11 +219,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="wrap the prompt in the model's own chat template (instruct models)")
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input until an empty line or EOF")
-    p.add_argument("--num_samples", type=int, default=1, help="samples to generate per setting")
-    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (off by default)")
+    p.add_argument("--num_samples", type=int_at_least(1), default=1, help="samples to generate per setting")
+    p.add_argument("--max_new_tokens", type=int_at_least(1), default=200, help="tokens to generate at most")
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top_k", type=int_at_least(1), default=200, help="sample among the k most likely tokens")
+    p.add_argument("--top_p", type=float_in(0, 1, low_open=True), default=None,
+                   help="nucleus sampling mass, in (0, 1] (off by default)")
     p.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help="converted checkpoint folder or its .safetensors file")
@@ -228,9 +235,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="compute/weight dtype")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (torch.compile fullgraph; CUDA graphs on GPUs)")
+                   help="compile the decode step (torch.compile fullgraph; CUDA graphs on GPUs); sparse "
+                        "text may then part from eager after some tokens, at threshold ties (README)")
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.0],
+    p.add_argument("--sparsity", type=FRACTION, nargs="+", default=[0.0],
                    help="TEAL sparsity level(s) in [0, 1); several values run the same prompt at each")
     p.add_argument("--thresholds", type=Path, default=None,
                    help="calibrated thresholds file from calibrate.py (default: <checkpoint>/teal_thresholds.safetensors)")
@@ -238,15 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how sparsity is split between projections (see calibrate.py)")
     p.add_argument("--sparse_prefill", action="store_true",
                    help="also sparsify the prompt tokens (decode is always sparse when sparsity > 0)")
-    args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error("--max_new_tokens must be at least 1")
-    if args.num_samples < 1:
-        p.error("--num_samples must be at least 1")
-    for s in args.sparsity:
-        if not 0.0 <= s < 1.0:
-            p.error(f"--sparsity {s} is outside [0, 1)")
-    return args
+    return p.parse_args(argv)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -301,22 +301,50 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Transfo
 def set_sparsity(model: Transformer, level: float, args: argparse.Namespace) -> None:
     """Dense for level 0, else the calibrated thresholds for this level (self-calibrated for random
     weights) swapped in."""
-    from teal import densify, load_thresholds, sparsify
+    from teal import dense_fallbacks, densify, load_targets, load_thresholds, sparsify
     if level == 0.0:
         densify(model)
         return
     if args.random_weights:
         thresholds = self_calibrated_thresholds(model, level)
+        targets = {name: [level] * len(t) for name, t in thresholds.items()}
     else:
         folder = args.checkpoint_path if args.checkpoint_path.is_dir() else args.checkpoint_path.parent
         path = args.thresholds or folder / "teal_thresholds.safetensors"
         if not path.exists():
             raise UserError(f"no thresholds file at {path}: run calibrate.py first (see README)")
         thresholds = load_thresholds(path, model, level, args.allocation)
-    sparsify(model, thresholds, sparse_prefill=args.sparse_prefill)
+        targets = load_targets(path, model, level, args.allocation)
+    sparsify(model, thresholds, sparse_prefill=args.sparse_prefill, targets=targets)
+    slower, unmeasured = dense_fallbacks(model, model.norm.weight.device)
+    if slower:
+        print(f"[sparsity {level:.2f}: {len(slower)} of {len(thresholds)} projections stay dense, where the "
+              f"measured kernel is slower than dense (kernels/speed_table.json)]", flush=True)
+    if unmeasured:
+        print(f"[sparsity {level:.2f}: {len(unmeasured)} projections have shapes the speed table has not "
+              f"measured: sparse kernel used unchecked]", flush=True)
+
+
+def read_prompts() -> Iterator[str]:
+    """--interactive: prompts typed on standard input, until an empty line or EOF."""
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            print()
+            return
+        except UnicodeDecodeError:
+            raise UserError("standard input is not UTF-8 text") from None
+        if not text:
+            return
+        yield text
 
 
 def encode_prompt(text: str, tok: Tokenizer | None, args: argparse.Namespace, vocab: int) -> list[int]:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in argv or stdin arrive as lone surrogates
+        raise UserError("the prompt is not UTF-8 text") from None
     if tok is None:  # random weights: a fixed pseudo-random prompt of the text's length
         g = torch.Generator().manual_seed(0)
         return torch.randint(vocab, (max(1, len(text.split())),), generator=g).tolist()
@@ -329,17 +357,21 @@ def encode_prompt(text: str, tok: Tokenizer | None, args: argparse.Namespace, vo
     ids = tok.encode(text)
     if tok.add_bos and tok.bos_id is not None:
         ids = [tok.bos_id] + ids
+    if not ids:
+        raise UserError("the prompt is empty: give some text to continue")
     return ids
 
 
 class Streamer:
-    """Prints the decoded continuation as it grows (decoding the whole tail keeps UTF-8 intact)."""
+    """Prints the decoded continuation as it grows (decoding the whole tail keeps UTF-8 intact),
+    without the end-of-sequence token that stops it (`<|im_end|>` ends every chat reply)."""
 
     def __init__(self, tok: Tokenizer, prompt_len: int) -> None:
         self.tok, self.prompt_len, self.printed = tok, prompt_len, ""
 
     def __call__(self, ids: list[int]) -> None:
-        text = self.tok.decode(ids[self.prompt_len:])
+        new = ids[self.prompt_len:]
+        text = self.tok.decode(new[:-1] if new and new[-1] in self.tok.eos_ids else new)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             return
         print(text[len(self.printed):], end="", flush=True)
@@ -353,7 +385,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     s = Sampling(args.temperature, args.top_k, args.top_p)
     decode, pre = compile_steps(device, args.compile_prefill) if args.compile else (decode_one_token, prefill)
     eos = tok.eos_ids if tok else set()
-    prompts = iter(lambda: input("> "), "") if args.interactive else [args.prompt]
+    prompts = read_prompts() if args.interactive else [args.prompt]
     results = []
     for text in prompts:
         ids = encode_prompt(text, tok, args, model.config.vocab_size)
@@ -364,7 +396,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         for level in args.sparsity:
             set_sparsity(model, level, args)
             if args.compile:  # warm-up: compilation (and CUDA-graph capture) out of the timing
+                start = time.perf_counter()
+                print(f"warming up the compiled decode at sparsity {level:.2f} (compiling takes about "
+                      "a minute the first time) ...", end=" ", file=sys.stderr, flush=True)
                 generate(model, ids, min(args.max_new_tokens, 8), s, decode, pre)
+                print(f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             for i in range(args.num_samples):
                 header = f"[sparsity {level:.2f}, sample {i + 1}]"
                 print(f"\n{header}\n{text if tok and not args.chat else ''}", end="", flush=True)

@@ -10,8 +10,9 @@ Formats (linear.PackedLinear's buffers; the weight is transposed, [K = in, N = o
   W[k, n] = (q[k, n] - 8) * scales[k // g, n] + zeros[k // g, n], q in [0, 15], two q per byte
   (column 2j in the low nibble, 2j + 1 in the high one).
 A quantized checkpoint is one safetensors file in the float checkpoint's folder (it shares its
-config.json and tokenizer); the metadata key "quantization" records {"mode", "group_size",
-"lm_head"}, so `checkpoint.load_model(<that file>)` rebuilds the right modules from the file alone.
+config.json and tokenizer; written to another folder, it gets copies of them); the metadata key
+"quantization" records {"mode", "group_size", "lm_head"}, so `checkpoint.load_model(<that file>)`
+rebuilds the right modules from the file alone.
 
     python quantize.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct --mode int8
     python quantize.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct --mode int4 --groupsize 64
@@ -21,13 +22,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# cli before torch: a Ctrl-C during the slow imports below is then one line too (cli.py)
+from cli import DEFAULT_CHECKPOINT, ArgumentParser, run_main
+
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm import tqdm
 
-from checkpoint import load_model, model_state_for_saving, resolve_checkpoint, save_state_dict
-from cli import DEFAULT_CHECKPOINT, ArgumentParser, run_main
+from checkpoint import (check_companions, copy_companions, load_model, model_state_for_saving,
+                        resolve_checkpoint, save_state_dict)
+from files import check_writable
 from kernels.reference import INT4_GROUP_SIZES
 from linear import (QUANT_MODES, PackedLinear, QuantConfig, QuantizationError, quantization_targets,
                     swap_module)
@@ -134,20 +139,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also quantize lm_head (refused when it is tied to the embedding)")
     p.add_argument("--output", type=Path, default=None,
                    help="file to write (default: <checkpoint dir>/model_int8.safetensors or "
-                        "model_int4-g<G>.safetensors)")
+                        "model_int4-g<G>.safetensors); in another folder, config.json and the "
+                        "tokenizer files are copied beside it")
     return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> Path:
     cfg = QuantConfig.request(args.mode, args.groupsize, args.include_lm_head)
     folder, weights = resolve_checkpoint(args.checkpoint_path)
-    output = args.output or folder / f"model_{cfg.label}.safetensors"
-    if output.resolve() == weights.resolve():
-        raise QuantizationError(f"--output {output} would overwrite the checkpoint being quantized")
+    output = check_writable(args.output or folder / f"model_{cfg.label}.safetensors", weights)
+    check_companions(folder, output.parent)
     model = load_model(weights, "cpu", _stored_dtype(weights))
     quantize_model(model, cfg.mode, cfg.group_size, cfg.lm_head)
     save_quantized(model, cfg, output)
-    print(f"wrote {output} ({cfg.label}{', lm_head too' if cfg.lm_head else ''})")
+    copy_companions(folder, output.parent)  # a file elsewhere stays loadable
+    elsewhere = output.parent.resolve() != folder.resolve()
+    print(f"wrote {output} ({cfg.label}{', lm_head too' if cfg.lm_head else ''})"
+          + (f"; copied {folder}'s config.json and tokenizer beside it" if elsewhere else ""))
     return output
 
 

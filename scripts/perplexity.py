@@ -4,14 +4,16 @@ Float32; the whole text tokenized without BOS; window k is ids[L*k : L*k+L] with
 context; the loss covers the L-1 next-token targets of every window; every token is sparsified,
 the prompt included (sparse_prefill), so the number measures what the thresholds do to the model.
 
-    python scripts/perplexity.py --text ../shared/data/wikitext2-eval.txt \
-        --thresholds checkpoints/SmolLM2-135M-Instruct/teal_thresholds.safetensors --sparsity 0 0.25 0.5
+    python scripts/perplexity.py --text eval.txt --sparsity 0 0.25 0.5
 """
 from __future__ import annotations
 
 import argparse
 import math
 from pathlib import Path
+
+# cli before torch: a Ctrl-C during the slow imports below is then one line too (cli.py)
+from cli import DEFAULT_CHECKPOINT, FRACTION, ArgumentParser, int_at_least, run_main
 
 import torch
 import torch.nn as nn
@@ -20,12 +22,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from checkpoint import load_model, resolve_checkpoint
-from cli import DEFAULT_CHECKPOINT, ArgumentParser, run_main
-from files import write_json
+from files import check_writable, write_json
 from teal import densify, load_thresholds, sparsify
 from teal.calibration import read_text, text_windows
 from teal.sparsify import SparsityMeter
-from teal.thresholds import check_sparsity
 from tokenizer import load_tokenizer
 
 
@@ -68,15 +68,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help="converted checkpoint folder (config.json, model.safetensors, tokenizer)")
     p.add_argument("--text", type=Path, required=True, help="evaluation text, any UTF-8 file")
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.0],
+    p.add_argument("--sparsity", type=FRACTION, nargs="+", default=[0.0],
                    help="parameter-weighted TEAL sparsity levels to evaluate, each in [0, 1)")
     p.add_argument("--thresholds", type=Path, default=None,
-                   help="thresholds file from calibrate.py (needed for any sparsity > 0)")
-    p.add_argument("--allocation", default="uniform",
-                   help="allocation in the thresholds file: uniform, greedy or uniform-dense")
-    p.add_argument("--windows", type=int, default=64, help="number of windows to score")
-    p.add_argument("--window_len", type=int, default=512, help="tokens per window")
-    p.add_argument("--batch", type=int, default=4, help="windows per forward pass")
+                   help="thresholds file from calibrate.py, read for any sparsity > 0 "
+                        "(default: <checkpoint>/teal_thresholds.safetensors)")
+    p.add_argument("--allocation", choices=["uniform", "greedy", "uniform-dense"], default="uniform",
+                   help="allocation in the thresholds file")
+    p.add_argument("--windows", type=int_at_least(1), default=64, help="number of windows to score")
+    p.add_argument("--window_len", type=int_at_least(2), default=512, help="tokens per window")
+    p.add_argument("--batch", type=int_at_least(1), default=4, help="windows per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device to run on (float32)")
     p.add_argument("--output", type=Path, default=None, help="also write the rows to this JSON file")
@@ -84,16 +85,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    for s in args.sparsity:
-        check_sparsity(s)
-    ids = load_tokenizer(resolve_checkpoint(args.checkpoint_path)[0]).encode(read_text(args.text))
+    folder = resolve_checkpoint(args.checkpoint_path)[0]
+    if args.output is not None:
+        check_writable(args.output)
+    thresholds = None
+    if max(args.sparsity) > 0:
+        thresholds = args.thresholds or folder / "teal_thresholds.safetensors"
+        if not thresholds.is_file():
+            raise FileNotFoundError(f"no thresholds file at {thresholds}: run calibrate.py first, "
+                                    "or pass --thresholds")
+    ids = load_tokenizer(folder).encode(read_text(args.text))
     text_windows(ids, args.windows, args.window_len)  # fail on a short text before loading the model
     model = load_model(args.checkpoint_path, device=args.device, dtype=torch.float32)
-    if args.thresholds is not None:  # a foreign or broken file fails before any evaluation
-        load_thresholds(args.thresholds, model, max(args.sparsity), args.allocation)
+    if thresholds is not None:  # a foreign or broken file fails before any evaluation
+        load_thresholds(thresholds, model, max(args.sparsity), args.allocation)
     rows = []
     for s in args.sparsity:
-        row = evaluate(model, ids, s, args.thresholds, args.allocation, args.window_len, args.windows,
+        row = evaluate(model, ids, s, thresholds, args.allocation, args.window_len, args.windows,
                        args.batch)
         print(f"sparsity {s:.2f} ({row['allocation']}): perplexity {row['perplexity']:.3f}, "
               f"realized {row['realized']['parameter_weighted']:.3f}")

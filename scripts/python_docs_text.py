@@ -12,7 +12,8 @@ def main() -> None:
     p.add_argument("out", type=Path, help="text file to write")
     args = p.parse_args()
     from pydoc_data.topics import topics
-    from files import atomic_path
+    from files import atomic_path, check_writable
+    check_writable(args.out)
     text = "\n\n".join(topics[k].strip() for k in sorted(topics))
     with atomic_path(args.out) as tmp:
         tmp.write_text(text, encoding="utf-8")

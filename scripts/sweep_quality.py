@@ -124,12 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     thr_path = args.thresholds or args.checkpoint_path / "teal_thresholds_sweep.safetensors"
     if not args.reuse:
-        code = calibrate.main(["--checkpoint_path", str(args.checkpoint_path), "--text", str(args.calib_text),
-                               "--output", str(thr_path), "--tokens", str(args.calib_tokens),
-                               "--window_len", str(args.window_len), "--batch", str(args.batch),
-                               "--device", "cpu"])
-        if code:
-            raise ValueError("calibration failed (see above)")
+        calibrate.run(calibrate.parse_args([
+            "--checkpoint_path", str(args.checkpoint_path), "--text", str(args.calib_text),
+            "--output", str(thr_path), "--tokens", str(args.calib_tokens), "--window_len", str(args.window_len),
+            "--batch", str(args.batch), "--device", "cpu"]))
     meta, _ = read_thresholds(thr_path)
     model = load_model(args.checkpoint_path, device="cpu", dtype=torch.float32)
     tokenizer = load_tokenizer(args.checkpoint_path)

@@ -20,8 +20,11 @@
 from __future__ import annotations
 
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -88,6 +91,69 @@ def text_windows(ids: list[int] | Tensor, n_windows: int, window_len: int) -> Te
     return torch.as_tensor(ids[: n_windows * window_len]).view(n_windows, window_len)
 
 
+class Progress:
+    """One bar for a whole calibration, with the time left, instead of a bar per pass.
+
+    Work is budgeted up front in token-layers (one token through one decoder block), per kind of
+    pass (dense histograms, greedy, sequential thresholds...). The kinds cost different amounts
+    per token-layer, and that changes with the code and the machine's load, so the time per
+    token-layer is measured per kind as it runs (a kind not started yet is assumed to run at the
+    average so far). The bar shows the share of the estimated total time that has passed.
+    """
+
+    def __init__(self, budgets: dict[str, float], desc: str = "calibrating", leave: bool = True) -> None:
+        self.left = dict(budgets)  # kind -> token-layers to do
+        self.done = dict.fromkeys(budgets, 0.0)
+        self.seconds = dict.fromkeys(budgets, 0.0)
+        self.start = self.last = time.perf_counter()
+        self.kind, self.units, self.phase_done = "", 0.0, 0.0
+        self.bar = tqdm(total=1.0, desc=desc, leave=leave, smoothing=0,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is None:  # done: whatever the estimate said
+            self.bar.total = self.bar.n
+            self.bar.refresh()
+        self.bar.close()
+
+    @contextmanager
+    def phase(self, kind: str, name: str, units: float) -> Iterator[None]:
+        """A pass of `units` token-layers of `kind`: its ticks fill it, its end completes it."""
+        self.kind, self.units, self.phase_done = kind, units, 0.0
+        self.bar.set_postfix_str(name, refresh=False)
+        yield
+        self.reach(1.0)
+
+    def reach(self, fraction: float) -> None:
+        """The current phase is `fraction` done."""
+        self.tick(fraction * self.units - self.phase_done)
+
+    def tick(self, units: float) -> None:
+        units = max(0.0, min(units, self.units - self.phase_done))
+        now = time.perf_counter()
+        self.phase_done += units
+        self.left[self.kind] -= units
+        self.done[self.kind] += units
+        self.seconds[self.kind] += now - self.last
+        self.last = now
+        average = sum(self.seconds.values()) / max(sum(self.done.values()), 1.0)
+        remaining = sum(left * (self.seconds[k] / self.done[k] if self.done[k] else average)
+                        for k, left in self.left.items())
+        elapsed = now - self.start
+        self.bar.total = elapsed + remaining
+        self.bar.update(elapsed - self.bar.n)
+
+
+def greedy_work(model: nn.Module, windows: Tensor, grid: Tensor, step: float) -> float:
+    """Estimated token-layers of greedy_levels' block evaluations: about two per step (measured
+    1.9-2.2 on SmolLM2-135M) plus the first scoring of each projection, per block."""
+    n_proj = len(PROJECTIONS)
+    return windows.numel() * len(model.layers) * (2 * n_proj * float(grid.max()) / step + n_proj)
+
+
 class _Stop(Exception):
     """Raised at the final norm: calibration never needs logits, so lm_head is skipped."""
 
@@ -97,20 +163,28 @@ def _stop(module: nn.Module, args: tuple) -> None:
 
 
 @torch.no_grad()
-def stream(model: nn.Module, windows: Tensor, batch: int, desc: str) -> None:
-    """Run the decoder blocks over `windows` [N, L], `batch` windows at a time (hooks do the work)."""
+def stream(model: nn.Module, windows: Tensor, batch: int, desc: str, progress: Progress | None = None) -> None:
+    """Run the decoder blocks over `windows` [N, L], `batch` windows at a time (hooks do the work).
+    Each block ticks `progress`; without one, the pass shows a bar of its own."""
+    if progress is None:
+        work = windows.numel() * len(model.layers)
+        with Progress({desc: work}, desc, leave=False) as own, own.phase(desc, desc, work):
+            return stream(model, windows, batch, desc, own)
     device = model.norm.weight.device
     pos = torch.arange(windows.shape[1], device=device)
-    handle = model.norm.register_forward_pre_hook(_stop)
+    handles = [model.norm.register_forward_pre_hook(_stop)] + [
+        layer.register_forward_hook(lambda mod, args, out: progress.tick(out.shape[0] * out.shape[1]))
+        for layer in model.layers]
     try:
-        for chunk in tqdm(windows.split(batch), desc=desc, leave=False):
+        for chunk in windows.split(batch):
             model.setup_caches(chunk.shape[0], windows.shape[1])
             try:
                 model(chunk.to(device), pos)
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 def segment_inputs(model: nn.Module) -> list[int]:
@@ -119,7 +193,8 @@ def segment_inputs(model: nn.Module) -> list[int]:
     return [names.index(name) for name, _, _ in segments(model)]
 
 
-def input_histograms(model: nn.Module, windows: Tensor, batch: int) -> LogHistogram:
+def input_histograms(model: nn.Module, windows: Tensor, batch: int,
+                     progress: Progress | None = None) -> LogHistogram:
     """Histograms of every projection input (one per PackedLinear) of the dense model."""
     pack_model(model)
     densify(model)
@@ -128,7 +203,7 @@ def input_histograms(model: nn.Module, windows: Tensor, batch: int) -> LogHistog
     handles = [m.register_forward_pre_hook(lambda mod, args, i=i: hist.add(i, args[0]))
                for i, m in enumerate(mods.values())]
     try:
-        stream(model, windows, batch, "dense histograms")
+        stream(model, windows, batch, "dense histograms", progress)
     finally:
         for h in handles:
             h.remove()
@@ -146,7 +221,8 @@ def thresholds_at(model: nn.Module, hist: LogHistogram, levels: Tensor) -> Tenso
 
 
 @torch.no_grad()
-def sequential_thresholds(model: nn.Module, windows: Tensor, levels: Tensor) -> Tensor:
+def sequential_thresholds(model: nn.Module, windows: Tensor, levels: Tensor,
+                          progress: Progress | None = None) -> Tensor:
     """Thresholds whose realized per-segment sparsity on `windows` is `levels` [n_segments],
     upstream projections sparsified (one forward, all windows in one batch: memory grows with it).
     """
@@ -166,7 +242,7 @@ def sequential_thresholds(model: nn.Module, windows: Tensor, levels: Tensor) -> 
     handles = [m.register_forward_pre_hook(set_from_input(name)) for name, m in mods.items()]
     try:
         with every_token_sparse(model):
-            stream(model, windows, len(windows), "sequential thresholds")
+            stream(model, windows, len(windows), "sequential thresholds", progress)
     finally:
         for h in handles:
             h.remove()
@@ -215,7 +291,7 @@ class BlockProbe:
 
 
 @torch.no_grad()
-def block_inputs(model: nn.Module, windows: Tensor) -> list[Tensor]:
+def block_inputs(model: nn.Module, windows: Tensor, progress: Progress | None = None) -> list[Tensor]:
     """Dense inputs of every decoder block on `windows` (one batch)."""
     pack_model(model)
     densify(model)
@@ -223,7 +299,7 @@ def block_inputs(model: nn.Module, windows: Tensor) -> list[Tensor]:
     handles = [layer.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
                for layer in model.layers]
     try:
-        stream(model, windows, len(windows), "block inputs")
+        stream(model, windows, len(windows), "block inputs", progress)
     finally:
         for h in handles:
             h.remove()
@@ -232,28 +308,35 @@ def block_inputs(model: nn.Module, windows: Tensor) -> list[Tensor]:
 
 @torch.no_grad()
 def greedy_levels(model: nn.Module, windows: Tensor, dense_hist: LogHistogram, grid: Tensor,
-                  step: float, exact: bool = False) -> Tensor:
+                  step: float, exact: bool = False, progress: Progress | None = None) -> Tensor:
     """TEAL's block-wise greedy: per-segment sparsity [len(grid), n_segments] for each level of grid."""
-    inputs = block_inputs(model, windows)
     n_layer, n_proj = len(model.layers), len(PROJECTIONS)
+    if progress is None:
+        budgets = {"block inputs": windows.numel() * n_layer, "greedy": greedy_work(model, windows, grid, step)}
+        with Progress(budgets, "greedy", leave=False) as own:
+            return greedy_levels(model, windows, dense_hist, grid, step, exact, own)
+    with progress.phase("block inputs", "greedy: block inputs", windows.numel() * n_layer):
+        inputs = block_inputs(model, windows, progress)
     weights = segment_weights(model).view(n_layer, n_proj)
     seg_input = torch.tensor(segment_inputs(model)).view(n_layer, n_proj)
     n_max = int(MAX_SEGMENT_SPARSITY / step + 1e-9)
     steps = torch.arange(n_max + 1) * step
     out = torch.zeros(len(grid), n_layer, n_proj)
     with every_token_sparse(model):
-        for i in tqdm(range(n_layer), desc="greedy", leave=False):
-            # thresholds of every projection at every step count: table[p, n]
-            table = torch.stack([dense_hist.quantiles(int(seg_input[i, p]), steps) for p in range(n_proj)])
-            probe = BlockProbe(model, i, inputs[i])
-            out[:, i] = _greedy_block(probe, table, weights[i], grid, step, exact)
-            probe.set(torch.zeros(n_proj))
+        for i in range(n_layer):
+            with progress.phase("greedy", f"greedy: block {i + 1}/{n_layer}",
+                                greedy_work(model, windows, grid, step) / n_layer):
+                # thresholds of every projection at every step count: table[p, n]
+                table = torch.stack([dense_hist.quantiles(int(seg_input[i, p]), steps) for p in range(n_proj)])
+                probe = BlockProbe(model, i, inputs[i])
+                out[:, i] = _greedy_block(probe, table, weights[i], grid, step, exact, progress)
+                probe.set(torch.zeros(n_proj))
     densify(model)
     return out.view(len(grid), -1)
 
 
 def _greedy_block(probe: BlockProbe, table: Tensor, weights: Tensor, grid: Tensor, step: float,
-                  exact: bool) -> Tensor:
+                  exact: bool, progress: Progress) -> Tensor:
     """Greedy path of one block, read at `grid`; table[p, n] = threshold of projection p at n steps.
 
     Lazy by default: a projection's last score (error added per weight skipped) is kept across
@@ -289,6 +372,7 @@ def _greedy_block(probe: BlockProbe, table: Tensor, weights: Tensor, grid: Tenso
             score[p] = (e - err) / (step * float(weights[p]))
             fresh[p] = (e, hc)
         count[p] += 1
+        progress.reach(float(count.double() @ share) * step / target)
         err, h = fresh[p]
         states.append(count.clone())
     return _read_path(torch.stack(states).double() * step, share, grid)
@@ -323,25 +407,38 @@ def calibrate(model: nn.Module, windows: Tensor, batch: int, grid: Tensor, metho
               greedy_exact: bool, dense_grid: Tensor) -> dict[str, Allocation]:
     """All allocations asked for in `methods` ("uniform", "greedy"), plus "uniform-dense"."""
     pack_model(model)
-    n_seg = len(segments(model))
-    dense = input_histograms(model, windows, batch)
-    ones = torch.ones(n_seg)
-    out = {"uniform-dense": Allocation(
-        dense_grid, dense_grid[:, None] * ones,
-        torch.stack([thresholds_at(model, dense, s * ones) for s in dense_grid]),
-        "s-quantile of |x| over the dense model's calibration activations (reference protocol)")}
+    n_seg, n_layer = len(segments(model)), len(model.layers)
     corr = windows[:correction_windows]
-    targets = {}
-    if "uniform" in methods:
-        targets["uniform"] = (grid[:, None] * ones, "every segment at s")
+    sequential_work = corr.numel() * n_layer  # one pass per level above 0, per method
+    budgets = {"dense histograms": windows.numel() * n_layer,
+               "sequential": len(methods) * int((grid > 0).sum()) * sequential_work}
     if "greedy" in methods:
-        targets["greedy"] = (greedy_levels(model, greedy_windows, dense, grid, greedy_step,
-                                                           greedy_exact),
-                             f"TEAL block-wise greedy (step {greedy_step}, "
-                             f"{greedy_windows.numel()} tokens per block)")
-    for name, (levels, what) in targets.items():
-        thr = torch.stack([sequential_thresholds(model, corr, lv) if lv.any() else torch.zeros(n_seg)
-                           for lv in tqdm(levels, desc=name)])
-        out[name] = Allocation(grid, levels, thr, f"{what}; thresholds corrected for upstream "
-                               f"sparsity (sequential, on {corr.numel()} tokens)")
+        budgets.update({"block inputs": greedy_windows.numel() * n_layer,
+                        "greedy": greedy_work(model, greedy_windows, grid, greedy_step)})
+    with Progress(budgets) as progress:
+        with progress.phase("dense histograms", "dense histograms", windows.numel() * n_layer):
+            dense = input_histograms(model, windows, batch, progress)
+        ones = torch.ones(n_seg)
+        out = {"uniform-dense": Allocation(
+            dense_grid, dense_grid[:, None] * ones,
+            torch.stack([thresholds_at(model, dense, s * ones) for s in dense_grid]),
+            "s-quantile of |x| over the dense model's calibration activations (reference protocol)")}
+        targets = {}
+        if "uniform" in methods:
+            targets["uniform"] = (grid[:, None] * ones, "every segment at s")
+        if "greedy" in methods:
+            targets["greedy"] = (greedy_levels(model, greedy_windows, dense, grid, greedy_step,
+                                               greedy_exact, progress),
+                                 f"TEAL block-wise greedy (step {greedy_step}, "
+                                 f"{greedy_windows.numel()} tokens per block)")
+        for name, (levels, what) in targets.items():
+            rows = []
+            for level, lv in zip(grid.tolist(), levels):
+                if not lv.any():
+                    rows.append(torch.zeros(n_seg))
+                    continue
+                with progress.phase("sequential", f"{name} {level:.2f}", sequential_work):
+                    rows.append(sequential_thresholds(model, corr, lv, progress))
+            out[name] = Allocation(grid, levels, torch.stack(rows), f"{what}; thresholds corrected for "
+                                   f"upstream sparsity (sequential, on {corr.numel()} tokens)")
     return out
