@@ -298,6 +298,15 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Transfo
     return model, load_tokenizer(folder)
 
 
+def thresholds_path(args: argparse.Namespace) -> Path:
+    """The thresholds file --sparsity reads: --thresholds, else the checkpoint folder's."""
+    folder = args.checkpoint_path if args.checkpoint_path.is_dir() else args.checkpoint_path.parent
+    path = args.thresholds or folder / "teal_thresholds.safetensors"
+    if not path.exists():
+        raise UserError(f"no thresholds file at {path}: run calibrate.py first (see README)")
+    return path
+
+
 def set_sparsity(model: Transformer, level: float, args: argparse.Namespace) -> None:
     """Dense for level 0, else the calibrated thresholds for this level (self-calibrated for random
     weights) swapped in."""
@@ -309,10 +318,7 @@ def set_sparsity(model: Transformer, level: float, args: argparse.Namespace) -> 
         thresholds = self_calibrated_thresholds(model, level)
         targets = {name: [level] * len(t) for name, t in thresholds.items()}
     else:
-        folder = args.checkpoint_path if args.checkpoint_path.is_dir() else args.checkpoint_path.parent
-        path = args.thresholds or folder / "teal_thresholds.safetensors"
-        if not path.exists():
-            raise UserError(f"no thresholds file at {path}: run calibrate.py first (see README)")
+        path = thresholds_path(args)
         thresholds = load_thresholds(path, model, level, args.allocation)
         targets = load_targets(path, model, level, args.allocation)
     sparsify(model, thresholds, sparse_prefill=args.sparse_prefill, targets=targets)
@@ -385,6 +391,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     s = Sampling(args.temperature, args.top_k, args.top_p)
     decode, pre = compile_steps(device, args.compile_prefill) if args.compile else (decode_one_token, prefill)
     eos = tok.eos_ids if tok else set()
+    if max(args.sparsity) > 0 and not args.random_weights:  # a bad file fails before any generation
+        from teal import load_thresholds
+        load_thresholds(thresholds_path(args), model, max(args.sparsity), args.allocation)
     prompts = read_prompts() if args.interactive else [args.prompt]
     results = []
     for text in prompts:

@@ -41,6 +41,7 @@ CASES = [
     ("generate", ["--dtype", "float8"], 2, "invalid choice"),
     ("generate", ["--bogus"], 2, "unrecognized arguments: --bogus"),
     ("generate", ["--sparsity", "0.5"], 1, "no thresholds file"),
+    ("generate", ["--sparsity", "0", "0.5"], 1, "no thresholds file"),  # before the dense row runs
     ("generate", ["--sparsity", "0.5", "--thresholds", "{thr}", "--allocation", "greedy"], 1,
      "no 'greedy' allocation"),
     ("generate", ["--sparsity", "0.5", "--thresholds", "{text}"], 1, "not a TEAL thresholds file"),
