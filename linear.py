@@ -167,7 +167,7 @@ class PackedLinear(nn.Module):
             out = (gated_input(rows) if gated else rows) @ self.dense_weight_t(x.dtype)
             out = out if res is None else out + res
         elif rows.shape[0] <= MAX_BATCH and x.dtype in KERNEL_DTYPES:
-            # Decode: the teal::sparse_gemv op (Triton on CUDA, the reference on CPU); rows of
+            # Decode: the teal::sparse_gemv op (Triton on CUDA, C++ on the CPU: kernels/cpu.py); rows of
             # zeroed inputs are never read.
             out = sparse_gemv(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(), self.group_size,
                               gated, res)

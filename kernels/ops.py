@@ -3,11 +3,14 @@ decode-sized batches), ``teal::decode_attention`` and ``teal::decode_attention_s
 decode path's attention, decode.py).
 
 One op, one implementation per device: CUDA runs the Triton kernels (kernels/triton_gemv.py,
-kernels/attention.py), the CPU runs the plain-torch references (kernels/reference.py), so a model
-works where Triton is not installed. ``TEAL_CPU_KERNELS=interpreter`` (with ``TRITON_INTERPRET=1``
-set before Triton is imported) makes the CPU run the Triton kernels in Triton's interpreter
-instead: that is how CI tests the model -> kernel path without a GPU. ``register_fake`` lets
-``torch.compile(fullgraph=True)`` trace through the ops (CUDA graphs included).
+kernels/attention.py); the CPU runs ``teal::sparse_gemv`` with the C++ row-skipping kernel of
+kernels/cpu.py (the plain-torch reference where it cannot be built) and attention with the
+plain-torch references (kernels/reference.py), so a model works where Triton is not installed.
+``TEAL_CPU_KERNELS=reference`` forces the references; ``TEAL_CPU_KERNELS=interpreter`` (with
+``TRITON_INTERPRET=1`` set before Triton is imported) makes the CPU run the Triton kernels in
+Triton's interpreter instead: that is how CI tests the model -> kernel path without a GPU.
+``register_fake`` lets ``torch.compile(fullgraph=True)`` trace through the ops (CUDA graphs
+included).
 """
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ import os
 import torch
 from torch import Tensor
 
+from kernels import cpu
 from kernels.reference import (attention_reference, attention_step_reference, masked_product, validate,
                                validate_attention, validate_step)
 
-CPU_KERNELS_ENV = "TEAL_CPU_KERNELS"  # "reference" (default) or "interpreter"
+CPU_KERNELS_ENV = "TEAL_CPU_KERNELS"  # "native" (default), "reference" or "interpreter"
+CPU_KERNEL_MODES = ("native", "reference", "interpreter")
 
 
 def _triton_launcher():
@@ -28,14 +33,19 @@ def _triton_launcher():
     return sparse_gemv_triton
 
 
-def _cpu_runs_interpreter() -> bool:
-    """What the CPU implementations run: the reference, or the Triton kernels interpreted."""
-    mode = os.environ.get(CPU_KERNELS_ENV, "reference")
-    if mode not in ("reference", "interpreter"):
-        raise ValueError(f"{CPU_KERNELS_ENV} must be 'reference' or 'interpreter', got {mode!r}")
+def _cpu_kernels() -> str:
+    """What the CPU implementations run: the C++ kernel (native), the plain-torch reference, or the
+    Triton kernels interpreted."""
+    mode = os.environ.get(CPU_KERNELS_ENV, "native")
+    if mode not in CPU_KERNEL_MODES:
+        raise ValueError(f"{CPU_KERNELS_ENV} must be 'native', 'reference' or 'interpreter', got {mode!r}")
     if mode == "interpreter" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"{CPU_KERNELS_ENV}=interpreter needs TRITON_INTERPRET=1 set before Triton is imported")
-    return mode == "interpreter"
+    return mode
+
+
+def _cpu_runs_interpreter() -> bool:
+    return _cpu_kernels() == "interpreter"
 
 
 @torch.library.custom_op("teal::sparse_gemv", mutates_args=(), device_types="cpu")
@@ -51,9 +61,12 @@ def _sparse_gemv_cpu(
     residual: Tensor | None = None,
 ) -> Tensor:
     args = (x, w, thresholds, split_sizes, scales, zeros, group_size)
-    if _cpu_runs_interpreter():
+    mode = _cpu_kernels()
+    if mode == "interpreter":
         return _triton_launcher()(*args, gated=gated, residual=residual)
     validate(*args, for_kernel=True, gated=gated, residual=residual)
+    if mode == "native" and cpu.available():
+        return cpu.sparse_gemv_cpu(*args, gated=gated, residual=residual)
     return masked_product(*args, gated=gated, residual=residual)
 
 

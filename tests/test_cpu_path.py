@@ -1,0 +1,154 @@
+"""The CPU decode kernel (kernels/cpu.py): bit-level agreement with the formats' definition
+(kernels.reference.dequantize_weight, float64), TEAL masking, the fusions, row skipping, and the
+model -> PackedLinear -> op path eager and compiled."""
+from __future__ import annotations
+
+import pytest
+import torch
+from fixtures import tiny_model
+
+from kernels import cpu, dequantize_weight, sparse_gemv
+from kernels.ops import CPU_KERNELS_ENV
+from kernels.reference import masked_product
+from linear import pack_model, packed_projections
+from quantize import pack_int4, quantize_model
+from teal import sparsify
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="the C++ CPU kernel did not build here")
+
+FORMATS = [("fp", 0), ("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)]
+
+
+def dyadic_problem(fmt: str, group: int, m: int = 3, k: int = 256, splits: tuple[int, ...] = (48, 16, 32),
+                   seed: int = 0):
+    """Weights, scales, zeros and x on coarse binary grids, so that every product and every partial
+    sum is exact in float32: the kernel's output must then equal the float64 result rounded to
+    bf16, bit for bit, whatever the summation order."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(splits)
+    x = (torch.randint(-16, 17, (m, k), generator=g) / 4).bfloat16()  # multiples of 1/4 in [-4, 4]
+    scales = zeros = None
+    if fmt == "fp":
+        w = (torch.randint(-64, 65, (k, n), generator=g) / 16).bfloat16()
+    elif fmt == "int8":
+        w = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8)
+        scales = 2.0 ** -torch.randint(4, 8, (n,), generator=g).float()
+    else:
+        w = pack_int4(torch.randint(0, 16, (k, n), generator=g, dtype=torch.uint8))
+        scales = 2.0 ** -torch.randint(0, 4, (k // group, n), generator=g).float()
+        zeros = torch.randint(-16, 17, (k // group, n), generator=g) / 8
+    thresholds = torch.tensor([0.0, 1.1, 2.6][: len(splits)])  # never equal to an |x|
+    return x, w, thresholds, list(splits), scales, zeros, group
+
+
+def float64_product(x, w, thresholds, splits, scales, zeros, group):
+    """x masked per segment first, then times the float64 dequantized weight."""
+    weight = dequantize_weight(w, scales, zeros, group).double()
+    xd = x.double()
+    return torch.cat([torch.where(xd.abs() > t, xd, 0.0) @ cols
+                      for t, cols in zip(thresholds.tolist(), weight.split(splits, dim=1))], dim=1)
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_dequantization_matches_the_float64_definition_bit_for_bit(fmt, group):
+    """One-hot inputs read single rows of W: the kernel's rows are the definition's, exactly."""
+    x, w, _, splits, scales, zeros, g = dyadic_problem(fmt, group)
+    k = w.shape[0]
+    eye = torch.eye(k, dtype=torch.bfloat16)
+    rows = torch.cat([cpu.sparse_gemv_cpu(eye[i:i + 8], w, torch.zeros(len(splits)), splits, scales, zeros, g)
+                      for i in range(0, k, 8)])
+    want = dequantize_weight(w, scales, zeros, g).double()
+    assert torch.equal(rows.double(), want)
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_teal_masked_product_is_exact(fmt, group):
+    """Thresholds per segment, x masked first: the float64 product, rounded once to bf16."""
+    args = dyadic_problem(fmt, group)
+    out = cpu.sparse_gemv_cpu(*args)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, float64_product(*args).bfloat16())
+
+
+@pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32)])
+def test_fusions_match_the_reference(fmt, group):
+    """gated (SiLU(gate) * up as the input) and residual (added after rounding) as the reference."""
+    x, w, thresholds, splits, scales, zeros, g = dyadic_problem(fmt, group, m=2)
+    gate_up = torch.randn(2, 2 * x.shape[1], generator=torch.Generator().manual_seed(1)).bfloat16()
+    residual = torch.randn(2, sum(splits), generator=torch.Generator().manual_seed(2)).bfloat16()
+    args = (gate_up, w, thresholds, splits, scales, zeros, g)
+    got = cpu.sparse_gemv_cpu(*args, gated=True, residual=residual)
+    want = masked_product(*args, gated=True, residual=residual)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-2)
+
+
+def test_skipped_rows_are_never_read():
+    """Rows of the weight whose inputs TEAL drops are NaN: a kernel that read them would say so."""
+    x, w, thresholds, splits, *_ = dyadic_problem("fp", 0, m=1, splits=(96,))
+    thresholds.fill_(1.1)
+    w[x[0].float().abs() <= 1.1] = float("nan")
+    out = cpu.sparse_gemv_cpu(x, w, thresholds, splits, None, None, 0)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, float64_product(x, w.nan_to_num(0.0), thresholds, splits, None, None, 0).bfloat16())
+
+
+def test_fp16_and_odd_widths():
+    """fp16 activations and segment widths that are not multiples of the 16-lane vectors."""
+    x, w, thresholds, splits, *_ = dyadic_problem("fp", 0, splits=(18, 6, 40))
+    x, w = x.half(), w.half()
+    assert torch.equal(cpu.sparse_gemv_cpu(x, w, thresholds, splits, None, None, 0),
+                       float64_product(x, w, thresholds, splits, None, None, 0).half())
+
+
+def test_op_runs_the_kernel_by_default(monkeypatch):
+    """teal::sparse_gemv on the CPU: the C++ kernel unless TEAL_CPU_KERNELS says otherwise."""
+    args = dyadic_problem("int4", 32)
+    calls = []
+    real = cpu.sparse_gemv_cpu
+    monkeypatch.setattr(cpu, "sparse_gemv_cpu", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.delenv(CPU_KERNELS_ENV, raising=False)
+    assert torch.equal(sparse_gemv(*args), float64_product(*args).bfloat16()) and calls == [1]
+    monkeypatch.setenv(CPU_KERNELS_ENV, "reference")
+    torch.testing.assert_close(sparse_gemv(*args).float(), float64_product(*args).float(), rtol=2**-7, atol=1e-3)
+    assert calls == [1]
+
+
+def sparse_tiny(fmt: str) -> torch.nn.Module:
+    model = tiny_model(seed=2).to(torch.bfloat16)
+    if fmt != "fp":
+        quantize_model(model, fmt, 32)
+    pack_model(model)
+    sparsify(model, {n: [0.6] * len(m.split_sizes) for n, m in packed_projections(model).items()})
+    return model
+
+
+@torch.no_grad()
+def decode_logits(model: torch.nn.Module, step, steps: int = 4) -> torch.Tensor:
+    prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
+    model.setup_caches(1, 16)
+    token = model(prompt, torch.arange(6))[:, -1:].argmax(-1)
+    out = []
+    for i in range(steps):
+        logits = step(model, token, torch.tensor([6 + i]))
+        out.append(logits.float())
+        token = logits[:, -1:].argmax(-1)
+    return torch.cat(out, 1)
+
+
+def plain_step(model, token, pos):
+    return model(token, pos)
+
+
+@pytest.mark.parametrize("fmt", ["fp", "int8", "int4"])
+def test_model_decode_native_matches_reference_eager_and_compiled(monkeypatch, fmt):
+    """A sparse (and quantized) tiny model decodes the same through the kernel as through the
+    plain-torch reference, eager and under torch.compile(fullgraph=True)."""
+    model = sparse_tiny(fmt)
+    monkeypatch.setenv(CPU_KERNELS_ENV, "reference")
+    ref = decode_logits(model, plain_step)
+    monkeypatch.setenv(CPU_KERNELS_ENV, "native")
+    tol = dict(rtol=0.02, atol=0.02 * ref.abs().max().item())
+    torch.testing.assert_close(decode_logits(model, plain_step), ref, **tol)
+    if fmt == "int4":  # one compiled format keeps the suite's time down; the op is the same for all
+        torch._dynamo.reset()
+        torch.testing.assert_close(decode_logits(model, torch.compile(plain_step, fullgraph=True)), ref, **tol)
