@@ -407,32 +407,14 @@ def _empty_cache():
 
 
 def graph_time_us(step, n_variants: int, calls: int = 32, rep: int = 60) -> float:
-    """Median µs per call of step(i), replayed in one CUDA graph cycling over i < n_variants."""
-    import triton.testing
-
+    """benchmarks.timing's CUDA-graph timer; a plain loop under --dry (the interpreter)."""
     if DRY:
         t0 = time.perf_counter()
         for i in range(n_variants):
             step(i)
         return (time.perf_counter() - t0) * 1e6 / n_variants
-
-    calls = math.ceil(calls / n_variants) * n_variants
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(n_variants):
-            step(i)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            step(i % n_variants)
-    graph.replay()
-    torch.cuda.synchronize()
-    ms = triton.testing.do_bench(graph.replay, warmup=10, rep=rep, return_mode="median")
-    del graph
-    return ms * 1e3 / calls
+    from benchmarks.timing import graph_time_us as timed
+    return timed(step, n_variants, calls, rep)
 
 
 def copies_for(nbytes: int) -> int:

@@ -110,7 +110,7 @@ def copies_for(bytes_per_copy: int) -> int:
     return max(2, min(16, math.ceil(ROTATION_BYTES / max(bytes_per_copy, 1))))
 
 
-def graph_time_us(step: Callable[[int], object], n_variants: int, calls: int = 32) -> float:
+def graph_time_us(step: Callable[[int], object], n_variants: int, calls: int = 32, rep: int = 100) -> float:
     """Median µs per call of ``step(i)`` replayed in one CUDA graph cycling over i < n_variants.
 
     Runs every variant once eagerly first (JIT compilation, persistent buffers), then
@@ -133,6 +133,6 @@ def graph_time_us(step: Callable[[int], object], n_variants: int, calls: int = 3
             step(i % n_variants)
     graph.replay()
     torch.cuda.synchronize()
-    ms = triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+    ms = triton.testing.do_bench(graph.replay, warmup=10, rep=rep, return_mode="median")
     del graph
     return ms * 1e3 / calls
