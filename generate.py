@@ -238,6 +238,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compile the decode step (torch.compile fullgraph; CUDA graphs on GPUs); sparse "
                         "text may then part from eager after some tokens, at threshold ties (README)")
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
+    p.add_argument("--decode_path", choices=["reference", "fused"], default="reference",
+                   help="model.py's decode step, or decode.py's fused one (one attention op, GEMV "
+                        "prologue/epilogue fusions; not yet measured faster, hence not the default)")
     p.add_argument("--sparsity", type=FRACTION, nargs="+", default=[0.0],
                    help="TEAL sparsity level(s) in [0, 1); several values run the same prompt at each")
     p.add_argument("--thresholds", type=Path, default=None,
@@ -388,6 +391,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model, tok = build_model(args, device)
+    if args.decode_path == "fused":
+        from decode import install_fused_decode
+        install_fused_decode(model)
     s = Sampling(args.temperature, args.top_k, args.top_p)
     decode, pre = compile_steps(device, args.compile_prefill) if args.compile else (decode_one_token, prefill)
     eos = tok.eos_ids if tok else set()

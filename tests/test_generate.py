@@ -41,3 +41,20 @@ def test_stops_at_eos_even_with_steps_in_flight():
     want = plain_greedy(model, prompt, 24, eos)
     assert got.tokens == want and got.tokens[-1] in eos and len(want) <= len(prompt) + 7
     assert seen[-1] == want and [len(s) for s in seen] == list(range(len(prompt) + 1, len(want) + 1))
+
+
+def test_cli_fused_decode_path_gives_the_reference_text(tiny_ckpt):
+    """generate.py --decode_path fused on the CPU (the ops' references): the same greedy text."""
+    import subprocess
+    import sys
+
+    from fixtures import ROOT
+    outs = []
+    for path in ("reference", "fused"):
+        proc = subprocess.run([sys.executable, "generate.py", "--checkpoint_path", str(tiny_ckpt), "--prompt",
+                               "hello", "--max_new_tokens", "12", "--temperature", "0", "--dtype", "float32",
+                               "--device", "cpu", "--decode_path", path],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(proc.stdout.split("\n-- ")[0])
+    assert outs[0] == outs[1] and len(outs[0]) > len("hello")
