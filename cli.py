@@ -6,7 +6,8 @@ for errors and exit codes.
   line, exit 1. Library code raises ValueError / OSError (CheckpointError and QuantizationError are
   ValueErrors) or UserError with a message meant for the user.
 - Ctrl-C: `interrupted` on one line, exit 130. Tools import this module before torch, so that a
-  Ctrl-C during those seconds of imports is reported the same way (see `_excepthook`).
+  Ctrl-C during those seconds of imports is mostly reported the same way (see `_excepthook`; one
+  landing inside torch's C++ initialisation can still abort there).
 Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
