@@ -101,7 +101,7 @@ class PackedLinear(nn.Module):
         # Parameter-weighted target sparsity of the segments (teal.sparsify sets it from the
         # thresholds file): what the measured speed table is read at.
         self.target_sparsity: float | None = None
-        self._kernel_pays: dict[str, bool | None] = {}  # device name -> measured verdict
+        self._kernel_pays: dict[tuple[str, int], bool | None] = {}  # (device, rows) -> measured verdict
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes: list[int] | None = None) -> "PackedLinear":
@@ -131,12 +131,12 @@ class PackedLinear(nn.Module):
         target sparsity beat the dense path? None: no measurement (or no target) for it."""
         if device.type != "cuda" or self.target_sparsity is None:
             return None
-        name = f"{torch.cuda.get_device_name(device)}|M{rows}"
-        if name not in self._kernel_pays:
-            self._kernel_pays[name] = sparse_beats_dense(torch.cuda.get_device_name(device), self.format_name,
-                                                         rows, self.in_features, self.out_features,
-                                                         self.target_sparsity)
-        return self._kernel_pays[name]
+        key = (str(device), rows)  # the device's name is only asked for on a miss: this runs every call
+        if key not in self._kernel_pays:
+            self._kernel_pays[key] = sparse_beats_dense(torch.cuda.get_device_name(device), self.format_name,
+                                                        rows, self.in_features, self.out_features,
+                                                        self.target_sparsity)
+        return self._kernel_pays[key]
 
     def applies_sparsity(self, x: Tensor) -> bool:
         """TEAL acts on decode steps (one position per sequence) and, if asked, on prefill; a GPU

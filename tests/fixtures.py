@@ -6,6 +6,7 @@ them with its own overrides. Nothing here needs the downloaded model or the netw
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+# torch.compile backends the ops are tested under (Inductor on the CPU needs a C++ compiler)
+COMPILE_BACKENDS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
+    HAS_CUDA or not shutil.which("g++"), reason="CPU inductor needs g++"))]
 
 # GQA (4 query heads on 2 KV heads), two layers; the vocabulary holds the 256 byte tokens of
 # `write_byte_tokenizer` plus its special tokens.

@@ -7,11 +7,10 @@ shapes.  Chunk length for the prefix 0..p: ceil(ceil((p + 1) / splits) / tile) *
 """
 
 import math
-import shutil
 
 import pytest
 import torch
-from fixtures import DEVICE, HAS_CUDA, needs_cuda
+from fixtures import COMPILE_BACKENDS, DEVICE, HAS_CUDA, needs_cuda
 
 import benchmarks.bench_attention as bench_attention
 from kernels.attention import MAX_SPLITS, decode_attention_triton, default_block_s, default_num_splits
@@ -241,16 +240,7 @@ def test_fake_tensor_shapes():
     assert out.shape == (3, 6, 64) and out.dtype == torch.float16
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "aot_eager",
-        pytest.param(
-            "inductor",
-            marks=pytest.mark.skipif(HAS_CUDA or not shutil.which("g++"), reason="CPU inductor needs g++"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 def test_torch_compile_fullgraph(backend):
     """The op inside a compiled graph, the position changing between calls without a recompile."""
     q, k, v = make_problem(1, 6, 2, 40, 64, torch.float32, seed=9)

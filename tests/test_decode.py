@@ -4,18 +4,16 @@ the interpreter."""
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
-from fixtures import tiny_model
+from fixtures import COMPILE_BACKENDS, HAS_CUDA, tiny_model
 
 from decode import DecodeBlock, install_fused_decode
 from kernels.ops import CPU_KERNELS_ENV
 from linear import PackedLinear, pack_model, packed_projections
 from teal import sparsify
 
-HAS_CUDA = torch.cuda.is_available()
 
 
 def model_pair(dtype: torch.dtype, seed: int = 4, **overrides) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -88,8 +86,7 @@ def test_interpreted_kernels_match_the_model(monkeypatch):
     assert got_tokens == want_tokens
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
-    HAS_CUDA or not shutil.which("g++"), reason="CPU inductor needs g++"))])
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 def test_compiled_fused_decode_matches_eager(backend):
     """The decode step under torch.compile(fullgraph=True): the op's in-place cache write survives
     functionalization, and the cache is not copied."""

@@ -6,12 +6,11 @@ module routes the op's CPU implementation through it too (TEAL_CPU_KERNELS=inter
 shapes are tiny; the GPU-only tests at the bottom use real Llama shapes.
 """
 
-import shutil
 
 import pytest
 import torch
 import triton
-from fixtures import DEVICE, HAS_CUDA, needs_cuda
+from fixtures import COMPILE_BACKENDS, DEVICE, HAS_CUDA, needs_cuda
 
 import kernels.triton_gemv as sg
 from kernels import dequantize_weight, sparse_gemv, sparse_gemv_reference
@@ -360,16 +359,7 @@ def test_fake_tensor_shapes():
     assert out.shape == (3, 32) and out.dtype == torch.float16
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "aot_eager",
-        pytest.param(
-            "inductor",
-            marks=pytest.mark.skipif(HAS_CUDA or not shutil.which("g++"), reason="CPU inductor needs g++"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 def test_torch_compile_fullgraph(backend):
     x, w, t, splits, s, z, g = make_problem("int4", torch.bfloat16, 1, 64, [16, 16], 32)
 
