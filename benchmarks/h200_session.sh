@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | after)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -42,6 +42,13 @@ case $phase in
     cp kernels/speed_table.json "$out/speed_table.json"
     step 150 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 0.5 --decode_path reference fused --out "$out/decode_smollm2"
     step 150 python3 generate.py --random_weights SmolLM2-135M --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h i j k l m n o p"
+    ;;
+  rework)  # the tl.dot-pipelined kernel: GPU tests, quick tune of Llama-3-8B bf16, per-matrix, end to end
+    step 90 python3 -m pytest -q -x tests/test_kernels.py -k gpu
+    step 200 python3 -m benchmarks.tune_kernels --quick --force --jobs 12 --formats bf16 --models llama3-8b
+    step 60 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3-8b --table --out "$out/kernels_llama3_8b"
+    cp kernels/speed_table.json "$out/speed_table.json"
+    step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.5 --decode_path reference fused --out "$out/decode_llama3_8b_bf16"
     ;;
   after)  # profiles of the fused decode path
     step 200 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0 0.5 --decode_path fused --label after --out "$out/profile_llama3_8b_after"
