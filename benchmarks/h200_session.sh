@@ -49,6 +49,7 @@ case $phase in
     step 60 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3-8b --table --out "$out/kernels_llama3_8b"
     cp kernels/speed_table.json "$out/speed_table.json"
     step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.5 --decode_path reference fused --out "$out/decode_llama3_8b_bf16"
+    step 100 env TEAL_PDL=0 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0.5 --decode_path fused --out "$out/decode_llama3_8b_nopdl"
     ;;
   after)  # profiles of the fused decode path
     step 200 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0 0.5 --decode_path fused --label after --out "$out/profile_llama3_8b_after"

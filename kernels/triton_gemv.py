@@ -153,8 +153,9 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int) -> KernelConfig:
 # differ from run to run (the float64-referenced tests bound the error).
 #
 # Programmatic dependent launch (PDL, Hopper): launched with launch_pdl, the kernel may start
-# while the previous kernel of the stream finishes; it reads nothing that kernel writes before
-# gdc_wait, and lets the next kernel start launching after its main loop.
+# while the previous kernel of the stream finishes; it reads no memory before gdc_wait (the
+# first H200 run read the thresholds before it and raced with the kernel that wrote them), and
+# lets the next kernel start launching after its main loop.
 
 
 @triton.jit
@@ -233,14 +234,14 @@ def _sparse_gemv_kernel(
         first_block += n_blocks
     col_start = tl.multiple_of(col_start, COL_ALIGN)  # alignment hints let loads vectorize
     col_end = tl.multiple_of(col_end, COL_ALIGN)
-    threshold = tl.load(thr_ptr + seg)  # static: may be read before the previous kernel ends
     cols = col_start + tl.arange(0, BLOCK_N)
     cols_ok = cols < col_end
     m_offs = tl.arange(0, BLOCK_M)
     m_ok = m_offs < M
     k_block = pid_k * BLOCK_K
     if PDL:
-        tl.extra.cuda.gdc_wait()  # x (and the residual) come from the previous kernel
+        tl.extra.cuda.gdc_wait()  # no memory is read before: any input may come from the previous kernel
+    threshold = tl.load(thr_ptr + seg)
 
     if COMPACT:
         # Slot i of this program's scratch <- i-th row of the block kept by any batch row.
