@@ -205,6 +205,15 @@ def _tile_product(acc, xt, wt, DTYPE: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _fence_gpu(token):
+    """fence.acq_rel.gpu in every thread: its earlier fp32 additions are performed at the GPU
+    before the CTA barrier that precedes the arrival ticket (a barrier alone does not wait for
+    another thread's outstanding reductions).  Returns ``token`` so the call has a use."""
+    return tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [token], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr,
     out_ptr, ws_ptr, counter_ptr, idx_ptr,
@@ -213,7 +222,7 @@ def _sparse_gemv_kernel(
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
     WINDOW: tl.constexpr, COMPACT: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-    PDL: tl.constexpr, IEEE: tl.constexpr,
+    PDL: tl.constexpr, IEEE: tl.constexpr, FENCE: tl.constexpr,
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -298,6 +307,8 @@ def _sparse_gemv_kernel(
     out_offs = m_offs[:, None] * N + cols[None, :]
     out_ok = m_ok[:, None] & cols_ok[None, :]
     tl.atomic_add(ws_ptr + out_offs, acc, mask=out_ok, sem="relaxed")
+    if FENCE:
+        pid_n = _fence_gpu(pid_n)
     tl.debug_barrier()  # all threads' additions precede the release below
     ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
     if ticket == grid_k - 1:
@@ -418,6 +429,7 @@ def sparse_gemv_triton(
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
         GATED=gated, RESIDUAL=residual is not None, PDL=pdl, IEEE=INTERPRETED,
+        FENCE=not INTERPRETED and os.environ.get("TEAL_GEMV_FENCE", "1") == "1",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}),
     )
     return out
