@@ -45,7 +45,7 @@ case $phase in
     ;;
   rework)  # the tl.dot-pipelined kernel: GPU tests, quick tune of Llama-3-8B bf16, per-matrix, end to end
     step 90 python3 -m pytest -q -x tests/test_kernels.py -k gpu
-    step 200 python3 -m benchmarks.tune_kernels --quick --force --jobs 12 --formats bf16 --models llama3-8b
+    step 200 python3 -m benchmarks.tune_kernels --quick --force --formats bf16 --models llama3-8b
     step 60 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3-8b --table --out "$out/kernels_llama3_8b"
     cp kernels/speed_table.json "$out/speed_table.json"
     step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.5 --decode_path reference fused --out "$out/decode_llama3_8b_bf16"

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import itertools
 import json
-import multiprocessing
 import time
 from pathlib import Path
 
@@ -45,60 +43,44 @@ STAGE2_KEEP = 3
 
 
 def candidates(fmt: str, m: int, k: int, n: int, quick: bool) -> list[KernelConfig]:
-    """A grid around the heuristic: weight rows of >= 256 bytes per program, 96 to 1024 programs
-    (132 SMs), pipelines that fit shared memory; masked and compacted row selection.  The design
-    lab (results/gemv_lab.md) found SUB_K = 32 and three stages best at Llama-3-8B shapes, so
-    --quick keeps only those."""
+    """A grid around the heuristic: accumulator tiles of up to 2K fp32 per warp, 4 or 8 warps;
+    the first H200 run showed the 4-warp, 8K-tile grid starved of loads in flight.  int4 takes
+    16 to 64 accumulators per thread (its loads are small), wide rows with few lanes, and
+    128-row blocks (one g128 group: no cross-group accumulator)."""
     kind, _ = parse_format(fmt)
-    elem_bytes = {"int4": 0.5, "int8": 1.0}.get(kind, 2.0)
-    sub_ks = (32,) if quick else (16, 32, 64)
-    stage_counts = (3,) if quick else (3, 4)
+    int4 = kind == "int4"
+    block_m = triton.next_power_of_2(m)
+    block_ns = (128, 256) if kind in ("bf16", "fp16") else (256, 512)
+    if not quick:
+        block_ns += (512,) if kind in ("bf16", "fp16") else (1024,)
+    block_ks = (256, 512) if quick else (256, 512, 1024)
+    sub_ks = (16,) if quick else (16, 32, 64)
+    if int4:
+        block_ks = (128, 256) if quick else (128, 256, 512)
+        sub_ks = (8, 16) if quick else (2, 4, 8, 16, 32)
+    warps = (4,) if quick else (4, 8)
     grid = {_heuristic_config(fmt, m, k, n)}
-    for bn, bk, sub, stages in itertools.product((128, 256, 512, 1024), (128, 256, 512, 1024), sub_ks, stage_counts):
-        programs = triton.cdiv(n, bn) * triton.cdiv(k, bk)
-        pipeline_bytes = stages * sub * bn * elem_bytes
-        if bn * elem_bytes >= 256 and 96 <= programs <= 1024 and pipeline_bytes <= 160 * 1024 and sub <= bk:
-            for compact in (False, True):
-                grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sub, compact=compact, num_stages=stages))
+    for nw in warps:
+        low, high = (512 * nw, 2048 * nw) if int4 else (1024, 2048 * nw)
+        for bn in block_ns:
+            for bk in block_ks:
+                for sub in sub_ks:
+                    if low <= block_m * sub * bn <= high and sub <= bk:
+                        for compact in (True, False):
+                            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sub, compact=compact,
+                                                  num_warps=nw))
     return sorted(grid, key=lambda c: dataclasses.astuple(c))
 
 
-def _compile_worker(job: tuple) -> tuple[KernelConfig, str]:
-    """Run one candidate once in a spawned process: compiles it into Triton's on-disk cache, so
-    the timing process finds it built.  Returns the config and an error ('' if none)."""
-    fmt, m, k, splits, cfg = job
-    try:
-        problem = build_problems(fmt, m, k, splits, 0.5, copies=1)[0]
-        sparse_gemv_triton(*problem.args(), config=cfg)
-        torch.cuda.synchronize()
-        return cfg, ""
-    except Exception as e:  # reported, and the candidate dropped
-        return cfg, f"{type(e).__name__}: {e}"
-
-
-def precompile(fmt: str, m: int, k: int, splits: list[int], grid: list[KernelConfig], jobs: int) -> list[KernelConfig]:
-    """Compile every candidate in ``jobs`` processes; return those that built and ran."""
-    if jobs <= 1:
-        return grid
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(jobs) as pool:
-        results = pool.map(_compile_worker, [(fmt, m, k, splits, c) for c in grid])
-    for cfg, error in results:
-        if error:
-            print(f"  dropped {cfg}: {error.splitlines()[0][:200]}")
-    return [cfg for cfg, error in results if not error]
-
-
-def build_problems(fmt: str, m: int, k: int, splits: list[int], sparsity: float, copies: int = 0) -> list[Problem]:
-    """Weight copies (different seeds; enough to defeat the L2 unless ``copies`` is given)
-    sharing one x and thresholds."""
+def build_problems(fmt: str, m: int, k: int, splits: list[int], sparsity: float) -> list[Problem]:
+    """Weight copies (different seeds) sharing one x and thresholds."""
     kind, _ = parse_format(fmt)
     dtype = torch.float16 if kind == "fp16" else torch.bfloat16
     x = make_x(m, k, dtype, "cuda", seed=0)
     thresholds = threshold_for(x, sparsity, len(splits))
     first = make_weight(fmt, k, sum(splits), "cuda", seed=1)
     nbytes = sum(t.numel() * t.element_size() for t in first[:3] if t is not None)
-    weights = [first] + [make_weight(fmt, k, sum(splits), "cuda", seed=1 + i) for i in range(1, copies or copies_for(nbytes))]
+    weights = [first] + [make_weight(fmt, k, sum(splits), "cuda", seed=1 + i) for i in range(1, copies_for(nbytes))]
     return [Problem(x, w, thresholds, splits, s, z, g) for w, s, z, g in weights]
 
 
@@ -111,14 +93,12 @@ def is_correct(cfg: KernelConfig, p: Problem, ref: torch.Tensor) -> bool:
     return bool(torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()))
 
 
-def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float], quick: bool,
-               jobs: int) -> dict:
+def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float], quick: bool) -> dict:
     n = sum(splits)
     main_s = max(sparsities)
-    grid = precompile(fmt, m, k, splits, candidates(fmt, m, k, n, quick), jobs)
     problems = build_problems(fmt, m, k, splits, main_s)
     ref = sparse_gemv_reference(*problems[0].args()).float()
-    grid = [c for c in grid if is_correct(c, problems[0], ref)]
+    grid = [c for c in candidates(fmt, m, k, n, quick) if is_correct(c, problems[0], ref)]
     if not grid:
         raise RuntimeError(f"No candidate config matched the reference for {fmt} M={m} K={k} N={n}.")
     stage1 = {c: time_config(c, problems) for c in grid}
@@ -155,7 +135,6 @@ def main() -> None:
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.5])
     parser.add_argument("--quick", action="store_true", help="smaller candidate grid")
     parser.add_argument("--force", action="store_true", help="retune shapes already in the file")
-    parser.add_argument("--jobs", type=int, default=8, help="processes compiling candidates in parallel (1: none)")
     parser.add_argument("--out", type=Path, default=TUNED_CONFIGS_PATH)
     args = parser.parse_args()
 
@@ -170,7 +149,7 @@ def main() -> None:
                     print(f"{key}: already tuned, skipping")
                     continue
                 start = time.time()
-                entry = tune_shape(fmt, m, k, list(splits), args.sparsities, args.quick, args.jobs)
+                entry = tune_shape(fmt, m, k, list(splits), args.sparsities, args.quick)
                 entry["date"] = datetime.date.today().isoformat()
                 table[key] = entry
                 write_atomically(args.out, table)

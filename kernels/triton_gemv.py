@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -43,17 +42,17 @@ class KernelConfig:
     """Tile sizes of one launch.
 
     block_n: output columns per program.  block_k: input rows per program (split-K).
-    sub_k: rows per tile of the main loop (the K of its tl.dot, so at least 16).
-    compact: gather the kept rows of each window before the loop (True), or walk consecutive
-    rows with the dropped ones predicated off (False).  num_stages: software-pipeline depth.
+    sub_k: rows per inner step (skip granularity, or gathered rows per step if compact).
+    compact: gather the kept rows of the K-block (True) or walk fixed row chunks with
+    a skip branch and masked loads (False).
     """
 
-    block_n: int = 256
-    block_k: int = 512
+    block_n: int = 128
+    block_k: int = 256
     sub_k: int = 32
-    compact: bool = False
+    compact: bool = True
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,135 +98,114 @@ def get_config(device_name: str, weight_format: str, m: int, k: int, n: int) -> 
 
 
 def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfig:
-    """Rows of 512 bytes (1 KiB for wide matrices), SUB_K = 32, three stages, and block_k chosen
-    for about 256 programs: two per SM on an H200.  The lab's fastest Llama-3-8B tiles
-    (results/gemv_lab.md) follow this rule within a factor of two."""
+    """256-byte slices of weight rows, ~4K accumulator elements per program (2K for int4,
+    which also keeps a per-group sum), and ~1K programs to fill the GPU."""
     int4 = weight_format.startswith("int4")
     bytes_per_elem = 0.5 if int4 else 1.0 if weight_format == "int8" else 2.0
-    row_bytes = 1024 if n >= 16384 else 512
-    block_n = max(16, min(1024, int(row_bytes / bytes_per_elem), triton.next_power_of_2(n)))
+    budget = 2048 if int4 else 4096
+    block_m = triton.next_power_of_2(m)
+    block_n = min(256, int(256 / bytes_per_elem), budget // (2 * block_m), max(16, triton.next_power_of_2(n)))
+    sub_k = max(2, min(32, budget // (block_m * block_n)))
     programs_n = triton.cdiv(n, block_n)
-    block_k = triton.next_power_of_2(max(1, k * programs_n // 256))
-    block_k = max(128 if int4 else 64, min(1024, block_k))
-    return KernelConfig(block_n=block_n, block_k=block_k, sub_k=32)
+    block_k = triton.next_power_of_2(triton.cdiv(k, max(1, 1024 // programs_n)))
+    block_k = max(64, sub_k, min(512, block_k))
+    return KernelConfig(block_n=block_n, block_k=block_k, sub_k=sub_k)
 
 
 def _fit_config(cfg: KernelConfig, fmt: int, group_size: int) -> KernelConfig:
-    """Check powers of two and the tl.dot minimum; make block_k hold whole int4 groups and
-    sub_k fit one group."""
+    """Check powers of two; make block_k hold whole int4 groups and sub_k fit one group."""
     for name in ("block_n", "block_k", "sub_k"):
         v = getattr(cfg, name)
         if v < 1 or v & (v - 1):
             raise ValueError(f"KernelConfig.{name} must be a power of two, got {v}.")
-    for name in ("block_n", "sub_k"):
-        if getattr(cfg, name) < 16:
-            raise ValueError(f"KernelConfig.{name} must be at least 16 (a tl.dot tile), got {getattr(cfg, name)}.")
-    if cfg.num_stages < 1:
-        raise ValueError(f"KernelConfig.num_stages must be at least 1, got {cfg.num_stages}.")
+    if cfg.block_n < 16:
+        raise ValueError(f"KernelConfig.block_n must be at least 16, got {cfg.block_n}.")
     block_k = max(cfg.block_k, group_size) if fmt == FMT_INT4 else cfg.block_k
     window = group_size if fmt == FMT_INT4 else block_k
     return dataclasses.replace(cfg, block_k=block_k, sub_k=min(cfg.sub_k, window))
 
 
 # ---------------------------------------------------------------------------
-# Kernel: split-K sparse GEMV, masked tiles through tl.dot, fp32 atomics + arrival ticket
+# Kernel: split-K sparse GEMV with an in-kernel, deterministic K reduction
 # ---------------------------------------------------------------------------
 #
-# Grid (N blocks, K blocks).  Program (pn, pk) owns BLOCK_N columns of one segment (segments are
-# tiled separately, so a program has a single threshold) and rows [pk*BLOCK_K, +BLOCK_K).
+# Grid (K blocks, N blocks).  Program (pk, pn) owns rows [pk*BLOCK_K, +BLOCK_K) and
+# BLOCK_N columns of one segment (segments are tiled separately, so a program has a
+# single threshold).  The K block is walked in windows (one int4 group, otherwise the
+# whole block); the int4 group scale/zero is applied once per window.
 #
-# Main loop: tiles of SUB_K rows.  The x tile [BLOCK_M, SUB_K] is thresholded; the weight rows
-# whose x is zero for every batch row are predicated off (no DRAM traffic), the others are read
-# whole (BLOCK_N contiguous elements).  The product runs on tl.dot with the batch padded to
-# BLOCK_M >= 16: the H200 design lab (benchmarks/gemv_lab.py, results/gemv_lab.md) measured this
-# 10-30% faster than FMA tiles at batch 1, because Triton software-pipelines loads that feed a
-# dot (num_stages deep, through shared memory) and keeps more bytes in flight.  ``compact``
-# gathers the kept rows of each window first (prefix sum into a scratch index list) so tiles are
-# full; it pays at high sparsity.  int4 walks one window per group and applies the group's scale
-# and zero once per window: y += s * sum(x * (q - 8)) + z * sum(x).
+# Row selection, per KernelConfig.compact:
+#   * False: chunks of SUB_K consecutive rows; a chunk where no batch row keeps any x
+#     is skipped by a scalar branch (no weight load issued); otherwise masked loads.
+#   * True: the kept rows of the block (union over the batch) are compacted with a
+#     prefix sum into a per-program index list in global scratch, then gathered
+#     SUB_K at a time, so nearly every weight load is a full row (one extra
+#     dependent scratch round trip per program, but no extra launch).
 #
-# Reduction over K blocks: fp32 atomics into a per-device workspace, then an arrival ticket per
-# column block; the last program to arrive reads the sum, applies the int8 column scale and the
-# residual, writes the output, and zeroes the workspace and its counter for the next call.  One
-# launch, no memset.  The fp32 summation order follows arrival, so on a GPU the last bits can
-# differ from run to run (the float64-referenced tests bound the error).
+# Batch: the accumulator is a 2-D [BLOCK_M * SUB_K, BLOCK_N] tile whose lane r holds
+# batch row r // SUB_K and chunk row r % SUB_K.  Each lane loads its weight row only
+# if its own x is kept, so every batch row uses its own mask; lanes of different batch
+# rows that need the same weight row hit L1, and DRAM sees the union.  For M = 1 this
+# is the plain 2-D GEMV tile, with one cross-lane reduction at the very end.
 #
-# Programmatic dependent launch (PDL, Hopper): launched with launch_pdl, the kernel may start
-# while the previous kernel of the stream finishes; it reads no memory before gdc_wait (the
-# first H200 run read the thresholds before it and raced with the kernel that wrote them), and
-# lets the next kernel start launching after its main loop.
+# Reduction over K blocks: each program stores its fp32 partial [M, BLOCK_N] to a
+# workspace and takes a ticket from a per-column-block arrival counter; the last
+# arriving program sums the GRID_K partials in a fixed order, applies the int8
+# column scale, casts, writes the output and resets the counter.  One launch per
+# call, no memset (each call leaves the counters at zero) and bit-reproducible
+# results.  tl.atomic_add into fp32 would need a memset and a cast (3 launches) and
+# depend on arrival order; a separate reduction kernel would be 2 launches.
 
 
 @triton.jit
-def _masked_x(x_ptr, m_offs, rows, ok, threshold, K, GATED: tl.constexpr):
-    """x[m_offs, rows] as fp32 where |x| > threshold and ok, else 0. GATED: x is SiLU(gate) * up
+def _masked_x(x_ptr, lane_m, rows, ok, threshold, K, GATED: tl.constexpr):
+    """x[lane_m, rows] as fp32 where |x| > threshold and ok, else 0. GATED: x is SiLU(gate) * up
     of a [M, 2K] gate|up row, computed in fp32 and rounded to x's dtype like the unfused model."""
     if GATED:
-        gate = tl.load(x_ptr + m_offs * 2 * K + rows, mask=ok, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + m_offs * 2 * K + K + rows, mask=ok, other=0.0).to(tl.float32)
+        gate = tl.load(x_ptr + lane_m * 2 * K + rows, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + lane_m * 2 * K + K + rows, mask=ok, other=0.0).to(tl.float32)
         xv = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
     else:
-        xv = tl.load(x_ptr + m_offs * K + rows, mask=ok, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + lane_m * K + rows, mask=ok, other=0.0).to(tl.float32)
     return tl.where(tl.abs(xv) > threshold, xv, 0.0)
 
 
 @triton.jit
-def _weight_tile(
+def _weight_rows(
     w_ptr, rows, load, col_start, col_end, W_ROW,
-    FORMAT: tl.constexpr, COL_ALIGN: tl.constexpr, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    FORMAT: tl.constexpr, COL_ALIGN: tl.constexpr, LANES: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Rows ``rows`` of W^T [SUB_K, BLOCK_N], reading only where ``load``: the float weights as
-    stored, int8 as stored, int4 as q - 8 in int8 (exact in any float type)."""
+    """Rows ``rows`` of W^T as fp32 [LANES, BLOCK_N] (q - 8 for int4), reading only where ``load``."""
     if FORMAT == 2:  # int4: BLOCK_N // 2 bytes per row, low nibble = even column
         byte_cols = tl.multiple_of(col_start // 2, COL_ALIGN // 2) + tl.arange(0, BLOCK_N // 2)
         byte_end = tl.multiple_of(col_end // 2, COL_ALIGN // 2)
         packed = tl.load(
             w_ptr + rows[:, None] * W_ROW + byte_cols[None, :],
             mask=load[:, None] & (byte_cols < byte_end)[None, :],
-            other=0x88,  # q = 8 in both nibbles: a skipped row contributes 0
+            other=0,
         )
-        q = tl.join(packed & 0xF, packed >> 4).reshape(SUB_K, BLOCK_N)
-        return q.to(tl.int8) - 8
+        q = tl.join(packed & 0xF, packed >> 4).reshape(LANES, BLOCK_N)
+        return q.to(tl.float32) - 8.0
     else:
         cols = col_start + tl.arange(0, BLOCK_N)
-        return tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :],
-                       mask=load[:, None] & (cols < col_end)[None, :], other=0)
-
-
-@triton.jit
-def _tile_product(acc, xt, wt, DTYPE: tl.constexpr, IEEE: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] += xt [BLOCK_M, SUB_K] @ wt [SUB_K, BLOCK_N] in fp32.  The operands
-    are exact in x's dtype (x itself; bf16/fp16/int8/int4 weights); the interpreter's bf16 dot
-    is not reliable, so it multiplies in fp32."""
-    if IEEE:
-        return tl.dot(xt, wt.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(xt.to(DTYPE), wt.to(DTYPE), acc)
-
-
-@triton.jit
-def _fence_gpu(token):
-    """fence.acq_rel.gpu in every thread: its earlier fp32 additions are performed at the GPU
-    before the CTA barrier that precedes the arrival ticket (a barrier alone does not wait for
-    another thread's outstanding reductions).  Returns ``token`` so the call has a use."""
-    return tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [token], dtype=tl.int32,
-                                     is_pure=False, pack=1)
+        wt = tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=load[:, None] & (cols < col_end)[None, :])
+        return wt.to(tl.float32)
 
 
 @triton.jit
 def _sparse_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr,
-    out_ptr, ws_ptr, counter_ptr, idx_ptr,
-    M, K, N, W_ROW,
+    out_ptr, part_ptr, counter_ptr, idx_ptr,
+    M, K, N, W_ROW, GRID_K,
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    WINDOW: tl.constexpr, COMPACT: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-    PDL: tl.constexpr, IEEE: tl.constexpr, FENCE: tl.constexpr,
+    WINDOW: tl.constexpr, COMPACT: tl.constexpr, RED_K: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
-    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    grid_k = tl.num_programs(1)
+    LANES: tl.constexpr = BLOCK_M * SUB_K
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
 
     # Segment and columns of this program.
     first_block = 0
@@ -243,85 +221,108 @@ def _sparse_gemv_kernel(
         first_block += n_blocks
     col_start = tl.multiple_of(col_start, COL_ALIGN)  # alignment hints let loads vectorize
     col_end = tl.multiple_of(col_end, COL_ALIGN)
+    threshold = tl.load(thr_ptr + seg)
     cols = col_start + tl.arange(0, BLOCK_N)
     cols_ok = cols < col_end
-    m_offs = tl.arange(0, BLOCK_M)
-    m_ok = m_offs < M
+    lane = tl.arange(0, LANES)
+    lane_m = lane // SUB_K
+    lane_k = lane % SUB_K
+    m_ok = lane_m < M
     k_block = pid_k * BLOCK_K
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # no memory is read before: any input may come from the previous kernel
-    threshold = tl.load(thr_ptr + seg)
 
     if COMPACT:
         # Slot i of this program's scratch <- i-th row of the block kept by any batch row.
         block_rows = k_block + tl.arange(0, BLOCK_K)
-        block_x = _masked_x(x_ptr, m_offs[:, None], block_rows[None, :], m_ok[:, None] & (block_rows < K)[None, :],
-                            threshold, K, GATED)
+        m_offs = tl.arange(0, BLOCK_M)
+        block_ok = (m_offs[:, None] < M) & (block_rows[None, :] < K)
+        block_x = _masked_x(x_ptr, m_offs[:, None], block_rows[None, :], block_ok, threshold, K, GATED)
         kept = (tl.max(tl.abs(block_x), axis=0) > 0).to(tl.int32)
-        slots = idx_ptr + (pid_n * grid_k + pid_k) * BLOCK_K
+        slots = idx_ptr + (pid_n * GRID_K + pid_k) * BLOCK_K
         tl.store(slots + tl.cumsum(kept, 0) - kept, block_rows, mask=kept > 0)
         win_kept = tl.sum(tl.reshape(kept, [BLOCK_K // WINDOW, WINDOW]), axis=1)
         win_ids = tl.arange(0, BLOCK_K // WINDOW)
         tl.debug_barrier()  # every thread's slot writes are visible before the gathers
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if FORMAT == 2:  # int4 sums each group's lanes at the group's end
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:  # lanes are summed once, at the end of the program
+        acc = tl.zeros([LANES, BLOCK_N], dtype=tl.float32)
     n_windows = tl.cdiv(tl.minimum(K - k_block, BLOCK_K), WINDOW)  # none past row K
-    for win in range(0, n_windows):
+    for win in tl.range(0, n_windows):
         win_start = k_block + win * WINDOW
-        if COMPACT:
-            first = tl.sum(tl.where(win_ids < win, win_kept, 0), axis=0)
-            end = first + tl.sum(tl.where(win_ids == win, win_kept, 0), axis=0)
-        else:
-            first = win_start
-            end = tl.minimum(win_start + WINDOW, K)
-        if FORMAT == 2:  # this group's sums, scaled after the loop
-            wacc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if FORMAT == 2:  # sum of x * (q - 8) and of x in this group, scaled below
+            wacc = tl.zeros([LANES, BLOCK_N], dtype=tl.float32)
+            xacc = tl.zeros([LANES], dtype=tl.float32)
         else:
             wacc = acc
-        for t in tl.range(first, end, SUB_K):
-            span = t + tl.arange(0, SUB_K)
-            in_window = span < end
-            if COMPACT:
-                rows = tl.load(slots + span, mask=in_window, other=0)
-            else:
-                rows = span
-            xt = _masked_x(x_ptr, m_offs[:, None], rows[None, :], m_ok[:, None] & in_window[None, :],
-                           threshold, K, GATED)
-            keep = tl.max(tl.abs(xt), axis=0) > 0
-            wt = _weight_tile(w_ptr, rows, keep, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, SUB_K, BLOCK_N)
-            wacc = _tile_product(wacc, xt, wt, DTYPE, IEEE)
-            if FORMAT == 2:
-                xsum += tl.sum(xt, axis=1)
+        if COMPACT:
+            first = tl.sum(tl.where(win_ids < win, win_kept, 0), axis=0)
+            last = first + tl.sum(tl.where(win_ids == win, win_kept, 0), axis=0)
+            slot = first + lane_k
+            rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
+            xm = _masked_x(x_ptr, lane_m, rows, (slot < last) & m_ok, threshold, K, GATED)
+            for _ in tl.range(first, last, SUB_K):
+                wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N)
+                # Prefetch the next chunk's row ids and x while the weight rows are in flight.
+                slot += SUB_K
+                rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
+                next_xm = _masked_x(x_ptr, lane_m, rows, (slot < last) & m_ok, threshold, K, GATED)
+                wacc += xm[:, None] * wt
+                if FORMAT == 2:
+                    xacc += xm
+                xm = next_xm
+        else:
+            win_end = tl.minimum(win_start + WINDOW, K)
+            rows = win_start + lane_k
+            xm = _masked_x(x_ptr, lane_m, rows, (rows < win_end) & m_ok, threshold, K, GATED)
+            for c in range(0, WINDOW, SUB_K):
+                # Prefetch the next chunk's x, then skip this chunk if no batch row keeps any row.
+                next_rows = rows + SUB_K
+                next_xm = _masked_x(x_ptr, lane_m, next_rows, (next_rows < win_end) & m_ok, threshold, K, GATED)
+                if tl.max(tl.abs(xm), axis=0) > 0:
+                    wt = _weight_rows(
+                        w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N
+                    )
+                    wacc += xm[:, None] * wt
+                    if FORMAT == 2:
+                        xacc += xm
+                rows = next_rows
+                xm = next_xm
         if FORMAT == 2:
             group = win_start // GROUP_SIZE
             s = tl.load(scale_ptr + group * N + cols, mask=cols_ok, other=0.0)
             z = tl.load(zero_ptr + group * N + cols, mask=cols_ok, other=0.0)
-            acc += wacc * s[None, :] + xsum[:, None] * z[None, :]
+            w_sum = tl.sum(tl.reshape(wacc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
+            x_sum = tl.sum(tl.reshape(xacc, [BLOCK_M, SUB_K]), axis=1)
+            acc += w_sum * s[None, :] + x_sum[:, None] * z[None, :]
         else:
             acc = wacc
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
-    # Add this block's partial; the last program of the column block finishes the output.
-    out_offs = m_offs[:, None] * N + cols[None, :]
-    out_ok = m_ok[:, None] & cols_ok[None, :]
-    tl.atomic_add(ws_ptr + out_offs, acc, mask=out_ok, sem="relaxed")
-    if FENCE:
-        pid_n = _fence_gpu(pid_n)
-    tl.debug_barrier()  # all threads' additions precede the release below
+    # Publish this block's partial; the last program of the column block reduces.
+    m_offs = tl.arange(0, BLOCK_M)
+    out_ok = (m_offs[:, None] < M) & cols_ok[None, :]
+    if FORMAT == 2:
+        partial = acc
+    else:
+        partial = tl.sum(tl.reshape(acc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
+    tl.store(part_ptr + (pid_k * M + m_offs[:, None]) * N + cols[None, :], partial, mask=out_ok)
+    tl.debug_barrier()  # all threads' partial stores precede the release below
     ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-    if ticket == grid_k - 1:
-        total = tl.load(ws_ptr + out_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
-        tl.store(ws_ptr + out_offs, tl.zeros_like(total), mask=out_ok)  # ready for the next call
-        tl.store(counter_ptr + pid_n, 0)
+    if ticket == GRID_K - 1:
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, GRID_K, RED_K):
+            r = r0 + tl.arange(0, RED_K)
+            offs = (r[:, None, None] * M + m_offs[None, :, None]) * N + cols[None, None, :]
+            ok = (r < GRID_K)[:, None, None] & out_ok[None, :, :]
+            total += tl.sum(tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
         if FORMAT == 1:
             total *= tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)[None, :]
         result = total.to(out_ptr.dtype.element_ty)
         if RESIDUAL:  # the unfused model's rounding: product to x's dtype, then the sum
-            res = tl.load(res_ptr + out_offs, mask=out_ok, other=0.0)
+            res = tl.load(res_ptr + m_offs[:, None] * N + cols[None, :], mask=out_ok, other=0.0)
             result = (result.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + out_offs, result, mask=out_ok)
+        tl.store(out_ptr + m_offs[:, None] * N + cols[None, :], result, mask=out_ok)
+        tl.store(counter_ptr + pid_n, 0)  # ready for the next call
 
 
 # ---------------------------------------------------------------------------
@@ -329,10 +330,8 @@ def _sparse_gemv_kernel(
 # ---------------------------------------------------------------------------
 
 _MAX_COUNTERS = 1 << 14
-_WORKSPACE_FLOATS = 1 << 22  # 16 MiB: M * N of the largest projection (M <= 8, N <= 512K)
-_scratch: dict[torch.device, tuple[Tensor, Tensor]] = {}
+_counters: dict[torch.device, Tensor] = {}
 INTERPRETED = not isinstance(_sparse_gemv_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
-PDL_ENV = "TEAL_PDL"  # "0" launches without programmatic dependent launch (for measuring it)
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -340,41 +339,31 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _persistent_scratch(device: torch.device) -> tuple[Tensor, Tensor]:
-    """Per-device arrival counters (int32) and fp32 workspace, zero between calls, never freed
-    (captured graphs keep their addresses).  Every call leaves them at zero again.
+def _arrival_counters(device: torch.device) -> Tensor:
+    """Per-device int32 counters, zero between calls, never freed (graphs keep their address).
 
     Allocated from a helper thread: torch.compile's CUDA-graph trees send every
     allocation of the calling thread during warm-up into their private pool, which
     must hold only their own tensors.
     """
-    scratch = _scratch.get(device)
-    if scratch is None:
+    counters = _counters.get(device)
+    if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("Call sparse_gemv once on this device before capturing a CUDA graph.")
         made: list[Tensor] = []
 
         def allocate() -> None:
             made.append(torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device))
-            made.append(torch.zeros(_WORKSPACE_FLOATS, dtype=torch.float32, device=device))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
         worker = threading.Thread(target=allocate)
         worker.start()
         worker.join()
-        if len(made) != 2:
-            raise RuntimeError(f"Could not allocate the sparse_gemv scratch buffers on {device}.")
-        scratch = _scratch[device] = (made[0], made[1])
-    return scratch
-
-
-@functools.cache
-def _uses_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch: Hopper or newer, not interpreted, not switched off."""
-    if INTERPRETED or device.type != "cuda" or os.environ.get(PDL_ENV, "1") == "0":
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+        if not made:
+            raise RuntimeError(f"Could not allocate the sparse_gemv counters on {device}.")
+        counters = _counters[device] = made[0]
+    return counters
 
 
 def sparse_gemv_triton(
@@ -392,8 +381,7 @@ def sparse_gemv_triton(
     """Run the Triton kernel (on CUDA, or on CPU under TRITON_INTERPRET=1).
 
     ``config`` overrides the tuned/heuristic config (used by the tuner and tests); ``gated`` and
-    ``residual`` are the prologue / epilogue fusions of kernels/reference.py.  Calls on one
-    device share a workspace: run them on one stream.
+    ``residual`` are the prologue / epilogue fusions of kernels/reference.py.
     """
     fmt = validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual)
     if x.device.type != "cuda" and not INTERPRETED:
@@ -404,32 +392,31 @@ def sparse_gemv_triton(
         config = get_config(gpu_name(x.device), weight_format_name(w, group_size), m, k, n)
     cfg = _fit_config(config, fmt, group_size)
 
+    block_m = triton.next_power_of_2(m)
     grid_k = triton.cdiv(k, cfg.block_k)
     grid_n = sum(triton.cdiv(s, cfg.block_n) for s in split_sizes)
     if grid_n > _MAX_COUNTERS:
         raise ValueError(f"N={n} needs {grid_n} column blocks, more than {_MAX_COUNTERS}; use a larger block_n.")
-    if m * n > _WORKSPACE_FLOATS:
-        raise ValueError(f"M*N={m * n} exceeds the kernel's workspace of {_WORKSPACE_FLOATS} floats.")
     # Boundaries padded with N to a fixed length: one compiled kernel for any segment count.
     splits = (0, *itertools.accumulate(split_sizes), *([n] * (MAX_SEGMENTS - len(split_sizes))))
 
     out = _alloc((m, n), x.dtype, x.device)
-    counters, workspace = _persistent_scratch(x.device)
+    partials = _alloc((grid_k, m, n), torch.float32, x.device)
+    counters = _arrival_counters(x.device)
     idx = _alloc((grid_n * grid_k * cfg.block_k,), torch.int32, x.device) if cfg.compact else counters
+    red_k = max(1, min(32, 4096 // (block_m * cfg.block_n)))  # partials summed per step
     # Largest power of two dividing every program's first column: lets loads vectorize.
     col_align = min(cfg.block_n, 32, *(s & -s for s in split_sizes))
-    pdl = _uses_pdl(x.device)
 
-    _sparse_gemv_kernel[(grid_n, grid_k)](
+    _sparse_gemv_kernel[(grid_k, grid_n)](
         x, w, scales if scales is not None else thresholds, zeros if zeros is not None else thresholds, thresholds,
         residual if residual is not None else x,
-        out, workspace, counters, idx,
-        m, k, n, w.shape[1], splits,
+        out, partials, counters, idx,
+        m, k, n, w.shape[1], grid_k, splits,
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), COL_ALIGN=col_align,
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
-        WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
-        GATED=gated, RESIDUAL=residual is not None, PDL=pdl, IEEE=INTERPRETED,
-        FENCE=not INTERPRETED and os.environ.get("TEAL_GEMV_FENCE", "1") == "1",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}),
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
+        WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact, RED_K=red_k,
+        GATED=gated, RESIDUAL=residual is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
