@@ -32,12 +32,11 @@ $(CALIB_TEXT): | $(VENV)/.installed
 	$(PY) scripts/python_docs_text.py $@
 
 $(MODEL)/teal_thresholds.safetensors: $(MODEL)/model.safetensors $(CALIB_TEXT)
-	$(PY) calibrate.py --checkpoint_path $(MODEL) --text $(CALIB_TEXT) --output $@ \
-		--methods uniform --tokens 4096 --correction_tokens 1024 --max_sparsity 0.6 --level_step 0.2
+	$(PY) calibrate.py --checkpoint_path $(MODEL) --text $(CALIB_TEXT) --output $@ --max_sparsity 0.6
 
 demo: $(MODEL)/teal_thresholds.safetensors
 	$(PY) generate.py --checkpoint_path $(MODEL) --chat --prompt "$(PROMPT)" --temperature 0 \
-		--max_new_tokens 120 --compile --sparsity 0 $(SPARSITY)
+		--max_new_tokens 120 --compile --sparsity 0 $(SPARSITY) --allocation greedy
 
 test: $(MODEL)/model.safetensors
 	REQUIRE_MODEL=1 TRITON_INTERPRET=1 $(PY) -m pytest -q tests

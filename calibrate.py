@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="calibration text, any UTF-8 file; tokenized whole, without BOS")
     p.add_argument("--output", type=Path, default=None,
                    help="thresholds file to write (default: CHECKPOINT/teal_thresholds.safetensors)")
-    p.add_argument("--tokens", type=int_at_least(2), default=8192,
+    p.add_argument("--tokens", type=int_at_least(2), default=4096,
                    help="calibration tokens: the first TOKENS // WINDOW_LEN windows of the text")
     p.add_argument("--window_len", type=int_at_least(2), default=512,
                    help="tokens per window; every window starts from an empty context")
@@ -43,14 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="allocations to calibrate ('uniform-dense' is always written: it costs nothing)")
     p.add_argument("--max_sparsity", type=FRACTION, default=0.9,
                    help="highest parameter-weighted sparsity on the uniform/greedy paths, in [0, 1)")
-    p.add_argument("--level_step", type=float_in(0, 1, low_open=True, high_open=True), default=0.05,
+    p.add_argument("--level_step", type=float_in(0, 1, low_open=True, high_open=True), default=0.1,
                    help="spacing of the path points; levels in between are interpolated at load time")
-    p.add_argument("--correction_tokens", type=int_at_least(1), default=2048,
+    p.add_argument("--correction_tokens", type=int_at_least(1), default=1024,
                    help="tokens (the first calibration windows, run as one batch) on which uniform and "
                         "greedy thresholds are set layer by layer with upstream layers sparsified")
-    p.add_argument("--greedy_tokens", type=int_at_least(1), default=256,
+    p.add_argument("--greedy_tokens", type=int_at_least(1), default=128,
                    help="tokens per block on which greedy measures the block-output error")
-    p.add_argument("--greedy_step", type=float_in(0, 1, low_open=True, high_open=True), default=0.05,
+    p.add_argument("--greedy_step", type=float_in(0, 1, low_open=True, high_open=True), default=0.1,
                    help="sparsity increment of one projection per greedy step")
     p.add_argument("--greedy_exact", action="store_true",
                    help="re-score every projection at every greedy step instead of lazily (~4x slower)")

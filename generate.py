@@ -17,9 +17,10 @@ import argparse
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 # cli before torch: a Ctrl-C during the slow imports below is then one line too (cli.py)
 from cli import (DEFAULT_CHECKPOINT, FRACTION, NON_NEGATIVE, ArgumentParser, UserError, float_in,
@@ -32,6 +33,9 @@ from checkpoint import load_model
 from linear import packed_projections, segments
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, chat_template, load_tokenizer, render_chat
+
+if TYPE_CHECKING:
+    from teal.sparsify import TealState
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -47,10 +51,9 @@ class Sampling:
     top_p: float | None = None
 
 
-def sample(logits: Tensor, s: Sampling) -> Tensor:
-    """Next token ids [batch, 1] from last-position logits [batch, vocab], without a host sync."""
-    if s.temperature <= 0:
-        return logits.argmax(-1, keepdim=True)
+def probabilities(logits: Tensor, s: Sampling) -> Tensor:
+    """The sampling distribution [..., vocab] of logits [..., vocab] (temperature > 0): temperature,
+    then top-k, then top-p."""
     logits = logits.float() / s.temperature
     if s.top_k is not None:
         kth = torch.topk(logits, min(s.top_k, logits.size(-1))).values[..., -1:]
@@ -60,6 +63,15 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > s.top_p  # keep the smallest prefix reaching top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits: Tensor, s: Sampling) -> Tensor:
+    """Next token ids [batch, 1] from last-position logits [batch, vocab], without a host sync."""
+    if s.temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = probabilities(logits, s)
     # argmax(p / E) with E ~ Exp(1) draws from p (exponential race), with no multinomial sync.
     race = torch.empty_like(probs).exponential_(1)
     return (probs / race).argmax(-1, keepdim=True)
@@ -182,6 +194,141 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, s: Samp
     return Sample(out, len(prompt), t1 - t0, t2 - t1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Self-speculative decoding: the model's own TEAL-sparse copy drafts, the model verifies
+# ---------------------------------------------------------------------------------------------
+#
+# Each cycle the draft (the same weights and KV cache, thresholds at the draft sparsity) decodes K
+# tokens one by one; then the target (the model at its own setting, dense by default) runs the last
+# accepted token and the K drafts as one forward of K + 1 positions. The longest prefix of drafts
+# the target agrees with is kept, plus one token of the target's own: a cycle yields 1 to K + 1
+# tokens for K sparse steps and one verify step.
+#
+# Lossless: greedy output is the target's greedy output (a draft is kept only if it is the
+# target's argmax; the verify step's K + 1-row products may round differently from one-row decode
+# steps, as in any batched verification); sampling keeps the target's distribution (speculative
+# rejection sampling: keep draft d with probability min(1, p(d) / q(d)), else draw from
+# max(0, p - q) renormalised).
+#
+# The KV cache needs no rollback: the verify forward rewrites positions p..p+K with the target's
+# keys and values, so every position before the next token holds what plain decoding writes;
+# later positions are stale until the next cycle writes them, and the causal mask hides them.
+
+@dataclass
+class SpeculationStats:
+    """What a speculative run did: cycles, drafted and accepted tokens, time in each phase."""
+
+    verifies: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def tokens_per_verify(self) -> float:
+        """Mean tokens a cycle yields: the accepted drafts plus the target's own token."""
+        return (self.accepted + self.verifies) / self.verifies if self.verifies else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"verifies": self.verifies, "drafted": self.drafted, "accepted": self.accepted,
+                "acceptance_rate": self.acceptance_rate, "tokens_per_verify": self.tokens_per_verify,
+                "draft_ms_per_token": 1e3 * self.draft_s / max(self.drafted, 1),
+                "verify_ms": 1e3 * self.verify_s / max(self.verifies, 1)}
+
+
+def logits_step(model: Transformer, tokens: Tensor, input_pos: Tensor) -> Tensor:
+    """Logits [positions, vocab] of one sequence: a draft step (one token) or a verify step."""
+    return model(tokens, input_pos)[0]
+
+
+def accept(drafts: Tensor, draft_probs: Tensor | None, target_logits: Tensor, s: Sampling) -> tuple[int, Tensor]:
+    """(number of drafts kept, the target's next token [1]) for drafts [K], their draft
+    distributions [K, V] (None when greedy) and the target's logits [K + 1, V]."""
+    k = drafts.numel()
+    if s.temperature <= 0:
+        best = target_logits.argmax(-1)
+        kept = int((drafts == best[:k]).long().cumprod(0).sum())
+        return kept, best[kept:kept + 1]
+    p = probabilities(target_logits, s)
+    rows = torch.arange(k, device=drafts.device)
+    p_d, q_d = p[rows, drafts], draft_probs[rows, drafts]
+    keep = torch.rand(k, device=drafts.device) * q_d <= p_d  # u < p/q without dividing by q = 0
+    kept = int(keep.long().cumprod(0).sum())
+    if kept == k:
+        residual = p[k]
+    else:
+        residual = (p[kept] - draft_probs[kept]).clamp(min=0)
+        residual = residual / residual.sum()
+    return kept, torch.multinomial(residual, 1)
+
+
+@torch.no_grad()
+def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: int, s: Sampling, k: int,
+                         draft: TealState, target: TealState, eos_ids: set[int] = frozenset(),
+                         on_token=None, draft_fn: Callable = logits_step, verify_fn: Callable = logits_step,
+                         ) -> tuple[Sample, SpeculationStats]:
+    """Continue `prompt` with the target model's output, drafting `k` tokens per cycle.
+
+    `draft` and `target` are the model's two TEAL settings (TealState.of); `draft_fn`
+    and `verify_fn` may be compiled versions of logits_step (the draft with one token, the verify
+    with k + 1: fixed shapes, so CUDA graphs apply).
+    """
+    if k < 1:
+        raise ValueError(f"speculation needs k >= 1 drafted tokens per cycle, got {k}")
+    device = model.norm.weight.device
+    total = len(prompt) + max_new_tokens
+    ensure_caches(model, total + k + 1)  # the last cycle may draft past the end
+    stats = SpeculationStats()
+    t0 = time.perf_counter()
+    target.restore()
+    idx = torch.tensor([prompt], device=device)
+    token = prefill(model, idx, torch.arange(len(prompt), device=device), s).view(1)
+    out = list(prompt) + [int(token)]
+    t1 = time.perf_counter()
+    if on_token:
+        on_token(out)
+    pos = len(prompt)  # position of `token`, not yet in the cache
+    while out[-1] not in eos_ids and len(out) < total:
+        start = time.perf_counter()
+        draft.restore()
+        drafts, draft_probs, current = [], [], token.view(1, 1)
+        for i in range(k):
+            logits = draft_fn(model, current, torch.tensor([pos + i], device=device))
+            if s.temperature <= 0:
+                current = logits.argmax(-1, keepdim=True)
+            else:
+                q = probabilities(logits, s)
+                draft_probs.append(q[0])
+                current = torch.multinomial(q, 1)
+            drafts.append(current.view(1))
+        drafts_t = torch.cat(drafts)
+        _sync(device)
+        middle = time.perf_counter()
+        target.restore()
+        seq = torch.cat([token.view(1), drafts_t]).view(1, -1)
+        target_logits = verify_fn(model, seq, torch.arange(pos, pos + k + 1, device=device))
+        kept, token = accept(drafts_t, torch.stack(draft_probs) if draft_probs else None, target_logits, s)
+        stats.draft_s += middle - start
+        stats.verify_s += time.perf_counter() - middle
+        stats.verifies += 1
+        stats.drafted += k
+        stats.accepted += kept
+        for t in drafts_t[:kept].tolist() + [int(token)]:
+            if len(out) >= total or out[-1] in eos_ids:
+                break
+            out.append(t)
+        if on_token:
+            on_token(out)
+        pos += kept + 1
+    _sync(device)
+    t2 = time.perf_counter()
+    return Sample(out, len(prompt), t1 - t0, t2 - t1), stats
+
+
 def compile_steps(device: torch.device, compile_prefill: bool):
     """Compiled decode (and optionally prefill) steps; CUDA graphs on GPUs."""
     mode = "reduce-overhead" if device.type == "cuda" else "default"
@@ -240,7 +387,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     p.add_argument("--decode_path", choices=["reference", "fused"], default="reference",
                    help="model.py's decode step, or decode.py's fused one (one attention op, GEMV "
-                        "prologue/epilogue fusions; not yet measured faster, hence not the default)")
+                        "prologue/epilogue fusions; on the H200 faster dense, slower at 50%% sparsity with "
+                        "today's kernel: benchmarks/results/NOTES.md)")
     p.add_argument("--sparsity", type=FRACTION, nargs="+", default=[0.0],
                    help="TEAL sparsity level(s) in [0, 1); several values run the same prompt at each")
     p.add_argument("--thresholds", type=Path, default=None,
@@ -249,7 +397,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how sparsity is split between projections (see calibrate.py)")
     p.add_argument("--sparse_prefill", action="store_true",
                    help="also sparsify the prompt tokens (decode is always sparse when sparsity > 0)")
-    return p.parse_args(argv)
+    p.add_argument("--speculate_k", type=int_at_least(0), default=0,
+                   help="self-speculative decoding: the model at --draft_sparsity drafts this many tokens, "
+                        "the model at --sparsity verifies them in one step (same output; 0 = off)")
+    p.add_argument("--draft_sparsity", type=FRACTION, default=0.5,
+                   help="TEAL sparsity of the draft with --speculate_k (the same weights, no second model)")
+    args = p.parse_args(argv)
+    if args.speculate_k and args.decode_path == "fused":
+        p.error("--speculate_k runs model.py's decode (--decode_path reference)")
+    if args.speculate_k and args.draft_sparsity <= max(args.sparsity):
+        p.error(f"--draft_sparsity {args.draft_sparsity} must be above the target's --sparsity "
+                f"{max(args.sparsity)}: the draft must be cheaper than the model it drafts for")
+    return args
 
 
 def resolve_device(name: str) -> torch.device:
@@ -409,6 +568,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                             f"exceeds the model's context of {model.config.block_size} tokens")
         ensure_caches(model, len(ids) + args.max_new_tokens)
         for level in args.sparsity:
+            if args.speculate_k:
+                results += run_speculative(model, ids, text, level, s, eos, tok, args)
+                continue
             set_sparsity(model, level, args)
             if args.compile:  # warm-up: compilation (and CUDA-graph capture) out of the timing
                 start = time.perf_counter()
@@ -425,6 +587,45 @@ def run(args: argparse.Namespace) -> list[dict]:
     if len(results) > 1:
         print_table(results)
     return results
+
+
+def run_speculative(model: Transformer, ids: list[int], text: str, level: float, s: Sampling, eos: set[int],
+                    tok: Tokenizer | None, args: argparse.Namespace) -> list[dict]:
+    """--speculate_k: the draft and target settings captured once, then each sample decoded
+    speculatively, with the acceptance statistics in its report."""
+    from teal.sparsify import TealState
+    set_sparsity(model, args.draft_sparsity, args)
+    draft = TealState.of(model)
+    set_sparsity(model, level, args)
+    if level > 0:  # the verify step's K + 1 positions are decode tokens: every one sparse
+        for m in packed_projections(model).values():
+            m.sparse_prefill = True
+    target = TealState.of(model)
+    step = logits_step
+    if args.compile:
+        mode = "reduce-overhead" if model.norm.weight.device.type == "cuda" else "default"
+        step = torch.compile(logits_step, mode=mode, fullgraph=True, dynamic=False)
+        start = time.perf_counter()
+        print(f"warming up the compiled draft and verify steps (K = {args.speculate_k}) ...", end=" ",
+              file=sys.stderr, flush=True)
+        speculative_generate(model, ids, min(args.max_new_tokens, 2 * args.speculate_k + 2), s, args.speculate_k,
+                             draft, target, draft_fn=step, verify_fn=step)
+        print(f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    rows = []
+    for i in range(args.num_samples):
+        print(f"\n[sparsity {level:.2f}, self-speculative: draft {args.draft_sparsity:.2f}, K = {args.speculate_k}, "
+              f"sample {i + 1}]\n{text if tok and not args.chat else ''}", end="", flush=True)
+        stream = Streamer(tok, len(ids)) if tok else None
+        res, stats = speculative_generate(model, ids, args.max_new_tokens, s, args.speculate_k, draft, target,
+                                          eos, stream, draft_fn=step, verify_fn=step)
+        target.restore()
+        row = report(model, res, level)
+        row["speculation"] = {"k": args.speculate_k, "draft_sparsity": args.draft_sparsity, **stats.as_dict()}
+        print(f"-- speculation: {stats.accepted}/{stats.drafted} drafts accepted ({stats.acceptance_rate:.0%}), "
+              f"{stats.tokens_per_verify:.2f} tokens per verify, draft {row['speculation']['draft_ms_per_token']:.1f} "
+              f"ms/token, verify {row['speculation']['verify_ms']:.1f} ms")
+        rows.append(row)
+    return rows
 
 
 def report(model: Transformer, res: Sample, level: float) -> dict:

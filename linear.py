@@ -101,7 +101,7 @@ class PackedLinear(nn.Module):
         # Parameter-weighted target sparsity of the segments (teal.sparsify sets it from the
         # thresholds file): what the measured speed table is read at.
         self.target_sparsity: float | None = None
-        self._kernel_pays: dict[tuple[str, int], bool | None] = {}  # (device, rows) -> measured verdict
+        self._kernel_pays: dict[tuple[str, int, float], bool | None] = {}  # (device, rows, target) -> verdict
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes: list[int] | None = None) -> "PackedLinear":
@@ -131,7 +131,7 @@ class PackedLinear(nn.Module):
         target sparsity beat the dense path? None: no measurement (or no target) for it."""
         if device.type != "cuda" or self.target_sparsity is None:
             return None
-        key = (str(device), rows)  # the device's name is only asked for on a miss: this runs every call
+        key = (str(device), rows, self.target_sparsity)  # the device's name is only asked for on a miss
         if key not in self._kernel_pays:
             self._kernel_pays[key] = sparse_beats_dense(torch.cuda.get_device_name(device), self.format_name,
                                                         rows, self.in_features, self.out_features,
@@ -152,7 +152,6 @@ class PackedLinear(nn.Module):
         """Record the segments' target sparsity (weighted by their widths) for the speed table."""
         self.target_sparsity = None if per_segment is None else \
             sum(s * w for s, w in zip(per_segment, self.split_sizes, strict=True)) / self.out_features
-        self._kernel_pays.clear()
 
     def forward(self, x: Tensor, gated: bool = False, residual: Tensor | None = None) -> Tensor:
         """x [..., K] -> [..., N]. The decode path's fusions (decode.py): with `gated`, x is a

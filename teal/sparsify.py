@@ -10,6 +10,7 @@ there buys no speed and costs quality).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -71,6 +72,25 @@ def dense_fallbacks(model: nn.Module, device: torch.device) -> tuple[list[str], 
         elif verdict is None and m.sparse and device.type == "cuda":
             unmeasured.append(name)
     return slower, unmeasured
+
+
+@dataclass(frozen=True)
+class TealState:
+    """A model's TEAL setting (every projection's thresholds and flags), kept to switch back to it
+    by copying in place: self-speculative decoding alternates a draft and a target setting every
+    few tokens, and copies keep the buffers' addresses (CUDA graphs stay valid)."""
+
+    entries: tuple[tuple[PackedLinear, Tensor, bool, bool, float | None], ...]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "TealState":
+        return cls(tuple((m, m.thresholds.clone(), m.sparse, m.sparse_prefill, m.target_sparsity)
+                         for m in packed_projections(model).values()))
+
+    def restore(self) -> None:
+        for m, thresholds, sparse, sparse_prefill, target in self.entries:
+            m.thresholds.copy_(thresholds)
+            m.sparse, m.sparse_prefill, m.target_sparsity = sparse, sparse_prefill, target
 
 
 def densify(model: nn.Module) -> nn.Module:

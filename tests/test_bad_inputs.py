@@ -51,6 +51,10 @@ CASES = [
     ("generate", ["--checkpoint_path", "{truncated}"], 1, "corrupt or truncated"),
     ("generate", ["--checkpoint_path", "{gpt2}"], 1, "unsupported architecture"),
     ("generate", ["--random_weights", "Llama-9"], 1, "Llama-9"),
+    ("generate", ["--speculate_k", "-1"], 2, "--speculate_k: must be at least 0"),
+    ("generate", ["--speculate_k", "2", "--sparsity", "0.5", "--draft_sparsity", "0.4"], 2,
+     "must be above the target's --sparsity"),
+    ("generate", ["--speculate_k", "2", "--decode_path", "fused"], 2, "--speculate_k runs model.py's decode"),
     # calibrate.py
     ("calibrate", ["--batch", "0"], 2, "--batch: must be at least 1"),
     ("calibrate", ["--tokens", "0"], 2, "--tokens: must be at least 2"),

@@ -49,7 +49,7 @@ def test_help_shows_defaults_and_whole_examples(capsys) -> None:
     code, _ = call("calibrate", ["--help"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "(default: 8192)" in out and "(default: uniform greedy)" in out and "(default: None)" not in out
+    assert "(default: 4096)" in out and "(default: uniform greedy)" in out and "(default: None)" not in out
     assert "python calibrate.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct --text my_text.txt" in out
     assert "../shared" not in out
 
