@@ -643,11 +643,17 @@ def report(model: Transformer, res: Sample, level: float) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| sparsity | realized | decode tok/s | GB/s | TTFT ms | new tokens |")
-    print("|---|---|---|---|---|---|")
+    spec = any("speculation" in r for r in rows)
+    print("\n| sparsity | realized | decode tok/s | GB/s | TTFT ms | new tokens |" +
+          (" draft | K | accepted | tokens / verify |" if spec else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|---|---|" if spec else ""))
     for r in rows:
-        print(f"| {r['sparsity']:.2f} | {r['realized_sparsity']:.1%} | {r['decode_tok_s']:.1f} | "
-              f"{r['gb_s']:.1f} | {r['ttft_s'] * 1000:.0f} | {r['new_tokens']} |")
+        line = (f"| {r['sparsity']:.2f} | {r['realized_sparsity']:.1%} | {r['decode_tok_s']:.1f} | "
+                f"{r['gb_s']:.1f} | {r['ttft_s'] * 1000:.0f} | {r['new_tokens']} |")
+        if "speculation" in r:
+            sp = r["speculation"]
+            line += f" {sp['draft_sparsity']:.2f} | {sp['k']} | {sp['acceptance_rate']:.0%} | {sp['tokens_per_verify']:.2f} |"
+        print(line)
 
 
 if __name__ == "__main__":
