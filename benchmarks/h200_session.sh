@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | after)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -50,6 +50,10 @@ case $phase in
     cp kernels/speed_table.json "$out/speed_table.json"
     step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.5 --decode_path reference fused --out "$out/decode_llama3_8b_bf16"
     step 100 env TEAL_PDL=0 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0.5 --decode_path fused --out "$out/decode_llama3_8b_nopdl"
+    ;;
+  spec)  # self-speculative decoding: plain dense / 50% beside speculation (step costs; random weights)
+    step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    step 200 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     ;;
   after)  # profiles of the fused decode path
     step 200 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0 0.5 --decode_path fused --label after --out "$out/profile_llama3_8b_after"
