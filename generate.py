@@ -594,6 +594,9 @@ def run_speculative(model: Transformer, ids: list[int], text: str, level: float,
     """--speculate_k: the draft and target settings captured once, then each sample decoded
     speculatively, with the acceptance statistics in its report."""
     from teal.sparsify import TealState
+    if len(ids) + args.max_new_tokens + args.speculate_k + 1 > model.config.block_size:
+        raise UserError(f"prompt ({len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) + --speculate_k "
+                        f"({args.speculate_k}) + 1 exceeds the model's context of {model.config.block_size} tokens")
     set_sparsity(model, args.draft_sparsity, args)
     draft = TealState.of(model)
     set_sparsity(model, level, args)

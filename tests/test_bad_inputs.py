@@ -52,6 +52,8 @@ CASES = [
     ("generate", ["--checkpoint_path", "{gpt2}"], 1, "unsupported architecture"),
     ("generate", ["--random_weights", "Llama-9"], 1, "Llama-9"),
     ("generate", ["--speculate_k", "-1"], 2, "--speculate_k: must be at least 0"),
+    ("generate", ["--speculate_k", "8", "--prompt", "word " * 4, "--max_new_tokens", "40"], 1,
+     "+ --speculate_k (8) + 1 exceeds the model's context"),
     ("generate", ["--speculate_k", "2", "--sparsity", "0.5", "--draft_sparsity", "0.4"], 2,
      "must be above the target's --sparsity"),
     ("generate", ["--speculate_k", "2", "--decode_path", "fused"], 2, "--speculate_k runs model.py's decode"),
