@@ -36,7 +36,7 @@ def save_state_dict(state: dict[str, Tensor], path: str | Path, metadata: dict[s
 
 def model_state_for_saving(model: Transformer) -> dict[str, Tensor]:
     state = model.state_dict()
-    if model.config.tie_embeddings:
+    if model.output.weight is model.tok_embeddings.weight:  # tied (a quantized head is its own copy)
         state.pop("output.weight", None)
     return state
 
@@ -106,7 +106,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     for m in model.modules():  # derived buffers are not in the file: still on the meta device
         if isinstance(m, PackedLinear):
             m.no_thresholds = torch.zeros_like(m.thresholds)
-    if args.tie_embeddings:
+    if args.tie_embeddings and "output.weight" not in state:  # a float tied head: share the table
         model.output.weight = model.tok_embeddings.weight
     return model.to(device).eval()
 

@@ -343,7 +343,7 @@ def weight_bytes_per_token(model: Transformer, skipped_fraction: float = 0.0) ->
     embed = model.tok_embeddings.weight
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
                 if t is not embed and t.dim() >= 2 and not _is_cache(t, model))
-    if model.config.tie_embeddings:  # the tied lm_head is read in full
+    if model.output.weight is embed:  # the tied lm_head is read in full
         total += embed.numel() * embed.element_size()
     proj = sum(m.weight.numel() * m.weight.element_size() for m in packed_projections(model).values())
     return total - skipped_fraction * proj

@@ -221,9 +221,13 @@ class QuantConfig:
 
     mode: str
     group_size: int = 0  # int4 only; int8 scales are per output channel
-    lm_head: bool = False
+    # lm_head: False (float head), "int8" (an int8 head whatever `mode`: its error reaches every
+    # logit), or True (files written before 2026-12-02: the head in `mode`)
+    lm_head: bool | str = False
 
     def __post_init__(self) -> None:
+        if self.lm_head not in (False, True, "int8"):
+            raise QuantizationError(f"unknown lm_head format {self.lm_head!r}; expected false or 'int8'")
         if self.mode not in QUANT_MODES:
             raise QuantizationError(f"unknown quantization mode {self.mode!r}; expected one of {QUANT_MODES}")
         expected = INT4_GROUP_SIZES if self.mode == "int4" else (0,)
@@ -233,8 +237,15 @@ class QuantConfig:
 
     @classmethod
     def request(cls, mode: str, group_size: int, lm_head: bool) -> "QuantConfig":
-        """From user options: the group size only applies to int4."""
-        return cls(mode, group_size if mode == "int4" else 0, lm_head)
+        """From user options: the group size only applies to int4; a quantized head is int8."""
+        return cls(mode, group_size if mode == "int4" else 0, "int8" if lm_head else False)
+
+    @property
+    def head_format(self) -> tuple[str, int] | None:
+        """(mode, group size) of a quantized lm_head, or None for a float head."""
+        if self.lm_head is False:
+            return None
+        return ("int8", 0) if self.lm_head == "int8" else (self.mode, self.group_size)
 
     @property
     def label(self) -> str:
@@ -254,26 +265,24 @@ class QuantConfig:
             raise QuantizationError(f"{source}: bad {QUANT_METADATA_KEY!r} metadata: {e}") from None
 
 
-def quantization_targets(model: nn.Module, cfg: QuantConfig) -> dict[str, list[int]]:
-    """Module names to quantize -> output splits; every check runs before anything is swapped."""
-    targets = projection_splits(model)
-    if cfg.lm_head:
-        if model.config.tie_embeddings:
-            raise QuantizationError("lm_head is tied to the token embedding (tie_embeddings) and "
-                                    "quantizing it would quantize the embedding lookup too; "
-                                    "drop --include_lm_head")
-        targets["output"] = [model.config.vocab_size]
-    for name in targets:
+def quantization_targets(model: nn.Module, cfg: QuantConfig) -> dict[str, tuple[list[int], str, int]]:
+    """Module names to quantize -> (output splits, mode, group size); every check runs before
+    anything is swapped. A tied lm_head gets its own quantized copy: the embedding lookup keeps
+    the float table."""
+    targets = {name: (splits, cfg.mode, cfg.group_size) for name, splits in projection_splits(model).items()}
+    if cfg.head_format is not None:
+        targets["output"] = ([model.config.vocab_size], *cfg.head_format)
+    for name, (_, mode, group_size) in targets.items():
         module = model.get_submodule(name)
         if isinstance(module, PackedLinear) and module.fmt != "fp":
             current = QuantConfig(module.fmt, module.group_size).label
             raise QuantizationError(f"model is already quantized ({current}); requantizing as "
                                     f"{cfg.label} would compound the error: start from the float checkpoint")
         k = module.in_features
-        if cfg.mode == "int4" and k % cfg.group_size:
+        if mode == "int4" and k % group_size:
             fits = [g for g in INT4_GROUP_SIZES
-                    if all(model.get_submodule(t).in_features % g == 0 for t in targets)]
-            raise QuantizationError(f"{name}: K={k} is not divisible by group size {cfg.group_size} "
+                    if all(model.get_submodule(t).in_features % g == 0 for t, v in targets.items() if v[1] == "int4")]
+            raise QuantizationError(f"{name}: K={k} is not divisible by group size {group_size} "
                                     f"(group sizes that fit this model: {fits or 'none'})")
     return targets
 
@@ -285,7 +294,7 @@ def prepare_quantized(model: nn.Module, cfg: QuantConfig, source: object) -> Non
         targets = quantization_targets(model, cfg)
     except QuantizationError as e:
         raise QuantizationError(f"{source}: {e}") from None
-    for name, splits in targets.items():
+    for name, (splits, mode, group_size) in targets.items():
         old = model.get_submodule(name)
-        swap_module(model, name, PackedLinear(old.in_features, old.out_features, splits, cfg.mode,
-                                              cfg.group_size, device=old.weight.device))
+        swap_module(model, name, PackedLinear(old.in_features, old.out_features, splits, mode, group_size,
+                                              device=old.weight.device))

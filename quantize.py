@@ -11,7 +11,7 @@ Formats (linear.PackedLinear's buffers; the weight is transposed, [K = in, N = o
   (column 2j in the low nibble, 2j + 1 in the high one).
 A quantized checkpoint is one safetensors file in the float checkpoint's folder (it shares its
 config.json and tokenizer; written to another folder, it gets copies of them); the metadata key
-"quantization" records {"mode", "group_size", "lm_head"}, so `checkpoint.load_model(<that file>)`
+"quantization" records {"mode", "group_size", "lm_head" (false or "int8")}, so `checkpoint.load_model(<that file>)`
 rebuilds the right modules from the file alone.
 
     python quantize.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct --mode int8
@@ -75,15 +75,15 @@ def pack_int4(q: Tensor) -> Tensor:
     return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
-def quantize_projection(w_t: Tensor, split_sizes: list[int], cfg: QuantConfig) -> PackedLinear:
-    """A PackedLinear of cfg's format holding the quantized transposed weight `w_t` [K, N]."""
+def quantize_projection(w_t: Tensor, split_sizes: list[int], mode: str, group_size: int) -> PackedLinear:
+    """A PackedLinear of format `mode` holding the quantized transposed weight `w_t` [K, N]."""
     k, n = w_t.shape
     w_t = w_t.contiguous()  # nn.Linear's weight.t() is a view; the kernels need row-major [K, N]
-    layer = PackedLinear(k, n, split_sizes, cfg.mode, cfg.group_size, device=w_t.device)
-    if cfg.mode == "int8":
+    layer = PackedLinear(k, n, split_sizes, mode, group_size, device=w_t.device)
+    if mode == "int8":
         layer.weight, layer.scales = quantize_int8(w_t)
     else:
-        layer.weight, layer.scales, layer.zeros = quantize_int4(w_t, cfg.group_size)
+        layer.weight, layer.scales, layer.zeros = quantize_int4(w_t, group_size)
     return layer
 
 
@@ -92,17 +92,18 @@ def quantize_projection(w_t: Tensor, split_sizes: list[int], cfg: QuantConfig) -
 # ---------------------------------------------------------------------------------------------
 
 def quantize_model(model: Transformer, mode: str, group_size: int = 128,
-                   include_lm_head: bool = False) -> QuantConfig:
-    """Quantize every decoder projection (and lm_head if asked) in place; returns what to record.
+                   lm_head: bool = False) -> QuantConfig:
+    """Quantize every decoder projection (and lm_head to int8 if asked) in place; returns what to record.
 
     Takes nn.Linear or float PackedLinear projections; TEAL state set by teal.sparsify carries over.
     """
-    cfg = QuantConfig.request(mode, group_size, include_lm_head)
+    cfg = QuantConfig.request(mode, group_size, lm_head)
     targets = quantization_targets(model, cfg)
-    for name, splits in tqdm(targets.items(), desc=f"quantizing to {cfg.label}", unit="matrix"):
+    for name, (splits, target_mode, target_group) in tqdm(targets.items(), desc=f"quantizing to {cfg.label}",
+                                                           unit="matrix"):
         old = model.get_submodule(name)
         w_t = old.weight if isinstance(old, PackedLinear) else old.weight.t()
-        new = quantize_projection(w_t.detach(), splits, cfg)
+        new = quantize_projection(w_t.detach(), splits, target_mode, target_group)
         if isinstance(old, PackedLinear):
             new.thresholds.copy_(old.thresholds)
             new.sparse, new.sparse_prefill = old.sparse, old.sparse_prefill
@@ -135,8 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=QUANT_MODES, default="int8", help="weight format")
     p.add_argument("--groupsize", type=int, default=128,
                    help=f"int4 group size, one of {INT4_GROUP_SIZES} (must divide every projection's K)")
-    p.add_argument("--include_lm_head", action="store_true",
-                   help="also quantize lm_head (refused when it is tied to the embedding)")
+    p.add_argument("--lm_head", action="store_true",
+                   help="also quantize lm_head, to int8 per channel whatever --mode (a head tied to the "
+                        "embedding gets its own int8 copy; the embedding lookup stays in float)")
     p.add_argument("--output", type=Path, default=None,
                    help="file to write (default: <checkpoint dir>/model_int8.safetensors or "
                         "model_int4-g<G>.safetensors); in another folder, config.json and the "
@@ -145,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Path:
-    cfg = QuantConfig.request(args.mode, args.groupsize, args.include_lm_head)
+    cfg = QuantConfig.request(args.mode, args.groupsize, args.lm_head)
     folder, weights = resolve_checkpoint(args.checkpoint_path)
     output = check_writable(args.output or folder / f"model_{cfg.label}.safetensors", weights)
     check_companions(folder, output.parent)
@@ -154,7 +156,7 @@ def run(args: argparse.Namespace) -> Path:
     save_quantized(model, cfg, output)
     copy_companions(folder, output.parent)  # a file elsewhere stays loadable
     elsewhere = output.parent.resolve() != folder.resolve()
-    print(f"wrote {output} ({cfg.label}{', lm_head too' if cfg.lm_head else ''})"
+    print(f"wrote {output} ({cfg.label}{', lm_head in int8' if cfg.lm_head else ''})"
           + (f"; copied {folder}'s config.json and tokenizer beside it" if elsewhere else ""))
     return output
 

@@ -18,7 +18,7 @@ from checkpoint import CheckpointError, load_model
 from kernels import dequantize_weight
 from kernels.reference import INT4_GROUP_SIZES as GROUP_SIZES
 from linear import QUANT_METADATA_KEY as METADATA_KEY
-from linear import PackedLinear, QuantizationError, pack_model, packed_projections
+from linear import PackedLinear, QuantConfig, QuantizationError, pack_model, packed_projections
 from model import Transformer
 from quantize import pack_int4, quantize_int4, quantize_int8, quantize_model, save_quantized
 from teal import sparsify
@@ -105,22 +105,28 @@ def test_int4_rejects_k_not_divisible_by_group():
 # Models and checkpoints
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode, group_size", [("int8", 0), ("int4", 32)])
-def test_quantized_logits_match_float64_with_dequantized_weights(mode, group_size):
-    model, ref = tiny_model(tie=False), tiny_model(tie=False)
-    quantize_model(model, mode, group_size, include_lm_head=True)
+@pytest.mark.parametrize("mode, group_size, tie", [("int8", 0, False), ("int4", 32, False), ("int4", 32, True)])
+def test_quantized_logits_match_float64_with_dequantized_weights(mode, group_size, tie):
+    """The projections in `mode`, lm_head in int8 (a tied head too: its own copy, the embedding
+    table untouched)."""
+    model, ref = tiny_model(tie=tie), tiny_model(tie=False)
+    ref.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})  # same weights, untied
+    embedding = model.tok_embeddings.weight.detach().clone()
+    quantize_model(model, mode, group_size, lm_head=True)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     assert set(quantized) == set(packed_projections(model)) | {"output"}
     for name, layer in quantized.items():
-        assert layer.fmt == mode and layer.weight.is_contiguous()  # the decode kernel needs row-major
+        assert layer.fmt == ("int8" if name == "output" else mode) and layer.weight.is_contiguous()
         ref.get_submodule(name).weight.data = layer.dense_weight_t(torch.float32).t()
+    assert torch.equal(model.tok_embeddings.weight, embedding)
     got = logits(model, IDS)
     want = logits(ref.double(), IDS)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode, group_size, tie, lm_head",
-                         [("int8", 0, True, False), ("int4", 32, True, False), ("int4", 32, False, True)])
+                         [("int8", 0, True, False), ("int4", 32, True, False), ("int4", 32, False, True),
+                          ("int4", 32, True, True)])
 def test_saved_checkpoint_loads_to_identical_logits(tmp_path, mode, group_size, tie, lm_head):
     folder = tiny_checkpoint(tmp_path, tie)
     model = load_model(folder, "cpu", torch.float32)
@@ -128,13 +134,24 @@ def test_saved_checkpoint_loads_to_identical_logits(tmp_path, mode, group_size, 
     path = folder / f"model_{cfg.label}.safetensors"
     save_quantized(model, cfg, path)
     with safe_open(str(path), framework="pt") as f:
-        assert json.loads(f.metadata()[METADATA_KEY]) == {"mode": mode, "group_size": group_size, "lm_head": lm_head}
+        assert json.loads(f.metadata()[METADATA_KEY]) == {"mode": mode, "group_size": group_size,
+                                                          "lm_head": "int8" if lm_head else False}
     loaded = load_model(path, "cpu", torch.float32)
     assert {n: (m.fmt, m.group_size) for n, m in packed_projections(loaded).items()} == \
            {n: (m.fmt, m.group_size) for n, m in packed_projections(model).items()}
     assert all(m.scales.dtype == torch.float32 for m in packed_projections(loaded).values())
-    assert (loaded.output.weight is loaded.tok_embeddings.weight) == tie
+    assert (loaded.output.weight is loaded.tok_embeddings.weight) == (tie and not lm_head)
+    assert isinstance(loaded.output, PackedLinear) == lm_head
     assert torch.equal(logits(model, IDS), logits(loaded, IDS))
+
+
+def test_heads_recorded_before_int8_heads_load_in_the_recorded_mode():
+    """Files written before 2026-12-02 record lm_head: true for a head in the projections' mode."""
+    assert QuantConfig("int4", 32, True).head_format == ("int4", 32)
+    assert QuantConfig("int4", 32, "int8").head_format == ("int8", 0)
+    assert QuantConfig("int8", 0, False).head_format is None
+    with pytest.raises(QuantizationError, match="lm_head"):
+        QuantConfig("int8", 0, "int4")
 
 
 def test_teal_state_survives_quantization():
@@ -149,8 +166,6 @@ def test_teal_state_survives_quantization():
 
 def test_model_errors_leave_the_model_untouched():
     model = tiny_model()
-    with pytest.raises(QuantizationError, match="tied"):
-        quantize_model(model, "int8", 0, include_lm_head=True)
     with pytest.raises(QuantizationError, match=r"K=96 .* fit this model: \[32\]"):
         quantize_model(model, "int4", 64)
     assert not packed_projections(model)
@@ -192,7 +207,6 @@ def test_cli_writes_default_name_and_loads(tmp_path):
     (["--mode", "int4", "--groupsize", "48"], "unsupported group size 48"),
     (["--mode", "int4", "--groupsize", "64"], "not divisible by group size 64"),
     (["--mode", "int3"], "invalid choice"),
-    (["--mode", "int8", "--include_lm_head"], "tied"),
     (["--mode", "int8", "--output", "{folder}/model.safetensors"], "overwrite"),
     (["--mode", "int8", "--checkpoint_path", "{folder}/model_int4-g32.safetensors"], "already quantized (int4-g32)"),
     (["--checkpoint_path", "{folder}/missing"], "checkpoint not found"),
