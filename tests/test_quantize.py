@@ -244,3 +244,20 @@ def test_quantized_checkpoint_serves_sparse_decode_in_bf16(tmp_path, mode, group
             m(IDS[:, :n].to(dev), torch.arange(n, device=dev))
             outs.append(m(IDS[:, n:].to(dev), torch.tensor([n], device=dev)).float().cpu())
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0.01 * outs[0].abs().max().item())
+
+
+def test_bytes_per_token_count_a_quantized_tied_head_once():
+    """generate.py's GB/s: the tied float head is the embedding table read in full; once the head
+    is quantized, its int8 copy is read instead and the table is not."""
+    from generate import weight_bytes_per_token
+    model = tiny_model(tie=True)
+    embed = model.tok_embeddings.weight
+    before = weight_bytes_per_token(model)
+    linears = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() >= 2 and p is not embed)
+    assert before == linears + embed.numel() * embed.element_size()  # the tied head reads the table
+    quantize_model(model, "int8", 0, lm_head=True)
+    head = model.output
+    head_bytes = head.weight.numel() * head.weight.element_size()  # int8 scales are 1-D: not counted
+    proj = sum(m.weight.numel() * m.weight.element_size() for m in packed_projections(model).values())
+    assert weight_bytes_per_token(model) == proj + head_bytes
+    assert weight_bytes_per_token(model) < before
