@@ -26,12 +26,16 @@ from model import Transformer
 
 
 def apply_weights(model: Transformer, weights: str) -> None:
-    """bf16 (as built), int8, or int4-gN weight-only quantization of the projections."""
-    if weights == "bf16":
+    """bf16 (as built), int8, or int4-gN weight-only quantization of the projections; a "+lm_head"
+    suffix (e.g. int4-g128+lm_head) also stores lm_head in int8."""
+    fmt, _, suffix = weights.partition("+")
+    if suffix not in ("", "lm_head") or (fmt == "bf16" and suffix):
+        sys.exit(f"error: --weights {weights!r}: expected bf16, int8 or int4-g<G>, optionally +lm_head after int8/int4")
+    if fmt == "bf16":
         return
     from quantize import quantize_model
-    mode, _, group = weights.partition("-g")
-    quantize_model(model, mode, int(group or 128))
+    mode, _, group = fmt.partition("-g")
+    quantize_model(model, mode, int(group or 128), lm_head=suffix == "lm_head")
 
 
 def set_level(model: Transformer, level: float, calib_tokens: int) -> None:
@@ -67,7 +71,8 @@ def time_decode(model: Transformer, step, n_tokens: int, runs: int, prompt_len: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Llama-3-8B", help="shape from model.MODEL_CONFIGS")
-    p.add_argument("--weights", nargs="+", default=["bf16"], help="bf16, int8, int4-g128 ... (each one run)")
+    p.add_argument("--weights", nargs="+", default=["bf16"],
+                   help="bf16, int8, int4-g128, int8+lm_head (int8 head too) ... (each one run)")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0, 0.25, 0.4, 0.5, 0.65])
     p.add_argument("--tokens", type=int, default=256, help="decoded tokens per timed run")
     p.add_argument("--runs", type=int, default=3, help="timed runs per setting (median reported)")
