@@ -52,10 +52,9 @@ def dequantize_weight(
         if scales is None or zeros is None or group_size <= 0:
             raise ValueError("int4 weights need scales, zeros and a positive group_size.")
         k = w.shape[0]
-        q = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(k, -1).float() - 8.0
-        s = scales.float().repeat_interleave(group_size, dim=0)
-        z = zeros.float().repeat_interleave(group_size, dim=0)
-        return q * s + z
+        # [groups, group_size, N]: the group's scale and zero broadcast, never expanded to [K, N]
+        q = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(k // group_size, group_size, -1).float() - 8.0
+        return (q * scales.float()[:, None] + zeros.float()[:, None]).reshape(k, -1)
     raise TypeError(f"Unsupported weight dtype {w.dtype}; expected bf16, fp16, int8 or uint8 (packed int4).")
 
 
