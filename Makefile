@@ -31,7 +31,8 @@ $(MODEL)/model.safetensors: | $(VENV)/.installed
 $(CALIB_TEXT): | $(VENV)/.installed
 	$(PY) scripts/python_docs_text.py $@
 
-$(MODEL)/teal_thresholds.safetensors: $(MODEL)/model.safetensors $(CALIB_TEXT)
+# Makefile: a clone calibrated by an older demo recipe (uniform only) recalibrates for --allocation greedy
+$(MODEL)/teal_thresholds.safetensors: $(MODEL)/model.safetensors $(CALIB_TEXT) Makefile
 	$(PY) calibrate.py --checkpoint_path $(MODEL) --text $(CALIB_TEXT) --output $@ --max_sparsity 0.6
 
 demo: $(MODEL)/teal_thresholds.safetensors

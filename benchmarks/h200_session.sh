@@ -43,13 +43,12 @@ case $phase in
     step 150 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 0.5 --decode_path reference fused --out "$out/decode_smollm2"
     step 150 python3 generate.py --random_weights SmolLM2-135M --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h i j k l m n o p"
     ;;
-  rework)  # the tl.dot-pipelined kernel: GPU tests, quick tune of Llama-3-8B bf16, per-matrix, end to end
+  rework)  # after a GEMV kernel change: GPU tests, quick tune of Llama-3-8B bf16, per-matrix, end to end
     step 90 python3 -m pytest -q -x tests/test_kernels.py -k gpu
     step 200 python3 -m benchmarks.tune_kernels --quick --force --formats bf16 --models llama3-8b
     step 60 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3-8b --table --out "$out/kernels_llama3_8b"
     cp kernels/speed_table.json "$out/speed_table.json"
     step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.5 --decode_path reference fused --out "$out/decode_llama3_8b_bf16"
-    step 100 env TEAL_PDL=0 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0.5 --decode_path fused --out "$out/decode_llama3_8b_nopdl"
     ;;
   spec)  # self-speculative decoding: plain dense / 50% beside speculation (step costs; random weights)
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
