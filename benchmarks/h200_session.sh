@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -57,6 +57,16 @@ case $phase in
   after)  # profiles of the fused decode path
     step 200 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0 0.5 --decode_path fused --label after --out "$out/profile_llama3_8b_after"
     step 120 python3 -m benchmarks.profile_decode --model SmolLM2-135M --sparsity 0 0.5 --decode_path fused --label after --out "$out/profile_smollm2_after"
+    ;;
+  dot)  # the "dot" GEMV design: GPU tests, tune (dot candidates + the stored rows configs), per matrix, both reductions
+    step 170 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and not compact"
+    step 280 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats bf16 int8 int4-g128 --models llama3-8b
+    step 70 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_llama3_8b_dot"
+    step 40 env TEAL_GEMV_REDUCTION=atomic python3 -m benchmarks.bench_kernels --formats bf16 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_llama3_8b_dot_atomic"
+    ;;
+  dot_e2e)  # end to end with the dot design's tuned configs, fused path checked and timed
+    step 60 python3 -m pytest -q -x tests/test_decode.py tests/test_linear.py -k "gpu or cuda"
+    step 300 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 int4-g128 --sparsity 0 0.5 --decode_path reference fused --out "$out/decode_llama3_8b_dot"
     ;;
 esac
 cp kernels/tuned_configs.json "$out/tuned_configs.json"

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -37,38 +38,26 @@ from benchmarks.timing import (
 )
 from files import atomic_path
 from kernels.reference import sparse_gemv_reference
-from kernels.triton_gemv import TUNED_CONFIGS_PATH, KernelConfig, _heuristic_config, config_key, sparse_gemv_triton
+from kernels.triton_gemv import (TUNED_CONFIGS_PATH, KernelConfig, _heuristic_config, _rows_heuristic, config_key,
+                                 sparse_gemv_triton)
 
 STAGE2_KEEP = 3
 
 
-def candidates(fmt: str, m: int, k: int, n: int, quick: bool) -> list[KernelConfig]:
-    """A grid around the heuristic: accumulator tiles of up to 2K fp32 per warp, 4 or 8 warps;
-    the first H200 run showed the 4-warp, 8K-tile grid starved of loads in flight.  int4 takes
-    16 to 64 accumulators per thread (its loads are small), wide rows with few lanes, and
-    128-row blocks (one g128 group: no cross-group accumulator)."""
+def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConfig | None) -> list[KernelConfig]:
+    """The dot design around the lab's winners (results/gemv_lab.md: rows of 256-512 columns,
+    SUB_K 32, three stages, 200-400 programs), wider rows for the narrow int8/int4 elements, plus
+    the rows design's heuristic and the config stored before: a retune never picks a config
+    slower than the one it replaces."""
     kind, _ = parse_format(fmt)
-    int4 = kind == "int4"
-    block_m = triton.next_power_of_2(m)
-    block_ns = (128, 256) if kind in ("bf16", "fp16") else (256, 512)
-    if not quick:
-        block_ns += (512,) if kind in ("bf16", "fp16") else (1024,)
-    block_ks = (256, 512) if quick else (256, 512, 1024)
-    sub_ks = (16,) if quick else (16, 32, 64)
-    if int4:
-        block_ks = (128, 256) if quick else (128, 256, 512)
-        sub_ks = (8, 16) if quick else (2, 4, 8, 16, 32)
-    warps = (4,) if quick else (4, 8)
-    grid = {_heuristic_config(fmt, m, k, n)}
-    for nw in warps:
-        low, high = (512 * nw, 2048 * nw) if int4 else (1024, 2048 * nw)
-        for bn in block_ns:
-            for bk in block_ks:
-                for sub in sub_ks:
-                    if low <= block_m * sub * bn <= high and sub <= bk:
-                        for compact in (True, False):
-                            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sub, compact=compact,
-                                                  num_warps=nw))
+    block_ns = (256, 512) if kind in ("bf16", "fp16") else (256, 512, 1024)
+    block_ks = (256, 512) if quick else (128, 256, 512, 1024)
+    stages = (3,) if quick else (3, 4)
+    grid = {_heuristic_config(fmt, m, k, n), _rows_heuristic(fmt, m, k, n)} | ({stored} if stored else set())
+    for bn in block_ns:
+        for bk in block_ks:
+            for st in stages:
+                grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=32, num_stages=st, design="dot"))
     return sorted(grid, key=lambda c: dataclasses.astuple(c))
 
 
@@ -93,12 +82,13 @@ def is_correct(cfg: KernelConfig, p: Problem, ref: torch.Tensor) -> bool:
     return bool(torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()))
 
 
-def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float], quick: bool) -> dict:
+def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float], quick: bool,
+               stored: KernelConfig | None = None) -> dict:
     n = sum(splits)
     main_s = max(sparsities)
     problems = build_problems(fmt, m, k, splits, main_s)
     ref = sparse_gemv_reference(*problems[0].args()).float()
-    grid = [c for c in candidates(fmt, m, k, n, quick) if is_correct(c, problems[0], ref)]
+    grid = [c for c in candidates(fmt, m, k, n, quick, stored) if is_correct(c, problems[0], ref)]
     if not grid:
         raise RuntimeError(f"No candidate config matched the reference for {fmt} M={m} K={k} N={n}.")
     stage1 = {c: time_config(c, problems) for c in grid}
@@ -122,6 +112,32 @@ def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[flo
     }
 
 
+def _compile_one(job: tuple[str, int, int, tuple[int, ...], dict]) -> None:
+    """Worker: one call of the kernel at the real shape fills Triton's on-disk cache (failures
+    are left to the tuner's own check)."""
+    fmt, m, k, splits, cfg = job
+    try:
+        kind, _ = parse_format(fmt)
+        x = make_x(m, k, torch.float16 if kind == "fp16" else torch.bfloat16, "cuda", seed=0)
+        w, scales, zeros, group = make_weight(fmt, k, sum(splits), "cuda", seed=1)
+        p = Problem(x, w, threshold_for(x, 0.5, len(splits)), list(splits), scales, zeros, group)
+        sparse_gemv_triton(*p.args(), config=KernelConfig(**cfg))
+        sparse_gemv_triton(*p.args(), config=dataclasses.replace(KernelConfig(**cfg), num_warps=8))
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - reported, the tuner decides
+        print(f"precompile {fmt} M{m} K{k} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+def precompile(jobs: list[tuple[str, int, int, tuple[int, ...], dict]], workers: int) -> None:
+    """Compile every candidate in `workers` processes first: compiling dominates a sequential
+    tune (a second or two per config), timing does not."""
+    start = time.time()
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        pool.map(_compile_one, jobs, chunksize=1)
+    print(f"precompiled {len(jobs)} candidates in {workers} processes: {time.time() - start:.0f} s", flush=True)
+
+
 def write_atomically(path: Path, table: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
@@ -136,11 +152,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller candidate grid")
     parser.add_argument("--force", action="store_true", help="retune shapes already in the file")
     parser.add_argument("--out", type=Path, default=TUNED_CONFIGS_PATH)
+    parser.add_argument("--jobs", type=int, default=0, help="compile the candidates in this many processes first")
     args = parser.parse_args()
 
     device = torch.cuda.get_device_name()
     table = json.loads(args.out.read_text()) if args.out.exists() else {}
     shapes = sorted({(k, tuple(splits)) for model in args.models for _, k, splits in MODEL_SHAPES[model]})
+    if args.jobs > 0:
+        jobs = []
+        for fmt in args.formats:
+            for m in args.batch:
+                for k, splits in shapes:
+                    key = config_key(device, fmt, m, k, sum(splits))
+                    if key in table and not args.force:
+                        continue
+                    stored = KernelConfig.from_dict(table[key]["config"]) if key in table else None
+                    jobs += [(fmt, m, k, splits, c.to_dict())
+                             for c in candidates(fmt, m, k, sum(splits), args.quick, stored)]
+        precompile(jobs, args.jobs)
     for fmt in args.formats:
         for m in args.batch:
             for k, splits in shapes:
@@ -149,7 +178,8 @@ def main() -> None:
                     print(f"{key}: already tuned, skipping")
                     continue
                 start = time.time()
-                entry = tune_shape(fmt, m, k, list(splits), args.sparsities, args.quick)
+                stored = KernelConfig.from_dict(table[key]["config"]) if key in table else None
+                entry = tune_shape(fmt, m, k, list(splits), args.sparsities, args.quick, stored)
                 entry["date"] = datetime.date.today().isoformat()
                 table[key] = entry
                 write_atomically(args.out, table)

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-from kernels.reference import FMT_INT4, MAX_SEGMENTS, validate, weight_format_name
+from kernels.reference import FMT_INT4, FMT_INT8, MAX_BATCH, MAX_SEGMENTS, validate, weight_format_name
 
 __all__ = ["INTERPRETED", "KernelConfig", "get_config", "gpu_name", "sparse_gemv_triton"]
 
@@ -39,12 +40,13 @@ TUNED_CONFIGS_PATH = Path(__file__).with_name("tuned_configs.json")
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes of one launch.
+    """Tile sizes of one launch, and which of the two kernel designs runs.
 
-    block_n: output columns per program.  block_k: input rows per program (split-K).
-    sub_k: rows per inner step (skip granularity, or gathered rows per step if compact).
-    compact: gather the kept rows of the K-block (True) or walk fixed row chunks with
-    a skip branch and masked loads (False).
+    design: "dot" (masked tiles through tl.dot, pipelined num_stages deep) or "rows" (FMA lanes,
+    one row chunk at a time).  block_n: output columns per program.  block_k: input rows per
+    program (split-K).  sub_k: rows per inner step (skip granularity, or gathered rows per step
+    if compact).  compact ("rows" only): gather the kept rows of the K-block (True) or walk fixed
+    row chunks with a skip branch and masked loads (False).
     """
 
     block_n: int = 128
@@ -53,6 +55,7 @@ class KernelConfig:
     compact: bool = True
     num_warps: int = 4
     num_stages: int = 1
+    design: str = "rows"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -98,8 +101,19 @@ def get_config(device_name: str, weight_format: str, m: int, k: int, n: int) -> 
 
 
 def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfig:
-    """256-byte slices of weight rows, ~4K accumulator elements per program (2K for int4,
-    which also keeps a per-group sum), and ~1K programs to fill the GPU."""
+    """The "dot" design: rows of up to 512 columns (1 KiB of bf16), SUB_K = 32, three stages,
+    block_k for about 256 programs (two per SM on an H200), the rule the lab's fastest
+    Llama-3-8B tiles follow (results/gemv_lab.md).  _fit_config makes it legal for the shape
+    (or falls back to the "rows" design)."""
+    block_n = max(16, min(512, triton.next_power_of_2(n)))
+    programs_n = triton.cdiv(n, block_n)
+    block_k = max(128, min(1024, triton.next_power_of_2(max(1, k * programs_n // 256))))
+    return KernelConfig(block_n=block_n, block_k=block_k, sub_k=32, num_stages=3, design="dot")
+
+
+def _rows_heuristic(weight_format: str, m: int, k: int, n: int) -> KernelConfig:
+    """The "rows" design: 256-byte slices of weight rows, ~4K accumulator elements per program
+    (2K for int4, which also keeps a per-group sum), and ~1K programs to fill the GPU."""
     int4 = weight_format.startswith("int4")
     bytes_per_elem = 0.5 if int4 else 1.0 if weight_format == "int8" else 2.0
     budget = 2048 if int4 else 4096
@@ -112,12 +126,32 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
     return KernelConfig(block_n=block_n, block_k=block_k, sub_k=sub_k)
 
 
-def _fit_config(cfg: KernelConfig, fmt: int, group_size: int) -> KernelConfig:
-    """Check powers of two; make block_k hold whole int4 groups and sub_k fit one group."""
+def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
+                split_sizes: list[int]) -> KernelConfig:
+    """Check the config and fit it to the shape.  "rows": block_k holds whole int4 groups and
+    sub_k fits one group.  "dot": block_n divides every segment, sub_k (>= 16, a tl.dot tile)
+    divides K and the int4 group, block_k is a multiple of sub_k dividing K; a shape where
+    that is impossible (a segment or K not a multiple of 16) runs the "rows" design."""
     for name in ("block_n", "block_k", "sub_k"):
         v = getattr(cfg, name)
         if v < 1 or v & (v - 1):
             raise ValueError(f"KernelConfig.{name} must be a power of two, got {v}.")
+    if cfg.design not in ("dot", "rows"):
+        raise ValueError(f"KernelConfig.design must be 'dot' or 'rows', got {cfg.design!r}.")
+    if cfg.design == "dot":
+        if cfg.block_n < 16 or cfg.sub_k < 16:
+            raise ValueError(f"the dot design needs block_n and sub_k >= 16 (a tl.dot tile), got {cfg}.")
+        col_pow2 = min(s & -s for s in split_sizes)  # largest power of two dividing every segment
+        sub_k = min(cfg.sub_k, group_size) if fmt == FMT_INT4 else cfg.sub_k
+        while sub_k > 16 and k % sub_k:
+            sub_k //= 2
+        if col_pow2 >= 16 and k % sub_k == 0:
+            tiles = max(1, cfg.block_k // sub_k)
+            while (k // sub_k) % tiles:
+                tiles -= 1
+            return dataclasses.replace(cfg, block_n=min(cfg.block_n, col_pow2), sub_k=sub_k, block_k=tiles * sub_k)
+        name = {FMT_INT4: f"int4-g{group_size}", FMT_INT8: "int8"}.get(fmt, "bf16")
+        cfg = _rows_heuristic(name, m, k, sum(split_sizes))
     if cfg.block_n < 16:
         raise ValueError(f"KernelConfig.block_n must be at least 16, got {cfg.block_n}.")
     block_k = max(cfg.block_k, group_size) if fmt == FMT_INT4 else cfg.block_k
@@ -326,12 +360,148 @@ def _sparse_gemv_kernel(
 
 
 # ---------------------------------------------------------------------------
+# Kernel: masked tiles through tl.dot, software-pipelined ("dot" design)
+# ---------------------------------------------------------------------------
+#
+# Grid (N blocks, K blocks).  BLOCK_N divides every segment (so a program has one threshold and
+# no column mask) and BLOCK_K divides K (no row mask): the tile loop has a static trip count
+# BLOCK_K // SUB_K.  This is the design of benchmarks/gemv_lab.py's ``_tgemv`` (masked mode),
+# kept literal: a first port with dynamic loop bounds and a column mask returned zeros for a
+# quarter of the columns at M = 1 on the H200 (results/NOTES.md), while the lab kernel was right.
+#
+# Tile t: x [BLOCK_M, SUB_K] thresholded (BLOCK_M = 16, the batch padded for tl.dot); weight
+# rows whose x is zero in every batch row are predicated off, the others read whole; the product
+# runs on tl.dot, which Triton pipelines num_stages deep (cp.async into shared memory): the lab
+# measured 10-30% more bandwidth than FMA lanes at batch 1.  int8 and int4 weights are converted
+# to x's dtype (exact: |q| <= 128) before the dot; int4 tiles lie inside one group (SUB_K divides
+# the group size) and take its scale and zero right after their dot:
+# y += s * (x . (q - 8)) + z * sum(x).
+#
+# Reduction over K blocks, one launch, no memset: with DETERMINISTIC each program stores its
+# fp32 partial and the last program of the column block (arrival ticket) sums them in a fixed
+# order; otherwise fp32 atomics into a zeroed workspace, and the last program reads the sum and
+# zeroes it for the next call (faster, last bits depend on arrival order).  The last program
+# applies the int8 column scale and the residual and writes the output.
+
+
+@triton.jit
+def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr):
+    """Thresholded x [BLOCK_M, SUB_K] in fp32 (rows of the batch past M are zero)."""
+    if GATED:
+        gate = tl.load(x_ptr + m_offs[:, None] * 2 * K + rows[None, :], mask=m_ok[:, None], other=0.0)
+        up = tl.load(x_ptr + m_offs[:, None] * 2 * K + K + rows[None, :], mask=m_ok[:, None], other=0.0)
+        gate = gate.to(tl.float32)
+        xv = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        xv = tl.load(x_ptr + m_offs[:, None] * K + rows[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+    return tl.where(tl.abs(xv) > threshold, xv, 0.0)
+
+
+@triton.jit
+def _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, FORMAT: tl.constexpr, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows ``rows`` x columns [col0, col0 + BLOCK_N) of W^T, read only where ``keep``: float
+    and int8 as stored, int4 as q - 8 (int8)."""
+    if FORMAT == 2:  # BLOCK_N // 2 bytes per row, low nibble = even column
+        byte_cols = tl.multiple_of(col0 // 2, BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        packed = tl.load(w_ptr + rows[:, None] * W_ROW + byte_cols[None, :], mask=keep[:, None], other=0x88)
+        return tl.join(packed & 0xF, packed >> 4).reshape(SUB_K, BLOCK_N).to(tl.int8) - 8
+    else:
+        cols = tl.multiple_of(col0, BLOCK_N) + tl.arange(0, BLOCK_N)
+        return tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=keep[:, None], other=0)
+
+
+@triton.jit
+def _dot(xt, wt, DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    """xt [BLOCK_M, SUB_K] @ wt [SUB_K, BLOCK_N] in fp32; both operands are exact in x's dtype.
+    The interpreter's bf16 dot is unreliable, so it multiplies in fp32."""
+    if IEEE:
+        return tl.dot(xt, wt.to(tl.float32), input_precision="ieee")
+    return tl.dot(xt.to(DTYPE), wt.to(DTYPE))
+
+
+@triton.jit
+def _dot_gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr,
+    out_ptr, ws_ptr, counter_ptr,
+    M, K, N, W_ROW,
+    SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
+    FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr, DETERMINISTIC: tl.constexpr, IEEE: tl.constexpr,
+):
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_k = tl.num_programs(1)
+    col0 = pid_n * BLOCK_N
+    seg = 0
+    for j in tl.static_range(1, _SEGMENT_SLOTS):
+        seg += (col0 >= SPLITS[j]).to(tl.int32)
+    cols = tl.multiple_of(col0, BLOCK_N) + tl.arange(0, BLOCK_N)
+    threshold = tl.load(thr_ptr + seg)
+    m_offs = tl.arange(0, BLOCK_M)
+    m_ok = m_offs < M
+    k0 = pid_k * BLOCK_K
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for t in tl.range(0, BLOCK_K // SUB_K):
+        rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
+        xt = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED)
+        keep = tl.max(tl.abs(xt), axis=0) > 0.0
+        wt = _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, FORMAT, SUB_K, BLOCK_N)
+        if FORMAT == 2:
+            group = (k0 + t * SUB_K) // GROUP_SIZE
+            s = tl.load(scale_ptr + group * N + cols)
+            z = tl.load(zero_ptr + group * N + cols)
+            acc += _dot(xt, wt, DTYPE, IEEE) * s[None, :] + tl.sum(xt, axis=1)[:, None] * z[None, :]
+        else:
+            acc += _dot(xt, wt, DTYPE, IEEE)
+
+    out_offs = m_offs[:, None] * N + cols[None, :]
+    out_ok = m_ok[:, None] & (cols < N)[None, :]
+    if DETERMINISTIC:
+        tl.store(ws_ptr + pid_k * M * N + out_offs, acc, mask=out_ok)
+    else:
+        tl.atomic_add(ws_ptr + out_offs, acc, mask=out_ok, sem="relaxed")
+    tl.debug_barrier()  # every thread's partial precedes the release below
+    ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if ticket == grid_k - 1:
+        if DETERMINISTIC:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for r in range(0, grid_k):
+                total += tl.load(ws_ptr + r * M * N + out_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
+        else:
+            total = tl.load(ws_ptr + out_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
+        if FORMAT == 1:
+            total *= tl.load(scale_ptr + cols)[None, :]
+        result = total.to(out_ptr.dtype.element_ty)
+        if RESIDUAL:  # the unfused model's rounding: product to x's dtype, then the sum
+            res = tl.load(res_ptr + out_offs, mask=out_ok, other=0.0)
+            result = (result.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_offs, result, mask=out_ok)
+        if not DETERMINISTIC:
+            tl.store(ws_ptr + out_offs, tl.zeros_like(total), mask=out_ok)  # zero for the next call
+        tl.store(counter_ptr + pid_n, 0)
+
+
+# ---------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------
 
 _MAX_COUNTERS = 1 << 14
-_counters: dict[torch.device, Tensor] = {}
+_WORKSPACE_FLOATS = MAX_BATCH << 18  # the "dot" design's fp32 accumulator: M * N up to 8 x 262144
+_buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
 INTERPRETED = not isinstance(_sparse_gemv_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
+# The "dot" design's reduction over K blocks: "ordered" sums the partials in a fixed order
+# (bit-reproducible), "atomic" adds them with fp32 atomics (last bits depend on arrival order).
+REDUCTION_ENV = "TEAL_GEMV_REDUCTION"
+
+
+def _deterministic() -> bool:
+    mode = os.environ.get(REDUCTION_ENV, "ordered")
+    if mode not in ("ordered", "atomic"):
+        raise ValueError(f"{REDUCTION_ENV} must be 'ordered' or 'atomic', got {mode!r}")
+    return mode == "ordered"
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -339,21 +509,23 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _arrival_counters(device: torch.device) -> Tensor:
-    """Per-device int32 counters, zero between calls, never freed (graphs keep their address).
+def _persistent_buffers(device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-device int32 arrival counters and fp32 workspace, zero between calls (each call
+    leaves them so), never freed (graphs keep their address).
 
     Allocated from a helper thread: torch.compile's CUDA-graph trees send every
     allocation of the calling thread during warm-up into their private pool, which
     must hold only their own tensors.
     """
-    counters = _counters.get(device)
-    if counters is None:
+    buffers = _buffers.get(device)
+    if buffers is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("Call sparse_gemv once on this device before capturing a CUDA graph.")
-        made: list[Tensor] = []
+        made: list[tuple[Tensor, Tensor]] = []
 
         def allocate() -> None:
-            made.append(torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device))
+            made.append((torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device),
+                         torch.zeros(_WORKSPACE_FLOATS, dtype=torch.float32, device=device)))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
@@ -361,9 +533,13 @@ def _arrival_counters(device: torch.device) -> Tensor:
         worker.start()
         worker.join()
         if not made:
-            raise RuntimeError(f"Could not allocate the sparse_gemv counters on {device}.")
-        counters = _counters[device] = made[0]
-    return counters
+            raise RuntimeError(f"Could not allocate the sparse_gemv buffers on {device}.")
+        buffers = _buffers[device] = made[0]
+    return buffers
+
+
+def _arrival_counters(device: torch.device) -> Tensor:
+    return _persistent_buffers(device)[0]
 
 
 def sparse_gemv_triton(
@@ -390,28 +566,41 @@ def sparse_gemv_triton(
     n = w.shape[1] * (2 if fmt == FMT_INT4 else 1)
     if config is None:
         config = get_config(gpu_name(x.device), weight_format_name(w, group_size), m, k, n)
-    cfg = _fit_config(config, fmt, group_size)
-
-    block_m = triton.next_power_of_2(m)
+    cfg = _fit_config(config, fmt, group_size, m, k, split_sizes)
+    # Boundaries padded with N to a fixed length: one compiled kernel for any segment count.
+    splits = (0, *itertools.accumulate(split_sizes), *([n] * (MAX_SEGMENTS - len(split_sizes))))
     grid_k = triton.cdiv(k, cfg.block_k)
     grid_n = sum(triton.cdiv(s, cfg.block_n) for s in split_sizes)
     if grid_n > _MAX_COUNTERS:
         raise ValueError(f"N={n} needs {grid_n} column blocks, more than {_MAX_COUNTERS}; use a larger block_n.")
-    # Boundaries padded with N to a fixed length: one compiled kernel for any segment count.
-    splits = (0, *itertools.accumulate(split_sizes), *([n] * (MAX_SEGMENTS - len(split_sizes))))
-
+    counters, workspace = _persistent_buffers(x.device)
     out = _alloc((m, n), x.dtype, x.device)
+    aux = (scales if scales is not None else thresholds, zeros if zeros is not None else thresholds, thresholds,
+           residual if residual is not None else x)
+
+    if cfg.design == "dot":
+        deterministic = _deterministic()
+        if deterministic:
+            workspace = _alloc((grid_k, m, n), torch.float32, x.device)
+        elif m * n > workspace.numel():
+            raise ValueError(f"M*N={m * n} exceeds the sparse_gemv workspace ({workspace.numel()} floats).")
+        _dot_gemv_kernel[(grid_n, grid_k)](
+            x, w, *aux, out, workspace, counters,
+            m, k, n, w.shape[1], splits,
+            FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            SUB_K=cfg.sub_k, GATED=gated, RESIDUAL=residual is not None, DETERMINISTIC=deterministic,
+            IEEE=INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
+
+    block_m = triton.next_power_of_2(m)
     partials = _alloc((grid_k, m, n), torch.float32, x.device)
-    counters = _arrival_counters(x.device)
     idx = _alloc((grid_n * grid_k * cfg.block_k,), torch.int32, x.device) if cfg.compact else counters
     red_k = max(1, min(32, 4096 // (block_m * cfg.block_n)))  # partials summed per step
     # Largest power of two dividing every program's first column: lets loads vectorize.
     col_align = min(cfg.block_n, 32, *(s & -s for s in split_sizes))
-
     _sparse_gemv_kernel[(grid_k, grid_n)](
-        x, w, scales if scales is not None else thresholds, zeros if zeros is not None else thresholds, thresholds,
-        residual if residual is not None else x,
-        out, partials, counters, idx,
+        x, w, *aux, out, partials, counters, idx,
         m, k, n, w.shape[1], grid_k, splits,
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), COL_ALIGN=col_align,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,

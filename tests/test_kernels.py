@@ -108,6 +108,36 @@ def case_id(case):
     return f"{fmt}{group or ''}-{str(dtype)[6:]}-M{m}-K{k}-N{'+'.join(map(str, splits))}-bk{cfg.block_k}"
 
 
+# The kernel designs and row-selection modes every correctness test runs: "rows" with compaction
+# or chunk skipping, "dot" (masked tiles through tl.dot) with each K-block reduction.
+VARIANTS = ["compact", "skip", "dot-ordered", "dot-atomic"]
+
+
+def variant(cfg: KernelConfig, name: str, monkeypatch) -> KernelConfig:
+    """`cfg` as the named variant; the dot variants set the reduction through its environment
+    variable and raise sub_k to a tl.dot tile (shapes it cannot take fall back to "rows")."""
+    if name in ("compact", "skip"):
+        return KernelConfig(**{**cfg.to_dict(), "design": "rows", "compact": name == "compact"})
+    monkeypatch.setenv(sg.REDUCTION_ENV, name.split("-")[1])
+    sub_k = max(16, cfg.sub_k)
+    return KernelConfig(**{**cfg.to_dict(), "design": "dot", "sub_k": sub_k, "block_k": max(cfg.block_k, sub_k),
+                           "num_stages": 2})
+
+
+# Shapes the dot design takes (segments and K multiples of 16): several K blocks and tiles per
+# block, int4 groups holding one or several tiles, several groups per block.
+DOT_CASES = [
+    ("fp", torch.bfloat16, 1, 128, [64, 32, 32], 0, KernelConfig(block_n=32, block_k=64, sub_k=16)),
+    ("fp", torch.float16, 3, 96, [48, 16], 0, KernelConfig(block_n=16, block_k=32, sub_k=16)),
+    ("fp", torch.bfloat16, 8, 64, [32], 0, KernelConfig(block_n=32, block_k=64, sub_k=32)),
+    ("int8", torch.bfloat16, 1, 128, [32, 32], 0, KernelConfig(block_n=32, block_k=64, sub_k=16)),
+    ("int8", torch.float16, 5, 64, [48], 0, KernelConfig(block_n=16, block_k=64, sub_k=32)),
+    ("int4", torch.bfloat16, 1, 128, [32, 64], 32, KernelConfig(block_n=32, block_k=128, sub_k=32)),
+    ("int4", torch.float16, 3, 192, [64, 32, 32], 64, KernelConfig(block_n=32, block_k=64, sub_k=32)),
+    ("int4", torch.bfloat16, 2, 256, [128], 128, KernelConfig(block_n=64, block_k=256, sub_k=32)),
+]
+
+
 @pytest.mark.parametrize("compact", [True, False], ids=["compact", "skip"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_kernel_matches_float64_reference(case, compact):
@@ -115,6 +145,31 @@ def test_kernel_matches_float64_reference(case, compact):
     args = make_problem(fmt, dtype, m, k, splits, group)
     out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "compact": compact}))
     assert_close_to_ref(out, *args)
+
+
+@pytest.mark.parametrize("reduction", ["ordered", "atomic"])
+@pytest.mark.parametrize("case", DOT_CASES, ids=case_id)
+def test_dot_design_matches_float64_reference(case, reduction, monkeypatch):
+    fmt, dtype, m, k, splits, group, cfg = case
+    monkeypatch.setenv(sg.REDUCTION_ENV, reduction)
+    args = make_problem(fmt, dtype, m, k, splits, group)
+    for stages in (1, 3):
+        out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "design": "dot", "num_stages": stages}))
+        assert_close_to_ref(out, *args)
+    counters, workspace = sg._persistent_buffers(torch.device(DEVICE))
+    assert not counters.any() and not workspace.any()  # every call leaves them at zero
+
+
+def test_dot_design_falls_back_to_rows_where_it_cannot_tile():
+    """Segments that are not multiples of 16 (or K not one) cannot be tiled by tl.dot: the
+    config becomes a "rows" one, and the result is still right."""
+    dot = KernelConfig(block_n=32, block_k=64, sub_k=16, design="dot")
+    assert sg._fit_config(dot, FMT_FLOAT, 0, 1, 64, [24, 40]).design == "rows"
+    assert sg._fit_config(dot, FMT_FLOAT, 0, 1, 40, [32]).design == "rows"
+    fitted = sg._fit_config(dot, FMT_FLOAT, 0, 1, 96, [16, 48])
+    assert (fitted.design, fitted.block_n, fitted.block_k) == ("dot", 16, 48)  # divides 16 and 48, and 96
+    args = make_problem("fp", torch.bfloat16, 2, 64, [24, 40], 0)
+    assert_close_to_ref(sparse_gemv_triton(*args, config=dot), *args)
 
 
 def random_case(seed):
@@ -129,6 +184,8 @@ def random_case(seed):
     cfg = KernelConfig(
         block_n=pick([16, 32]), block_k=pick([16, 32, 64]), sub_k=pick([2, 4, 8]), compact=pick([True, False])
     )
+    if pick([True, False]):  # the dot design (falls back to rows where the shape does not tile)
+        cfg = KernelConfig(block_n=cfg.block_n, block_k=max(16, cfg.block_k), sub_k=16, design="dot")
     return fmt, pick([torch.bfloat16, torch.float16]), pick([1, 2, 3, 5, 8]), k, splits, group, cfg
 
 
@@ -140,22 +197,22 @@ def test_random_shapes(seed):
     assert_close_to_ref(sparse_gemv_triton(*args, config=cfg), *args)
 
 
-@pytest.mark.parametrize("compact", [True, False], ids=["compact", "skip"])
-def test_dropped_rows_are_never_used(compact):
+@pytest.mark.parametrize("name", VARIANTS)
+def test_dropped_rows_are_never_used(name, monkeypatch):
     """Weight rows dropped by every batch row are NaN: any use would poison the output."""
     x, w, thresholds, splits, *_ = make_problem("fp", torch.float16, 2, 96, [16, 16], 0, quantiles=[0.6, 0.6])
     dropped = ~(x.abs() > thresholds[0]).any(dim=0)
     assert dropped.any()
     w_nan = w.clone()
     w_nan[dropped] = float("nan")
-    out = sparse_gemv_triton(x, w_nan, thresholds, splits, config=KernelConfig(16, 32, 4, compact))
+    out = sparse_gemv_triton(x, w_nan, thresholds, splits, config=variant(KernelConfig(16, 32, 4), name, monkeypatch))
     assert_close_to_ref(out, x, w, thresholds, splits)
 
 
-@pytest.mark.parametrize("compact", [True, False], ids=["compact", "skip"])
+@pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32)])
-def test_keep_all_keep_none_and_mixed_segments(fmt, group, compact):
-    cfg = KernelConfig(block_n=16, block_k=32, sub_k=8, compact=compact)
+def test_keep_all_keep_none_and_mixed_segments(fmt, group, name, monkeypatch):
+    cfg = variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name, monkeypatch)
     x, w, _, splits, scales, zeros, g = make_problem(fmt, torch.bfloat16, 3, 64, [16, 16, 16], group)
 
     none = torch.full((3,), float("inf"), device=DEVICE)
@@ -172,10 +229,10 @@ def test_keep_all_keep_none_and_mixed_segments(fmt, group, compact):
     assert_close_to_ref(out, x, w, mixed, splits, scales, zeros, g)
 
 
-@pytest.mark.parametrize("compact", [True, False], ids=["compact", "skip"])
-def test_batch_rows_use_their_own_masks(compact):
+@pytest.mark.parametrize("name", VARIANTS)
+def test_batch_rows_use_their_own_masks(name, monkeypatch):
     """Row 0 keeps nothing, row 1 everything, row 2 a few entries: must match row-wise."""
-    cfg = KernelConfig(block_n=16, block_k=32, sub_k=8, compact=compact)
+    cfg = variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name, monkeypatch)
     x, w, _, splits, *_ = make_problem("fp", torch.bfloat16, 3, 64, [32], 0)
     x = x.clone()
     x[0] = 0.25
@@ -199,16 +256,18 @@ def test_uninitialised_buffers_and_counters(monkeypatch):
         return torch.full(shape, fill, dtype=dtype, device=device)
 
     monkeypatch.setattr(sg, "_alloc", poisoned)
-    for compact in (True, False):
+    for name in VARIANTS:
         args = make_problem("int4", torch.bfloat16, 2, 96, [16, 32], 32)
-        out = sparse_gemv_triton(*args, config=KernelConfig(block_n=16, block_k=32, sub_k=8, compact=compact))
+        out = sparse_gemv_triton(*args, config=variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name, monkeypatch))
         assert_close_to_ref(out, *args)
     assert not sg._arrival_counters(torch.device(DEVICE)).any()  # every call leaves them at zero
 
 
-def test_deterministic():
-    args = make_problem("fp", torch.bfloat16, 2, 200, [40, 32], 0)
-    cfg = KernelConfig(block_n=32, block_k=32, sub_k=8)
+@pytest.mark.parametrize("cfg", [KernelConfig(block_n=32, block_k=32, sub_k=8),
+                                 KernelConfig(block_n=16, block_k=32, sub_k=16, design="dot")], ids=["rows", "dot"])
+def test_deterministic(cfg, monkeypatch):
+    monkeypatch.setenv(sg.REDUCTION_ENV, "ordered")  # the default
+    args = make_problem("fp", torch.bfloat16, 2, 192, [48, 32], 0)
     assert torch.equal(sparse_gemv_triton(*args, config=cfg), sparse_gemv_triton(*args, config=cfg))
 
 
@@ -329,10 +388,21 @@ def test_stored_config_with_unknown_or_missing_fields_is_refused():
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-g128"])
 @pytest.mark.parametrize("m", [1, 2, 8])
 def test_heuristic_configs_are_legal(fmt, m):
-    for k, n in [(4096, 6144), (4096, 28672), (14336, 4096), (11008, 4096), (40, 24)]:
-        cfg = get_config("no such gpu", fmt, m, k, n)
-        sg._fit_config(cfg, FMT_INT4 if fmt.startswith("int4") else FMT_FLOAT, 128)
-        assert triton.next_power_of_2(m) * cfg.sub_k * cfg.block_n <= 4096
+    """Fitted to real shapes, the heuristic runs the dot design with tiles that divide them; a
+    shape it cannot tile gets a "rows" config within that design's register budget."""
+    group = 128 if fmt.startswith("int4") else 0
+    for k, splits in [(4096, [4096, 1024, 1024]), (4096, [14336] * 2), (14336, [4096]), (11008, [4096]),
+                      (576, [576, 192, 192]), (1536, [576]), (40, [24])]:
+        n = sum(splits)
+        cfg = sg._fit_config(get_config("no such gpu", fmt, m, k, n), FMT_INT4 if group else FMT_FLOAT, group,
+                             m, k, splits)
+        if k % 16 == 0:
+            assert cfg.design == "dot"
+            assert all(s % cfg.block_n == 0 for s in splits) and k % cfg.block_k == 0
+            assert cfg.block_k % cfg.sub_k == 0 and cfg.sub_k >= 16 and (not group or group % cfg.sub_k == 0)
+        else:
+            assert cfg.design == "rows"
+            assert triton.next_power_of_2(m) * cfg.sub_k * cfg.block_n <= 4096
 
 
 # --- custom op / torch.compile -----------------------------------------------------
@@ -401,17 +471,23 @@ def assert_close_gpu(out, args):
 
 
 @needs_cuda
-@pytest.mark.parametrize("compact", [True, False], ids=["compact", "skip"])
+@pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 128), ("int4", 32)])
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_gpu_llama_shapes(fmt, group, m, compact):
+def test_gpu_llama_shapes(fmt, group, m, name, monkeypatch):
     for k, splits in LLAMA_SHAPES:
         for sparsity in (0.0, 0.5, 0.9):
             args = gpu_problem(fmt, m, k, splits, group, sparsity)
-            cfg = sg._heuristic_config(weight_format_name(args[1], group), m, k, sum(splits))
-            out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "compact": compact}))
+            if name.startswith("dot"):
+                cfg = sg._heuristic_config(weight_format_name(args[1], group), m, k, sum(splits))
+            else:
+                cfg = sg._rows_heuristic(weight_format_name(args[1], group), m, k, sum(splits))
+            out = sparse_gemv_triton(*args, config=variant(cfg, name, monkeypatch))
             assert_close_gpu(out, args)
             assert_close_gpu(sparse_gemv(*args), args)  # tuned/default config
+    counters, workspace = sg._persistent_buffers(torch.device("cuda", torch.cuda.current_device()))
+    torch.cuda.synchronize()
+    assert not counters.any() and not workspace.any()
 
 
 @needs_cuda
@@ -461,9 +537,9 @@ def test_gpu_torch_compile_reduce_overhead():
 # --- fusions: SiLU(gate) * up prologue, residual epilogue ----------------------------------
 
 
-@pytest.mark.parametrize("compact", [True, False], ids=["compact", "skip"])
+@pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32)])
-def test_gated_prologue_and_residual_epilogue(fmt, group, compact):
+def test_gated_prologue_and_residual_epilogue(fmt, group, name, monkeypatch):
     """x given as gate|up [M, 2K] (the kernel computes SiLU(gate) * up, rounded to bf16), plus a
     residual added to the output, against float64 math. Thresholds sit halfway between two |x|
     values, so the one-ulp rounding of the gated input (the interpreter truncates) cannot flip a
@@ -478,7 +554,7 @@ def test_gated_prologue_and_residual_epilogue(fmt, group, compact):
     gaps = [int(window.argmax()) + lo for lo, window in ((48, ratio[48:68]), (106, ratio[106:126]))]
     assert all(ratio[i] > 1.02 for i in gaps)
     thresholds = torch.stack([(levels[i] + levels[i + 1]) / 2 for i in gaps]).float().to(DEVICE)
-    cfg = KernelConfig(block_n=16, block_k=32, sub_k=8, compact=compact)
+    cfg = variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name, monkeypatch)
     fused = sparse_gemv_triton(gate_up, w, thresholds, splits, scales, zeros, g, config=cfg, gated=True,
                                residual=residual)
     weight = real_weight64(w, scales, zeros, g)
