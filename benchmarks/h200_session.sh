@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -67,6 +67,12 @@ case $phase in
   dot_e2e)  # end to end with the dot design's tuned configs, fused path checked and timed
     step 60 python3 -m pytest -q -x tests/test_decode.py tests/test_linear.py -k "gpu or cuda"
     step 300 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 int4-g128 --sparsity 0 0.5 --decode_path reference fused --out "$out/decode_llama3_8b_dot"
+    ;;
+  quant)  # int4 even/odd dot tiles: GPU tests, retune int8/int4, per matrix, end to end for every format
+    step 120 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and dot"
+    step 120 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int8 int4-g128 --models llama3-8b
+    step 40 python3 -m benchmarks.bench_kernels --formats int8 int4-g128 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_llama3_8b_quant"
+    step 280 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 int4-g128 --sparsity 0 0.5 --out "$out/decode_llama3_8b_formats"
     ;;
 esac
 cp kernels/tuned_configs.json "$out/tuned_configs.json"

@@ -375,7 +375,8 @@ def _sparse_gemv_kernel(
 # measured 10-30% more bandwidth than FMA lanes at batch 1.  int8 and int4 weights are converted
 # to x's dtype (exact: |q| <= 128) before the dot; int4 tiles lie inside one group (SUB_K divides
 # the group size) and take its scale and zero right after their dot:
-# y += s * (x . (q - 8)) + z * sum(x).
+# y += s * (x . (q - 8)) + z * sum(x); the low nibbles (even columns) and high nibbles (odd
+# columns) are two dots into two accumulators, interleaved once after the loop, not every tile.
 #
 # Reduction over K blocks, one launch, no memset: with DETERMINISTIC each program stores its
 # fp32 partial and the last program of the column block (arrival ticket) sums them in a fixed
@@ -398,16 +399,20 @@ def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr):
 
 
 @triton.jit
-def _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, FORMAT: tl.constexpr, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows ``rows`` x columns [col0, col0 + BLOCK_N) of W^T, read only where ``keep``: float
-    and int8 as stored, int4 as q - 8 (int8)."""
-    if FORMAT == 2:  # BLOCK_N // 2 bytes per row, low nibble = even column
-        byte_cols = tl.multiple_of(col0 // 2, BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        packed = tl.load(w_ptr + rows[:, None] * W_ROW + byte_cols[None, :], mask=keep[:, None], other=0x88)
-        return tl.join(packed & 0xF, packed >> 4).reshape(SUB_K, BLOCK_N).to(tl.int8) - 8
-    else:
-        cols = tl.multiple_of(col0, BLOCK_N) + tl.arange(0, BLOCK_N)
-        return tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=keep[:, None], other=0)
+def _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows ``rows`` x columns [col0, col0 + BLOCK_N) of W^T (float or int8), read only where
+    ``keep``."""
+    cols = tl.multiple_of(col0, BLOCK_N) + tl.arange(0, BLOCK_N)
+    return tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=keep[:, None], other=0)
+
+
+@triton.jit
+def _dot_int4_tiles(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The int4 tile of rows ``rows`` as q - 8 (int8) in two halves, even columns (low nibbles)
+    and odd columns (high nibbles), each [SUB_K, BLOCK_N // 2]: no per-tile interleave."""
+    byte_cols = tl.multiple_of(col0 // 2, BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    packed = tl.load(w_ptr + rows[:, None] * W_ROW + byte_cols[None, :], mask=keep[:, None], other=0x88)
+    return (packed & 0xF).to(tl.int8) - 8, (packed >> 4).to(tl.int8) - 8
 
 
 @triton.jit
@@ -444,18 +449,28 @@ def _dot_gemv_kernel(
     k0 = pid_k * BLOCK_K
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if FORMAT == 2:  # even and odd columns accumulate apart, interleaved once at the end
+        acc_even = tl.zeros([BLOCK_M, BLOCK_N // 2], dtype=tl.float32)
+        acc_odd = tl.zeros([BLOCK_M, BLOCK_N // 2], dtype=tl.float32)
+        even = col0 + 2 * tl.arange(0, BLOCK_N // 2)
     for t in tl.range(0, BLOCK_K // SUB_K):
         rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
         xt = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED)
         keep = tl.max(tl.abs(xt), axis=0) > 0.0
-        wt = _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, FORMAT, SUB_K, BLOCK_N)
         if FORMAT == 2:
-            group = (k0 + t * SUB_K) // GROUP_SIZE
-            s = tl.load(scale_ptr + group * N + cols)
-            z = tl.load(zero_ptr + group * N + cols)
-            acc += _dot(xt, wt, DTYPE, IEEE) * s[None, :] + tl.sum(xt, axis=1)[:, None] * z[None, :]
+            q_even, q_odd = _dot_int4_tiles(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N)
+            group_row = (k0 + t * SUB_K) // GROUP_SIZE * N
+            x_sum = tl.sum(xt, axis=1)[:, None]
+            s_even = tl.load(scale_ptr + group_row + even)
+            z_even = tl.load(zero_ptr + group_row + even)
+            s_odd = tl.load(scale_ptr + group_row + even + 1)
+            z_odd = tl.load(zero_ptr + group_row + even + 1)
+            acc_even += _dot(xt, q_even, DTYPE, IEEE) * s_even[None, :] + x_sum * z_even[None, :]
+            acc_odd += _dot(xt, q_odd, DTYPE, IEEE) * s_odd[None, :] + x_sum * z_odd[None, :]
         else:
-            acc += _dot(xt, wt, DTYPE, IEEE)
+            acc += _dot(xt, _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N), DTYPE, IEEE)
+    if FORMAT == 2:
+        acc = tl.join(acc_even, acc_odd).reshape(BLOCK_M, BLOCK_N)
 
     out_offs = m_offs[:, None] * N + cols[None, :]
     out_ok = m_ok[:, None] & (cols < N)[None, :]
