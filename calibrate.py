@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 # cli before torch: a Ctrl-C during the slow imports below is then one line too (cli.py)
-from cli import DEFAULT_CHECKPOINT, FRACTION, ArgumentParser, float_in, int_at_least, run_main
+from cli import DEFAULT_CHECKPOINT, FRACTION, ArgumentParser, UserError, float_in, int_at_least, run_main
 
 import torch
 
@@ -30,8 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help="converted checkpoint folder (config.json, model.safetensors, tokenizer)")
-    p.add_argument("--text", type=Path, required=True,
-                   help="calibration text, any UTF-8 file; tokenized whole, without BOS")
+    p.add_argument("--text", type=Path, default=None,
+                   help="calibration text, any UTF-8 file; tokenized whole, without BOS (required unless "
+                        "--random_weights)")
     p.add_argument("--output", type=Path, default=None,
                    help="thresholds file to write (default: CHECKPOINT/teal_thresholds.safetensors)")
     p.add_argument("--tokens", type=int_at_least(2), default=4096,
@@ -56,17 +57,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="re-score every projection at every greedy step instead of lazily (~4x slower)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device to calibrate on (float32 throughout)")
-    return p.parse_args(argv)
+    p.add_argument("--random_weights", metavar="MODEL_NAME",
+                   help="no checkpoint, no text: random weights at a named shape (e.g. Llama-3-8B) on random "
+                        "tokens, to time calibration where real weights cannot go; needs --output")
+    args = p.parse_args(argv)
+    if args.text is None and not args.random_weights:
+        p.error("--text is required (or --random_weights for a timing run)")
+    if args.random_weights and args.output is None:
+        p.error("--random_weights needs --output (there is no checkpoint folder to write into)")
+    return args
+
+
+def random_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, list[int]]:
+    """A float32 model of the named shape with random weights, and random token ids: what a
+    timing run of calibration needs (its thresholds only fit that random model)."""
+    from generate import random_model  # the speed-test model generate.py and the benchmarks use
+
+    try:
+        model = random_model(args.random_weights, torch.float32, args.device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    ids = torch.randint(model.config.vocab_size, (args.tokens,), generator=torch.Generator().manual_seed(0))
+    return model, ids.tolist()
 
 
 def run(args: argparse.Namespace) -> Path:
-    folder, weights = resolve_checkpoint(args.checkpoint_path)  # a folder, or a (quantized) file in one
-    output = check_writable(args.output or folder / "teal_thresholds.safetensors", weights, args.text)
-    raw = read_text(args.text)
-    tokenizer = load_tokenizer(folder)
-    ids = tokenizer.encode(raw)
+    if args.random_weights:
+        output = check_writable(args.output)
+        model, ids = random_inputs(args)
+    else:
+        folder, weights = resolve_checkpoint(args.checkpoint_path)  # a folder, or a (quantized) file in one
+        output = check_writable(args.output or folder / "teal_thresholds.safetensors", weights, args.text)
+        ids = load_tokenizer(folder).encode(read_text(args.text))
+        model = load_model(args.checkpoint_path, device=args.device, dtype=torch.float32)
     windows = text_windows(ids, args.tokens // args.window_len, args.window_len)
-    model = load_model(args.checkpoint_path, device=args.device, dtype=torch.float32)
     n_win = windows.shape[0]
     greedy_windows = (windows[: max(1, min(n_win, args.greedy_tokens // args.window_len))]
                       if args.greedy_tokens >= args.window_len else windows[:1, : args.greedy_tokens])
@@ -79,7 +103,8 @@ def run(args: argparse.Namespace) -> Path:
         dense_grid=torch.arange(0, 0.99 + 1e-9, 0.01, dtype=torch.float64))
     seconds = time.perf_counter() - start
     save_thresholds(output, model, allocations, {
-        "text": str(args.text), "text_sha256": hashlib.sha256(args.text.read_bytes()).hexdigest(),
+        "text": str(args.text) if args.text else f"random tokens (--random_weights {args.random_weights})",
+        "text_sha256": hashlib.sha256(args.text.read_bytes()).hexdigest() if args.text else "",
         "text_tokens": len(ids), "tokens": windows.numel(), "window_len": args.window_len,
         "batch": args.batch, "methods": args.methods,
         "correction_tokens": min(n_win, max(1, args.correction_tokens // args.window_len)) * args.window_len,

@@ -69,6 +69,7 @@ CASES = [
     ("calibrate", ["--output", "{work}"], 1, "is a directory"),
     ("calibrate", ["--output", "{text}/thr.safetensors"], 1, "is not a directory"),
     ("calibrate", ["--output", "{ckpt}/model.safetensors"], 1, "would overwrite an input"),
+    ("calibrate", ["--random_weights", "Llama-9"], 1, "Llama-9"),
     # quantize.py
     ("quantize", ["--output", "{work}"], 1, "is a directory"),
     ("quantize", ["--output", "{text}/q.safetensors"], 1, "is not a directory"),
