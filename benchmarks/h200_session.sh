@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -73,6 +73,12 @@ case $phase in
     step 120 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int8 int4-g128 --models llama3-8b
     step 40 python3 -m benchmarks.bench_kernels --formats int8 int4-g128 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_llama3_8b_quant"
     step 280 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 int4-g128 --sparsity 0 0.5 --out "$out/decode_llama3_8b_formats"
+    ;;
+  cal_spec)  # calibrate.py's time at the Llama-3-8B shape (issue 12), then self-speculation step costs (issue 13)
+    step 300 python3 calibrate.py --random_weights Llama-3-8B --output "$out/llama3_8b_random_thresholds.safetensors" --device cuda
+    rm -f "$out/llama3_8b_random_thresholds.safetensors"
+    step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    step 150 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     ;;
 esac
 cp kernels/tuned_configs.json "$out/tuned_configs.json"
