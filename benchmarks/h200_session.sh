@@ -68,10 +68,11 @@ case $phase in
     step 60 python3 -m pytest -q -x tests/test_decode.py tests/test_linear.py -k "gpu or cuda"
     step 300 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 int4-g128 --sparsity 0 0.5 --decode_path reference fused --out "$out/decode_llama3_8b_dot"
     ;;
-  quant)  # int4 even/odd dot tiles: GPU tests, retune int8/int4, per matrix, end to end for every format
-    step 120 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and dot"
-    step 120 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int8 int4-g128 --models llama3-8b
-    step 40 python3 -m benchmarks.bench_kernels --formats int8 int4-g128 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_llama3_8b_quant"
+  quant)  # int4 even/odd dot tiles: GPU tests, retune int4, per matrix (speed table), end to end for every format
+    step 100 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and dot and int4"
+    step 100 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int4-g128 --models llama3-8b
+    step 80 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --table --out "$out/kernels_llama3_8b_formats"
+    cp kernels/speed_table.json "$out/speed_table.json"
     step 280 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 int4-g128 --sparsity 0 0.5 --out "$out/decode_llama3_8b_formats"
     ;;
   cal_spec)  # calibrate.py's time at the Llama-3-8B shape (issue 12), then self-speculation step costs (issue 13)
