@@ -2,7 +2,9 @@
 
 gpt-fast conventions: static KV cache, prefill then a token-by-token decode that can be compiled
 (`--compile`: `torch.compile(fullgraph=True)`, CUDA graphs on GPUs). `--sparsity 0 0.5` runs the same
-prompt dense and sparse and prints the two side by side.
+prompt dense and sparse and prints the two side by side. Under `torchrun --nproc_per_node N` the
+model is split over the N processes (tensor parallelism, tp.py; one GPU each, or gloo on the CPU);
+rank 0 prints.
 """
 from __future__ import annotations
 
@@ -27,10 +29,12 @@ from cli import (DEFAULT_CHECKPOINT, FRACTION, NON_NEGATIVE, ArgumentParser, Use
                  int_at_least, run_main)
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from checkpoint import load_model
-from linear import packed_projections, segments
+import tp
+from checkpoint import load_config, load_model, resolve_checkpoint
+from linear import QuantConfig, packed_projections, segments
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, chat_template, load_tokenizer, render_chat
 
@@ -339,14 +343,15 @@ def compile_steps(device: torch.device, compile_prefill: bool):
 
 def weight_bytes_per_token(model: Transformer, skipped_fraction: float = 0.0) -> float:
     """Bytes read per decode step: every weight but the embedding table (one row is gathered);
-    `skipped_fraction` of the decoder projections' bytes are not read under TEAL."""
+    `skipped_fraction` of the decoder projections' bytes are not read under TEAL. A sharded model:
+    what all ranks read (each holds an equal shard and a whole copy of the replicated weights)."""
     embed = model.tok_embeddings.weight
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
                 if t is not embed and t.dim() >= 2 and not _is_cache(t, model))
     if model.output.weight is embed:  # the tied lm_head is read in full
         total += embed.numel() * embed.element_size()
     proj = sum(m.weight.numel() * m.weight.element_size() for m in packed_projections(model).values())
-    return total - skipped_fraction * proj
+    return (total - skipped_fraction * proj) * tp.world_size(model)
 
 
 def _is_cache(t: Tensor, model: Transformer) -> bool:
@@ -455,7 +460,8 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Transfo
             return random_model(args.random_weights, dtype, device), None
         except ValueError as e:
             raise UserError(str(e)) from None
-    model = load_model(args.checkpoint_path, device=device, dtype=dtype)
+    # under torchrun every rank reads the whole checkpoint into host memory; only its shard goes to its device
+    model = load_model(args.checkpoint_path, device="cpu" if tp.launched() else device, dtype=dtype)
     folder = args.checkpoint_path if args.checkpoint_path.is_dir() else args.checkpoint_path.parent
     return model, load_tokenizer(folder)
 
@@ -469,15 +475,39 @@ def thresholds_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def set_sparsity(model: Transformer, level: float, args: argparse.Namespace) -> None:
-    """Dense for level 0, else the calibrated thresholds for this level (self-calibrated for random
-    weights) swapped in."""
+def check_tensor_parallel(args: argparse.Namespace, world: int) -> None:
+    """Under torchrun with `world` processes: refuse, before loading any weight, a model they cannot
+    split (config.json and the weights file's quantization record say) or a prompt on stdin."""
+    if args.interactive:
+        raise UserError("--interactive reads prompts from standard input: run it as one process, not under torchrun")
+    if args.random_weights:
+        cfg, quant = ModelArgs.from_name(args.random_weights), None
+    else:
+        folder, weights = resolve_checkpoint(args.checkpoint_path)
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                quant = QuantConfig.from_metadata(f.metadata() or {}, weights)
+        except SafetensorError:
+            quant = None  # unreadable: load_model says why
+        cfg = load_config(folder)
+    tp.check_layout(cfg, world, quant.group_size if quant is not None and quant.mode == "int4" else 0)
+
+
+def sparsity_levels(args: argparse.Namespace) -> list[float]:
+    """Every TEAL level the run sets (the draft's included)."""
+    return sorted(set(args.sparsity) | ({args.draft_sparsity} if args.speculate_k else set()))
+
+
+def set_sparsity(model: Transformer, level: float, args: argparse.Namespace,
+                 self_calibrated: dict[float, dict] | None = None) -> None:
+    """Dense for level 0, else the calibrated thresholds for this level swapped in (random weights:
+    those `self_calibrated` holds, calibrated on the whole model before sharding, else calibrated now)."""
     from teal import dense_fallbacks, densify, load_targets, load_thresholds, sparsify
     if level == 0.0:
         densify(model)
         return
     if args.random_weights:
-        thresholds = self_calibrated_thresholds(model, level)
+        thresholds = self_calibrated[level] if self_calibrated else self_calibrated_thresholds(model, level)
         targets = {name: [level] * len(t) for name, t in thresholds.items()}
     else:
         path = thresholds_path(args)
@@ -548,11 +578,24 @@ class Streamer:
 
 def run(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(args.device)
+    if tp.launched():
+        check_tensor_parallel(args, tp.env_world_size())
+    with tp.process_group(device) as device:
+        return generate_all(args, device)
+
+
+def generate_all(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Every prompt at every sparsity level, on this process's device (its shard under torchrun)."""
     torch.manual_seed(args.seed)
     model, tok = build_model(args, device)
     if args.decode_path == "fused":
         from decode import install_fused_decode
         install_fused_decode(model)
+    # random weights: thresholds from the whole model's own activations (a shard sees a slice of o's and down's)
+    self_calibrated = {level: self_calibrated_thresholds(model, level)
+                       for level in sparsity_levels(args) if level > 0 and args.random_weights}
+    if tp.launched():
+        tp.shard_model(model).to(device)
     s = Sampling(args.temperature, args.top_k, args.top_p)
     decode, pre = compile_steps(device, args.compile_prefill) if args.compile else (decode_one_token, prefill)
     eos = tok.eos_ids if tok else set()
@@ -569,9 +612,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         ensure_caches(model, len(ids) + args.max_new_tokens)
         for level in args.sparsity:
             if args.speculate_k:
-                results += run_speculative(model, ids, text, level, s, eos, tok, args)
+                results += run_speculative(model, ids, text, level, s, eos, tok, args, self_calibrated)
                 continue
-            set_sparsity(model, level, args)
+            set_sparsity(model, level, args, self_calibrated)
             if args.compile:  # warm-up: compilation (and CUDA-graph capture) out of the timing
                 start = time.perf_counter()
                 print(f"warming up the compiled decode at sparsity {level:.2f} (compiling takes about "
@@ -590,16 +633,17 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def run_speculative(model: Transformer, ids: list[int], text: str, level: float, s: Sampling, eos: set[int],
-                    tok: Tokenizer | None, args: argparse.Namespace) -> list[dict]:
+                    tok: Tokenizer | None, args: argparse.Namespace,
+                    self_calibrated: dict[float, dict] | None = None) -> list[dict]:
     """--speculate_k: the draft and target settings captured once, then each sample decoded
     speculatively, with the acceptance statistics in its report."""
     from teal.sparsify import TealState
     if len(ids) + args.max_new_tokens + args.speculate_k + 1 > model.config.block_size:
         raise UserError(f"prompt ({len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) + --speculate_k "
                         f"({args.speculate_k}) + 1 exceeds the model's context of {model.config.block_size} tokens")
-    set_sparsity(model, args.draft_sparsity, args)
+    set_sparsity(model, args.draft_sparsity, args, self_calibrated)
     draft = TealState.of(model)
-    set_sparsity(model, level, args)
+    set_sparsity(model, level, args, self_calibrated)
     if level > 0:  # the verify step's K + 1 positions are decode tokens: every one sparse
         for m in packed_projections(model).values():
             m.sparse_prefill = True
@@ -635,9 +679,8 @@ def report(model: Transformer, res: Sample, level: float) -> dict:
     row = {"sparsity": level, "prompt_tokens": res.prompt_len, "new_tokens": res.new_tokens,
            "ttft_s": res.ttft_s, "decode_tok_s": res.decode_tok_s, "realized_sparsity": 0.0}
     if level > 0:
-        from teal import realized_sparsity
         seq = torch.tensor([res.tokens], device=model.norm.weight.device)
-        row["realized_sparsity"] = realized_sparsity(model, seq)["parameter_weighted"]
+        row["realized_sparsity"] = tp.realized_sparsity(model, seq)["parameter_weighted"]
     row["gb_s"] = weight_bytes_per_token(model, row["realized_sparsity"]) * row["decode_tok_s"] / 1e9
     print(f"\n-- {row['new_tokens']} tokens, prompt {row['prompt_tokens']} tokens, time to first token "
           f"{row['ttft_s'] * 1000:.0f} ms, decode {row['decode_tok_s']:.1f} tok/s, "
@@ -660,4 +703,5 @@ def print_table(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
+    tp.print_from_rank_zero()
     run_main(lambda: run(parse_args()))

@@ -211,8 +211,8 @@ class Transformer(nn.Module):
         cfg = self.config
         ref = self.norm.weight
         dtype = self.tok_embeddings.weight.dtype
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, cfg.n_local_heads,
+        for layer in self.layers:  # the attention's own KV heads: a tensor-parallel shard holds a share (tp.py)
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, layer.attention.n_kv,
                                                cfg.head_dim, dtype).to(ref.device)
         self.freqs_cis = precompute_freqs_cis(max_seq_length, cfg.head_dim, cfg.rope_base,
                                               cfg.rope_scaling).to(ref.device)

@@ -5,8 +5,12 @@ on the model's own activations over random tokens (uniform allocation, dense-mod
 the realized sparsity is the one asked for. Each setting: decode compiled with CUDA graphs
 (`torch.compile(mode="reduce-overhead", fullgraph=True)`), `--runs` runs of `--tokens` tokens
 after a warm-up, median reported. Writes JSON + Markdown; benchmarks/plot_decode.py draws the PNG.
+Under `torchrun --nproc_per_node N` the model is split over N GPUs (tp.py): tok/s are the group's,
+GB/s all ranks' bytes, and the dense baseline is PackedLinear's cuBLAS product (nn.Linear is not
+sharded); thresholds are calibrated on the whole model before sharding.
 
     python benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 int8 int4-g128
+    torchrun --nproc_per_node 2 benchmarks/bench_decode.py --model Llama-3-8B --weights bf16
 """
 from __future__ import annotations
 
@@ -20,30 +24,40 @@ from pathlib import Path
 
 import torch
 
+import tp
 from generate import Sampling, decode_one_token, random_model, self_calibrated_thresholds, weight_bytes_per_token
 from decode import install_fused_decode
-from model import Transformer
+from model import ModelArgs, Transformer
+
+
+def parse_weights(weights: str) -> tuple[str, int, bool]:
+    """A --weights value (bf16, int8 or int4-gN, optionally +lm_head) -> (format, int4 group size
+    or 0, lm_head in int8)."""
+    fmt, _, suffix = weights.partition("+")
+    if suffix not in ("", "lm_head") or (fmt == "bf16" and suffix):
+        sys.exit(f"error: --weights {weights!r}: expected bf16, int8 or int4-g<G>, optionally +lm_head after int8/int4")
+    mode, _, group = fmt.partition("-g")
+    return mode, int(group or 128) if mode == "int4" else 0, suffix == "lm_head"
 
 
 def apply_weights(model: Transformer, weights: str) -> None:
     """bf16 (as built), int8, or int4-gN weight-only quantization of the projections; a "+lm_head"
     suffix (e.g. int4-g128+lm_head) also stores lm_head in int8."""
-    fmt, _, suffix = weights.partition("+")
-    if suffix not in ("", "lm_head") or (fmt == "bf16" and suffix):
-        sys.exit(f"error: --weights {weights!r}: expected bf16, int8 or int4-g<G>, optionally +lm_head after int8/int4")
-    if fmt == "bf16":
+    mode, group, lm_head = parse_weights(weights)
+    if mode == "bf16":
         return
     from quantize import quantize_model
-    mode, _, group = fmt.partition("-g")
-    quantize_model(model, mode, int(group or 128), lm_head=suffix == "lm_head")
+    quantize_model(model, mode, group, lm_head=lm_head)
 
 
-def set_level(model: Transformer, level: float, calib_tokens: int) -> None:
+def set_level(model: Transformer, level: float, calib_tokens: int, thresholds: dict | None = None) -> None:
+    """Dense at level 0, else TEAL at `level` with `thresholds`, self-calibrated here if not given
+    (a sharded model needs them from the whole model: a shard sees a slice of o's and down's inputs)."""
     from teal import densify, sparsify
     if level == 0:
         densify(model)
     else:
-        thresholds = self_calibrated_thresholds(model, level, calib_tokens)
+        thresholds = thresholds or self_calibrated_thresholds(model, level, calib_tokens)
         sparsify(model, thresholds, targets={name: [level] * len(t) for name, t in thresholds.items()})
 
 
@@ -85,22 +99,42 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: bench_decode.py needs a CUDA GPU")
-    device = torch.device("cuda")
+    tp.print_from_rank_zero()
+    world = tp.env_world_size()
+    try:  # before any work: a shape or int4 group size the ranks cannot split
+        tp.check_layout(ModelArgs.from_name(args.model), world, max(parse_weights(w)[1] for w in args.weights))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    with tp.process_group(torch.device("cuda")) as device:
+        rows = measure(args, device, world)
+        if tp.env_rank() == 0:
+            write_results(args, rows, world)
+
+
+def measure(args: argparse.Namespace, device: torch.device, world: int) -> list[dict]:
+    """Every row of the table: the dense baseline, then each weight format x decode path x level."""
     torch._dynamo.config.cache_size_limit = 64  # one graph per model object and setting
     step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     model = random_model(args.model, torch.bfloat16, device)
+    if tp.launched():
+        tp.shard_model(model)  # packs the projections: the baseline is PackedLinear's dense cuBLAS product
     baseline = statistics.median(time_decode(model, step, args.tokens, args.runs))
-    rows = [dict(weights="bf16", sparsity=0.0, path="nn.Linear (cuBLAS)", realized=0.0,
-                 tok_s=baseline, gb_s=weight_bytes_per_token(model) * baseline / 1e9)]
+    path = "PackedLinear dense (cuBLAS)" if tp.launched() else "nn.Linear (cuBLAS)"
+    rows = [dict(weights="bf16", sparsity=0.0, path=path, realized=0.0, tok_s=baseline,
+                 gb_s=weight_bytes_per_token(model) * baseline / 1e9)]
     print(rows[-1], flush=True)
     for weights in args.weights:
         model = random_model(args.model, torch.bfloat16, device)
         apply_weights(model, weights)
+        calibrated = {level: self_calibrated_thresholds(model, level, args.calib_tokens)
+                      for level in args.sparsity if level > 0}
+        if tp.launched():
+            tp.shard_model(model)
         for path in sorted(args.decode_path, reverse=True):  # "reference" before "fused"
             if path == "fused":
                 install_fused_decode(model)
             for level in args.sparsity:
-                set_level(model, level, args.calib_tokens)
+                set_level(model, level, args.calib_tokens, calibrated.get(level))
                 realized = realized_on(model, level)
                 tok_s = statistics.median(time_decode(model, step, args.tokens, args.runs))
                 rows.append(dict(weights=weights, sparsity=level, path=f"PackedLinear, {path} decode",
@@ -109,26 +143,26 @@ def main() -> None:
                 print(rows[-1], flush=True)
         del model
         torch.cuda.empty_cache()
-    write_results(args, rows)
+    return rows
 
 
 def realized_on(model: Transformer, level: float) -> float:
     if level == 0:
         return 0.0
-    from teal import realized_sparsity
     idx = torch.randint(model.config.vocab_size, (1, 256), device=model.norm.weight.device)
-    return realized_sparsity(model, idx)["parameter_weighted"]
+    return tp.realized_sparsity(model, idx)["parameter_weighted"]
 
 
-def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
+def write_results(args: argparse.Namespace, rows: list[dict], world: int = 1) -> None:
     import triton
     meta = dict(command=" ".join(sys.argv), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, date=datetime.date.today().isoformat(), model=args.model,
-                tokens=args.tokens, runs=args.runs)
+                tokens=args.tokens, runs=args.runs, tensor_parallel=world)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     base = rows[0]["tok_s"]
-    lines = [f"# Decode, {args.model} shape, random weights — {meta['gpu']}, torch {meta['torch']}, "
+    lines = [f"# Decode, {args.model} shape, random weights{f', {world} GPUs (tensor parallel)' if world > 1 else ''}"
+             f" — {meta['gpu']}, torch {meta['torch']}, "
              f"triton {meta['triton']}, {meta['date']}", "", f"`{meta['command']}`", "",
              "| weights | path | sparsity | realized | tok/s | vs dense bf16 | GB/s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['weights']} | {r['path']} | {r['sparsity']:.2f} | {r['realized']:.3f} | {r['tok_s']:.1f} | "

@@ -75,11 +75,12 @@ case $phase in
     cp kernels/speed_table.json "$out/speed_table.json"
     step 280 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 int4-g128 --sparsity 0 0.5 --out "$out/decode_llama3_8b_formats"
     ;;
-  cal_spec)  # calibrate.py's time at the Llama-3-8B shape (issue 12), then self-speculation step costs (issue 13)
+  cal_spec)  # calibrate.py's time at the Llama-3-8B shape (issue 12), self-speculation (issue 13), the TP path over one GPU (NCCL, issue 14)
     step 300 python3 calibrate.py --random_weights Llama-3-8B --output "$out/llama3_8b_random_thresholds.safetensors" --device cuda
     rm -f "$out/llama3_8b_random_thresholds.safetensors"
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    step 150 python3 -m torch.distributed.run --nproc_per_node 1 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     ;;
 esac
 cp kernels/tuned_configs.json "$out/tuned_configs.json"
