@@ -274,34 +274,44 @@ def accept(drafts: Tensor, draft_probs: Tensor | None, target_logits: Tensor, s:
 def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: int, s: Sampling, k: int,
                          draft: TealState, target: TealState, eos_ids: set[int] = frozenset(),
                          on_token=None, draft_fn: Callable = logits_step, verify_fn: Callable = logits_step,
-                         ) -> tuple[Sample, SpeculationStats]:
+                         draft_model: Transformer | None = None) -> tuple[Sample, SpeculationStats]:
     """Continue `prompt` with the target model's output, drafting `k` tokens per cycle.
 
-    `draft` and `target` are the model's two TEAL settings (TealState.of); `draft_fn`
-    and `verify_fn` may be compiled versions of logits_step (the draft with one token, the verify
-    with k + 1: fixed shapes, so CUDA graphs apply).
+    `draft` and `target` are TEAL settings (TealState.of): of the one model (self-draft), or of
+    `draft_model` and the model when a separate, smaller model drafts (gpt-fast's way: it keeps
+    its own KV cache, filled by its own prefill). `draft_fn` and `verify_fn` may be compiled
+    versions of logits_step (the draft with one token, the verify with k + 1: fixed shapes, so
+    CUDA graphs apply).
     """
     if k < 1:
         raise ValueError(f"speculation needs k >= 1 drafted tokens per cycle, got {k}")
     device = model.norm.weight.device
+    drafter = draft_model or model
     total = len(prompt) + max_new_tokens
-    ensure_caches(model, total + k + 1)  # the last cycle may draft past the end
+    for m in {id(model): model, id(drafter): drafter}.values():
+        ensure_caches(m, total + k + 1)  # the last cycle may draft past the end
     stats = SpeculationStats()
     t0 = time.perf_counter()
-    target.restore()
     idx = torch.tensor([prompt], device=device)
+    if draft_model is not None:
+        draft.restore()
+        prefill(draft_model, idx, torch.arange(len(prompt), device=device), s)  # its cache, its token unused
+    target.restore()
     token = prefill(model, idx, torch.arange(len(prompt), device=device), s).view(1)
     out = list(prompt) + [int(token)]
     t1 = time.perf_counter()
     if on_token:
         on_token(out)
     pos = len(prompt)  # position of `token`, not yet in the cache
+    unseen = None  # a separate draft's last draft when all were kept: never fed to it, so not in its cache
     while out[-1] not in eos_ids and len(out) < total:
         start = time.perf_counter()
         draft.restore()
+        if unseen is not None:
+            draft_fn(drafter, unseen, torch.tensor([pos - 1], device=device))
         drafts, draft_probs, current = [], [], token.view(1, 1)
         for i in range(k):
-            logits = draft_fn(model, current, torch.tensor([pos + i], device=device))
+            logits = draft_fn(drafter, current, torch.tensor([pos + i], device=device))
             if s.temperature <= 0:
                 current = logits.argmax(-1, keepdim=True)
             else:
@@ -328,6 +338,8 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
         if on_token:
             on_token(out)
         pos += kept + 1
+        # self-draft: the verify step wrote every position into the shared cache
+        unseen = drafts_t[-1:].view(1, 1) if draft_model is not None and kept == k else None
     _sync(device)
     t2 = time.perf_counter()
     return Sample(out, len(prompt), t1 - t0, t2 - t1), stats
@@ -403,14 +415,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparse_prefill", action="store_true",
                    help="also sparsify the prompt tokens (decode is always sparse when sparsity > 0)")
     p.add_argument("--speculate_k", type=int_at_least(0), default=0,
-                   help="self-speculative decoding: the model at --draft_sparsity drafts this many tokens, "
-                        "the model at --sparsity verifies them in one step (same output; 0 = off)")
-    p.add_argument("--draft_sparsity", type=FRACTION, default=0.5,
-                   help="TEAL sparsity of the draft with --speculate_k (the same weights, no second model)")
+                   help="speculative decoding: the draft (the model at --draft_sparsity, or "
+                        "--draft_checkpoint_path) drafts this many tokens, the model at --sparsity verifies "
+                        "them in one step (same output; 0 = off)")
+    p.add_argument("--draft_sparsity", type=FRACTION, default=None,
+                   help="TEAL sparsity of the self-draft with --speculate_k (the same weights, no second "
+                        "model; default 0.5)")
+    p.add_argument("--draft_checkpoint_path", type=Path, default=None,
+                   help="with --speculate_k: a separate, smaller checkpoint with the same vocabulary drafts "
+                        "(dense, its own KV cache) instead of the model's sparse self")
     args = p.parse_args(argv)
     if args.speculate_k and args.decode_path == "fused":
         p.error("--speculate_k runs model.py's decode (--decode_path reference)")
-    if args.speculate_k and args.draft_sparsity <= max(args.sparsity):
+    if args.draft_checkpoint_path is not None:
+        if not args.speculate_k:
+            p.error("--draft_checkpoint_path drafts for --speculate_k: give K too")
+        if args.draft_sparsity is not None:
+            p.error("--draft_sparsity sets the self-draft; a --draft_checkpoint_path draft runs dense")
+    elif args.draft_sparsity is None:
+        args.draft_sparsity = 0.5
+    if args.speculate_k and args.draft_checkpoint_path is None and args.draft_sparsity <= max(args.sparsity):
         p.error(f"--draft_sparsity {args.draft_sparsity} must be above the target's --sparsity "
                 f"{max(args.sparsity)}: the draft must be cheaper than the model it drafts for")
     return args
@@ -495,7 +519,8 @@ def check_tensor_parallel(args: argparse.Namespace, world: int) -> None:
 
 def sparsity_levels(args: argparse.Namespace) -> list[float]:
     """Every TEAL level the run sets (the draft's included)."""
-    return sorted(set(args.sparsity) | ({args.draft_sparsity} if args.speculate_k else set()))
+    self_draft = args.speculate_k and args.draft_checkpoint_path is None
+    return sorted(set(args.sparsity) | ({args.draft_sparsity} if self_draft else set()))
 
 
 def set_sparsity(model: Transformer, level: float, args: argparse.Namespace,
@@ -641,8 +666,13 @@ def run_speculative(model: Transformer, ids: list[int], text: str, level: float,
     if len(ids) + args.max_new_tokens + args.speculate_k + 1 > model.config.block_size:
         raise UserError(f"prompt ({len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) + --speculate_k "
                         f"({args.speculate_k}) + 1 exceeds the model's context of {model.config.block_size} tokens")
-    set_sparsity(model, args.draft_sparsity, args, self_calibrated)
-    draft = TealState.of(model)
+    draft_model = load_draft(args, model) if args.draft_checkpoint_path is not None else None
+    if draft_model is not None and len(ids) + args.max_new_tokens + args.speculate_k + 1 > draft_model.config.block_size:
+        raise UserError(f"prompt + --max_new_tokens + --speculate_k + 1 exceeds the draft's context of "
+                        f"{draft_model.config.block_size} tokens")
+    if draft_model is None:
+        set_sparsity(model, args.draft_sparsity, args, self_calibrated)
+    draft = TealState.of(draft_model or model)
     set_sparsity(model, level, args, self_calibrated)
     if level > 0:  # the verify step's K + 1 positions are decode tokens: every one sparse
         for m in packed_projections(model).values():
@@ -656,23 +686,38 @@ def run_speculative(model: Transformer, ids: list[int], text: str, level: float,
         print(f"warming up the compiled draft and verify steps (K = {args.speculate_k}) ...", end=" ",
               file=sys.stderr, flush=True)
         speculative_generate(model, ids, min(args.max_new_tokens, 2 * args.speculate_k + 2), s, args.speculate_k,
-                             draft, target, draft_fn=step, verify_fn=step)
+                             draft, target, draft_fn=step, verify_fn=step, draft_model=draft_model)
         print(f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    drafting = (f"draft {args.draft_checkpoint_path.name}" if draft_model is not None
+                else f"self-speculative: draft {args.draft_sparsity:.2f}")
     rows = []
     for i in range(args.num_samples):
-        print(f"\n[sparsity {level:.2f}, self-speculative: draft {args.draft_sparsity:.2f}, K = {args.speculate_k}, "
+        print(f"\n[sparsity {level:.2f}, {drafting}, K = {args.speculate_k}, "
               f"sample {i + 1}]\n{text if tok and not args.chat else ''}", end="", flush=True)
         stream = Streamer(tok, len(ids)) if tok else None
         res, stats = speculative_generate(model, ids, args.max_new_tokens, s, args.speculate_k, draft, target,
-                                          eos, stream, draft_fn=step, verify_fn=step)
+                                          eos, stream, draft_fn=step, verify_fn=step, draft_model=draft_model)
         target.restore()
         row = report(model, res, level)
-        row["speculation"] = {"k": args.speculate_k, "draft_sparsity": args.draft_sparsity, **stats.as_dict()}
+        row["speculation"] = {"k": args.speculate_k, "draft_sparsity": args.draft_sparsity,
+                              "draft_checkpoint": str(args.draft_checkpoint_path or ""), **stats.as_dict()}
         print(f"-- speculation: {stats.accepted}/{stats.drafted} drafts accepted ({stats.acceptance_rate:.0%}), "
               f"{stats.tokens_per_verify:.2f} tokens per verify, draft {row['speculation']['draft_ms_per_token']:.1f} "
               f"ms/token, verify {row['speculation']['verify_ms']:.1f} ms")
         rows.append(row)
     return rows
+
+
+def load_draft(args: argparse.Namespace, model: Transformer) -> Transformer:
+    """The --draft_checkpoint_path model on the target's device and dtype; its tokens must mean
+    the target's: the same vocabulary size is required (the tokenizer itself is not compared)."""
+    weight = model.norm.weight
+    draft = load_model(args.draft_checkpoint_path, device=weight.device, dtype=weight.dtype)
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise UserError(f"--draft_checkpoint_path {args.draft_checkpoint_path}: vocabulary of "
+                        f"{draft.config.vocab_size} tokens, the model's has {model.config.vocab_size}: a draft "
+                        "must share the model's tokenizer")
+    return draft.eval()
 
 
 def report(model: Transformer, res: Sample, level: float) -> dict:

@@ -88,6 +88,8 @@ class TealState:
                          for m in packed_projections(model).values()))
 
     def restore(self) -> None:
+        if not self.entries:  # a model that was never packed (e.g. a dense draft model): nothing to set
+            return
         # one multi-tensor copy: on a GPU, 7 small copies per layer would be as many launches per switch
         torch._foreach_copy_([m.thresholds for m, *_ in self.entries], [t for _, t, *_ in self.entries])
         for m, _, sparse, sparse_prefill, target in self.entries:

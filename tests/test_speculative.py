@@ -149,3 +149,66 @@ def test_cli_speculative_text_equals_plain_text(tiny_ckpt, tmp_path):
     assert outs[0].split("\n-- ")[0] == outs[1].split("\n-- ")[0].replace(
         "self-speculative: draft 0.60, K = 3, ", "")
     assert "-- speculation: " in outs[1] and "tokens per verify" in outs[1]
+
+
+# --- a separate draft model (--draft_checkpoint_path) ---------------------------------------
+
+
+def fresh_caches(model, tokens: list[int]):
+    """The KV cache a model holds after plain decoding of `tokens` (one batched forward)."""
+    model.setup_caches(1, model.max_seq_length)  # the shape speculation left
+    model(torch.tensor([tokens]), torch.arange(len(tokens)))
+    return [(b.attention.kv_cache.k_cache.clone(), b.attention.kv_cache.v_cache.clone()) for b in model.layers]
+
+
+@pytest.mark.parametrize("draft_seed,n_layer", [(0, 2), (7, 1)], ids=["same-weights", "other-model"])
+def test_separate_draft_model_greedy_equals_plain_decoding(draft_seed, n_layer):
+    """A second model drafts with its own cache. The same weights in a copy: every draft is
+    accepted, so each cycle ends with a draft the copy never ran (caught up at the next cycle);
+    another, smaller model: rejections. Either way the target's greedy tokens, and the draft's cache
+    holds what plain decoding of those tokens leaves in it."""
+    model = tiny_model()
+    draft_model = tiny_model(draft_seed, n_layer=n_layer)
+    plain = generate(model, PROMPT, 40, GREEDY).tokens
+    draft, target = TealState.of(draft_model), TealState.of(model)
+    for k in (1, 3, 4):
+        spec, stats = speculative_generate(model, PROMPT, 40, GREEDY, k, draft, target, draft_model=draft_model)
+        assert spec.tokens == plain
+        if draft_seed == 0:
+            assert stats.accepted >= 0.95 * stats.drafted
+        else:
+            assert stats.accepted < stats.drafted
+        checked = len(PROMPT) + 24  # positions every cycle has run through the draft by now
+        got = [(b.attention.kv_cache.k_cache[..., :checked, :].clone(), b.attention.kv_cache.v_cache[..., :checked, :].clone())
+               for b in draft_model.layers]
+        for (k_got, v_got), (k_ref, v_ref) in zip(got, fresh_caches(draft_model, spec.tokens[:checked])):
+            torch.testing.assert_close(k_got, k_ref[..., :checked, :], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v_got, v_ref[..., :checked, :], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_draft_checkpoint_text_equals_plain_text(tmp_path):
+    """generate.py --speculate_k --draft_checkpoint_path: the target's greedy text; a draft with
+    another vocabulary, or --draft_sparsity beside a draft checkpoint, is refused in one line."""
+    import subprocess
+    import sys
+
+    from fixtures import ROOT, tiny_checkpoint
+    target = tiny_checkpoint(tmp_path / "target", block_size=128)
+    small = tiny_checkpoint(tmp_path / "draft", seed=3, n_layer=1, block_size=128)
+    other_vocab = tiny_checkpoint(tmp_path / "other", vocab_size=300, block_size=128)
+    common = [sys.executable, "generate.py", "--checkpoint_path", str(target), "--prompt", "hello",
+              "--max_new_tokens", "24", "--temperature", "0", "--dtype", "float32", "--device", "cpu"]
+
+    def run(*extra):
+        return subprocess.run(common + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    plain, spec = run(), run("--speculate_k", "3", "--draft_checkpoint_path", str(small))
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert plain.stdout.split("\n-- ")[0] == spec.stdout.split("\n-- ")[0].replace("draft draft, K = 3, ", "")
+    assert "-- speculation: " in spec.stdout
+    bad = run("--speculate_k", "3", "--draft_checkpoint_path", str(other_vocab))
+    assert bad.returncode == 1 and bad.stderr.count("error:") == 1 and "vocabulary of 300 tokens" in bad.stderr
+    both = run("--speculate_k", "3", "--draft_checkpoint_path", str(small), "--draft_sparsity", "0.5")
+    assert both.returncode == 2 and "a --draft_checkpoint_path draft runs dense" in both.stderr
+    alone = run("--draft_checkpoint_path", str(small))
+    assert alone.returncode == 2 and "give K too" in alone.stderr
