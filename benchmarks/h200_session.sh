@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -74,6 +74,12 @@ case $phase in
     step 80 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --table --out "$out/kernels_llama3_8b_formats"
     cp kernels/speed_table.json "$out/speed_table.json"
     step 280 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 int4-g128 --sparsity 0 0.5 --out "$out/decode_llama3_8b_formats"
+    ;;
+  bf16_sparse)  # bf16 retuned for the levels TEAL runs (0.4/0.5/0.65: the dense path is cuBLAS), speed table, end to end
+    step 120 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats bf16 --models llama3-8b
+    step 40 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3-8b --table --out "$out/kernels_llama3_8b_bf16"
+    cp kernels/speed_table.json "$out/speed_table.json"
+    step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.4 0.5 0.65 --out "$out/decode_llama3_8b_bf16"
     ;;
   cal_spec)  # calibrate.py's time at the Llama-3-8B shape (issue 12), self-speculation (issue 13), the TP path over one GPU (NCCL, issue 14)
     step 300 python3 calibrate.py --random_weights Llama-3-8B --output "$out/llama3_8b_random_thresholds.safetensors" --device cuda

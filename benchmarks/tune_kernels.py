@@ -148,7 +148,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODEL_SHAPES), choices=list(MODEL_SHAPES))
     parser.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4-g128"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes M to tune")
-    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.5])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=None,
+                        help="levels whose summed time picks the config (default: 0.4 0.5 0.65 for bf16/fp16, "
+                             "whose dense path is cuBLAS, not the kernel; 0 0.5 for int8/int4, which have no "
+                             "other path)")
     parser.add_argument("--quick", action="store_true", help="smaller candidate grid")
     parser.add_argument("--force", action="store_true", help="retune shapes already in the file")
     parser.add_argument("--out", type=Path, default=TUNED_CONFIGS_PATH)
@@ -179,7 +182,8 @@ def main() -> None:
                     continue
                 start = time.time()
                 stored = KernelConfig.from_dict(table[key]["config"]) if key in table else None
-                entry = tune_shape(fmt, m, k, list(splits), args.sparsities, args.quick, stored)
+                levels = args.sparsities or ([0.4, 0.5, 0.65] if parse_format(fmt)[0] in ("bf16", "fp16") else [0.0, 0.5])
+                entry = tune_shape(fmt, m, k, list(splits), levels, args.quick, stored)
                 entry["date"] = datetime.date.today().isoformat()
                 table[key] = entry
                 write_atomically(args.out, table)
