@@ -98,7 +98,9 @@ class Progress:
     pass (dense histograms, greedy, sequential thresholds...). The kinds cost different amounts
     per token-layer, and that changes with the code and the machine's load, so the time per
     token-layer is measured per kind as it runs (a kind not started yet is assumed to run at the
-    average so far). The bar shows the share of the estimated total time that has passed.
+    average so far). The bar shows the share of the estimated total time that has passed, and
+    never moves back: when a slower pass raises the estimate, the bar waits for the time to catch
+    up, while the time left (printed after the bar) is always the current estimate.
     """
 
     def __init__(self, budgets: dict[str, float], desc: str = "calibrating", leave: bool = True) -> None:
@@ -106,24 +108,27 @@ class Progress:
         self.done = dict.fromkeys(budgets, 0.0)
         self.seconds = dict.fromkeys(budgets, 0.0)
         self.start = self.last = time.perf_counter()
-        self.kind, self.units, self.phase_done = "", 0.0, 0.0
+        self.kind, self.name, self.units, self.phase_done = "", "", 0.0, 0.0
+        self.remaining = float("nan")  # seconds, the current estimate
         self.bar = tqdm(total=1.0, desc=desc, leave=leave, smoothing=0,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
 
     def __enter__(self) -> "Progress":
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         if kind is None:  # done: whatever the estimate said
-            self.bar.total = self.bar.n
+            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.set_postfix_str(self.name, refresh=False)
             self.bar.refresh()
         self.bar.close()
 
     @contextmanager
     def phase(self, kind: str, name: str, units: float) -> Iterator[None]:
         """A pass of `units` token-layers of `kind`: its ticks fill it, its end completes it."""
-        self.kind, self.units, self.phase_done = kind, units, 0.0
-        self.bar.set_postfix_str(name, refresh=False)
+        self.kind, self.name, self.units, self.phase_done = kind, name, units, 0.0
+        self._show()
+        self.bar.refresh()
         yield
         self.reach(1.0)
 
@@ -140,11 +145,16 @@ class Progress:
         self.seconds[self.kind] += now - self.last
         self.last = now
         average = sum(self.seconds.values()) / max(sum(self.done.values()), 1.0)
-        remaining = sum(left * (self.seconds[k] / self.done[k] if self.done[k] else average)
-                        for k, left in self.left.items())
+        self.remaining = sum(left * (self.seconds[k] / self.done[k] if self.done[k] else average)
+                             for k, left in self.left.items())
         elapsed = now - self.start
-        self.bar.total = elapsed + remaining
-        self.bar.update(elapsed - self.bar.n)
+        share = elapsed / (elapsed + self.remaining) if elapsed + self.remaining > 0 else 0.0
+        self.bar.update(max(0.0, min(share, 1.0) - self.bar.n))  # never backwards
+        self._show()
+
+    def _show(self) -> None:
+        left = "" if self.remaining != self.remaining else f"{tqdm.format_interval(self.remaining)} left, "
+        self.bar.set_postfix_str(f"{left}{self.name}", refresh=False)  # shown at the bar's next refresh
 
 
 def greedy_work(model: nn.Module, windows: Tensor, grid: Tensor, step: float) -> float:

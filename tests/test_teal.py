@@ -251,3 +251,28 @@ def test_cli_calibrate_then_perplexity_and_bad_inputs(tmp_path):
                 "--window_len", "64", "--output", str(bad), *extra)
         assert_one_line_error(r, match)
         assert not bad.exists()
+
+
+def test_progress_bar_never_moves_back_and_says_the_current_estimate(monkeypatch):
+    """A second pass 10x slower per token-layer than the first raises the time estimate: the
+    bar stalls instead of going back, and the time left it prints is the new estimate."""
+    from teal import calibration
+
+    clock = [0.0]
+    monkeypatch.setattr(calibration.time, "perf_counter", lambda: clock[0])
+    shown, lefts, texts = [], [], []
+    with calibration.Progress({"fast": 10, "slow": 10}, leave=False) as progress:
+        for kind, seconds_per_unit in (("fast", 1.0), ("slow", 10.0)):
+            with progress.phase(kind, kind, 10):
+                for _ in range(10):
+                    clock[0] += seconds_per_unit
+                    progress.tick(1)
+                    shown.append(progress.bar.n)
+                    lefts.append(progress.remaining)
+                    texts.append(str(progress.bar))
+        assert all(b >= a for a, b in zip(shown, shown[1:]))  # monotone
+        assert shown[9] == pytest.approx(0.5)  # the slow kind was assumed as fast as the average
+        assert lefts[11] == pytest.approx(8 * 10.0)  # 2 of 10 slow units done: 8 left at 10 s each
+        assert shown[11] == pytest.approx(0.5)  # 30 s of an estimated 110: the bar waits at 50%
+        assert "01:20 left, slow" in texts[11]
+    assert progress.bar.n == progress.bar.total  # complete at the end
