@@ -161,9 +161,13 @@ class PackedLinear(nn.Module):
         res = None if residual is None else residual.reshape(-1, self.out_features)
         sparse = self.applies_sparsity(x)
         thresholds = self.thresholds if sparse else self.no_thresholds
-        if self.fmt == "fp" and not sparse:
+        # bf16/fp16 on a CPU: a GEMM over the [K, N] layout ran 10-36x slower than in float32 on an
+        # AVX2 host (docs/cpu/), so prefill multiplies in float32 and decode takes the row kernel
+        cpu_half = x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
+        if self.fmt == "fp" and not sparse and not (cpu_half and rows.shape[0] <= MAX_BATCH):
             # dense float: cuBLAS / the CPU's BLAS, the fusions left to torch (Inductor)
-            out = (gated_input(rows) if gated else rows) @ self.dense_weight_t(x.dtype)
+            inp = gated_input(rows) if gated else rows
+            out = (inp.float() @ self.weight.float()).to(x.dtype) if cpu_half else inp @ self.dense_weight_t(x.dtype)
             out = out if res is None else out + res
         elif rows.shape[0] <= MAX_BATCH and x.dtype in KERNEL_DTYPES:
             # Decode: the teal::sparse_gemv op (Triton on CUDA, C++ on the CPU: kernels/cpu.py); rows of
