@@ -162,12 +162,12 @@ class PackedLinear(nn.Module):
         sparse = self.applies_sparsity(x)
         thresholds = self.thresholds if sparse else self.no_thresholds
         # bf16/fp16 on a CPU: a GEMM over the [K, N] layout ran 10-36x slower than in float32 on an
-        # AVX2 host (docs/cpu/), so prefill multiplies in float32 and decode takes the row kernel
+        # AVX2 host (docs/cpu/), so there dense calls take the branches below too: the row kernel
+        # for decode, the float32 reference for prefill
         cpu_half = x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
-        if self.fmt == "fp" and not sparse and not (cpu_half and rows.shape[0] <= MAX_BATCH):
+        if self.fmt == "fp" and not sparse and not cpu_half:
             # dense float: cuBLAS / the CPU's BLAS, the fusions left to torch (Inductor)
-            inp = gated_input(rows) if gated else rows
-            out = (inp.float() @ self.weight.float()).to(x.dtype) if cpu_half else inp @ self.dense_weight_t(x.dtype)
+            out = (gated_input(rows) if gated else rows) @ self.dense_weight_t(x.dtype)
             out = out if res is None else out + res
         elif rows.shape[0] <= MAX_BATCH and x.dtype in KERNEL_DTYPES:
             # Decode: the teal::sparse_gemv op (Triton on CUDA, C++ on the CPU: kernels/cpu.py); rows of
@@ -176,7 +176,7 @@ class PackedLinear(nn.Module):
                               gated, res)
         else:
             # Prefill-sized batches are compute-bound, float32 (quality work) has no kernel:
-            # dequantize and multiply.
+            # dequantize and multiply, in float32 (also bf16/fp16 on a CPU).
             out = sparse_gemv_reference(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(),
                                         self.group_size, gated, res)
         return out.view(*x.shape[:-1], self.out_features)

@@ -553,10 +553,6 @@ def _persistent_buffers(device: torch.device) -> tuple[Tensor, Tensor]:
     return buffers
 
 
-def _arrival_counters(device: torch.device) -> Tensor:
-    return _persistent_buffers(device)[0]
-
-
 def sparse_gemv_triton(
     x: Tensor,
     w: Tensor,

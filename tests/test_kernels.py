@@ -260,7 +260,7 @@ def test_uninitialised_buffers_and_counters(monkeypatch):
         args = make_problem("int4", torch.bfloat16, 2, 96, [16, 32], 32)
         out = sparse_gemv_triton(*args, config=variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name, monkeypatch))
         assert_close_to_ref(out, *args)
-    assert not sg._arrival_counters(torch.device(DEVICE)).any()  # every call leaves them at zero
+    assert not sg._persistent_buffers(torch.device(DEVICE))[0].any()  # every call leaves them at zero
 
 
 @pytest.mark.parametrize("cfg", [KernelConfig(block_n=32, block_k=32, sub_k=8),
@@ -497,7 +497,7 @@ def test_gpu_deterministic_and_counters_reset():
     for _ in range(50):
         assert torch.equal(sparse_gemv(*args), first)
     torch.cuda.synchronize()
-    assert not sg._arrival_counters(torch.device("cuda", torch.cuda.current_device())).any()
+    assert not sg._persistent_buffers(torch.device("cuda", torch.cuda.current_device()))[0].any()
 
 
 @needs_cuda
