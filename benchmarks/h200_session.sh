@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | e2e | spec_real)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -87,6 +87,32 @@ case $phase in
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     step 150 python3 -m torch.distributed.run --nproc_per_node 1 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    ;;
+  asm)  # integer weights converted by bit operations (PTX): GPU tests, retune int8/int4, per matrix (speed table)
+    step 240 python3 -m pytest -q -x tests/test_kernels.py -k gpu
+    step 200 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int8 int4-g128 --models llama3-8b
+    step 80 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --table --out "$out/kernels_llama3_8b_asm"
+    cp kernels/speed_table.json "$out/speed_table.json"
+    ;;
+  e2e)  # end to end, every format beside gpt-fast-style torch kernels (same run); keeps the first GGUF half for spec_real
+    mkdir -p /tmp/teal_gguf && cp .whl/gguf_part_aa /tmp/teal_gguf/ 2>/dev/null
+    step 420 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 int4-g128 --sparsity 0 0.5 --runs 2 ${BASELINES:+--baselines $BASELINES} --out "$out/decode_llama3_8b_asm"
+    step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    ;;
+  spec_real)  # the real SmolLM2 (GGUF carried in two halves): plain dense / 50% beside self-speculation; then the 8B shape's speculation
+    d=/tmp/teal_gguf; mkdir -p "$d"; cp .whl/gguf_part_ab "$d/"
+    cat "$d/gguf_part_aa" "$d/gguf_part_ab" > "$d/smollm2.gguf" && md5sum "$d/smollm2.gguf"
+    python3 -m pip install -q --no-deps --no-index --target "$d/py" .whl/gguf-0.19.0-py3-none-any.whl
+    export PYTHONPATH="$d/py${PYTHONPATH:+:$PYTHONPATH}"
+    step 120 python3 scripts/convert_gguf.py "$d/smollm2.gguf" --out "$d/ck"
+    python3 scripts/python_docs_text.py "$d/pydocs.txt"
+    step 150 python3 calibrate.py --checkpoint_path "$d/ck" --text "$d/pydocs.txt" --output "$d/ck/teal_thresholds.safetensors" --max_sparsity 0.6 --device cuda
+    gen=(python3 generate.py --checkpoint_path "$d/ck" --device cuda --compile --chat --temperature 0 --max_new_tokens 256 --allocation greedy --prompt "Explain in two sentences why the sky is blue.")
+    step 120 "${gen[@]}" --sparsity 0 0.5 > "$out/smollm2_plain.txt"; cat "$out/smollm2_plain.txt"
+    step 120 "${gen[@]}" --speculate_k 4 --draft_sparsity 0.5 > "$out/smollm2_spec_k4_d50.txt"; cat "$out/smollm2_spec_k4_d50.txt"
+    step 120 "${gen[@]}" --speculate_k 2 --draft_sparsity 0.4 > "$out/smollm2_spec_k2_d40.txt"; cat "$out/smollm2_spec_k2_d40.txt"
+    python3 benchmarks/same_text.py "$out/smollm2_plain.txt" "$out/smollm2_spec_k4_d50.txt" "$out/smollm2_spec_k2_d40.txt"
+    step 170 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     ;;
 esac
 cp kernels/tuned_configs.json "$out/tuned_configs.json"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import multiprocessing
 import time
@@ -53,11 +54,12 @@ def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConf
     block_ns = (256, 512) if kind in ("bf16", "fp16") else (256, 512, 1024)
     block_ks = (256, 512) if quick else (128, 256, 512, 1024)
     stages = (3,) if quick else (3, 4)
+    # int4 applies its group scale once per tile: longer tiles (up to a group) apply it less often.
+    sub_ks = (32, 64, 128) if kind == "int4" and not quick else (32,)
     grid = {_heuristic_config(fmt, m, k, n), _rows_heuristic(fmt, m, k, n)} | ({stored} if stored else set())
-    for bn in block_ns:
-        for bk in block_ks:
-            for st in stages:
-                grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=32, num_stages=st, design="dot"))
+    for bn, bk, st, sk in itertools.product(block_ns, block_ks, stages, sub_ks):
+        if sk <= bk:
+            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, design="dot"))
     return sorted(grid, key=lambda c: dataclasses.astuple(c))
 
 

@@ -160,6 +160,98 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
 
 
 # ---------------------------------------------------------------------------
+# Integer weights to floats in a few bit operations (GPU), plain conversions (interpreter)
+# ---------------------------------------------------------------------------
+#
+# A decode GEMV must convert every weight it reads, and at int8/int4 byte rates the plain
+# integer-to-float conversion (I2F, a quarter-rate instruction) costs more time than the load.
+# The classic alternative, written as PTX for four bytes at a time: place the integer in the
+# mantissa of a float whose exponent makes one mantissa unit equal 1, then subtract that
+# float's integer part. Exact, because every value involved is an integer the format holds.
+#   int8 -> fp32: byte u = q + 128 (xor 0x80) placed under 0x4B000000 (2^23) by one prmt,
+#     then 2^23 + u - (2^23 + 128) = q.
+#   int4 nibbles -> bf16 pairs: two bytes spread into the low bytes of two 16-bit halves (prmt),
+#     a nibble masked under 0x4300 (bf16 128.0, whose mantissa unit is 1) by one lop3, then one
+#     packed fma: (128 + n) * 1 - 136 = n - 8. fp16 uses 0x6400 (1024.0) and 1032.
+# The interpreter cannot run PTX, so it takes the plain conversions (same values).
+
+
+@triton.jit
+def _int8_to_f32(q, INTERPRET: tl.constexpr):
+    """int8 tile as fp32 (exact)."""
+    if INTERPRET:
+        return q.to(tl.float32)
+    else:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 u, m;
+            xor.b32 u, $4, 0x80808080;
+            mov.b32 m, 0x4B000000;
+            prmt.b32 $0, u, m, 0x7440;
+            prmt.b32 $1, u, m, 0x7441;
+            prmt.b32 $2, u, m, 0x7442;
+            prmt.b32 $3, u, m, 0x7443;
+            sub.f32 $0, $0, 0f4B000080;
+            sub.f32 $1, $1, 0f4B000080;
+            sub.f32 $2, $2, 0f4B000080;
+            sub.f32 $3, $3, 0f4B000080;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[q], dtype=tl.float32, is_pure=True, pack=4,
+        )
+
+
+@triton.jit
+def _nibbles(packed, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """uint8 tile of packed int4 pairs -> (low nibble - 8, high nibble - 8) in DTYPE (bf16 or
+    fp16, exact): the even and the odd columns.  The interpreter keeps them int8 (its int8 to
+    bf16 cast is unreliable; _dot multiplies in fp32 there)."""
+    if INTERPRET:
+        return (packed & 0xF).to(tl.int8) - 8, (packed >> 4).to(tl.int8) - 8
+    elif DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 a, b, c, d, one, bias;
+            mov.b32 one, 0x3F803F80;
+            mov.b32 bias, 0xC308C308;
+            prmt.b32 a, $4, 0, 0x4140;
+            prmt.b32 b, $4, 0, 0x4342;
+            shr.b32 c, a, 4;
+            shr.b32 d, b, 4;
+            lop3.b32 a, a, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 b, b, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 c, c, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 d, d, 0x000F000F, 0x43004300, 0xEA;
+            fma.rn.bf16x2 $0, a, one, bias;
+            fma.rn.bf16x2 $1, b, one, bias;
+            fma.rn.bf16x2 $2, c, one, bias;
+            fma.rn.bf16x2 $3, d, one, bias;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
+        )
+    else:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 a, b, c, d, one, bias;
+            mov.b32 one, 0x3C003C00;
+            mov.b32 bias, 0xE408E408;
+            prmt.b32 a, $4, 0, 0x4140;
+            prmt.b32 b, $4, 0, 0x4342;
+            shr.b32 c, a, 4;
+            shr.b32 d, b, 4;
+            lop3.b32 a, a, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 b, b, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 c, c, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 d, d, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 $0, a, one, bias;
+            fma.rn.f16x2 $1, b, one, bias;
+            fma.rn.f16x2 $2, c, one, bias;
+            fma.rn.f16x2 $3, d, one, bias;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.float16, tl.float16), is_pure=True, pack=4,
+        )
+
+
+# ---------------------------------------------------------------------------
 # Kernel: split-K sparse GEMV with an in-kernel, deterministic K reduction
 # ---------------------------------------------------------------------------
 #
@@ -208,6 +300,7 @@ def _masked_x(x_ptr, lane_m, rows, ok, threshold, K, GATED: tl.constexpr):
 def _weight_rows(
     w_ptr, rows, load, col_start, col_end, W_ROW,
     FORMAT: tl.constexpr, COL_ALIGN: tl.constexpr, LANES: tl.constexpr, BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Rows ``rows`` of W^T as fp32 [LANES, BLOCK_N] (q - 8 for int4), reading only where ``load``."""
     if FORMAT == 2:  # int4: BLOCK_N // 2 bytes per row, low nibble = even column
@@ -223,6 +316,8 @@ def _weight_rows(
     else:
         cols = col_start + tl.arange(0, BLOCK_N)
         wt = tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=load[:, None] & (cols < col_end)[None, :])
+        if FORMAT == 1:
+            return _int8_to_f32(wt, INTERPRET)
         return wt.to(tl.float32)
 
 
@@ -235,7 +330,7 @@ def _sparse_gemv_kernel(
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
     WINDOW: tl.constexpr, COMPACT: tl.constexpr, RED_K: tl.constexpr,
-    GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     LANES: tl.constexpr = BLOCK_M * SUB_K
     pid_k = tl.program_id(0)
@@ -296,7 +391,7 @@ def _sparse_gemv_kernel(
             rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
             xm = _masked_x(x_ptr, lane_m, rows, (slot < last) & m_ok, threshold, K, GATED)
             for _ in tl.range(first, last, SUB_K):
-                wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N)
+                wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET)
                 # Prefetch the next chunk's row ids and x while the weight rows are in flight.
                 slot += SUB_K
                 rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
@@ -315,7 +410,7 @@ def _sparse_gemv_kernel(
                 next_xm = _masked_x(x_ptr, lane_m, next_rows, (next_rows < win_end) & m_ok, threshold, K, GATED)
                 if tl.max(tl.abs(xm), axis=0) > 0:
                     wt = _weight_rows(
-                        w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N
+                        w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET
                     )
                     wacc += xm[:, None] * wt
                     if FORMAT == 2:
@@ -407,19 +502,22 @@ def _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def _dot_int4_tiles(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The int4 tile of rows ``rows`` as q - 8 (int8) in two halves, even columns (low nibbles)
-    and odd columns (high nibbles), each [SUB_K, BLOCK_N // 2]: no per-tile interleave."""
+def _dot_int4_tiles(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """The int4 tile of rows ``rows`` as q - 8 in x's dtype, in two halves, even columns (low
+    nibbles) and odd columns (high nibbles), each [SUB_K, BLOCK_N // 2]: no per-tile interleave.
+    Dropped rows read as 0 (q - 8 = -8, times an x of 0): a zero fill keeps the load
+    asynchronous (cp.async fills only zeros), so the tile loop stays pipelined."""
     byte_cols = tl.multiple_of(col0 // 2, BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    packed = tl.load(w_ptr + rows[:, None] * W_ROW + byte_cols[None, :], mask=keep[:, None], other=0x88)
-    return (packed & 0xF).to(tl.int8) - 8, (packed >> 4).to(tl.int8) - 8
+    packed = tl.load(w_ptr + rows[:, None] * W_ROW + byte_cols[None, :], mask=keep[:, None], other=0)
+    return _nibbles(packed, DTYPE, INTERPRET)
 
 
 @triton.jit
-def _dot(xt, wt, DTYPE: tl.constexpr, IEEE: tl.constexpr):
+def _dot(xt, wt, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """xt [BLOCK_M, SUB_K] @ wt [SUB_K, BLOCK_N] in fp32; both operands are exact in x's dtype.
     The interpreter's bf16 dot is unreliable, so it multiplies in fp32."""
-    if IEEE:
+    if INTERPRET:
         return tl.dot(xt, wt.to(tl.float32), input_precision="ieee")
     return tl.dot(xt.to(DTYPE), wt.to(DTYPE))
 
@@ -432,7 +530,7 @@ def _dot_gemv_kernel(
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    GATED: tl.constexpr, RESIDUAL: tl.constexpr, DETERMINISTIC: tl.constexpr, IEEE: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -458,17 +556,20 @@ def _dot_gemv_kernel(
         xt = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED)
         keep = tl.max(tl.abs(xt), axis=0) > 0.0
         if FORMAT == 2:
-            q_even, q_odd = _dot_int4_tiles(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N)
+            q_even, q_odd = _dot_int4_tiles(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N, DTYPE, INTERPRET)
             group_row = (k0 + t * SUB_K) // GROUP_SIZE * N
             x_sum = tl.sum(xt, axis=1)[:, None]
             s_even = tl.load(scale_ptr + group_row + even)
             z_even = tl.load(zero_ptr + group_row + even)
             s_odd = tl.load(scale_ptr + group_row + even + 1)
             z_odd = tl.load(zero_ptr + group_row + even + 1)
-            acc_even += _dot(xt, q_even, DTYPE, IEEE) * s_even[None, :] + x_sum * z_even[None, :]
-            acc_odd += _dot(xt, q_odd, DTYPE, IEEE) * s_odd[None, :] + x_sum * z_odd[None, :]
+            acc_even += _dot(xt, q_even, DTYPE, INTERPRET) * s_even[None, :] + x_sum * z_even[None, :]
+            acc_odd += _dot(xt, q_odd, DTYPE, INTERPRET) * s_odd[None, :] + x_sum * z_odd[None, :]
         else:
-            acc += _dot(xt, _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N), DTYPE, IEEE)
+            wt = _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N)
+            if FORMAT == 1:  # int8 -> fp32 by bit operations, then one packed cvt to x's dtype
+                wt = _int8_to_f32(wt, INTERPRET)
+            acc += _dot(xt, wt, DTYPE, INTERPRET)
     if FORMAT == 2:
         acc = tl.join(acc_even, acc_odd).reshape(BLOCK_M, BLOCK_N)
 
@@ -600,7 +701,7 @@ def sparse_gemv_triton(
             m, k, n, w.shape[1], splits,
             FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             SUB_K=cfg.sub_k, GATED=gated, RESIDUAL=residual is not None, DETERMINISTIC=deterministic,
-            IEEE=INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            INTERPRET=INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
 
@@ -616,7 +717,7 @@ def sparse_gemv_triton(
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), COL_ALIGN=col_align,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact, RED_K=red_k,
-        GATED=gated, RESIDUAL=residual is not None,
+        GATED=gated, RESIDUAL=residual is not None, INTERPRET=INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

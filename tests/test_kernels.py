@@ -446,10 +446,10 @@ def test_torch_compile_fullgraph(backend):
 LLAMA_SHAPES = [(4096, [4096, 1024, 1024]), (14336, [4096]), (4096, [14336, 14336])]
 
 
-def gpu_problem(fmt, m, k, splits, group, sparsity, seed=0):
+def gpu_problem(fmt, m, k, splits, group, sparsity, seed=0, dtype=torch.bfloat16):
     g = torch.Generator(device="cuda").manual_seed(seed)
     n = sum(splits)
-    x = torch.randn(m, k, generator=g, device="cuda").bfloat16()
+    x = torch.randn(m, k, generator=g, device="cuda").to(dtype)
     scales = zeros = None
     if fmt == "fp":
         w = (torch.randn(k, n, generator=g, device="cuda") * 0.02).bfloat16()
@@ -488,6 +488,21 @@ def test_gpu_llama_shapes(fmt, group, m, name, monkeypatch):
     counters, workspace = sg._persistent_buffers(torch.device("cuda", torch.cuda.current_device()))
     torch.cuda.synchronize()
     assert not counters.any() and not workspace.any()
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 128), ("int4", 32)])
+def test_gpu_fp16_activations(fmt, group, name, monkeypatch):
+    """fp16 activations take their own integer-to-float conversions (the int4 tiles become fp16
+    for the dot design)."""
+    for k, splits in LLAMA_SHAPES[:2]:
+        args = gpu_problem(fmt, 2, k, splits, group, 0.5, dtype=torch.float16)
+        pick = sg._heuristic_config if name.startswith("dot") else sg._rows_heuristic
+        cfg = pick(weight_format_name(args[1], group), 2, k, sum(splits))
+        out = sparse_gemv_triton(*args, config=variant(cfg, name, monkeypatch))
+        assert out.dtype == torch.float16
+        assert_close_gpu(out, args)
 
 
 @needs_cuda
