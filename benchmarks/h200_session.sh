@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | e2e | spec_real)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -94,9 +94,16 @@ case $phase in
     step 80 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --table --out "$out/kernels_llama3_8b_asm"
     cp kernels/speed_table.json "$out/speed_table.json"
     ;;
+  asm2)  # x thresholded at the batch's own size in the dot design: GPU tests, retune every format, per matrix (speed table)
+    step 150 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and not compact and not skip"
+    step 230 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats bf16 int8 int4-g128 --models llama3-8b
+    step 60 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --table --out "$out/kernels_llama3_8b_asm2"
+    cp kernels/speed_table.json "$out/speed_table.json"
+    ;;
   e2e)  # end to end, every format beside gpt-fast-style torch kernels (same run); keeps the first GGUF half for spec_real
     mkdir -p /tmp/teal_gguf && cp .whl/gguf_part_aa /tmp/teal_gguf/ 2>/dev/null
-    step 420 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 int4-g128 --sparsity 0 0.5 --runs 2 ${BASELINES:+--baselines $BASELINES} --out "$out/decode_llama3_8b_asm"
+    step 60 python3 -m pytest -q tests/test_baselines.py
+    step 400 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 int4-g128 --sparsity 0 0.5 --runs 2 --baselines torch-int8 torch-int4-g128 --out "$out/decode_llama3_8b_asm"
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     ;;
   spec_real)  # the real SmolLM2 (GGUF carried in two halves): plain dense / 50% beside self-speculation; then the 8B shape's speculation

@@ -464,7 +464,10 @@ def _sparse_gemv_kernel(
 # kept literal: a first port with dynamic loop bounds and a column mask returned zeros for a
 # quarter of the columns at M = 1 on the H200 (results/NOTES.md), while the lab kernel was right.
 #
-# Tile t: x [BLOCK_M, SUB_K] thresholded (BLOCK_M = 16, the batch padded for tl.dot); weight
+# Tile t: x [BLOCK_M, SUB_K] thresholded at the batch's own size (BLOCK_M = M rounded up to a
+# power of two), then repeated to the 16 rows a tl.dot needs (row r holds batch row r % BLOCK_M;
+# only rows < M are stored): padding the batch with zero rows instead made every x-side step of
+# the loop (loads, thresholds, the keep mask, int4's sum of x) 16 times wider at M = 1.  Weight
 # rows whose x is zero in every batch row are predicated off, the others read whole; the product
 # runs on tl.dot, which Triton pipelines num_stages deep (cp.async into shared memory): the lab
 # measured 10-30% more bandwidth than FMA lanes at batch 1.  int8 and int4 weights are converted
@@ -482,7 +485,7 @@ def _sparse_gemv_kernel(
 
 @triton.jit
 def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr):
-    """Thresholded x [BLOCK_M, SUB_K] in fp32 (rows of the batch past M are zero)."""
+    """Thresholded x [BLOCK_M, SUB_K] in fp32 (rows past M are zero)."""
     if GATED:
         gate = tl.load(x_ptr + m_offs[:, None] * 2 * K + rows[None, :], mask=m_ok[:, None], other=0.0)
         up = tl.load(x_ptr + m_offs[:, None] * 2 * K + K + rows[None, :], mask=m_ok[:, None], other=0.0)
@@ -514,8 +517,17 @@ def _dot_int4_tiles(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N
 
 
 @triton.jit
+def _dot_rows(v, BLOCK_M: tl.constexpr):
+    """[BLOCK_M, ...] -> [16, ...] with row r = v[r % BLOCK_M] (BLOCK_M divides 16)."""
+    if len(v.shape) == 1:
+        return tl.reshape(tl.broadcast_to(v[None, :], [16 // BLOCK_M, BLOCK_M]), [16])
+    else:
+        return tl.reshape(tl.broadcast_to(v[None, :, :], [16 // BLOCK_M, BLOCK_M, v.shape[1]]), [16, v.shape[1]])
+
+
+@triton.jit
 def _dot(xt, wt, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """xt [BLOCK_M, SUB_K] @ wt [SUB_K, BLOCK_N] in fp32; both operands are exact in x's dtype.
+    """xt [16, SUB_K] @ wt [SUB_K, BLOCK_N] in fp32; both operands are exact in x's dtype.
     The interpreter's bf16 dot is unreliable, so it multiplies in fp32."""
     if INTERPRET:
         return tl.dot(xt, wt.to(tl.float32), input_precision="ieee")
@@ -546,19 +558,20 @@ def _dot_gemv_kernel(
     m_ok = m_offs < M
     k0 = pid_k * BLOCK_K
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     if FORMAT == 2:  # even and odd columns accumulate apart, interleaved once at the end
-        acc_even = tl.zeros([BLOCK_M, BLOCK_N // 2], dtype=tl.float32)
-        acc_odd = tl.zeros([BLOCK_M, BLOCK_N // 2], dtype=tl.float32)
+        acc_even = tl.zeros([16, BLOCK_N // 2], dtype=tl.float32)
+        acc_odd = tl.zeros([16, BLOCK_N // 2], dtype=tl.float32)
         even = col0 + 2 * tl.arange(0, BLOCK_N // 2)
     for t in tl.range(0, BLOCK_K // SUB_K):
         rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
-        xt = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED)
-        keep = tl.max(tl.abs(xt), axis=0) > 0.0
+        x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED)
+        keep = tl.max(tl.abs(x_batch), axis=0) > 0.0
+        xt = _dot_rows(x_batch, BLOCK_M)
         if FORMAT == 2:
             q_even, q_odd = _dot_int4_tiles(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N, DTYPE, INTERPRET)
             group_row = (k0 + t * SUB_K) // GROUP_SIZE * N
-            x_sum = tl.sum(xt, axis=1)[:, None]
+            x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M)[:, None]
             s_even = tl.load(scale_ptr + group_row + even)
             z_even = tl.load(zero_ptr + group_row + even)
             s_odd = tl.load(scale_ptr + group_row + even + 1)
@@ -571,10 +584,11 @@ def _dot_gemv_kernel(
                 wt = _int8_to_f32(wt, INTERPRET)
             acc += _dot(xt, wt, DTYPE, INTERPRET)
     if FORMAT == 2:
-        acc = tl.join(acc_even, acc_odd).reshape(BLOCK_M, BLOCK_N)
+        acc = tl.join(acc_even, acc_odd).reshape(16, BLOCK_N)
 
-    out_offs = m_offs[:, None] * N + cols[None, :]
-    out_ok = m_ok[:, None] & (cols < N)[None, :]
+    out_rows = tl.arange(0, 16)
+    out_offs = out_rows[:, None] * N + cols[None, :]
+    out_ok = (out_rows < M)[:, None] & (cols < N)[None, :]
     if DETERMINISTIC:
         tl.store(ws_ptr + pid_k * M * N + out_offs, acc, mask=out_ok)
     else:
@@ -583,7 +597,7 @@ def _dot_gemv_kernel(
     ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
     if ticket == grid_k - 1:
         if DETERMINISTIC:
-            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            total = tl.zeros([16, BLOCK_N], dtype=tl.float32)
             for r in range(0, grid_k):
                 total += tl.load(ws_ptr + r * M * N + out_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
         else:
@@ -699,7 +713,7 @@ def sparse_gemv_triton(
         _dot_gemv_kernel[(grid_n, grid_k)](
             x, w, *aux, out, workspace, counters,
             m, k, n, w.shape[1], splits,
-            FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             SUB_K=cfg.sub_k, GATED=gated, RESIDUAL=residual is not None, DETERMINISTIC=deterministic,
             INTERPRET=INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
