@@ -95,7 +95,7 @@ case $phase in
     cp kernels/speed_table.json "$out/speed_table.json"
     ;;
   asm2)  # x thresholded at the batch's own size in the dot design: GPU tests, retune every format, per matrix (speed table)
-    step 150 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and not compact and not skip"
+    step 150 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and dot"
     step 230 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats bf16 int8 int4-g128 --models llama3-8b
     step 60 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --table --out "$out/kernels_llama3_8b_asm2"
     cp kernels/speed_table.json "$out/speed_table.json"
