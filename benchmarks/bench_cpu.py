@@ -30,6 +30,7 @@ import torch
 import generate
 from checkpoint import load_model
 from cli import DEFAULT_CHECKPOINT
+from decode import install_fused_decode
 from kernels import cpu
 from teal import realized_sparsity
 from tokenizer import load_tokenizer
@@ -61,10 +62,12 @@ def prepare(checkpoint: Path, work: Path, thresholds: Path | None) -> tuple[dict
 
 
 def measure(weights: Path, thresholds: Path, levels: list[float], compiled: bool, tokens: int, runs: int,
-            ids: list[int]) -> list[dict]:
+            ids: list[int], decode_path: str) -> list[dict]:
     """tok/s of every level for one checkpoint, eager or compiled (compilation not timed)."""
     torch._dynamo.reset()
     model = load_model(weights, "cpu", torch.bfloat16)
+    if decode_path == "fused":  # as generate.py --decode_path fused
+        install_fused_decode(model)
     s = generate.Sampling(0.0, 1, None)
     decode, pre = generate.compile_steps(torch.device("cpu"), False) if compiled else (generate.decode_one_token,
                                                                                         generate.prefill)
@@ -101,11 +104,14 @@ def markdown(result: dict) -> str:
     for fmt in result["formats"]:
         for compiled in (False, True):
             rows = [r for r in result["rows"] if r["format"] == fmt and r["compiled"] == compiled]
+            if not rows:  # a mode not measured (--modes)
+                continue
             cells = [f"{r['tok_s']:.1f} ({r['realized']:.0%})" for r in rows]
             lines.append(f"| {fmt} | {'compiled' if compiled else 'eager'} | " + " | ".join(cells) + " |")
     return (f"CPU decode, SmolLM2-135M-Instruct, {result['date']}, {result['machine']}; "
             f"{result['threads']} threads, CPU shared with other jobs (timings are noisy); greedy, "
-            f"{result['tokens']} new tokens, median of {result['runs']} runs per setting; "
+            f"decode path {result.get('decode_path', 'reference')}, {result['tokens']} new tokens, "
+            f"median of {result['runs']} runs per setting; "
             f"TEAL kernel: {result['kernel']}.\n`{result['command']}`\n\n" + "\n".join(lines) + "\n")
 
 
@@ -117,6 +123,8 @@ def main() -> None:
     p.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4-g32"])
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.0, 0.5])
     p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
+    p.add_argument("--decode_path", choices=["reference", "fused"], default="fused",
+                   help="generate.py's --decode_path: fused runs the C++ attention step and the GEMV fusions")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "cpu")
@@ -131,13 +139,14 @@ def main() -> None:
         for fmt in args.formats:
             for mode in args.modes:
                 for r in measure(weights[fmt], thresholds, args.sparsity, mode == "compiled", args.tokens,
-                                 args.runs, ids):
+                                 args.runs, ids, args.decode_path):
                     rows.append({"format": fmt, **r})
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "kernel": "C++ (kernels/cpu.py)" if cpu.available() else "plain-torch reference",
               "command": "OMP_NUM_THREADS=%s python benchmarks/bench_cpu.py %s" % (
                   os.environ.get("OMP_NUM_THREADS", "?"), " ".join(sys.argv[1:])),
-              "tokens": args.tokens, "runs": args.runs, "levels": args.sparsity, "formats": args.formats,
+              "decode_path": args.decode_path, "tokens": args.tokens, "runs": args.runs, "levels": args.sparsity,
+              "formats": args.formats,
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_cpu.json").write_text(json.dumps(result, indent=1))

@@ -1,36 +1,45 @@
-"""The CPU decode kernel of ``teal::sparse_gemv``: a small C++ row-skipping GEMV over our own
-weight layouts (kernels/reference.py), built once by torch's extension tooling (no Triton).
+"""The CPU decode kernels: ``teal_cpu::sparse_gemv``, a small C++ row-skipping GEMV over our own
+weight layouts (kernels/reference.py), and ``teal_cpu::decode_attention_step``, the fused decode
+path's attention step (decode.py), built once by torch's extension tooling (no Triton).
 
 Why C++: the plain-torch reference dequantizes the whole weight on every call (int4 decoded at
 0.7 tok/s) and multiplies masked zeros, so TEAL saved nothing. This kernel reads the rows of kept
 inputs only, each a contiguous row of the transposed weight [K, N], and accumulates
-``x[k] * W[k, :]`` in float32 (16-lane vectors); int8 scales are applied once per output, int4
-groups are summed as x times the integer q first, then ``scale * (sum x q - 8 sum x) + zero * sum x``
-(= sum x ((q - 8) scale + zero), the reference's dequantization). Scales and zeros stay float32,
-as on the GPU, and the layouts are the checkpoint's own: nothing is repacked at load time.
-Threads split K into contiguous blocks, so each streams its part of the weight in memory order
-(splitting N instead, each thread striding over all rows, ran 2-4x slower on a 2-core VM).
+``x[k] * W[k, :]`` in float32 (native-width vectors, four rows per pass over the accumulator);
+int8 scales are applied once per output, int4 groups are summed as x times the integer q first,
+then ``scale * (sum x q - 8 sum x) + zero * sum x`` (= sum x ((q - 8) scale + zero), the
+reference's dequantization). Scales and zeros stay float32, as on the GPU, and the layouts are the
+checkpoint's own: nothing is repacked at load time. Weights of 8 MB and more are split over the
+threads in contiguous blocks of K, so each streams its part in memory order (splitting N instead
+ran 2-4x slower on a 2-core VM); smaller ones run on the calling thread (see ``run``).
+The attention step reads only the cache positions 0..p (the plain-torch reference and the model's
+SDPA read and mask the whole static cache: 418 us a layer on a 2-vCPU AVX2 VM, 49 us here).
 
-The build (g++ and ninja, 30-60 s the first time, cached under torch's extension directory)
-happens on first use; ``available()`` says whether it succeeded, and kernels/ops.py falls back to
-the reference when it did not. ``-march=native``: the cached build is for this machine's CPU.
+Both are registered with the dispatcher from C++ (TORCH_LIBRARY), so compiled graphs call them
+without a Python custom op in between (~25 us a call, 120 calls a token); kernels/ops.py sends CPU
+calls to them. The build (g++ and ninja, ~30 s the first time, cached under torch's extension
+directory) happens on first use; ``available()`` says whether it succeeded, and kernels/ops.py
+falls back to the reference when it did not. ``-march=native``: the cached build is for this
+machine's CPU.
 """
 from __future__ import annotations
 
 import functools
 import warnings
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from kernels.reference import validate, validate_step
+
 _SOURCE = r"""
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 #include <cmath>
 #include <algorithm>
 #include <cstring>
-#ifdef __AVX512F__
+#ifdef __AVX2__
 #include <immintrin.h>
 #endif
 #include <vector>
@@ -46,65 +55,94 @@ inline float to_float(at::BFloat16 v) {
 inline float to_float(at::Half v) { return static_cast<float>(v); }
 inline float to_float(int8_t v) { return static_cast<float>(v); }
 
-// 16 float32 lanes (one AVX-512 register, two AVX2 ones): GCC/Clang vector extensions, so the
-// convert-multiply-add is vectorized whatever the compiler's alias analysis concludes.
-typedef float vf __attribute__((vector_size(64)));
-typedef uint16_t v16u16 __attribute__((vector_size(32)));
-typedef uint32_t v16u32 __attribute__((vector_size(64)));
+// One native float32 vector: 16 lanes (AVX-512) or 8 (AVX2 and others), as GCC/Clang vector
+// extensions, so the convert-multiply-add is vectorized whatever the compiler's alias analysis
+// concludes. A vector twice the register width compiled to spills on an AVX2 host (4 GB/s).
+#ifdef __AVX512F__
+constexpr int64_t LANES = 16;
+#else
+constexpr int64_t LANES = 8;
+#endif
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef uint16_t vu16 __attribute__((vector_size(2 * LANES)));
+typedef uint32_t vu32 __attribute__((vector_size(4 * LANES)));
+constexpr int64_t NIBBLE_VECTORS = 32 / LANES;  // vectors of the 32 columns in 16 int4 bytes
 
 inline vf load_acc(const float* p) { vf r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store_acc(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 template <typename T>
-inline vf load16(const T* p) {
+inline vf loadv(const T* p) {
   vf r;
-  for (int i = 0; i < 16; ++i) r[i] = to_float(p[i]);
+  for (int64_t i = 0; i < LANES; ++i) r[i] = to_float(p[i]);
   return r;
 }
 template <>
-inline vf load16(const int8_t* p) {
-#ifdef __AVX512F__  // GCC 12 widens int8 vectors lane by lane; one vpmovsxbd does it
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#else
-  vf r;
-  for (int i = 0; i < 16; ++i) r[i] = p[i];
-  return r;
-#endif
-}
-template <>
-inline vf load16(const at::BFloat16* p) {
-  v16u16 v;
+inline vf loadv(const at::BFloat16* p) {
+  vu16 v;
   std::memcpy(&v, p, sizeof v);
-  v16u32 bits = __builtin_convertvector(v, v16u32) << 16;
+  vu32 bits = __builtin_convertvector(v, vu32) << 16;
   vf r;
   std::memcpy(&r, &bits, sizeof r);
   return r;
 }
-// 16 packed bytes -> the 32 nibbles in column order (low, high, low, ...) as floats.
-inline void load_nibbles(const uint8_t* p, vf& q0, vf& q1) {
-#ifdef __AVX512F__
-  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256i q = _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi16(15)),
-                                    _mm256_slli_epi16(_mm256_srli_epi16(b, 4), 8));  // bytes: lo, hi per word
-  q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q)));
-  q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1)));
+// GCC 12 widens int8 and fp16 lane by lane: one sign-extension / conversion instruction does it.
+template <>
+inline vf loadv(const int8_t* p) {
+#if defined(__AVX512F__)
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 #else
-  for (int i = 0; i < 8; ++i) {
-    q0[2 * i] = p[i] & 15; q0[2 * i + 1] = p[i] >> 4;
-    q1[2 * i] = p[8 + i] & 15; q1[2 * i + 1] = p[8 + i] >> 4;
-  }
+  vf r;
+  for (int64_t i = 0; i < LANES; ++i) r[i] = p[i];
+  return r;
+#endif
+}
+#if defined(__AVX512F__)
+template <>
+inline vf loadv(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+#elif defined(__AVX2__) && defined(__F16C__)
+template <>
+inline vf loadv(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
+
+// 16 packed bytes -> the 32 nibbles in column order (low, high, low, ...) as floats.
+inline void load_nibbles(const uint8_t* p, vf* q) {
+#if defined(__AVX512F__)
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i v = _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi16(15)),
+                                    _mm256_slli_epi16(_mm256_srli_epi16(b, 4), 8));  // bytes: lo, hi per word
+  q[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(v)));
+  q[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(v, 1)));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), mask = _mm_set1_epi8(15);
+  const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+  const __m128i c0 = _mm_unpacklo_epi8(lo, hi), c1 = _mm_unpackhi_epi8(lo, hi);  // columns 0-15, 16-31
+  q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c0));
+  q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8)));
+  q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c1));
+  q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8)));
+#else
+  for (int64_t i = 0; i < 32; ++i) q[i / LANES][i % LANES] = (p[i / 2] >> (4 * (i % 2))) & 15;
 #endif
 }
 
 // Kept rows are not contiguous, so the hardware prefetcher loses the stream at every skipped row:
 // ask for the kept row about PREFETCH_BYTES ahead (measured on a 70 MB bf16 weight at 50%: 1.7x).
 constexpr int64_t PREFETCH_BYTES = 16384;
-inline int64_t prefetch_distance(int64_t row_bytes) { return std::max<int64_t>(2, PREFETCH_BYTES / row_bytes); }
+inline int64_t prefetch_distance(int64_t row_bytes) { return std::max<int64_t>(4, PREFETCH_BYTES / row_bytes); }
 inline void prefetch_row(const void* row, int64_t bytes) {
-  if (!row) return;
   const char* p = static_cast<const char*>(row);
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
 }
+// Rows j..j+3 of the kept list are being read: prefetch the ones `ahead` kept rows further on.
+inline void prefetch_ahead(const uint8_t* w, int64_t row_stride, const int64_t* idx, int64_t j, int64_t nk,
+                           int64_t ahead, int64_t bytes) {
+  for (int64_t a = j + ahead; a < std::min(nk, j + ahead + 4); ++a) prefetch_row(w + idx[a] * row_stride, bytes);
+}
+
+constexpr int64_t PARALLEL_BYTES = 8 << 20;  // weights below this run on one thread (see run)
 
 // Kept inputs of one row of x for one threshold: (index, value) pairs in index order.
 template <typename T>
@@ -118,17 +156,68 @@ int64_t kept(const T* x, int64_t k, float t, int64_t* idx, float* val) {
 }
 
 // Float and int8: acc[0:width] += x[k] * W[k, 0:width] over the kept k. Whole rows, in row
-// order: the weight streams from memory sequentially, the accumulator stays in L1.
+// order: the weight streams from memory sequentially, the accumulator stays in L1 and is read
+// and written once per four rows (once per row was L1-bound: 2x slower).
 template <typename T>
 void accumulate_rows(const T* w, int64_t ldw, const int64_t* idx, const float* val, int64_t nk, float* acc,
                      int64_t width) {
-  const int64_t nv = width / 16, ahead = prefetch_distance(width * sizeof(T));
-  for (int64_t j = 0; j < nk; ++j) {
+  const int64_t nv = width / LANES, bytes = width * sizeof(T), ahead = prefetch_distance(bytes);
+  const uint8_t* wb = reinterpret_cast<const uint8_t*>(w);
+  int64_t j = 0;
+  for (; j + 4 <= nk; j += 4) {
+    const T *r0 = w + idx[j] * ldw, *r1 = w + idx[j + 1] * ldw, *r2 = w + idx[j + 2] * ldw, *r3 = w + idx[j + 3] * ldw;
+    const float x0 = val[j], x1 = val[j + 1], x2 = val[j + 2], x3 = val[j + 3];
+    prefetch_ahead(wb, ldw * sizeof(T), idx, j, nk, ahead, bytes);
+    for (int64_t c = 0; c < LANES * nv; c += LANES)
+      store_acc(acc + c, load_acc(acc + c) + x0 * loadv(r0 + c) + x1 * loadv(r1 + c) + x2 * loadv(r2 + c) +
+                         x3 * loadv(r3 + c));
+    for (int64_t c = LANES * nv; c < width; ++c)
+      acc[c] += x0 * to_float(r0[c]) + x1 * to_float(r1[c]) + x2 * to_float(r2[c]) + x3 * to_float(r3[c]);
+  }
+  for (; j < nk; ++j) {
     const T* row = w + idx[j] * ldw;
     const float xv = val[j];
-    prefetch_row(j + ahead < nk ? w + idx[j + ahead] * ldw : nullptr, width * sizeof(T));
-    for (int64_t v = 0; v < nv; ++v) store_acc(acc + 16 * v, load_acc(acc + 16 * v) + xv * load16(row + 16 * v));
-    for (int64_t c = 16 * nv; c < width; ++c) acc[c] += xv * to_float(row[c]);
+    for (int64_t c = 0; c < LANES * nv; c += LANES) store_acc(acc + c, load_acc(acc + c) + xv * loadv(row + c));
+    for (int64_t c = LANES * nv; c < width; ++c) acc[c] += xv * to_float(row[c]);
+  }
+}
+
+// gq[0:width] += x * q over kept rows j0..j1 of one int4 group, four rows at a time.
+void accumulate_nibbles(const uint8_t* w, int64_t ldw, const int64_t* idx, const float* val, int64_t j0, int64_t j1,
+                        int64_t nk, int64_t ahead, float* gq, int64_t width) {
+  const int64_t nv = width / 32;
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    const uint8_t* r[4] = {w + idx[j] * ldw, w + idx[j + 1] * ldw, w + idx[j + 2] * ldw, w + idx[j + 3] * ldw};
+    prefetch_ahead(w, ldw, idx, j, nk, ahead, width / 2);
+    for (int64_t v = 0; v < nv; ++v) {
+      vf sum[NIBBLE_VECTORS];
+      for (int64_t i = 0; i < NIBBLE_VECTORS; ++i) sum[i] = load_acc(gq + 32 * v + LANES * i);
+      for (int64_t u = 0; u < 4; ++u) {
+        vf q[NIBBLE_VECTORS];
+        load_nibbles(r[u] + 16 * v, q);
+        for (int64_t i = 0; i < NIBBLE_VECTORS; ++i) sum[i] += val[j + u] * q[i];
+      }
+      for (int64_t i = 0; i < NIBBLE_VECTORS; ++i) store_acc(gq + 32 * v + LANES * i, sum[i]);
+    }
+    for (int64_t u = 0; u < 4; ++u)
+      for (int64_t c = 32 * nv; c < width; c += 2) {
+        gq[c] += val[j + u] * static_cast<float>(r[u][c / 2] & 15);
+        gq[c + 1] += val[j + u] * static_cast<float>(r[u][c / 2] >> 4);
+      }
+  }
+  for (; j < j1; ++j) {
+    const uint8_t* row = w + idx[j] * ldw;
+    for (int64_t v = 0; v < nv; ++v) {
+      vf q[NIBBLE_VECTORS];
+      load_nibbles(row + 16 * v, q);
+      for (int64_t i = 0; i < NIBBLE_VECTORS; ++i)
+        store_acc(gq + 32 * v + LANES * i, load_acc(gq + 32 * v + LANES * i) + val[j] * q[i]);
+    }
+    for (int64_t c = 32 * nv; c < width; c += 2) {
+      gq[c] += val[j] * static_cast<float>(row[c / 2] & 15);
+      gq[c + 1] += val[j] * static_cast<float>(row[c / 2] >> 4);
+    }
   }
 }
 
@@ -136,36 +225,23 @@ void accumulate_rows(const T* w, int64_t ldw, const int64_t* idx, const float* v
 // order), then acc += scale * (gq - 8 sum x) + zero * sum x. gq: width floats of scratch.
 void accumulate_int4(const uint8_t* w, int64_t ldw, const int64_t* idx, const float* val, int64_t nk, float* acc,
                      int64_t width, const float* scales, const float* zeros, int64_t n, int64_t group, float* gq) {
-  const int64_t nv = width / 32, ahead = prefetch_distance(width / 2);
+  const int64_t ahead = prefetch_distance(width / 2);
   int64_t j = 0;
   while (j < nk) {
     const int64_t g = idx[j] / group;
-    std::fill(gq, gq + width, 0.f);
+    int64_t end = j;
     float xsum = 0.f;
-    for (; j < nk && idx[j] / group == g; ++j) {
-      const uint8_t* row = w + idx[j] * ldw;
-      const float xv = val[j];
-      xsum += xv;
-      prefetch_row(j + ahead < nk ? w + idx[j + ahead] * ldw : nullptr, width / 2);
-      for (int64_t v = 0; v < nv; ++v) {
-        vf q0, q1;
-        load_nibbles(row + 16 * v, q0, q1);
-        store_acc(gq + 32 * v, load_acc(gq + 32 * v) + xv * q0);
-        store_acc(gq + 32 * v + 16, load_acc(gq + 32 * v + 16) + xv * q1);
-      }
-      for (int64_t c = 32 * nv; c < width; c += 2) {
-        gq[c] += xv * static_cast<float>(row[c / 2] & 15);
-        gq[c + 1] += xv * static_cast<float>(row[c / 2] >> 4);
-      }
-    }
+    for (; end < nk && idx[end] / group == g; ++end) xsum += val[end];
+    std::fill(gq, gq + width, 0.f);
+    accumulate_nibbles(w, ldw, idx, val, j, end, nk, ahead, gq, width);
+    j = end;
     const float* s = scales + g * n;
     const float* z = zeros + g * n;
     const float x8 = 8.f * xsum;
-    const int64_t nf = width / 16;
-    for (int64_t v = 0; v < nf; ++v)
-      store_acc(acc + 16 * v, load_acc(acc + 16 * v) + load_acc(s + 16 * v) * (load_acc(gq + 16 * v) - x8) +
-                              load_acc(z + 16 * v) * xsum);
-    for (int64_t c = 16 * nf; c < width; ++c) acc[c] += s[c] * (gq[c] - x8) + z[c] * xsum;
+    const int64_t nf = width / LANES;
+    for (int64_t c = 0; c < LANES * nf; c += LANES)
+      store_acc(acc + c, load_acc(acc + c) + load_acc(s + c) * (load_acc(gq + c) - x8) + load_acc(z + c) * xsum);
+    for (int64_t c = LANES * nf; c < width; ++c) acc[c] += s[c] * (gq[c] - x8) + z[c] * xsum;
   }
 }
 
@@ -202,7 +278,11 @@ void run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& thresholds,
     for (int64_t s = 0; s < nseg; ++s)
       count[r * nseg + s] = kept(xp + r * k, k, th[s], &idx[(r * nseg + s) * k], &val[(r * nseg + s) * k]);
   const int64_t align = int4 ? group : 16;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k / align));
+  // Waking a sleeping OpenMP worker cost ~120 us a call on a 2-vCPU VM (OMP_WAIT_POLICY=PASSIVE,
+  // which generate.py sets; spinning workers were far worse there), more than a second thread
+  // saves on a weight of a few MB: those run on the calling thread.
+  const int64_t threads = w.nbytes() < PARALLEL_BYTES ? 1 : at::get_num_threads();
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(threads, k / align));
   const int64_t block_k = (k / align + blocks - 1) / blocks * align;
   std::vector<float> partial(blocks * m * n, 0.f);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -239,12 +319,82 @@ void run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& thresholds,
   }
 }
 
+
+// Attention of one new token per sequence (the fused decode step, decode.py): RoPE of q and k
+// (pairs 2i, 2i+1, float32, rounded to T as model.apply_rotary_emb), k and v written at position p,
+// then softmax(q k^T * scale) v over positions 0..p only, float32. One task per (sequence, KV head):
+// its query heads share each cached row as it streams past.
+template <typename T>
+void rope(const T* x, const float* cs, int64_t d, T* out) {
+  for (int64_t i = 0; i < d / 2; ++i) {
+    const float a = to_float(x[2 * i]), b = to_float(x[2 * i + 1]), c = cs[2 * i], s = cs[2 * i + 1];
+    out[2 * i] = static_cast<T>(a * c - b * s);
+    out[2 * i + 1] = static_cast<T>(b * c + a * s);
+  }
+}
+
+inline float dot(const float* q, vf const* k, int64_t nv) {
+  vf acc = {};
+  for (int64_t v = 0; v < nv; ++v) acc += load_acc(q + LANES * v) * k[v];
+  float sum = 0.f;
+  for (int64_t i = 0; i < LANES; ++i) sum += acc[i];
+  return sum;
+}
+
+template <typename T>
+void attention_step(const T* qkv, const float* cs, T* kc, T* vc, int64_t b, int64_t h, int64_t hkv, int64_t smax,
+                    int64_t d, int64_t p, float scale, T* out) {
+  const int64_t width = (h + 2 * hkv) * d, group = h / hkv, nv = d / LANES, len = p + 1;
+  std::vector<T> qr(b * h * d);
+  for (int64_t s = 0; s < b; ++s) {
+    const T* row = qkv + s * width;
+    for (int64_t j = 0; j < h; ++j) rope(row + j * d, cs, d, &qr[(s * h + j) * d]);
+    for (int64_t j = 0; j < hkv; ++j) {
+      const int64_t at = ((s * hkv + j) * smax + p) * d;
+      rope(row + (h + j) * d, cs, d, kc + at);
+      std::memcpy(vc + at, row + (h + hkv + j) * d, d * sizeof(T));
+    }
+  }
+  // a short cache is cheaper on one thread than waking the others
+  const int64_t grain = len * d * group < (1 << 16) ? b * hkv : 1;
+  at::parallel_for(0, b * hkv, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(group * d), scores(group * len), acc(group * d);
+    std::vector<vf> row(nv);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / hkv, head0 = s * h + (task % hkv) * group;
+      const T* keys = kc + task * smax * d;
+      const T* values = vc + task * smax * d;
+      for (int64_t i = 0; i < group * d; ++i) q[i] = to_float(qr[head0 * d + i]);
+      for (int64_t t = 0; t < len; ++t) {
+        for (int64_t v = 0; v < nv; ++v) row[v] = loadv(keys + t * d + LANES * v);
+        for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(&q[g * d], row.data(), nv) * scale;
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* sc = &scores[g * len];
+        const float top = *std::max_element(sc, sc + len);
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) sum += (sc[t] = std::exp(sc[t] - top));
+        for (int64_t t = 0; t < len; ++t) sc[t] /= sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        for (int64_t v = 0; v < nv; ++v) row[v] = loadv(values + t * d + LANES * v);
+        for (int64_t g = 0; g < group; ++g) {
+          const float pg = scores[g * len + t];
+          for (int64_t v = 0; v < nv; ++v) store_acc(&acc[g * d + LANES * v], load_acc(&acc[g * d + LANES * v]) + pg * row[v]);
+        }
+      }
+      for (int64_t i = 0; i < group * d; ++i) out[head0 * d + i] = static_cast<T>(acc[i]);
+    }
+  });
+}
+
 }  // namespace
 
-at::Tensor sparse_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& thresholds,
-                       std::vector<int64_t> splits, const c10::optional<at::Tensor>& scales,
-                       const c10::optional<at::Tensor>& zeros, int64_t group, bool gated,
-                       const c10::optional<at::Tensor>& residual) {
+at::Tensor sparse_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& thresholds, at::IntArrayRef split_sizes,
+                       const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& zeros, int64_t group,
+                       bool gated, const c10::optional<at::Tensor>& residual) {
+  const std::vector<int64_t> splits(split_sizes.begin(), split_sizes.end());
   int64_t n = 0;
   for (auto s : splits) n += s;
   at::Tensor out = at::empty({x.size(0), n}, x.options());
@@ -255,36 +405,84 @@ at::Tensor sparse_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   }
   return out;
 }
-"""
 
-_CPP_DECL = ("at::Tensor sparse_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& thresholds, "
-             "std::vector<int64_t> splits, const c10::optional<at::Tensor>& scales, "
-             "const c10::optional<at::Tensor>& zeros, int64_t group, bool gated, "
-             "const c10::optional<at::Tensor>& residual);")
+at::Tensor decode_attention_step(const at::Tensor& qkv, const at::Tensor& freqs_cis, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& input_pos, int64_t n_head,
+                                 c10::optional<double> scale) {
+  const int64_t b = k_cache.size(0), hkv = k_cache.size(1), smax = k_cache.size(2), d = k_cache.size(3);
+  const int64_t p = input_pos.item<int64_t>();
+  TORCH_CHECK(0 <= p && p < smax, "input_pos ", p, " is outside the cache of ", smax, " positions");
+  const float sc = scale ? static_cast<float>(*scale) : 1.f / std::sqrt(static_cast<float>(d));
+  at::Tensor out = at::empty({b, n_head, d}, qkv.options());
+  if (qkv.scalar_type() == at::kBFloat16) {
+    attention_step(qkv.data_ptr<at::BFloat16>(), freqs_cis.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(),
+                   v_cache.data_ptr<at::BFloat16>(), b, n_head, hkv, smax, d, p, sc, out.data_ptr<at::BFloat16>());
+  } else {
+    attention_step(qkv.data_ptr<at::Half>(), freqs_cis.data_ptr<float>(), k_cache.data_ptr<at::Half>(),
+                   v_cache.data_ptr<at::Half>(), b, n_head, hkv, smax, d, p, sc, out.data_ptr<at::Half>());
+  }
+  return out;
+}
+
+// Registered with the dispatcher, so a compiled graph calls the kernels without Python in between
+// (the Python custom op's dispatch cost ~25 us a call, 120 calls a token).
+TORCH_LIBRARY(teal_cpu, m) {
+  m.def("sparse_gemv(Tensor x, Tensor w, Tensor thresholds, int[] split_sizes, Tensor? scales, Tensor? zeros, "
+        "int group_size, bool gated, Tensor? residual) -> Tensor");
+  m.def("decode_attention_step(Tensor qkv, Tensor freqs_cis, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor input_pos, int n_head, float? scale) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(teal_cpu, CPU, m) {
+  m.impl("sparse_gemv", &sparse_gemv);
+  m.impl("decode_attention_step", &decode_attention_step);
+}
+"""
 
 
 @functools.cache
-def _extension() -> ModuleType | None:
-    """Build (or load the cached build of) the extension; None, with a warning, if that fails."""
+def available() -> bool:
+    """Build (or load the cached build of) the kernels and register them as the ``teal_cpu`` ops;
+    False, with a warning, if that fails (no compiler / ninja: the reference serves)."""
     from torch.utils.cpp_extension import load_inline
     try:
-        return load_inline("teal_cpu_gemv", cpp_sources=[_CPP_DECL, _SOURCE], functions=["sparse_gemv"],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except (RuntimeError, OSError, ImportError) as e:  # no compiler / ninja: the reference serves
+        load_inline("teal_cpu_kernels", cpp_sources=[_SOURCE], is_python_module=False, no_implicit_headers=True,
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except (RuntimeError, OSError, ImportError) as e:
         warnings.warn(f"teal CPU kernel unavailable, using the plain-torch reference: {e}", stacklevel=2)
-        return None
+        return False
+    torch.library.register_fake("teal_cpu::sparse_gemv")(_sparse_gemv_fake)
+    torch.library.register_fake("teal_cpu::decode_attention_step")(_attention_step_fake)
+    return True
 
 
-def available() -> bool:
-    """Whether the C++ kernel built on this machine."""
-    return _extension() is not None
+def _sparse_gemv_fake(x: Tensor, w: Tensor, thresholds: Tensor, split_sizes: list[int], scales: Tensor | None,
+                      zeros: Tensor | None, group_size: int, gated: bool, residual: Tensor | None) -> Tensor:
+    validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True, gated=gated, residual=residual)
+    return x.new_empty(x.shape[0], sum(split_sizes))
+
+
+def _attention_step_fake(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
+                         n_head: int, scale: float | None) -> Tensor:
+    return qkv.new_empty(validate_step(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale))
 
 
 def sparse_gemv_cpu(x: Tensor, w: Tensor, thresholds: Tensor, split_sizes: list[int], scales: Tensor | None,
                     zeros: Tensor | None, group_size: int, gated: bool = False,
                     residual: Tensor | None = None) -> Tensor:
     """Threshold-sparse x @ W^T reading only the rows of kept inputs, with the op's `gated` and
-    `residual` fusions (kernels/reference.py); arguments validated by the caller
-    (kernels.reference.validate, for_kernel=True)."""
-    return _extension().sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size, gated,
-                                    residual)
+    `residual` fusions (kernels/reference.py). Eager calls are validated here; compiled ones at
+    trace time, by the op's fake."""
+    if not torch.compiler.is_compiling():
+        validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True, gated=gated,
+                 residual=residual)
+    return torch.ops.teal_cpu.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size, gated,
+                                          residual)
+
+
+def decode_attention_step_cpu(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
+                              n_head: int, scale: float | None = None) -> Tensor:
+    """kernels.ops.decode_attention_step on the CPU: reads only the filled positions 0..input_pos of
+    the cache (the reference reads and masks all of it)."""
+    if not torch.compiler.is_compiling():
+        validate_step(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
+    return torch.ops.teal_cpu.decode_attention_step(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)

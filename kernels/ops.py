@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from kernels import cpu
-from kernels.reference import (attention_reference, attention_step_reference, masked_product, validate,
-                               validate_attention, validate_step)
+from kernels.reference import (KERNEL_DTYPES, attention_reference, attention_step_reference, masked_product,
+                               validate, validate_attention, validate_step)
 
 CPU_KERNELS_ENV = "TEAL_CPU_KERNELS"  # "native" (default), "reference" or "interpreter"
 CPU_KERNEL_MODES = ("native", "reference", "interpreter")
@@ -48,6 +48,14 @@ def _cpu_runs_interpreter() -> bool:
     return _cpu_kernels() == "interpreter"
 
 
+@torch.compiler.assume_constant_result
+def _cpu_native() -> bool:
+    """Whether CPU calls go straight to the C++ ops (``teal_cpu::``, kernels/cpu.py). Those are
+    registered in C++, so a compiled graph calls them without the Python custom op's dispatch; a
+    compiled graph takes the answer of its trace."""
+    return _cpu_kernels() == "native" and cpu.available()
+
+
 @torch.library.custom_op("teal::sparse_gemv", mutates_args=(), device_types="cpu")
 def _sparse_gemv_cpu(
     x: Tensor,
@@ -64,9 +72,9 @@ def _sparse_gemv_cpu(
     mode = _cpu_kernels()
     if mode == "interpreter":
         return _triton_launcher()(*args, gated=gated, residual=residual)
-    validate(*args, for_kernel=True, gated=gated, residual=residual)
     if mode == "native" and cpu.available():
         return cpu.sparse_gemv_cpu(*args, gated=gated, residual=residual)
+    validate(*args, for_kernel=True, gated=gated, residual=residual)
     return masked_product(*args, gated=gated, residual=residual)
 
 
@@ -101,6 +109,8 @@ def sparse_gemv(
     Output [M, N] in x.dtype, float32 accumulation; rows of W for zeroed inputs are not read on
     the GPU.
     """
+    if x.device.type == "cpu" and _cpu_native():
+        return cpu.sparse_gemv_cpu(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual)
     return torch.ops.teal.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size, gated,
                                       residual)
 
@@ -167,4 +177,6 @@ def decode_attention_step(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cac
     input_pos (in place), attention over 0..input_pos. qkv [B, (n_head + 2 Hkv) D] is the fused
     q|k|v projection's output; freqs_cis the [D/2, 2] (cos, sin) of the position. Returns
     [B, n_head, D]."""
+    if qkv.device.type == "cpu" and qkv.dtype in KERNEL_DTYPES and _cpu_native():  # float32: the reference
+        return cpu.decode_attention_step_cpu(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
     return torch.ops.teal.decode_attention_step(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)

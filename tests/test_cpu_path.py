@@ -152,3 +152,39 @@ def test_model_decode_native_matches_reference_eager_and_compiled(monkeypatch, f
     if fmt == "int4":  # one compiled format keeps the suite's time down; the op is the same for all
         torch._dynamo.reset()
         torch.testing.assert_close(decode_logits(model, torch.compile(plain_step, fullgraph=True)), ref, **tol)
+
+
+def float64_attention_step(qkv, cs, k_cache, v_cache, pos, n_head):
+    """RoPE (float32, rounded to the cache dtype, as the model), then attention in float64 over 0..pos."""
+    b, h_kv, _, d = k_cache.shape
+    rot = lambda t: torch.stack([t[..., 0::2] * cs[:, 0] - t[..., 1::2] * cs[:, 1],
+                                 t[..., 1::2] * cs[:, 0] + t[..., 0::2] * cs[:, 1]], -1).flatten(-2)
+    q = rot(qkv[:, : n_head * d].float().view(b, n_head, d)).bfloat16()
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    k_cache[:, :, pos] = rot(qkv[:, n_head * d: (n_head + h_kv) * d].float().view(b, h_kv, d)).bfloat16()
+    v_cache[:, :, pos] = qkv[:, (n_head + h_kv) * d:].view(b, h_kv, d)
+    k = k_cache[:, :, : pos + 1].double().repeat_interleave(n_head // h_kv, 1)
+    v = v_cache[:, :, : pos + 1].double().repeat_interleave(n_head // h_kv, 1)
+    probs = torch.softmax(torch.einsum("bhd,bhsd->bhs", q.double(), k) / d ** 0.5, -1)
+    return torch.einsum("bhs,bhsd->bhd", probs, v), k_cache, v_cache
+
+
+@pytest.mark.parametrize("pos", [0, 37, 300])
+def test_attention_step_matches_float64(pos):
+    """The C++ decode attention step (GQA 3:1, two sequences): cache rows written as the model
+    writes them, output the float64 attention over 0..pos, and NaN beyond pos never read."""
+    g = torch.Generator().manual_seed(pos)
+    b, n_head, h_kv, d, s_max = 2, 6, 2, 64, 320
+    qkv = torch.randn(b, (n_head + 2 * h_kv) * d, generator=g).bfloat16()
+    angles = torch.rand(d // 2, generator=g) * 6.0
+    cs = torch.stack([angles.cos(), angles.sin()], -1)
+    k_cache = torch.randn(b, h_kv, s_max, d, generator=g).bfloat16()
+    v_cache = torch.randn(b, h_kv, s_max, d, generator=g).bfloat16()
+    k_cache[:, :, pos + 1:] = float("nan")
+    v_cache[:, :, pos + 1:] = float("nan")
+    want, k_want, v_want = float64_attention_step(qkv, cs, k_cache, v_cache, pos, n_head)
+    out = cpu.decode_attention_step_cpu(qkv, cs, k_cache, v_cache, torch.tensor([pos]), n_head)
+    filled = slice(0, pos + 1)
+    assert torch.equal(k_cache[:, :, filled], k_want[:, :, filled])
+    assert torch.equal(v_cache[:, :, filled], v_want[:, :, filled])
+    torch.testing.assert_close(out.double(), want, rtol=2**-7, atol=2**-8)
