@@ -8,8 +8,11 @@ after a warm-up, median reported. Writes JSON + Markdown; benchmarks/plot_decode
 Under `torchrun --nproc_per_node N` the model is split over N GPUs (tp.py): tok/s are the group's,
 GB/s all ranks' bytes, and the dense baseline is PackedLinear's cuBLAS product (nn.Linear is not
 sharded); thresholds are calibrated on the whole model before sharding.
+`--baselines` adds dense rows of gpt-fast's int8 / int4 weight-only method on torch's own kernels
+(benchmarks/baselines.py), timed the same way, so our formats are compared with it in one run.
 
     python benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 int8 int4-g128
+    python benchmarks/bench_decode.py --model Llama-3-8B --weights int8 int4-g128 --baselines torch-int8 torch-int4-g128
     torchrun --nproc_per_node 2 benchmarks/bench_decode.py --model Llama-3-8B --weights bf16
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 import tp
+from benchmarks.baselines import BASELINES, KERNELS, apply_torch_baseline
 from generate import Sampling, decode_one_token, random_model, self_calibrated_thresholds, weight_bytes_per_token
 from decode import install_fused_decode
 from model import ModelArgs, Transformer
@@ -94,6 +98,9 @@ def main() -> None:
     p.add_argument("--decode_path", nargs="+", choices=["reference", "fused"], default=["reference"],
                    help="model.py's decode step and/or decode.py's fused one (attention op, GEMV "
                         "prologue/epilogue fusions); each one run per setting")
+    p.add_argument("--baselines", nargs="+", choices=list(BASELINES), default=[],
+                   help="also time gpt-fast's weight-only int8 / int4-gN on torch's kernels, dense "
+                        "(one GPU only)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/decode"),
                    help="output prefix: writes <out>.json, <out>.md (and <out>.png)")
     args = p.parse_args()
@@ -101,6 +108,8 @@ def main() -> None:
         sys.exit("error: bench_decode.py needs a CUDA GPU")
     tp.print_from_rank_zero()
     world = tp.env_world_size()
+    if args.baselines and world > 1:
+        sys.exit("error: --baselines runs on one GPU (torch's int8 / int4pack modules are not sharded)")
     try:  # before any work: a shape or int4 group size the ranks cannot split
         tp.check_layout(ModelArgs.from_name(args.model), world, max(parse_weights(w)[1] for w in args.weights))
     except ValueError as e:
@@ -112,7 +121,8 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace, device: torch.device, world: int) -> list[dict]:
-    """Every row of the table: the dense baseline, then each weight format x decode path x level."""
+    """Every row of the table: the dense baseline, gpt-fast's baselines if asked, then each weight
+    format x decode path x level."""
     torch._dynamo.config.cache_size_limit = 64  # one graph per model object and setting
     step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     model = random_model(args.model, torch.bfloat16, device)
@@ -123,6 +133,13 @@ def measure(args: argparse.Namespace, device: torch.device, world: int) -> list[
     rows = [dict(weights="bf16", sparsity=0.0, path=path, realized=0.0, tok_s=baseline,
                  gb_s=weight_bytes_per_token(model) * baseline / 1e9)]
     print(rows[-1], flush=True)
+    for name in args.baselines:
+        kind, group = BASELINES[name]
+        model = apply_torch_baseline(random_model(args.model, torch.bfloat16, device), kind, group)
+        tok_s = statistics.median(time_decode(model, step, args.tokens, args.runs))
+        rows.append(dict(weights=f"{name} (gpt-fast style)", sparsity=0.0, path=KERNELS[kind], realized=0.0,
+                         tok_s=tok_s, gb_s=weight_bytes_per_token(model) * tok_s / 1e9))
+        print(rows[-1], flush=True)
     for weights in args.weights:
         model = random_model(args.model, torch.bfloat16, device)
         apply_weights(model, weights)
