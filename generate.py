@@ -311,7 +311,9 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
             draft_fn(drafter, unseen, torch.tensor([pos - 1], device=device))
         drafts, draft_probs, current = [], [], token.view(1, 1)
         for i in range(k):
-            logits = draft_fn(drafter, current, torch.tensor([pos + i], device=device))
+            # clone(), as the plain loop does: no output of a CUDA-graph replay stays referenced
+            # into the next replay (the graph tree would otherwise chain the calls)
+            logits = draft_fn(drafter, current, torch.tensor([pos + i], device=device)).clone()
             if s.temperature <= 0:
                 current = logits.argmax(-1, keepdim=True)
             else:
@@ -324,7 +326,7 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
         middle = time.perf_counter()
         target.restore()
         seq = torch.cat([token.view(1), drafts_t]).view(1, -1)
-        target_logits = verify_fn(model, seq, torch.arange(pos, pos + k + 1, device=device))
+        target_logits = verify_fn(model, seq, torch.arange(pos, pos + k + 1, device=device)).clone()
         kept, token = accept(drafts_t, torch.stack(draft_probs) if draft_probs else None, target_logits, s)
         stats.draft_s += middle - start
         stats.verify_s += time.perf_counter() - middle

@@ -200,6 +200,33 @@ def _int8_to_f32(q, INTERPRET: tl.constexpr):
         )
 
 
+def _nibbles_asm(magic: int, one: int, bias: int, fma: str) -> str:
+    """PTX for 4 packed bytes ($4) -> their 4 low nibbles ($0, $1) and 4 high nibbles ($2, $3)
+    as 16-bit float pairs: bytes spread into 16-bit halves (prmt), a nibble masked under `magic`
+    (lop3), then `fma` by `one` and `bias` (= -(magic value + 8))."""
+    return f"""{{
+    .reg .b32 a, b, c, d, one, bias;
+    mov.b32 one, {one:#06x}{one:04x};
+    mov.b32 bias, {bias:#06x}{bias:04x};
+    prmt.b32 a, $4, 0, 0x4140;
+    prmt.b32 b, $4, 0, 0x4342;
+    shr.b32 c, a, 4;
+    shr.b32 d, b, 4;
+    lop3.b32 a, a, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;
+    lop3.b32 b, b, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;
+    lop3.b32 c, c, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;
+    lop3.b32 d, d, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;
+    {fma} $0, a, one, bias;
+    {fma} $1, b, one, bias;
+    {fma} $2, c, one, bias;
+    {fma} $3, d, one, bias;
+    }}"""
+
+
+_NIBBLES_BF16 = tl.constexpr(_nibbles_asm(0x4300, 0x3F80, 0xC308, "fma.rn.bf16x2"))  # 128.0, 1.0, -136.0
+_NIBBLES_FP16 = tl.constexpr(_nibbles_asm(0x6400, 0x3C00, 0xE408, "fma.rn.f16x2"))  # 1024.0, 1.0, -1032.0
+
+
 @triton.jit
 def _nibbles(packed, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """uint8 tile of packed int4 pairs -> (low nibble - 8, high nibble - 8) in DTYPE (bf16 or
@@ -208,47 +235,11 @@ def _nibbles(packed, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     if INTERPRET:
         return (packed & 0xF).to(tl.int8) - 8, (packed >> 4).to(tl.int8) - 8
     elif DTYPE == tl.bfloat16:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 a, b, c, d, one, bias;
-            mov.b32 one, 0x3F803F80;
-            mov.b32 bias, 0xC308C308;
-            prmt.b32 a, $4, 0, 0x4140;
-            prmt.b32 b, $4, 0, 0x4342;
-            shr.b32 c, a, 4;
-            shr.b32 d, b, 4;
-            lop3.b32 a, a, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 b, b, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 c, c, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 d, d, 0x000F000F, 0x43004300, 0xEA;
-            fma.rn.bf16x2 $0, a, one, bias;
-            fma.rn.bf16x2 $1, b, one, bias;
-            fma.rn.bf16x2 $2, c, one, bias;
-            fma.rn.bf16x2 $3, d, one, bias;
-            }""",
-            constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
-        )
+        return tl.inline_asm_elementwise(asm=_NIBBLES_BF16, constraints="=r,=r,=r,=r,r", args=[packed],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 a, b, c, d, one, bias;
-            mov.b32 one, 0x3C003C00;
-            mov.b32 bias, 0xE408E408;
-            prmt.b32 a, $4, 0, 0x4140;
-            prmt.b32 b, $4, 0, 0x4342;
-            shr.b32 c, a, 4;
-            shr.b32 d, b, 4;
-            lop3.b32 a, a, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 b, b, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 c, c, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 d, d, 0x000F000F, 0x64006400, 0xEA;
-            fma.rn.f16x2 $0, a, one, bias;
-            fma.rn.f16x2 $1, b, one, bias;
-            fma.rn.f16x2 $2, c, one, bias;
-            fma.rn.f16x2 $3, d, one, bias;
-            }""",
-            constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.float16, tl.float16), is_pure=True, pack=4,
-        )
+        return tl.inline_asm_elementwise(asm=_NIBBLES_FP16, constraints="=r,=r,=r,=r,r", args=[packed],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
 
 # ---------------------------------------------------------------------------
