@@ -236,18 +236,26 @@ def interrupt(args: list[str], wait_for: bytes) -> tuple[int, str]:
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=env)
     seen = b""
-    os.set_blocking(proc.stderr.fileno(), False)
+    fd = proc.stderr.fileno()
+    os.set_blocking(fd, False)
     deadline = time.monotonic() + 60
     while wait_for not in seen and proc.poll() is None and time.monotonic() < deadline:
-        seen += proc.stderr.read() or b""
-        time.sleep(0.05)
-    os.set_blocking(proc.stderr.fileno(), True)
+        # one os.read, not stderr.read(): that one reads on while a progress bar keeps writing,
+        # so it could return only when the tool had finished
+        try:
+            seen += os.read(fd, 1 << 16)
+        except BlockingIOError:
+            time.sleep(0.05)
+    os.set_blocking(fd, True)
+    assert proc.poll() is None, f"the tool ended before Ctrl-C could be sent: {(seen + proc.stderr.read()).decode()}"
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=60)[1]
     return proc.returncode, (seen + rest).decode()
 
 
 def test_ctrl_c_is_one_line(paths: dict[str, Path], tmp_path: Path) -> None:
+    from kernels import cpu
+    cpu.available()  # built on first use (30-60 s on a fresh machine): here, not inside the tool
     args = with_defaults("calibrate", ["--tokens", "512", "--level_step", "0.01", "--greedy_exact"])
     code, err = interrupt(["calibrate.py", *fill(args, {**paths, "work": tmp_path})], b"calibrating")
     assert code == 130 and err.rstrip().endswith("interrupted") and "Traceback" not in err, err
