@@ -37,7 +37,7 @@ BASELINES: dict[str, tuple[str, int]] = {
 }
 # What runs the product, for the benchmark table's "path" column.
 KERNELS: dict[str, str] = {
-    "int8": "gpt-fast int8: F.linear on int8 weights x scales (Inductor-fused)",
+    "int8": "gpt-fast int8: F.linear on int8 weights x scales (fusion left to Inductor)",
     "int4": "torch._weight_int4pack_mm (tinygemm)",
 }
 _INNER_K_TILES = (8, 4, 2)  # tinygemm's choices; gpt-fast uses 8 (it pads K, we take the largest that fits)

@@ -110,7 +110,7 @@ case $phase in
     d=/tmp/teal_gguf; mkdir -p "$d"; cp .whl/gguf_part_ab "$d/"
     cat "$d/gguf_part_aa" "$d/gguf_part_ab" > "$d/smollm2.gguf" && md5sum "$d/smollm2.gguf"
     python3 -m pip install -q --no-deps --no-index --target "$d/py" .whl/gguf-0.19.0-py3-none-any.whl
-    export PYTHONPATH="$d/py${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH=".:$d/py${PYTHONPATH:+:$PYTHONPATH}"  # scripts/ import the repository's modules
     step 120 python3 scripts/convert_gguf.py "$d/smollm2.gguf" --out "$d/ck"
     python3 scripts/python_docs_text.py "$d/pydocs.txt"
     step 150 python3 calibrate.py --checkpoint_path "$d/ck" --text "$d/pydocs.txt" --output "$d/ck/teal_thresholds.safetensors" --max_sparsity 0.6 --device cuda
