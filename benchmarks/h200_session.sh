@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -120,6 +120,9 @@ case $phase in
     step 120 "${gen[@]}" --speculate_k 2 --draft_sparsity 0.4 > "$out/smollm2_spec_k2_d40.txt"; cat "$out/smollm2_spec_k2_d40.txt"
     python3 benchmarks/same_text.py "$out/smollm2_plain.txt" "$out/smollm2_spec_k4_d50.txt" "$out/smollm2_spec_k2_d40.txt"
     step 170 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    ;;
+  gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
+    step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"
     ;;
 esac
 cp kernels/tuned_configs.json "$out/tuned_configs.json"
