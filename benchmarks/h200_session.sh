@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -120,6 +120,15 @@ case $phase in
     step 120 "${gen[@]}" --speculate_k 2 --draft_sparsity 0.4 > "$out/smollm2_spec_k2_d40.txt"; cat "$out/smollm2_spec_k2_d40.txt"
     python3 benchmarks/same_text.py "$out/smollm2_plain.txt" "$out/smollm2_spec_k4_d50.txt" "$out/smollm2_spec_k2_d40.txt"
     step 170 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    ;;
+  planes)  # int4 as int32 words, one tl.dot per nibble plane: GPU tests, the committed kernel timed in the same run, retune int4, per matrix
+    step 150 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and (int4 or dot)"
+    if git rev-parse -q HEAD >/dev/null 2>&1 && git worktree add -q /tmp/before 35f61ed 2>/dev/null; then
+      (cd /tmp/before && step 60 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_llama3_8b_before_planes")
+    fi
+    step 200 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int4-g128 --models llama3-8b
+    step 60 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --table --out "$out/kernels_llama3_8b_planes"
+    cp kernels/speed_table.json "$out/speed_table.json"
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"

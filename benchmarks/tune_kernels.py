@@ -51,9 +51,9 @@ def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConf
     the rows design's heuristic and the config stored before: a retune never picks a config
     slower than the one it replaces."""
     kind, _ = parse_format(fmt)
-    # Narrow int4 tiles too: the dot design's converted weight tile and accumulators live in
-    # registers, and wide ones leave one CTA of 4 warps per SM.
-    block_ns = {"bf16": (256, 512), "fp16": (256, 512), "int8": (256, 512, 1024)}.get(kind, (64, 128, 256, 512))
+    # int4's dot design runs one tl.dot per nibble plane of block_n / 8 columns: 128 columns is
+    # the narrowest it takes (two warps), 256 the narrowest for four.
+    block_ns = {"bf16": (256, 512), "fp16": (256, 512), "int8": (256, 512, 1024)}.get(kind, (128, 256, 512, 1024))
     block_ks = (256, 512) if quick else (128, 256, 512, 1024)
     stages = (3,) if quick else (3, 4)
     # int4 applies its group scale once per tile: longer tiles (up to a group) apply it less often.

@@ -127,11 +127,14 @@ def _rows_heuristic(weight_format: str, m: int, k: int, n: int) -> KernelConfig:
 
 
 def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
-                split_sizes: list[int]) -> KernelConfig:
+                split_sizes: list[int], words_aligned: bool = True) -> KernelConfig:
     """Check the config and fit it to the shape.  "rows": block_k holds whole int4 groups and
     sub_k fits one group.  "dot": block_n divides every segment, sub_k (>= 16, a tl.dot tile)
-    divides K and the int4 group, block_k is a multiple of sub_k dividing K; a shape where
-    that is impossible (a segment or K not a multiple of 16) runs the "rows" design."""
+    divides K and the int4 group, block_k is a multiple of sub_k dividing K; int4 also needs
+    block_n >= 128 (a plane of block_n / 8 columns is a tl.dot tile), at most block_n / 64 warps
+    (more would repeat a plane's dot) and weights readable as int32 words (``words_aligned``).
+    A shape where that is impossible (a segment or K not a multiple of 16, 128 for int4) runs
+    the "rows" design."""
     for name in ("block_n", "block_k", "sub_k"):
         v = getattr(cfg, name)
         if v < 1 or v & (v - 1):
@@ -145,11 +148,14 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
         sub_k = min(cfg.sub_k, group_size) if fmt == FMT_INT4 else cfg.sub_k
         while sub_k > 16 and k % sub_k:
             sub_k //= 2
-        if col_pow2 >= 16 and k % sub_k == 0:
+        block_n = min(cfg.block_n, col_pow2)
+        min_n = 128 if fmt == FMT_INT4 else 16
+        if block_n >= min_n and k % sub_k == 0 and (words_aligned or fmt != FMT_INT4):
             tiles = max(1, cfg.block_k // sub_k)
             while (k // sub_k) % tiles:
                 tiles -= 1
-            return dataclasses.replace(cfg, block_n=min(cfg.block_n, col_pow2), sub_k=sub_k, block_k=tiles * sub_k)
+            warps = min(cfg.num_warps, block_n // 64) if fmt == FMT_INT4 else cfg.num_warps
+            return dataclasses.replace(cfg, block_n=block_n, sub_k=sub_k, block_k=tiles * sub_k, num_warps=warps)
         name = {FMT_INT4: f"int4-g{group_size}", FMT_INT8: "int8"}.get(fmt, "bf16")
         cfg = _rows_heuristic(name, m, k, sum(split_sizes))
     if cfg.block_n < 16:
@@ -171,9 +177,9 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
 # float's integer part. Exact, because every value involved is an integer the format holds.
 #   int8 -> fp32: byte u = q + 128 (xor 0x80) placed under 0x4B000000 (2^23) by one prmt,
 #     then 2^23 + u - (2^23 + 128) = q.
-#   int4 nibbles -> bf16 pairs: two bytes spread into the low bytes of two 16-bit halves (prmt),
-#     a nibble masked under 0x4300 (bf16 128.0, whose mantissa unit is 1) by one lop3, then one
-#     packed fma: (128 + n) * 1 - 136 = n - 8. fp16 uses 0x6400 (1024.0) and 1032.
+#   int4 words -> bf16 pairs: the same byte of two rows' words into the low bytes of two 16-bit
+#     halves (prmt), a nibble masked under 0x4300 (bf16 128.0, whose mantissa unit is 1) by one
+#     lop3, then one packed fma: (128 + n) * 1 - 136 = n - 8. fp16 uses 0x6400 (1024.0) and 1032.
 # The interpreter cannot run PTX, so it takes the plain conversions (same values).
 
 
@@ -201,46 +207,49 @@ def _int8_to_f32(q, INTERPRET: tl.constexpr):
         )
 
 
-def _nibbles_asm(magic: int, one: int, bias: int, fma: str) -> str:
-    """PTX for 4 packed bytes ($4) -> their 4 low nibbles ($0, $1) and 4 high nibbles ($2, $3)
-    as 16-bit float pairs: bytes spread into 16-bit halves (prmt), a nibble masked under `magic`
-    (lop3), then `fma` by `one` and `bias` (= -(magic value + 8))."""
-    return f"""{{
-    .reg .b32 a, b, c, d, one, bias;
-    mov.b32 one, {one:#06x}{one:04x};
-    mov.b32 bias, {bias:#06x}{bias:04x};
-    prmt.b32 a, $4, 0, 0x4140;
-    prmt.b32 b, $4, 0, 0x4342;
-    shr.b32 c, a, 4;
-    shr.b32 d, b, 4;
-    lop3.b32 a, a, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;
-    lop3.b32 b, b, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;
-    lop3.b32 c, c, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;
-    lop3.b32 d, d, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;
-    {fma} $0, a, one, bias;
-    {fma} $1, b, one, bias;
-    {fma} $2, c, one, bias;
-    {fma} $3, d, one, bias;
-    }}"""
+def _planes_asm(magic: int, one: int, bias: int, fma: str) -> str:
+    """PTX for two packed int32 words ($8: row k, $9: row k + 1 of the same 8 columns) -> eight
+    16-bit float pairs $0..$7, pair i = (nibble i of $8, nibble i of $9) - 8, i.e. column 8w + i of
+    both rows: exactly a tl.dot B-operand register when the pair is consecutive along K.  Per byte
+    j: one prmt puts byte j of each word into the low byte of one 16-bit half, one lop3 masks the
+    low nibble under `magic` (a float whose mantissa unit is 1), a shift and a lop3 the high one,
+    and one packed `fma` by `one` and `bias` (= -(magic value + 8)) per pair."""
+    lines = [".reg .b32 t, h, one, bias;", f"mov.b32 one, {one:#06x}{one:04x};", f"mov.b32 bias, {bias:#06x}{bias:04x};"]
+    for j in range(4):
+        lines += [
+            f"prmt.b32 t, $8, $9, {0x0400 + 0x0101 * j:#06x};",
+            "shr.b32 h, t, 4;",
+            f"lop3.b32 t, t, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;",
+            f"lop3.b32 h, h, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;",
+            f"{fma} ${2 * j}, t, one, bias;",
+            f"{fma} ${2 * j + 1}, h, one, bias;",
+        ]
+    return "{\n" + "\n".join(lines) + "\n}"
 
 
-_NIBBLES_BF16 = tl.constexpr(_nibbles_asm(0x4300, 0x3F80, 0xC308, "fma.rn.bf16x2"))  # 128.0, 1.0, -136.0
-_NIBBLES_FP16 = tl.constexpr(_nibbles_asm(0x6400, 0x3C00, 0xE408, "fma.rn.f16x2"))  # 1024.0, 1.0, -1032.0
+_PLANES_CONSTRAINTS = tl.constexpr("=r," * 8 + "r,r")
+_PLANES_BF16 = tl.constexpr(_planes_asm(0x4300, 0x3F80, 0xC308, "fma.rn.bf16x2"))  # 128.0, 1.0, -136.0
+_PLANES_FP16 = tl.constexpr(_planes_asm(0x6400, 0x3C00, 0xE408, "fma.rn.f16x2"))  # 1024.0, 1.0, -1032.0
 
 
 @triton.jit
-def _nibbles(packed, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """uint8 tile of packed int4 pairs -> (low nibble - 8, high nibble - 8) in DTYPE (bf16 or
-    fp16, exact): the even and the odd columns.  The interpreter keeps them int8 (its int8 to
-    bf16 cast is unreliable; _dot multiplies in fp32 there)."""
+def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """int32 tile of packed int4 (8 columns per word, column 8w + i in nibble i) -> eight tiles
+    of the word's shape, tile i = nibble i - 8 in DTYPE (bf16 or fp16, exact).  The interpreter
+    keeps them int8 (its int8 to bf16 cast is unreliable; _dot multiplies in fp32 there)."""
     if INTERPRET:
-        return (packed & 0xF).to(tl.int8) - 8, (packed >> 4).to(tl.int8) - 8
+        return ((words & 0xF).to(tl.int8) - 8, ((words >> 4) & 0xF).to(tl.int8) - 8,
+                ((words >> 8) & 0xF).to(tl.int8) - 8, ((words >> 12) & 0xF).to(tl.int8) - 8,
+                ((words >> 16) & 0xF).to(tl.int8) - 8, ((words >> 20) & 0xF).to(tl.int8) - 8,
+                ((words >> 24) & 0xF).to(tl.int8) - 8, ((words >> 28) & 0xF).to(tl.int8) - 8)
     elif DTYPE == tl.bfloat16:
-        return tl.inline_asm_elementwise(asm=_NIBBLES_BF16, constraints="=r,=r,=r,=r,r", args=[packed],
-                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(
+            asm=_PLANES_BF16, constraints=_PLANES_CONSTRAINTS, args=[words], is_pure=True, pack=2,
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16))
     else:
-        return tl.inline_asm_elementwise(asm=_NIBBLES_FP16, constraints="=r,=r,=r,=r,r", args=[packed],
-                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(
+            asm=_PLANES_FP16, constraints=_PLANES_CONSTRAINTS, args=[words], is_pure=True, pack=2,
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16))
 
 
 # ---------------------------------------------------------------------------
@@ -465,8 +474,12 @@ def _sparse_gemv_kernel(
 # measured 10-30% more bandwidth than FMA lanes at batch 1.  int8 and int4 weights are converted
 # to x's dtype (exact: |q| <= 128) before the dot; int4 tiles lie inside one group (SUB_K divides
 # the group size) and take its scale and zero right after their dot:
-# y += s * (x . (q - 8)) + z * sum(x); the low nibbles (even columns) and high nibbles (odd
-# columns) are two dots into two accumulators, interleaved once after the loop, not every tile.
+# y += s * (x . (q - 8)) + z * sum(x).  int4 is read as int32 words of 8 columns; nibble i of
+# every word (columns 8w + i, a "plane") is one dot into its own accumulator, the eight
+# interleaved once after the loop.  Loading bytes instead made Triton gather the tl.dot operand
+# byte by byte from shared memory (two rows per register pair: 64 LDS.U8 and 32 PRMT per tile
+# and thread, SASS of triton 3.6, sm_90); words load whole and _int4_planes converts a pair of
+# rows' words straight into the operand's registers.
 #
 # Reduction over K blocks, one launch, no memset: with DETERMINISTIC each program stores its
 # fp32 partial and the last program of the column block (arrival ticket) sums them in a fixed
@@ -497,15 +510,18 @@ def _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def _dot_int4_tiles(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """The int4 tile of rows ``rows`` as q - 8 in x's dtype, in two halves, even columns (low
-    nibbles) and odd columns (high nibbles), each [SUB_K, BLOCK_N // 2]: no per-tile interleave.
-    Dropped rows read as 0 (q - 8 = -8, times an x of 0): a zero fill keeps the load
-    asynchronous (cp.async fills only zeros), so the tile loop stays pipelined."""
-    byte_cols = tl.multiple_of(col0 // 2, BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    packed = tl.load(w_ptr + rows[:, None] * W_ROW + byte_cols[None, :], mask=keep[:, None], other=0)
-    return _nibbles(packed, DTYPE, INTERPRET)
+def _plane_step(acc, xt, plane, x_sum, scale_ptr, zero_ptr, offs, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """One int4 plane's dot, scaled by its group: acc + s * (x . (q - 8)) + z * sum(x)."""
+    s = tl.load(scale_ptr + offs)
+    z = tl.load(zero_ptr + offs)
+    return acc + _dot(xt, plane, DTYPE, INTERPRET) * s[None, :] + x_sum * z[None, :]
+
+
+@triton.jit
+def _interleave8(p0, p1, p2, p3, p4, p5, p6, p7):
+    """Eight [R, C] tiles -> [R, 8 * C] with column 8c + i from tile i."""
+    t = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    return tl.reshape(t, [p0.shape[0], 8 * p0.shape[1]])
 
 
 @triton.jit
@@ -551,32 +567,42 @@ def _dot_gemv_kernel(
     k0 = pid_k * BLOCK_K
 
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    if FORMAT == 2:  # even and odd columns accumulate apart, interleaved once at the end
-        acc_even = tl.zeros([16, BLOCK_N // 2], dtype=tl.float32)
-        acc_odd = tl.zeros([16, BLOCK_N // 2], dtype=tl.float32)
-        even = col0 + 2 * tl.arange(0, BLOCK_N // 2)
+    if FORMAT == 2:  # one accumulator per nibble plane (columns 8w + i), interleaved once at the end
+        NW: tl.constexpr = BLOCK_N // 8
+        a0 = tl.zeros([16, NW], dtype=tl.float32)
+        a1 = tl.zeros([16, NW], dtype=tl.float32)
+        a2 = tl.zeros([16, NW], dtype=tl.float32)
+        a3 = tl.zeros([16, NW], dtype=tl.float32)
+        a4 = tl.zeros([16, NW], dtype=tl.float32)
+        a5 = tl.zeros([16, NW], dtype=tl.float32)
+        a6 = tl.zeros([16, NW], dtype=tl.float32)
+        a7 = tl.zeros([16, NW], dtype=tl.float32)
+        plane_cols = col0 + 8 * tl.arange(0, NW)
     for t in tl.range(0, BLOCK_K // SUB_K):
         rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
         x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED)
         keep = tl.max(tl.abs(x_batch), axis=0) > 0.0
         xt = _dot_rows(x_batch, BLOCK_M)
-        if FORMAT == 2:
-            q_even, q_odd = _dot_int4_tiles(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N, DTYPE, INTERPRET)
-            group_row = (k0 + t * SUB_K) // GROUP_SIZE * N
+        if FORMAT == 2:  # w_ptr: int32 words, W_ROW words per row; dropped rows read as 0 (q - 8 = -8, x 0)
+            words = _dot_w_tile(w_ptr, rows, keep, pid_n * NW, W_ROW, SUB_K, NW)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
             x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M)[:, None]
-            s_even = tl.load(scale_ptr + group_row + even)
-            z_even = tl.load(zero_ptr + group_row + even)
-            s_odd = tl.load(scale_ptr + group_row + even + 1)
-            z_odd = tl.load(zero_ptr + group_row + even + 1)
-            acc_even += _dot(xt, q_even, DTYPE, INTERPRET) * s_even[None, :] + x_sum * z_even[None, :]
-            acc_odd += _dot(xt, q_odd, DTYPE, INTERPRET) * s_odd[None, :] + x_sum * z_odd[None, :]
+            offs = (k0 + t * SUB_K) // GROUP_SIZE * N + plane_cols
+            a0 = _plane_step(a0, xt, p0, x_sum, scale_ptr, zero_ptr, offs, DTYPE, INTERPRET)
+            a1 = _plane_step(a1, xt, p1, x_sum, scale_ptr, zero_ptr, offs + 1, DTYPE, INTERPRET)
+            a2 = _plane_step(a2, xt, p2, x_sum, scale_ptr, zero_ptr, offs + 2, DTYPE, INTERPRET)
+            a3 = _plane_step(a3, xt, p3, x_sum, scale_ptr, zero_ptr, offs + 3, DTYPE, INTERPRET)
+            a4 = _plane_step(a4, xt, p4, x_sum, scale_ptr, zero_ptr, offs + 4, DTYPE, INTERPRET)
+            a5 = _plane_step(a5, xt, p5, x_sum, scale_ptr, zero_ptr, offs + 5, DTYPE, INTERPRET)
+            a6 = _plane_step(a6, xt, p6, x_sum, scale_ptr, zero_ptr, offs + 6, DTYPE, INTERPRET)
+            a7 = _plane_step(a7, xt, p7, x_sum, scale_ptr, zero_ptr, offs + 7, DTYPE, INTERPRET)
         else:
             wt = _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N)
             if FORMAT == 1:  # int8 -> fp32 by bit operations, then one packed cvt to x's dtype
                 wt = _int8_to_f32(wt, INTERPRET)
             acc += _dot(xt, wt, DTYPE, INTERPRET)
     if FORMAT == 2:
-        acc = tl.join(acc_even, acc_odd).reshape(16, BLOCK_N)
+        acc = _interleave8(a0, a1, a2, a3, a4, a5, a6, a7)
 
     out_rows = tl.arange(0, 16)
     out_offs = out_rows[:, None] * N + cols[None, :]
@@ -684,7 +710,8 @@ def sparse_gemv_triton(
     n = w.shape[1] * (2 if fmt == FMT_INT4 else 1)
     if config is None:
         config = get_config(gpu_name(x.device), weight_format_name(w, group_size), m, k, n)
-    cfg = _fit_config(config, fmt, group_size, m, k, split_sizes)
+    words_aligned = fmt == FMT_INT4 and w.shape[1] % 4 == 0 and w.data_ptr() % 16 == 0
+    cfg = _fit_config(config, fmt, group_size, m, k, split_sizes, words_aligned)
     # Boundaries padded with N to a fixed length: one compiled kernel for any segment count.
     splits = (0, *itertools.accumulate(split_sizes), *([n] * (MAX_SEGMENTS - len(split_sizes))))
     grid_k = triton.cdiv(k, cfg.block_k)
@@ -703,6 +730,8 @@ def sparse_gemv_triton(
             workspace = _alloc((grid_k, m, n), torch.float32, x.device)
         elif m * n > workspace.numel():
             raise ValueError(f"M*N={m * n} exceeds the sparse_gemv workspace ({workspace.numel()} floats).")
+        if fmt == FMT_INT4:  # read as int32 words of 8 columns (_fit_config checked the alignment)
+            w = w.view(torch.int32)
         _dot_gemv_kernel[(grid_n, grid_k)](
             x, w, *aux, out, workspace, counters,
             m, k, n, w.shape[1], splits,

@@ -124,17 +124,17 @@ def variant(cfg: KernelConfig, name: str, monkeypatch) -> KernelConfig:
                            "num_stages": 2})
 
 
-# Shapes the dot design takes (segments and K multiples of 16): several K blocks and tiles per
-# block, int4 groups holding one or several tiles, several groups per block.
+# Shapes the dot design takes (segments and K multiples of 16, int4 segments of 128): several K
+# blocks and tiles per block, int4 groups holding one or several tiles, several groups per block.
 DOT_CASES = [
     ("fp", torch.bfloat16, 1, 128, [64, 32, 32], 0, KernelConfig(block_n=32, block_k=64, sub_k=16)),
     ("fp", torch.float16, 3, 96, [48, 16], 0, KernelConfig(block_n=16, block_k=32, sub_k=16)),
     ("fp", torch.bfloat16, 8, 64, [32], 0, KernelConfig(block_n=32, block_k=64, sub_k=32)),
     ("int8", torch.bfloat16, 1, 128, [32, 32], 0, KernelConfig(block_n=32, block_k=64, sub_k=16)),
     ("int8", torch.float16, 5, 64, [48], 0, KernelConfig(block_n=16, block_k=64, sub_k=32)),
-    ("int4", torch.bfloat16, 1, 128, [32, 64], 32, KernelConfig(block_n=32, block_k=128, sub_k=32)),
-    ("int4", torch.float16, 3, 192, [64, 32, 32], 64, KernelConfig(block_n=32, block_k=64, sub_k=32)),
-    ("int4", torch.bfloat16, 2, 256, [128], 128, KernelConfig(block_n=64, block_k=256, sub_k=32)),
+    ("int4", torch.bfloat16, 1, 128, [128, 256], 32, KernelConfig(block_n=128, block_k=128, sub_k=32)),
+    ("int4", torch.float16, 3, 192, [256, 128], 64, KernelConfig(block_n=256, block_k=64, sub_k=32)),
+    ("int4", torch.bfloat16, 2, 256, [128], 128, KernelConfig(block_n=256, block_k=256, sub_k=32)),
 ]
 
 
@@ -170,6 +170,21 @@ def test_dot_design_falls_back_to_rows_where_it_cannot_tile():
     assert (fitted.design, fitted.block_n, fitted.block_k) == ("dot", 16, 48)  # divides 16 and 48, and 96
     args = make_problem("fp", torch.bfloat16, 2, 64, [24, 40], 0)
     assert_close_to_ref(sparse_gemv_triton(*args, config=dot), *args)
+
+
+def test_int4_dot_design_needs_planes_of_16_columns_and_word_aligned_weights():
+    """int4 reads int32 words of 8 columns and runs one tl.dot per nibble plane (block_n / 8
+    columns, at least 16): a segment not a multiple of 128 or weights that do not start on a
+    word run the "rows" design; warps are capped at block_n / 64 (more would repeat a plane)."""
+    dot = KernelConfig(block_n=512, block_k=64, sub_k=32, num_warps=8, design="dot")
+    assert sg._fit_config(dot, FMT_INT4, 32, 1, 64, [64, 128]).design == "rows"
+    assert sg._fit_config(dot, FMT_INT4, 32, 1, 64, [128], words_aligned=False).design == "rows"
+    fitted = sg._fit_config(dot, FMT_INT4, 32, 1, 64, [256, 128])
+    assert (fitted.design, fitted.block_n, fitted.num_warps) == ("dot", 128, 2)
+    x, w, *rest = make_problem("int4", torch.bfloat16, 1, 64, [128], 32)
+    shifted = torch.empty(w.numel() + 1, dtype=torch.uint8, device=w.device)[1:].view(w.shape)
+    shifted.copy_(w)  # same values, one byte off a word boundary
+    assert_close_to_ref(sparse_gemv_triton(x, shifted, *rest, config=dot), x, shifted, *rest)
 
 
 def random_case(seed):
@@ -396,7 +411,7 @@ def test_heuristic_configs_are_legal(fmt, m):
         n = sum(splits)
         cfg = sg._fit_config(get_config("no such gpu", fmt, m, k, n), FMT_INT4 if group else FMT_FLOAT, group,
                              m, k, splits)
-        if k % 16 == 0:
+        if k % 16 == 0 and (not group or min(s & -s for s in splits) >= 128):
             assert cfg.design == "dot"
             assert all(s % cfg.block_n == 0 for s in splits) and k % cfg.block_k == 0
             assert cfg.block_k % cfg.sub_k == 0 and cfg.sub_k >= 16 and (not group or group % cfg.sub_k == 0)
