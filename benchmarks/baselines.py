@@ -5,11 +5,12 @@ run, so "ours vs what gpt-fast does" is measured on the same GPU, torch and day 
 method is gpt-fast's (pytorch-labs/gpt-fast, quantize.py), written here for our model.py; nothing
 here is used outside benchmarks and tests.
 
-- int8: symmetric per output channel over nn.Linear's [N, K] weight, bf16 scales (gpt-fast's
-  quantization). The product runs on torch's own int8 weight-only kernel,
-  `torch._weight_int8pack_mm`: gpt-fast's `F.linear(x, W_int8.to(x.dtype)) * scales` relies on
-  Inductor to fuse the cast into the GEMV, and under torch 2.11 on the H200 it did not (15.8 tok/s,
-  a bf16 copy of every weight per token; 2026-12-02, results/decode_llama3_8b_asm.md).
+- int8: symmetric per output channel over nn.Linear's [N, K] weight, bf16 scales; the product is
+  gpt-fast's `F.linear(x, W_int8.to(x.dtype)) * scales`, which gpt-fast relies on Inductor to fuse
+  into one kernel. Under torch 2.11 on the H200 it was not fused (15.8 tok/s end to end,
+  results/decode_llama3_8b_asm.md), and torch's own `_weight_int8pack_mm` is no better at M = 1
+  (one 4096 x 14336 product, eager, 2026-12-02: 283 us, cast + F.linear 190 us, bf16 F.linear
+  32 us): this row is not a fair baseline yet.
 - int4: min/max per group of `group_size` inputs of one output channel, W = (q - 8) * scale + zero
   with q in [0, 15]; scales and zeros bf16 in tinygemm's [K / g, N, 2] layout. CUDA: torch's tinygemm
   (`_convert_weight_to_int4pack` + `_weight_int4pack_mm`, bf16 only); the CPU: torch's
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from linear import projection_splits, swap_module
@@ -36,7 +38,7 @@ BASELINES: dict[str, tuple[str, int]] = {
 }
 # What runs the product, for the benchmark table's "path" column.
 KERNELS: dict[str, str] = {
-    "int8": "torch._weight_int8pack_mm (gpt-fast's per-channel int8)",
+    "int8": "gpt-fast int8: F.linear on int8 weights x scales (fusion left to Inductor)",
     "int4": "torch._weight_int4pack_mm (tinygemm)",
 }
 _INNER_K_TILES = (8, 4, 2)  # tinygemm's choices; gpt-fast uses 8 (it pads K, we take the largest that fits)
@@ -81,8 +83,7 @@ class TorchInt8Linear(nn.Module):
         self.register_buffer("scales", scales)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
-        return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales
 
 
 class TorchInt4Linear(nn.Module):
