@@ -547,10 +547,12 @@ def set_sparsity(model: Transformer, level: float, args: argparse.Namespace,
     slower, unmeasured = dense_fallbacks(model, model.norm.weight.device)
     if slower:
         print(f"[sparsity {level:.2f}: {len(slower)} of {len(thresholds)} projections stay dense, where the "
-              f"measured kernel is slower than dense (kernels/speed_table.json)]", flush=True)
+              f"kernel is slower than dense (kernels/speed_table.json, or the size model for unmeasured shapes)]",
+              flush=True)
     if unmeasured:
         print(f"[sparsity {level:.2f}: {len(unmeasured)} projections have shapes the speed table has not "
-              f"measured: sparse kernel used unchecked]", flush=True)
+              f"measured: decided by the size model (kernels/speed_table.py; measure them with "
+              f"benchmarks/bench_kernels.py --table)]", flush=True)
 
 
 def read_prompts() -> Iterator[str]:

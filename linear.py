@@ -24,7 +24,7 @@ from torch import Tensor
 
 from kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
 from kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, gated_input
-from kernels.speed_table import sparse_beats_dense
+from kernels.speed_table import estimated_sparse_beats_dense, sparse_beats_dense
 
 FORMATS = ("fp", "int8", "int4")
 
@@ -101,7 +101,7 @@ class PackedLinear(nn.Module):
         # Parameter-weighted target sparsity of the segments (teal.sparsify sets it from the
         # thresholds file): what the measured speed table is read at.
         self.target_sparsity: float | None = None
-        self._kernel_pays: dict[tuple[str, int, float], bool | None] = {}  # (device, rows, target) -> verdict
+        self._kernel_pays: dict[tuple[str, int, float], tuple[bool | None, bool]] = {}  # kernel_verdict cache
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes: list[int] | None = None) -> "PackedLinear":
@@ -126,17 +126,23 @@ class PackedLinear(nn.Module):
             return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.weight.dtype, "fp32")
         return f"int4-g{self.group_size}" if self.fmt == "int4" else self.fmt
 
-    def sparse_kernel_pays(self, device: torch.device, rows: int = 1) -> bool | None:
-        """Measured verdict for a decode call on `device`: does the sparse kernel at this layer's
-        target sparsity beat the dense path? None: no measurement (or no target) for it."""
+    def kernel_verdict(self, device: torch.device, rows: int = 1) -> tuple[bool | None, bool]:
+        """(does the sparse kernel at this layer's target sparsity beat the dense path for a decode
+        call on `device`, was that measured): the speed table's verdict, else the size model's.
+        (None, False) off CUDA or without a target."""
         if device.type != "cuda" or self.target_sparsity is None:
-            return None
+            return None, False
         key = (str(device), rows, self.target_sparsity)  # the device's name is only asked for on a miss
         if key not in self._kernel_pays:
-            self._kernel_pays[key] = sparse_beats_dense(torch.cuda.get_device_name(device), self.format_name,
-                                                        rows, self.in_features, self.out_features,
-                                                        self.target_sparsity)
+            measured = sparse_beats_dense(torch.cuda.get_device_name(device), self.format_name, rows,
+                                          self.in_features, self.out_features, self.target_sparsity)
+            self._kernel_pays[key] = (measured, True) if measured is not None else (estimated_sparse_beats_dense(
+                self.format_name, self.in_features, self.out_features, self.target_sparsity), False)
         return self._kernel_pays[key]
+
+    def sparse_kernel_pays(self, device: torch.device, rows: int = 1) -> bool | None:
+        """kernel_verdict's answer alone."""
+        return self.kernel_verdict(device, rows)[0]
 
     def applies_sparsity(self, x: Tensor) -> bool:
         """TEAL acts on decode steps (one position per sequence) and, if asked, on prefill; a GPU

@@ -4,8 +4,8 @@ PackedLinear uses so that TEAL never makes a projection slower than dense.
 kernels/speed_table.json is written by `benchmarks/bench_kernels.py --table` from runs on a GPU:
 key "GPU|format|M<m>|K<k>|N<n>" -> {"dense_us": the dense path (cuBLAS x @ W^T for bf16/fp16; the
 kernel at 0% for int8/int4, which have no other path), "sparse_us": {"<sparsity>": µs, ...},
-"source": the command and date of the run}. Shapes nobody measured have no entry: the kernel is
-used there (the caller reports them as unmeasured).
+"source": the command and date of the run}. Shapes nobody measured have no entry: there a size
+model decides (estimated_sparse_beats_dense), and the caller reports them as estimated.
 """
 from __future__ import annotations
 
@@ -43,3 +43,22 @@ def sparse_beats_dense(device_name: str, weight_format: str, m: int, k: int, n: 
     (s0, t0), (s1, t1) = levels[i - 1], levels[i]
     a = min(max((sparsity - s0) / (s1 - s0), 0.0), 1.0)  # clamp outside the measured range
     return t0 + a * (t1 - t0) < entry["dense_us"]
+
+
+# The size model for shapes nobody measured, fitted (least squares) to the H200's bf16 rows of
+# benchmarks/results/kernels_llama3_8b_planes.md (2026-12-02; Llama-3-8B shapes, 0.4/0.5/0.65):
+# the kernel takes 7.36 us + kept bytes at 3.75 TB/s, cuBLAS 6.17 us + all bytes at 4.74 TB/s.
+# Break-even: 15 MB of bf16 weight at 50%, 23 MB at 40%, 108 MB at 25%; SmolLM2's matrices
+# (1-4 MB) stay dense, where the kernel measured 6.7 us per call against cuBLAS's 3.7.
+_SPARSE_FIXED_US, _SPARSE_MB_PER_US = 7.36, 3.747
+_DENSE_FIXED_US, _DENSE_MB_PER_US = 6.17, 4.735
+
+
+def estimated_sparse_beats_dense(weight_format: str, k: int, n: int, sparsity: float) -> bool:
+    """The size model's verdict for an unmeasured float shape; int8/int4 have no other decode
+    path than the kernel (its 0% is their dense path), so skipping rows always pays there."""
+    if weight_format not in ("bf16", "fp16"):
+        return True
+    mb = k * n * 2 / 1e6
+    sparse_us = _SPARSE_FIXED_US + (1 - sparsity) * mb / _SPARSE_MB_PER_US
+    return sparse_us < _DENSE_FIXED_US + mb / _DENSE_MB_PER_US

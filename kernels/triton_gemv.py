@@ -172,9 +172,9 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
 # A decode GEMV must convert every weight it reads, and at int4's byte rate the plain
 # integer-to-float conversion (I2F, a quarter-rate instruction) costs more time than the load
 # (H200: int4 gate_up 99 -> 67 us with this alone; int8, measured once, moved by -2 to +2 us per
-# matrix: it is not conversion-bound). The classic alternative, written as PTX for four bytes at a time: place the integer in the
-# mantissa of a float whose exponent makes one mantissa unit equal 1, then subtract that
-# float's integer part. Exact, because every value involved is an integer the format holds.
+# matrix: it is not conversion-bound). The classic alternative, written as PTX for four bytes at
+# a time: place the integer in the mantissa of a float whose exponent makes one mantissa unit
+# equal 1, then subtract that float's integer part. Exact, because every value involved is an integer the format holds.
 #   int8 -> fp32: byte u = q + 128 (xor 0x80) placed under 0x4B000000 (2^23) by one prmt,
 #     then 2^23 + u - (2^23 + 128) = q.
 #   int4 words -> bf16 pairs: the same byte of two rows' words into the low bytes of two 16-bit
@@ -214,7 +214,8 @@ def _planes_asm(magic: int, one: int, bias: int, fma: str) -> str:
     j: one prmt puts byte j of each word into the low byte of one 16-bit half, one lop3 masks the
     low nibble under `magic` (a float whose mantissa unit is 1), a shift and a lop3 the high one,
     and one packed `fma` by `one` and `bias` (= -(magic value + 8)) per pair."""
-    lines = [".reg .b32 t, h, one, bias;", f"mov.b32 one, {one:#06x}{one:04x};", f"mov.b32 bias, {bias:#06x}{bias:04x};"]
+    lines = [".reg .b32 t, h, one, bias;",
+             f"mov.b32 one, {one:#06x}{one:04x};", f"mov.b32 bias, {bias:#06x}{bias:04x};"]
     for j in range(4):
         lines += [
             f"prmt.b32 t, $8, $9, {0x0400 + 0x0101 * j:#06x};",
@@ -245,7 +246,8 @@ def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     elif DTYPE == tl.bfloat16:
         return tl.inline_asm_elementwise(
             asm=_PLANES_BF16, constraints=_PLANES_CONSTRAINTS, args=[words], is_pure=True, pack=2,
-            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16))
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                   tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16))
     else:
         return tl.inline_asm_elementwise(
             asm=_PLANES_FP16, constraints=_PLANES_CONSTRAINTS, args=[words], is_pure=True, pack=2,

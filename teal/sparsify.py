@@ -62,14 +62,17 @@ def sparsify(model: nn.Module, thr: Thresholds, sparse_prefill: bool = False,
 
 
 def dense_fallbacks(model: nn.Module, device: torch.device) -> tuple[list[str], list[str]]:
-    """(projections that stay dense on `device` because the speed table measured their kernel
-    slower, sparse projections whose shape it has not measured): what to tell the user."""
+    """(sparse projections that stay dense on `device`: the kernel is slower there, measured or
+    estimated; sparse projections whose shape the speed table has not measured): what to tell
+    the user."""
     slower, unmeasured = [], []
     for name, m in packed_projections(model).items():
-        verdict = m.sparse_kernel_pays(device) if m.sparse else True
-        if verdict is False:
+        if not m.sparse:
+            continue
+        pays, measured = m.kernel_verdict(device)
+        if pays is False:
             slower.append(name)
-        elif verdict is None and m.sparse and device.type == "cuda":
+        if not measured and device.type == "cuda":
             unmeasured.append(name)
     return slower, unmeasured
 

@@ -91,7 +91,7 @@ def test_dense_generation_without_triton(tiny_ckpt):
 
 
 def test_speed_table_lookup_interpolates_and_falls_back(monkeypatch):
-    """The measured table decides per shape and sparsity; unmeasured shapes get no verdict."""
+    """The measured table decides per shape and sparsity; unmeasured shapes get no measured verdict."""
     import kernels.speed_table as st
     key = st.table_key("Fake GPU", "bf16", 1, 64, 48)
     monkeypatch.setattr(st, "speed_table", lambda: {key: {"dense_us": 10.0, "sparse_us": {"0": 14.0, "0.5": 8.0}}})
@@ -110,6 +110,38 @@ def test_speed_table_lookup_interpolates_and_falls_back(monkeypatch):
     layer.set_target_sparsity([0.7, 0.25])  # width-weighted: 0.4
     assert layer.target_sparsity == pytest.approx(0.4)
     assert layer.sparse_kernel_pays(torch.device("cuda")) is True
+
+
+def test_unmeasured_shapes_follow_the_size_model(monkeypatch):
+    """Without a table entry the size model decides: small bf16 matrices stay dense (SmolLM2's
+    on the H200: kernel 6.7 us per call, cuBLAS 3.7), large ones go sparse once the skipped bytes
+    pay for the kernel's fixed cost; int8/int4 (no other decode path) always skip; the model
+    agrees with every bf16 row of the run it was fitted to; dense_fallbacks reports both kinds."""
+    import json
+    from pathlib import Path
+
+    import kernels.speed_table as st
+    from teal import dense_fallbacks
+    assert not st.estimated_sparse_beats_dense("bf16", 576, 1536, 0.5)
+    assert st.estimated_sparse_beats_dense("bf16", 4096, 28672, 0.5)
+    assert not st.estimated_sparse_beats_dense("fp16", 4096, 4096, 0.25)
+    assert st.estimated_sparse_beats_dense("int8", 576, 1536, 0.1)
+    rows = json.loads((Path(__file__).parents[1] / "benchmarks/results/kernels_llama3_8b_planes.json").read_text())
+    for r in rows["results"]:
+        if r["format"] == "bf16" and r["sparsity"] >= 0.4:
+            assert st.estimated_sparse_beats_dense("bf16", r["K"], r["N"], r["sparsity"]) == \
+                (r["sparse_us"] < r["matmul_us"]), r
+
+    monkeypatch.setattr(st, "speed_table", lambda: {})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    layer = PackedLinear(64, 48, [16, 32], dtype=torch.bfloat16)
+    layer.set_target_sparsity([0.5, 0.5])
+    assert layer.kernel_verdict(torch.device("cuda")) == (False, False)
+    layer.sparse = True
+    projections = {"layers.0.attention.wo": layer}
+    monkeypatch.setattr(sys.modules["teal.sparsify"], "packed_projections", lambda model: projections)
+    assert dense_fallbacks(None, torch.device("cuda")) == (["layers.0.attention.wo"], ["layers.0.attention.wo"])
+    assert dense_fallbacks(None, torch.device("cpu")) == ([], [])
 
 
 def test_a_projection_the_table_calls_slower_stays_dense(monkeypatch):
