@@ -174,7 +174,8 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
 # (H200: int4 gate_up 99 -> 67 us with this alone; int8, measured once, moved by -2 to +2 us per
 # matrix: it is not conversion-bound). The classic alternative, written as PTX for four bytes at
 # a time: place the integer in the mantissa of a float whose exponent makes one mantissa unit
-# equal 1, then subtract that float's integer part. Exact, because every value involved is an integer the format holds.
+# equal 1, then subtract that float's integer part. Exact, because every value involved is an
+# integer the format holds.
 #   int8 -> fp32: byte u = q + 128 (xor 0x80) placed under 0x4B000000 (2^23) by one prmt,
 #     then 2^23 + u - (2^23 + 128) = q.
 #   int4 words -> bf16 pairs: the same byte of two rows' words into the low bytes of two 16-bit
