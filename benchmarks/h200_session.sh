@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -133,6 +133,11 @@ case $phase in
   planes_e2e)  # end to end with the retuned int4 planes beside torch's int8 / int4 kernels (same run)
     step 150 python3 -m pytest -q tests/test_kernels.py -k "gpu and int4" 2>&1 | tail -2
     step 450 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8 int4-g128 --sparsity 0 0.5 --runs 2 --baselines torch-int8 torch-int4-g128 --out "$out/decode_llama3_8b_planes"
+    ;;
+  spec_time)  # the speculative loop after the device-side positions (8B shape), and the small shapes' kernel rows for the size model
+    step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    step 170 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    step 120 python3 -m benchmarks.bench_kernels --models smollm2-135m llama3.2-1b --formats bf16 --sparsities 0 0.4 0.5 0.65 --out "$out/kernels_small"
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"
