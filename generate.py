@@ -34,6 +34,7 @@ from torch import Tensor
 
 import tp
 from checkpoint import load_config, load_model, resolve_checkpoint
+from decode import install_fused_decode
 from linear import QuantConfig, packed_projections, segments
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, chat_template, load_tokenizer, render_chat
@@ -407,10 +408,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compile the decode step (torch.compile fullgraph; CUDA graphs on GPUs); sparse "
                         "text may then part from eager after some tokens, at threshold ties (README)")
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
-    p.add_argument("--decode_path", choices=["reference", "fused"], default="reference",
+    p.add_argument("--decode_path", choices=["auto", "reference", "fused"], default="auto",
                    help="model.py's decode step, or decode.py's fused one (one attention op, GEMV "
-                        "prologue/epilogue fusions; on the H200 faster dense, slower at 50%% sparsity with "
-                        "today's kernel: benchmarks/results/NOTES.md)")
+                        "prologue/epilogue fusions). auto: fused on a CPU (faster there, dense and sparse: "
+                        "docs/cpu/), reference on a GPU (fused was slower at 50%% sparsity on the H200: "
+                        "benchmarks/results/NOTES.md) and with --speculate_k")
     p.add_argument("--sparsity", type=FRACTION, nargs="+", default=[0.0],
                    help="TEAL sparsity level(s) in [0, 1); several values run the same prompt at each")
     p.add_argument("--thresholds", type=Path, default=None,
@@ -443,6 +445,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--draft_sparsity {args.draft_sparsity} must be above the target's --sparsity "
                 f"{max(args.sparsity)}: the draft must be cheaper than the model it drafts for")
     return args
+
+
+def decode_path(args: argparse.Namespace, model: Transformer, device: torch.device, level: float) -> str:
+    """The decode path for a run at sparsity `level`: --decode_path, or for "auto" the one place
+    that picks. On a GPU model.py's path (the fused one was slower at 50% on the H200). On a CPU
+    the fused path once the projections are packed (a sparse level, a quantized checkpoint): its
+    attention step and fusions make it the faster of the two there, dense and sparse; a dense
+    float model that is not packed keeps model.py's path, whose nn.Linear reaches oneDNN on every
+    core, faster than the row kernel's one thread (docs/cpu/, 2026-12-02). Speculation and
+    tensor parallelism keep model.py's path."""
+    if args.decode_path != "auto":
+        return args.decode_path
+    if device.type != "cpu" or args.speculate_k or tp.launched():
+        return "reference"
+    return "fused" if level > 0 or packed_projections(model) else "reference"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -620,8 +637,7 @@ def generate_all(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Every prompt at every sparsity level, on this process's device (its shard under torchrun)."""
     torch.manual_seed(args.seed)
     model, tok = build_model(args, device)
-    if args.decode_path == "fused":
-        from decode import install_fused_decode
+    if args.decode_path == "fused":  # explicit: before sharding; "auto" installs it per level below
         install_fused_decode(model)
     # random weights: thresholds from the whole model's own activations (a shard sees a slice of o's and down's)
     self_calibrated = {level: self_calibrated_thresholds(model, level)
@@ -646,6 +662,8 @@ def generate_all(args: argparse.Namespace, device: torch.device) -> list[dict]:
             if args.speculate_k:
                 results += run_speculative(model, ids, text, level, s, eos, tok, args, self_calibrated)
                 continue
+            if decode_path(args, model, device, level) == "fused":
+                install_fused_decode(model)  # idempotent; packs the projections
             set_sparsity(model, level, args, self_calibrated)
             if args.compile:  # warm-up: compilation (and CUDA-graph capture) out of the timing
                 start = time.perf_counter()

@@ -58,3 +58,24 @@ def test_cli_fused_decode_path_gives_the_reference_text(tiny_ckpt):
         assert proc.returncode == 0, proc.stderr
         outs.append(proc.stdout.split("\n-- ")[0])
     assert outs[0] == outs[1] and len(outs[0]) > len("hello")
+
+
+def test_auto_decode_path_picks_per_device_level_and_packing():
+    """--decode_path auto: model.py's path on a GPU, with speculation, and for a dense float model
+    that is not packed (nn.Linear reaches oneDNN on every core); the fused path on a CPU once the
+    projections are packed (a sparse level, or packed before); explicit choices stand."""
+    from generate import decode_path, parse_args
+    from linear import pack_model
+
+    model = tiny_model()
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    auto = parse_args(["--sparsity", "0", "0.4"])
+    assert auto.decode_path == "auto"
+    assert decode_path(auto, model, cpu, 0.0) == "reference"
+    assert decode_path(auto, model, cpu, 0.4) == "fused"
+    assert decode_path(auto, model, gpu, 0.4) == "reference"
+    assert decode_path(parse_args(["--speculate_k", "2"]), model, cpu, 0.0) == "reference"
+    assert decode_path(parse_args(["--decode_path", "fused"]), model, gpu, 0.0) == "fused"
+    assert decode_path(parse_args(["--decode_path", "reference"]), model, cpu, 0.5) == "reference"
+    pack_model(model)
+    assert decode_path(auto, model, cpu, 0.0) == "fused"
