@@ -410,9 +410,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     p.add_argument("--decode_path", choices=["auto", "reference", "fused"], default="auto",
                    help="model.py's decode step, or decode.py's fused one (one attention op, GEMV "
-                        "prologue/epilogue fusions). auto: fused on a CPU (faster there, dense and sparse: "
-                        "docs/cpu/), reference on a GPU (fused was slower at 50%% sparsity on the H200: "
-                        "benchmarks/results/NOTES.md) and with --speculate_k")
+                        "prologue/epilogue fusions). auto: on a CPU fused once the projections are packed "
+                        "(a sparse level or a quantized checkpoint; faster there: docs/cpu/), model.py's for "
+                        "an unpacked dense model; model.py's on a GPU (fused was slower at 50%% sparsity on "
+                        "the H200: benchmarks/results/NOTES.md), with --speculate_k and under torchrun")
     p.add_argument("--sparsity", type=FRACTION, nargs="+", default=[0.0],
                    help="TEAL sparsity level(s) in [0, 1); several values run the same prompt at each")
     p.add_argument("--thresholds", type=Path, default=None,
@@ -662,7 +663,7 @@ def generate_all(args: argparse.Namespace, device: torch.device) -> list[dict]:
             if args.speculate_k:
                 results += run_speculative(model, ids, text, level, s, eos, tok, args, self_calibrated)
                 continue
-            if decode_path(args, model, device, level) == "fused":
+            if args.decode_path == "auto" and decode_path(args, model, device, level) == "fused":
                 install_fused_decode(model)  # idempotent; packs the projections
             set_sparsity(model, level, args, self_calibrated)
             if args.compile:  # warm-up: compilation (and CUDA-graph capture) out of the timing

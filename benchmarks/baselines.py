@@ -10,7 +10,7 @@ here is used outside benchmarks and tests.
   into one kernel. Under torch 2.11 on the H200 it was not fused (15.8 tok/s end to end,
   results/decode_llama3_8b_asm.md), and torch's own `_weight_int8pack_mm` is no better at M = 1
   (one 4096 x 14336 product, eager, 2026-12-02: 283 us, cast + F.linear 190 us, bf16 F.linear
-  32 us): this row is not a fair baseline yet.
+  32 us; results/int8_baseline_probe.md): this row is not a fair baseline yet.
 - int4: min/max per group of `group_size` inputs of one output channel, W = (q - 8) * scale + zero
   with q in [0, 15]; scales and zeros bf16 in tinygemm's [K / g, N, 2] layout. CUDA: torch's tinygemm
   (`_convert_weight_to_int4pack` + `_weight_int4pack_mm`, bf16 only); the CPU: torch's

@@ -123,9 +123,6 @@ case $phase in
     ;;
   planes)  # int4 as int32 words, one tl.dot per nibble plane: GPU tests, the committed kernel timed in the same run, retune int4, per matrix
     step 150 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and (int4 or dot)"
-    if git rev-parse -q HEAD >/dev/null 2>&1 && git worktree add -q /tmp/before 35f61ed 2>/dev/null; then
-      (cd /tmp/before && step 60 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_llama3_8b_before_planes")
-    fi
     step 200 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int4-g128 --models llama3-8b
     step 60 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --table --out "$out/kernels_llama3_8b_planes"
     cp kernels/speed_table.json "$out/speed_table.json"

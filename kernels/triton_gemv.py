@@ -506,8 +506,8 @@ def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr):
 
 @triton.jit
 def _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows ``rows`` x columns [col0, col0 + BLOCK_N) of W^T (float or int8), read only where
-    ``keep``."""
+    """Rows ``rows`` x columns [col0, col0 + BLOCK_N) of W^T (float, int8, or int4's int32 words),
+    read only where ``keep``."""
     cols = tl.multiple_of(col0, BLOCK_N) + tl.arange(0, BLOCK_N)
     return tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=keep[:, None], other=0)
 
