@@ -412,8 +412,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model.py's decode step, or decode.py's fused one (one attention op, GEMV "
                         "prologue/epilogue fusions). auto: on a CPU fused once the projections are packed "
                         "(a sparse level or a quantized checkpoint; faster there: docs/cpu/), model.py's for "
-                        "an unpacked dense model; model.py's on a GPU (fused was slower at 50%% sparsity on "
-                        "the H200: benchmarks/results/NOTES.md), with --speculate_k and under torchrun")
+                        "an unpacked dense model; fused on a GPU (faster dense and sparse on the H200: "
+                        "benchmarks/results/decode_llama3_8b_slot_x.md); model.py's with --speculate_k and "
+                        "under torchrun")
     p.add_argument("--sparsity", type=FRACTION, nargs="+", default=[0.0],
                    help="TEAL sparsity level(s) in [0, 1); several values run the same prompt at each")
     p.add_argument("--thresholds", type=Path, default=None,
@@ -450,16 +451,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def decode_path(args: argparse.Namespace, model: Transformer, device: torch.device, level: float) -> str:
     """The decode path for a run at sparsity `level`: --decode_path, or for "auto" the one place
-    that picks. On a GPU model.py's path (the fused one was slower at 50% on the H200). On a CPU
-    the fused path once the projections are packed (a sparse level, a quantized checkpoint): its
-    attention step and fusions make it the faster of the two there, dense and sparse; a dense
-    float model that is not packed keeps model.py's path, whose nn.Linear reaches oneDNN on every
-    core, faster than the row kernel's one thread (docs/cpu/, 2026-12-02). Speculation and
-    tensor parallelism keep model.py's path."""
+    that picks. On a GPU the fused path at every level (H200, Llama-3-8B shape: 219.8 tok/s dense
+    against 210.1 for model.py's nn.Linear, 292.2 at 50% against 272.6; results/
+    decode_llama3_8b_slot_x.md). On a CPU the fused path once the projections are packed (a
+    sparse level, a quantized checkpoint): its attention step and fusions make it the faster of
+    the two there, dense and sparse; a dense float model that is not packed keeps model.py's path,
+    whose nn.Linear reaches oneDNN on every core, faster than the row kernel's one thread
+    (docs/cpu/, 2026-12-02). Speculation and tensor parallelism keep model.py's path."""
     if args.decode_path != "auto":
         return args.decode_path
-    if device.type != "cpu" or args.speculate_k or tp.launched():
+    if args.speculate_k or tp.launched():
         return "reference"
+    if device.type != "cpu":
+        return "fused"
     return "fused" if level > 0 or packed_projections(model) else "reference"
 
 

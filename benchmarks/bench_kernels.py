@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import itertools
 import json
 import platform
 import sys
@@ -58,7 +59,21 @@ def dense_times(m: int, k: int, n: int, dtype: torch.dtype) -> dict[str, float]:
     return {"matmul_us": t_matmul, "linear_us": t_linear}
 
 
-def bench_layer(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float]) -> list[dict]:
+def fused_inputs(x: torch.Tensor, fusion: str) -> tuple[torch.Tensor, dict]:
+    """(x the kernel reads, its fusion kwargs) for decode.py's variants of one product: "gated"
+    reads a [M, 2K] gate|up row and applies SiLU(gate) * up itself (down), "residual" adds a
+    [M, N]-shaped residual in its epilogue (o, down); "plain" is the unfused call."""
+    if fusion == "plain":
+        return x, {}
+    if fusion == "residual":
+        return x, {"residual": None}  # filled per N by the caller
+    if fusion == "gated":  # up = 1: SiLU(gate) * up has x's own distribution shape after thresholding
+        return torch.cat([x, torch.ones_like(x)], dim=1), {"gated": True}
+    raise ValueError(f"unknown fusion {fusion!r}")
+
+
+def bench_layer(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float],
+                fusion: str = "plain") -> list[dict]:
     kind, _ = parse_format(fmt)
     dtype = torch.float16 if kind == "fp16" else torch.bfloat16
     n = sum(splits)
@@ -68,15 +83,20 @@ def bench_layer(fmt: str, m: int, k: int, splits: list[int], sparsities: list[fl
     weights += [make_weight(fmt, k, n, "cuda", seed=1 + i) for i in range(1, copies_for(nbytes))]
     x = make_x(m, k, dtype, "cuda", seed=0)
     config = get_config(gpu_name(x.device), weight_format_name(weights[0][0], weights[0][3]), m, k, n)
+    x_in, fused = fused_inputs(x, fusion)
+    if "residual" in fused:
+        fused["residual"] = make_x(m, n, dtype, "cuda", seed=2)
+    # gated: x_in's SiLU(gate) * 1 is what gets thresholded, so the threshold comes from it
+    x_act = torch.nn.functional.silu(x.float()).to(dtype) if fusion == "gated" else x
     rows = []
     for s in sparsities:
-        problems = [Problem(x, w, threshold_for(x, s, len(splits)), splits, sc, z, g) for w, sc, z, g in weights]
-        ours = graph_time_us(lambda i: sparse_gemv(*problems[i].args()), len(problems))
+        problems = [Problem(x_act, w, threshold_for(x_act, s, len(splits)), splits, sc, z, g) for w, sc, z, g in weights]
+        ours = graph_time_us(lambda i: sparse_gemv(x_in, *problems[i].args()[1:], **fused), len(problems))
         needed = weight_bytes_needed(problems[0])
         rows.append({
             "sparsity": s, "sparse_us": ours, **dense,
             "needed_bytes": needed, "effective_tbps": needed / ours / 1e6,
-            "speedup_vs_linear": dense["linear_us"] / ours, "config": config.to_dict(),
+            "speedup_vs_linear": dense["linear_us"] / ours, "config": config.to_dict(), "fusion": fusion,
         })
     return rows
 
@@ -87,12 +107,12 @@ def markdown(results: list[dict], meta: dict) -> str:
         "",
         f"`{meta['command']}`",
         "",
-        "| model | layer | format | M | K | N | sparsity | sparse µs | x@w_t µs | F.linear µs | speedup | eff. TB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | layer | format | fusion | M | K | N | sparsity | sparse µs | x@w_t µs | F.linear µs | speedup | eff. TB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['model']} | {r['layer']} | {r['format']} | {r['M']} | {r['K']} | {r['N']} | {r['sparsity']:.0%} "
+            f"| {r['model']} | {r['layer']} | {r['format']} | {r.get('fusion', 'plain')} | {r['M']} | {r['K']} | {r['N']} | {r['sparsity']:.0%} "
             f"| {r['sparse_us']:.1f} | {r['matmul_us']:.1f} | {r['linear_us']:.1f} "
             f"| {r['speedup_vs_linear']:.2f}x | {r['effective_tbps']:.2f} |"
         )
@@ -103,6 +123,8 @@ def speed_table_entries(results: list[dict], meta: dict) -> dict[str, dict]:
     """kernels/speed_table.json entries (see kernels/speed_table.py) from this benchmark's rows."""
     entries: dict[str, dict] = {}
     for r in results:
+        if r.get("fusion", "plain") != "plain":
+            continue  # the dispatch's table holds the plain product
         key = table_key(meta["gpu"], r["format"], r["M"], r["K"], r["N"])
         entry = entries.setdefault(key, {"sparse_us": {}, "source": f"{meta['command']} ({meta['date']})"})
         entry["sparse_us"][f"{r['sparsity']:g}"] = round(r["sparse_us"], 2)
@@ -129,6 +151,9 @@ def main() -> None:
     parser.add_argument("--sparsities", nargs="+", type=float, default=DEFAULT_SPARSITIES)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels"),
                         help="output path without extension; writes OUT.json and OUT.md")
+    parser.add_argument("--fusions", action="store_true",
+                        help="also time decode.py's fused variants: down gated (SiLU(gate) * up read in the "
+                             "prologue) and residual, o residual")
     parser.add_argument("--table", action="store_true",
                         help="also merge the results into kernels/speed_table.json (the dispatch's data)")
     parser.add_argument("--table_from", type=Path, default=None, metavar="RESULTS_JSON",
@@ -150,12 +175,15 @@ def main() -> None:
     results = []
     for model in args.models:
         for layer, k, splits in MODEL_SHAPES[model]:
-            for fmt in args.formats:
-                for row in bench_layer(fmt, args.batch, k, splits, args.sparsities):
+            fusions = ["plain"]
+            if args.fusions:
+                fusions += {"o": ["residual"], "down": ["gated", "residual"]}.get(layer, [])
+            for fmt, fusion in itertools.product(args.formats, fusions):
+                for row in bench_layer(fmt, args.batch, k, splits, args.sparsities, fusion):
                     row = {"model": model, "layer": layer, "format": fmt, "M": args.batch, "K": k, "N": sum(splits),
                            **row}
                     results.append(row)
-                    print(f"{model:10s} {layer:8s} {fmt:10s} s={row['sparsity']:.2f} sparse {row['sparse_us']:7.1f} µs"
+                    print(f"{model:10s} {layer:8s} {fmt:10s} {fusion:8s} s={row['sparsity']:.2f} sparse {row['sparse_us']:7.1f} µs"
                           f"  F.linear {row['linear_us']:7.1f} µs  x@w_t {row['matmul_us']:7.1f} µs"
                           f"  {row['effective_tbps']:.2f} TB/s")
                 torch.cuda.empty_cache()

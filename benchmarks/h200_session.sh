@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -135,6 +135,26 @@ case $phase in
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     step 170 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     step 120 python3 -m benchmarks.bench_kernels --models smollm2-135m llama3.2-1b --formats bf16 --sparsities 0 0.4 0.5 0.65 --out "$out/kernels_small"
+    ;;
+  fused_profile)  # where the fused decode path loses at 50% (it did with the rows kernel): both paths profiled, same run
+    step 60 python3 -m pytest -q tests/test_decode.py -k "gpu or cuda"
+    step 170 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0.5 --decode_path reference --label reference --out "$out/profile_llama3_8b_reference"
+    step 170 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0.5 --decode_path fused --label fused --out "$out/profile_llama3_8b_fused"
+    step 120 python3 -m benchmarks.profile_decode --model SmolLM2-135M --sparsity 0 0.5 --decode_path fused --label fused --out "$out/profile_smollm2_fused"
+    ;;
+  fusions)  # decode.py's fused GEMV variants (down gated / residual, o residual) beside the plain calls; the fused step kernel by kernel
+    step 150 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3-8b --sparsities 0.5 --fusions --out "$out/kernels_llama3_8b_fusions"
+    step 170 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0.5 --decode_path fused --label fused --out "$out/profile_llama3_8b_fused"
+    ;;
+  slot_x)  # the rows design reads x from the compaction scratch: GPU tests, fused variants per format, both decode paths end to end
+    step 150 python3 -m pytest -q -x tests/test_kernels.py tests/test_decode.py -k "gpu or cuda"
+    step 150 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --sparsities 0 0.5 --fusions --out "$out/kernels_llama3_8b_slot_x"
+    step 240 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.4 0.5 0.65 --decode_path reference fused --out "$out/decode_llama3_8b_slot_x"
+    ;;
+  fused_default)  # GPU tests of the fusions; generate.py with the fused path as the GPU default (vs bench_decode); speculation timing
+    step 130 python3 -m pytest -q -x tests/test_kernels.py tests/test_decode.py -k "gated_residual or (gpu and compact) or (gpu and decode)"
+    step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    step 170 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"

@@ -96,10 +96,15 @@ def summarize(kernels: list[Kernel], steps: int, top: int = 5) -> dict:
             acc = by_name[role][name.removeprefix("void ")]
             acc[0], acc[1] = acc[0] + dur / steps, acc[1] + 1 / steps
     us = {r: sum(v[0] for v in d.values()) for r, d in by_name.items()}
+    # Kernel by kernel, mean µs over the steps: tells apart calls that share a name (e.g. the
+    # GEMV of gate|up and of down)
+    sequence = [[name.removeprefix("void ")[:60], role, round(sum(p[i][1] for p in parts) / steps, 2)]
+                for i, ((name, _), role) in enumerate(zip(parts[0], step_roles(parts[0])))]
     tops = {r: [dict(name=k, us=v[0], calls=round(v[1], 3))
                 for k, v in sorted(d.items(), key=lambda kv: -kv[1][0])[:top]] for r, d in by_name.items()}
     return dict(kernels_per_step=len(parts[0]), kernel_us=sum(us.values()), role_us=us,
-                role_kernels={r: round(sum(v[1] for v in d.values())) for r, d in by_name.items()}, top=tops)
+                role_kernels={r: round(sum(v[1] for v in d.values())) for r, d in by_name.items()}, top=tops,
+                sequence=sequence)
 
 
 def kernels_from_trace(trace: dict) -> list[Kernel]:

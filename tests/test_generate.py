@@ -61,9 +61,10 @@ def test_cli_fused_decode_path_gives_the_reference_text(tiny_ckpt):
 
 
 def test_auto_decode_path_picks_per_device_level_and_packing():
-    """--decode_path auto: model.py's path on a GPU, with speculation, and for a dense float model
-    that is not packed (nn.Linear reaches oneDNN on every core); the fused path on a CPU once the
-    projections are packed (a sparse level, or packed before); explicit choices stand."""
+    """--decode_path auto: the fused path on a GPU at every level and on a CPU once the projections
+    are packed (a sparse level, or packed before); model.py's path with speculation and for a dense
+    float model on a CPU that is not packed (nn.Linear reaches oneDNN on every core); explicit
+    choices stand."""
     from generate import decode_path, parse_args
     from linear import pack_model
 
@@ -73,8 +74,10 @@ def test_auto_decode_path_picks_per_device_level_and_packing():
     assert auto.decode_path == "auto"
     assert decode_path(auto, model, cpu, 0.0) == "reference"
     assert decode_path(auto, model, cpu, 0.4) == "fused"
-    assert decode_path(auto, model, gpu, 0.4) == "reference"
+    assert decode_path(auto, model, gpu, 0.4) == "fused"
+    assert decode_path(auto, model, gpu, 0.0) == "fused"
     assert decode_path(parse_args(["--speculate_k", "2"]), model, cpu, 0.0) == "reference"
+    assert decode_path(parse_args(["--speculate_k", "2"]), model, gpu, 0.5) == "reference"
     assert decode_path(parse_args(["--decode_path", "fused"]), model, gpu, 0.0) == "fused"
     assert decode_path(parse_args(["--decode_path", "reference"]), model, cpu, 0.5) == "reference"
     pack_model(model)

@@ -521,6 +521,26 @@ def test_gpu_fp16_activations(fmt, group, name, monkeypatch):
 
 
 @needs_cuda
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 128)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_gpu_gated_residual(fmt, group, m, name, monkeypatch):
+    """decode.py's down projection at the Llama-3-8B shape: SiLU(gate) * up in the prologue (the
+    compact "rows" design takes it from its compaction scratch) and the residual in the epilogue."""
+    k, splits = LLAMA_SHAPES[1]
+    x, w, thresholds, splits, scales, zeros, g = gpu_problem(fmt, m, k, splits, group, 0.5)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    gate_up = torch.cat([x, torch.randn(m, k, generator=gen, device="cuda").to(x.dtype)], dim=1)
+    residual = torch.randn(m, sum(splits), generator=gen, device="cuda").to(x.dtype)
+    pick = sg._heuristic_config if name.startswith("dot") else sg._rows_heuristic
+    cfg = variant(pick(weight_format_name(w, group), m, k, sum(splits)), name, monkeypatch)
+    args = (gate_up, w, thresholds, splits, scales, zeros, g)
+    out = sparse_gemv_triton(*args, config=cfg, gated=True, residual=residual)
+    ref = sparse_gemv_reference(*args, gated=True, residual=residual).float()
+    assert torch.allclose(out.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+@needs_cuda
 def test_gpu_deterministic_and_counters_reset():
     args = gpu_problem("fp", 1, 14336, [4096], 0, 0.5)
     first = sparse_gemv(*args)
