@@ -154,7 +154,10 @@ case $phase in
   fused_default)  # GPU tests of the fusions; generate.py with the fused path as the GPU default (vs bench_decode); speculation timing
     step 130 python3 -m pytest -q -x tests/test_kernels.py tests/test_decode.py -k "gated_residual or (gpu and compact) or (gpu and decode)"
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
-    step 170 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    step 120 python3 -m benchmarks.tune_kernels --quick --force --jobs 14 --formats bf16 --models llama3-8b
+    step 40 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_llama3_8b_rows_grid"
+    cp kernels/speed_table.json "$out/speed_table.json"
+    step 150 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"

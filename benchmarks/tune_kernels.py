@@ -47,9 +47,9 @@ STAGE2_KEEP = 3
 
 def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConfig | None) -> list[KernelConfig]:
     """The dot design around the lab's winners (results/gemv_lab.md: rows of 256-512 columns,
-    SUB_K 32, three stages, 200-400 programs), wider rows for the narrow int8/int4 elements, plus
-    the rows design's heuristic and the config stored before: a retune never picks a config
-    slower than the one it replaces."""
+    SUB_K 32, three stages, 200-400 programs), wider rows for the narrow int8/int4 elements, a
+    small grid of the compact rows design (bf16/fp16/int8), plus the rows design's heuristic and
+    the config stored before: a retune never picks a config slower than the one it replaces."""
     kind, _ = parse_format(fmt)
     # int4's dot design runs one tl.dot per nibble plane of block_n / 8 columns: 128 columns is
     # the narrowest it takes (two warps), 256 the narrowest for four.
@@ -62,6 +62,9 @@ def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConf
     for bn, bk, st, sk in itertools.product(block_ns, block_ks, stages, sub_ks):
         if sk <= bk:
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, design="dot"))
+    if kind != "int4":  # the compact rows design around its stored winners (16 rows x 512 columns, 4 warps)
+        for bn, bk, sk, nw in itertools.product((256, 512), (256, 512), (16, 32), (4, 8)):
+            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, compact=True, design="rows"))
     return sorted(grid, key=lambda c: dataclasses.astuple(c))
 
 

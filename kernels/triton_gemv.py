@@ -101,10 +101,28 @@ def get_config(device_name: str, weight_format: str, m: int, k: int, n: int) -> 
 
 
 def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfig:
-    """The "dot" design: rows of up to 512 columns (1 KiB of bf16), SUB_K = 32, three stages,
-    block_k for about 256 programs (two per SM on an H200), the rule the lab's fastest
-    Llama-3-8B tiles follow (results/gemv_lab.md).  _fit_config makes it legal for the shape
-    (or falls back to the "rows" design)."""
+    """Config of a shape nobody tuned.
+
+    One float or int8 row (decode): the compact "rows" design as the tuner's Llama-3-8B winners
+    on the H200 have it (it gives seven of the eight bf16 and int8 winners of 2026-12-02, int8
+    down took 256-row blocks; the dot rule below took 25-50% longer than the winners at 65%
+    sparsity on every bf16 shape, and made TEAL slower than dense on the Llama-3.2-1B shape,
+    results/decode_llama32_1b_fused.md): 512 columns (256 for int8), 16 rows
+    per step for matrices of 32M weights or more, else 32, blocks of 512 rows where that still
+    makes 400 programs, else 256, halved while there are fewer than 128 programs.
+
+    int4 and batches: the "dot" design, rows of up to 512 columns (1 KiB of bf16), SUB_K = 32,
+    three stages, block_k for about 256 programs (two per SM on an H200), the rule the lab's
+    fastest Llama-3-8B tiles follow (results/gemv_lab.md).  _fit_config makes it legal for the
+    shape (or falls back to the "rows" design)."""
+    if m == 1 and not weight_format.startswith("int4"):
+        block_n = max(16, min(256 if weight_format == "int8" else 512, triton.next_power_of_2(n)))
+        sub_k = 16 if k * n >= 1 << 25 else 32
+        programs_n = triton.cdiv(n, block_n)
+        block_k = 512 if programs_n * triton.cdiv(k, 512) >= 400 else 256
+        while programs_n * triton.cdiv(k, block_k) < 128 and block_k > 2 * sub_k:
+            block_k //= 2
+        return KernelConfig(block_n=block_n, block_k=block_k, sub_k=sub_k, compact=True, design="rows")
     block_n = max(16, min(512, triton.next_power_of_2(n)))
     programs_n = triton.cdiv(n, block_n)
     block_k = max(128, min(1024, triton.next_power_of_2(max(1, k * programs_n // 256))))
