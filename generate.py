@@ -413,7 +413,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "prologue/epilogue fusions). auto: on a CPU fused once the projections are packed "
                         "(a sparse level or a quantized checkpoint; faster there: docs/cpu/), model.py's for "
                         "an unpacked dense model; fused on a GPU (faster dense and sparse on the H200: "
-                        "benchmarks/results/decode_llama3_8b_slot_x.md); model.py's with --speculate_k and "
+                        "benchmarks/results/decode_llama3_8b_slot_x.md); model.py's with --speculate_k (fused "
+                        "there drafts on the fused step, verifies on model.py's; not yet timed on a GPU) and "
                         "under torchrun")
     p.add_argument("--sparsity", type=FRACTION, nargs="+", default=[0.0],
                    help="TEAL sparsity level(s) in [0, 1); several values run the same prompt at each")
@@ -434,8 +435,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --speculate_k: a separate, smaller checkpoint with the same vocabulary drafts "
                         "(dense, its own KV cache) instead of the model's sparse self")
     args = p.parse_args(argv)
-    if args.speculate_k and args.decode_path == "fused":
-        p.error("--speculate_k runs model.py's decode (--decode_path reference)")
     if args.draft_checkpoint_path is not None:
         if not args.speculate_k:
             p.error("--draft_checkpoint_path drafts for --speculate_k: give K too")
@@ -697,6 +696,8 @@ def run_speculative(model: Transformer, ids: list[int], text: str, level: float,
         raise UserError(f"prompt ({len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) + --speculate_k "
                         f"({args.speculate_k}) + 1 exceeds the model's context of {model.config.block_size} tokens")
     draft_model = load_draft(args, model) if args.draft_checkpoint_path is not None else None
+    if draft_model is not None and args.decode_path == "fused":
+        install_fused_decode(draft_model)
     if draft_model is not None and len(ids) + args.max_new_tokens + args.speculate_k + 1 > draft_model.config.block_size:
         raise UserError(f"prompt + --max_new_tokens + --speculate_k + 1 exceeds the draft's context of "
                         f"{draft_model.config.block_size} tokens")

@@ -56,7 +56,6 @@ CASES = [
      "+ --speculate_k (8) + 1 exceeds the model's context"),
     ("generate", ["--speculate_k", "2", "--sparsity", "0.5", "--draft_sparsity", "0.4"], 2,
      "must be above the target's --sparsity"),
-    ("generate", ["--speculate_k", "2", "--decode_path", "fused"], 2, "--speculate_k runs model.py's decode"),
     # calibrate.py
     ("calibrate", ["--batch", "0"], 2, "--batch: must be at least 1"),
     ("calibrate", ["--tokens", "0"], 2, "--tokens: must be at least 2"),

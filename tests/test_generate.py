@@ -82,3 +82,4 @@ def test_auto_decode_path_picks_per_device_level_and_packing():
     assert decode_path(parse_args(["--decode_path", "reference"]), model, cpu, 0.5) == "reference"
     pack_model(model)
     assert decode_path(auto, model, cpu, 0.0) == "fused"
+

@@ -125,7 +125,7 @@ def test_k_must_be_positive():
 
 def test_cli_speculative_text_equals_plain_text(tiny_ckpt, tmp_path):
     """generate.py --speculate_k on a calibrated tiny checkpoint: the dense greedy text, plus a
-    speculation report."""
+    speculation report; also with the draft on decode.py's fused step (--decode_path fused)."""
     import subprocess
     import sys
 
@@ -142,13 +142,14 @@ def test_cli_speculative_text_equals_plain_text(tiny_ckpt, tmp_path):
               "--max_new_tokens", "24", "--temperature", "0", "--dtype", "float32", "--device", "cpu",
               "--thresholds", str(thr)]
     outs = []
-    for extra in ([], ["--speculate_k", "3", "--draft_sparsity", "0.6", "--allocation", "greedy"]):
+    speculate = ["--speculate_k", "3", "--draft_sparsity", "0.6", "--allocation", "greedy"]
+    for extra in ([], speculate, speculate + ["--decode_path", "fused"]):
         proc = subprocess.run(common + extra, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         outs.append(proc.stdout)
-    assert outs[0].split("\n-- ")[0] == outs[1].split("\n-- ")[0].replace(
-        "self-speculative: draft 0.60, K = 3, ", "")
-    assert "-- speculation: " in outs[1] and "tokens per verify" in outs[1]
+    for spec in outs[1:]:
+        assert outs[0].split("\n-- ")[0] == spec.split("\n-- ")[0].replace("self-speculative: draft 0.60, K = 3, ", "")
+        assert "-- speculation: " in spec and "tokens per verify" in spec
 
 
 # --- a separate draft model (--draft_checkpoint_path) ---------------------------------------
@@ -212,3 +213,19 @@ def test_cli_draft_checkpoint_text_equals_plain_text(tmp_path):
     assert both.returncode == 2 and "a --draft_checkpoint_path draft runs dense" in both.stderr
     alone = run("--draft_checkpoint_path", str(small))
     assert alone.returncode == 2 and "give K too" in alone.stderr
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_greedy_output_equals_plain_decoding_on_the_fused_step(k):
+    """`--decode_path fused --speculate_k`: the draft's one-token steps take decode.py's fused
+    blocks, the verify step (K + 1 positions) model.py's; the output is still plain greedy's on
+    the same (fused) model."""
+    from decode import install_fused_decode
+    model = tiny_model()
+    draft, target = states(model, 0.5, None)
+    install_fused_decode(model)
+    target.restore()
+    plain = generate(model, PROMPT, 40, GREEDY).tokens
+    spec, stats = speculative_generate(model, PROMPT, 40, GREEDY, k, draft, target)
+    assert spec.tokens == plain
+    assert 0 < stats.accepted < stats.drafted
