@@ -72,14 +72,29 @@ def probabilities(logits: Tensor, s: Sampling) -> Tensor:
     return probs
 
 
+def argmax_last(values: Tensor, chunk: int = 1024) -> Tensor:
+    """values.argmax(-1, keepdim=True) for [batch, vocab] values, as two reductions: the maximum of
+    each chunk of `chunk` entries, then the best chunk. Inductor runs an argmax over a 128K
+    vocabulary as one program (28.9 us of a Llama-3-8B decode step on the H200, 2026-12-02);
+    chunks spread it over the GPU. The same index, ties included: each step keeps the first
+    maximum, so the best chunk's first maximum is the first overall."""
+    rows, n = values.shape
+    pad = -n % chunk
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad), value=float("-inf"))
+    best, where = values.view(rows, -1, chunk).max(-1)
+    block = best.argmax(-1, keepdim=True)
+    return block * chunk + where.gather(-1, block)
+
+
 def sample(logits: Tensor, s: Sampling) -> Tensor:
     """Next token ids [batch, 1] from last-position logits [batch, vocab], without a host sync."""
     if s.temperature <= 0:
-        return logits.argmax(-1, keepdim=True)
+        return argmax_last(logits)
     probs = probabilities(logits, s)
     # argmax(p / E) with E ~ Exp(1) draws from p (exponential race), with no multinomial sync.
     race = torch.empty_like(probs).exponential_(1)
-    return (probs / race).argmax(-1, keepdim=True)
+    return argmax_last(probs / race)
 
 
 def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, s: Sampling) -> Tensor:

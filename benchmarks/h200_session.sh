@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -158,6 +158,13 @@ case $phase in
     step 40 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_llama3_8b_rows_grid"
     cp kernels/speed_table.json "$out/speed_table.json"
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    ;;
+  untuned)  # shapes nobody tuned on the rows heuristic (kernel rows into the speed table), their decode on the fused step; the 8B fused step's profile (two-stage argmax)
+    step 150 python3 -m benchmarks.bench_kernels --models llama3.2-1b llama2-7b smollm2-135m --formats bf16 --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_untuned"
+    cp kernels/speed_table.json "$out/speed_table.json"
+    step 120 python3 -m benchmarks.bench_decode --model Llama-3.2-1B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama32_1b_fused"
+    step 170 python3 -m benchmarks.bench_decode --model Llama-2-7B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama2_7b_fused"
+    step 120 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0.5 --decode_path fused --label fused --out "$out/profile_llama3_8b_fused"
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"

@@ -83,3 +83,20 @@ def test_auto_decode_path_picks_per_device_level_and_packing():
     pack_model(model)
     assert decode_path(auto, model, cpu, 0.0) == "fused"
 
+
+
+@pytest.mark.parametrize("vocab", [1000, 1024, 49152, 128256])
+def test_argmax_last_matches_torch_argmax_ties_included(vocab):
+    """Two-stage argmax: torch.argmax's index on random logits, on ties (the first maximum wins,
+    within a chunk and across chunks), on a vocabulary that is not a multiple of the chunk, eager
+    and compiled."""
+    from generate import argmax_last
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, vocab, generator=g)
+    logits[1, vocab // 3] = logits[1, vocab - 1] = logits[1].max() + 1  # tie across chunks
+    logits[2, 5] = logits[2, 6] = logits[2].max() + 1  # tie inside a chunk
+    logits = torch.cat([logits, torch.zeros(1, vocab)])  # all equal: index 0
+    want = logits.argmax(-1, keepdim=True)
+    assert torch.equal(argmax_last(logits), want)
+    assert torch.equal(torch.compile(argmax_last, fullgraph=True)(logits), want)
+    assert torch.equal(argmax_last(logits.bfloat16()), logits.bfloat16().argmax(-1, keepdim=True))
