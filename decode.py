@@ -8,8 +8,14 @@ projections and swaps each TransformerBlock for a DecodeBlock whose single-posit
 plus the two RMSNorms. The projections stay the block's PackedLinear modules, so TEAL, the speed
 table's dense fallback and quantization apply unchanged, and module names (so thresholds files)
 do not change. Where a projection runs dense in float, the fusions are left to torch/Inductor.
+
+TEAL_FUSED_NORM=1 (read when the blocks are installed) also hands the two RMSNorms to the q|k|v
+and gate|up GEMVs, whose CUDA kernel computes them in its prologue (two kernels fewer a layer);
+off by default until timed on a GPU (benchmarks/results/NOTES.md).
 """
 from __future__ import annotations
+
+import os
 
 import torch.nn as nn
 from torch import Tensor
@@ -19,6 +25,9 @@ from linear import pack_model, swap_module
 from model import TransformerBlock
 
 
+FUSED_NORM_ENV = "TEAL_FUSED_NORM"
+
+
 class DecodeBlock(TransformerBlock):
     """TransformerBlock whose decode steps (one position per sequence) take the fused ops."""
 
@@ -26,17 +35,22 @@ class DecodeBlock(TransformerBlock):
         nn.Module.__init__(self)  # the reference's submodules, not new ones
         self.attention, self.feed_forward = reference.attention, reference.feed_forward
         self.attention_norm, self.ffn_norm = reference.attention_norm, reference.ffn_norm
+        self.fuse_norms = os.environ.get(FUSED_NORM_ENV, "0") == "1"
+
+    def _project(self, linear: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
+        """linear(norm(x)), the norm handed to the projection when fused (it decides where it runs)."""
+        return linear(x, norm=norm) if self.fuse_norms else linear(norm(x))
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         att, ff = self.attention, self.feed_forward
         bsz, seqlen, _ = x.shape
         if seqlen != 1 or att.kv_cache is None:
             return super().forward(x, freqs_cis, mask, input_pos)
-        qkv = att.wqkv(self.attention_norm(x)).view(bsz, -1)
+        qkv = self._project(att.wqkv, self.attention_norm, x).view(bsz, -1)
         y = decode_attention_step(qkv, freqs_cis.reshape(-1, 2), att.kv_cache.k_cache, att.kv_cache.v_cache,
                                   input_pos, att.n_head)
         h = att.wo(y.view(bsz, 1, att.n_head * att.head_dim), residual=x)
-        return ff.w2(ff.w13(self.ffn_norm(h)), gated=True, residual=h)
+        return ff.w2(self._project(ff.w13, self.ffn_norm, h), gated=True, residual=h)
 
 
 def install_fused_decode(model: nn.Module) -> nn.Module:

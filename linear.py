@@ -159,27 +159,34 @@ class PackedLinear(nn.Module):
         self.target_sparsity = None if per_segment is None else \
             sum(s * w for s, w in zip(per_segment, self.split_sizes, strict=True)) / self.out_features
 
-    def forward(self, x: Tensor, gated: bool = False, residual: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, gated: bool = False, residual: Tensor | None = None,
+                norm: nn.Module | None = None) -> Tensor:
         """x [..., K] -> [..., N]. The decode path's fusions (decode.py): with `gated`, x is a
         gate|up output [..., 2K] and the input is SiLU(gate) * up; `residual` [..., N] is added
-        to the output. The decode kernel does both in its prologue / epilogue; elsewhere torch."""
-        rows = x.reshape(-1, x.shape[-1])
-        res = None if residual is None else residual.reshape(-1, self.out_features)
+        to the output; with `norm` (model.RMSNorm), x is the residual stream and the input is
+        norm(x). The decode kernel does them in its prologue / epilogue (the norm on CUDA only);
+        elsewhere torch."""
         sparse = self.applies_sparsity(x)
         thresholds = self.thresholds if sparse else self.no_thresholds
         # bf16/fp16 on a CPU: a GEMM over the [K, N] layout ran 10-36x slower than in float32 on an
         # AVX2 host (docs/cpu/), so there dense calls take the branches below too: the row kernel
         # for decode, the float32 reference for prefill
         cpu_half = x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
-        if self.fmt == "fp" and not sparse and not cpu_half:
+        dense_float = self.fmt == "fp" and not sparse and not cpu_half
+        decode_kernel = not dense_float and x.numel() // x.shape[-1] <= MAX_BATCH and x.dtype in KERNEL_DTYPES
+        if norm is not None and not (decode_kernel and x.device.type == "cuda"):
+            x, norm = norm(x), None
+        rows = x.reshape(-1, x.shape[-1])
+        res = None if residual is None else residual.reshape(-1, self.out_features)
+        if dense_float:
             # dense float: cuBLAS / the CPU's BLAS, the fusions left to torch (Inductor)
             out = (gated_input(rows) if gated else rows) @ self.dense_weight_t(x.dtype)
             out = out if res is None else out + res
-        elif rows.shape[0] <= MAX_BATCH and x.dtype in KERNEL_DTYPES:
+        elif decode_kernel:
             # Decode: the teal::sparse_gemv op (Triton on CUDA, C++ on the CPU: kernels/cpu.py); rows of
             # zeroed inputs are never read.
             out = sparse_gemv(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(), self.group_size,
-                              gated, res)
+                              gated, res, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps)
         else:
             # Prefill-sized batches are compute-bound, float32 (quality work) has no kernel:
             # dequantize and multiply, in float32 (also bf16/fp16 on a CPU).

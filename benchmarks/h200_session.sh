@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -165,6 +165,11 @@ case $phase in
     step 120 python3 -m benchmarks.bench_decode --model Llama-3.2-1B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama32_1b_fused"
     step 170 python3 -m benchmarks.bench_decode --model Llama-2-7B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama2_7b_fused"
     step 120 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0.5 --decode_path fused --label fused --out "$out/profile_llama3_8b_fused"
+    ;;
+  fused_norm)  # RMSNorm in the q|k|v and gate|up GEMV prologue (TEAL_FUSED_NORM=1): GPU tests, then the fused step without and with it (bf16, int4)
+    step 150 python3 -m pytest -q -x tests/test_kernels.py tests/test_decode.py -k "rmsnorm or (gpu and decode)"
+    step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama3_8b_norm_off"
+    step 200 env TEAL_FUSED_NORM=1 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama3_8b_norm_on"
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"

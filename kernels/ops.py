@@ -21,7 +21,7 @@ from torch import Tensor
 
 from kernels import cpu
 from kernels.reference import (KERNEL_DTYPES, attention_reference, attention_step_reference, masked_product,
-                               validate, validate_attention, validate_step)
+                               rms_normed, validate, validate_attention, validate_step)
 
 CPU_KERNELS_ENV = "TEAL_CPU_KERNELS"  # "native" (default), "reference" or "interpreter"
 CPU_KERNEL_MODES = ("native", "reference", "interpreter")
@@ -67,11 +67,17 @@ def _sparse_gemv_cpu(
     group_size: int = 0,
     gated: bool = False,
     residual: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
 ) -> Tensor:
-    args = (x, w, thresholds, split_sizes, scales, zeros, group_size)
     mode = _cpu_kernels()
     if mode == "interpreter":
-        return _triton_launcher()(*args, gated=gated, residual=residual)
+        return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size, gated=gated,
+                                  residual=residual, norm_weight=norm_weight, eps=eps)
+    if norm_weight is not None:  # the CPU kernel has no norm prologue: torch normalizes first
+        validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual, norm_weight)
+        x = rms_normed(x, norm_weight, eps)
+    args = (x, w, thresholds, split_sizes, scales, zeros, group_size)
     if mode == "native" and cpu.available():
         return cpu.sparse_gemv_cpu(*args, gated=gated, residual=residual)
     validate(*args, for_kernel=True, gated=gated, residual=residual)
@@ -80,15 +86,16 @@ def _sparse_gemv_cpu(
 
 @_sparse_gemv_cpu.register_kernel("cuda")
 def _sparse_gemv_cuda(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0, gated=False,
-                      residual=None):
+                      residual=None, norm_weight=None, eps=0.0):
     return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size, gated=gated,
-                              residual=residual)
+                              residual=residual, norm_weight=norm_weight, eps=eps)
 
 
 @_sparse_gemv_cpu.register_fake
-def _(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0, gated=False, residual=None):
+def _(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0, gated=False, residual=None,
+      norm_weight=None, eps=0.0):
     validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True, gated=gated,
-             residual=residual)
+             residual=residual, norm_weight=norm_weight)
     return x.new_empty(x.shape[0], sum(split_sizes))
 
 
@@ -102,17 +109,23 @@ def sparse_gemv(
     group_size: int = 0,
     gated: bool = False,
     residual: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
 ) -> Tensor:
-    """Threshold-sparse x @ W^T for 1 <= M <= MAX_BATCH rows (formats, and the `gated` and
-    `residual` fusions: kernels/reference.py).
+    """Threshold-sparse x @ W^T for 1 <= M <= MAX_BATCH rows (formats, and the `gated`, `residual`
+    and `norm_weight` fusions: kernels/reference.py).
 
     Output [M, N] in x.dtype, float32 accumulation; rows of W for zeroed inputs are not read on
     the GPU.
     """
     if x.device.type == "cpu" and _cpu_native():
+        if norm_weight is not None:  # the C++ kernel has no norm prologue: torch (Inductor) normalizes first
+            if not torch.compiler.is_compiling():
+                validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual, norm_weight)
+            x = rms_normed(x, norm_weight, eps)
         return cpu.sparse_gemv_cpu(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual)
     return torch.ops.teal.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size, gated,
-                                      residual)
+                                      residual, norm_weight, eps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,10 +15,11 @@ one contiguous row. Formats (told apart by ``w.dtype``):
 Output segments: ``split_sizes`` cut N into segments (fused q|k|v: three, gate|up: two) that share
 the input but each have their own threshold.
 
-Two fusions for the decode path (decode.py): ``gated`` takes x as the gate|up projection's output
+Three fusions for the decode path (decode.py): ``gated`` takes x as the gate|up projection's output
 [M, 2K] and uses x = SiLU(gate) * up (computed in float32, rounded once to x's dtype) as the input;
 ``residual`` [M, N] is added to the output (the product rounded to x's dtype first, then the sum),
-which is what the unfused model computes.
+which is what the unfused model computes; ``norm_weight`` [K] (with ``eps``) takes x as the
+residual stream and uses model.RMSNorm's output as the input (``rms_normed``).
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ def validate(
     for_kernel: bool,
     gated: bool = False,
     residual: Tensor | None = None,
+    norm_weight: Tensor | None = None,
 ) -> int:
     """Check every argument of a sparse GEMV; return the format code.
 
@@ -133,8 +135,11 @@ def validate(
     if residual is not None and (residual.shape != (m, n) or residual.dtype != x.dtype):
         raise ValueError(f"residual must be {x.dtype} of shape [{m}, {n}], got {residual.dtype} "
                          f"{tuple(residual.shape)}.")
+    if norm_weight is not None and (gated or norm_weight.shape != (k,) or norm_weight.dtype != x.dtype):
+        raise ValueError(f"norm_weight must be {x.dtype} of shape [{k}] and cannot go with gated, got "
+                         f"{norm_weight.dtype} {tuple(norm_weight.shape)}{' (gated)' if gated else ''}.")
     for name, t in (("w", w), ("thresholds", thresholds), ("scales", scales), ("zeros", zeros),
-                    ("residual", residual)):
+                    ("residual", residual), ("norm_weight", norm_weight)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}.")
 
@@ -142,7 +147,7 @@ def validate(
         if not 1 <= m <= MAX_BATCH:
             raise ValueError(f"sparse_gemv handles batch 1..{MAX_BATCH}, got M={m}; use the dense path instead.")
         for name, t in (("x", x), ("w", w), ("thresholds", thresholds), ("scales", scales), ("zeros", zeros),
-                        ("residual", residual)):
+                        ("residual", residual), ("norm_weight", norm_weight)):
             if t is not None and not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous.")
         if k * n >= 2**31:
@@ -162,6 +167,13 @@ def gated_input(x: Tensor) -> Tensor:
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
 
+def rms_normed(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """model.RMSNorm's output for x [..., K]: float32 statistics, rounded to x's dtype, times the weight."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.type_as(x)
+
+
 def masked_product(
     x: Tensor,
     w: Tensor,
@@ -172,6 +184,8 @@ def masked_product(
     group_size: int,
     gated: bool = False,
     residual: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
 ) -> Tensor:
     """The product itself, unvalidated: float32 math, output in x's dtype.
 
@@ -179,6 +193,8 @@ def masked_product(
     """
     if gated:
         x = gated_input(x)
+    if norm_weight is not None:
+        x = rms_normed(x, norm_weight, eps)
     weight = dequantize_weight(w, scales, zeros, group_size)
     xf = x.float()
     outs = []
@@ -199,10 +215,13 @@ def sparse_gemv_reference(
     group_size: int = 0,
     gated: bool = False,
     residual: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
 ) -> Tensor:
     """Threshold-sparse x @ W^T in plain torch, any batch size, any device."""
-    validate(x, w, thresholds, split_sizes, scales, zeros, group_size, False, gated, residual)
-    return masked_product(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual)
+    validate(x, w, thresholds, split_sizes, scales, zeros, group_size, False, gated, residual, norm_weight)
+    return masked_product(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual, norm_weight,
+                          eps)
 
 
 # ---------------------------------------------------------------------------

@@ -310,15 +310,42 @@ def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _masked_x(x_ptr, lane_m, rows, ok, threshold, K, GATED: tl.constexpr):
+def _rms_scale(x_ptr, M, K, eps, BLOCK_M: tl.constexpr):
+    """1 / sqrt(mean(x[m]^2) + eps) per batch row [BLOCK_M], fp32 (model.RMSNorm's statistics;
+    the sum's order differs from torch's, so the last bits may): every program reads the whole
+    rows, a few KB from L2, instead of a separate norm kernel writing them."""
+    NORM_BLOCK: tl.constexpr = 1024
+    m_offs = tl.arange(0, BLOCK_M)
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, NORM_BLOCK):
+        cols = k0 + tl.arange(0, NORM_BLOCK)
+        h = tl.load(x_ptr + m_offs[:, None] * K + cols[None, :], mask=(m_offs < M)[:, None] & (cols < K)[None, :],
+                    other=0.0).to(tl.float32)
+        squares += tl.sum(h * h, axis=1)
+    return 1.0 / tl.sqrt_rn(squares / K + eps)
+
+
+@triton.jit
+def _normed(h, r, nw_ptr, rows, ok, DTYPE: tl.constexpr):
+    """model.RMSNorm's output from the residual stream h (fp32 values of DTYPE) and its row
+    scale r: (h * r) rounded to DTYPE, times the norm weight, rounded again."""
+    nw = tl.load(nw_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    return ((h * r).to(DTYPE).to(tl.float32) * nw).to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _masked_x(x_ptr, lane_m, rows, ok, threshold, K, GATED: tl.constexpr, nw_ptr, r, NORM: tl.constexpr):
     """x[lane_m, rows] as fp32 where |x| > threshold and ok, else 0. GATED: x is SiLU(gate) * up
-    of a [M, 2K] gate|up row, computed in fp32 and rounded to x's dtype like the unfused model."""
+    of a [M, 2K] gate|up row, computed in fp32 and rounded to x's dtype like the unfused model.
+    NORM: x is RMSNorm of the residual stream at x_ptr, r its row scale per lane (_rms_scale)."""
     if GATED:
         gate = tl.load(x_ptr + lane_m * 2 * K + rows, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + lane_m * 2 * K + K + rows, mask=ok, other=0.0).to(tl.float32)
         xv = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
     else:
         xv = tl.load(x_ptr + lane_m * K + rows, mask=ok, other=0.0).to(tl.float32)
+        if NORM:
+            xv = _normed(xv, r, nw_ptr, rows, ok, x_ptr.dtype.element_ty)
     return tl.where(tl.abs(xv) > threshold, xv, 0.0)
 
 
@@ -349,14 +376,14 @@ def _weight_rows(
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr,
+    x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr, nw_ptr,
     out_ptr, part_ptr, counter_ptr, idx_ptr, xs_ptr,
-    M, K, N, W_ROW, GRID_K,
+    M, K, N, W_ROW, GRID_K, eps,
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
     WINDOW: tl.constexpr, COMPACT: tl.constexpr, RED_K: tl.constexpr,
-    GATED: tl.constexpr, RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     LANES: tl.constexpr = BLOCK_M * SUB_K
     pid_k = tl.program_id(0)
@@ -384,13 +411,20 @@ def _sparse_gemv_kernel(
     lane_k = lane % SUB_K
     m_ok = lane_m < M
     k_block = pid_k * BLOCK_K
+    m_offs = tl.arange(0, BLOCK_M)
+    if NORM:
+        r = _rms_scale(x_ptr, M, K, eps, BLOCK_M)  # [BLOCK_M]
+        r_lane = tl.sum(tl.where(lane_m[:, None] == m_offs[None, :], r[None, :], 0.0), axis=1)  # [LANES]
+    else:
+        r = tl.zeros([BLOCK_M], dtype=tl.float32)
+        r_lane = tl.zeros([LANES], dtype=tl.float32)
 
     if COMPACT:
         # Slot i of this program's scratch <- i-th row of the block kept by any batch row.
         block_rows = k_block + tl.arange(0, BLOCK_K)
-        m_offs = tl.arange(0, BLOCK_M)
         block_ok = (m_offs[:, None] < M) & (block_rows[None, :] < K)
-        block_x = _masked_x(x_ptr, m_offs[:, None], block_rows[None, :], block_ok, threshold, K, GATED)
+        block_x = _masked_x(x_ptr, m_offs[:, None], block_rows[None, :], block_ok, threshold, K, GATED,
+                            nw_ptr, r[:, None], NORM)
         kept = (tl.max(tl.abs(block_x), axis=0) > 0).to(tl.int32)
         dest = tl.cumsum(kept, 0) - kept
         slots = idx_ptr + (pid_n * GRID_K + pid_k) * BLOCK_K
@@ -432,11 +466,12 @@ def _sparse_gemv_kernel(
         else:
             win_end = tl.minimum(win_start + WINDOW, K)
             rows = win_start + lane_k
-            xm = _masked_x(x_ptr, lane_m, rows, (rows < win_end) & m_ok, threshold, K, GATED)
+            xm = _masked_x(x_ptr, lane_m, rows, (rows < win_end) & m_ok, threshold, K, GATED, nw_ptr, r_lane, NORM)
             for c in range(0, WINDOW, SUB_K):
                 # Prefetch the next chunk's x, then skip this chunk if no batch row keeps any row.
                 next_rows = rows + SUB_K
-                next_xm = _masked_x(x_ptr, lane_m, next_rows, (next_rows < win_end) & m_ok, threshold, K, GATED)
+                next_xm = _masked_x(x_ptr, lane_m, next_rows, (next_rows < win_end) & m_ok, threshold, K, GATED,
+                                    nw_ptr, r_lane, NORM)
                 if tl.max(tl.abs(xm), axis=0) > 0:
                     wt = _weight_rows(
                         w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET
@@ -457,7 +492,6 @@ def _sparse_gemv_kernel(
             acc = wacc
 
     # Publish this block's partial; the last program of the column block reduces.
-    m_offs = tl.arange(0, BLOCK_M)
     out_ok = (m_offs[:, None] < M) & cols_ok[None, :]
     if FORMAT == 2:
         partial = acc
@@ -517,8 +551,8 @@ def _sparse_gemv_kernel(
 
 
 @triton.jit
-def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr):
-    """Thresholded x [BLOCK_M, SUB_K] in fp32 (rows past M are zero)."""
+def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr, nw_ptr, r, NORM: tl.constexpr):
+    """Thresholded x [BLOCK_M, SUB_K] in fp32 (rows past M are zero); GATED and NORM as _masked_x."""
     if GATED:
         gate = tl.load(x_ptr + m_offs[:, None] * 2 * K + rows[None, :], mask=m_ok[:, None], other=0.0)
         up = tl.load(x_ptr + m_offs[:, None] * 2 * K + K + rows[None, :], mask=m_ok[:, None], other=0.0)
@@ -526,6 +560,8 @@ def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr):
         xv = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
     else:
         xv = tl.load(x_ptr + m_offs[:, None] * K + rows[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        if NORM:
+            xv = _normed(xv, r[:, None], nw_ptr, rows[None, :], m_ok[:, None], x_ptr.dtype.element_ty)
     return tl.where(tl.abs(xv) > threshold, xv, 0.0)
 
 
@@ -572,13 +608,14 @@ def _dot(xt, wt, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _dot_gemv_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr,
+    x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr, nw_ptr,
     out_ptr, ws_ptr, counter_ptr,
-    M, K, N, W_ROW,
+    M, K, N, W_ROW, eps,
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    GATED: tl.constexpr, RESIDUAL: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -593,6 +630,10 @@ def _dot_gemv_kernel(
     m_offs = tl.arange(0, BLOCK_M)
     m_ok = m_offs < M
     k0 = pid_k * BLOCK_K
+    if NORM:
+        r = _rms_scale(x_ptr, M, K, eps, BLOCK_M)
+    else:
+        r = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     if FORMAT == 2:  # one accumulator per nibble plane (columns 8w + i), interleaved once at the end
@@ -608,7 +649,7 @@ def _dot_gemv_kernel(
         plane_cols = col0 + 8 * tl.arange(0, NW)
     for t in tl.range(0, BLOCK_K // SUB_K):
         rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
-        x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED)
+        x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, r, NORM)
         keep = tl.max(tl.abs(x_batch), axis=0) > 0.0
         xt = _dot_rows(x_batch, BLOCK_M)
         if FORMAT == 2:  # w_ptr: int32 words, W_ROW words per row; dropped rows read as 0 (q - 8 = -8, x 0)
@@ -725,13 +766,16 @@ def sparse_gemv_triton(
     config: KernelConfig | None = None,
     gated: bool = False,
     residual: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
 ) -> Tensor:
     """Run the Triton kernel (on CUDA, or on CPU under TRITON_INTERPRET=1).
 
-    ``config`` overrides the tuned/heuristic config (used by the tuner and tests); ``gated`` and
-    ``residual`` are the prologue / epilogue fusions of kernels/reference.py.
+    ``config`` overrides the tuned/heuristic config (used by the tuner and tests); ``gated``,
+    ``norm_weight`` (with ``eps``) and ``residual`` are the prologue / epilogue fusions of
+    kernels/reference.py.
     """
-    fmt = validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual)
+    fmt = validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual, norm_weight)
     if x.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
     m, k = x.shape[0], w.shape[0]
@@ -749,7 +793,8 @@ def sparse_gemv_triton(
     counters, workspace = _persistent_buffers(x.device)
     out = _alloc((m, n), x.dtype, x.device)
     aux = (scales if scales is not None else thresholds, zeros if zeros is not None else thresholds, thresholds,
-           residual if residual is not None else x)
+           residual if residual is not None else x, norm_weight if norm_weight is not None else x)
+    fusions = dict(GATED=gated, RESIDUAL=residual is not None, NORM=norm_weight is not None)
 
     block_m = triton.next_power_of_2(m)
     if cfg.design == "dot":
@@ -764,9 +809,9 @@ def sparse_gemv_triton(
             w = w.view(torch.int32)
         _dot_gemv_kernel[(grid_n, grid_k)](
             x, w, *aux, out, workspace, counters,
-            m, k, n, w.shape[1], splits,
+            m, k, n, w.shape[1], float(eps), splits,
             FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            SUB_K=cfg.sub_k, GATED=gated, RESIDUAL=residual is not None, DETERMINISTIC=deterministic,
+            SUB_K=cfg.sub_k, **fusions, DETERMINISTIC=deterministic,
             INTERPRET=INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
@@ -782,11 +827,11 @@ def sparse_gemv_triton(
     col_align = min(cfg.block_n, 32, *(s & -s for s in split_sizes))
     _sparse_gemv_kernel[(grid_k, grid_n)](
         x, w, *aux, out, partials, counters, idx, xs,
-        m, k, n, w.shape[1], grid_k, splits,
+        m, k, n, w.shape[1], grid_k, float(eps), splits,
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), COL_ALIGN=col_align,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact, RED_K=red_k,
-        GATED=gated, RESIDUAL=residual is not None, INTERPRET=INTERPRETED,
+        **fusions, INTERPRET=INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -9,7 +9,7 @@ import pytest
 import torch
 from fixtures import COMPILE_BACKENDS, HAS_CUDA, tiny_model
 
-from decode import DecodeBlock, install_fused_decode
+from decode import FUSED_NORM_ENV, DecodeBlock, install_fused_decode
 from kernels.ops import CPU_KERNELS_ENV
 from linear import PackedLinear, pack_model, packed_projections
 from teal import sparsify
@@ -61,10 +61,14 @@ def test_reference_op_matches_the_model_for_64_steps(batch):
         torch.testing.assert_close(a.attention.kv_cache.v_cache, b.attention.kv_cache.v_cache, rtol=1e-5, atol=1e-6)
 
 
-def test_sparse_fused_block_matches_the_sparse_model():
+@pytest.mark.parametrize("fused_norms", ["0", "1"])
+def test_sparse_fused_block_matches_the_sparse_model(fused_norms, monkeypatch):
     """TEAL on (float32: the masked reference product with the gate|up prologue and the residual
-    epilogue): the fused block computes what the plain sparse model computes."""
+    epilogue): the fused block computes what the plain sparse model computes; with
+    TEAL_FUSED_NORM=1 too (the norms handed to the projections, which run them first off CUDA)."""
+    monkeypatch.setenv(FUSED_NORM_ENV, fused_norms)
     ref, fused = model_pair(torch.float32)
+    assert all(layer.fuse_norms == (fused_norms == "1") for layer in fused.layers)
     for m in (ref, fused):
         sparsify(m, {n: [0.3] * len(p.split_sizes) for n, p in packed_projections(pack_model(m)).items()})
     prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(6))

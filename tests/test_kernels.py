@@ -548,6 +548,25 @@ def test_gpu_gated_residual(fmt, group, m, name, monkeypatch):
 
 
 @needs_cuda
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 128)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_gpu_rmsnorm_prologue(fmt, group, m, name, monkeypatch):
+    """decode.py's q|k|v and gate|up projections under TEAL_FUSED_NORM=1 at the Llama-3-8B shapes:
+    RMSNorm of the residual stream in the kernel's prologue, against the reference."""
+    for k, splits in (LLAMA_SHAPES[0], LLAMA_SHAPES[2]):
+        x, w, thresholds, splits, scales, zeros, g = gpu_problem(fmt, m, k, splits, group, 0.5)
+        norm_weight = (torch.rand(k, generator=torch.Generator(device="cuda").manual_seed(3), device="cuda")
+                       + 0.5).to(x.dtype)
+        pick = sg._heuristic_config if name.startswith("dot") else sg._rows_heuristic
+        cfg = variant(pick(weight_format_name(w, group), m, k, sum(splits)), name, monkeypatch)
+        args = (x * 3, w, thresholds, splits, scales, zeros, g)
+        out = sparse_gemv_triton(*args, config=cfg, norm_weight=norm_weight, eps=1e-5)
+        ref = sparse_gemv_reference(*args, norm_weight=norm_weight, eps=1e-5).float()
+        assert torch.allclose(out.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+@needs_cuda
 def test_gpu_deterministic_and_counters_reset():
     args = gpu_problem("fp", 1, 14336, [4096], 0, 0.5)
     first = sparse_gemv(*args)
@@ -630,6 +649,38 @@ def test_gated_prologue_and_residual_epilogue(fmt, group, name, monkeypatch):
     assert ((fused.double() - plain.double() - residual.double()).abs() <= 2**-6 * fused.double().abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32)])
+def test_rmsnorm_prologue(fmt, group, name, monkeypatch):
+    """x given as the residual stream h [M, K] with the norm's weight: the kernel computes
+    model.RMSNorm's output (two roundings to bf16) before thresholding, against float64 math.
+    Thresholds sit between two |x| values a few percent apart, so the roundings (the interpreter
+    truncates) cannot flip a mask; the tolerance allows two ulps on every term."""
+    _, w, _, splits, scales, zeros, g = make_problem(fmt, torch.bfloat16, 3, 64, [16, 32], group)
+    gen = torch.Generator().manual_seed(12)
+    h = (torch.randn(3, 64, generator=gen) * 4).to(torch.bfloat16).to(DEVICE)
+    norm_weight = (torch.rand(64, generator=gen) + 0.5).to(torch.bfloat16).to(DEVICE)
+    eps = 1e-5
+    h64 = h.double()
+    x64 = h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    levels = x64.abs().flatten().sort().values
+    ratio = levels[1:] / levels[:-1]
+    gaps = [int(window.argmax()) + lo for lo, window in ((48, ratio[48:68]), (106, ratio[106:126]))]
+    assert all(ratio[i] > 1.03 for i in gaps)
+    thresholds = torch.stack([(levels[i] + levels[i + 1]) / 2 for i in gaps]).float().to(DEVICE)
+    cfg = variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name, monkeypatch)
+    fused = sparse_gemv_triton(h, w, thresholds, splits, scales, zeros, g, config=cfg, norm_weight=norm_weight, eps=eps)
+    weight = real_weight64(w, scales, zeros, g)
+    keep = torch.cat([(x64.abs() > thresholds[j].double())[:, :, None].expand(-1, -1, n)
+                      for j, n in enumerate(splits)], dim=2)
+    want = (x64[:, :, None] * keep * weight[None]).sum(1)
+    scale = x64.abs() @ weight.abs()
+    tol = 2**-6 * want.abs() + 2**-5 * scale + 1e-6
+    assert fused.dtype == torch.bfloat16 and ((fused.double() - want).abs() <= tol).all()
+    ref = sparse_gemv_reference(h, w, thresholds, splits, scales, zeros, g, norm_weight=norm_weight, eps=eps)
+    assert ((ref.double() - want).abs() <= tol).all()
+
+
 def test_fusion_arguments_are_checked():
     x, w, t, splits, s, z, g = make_problem("fp", torch.bfloat16, 2, 64, [32], 0)
     with pytest.raises(ValueError, match=r"x \[M, 2K\]"):
@@ -638,3 +689,8 @@ def test_fusion_arguments_are_checked():
         sparse_gemv(x, w, t, splits, residual=torch.zeros(2, 31, dtype=torch.bfloat16, device=DEVICE))
     with pytest.raises(ValueError, match="residual must be"):
         sparse_gemv(x, w, t, splits, residual=torch.zeros(2, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        sparse_gemv(x, w, t, splits, norm_weight=torch.ones(63, dtype=torch.bfloat16, device=DEVICE))
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        sparse_gemv(torch.cat([x, x], 1), w, t, splits, gated=True,
+                    norm_weight=torch.ones(64, dtype=torch.bfloat16, device=DEVICE))
