@@ -24,7 +24,6 @@ from kernels.ops import decode_attention_step
 from linear import pack_model, swap_module
 from model import TransformerBlock
 
-
 FUSED_NORM_ENV = "TEAL_FUSED_NORM"
 
 
