@@ -1,0 +1,37 @@
+"""benchmarks/tune_kernels.py and benchmarks/bench_kernels.py without a GPU: the tuner's candidate
+grid, the fused variants' inputs and which rows reach the dispatch's speed table."""
+from __future__ import annotations
+
+import torch
+
+from benchmarks import bench_kernels, tune_kernels
+from kernels.triton_gemv import KernelConfig
+
+
+def test_candidates_hold_both_designs_and_the_stored_config():
+    stored = KernelConfig(block_n=128, block_k=1024, sub_k=8, compact=False, num_warps=2)
+    for fmt in ("bf16", "int8"):
+        grid = tune_kernels.candidates(fmt, 1, 4096, 6144, quick=True, stored=stored)
+        rows = [c for c in grid if c.design == "rows" and c.compact and c.block_n in (256, 512)]
+        assert len(rows) >= 16 and any(c.design == "dot" for c in grid) and stored in grid
+        assert len(set(grid)) == len(grid)
+    int4 = tune_kernels.candidates("int4-g128", 1, 4096, 6144, quick=False, stored=None)
+    assert sum(c.design == "rows" for c in int4) <= 1  # only the rows heuristic: int4 runs the dot design
+
+
+def test_fused_inputs_match_decode_py_calls():
+    x = torch.randn(2, 8)
+    assert bench_kernels.fused_inputs(x, "plain") == (x, {})
+    gate_up, kwargs = bench_kernels.fused_inputs(x, "gated")
+    assert gate_up.shape == (2, 16) and kwargs == {"gated": True}
+    assert torch.equal(gate_up[:, :8], x) and torch.equal(gate_up[:, 8:], torch.ones_like(x))
+    assert bench_kernels.fused_inputs(x, "residual")[1] == {"residual": None}
+
+
+def test_speed_table_takes_plain_rows_only():
+    meta = {"gpu": "NVIDIA H200", "command": "bench", "date": "2026-12-02"}
+    row = dict(model="llama3-8b", layer="down", format="bf16", M=1, K=14336, N=4096, sparsity=0.5,
+               sparse_us=24.0, matmul_us=31.0)
+    entries = bench_kernels.speed_table_entries([row, {**row, "fusion": "gated", "sparse_us": 99.0}], meta)
+    (entry,) = entries.values()
+    assert entry["sparse_us"] == {"0.5": 24.0} and entry["dense_us"] == 31.0
