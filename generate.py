@@ -425,12 +425,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     p.add_argument("--decode_path", choices=["auto", "reference", "fused"], default="auto",
                    help="model.py's decode step, or decode.py's fused one (one attention op, GEMV "
-                        "prologue/epilogue fusions). auto: on a CPU fused once the projections are packed "
-                        "(a sparse level or a quantized checkpoint; faster there: docs/cpu/), model.py's for "
-                        "an unpacked dense model; fused on a GPU (faster dense and sparse on the H200: "
-                        "benchmarks/results/decode_llama3_8b_slot_x.md); model.py's with --speculate_k (fused "
-                        "there drafts on the fused step, verifies on model.py's; not yet timed on a GPU) and "
-                        "under torchrun")
+                        "prologue/epilogue fusions). auto: fused, dense and sparse, on GPUs and CPUs (faster on "
+                        "both: benchmarks/results/decode_llama3_8b_slot_x.md, docs/cpu/); model.py's with "
+                        "--speculate_k and under torchrun (fused with --speculate_k drafts on the fused step "
+                        "and verifies on model.py's; not yet timed on a GPU)")
     p.add_argument("--sparsity", type=FRACTION, nargs="+", default=[0.0],
                    help="TEAL sparsity level(s) in [0, 1); several values run the same prompt at each")
     p.add_argument("--thresholds", type=Path, default=None,
@@ -463,22 +461,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def decode_path(args: argparse.Namespace, model: Transformer, device: torch.device, level: float) -> str:
-    """The decode path for a run at sparsity `level`: --decode_path, or for "auto" the one place
-    that picks. On a GPU the fused path at every level (H200, Llama-3-8B shape: 219.8 tok/s dense
-    against 210.1 for model.py's nn.Linear, 292.2 at 50% against 272.6; results/
-    decode_llama3_8b_slot_x.md). On a CPU the fused path once the projections are packed (a
-    sparse level, a quantized checkpoint): its attention step and fusions make it the faster of
-    the two there, dense and sparse; a dense float model that is not packed keeps model.py's path,
-    whose nn.Linear reaches oneDNN on every core, faster than the row kernel's one thread
-    (docs/cpu/, 2026-12-02). Speculation and tensor parallelism keep model.py's path."""
+def decode_path(args: argparse.Namespace) -> str:
+    """The decode path of a run: --decode_path, or for "auto" the one place that picks: the fused
+    step, on GPUs and CPUs, dense and sparse (H200, Llama-3-8B shape: 219.8 tok/s dense against
+    210.1 for model.py's nn.Linear, 292.2 at 50% against 272.6, results/decode_llama3_8b_slot_x.md;
+    2-core CPU, SmolLM2 bf16 compiled, with the C++ kernel on both cores: 41.9 dense / 51.7 at 50%
+    against model.py's 30.6 / 40.4, docs/cpu/paths_*). Speculation and tensor parallelism keep
+    model.py's step (not yet timed with the fused one)."""
     if args.decode_path != "auto":
         return args.decode_path
-    if args.speculate_k or tp.launched():
-        return "reference"
-    if device.type != "cpu":
-        return "fused"
-    return "fused" if level > 0 or packed_projections(model) else "reference"
+    return "reference" if args.speculate_k or tp.launched() else "fused"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -656,7 +648,7 @@ def generate_all(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Every prompt at every sparsity level, on this process's device (its shard under torchrun)."""
     torch.manual_seed(args.seed)
     model, tok = build_model(args, device)
-    if args.decode_path == "fused":  # explicit: before sharding; "auto" installs it per level below
+    if decode_path(args) == "fused":  # before sharding
         install_fused_decode(model)
     # random weights: thresholds from the whole model's own activations (a shard sees a slice of o's and down's)
     self_calibrated = {level: self_calibrated_thresholds(model, level)
@@ -681,8 +673,6 @@ def generate_all(args: argparse.Namespace, device: torch.device) -> list[dict]:
             if args.speculate_k:
                 results += run_speculative(model, ids, text, level, s, eos, tok, args, self_calibrated)
                 continue
-            if args.decode_path == "auto" and decode_path(args, model, device, level) == "fused":
-                install_fused_decode(model)  # idempotent; packs the projections
             set_sparsity(model, level, args, self_calibrated)
             if args.compile:  # warm-up: compilation (and CUDA-graph capture) out of the timing
                 start = time.perf_counter()

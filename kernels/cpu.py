@@ -38,6 +38,7 @@ _SOURCE = r"""
 #include <torch/library.h>
 #include <cmath>
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -142,7 +143,13 @@ inline void prefetch_ahead(const uint8_t* w, int64_t row_stride, const int64_t* 
   for (int64_t a = j + ahead; a < std::min(nk, j + ahead + 4); ++a) prefetch_row(w + idx[a] * row_stride, bytes);
 }
 
-constexpr int64_t PARALLEL_BYTES = 8 << 20;  // weights below this run on one thread (see run)
+// Weights below this many bytes run on the calling thread (see run); TEAL_CPU_PARALLEL_BYTES
+// overrides it per call (benchmarks/bench_cpu_threads.py compares settings in one process).
+constexpr int64_t PARALLEL_BYTES = 128 << 10;
+inline int64_t parallel_bytes() {
+  const char* env = std::getenv("TEAL_CPU_PARALLEL_BYTES");
+  return env ? std::atoll(env) : PARALLEL_BYTES;
+}
 
 // Kept inputs of one row of x for one threshold: (index, value) pairs in index order.
 template <typename T>
@@ -278,10 +285,13 @@ void run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& thresholds,
     for (int64_t s = 0; s < nseg; ++s)
       count[r * nseg + s] = kept(xp + r * k, k, th[s], &idx[(r * nseg + s) * k], &val[(r * nseg + s) * k]);
   const int64_t align = int4 ? group : 16;
-  // Waking a sleeping OpenMP worker cost ~120 us a call on a 2-vCPU VM (OMP_WAIT_POLICY=PASSIVE,
-  // which generate.py sets; spinning workers were far worse there), more than a second thread
-  // saves on a weight of a few MB: those run on the calling thread.
-  const int64_t threads = w.nbytes() < PARALLEL_BYTES ? 1 : at::get_num_threads();
+  // Inside a model the weights stream from DRAM, and one thread reads them at well under the
+  // machine's bandwidth: SmolLM2's projections (0.7-3.5 MB) on two threads took a compiled decode
+  // step from 36.5 to 29.8 ms at 50% and from 35.9 to 30.2 dense (2-vCPU AVX2 VM, 2026-12-02,
+  // docs/cpu/bench_cpu_threads.md; OMP_WAIT_POLICY=PASSIVE, which generate.py sets: spinning
+  // workers were slower). A kernel alone on one cache-resident weight says otherwise: measure
+  // in a model. Tiny weights stay on the calling thread.
+  const int64_t threads = w.nbytes() < parallel_bytes() ? 1 : at::get_num_threads();
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(threads, k / align));
   const int64_t block_k = (k / align + blocks - 1) / blocks * align;
   std::vector<float> partial(blocks * m * n, 0.f);

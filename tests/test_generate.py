@@ -60,28 +60,16 @@ def test_cli_fused_decode_path_gives_the_reference_text(tiny_ckpt):
     assert outs[0] == outs[1] and len(outs[0]) > len("hello")
 
 
-def test_auto_decode_path_picks_per_device_level_and_packing():
-    """--decode_path auto: the fused path on a GPU at every level and on a CPU once the projections
-    are packed (a sparse level, or packed before); model.py's path with speculation and for a dense
-    float model on a CPU that is not packed (nn.Linear reaches oneDNN on every core); explicit
-    choices stand."""
+def test_auto_decode_path_is_fused_but_for_speculation():
+    """--decode_path auto: the fused step (GPU and CPU, dense and sparse), model.py's with
+    speculation; explicit choices stand."""
     from generate import decode_path, parse_args
-    from linear import pack_model
 
-    model = tiny_model()
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    auto = parse_args(["--sparsity", "0", "0.4"])
-    assert auto.decode_path == "auto"
-    assert decode_path(auto, model, cpu, 0.0) == "reference"
-    assert decode_path(auto, model, cpu, 0.4) == "fused"
-    assert decode_path(auto, model, gpu, 0.4) == "fused"
-    assert decode_path(auto, model, gpu, 0.0) == "fused"
-    assert decode_path(parse_args(["--speculate_k", "2"]), model, cpu, 0.0) == "reference"
-    assert decode_path(parse_args(["--speculate_k", "2"]), model, gpu, 0.5) == "reference"
-    assert decode_path(parse_args(["--decode_path", "fused"]), model, gpu, 0.0) == "fused"
-    assert decode_path(parse_args(["--decode_path", "reference"]), model, cpu, 0.5) == "reference"
-    pack_model(model)
-    assert decode_path(auto, model, cpu, 0.0) == "fused"
+    assert parse_args([]).decode_path == "auto"
+    assert decode_path(parse_args(["--sparsity", "0", "0.4"])) == "fused"
+    assert decode_path(parse_args(["--speculate_k", "2"])) == "reference"
+    assert decode_path(parse_args(["--speculate_k", "2", "--decode_path", "fused"])) == "fused"
+    assert decode_path(parse_args(["--decode_path", "reference"])) == "reference"
 
 
 
