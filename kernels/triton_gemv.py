@@ -326,18 +326,18 @@ def _rms_scale(x_ptr, M, K, eps, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _normed(h, r, nw_ptr, rows, ok, DTYPE: tl.constexpr):
+def _normed(h, scale, nw_ptr, rows, ok, DTYPE: tl.constexpr):
     """model.RMSNorm's output from the residual stream h (fp32 values of DTYPE) and its row
-    scale r: (h * r) rounded to DTYPE, times the norm weight, rounded again."""
+    scale: (h * scale) rounded to DTYPE, times the norm weight, rounded again."""
     nw = tl.load(nw_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-    return ((h * r).to(DTYPE).to(tl.float32) * nw).to(DTYPE).to(tl.float32)
+    return ((h * scale).to(DTYPE).to(tl.float32) * nw).to(DTYPE).to(tl.float32)
 
 
 @triton.jit
-def _masked_x(x_ptr, lane_m, rows, ok, threshold, K, GATED: tl.constexpr, nw_ptr, r, NORM: tl.constexpr):
+def _masked_x(x_ptr, lane_m, rows, ok, threshold, K, GATED: tl.constexpr, nw_ptr, scale, NORM: tl.constexpr):
     """x[lane_m, rows] as fp32 where |x| > threshold and ok, else 0. GATED: x is SiLU(gate) * up
     of a [M, 2K] gate|up row, computed in fp32 and rounded to x's dtype like the unfused model.
-    NORM: x is RMSNorm of the residual stream at x_ptr, r its row scale per lane (_rms_scale)."""
+    NORM: x is RMSNorm of the residual stream at x_ptr, `scale` its row's _rms_scale per lane."""
     if GATED:
         gate = tl.load(x_ptr + lane_m * 2 * K + rows, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + lane_m * 2 * K + K + rows, mask=ok, other=0.0).to(tl.float32)
@@ -345,7 +345,7 @@ def _masked_x(x_ptr, lane_m, rows, ok, threshold, K, GATED: tl.constexpr, nw_ptr
     else:
         xv = tl.load(x_ptr + lane_m * K + rows, mask=ok, other=0.0).to(tl.float32)
         if NORM:
-            xv = _normed(xv, r, nw_ptr, rows, ok, x_ptr.dtype.element_ty)
+            xv = _normed(xv, scale, nw_ptr, rows, ok, x_ptr.dtype.element_ty)
     return tl.where(tl.abs(xv) > threshold, xv, 0.0)
 
 
@@ -413,18 +413,18 @@ def _sparse_gemv_kernel(
     k_block = pid_k * BLOCK_K
     m_offs = tl.arange(0, BLOCK_M)
     if NORM:
-        r = _rms_scale(x_ptr, M, K, eps, BLOCK_M)  # [BLOCK_M]
-        r_lane = tl.sum(tl.where(lane_m[:, None] == m_offs[None, :], r[None, :], 0.0), axis=1)  # [LANES]
+        row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)  # [BLOCK_M]
+        lane_scale = tl.sum(tl.where(lane_m[:, None] == m_offs[None, :], row_scale[None, :], 0.0), axis=1)
     else:
-        r = tl.zeros([BLOCK_M], dtype=tl.float32)
-        r_lane = tl.zeros([LANES], dtype=tl.float32)
+        row_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
+        lane_scale = tl.zeros([LANES], dtype=tl.float32)
 
     if COMPACT:
         # Slot i of this program's scratch <- i-th row of the block kept by any batch row.
         block_rows = k_block + tl.arange(0, BLOCK_K)
         block_ok = (m_offs[:, None] < M) & (block_rows[None, :] < K)
         block_x = _masked_x(x_ptr, m_offs[:, None], block_rows[None, :], block_ok, threshold, K, GATED,
-                            nw_ptr, r[:, None], NORM)
+                            nw_ptr, row_scale[:, None], NORM)
         kept = (tl.max(tl.abs(block_x), axis=0) > 0).to(tl.int32)
         dest = tl.cumsum(kept, 0) - kept
         slots = idx_ptr + (pid_n * GRID_K + pid_k) * BLOCK_K
@@ -466,12 +466,13 @@ def _sparse_gemv_kernel(
         else:
             win_end = tl.minimum(win_start + WINDOW, K)
             rows = win_start + lane_k
-            xm = _masked_x(x_ptr, lane_m, rows, (rows < win_end) & m_ok, threshold, K, GATED, nw_ptr, r_lane, NORM)
+            xm = _masked_x(x_ptr, lane_m, rows, (rows < win_end) & m_ok, threshold, K, GATED, nw_ptr, lane_scale,
+                           NORM)
             for c in range(0, WINDOW, SUB_K):
                 # Prefetch the next chunk's x, then skip this chunk if no batch row keeps any row.
                 next_rows = rows + SUB_K
                 next_xm = _masked_x(x_ptr, lane_m, next_rows, (next_rows < win_end) & m_ok, threshold, K, GATED,
-                                    nw_ptr, r_lane, NORM)
+                                    nw_ptr, lane_scale, NORM)
                 if tl.max(tl.abs(xm), axis=0) > 0:
                     wt = _weight_rows(
                         w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET
@@ -551,7 +552,8 @@ def _sparse_gemv_kernel(
 
 
 @triton.jit
-def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr, nw_ptr, r, NORM: tl.constexpr):
+def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr, nw_ptr, row_scale,
+                NORM: tl.constexpr):
     """Thresholded x [BLOCK_M, SUB_K] in fp32 (rows past M are zero); GATED and NORM as _masked_x."""
     if GATED:
         gate = tl.load(x_ptr + m_offs[:, None] * 2 * K + rows[None, :], mask=m_ok[:, None], other=0.0)
@@ -561,7 +563,7 @@ def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr, nw
     else:
         xv = tl.load(x_ptr + m_offs[:, None] * K + rows[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
         if NORM:
-            xv = _normed(xv, r[:, None], nw_ptr, rows[None, :], m_ok[:, None], x_ptr.dtype.element_ty)
+            xv = _normed(xv, row_scale[:, None], nw_ptr, rows[None, :], m_ok[:, None], x_ptr.dtype.element_ty)
     return tl.where(tl.abs(xv) > threshold, xv, 0.0)
 
 
@@ -631,9 +633,9 @@ def _dot_gemv_kernel(
     m_ok = m_offs < M
     k0 = pid_k * BLOCK_K
     if NORM:
-        r = _rms_scale(x_ptr, M, K, eps, BLOCK_M)
+        row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)
     else:
-        r = tl.zeros([BLOCK_M], dtype=tl.float32)
+        row_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     if FORMAT == 2:  # one accumulator per nibble plane (columns 8w + i), interleaved once at the end
@@ -649,7 +651,7 @@ def _dot_gemv_kernel(
         plane_cols = col0 + 8 * tl.arange(0, NW)
     for t in tl.range(0, BLOCK_K // SUB_K):
         rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
-        x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, r, NORM)
+        x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM)
         keep = tl.max(tl.abs(x_batch), axis=0) > 0.0
         xt = _dot_rows(x_batch, BLOCK_M)
         if FORMAT == 2:  # w_ptr: int32 words, W_ROW words per row; dropped rows read as 0 (q - 8 = -8, x 0)
