@@ -1,0 +1,97 @@
+"""Compile the project's Triton kernels for an H100/H200 (sm_90) without a GPU: Triton's own
+ptxas runs, so type errors and unsupported constructs that the interpreter lets through (it does
+not type-check: a variable reused with another type compiled nowhere but ran there) fail here.
+
+Run by tests/test_sm90_compile.py in a fresh process without TRITON_INTERPRET (the interpreter
+replaces the kernels with Python functions). Prints one line per variant; exit 1 on the first
+failure, with Triton's message.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("run without TRITON_INTERPRET=1: the interpreter has no kernels to compile")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernels import attention as at  # noqa: E402
+from kernels import triton_gemv as sg  # noqa: E402
+from kernels.reference import MAX_SEGMENTS  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLOATS = {"eps", "qk_scale_log2"}
+INT_POINTERS = {"counter_ptr", "idx_ptr"}
+FP32_POINTERS = {"scale_ptr", "zero_ptr", "thr_ptr", "part_ptr", "ws_ptr", "xs_ptr", "o_part_ptr", "lse_part_ptr",
+                 "cs_ptr"}
+
+
+def signature(kernel, pointers: dict[str, str]) -> dict[str, str]:
+    """Triton types of a kernel's runtime arguments, from their names (`pointers` overrides)."""
+    sig = {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name in pointers:
+            sig[p.name] = pointers[p.name]
+        elif p.name == "SPLITS":
+            sig[p.name] = tuple(["i32"] * (MAX_SEGMENTS + 1))
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = "*i32" if p.name in INT_POINTERS else "*fp32" if p.name in FP32_POINTERS else "*bf16"
+        else:
+            sig[p.name] = "fp32" if p.name in FLOATS else "i32"
+    return sig
+
+
+def compile_one(kernel, pointers: dict[str, str], constexprs: dict, num_warps: int, num_stages: int) -> None:
+    sig = signature(kernel, pointers)
+    divisible = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params)
+                 if not p.is_constexpr and sig[p.name] != "fp32" and p.name != "SPLITS"}
+    triton.compile(ASTSource(kernel, sig, constexprs, attrs=divisible), target=TARGET,
+                   options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def gemv_variants():
+    """(kernel, pointer types, constexprs, warps, stages) of the GEMV designs the launcher runs."""
+    weight = {0: "*bf16", 1: "*i8", 2: "*i32"}  # the dot design reads int4 as int32 words
+    for fmt, m, (gated, residual, norm) in itertools.product(
+            (0, 1, 2), (1, 4), ((False, False, False), (True, True, False), (False, False, True))):
+        fusions = dict(GATED=gated, RESIDUAL=residual, NORM=norm)
+        yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
+               dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, BLOCK_N=256, BLOCK_K=512, SUB_K=128 if fmt == 2 else 32,
+                    **fusions, DETERMINISTIC=True, INTERPRET=False), 4, 3)
+        for compact in (True, False):
+            yield (sg._sparse_gemv_kernel, {"w_ptr": "*u8" if fmt == 2 else weight[fmt]},
+                   dict(FORMAT=fmt, GROUP_SIZE=128, COL_ALIGN=32, BLOCK_M=m, BLOCK_N=512 if m == 1 else 128,
+                        BLOCK_K=256, SUB_K=16, WINDOW=128 if fmt == 2 else 256, COMPACT=compact, RED_K=8,
+                        **fusions, INTERPRET=False), 4, 1)
+    yield (sg._dot_gemv_kernel, {}, dict(FORMAT=0, GROUP_SIZE=1, BLOCK_M=1, BLOCK_N=256, BLOCK_K=512, SUB_K=32,
+                                         GATED=False, RESIDUAL=False, NORM=False, DETERMINISTIC=False,
+                                         INTERPRET=False), 8, 3)
+
+
+def attention_variants():
+    for fused, single in itertools.product((False, True), (False, True)):
+        yield (at._split_kernel, {"pos_ptr": "*i64", "out_ptr": "*bf16", "cs_ptr": "*fp32"},
+               dict(GROUP=4, GROUP_PAD=16, D=128, BLOCK_S=64, SINGLE=single, DOT_FP32=False, FUSED=fused), 4, 1)
+    yield (at._combine_kernel, {"pos_ptr": "*i64"}, dict(D=128, BLOCK_S=64, SPLITS_PAD=32), 4, 1)
+
+
+def main() -> int:
+    for kernel, pointers, constexprs, warps, stages in itertools.chain(gemv_variants(), attention_variants()):
+        name = f"{kernel.fn.__name__} " + " ".join(f"{k}={v}" for k, v in constexprs.items() if k != "INTERPRET")
+        try:
+            compile_one(kernel, pointers, constexprs, warps, stages)
+        except Exception as e:  # Triton's CompilationError and friends: report which variant
+            print(f"FAILED {name}\n{e}", file=sys.stderr)
+            return 1
+        print(f"ok {name}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
