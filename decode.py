@@ -27,6 +27,14 @@ from model import TransformerBlock
 FUSED_NORM_ENV = "TEAL_FUSED_NORM"
 
 
+def fused_norms() -> bool:
+    """TEAL_FUSED_NORM: "1" hands the RMSNorms to the projections, "0" (the default) does not."""
+    value = os.environ.get(FUSED_NORM_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{FUSED_NORM_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 class DecodeBlock(TransformerBlock):
     """TransformerBlock whose decode steps (one position per sequence) take the fused ops."""
 
@@ -34,7 +42,7 @@ class DecodeBlock(TransformerBlock):
         nn.Module.__init__(self)  # the reference's submodules, not new ones
         self.attention, self.feed_forward = reference.attention, reference.feed_forward
         self.attention_norm, self.ffn_norm = reference.attention_norm, reference.ffn_norm
-        self.fuse_norms = os.environ.get(FUSED_NORM_ENV, "0") == "1"
+        self.fuse_norms = fused_norms()
 
     def _project(self, linear: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
         """linear(norm(x)), the norm handed to the projection when fused (it decides where it runs)."""

@@ -465,8 +465,8 @@ def decode_path(args: argparse.Namespace) -> str:
     """The decode path of a run: --decode_path, or for "auto" the one place that picks: the fused
     step, on GPUs and CPUs, dense and sparse (H200, Llama-3-8B shape: 219.8 tok/s dense against
     210.1 for model.py's nn.Linear, 292.2 at 50% against 272.6, results/decode_llama3_8b_slot_x.md;
-    2-core CPU, SmolLM2 bf16 compiled, with the C++ kernel on both cores: 41.9 dense / 51.7 at 50%
-    against model.py's 30.6 / 40.4, docs/cpu/paths_*). Speculation and tensor parallelism keep
+    2-core CPU, SmolLM2 bf16 compiled, with the C++ kernel on both cores, two runs back to back:
+    41.9 dense / 51.7 at 50% against model.py's 30.6 / 40.4, docs/cpu/paths_*). Speculation and tensor parallelism keep
     model.py's step (not yet timed with the fused one)."""
     if args.decode_path != "auto":
         return args.decode_path
@@ -701,7 +701,7 @@ def run_speculative(model: Transformer, ids: list[int], text: str, level: float,
         raise UserError(f"prompt ({len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) + --speculate_k "
                         f"({args.speculate_k}) + 1 exceeds the model's context of {model.config.block_size} tokens")
     draft_model = load_draft(args, model) if args.draft_checkpoint_path is not None else None
-    if draft_model is not None and args.decode_path == "fused":
+    if draft_model is not None and decode_path(args) == "fused":
         install_fused_decode(draft_model)
     if draft_model is not None and len(ids) + args.max_new_tokens + args.speculate_k + 1 > draft_model.config.block_size:
         raise UserError(f"prompt + --max_new_tokens + --speculate_k + 1 exceeds the draft's context of "

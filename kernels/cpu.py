@@ -144,7 +144,7 @@ inline void prefetch_ahead(const uint8_t* w, int64_t row_stride, const int64_t* 
 }
 
 // Weights below this many bytes run on the calling thread (see run); TEAL_CPU_PARALLEL_BYTES
-// overrides it per call (benchmarks/bench_cpu_threads.py compares settings in one process).
+// overrides it per call (`benchmarks/bench_cpu.py --parallel_bytes` compares limits in one process).
 constexpr int64_t PARALLEL_BYTES = 128 << 10;
 inline int64_t parallel_bytes() {
   const char* env = std::getenv("TEAL_CPU_PARALLEL_BYTES");
@@ -286,11 +286,11 @@ void run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& thresholds,
       count[r * nseg + s] = kept(xp + r * k, k, th[s], &idx[(r * nseg + s) * k], &val[(r * nseg + s) * k]);
   const int64_t align = int4 ? group : 16;
   // Inside a model the weights stream from DRAM, and one thread reads them at well under the
-  // machine's bandwidth: SmolLM2's projections (0.7-3.5 MB) on two threads took a compiled decode
-  // step from 36.5 to 29.8 ms at 50% and from 35.9 to 30.2 dense (2-vCPU AVX2 VM, 2026-12-02,
-  // docs/cpu/bench_cpu_threads.md; OMP_WAIT_POLICY=PASSIVE, which generate.py sets: spinning
-  // workers were slower). A kernel alone on one cache-resident weight says otherwise: measure
-  // in a model. Tiny weights stay on the calling thread.
+  // machine's bandwidth: SmolLM2's projections (0.7-3.5 MB) on two threads took compiled bf16
+  // decode from 28.1 to 37.8 tok/s dense and from 35.3 to 43.0 at 50% (2-vCPU AVX2 VM, 2026-12-02,
+  // the two limits interleaved in one run: docs/cpu/threads/bench_cpu.md; OMP_WAIT_POLICY=PASSIVE,
+  // which generate.py sets). A kernel timed alone on one cache-resident weight says otherwise
+  // (the wake-up outweighs the gain there): measure in a model. Tiny weights stay on one thread.
   const int64_t threads = w.nbytes() < parallel_bytes() ? 1 : at::get_num_threads();
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(threads, k / align));
   const int64_t block_k = (k / align + blocks - 1) / blocks * align;

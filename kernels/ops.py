@@ -118,11 +118,8 @@ def sparse_gemv(
     Output [M, N] in x.dtype, float32 accumulation; rows of W for zeroed inputs are not read on
     the GPU.
     """
-    if x.device.type == "cpu" and _cpu_native():
-        if norm_weight is not None:  # the C++ kernel has no norm prologue: torch (Inductor) normalizes first
-            if not torch.compiler.is_compiling():
-                validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual, norm_weight)
-            x = rms_normed(x, norm_weight, eps)
+    # with a norm the op's CPU implementation normalizes first (PackedLinear hands norms over on CUDA only)
+    if x.device.type == "cpu" and _cpu_native() and norm_weight is None:
         return cpu.sparse_gemv_cpu(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual)
     return torch.ops.teal.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size, gated,
                                       residual, norm_weight, eps)

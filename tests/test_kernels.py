@@ -681,6 +681,17 @@ def test_rmsnorm_prologue(fmt, group, name, monkeypatch):
     assert ((ref.double() - want).abs() <= tol).all()
 
 
+@pytest.mark.parametrize("fmt,group", [("fp", 0), ("int4", 32)])
+def test_op_with_norm_matches_the_reference(fmt, group):
+    """teal::sparse_gemv with norm_weight on this device (CPU: the op normalizes in torch, then its
+    kernel) against the reference of the same call."""
+    x, w, t, splits, s, z, g = make_problem(fmt, torch.bfloat16, 2, 64, [16, 32], group)
+    norm_weight = (torch.rand(64, generator=torch.Generator().manual_seed(4)) + 0.5).to(torch.bfloat16).to(DEVICE)
+    got = sparse_gemv(x * 3, w, t, splits, s, z, g, norm_weight=norm_weight, eps=1e-5).float()
+    want = sparse_gemv_reference(x * 3, w, t, splits, s, z, g, norm_weight=norm_weight, eps=1e-5).float()
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
 def test_fusion_arguments_are_checked():
     x, w, t, splits, s, z, g = make_problem("fp", torch.bfloat16, 2, 64, [32], 0)
     with pytest.raises(ValueError, match=r"x \[M, 2K\]"):
