@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -170,6 +170,13 @@ case $phase in
     step 150 python3 -m pytest -q -x tests/test_kernels.py tests/test_decode.py -k "rmsnorm or (gpu and decode)"
     step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama3_8b_norm_off"
     step 200 env TEAL_FUSED_NORM=1 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama3_8b_norm_on"
+    ;;
+  prefetch)  # the compact rows loop with the next chunk's weight rows in flight (num_stages 2): GPU tests, bf16/int8 retune, per matrix, end to end
+    step 100 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and prefetch"
+    step 240 python3 -m benchmarks.tune_kernels --quick --force --jobs 14 --formats bf16 int8 --models llama3-8b
+    step 60 python3 -m benchmarks.bench_kernels --formats bf16 int8 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_llama3_8b_prefetch"
+    cp kernels/speed_table.json "$out/speed_table.json"
+    step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 --sparsity 0 0.4 0.5 0.65 --decode_path fused --out "$out/decode_llama3_8b_prefetch"
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"

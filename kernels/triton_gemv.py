@@ -46,7 +46,9 @@ class KernelConfig:
     one row chunk at a time).  block_n: output columns per program.  block_k: input rows per
     program (split-K).  sub_k: rows per inner step (skip granularity, or gathered rows per step
     if compact).  compact ("rows" only): gather the kept rows of the K-block (True) or walk fixed
-    row chunks with a skip branch and masked loads (False).
+    row chunks with a skip branch and masked loads (False).  num_stages: "dot", Triton's pipeline
+    depth; "rows" with compact, 2 or more loads the next chunk's weight rows before this chunk's
+    FMAs (one chunk in flight ahead: twice the bytes in flight, more registers), 1 does not.
     """
 
     block_n: int = 128
@@ -292,7 +294,9 @@ def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 #     The loop reads x from the scratch, not through the row ids: the x load does not
 #     wait for the id load, and the gated prologue's SiLU(gate) * up runs once per
 #     element in the compaction instead of per gathered lane in the loop (where it
-#     doubled down's time, 24 -> 51 us at 50% on the H200).
+#     doubled down's time, 24 -> 51 us at 50% on the H200).  With PREFETCH the next
+#     chunk's weight rows are requested before this chunk's FMAs, so a program keeps two
+#     chunks of loads in flight instead of one (the loop is latency-bound otherwise).
 #
 # Batch: the accumulator is a 2-D [BLOCK_M * SUB_K, BLOCK_N] tile whose lane r holds
 # batch row r // SUB_K and chunk row r % SUB_K.  Each lane loads its weight row only
@@ -375,6 +379,14 @@ def _weight_rows(
 
 
 @triton.jit
+def _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M: tl.constexpr):
+    """Row ids and thresholded x of compaction slots ``slot`` (zeros past ``last``)."""
+    rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
+    xm = tl.load(slot_x + slot * BLOCK_M + lane_m, mask=slot < last, other=0.0, cache_modifier=".cg")
+    return rows, xm
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr, nw_ptr,
     out_ptr, part_ptr, counter_ptr, idx_ptr, xs_ptr,
@@ -382,7 +394,7 @@ def _sparse_gemv_kernel(
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    WINDOW: tl.constexpr, COMPACT: tl.constexpr, RED_K: tl.constexpr,
+    WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, RED_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     LANES: tl.constexpr = BLOCK_M * SUB_K
@@ -451,18 +463,28 @@ def _sparse_gemv_kernel(
             first = tl.sum(tl.where(win_ids < win, win_kept, 0), axis=0)
             last = first + tl.sum(tl.where(win_ids == win, win_kept, 0), axis=0)
             slot = first + lane_k
-            rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
-            xm = tl.load(slot_x + slot * BLOCK_M + lane_m, mask=slot < last, other=0.0, cache_modifier=".cg")
-            for _ in tl.range(first, last, SUB_K):
+            rows, xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
+            if PREFETCH:  # the first chunk's weight rows; the loop keeps one chunk in flight ahead
                 wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET)
-                # Prefetch the next chunk's row ids and x while the weight rows are in flight.
                 slot += SUB_K
-                rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
-                next_xm = tl.load(slot_x + slot * BLOCK_M + lane_m, mask=slot < last, other=0.0, cache_modifier=".cg")
+                rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
+            for _ in tl.range(first, last, SUB_K):
+                # Issue the next loads (row ids and x; with PREFETCH also the next chunk's weight
+                # rows) before this chunk's FMAs wait on its weights.
+                slot += SUB_K
+                if PREFETCH:
+                    next_wt = _weight_rows(w_ptr, rows, next_xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET)
+                    rows, after_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
+                else:
+                    wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET)
+                    rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
                 wacc += xm[:, None] * wt
                 if FORMAT == 2:
                     xacc += xm
                 xm = next_xm
+                if PREFETCH:
+                    next_xm = after_xm
+                    wt = next_wt
         else:
             win_end = tl.minimum(win_start + WINDOW, K)
             rows = win_start + lane_k
@@ -832,8 +854,8 @@ def sparse_gemv_triton(
         m, k, n, w.shape[1], grid_k, float(eps), splits,
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), COL_ALIGN=col_align,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
-        WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact, RED_K=red_k,
-        **fusions, INTERPRET=INTERPRETED,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
+        PREFETCH=cfg.compact and cfg.num_stages >= 2, RED_K=red_k, **fusions, INTERPRET=INTERPRETED,
+        num_warps=cfg.num_warps, num_stages=1,
     )
     return out

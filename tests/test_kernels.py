@@ -109,15 +109,17 @@ def case_id(case):
 
 
 # The kernel designs and row-selection modes every correctness test runs: "rows" with compaction
-# or chunk skipping, "dot" (masked tiles through tl.dot) with each K-block reduction.
-VARIANTS = ["compact", "skip", "dot-ordered", "dot-atomic"]
+# (with and without the next chunk's weight rows prefetched) or chunk skipping, "dot" (masked
+# tiles through tl.dot) with each K-block reduction.
+VARIANTS = ["compact", "prefetch", "skip", "dot-ordered", "dot-atomic"]
 
 
 def variant(cfg: KernelConfig, name: str, monkeypatch) -> KernelConfig:
     """`cfg` as the named variant; the dot variants set the reduction through its environment
     variable and raise sub_k to a tl.dot tile (shapes it cannot take fall back to "rows")."""
-    if name in ("compact", "skip"):
-        return KernelConfig(**{**cfg.to_dict(), "design": "rows", "compact": name == "compact"})
+    if name in ("compact", "prefetch", "skip"):
+        return KernelConfig(**{**cfg.to_dict(), "design": "rows", "compact": name != "skip",
+                               "num_stages": 2 if name == "prefetch" else 1})
     monkeypatch.setenv(sg.REDUCTION_ENV, name.split("-")[1])
     sub_k = max(16, cfg.sub_k)
     return KernelConfig(**{**cfg.to_dict(), "design": "dot", "sub_k": sub_k, "block_k": max(cfg.block_k, sub_k),
@@ -138,12 +140,12 @@ DOT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("compact", [True, False], ids=["compact", "skip"])
+@pytest.mark.parametrize("compact,stages", [(True, 1), (True, 2), (False, 1)], ids=["compact", "prefetch", "skip"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_kernel_matches_float64_reference(case, compact):
+def test_kernel_matches_float64_reference(case, compact, stages):
     fmt, dtype, m, k, splits, group, cfg = case
     args = make_problem(fmt, dtype, m, k, splits, group)
-    out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "compact": compact}))
+    out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "compact": compact, "num_stages": stages}))
     assert_close_to_ref(out, *args)
 
 
@@ -197,7 +199,8 @@ def random_case(seed):
     n_segments = pick([1, 2, 3])
     splits = [(2 if fmt == "int4" else 1) * pick([3, 5, 8, 12, 17, 32]) for _ in range(n_segments)]
     cfg = KernelConfig(
-        block_n=pick([16, 32]), block_k=pick([16, 32, 64]), sub_k=pick([2, 4, 8]), compact=pick([True, False])
+        block_n=pick([16, 32]), block_k=pick([16, 32, 64]), sub_k=pick([2, 4, 8]), compact=pick([True, False]),
+        num_stages=pick([1, 2]),
     )
     if pick([True, False]):  # the dot design (falls back to rows where the shape does not tile)
         cfg = KernelConfig(block_n=cfg.block_n, block_k=max(16, cfg.block_k), sub_k=16, design="dot")
