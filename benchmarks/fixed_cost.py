@@ -7,6 +7,10 @@ Per Llama-3-8B shape (bf16, one row, the stored config), graph-timed like bench_
 - ``no_rows``: the same call with an infinite threshold, so no weight row is read: launch,
   thresholds, x and the compaction, the partial store, the ticket and the last program's
   reduction, without the streaming part;
+- ``no_rows_skip``: as ``no_rows`` with the compaction off (the chunk-skipping loop): what the
+  prefix sum and the scratch round trip cost;
+- ``no_rows_block_k_x2``: as ``no_rows`` with twice the rows per program (half the K blocks):
+  how the cost moves with the grid and the partials the last program sums;
 - ``empty_same_grid``: a Triton kernel that does nothing, launched on the same grid (what launch
   and CTA scheduling cost in the graph);
 - ``empty_one_program``: the same with one program (the graph's per-kernel floor);
@@ -21,6 +25,7 @@ not scale with the bytes read (the target of the next GEMV change). Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -29,8 +34,7 @@ import triton.language as tl
 
 from benchmarks.timing import MODEL_SHAPES, Problem, copies_for, graph_time_us, make_weight, make_x, threshold_for
 from files import atomic_path, write_json
-from kernels.ops import sparse_gemv
-from kernels.triton_gemv import get_config, gpu_name, weight_format_name
+from kernels.triton_gemv import get_config, gpu_name, sparse_gemv_triton, weight_format_name
 
 
 @triton.jit
@@ -47,11 +51,14 @@ def probe(k: int, splits: list[int]) -> dict:
     x = make_x(1, k, torch.bfloat16, "cuda", seed=0)
     cfg = get_config(gpu_name(x.device), weight_format_name(weights[0][0], 0), 1, k, n)
     row = {"k": k, "n": n, "config": cfg.to_dict()}
-    for name, sparsity in (("sparse_50", 0.5), ("no_rows", None)):
+    variants = (("sparse_50", 0.5, cfg), ("no_rows", None, cfg),
+                ("no_rows_skip", None, dataclasses.replace(cfg, compact=False, num_stages=1)),
+                ("no_rows_block_k_x2", None, dataclasses.replace(cfg, block_k=2 * cfg.block_k)))
+    for name, sparsity, config in variants:
         thr = (threshold_for(x, sparsity, len(splits)) if sparsity is not None
                else torch.full((len(splits),), float("inf"), device="cuda"))
         problems = [Problem(x, w, thr, splits, None, None, 0) for w, _, _, _ in weights]
-        row[name] = graph_time_us(lambda i: sparse_gemv(*problems[i].args()), len(problems))
+        row[name] = graph_time_us(lambda i: sparse_gemv_triton(*problems[i].args(), config=config), len(problems))
     grid = (triton.cdiv(k, cfg.block_k), sum(triton.cdiv(s, cfg.block_n) for s in splits))
     flag = torch.zeros(1, device="cuda")
     row["programs"] = grid[0] * grid[1]
@@ -78,10 +85,11 @@ def main() -> None:
              f"triton {meta['triton']})", "",
              f"Floors (µs per call in a graph): empty one-program Triton kernel {floors['empty_one_program']:.2f}, "
              f"cuBLAS 1x64x64 {floors['linear_tiny']:.2f}.", "",
-             "| layer | K | N | programs | 50% µs | no rows read µs | empty kernel, same grid µs |",
-             "|---|---|---|---|---|---|---|"]
+             "| layer | K | N | programs | 50% µs | no rows read µs | no rows, no compaction µs | "
+             "no rows, 2x block_k µs | empty kernel, same grid µs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['layer']} | {r['k']} | {r['n']} | {r['programs']} | {r['sparse_50']:.2f} | {r['no_rows']:.2f} | "
-              f"{r['empty_same_grid']:.2f} |" for r in rows]
+              f"{r['no_rows_skip']:.2f} | {r['no_rows_block_k_x2']:.2f} | {r['empty_same_grid']:.2f} |" for r in rows]
     write_json(args.out.with_suffix(".json"), {"meta": meta, "floors": floors, "rows": rows})
     with atomic_path(args.out.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
