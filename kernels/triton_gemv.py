@@ -49,6 +49,10 @@ class KernelConfig:
     row chunks with a skip branch and masked loads (False).  num_stages: "dot", Triton's pipeline
     depth; "rows" with compact, 2 or more loads the next chunk's weight rows before this chunk's
     FMAs (one chunk in flight ahead: twice the bytes in flight, more registers), 1 does not.
+    lane_sum ("rows"): sum each chunk's rows into an accumulator of one row per batch row as they
+    are multiplied, instead of keeping sub_k accumulator rows per batch row to the end: fewer
+    registers, so a wide tile (1024 columns, where the warps split the columns and a thread
+    holds all of a chunk's rows, so the sum stays in the thread) keeps more bytes in flight.
     """
 
     block_n: int = 128
@@ -58,17 +62,23 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 1
     design: str = "rows"
+    lane_sum: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> KernelConfig:
-        """Strict: a stored config with an unknown or missing field is an error, not a default."""
+        """Strict: a stored config with an unknown or missing field is an error, not a default;
+        only fields added after configs were stored (_LATER_FIELDS) may be missing, and take their
+        defaults, which is what ran when those configs were tuned."""
         names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) != names:
+        if not set(d) <= names or not names - _LATER_FIELDS <= set(d):
             raise ValueError(f"kernel config fields {sorted(d)} do not match {sorted(names)}")
         return cls(**d)
+
+
+_LATER_FIELDS = {"lane_sum"}
 
 
 def config_key(device_name: str, weight_format: str, m: int, k: int, n: int) -> str:
@@ -379,6 +389,19 @@ def _weight_rows(
 
 
 @triton.jit
+def _lane_rows(v, SUM: tl.constexpr, BLOCK_M: tl.constexpr, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M * SUB_K, BLOCK_N] lanes -> [BLOCK_M, BLOCK_N] per batch row if SUM, else ``v``."""
+    if SUM:
+        if BLOCK_M == 1:  # no reshape: it can cost a layout conversion inside the loop
+            out = tl.sum(v, axis=0)[None, :]
+        else:
+            out = tl.sum(tl.reshape(v, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
+    else:
+        out = v
+    return out
+
+
+@triton.jit
 def _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M: tl.constexpr):
     """Row ids and thresholded x of compaction slots ``slot`` (zeros past ``last``)."""
     rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
@@ -394,7 +417,7 @@ def _sparse_gemv_kernel(
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, RED_K: tl.constexpr,
+    WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, LANE_SUM: tl.constexpr, RED_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     LANES: tl.constexpr = BLOCK_M * SUB_K
@@ -447,15 +470,18 @@ def _sparse_gemv_kernel(
         win_ids = tl.arange(0, BLOCK_K // WINDOW)
         tl.debug_barrier()  # every thread's slot writes are visible before the gathers
 
-    if FORMAT == 2:  # int4 sums each group's lanes at the group's end
+    # Accumulator rows: one per lane, summed once at the end (int4: at each group's end), or with
+    # LANE_SUM one per batch row, each chunk's lanes summed as it is multiplied.
+    ACC_ROWS: tl.constexpr = BLOCK_M if LANE_SUM else LANES
+    if FORMAT == 2 or LANE_SUM:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    else:  # lanes are summed once, at the end of the program
+    else:
         acc = tl.zeros([LANES, BLOCK_N], dtype=tl.float32)
     n_windows = tl.cdiv(tl.minimum(K - k_block, BLOCK_K), WINDOW)  # none past row K
     for win in tl.range(0, n_windows):
         win_start = k_block + win * WINDOW
         if FORMAT == 2:  # sum of x * (q - 8) and of x in this group, scaled below
-            wacc = tl.zeros([LANES, BLOCK_N], dtype=tl.float32)
+            wacc = tl.zeros([ACC_ROWS, BLOCK_N], dtype=tl.float32)
             xacc = tl.zeros([LANES], dtype=tl.float32)
         else:
             wacc = acc
@@ -478,7 +504,7 @@ def _sparse_gemv_kernel(
                 else:
                     wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET)
                     rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
-                wacc += xm[:, None] * wt
+                wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, BLOCK_M, SUB_K, BLOCK_N)
                 if FORMAT == 2:
                     xacc += xm
                 xm = next_xm
@@ -499,7 +525,7 @@ def _sparse_gemv_kernel(
                     wt = _weight_rows(
                         w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET
                     )
-                    wacc += xm[:, None] * wt
+                    wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, BLOCK_M, SUB_K, BLOCK_N)
                     if FORMAT == 2:
                         xacc += xm
                 rows = next_rows
@@ -508,7 +534,7 @@ def _sparse_gemv_kernel(
             group = win_start // GROUP_SIZE
             s = tl.load(scale_ptr + group * N + cols, mask=cols_ok, other=0.0)
             z = tl.load(zero_ptr + group * N + cols, mask=cols_ok, other=0.0)
-            w_sum = tl.sum(tl.reshape(wacc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
+            w_sum = _lane_rows(wacc, not LANE_SUM, BLOCK_M, SUB_K, BLOCK_N)
             x_sum = tl.sum(tl.reshape(xacc, [BLOCK_M, SUB_K]), axis=1)
             acc += w_sum * s[None, :] + x_sum[:, None] * z[None, :]
         else:
@@ -516,10 +542,10 @@ def _sparse_gemv_kernel(
 
     # Publish this block's partial; the last program of the column block reduces.
     out_ok = (m_offs[:, None] < M) & cols_ok[None, :]
-    if FORMAT == 2:
+    if FORMAT == 2 or LANE_SUM:
         partial = acc
     else:
-        partial = tl.sum(tl.reshape(acc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
+        partial = _lane_rows(acc, True, BLOCK_M, SUB_K, BLOCK_N)
     tl.store(part_ptr + (pid_k * M + m_offs[:, None]) * N + cols[None, :], partial, mask=out_ok)
     tl.debug_barrier()  # all threads' partial stores precede the release below
     ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -855,7 +881,8 @@ def sparse_gemv_triton(
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), COL_ALIGN=col_align,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
-        PREFETCH=cfg.compact and cfg.num_stages >= 2, RED_K=red_k, **fusions, INTERPRET=INTERPRETED,
+        PREFETCH=cfg.compact and cfg.num_stages >= 2, LANE_SUM=cfg.lane_sum, RED_K=red_k, **fusions,
+        INTERPRET=INTERPRETED,
         num_warps=cfg.num_warps, num_stages=1,
     )
     return out

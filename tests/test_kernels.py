@@ -109,17 +109,18 @@ def case_id(case):
 
 
 # The kernel designs and row-selection modes every correctness test runs: "rows" with compaction
-# (with and without the next chunk's weight rows prefetched) or chunk skipping, "dot" (masked
-# tiles through tl.dot) with each K-block reduction.
-VARIANTS = ["compact", "prefetch", "skip", "dot-ordered", "dot-atomic"]
+# (plain; with the next chunk's weight rows prefetched; prefetched with each chunk's lanes summed
+# as it goes) or chunk skipping, "dot" (masked tiles through tl.dot) with each K-block reduction.
+VARIANTS = ["compact", "prefetch", "lanesum", "skip", "dot-ordered", "dot-atomic"]
 
 
 def variant(cfg: KernelConfig, name: str, monkeypatch) -> KernelConfig:
     """`cfg` as the named variant; the dot variants set the reduction through its environment
     variable and raise sub_k to a tl.dot tile (shapes it cannot take fall back to "rows")."""
-    if name in ("compact", "prefetch", "skip"):
+    if name in ("compact", "prefetch", "lanesum", "skip"):
         return KernelConfig(**{**cfg.to_dict(), "design": "rows", "compact": name != "skip",
-                               "num_stages": 2 if name == "prefetch" else 1})
+                               "num_stages": 2 if name in ("prefetch", "lanesum") else 1,
+                               "lane_sum": name == "lanesum"})
     monkeypatch.setenv(sg.REDUCTION_ENV, name.split("-")[1])
     sub_k = max(16, cfg.sub_k)
     return KernelConfig(**{**cfg.to_dict(), "design": "dot", "sub_k": sub_k, "block_k": max(cfg.block_k, sub_k),
@@ -140,12 +141,15 @@ DOT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("compact,stages", [(True, 1), (True, 2), (False, 1)], ids=["compact", "prefetch", "skip"])
+@pytest.mark.parametrize("compact,stages,lane_sum", [(True, 1, False), (True, 2, False), (True, 2, True),
+                                                     (False, 1, False), (False, 1, True)],
+                         ids=["compact", "prefetch", "lanesum", "skip", "skip-lanesum"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_kernel_matches_float64_reference(case, compact, stages):
+def test_kernel_matches_float64_reference(case, compact, stages, lane_sum):
     fmt, dtype, m, k, splits, group, cfg = case
     args = make_problem(fmt, dtype, m, k, splits, group)
-    out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "compact": compact, "num_stages": stages}))
+    out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "compact": compact, "num_stages": stages,
+                                                           "lane_sum": lane_sum}))
     assert_close_to_ref(out, *args)
 
 
@@ -200,7 +204,7 @@ def random_case(seed):
     splits = [(2 if fmt == "int4" else 1) * pick([3, 5, 8, 12, 17, 32]) for _ in range(n_segments)]
     cfg = KernelConfig(
         block_n=pick([16, 32]), block_k=pick([16, 32, 64]), sub_k=pick([2, 4, 8]), compact=pick([True, False]),
-        num_stages=pick([1, 2]),
+        num_stages=pick([1, 2]), lane_sum=pick([True, False]),
     )
     if pick([True, False]):  # the dot design (falls back to rows where the shape does not tile)
         cfg = KernelConfig(block_n=cfg.block_n, block_k=max(16, cfg.block_k), sub_k=16, design="dot")
@@ -401,6 +405,8 @@ def test_stored_config_with_unknown_or_missing_fields_is_refused():
         KernelConfig.from_dict({**good, "block_q": 8})
     with pytest.raises(ValueError, match="do not match"):
         KernelConfig.from_dict({k: v for k, v in good.items() if k != "sub_k"})
+    # a field added after configs were stored may be missing: it takes what ran when they were tuned
+    assert KernelConfig.from_dict({k: v for k, v in good.items() if k != "lane_sum"}) == KernelConfig()
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-g128"])
