@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | lanesum)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -182,8 +182,11 @@ case $phase in
     step 120 python3 -m benchmarks.fixed_cost --out "$out/fixed_cost"
     step 120 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0 0.5 --decode_path fused --label fused --out "$out/profile_llama3_8b_prefetch"
     ;;
-  lanesum)  # rows design with each chunk's lanes summed as it goes (wide tiles, fewer programs): GPU tests, bf16/int8 retune, fixed cost, per matrix, end to end
-    step 100 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and lanesum"
+  fuzz)  # GPU tests of the lane_sum rows loop, then the fuzz (issues 10/11: >= 2000 problems, 0 mismatches)
+    step 100 python3 -m pytest -q -x tests/test_kernels.py tests/test_fuzz_gemv.py -k "(gpu and lanesum) or fuzz"
+    step 400 python3 tests/fuzz_gemv.py --problems 2000 --jobs 14 --out "$out/fuzz_gemv.json"
+    ;;
+  lanesum)  # rows design with each chunk's lanes summed as it goes (wide tiles, fewer programs): bf16/int8 retune, fixed cost, per matrix, end to end
     step 240 python3 -m benchmarks.tune_kernels --quick --force --jobs 14 --formats bf16 int8 --models llama3-8b
     step 60 python3 -m benchmarks.fixed_cost --out "$out/fixed_cost_lanesum"
     step 60 python3 -m benchmarks.bench_kernels --formats bf16 int8 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_llama3_8b_lanesum"

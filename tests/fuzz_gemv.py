@@ -1,0 +1,230 @@
+"""Fuzz the sparse GEMV kernels against float64 math: random shapes, batch sizes, weight formats,
+segment splits, thresholds (none kept, all kept, anywhere between), prologue/epilogue fusions and
+kernel configs of both designs, every row-selection mode and both K reductions.
+
+On a GPU (the issue's bar: >= 2000 problems, 0 mismatches)::
+
+    python tests/fuzz_gemv.py --problems 2000 --jobs 14 --out fuzz.json
+
+Without one it runs under TRITON_INTERPRET=1 at tiny sizes (tests/test_fuzz_gemv.py runs a slice
+in CI). A mismatch is an output outside one output rounding plus fp32 accumulation error of the
+float64 result (plus one input rounding for the fused SiLU / RMSNorm prologues, whose thresholds
+sit in gaps between |x| values so that rounding cannot flip a mask). Prints one line per
+mismatch and a summary; exit status 1 if any.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+if __name__ == "__main__" and not os.environ.get("TRITON_INTERPRET"):
+    import torch as _torch
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run in Python
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from kernels.reference import gated_input, rms_normed  # noqa: E402
+from kernels.triton_gemv import REDUCTION_ENV, KernelConfig, sparse_gemv_triton  # noqa: E402
+
+FORMATS = ["bf16", "fp16", "int8", "int4-g32", "int4-g64", "int4-g128"]
+FUSIONS = ["plain", "gated", "residual", "gated+residual", "norm"]
+# Row selection / design of a config; "auto" is no config at all: the tuned table or the heuristic.
+MODES = ["rows-compact", "rows-prefetch", "rows-lanesum", "rows-skip", "dot-ordered", "dot-atomic", "auto"]
+
+
+def make_case(seed: int, tiny: bool) -> dict:
+    """The parameters of problem ``seed`` (plain data, so it prints and travels to workers)."""
+    r = random.Random(seed)
+    fmt = r.choice(FORMATS)
+    group = int(fmt.split("-g")[1]) if fmt.startswith("int4") else 0
+    if group:
+        k = group * r.randint(1, 2 if tiny else 12)
+    else:
+        k = r.randint(8, 100) if tiny else r.choice([r.randint(16, 700), r.choice([2048, 4096])])
+    n_segments = r.choice([1, 1, 2, 3])
+    unit = 2 if group else 1
+    sizes = [unit * r.randint(1, 24 if tiny else 900) for _ in range(n_segments)]
+    m = r.choice([1, 1, 1, 2, 3, 4, 5, 8])
+    mode = r.choice(MODES)
+    config = None
+    if mode.startswith("rows"):
+        block_n = r.choice([16, 32] if tiny else [32, 64, 128, 256, 512, 1024])
+        sub_k = r.choice([2, 4, 8] if tiny else [4, 8, 16, 32])
+        lanes = 1 << (m - 1).bit_length()  # the batch padded to a power of two
+        while lanes * sub_k * block_n > 16384 and block_n > 32:  # a register tile the GPU can hold
+            block_n //= 2
+        while lanes * sub_k * block_n > 16384 and sub_k > 2:
+            sub_k //= 2
+        config = dict(design="rows", block_n=block_n, block_k=r.choice([16, 32, 64] if tiny else [64, 128, 256, 512]),
+                      sub_k=sub_k, num_warps=r.choice([2, 4, 8]),
+                      compact=mode != "rows-skip", num_stages=1 if mode in ("rows-compact", "rows-skip") else 2,
+                      lane_sum=mode == "rows-lanesum")
+    elif mode.startswith("dot"):
+        config = dict(design="dot", block_n=r.choice([16, 32] if tiny else [64, 128, 256, 512]),
+                      block_k=r.choice([32, 64] if tiny else [128, 256, 512, 1024]), sub_k=r.choice([16, 32]),
+                      num_warps=r.choice([4, 8]), num_stages=r.choice([1, 2, 3]))
+    return dict(
+        seed=seed, fmt=fmt, group=group, m=m, k=k, sizes=sizes,
+        # float weights take activations of their own dtype; int8/int4 either
+        dtype={"bf16": "bfloat16", "fp16": "float16"}.get(fmt) or r.choice(["bfloat16", "float16"]),
+        # per segment: all kept (0), none kept (above every |x|), or a quantile of |x|
+        levels=[r.choice(["all", "none", r.uniform(0.05, 0.95), r.uniform(0.3, 0.7)]) for _ in sizes],
+        fusion=r.choice(FUSIONS), mode=mode, config=config,
+    )
+
+
+def _weights(case: dict, g: torch.Generator, device: str) -> tuple:
+    k, n, group = case["k"], sum(case["sizes"]), case["group"]
+    dtype = getattr(torch, case["dtype"])
+    if case["fmt"] in ("bf16", "fp16"):
+        return (torch.randn(k, n, generator=g) * 0.1).to(dtype).to(device), None, None
+    if case["fmt"] == "int8":
+        return (torch.randint(-128, 128, (k, n), generator=g, dtype=torch.int8).to(device),
+                (torch.rand(n, generator=g) * 0.01).to(device), None)
+    return (torch.randint(0, 256, (k, n // 2), generator=g, dtype=torch.uint8).to(device),
+            (torch.rand(k // group, n, generator=g) * 0.02).to(device),
+            (torch.randn(k // group, n, generator=g) * 0.01).to(device))
+
+
+def weight64(w: torch.Tensor, scales, zeros, group: int) -> torch.Tensor:
+    """W [K, N] in float64 from the packing definition (kernels/reference.py's layouts)."""
+    if w.dtype == torch.uint8:
+        q = torch.stack([(w % 16).double(), (w // 16).double()], dim=-1).reshape(w.shape[0], -1)
+        rows = torch.arange(w.shape[0], device=w.device) // group
+        return (q - 8) * scales.double()[rows] + zeros.double()[rows]
+    if w.dtype == torch.int8:
+        return w.double() * scales.double()[None, :]
+    return w.double()
+
+
+def _threshold(values: torch.Tensor, level, fused: bool) -> float:
+    """|x| level of one segment. With a fused prologue the kernel rounds its own input, so the
+    threshold goes to the middle of a gap of >= 2% between sorted |x| values near the level."""
+    v = values.abs().flatten().double().sort().values
+    if level == "all":
+        return 0.0
+    if level == "none":
+        return float(v[-1]) * 2 + 1.0
+    i = min(len(v) - 2, int(level * (len(v) - 1)))
+    if not fused:
+        return float(v[i])
+    ratio = v[1:] / v[:-1].clamp_min(1e-30)
+    gaps = (ratio > 1.02).nonzero().flatten()
+    if len(gaps) == 0:
+        return float(v[-1]) * 2 + 1.0
+    j = int(gaps[(gaps - i).abs().argmin()])
+    return float((v[j] + v[j + 1]) / 2)
+
+
+def run_case(case: dict, device: str) -> dict:
+    """Run one problem; returns the case with ``ok`` and the worst error over its tolerance."""
+    g = torch.Generator().manual_seed(case["seed"])
+    dtype = getattr(torch, case["dtype"])
+    m, k, sizes = case["m"], case["k"], case["sizes"]
+    n = sum(sizes)
+    w, scales, zeros = _weights(case, g, device)
+    fusion = case["fusion"]
+    gated, residual_on, norm_on = "gated" in fusion, "residual" in fusion, fusion == "norm"
+    x = (torch.randn(m, 2 * k if gated else k, generator=g) * torch.logspace(-0.5, 0.5, m)[:, None]).to(dtype)
+    x = x.to(device)
+    norm_weight = (torch.rand(k, generator=g) + 0.5).to(dtype).to(device) if norm_on else None
+    eps = 1e-5
+    residual = torch.randn(m, n, generator=g).to(dtype).to(device) if residual_on else None
+    # the input the kernel thresholds, as the reference rounds it
+    x_in = gated_input(x) if gated else rms_normed(x, norm_weight, eps) if norm_on else x
+    thresholds = torch.tensor([_threshold(x_in, lvl, gated or norm_on) for lvl in case["levels"]],
+                              dtype=torch.float32, device=device)
+    config = KernelConfig(**case["config"]) if case["config"] else None
+    if case["mode"].startswith("dot"):
+        os.environ[REDUCTION_ENV] = case["mode"].split("-")[1]
+    try:
+        out = sparse_gemv_triton(x, w, thresholds, sizes, scales, zeros, case["group"], config=config, gated=gated,
+                                 residual=residual, norm_weight=norm_weight, eps=eps)
+    finally:
+        os.environ.pop(REDUCTION_ENV, None)
+    w64 = weight64(w, scales, zeros, case["group"])
+    x64 = x_in.double()
+    col_thr = torch.cat([thresholds[j].double().expand(size) for j, size in enumerate(sizes)])
+    keep = x64.abs()[:, :, None] > col_thr[None, None, :]
+    prod = (x64[:, :, None] * keep * w64[None]).sum(dim=1)
+    ref = prod + residual.double() if residual is not None else prod
+    scale = x64.abs() @ w64.abs()
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    tol = 1.01 * ulp * (prod.abs() + (ref.abs() if residual is not None else 0)) + 1e-5 * scale + 1e-30
+    if gated or norm_on:  # the kernel's own rounding of its input may differ by one ulp per term
+        tol = tol + 1.01 * ulp * scale
+    bad = ~torch.isfinite(out) if not torch.isfinite(out).all() else None
+    excess = float(((out.double() - ref).abs() - tol).max()) if bad is None else float("inf")
+    ok = out.shape == (m, n) and out.dtype == dtype and excess <= 0
+    return {**case, "ok": bool(ok), "excess": excess}
+
+
+def _shard(args: tuple[list[int], bool, str]) -> list[dict]:
+    seeds, tiny, device = args
+    return [run_case(make_case(s, tiny), device) for s in seeds]
+
+
+def fuzz(problems: int, seed: int = 0, tiny: bool | None = None, jobs: int = 1) -> list[dict]:
+    """Run ``problems`` cases from ``seed`` on; results in seed order."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tiny = device == "cpu" if tiny is None else tiny
+    seeds = list(range(seed, seed + problems))
+    if jobs <= 1:
+        return _shard((seeds, tiny, device))
+    shards = [seeds[i::jobs] for i in range(jobs)]
+    import multiprocessing
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = [r for part in pool.map(_shard, [(s, tiny, device) for s in shards]) for r in part]
+    return sorted(results, key=lambda r: r["seed"])
+
+
+def summary(results: list[dict]) -> dict:
+    by = {}
+    for key in ("fmt", "mode", "fusion"):
+        for r in results:
+            entry = by.setdefault(f"{key}={r[key]}", [0, 0])
+            entry[0] += 1
+            entry[1] += not r["ok"]
+    return {"problems": len(results), "mismatches": sum(not r["ok"] for r in results),
+            "by": {k: {"problems": v[0], "mismatches": v[1]} for k, v in sorted(by.items())}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problems", type=int, default=2000, help="random problems to run")
+    parser.add_argument("--seed", type=int, default=0, help="first problem's seed (problem i uses seed + i)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes (each compiles its own kernels)")
+    parser.add_argument("--out", type=Path, default=None, help="write the summary and every failure as JSON")
+    args = parser.parse_args()
+    if args.problems < 1 or args.jobs < 1:
+        print("error: --problems and --jobs must be at least 1", file=sys.stderr)
+        return 2
+    start = time.time()
+    results = fuzz(args.problems, args.seed, jobs=args.jobs)
+    for r in results:
+        if not r["ok"]:
+            print(f"MISMATCH seed={r['seed']} excess={r['excess']:.3g} " + json.dumps({k: r[k] for k in (
+                "fmt", "dtype", "m", "k", "sizes", "levels", "fusion", "mode", "config")}))
+    s = summary(results)
+    s["seconds"] = round(time.time() - start, 1)
+    s["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (TRITON_INTERPRET=1)"
+    if args.out:
+        from files import write_json
+        write_json(args.out, {**s, "failures": [r for r in results if not r["ok"]]})
+    for key, v in s["by"].items():
+        print(f"{key:28s} {v['problems']:5d} problems {v['mismatches']:4d} mismatches")
+    print(f"{s['problems']} problems, {s['mismatches']} mismatches, {s['seconds']} s on {s['device']}")
+    return 1 if s["mismatches"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

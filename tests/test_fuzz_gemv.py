@@ -1,0 +1,29 @@
+"""A slice of tests/fuzz_gemv.py in CI: random problems (formats, fusions, both kernel designs and
+every row-selection mode) under the Triton interpreter against float64 math. The full run (>= 2000
+problems) is for the GPU: `python tests/fuzz_gemv.py --problems 2000 --jobs 14`."""
+import fuzz_gemv
+import pytest
+from fixtures import DEVICE
+
+pytestmark = pytest.mark.usefixtures("interpreted_kernels")
+
+
+def test_fuzz_slice_has_no_mismatch():
+    results = fuzz_gemv.fuzz(48, seed=1000)
+    summary = fuzz_gemv.summary(results)
+    assert summary["problems"] == 48
+    # the slice reaches every format, fusion and mode, so a regression in any of them shows here
+    assert len(summary["by"]) == len(fuzz_gemv.FORMATS) + len(fuzz_gemv.FUSIONS) + len(fuzz_gemv.MODES)
+    failures = [(r["seed"], r["fmt"], r["mode"], r["fusion"], r["excess"]) for r in results if not r["ok"]]
+    assert not failures
+
+
+def test_fuzz_flags_a_wrong_product(monkeypatch):
+    """The checker itself: an output off by 1% is a mismatch."""
+    real = fuzz_gemv.sparse_gemv_triton
+    monkeypatch.setattr(fuzz_gemv, "sparse_gemv_triton", lambda *a, **kw: real(*a, **kw) * 1.01)
+    case = fuzz_gemv.make_case(1000, tiny=DEVICE == "cpu")
+    case["levels"] = ["all"] * len(case["sizes"])  # every row kept: the product is far from zero
+    assert not fuzz_gemv.run_case(case, DEVICE)["ok"]
+    monkeypatch.setattr(fuzz_gemv, "sparse_gemv_triton", real)
+    assert fuzz_gemv.run_case(case, DEVICE)["ok"]
