@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -191,6 +191,15 @@ case $phase in
     step 60 python3 -m benchmarks.fixed_cost --out "$out/fixed_cost_lanesum"
     step 60 python3 -m benchmarks.bench_kernels --formats bf16 int8 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_llama3_8b_lanesum"
     step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 --sparsity 0 0.4 0.5 0.65 --decode_path fused --out "$out/decode_llama3_8b_lanesum"
+    ;;
+  untuned2)  # shapes nobody tuned, the rest of issue 10's list (Llama-3.2-3B, Llama-3-70B's TP-8 shard; Mistral-7B = Llama-3-8B shapes), and the 3B decode
+    step 60 python3 -m benchmarks.bench_kernels --models llama3.2-3b llama3-70b-tp8 --formats bf16 --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_untuned2"
+    cp kernels/speed_table.json "$out/speed_table.json"
+    step 150 python3 -m benchmarks.bench_decode --model Llama-3.2-3B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama32_3b_fused"
+    ;;
+  spec_fused)  # self-speculation drafting on the fused step (issue 13), beside plain dense and 50% in the same process
+    step 200 python3 generate.py --random_weights Llama-3-8B --compile --decode_path fused --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"

@@ -30,6 +30,20 @@ MODEL_SHAPES: dict[str, list[tuple[str, int, list[int]]]] = {
         ("gate_up", 2048, [8192, 8192]),
         ("down", 8192, [2048]),
     ],
+    "llama3.2-3b": [
+        ("qkv", 3072, [3072, 1024, 1024]),
+        ("o", 3072, [3072]),
+        ("gate_up", 3072, [8192, 8192]),
+        ("down", 8192, [3072]),
+    ],
+    # one GPU's shard of Llama-3-70B under 8-way tensor parallelism (tp.py: q|k|v and gate|up split
+    # by columns, o and down by rows). Mistral-7B's projections are Llama-3-8B's.
+    "llama3-70b-tp8": [
+        ("qkv", 8192, [1024, 128, 128]),
+        ("o", 1024, [8192]),
+        ("gate_up", 8192, [3584, 3584]),
+        ("down", 3584, [8192]),
+    ],
     "llama2-7b": [
         ("qkv", 4096, [4096, 4096, 4096]),
         ("o", 4096, [4096]),
