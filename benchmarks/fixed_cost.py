@@ -75,10 +75,10 @@ def main() -> None:
         raise SystemExit("error: benchmarks.fixed_cost needs a CUDA GPU")
     rows = [{"layer": layer, **probe(k, splits)} for layer, k, splits in MODEL_SHAPES["llama3-8b"]]
     flag = torch.zeros(1, device="cuda")
+    a, b = (torch.ones(shape, device="cuda", dtype=torch.bfloat16) for shape in ((1, 64), (64, 64)))
     floors = {
         "empty_one_program": graph_time_us(lambda i: _empty_kernel[(1,)](flag, FLAG=0), 1),
-        "linear_tiny": graph_time_us(lambda i: torch.nn.functional.linear(
-            torch.ones(1, 64, device="cuda", dtype=torch.bfloat16), torch.ones(64, 64, device="cuda", dtype=torch.bfloat16)), 1),
+        "linear_tiny": graph_time_us(lambda i: torch.nn.functional.linear(a, b), 1),
     }
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     lines = [f"# Sparse GEMV fixed cost, Llama-3-8B shapes, bf16, M = 1 ({meta['gpu']}, torch {meta['torch']}, "

@@ -491,7 +491,8 @@ def _sparse_gemv_kernel(
             slot = first + lane_k
             rows, xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
             if PREFETCH:  # the first chunk's weight rows; the loop keeps one chunk in flight ahead
-                wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET)
+                wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N,
+                                  INTERPRET)
                 slot += SUB_K
                 rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
             for _ in tl.range(first, last, SUB_K):
@@ -499,10 +500,12 @@ def _sparse_gemv_kernel(
                 # rows) before this chunk's FMAs wait on its weights.
                 slot += SUB_K
                 if PREFETCH:
-                    next_wt = _weight_rows(w_ptr, rows, next_xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET)
+                    next_wt = _weight_rows(w_ptr, rows, next_xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN,
+                                           LANES, BLOCK_N, INTERPRET)
                     rows, after_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
                 else:
-                    wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET)
+                    wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES,
+                                      BLOCK_N, INTERPRET)
                     rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
                 wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, BLOCK_M, SUB_K, BLOCK_N)
                 if FORMAT == 2:
