@@ -12,7 +12,8 @@ import os
 
 # Compiled CPU decode alternates Inductor's OpenMP kernels with oneDNN matmuls; OpenMP workers
 # that spin after each kernel starve the matmul threads (measured on 2 busy cores: 0.7 tok/s
-# spinning vs 20.6 passive). Only takes effect if set before torch loads OpenMP.
+# spinning vs 20.6 passive). Only takes effect if set before torch loads OpenMP. On an idle host
+# spinning is faster (bf16 dense 26.6 -> 41.2 tok/s, docs/cpu/README.md): set OMP_WAIT_POLICY=ACTIVE.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
