@@ -390,7 +390,8 @@ def _weight_rows(
 
 @triton.jit
 def _lane_rows(v, SUM: tl.constexpr, BLOCK_M: tl.constexpr, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[BLOCK_M * SUB_K, BLOCK_N] lanes -> [BLOCK_M, BLOCK_N] per batch row if SUM, else ``v``."""
+    """One chunk's products [BLOCK_M * SUB_K, BLOCK_N] -> [BLOCK_M, BLOCK_N] per batch row if SUM
+    (LANE_SUM), else ``v`` unchanged (the lanes are summed once, after the loop)."""
     if SUM:
         if BLOCK_M == 1:  # no reshape: it can cost a layout conversion inside the loop
             out = tl.sum(v, axis=0)[None, :]
@@ -537,7 +538,10 @@ def _sparse_gemv_kernel(
             group = win_start // GROUP_SIZE
             s = tl.load(scale_ptr + group * N + cols, mask=cols_ok, other=0.0)
             z = tl.load(zero_ptr + group * N + cols, mask=cols_ok, other=0.0)
-            w_sum = _lane_rows(wacc, not LANE_SUM, BLOCK_M, SUB_K, BLOCK_N)
+            if LANE_SUM:
+                w_sum = wacc
+            else:
+                w_sum = tl.sum(tl.reshape(wacc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
             x_sum = tl.sum(tl.reshape(xacc, [BLOCK_M, SUB_K]), axis=1)
             acc += w_sum * s[None, :] + x_sum[:, None] * z[None, :]
         else:
@@ -548,7 +552,7 @@ def _sparse_gemv_kernel(
     if FORMAT == 2 or LANE_SUM:
         partial = acc
     else:
-        partial = _lane_rows(acc, True, BLOCK_M, SUB_K, BLOCK_N)
+        partial = tl.sum(tl.reshape(acc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
     tl.store(part_ptr + (pid_k * M + m_offs[:, None]) * N + cols[None, :], partial, mask=out_ok)
     tl.debug_barrier()  # all threads' partial stores precede the release below
     ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")

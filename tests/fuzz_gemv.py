@@ -208,6 +208,13 @@ def main() -> int:
     if args.problems < 1 or args.jobs < 1:
         print("error: --problems and --jobs must be at least 1", file=sys.stderr)
         return 2
+    if args.out:
+        from files import check_writable
+        try:
+            check_writable(args.out)
+        except OSError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     start = time.time()
     results = fuzz(args.problems, args.seed, jobs=args.jobs)
     for r in results:
