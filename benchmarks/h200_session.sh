@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -184,7 +184,9 @@ case $phase in
     ;;
   fuzz)  # GPU tests of the lane_sum rows loop, then the fuzz (issues 10/11: >= 2000 problems, 0 mismatches)
     step 100 python3 -m pytest -q -x tests/test_kernels.py tests/test_fuzz_gemv.py -k "(gpu and lanesum) or fuzz"
-    step 400 python3 tests/fuzz_gemv.py --problems 2000 --jobs 14 --out "$out/fuzz_gemv.json"
+    # two halves (seeds 0-999, 1000-1999), so a time limit costs one half's summary, not both
+    step 240 python3 tests/fuzz_gemv.py --problems 1000 --jobs 14 --out "$out/fuzz_gemv_0.json"
+    step 240 python3 tests/fuzz_gemv.py --problems 1000 --seed 1000 --jobs 14 --out "$out/fuzz_gemv_1000.json"
     ;;
   lanesum)  # rows design with each chunk's lanes summed as it goes (wide tiles, fewer programs): bf16/int8 retune, fixed cost, per matrix, end to end
     step 240 python3 -m benchmarks.tune_kernels --quick --force --jobs 14 --formats bf16 int8 --models llama3-8b
@@ -200,6 +202,19 @@ case $phase in
   spec_fused)  # self-speculation drafting on the fused step (issue 13), beside plain dense and 50% in the same process
     step 200 python3 generate.py --random_weights Llama-3-8B --compile --decode_path fused --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    ;;
+  ncu)  # where a GEMV call's warps wait (Nsight Compute stall sampling, qkv and down at 50% and with no row read); the reduction read at once
+    step 120 python3 -m benchmarks.fixed_cost --out "$out/fixed_cost_red"
+    mkdir -p /tmp/ncu
+    for layer in qkv down; do
+      for s in 0.5 none; do
+        step 120 ncu --clock-control none --cache-control none -k regex:_sparse_gemv_kernel --launch-skip 3 --launch-count 1 \
+          --set full --import-source yes --warp-sampling-interval 0 -f -o "/tmp/ncu/${layer}_$s" python3 -m benchmarks.ncu_gemv --layer "$layer" --sparsity "$s"
+        ncu -i "/tmp/ncu/${layer}_$s.ncu-rep" --page details > "/tmp/ncu/${layer}_$s.details.txt" 2>&1
+        ncu -i "/tmp/ncu/${layer}_$s.ncu-rep" --page source --csv --print-source sass > "/tmp/ncu/${layer}_$s.sass.csv" 2>&1
+      done
+    done
+    tar czf "$out/ncu.tar.gz" -C /tmp ncu
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"

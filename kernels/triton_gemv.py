@@ -763,6 +763,7 @@ def _dot_gemv_kernel(
 # ---------------------------------------------------------------------------
 
 _MAX_COUNTERS = 1 << 14
+_REDUCTION_FLOATS = 16384  # fp32 partials the last program loads at once (at most 128 registers a thread at 4 warps)
 _WORKSPACE_FLOATS = MAX_BATCH << 18  # the "dot" design's fp32 accumulator: M * N up to 8 x 262144
 _buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
 INTERPRETED = not isinstance(_sparse_gemv_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
@@ -879,7 +880,8 @@ def sparse_gemv_triton(
         idx, xs = _alloc((slots,), torch.int32, x.device), _alloc((slots * block_m,), torch.float32, x.device)
     else:
         idx = xs = counters  # unused
-    red_k = max(1, min(32, 4096 // (block_m * cfg.block_n)))  # partials summed per step
+    # Partials the last program sums per step: all of them where they fit the register budget.
+    red_k = max(1, min(triton.next_power_of_2(grid_k), _REDUCTION_FLOATS // (block_m * cfg.block_n)))
     # Largest power of two dividing every program's first column: lets loads vectorize.
     col_align = min(cfg.block_n, 32, *(s & -s for s in split_sizes))
     _sparse_gemv_kernel[(grid_k, grid_n)](

@@ -1,0 +1,43 @@
+"""One sparse GEMV call at a Llama-3-8B shape (bf16, M = 1, the stored config), for Nsight
+Compute: where a call's warps stall, per instruction (phase ``ncu`` of h200_session.sh)::
+
+    ncu --clock-control none --cache-control none -k regex:_sparse_gemv_kernel --launch-skip 3 \\
+        --launch-count 1 --set full --import-source yes -o OUT \\
+        python3 -m benchmarks.ncu_gemv --layer qkv --sparsity 0.5
+
+``--sparsity none`` sets an infinite threshold (no weight row read: the call's fixed cost alone).
+The first three calls compile and warm up; the fourth is the one to profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.timing import MODEL_SHAPES, make_weight, make_x, threshold_for
+from kernels.triton_gemv import sparse_gemv_triton
+
+
+def main() -> None:
+    layers = {layer: (k, splits) for layer, k, splits in MODEL_SHAPES["llama3-8b"]}
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layer", choices=sorted(layers), required=True, help="Llama-3-8B projection")
+    parser.add_argument("--sparsity", default="0.5", help="fraction of x zeroed, or 'none': no row kept")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: benchmarks.ncu_gemv needs a CUDA GPU")
+    k, splits = layers[args.layer]
+    w = make_weight("bf16", k, sum(splits), "cuda", seed=1)[0]
+    x = make_x(1, k, torch.bfloat16, "cuda", seed=0)
+    if args.sparsity == "none":
+        thr = torch.full((len(splits),), float("inf"), device="cuda")
+    else:
+        thr = threshold_for(x, float(args.sparsity), len(splits))
+    for _ in range(4):
+        sparse_gemv_triton(x, w, thr, splits)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
