@@ -98,6 +98,14 @@ def is_correct(cfg: KernelConfig, p: Problem, ref: torch.Tensor) -> bool:
     return bool(torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()))
 
 
+def config_kind(c: KernelConfig) -> str:
+    """The variant a config selects: design, then the rows design's loop options."""
+    if c.design != "rows":
+        return c.design
+    return "rows" + "".join(f"-{name}" for name, on in (("compact", c.compact), ("prefetch", c.compact and c.num_stages >= 2),
+                                                         ("lane_sum", c.lane_sum)) if on)
+
+
 def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float], quick: bool,
                stored: KernelConfig | None = None) -> dict:
     n = sum(splits)
@@ -120,11 +128,20 @@ def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[flo
             times[c][s] = time_config(c, problems)
     best = min(finalists, key=lambda c: sum(times[c].values()))
     heuristic_us = stage1.get(_heuristic_config(fmt, m, k, n))  # None if it failed the check
+    # The fastest candidate of each kind at the max sparsity, so a losing variant's distance from
+    # the winner is on record (the 2026-12-03 retune kept no lane_sum config, and said not by how much).
+    runners_up: dict[str, tuple[float, KernelConfig]] = {}
+    for c, t in stage1.items():
+        kind = config_kind(c)
+        if kind not in runners_up or t < runners_up[kind][0]:
+            runners_up[kind] = (t, c)
     return {
         "config": best.to_dict(),
         "us": {str(s): round(t, 2) for s, t in sorted(times[best].items())},
         "heuristic_us_at_max_sparsity": heuristic_us and round(heuristic_us, 2),
         "candidates": len(grid),
+        "best_of_each_kind_at_max_sparsity": {kind: {"us": round(t, 2), "config": c.to_dict()}
+                                              for kind, (t, c) in sorted(runners_up.items())},
     }
 
 
