@@ -68,9 +68,10 @@ def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConf
         for bn, bk, sk, nw, st in itertools.product((256, 512), (256, 512, 1024), (16, 32), (4, 8), (1, 2)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
                                   design="rows"))
-        # and with each chunk's lanes summed as it goes (lane_sum): an accumulator of one row, so
-        # tiles as wide as the warps' 16-byte loads (1024 bf16 / 2048 int8 columns at 4 warps) fit
-        wide = (1024, 2048) if kind == "int8" else (512, 1024)
+        # and with each chunk's lanes summed as it goes (lane_sum): an accumulator of a few rows
+        # (_lane_groups), so 110 registers instead of 249 at 512 bf16 columns (ptxas, local): 4 CTAs
+        # per SM instead of 2, or tiles as wide as the warps' 16-byte loads
+        wide = (512, 1024, 2048) if kind == "int8" else (256, 512, 1024)
         for bn, bk, sk, nw, st in itertools.product(wide, (128, 256, 512), (16, 32), (4, 8), (1, 2)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
                                   design="rows", lane_sum=True))

@@ -49,10 +49,11 @@ class KernelConfig:
     row chunks with a skip branch and masked loads (False).  num_stages: "dot", Triton's pipeline
     depth; "rows" with compact, 2 or more loads the next chunk's weight rows before this chunk's
     FMAs (one chunk in flight ahead: twice the bytes in flight, more registers), 1 does not.
-    lane_sum ("rows"): sum each chunk's rows into an accumulator of one row per batch row as they
-    are multiplied, instead of keeping sub_k accumulator rows per batch row to the end: fewer
-    registers, so a wide tile (1024 columns, where the warps split the columns and a thread
-    holds all of a chunk's rows, so the sum stays in the thread) keeps more bytes in flight.
+    lane_sum ("rows"): sum each chunk's rows as they are multiplied into as few accumulator rows
+    per batch row as the tile's layout allows without a cross-thread sum (_lane_groups: 1 for
+    1024 bf16 columns at 4 warps, 2 for 512), instead of keeping sub_k rows to the end: fewer
+    registers (the sub_k x block_n fp32 accumulator was half of qkv's 251, Nsight Compute), so
+    more programs per SM.
     """
 
     block_n: int = 128
@@ -389,16 +390,32 @@ def _weight_rows(
 
 
 @triton.jit
-def _lane_rows(v, SUM: tl.constexpr, BLOCK_M: tl.constexpr, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One chunk's products [BLOCK_M * SUB_K, BLOCK_N] -> [BLOCK_M, BLOCK_N] per batch row if SUM
-    (LANE_SUM), else ``v`` unchanged (the lanes are summed once, after the loop)."""
+def _lane_rows(v, SUM: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, SUB_K: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """One chunk's products [BLOCK_M * SUB_K, BLOCK_N] -> [BLOCK_M * GROUPS, BLOCK_N] if SUM
+    (LANE_SUM): chunk row j is added into row j % GROUPS of its batch row, so with GROUPS the rows
+    the tile's layout spreads over threads and warps, no sum leaves a thread. Else ``v`` unchanged
+    (the lanes are summed once, after the loop)."""
     if SUM:
-        if BLOCK_M == 1:  # no reshape: it can cost a layout conversion inside the loop
+        if BLOCK_M == 1 and GROUPS == 1:  # no reshape: it can cost a layout conversion inside the loop
             out = tl.sum(v, axis=0)[None, :]
+        elif BLOCK_M == 1:
+            out = tl.sum(tl.reshape(v, [SUB_K // GROUPS, GROUPS, BLOCK_N]), axis=0)
         else:
-            out = tl.sum(tl.reshape(v, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
+            out = tl.reshape(tl.sum(tl.reshape(v, [BLOCK_M, SUB_K // GROUPS, GROUPS, BLOCK_N]), axis=1),
+                             [BLOCK_M * GROUPS, BLOCK_N])
     else:
         out = v
+    return out
+
+
+@triton.jit
+def _group_sum(acc, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A LANE_SUM accumulator [BLOCK_M * GROUPS, BLOCK_N] -> [BLOCK_M, BLOCK_N]."""
+    if GROUPS == 1:
+        out = acc
+    else:
+        out = tl.sum(tl.reshape(acc, [BLOCK_M, GROUPS, BLOCK_N]), axis=1)
     return out
 
 
@@ -418,7 +435,8 @@ def _sparse_gemv_kernel(
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, LANE_SUM: tl.constexpr, RED_K: tl.constexpr,
+    WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, LANE_SUM: tl.constexpr,
+    LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     LANES: tl.constexpr = BLOCK_M * SUB_K
@@ -472,12 +490,12 @@ def _sparse_gemv_kernel(
         tl.debug_barrier()  # every thread's slot writes are visible before the gathers
 
     # Accumulator rows: one per lane, summed once at the end (int4: at each group's end), or with
-    # LANE_SUM one per batch row, each chunk's lanes summed as it is multiplied.
-    ACC_ROWS: tl.constexpr = BLOCK_M if LANE_SUM else LANES
-    if FORMAT == 2 or LANE_SUM:
+    # LANE_SUM LANE_GROUPS per batch row, each chunk's lanes summed into them as it is multiplied.
+    ACC_ROWS: tl.constexpr = BLOCK_M * LANE_GROUPS if LANE_SUM else LANES
+    if FORMAT == 2:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
-        acc = tl.zeros([LANES, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([ACC_ROWS, BLOCK_N], dtype=tl.float32)
     n_windows = tl.cdiv(tl.minimum(K - k_block, BLOCK_K), WINDOW)  # none past row K
     for win in tl.range(0, n_windows):
         win_start = k_block + win * WINDOW
@@ -508,7 +526,7 @@ def _sparse_gemv_kernel(
                     wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES,
                                       BLOCK_N, INTERPRET)
                     rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
-                wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, BLOCK_M, SUB_K, BLOCK_N)
+                wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
                 if FORMAT == 2:
                     xacc += xm
                 xm = next_xm
@@ -529,7 +547,7 @@ def _sparse_gemv_kernel(
                     wt = _weight_rows(
                         w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET
                     )
-                    wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, BLOCK_M, SUB_K, BLOCK_N)
+                    wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
                     if FORMAT == 2:
                         xacc += xm
                 rows = next_rows
@@ -539,7 +557,7 @@ def _sparse_gemv_kernel(
             s = tl.load(scale_ptr + group * N + cols, mask=cols_ok, other=0.0)
             z = tl.load(zero_ptr + group * N + cols, mask=cols_ok, other=0.0)
             if LANE_SUM:
-                w_sum = wacc
+                w_sum = _group_sum(wacc, LANE_GROUPS, BLOCK_M, BLOCK_N)
             else:
                 w_sum = tl.sum(tl.reshape(wacc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
             x_sum = tl.sum(tl.reshape(xacc, [BLOCK_M, SUB_K]), axis=1)
@@ -549,8 +567,10 @@ def _sparse_gemv_kernel(
 
     # Publish this block's partial; the last program of the column block reduces.
     out_ok = (m_offs[:, None] < M) & cols_ok[None, :]
-    if FORMAT == 2 or LANE_SUM:
+    if FORMAT == 2:
         partial = acc
+    elif LANE_SUM:
+        partial = _group_sum(acc, LANE_GROUPS, BLOCK_M, BLOCK_N)
     else:
         partial = tl.sum(tl.reshape(acc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
     tl.store(part_ptr + (pid_k * M + m_offs[:, None]) * N + cols[None, :], partial, mask=out_ok)
@@ -813,6 +833,18 @@ def _persistent_buffers(device: torch.device) -> tuple[Tensor, Tensor]:
     return buffers
 
 
+def _lane_groups(cfg: KernelConfig, fmt: int, elem_bytes: int, col_align: int) -> int:
+    """With lane_sum: the chunk rows that Triton's blocked layout of a [rows, block_n] weight tile
+    spreads over threads and warps (16-byte loads along the columns, 32 threads, then the warps
+    fill the columns first and the rows after), so that summing the rest stays in each thread.
+    Any power of two up to sub_k gives the same sums in another order; this one costs no
+    cross-thread sum in the loop. int4 (bytes unpacked into two columns each) keeps 1."""
+    if not cfg.lane_sum or fmt == FMT_INT4:
+        return 1
+    vector = min(16 // elem_bytes, col_align)
+    return max(1, min(cfg.sub_k, cfg.num_warps * 32 * vector // cfg.block_n))
+
+
 def sparse_gemv_triton(
     x: Tensor,
     w: Tensor,
@@ -890,7 +922,8 @@ def sparse_gemv_triton(
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), COL_ALIGN=col_align,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
-        PREFETCH=cfg.compact and cfg.num_stages >= 2, LANE_SUM=cfg.lane_sum, RED_K=red_k, **fusions,
+        PREFETCH=cfg.compact and cfg.num_stages >= 2, LANE_SUM=cfg.lane_sum,
+        LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k, **fusions,
         INTERPRET=INTERPRETED,
         num_warps=cfg.num_warps, num_stages=1,
     )

@@ -69,7 +69,7 @@ def gemv_variants():
             yield (sg._sparse_gemv_kernel, {"w_ptr": "*u8" if fmt == 2 else weight[fmt]},
                    dict(FORMAT=fmt, GROUP_SIZE=128, COL_ALIGN=32, BLOCK_M=m, BLOCK_N=512 if m == 1 else 128,
                         BLOCK_K=256, SUB_K=16, WINDOW=128 if fmt == 2 else 256, COMPACT=compact,
-                        PREFETCH=prefetch, LANE_SUM=lane_sum, RED_K=8,
+                        PREFETCH=prefetch, LANE_SUM=lane_sum, LANE_GROUPS=2 if lane_sum else 1, RED_K=8,
                         **fusions, INTERPRET=False), 4, 1)
     yield (sg._dot_gemv_kernel, {}, dict(FORMAT=0, GROUP_SIZE=1, BLOCK_M=1, BLOCK_N=256, BLOCK_K=512, SUB_K=32,
                                          GATED=False, RESIDUAL=False, NORM=False, DETERMINISTIC=False,

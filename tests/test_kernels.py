@@ -153,6 +153,21 @@ def test_kernel_matches_float64_reference(case, compact, stages, lane_sum):
     assert_close_to_ref(out, *args)
 
 
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6], CASES[8]], ids=case_id)
+def test_lane_sum_matches_float64_reference_for_any_lane_groups(case, groups, monkeypatch):
+    """lane_sum keeps LANE_GROUPS accumulator rows per batch row (the launcher picks them from the
+    tile's layout, _lane_groups): every power of two up to sub_k gives the same sums in another
+    order, whatever the layout, so each one is checked, for one and several batch rows."""
+    fmt, dtype, m, k, splits, group, cfg = case
+    monkeypatch.setattr(sg, "_lane_groups", lambda *_: groups)
+    args = make_problem(fmt, dtype, m, k, splits, group)
+    for stages in (1, 2):
+        out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "num_stages": stages,
+                                                               "lane_sum": True}))
+        assert_close_to_ref(out, *args)
+
+
 @pytest.mark.parametrize("reduction", ["ordered", "atomic"])
 @pytest.mark.parametrize("case", DOT_CASES, ids=case_id)
 def test_dot_design_matches_float64_reference(case, reduction, monkeypatch):
