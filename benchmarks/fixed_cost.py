@@ -11,9 +11,6 @@ Per Llama-3-8B shape (bf16, one row, the stored config), graph-timed like bench_
   prefix sum and the scratch round trip cost;
 - ``no_rows_block_k_x2``: as ``no_rows`` with twice the rows per program (half the K blocks):
   how the cost moves with the grid and the partials the last program sums;
-- ``sparse_50_red_all`` / ``no_rows_red_all``: as ``sparse_50`` / ``no_rows`` with the last
-  program loading every partial at once (kernels.triton_gemv._REDUCTION_FLOATS raised), not a
-  few at a time in a loop of dependent L2 round trips;
 - ``empty_same_grid``: a Triton kernel that does nothing, launched on the same grid (what launch
   and CTA scheduling cost in the graph);
 - ``empty_one_program``: the same with one program (the graph's per-kernel floor);
@@ -37,7 +34,6 @@ import triton.language as tl
 
 from benchmarks.timing import MODEL_SHAPES, Problem, copies_for, graph_time_us, make_weight, make_x, threshold_for
 from files import atomic_path, write_json
-from kernels import triton_gemv
 from kernels.triton_gemv import get_config, gpu_name, sparse_gemv_triton, weight_format_name
 
 
@@ -58,17 +54,11 @@ def probe(k: int, splits: list[int]) -> dict:
     variants = (("sparse_50", 0.5, cfg), ("no_rows", None, cfg),
                 ("no_rows_skip", None, dataclasses.replace(cfg, compact=False, num_stages=1)),
                 ("no_rows_block_k_x2", None, dataclasses.replace(cfg, block_k=2 * cfg.block_k)))
-    variants += (("sparse_50_red_all", 0.5, cfg), ("no_rows_red_all", None, cfg))
-    default_floats = triton_gemv._REDUCTION_FLOATS
     for name, sparsity, config in variants:
         thr = (threshold_for(x, sparsity, len(splits)) if sparsity is not None
                else torch.full((len(splits),), float("inf"), device="cuda"))
         problems = [Problem(x, w, thr, splits, None, None, 0) for w, _, _, _ in weights]
-        triton_gemv._REDUCTION_FLOATS = 1 << 16 if name.endswith("_red_all") else default_floats
-        try:
-            row[name] = graph_time_us(lambda i: sparse_gemv_triton(*problems[i].args(), config=config), len(problems))
-        finally:
-            triton_gemv._REDUCTION_FLOATS = default_floats
+        row[name] = graph_time_us(lambda i: sparse_gemv_triton(*problems[i].args(), config=config), len(problems))
     grid = (triton.cdiv(k, cfg.block_k), sum(triton.cdiv(s, cfg.block_n) for s in splits))
     flag = torch.zeros(1, device="cuda")
     row["programs"] = grid[0] * grid[1]
@@ -96,12 +86,10 @@ def main() -> None:
              f"Floors (µs per call in a graph): empty one-program Triton kernel {floors['empty_one_program']:.2f}, "
              f"cuBLAS 1x64x64 {floors['linear_tiny']:.2f}.", "",
              "| layer | K | N | programs | 50% µs | no rows read µs | no rows, no compaction µs | "
-             "no rows, 2x block_k µs | 50%, all partials at once µs | no rows, all partials at once µs | "
-             "empty kernel, same grid µs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "no rows, 2x block_k µs | empty kernel, same grid µs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['layer']} | {r['k']} | {r['n']} | {r['programs']} | {r['sparse_50']:.2f} | {r['no_rows']:.2f} | "
-              f"{r['no_rows_skip']:.2f} | {r['no_rows_block_k_x2']:.2f} | {r['sparse_50_red_all']:.2f} | {r['no_rows_red_all']:.2f} | "
-              f"{r['empty_same_grid']:.2f} |" for r in rows]
+              f"{r['no_rows_skip']:.2f} | {r['no_rows_block_k_x2']:.2f} | {r['empty_same_grid']:.2f} |" for r in rows]
     write_json(args.out.with_suffix(".json"), {"meta": meta, "floors": floors, "rows": rows})
     with atomic_path(args.out.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")

@@ -204,6 +204,7 @@ case $phase in
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     ;;
   ncu)  # where a GEMV call's warps wait (Nsight Compute stall sampling, qkv and down at 50% and with no row read); the reduction read at once
+    # (fixed_cost_red.md came from 6546d92's fixed_cost.py, which also timed the reduction with every partial read at once)
     step 120 python3 -m benchmarks.fixed_cost --out "$out/fixed_cost_red"
     mkdir -p /tmp/ncu
     for layer in qkv down; do

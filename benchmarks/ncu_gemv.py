@@ -16,24 +16,31 @@ import argparse
 import torch
 
 from benchmarks.timing import MODEL_SHAPES, make_weight, make_x, threshold_for
+from cli import FRACTION
 from kernels.triton_gemv import sparse_gemv_triton
+
+
+def sparsity_or_none(text: str) -> float | None:
+    """A fraction in [0, 1), or 'none' (None: an infinite threshold)."""
+    return None if text == "none" else FRACTION(text)
 
 
 def main() -> None:
     layers = {layer: (k, splits) for layer, k, splits in MODEL_SHAPES["llama3-8b"]}
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layer", choices=sorted(layers), required=True, help="Llama-3-8B projection")
-    parser.add_argument("--sparsity", default="0.5", help="fraction of x zeroed, or 'none': no row kept")
+    parser.add_argument("--sparsity", type=sparsity_or_none, default=0.5,
+                        help="fraction of x zeroed, or 'none': no row kept")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: benchmarks.ncu_gemv needs a CUDA GPU")
     k, splits = layers[args.layer]
     w = make_weight("bf16", k, sum(splits), "cuda", seed=1)[0]
     x = make_x(1, k, torch.bfloat16, "cuda", seed=0)
-    if args.sparsity == "none":
+    if args.sparsity is None:
         thr = torch.full((len(splits),), float("inf"), device="cuda")
     else:
-        thr = threshold_for(x, float(args.sparsity), len(splits))
+        thr = threshold_for(x, args.sparsity, len(splits))
     for _ in range(4):
         sparse_gemv_triton(x, w, thr, splits)
     torch.cuda.synchronize()

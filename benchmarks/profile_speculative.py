@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -67,12 +68,13 @@ def summarize(trace: dict, top_gaps: int = 10, min_gap_us: float = 20.0) -> dict
 
 
 def markdown(meta: dict, summary: dict, cpu_table: str) -> str:
-    lines = [f"# Self-speculative run under torch.profiler ({meta['device']}, torch {meta['torch']}, {meta['date']})", "",
-             f"`python -m benchmarks.profile_speculative --out {meta['out']} -- {' '.join(meta['generate_args'])}`", "",
-             f"Profiled call: {meta['wall_ms']:.1f} ms wall. GPU kernels {summary['gpu_busy_us'] / 1e3:.1f} ms busy of a "
-             f"{summary['gpu_span_us'] / 1e3:.1f} ms span, idle {summary['gpu_idle_us'] / 1e3:.1f} ms; "
-             f"{summary['idle_gaps_over_min']} gaps of at least {summary['min_gap_us']:.0f} us hold "
-             f"{summary['idle_us_in_those_gaps'] / 1e3:.1f} ms.", "",
+    ms = {key: summary[key] / 1e3 for key in ("gpu_busy_us", "gpu_span_us", "gpu_idle_us", "idle_us_in_those_gaps")}
+    command = f"python -m benchmarks.profile_speculative --out {meta['out']} -- {shlex.join(meta['generate_args'])}"
+    lines = [f"# Self-speculative run under torch.profiler ({meta['device']}, torch {meta['torch']}, "
+             f"{meta['date']})", "", f"`{command}`", "",
+             f"Profiled call: {meta['wall_ms']:.1f} ms wall. GPU kernels {ms['gpu_busy_us']:.1f} ms busy of a "
+             f"{ms['gpu_span_us']:.1f} ms span, idle {ms['gpu_idle_us']:.1f} ms; {summary['idle_gaps_over_min']} "
+             f"gaps of at least {summary['min_gap_us']:.0f} us hold {ms['idle_us_in_those_gaps']:.1f} ms.", "",
              "| idle gap us | CPU ops during it (us of overlap) |", "|---|---|"]
     lines += [f"| {g['gap_us']} | {', '.join(f'{k} {v}' for k, v in g['cpu_ops_us'].items())} |"
               for g in summary["longest_gaps"]]

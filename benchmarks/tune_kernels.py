@@ -103,8 +103,8 @@ def config_kind(c: KernelConfig) -> str:
     """The variant a config selects: design, then the rows design's loop options."""
     if c.design != "rows":
         return c.design
-    return "rows" + "".join(f"-{name}" for name, on in (("compact", c.compact), ("prefetch", c.compact and c.num_stages >= 2),
-                                                         ("lane_sum", c.lane_sum)) if on)
+    options = (("compact", c.compact), ("prefetch", c.compact and c.num_stages >= 2), ("lane_sum", c.lane_sum))
+    return "rows" + "".join(f"-{name}" for name, on in options if on)
 
 
 def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float], quick: bool,
