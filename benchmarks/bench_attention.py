@@ -5,10 +5,7 @@
 
 For each model shape (B=1, bf16) and context c (position p = c - 1) it first checks every
 method against a float64 reference, then times, in µs per call:
-  * triton        ``decode_attention`` (torch.ops.teal.decode_attention, default split count;
-                  the last program of each KV-head group merges the chunks: one launch);
-  * triton 2-launch  the same split count, the chunks merged by a second kernel (the design
-                  before 2026-12-03, TEAL_ATTENTION_COMBINE=kernel);
+  * triton        ``decode_attention`` (torch.ops.teal.decode_attention, default split count);
   * triton nN     the same kernels with N splits per (batch, KV head) (tuning aid);
   * sdpa_masked   F.scaled_dot_product_attention over the full static cache with a boolean
                   mask, enable_gqa=True: what model.py does today;
@@ -80,10 +77,6 @@ def methods(layers: list[tuple[torch.Tensor, ...]], context: int, num_splits: li
         q, k, v = layers[i]
         return decode_attention(q, k, v, pos)
 
-    def triton_two_launches(i: int) -> torch.Tensor:
-        q, k, v = layers[i]
-        return decode_attention_triton(q, k, v, pos, combine="kernel")
-
     def triton_splits(n: int) -> Callable[[int], torch.Tensor]:
         def step(i: int) -> torch.Tensor:
             q, k, v = layers[i]
@@ -99,7 +92,7 @@ def methods(layers: list[tuple[torch.Tensor, ...]], context: int, num_splits: li
         return F.scaled_dot_product_attention(q[:, :, None], k[:, :, :context], v[:, :, :context],
                                               enable_gqa=gqa)[:, :, 0]
 
-    out = {"triton": triton_default, "triton 2-launch": triton_two_launches}
+    out = {"triton": triton_default}
     out.update({f"triton n{n}": triton_splits(n) for n in num_splits
                 if n != default_splits(layers) and 1 <= n <= MAX_SPLITS})
     out.update({"sdpa_masked": sdpa_masked, "sdpa_prefix": sdpa_prefix})

@@ -22,13 +22,9 @@ work split from p:
     per group: the scores are one [G, D] x [D, BLOCK_S] dot per tile, followed by an
     online softmax in fp32.  A program whose chunk starts beyond p returns at once,
     writing nothing.  The others store their normalized output and log-sum-exp (base 2).
-  * The merge: ceil((p + 1) / chunk) chunks hold data; their outputs combine by the
-    log-sum-exp rule.  By default the last of a group's programs to finish merges them (each
-    takes a ticket from a per-group arrival counter after its stores, as the sparse GEMV's
-    split-K does, and the last one resets it): one launch per call.  TEAL_ATTENTION_COMBINE=
-    kernel merges in a second launch instead (``_combine_kernel``, grid (B * H,)), the design
-    before 2026-12-03, kept to time the two side by side.
-  * With NUM_SPLITS = 1, stage 1 writes the output itself and nothing merges.
+  * Stage 2 (``_combine_kernel``), grid (B * H,), reads p again, so it knows how many
+    chunks hold data (ceil((p + 1) / chunk)), and merges them with the log-sum-exp rule.
+  * With NUM_SPLITS = 1, stage 1 writes the output itself and stage 2 is not launched.
 
 The fused decode step (FUSED): stage 1 reads q from the q|k|v projection row and applies RoPE
 itself, and the program whose chunk holds p first writes the rotated key and the value of the new
@@ -44,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -53,7 +48,6 @@ from torch import Tensor
 from triton.runtime.jit import JITFunction
 
 from kernels.reference import MAX_GROUP, validate_attention as _validate, validate_step
-from kernels.triton_gemv import arrival_counters
 
 __all__ = ["INTERPRETED", "MAX_SPLITS", "decode_attention_step_triton", "decode_attention_triton",
            "default_block_s", "default_num_splits"]
@@ -61,7 +55,6 @@ __all__ = ["INTERPRETED", "MAX_SPLITS", "decode_attention_step_triton", "decode_
 MAX_SPLITS = 64  # stage 2 holds [MAX_SPLITS, D] fp32 partials in registers
 PROGRAMS_PER_SM = 2  # stage-1 programs to aim for per SM (D=128 bf16: ~70 KB shared memory, 135 registers)
 CPU_SM_COUNT = 132  # stand-in under the interpreter (an H200's count), so CPU runs split like the GPU
-COMBINE_ENV = "TEAL_ATTENTION_COMBINE"  # "last" (default): the last split program merges; "kernel": a second launch
 _LOG2E = 1.4426950408889634
 
 
@@ -100,22 +93,6 @@ def _load_position(pos_ptr, S_MAX):
     return tl.minimum(tl.maximum(tl.load(pos_ptr).to(tl.int32), 0), S_MAX - 1)
 
 
-@triton.jit
-def _merge_splits(o_part_ptr, lse_part_ptr, out_ptr, row, n_valid, NUM_SPLITS,
-                  D: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    """out[row] = the chunks' outputs weighted by exp2(lse): the first n_valid splits of row (the
-    rest hold stale memory). Loads bypass L1 (.cg): other programs wrote the partials."""
-    sp = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, D)
-    sp_ok = sp < n_valid
-    lse = tl.load(lse_part_ptr + row * NUM_SPLITS + sp, mask=sp_ok, other=float("-inf"), cache_modifier=".cg")
-    w = tl.exp2(lse - tl.max(lse, axis=0))  # chunk 0 always holds data: the max is finite
-    o = tl.load(o_part_ptr + (row * NUM_SPLITS + sp[:, None]) * D + d[None, :], mask=sp_ok[:, None], other=0.0,
-                cache_modifier=".cg")
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
-
-
 # ---------------------------------------------------------------------------
 # Stage 1: one program per (batch, KV head, chunk), all query heads of the group
 # ---------------------------------------------------------------------------
@@ -136,7 +113,7 @@ def _rotate_pairs(x_ptr, rows, ok, cs_ptr, N: tl.constexpr, D: tl.constexpr):
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, o_part_ptr, lse_part_ptr, cs_ptr, counter_ptr,
+    q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, o_part_ptr, lse_part_ptr, cs_ptr,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -147,8 +124,6 @@ def _split_kernel(
     D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     SINGLE: tl.constexpr,  # one chunk covers the cache: write the final output directly
-    MERGE: tl.constexpr,  # the group's last program to finish merges the chunks (else stage 2 does)
-    SPLITS_PAD: tl.constexpr,  # power of two >= NUM_SPLITS (the merge's tile)
     DOT_FP32: tl.constexpr,  # fp32 operands with IEEE products (fp32 inputs; interpreter)
     FUSED: tl.constexpr,  # q_ptr is the q|k|v projection row: RoPE q and k, write k and v at p
 ):
@@ -220,19 +195,10 @@ def _split_kernel(
         part = rows * NUM_SPLITS + split
         tl.store(o_part_ptr + part[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
         tl.store(lse_part_ptr + part, m_i + tl.log2(l_i), mask=g_ok)
-        if MERGE:
-            n_valid = tl.cdiv(p + 1, chunk)
-            tl.debug_barrier()  # all threads' partial stores precede the release below
-            ticket = tl.atomic_add(counter_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
-            if ticket == n_valid - 1:
-                for i in tl.static_range(GROUP):
-                    _merge_splits(o_part_ptr, lse_part_ptr, out_ptr, (b * H_KV + kvh) * GROUP + i, n_valid,
-                                  NUM_SPLITS, D, SPLITS_PAD)
-                tl.store(counter_ptr + pid_bh, 0)  # ready for the next call
 
 
 # ---------------------------------------------------------------------------
-# Stage 2 (TEAL_ATTENTION_COMBINE=kernel): merge the chunks, one program per (batch, query head)
+# Stage 2: merge the chunks that hold data, one program per (batch, query head)
 # ---------------------------------------------------------------------------
 
 
@@ -246,8 +212,15 @@ def _combine_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     p = _load_position(pos_ptr, S_MAX)
-    n_valid = tl.cdiv(p + 1, _chunk_len(p, NUM_SPLITS, BLOCK_S))
-    _merge_splits(o_part_ptr, lse_part_ptr, out_ptr, row, n_valid, NUM_SPLITS, D, SPLITS_PAD)
+    n_valid = tl.cdiv(p + 1, _chunk_len(p, NUM_SPLITS, BLOCK_S))  # the rest hold stale memory
+    sp = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D)
+    sp_ok = sp < n_valid
+    lse = tl.load(lse_part_ptr + row * NUM_SPLITS + sp, mask=sp_ok, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # chunk 0 always holds data: the max is finite
+    o = tl.load(o_part_ptr + (row * NUM_SPLITS + sp[:, None]) * D + d[None, :], mask=sp_ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
 
 
 # ---------------------------------------------------------------------------
@@ -257,17 +230,9 @@ def _combine_kernel(
 INTERPRETED = not isinstance(_split_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
 
 
-def _merge_in_stage_one(combine: str | None) -> bool:
-    """True: the last split program merges (one launch); False: stage 2 does (two launches)."""
-    mode = combine or os.environ.get(COMBINE_ENV, "last")
-    if mode not in ("last", "kernel"):
-        raise ValueError(f"{COMBINE_ENV} (combine) must be 'last' or 'kernel', got {mode!r}")
-    return mode == "last"
-
-
 def _launch(q_src: Tensor, q_strides: tuple[int, int, int], cs: Tensor, fused: bool, b: int, h: int,
             k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float | None,
-            num_splits: int | None, block_s: int | None, num_warps: int, combine: str | None) -> Tensor:
+            num_splits: int | None, block_s: int | None, num_warps: int) -> Tensor:
     """Stage 1 (+ stage 2 when split) for q given as [B, H, D] strides (plain) or as q|k|v rows."""
     if q_src.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
@@ -282,10 +247,6 @@ def _launch(q_src: Tensor, q_strides: tuple[int, int, int], cs: Tensor, fused: b
         raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}.")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     single = num_splits == 1
-    merge = _merge_in_stage_one(combine) and not single
-    counters = arrival_counters(q_src.device) if merge else input_pos  # unused unless merging
-    if merge and b * h_kv > counters.numel():
-        raise ValueError(f"B * Hkv = {b * h_kv} groups exceed the {counters.numel()} arrival counters.")
 
     out = torch.empty((b, h, d), dtype=k_cache.dtype, device=k_cache.device)
     if single:  # stage 1 writes `out`; the partial pointers are unused
@@ -295,15 +256,15 @@ def _launch(q_src: Tensor, q_strides: tuple[int, int, int], cs: Tensor, fused: b
         lse_part = torch.empty((b * h, num_splits), dtype=torch.float32, device=out.device)
 
     _split_kernel[(b * h_kv, num_splits)](
-        q_src, k_cache, v_cache, input_pos, out, o_part, lse_part, cs, counters,
+        q_src, k_cache, v_cache, input_pos, out, o_part, lse_part, cs,
         *q_strides, *k_cache.stride(), *v_cache.stride(),
         scale * _LOG2E, h_kv, s_max, num_splits,
         GROUP=h // h_kv, GROUP_PAD=max(16, triton.next_power_of_2(h // h_kv)), D=d,
-        BLOCK_S=block_s, SINGLE=single, MERGE=merge, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        BLOCK_S=block_s, SINGLE=single,
         DOT_FP32=INTERPRETED or k_cache.dtype == torch.float32, FUSED=fused,
         num_warps=num_warps,
     )
-    if not single and not merge:
+    if not single:
         _combine_kernel[(b * h,)](
             o_part, lse_part, input_pos, out, s_max, num_splits,
             D=d, BLOCK_S=block_s, SPLITS_PAD=triton.next_power_of_2(num_splits),
@@ -321,18 +282,16 @@ def decode_attention_triton(
     num_splits: int | None = None,
     block_s: int | None = None,
     num_warps: int = 4,
-    combine: str | None = None,
 ) -> Tensor:
     """Run the Triton kernels (on CUDA, or on CPU under TRITON_INTERPRET=1).
 
-    ``num_splits`` (default ``default_num_splits``, 1..MAX_SPLITS), ``block_s`` (positions
-    per tile, a power of two >= 16, default ``default_block_s``) and ``combine`` ("last" or
-    "kernel", default $TEAL_ATTENTION_COMBINE or "last") are exposed for tests and tuning.
-    Positions outside 0..S_max-1 are clamped in the kernel (a host check would sync).
+    ``num_splits`` (default ``default_num_splits``, 1..MAX_SPLITS) and ``block_s`` (positions
+    per tile, a power of two >= 16, default ``default_block_s``) are exposed for tests and
+    tuning.  Positions outside 0..S_max-1 are clamped in the kernel (a host check would sync).
     """
     _validate(q, k_cache, v_cache, input_pos, scale)
     return _launch(q, q.stride(), q, False, q.shape[0], q.shape[1], k_cache, v_cache, input_pos, scale,
-                   num_splits, block_s, num_warps, combine)
+                   num_splits, block_s, num_warps)
 
 
 def decode_attention_step_triton(
@@ -346,7 +305,6 @@ def decode_attention_step_triton(
     num_splits: int | None = None,
     block_s: int | None = None,
     num_warps: int = 4,
-    combine: str | None = None,
 ) -> Tensor:
     """The decode step of attention in one op: RoPE on q and k, k and v written into the caches at
     position p, attention over 0..p. qkv [B, (n_head + 2 Hkv) D] is the fused projection's output,
@@ -355,4 +313,4 @@ def decode_attention_step_triton(
     q_shape = validate_step(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
     b = q_shape[0]
     return _launch(qkv, (qkv.stride(0), 0, 0), freqs_cis, True, b, n_head, k_cache, v_cache, input_pos, scale,
-                   num_splits, block_s, num_warps, combine)
+                   num_splits, block_s, num_warps)

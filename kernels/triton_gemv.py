@@ -815,8 +815,7 @@ def _persistent_buffers(device: torch.device) -> tuple[Tensor, Tensor]:
     buffers = _buffers.get(device)
     if buffers is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("Call sparse_gemv or decode_attention once on this device before capturing a CUDA graph "
-                               "(the first call allocates their persistent buffers).")
+            raise RuntimeError("Call sparse_gemv once on this device before capturing a CUDA graph.")
         made: list[tuple[Tensor, Tensor]] = []
 
         def allocate() -> None:
@@ -832,13 +831,6 @@ def _persistent_buffers(device: torch.device) -> tuple[Tensor, Tensor]:
             raise RuntimeError(f"Could not allocate the sparse_gemv buffers on {device}.")
         buffers = _buffers[device] = made[0]
     return buffers
-
-
-def arrival_counters(device: torch.device) -> Tensor:
-    """The per-device int32 counters (zero between calls) that split programs take tickets from;
-    shared with kernels/attention.py: kernels of one stream run one after another and each call
-    leaves the counters it used at zero."""
-    return _persistent_buffers(device)[0]
 
 
 def _lane_groups(cfg: KernelConfig, fmt: int, elem_bytes: int, col_align: int) -> int:

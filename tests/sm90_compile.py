@@ -77,10 +77,9 @@ def gemv_variants():
 
 
 def attention_variants():
-    for fused, (single, merge) in itertools.product((False, True), ((False, False), (False, True), (True, False))):
+    for fused, single in itertools.product((False, True), (False, True)):
         yield (at._split_kernel, {"pos_ptr": "*i64", "out_ptr": "*bf16", "cs_ptr": "*fp32"},
-               dict(GROUP=4, GROUP_PAD=16, D=128, BLOCK_S=64, SINGLE=single, MERGE=merge, SPLITS_PAD=32,
-                    DOT_FP32=False, FUSED=fused), 4, 1)
+               dict(GROUP=4, GROUP_PAD=16, D=128, BLOCK_S=64, SINGLE=single, DOT_FP32=False, FUSED=fused), 4, 1)
     yield (at._combine_kernel, {"pos_ptr": "*i64"}, dict(D=128, BLOCK_S=64, SPLITS_PAD=32), 4, 1)
 
 

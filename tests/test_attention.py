@@ -13,10 +13,9 @@ import torch
 from fixtures import COMPILE_BACKENDS, DEVICE, HAS_CUDA, needs_cuda
 
 import benchmarks.bench_attention as bench_attention
-from kernels.attention import COMBINE_ENV, MAX_SPLITS, decode_attention_triton, default_block_s, default_num_splits
+from kernels.attention import MAX_SPLITS, decode_attention_triton, default_block_s, default_num_splits
 from kernels.ops import decode_attention
 from kernels.reference import attention_reference as decode_attention_reference
-from kernels.triton_gemv import arrival_counters
 
 pytestmark = pytest.mark.usefixtures("interpreted_kernels")
 
@@ -102,31 +101,6 @@ def test_single_split_writes_output_directly(s_max, p, splits):
     """One split (explicit, or a cache within one tile): stage 1 writes the output, no combine."""
     q, k, v = make_problem(2, 3, 3, s_max, 64, torch.float32, seed=s_max)
     assert_close_to_ref(decode_attention_triton(q, k, v, pos_tensor(p), num_splits=splits), q, k, v, p)
-
-
-@pytest.mark.parametrize("b,h,h_kv,d,dtype", [(2, 8, 2, 64, torch.bfloat16), (1, 9, 3, 64, torch.float32)])
-def test_last_program_merge_equals_second_launch(b, h, h_kv, d, dtype):
-    """The default merge (the group's last program, after an arrival ticket) and the two-launch
-    design compute the same sums in the same order: equal bit for bit, at every chunk count from
-    one to all; and every call leaves the arrival counters at zero for the next."""
-    q, k, v = make_problem(b, h, h_kv, 72, d, dtype, seed=b)
-    counters = arrival_counters(q.device)
-    for p in (0, 15, 16, 33, 47, 48, 71):
-        last = decode_attention_triton(q, k, v, pos_tensor(p), num_splits=SPLITS, block_s=TILE, combine="last")
-        assert not counters.any(), f"p={p}: counters left at {counters.nonzero().flatten().tolist()}"
-        kernel = decode_attention_triton(q, k, v, pos_tensor(p), num_splits=SPLITS, block_s=TILE, combine="kernel")
-        assert torch.equal(last, kernel), f"p={p}"
-        assert_close_to_ref(last, q, k, v, p)
-
-
-def test_merge_mode_from_the_environment(monkeypatch):
-    q, k, v = make_problem(1, 4, 2, 72, 64, torch.float32)
-    expected = decode_attention_triton(q, k, v, pos_tensor(40), num_splits=SPLITS, block_s=TILE, combine="kernel")
-    monkeypatch.setenv(COMBINE_ENV, "kernel")
-    assert torch.equal(decode_attention_triton(q, k, v, pos_tensor(40), num_splits=SPLITS, block_s=TILE), expected)
-    monkeypatch.setenv(COMBINE_ENV, "both")
-    with pytest.raises(ValueError, match=COMBINE_ENV):
-        decode_attention_triton(q, k, v, pos_tensor(40), num_splits=SPLITS, block_s=TILE)
 
 
 def test_default_rules():
@@ -295,7 +269,7 @@ def test_bench_helpers_on_tiny_shapes():
     assert bench.kv_floor_us(1, 8, 128, 4096) == pytest.approx(16_777_216 / 4.28e6)
     layers = bench.make_layers(2, 1, 6, 2, 16, 128, torch.bfloat16, DEVICE)  # default: 2 splits of 64-tiles
     steps = bench.methods(layers, context=37, num_splits=[1, 2, 100])
-    assert list(steps) == ["triton", "triton 2-launch", "triton n1", "sdpa_masked", "sdpa_prefix"]  # 2: default; 100: too many
+    assert list(steps) == ["triton", "triton n1", "sdpa_masked", "sdpa_prefix"]  # 2 is the default, 100 too many
     errors = bench.check_correctness(steps, layers, context=37)
     assert set(errors) == set(steps) | {"triton_vs_sdpa_prefix"}
     assert max(errors.values()) < 0.05
@@ -321,19 +295,6 @@ def test_bench_without_gpu_exits_cleanly(capsys):
 def test_gpu_llama_shapes(h, h_kv, d, p):
     q, k, v = make_problem(1, h, h_kv, 8192, d, torch.bfloat16, seed=p)
     assert_close_to_ref(decode_attention(q, k, v, pos_tensor(p)), q, k, v, p)
-
-
-@needs_cuda
-def test_gpu_last_program_merge_has_no_race():
-    """On a GPU the split programs run concurrently: a merge that started before every chunk's
-    partial was visible would read stale memory and differ from the two-launch merge."""
-    q, k, v = make_problem(1, 32, 8, 8192, 128, torch.bfloat16)
-    for p in range(63, 8192, 509):
-        for splits in (None, 64):
-            last = decode_attention_triton(q, k, v, pos_tensor(p), num_splits=splits, combine="last")
-            kernel = decode_attention_triton(q, k, v, pos_tensor(p), num_splits=splits, combine="kernel")
-            assert torch.equal(last, kernel), f"p={p} splits={splits}"
-    assert not arrival_counters(q.device).any()
 
 
 @needs_cuda
