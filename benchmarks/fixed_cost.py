@@ -14,7 +14,12 @@ Per Llama-3-8B shape (bf16, one row, the stored config), graph-timed like bench_
 - ``empty_same_grid``: a Triton kernel that does nothing, launched on the same grid (what launch
   and CTA scheduling cost in the graph);
 - ``empty_one_program``: the same with one program (the graph's per-kernel floor);
-- ``linear_tiny``: cuBLAS on a 1 x 64 x 64 product (cuBLAS's floor, same timer).
+- ``linear_tiny``: cuBLAS on a 1 x 64 x 64 product (cuBLAS's floor, same timer);
+- ``dense_half_k``: the same kernel and config at 0% on a dense matrix of K/2 rows: the bytes of
+  the 50% call without any row selection (what the sparsity handling itself costs);
+- ``cublas_half_k``: cuBLAS (F.linear, nn.Linear's [N, K/2] layout) on those K/2 rows: what a
+  vendor GEMV takes for exactly the bytes a 50% call must read, the bound of any kernel that
+  runs as one launch per projection (``cublas_full_k``: the dense projection, for scale).
 
 A per-call cost far above ``empty_same_grid`` in ``no_rows`` is work inside the kernel that does
 not scale with the bytes read (the target of the next GEMV change). Usage::
@@ -59,6 +64,17 @@ def probe(k: int, splits: list[int]) -> dict:
                else torch.full((len(splits),), float("inf"), device="cuda"))
         problems = [Problem(x, w, thr, splits, None, None, 0) for w, _, _, _ in weights]
         row[name] = graph_time_us(lambda i: sparse_gemv_triton(*problems[i].args(), config=config), len(problems))
+    half = [make_weight("bf16", k // 2, n, "cuda", seed=50 + i) for i in range(copies_for(k * n))]
+    x_half = x[:, : k // 2].contiguous()
+    zero = torch.zeros(len(splits), device="cuda")
+    row["dense_half_k"] = graph_time_us(
+        lambda i: sparse_gemv_triton(x_half, half[i][0], zero, splits, config=cfg), len(half))
+    linear_half = [w.t().contiguous() for w, _, _, _ in half]
+    row["cublas_half_k"] = graph_time_us(lambda i: torch.nn.functional.linear(x_half, linear_half[i]), len(half))
+    del linear_half, half
+    linear_full = [w.t().contiguous() for w, _, _, _ in weights]
+    row["cublas_full_k"] = graph_time_us(lambda i: torch.nn.functional.linear(x, linear_full[i]), len(linear_full))
+    del linear_full
     grid = (triton.cdiv(k, cfg.block_k), sum(triton.cdiv(s, cfg.block_n) for s in splits))
     flag = torch.zeros(1, device="cuda")
     row["programs"] = grid[0] * grid[1]
@@ -86,11 +102,15 @@ def main() -> None:
              f"Floors (µs per call in a graph): empty one-program Triton kernel {floors['empty_one_program']:.2f}, "
              f"cuBLAS 1x64x64 {floors['linear_tiny']:.2f}.", "",
              "| layer | K | N | programs | 50% µs | no rows read µs | no rows, no compaction µs | "
-             "no rows, 2x block_k µs | empty kernel, same grid µs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "no rows, 2x block_k µs | empty kernel, same grid µs | ours dense K/2 µs | cuBLAS K/2 µs | "
+             "cuBLAS K µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['layer']} | {r['k']} | {r['n']} | {r['programs']} | {r['sparse_50']:.2f} | {r['no_rows']:.2f} | "
-              f"{r['no_rows_skip']:.2f} | {r['no_rows_block_k_x2']:.2f} | {r['empty_same_grid']:.2f} |" for r in rows]
-    write_json(args.out.with_suffix(".json"), {"meta": meta, "floors": floors, "rows": rows})
+              f"{r['no_rows_skip']:.2f} | {r['no_rows_block_k_x2']:.2f} | {r['empty_same_grid']:.2f} | "
+              f"{r['dense_half_k']:.2f} | {r['cublas_half_k']:.2f} | {r['cublas_full_k']:.2f} |" for r in rows]
+    per_layer = {c: sum(r[c] for r in rows) for c in ("sparse_50", "dense_half_k", "cublas_half_k")}
+    lines += ["", "Per layer (the four calls): " + ", ".join(f"{c} {v:.1f} µs" for c, v in per_layer.items()) + "."]
+    write_json(args.out.with_suffix(".json"), {"meta": meta, "floors": floors, "rows": rows, "per_layer": per_layer})
     with atomic_path(args.out.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

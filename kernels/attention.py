@@ -48,6 +48,7 @@ from torch import Tensor
 from triton.runtime.jit import JITFunction
 
 from kernels.reference import MAX_GROUP, validate_attention as _validate, validate_step
+from kernels.triton_gemv import launch_options
 
 __all__ = ["INTERPRETED", "MAX_SPLITS", "decode_attention_step_triton", "decode_attention_triton",
            "default_block_s", "default_num_splits"]
@@ -126,9 +127,12 @@ def _split_kernel(
     SINGLE: tl.constexpr,  # one chunk covers the cache: write the final output directly
     DOT_FP32: tl.constexpr,  # fp32 operands with IEEE products (fp32 inputs; interpreter)
     FUSED: tl.constexpr,  # q_ptr is the q|k|v projection row: RoPE q and k, write k and v at p
+    PDL: tl.constexpr,  # launched early (TEAL_PDL=1): wait for the previous kernel before any access
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     p = _load_position(pos_ptr, S_MAX)
     chunk = _chunk_len(p, NUM_SPLITS, BLOCK_S)
     start = split * chunk
@@ -186,6 +190,8 @@ def _split_kernel(
             pv = tl.dot(probs.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
     acc = acc / l_i[:, None]
     rows = (b * H_KV + kvh) * GROUP + g  # flat (batch, query head) index
@@ -209,8 +215,12 @@ def _combine_kernel(
     D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     p = _load_position(pos_ptr, S_MAX)
     n_valid = tl.cdiv(p + 1, _chunk_len(p, NUM_SPLITS, BLOCK_S))  # the rest hold stale memory
     sp = tl.arange(0, SPLITS_PAD)
@@ -255,20 +265,21 @@ def _launch(q_src: Tensor, q_strides: tuple[int, int, int], cs: Tensor, fused: b
         o_part = torch.empty((b * h, num_splits, d), dtype=torch.float32, device=out.device)
         lse_part = torch.empty((b * h, num_splits), dtype=torch.float32, device=out.device)
 
+    pdl = launch_options(q_src.device)
     _split_kernel[(b * h_kv, num_splits)](
         q_src, k_cache, v_cache, input_pos, out, o_part, lse_part, cs,
         *q_strides, *k_cache.stride(), *v_cache.stride(),
         scale * _LOG2E, h_kv, s_max, num_splits,
         GROUP=h // h_kv, GROUP_PAD=max(16, triton.next_power_of_2(h // h_kv)), D=d,
         BLOCK_S=block_s, SINGLE=single,
-        DOT_FP32=INTERPRETED or k_cache.dtype == torch.float32, FUSED=fused,
-        num_warps=num_warps,
+        DOT_FP32=INTERPRETED or k_cache.dtype == torch.float32, FUSED=fused, PDL=bool(pdl),
+        num_warps=num_warps, **pdl,
     )
     if not single:
         _combine_kernel[(b * h,)](
             o_part, lse_part, input_pos, out, s_max, num_splits,
-            D=d, BLOCK_S=block_s, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            num_warps=4 if num_splits * d <= 4096 else 8,
+            D=d, BLOCK_S=block_s, SPLITS_PAD=triton.next_power_of_2(num_splits), PDL=bool(pdl),
+            num_warps=4 if num_splits * d <= 4096 else 8, **pdl,
         )
     return out
 

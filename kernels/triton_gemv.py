@@ -438,6 +438,7 @@ def _sparse_gemv_kernel(
     WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, LANE_SUM: tl.constexpr,
     LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     LANES: tl.constexpr = BLOCK_M * SUB_K
     pid_k = tl.program_id(0)
@@ -457,6 +458,8 @@ def _sparse_gemv_kernel(
         first_block += n_blocks
     col_start = tl.multiple_of(col_start, COL_ALIGN)  # alignment hints let loads vectorize
     col_end = tl.multiple_of(col_end, COL_ALIGN)
+    if PDL:  # launched early: no memory access before the previous kernel has finished
+        tl.extra.cuda.gdc_wait()
     threshold = tl.load(thr_ptr + seg)
     cols = col_start + tl.arange(0, BLOCK_N)
     cols_ok = cols < col_end
@@ -565,6 +568,8 @@ def _sparse_gemv_kernel(
         else:
             acc = wacc
 
+    if PDL:  # the next kernel may start launching (it waits for this grid before any access)
+        tl.extra.cuda.gdc_launch_dependents()
     # Publish this block's partial; the last program of the column block reduces.
     out_ok = (m_offs[:, None] < M) & cols_ok[None, :]
     if FORMAT == 2:
@@ -692,7 +697,7 @@ def _dot_gemv_kernel(
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -703,6 +708,8 @@ def _dot_gemv_kernel(
     for j in tl.static_range(1, _SEGMENT_SLOTS):
         seg += (col0 >= SPLITS[j]).to(tl.int32)
     cols = tl.multiple_of(col0, BLOCK_N) + tl.arange(0, BLOCK_N)
+    if PDL:  # launched early: no memory access before the previous kernel has finished
+        tl.extra.cuda.gdc_wait()
     threshold = tl.load(thr_ptr + seg)
     m_offs = tl.arange(0, BLOCK_M)
     m_ok = m_offs < M
@@ -749,6 +756,8 @@ def _dot_gemv_kernel(
             acc += _dot(xt, wt, DTYPE, INTERPRET)
     if FORMAT == 2:
         acc = _interleave8(a0, a1, a2, a3, a4, a5, a6, a7)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
     out_rows = tl.arange(0, 16)
     out_offs = out_rows[:, None] * N + cols[None, :]
@@ -790,6 +799,18 @@ INTERPRETED = not isinstance(_sparse_gemv_kernel, JITFunction)  # TRITON_INTERPR
 # The "dot" design's reduction over K blocks: "ordered" sums the partials in a fixed order
 # (bit-reproducible), "atomic" adds them with fp32 atomics (last bits depend on arrival order).
 REDUCTION_ENV = "TEAL_GEMV_REDUCTION"
+# Programmatic dependent launch (Hopper+): "1" launches the GEMV and attention kernels so that
+# each starts launching while the previous one finishes (it waits before touching memory).
+PDL_ENV = "TEAL_PDL"
+
+
+def launch_options(device: torch.device) -> dict:
+    """Extra launch arguments of the GEMV and attention kernels: ``launch_pdl`` under TEAL_PDL=1
+    on a CUDA device (the interpreter has no PDL); the kernels' PDL constexpr is its value."""
+    value = os.environ.get(PDL_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{PDL_ENV} must be 0 or 1, got {value!r}")
+    return {"launch_pdl": True} if value == "1" and device.type == "cuda" and not INTERPRETED else {}
 
 
 def _deterministic() -> bool:
@@ -887,6 +908,7 @@ def sparse_gemv_triton(
     fusions = dict(GATED=gated, RESIDUAL=residual is not None, NORM=norm_weight is not None)
 
     block_m = triton.next_power_of_2(m)
+    pdl = launch_options(x.device)
     if cfg.design == "dot":
         # int4 always reduces in order: fp32 atomics of its interleaved planes came out wrong on
         # the H200 for 512-column tiles (GPU tests, 2026-12-02; not pinned down further).
@@ -902,7 +924,7 @@ def sparse_gemv_triton(
             m, k, n, w.shape[1], float(eps), splits,
             FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             SUB_K=cfg.sub_k, **fusions, DETERMINISTIC=deterministic,
-            INTERPRET=INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         )
         return out
 
@@ -924,7 +946,7 @@ def sparse_gemv_triton(
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
         PREFETCH=cfg.compact and cfg.num_stages >= 2, LANE_SUM=cfg.lane_sum,
         LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k, **fusions,
-        INTERPRET=INTERPRETED,
-        num_warps=cfg.num_warps, num_stages=1,
+        INTERPRET=INTERPRETED, PDL=bool(pdl),
+        num_warps=cfg.num_warps, num_stages=1, **pdl,
     )
     return out

@@ -52,7 +52,7 @@ def compile_one(kernel, pointers: dict[str, str], constexprs: dict, num_warps: i
     divisible = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params)
                  if not p.is_constexpr and sig[p.name] != "fp32" and p.name != "SPLITS"}
     triton.compile(ASTSource(kernel, sig, constexprs, attrs=divisible), target=TARGET,
-                   options=dict(num_warps=num_warps, num_stages=num_stages))
+                   options=dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=constexprs["PDL"]))
 
 
 def gemv_variants():
@@ -63,24 +63,26 @@ def gemv_variants():
         fusions = dict(GATED=gated, RESIDUAL=residual, NORM=norm)
         yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
                dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, BLOCK_N=256, BLOCK_K=512, SUB_K=128 if fmt == 2 else 32,
-                    **fusions, DETERMINISTIC=True, INTERPRET=False), 4, 3)
+                    **fusions, DETERMINISTIC=True, INTERPRET=False, PDL=gated), 4, 3)
         for compact, prefetch, lane_sum in ((True, False, False), (True, True, False), (True, True, True),
                                             (False, False, False), (False, False, True)):
             yield (sg._sparse_gemv_kernel, {"w_ptr": "*u8" if fmt == 2 else weight[fmt]},
                    dict(FORMAT=fmt, GROUP_SIZE=128, COL_ALIGN=32, BLOCK_M=m, BLOCK_N=512 if m == 1 else 128,
                         BLOCK_K=256, SUB_K=16, WINDOW=128 if fmt == 2 else 256, COMPACT=compact,
                         PREFETCH=prefetch, LANE_SUM=lane_sum, LANE_GROUPS=2 if lane_sum else 1, RED_K=8,
-                        **fusions, INTERPRET=False), 4, 1)
+                        **fusions, INTERPRET=False, PDL=compact and not lane_sum), 4, 1)
     yield (sg._dot_gemv_kernel, {}, dict(FORMAT=0, GROUP_SIZE=1, BLOCK_M=1, BLOCK_N=256, BLOCK_K=512, SUB_K=32,
                                          GATED=False, RESIDUAL=False, NORM=False, DETERMINISTIC=False,
-                                         INTERPRET=False), 8, 3)
+                                         INTERPRET=False, PDL=False), 8, 3)
 
 
 def attention_variants():
-    for fused, single in itertools.product((False, True), (False, True)):
+    for fused, single, pdl in itertools.product((False, True), (False, True), (False, True)):
         yield (at._split_kernel, {"pos_ptr": "*i64", "out_ptr": "*bf16", "cs_ptr": "*fp32"},
-               dict(GROUP=4, GROUP_PAD=16, D=128, BLOCK_S=64, SINGLE=single, DOT_FP32=False, FUSED=fused), 4, 1)
-    yield (at._combine_kernel, {"pos_ptr": "*i64"}, dict(D=128, BLOCK_S=64, SPLITS_PAD=32), 4, 1)
+               dict(GROUP=4, GROUP_PAD=16, D=128, BLOCK_S=64, SINGLE=single, DOT_FP32=False, FUSED=fused,
+                    PDL=pdl), 4, 1)
+    for pdl in (False, True):
+        yield (at._combine_kernel, {"pos_ptr": "*i64"}, dict(D=128, BLOCK_S=64, SPLITS_PAD=32, PDL=pdl), 4, 1)
 
 
 def main() -> int:
