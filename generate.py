@@ -14,6 +14,8 @@ import os
 # that spin after each kernel starve the matmul threads (measured on 2 busy cores: 0.7 tok/s
 # spinning vs 20.6 passive). Only takes effect if set before torch loads OpenMP. On an idle host
 # spinning is faster (bf16 dense 26.6 -> 41.2 tok/s, docs/cpu/README.md): set OMP_WAIT_POLICY=ACTIVE.
+# The C++ decode kernel (kernels/cpu.py) has its own briefly spinning threads, which gain most of
+# that without the collapse on a busy host; with ACTIVE it uses OpenMP's threads instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse

@@ -36,6 +36,7 @@ from teal import realized_sparsity
 from tokenizer import load_tokenizer
 
 PARALLEL_BYTES_ENV = "TEAL_CPU_PARALLEL_BYTES"  # read by the C++ kernel on every call (kernels/cpu.py)
+POOL_ENV = "TEAL_CPU_POOL"  # likewise
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Explain in two sentences why the sky is blue."
@@ -63,11 +64,22 @@ def prepare(checkpoint: Path, work: Path, thresholds: Path | None) -> tuple[dict
     return weights, thresholds
 
 
+def kernel_settings(parallel_bytes: list[int] | None, pools: list[str] | None) -> list[dict[str, str]]:
+    """The C++ kernel's environment for each setting to compare (every combination of the given
+    one-thread limits and thread pools; one empty setting when none is given)."""
+    limits = [{PARALLEL_BYTES_ENV: str(b)} for b in parallel_bytes] if parallel_bytes else [{}]
+    return [{**limit, **({POOL_ENV: pool} if pool else {})} for limit in limits for pool in pools or [None]]
+
+
+def setting_label(setting: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in setting.items())
+
+
 def measure(weights: Path, thresholds: Path, levels: list[float], compiled: bool, tokens: int, runs: int,
-            ids: list[int], decode_path: str, parallel_bytes: list[int] | None = None) -> list[dict]:
+            ids: list[int], decode_path: str, settings: list[dict[str, str]] | None = None) -> list[dict]:
     """tok/s of every level for one checkpoint, eager or compiled (compilation not timed). With
-    `parallel_bytes`, each run decodes once per value of the C++ kernel's one-thread limit
-    (TEAL_CPU_PARALLEL_BYTES), interleaved, so the values compare under the same machine load."""
+    several `settings` (environments of the C++ kernel, which reads them on every call), each run
+    decodes once per setting, interleaved, so they compare under the same machine load."""
     torch._dynamo.reset()
     model = load_model(weights, "cpu", torch.bfloat16)
     if decode_path == "fused":  # as generate.py --decode_path fused
@@ -81,23 +93,23 @@ def measure(weights: Path, thresholds: Path, levels: list[float], compiled: bool
                                     "--allocation", "uniform", "--device", "cpu"])
         generate.set_sparsity(model, level, args)
         generate.generate(model, ids, 8, s, decode, pre)  # warm-up (compiles)
-        settings = parallel_bytes or [None]
-        samples: dict[int | None, list] = {pb: [] for pb in settings}
+        settings = settings or [{}]
+        samples: list[list] = [[] for _ in settings]
         for _ in range(runs):
-            for pb in settings:
-                if pb is not None:
-                    os.environ[PARALLEL_BYTES_ENV] = str(pb)
-                samples[pb].append(generate.generate(model, ids, tokens, s, decode, pre))
-        os.environ.pop(PARALLEL_BYTES_ENV, None)
-        seq = torch.tensor([samples[settings[0]][0].tokens])
+            for i, setting in enumerate(settings):
+                os.environ.update(setting)
+                samples[i].append(generate.generate(model, ids, tokens, s, decode, pre))
+                for name in setting:
+                    os.environ.pop(name)
+        seq = torch.tensor([samples[0][0].tokens])
         realized = realized_sparsity(model, seq)["parameter_weighted"] if level > 0 else 0.0
-        for pb in settings:
-            tok_s = [x.decode_tok_s for x in samples[pb]]
+        for setting, runs_of_setting in zip(settings, samples):
+            tok_s = [x.decode_tok_s for x in runs_of_setting]
             rows.append({"sparsity": level, "compiled": compiled, "tok_s": statistics.median(tok_s),
                          "tok_s_runs": [round(t, 2) for t in tok_s], "realized": realized,
-                         **({} if pb is None else {"parallel_bytes": pb})})
-            print(f"  {weights.name} compiled={compiled} sparsity={level}"
-                  f"{'' if pb is None else f' parallel_bytes={pb}'}: {rows[-1]['tok_s_runs']} tok/s", flush=True)
+                         **({"setting": setting_label(setting)} if setting else {})})
+            print(f"  {weights.name} compiled={compiled} sparsity={level} {setting_label(setting)}: "
+                  f"{rows[-1]['tok_s_runs']} tok/s", flush=True)
     return rows
 
 
@@ -117,13 +129,13 @@ def markdown(result: dict) -> str:
     lines = [head, "|" + "---|" * (2 + len(levels))]
     for fmt in result["formats"]:
         for compiled in (False, True):
-            for pb in result.get("parallel_bytes") or [None]:
+            for label in dict.fromkeys(r.get("setting") for r in result["rows"]):
                 rows = [r for r in result["rows"] if r["format"] == fmt and r["compiled"] == compiled
-                        and r.get("parallel_bytes") == pb]
+                        and r.get("setting") == label]
                 if not rows:  # a mode not measured (--modes)
                     continue
                 cells = [f"{r['tok_s']:.1f} ({r['realized']:.0%})" for r in rows]
-                mode = ("compiled" if compiled else "eager") + ("" if pb is None else f", one thread below {pb} B")
+                mode = ("compiled" if compiled else "eager") + ("" if label is None else f", {label}")
                 lines.append(f"| {fmt} | {mode} | " + " | ".join(cells) + " |")
     return (f"CPU decode, SmolLM2-135M-Instruct, {result['date']}, {result['machine']}; "
             f"{result['threads']} threads, CPU shared with other jobs (timings are noisy); greedy, "
@@ -145,6 +157,8 @@ def main() -> None:
     p.add_argument("--parallel_bytes", type=int, nargs="+", default=None,
                    help="compare values of the C++ kernel's one-thread limit (bytes of weight below which "
                         "a call stays on one thread), interleaved run by run")
+    p.add_argument("--cpu_pool", nargs="+", choices=["openmp", "spin"], default=None,
+                   help="compare the C++ kernel's thread pools (TEAL_CPU_POOL), interleaved run by run")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "cpu")
@@ -159,14 +173,15 @@ def main() -> None:
         for fmt in args.formats:
             for mode in args.modes:
                 for r in measure(weights[fmt], thresholds, args.sparsity, mode == "compiled", args.tokens,
-                                 args.runs, ids, args.decode_path, args.parallel_bytes):
+                                 args.runs, ids, args.decode_path,
+                                 kernel_settings(args.parallel_bytes, args.cpu_pool)):
                     rows.append({"format": fmt, **r})
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "kernel": "C++ (kernels/cpu.py)" if cpu.available() else "plain-torch reference",
               "command": "OMP_NUM_THREADS=%s python benchmarks/bench_cpu.py %s" % (
                   os.environ.get("OMP_NUM_THREADS", "?"), " ".join(sys.argv[1:])),
               "decode_path": args.decode_path, "tokens": args.tokens, "runs": args.runs, "levels": args.sparsity,
-              "formats": args.formats, "parallel_bytes": args.parallel_bytes,
+              "formats": args.formats, "parallel_bytes": args.parallel_bytes, "cpu_pool": args.cpu_pool,
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_cpu.json").write_text(json.dumps(result, indent=1))

@@ -12,6 +12,11 @@ reference's dequantization). Scales and zeros stay float32, as on the GPU, and t
 checkpoint's own: nothing is repacked at load time. Weights of 8 MB and more are split over the
 threads in contiguous blocks of K, so each streams its part in memory order (splitting N instead
 ran 2-4x slower on a 2-core VM); smaller ones run on the calling thread (see ``run``).
+``TEAL_CPU_POOL`` picks who runs the blocks: ``spin`` (the default, unless OMP_WAIT_POLICY=ACTIVE),
+the kernel's own workers, which stay awake for TEAL_CPU_SPIN_US (200) after a call, yielding the
+core, and leave any block they have not claimed to the calling thread (``SpinPool``: no wake-up
+on the critical path of a decode step's ~120 calls), or ``openmp`` (at::parallel_for);
+docs/cpu/README.md has the measurements.
 The attention step reads only the cache positions 0..p (the plain-torch reference and the model's
 SDPA read and mask the whole static cache: 418 us a layer on a 2-vCPU AVX2 VM, 49 us here).
 
@@ -36,10 +41,18 @@ _SOURCE = r"""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <sched.h>
+#include <strings.h>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <algorithm>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -149,6 +162,126 @@ constexpr int64_t PARALLEL_BYTES = 128 << 10;
 inline int64_t parallel_bytes() {
   const char* env = std::getenv("TEAL_CPU_PARALLEL_BYTES");
   return env ? std::atoll(env) : PARALLEL_BYTES;
+}
+
+// Blocks of one call over the threads. TEAL_CPU_POOL=spin (the default): our own workers, which after
+// a call spin for TEAL_CPU_SPIN_US (default 200; yielding the core) before they sleep, so the ~120
+// calls of a decode step find them awake, and the calling thread takes every block no worker has
+// claimed yet, so a worker that is asleep or descheduled (a busy machine) costs a wake-up only for
+// a block it already holds. TEAL_CPU_POOL=openmp: at::parallel_for (OpenMP: with
+// OMP_WAIT_POLICY=PASSIVE every call wakes a sleeping thread; docs/cpu/README.md).
+class SpinPool {
+ public:
+  static SpinPool& get() {
+    static SpinPool* pool = new SpinPool(std::max(1, at::get_num_threads()) - 1);  // never destroyed
+    return *pool;
+  }
+
+  // fn(b) for every b in [0, blocks), on the calling thread and the workers; returns when all are done.
+  void run(int64_t blocks, const std::function<void(int64_t)>& fn) {
+    if (workers_ == 0 || blocks <= 1) {
+      for (int64_t b = 0; b < blocks; ++b) fn(b);
+      return;
+    }
+    TORCH_CHECK(blocks < (1 << 24), "too many blocks for the pool");
+    std::lock_guard<std::mutex> one_caller(call_mu_);  // calls from several threads take turns
+    task_ = &fn;
+    done_.store(0, std::memory_order_relaxed);
+    gen_ = (gen_ + 1) & 0xffff;
+    ticket_.store(pack(gen_, blocks, 0), std::memory_order_seq_cst);  // publishes task_ and done_
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lk(sleep_mu_);
+      wake_.notify_all();
+    }
+    work(gen_);
+    while (done_.load(std::memory_order_acquire) < blocks) pause();
+  }
+
+ private:
+  explicit SpinPool(int workers) : workers_(workers) {
+    const char* env = std::getenv("TEAL_CPU_SPIN_US");
+    spin_us_ = env ? std::atoll(env) : 200;
+    for (int i = 0; i < workers_; ++i) std::thread([this] { loop(); }).detach();
+  }
+
+  // ticket = generation (16 bits) | blocks (24) | next block (24): a claim is valid for one call only
+  static uint64_t pack(uint64_t gen, int64_t blocks, int64_t next) {
+    return gen << 48 | static_cast<uint64_t>(blocks) << 24 | static_cast<uint64_t>(next);
+  }
+  static uint64_t gen_of(uint64_t t) { return t >> 48; }
+
+  static void pause() {
+#ifdef __x86_64__
+    __builtin_ia32_pause();
+#endif
+  }
+
+  // Claim and run blocks of call `gen` until none is left.
+  void work(uint64_t gen) {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    for (;;) {
+      const int64_t blocks = static_cast<int64_t>(t >> 24 & 0xffffff), next = static_cast<int64_t>(t & 0xffffff);
+      if (gen_of(t) != gen || next >= blocks) return;
+      if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        (*task_)(next);
+        done_.fetch_add(1, std::memory_order_release);
+        t = ticket_.load(std::memory_order_acquire);
+      }
+    }
+  }
+
+  void loop() {
+    uint64_t seen = gen_of(ticket_.load(std::memory_order_acquire));
+    for (;;) {
+      const auto start = std::chrono::steady_clock::now();
+      uint64_t gen;
+      for (int spins = 0; (gen = gen_of(ticket_.load(std::memory_order_acquire))) == seen; ++spins) {
+        if ((spins & 63) == 63) {
+          if (std::chrono::steady_clock::now() - start > std::chrono::microseconds(spin_us_)) break;
+          sched_yield();  // a busy machine gets the core back
+        }
+        pause();
+      }
+      if (gen == seen) {  // nothing came while spinning: sleep until the next call
+        std::unique_lock<std::mutex> lk(sleep_mu_);
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        wake_.wait(lk, [&] { return gen_of(ticket_.load(std::memory_order_seq_cst)) != seen; });
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        gen = gen_of(ticket_.load(std::memory_order_acquire));
+      }
+      seen = gen;
+      work(gen);
+    }
+  }
+
+  const int workers_;
+  int64_t spin_us_ = 200;
+  uint64_t gen_ = 0;
+  const std::function<void(int64_t)>* task_ = nullptr;
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleepers_{0};
+  std::mutex call_mu_, sleep_mu_;
+  std::condition_variable wake_;
+};
+
+// TEAL_CPU_POOL=spin|openmp; unset: spin, unless OpenMP's own threads spin (OMP_WAIT_POLICY=ACTIVE):
+// both kinds spinning on two cores halved decode speed (docs/cpu/README.md).
+inline bool spin_pool() {
+  if (const char* pool = std::getenv("TEAL_CPU_POOL")) return std::strcmp(pool, "spin") == 0;
+  const char* wait = std::getenv("OMP_WAIT_POLICY");
+  return !(wait && strcasecmp(wait, "active") == 0);
+}
+
+// fn(b) for b in [0, blocks) over the threads: TEAL_CPU_POOL picks the pool (see SpinPool).
+inline void parallel_blocks(int64_t blocks, const std::function<void(int64_t)>& fn) {
+  if (spin_pool()) {
+    SpinPool::get().run(blocks, fn);
+  } else {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) fn(b);
+    });
+  }
 }
 
 // Kept inputs of one row of x for one threshold: (index, value) pairs in index order.
@@ -295,28 +428,26 @@ void run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& thresholds,
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(threads, k / align));
   const int64_t block_k = (k / align + blocks - 1) / blocks * align;
   std::vector<float> partial(blocks * m * n, 0.f);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_blocks(blocks, [&](int64_t b) {
     std::vector<float> gq(int4 ? n : 0);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t k0 = b * block_k, k1 = std::min(k, k0 + block_k);
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t s = 0; s < nseg; ++s) {
-          const int64_t* ri = &idx[(r * nseg + s) * k];
-          const int64_t nk = count[r * nseg + s];
-          const int64_t j0 = std::lower_bound(ri, ri + nk, k0) - ri, j1 = std::lower_bound(ri, ri + nk, k1) - ri;
-          const float* rv = &val[(r * nseg + s) * k] + j0;
-          float* acc = &partial[(b * m + r) * n + col0[s]];
-          const int64_t c = col0[s], width = splits[s];
-          if (int8) {
-            accumulate_rows(w.data_ptr<int8_t>() + c, ldw, ri + j0, rv, j1 - j0, acc, width);
-          } else if (int4) {
-            accumulate_int4(w.data_ptr<uint8_t>() + c / 2, ldw, ri + j0, rv, j1 - j0, acc, width, sp + c, zp + c, n,
-                            group, gq.data());
-          } else {
-            accumulate_rows(w.data_ptr<T>() + c, ldw, ri + j0, rv, j1 - j0, acc, width);
-          }
+    const int64_t k0 = b * block_k, k1 = std::min(k, k0 + block_k);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t s = 0; s < nseg; ++s) {
+        const int64_t* ri = &idx[(r * nseg + s) * k];
+        const int64_t nk = count[r * nseg + s];
+        const int64_t j0 = std::lower_bound(ri, ri + nk, k0) - ri, j1 = std::lower_bound(ri, ri + nk, k1) - ri;
+        const float* rv = &val[(r * nseg + s) * k] + j0;
+        float* acc = &partial[(b * m + r) * n + col0[s]];
+        const int64_t c = col0[s], width = splits[s];
+        if (int8) {
+          accumulate_rows(w.data_ptr<int8_t>() + c, ldw, ri + j0, rv, j1 - j0, acc, width);
+        } else if (int4) {
+          accumulate_int4(w.data_ptr<uint8_t>() + c / 2, ldw, ri + j0, rv, j1 - j0, acc, width, sp + c, zp + c, n,
+                          group, gq.data());
+        } else {
+          accumulate_rows(w.data_ptr<T>() + c, ldw, ri + j0, rv, j1 - j0, acc, width);
         }
-    }
+      }
   });
   const T* rp = residual ? residual->data_ptr<T>() : nullptr;
   T* op = out.data_ptr<T>();
@@ -365,38 +496,39 @@ void attention_step(const T* qkv, const float* cs, T* kc, T* vc, int64_t b, int6
       std::memcpy(vc + at, row + (h + hkv + j) * d, d * sizeof(T));
     }
   }
-  // a short cache is cheaper on one thread than waking the others
-  const int64_t grain = len * d * group < (1 << 16) ? b * hkv : 1;
-  at::parallel_for(0, b * hkv, grain, [&](int64_t begin, int64_t end) {
+  const auto one_group = [&](int64_t task) {
     std::vector<float> q(group * d), scores(group * len), acc(group * d);
     std::vector<vf> row(nv);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / hkv, head0 = s * h + (task % hkv) * group;
-      const T* keys = kc + task * smax * d;
-      const T* values = vc + task * smax * d;
-      for (int64_t i = 0; i < group * d; ++i) q[i] = to_float(qr[head0 * d + i]);
-      for (int64_t t = 0; t < len; ++t) {
-        for (int64_t v = 0; v < nv; ++v) row[v] = loadv(keys + t * d + LANES * v);
-        for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(&q[g * d], row.data(), nv) * scale;
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* sc = &scores[g * len];
-        const float top = *std::max_element(sc, sc + len);
-        float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) sum += (sc[t] = std::exp(sc[t] - top));
-        for (int64_t t = 0; t < len; ++t) sc[t] /= sum;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        for (int64_t v = 0; v < nv; ++v) row[v] = loadv(values + t * d + LANES * v);
-        for (int64_t g = 0; g < group; ++g) {
-          const float pg = scores[g * len + t];
-          for (int64_t v = 0; v < nv; ++v) store_acc(&acc[g * d + LANES * v], load_acc(&acc[g * d + LANES * v]) + pg * row[v]);
-        }
-      }
-      for (int64_t i = 0; i < group * d; ++i) out[head0 * d + i] = static_cast<T>(acc[i]);
+    const int64_t s = task / hkv, head0 = s * h + (task % hkv) * group;
+    const T* keys = kc + task * smax * d;
+    const T* values = vc + task * smax * d;
+    for (int64_t i = 0; i < group * d; ++i) q[i] = to_float(qr[head0 * d + i]);
+    for (int64_t t = 0; t < len; ++t) {
+      for (int64_t v = 0; v < nv; ++v) row[v] = loadv(keys + t * d + LANES * v);
+      for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(&q[g * d], row.data(), nv) * scale;
     }
-  });
+    for (int64_t g = 0; g < group; ++g) {
+      float* sc = &scores[g * len];
+      const float top = *std::max_element(sc, sc + len);
+      float sum = 0.f;
+      for (int64_t t = 0; t < len; ++t) sum += (sc[t] = std::exp(sc[t] - top));
+      for (int64_t t = 0; t < len; ++t) sc[t] /= sum;
+    }
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t t = 0; t < len; ++t) {
+      for (int64_t v = 0; v < nv; ++v) row[v] = loadv(values + t * d + LANES * v);
+      for (int64_t g = 0; g < group; ++g) {
+        const float pg = scores[g * len + t];
+        for (int64_t v = 0; v < nv; ++v) store_acc(&acc[g * d + LANES * v], load_acc(&acc[g * d + LANES * v]) + pg * row[v]);
+      }
+    }
+    for (int64_t i = 0; i < group * d; ++i) out[head0 * d + i] = static_cast<T>(acc[i]);
+  };
+  if (len * d * group < (1 << 16)) {  // a short cache is cheaper on one thread than waking the others
+    for (int64_t task = 0; task < b * hkv; ++task) one_group(task);
+  } else {
+    parallel_blocks(b * hkv, one_group);
+  }
 }
 
 }  // namespace

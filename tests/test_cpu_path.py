@@ -188,3 +188,53 @@ def test_attention_step_matches_float64(pos):
     assert torch.equal(k_cache[:, :, filled], k_want[:, :, filled])
     assert torch.equal(v_cache[:, :, filled], v_want[:, :, filled])
     torch.testing.assert_close(out.double(), want, rtol=2**-7, atol=2**-8)
+
+
+@pytest.mark.parametrize("fmt,group", [("fp", 0), ("int4", 32)])
+def test_spin_pool_gives_openmps_bits(monkeypatch, fmt, group):
+    """TEAL_CPU_POOL=spin (our workers, the calling thread taking whatever block no worker has
+    claimed) against at::parallel_for: the same blocks summed in the same order, so equal bit for
+    bit; over many calls, some after a pause longer than the workers' spin (they sleep, then must
+    be woken), and with the blocks split across the threads (weights over the one-thread limit)."""
+    x, w, thresholds, splits, scales, zeros, _ = dyadic_problem(fmt, group, m=2, k=2048, splits=(512, 256))
+    x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).bfloat16()  # inexact sums
+    monkeypatch.setenv("TEAL_CPU_PARALLEL_BYTES", "0")  # every call over the threads
+    monkeypatch.setenv("TEAL_CPU_POOL", "openmp")
+    want = cpu.sparse_gemv_cpu(x, w, thresholds, splits, scales, zeros, group)
+    monkeypatch.setenv("TEAL_CPU_POOL", "spin")
+    import time
+    for i in range(300):
+        if i % 50 == 49:
+            time.sleep(0.005)
+        assert torch.equal(cpu.sparse_gemv_cpu(x, w, thresholds, splits, scales, zeros, group), want), f"call {i}"
+
+
+def test_spin_pool_attention_step_matches_openmp(monkeypatch):
+    g = torch.Generator().manual_seed(9)
+    b, n_head, h_kv, d, s_max, pos = 2, 8, 4, 64, 600, 555  # long enough to run over the threads
+    qkv = torch.randn(b, (n_head + 2 * h_kv) * d, generator=g).bfloat16()
+    cs = torch.stack([torch.ones(d // 2), torch.zeros(d // 2)], -1)
+    caches = torch.randn(2, b, h_kv, s_max, d, generator=g).bfloat16()
+    outs = {}
+    for pool in ("openmp", "spin", "spin"):
+        monkeypatch.setenv("TEAL_CPU_POOL", pool)
+        k_cache, v_cache = caches[0].clone(), caches[1].clone()
+        outs.setdefault(pool, []).append(
+            cpu.decode_attention_step_cpu(qkv, cs, k_cache, v_cache, torch.tensor([pos]), n_head))
+    assert all(torch.equal(o, outs["openmp"][0]) for o in outs["spin"])
+
+
+def test_bench_cpu_interleaves_kernel_settings():
+    """benchmarks/bench_cpu.py: every combination of one-thread limits and pools is one setting, and
+    the table has one line per setting."""
+    from benchmarks import bench_cpu
+    assert bench_cpu.kernel_settings(None, None) == [{}]
+    settings = bench_cpu.kernel_settings([131072], ["openmp", "spin"])
+    assert settings == [{"TEAL_CPU_PARALLEL_BYTES": "131072", "TEAL_CPU_POOL": pool} for pool in ("openmp", "spin")]
+    rows = [{"format": "bf16", "compiled": True, "sparsity": s, "tok_s": 10.0 + s, "realized": s,
+             "setting": bench_cpu.setting_label(setting)} for setting in settings for s in (0.0, 0.5)]
+    table = bench_cpu.markdown({"levels": [0.0, 0.5], "formats": ["bf16"], "rows": rows, "date": "d", "machine": "m",
+                                "threads": 2, "tokens": 8, "runs": 1, "kernel": "k", "command": "c"})
+    lines = [ln for ln in table.splitlines() if ln.startswith("| bf16")]
+    assert lines == ["| bf16 | compiled, TEAL_CPU_PARALLEL_BYTES=131072, TEAL_CPU_POOL=openmp | 10.0 (0%) | 10.5 (50%) |",
+                     "| bf16 | compiled, TEAL_CPU_PARALLEL_BYTES=131072, TEAL_CPU_POOL=spin | 10.0 (0%) | 10.5 (50%) |"]
