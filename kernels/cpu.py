@@ -266,7 +266,7 @@ class SpinPool {
 };
 
 // TEAL_CPU_POOL=spin|openmp; unset: spin, unless OpenMP's own threads spin (OMP_WAIT_POLICY=ACTIVE):
-// both kinds spinning on two cores halved decode speed (docs/cpu/README.md).
+// both kinds spinning on two cores lost a quarter to a third of the decode speed (docs/cpu/README.md).
 inline bool spin_pool() {
   if (const char* pool = std::getenv("TEAL_CPU_POOL")) return std::strcmp(pool, "spin") == 0;
   const char* wait = std::getenv("OMP_WAIT_POLICY");
