@@ -97,10 +97,14 @@ def measure(weights: Path, thresholds: Path, levels: list[float], compiled: bool
         samples: list[list] = [[] for _ in settings]
         for _ in range(runs):
             for i, setting in enumerate(settings):
+                before = {name: os.environ.get(name) for name in setting}
                 os.environ.update(setting)
                 samples[i].append(generate.generate(model, ids, tokens, s, decode, pre))
-                for name in setting:
-                    os.environ.pop(name)
+                for name, value in before.items():  # the caller's environment back
+                    if value is None:
+                        os.environ.pop(name)
+                    else:
+                        os.environ[name] = value
         seq = torch.tensor([samples[0][0].tokens])
         realized = realized_sparsity(model, seq)["parameter_weighted"] if level > 0 else 0.0
         for setting, runs_of_setting in zip(settings, samples):

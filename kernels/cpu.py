@@ -268,7 +268,11 @@ class SpinPool {
 // TEAL_CPU_POOL=spin|openmp; unset: spin, unless OpenMP's own threads spin (OMP_WAIT_POLICY=ACTIVE):
 // both kinds spinning on two cores lost a quarter to a third of the decode speed (docs/cpu/README.md).
 inline bool spin_pool() {
-  if (const char* pool = std::getenv("TEAL_CPU_POOL")) return std::strcmp(pool, "spin") == 0;
+  if (const char* pool = std::getenv("TEAL_CPU_POOL")) {
+    const bool spin = std::strcmp(pool, "spin") == 0;
+    TORCH_CHECK(spin || std::strcmp(pool, "openmp") == 0, "TEAL_CPU_POOL must be spin or openmp, got '", pool, "'");
+    return spin;
+  }
   const char* wait = std::getenv("OMP_WAIT_POLICY");
   return !(wait && strcasecmp(wait, "active") == 0);
 }
@@ -514,7 +518,6 @@ void attention_step(const T* qkv, const float* cs, T* kc, T* vc, int64_t b, int6
       for (int64_t t = 0; t < len; ++t) sum += (sc[t] = std::exp(sc[t] - top));
       for (int64_t t = 0; t < len; ++t) sc[t] /= sum;
     }
-    std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t t = 0; t < len; ++t) {
       for (int64_t v = 0; v < nv; ++v) row[v] = loadv(values + t * d + LANES * v);
       for (int64_t g = 0; g < group; ++g) {

@@ -3,6 +3,8 @@
 model -> PackedLinear -> op path eager and compiled."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from fixtures import tiny_model
@@ -202,7 +204,6 @@ def test_spin_pool_gives_openmps_bits(monkeypatch, fmt, group):
     monkeypatch.setenv("TEAL_CPU_POOL", "openmp")
     want = cpu.sparse_gemv_cpu(x, w, thresholds, splits, scales, zeros, group)
     monkeypatch.setenv("TEAL_CPU_POOL", "spin")
-    import time
     for i in range(300):
         if i % 50 == 49:
             time.sleep(0.005)
@@ -222,6 +223,14 @@ def test_spin_pool_attention_step_matches_openmp(monkeypatch):
         outs.setdefault(pool, []).append(
             cpu.decode_attention_step_cpu(qkv, cs, k_cache, v_cache, torch.tensor([pos]), n_head))
     assert all(torch.equal(o, outs["openmp"][0]) for o in outs["spin"])
+
+
+def test_bad_pool_name_is_one_clear_error(monkeypatch):
+    x, w, thresholds, splits, scales, zeros, group = dyadic_problem("fp", 0)
+    monkeypatch.setenv("TEAL_CPU_PARALLEL_BYTES", "0")
+    monkeypatch.setenv("TEAL_CPU_POOL", "threads")
+    with pytest.raises(RuntimeError, match="TEAL_CPU_POOL must be spin or openmp, got 'threads'"):
+        cpu.sparse_gemv_cpu(x, w, thresholds, splits, scales, zeros, group)
 
 
 def test_bench_cpu_interleaves_kernel_settings():

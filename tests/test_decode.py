@@ -145,7 +145,8 @@ def test_gpu_fused_decode_under_cuda_graphs():
 def test_gpu_programmatic_dependent_launch_changes_no_bit(mode):
     """TEAL_PDL=1 lets each GEMV / attention kernel launch while the previous one finishes (it
     waits before touching memory). Inside CUDA graphs (compiled, quantized so every projection runs
-    our kernels: int8 the "rows" design, int4 mostly "dot") the logits of 24 steps equal the ordinary launches' bit for bit."""
+    our kernels: int8 the "rows" design, int4 mostly "dot") the logits of 24 steps equal the
+    ordinary launches' bit for bit."""
     from quantize import quantize_model
 
     def run(pdl: str) -> torch.Tensor:
