@@ -220,11 +220,12 @@ case $phase in
   spec_profile)  # where a speculative cycle's time goes (issue 13): draft 4.0 ms/token vs 3.33 for a plain 50% step, verify 7.3 ms
     step 300 python3 -m benchmarks.profile_speculative --out "$out/profile_spec_llama3_8b" -- --random_weights Llama-3-8B --compile --decode_path fused --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 64 --temperature 0 --prompt "a b c d e f g h"
     ;;
-  pdl)  # TEAL_PDL=1 (programmatic dependent launch) timed end to end against plain launches, after its GPU tests (a cold machine compiles every kernel in the first run: 230 s each)
+  pdl)  # TEAL_PDL=1 (programmatic dependent launch) timed end to end against plain launches, after its GPU tests (a cold machine compiles every kernel in the first run: 230 s each; PDL_WEIGHTS=bf16 PDL_LIMIT=170 for bf16 alone)
     step 80 python3 -m pytest -q -x tests/test_decode.py -k "gpu"
     for p in 0 1; do
       export TEAL_PDL=$p
-      step 230 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama3_8b_pdl$p"
+      # shellcheck disable=SC2086  # PDL_WEIGHTS is a list
+      step "${PDL_LIMIT:-230}" python3 -m benchmarks.bench_decode --model Llama-3-8B --weights ${PDL_WEIGHTS:-bf16 int8} --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama3_8b_pdl$p"
     done
     unset TEAL_PDL
     ;;
