@@ -60,6 +60,14 @@ def segments(model: nn.Module) -> list[Segment]:
             for j, label in enumerate(PROJECTION_TABLE[name.split(".", 2)[2]])]
 
 
+@torch.compiler.assume_constant_result
+def _gpu_name(device: torch.device) -> str:
+    """The speed table's key for a CUDA device. A constant to torch.compile: Dynamo cannot trace
+    torch.cuda.get_device_name, and a compiled step whose first call reaches the table (no eager
+    call before it) would fail."""
+    return torch.cuda.get_device_name(device)
+
+
 class PackedLinear(nn.Module):
     """y = x W^T over a transposed weight, optionally with TEAL thresholds per output segment.
 
@@ -134,7 +142,7 @@ class PackedLinear(nn.Module):
             return None, False
         key = (str(device), rows, self.target_sparsity)  # the device's name is only asked for on a miss
         if key not in self._kernel_pays:
-            measured = sparse_beats_dense(torch.cuda.get_device_name(device), self.format_name, rows,
+            measured = sparse_beats_dense(_gpu_name(device), self.format_name, rows,
                                           self.in_features, self.out_features, self.target_sparsity)
             self._kernel_pays[key] = (measured, True) if measured is not None else (estimated_sparse_beats_dense(
                 self.format_name, self.in_features, self.out_features, self.target_sparsity), False)

@@ -141,6 +141,25 @@ def test_gpu_fused_decode_under_cuda_graphs():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_compiled_sparse_step_may_be_the_first_call():
+    """A sparse projection asks the speed table (keyed by the GPU's name) on its first decode call.
+    When that first call is already a compiled one (no eager step before it), torch.compile must
+    not trace into torch.cuda.get_device_name (it cannot: it once failed with "torch.* op returned
+    non-Tensor"); the compiled step then computes what the eager one does."""
+    model = install_fused_decode(tiny_model(7).to("cuda", torch.bfloat16))
+    sparsify(model, {n: [0.1] * len(p.split_sizes) for n, p in packed_projections(pack_model(model)).items()},
+             targets={n: [0.5] * len(p.split_sizes) for n, p in packed_projections(model).items()})
+    model.setup_caches(1, 8)
+    token, pos = torch.tensor([[3]], device="cuda"), torch.tensor([0], device="cuda")
+    torch._dynamo.reset()
+    step = torch.compile(lambda t, p: model(t, p), fullgraph=True)
+    with torch.no_grad():
+        got = step(token, pos)
+        want = model(token, pos)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_gpu_programmatic_dependent_launch_changes_no_bit(mode):
     """TEAL_PDL=1 lets each GEMV / attention kernel launch while the previous one finishes (it

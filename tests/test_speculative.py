@@ -229,3 +229,26 @@ def test_greedy_output_equals_plain_decoding_on_the_fused_step(k):
     spec, stats = speculative_generate(model, PROMPT, 40, GREEDY, k, draft, target)
     assert spec.tokens == plain
     assert 0 < stats.accepted < stats.drafted
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_captured_steps_change_nothing():
+    """generate.CapturedSteps (draft and verify replayed from CUDA graphs of our own) gives the
+    tokens and statistics of the same compiled step called directly, also on a second, longer run
+    whose caches were reallocated (the graphs must be captured again: they hold the old addresses),
+    and each run ends with the same KV cache."""
+    from generate import CapturedSteps, logits_step
+    model = tiny_model(block_size=512).to("cuda")
+    draft, target = states(model, 0.6, None)
+    compiled = torch.compile(logits_step, fullgraph=True, dynamic=False)
+    captured = CapturedSteps(compiled)
+    for new_tokens in (20, 300):  # caches of 256, then 512 positions (generate.ensure_caches)
+        runs = []
+        for step in (compiled, captured):
+            res, stats = speculative_generate(model, PROMPT, new_tokens, GREEDY, 3, draft, target,
+                                              draft_fn=step, verify_fn=step)
+            cache = model.layers[-1].attention.kv_cache.k_cache[..., :len(res.tokens) - 1, :].clone()
+            runs.append((res.tokens, stats.accepted, stats.verifies, cache))
+        assert runs[0][:3] == runs[1][:3]
+        assert torch.equal(runs[0][3], runs[1][3])
+    assert len(captured.graphs) == 2  # one draft and one verify graph, the first pair replaced
