@@ -61,11 +61,16 @@ def segments(model: nn.Module) -> list[Segment]:
 
 
 @torch.compiler.assume_constant_result
-def _gpu_name(device: torch.device) -> str:
-    """The speed table's key for a CUDA device. A constant to torch.compile: Dynamo cannot trace
-    torch.cuda.get_device_name, and a compiled step whose first call reaches the table (no eager
-    call before it) would fail."""
-    return torch.cuda.get_device_name(device)
+def kernel_verdict_for(device: torch.device, weight_format: str, rows: int, k: int, n: int,
+                       sparsity: float) -> tuple[bool | None, bool]:
+    """(does the sparse kernel beat the dense path, was that measured) for a decode call on a CUDA
+    device: the speed table's verdict, else the size model's. A constant to torch.compile: Dynamo
+    can trace neither torch.cuda.get_device_name nor the table file's read, and a compiled step
+    whose first call reaches this (no eager call before it) failed."""
+    measured = sparse_beats_dense(torch.cuda.get_device_name(device), weight_format, rows, k, n, sparsity)
+    if measured is not None:
+        return measured, True
+    return estimated_sparse_beats_dense(weight_format, k, n, sparsity), False
 
 
 class PackedLinear(nn.Module):
@@ -142,10 +147,8 @@ class PackedLinear(nn.Module):
             return None, False
         key = (str(device), rows, self.target_sparsity)  # the device's name is only asked for on a miss
         if key not in self._kernel_pays:
-            measured = sparse_beats_dense(_gpu_name(device), self.format_name, rows,
-                                          self.in_features, self.out_features, self.target_sparsity)
-            self._kernel_pays[key] = (measured, True) if measured is not None else (estimated_sparse_beats_dense(
-                self.format_name, self.in_features, self.out_features, self.target_sparsity), False)
+            self._kernel_pays[key] = kernel_verdict_for(device, self.format_name, rows, self.in_features,
+                                                        self.out_features, self.target_sparsity)
         return self._kernel_pays[key]
 
     def sparse_kernel_pays(self, device: torch.device, rows: int = 1) -> bool | None:

@@ -60,15 +60,15 @@ def test_cli_fused_decode_path_gives_the_reference_text(tiny_ckpt):
     assert outs[0] == outs[1] and len(outs[0]) > len("hello")
 
 
-def test_auto_decode_path_is_fused_but_for_speculation():
-    """--decode_path auto: the fused step (GPU and CPU, dense and sparse), model.py's with
-    speculation; explicit choices stand."""
+def test_auto_decode_path_is_fused():
+    """--decode_path auto: the fused step (GPU and CPU, dense and sparse, speculation's drafts
+    too); explicit choices stand."""
     from generate import decode_path, parse_args
 
     assert parse_args([]).decode_path == "auto"
     assert decode_path(parse_args(["--sparsity", "0", "0.4"])) == "fused"
-    assert decode_path(parse_args(["--speculate_k", "2"])) == "reference"
-    assert decode_path(parse_args(["--speculate_k", "2", "--decode_path", "fused"])) == "fused"
+    assert decode_path(parse_args(["--speculate_k", "2"])) == "fused"
+    assert decode_path(parse_args(["--speculate_k", "2", "--decode_path", "reference"])) == "reference"
     assert decode_path(parse_args(["--decode_path", "reference"])) == "reference"
 
 

@@ -112,6 +112,28 @@ def test_speed_table_lookup_interpolates_and_falls_back(monkeypatch):
     assert layer.sparse_kernel_pays(torch.device("cuda")) is True
 
 
+def test_the_verdict_is_a_constant_to_torch_compile(monkeypatch):
+    """A compiled decode step whose first call reaches a projection's verdict compiles into one
+    graph: Dynamo can trace neither the GPU's name nor the read of the speed table's file (on the
+    H200 such a step failed until linear.kernel_verdict_for was a compile-time constant)."""
+    import kernels.speed_table as st
+    st.speed_table.cache_clear()  # the file is read inside the compiled call
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    layer = PackedLinear(4096, 4096, [4096], dtype=torch.bfloat16)
+    layer.set_target_sparsity([0.5])
+    cuda = torch.device("cuda")
+    want = st.sparse_beats_dense("NVIDIA H200", "bf16", 1, 4096, 4096, 0.5)
+    assert want is not None  # the committed table measured this shape
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if layer.sparse_kernel_pays(cuda) else x - 1
+
+    torch._dynamo.reset()
+    assert step(torch.zeros(2)).tolist() == ([1.0, 1.0] if want else [-1.0, -1.0])
+    assert layer.kernel_verdict(cuda) == (want, True)
+
+
 def test_unmeasured_shapes_follow_the_size_model(monkeypatch):
     """Without a table entry the size model decides: small bf16 matrices stay dense (SmolLM2's
     on the H200: kernel 6.7 us per call, cuBLAS 3.7), large ones go sparse once the skipped bytes

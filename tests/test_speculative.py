@@ -125,7 +125,8 @@ def test_k_must_be_positive():
 
 def test_cli_speculative_text_equals_plain_text(tiny_ckpt, tmp_path):
     """generate.py --speculate_k on a calibrated tiny checkpoint: the dense greedy text, plus a
-    speculation report; also with the draft on decode.py's fused step (--decode_path fused)."""
+    speculation report; with the draft on decode.py's fused step (auto) and on model.py's
+    (--decode_path reference)."""
     import subprocess
     import sys
 
@@ -143,7 +144,7 @@ def test_cli_speculative_text_equals_plain_text(tiny_ckpt, tmp_path):
               "--thresholds", str(thr)]
     outs = []
     speculate = ["--speculate_k", "3", "--draft_sparsity", "0.6", "--allocation", "greedy"]
-    for extra in ([], speculate, speculate + ["--decode_path", "fused"]):
+    for extra in ([], speculate, speculate + ["--decode_path", "reference"]):
         proc = subprocess.run(common + extra, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         outs.append(proc.stdout)
