@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -231,6 +231,15 @@ case $phase in
     ;;
   bound)  # what a one-launch-per-projection design can reach at 50%: cuBLAS and our kernel on K/2 dense rows beside the 50% call (fixed_cost)
     step 60 python3 -m benchmarks.fixed_cost --out "$out/fixed_cost_bound"
+    ;;
+  host)  # host time a step: torch.compile's CUDA graphs, guards skipped, a graph of our own (generate.CapturedSteps' way)
+    step 300 python3 -m benchmarks.host_overhead --models Llama-3-8B SmolLM2-135M --sparsity 0 0.5 --out "$out/host_overhead"
+    ;;
+  spec_plain)  # plain and self-speculative generate.py from one call (issue 13: side by side), drafts at 50% and 65%
+    step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    for d in 0.5 0.65; do
+      step 130 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity $d --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    done
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"
