@@ -142,10 +142,11 @@ def test_gpu_fused_decode_under_cuda_graphs():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_gpu_compiled_sparse_step_may_be_the_first_call():
-    """A sparse projection asks the speed table (keyed by the GPU's name) on its first decode call.
-    When that first call is already a compiled one (no eager step before it), torch.compile must
-    not trace into torch.cuda.get_device_name (it cannot: it once failed with "torch.* op returned
-    non-Tensor"); the compiled step then computes what the eager one does."""
+    """A sparse projection asks the speed table (keyed by the GPU's name, read from a file) on its
+    first decode call. When that first call is already a compiled one (no eager step before it),
+    torch.compile must take the verdict as a constant (it cannot trace torch.cuda.get_device_name
+    nor the file's read: both failed on the H200 under fullgraph); the compiled step then computes
+    what the eager one does."""
     model = install_fused_decode(tiny_model(7).to("cuda", torch.bfloat16))
     sparsify(model, {n: [0.1] * len(p.split_sizes) for n, p in packed_projections(pack_model(model)).items()},
              targets={n: [0.5] * len(p.split_sizes) for n, p in packed_projections(model).items()})
