@@ -9,9 +9,10 @@ inputs only, each a contiguous row of the transposed weight [K, N], and accumula
 int8 scales are applied once per output, int4 groups are summed as x times the integer q first,
 then ``scale * (sum x q - 8 sum x) + zero * sum x`` (= sum x ((q - 8) scale + zero), the
 reference's dequantization). Scales and zeros stay float32, as on the GPU, and the layouts are the
-checkpoint's own: nothing is repacked at load time. Weights of 8 MB and more are split over the
+checkpoint's own: nothing is repacked at load time. Weights of 128 KB and more are split over the
 threads in contiguous blocks of K, so each streams its part in memory order (splitting N instead
-ran 2-4x slower on a 2-core VM); smaller ones run on the calling thread (see ``run``).
+ran 2-4x slower on a 2-core VM); smaller ones (the limit: TEAL_CPU_PARALLEL_BYTES) run on the calling
+thread (see ``run``).
 ``TEAL_CPU_POOL`` picks who runs the blocks: ``spin`` (the default, unless OMP_WAIT_POLICY=ACTIVE),
 the kernel's own workers, which stay awake for TEAL_CPU_SPIN_US (200) after a call, yielding the
 core, and leave any block they have not claimed to the calling thread (``SpinPool``: no wake-up
