@@ -56,3 +56,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_report(out: str | Path, data: Any, lines: list[str]) -> None:
+    """A benchmark's results: OUT.json (`data`) and OUT.md (the table `lines`), each written
+    atomically, and the table printed."""
+    out = Path(out)
+    write_json(out.with_suffix(".json"), data)
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

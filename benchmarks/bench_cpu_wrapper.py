@@ -26,7 +26,7 @@ import torch
 import generate
 from cli import DEFAULT_CHECKPOINT
 from decode import install_fused_decode
-from files import atomic_path, write_json
+from files import write_report
 
 
 def main() -> None:
@@ -73,10 +73,7 @@ def main() -> None:
              "| sparsity | wrapper | median tok/s | runs |", "|---|---|---|---|"]
     lines += [f"| {r['sparsity']:.2f} | {'C++' if r['cpp_wrapper'] else 'Python'} | {r['tok_s']:.1f} | "
               f"{' '.join(f'{v:.1f}' for v in r['runs'])} |" for r in rows]
-    write_json(args.out.with_suffix(".json"), {"meta": meta, "rows": rows})
-    with atomic_path(args.out.with_suffix(".md")) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, {"meta": meta, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

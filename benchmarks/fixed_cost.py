@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.timing import MODEL_SHAPES, Problem, copies_for, graph_time_us, make_weight, make_x, threshold_for
-from files import atomic_path, write_json
+from files import write_report
 from kernels.triton_gemv import get_config, gpu_name, sparse_gemv_triton, weight_format_name
 
 
@@ -110,10 +110,7 @@ def main() -> None:
               f"{r['dense_half_k']:.2f} | {r['cublas_half_k']:.2f} | {r['cublas_full_k']:.2f} |" for r in rows]
     per_layer = {c: sum(r[c] for r in rows) for c in ("sparse_50", "dense_half_k", "cublas_half_k")}
     lines += ["", "Per layer (the four calls): " + ", ".join(f"{c} {v:.1f} µs" for c, v in per_layer.items()) + "."]
-    write_json(args.out.with_suffix(".json"), {"meta": meta, "floors": floors, "rows": rows, "per_layer": per_layer})
-    with atomic_path(args.out.with_suffix(".md")) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, {"meta": meta, "floors": floors, "rows": rows, "per_layer": per_layer}, lines)
 
 
 if __name__ == "__main__":

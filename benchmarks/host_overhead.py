@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.bench_decode import set_level
 from decode import install_fused_decode
-from files import atomic_path, write_json
+from files import write_report
 from generate import Sampling, decode_one_token, random_model
 
 
@@ -119,10 +119,7 @@ def main() -> None:
              "| model | sparsity | way | host µs a step | tok/s |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['sparsity']:.2f} | {r['way']} | {r['host_us']:.0f} | {r['tok_s']:.1f} |"
               for r in rows]
-    write_json(args.out.with_suffix(".json"), {"meta": meta, "rows": rows})
-    with atomic_path(args.out.with_suffix(".md")) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, {"meta": meta, "rows": rows}, lines)
 
 
 if __name__ == "__main__":
