@@ -439,7 +439,8 @@ def compile_steps(device: torch.device, compile_prefill: bool, cpp_wrapper: bool
     Inductor also compiles the decode step's glue, which calls its ~300 kernels, into C++ instead
     of Python. SmolLM2 greedy on a 2-core VM, generate()'s loop, both ways alternating in one
     process, two runs: 40% sparse 39.5 -> 45.9 and 41.2 -> 43.6 tok/s, dense unchanged (33.2 /
-    33.7, 37.9 / 38.1; docs/cpu/cpp_wrapper/); the first compile takes ~2 minutes instead of ~30 s.
+    33.7, 37.9 / 38.1; docs/cpu/cpp_wrapper/); a first compile (empty Inductor cache) took 118 s
+    instead of 60 s.
     Off by default."""
     if device.type == "cuda":
         decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
@@ -499,8 +500,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "text may then part from eager after some tokens, at threshold ties (README)")
     p.add_argument("--cpp_wrapper", action="store_true",
                    help="with --compile on a CPU: the compiled decode step's glue in C++ too (torch's "
-                        "cpp_wrapper). SmolLM2 on 2 cores: 6-16%% faster at 40%% sparsity, dense unchanged "
-                        "(docs/cpu/cpp_wrapper/); the first compile takes about 2 minutes instead of 30 s")
+                        "cpp_wrapper; plain decoding, not --speculate_k). SmolLM2 on 2 cores: 6-16%% faster "
+                        "at 40%% sparsity, dense unchanged (docs/cpu/cpp_wrapper/); the first compile took 118 s "
+                        "instead of 60 s")
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     p.add_argument("--decode_path", choices=["auto", "reference", "fused"], default="auto",
                    help="model.py's decode step, or decode.py's fused one (one attention op, GEMV "
@@ -529,6 +531,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.cpp_wrapper and not args.compile:
         p.error("--cpp_wrapper shapes the compiled decode step: add --compile")
+    if args.cpp_wrapper and args.speculate_k:
+        p.error("--cpp_wrapper applies to plain decoding; speculation's steps are not built with it")
     if args.draft_checkpoint_path is not None:
         if not args.speculate_k:
             p.error("--draft_checkpoint_path drafts for --speculate_k: give K too")
@@ -763,7 +767,8 @@ def generate_all(args: argparse.Namespace, device: torch.device) -> list[dict]:
             if args.compile:  # warm-up: compilation (and CUDA-graph capture) out of the timing
                 start = time.perf_counter()
                 print(f"warming up the compiled decode at sparsity {level:.2f} (compiling takes about "
-                      "a minute the first time) ...", end=" ", file=sys.stderr, flush=True)
+                      f"{'two minutes' if args.cpp_wrapper else 'a minute'} the first time) ...", end=" ",
+                      file=sys.stderr, flush=True)
                 generate(model, ids, min(args.max_new_tokens, 8), s, decode, pre)
                 print(f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             for i in range(args.num_samples):

@@ -52,6 +52,7 @@ CASES = [
     ("generate", ["--checkpoint_path", "{gpt2}"], 1, "unsupported architecture"),
     ("generate", ["--random_weights", "Llama-9"], 1, "Llama-9"),
     ("generate", ["--cpp_wrapper"], 2, "--cpp_wrapper shapes the compiled decode step: add --compile"),
+    ("generate", ["--compile", "--cpp_wrapper", "--speculate_k", "2"], 2, "--cpp_wrapper applies to plain decoding"),
     ("generate", ["--speculate_k", "-1"], 2, "--speculate_k: must be at least 0"),
     ("generate", ["--speculate_k", "8", "--prompt", "word " * 4, "--max_new_tokens", "40"], 1,
      "+ --speculate_k (8) + 1 exceeds the model's context"),
