@@ -5,7 +5,10 @@ projections and swaps each TransformerBlock for a DecodeBlock whose single-posit
   qkv GEMV -> one attention op (RoPE, KV-cache write at p, split-KV attention over 0..p:
   ``teal::decode_attention_step``) -> o GEMV + residual (epilogue) -> gate|up GEMV ->
   down GEMV with SiLU(gate) * up in its prologue + residual (epilogue),
-plus the two RMSNorms. The projections stay the block's PackedLinear modules, so TEAL, the speed
+plus the two RMSNorms. On a CPU the float lm_head is packed too, so its decode call runs the same
+C++ row kernel: oneDNN's bf16 product at one row streamed SmolLM2's 57 MB head at ~10 GB/s, the
+row kernel at ~25 (docs/cpu/README.md); on CUDA cuBLAS reads it at the bandwidth and a transposed
+copy would cost a GB on 8B models. The projections stay the block's PackedLinear modules, so TEAL, the speed
 table's dense fallback and quantization apply unchanged, and module names (so thresholds files)
 do not change. Where a projection runs dense in float, the fusions are left to torch/Inductor.
 
@@ -21,7 +24,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from kernels.ops import decode_attention_step
-from linear import pack_model, swap_module
+from kernels.reference import KERNEL_DTYPES
+from linear import PackedLinear, pack_model, swap_module
 from model import TransformerBlock
 
 FUSED_NORM_ENV = "TEAL_FUSED_NORM"
@@ -61,9 +65,13 @@ class DecodeBlock(TransformerBlock):
 
 
 def install_fused_decode(model: nn.Module) -> nn.Module:
-    """Pack the projections and swap every block for a DecodeBlock (idempotent)."""
+    """Pack the projections (and a CPU model's float lm_head) and swap every block for a
+    DecodeBlock (idempotent)."""
     pack_model(model)
     for i, layer in enumerate(model.layers):
         if type(layer) is TransformerBlock:
             swap_module(model, f"layers.{i}", DecodeBlock(layer))
+    head = model.output
+    if type(head) is nn.Linear and head.weight.device.type == "cpu" and head.weight.dtype in KERNEL_DTYPES:
+        swap_module(model, "output", PackedLinear.from_linear(head))  # a copy: a tied table stays the embedding's
     return model

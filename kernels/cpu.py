@@ -235,11 +235,16 @@ class SpinPool {
     uint64_t seen = gen_of(ticket_.load(std::memory_order_acquire));
     for (;;) {
       const auto start = std::chrono::steady_clock::now();
+      auto yielded = start;
       uint64_t gen;
       for (int spins = 0; (gen = gen_of(ticket_.load(std::memory_order_acquire))) == seen; ++spins) {
         if ((spins & 63) == 63) {
-          if (std::chrono::steady_clock::now() - start > std::chrono::microseconds(spin_us_)) break;
-          sched_yield();  // a busy machine gets the core back
+          const auto now = std::chrono::steady_clock::now();
+          if (now - start > std::chrono::microseconds(spin_us_)) break;
+          if (now - yielded > std::chrono::microseconds(YIELD_US)) {  // a busy machine gets the core back
+            sched_yield();
+            yielded = now;
+          }
         }
         pause();
       }
@@ -255,6 +260,10 @@ class SpinPool {
     }
   }
 
+  // Yielding after every 64 pauses doubled a call's hand-off on a 2-vCPU VM (576 x 128 bf16: 18-21
+  // us a call; 9-10 yielding every 20 us), yet another thread that needs this core (OpenMP's worker
+  // in an Inductor kernel) must not wait for the scheduler's time slice.
+  static constexpr int64_t YIELD_US = 20;
   const int workers_;
   int64_t spin_us_ = 200;
   uint64_t gen_ = 0;
@@ -324,6 +333,63 @@ void accumulate_rows(const T* w, int64_t ldw, const int64_t* idx, const float* v
     const float xv = val[j];
     for (int64_t c = 0; c < LANES * nv; c += LANES) store_acc(acc + c, load_acc(acc + c) + xv * loadv(row + c));
     for (int64_t c = LANES * nv; c < width; ++c) acc[c] += xv * to_float(row[c]);
+  }
+}
+
+// bf16: 2 * LANES columns load as LANES 32-bit words, whose low halves are the even columns and
+// high halves the odd ones: a shift and a mask make two float vectors, with no widening shuffle
+// (the generic loadv's convert ran ~2 MACs a cycle, compute-bound below the memory's speed).
+// The sums live in `planes` (even columns, then odd, per 2 * LANES columns) and are added to acc
+// in column order at the end. planes[0:full] += sum over R rows of x[u] * row[u][0:full]:
+template <int64_t R>
+inline void bf16_plane_pass(const at::BFloat16* const* rows, const float* x, float* planes, int64_t full) {
+  const vu32 high = vu32{} + 0xffff0000u;
+  vf xv[R];
+  for (int64_t u = 0; u < R; ++u) xv[u] = vf{} + x[u];
+  for (int64_t c = 0; c < full; c += 2 * LANES) {
+    vf even = load_acc(planes + c), odd = load_acc(planes + c + LANES);
+    for (int64_t u = 0; u < R; ++u) {
+      vu32 bits;
+      std::memcpy(&bits, rows[u] + c, sizeof bits);
+      const vu32 lo = bits << 16, hi = bits & high;
+      vf flo, fhi;
+      std::memcpy(&flo, &lo, sizeof flo);
+      std::memcpy(&fhi, &hi, sizeof fhi);
+      even += xv[u] * flo;
+      odd += xv[u] * fhi;
+    }
+    store_acc(planes + c, even);
+    store_acc(planes + c + LANES, odd);
+  }
+}
+
+// Eight rows a pass: the planes are read and written once per eight rows.
+template <>
+void accumulate_rows(const at::BFloat16* w, int64_t ldw, const int64_t* idx, const float* val, int64_t nk,
+                     float* acc, int64_t width) {
+  constexpr int64_t R = 8, C = 2 * LANES;
+  const int64_t full = width / C * C, bytes = width * 2, ahead = std::max(R, prefetch_distance(bytes));
+  const uint8_t* wb = reinterpret_cast<const uint8_t*>(w);
+  std::vector<float> planes(full, 0.f);
+  const at::BFloat16* rows[R];
+  for (int64_t j = 0; j < nk;) {
+    const int64_t r = std::min(R, nk - j);
+    for (int64_t u = 0; u < r; ++u) rows[u] = w + idx[j + u] * ldw;
+    // Each pass asks for the rows of the pass `ahead` kept rows on: skipped rows break the hardware's
+    // streams, and dense rows of 1-2 KB (SmolLM2's q|k|v, o, down) are too short to train them.
+    for (int64_t a = j + ahead; a < std::min(nk, j + ahead + r); ++a) prefetch_row(wb + idx[a] * ldw * 2, bytes);
+    if (r == R) {
+      bf16_plane_pass<R>(rows, val + j, planes.data(), full);
+    } else {
+      for (int64_t u = 0; u < r; ++u) bf16_plane_pass<1>(rows + u, val + j + u, planes.data(), full);
+    }
+    for (int64_t u = 0; u < r; ++u)
+      for (int64_t c = full; c < width; ++c) acc[c] += val[j + u] * to_float(rows[u][c]);
+    j += r;
+  }
+  for (int64_t c = 0; c < full; c += 2) {
+    acc[c] += planes[c / C * C + c % C / 2];
+    acc[c + 1] += planes[c / C * C + c % C / 2 + LANES];
   }
 }
 
@@ -435,7 +501,7 @@ void run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& thresholds,
   std::vector<float> partial(blocks * m * n, 0.f);
   parallel_blocks(blocks, [&](int64_t b) {
     std::vector<float> gq(int4 ? n : 0);
-    const int64_t k0 = b * block_k, k1 = std::min(k, k0 + block_k);
+    const int64_t k0 = b * block_k, k1 = b == blocks - 1 ? k : std::min(k, k0 + block_k);  // the last takes K % align
     for (int64_t r = 0; r < m; ++r)
       for (int64_t s = 0; s < nseg; ++s) {
         const int64_t* ri = &idx[(r * nseg + s) * k];

@@ -94,12 +94,16 @@ def test_skipped_rows_are_never_read():
     assert torch.equal(out, float64_product(x, w.nan_to_num(0.0), thresholds, splits, None, None, 0).bfloat16())
 
 
-def test_fp16_and_odd_widths():
-    """fp16 activations and segment widths that are not multiples of the 16-lane vectors."""
-    x, w, thresholds, splits, *_ = dyadic_problem("fp", 0, splits=(18, 6, 40))
-    x, w = x.half(), w.half()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [256, 259])
+def test_odd_widths_and_row_counts(dtype, k):
+    """Segment widths that are not multiples of the vectors (bf16 reads 32 columns at a time) and
+    kept-row counts that are not multiples of a pass (bf16: eight rows)."""
+    x, w, thresholds, splits, *_ = dyadic_problem("fp", 0, k=k, splits=(18, 6, 40, 64))
+    thresholds = torch.tensor([0.0, 1.1, 2.6, 0.3])
+    x, w = x.to(dtype), w.to(dtype)
     assert torch.equal(cpu.sparse_gemv_cpu(x, w, thresholds, splits, None, None, 0),
-                       float64_product(x, w, thresholds, splits, None, None, 0).half())
+                       float64_product(x, w, thresholds, splits, None, None, 0).to(dtype))
 
 
 def test_op_runs_the_kernel_by_default(monkeypatch):
