@@ -16,6 +16,7 @@ import datetime
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def main() -> None:
     levels = sorted({r["sparsity"] for r in runs})
     lines = [f"# generate.py at two revisions, alternating ({meta['date']}, {os.cpu_count()} CPUs)", "",
              f"`python -m benchmarks.ab_generate --revs {' '.join(args.revs)} --rounds {args.rounds} -- "
-             f"{' '.join(gen_args)}`", "",
+             f"{shlex.join(gen_args)}`", "",
              "| revision | sparsity | median decode tok/s | runs | realized |", "|---|---|---|---|---|"]
     for sha in shas:
         for level in levels:

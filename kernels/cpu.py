@@ -54,6 +54,7 @@ _SOURCE = r"""
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -309,87 +310,77 @@ int64_t kept(const T* x, int64_t k, float t, int64_t* idx, float* val) {
   return n;
 }
 
-// Float and int8: acc[0:width] += x[k] * W[k, 0:width] over the kept k. Whole rows, in row
-// order: the weight streams from memory sequentially, the accumulator stays in L1 and is read
-// and written once per four rows (once per row was L1-bound: 2x slower).
+// bf16 keeps its sums in "planes": 2 * LANES columns load as LANES 32-bit words, whose low halves
+// are the even columns and high halves the odd ones, so a shift and a mask make two float vectors
+// with no widening shuffle (the shuffle's convert ran ~2 multiply-adds a cycle, slower than the
+// memory); planes hold the even columns, then the odd ones, per 2 * LANES columns.
+template <typename T>
+constexpr bool in_planes = std::is_same<T, at::BFloat16>::value;
+
+// sums[0:full] += sum over R rows of x[u] * rows[u][0:full] (bf16: in planes; others: in column order).
+template <typename T, int64_t R>
+inline void row_pass(const T* const* rows, const float* x, float* sums, int64_t full) {
+  vf xv[R];
+  for (int64_t u = 0; u < R; ++u) xv[u] = vf{} + x[u];
+  if constexpr (in_planes<T>) {
+    const vu32 high = vu32{} + 0xffff0000u;
+    for (int64_t c = 0; c < full; c += 2 * LANES) {
+      vf even = load_acc(sums + c), odd = load_acc(sums + c + LANES);
+      for (int64_t u = 0; u < R; ++u) {
+        vu32 bits;
+        std::memcpy(&bits, rows[u] + c, sizeof bits);
+        const vu32 lo = bits << 16, hi = bits & high;
+        vf flo, fhi;
+        std::memcpy(&flo, &lo, sizeof flo);
+        std::memcpy(&fhi, &hi, sizeof fhi);
+        even += xv[u] * flo;
+        odd += xv[u] * fhi;
+      }
+      store_acc(sums + c, even);
+      store_acc(sums + c + LANES, odd);
+    }
+  } else {
+    for (int64_t c = 0; c < full; c += LANES) {
+      vf sum = load_acc(sums + c);
+      for (int64_t u = 0; u < R; ++u) sum += xv[u] * loadv(rows[u] + c);
+      store_acc(sums + c, sum);
+    }
+  }
+}
+
+// Float and int8: acc[0:width] += x[k] * W[k, 0:width] over the kept k. Whole rows, in row order,
+// eight a pass: the weight streams from memory, the sums stay in L1 and are read and written once
+// per eight rows (once per row was L1-bound: 2x slower than four, eight beat four with bf16).
 template <typename T>
 void accumulate_rows(const T* w, int64_t ldw, const int64_t* idx, const float* val, int64_t nk, float* acc,
                      int64_t width) {
-  const int64_t nv = width / LANES, bytes = width * sizeof(T), ahead = prefetch_distance(bytes);
+  constexpr int64_t R = 8, C = in_planes<T> ? 2 * LANES : LANES;
+  const int64_t full = width / C * C, bytes = width * sizeof(T), ahead = std::max(R, prefetch_distance(bytes));
   const uint8_t* wb = reinterpret_cast<const uint8_t*>(w);
-  int64_t j = 0;
-  for (; j + 4 <= nk; j += 4) {
-    const T *r0 = w + idx[j] * ldw, *r1 = w + idx[j + 1] * ldw, *r2 = w + idx[j + 2] * ldw, *r3 = w + idx[j + 3] * ldw;
-    const float x0 = val[j], x1 = val[j + 1], x2 = val[j + 2], x3 = val[j + 3];
-    prefetch_ahead(wb, ldw * sizeof(T), idx, j, nk, ahead, bytes);
-    for (int64_t c = 0; c < LANES * nv; c += LANES)
-      store_acc(acc + c, load_acc(acc + c) + x0 * loadv(r0 + c) + x1 * loadv(r1 + c) + x2 * loadv(r2 + c) +
-                         x3 * loadv(r3 + c));
-    for (int64_t c = LANES * nv; c < width; ++c)
-      acc[c] += x0 * to_float(r0[c]) + x1 * to_float(r1[c]) + x2 * to_float(r2[c]) + x3 * to_float(r3[c]);
-  }
-  for (; j < nk; ++j) {
-    const T* row = w + idx[j] * ldw;
-    const float xv = val[j];
-    for (int64_t c = 0; c < LANES * nv; c += LANES) store_acc(acc + c, load_acc(acc + c) + xv * loadv(row + c));
-    for (int64_t c = LANES * nv; c < width; ++c) acc[c] += xv * to_float(row[c]);
-  }
-}
-
-// bf16: 2 * LANES columns load as LANES 32-bit words, whose low halves are the even columns and
-// high halves the odd ones: a shift and a mask make two float vectors, with no widening shuffle
-// (the generic loadv's convert ran ~2 MACs a cycle, compute-bound below the memory's speed).
-// The sums live in `planes` (even columns, then odd, per 2 * LANES columns) and are added to acc
-// in column order at the end. planes[0:full] += sum over R rows of x[u] * row[u][0:full]:
-template <int64_t R>
-inline void bf16_plane_pass(const at::BFloat16* const* rows, const float* x, float* planes, int64_t full) {
-  const vu32 high = vu32{} + 0xffff0000u;
-  vf xv[R];
-  for (int64_t u = 0; u < R; ++u) xv[u] = vf{} + x[u];
-  for (int64_t c = 0; c < full; c += 2 * LANES) {
-    vf even = load_acc(planes + c), odd = load_acc(planes + c + LANES);
-    for (int64_t u = 0; u < R; ++u) {
-      vu32 bits;
-      std::memcpy(&bits, rows[u] + c, sizeof bits);
-      const vu32 lo = bits << 16, hi = bits & high;
-      vf flo, fhi;
-      std::memcpy(&flo, &lo, sizeof flo);
-      std::memcpy(&fhi, &hi, sizeof fhi);
-      even += xv[u] * flo;
-      odd += xv[u] * fhi;
-    }
-    store_acc(planes + c, even);
-    store_acc(planes + c + LANES, odd);
-  }
-}
-
-// Eight rows a pass: the planes are read and written once per eight rows.
-template <>
-void accumulate_rows(const at::BFloat16* w, int64_t ldw, const int64_t* idx, const float* val, int64_t nk,
-                     float* acc, int64_t width) {
-  constexpr int64_t R = 8, C = 2 * LANES;
-  const int64_t full = width / C * C, bytes = width * 2, ahead = std::max(R, prefetch_distance(bytes));
-  const uint8_t* wb = reinterpret_cast<const uint8_t*>(w);
-  std::vector<float> planes(full, 0.f);
-  const at::BFloat16* rows[R];
+  std::vector<float> planes(in_planes<T> ? full : 0, 0.f);
+  float* sums = in_planes<T> ? planes.data() : acc;
+  const T* rows[R];
   for (int64_t j = 0; j < nk;) {
     const int64_t r = std::min(R, nk - j);
     for (int64_t u = 0; u < r; ++u) rows[u] = w + idx[j + u] * ldw;
     // Each pass asks for the rows of the pass `ahead` kept rows on: skipped rows break the hardware's
     // streams, and dense rows of 1-2 KB (SmolLM2's q|k|v, o, down) are too short to train them.
-    for (int64_t a = j + ahead; a < std::min(nk, j + ahead + r); ++a) prefetch_row(wb + idx[a] * ldw * 2, bytes);
+    for (int64_t a = j + ahead; a < std::min(nk, j + ahead + r); ++a)
+      prefetch_row(wb + idx[a] * ldw * sizeof(T), bytes);
     if (r == R) {
-      bf16_plane_pass<R>(rows, val + j, planes.data(), full);
+      row_pass<T, R>(rows, val + j, sums, full);
     } else {
-      for (int64_t u = 0; u < r; ++u) bf16_plane_pass<1>(rows + u, val + j + u, planes.data(), full);
+      for (int64_t u = 0; u < r; ++u) row_pass<T, 1>(rows + u, val + j + u, sums, full);
     }
     for (int64_t u = 0; u < r; ++u)
       for (int64_t c = full; c < width; ++c) acc[c] += val[j + u] * to_float(rows[u][c]);
     j += r;
   }
-  for (int64_t c = 0; c < full; c += 2) {
-    acc[c] += planes[c / C * C + c % C / 2];
-    acc[c + 1] += planes[c / C * C + c % C / 2 + LANES];
+  if constexpr (in_planes<T>) {
+    for (int64_t c = 0; c < full; c += 2) {
+      acc[c] += planes[c / C * C + c % C / 2];
+      acc[c + 1] += planes[c / C * C + c % C / 2 + LANES];
+    }
   }
 }
 
