@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -239,6 +239,12 @@ case $phase in
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     for d in 0.5 0.65; do
       step 130 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity $d --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    done
+    ;;
+  head)  # issue 11: int4-g128 with an int8 lm_head (quantize.py --lm_head) beside the bf16 head and tinygemm, one run; issue 10: TEAL_FUSED_NORM on SmolLM2 (two kernels fewer a layer)
+    step 330 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --runs 2 --baselines torch-int4-g128 --out "$out/decode_llama3_8b_int8_head"
+    for f in 0 1; do
+      TEAL_FUSED_NORM=$f step 100 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 0.5 --decode_path fused --out "$out/decode_smollm2_fused_norm$f"
     done
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
