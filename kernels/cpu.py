@@ -152,10 +152,12 @@ inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
 }
-// Rows j..j+3 of the kept list are being read: prefetch the ones `ahead` kept rows further on.
-inline void prefetch_ahead(const uint8_t* w, int64_t row_stride, const int64_t* idx, int64_t j, int64_t nk,
-                           int64_t ahead, int64_t bytes) {
-  for (int64_t a = j + ahead; a < std::min(nk, j + ahead + 4); ++a) prefetch_row(w + idx[a] * row_stride, bytes);
+// Kept rows j..j+r-1 are being read: prefetch the r kept rows `ahead` further on (the rows a pass
+// `ahead` rows later will read). Skipped rows break the hardware's streams, and dense rows of 1-2 KB
+// (SmolLM2's q|k|v, o, down) are too short to train them.
+inline void prefetch_ahead(const uint8_t* w, int64_t row_stride, const int64_t* idx, int64_t j, int64_t r,
+                           int64_t nk, int64_t ahead, int64_t bytes) {
+  for (int64_t a = j + ahead; a < std::min(nk, j + ahead + r); ++a) prefetch_row(w + idx[a] * row_stride, bytes);
 }
 
 // Weights below this many bytes run on the calling thread (see run); TEAL_CPU_PARALLEL_BYTES
@@ -363,10 +365,7 @@ void accumulate_rows(const T* w, int64_t ldw, const int64_t* idx, const float* v
   for (int64_t j = 0; j < nk;) {
     const int64_t r = std::min(R, nk - j);
     for (int64_t u = 0; u < r; ++u) rows[u] = w + idx[j + u] * ldw;
-    // Each pass asks for the rows of the pass `ahead` kept rows on: skipped rows break the hardware's
-    // streams, and dense rows of 1-2 KB (SmolLM2's q|k|v, o, down) are too short to train them.
-    for (int64_t a = j + ahead; a < std::min(nk, j + ahead + r); ++a)
-      prefetch_row(wb + idx[a] * ldw * sizeof(T), bytes);
+    prefetch_ahead(wb, ldw * sizeof(T), idx, j, r, nk, ahead, bytes);
     if (r == R) {
       row_pass<T, R>(rows, val + j, sums, full);
     } else {
@@ -384,25 +383,27 @@ void accumulate_rows(const T* w, int64_t ldw, const int64_t* idx, const float* v
   }
 }
 
-// gq[0:width] += x * q over kept rows j0..j1 of one int4 group, four rows at a time.
+// gq[0:width] += x * q over kept rows j0..j1 of one int4 group, eight rows at a time.
 void accumulate_nibbles(const uint8_t* w, int64_t ldw, const int64_t* idx, const float* val, int64_t j0, int64_t j1,
                         int64_t nk, int64_t ahead, float* gq, int64_t width) {
+  constexpr int64_t R = 8;
   const int64_t nv = width / 32;
   int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) {
-    const uint8_t* r[4] = {w + idx[j] * ldw, w + idx[j + 1] * ldw, w + idx[j + 2] * ldw, w + idx[j + 3] * ldw};
-    prefetch_ahead(w, ldw, idx, j, nk, ahead, width / 2);
+  for (; j + R <= j1; j += R) {
+    const uint8_t* r[R];
+    for (int64_t u = 0; u < R; ++u) r[u] = w + idx[j + u] * ldw;
+    prefetch_ahead(w, ldw, idx, j, R, nk, ahead, width / 2);
     for (int64_t v = 0; v < nv; ++v) {
       vf sum[NIBBLE_VECTORS];
       for (int64_t i = 0; i < NIBBLE_VECTORS; ++i) sum[i] = load_acc(gq + 32 * v + LANES * i);
-      for (int64_t u = 0; u < 4; ++u) {
+      for (int64_t u = 0; u < R; ++u) {
         vf q[NIBBLE_VECTORS];
         load_nibbles(r[u] + 16 * v, q);
         for (int64_t i = 0; i < NIBBLE_VECTORS; ++i) sum[i] += val[j + u] * q[i];
       }
       for (int64_t i = 0; i < NIBBLE_VECTORS; ++i) store_acc(gq + 32 * v + LANES * i, sum[i]);
     }
-    for (int64_t u = 0; u < 4; ++u)
+    for (int64_t u = 0; u < R; ++u)
       for (int64_t c = 32 * nv; c < width; c += 2) {
         gq[c] += val[j + u] * static_cast<float>(r[u][c / 2] & 15);
         gq[c + 1] += val[j + u] * static_cast<float>(r[u][c / 2] >> 4);
@@ -427,7 +428,7 @@ void accumulate_nibbles(const uint8_t* w, int64_t ldw, const int64_t* idx, const
 // order), then acc += scale * (gq - 8 sum x) + zero * sum x. gq: width floats of scratch.
 void accumulate_int4(const uint8_t* w, int64_t ldw, const int64_t* idx, const float* val, int64_t nk, float* acc,
                      int64_t width, const float* scales, const float* zeros, int64_t n, int64_t group, float* gq) {
-  const int64_t ahead = prefetch_distance(width / 2);
+  const int64_t ahead = std::max<int64_t>(8, prefetch_distance(width / 2));  // at least a pass ahead
   int64_t j = 0;
   while (j < nk) {
     const int64_t g = idx[j] / group;
