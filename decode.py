@@ -6,11 +6,11 @@ projections and swaps each TransformerBlock for a DecodeBlock whose single-posit
   ``teal::decode_attention_step``) -> o GEMV + residual (epilogue) -> gate|up GEMV ->
   down GEMV with SiLU(gate) * up in its prologue + residual (epilogue),
 plus the two RMSNorms. On a CPU the float lm_head is packed too, so its decode call runs the same
-C++ row kernel: oneDNN's bf16 product at one row streamed SmolLM2's 57 MB head at ~10 GB/s, the
-row kernel at ~25 (docs/cpu/README.md); on CUDA cuBLAS reads it at the bandwidth and a transposed
-copy would cost a GB on 8B models. The projections stay the block's PackedLinear modules, so TEAL, the speed
-table's dense fallback and quantization apply unchanged, and module names (so thresholds files)
-do not change. Where a projection runs dense in float, the fusions are left to torch/Inductor.
+C++ row kernel: oneDNN's bf16 product at one row read SmolLM2's 57 MB head at 12.6 GB/s, the row
+kernel at 23.7 (benchmarks/bench_cpu_gemv.py); on CUDA cuBLAS reads it at the bandwidth and a
+transposed copy would cost a GB on 8B models. The projections stay the block's PackedLinear
+modules, so TEAL, the speed table's dense fallback and quantization apply unchanged, and module
+names (so thresholds files) do not change. Where a projection runs dense in float, the fusions are left to torch/Inductor.
 
 TEAL_FUSED_NORM=1 (read when the blocks are installed) also hands the two RMSNorms to the q|k|v
 and gate|up GEMVs, whose CUDA kernel computes them in its prologue (two kernels fewer a layer);
