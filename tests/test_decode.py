@@ -47,6 +47,20 @@ def test_install_swaps_every_block_and_keeps_module_names():
     torch.testing.assert_close(fused.layers[0].attention.wqkv.weight.t(), ref.layers[0].attention.wqkv.weight)
 
 
+@pytest.mark.parametrize("dtype,packed", [(torch.bfloat16, True), (torch.float32, False)])
+def test_a_cpu_float_head_is_packed_for_the_row_kernel(dtype, packed):
+    """On a CPU a bf16/fp16 lm_head runs the decode kernel (its own [K, N] copy: a tied table stays
+    the embedding's); its product is the float64 one, rounded once. float32 keeps nn.Linear."""
+    ref, fused = model_pair(dtype, tie_embeddings=True)
+    assert isinstance(fused.output, PackedLinear) is packed
+    assert (fused.output.weight is fused.tok_embeddings.weight) is not packed
+    assert torch.equal(fused.tok_embeddings.weight, ref.tok_embeddings.weight)
+    assert "output" not in packed_projections(fused)  # TEAL and its meters leave the head alone
+    x = torch.randn(1, 1, ref.config.dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    want = x.double() @ ref.output.weight.double().t()
+    torch.testing.assert_close(fused.output(x).double(), want, rtol=2**-7, atol=1e-3)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_reference_op_matches_the_model_for_64_steps(batch):
     """The op's CPU reference: logits, KV caches and 64 greedy tokens equal the plain model's."""
