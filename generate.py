@@ -101,7 +101,7 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
 
 
 def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, s: Sampling) -> Tensor:
-    return sample(model(idx, input_pos)[:, -1], s)
+    return sample(model(idx, input_pos, last_only=True)[:, -1], s)
 
 
 def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, s: Sampling) -> Tensor:

@@ -74,6 +74,18 @@ def test_kv_cache_decode_equals_full_forward() -> None:
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_last_only_is_the_last_position_of_the_full_logits() -> None:
+    """Prefill's `last_only` (generate.prefill): the same logits as the full forward's last row."""
+    model = tiny_model()
+    idx = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    model.setup_caches(2, 16)
+    with torch.no_grad():
+        full = model(idx, torch.arange(9))
+        last = model(idx, torch.arange(9), last_only=True)
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-6)
+
+
 def test_compiled_decode_matches_eager() -> None:
     from generate import Sampling, decode_one_token, generate
     model = tiny_model()
