@@ -221,8 +221,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor, input_pos: Tensor, last_only: bool = False) -> Tensor:
         """idx [batch, seq] token ids at absolute positions input_pos [seq] -> logits [batch, seq, vocab];
-        with `last_only`, the last position's alone [batch, 1, vocab]: prefill samples from it, and the
-        head over every prompt position was a fifth of a 40-token CPU prefill."""
+        with `last_only`, the last position's alone [batch, 1, vocab]: prefill samples from it, so the
+        head over the other prompt positions would be wasted work (a CPU's float32 prefill head)."""
         assert self.freqs_cis is not None and self.causal_mask is not None, "call setup_caches first"
         mask = self.causal_mask[None, None, input_pos]
         freqs_cis = self.freqs_cis[input_pos]
