@@ -109,3 +109,16 @@ def test_cpp_wrapper_decodes_what_the_python_wrapper_decodes():
         runs.append((res.tokens, model.layers[-1].attention.kv_cache.k_cache.clone()))
     assert runs[0][0] == runs[1][0]
     assert torch.equal(runs[0][1], runs[1][1])
+
+
+def test_ab_generate_reads_back_generate_py_s_table(capsys):
+    """benchmarks/ab_generate.py parses generate.py's closing table (print_table) into the values
+    it printed."""
+    import generate as generate_py
+    from benchmarks import ab_generate
+    rows = [{"sparsity": s, "realized_sparsity": r, "decode_tok_s": t, "gb_s": 9.9, "ttft_s": f, "new_tokens": n}
+            for s, r, t, f, n in [(0.0, 0.0, 42.4, 0.338, 91), (0.4, 0.38, 49.8, 0.301, 61)]]
+    generate_py.print_table(rows)
+    got = ab_generate.table_rows(capsys.readouterr().out)
+    assert got == [{"sparsity": 0.0, "realized": 0.0, "tok_s": 42.4, "ttft_ms": 338, "new_tokens": 91},
+                   {"sparsity": 0.4, "realized": 0.38, "tok_s": 49.8, "ttft_ms": 301, "new_tokens": 61}]
