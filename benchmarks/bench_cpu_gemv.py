@@ -4,7 +4,8 @@
 Each shape gets `--layers` distinct random weights, called in turn as a model's decode step calls
 its layers, so the weights come from DRAM and not from cache; the median over `--reps` passes is
 reported as microseconds a call and GB/s of the bytes the call must read (kept rows only). The
-read-only row is what this machine's memory gives a call of that size on these threads.
+read-only row streams the same bytes through torch's own (OpenMP) threads, which under
+OMP_WAIT_POLICY=PASSIVE (generate.py's setting) pay a wake-up a call.
 
     python -m benchmarks.bench_cpu_gemv --out docs/cpu/row_kernel/gemv
 """
