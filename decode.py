@@ -15,27 +15,39 @@ names (so thresholds files) do not change. Where a projection runs dense in floa
 TEAL_FUSED_NORM=1 (read when the blocks are installed) also hands the two RMSNorms to the q|k|v
 and gate|up GEMVs, whose CUDA kernel computes them in its prologue (two kernels fewer a layer);
 off by default until timed on a GPU (benchmarks/results/NOTES.md).
+
+A step of 2..MAX_BATCH positions (speculation's verify, a short prefill) runs the attention op
+once a position, in order, instead of model.py's attention over all of them: each position's
+attention is then the decode step's own, and with projections whose rows do not depend on the rows
+beside them (cuBLAS on the H200 and the CPU kernel, benchmarks/batch_rows.py; our Triton kernel's
+do) a greedy verify rounds as plain decoding does. On the CPU that made self-speculation's text
+plain greedy's again (model.py's verify parted from it after ~25 tokens, compiled, SmolLM2) and
+faster (30.7 vs 25.1 tok/s). TEAL_POSITIONWISE_VERIFY=0 brings back model.py's verify (its GPU
+cost against this one is not measured yet).
 """
 from __future__ import annotations
 
 import os
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
+from kernels import MAX_BATCH
 from kernels.ops import decode_attention_step
 from kernels.reference import KERNEL_DTYPES
 from linear import PackedLinear, pack_model, swap_module
 from model import TransformerBlock
 
 FUSED_NORM_ENV = "TEAL_FUSED_NORM"
+POSITIONWISE_ENV = "TEAL_POSITIONWISE_VERIFY"
 
 
-def fused_norms() -> bool:
-    """TEAL_FUSED_NORM: "1" hands the RMSNorms to the projections, "0" (the default) does not."""
-    value = os.environ.get(FUSED_NORM_ENV, "0")
+def env_switch(name: str, default: str = "0") -> bool:
+    """An on/off environment switch read when the blocks are installed: "1" on, "0" off."""
+    value = os.environ.get(name, default)
     if value not in ("0", "1"):
-        raise ValueError(f"{FUSED_NORM_ENV} must be 0 or 1, got {value!r}")
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
     return value == "1"
 
 
@@ -46,7 +58,8 @@ class DecodeBlock(TransformerBlock):
         nn.Module.__init__(self)  # the reference's submodules, not new ones
         self.attention, self.feed_forward = reference.attention, reference.feed_forward
         self.attention_norm, self.ffn_norm = reference.attention_norm, reference.ffn_norm
-        self.fuse_norms = fused_norms()
+        self.fuse_norms = env_switch(FUSED_NORM_ENV)
+        self.positionwise = env_switch(POSITIONWISE_ENV, default="1")
 
     def _project(self, linear: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
         """linear(norm(x)), the norm handed to the projection when fused (it decides where it runs)."""
@@ -55,12 +68,14 @@ class DecodeBlock(TransformerBlock):
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         att, ff = self.attention, self.feed_forward
         bsz, seqlen, _ = x.shape
-        if seqlen != 1 or att.kv_cache is None:
+        if att.kv_cache is None or not (seqlen == 1 or (self.positionwise and seqlen <= MAX_BATCH)):
             return super().forward(x, freqs_cis, mask, input_pos)
-        qkv = self._project(att.wqkv, self.attention_norm, x).view(bsz, -1)
-        y = decode_attention_step(qkv, freqs_cis.reshape(-1, 2), att.kv_cache.k_cache, att.kv_cache.v_cache,
-                                  input_pos, att.n_head)
-        h = att.wo(y.view(bsz, 1, att.n_head * att.head_dim), residual=x)
+        qkv = self._project(att.wqkv, self.attention_norm, x)
+        # one attention step a position, in order: each position's attention is the decode step's
+        y = torch.stack([decode_attention_step(qkv[:, i].contiguous(), freqs_cis[i].reshape(-1, 2),
+                                               att.kv_cache.k_cache, att.kv_cache.v_cache, input_pos[i:i + 1],
+                                               att.n_head) for i in range(seqlen)], dim=1)
+        h = att.wo(y.view(bsz, seqlen, att.n_head * att.head_dim), residual=x)
         return ff.w2(self._project(ff.w13, self.ffn_norm, h), gated=True, residual=h)
 
 

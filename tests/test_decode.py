@@ -9,7 +9,7 @@ import pytest
 import torch
 from fixtures import COMPILE_BACKENDS, HAS_CUDA, tiny_model
 
-from decode import FUSED_NORM_ENV, DecodeBlock, install_fused_decode
+from decode import FUSED_NORM_ENV, POSITIONWISE_ENV, DecodeBlock, install_fused_decode
 from kernels.ops import CPU_KERNELS_ENV
 from linear import PackedLinear, pack_model, packed_projections
 from teal import sparsify
@@ -59,6 +59,28 @@ def test_a_cpu_float_head_is_packed_for_the_row_kernel(dtype, packed):
     x = torch.randn(1, 1, ref.config.dim, generator=torch.Generator().manual_seed(0)).to(dtype)
     want = x.double() @ ref.output.weight.double().t()
     torch.testing.assert_close(fused.output(x).double(), want, rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_positionwise_verify_rounds_as_single_steps(batch, monkeypatch):
+    """TEAL_POSITIONWISE_VERIFY=1: a step of five positions (speculation's verify) gives the logits
+    and KV caches of five one-position steps bit for bit (bf16, the CPU kernels, whose rows do not
+    depend on the rows beside them)."""
+    monkeypatch.setenv(POSITIONWISE_ENV, "1")
+    _, together = model_pair(torch.bfloat16)
+    alone = copy.deepcopy(together)
+    g = torch.Generator().manual_seed(5)
+    prompt, tokens = torch.randint(0, 256, (batch, 11), generator=g), torch.randint(0, 256, (batch, 5), generator=g)
+    with torch.no_grad():
+        for m in (together, alone):
+            m.setup_caches(batch, 24)
+            m(prompt, torch.arange(11))
+        got = together(tokens, torch.arange(11, 16))
+        want = torch.cat([alone(tokens[:, i:i + 1], torch.tensor([11 + i])) for i in range(5)], dim=1)
+    assert torch.equal(got, want)
+    for a, b in zip(together.layers, alone.layers):
+        assert torch.equal(a.attention.kv_cache.k_cache, b.attention.kv_cache.k_cache)
+        assert torch.equal(a.attention.kv_cache.v_cache, b.attention.kv_cache.v_cache)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -216,18 +216,34 @@ def test_cli_draft_checkpoint_text_equals_plain_text(tmp_path):
     assert alone.returncode == 2 and "give K too" in alone.stderr
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [2, 4])
-def test_greedy_output_equals_plain_decoding_on_the_fused_step(k):
+def test_greedy_output_equals_plain_decoding_on_the_fused_step(k, dtype):
     """`--decode_path fused --speculate_k`: the draft's one-token steps take decode.py's fused
-    blocks, the verify step (K + 1 positions) model.py's; the output is still plain greedy's on
-    the same (fused) model."""
+    blocks, and so does the verify step (K + 1 positions, the attention op once a position); the
+    output is plain greedy's on the same (fused) model, in bf16 too."""
     from decode import install_fused_decode
-    model = tiny_model()
+    model = tiny_model().to(dtype)
     draft, target = states(model, 0.5, None)
     install_fused_decode(model)
     target.restore()
     plain = generate(model, PROMPT, 40, GREEDY).tokens
     spec, stats = speculative_generate(model, PROMPT, 40, GREEDY, k, draft, target)
+    assert spec.tokens == plain
+    assert 0 < stats.accepted < stats.drafted
+
+
+def test_real_model_bf16_speculation_is_plain_greedy(smollm2_dir, smollm2_tokenizer):
+    """SmolLM2 in bf16 on the fused path, CPU: 64 speculative tokens are plain greedy's. model.py's
+    verify (TEAL_POSITIONWISE_VERIFY=0) parted from them after ~25 tokens of a chat reply."""
+    from checkpoint import load_model
+    from decode import install_fused_decode
+    model = install_fused_decode(load_model(smollm2_dir, dtype=torch.bfloat16))
+    draft, target = states(model, 0.5, None)
+    target.restore()
+    prompt = smollm2_tokenizer.encode("The three primary colors are")
+    plain = generate(model, prompt, 64, GREEDY).tokens
+    spec, stats = speculative_generate(model, prompt, 64, GREEDY, 4, draft, target)
     assert spec.tokens == plain
     assert 0 < stats.accepted < stats.drafted
 
