@@ -3,9 +3,9 @@
 Greedy self-speculation gives plain greedy's tokens only if the verify step's K + 1 rows round as
 the plain step's single row does (issue 13). For each projection shape in bf16 this multiplies
 x [M, K] by W [K, N] at once and each row alone, with the dense path's product (`x @ W`: cuBLAS on
-a GPU, the CPU's BLAS) and with our kernel (teal::sparse_gemv, zero thresholds), and reports the
-share of output elements whose bits differ and the largest difference relative to the value
-(in bf16's epsilon, 2^-7).
+a GPU, the CPU's BLAS), with nn.Linear's F.linear over W [N, K] (the GPU's lm_head), and with our
+kernel (teal::sparse_gemv, zero thresholds), and reports the share of output elements whose bits
+differ and the largest difference relative to the value (in bf16's epsilon, 2^-7).
 
     python -m benchmarks.batch_rows --out benchmarks/results/batch_rows/llama3_8b
 """
@@ -57,13 +57,15 @@ def main() -> None:
         w = (torch.randn(k, n, generator=gen, device=args.device) / k ** 0.5).bfloat16()
         x = torch.randn(args.rows, k, generator=gen, device=args.device).bfloat16()
         no_thresholds = torch.zeros(1, device=args.device)
+        w_nk = w.t().contiguous()  # nn.Linear's layout (the GPU's lm_head)
         ways = {"x @ W (dense path)": lambda v: v @ w,
+                "F.linear, W [N, K] (nn.Linear)": lambda v: torch.nn.functional.linear(v, w_nk),
                 "teal::sparse_gemv, thresholds 0": lambda v: sparse_gemv(v, w, no_thresholds, [n])}
         for way, product in ways.items():
             share, worst = row_by_row_difference(product, x)
             rows.append({"shape": name, "k": k, "n": n, "way": way, "differ": share, "max_eps": worst})
             print(rows[-1], flush=True)
-        del w
+        del w, w_nk
     device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "device": device,
             "torch": torch.__version__, "rows": args.rows, "model": args.model}
