@@ -508,8 +508,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model.py's decode step, or decode.py's fused one (one attention op, GEMV "
                         "prologue/epilogue fusions). auto: fused, dense and sparse, on GPUs and CPUs (faster on "
                         "both: benchmarks/results/decode_llama3_8b_slot_x.md, docs/cpu/), also for "
-                        "--speculate_k's drafts (the K + 1-position verify runs model.py's step either way; "
-                        "docs/speculative/); model.py's under torchrun")
+                        "--speculate_k's drafts and verify (fused: the verify's attention once a position, as "
+                        "plain decoding's; docs/speculative/); model.py's under torchrun")
     p.add_argument("--sparsity", type=FRACTION, nargs="+", default=[0.0],
                    help="TEAL sparsity level(s) in [0, 1); several values run the same prompt at each")
     p.add_argument("--thresholds", type=Path, default=None,
