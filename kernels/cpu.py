@@ -153,8 +153,9 @@ inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
 }
 // Kept rows j..j+r-1 are being read: prefetch the r kept rows `ahead` further on (the rows a pass
-// `ahead` rows later will read). Skipped rows break the hardware's streams, and dense rows of 1-2 KB
-// (SmolLM2's q|k|v, o, down) are too short to train them.
+// `ahead` rows later will read): skipped rows break the hardware's streams. Dense calls are
+// prefetched the same way, as before the eight-row passes (on the shared VM the difference either
+// way was below run-to-run noise).
 inline void prefetch_ahead(const uint8_t* w, int64_t row_stride, const int64_t* idx, int64_t j, int64_t r,
                            int64_t nk, int64_t ahead, int64_t bytes) {
   for (int64_t a = j + ahead; a < std::min(nk, j + ahead + r); ++a) prefetch_row(w + idx[a] * row_stride, bytes);
@@ -352,7 +353,7 @@ inline void row_pass(const T* const* rows, const float* x, float* sums, int64_t 
 
 // Float and int8: acc[0:width] += x[k] * W[k, 0:width] over the kept k. Whole rows, in row order,
 // eight a pass: the weight streams from memory, the sums stay in L1 and are read and written once
-// per eight rows (once per row was L1-bound: 2x slower than four, eight beat four with bf16).
+// per eight rows (once per row was L1-bound: 2x slower than four).
 template <typename T>
 void accumulate_rows(const T* w, int64_t ldw, const int64_t* idx, const float* val, int64_t nk, float* acc,
                      int64_t width) {
