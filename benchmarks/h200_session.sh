@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | l2_kernels | l2_decode)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -270,6 +270,18 @@ case $phase in
     done
     for v in 1 0; do
       (export TEAL_POSITIONWISE_VERIFY=$v; step 130 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h")
+    done
+    ;;
+  l2_kernels)  # issues 10/11: weight rows into L2 before the input is read (TEAL_L2_PREFETCH) and the early PDL trigger: bit-identical (GPU test), then per matrix (bf16 and int4, 0 and 50%)
+    step 150 python3 -m pytest -q -x tests/test_kernels.py -k "l2_prefetch and (fp-0-compact or fp-0-lanesum or int4-128-dot-ordered or int8-0-prefetch)"
+    for v in "0 late" "32 late" "128 late" "32 early"; do
+      set -- $v; (export TEAL_L2_PREFETCH=$1 TEAL_PDL_TRIGGER=$2; step 100 python3 -m benchmarks.bench_kernels --formats bf16 int4-g128 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_l2_$1_$2")
+    done
+    ;;
+  l2_decode)  # the same switches end to end (fused step, 8B shape, 50%; ROWS and TRIGGERS name the variants: "rows,trigger ...")
+    for v in ${L2_VARIANTS:-0,late 32,late 128,late 32,early}; do
+      IFS=, read -r rows trigger <<< "$v"
+      (export TEAL_L2_PREFETCH=$rows TEAL_PDL_TRIGGER=$trigger; step 140 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 ${L2_WEIGHTS:-} --sparsity 0.5 --decode_path fused --out "$out/decode_l2_${rows}_$trigger")
     done
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)

@@ -324,6 +324,38 @@ def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 # depend on arrival order; a separate reduction kernel would be 2 launches.
 
 
+# ---------------------------------------------------------------------------
+# Weight rows into L2 while the input is not ready yet (PDL)
+# ---------------------------------------------------------------------------
+#
+# No weight depends on the previous kernel, so a program that PDL launched early can ask L2 for
+# the first rows of its K block before it waits (griddepcontrol.wait) for its input: the DRAM
+# works during the previous kernel's tail and the launch gap instead of idling. Which rows the
+# input keeps is not known then, so the rows are taken dense: at sparsity s, a prefetch of P rows
+# reads about s * P rows the kernel never uses. One cp.async.bulk.prefetch.L2 (sm_90) per row
+# segment; a hint only, so results are the same with or without it. The interpreter skips it.
+
+
+@triton.jit
+def _prefetch_rows(w_ptr, first_row, K, unit_start, units, W_ROW, ROWS: tl.constexpr, ELEM_BYTES: tl.constexpr):
+    """L2 prefetch of rows [first_row, first_row + ROWS) (those < K), ``units`` elements of w_ptr
+    from element ``unit_start`` of each row; the launcher checked the 16-byte alignment."""
+    rows = first_row + tl.arange(0, ROWS)
+    nbytes = (units * ELEM_BYTES + 15) // 16 * 16
+    tl.inline_asm_elementwise(
+        asm="""{
+        .reg .pred p;
+        setp.ne.b32 p, $2, 0;
+        @p cp.async.bulk.prefetch.L2.global [$1], $3;
+        mov.b32 $0, 0;
+        }""",
+        constraints="=r,l,r,r",
+        args=[w_ptr + rows.to(tl.int64) * W_ROW + unit_start, (rows < K).to(tl.int32),
+              tl.full([ROWS], 0, tl.int32) + nbytes],
+        dtype=tl.int32, is_pure=False, pack=1,
+    )
+
+
 @triton.jit
 def _rms_scale(x_ptr, M, K, eps, BLOCK_M: tl.constexpr):
     """1 / sqrt(mean(x[m]^2) + eps) per batch row [BLOCK_M], fp32 (model.RMSNorm's statistics;
@@ -438,7 +470,7 @@ def _sparse_gemv_kernel(
     WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, LANE_SUM: tl.constexpr,
     LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, L2_ROWS: tl.constexpr, ELEM_BYTES: tl.constexpr, EARLY_TRIGGER: tl.constexpr,
 ):
     LANES: tl.constexpr = BLOCK_M * SUB_K
     pid_k = tl.program_id(0)
@@ -458,8 +490,17 @@ def _sparse_gemv_kernel(
         first_block += n_blocks
     col_start = tl.multiple_of(col_start, COL_ALIGN)  # alignment hints let loads vectorize
     col_end = tl.multiple_of(col_end, COL_ALIGN)
+    if L2_ROWS > 0 and not INTERPRET:
+        if FORMAT == 2:  # two columns a byte
+            _prefetch_rows(w_ptr, pid_k * BLOCK_K, K, col_start // 2, tl.minimum(BLOCK_N, col_end - col_start) // 2,
+                           W_ROW, L2_ROWS, ELEM_BYTES)
+        else:
+            _prefetch_rows(w_ptr, pid_k * BLOCK_K, K, col_start, tl.minimum(BLOCK_N, col_end - col_start), W_ROW,
+                           L2_ROWS, ELEM_BYTES)
     if PDL:  # launched early: no memory access before the previous kernel has finished
         tl.extra.cuda.gdc_wait()
+        if EARLY_TRIGGER:  # the next kernel may launch now (and prefetch its weights)
+            tl.extra.cuda.gdc_launch_dependents()
     threshold = tl.load(thr_ptr + seg)
     cols = col_start + tl.arange(0, BLOCK_N)
     cols_ok = cols < col_end
@@ -568,7 +609,7 @@ def _sparse_gemv_kernel(
         else:
             acc = wacc
 
-    if PDL:  # the next kernel may start launching (it waits for this grid before any access)
+    if PDL and not EARLY_TRIGGER:  # the next kernel may start launching (it waits for this grid before any access)
         tl.extra.cuda.gdc_launch_dependents()
     # Publish this block's partial; the last program of the column block reduces.
     out_ok = (m_offs[:, None] < M) & cols_ok[None, :]
@@ -697,7 +738,8 @@ def _dot_gemv_kernel(
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr, L2_ROWS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -708,8 +750,15 @@ def _dot_gemv_kernel(
     for j in tl.static_range(1, _SEGMENT_SLOTS):
         seg += (col0 >= SPLITS[j]).to(tl.int32)
     cols = tl.multiple_of(col0, BLOCK_N) + tl.arange(0, BLOCK_N)
+    if L2_ROWS > 0 and not INTERPRET:
+        if FORMAT == 2:  # int32 words of eight columns
+            _prefetch_rows(w_ptr, pid_k * BLOCK_K, K, col0 // 8, BLOCK_N // 8, W_ROW, L2_ROWS, ELEM_BYTES)
+        else:
+            _prefetch_rows(w_ptr, pid_k * BLOCK_K, K, col0, BLOCK_N, W_ROW, L2_ROWS, ELEM_BYTES)
     if PDL:  # launched early: no memory access before the previous kernel has finished
         tl.extra.cuda.gdc_wait()
+        if EARLY_TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
     threshold = tl.load(thr_ptr + seg)
     m_offs = tl.arange(0, BLOCK_M)
     m_ok = m_offs < M
@@ -756,7 +805,7 @@ def _dot_gemv_kernel(
             acc += _dot(xt, wt, DTYPE, INTERPRET)
     if FORMAT == 2:
         acc = _interleave8(a0, a1, a2, a3, a4, a5, a6, a7)
-    if PDL:
+    if PDL and not EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
 
     out_rows = tl.arange(0, 16)
@@ -804,6 +853,11 @@ REDUCTION_ENV = "TEAL_GEMV_REDUCTION"
 # (H200, 2026-12-03: fused step bf16 at 50% 304.1 -> 310.6 tok/s, dense 217.1 / 216.8; the
 # README's PDL section); TEAL_PDL=0 turns it off, 1 asks for it.
 PDL_ENV = "TEAL_PDL"
+# Experimental, off by default (kernels section "Weight rows into L2..."): TEAL_L2_PREFETCH=P asks
+# L2 for the first P rows of every program's K block before the input is read; TEAL_PDL_TRIGGER=early
+# lets the next kernel launch as soon as this one's input is ready instead of after its row loop.
+L2_PREFETCH_ENV = "TEAL_L2_PREFETCH"
+PDL_TRIGGER_ENV = "TEAL_PDL_TRIGGER"
 
 
 def launch_options(device: torch.device) -> dict:
@@ -816,6 +870,25 @@ def launch_options(device: torch.device) -> dict:
     if value == "0" or device.type != "cuda" or INTERPRETED:
         return {}
     return {"launch_pdl": True} if _compute_capability(device) >= (9, 0) else {}
+
+
+def _l2_prefetch_rows(w: Tensor, first_col_bytes: int) -> int:
+    """Rows to prefetch into L2 per program (TEAL_L2_PREFETCH, 0 = none): only on an sm_90+ GPU,
+    where every prefetched row segment starts on 16 bytes (``first_col_bytes``: the byte
+    alignment of a program's first column)."""
+    value = os.environ.get(L2_PREFETCH_ENV, "0")
+    if not value.isdigit() or int(value) & (int(value) - 1):
+        raise ValueError(f"{L2_PREFETCH_ENV} must be 0 or a power of two (rows), got {value!r}")
+    aligned = w.data_ptr() % 16 == 0 and w.stride(0) * w.element_size() % 16 == 0 and first_col_bytes % 16 == 0
+    usable = w.device.type == "cuda" and not INTERPRETED and _compute_capability(w.device) >= (9, 0) and aligned
+    return int(value) if usable else 0
+
+
+def _early_trigger() -> bool:
+    value = os.environ.get(PDL_TRIGGER_ENV, "late")
+    if value not in ("early", "late"):
+        raise ValueError(f"{PDL_TRIGGER_ENV} must be 'early' or 'late', got {value!r}")
+    return value == "early"
 
 
 @functools.cache
@@ -929,12 +1002,15 @@ def sparse_gemv_triton(
             raise ValueError(f"M*N={m * n} exceeds the sparse_gemv workspace ({workspace.numel()} floats).")
         if fmt == FMT_INT4:  # read as int32 words of 8 columns (_fit_config checked the alignment)
             w = w.view(torch.int32)
+        col_bytes = cfg.block_n // 2 if fmt == FMT_INT4 else cfg.block_n * w.element_size()
         _dot_gemv_kernel[(grid_n, grid_k)](
             x, w, *aux, out, workspace, counters,
             m, k, n, w.shape[1], float(eps), splits,
             FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             SUB_K=cfg.sub_k, **fusions, DETERMINISTIC=deterministic,
-            INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
+            INTERPRET=INTERPRETED, PDL=bool(pdl), L2_ROWS=min(_l2_prefetch_rows(w, col_bytes), cfg.block_k),
+            ELEM_BYTES=w.element_size(), EARLY_TRIGGER=_early_trigger(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         )
         return out
 
@@ -957,6 +1033,9 @@ def sparse_gemv_triton(
         PREFETCH=cfg.compact and cfg.num_stages >= 2, LANE_SUM=cfg.lane_sum,
         LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k, **fusions,
         INTERPRET=INTERPRETED, PDL=bool(pdl),
+        L2_ROWS=min(_l2_prefetch_rows(w, col_align // 2 if fmt == FMT_INT4 else col_align * w.element_size()),
+                    triton.next_power_of_2(cfg.block_k)),
+        ELEM_BYTES=w.element_size(), EARLY_TRIGGER=_early_trigger(),
         num_warps=cfg.num_warps, num_stages=1, **pdl,
     )
     return out

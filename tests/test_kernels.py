@@ -601,6 +601,49 @@ def test_gpu_deterministic_and_counters_reset():
 
 
 @needs_cuda
+@pytest.mark.parametrize("name", [v for v in VARIANTS if v != "dot-atomic"])  # atomics: arrival order
+@pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 128)])
+def test_gpu_l2_prefetch_and_early_trigger_change_no_bit(fmt, group, name, monkeypatch):
+    """TEAL_L2_PREFETCH (weight rows into L2 before the input is read) and TEAL_PDL_TRIGGER=early
+    are scheduling hints: every output bit is the same, in a CUDA graph of chained calls too."""
+    problems = [gpu_problem(fmt, m, k, splits, group, 0.5, seed=m) for m in (1, 3) for k, splits in LLAMA_SHAPES]
+    pick = sg._heuristic_config if name.startswith("dot") else sg._rows_heuristic
+    configs = [variant(pick(weight_format_name(p[1], group), p[0].shape[0], p[1].shape[0], sum(p[3])), name,
+                       monkeypatch) for p in problems]
+
+    def chained():
+        graph = torch.cuda.CUDAGraph()
+        for p, c in zip(problems, configs):
+            sparse_gemv_triton(*p, config=c)  # compile outside the capture
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            outs = [sparse_gemv_triton(*p, config=c) for p, c in zip(problems, configs)]
+        graph.replay()
+        torch.cuda.synchronize()
+        return outs
+
+    monkeypatch.setenv(sg.L2_PREFETCH_ENV, "0")
+    monkeypatch.setenv(sg.PDL_TRIGGER_ENV, "late")
+    expected = chained()
+    for rows, trigger in ((64, "late"), (0, "early"), (256, "early")):
+        monkeypatch.setenv(sg.L2_PREFETCH_ENV, str(rows))
+        monkeypatch.setenv(sg.PDL_TRIGGER_ENV, trigger)
+        assert all(torch.equal(a, b) for a, b in zip(chained(), expected)), (rows, trigger)
+
+
+def test_l2_prefetch_env_rejects_bad_values(monkeypatch):
+    w = torch.zeros(64, 64, dtype=torch.bfloat16)
+    monkeypatch.setenv(sg.L2_PREFETCH_ENV, "48")
+    with pytest.raises(ValueError, match="power of two"):
+        sg._l2_prefetch_rows(w, 16)
+    monkeypatch.setenv(sg.L2_PREFETCH_ENV, "32")
+    assert sg._l2_prefetch_rows(w, 16) == 0  # no GPU: nothing to prefetch into
+    monkeypatch.setenv(sg.PDL_TRIGGER_ENV, "soon")
+    with pytest.raises(ValueError, match="early"):
+        sg._early_trigger()
+
+
+@needs_cuda
 def test_gpu_cuda_graph_replay():
     problems = [gpu_problem("int4", 1, 4096, [4096, 1024, 1024], 128, s, seed=i) for i, s in enumerate((0.3, 0.6))]
     for p in problems:
