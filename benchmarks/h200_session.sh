@@ -278,10 +278,11 @@ case $phase in
       set -- $v; (export TEAL_L2_PREFETCH=$1 TEAL_PDL_TRIGGER=$2; step 100 python3 -m benchmarks.bench_kernels --formats bf16 int4-g128 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_l2_$1_$2")
     done
     ;;
-  l2_decode)  # the same switches end to end (fused step, 8B shape, 50%; ROWS and TRIGGERS name the variants: "rows,trigger ...")
-    for v in ${L2_VARIANTS:-0,late 32,late 128,late 32,early}; do
-      IFS=, read -r rows trigger <<< "$v"
-      (export TEAL_L2_PREFETCH=$rows TEAL_PDL_TRIGGER=$trigger; step 140 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 ${L2_WEIGHTS:-} --sparsity 0.5 --decode_path fused --out "$out/decode_l2_${rows}_$trigger")
+  l2_decode)  # the same switches end to end, and the dense projections through our kernel (TEAL_DENSE_KERNEL): fused step, 8B shape; L2_VARIANTS lists "rows,trigger,dense_kernel,sparsity" runs
+    step 200 python3 -m pytest -q -x tests/test_decode.py -k "dense_kernel_switch"
+    for v in ${L2_VARIANTS:-0,late,0,0.5 64,early,0,0.5 0,late,1,0 64,early,1,0}; do
+      IFS=, read -r rows trigger dense sparsity <<< "$v"
+      (export TEAL_L2_PREFETCH=$rows TEAL_PDL_TRIGGER=$trigger TEAL_DENSE_KERNEL=$dense; step 140 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity $sparsity --decode_path fused --out "$out/decode_l2_${rows}_${trigger}_dense${dense}_s$sparsity")
     done
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)

@@ -99,11 +99,17 @@ def _tuned_table() -> dict:
     return json.loads(TUNED_CONFIGS_PATH.read_text())
 
 
-def get_config(device_name: str, weight_format: str, m: int, k: int, n: int) -> KernelConfig:
+def get_config(device_name: str, weight_format: str, m: int, k: int, n: int, dense: bool = False) -> KernelConfig:
     """Tuned config for this GPU and shape if benchmarks/tune_kernels.py stored one, else a heuristic.
 
-    fp16 reuses bf16 entries (same bytes per element).  Never autotunes.
+    fp16 reuses bf16 entries (same bytes per element).  Never autotunes.  ``dense`` (thresholds
+    of zero: every row is read): a float weight takes the "dot" design, masked tiles streamed
+    through a three-stage pipeline, which the lab found within 5% of cuBLAS at 0% on every
+    Llama-3-8B shape (results/gemv_lab.md), where the tuned "rows" configs of the sparse levels
+    read dense rows slowly (fixed_cost_bound.md).
     """
+    if dense and weight_format in ("bf16", "fp16"):
+        return _dot_heuristic(k, n)
     table = _tuned_table()
     formats = [weight_format, "bf16"] if weight_format == "fp16" else [weight_format]
     for fmt in formats:
@@ -136,6 +142,11 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
         while programs_n * triton.cdiv(k, block_k) < 128 and block_k > 2 * sub_k:
             block_k //= 2
         return KernelConfig(block_n=block_n, block_k=block_k, sub_k=sub_k, compact=True, design="rows")
+    return _dot_heuristic(k, n)
+
+
+def _dot_heuristic(k: int, n: int) -> KernelConfig:
+    """The "dot" rule of _heuristic_config."""
     block_n = max(16, min(512, triton.next_power_of_2(n)))
     programs_n = triton.cdiv(n, block_n)
     block_k = max(128, min(1024, triton.next_power_of_2(max(1, k * programs_n // 256))))
@@ -962,12 +973,13 @@ def sparse_gemv_triton(
     residual: Tensor | None = None,
     norm_weight: Tensor | None = None,
     eps: float = 0.0,
+    dense: bool = False,
 ) -> Tensor:
     """Run the Triton kernel (on CUDA, or on CPU under TRITON_INTERPRET=1).
 
     ``config`` overrides the tuned/heuristic config (used by the tuner and tests); ``gated``,
     ``norm_weight`` (with ``eps``) and ``residual`` are the prologue / epilogue fusions of
-    kernels/reference.py.
+    kernels/reference.py; ``dense``: the thresholds are zero (get_config's dense config).
     """
     fmt = validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual, norm_weight)
     if x.device.type != "cuda" and not INTERPRETED:
@@ -975,7 +987,7 @@ def sparse_gemv_triton(
     m, k = x.shape[0], w.shape[0]
     n = w.shape[1] * (2 if fmt == FMT_INT4 else 1)
     if config is None:
-        config = get_config(gpu_name(x.device), weight_format_name(w, group_size), m, k, n)
+        config = get_config(gpu_name(x.device), weight_format_name(w, group_size), m, k, n, dense)
     words_aligned = fmt == FMT_INT4 and w.shape[1] % 4 == 0 and w.data_ptr() % 16 == 0
     cfg = _fit_config(config, fmt, group_size, m, k, split_sizes, words_aligned)
     # Boundaries padded with N to a fixed length: one compiled kernel for any segment count.

@@ -193,6 +193,19 @@ def test_dot_design_falls_back_to_rows_where_it_cannot_tile():
     assert_close_to_ref(sparse_gemv_triton(*args, config=dot), *args)
 
 
+def test_dense_calls_take_the_dot_design_and_match_the_reference():
+    """A dense call (thresholds zero, ``dense=True``: TEAL_DENSE_KERNEL's route) of a float
+    weight takes the "dot" heuristic whatever the tuned table holds; quantized weights keep their
+    config; the product is the reference's."""
+    assert get_config("no such gpu", "bf16", 1, 4096, 6144, dense=True).design == "dot"
+    assert get_config("no such gpu", "bf16", 1, 4096, 6144) == sg._heuristic_config("bf16", 1, 4096, 6144)
+    assert get_config("no such gpu", "int8", 1, 4096, 6144, dense=True) == get_config("no such gpu", "int8", 1,
+                                                                                       4096, 6144)
+    x, w, _, splits, *_ = make_problem("fp", torch.bfloat16, 1, 96, [32, 64], 0)
+    zero = torch.zeros(2, device=DEVICE)
+    assert_close_to_ref(sparse_gemv_triton(x, w, zero, splits, dense=True), x, w, zero, splits, None, None, 0)
+
+
 def test_int4_dot_design_needs_planes_of_16_columns_and_word_aligned_weights():
     """int4 reads int32 words of 8 columns and runs one tl.dot per nibble plane (block_n / 8
     columns, at least 16): a segment not a multiple of 128 or weights that do not start on a
