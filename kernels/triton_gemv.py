@@ -708,10 +708,15 @@ def _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def _plane_step(acc, xt, plane, x_sum, scale_ptr, zero_ptr, offs, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+def _planes_of(ptr, offs):
+    """A group's scales (or zeros) of the eight nibble planes: columns offs + i, i = 0..7."""
+    return (tl.load(ptr + offs), tl.load(ptr + offs + 1), tl.load(ptr + offs + 2), tl.load(ptr + offs + 3),
+            tl.load(ptr + offs + 4), tl.load(ptr + offs + 5), tl.load(ptr + offs + 6), tl.load(ptr + offs + 7))
+
+
+@triton.jit
+def _plane_step(acc, xt, plane, x_sum, s, z, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """One int4 plane's dot, scaled by its group: acc + s * (x . (q - 8)) + z * sum(x)."""
-    s = tl.load(scale_ptr + offs)
-    z = tl.load(zero_ptr + offs)
     return acc + _dot(xt, plane, DTYPE, INTERPRET) * s[None, :] + x_sum * z[None, :]
 
 
@@ -793,6 +798,10 @@ def _dot_gemv_kernel(
         plane_cols = col0 + 8 * tl.arange(0, NW)
     for t in tl.range(0, BLOCK_K // SUB_K):
         rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
+        if FORMAT == 2:  # the group's scales and zeros first: their loads wait beside the tile's
+            offs = (k0 + t * SUB_K) // GROUP_SIZE * N + plane_cols
+            s0, s1, s2, s3, s4, s5, s6, s7 = _planes_of(scale_ptr, offs)
+            z0, z1, z2, z3, z4, z5, z6, z7 = _planes_of(zero_ptr, offs)
         x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM)
         keep = tl.max(tl.abs(x_batch), axis=0) > 0.0
         xt = _dot_rows(x_batch, BLOCK_M)
@@ -800,15 +809,14 @@ def _dot_gemv_kernel(
             words = _dot_w_tile(w_ptr, rows, keep, pid_n * NW, W_ROW, SUB_K, NW)
             p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
             x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M)[:, None]
-            offs = (k0 + t * SUB_K) // GROUP_SIZE * N + plane_cols
-            a0 = _plane_step(a0, xt, p0, x_sum, scale_ptr, zero_ptr, offs, DTYPE, INTERPRET)
-            a1 = _plane_step(a1, xt, p1, x_sum, scale_ptr, zero_ptr, offs + 1, DTYPE, INTERPRET)
-            a2 = _plane_step(a2, xt, p2, x_sum, scale_ptr, zero_ptr, offs + 2, DTYPE, INTERPRET)
-            a3 = _plane_step(a3, xt, p3, x_sum, scale_ptr, zero_ptr, offs + 3, DTYPE, INTERPRET)
-            a4 = _plane_step(a4, xt, p4, x_sum, scale_ptr, zero_ptr, offs + 4, DTYPE, INTERPRET)
-            a5 = _plane_step(a5, xt, p5, x_sum, scale_ptr, zero_ptr, offs + 5, DTYPE, INTERPRET)
-            a6 = _plane_step(a6, xt, p6, x_sum, scale_ptr, zero_ptr, offs + 6, DTYPE, INTERPRET)
-            a7 = _plane_step(a7, xt, p7, x_sum, scale_ptr, zero_ptr, offs + 7, DTYPE, INTERPRET)
+            a0 = _plane_step(a0, xt, p0, x_sum, s0, z0, DTYPE, INTERPRET)
+            a1 = _plane_step(a1, xt, p1, x_sum, s1, z1, DTYPE, INTERPRET)
+            a2 = _plane_step(a2, xt, p2, x_sum, s2, z2, DTYPE, INTERPRET)
+            a3 = _plane_step(a3, xt, p3, x_sum, s3, z3, DTYPE, INTERPRET)
+            a4 = _plane_step(a4, xt, p4, x_sum, s4, z4, DTYPE, INTERPRET)
+            a5 = _plane_step(a5, xt, p5, x_sum, s5, z5, DTYPE, INTERPRET)
+            a6 = _plane_step(a6, xt, p6, x_sum, s6, z6, DTYPE, INTERPRET)
+            a7 = _plane_step(a7, xt, p7, x_sum, s7, z7, DTYPE, INTERPRET)
         else:
             wt = _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N)
             if FORMAT == 1:  # int8 -> fp32 by bit operations, then one packed cvt to x's dtype
