@@ -272,11 +272,10 @@ case $phase in
       (export TEAL_POSITIONWISE_VERIFY=$v; step 130 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h")
     done
     ;;
-  l2_kernels)  # issues 10/11: weight rows into L2 before the input is read (TEAL_L2_PREFETCH) and the early PDL trigger: bit-identical (GPU tests), then per matrix (bf16 and int4, 0 and 50%)
-    for v in "0 late" "64 early"; do
-      set -- $v; (export TEAL_L2_PREFETCH=$1 TEAL_PDL_TRIGGER=$2; step 100 python3 -m benchmarks.bench_kernels --formats bf16 int4-g128 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_l2_$1_$2")
-    done
-    step 200 python3 -m pytest -q -x tests/test_kernels.py tests/test_decode.py -k "l2_prefetch and (fp-0-compact or fp-0-lanesum or int4-128-dot-ordered or int8-0-prefetch) or dense_kernel_switch"
+  l2_kernels)  # issues 10/11: per matrix, bf16 and int4 at 0 and 50% (int4's scales now load before the tile wait), bf16 50% with TEAL_L2_PREFETCH=64; then the GPU tests of int4 and of the switches
+    step 100 python3 -m benchmarks.bench_kernels --formats bf16 int4-g128 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_l2_0_late"
+    (export TEAL_L2_PREFETCH=64; step 60 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3-8b --sparsities 0.5 --out "$out/kernels_l2_64_late")
+    step 240 python3 -m pytest -q tests/test_kernels.py tests/test_decode.py -k "(gpu_llama_shapes and int4 and dot) or (l2_prefetch and (fp-0-compact or int4-128-dot-ordered)) or dense_kernel_switch or programmatic"
     ;;
   l2_decode)  # the same switches end to end, and the dense projections through our kernel (TEAL_DENSE_KERNEL): fused step, 8B shape; L2_VARIANTS lists "rows,trigger,dense_kernel,sparsities" runs (sparsities joined by +)
     for v in ${L2_VARIANTS:-0,late,0,0+0.5 64,early,1,0+0.5 64,late,0,0.5 0,early,0,0.5 0,late,1,0}; do
