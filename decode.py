@@ -42,9 +42,6 @@ from model import TransformerBlock
 
 FUSED_NORM_ENV = "TEAL_FUSED_NORM"
 POSITIONWISE_ENV = "TEAL_POSITIONWISE_VERIFY"
-# Experimental, off: dense float projections decode through the Triton kernel (linear.py's
-# dense_kernel) instead of cuBLAS, so the fusions and PDL apply to them too.
-DENSE_KERNEL_ENV = "TEAL_DENSE_KERNEL"
 
 
 def env_switch(name: str, default: str = "0") -> bool:
@@ -87,10 +84,6 @@ def install_fused_decode(model: nn.Module) -> nn.Module:
     """Pack the projections (and a CPU model's float lm_head) and swap every block for a
     DecodeBlock (idempotent)."""
     pack_model(model)
-    dense_kernel = env_switch(DENSE_KERNEL_ENV)
-    for module in model.modules():
-        if isinstance(module, PackedLinear):
-            module.dense_kernel = dense_kernel
     for i, layer in enumerate(model.layers):
         if type(layer) is TransformerBlock:
             swap_module(model, f"layers.{i}", DecodeBlock(layer))

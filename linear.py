@@ -111,9 +111,6 @@ class PackedLinear(nn.Module):
                              persistent=False)
         self.sparse = False
         self.sparse_prefill = False
-        # Dense float decode on CUDA through the Triton kernel (its dense config, the decode path's
-        # fusions, PDL) instead of cuBLAS: decode.py's TEAL_DENSE_KERNEL switch sets it.
-        self.dense_kernel = False
         # Parameter-weighted target sparsity of the segments (teal.sparsify sets it from the
         # thresholds file): what the measured speed table is read at.
         self.target_sparsity: float | None = None
@@ -186,10 +183,8 @@ class PackedLinear(nn.Module):
         # AVX2 host (docs/cpu/), so there dense calls take the branches below too: the row kernel
         # for decode, the float32 reference for prefill
         cpu_half = x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
-        decode_sized = x.numel() // x.shape[-1] <= MAX_BATCH
-        dense_float = self.fmt == "fp" and not sparse and not cpu_half and not (self.dense_kernel and x.is_cuda
-                                                                                and decode_sized)
-        decode_kernel = not dense_float and decode_sized and x.dtype in KERNEL_DTYPES
+        dense_float = self.fmt == "fp" and not sparse and not cpu_half
+        decode_kernel = not dense_float and x.numel() // x.shape[-1] <= MAX_BATCH and x.dtype in KERNEL_DTYPES
         if norm is not None and not (decode_kernel and x.device.type == "cuda"):
             x, norm = norm(x), None
         rows = x.reshape(-1, x.shape[-1])
@@ -202,8 +197,7 @@ class PackedLinear(nn.Module):
             # Decode: the teal::sparse_gemv op (Triton on CUDA, C++ on the CPU: kernels/cpu.py); rows of
             # zeroed inputs are never read.
             out = sparse_gemv(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(), self.group_size,
-                              gated, res, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
-                              dense=not sparse)
+                              gated, res, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps)
         else:
             # Prefill-sized batches are compute-bound, float32 (quality work) has no kernel:
             # dequantize and multiply, in float32 (also bf16/fp16 on a CPU).

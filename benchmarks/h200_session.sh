@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | l2_kernels | l2_decode)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -270,17 +270,6 @@ case $phase in
     done
     for v in 1 0; do
       (export TEAL_POSITIONWISE_VERIFY=$v; step 130 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h")
-    done
-    ;;
-  l2_kernels)  # issues 10/11: per matrix, bf16 and int4 at 0 and 50% (int4's scales now load before the tile wait), bf16 50% with TEAL_L2_PREFETCH=64; then the GPU tests of int4 and of the switches
-    step 100 python3 -m benchmarks.bench_kernels --formats bf16 int4-g128 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_l2_0_late"
-    (export TEAL_L2_PREFETCH=64; step 60 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3-8b --sparsities 0.5 --out "$out/kernels_l2_64_late")
-    step 240 python3 -m pytest -q tests/test_kernels.py tests/test_decode.py -k "(gpu_llama_shapes and int4 and dot) or (l2_prefetch and (fp-0-compact or int4-128-dot-ordered)) or dense_kernel_switch or programmatic"
-    ;;
-  l2_decode)  # the same switches end to end, and the dense projections through our kernel (TEAL_DENSE_KERNEL): fused step, 8B shape; L2_VARIANTS lists "rows,trigger,dense_kernel,sparsities" runs (sparsities joined by +)
-    for v in ${L2_VARIANTS:-0,late,0,0+0.5 64,early,1,0+0.5 64,late,0,0.5 0,early,0,0.5 0,late,1,0}; do
-      IFS=, read -r rows trigger dense levels <<< "$v"
-      (export TEAL_L2_PREFETCH=$rows TEAL_PDL_TRIGGER=$trigger TEAL_DENSE_KERNEL=$dense; step 130 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity ${levels//+/ } --decode_path fused --out "$out/decode_l2_${rows}_${trigger}_dense${dense}_s${levels}")
     done
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)

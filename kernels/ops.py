@@ -69,12 +69,11 @@ def _sparse_gemv_cpu(
     residual: Tensor | None = None,
     norm_weight: Tensor | None = None,
     eps: float = 0.0,
-    dense: bool = False,
 ) -> Tensor:
     mode = _cpu_kernels()
     if mode == "interpreter":
         return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size, gated=gated,
-                                  residual=residual, norm_weight=norm_weight, eps=eps, dense=dense)
+                                  residual=residual, norm_weight=norm_weight, eps=eps)
     if norm_weight is not None:  # the CPU kernel has no norm prologue: torch normalizes first
         validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual, norm_weight)
         x = rms_normed(x, norm_weight, eps)
@@ -87,14 +86,14 @@ def _sparse_gemv_cpu(
 
 @_sparse_gemv_cpu.register_kernel("cuda")
 def _sparse_gemv_cuda(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0, gated=False,
-                      residual=None, norm_weight=None, eps=0.0, dense=False):
+                      residual=None, norm_weight=None, eps=0.0):
     return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size, gated=gated,
-                              residual=residual, norm_weight=norm_weight, eps=eps, dense=dense)
+                              residual=residual, norm_weight=norm_weight, eps=eps)
 
 
 @_sparse_gemv_cpu.register_fake
 def _(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0, gated=False, residual=None,
-      norm_weight=None, eps=0.0, dense=False):
+      norm_weight=None, eps=0.0):
     validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True, gated=gated,
              residual=residual, norm_weight=norm_weight)
     return x.new_empty(x.shape[0], sum(split_sizes))
@@ -112,19 +111,18 @@ def sparse_gemv(
     residual: Tensor | None = None,
     norm_weight: Tensor | None = None,
     eps: float = 0.0,
-    dense: bool = False,
 ) -> Tensor:
     """Threshold-sparse x @ W^T for 1 <= M <= MAX_BATCH rows (formats, and the `gated`, `residual`
     and `norm_weight` fusions: kernels/reference.py).
 
     Output [M, N] in x.dtype, float32 accumulation; rows of W for zeroed inputs are not read on
-    the GPU. `dense` says the thresholds are zero, so the GPU takes its dense launch config.
+    the GPU.
     """
     # with a norm the op's CPU implementation normalizes first (PackedLinear hands norms over on CUDA only)
     if x.device.type == "cpu" and _cpu_native() and norm_weight is None:
         return cpu.sparse_gemv_cpu(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual)
     return torch.ops.teal.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size, gated,
-                                      residual, norm_weight, eps, dense)
+                                      residual, norm_weight, eps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,17 +99,11 @@ def _tuned_table() -> dict:
     return json.loads(TUNED_CONFIGS_PATH.read_text())
 
 
-def get_config(device_name: str, weight_format: str, m: int, k: int, n: int, dense: bool = False) -> KernelConfig:
+def get_config(device_name: str, weight_format: str, m: int, k: int, n: int) -> KernelConfig:
     """Tuned config for this GPU and shape if benchmarks/tune_kernels.py stored one, else a heuristic.
 
-    fp16 reuses bf16 entries (same bytes per element).  Never autotunes.  ``dense`` (thresholds
-    of zero: every row is read): a float weight takes the "dot" design, masked tiles streamed
-    through a three-stage pipeline, which the lab found within 5% of cuBLAS at 0% on every
-    Llama-3-8B shape (results/gemv_lab.md), where the tuned "rows" configs of the sparse levels
-    read dense rows slowly (fixed_cost_bound.md).
+    fp16 reuses bf16 entries (same bytes per element).  Never autotunes.
     """
-    if dense and weight_format in ("bf16", "fp16"):
-        return _dot_heuristic(k, n)
     table = _tuned_table()
     formats = [weight_format, "bf16"] if weight_format == "fp16" else [weight_format]
     for fmt in formats:
@@ -142,11 +136,6 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
         while programs_n * triton.cdiv(k, block_k) < 128 and block_k > 2 * sub_k:
             block_k //= 2
         return KernelConfig(block_n=block_n, block_k=block_k, sub_k=sub_k, compact=True, design="rows")
-    return _dot_heuristic(k, n)
-
-
-def _dot_heuristic(k: int, n: int) -> KernelConfig:
-    """The "dot" rule of _heuristic_config."""
     block_n = max(16, min(512, triton.next_power_of_2(n)))
     programs_n = triton.cdiv(n, block_n)
     block_k = max(128, min(1024, triton.next_power_of_2(max(1, k * programs_n // 256))))
@@ -335,38 +324,6 @@ def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 # depend on arrival order; a separate reduction kernel would be 2 launches.
 
 
-# ---------------------------------------------------------------------------
-# Weight rows into L2 while the input is not ready yet (PDL)
-# ---------------------------------------------------------------------------
-#
-# No weight depends on the previous kernel, so a program that PDL launched early can ask L2 for
-# the first rows of its K block before it waits (griddepcontrol.wait) for its input: the DRAM
-# works during the previous kernel's tail and the launch gap instead of idling. Which rows the
-# input keeps is not known then, so the rows are taken dense: at sparsity s, a prefetch of P rows
-# reads about s * P rows the kernel never uses. One cp.async.bulk.prefetch.L2 (sm_90) per row
-# segment; a hint only, so results are the same with or without it. The interpreter skips it.
-
-
-@triton.jit
-def _prefetch_rows(w_ptr, first_row, K, unit_start, units, W_ROW, ROWS: tl.constexpr, ELEM_BYTES: tl.constexpr):
-    """L2 prefetch of rows [first_row, first_row + ROWS) (those < K), ``units`` elements of w_ptr
-    from element ``unit_start`` of each row; the launcher checked the 16-byte alignment."""
-    rows = first_row + tl.arange(0, ROWS)
-    nbytes = (units * ELEM_BYTES + 15) // 16 * 16
-    tl.inline_asm_elementwise(
-        asm="""{
-        .reg .pred p;
-        setp.ne.b32 p, $2, 0;
-        @p cp.async.bulk.prefetch.L2.global [$1], $3;
-        mov.b32 $0, 0;
-        }""",
-        constraints="=r,l,r,r",
-        args=[w_ptr + rows.to(tl.int64) * W_ROW + unit_start, (rows < K).to(tl.int32),
-              tl.full([ROWS], 0, tl.int32) + nbytes],
-        dtype=tl.int32, is_pure=False, pack=1,
-    )
-
-
 @triton.jit
 def _rms_scale(x_ptr, M, K, eps, BLOCK_M: tl.constexpr):
     """1 / sqrt(mean(x[m]^2) + eps) per batch row [BLOCK_M], fp32 (model.RMSNorm's statistics;
@@ -481,7 +438,7 @@ def _sparse_gemv_kernel(
     WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, LANE_SUM: tl.constexpr,
     LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
-    PDL: tl.constexpr, L2_ROWS: tl.constexpr, ELEM_BYTES: tl.constexpr, EARLY_TRIGGER: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     LANES: tl.constexpr = BLOCK_M * SUB_K
     pid_k = tl.program_id(0)
@@ -501,17 +458,8 @@ def _sparse_gemv_kernel(
         first_block += n_blocks
     col_start = tl.multiple_of(col_start, COL_ALIGN)  # alignment hints let loads vectorize
     col_end = tl.multiple_of(col_end, COL_ALIGN)
-    if L2_ROWS > 0 and not INTERPRET:
-        if FORMAT == 2:  # two columns a byte
-            _prefetch_rows(w_ptr, pid_k * BLOCK_K, K, col_start // 2, tl.minimum(BLOCK_N, col_end - col_start) // 2,
-                           W_ROW, L2_ROWS, ELEM_BYTES)
-        else:
-            _prefetch_rows(w_ptr, pid_k * BLOCK_K, K, col_start, tl.minimum(BLOCK_N, col_end - col_start), W_ROW,
-                           L2_ROWS, ELEM_BYTES)
     if PDL:  # launched early: no memory access before the previous kernel has finished
         tl.extra.cuda.gdc_wait()
-        if EARLY_TRIGGER:  # the next kernel may launch now (and prefetch its weights)
-            tl.extra.cuda.gdc_launch_dependents()
     threshold = tl.load(thr_ptr + seg)
     cols = col_start + tl.arange(0, BLOCK_N)
     cols_ok = cols < col_end
@@ -620,7 +568,7 @@ def _sparse_gemv_kernel(
         else:
             acc = wacc
 
-    if PDL and not EARLY_TRIGGER:  # the next kernel may start launching (it waits for this grid before any access)
+    if PDL:  # the next kernel may start launching (it waits for this grid before any access)
         tl.extra.cuda.gdc_launch_dependents()
     # Publish this block's partial; the last program of the column block reduces.
     out_ok = (m_offs[:, None] < M) & cols_ok[None, :]
@@ -708,15 +656,10 @@ def _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def _planes_of(ptr, offs):
-    """A group's scales (or zeros) of the eight nibble planes: columns offs + i, i = 0..7."""
-    return (tl.load(ptr + offs), tl.load(ptr + offs + 1), tl.load(ptr + offs + 2), tl.load(ptr + offs + 3),
-            tl.load(ptr + offs + 4), tl.load(ptr + offs + 5), tl.load(ptr + offs + 6), tl.load(ptr + offs + 7))
-
-
-@triton.jit
-def _plane_step(acc, xt, plane, x_sum, s, z, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+def _plane_step(acc, xt, plane, x_sum, scale_ptr, zero_ptr, offs, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """One int4 plane's dot, scaled by its group: acc + s * (x . (q - 8)) + z * sum(x)."""
+    s = tl.load(scale_ptr + offs)
+    z = tl.load(zero_ptr + offs)
     return acc + _dot(xt, plane, DTYPE, INTERPRET) * s[None, :] + x_sum * z[None, :]
 
 
@@ -754,8 +697,7 @@ def _dot_gemv_kernel(
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    INTERPRET: tl.constexpr, PDL: tl.constexpr, L2_ROWS: tl.constexpr, ELEM_BYTES: tl.constexpr,
-    EARLY_TRIGGER: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -766,15 +708,8 @@ def _dot_gemv_kernel(
     for j in tl.static_range(1, _SEGMENT_SLOTS):
         seg += (col0 >= SPLITS[j]).to(tl.int32)
     cols = tl.multiple_of(col0, BLOCK_N) + tl.arange(0, BLOCK_N)
-    if L2_ROWS > 0 and not INTERPRET:
-        if FORMAT == 2:  # int32 words of eight columns
-            _prefetch_rows(w_ptr, pid_k * BLOCK_K, K, col0 // 8, BLOCK_N // 8, W_ROW, L2_ROWS, ELEM_BYTES)
-        else:
-            _prefetch_rows(w_ptr, pid_k * BLOCK_K, K, col0, BLOCK_N, W_ROW, L2_ROWS, ELEM_BYTES)
     if PDL:  # launched early: no memory access before the previous kernel has finished
         tl.extra.cuda.gdc_wait()
-        if EARLY_TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()
     threshold = tl.load(thr_ptr + seg)
     m_offs = tl.arange(0, BLOCK_M)
     m_ok = m_offs < M
@@ -798,10 +733,6 @@ def _dot_gemv_kernel(
         plane_cols = col0 + 8 * tl.arange(0, NW)
     for t in tl.range(0, BLOCK_K // SUB_K):
         rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
-        if FORMAT == 2:  # the group's scales and zeros first: their loads wait beside the tile's
-            offs = (k0 + t * SUB_K) // GROUP_SIZE * N + plane_cols
-            s0, s1, s2, s3, s4, s5, s6, s7 = _planes_of(scale_ptr, offs)
-            z0, z1, z2, z3, z4, z5, z6, z7 = _planes_of(zero_ptr, offs)
         x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM)
         keep = tl.max(tl.abs(x_batch), axis=0) > 0.0
         xt = _dot_rows(x_batch, BLOCK_M)
@@ -809,14 +740,15 @@ def _dot_gemv_kernel(
             words = _dot_w_tile(w_ptr, rows, keep, pid_n * NW, W_ROW, SUB_K, NW)
             p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
             x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M)[:, None]
-            a0 = _plane_step(a0, xt, p0, x_sum, s0, z0, DTYPE, INTERPRET)
-            a1 = _plane_step(a1, xt, p1, x_sum, s1, z1, DTYPE, INTERPRET)
-            a2 = _plane_step(a2, xt, p2, x_sum, s2, z2, DTYPE, INTERPRET)
-            a3 = _plane_step(a3, xt, p3, x_sum, s3, z3, DTYPE, INTERPRET)
-            a4 = _plane_step(a4, xt, p4, x_sum, s4, z4, DTYPE, INTERPRET)
-            a5 = _plane_step(a5, xt, p5, x_sum, s5, z5, DTYPE, INTERPRET)
-            a6 = _plane_step(a6, xt, p6, x_sum, s6, z6, DTYPE, INTERPRET)
-            a7 = _plane_step(a7, xt, p7, x_sum, s7, z7, DTYPE, INTERPRET)
+            offs = (k0 + t * SUB_K) // GROUP_SIZE * N + plane_cols
+            a0 = _plane_step(a0, xt, p0, x_sum, scale_ptr, zero_ptr, offs, DTYPE, INTERPRET)
+            a1 = _plane_step(a1, xt, p1, x_sum, scale_ptr, zero_ptr, offs + 1, DTYPE, INTERPRET)
+            a2 = _plane_step(a2, xt, p2, x_sum, scale_ptr, zero_ptr, offs + 2, DTYPE, INTERPRET)
+            a3 = _plane_step(a3, xt, p3, x_sum, scale_ptr, zero_ptr, offs + 3, DTYPE, INTERPRET)
+            a4 = _plane_step(a4, xt, p4, x_sum, scale_ptr, zero_ptr, offs + 4, DTYPE, INTERPRET)
+            a5 = _plane_step(a5, xt, p5, x_sum, scale_ptr, zero_ptr, offs + 5, DTYPE, INTERPRET)
+            a6 = _plane_step(a6, xt, p6, x_sum, scale_ptr, zero_ptr, offs + 6, DTYPE, INTERPRET)
+            a7 = _plane_step(a7, xt, p7, x_sum, scale_ptr, zero_ptr, offs + 7, DTYPE, INTERPRET)
         else:
             wt = _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N)
             if FORMAT == 1:  # int8 -> fp32 by bit operations, then one packed cvt to x's dtype
@@ -824,7 +756,7 @@ def _dot_gemv_kernel(
             acc += _dot(xt, wt, DTYPE, INTERPRET)
     if FORMAT == 2:
         acc = _interleave8(a0, a1, a2, a3, a4, a5, a6, a7)
-    if PDL and not EARLY_TRIGGER:
+    if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
     out_rows = tl.arange(0, 16)
@@ -872,11 +804,6 @@ REDUCTION_ENV = "TEAL_GEMV_REDUCTION"
 # (H200, 2026-12-03: fused step bf16 at 50% 304.1 -> 310.6 tok/s, dense 217.1 / 216.8; the
 # README's PDL section); TEAL_PDL=0 turns it off, 1 asks for it.
 PDL_ENV = "TEAL_PDL"
-# Experimental, off by default (kernels section "Weight rows into L2..."): TEAL_L2_PREFETCH=P asks
-# L2 for the first P rows of every program's K block before the input is read; TEAL_PDL_TRIGGER=early
-# lets the next kernel launch as soon as this one's input is ready instead of after its row loop.
-L2_PREFETCH_ENV = "TEAL_L2_PREFETCH"
-PDL_TRIGGER_ENV = "TEAL_PDL_TRIGGER"
 
 
 def launch_options(device: torch.device) -> dict:
@@ -889,25 +816,6 @@ def launch_options(device: torch.device) -> dict:
     if value == "0" or device.type != "cuda" or INTERPRETED:
         return {}
     return {"launch_pdl": True} if _compute_capability(device) >= (9, 0) else {}
-
-
-def _l2_prefetch_rows(w: Tensor, first_col_bytes: int) -> int:
-    """Rows to prefetch into L2 per program (TEAL_L2_PREFETCH, 0 = none): only on an sm_90+ GPU,
-    where every prefetched row segment starts on 16 bytes (``first_col_bytes``: the byte
-    alignment of a program's first column)."""
-    value = os.environ.get(L2_PREFETCH_ENV, "0")
-    if not value.isdigit() or int(value) & (int(value) - 1):
-        raise ValueError(f"{L2_PREFETCH_ENV} must be 0 or a power of two (rows), got {value!r}")
-    aligned = w.data_ptr() % 16 == 0 and w.stride(0) * w.element_size() % 16 == 0 and first_col_bytes % 16 == 0
-    usable = w.device.type == "cuda" and not INTERPRETED and _compute_capability(w.device) >= (9, 0) and aligned
-    return int(value) if usable else 0
-
-
-def _early_trigger() -> bool:
-    value = os.environ.get(PDL_TRIGGER_ENV, "late")
-    if value not in ("early", "late"):
-        raise ValueError(f"{PDL_TRIGGER_ENV} must be 'early' or 'late', got {value!r}")
-    return value == "early"
 
 
 @functools.cache
@@ -981,13 +889,12 @@ def sparse_gemv_triton(
     residual: Tensor | None = None,
     norm_weight: Tensor | None = None,
     eps: float = 0.0,
-    dense: bool = False,
 ) -> Tensor:
     """Run the Triton kernel (on CUDA, or on CPU under TRITON_INTERPRET=1).
 
     ``config`` overrides the tuned/heuristic config (used by the tuner and tests); ``gated``,
     ``norm_weight`` (with ``eps``) and ``residual`` are the prologue / epilogue fusions of
-    kernels/reference.py; ``dense``: the thresholds are zero (get_config's dense config).
+    kernels/reference.py.
     """
     fmt = validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual, norm_weight)
     if x.device.type != "cuda" and not INTERPRETED:
@@ -995,7 +902,7 @@ def sparse_gemv_triton(
     m, k = x.shape[0], w.shape[0]
     n = w.shape[1] * (2 if fmt == FMT_INT4 else 1)
     if config is None:
-        config = get_config(gpu_name(x.device), weight_format_name(w, group_size), m, k, n, dense)
+        config = get_config(gpu_name(x.device), weight_format_name(w, group_size), m, k, n)
     words_aligned = fmt == FMT_INT4 and w.shape[1] % 4 == 0 and w.data_ptr() % 16 == 0
     cfg = _fit_config(config, fmt, group_size, m, k, split_sizes, words_aligned)
     # Boundaries padded with N to a fixed length: one compiled kernel for any segment count.
@@ -1022,15 +929,12 @@ def sparse_gemv_triton(
             raise ValueError(f"M*N={m * n} exceeds the sparse_gemv workspace ({workspace.numel()} floats).")
         if fmt == FMT_INT4:  # read as int32 words of 8 columns (_fit_config checked the alignment)
             w = w.view(torch.int32)
-        col_bytes = cfg.block_n // 2 if fmt == FMT_INT4 else cfg.block_n * w.element_size()
         _dot_gemv_kernel[(grid_n, grid_k)](
             x, w, *aux, out, workspace, counters,
             m, k, n, w.shape[1], float(eps), splits,
             FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             SUB_K=cfg.sub_k, **fusions, DETERMINISTIC=deterministic,
-            INTERPRET=INTERPRETED, PDL=bool(pdl), L2_ROWS=min(_l2_prefetch_rows(w, col_bytes), cfg.block_k),
-            ELEM_BYTES=w.element_size(), EARLY_TRIGGER=_early_trigger(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
+            INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         )
         return out
 
@@ -1053,9 +957,6 @@ def sparse_gemv_triton(
         PREFETCH=cfg.compact and cfg.num_stages >= 2, LANE_SUM=cfg.lane_sum,
         LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k, **fusions,
         INTERPRET=INTERPRETED, PDL=bool(pdl),
-        L2_ROWS=min(_l2_prefetch_rows(w, col_align // 2 if fmt == FMT_INT4 else col_align * w.element_size()),
-                    triton.next_power_of_2(cfg.block_k)),
-        ELEM_BYTES=w.element_size(), EARLY_TRIGGER=_early_trigger(),
         num_warps=cfg.num_warps, num_stages=1, **pdl,
     )
     return out

@@ -63,20 +63,17 @@ def gemv_variants():
         fusions = dict(GATED=gated, RESIDUAL=residual, NORM=norm)
         yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
                dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, BLOCK_N=256, BLOCK_K=512, SUB_K=128 if fmt == 2 else 32,
-                    **fusions, DETERMINISTIC=True, INTERPRET=False, PDL=gated, L2_ROWS=64 if norm else 0,
-                    ELEM_BYTES=1 if fmt == 1 else 2 if fmt == 0 else 4, EARLY_TRIGGER=gated), 4, 3)
+                    **fusions, DETERMINISTIC=True, INTERPRET=False, PDL=gated), 4, 3)
         for compact, prefetch, lane_sum in ((True, False, False), (True, True, False), (True, True, True),
                                             (False, False, False), (False, False, True)):
             yield (sg._sparse_gemv_kernel, {"w_ptr": "*u8" if fmt == 2 else weight[fmt]},
                    dict(FORMAT=fmt, GROUP_SIZE=128, COL_ALIGN=32, BLOCK_M=m, BLOCK_N=512 if m == 1 else 128,
                         BLOCK_K=256, SUB_K=16, WINDOW=128 if fmt == 2 else 256, COMPACT=compact,
                         PREFETCH=prefetch, LANE_SUM=lane_sum, LANE_GROUPS=2 if lane_sum else 1, RED_K=8,
-                        **fusions, INTERPRET=False, PDL=compact and not lane_sum, L2_ROWS=32 if prefetch else 0,
-                        ELEM_BYTES=2 if fmt == 0 else 1, EARLY_TRIGGER=lane_sum), 4, 1)
+                        **fusions, INTERPRET=False, PDL=compact and not lane_sum), 4, 1)
     yield (sg._dot_gemv_kernel, {}, dict(FORMAT=0, GROUP_SIZE=1, BLOCK_M=1, BLOCK_N=256, BLOCK_K=512, SUB_K=32,
                                          GATED=False, RESIDUAL=False, NORM=False, DETERMINISTIC=False,
-                                         INTERPRET=False, PDL=False, L2_ROWS=0, ELEM_BYTES=2,
-                                         EARLY_TRIGGER=False), 8, 3)
+                                         INTERPRET=False, PDL=False), 8, 3)
 
 
 def attention_variants():

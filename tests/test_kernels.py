@@ -193,19 +193,6 @@ def test_dot_design_falls_back_to_rows_where_it_cannot_tile():
     assert_close_to_ref(sparse_gemv_triton(*args, config=dot), *args)
 
 
-def test_dense_calls_take_the_dot_design_and_match_the_reference():
-    """A dense call (thresholds zero, ``dense=True``: TEAL_DENSE_KERNEL's route) of a float
-    weight takes the "dot" heuristic whatever the tuned table holds; quantized weights keep their
-    config; the product is the reference's."""
-    assert get_config("no such gpu", "bf16", 1, 4096, 6144, dense=True).design == "dot"
-    assert get_config("no such gpu", "bf16", 1, 4096, 6144) == sg._heuristic_config("bf16", 1, 4096, 6144)
-    assert get_config("no such gpu", "int8", 1, 4096, 6144, dense=True) == get_config("no such gpu", "int8", 1,
-                                                                                       4096, 6144)
-    x, w, _, splits, *_ = make_problem("fp", torch.bfloat16, 1, 96, [32, 64], 0)
-    zero = torch.zeros(2, device=DEVICE)
-    assert_close_to_ref(sparse_gemv_triton(x, w, zero, splits, dense=True), x, w, zero, splits, None, None, 0)
-
-
 def test_int4_dot_design_needs_planes_of_16_columns_and_word_aligned_weights():
     """int4 reads int32 words of 8 columns and runs one tl.dot per nibble plane (block_n / 8
     columns, at least 16): a segment not a multiple of 128 or weights that do not start on a
@@ -611,49 +598,6 @@ def test_gpu_deterministic_and_counters_reset():
         assert torch.equal(sparse_gemv(*args), first)
     torch.cuda.synchronize()
     assert not sg._persistent_buffers(torch.device("cuda", torch.cuda.current_device()))[0].any()
-
-
-@needs_cuda
-@pytest.mark.parametrize("name", [v for v in VARIANTS if v != "dot-atomic"])  # atomics: arrival order
-@pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 128)])
-def test_gpu_l2_prefetch_and_early_trigger_change_no_bit(fmt, group, name, monkeypatch):
-    """TEAL_L2_PREFETCH (weight rows into L2 before the input is read) and TEAL_PDL_TRIGGER=early
-    are scheduling hints: every output bit is the same, in a CUDA graph of chained calls too."""
-    problems = [gpu_problem(fmt, m, k, splits, group, 0.5, seed=m) for m in (1, 3) for k, splits in LLAMA_SHAPES]
-    pick = sg._heuristic_config if name.startswith("dot") else sg._rows_heuristic
-    configs = [variant(pick(weight_format_name(p[1], group), p[0].shape[0], p[1].shape[0], sum(p[3])), name,
-                       monkeypatch) for p in problems]
-
-    def chained():
-        graph = torch.cuda.CUDAGraph()
-        for p, c in zip(problems, configs):
-            sparse_gemv_triton(*p, config=c)  # compile outside the capture
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph):
-            outs = [sparse_gemv_triton(*p, config=c) for p, c in zip(problems, configs)]
-        graph.replay()
-        torch.cuda.synchronize()
-        return outs
-
-    monkeypatch.setenv(sg.L2_PREFETCH_ENV, "0")
-    monkeypatch.setenv(sg.PDL_TRIGGER_ENV, "late")
-    expected = chained()
-    for rows, trigger in ((64, "late"), (0, "early"), (256, "early")):
-        monkeypatch.setenv(sg.L2_PREFETCH_ENV, str(rows))
-        monkeypatch.setenv(sg.PDL_TRIGGER_ENV, trigger)
-        assert all(torch.equal(a, b) for a, b in zip(chained(), expected)), (rows, trigger)
-
-
-def test_l2_prefetch_env_rejects_bad_values(monkeypatch):
-    w = torch.zeros(64, 64, dtype=torch.bfloat16)
-    monkeypatch.setenv(sg.L2_PREFETCH_ENV, "48")
-    with pytest.raises(ValueError, match="power of two"):
-        sg._l2_prefetch_rows(w, 16)
-    monkeypatch.setenv(sg.L2_PREFETCH_ENV, "32")
-    assert sg._l2_prefetch_rows(w, 16) == 0  # no GPU: nothing to prefetch into
-    monkeypatch.setenv(sg.PDL_TRIGGER_ENV, "soon")
-    with pytest.raises(ValueError, match="early"):
-        sg._early_trigger()
 
 
 @needs_cuda
