@@ -35,3 +35,19 @@ def test_speed_table_takes_plain_rows_only():
     entries = bench_kernels.speed_table_entries([row, {**row, "fusion": "gated", "sparse_us": 99.0}], meta)
     (entry,) = entries.values()
     assert entry["sparse_us"] == {"0.5": 24.0} and entry["dense_us"] == 31.0
+
+
+def test_persistent_lab_streams_the_kept_rows():
+    """benchmarks/persistent_lab.py's layer kernel: each projection's y is x[kept] @ W[kept] (fp32
+    reference), and its grid barriers let every program through (one program under the
+    interpreter; two an SM on a GPU, where they must all be resident)."""
+    from benchmarks import persistent_lab as lab
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = [(64, 64), (64, 32), (32, 128), (128, 32)]
+    layer = lab.Layer(shapes, 0.5, device, seed=3)
+    sync = torch.zeros(3, dtype=torch.int32, device=device)
+    grid = 1 if device.type == "cpu" else 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    assert lab.check(layer, sync, grid, 32, 16, 3, 1 << 22) < 1e-5
+    assert int(sync[2]) == 0 and int(sync[0]) == 0  # nobody gave up; the count is back to zero
+    assert int(sync[1]) == 3  # three barriers passed
