@@ -25,11 +25,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 model: $(MODEL)/model.safetensors
 
 $(MODEL)/model.safetensors: | $(VENV)/.installed
-	$(PY) scripts/fetch_default_model.py --out $(MODEL)
+	$(PY) -m scripts.fetch_default_model --out $(MODEL)
 
 # Calibration text every Python install carries: the topic pages of Python's own documentation.
 $(CALIB_TEXT): | $(VENV)/.installed
-	$(PY) scripts/python_docs_text.py $@
+	$(PY) -m scripts.python_docs_text $@
 
 # Makefile: a clone calibrated by an older demo recipe (uniform only) recalibrates for --allocation greedy
 $(MODEL)/teal_thresholds.safetensors: $(MODEL)/model.safetensors $(CALIB_TEXT) Makefile
