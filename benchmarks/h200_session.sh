@@ -273,10 +273,9 @@ case $phase in
     done
     ;;
   persistent)  # issue 10: the best case of a persistent layer kernel at 50% (benchmarks/persistent_lab.py), two tilings
-    step 120 python3 -m pytest -q tests/test_kernel_benchmarks.py -k persistent
     step 150 python3 -m benchmarks.persistent_lab --out "$out/persistent_lab"
-    step 150 python3 -m benchmarks.persistent_lab --programs_per_sm 3 --sub 8 --out "$out/persistent_lab_3sm"
-    step 150 python3 -m benchmarks.persistent_lab --programs_per_sm 1 --bn 1024 --out "$out/persistent_lab_1sm"
+    step 90 python3 -m pytest -q tests/test_kernel_benchmarks.py -k persistent
+    step 120 python3 -m benchmarks.persistent_lab --programs_per_sm 3 --sub 8 --out "$out/persistent_lab_3sm"
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"
