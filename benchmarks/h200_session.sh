@@ -273,7 +273,8 @@ case $phase in
     done
     ;;
   persistent)  # issue 10: the best case of a persistent layer kernel at 50% (benchmarks/persistent_lab.py), two tilings
-    step 150 python3 -m benchmarks.persistent_lab --out "$out/persistent_lab"
+    step 120 python3 -m benchmarks.persistent_lab --out "$out/persistent_lab"
+    [ "${LAB_ONLY:-0}" = 1 ] && exit 0
     step 90 python3 -m pytest -q tests/test_kernel_benchmarks.py -k persistent
     step 120 python3 -m benchmarks.persistent_lab --programs_per_sm 3 --sub 8 --out "$out/persistent_lab_3sm"
     ;;

@@ -84,28 +84,18 @@ def _grid_barrier(count_ptr, gen_ptr, stuck_ptr, G, SPIN_LIMIT: tl.constexpr):
 
 
 @triton.jit
-def _layer_kernel(w0, r0, x0, y0, k0, n0, w1, r1, x1, y1, k1, n1, w2, r2, x2, y2, k2, n2,
-                  w3, r3, x3, y3, k3, n3, count_ptr, gen_ptr, stuck_ptr,
+def _layer_kernel(W, R, X, Y, KEPT, NS, count_ptr, gen_ptr, stuck_ptr,
                   PHASES: tl.constexpr, BARRIERS: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr,
                   STAGES: tl.constexpr, SPIN_LIMIT: tl.constexpr):
-    """The phases in PHASES (bit p: projection p) in order, with a grid barrier after each of the
-    first three if BARRIERS."""
+    """The phases in PHASES (bit p: projection p, its weight W[p], kept rows R[p], x X[p], y Y[p])
+    in order, with a grid barrier between consecutive projections if BARRIERS."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
-    if PHASES & 1:
-        _stream_phase(w0, r0, x0, y0, k0, n0, pid, G, BN, SUB, STAGES)
-    if BARRIERS:
-        _grid_barrier(count_ptr, gen_ptr, stuck_ptr, G, SPIN_LIMIT)
-    if PHASES & 2:
-        _stream_phase(w1, r1, x1, y1, k1, n1, pid, G, BN, SUB, STAGES)
-    if BARRIERS:
-        _grid_barrier(count_ptr, gen_ptr, stuck_ptr, G, SPIN_LIMIT)
-    if PHASES & 4:
-        _stream_phase(w2, r2, x2, y2, k2, n2, pid, G, BN, SUB, STAGES)
-    if BARRIERS:
-        _grid_barrier(count_ptr, gen_ptr, stuck_ptr, G, SPIN_LIMIT)
-    if PHASES & 8:
-        _stream_phase(w3, r3, x3, y3, k3, n3, pid, G, BN, SUB, STAGES)
+    for p in tl.static_range(4):
+        if BARRIERS and p > 0:
+            _grid_barrier(count_ptr, gen_ptr, stuck_ptr, G, SPIN_LIMIT)
+        if (PHASES >> p) & 1:
+            _stream_phase(W[p], R[p], X[p], Y[p], KEPT[p], NS[p], pid, G, BN, SUB, STAGES)
 
 
 class Layer:
@@ -122,11 +112,10 @@ class Layer:
         self.kept = [w[r] for w, r in zip(self.w, self.rows)]  # cuBLAS's dense copy of the kept rows
         self.x_kept = [x[r].bfloat16()[None, :] for x, r in zip(self.x, self.rows)]
 
-    def args(self) -> list:
-        out = []
-        for w, r, x, y in zip(self.w, self.rows, self.x, self.y):
-            out += [w, r, x, y, r.numel(), w.shape[1]]
-        return out
+    def args(self) -> tuple:
+        """_layer_kernel's per-projection tuples: W, R, X, Y, kept row counts, N."""
+        return (tuple(self.w), tuple(self.rows), tuple(self.x), tuple(self.y),
+                tuple(r.numel() for r in self.rows), tuple(w.shape[1] for w in self.w))
 
     def kept_bytes(self) -> int:
         return sum(r.numel() * w.shape[1] * w.element_size() for w, r in zip(self.w, self.rows))
