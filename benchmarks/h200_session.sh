@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -277,6 +277,16 @@ case $phase in
     [ "${LAB_ONLY:-0}" = 1 ] && exit 0
     step 90 python3 -m pytest -q tests/test_kernel_benchmarks.py -k persistent
     step 120 python3 -m benchmarks.persistent_lab --programs_per_sm 3 --sub 8 --out "$out/persistent_lab_3sm"
+    ;;
+  ncu_int4)  # issue 11: where the int4 "dot" tile's warps wait (gate_up and down, dense and 50%); the details pages come back as text
+    mkdir -p /tmp/ncu
+    for layer in gate_up down; do
+      for s in 0 0.5; do
+        step 120 ncu --clock-control none --cache-control none -k regex:"_sparse_gemv_kernel|_dot_gemv_kernel" --launch-skip 3 --launch-count 1 \
+          --set full --import-source yes --warp-sampling-interval 0 -f -o "/tmp/ncu/int4_${layer}_$s" python3 -m benchmarks.ncu_gemv --layer "$layer" --sparsity "$s" --format int4-g128
+        ncu -i "/tmp/ncu/int4_${layer}_$s.ncu-rep" --page details > "$out/ncu_int4_${layer}_$s.txt" 2>&1
+      done
+    done
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"

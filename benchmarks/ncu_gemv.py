@@ -1,9 +1,11 @@
-"""One sparse GEMV call at a Llama-3-8B shape (bf16, M = 1, the stored config), for Nsight
-Compute: where a call's warps stall, per instruction (phase ``ncu`` of h200_session.sh)::
+"""One sparse GEMV call at a Llama-3-8B shape (M = 1, the stored config; bf16 unless --format),
+for Nsight Compute: where a call's warps stall, per instruction (phase ``ncu`` of
+h200_session.sh; int4 and int8 take the "dot" kernel or the "rows" one as tuned, so the -k regex
+names both)::
 
-    ncu --clock-control none --cache-control none -k regex:_sparse_gemv_kernel --launch-skip 3 \\
-        --launch-count 1 --set full --import-source yes -o OUT \\
-        python3 -m benchmarks.ncu_gemv --layer qkv --sparsity 0.5
+    ncu --clock-control none --cache-control none -k regex:"_sparse_gemv_kernel|_dot_gemv_kernel" \\
+        --launch-skip 3 --launch-count 1 --set full --import-source yes -o OUT \\
+        python3 -m benchmarks.ncu_gemv --layer qkv --sparsity 0.5 --format int4-g128
 
 ``--sparsity none`` sets an infinite threshold (no weight row read: the call's fixed cost alone).
 The first three calls compile and warm up; the fourth is the one to profile.
@@ -15,7 +17,7 @@ import argparse
 
 import torch
 
-from benchmarks.timing import MODEL_SHAPES, make_weight, make_x, threshold_for
+from benchmarks.timing import MODEL_SHAPES, make_weight, make_x, parse_format, threshold_for
 from cli import FRACTION
 from kernels.triton_gemv import sparse_gemv_triton
 
@@ -31,18 +33,23 @@ def main() -> None:
     parser.add_argument("--layer", choices=sorted(layers), required=True, help="Llama-3-8B projection")
     parser.add_argument("--sparsity", type=sparsity_or_none, default=0.5,
                         help="fraction of x zeroed, or 'none': no row kept")
+    parser.add_argument("--format", default="bf16", help="bf16, fp16, int8 or int4-g<group> (random weights)")
     args = parser.parse_args()
+    try:
+        parse_format(args.format)
+    except ValueError as e:
+        parser.error(str(e))
     if not torch.cuda.is_available():
         raise SystemExit("error: benchmarks.ncu_gemv needs a CUDA GPU")
     k, splits = layers[args.layer]
-    w = make_weight("bf16", k, sum(splits), "cuda", seed=1)[0]
-    x = make_x(1, k, torch.bfloat16, "cuda", seed=0)
+    w, scales, zeros, group = make_weight(args.format, k, sum(splits), "cuda", seed=1)
+    x = make_x(1, k, torch.float16 if args.format == "fp16" else torch.bfloat16, "cuda", seed=0)
     if args.sparsity is None:
         thr = torch.full((len(splits),), float("inf"), device="cuda")
     else:
         thr = threshold_for(x, args.sparsity, len(splits))
     for _ in range(4):
-        sparse_gemv_triton(x, w, thr, splits)
+        sparse_gemv_triton(x, w, thr, splits, scales, zeros, group)
     torch.cuda.synchronize()
 
 
