@@ -34,9 +34,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from kernels import MAX_BATCH
-from kernels.ops import decode_attention_step
-from kernels.reference import KERNEL_DTYPES
+from teal_kernels import MAX_BATCH
+from teal_kernels.ops import decode_attention_step
+from teal_kernels.reference import KERNEL_DTYPES
 from linear import PackedLinear, pack_model, swap_module
 from model import TransformerBlock
 

@@ -14,7 +14,7 @@ import os
 # that spin after each kernel starve the matmul threads (measured on 2 busy cores: 0.7 tok/s
 # spinning vs 20.6 passive). Only takes effect if set before torch loads OpenMP. On an idle host
 # spinning is faster (bf16 dense 26.6 -> 41.2 tok/s, docs/cpu/README.md): set OMP_WAIT_POLICY=ACTIVE.
-# The C++ decode kernel (kernels/cpu.py) has its own briefly spinning threads, which gain most of
+# The C++ decode kernel (teal_kernels/cpu.py) has its own briefly spinning threads, which gain most of
 # that without the collapse on a busy host; with ACTIVE it uses OpenMP's threads instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -662,11 +662,11 @@ def set_sparsity(model: Transformer, level: float, args: argparse.Namespace,
     slower, unmeasured = dense_fallbacks(model, model.norm.weight.device)
     if slower:
         print(f"[sparsity {level:.2f}: {len(slower)} of {len(thresholds)} projections stay dense, where the "
-              f"kernel is slower than dense (kernels/speed_table.json, or the size model for unmeasured shapes)]",
+              f"kernel is slower than dense (teal_kernels/speed_table.json, or the size model for unmeasured shapes)]",
               flush=True)
     if unmeasured:
         print(f"[sparsity {level:.2f}: {len(unmeasured)} projections have shapes the speed table has not "
-              f"measured: decided by the size model (kernels/speed_table.py; measure them with "
+              f"measured: decided by the size model (teal_kernels/speed_table.py; measure them with "
               f"benchmarks/bench_kernels.py --table)]", flush=True)
 
 

@@ -3,7 +3,7 @@
 The weight is stored transposed, [in_features, out_features], so that the decode kernel can skip
 the whole contiguous row of every input entry TEAL zeroes; prefill multiplies by the same tensor
 (`x @ W^T` is a plain GEMM for cuBLAS), so nothing is stored twice. Formats: bf16/fp16 ("fp"),
-int8 per output channel, int4 groupwise along the input dimension (layouts in kernels/reference.py).
+int8 per output channel, int4 groupwise along the input dimension (layouts in teal_kernels/reference.py).
 
 This file owns three decisions, each in one place:
 - which decoder modules are projections and how their outputs split into threshold segments
@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
-from kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, gated_input
-from kernels.speed_table import estimated_sparse_beats_dense, sparse_beats_dense
+from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
+from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, gated_input
+from teal_kernels.speed_table import estimated_sparse_beats_dense, sparse_beats_dense
 
 FORMATS = ("fp", "int8", "int4")
 
@@ -194,7 +194,7 @@ class PackedLinear(nn.Module):
             out = (gated_input(rows) if gated else rows) @ self.dense_weight_t(x.dtype)
             out = out if res is None else out + res
         elif decode_kernel:
-            # Decode: the teal::sparse_gemv op (Triton on CUDA, C++ on the CPU: kernels/cpu.py); rows of
+            # Decode: the teal::sparse_gemv op (Triton on CUDA, C++ on the CPU: teal_kernels/cpu.py); rows of
             # zeroed inputs are never read.
             out = sparse_gemv(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(), self.group_size,
                               gated, res, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps)

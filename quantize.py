@@ -33,14 +33,14 @@ from tqdm import tqdm
 from checkpoint import (check_companions, copy_companions, load_model, model_state_for_saving,
                         resolve_checkpoint, save_state_dict)
 from files import check_writable
-from kernels.reference import INT4_GROUP_SIZES
+from teal_kernels.reference import INT4_GROUP_SIZES
 from linear import (QUANT_MODES, PackedLinear, QuantConfig, QuantizationError, quantization_targets,
                     swap_module)
 from model import Transformer
 
 
 # ---------------------------------------------------------------------------------------------
-# The math, on one transposed weight [K, N]; dequantization is kernels.reference.dequantize_weight.
+# The math, on one transposed weight [K, N]; dequantization is teal_kernels.reference.dequantize_weight.
 # ---------------------------------------------------------------------------------------------
 
 _TINY = torch.finfo(torch.float32).tiny  # floor for the scale of an all-equal column or group

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from files import write_report
-from kernels import sparse_gemv
+from teal_kernels import sparse_gemv
 
 SHAPES = {  # [K, N] of the decode products
     "Llama-3-8B": {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import MAX_SPLITS, decode_attention_triton, default_block_s, default_num_splits
-from kernels.ops import decode_attention
+from teal_kernels.attention import MAX_SPLITS, decode_attention_triton, default_block_s, default_num_splits
+from teal_kernels.ops import decode_attention
 
 # name -> (H, Hkv, D)
 MODELS: dict[str, tuple[int, int, int]] = {"Llama-3-8B": (32, 8, 128), "SmolLM2-135M": (9, 3, 64)}

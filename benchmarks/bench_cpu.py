@@ -31,11 +31,11 @@ import generate
 from checkpoint import load_model
 from cli import DEFAULT_CHECKPOINT
 from decode import install_fused_decode
-from kernels import cpu
+from teal_kernels import cpu
 from teal import realized_sparsity
 from tokenizer import load_tokenizer
 
-PARALLEL_BYTES_ENV = "TEAL_CPU_PARALLEL_BYTES"  # read by the C++ kernel on every call (kernels/cpu.py)
+PARALLEL_BYTES_ENV = "TEAL_CPU_PARALLEL_BYTES"  # read by the C++ kernel on every call (teal_kernels/cpu.py)
 POOL_ENV = "TEAL_CPU_POOL"  # likewise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +181,7 @@ def main() -> None:
                                  kernel_settings(args.parallel_bytes, args.cpu_pool)):
                     rows.append({"format": fmt, **r})
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "kernel": "C++ (kernels/cpu.py)" if cpu.available() else "plain-torch reference",
+              "kernel": "C++ (teal_kernels/cpu.py)" if cpu.available() else "plain-torch reference",
               "command": "OMP_NUM_THREADS=%s python benchmarks/bench_cpu.py %s" % (
                   os.environ.get("OMP_NUM_THREADS", "?"), " ".join(sys.argv[1:])),
               "decode_path": args.decode_path, "tokens": args.tokens, "runs": args.runs, "levels": args.sparsity,

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from files import write_report
-from kernels import cpu
+from teal_kernels import cpu
 
 # SmolLM2-135M's decode GEMVs [K, N] (q|k|v, o, gate|up, down) and its tied lm_head
 SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576), "lm_head": (576, 49152)}

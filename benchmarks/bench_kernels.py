@@ -3,7 +3,7 @@
     python benchmarks/bench_kernels.py [--formats bf16 int8 int4-g128] [--out benchmarks/results/kernels]
 
 For each layer and sparsity s (x ~ N(0, 1), threshold = s-quantile of |x|) it times
-our kernel (config from kernels/tuned_configs.json or the heuristic), ``x @ w_t``
+our kernel (config from teal_kernels/tuned_configs.json or the heuristic), ``x @ w_t``
 and ``F.linear(x, w)`` with w in [N, K] (both dense bf16/fp16, so they do not depend
 on s or on our weight format), all in CUDA graphs that rotate over weight copies.
 Effective TB/s = bytes of the weight rows actually needed / time.  Writes
@@ -37,10 +37,10 @@ from benchmarks.timing import (
     weight_bytes_needed,
 )
 from files import atomic_path
-from kernels import sparse_gemv
-from kernels.reference import weight_format_name
-from kernels.speed_table import SPEED_TABLE_PATH, table_key
-from kernels.triton_gemv import get_config, gpu_name
+from teal_kernels import sparse_gemv
+from teal_kernels.reference import weight_format_name
+from teal_kernels.speed_table import SPEED_TABLE_PATH, table_key
+from teal_kernels.triton_gemv import get_config, gpu_name
 
 DEFAULT_SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
 
@@ -120,7 +120,7 @@ def markdown(results: list[dict], meta: dict) -> str:
 
 
 def speed_table_entries(results: list[dict], meta: dict) -> dict[str, dict]:
-    """kernels/speed_table.json entries (see kernels/speed_table.py) from this benchmark's rows."""
+    """teal_kernels/speed_table.json entries (see teal_kernels/speed_table.py) from this benchmark's rows."""
     entries: dict[str, dict] = {}
     for r in results:
         if r.get("fusion", "plain") != "plain":
@@ -155,9 +155,9 @@ def main() -> None:
                         help="also time decode.py's fused variants: down gated (SiLU(gate) * up read in the "
                              "prologue) and residual, o residual")
     parser.add_argument("--table", action="store_true",
-                        help="also merge the results into kernels/speed_table.json (the dispatch's data)")
+                        help="also merge the results into teal_kernels/speed_table.json (the dispatch's data)")
     parser.add_argument("--table_from", type=Path, default=None, metavar="RESULTS_JSON",
-                        help="no GPU run: merge an earlier run's OUT.json into kernels/speed_table.json")
+                        help="no GPU run: merge an earlier run's OUT.json into teal_kernels/speed_table.json")
     args = parser.parse_args()
     if args.table_from is not None:
         saved = json.loads(args.table_from.read_text())

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from benchmarks.timing import MODEL_SHAPES, Problem, copies_for, graph_time_us, make_weight, make_x, threshold_for
 from files import write_report
-from kernels.triton_gemv import get_config, gpu_name, sparse_gemv_triton, weight_format_name
+from teal_kernels.triton_gemv import get_config, gpu_name, sparse_gemv_triton, weight_format_name
 
 
 @triton.jit

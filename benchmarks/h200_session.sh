@@ -51,7 +51,7 @@ case $phase in
     ;;
   small)  # speed-table rows for the small shapes (never slower than dense), then their decode
     step 120 python3 -m benchmarks.bench_kernels --models smollm2-135m llama3.2-1b --formats bf16 --sparsities 0 0.25 0.5 0.65 --table --out "$out/kernels_small"
-    cp kernels/speed_table.json "$out/speed_table.json"
+    cp teal_kernels/speed_table.json "$out/speed_table.json"
     step 150 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 0.5 --decode_path reference fused --out "$out/decode_smollm2"
     step 150 python3 generate.py --random_weights SmolLM2-135M --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h i j k l m n o p"
     ;;
@@ -59,7 +59,7 @@ case $phase in
     step 90 python3 -m pytest -q -x tests/test_kernels.py -k gpu
     step 200 python3 -m benchmarks.tune_kernels --quick --force --formats bf16 --models llama3-8b
     step 60 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3-8b --table --out "$out/kernels_llama3_8b"
-    cp kernels/speed_table.json "$out/speed_table.json"
+    cp teal_kernels/speed_table.json "$out/speed_table.json"
     step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.5 --decode_path reference fused --out "$out/decode_llama3_8b_bf16"
     ;;
   spec)  # self-speculative decoding: plain dense / 50% beside speculation (step costs; random weights)
@@ -84,13 +84,13 @@ case $phase in
     step 100 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and dot and int4"
     step 100 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int4-g128 --models llama3-8b
     step 80 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --table --out "$out/kernels_llama3_8b_formats"
-    cp kernels/speed_table.json "$out/speed_table.json"
+    cp teal_kernels/speed_table.json "$out/speed_table.json"
     step 280 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 int4-g128 --sparsity 0 0.5 --out "$out/decode_llama3_8b_formats"
     ;;
   bf16_sparse)  # bf16 retuned for the levels TEAL runs (0.4/0.5/0.65: the dense path is cuBLAS), speed table, end to end
     step 120 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats bf16 --models llama3-8b
     step 40 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3-8b --table --out "$out/kernels_llama3_8b_bf16"
-    cp kernels/speed_table.json "$out/speed_table.json"
+    cp teal_kernels/speed_table.json "$out/speed_table.json"
     step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.4 0.5 0.65 --out "$out/decode_llama3_8b_bf16"
     ;;
   cal_spec)  # calibrate.py's time at the Llama-3-8B shape (issue 12), self-speculation (issue 13), the TP path over one GPU (NCCL, issue 14)
@@ -104,13 +104,13 @@ case $phase in
     step 240 python3 -m pytest -q -x tests/test_kernels.py -k gpu
     step 200 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int8 int4-g128 --models llama3-8b
     step 80 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --table --out "$out/kernels_llama3_8b_asm"
-    cp kernels/speed_table.json "$out/speed_table.json"
+    cp teal_kernels/speed_table.json "$out/speed_table.json"
     ;;
   asm2)  # x thresholded at the batch's own size in the dot design: GPU tests, retune every format, per matrix (speed table)
     step 150 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and dot"
     step 230 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats bf16 int8 int4-g128 --models llama3-8b
     step 60 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --table --out "$out/kernels_llama3_8b_asm2"
-    cp kernels/speed_table.json "$out/speed_table.json"
+    cp teal_kernels/speed_table.json "$out/speed_table.json"
     ;;
   e2e)  # end to end, every format beside gpt-fast-style torch kernels (same run); keeps the first GGUF half for spec_real
     mkdir -p /tmp/teal_gguf && cp .whl/gguf_part_aa /tmp/teal_gguf/ 2>/dev/null
@@ -130,7 +130,7 @@ case $phase in
     step 150 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and (int4 or dot)"
     step 200 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int4-g128 --models llama3-8b
     step 60 python3 -m benchmarks.bench_kernels --formats bf16 int8 int4-g128 --models llama3-8b --table --out "$out/kernels_llama3_8b_planes"
-    cp kernels/speed_table.json "$out/speed_table.json"
+    cp teal_kernels/speed_table.json "$out/speed_table.json"
     ;;
   planes_e2e)  # end to end with the retuned int4 planes beside torch's int8 / int4 kernels (same run)
     step 150 python3 -m pytest -q tests/test_kernels.py -k "gpu and int4" 2>&1 | tail -2
@@ -161,12 +161,12 @@ case $phase in
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     step 120 python3 -m benchmarks.tune_kernels --quick --force --jobs 14 --formats bf16 --models llama3-8b
     step 40 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_llama3_8b_rows_grid"
-    cp kernels/speed_table.json "$out/speed_table.json"
+    cp teal_kernels/speed_table.json "$out/speed_table.json"
     step 150 python3 generate.py --random_weights Llama-3-8B --compile --speculate_k 4 --draft_sparsity 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     ;;
   untuned)  # shapes nobody tuned on the rows heuristic (kernel rows into the speed table), their decode on the fused step; the 8B fused step's profile (two-stage argmax)
     step 150 python3 -m benchmarks.bench_kernels --models llama3.2-1b llama2-7b smollm2-135m --formats bf16 --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_untuned"
-    cp kernels/speed_table.json "$out/speed_table.json"
+    cp teal_kernels/speed_table.json "$out/speed_table.json"
     step 120 python3 -m benchmarks.bench_decode --model Llama-3.2-1B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama32_1b_fused"
     step 170 python3 -m benchmarks.bench_decode --model Llama-2-7B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama2_7b_fused"
     step 120 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0.5 --decode_path fused --label fused --out "$out/profile_llama3_8b_fused"
@@ -180,7 +180,7 @@ case $phase in
     step 100 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and prefetch"
     step 240 python3 -m benchmarks.tune_kernels --quick --force --jobs 14 --formats bf16 int8 --models llama3-8b
     step 60 python3 -m benchmarks.bench_kernels --formats bf16 int8 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_llama3_8b_prefetch"
-    cp kernels/speed_table.json "$out/speed_table.json"
+    cp teal_kernels/speed_table.json "$out/speed_table.json"
     step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int8 --sparsity 0 0.4 0.5 0.65 --decode_path fused --out "$out/decode_llama3_8b_prefetch"
     ;;
   fixed_cost)  # where a GEMV call's fixed cost goes (no rows read vs 50%, empty kernels), then the fused step at 50% kernel by kernel
@@ -201,7 +201,7 @@ case $phase in
     ;;
   untuned2)  # shapes nobody tuned, the rest of issue 10's list (Llama-3.2-3B, Llama-3-70B's TP-8 shard; Mistral-7B = Llama-3-8B shapes), and the 3B decode
     step 60 python3 -m benchmarks.bench_kernels --models llama3.2-3b llama3-70b-tp8 --formats bf16 --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_untuned2"
-    cp kernels/speed_table.json "$out/speed_table.json"
+    cp teal_kernels/speed_table.json "$out/speed_table.json"
     step 150 python3 -m benchmarks.bench_decode --model Llama-3.2-3B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama32_3b_fused"
     ;;
   spec_fused)  # self-speculation drafting on the fused step (issue 13), beside plain dense and 50% in the same process
@@ -292,4 +292,4 @@ case $phase in
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"
     ;;
 esac
-cp kernels/tuned_configs.json "$out/tuned_configs.json"
+cp teal_kernels/tuned_configs.json "$out/tuned_configs.json"

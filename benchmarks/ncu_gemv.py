@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.timing import MODEL_SHAPES, make_weight, make_x, parse_format, threshold_for
 from cli import FRACTION
-from kernels.triton_gemv import sparse_gemv_triton
+from teal_kernels.triton_gemv import sparse_gemv_triton
 
 
 def sparsity_or_none(text: str) -> float | None:

@@ -43,7 +43,7 @@ WARMUP, KV_MARGIN, CALIB_TOKENS = 10, 16, 2048  # CALIB_TOKENS: bench_decode's d
 _ATTENTION = re.compile(r"attention|attn|flash|fmha|sdpa|cudnn", re.I)
 _MATRIX = re.compile(r"gemv|gemm|nvjet|cutlass|xmma|splitkreduce|cublas", re.I)
 _INDUCTOR_MM = re.compile(r"_(mm|addmm|bmm)(_|$)")  # in an Inductor template name
-OWN_KERNELS = {"_split_kernel": "attention", "_combine_kernel": "attention"}  # kernels/attention.py
+OWN_KERNELS = {"_split_kernel": "attention", "_combine_kernel": "attention"}  # teal_kernels/attention.py
 
 
 def classify(name: str) -> str:

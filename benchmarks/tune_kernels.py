@@ -1,4 +1,4 @@
-"""Pick a KernelConfig per (GPU, weight format, batch, shape) and store it in kernels/tuned_configs.json.
+"""Pick a KernelConfig per (GPU, weight format, batch, shape) and store it in teal_kernels/tuned_configs.json.
 
 Run on the target GPU, e.g.::
 
@@ -38,8 +38,8 @@ from benchmarks.timing import (
     threshold_for,
 )
 from files import atomic_path
-from kernels.reference import sparse_gemv_reference
-from kernels.triton_gemv import (TUNED_CONFIGS_PATH, KernelConfig, _heuristic_config, _rows_heuristic, config_key,
+from teal_kernels.reference import sparse_gemv_reference
+from teal_kernels.triton_gemv import (TUNED_CONFIGS_PATH, KernelConfig, _heuristic_config, _rows_heuristic, config_key,
                                  sparse_gemv_triton)
 
 STAGE2_KEEP = 3

@@ -55,5 +55,5 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def interpreted_kernels(monkeypatch) -> None:
     """On the CPU the ops run the plain-torch reference by default; with this they run the Triton
     kernels in the interpreter (a no-op on a GPU, where the ops always run the kernels)."""
-    from kernels.ops import CPU_KERNELS_ENV
+    from teal_kernels.ops import CPU_KERNELS_ENV
     monkeypatch.setenv(CPU_KERNELS_ENV, "interpreter")

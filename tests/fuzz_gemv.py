@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from kernels.reference import gated_input, rms_normed  # noqa: E402
-from kernels.triton_gemv import REDUCTION_ENV, KernelConfig, sparse_gemv_triton  # noqa: E402
+from teal_kernels.reference import gated_input, rms_normed  # noqa: E402
+from teal_kernels.triton_gemv import REDUCTION_ENV, KernelConfig, sparse_gemv_triton  # noqa: E402
 
 FORMATS = ["bf16", "fp16", "int8", "int4-g32", "int4-g64", "int4-g128"]
 FUSIONS = ["plain", "gated", "residual", "gated+residual", "norm"]
@@ -96,7 +96,7 @@ def _weights(case: dict, g: torch.Generator, device: str) -> tuple:
 
 
 def weight64(w: torch.Tensor, scales, zeros, group: int) -> torch.Tensor:
-    """W [K, N] in float64 from the packing definition (kernels/reference.py's layouts)."""
+    """W [K, N] in float64 from the packing definition (teal_kernels/reference.py's layouts)."""
     if w.dtype == torch.uint8:
         q = torch.stack([(w % 16).double(), (w // 16).double()], dim=-1).reshape(w.shape[0], -1)
         rows = torch.arange(w.shape[0], device=w.device) // group

@@ -19,9 +19,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import attention as at  # noqa: E402
-from kernels import triton_gemv as sg  # noqa: E402
-from kernels.reference import MAX_SEGMENTS  # noqa: E402
+from teal_kernels import attention as at  # noqa: E402
+from teal_kernels import triton_gemv as sg  # noqa: E402
+from teal_kernels.reference import MAX_SEGMENTS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"eps", "qk_scale_log2"}

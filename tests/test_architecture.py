@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fixtures import ROOT
 
-PACKAGES = ("kernels", "teal")
+PACKAGES = ("teal_kernels", "teal")
 
 
 def project_modules() -> dict[str, Path]:
@@ -55,11 +55,11 @@ def test_no_import_cycles():
     for node in sorted(edges):
         if node not in state:
             visit(node, [])
-    assert {"model", "linear", "checkpoint", "kernels", "teal"} <= set(edges)
+    assert {"model", "linear", "checkpoint", "teal_kernels", "teal"} <= set(edges)
 
 
 def test_model_imports_nothing_of_the_project_and_the_cpu_path_no_triton():
     mods = project_modules()
     assert not {m.split(".")[0] for m in imports_of(mods["model"])} & {n.split(".")[0] for n in mods}
-    for name in ("kernels.reference", "kernels.ops", "kernels", "linear"):
+    for name in ("teal_kernels.reference", "teal_kernels.ops", "teal_kernels", "linear"):
         assert not any(m.split(".")[0] == "triton" for m in imports_of(mods[name])), name

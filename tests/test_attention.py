@@ -1,4 +1,4 @@
-"""Tests of kernels/attention.py (split-KV decode attention) against an independent float64 reference.
+"""Tests of teal_kernels/attention.py (split-KV decode attention) against an independent float64 reference.
 
 Without CUDA the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py), so CPU
 shapes are tiny and a 16-position tile with 3 splits stands in for the GPU defaults to put
@@ -13,9 +13,9 @@ import torch
 from fixtures import COMPILE_BACKENDS, DEVICE, HAS_CUDA, needs_cuda
 
 import benchmarks.bench_attention as bench_attention
-from kernels.attention import MAX_SPLITS, decode_attention_triton, default_block_s, default_num_splits
-from kernels.ops import decode_attention
-from kernels.reference import attention_reference as decode_attention_reference
+from teal_kernels.attention import MAX_SPLITS, decode_attention_triton, default_block_s, default_num_splits
+from teal_kernels.ops import decode_attention
+from teal_kernels.reference import attention_reference as decode_attention_reference
 
 pytestmark = pytest.mark.usefixtures("interpreted_kernels")
 

@@ -1,5 +1,5 @@
-"""The CPU decode kernel (kernels/cpu.py): bit-level agreement with the formats' definition
-(kernels.reference.dequantize_weight, float64), TEAL masking, the fusions, row skipping, and the
+"""The CPU decode kernel (teal_kernels/cpu.py): bit-level agreement with the formats' definition
+(teal_kernels.reference.dequantize_weight, float64), TEAL masking, the fusions, row skipping, and the
 model -> PackedLinear -> op path eager and compiled."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from fixtures import tiny_model
 
-from kernels import cpu, dequantize_weight, sparse_gemv
-from kernels.ops import CPU_KERNELS_ENV
-from kernels.reference import masked_product
+from teal_kernels import cpu, dequantize_weight, sparse_gemv
+from teal_kernels.ops import CPU_KERNELS_ENV
+from teal_kernels.reference import masked_product
 from linear import pack_model, packed_projections
 from quantize import pack_int4, quantize_model
 from teal import sparsify

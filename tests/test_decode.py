@@ -10,7 +10,7 @@ import torch
 from fixtures import COMPILE_BACKENDS, HAS_CUDA, tiny_model
 
 from decode import FUSED_NORM_ENV, POSITIONWISE_ENV, DecodeBlock, install_fused_decode
-from kernels.ops import CPU_KERNELS_ENV
+from teal_kernels.ops import CPU_KERNELS_ENV
 from linear import PackedLinear, pack_model, packed_projections
 from teal import sparsify
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks import bench_kernels, tune_kernels
-from kernels.triton_gemv import KernelConfig
+from teal_kernels.triton_gemv import KernelConfig
 
 
 def test_candidates_hold_both_designs_and_the_stored_config():

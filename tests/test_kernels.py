@@ -1,4 +1,4 @@
-"""Tests of kernels/ (the Triton sparse GEMV, the reference, the op) against an independent
+"""Tests of teal_kernels/ (the Triton sparse GEMV, the reference, the op) against an independent
 float64 reference.
 
 Without CUDA the Triton kernel runs under TRITON_INTERPRET=1 (set in conftest.py), and this
@@ -12,11 +12,11 @@ import torch
 import triton
 from fixtures import COMPILE_BACKENDS, DEVICE, HAS_CUDA, needs_cuda
 
-import kernels.triton_gemv as sg
-from kernels import dequantize_weight, sparse_gemv, sparse_gemv_reference
-from kernels.ops import CPU_KERNELS_ENV
-from kernels.reference import FMT_FLOAT, FMT_INT4, weight_format_name
-from kernels.triton_gemv import KernelConfig, get_config, sparse_gemv_triton
+import teal_kernels.triton_gemv as sg
+from teal_kernels import dequantize_weight, sparse_gemv, sparse_gemv_reference
+from teal_kernels.ops import CPU_KERNELS_ENV
+from teal_kernels.reference import FMT_FLOAT, FMT_INT4, weight_format_name
+from teal_kernels.triton_gemv import KernelConfig, get_config, sparse_gemv_triton
 
 pytestmark = pytest.mark.usefixtures("interpreted_kernels")
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from fixtures import ROOT, tiny_model
 
-from kernels.ops import CPU_KERNELS_ENV
-from kernels.reference import MAX_BATCH
+from teal_kernels.ops import CPU_KERNELS_ENV
+from teal_kernels.reference import MAX_BATCH
 from linear import PackedLinear, pack_model, packed_projections
 from quantize import quantize_model
 from teal import sparsify
@@ -50,7 +50,7 @@ def test_decode_through_the_interpreted_kernel_matches_the_reference(monkeypatch
     model = sparse_tiny(fmt)
     prompt = torch.randint(0, 256, (1, MAX_BATCH + 4), generator=torch.Generator().manual_seed(3))
     calls = []
-    import kernels.triton_gemv as triton_gemv
+    import teal_kernels.triton_gemv as triton_gemv
     real = triton_gemv.sparse_gemv_triton
     monkeypatch.setattr(triton_gemv, "sparse_gemv_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv(CPU_KERNELS_ENV, "reference")
@@ -92,7 +92,7 @@ def test_dense_generation_without_triton(tiny_ckpt):
 
 def test_speed_table_lookup_interpolates_and_falls_back(monkeypatch):
     """The measured table decides per shape and sparsity; unmeasured shapes get no measured verdict."""
-    import kernels.speed_table as st
+    import teal_kernels.speed_table as st
     key = st.table_key("Fake GPU", "bf16", 1, 64, 48)
     monkeypatch.setattr(st, "speed_table", lambda: {key: {"dense_us": 10.0, "sparse_us": {"0": 14.0, "0.5": 8.0}}})
     assert st.sparse_beats_dense("Fake GPU", "bf16", 1, 64, 48, 0.1) is False  # 12.8 µs
@@ -116,7 +116,7 @@ def test_the_verdict_is_a_constant_to_torch_compile(monkeypatch):
     """A compiled decode step whose first call reaches a projection's verdict compiles into one
     graph: Dynamo can trace neither the GPU's name nor the read of the speed table's file (on the
     H200 such a step failed until linear.kernel_verdict_for was a compile-time constant)."""
-    import kernels.speed_table as st
+    import teal_kernels.speed_table as st
     st.speed_table.cache_clear()  # the file is read inside the compiled call
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     layer = PackedLinear(4096, 4096, [4096], dtype=torch.bfloat16)
@@ -142,7 +142,7 @@ def test_unmeasured_shapes_follow_the_size_model(monkeypatch):
     import json
     from pathlib import Path
 
-    import kernels.speed_table as st
+    import teal_kernels.speed_table as st
     from teal import dense_fallbacks
     assert not st.estimated_sparse_beats_dense("bf16", 576, 1536, 0.5)
     assert st.estimated_sparse_beats_dense("bf16", 4096, 28672, 0.5)

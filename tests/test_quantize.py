@@ -15,8 +15,8 @@ from torch import Tensor
 import fixtures
 
 from checkpoint import CheckpointError, load_model
-from kernels import dequantize_weight
-from kernels.reference import INT4_GROUP_SIZES as GROUP_SIZES
+from teal_kernels import dequantize_weight
+from teal_kernels.reference import INT4_GROUP_SIZES as GROUP_SIZES
 from linear import QUANT_METADATA_KEY as METADATA_KEY
 from linear import PackedLinear, QuantConfig, QuantizationError, pack_model, packed_projections
 from model import Transformer

@@ -32,8 +32,8 @@ token into the caches, then reads its tiles: RoPE, the cache write and attention
 
 Entry points: ``decode_attention_triton`` and ``decode_attention_step_triton`` (launchers with
 explicit split count and tile, for tests and tuning); the model reaches them through the
-``teal::decode_attention`` / ``teal::decode_attention_step`` ops of kernels/ops.py. The plain-torch
-definitions (and the argument checks) are in kernels/reference.py.
+``teal::decode_attention`` / ``teal::decode_attention_step`` ops of teal_kernels/ops.py. The plain-torch
+definitions (and the argument checks) are in teal_kernels/reference.py.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-from kernels.reference import MAX_GROUP, validate_attention as _validate, validate_step
-from kernels.triton_gemv import launch_options
+from teal_kernels.reference import MAX_GROUP, validate_attention as _validate, validate_step
+from teal_kernels.triton_gemv import launch_options
 
 __all__ = ["INTERPRETED", "MAX_SPLITS", "decode_attention_step_triton", "decode_attention_triton",
            "default_block_s", "default_num_splits"]

@@ -2,10 +2,10 @@
 decode-sized batches), ``teal::decode_attention`` and ``teal::decode_attention_step`` (the fused
 decode path's attention, decode.py).
 
-One op, one implementation per device: CUDA runs the Triton kernels (kernels/triton_gemv.py,
-kernels/attention.py); the CPU runs ``teal::sparse_gemv`` with the C++ row-skipping kernel of
-kernels/cpu.py (the plain-torch reference where it cannot be built) and attention with the
-plain-torch references (kernels/reference.py), so a model works where Triton is not installed.
+One op, one implementation per device: CUDA runs the Triton kernels (teal_kernels/triton_gemv.py,
+teal_kernels/attention.py); the CPU runs ``teal::sparse_gemv`` with the C++ row-skipping kernel of
+teal_kernels/cpu.py (the plain-torch reference where it cannot be built) and attention with the
+plain-torch references (teal_kernels/reference.py), so a model works where Triton is not installed.
 ``TEAL_CPU_KERNELS=reference`` forces the references; ``TEAL_CPU_KERNELS=interpreter`` (with
 ``TRITON_INTERPRET=1`` set before Triton is imported) makes the CPU run the Triton kernels in
 Triton's interpreter instead: that is how CI tests the model -> kernel path without a GPU.
@@ -19,8 +19,8 @@ import os
 import torch
 from torch import Tensor
 
-from kernels import cpu
-from kernels.reference import (KERNEL_DTYPES, attention_reference, attention_step_reference, masked_product,
+from teal_kernels import cpu
+from teal_kernels.reference import (KERNEL_DTYPES, attention_reference, attention_step_reference, masked_product,
                                rms_normed, validate, validate_attention, validate_step)
 
 CPU_KERNELS_ENV = "TEAL_CPU_KERNELS"  # "native" (default), "reference" or "interpreter"
@@ -29,7 +29,7 @@ CPU_KERNEL_MODES = ("native", "reference", "interpreter")
 
 def _triton_launcher():
     """Imported on first use: Triton is optional on the CPU."""
-    from kernels.triton_gemv import sparse_gemv_triton
+    from teal_kernels.triton_gemv import sparse_gemv_triton
     return sparse_gemv_triton
 
 
@@ -50,7 +50,7 @@ def _cpu_runs_interpreter() -> bool:
 
 @torch.compiler.assume_constant_result
 def _cpu_native() -> bool:
-    """Whether CPU calls go straight to the C++ ops (``teal_cpu::``, kernels/cpu.py). Those are
+    """Whether CPU calls go straight to the C++ ops (``teal_cpu::``, teal_kernels/cpu.py). Those are
     registered in C++, so a compiled graph calls them without the Python custom op's dispatch; a
     compiled graph takes the answer of its trace."""
     return _cpu_kernels() == "native" and cpu.available()
@@ -113,7 +113,7 @@ def sparse_gemv(
     eps: float = 0.0,
 ) -> Tensor:
     """Threshold-sparse x @ W^T for 1 <= M <= MAX_BATCH rows (formats, and the `gated`, `residual`
-    and `norm_weight` fusions: kernels/reference.py).
+    and `norm_weight` fusions: teal_kernels/reference.py).
 
     Output [M, N] in x.dtype, float32 accumulation; rows of W for zeroed inputs are not read on
     the GPU.
@@ -133,14 +133,14 @@ def sparse_gemv(
 def _decode_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
                           scale: float | None = None) -> Tensor:
     if _cpu_runs_interpreter():
-        from kernels.attention import decode_attention_triton
+        from teal_kernels.attention import decode_attention_triton
         return decode_attention_triton(q, k_cache, v_cache, input_pos, scale)
     return attention_reference(q, k_cache, v_cache, input_pos, scale)
 
 
 @_decode_attention_cpu.register_kernel("cuda")
 def _(q, k_cache, v_cache, input_pos, scale=None):
-    from kernels.attention import decode_attention_triton
+    from teal_kernels.attention import decode_attention_triton
     return decode_attention_triton(q, k_cache, v_cache, input_pos, scale)
 
 
@@ -165,14 +165,14 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Ten
 def _decode_attention_step_cpu(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor,
                                input_pos: Tensor, n_head: int, scale: float | None = None) -> Tensor:
     if _cpu_runs_interpreter():
-        from kernels.attention import decode_attention_step_triton
+        from teal_kernels.attention import decode_attention_step_triton
         return decode_attention_step_triton(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
     return attention_step_reference(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
 
 
 @_decode_attention_step_cpu.register_kernel("cuda")
 def _(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale=None):
-    from kernels.attention import decode_attention_step_triton
+    from teal_kernels.attention import decode_attention_step_triton
     return decode_attention_step_triton(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
 
 

@@ -1,5 +1,5 @@
 """The CPU decode kernels: ``teal_cpu::sparse_gemv``, a small C++ row-skipping GEMV over our own
-weight layouts (kernels/reference.py), and ``teal_cpu::decode_attention_step``, the fused decode
+weight layouts (teal_kernels/reference.py), and ``teal_cpu::decode_attention_step``, the fused decode
 path's attention step (decode.py), built once by torch's extension tooling (no Triton).
 
 Why C++: the plain-torch reference dequantizes the whole weight on every call (int4 decoded at
@@ -22,9 +22,9 @@ The attention step reads only the cache positions 0..p (the plain-torch referenc
 SDPA read and mask the whole static cache: 418 us a layer on a 2-vCPU AVX2 VM, 49 us here).
 
 Both are registered with the dispatcher from C++ (TORCH_LIBRARY), so compiled graphs call them
-without a Python custom op in between (~25 us a call, 120 calls a token); kernels/ops.py sends CPU
+without a Python custom op in between (~25 us a call, 120 calls a token); teal_kernels/ops.py sends CPU
 calls to them. The build (g++ and ninja, ~30 s the first time, cached under torch's extension
-directory) happens on first use; ``available()`` says whether it succeeded, and kernels/ops.py
+directory) happens on first use; ``available()`` says whether it succeeded, and teal_kernels/ops.py
 falls back to the reference when it did not. ``-march=native``: the cached build is for this
 machine's CPU.
 """
@@ -36,7 +36,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from kernels.reference import validate, validate_step
+from teal_kernels.reference import validate, validate_step
 
 _SOURCE = r"""
 #include <ATen/ATen.h>
@@ -675,7 +675,7 @@ def sparse_gemv_cpu(x: Tensor, w: Tensor, thresholds: Tensor, split_sizes: list[
                     zeros: Tensor | None, group_size: int, gated: bool = False,
                     residual: Tensor | None = None) -> Tensor:
     """Threshold-sparse x @ W^T reading only the rows of kept inputs, with the op's `gated` and
-    `residual` fusions (kernels/reference.py). Eager calls are validated here; compiled ones at
+    `residual` fusions (teal_kernels/reference.py). Eager calls are validated here; compiled ones at
     trace time, by the op's fake."""
     if not torch.compiler.is_compiling():
         validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True, gated=gated,
@@ -686,7 +686,7 @@ def sparse_gemv_cpu(x: Tensor, w: Tensor, thresholds: Tensor, split_sizes: list[
 
 def decode_attention_step_cpu(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
                               n_head: int, scale: float | None = None) -> Tensor:
-    """kernels.ops.decode_attention_step on the CPU: reads only the filled positions 0..input_pos of
+    """teal_kernels.ops.decode_attention_step on the CPU: reads only the filled positions 0..input_pos of
     the cache (the reference reads and masks all of it)."""
     if not torch.compiler.is_compiling():
         validate_step(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)

@@ -225,7 +225,7 @@ def sparse_gemv_reference(
 
 
 # ---------------------------------------------------------------------------
-# Decode attention over the filled prefix of a static KV cache (kernels/attention.py)
+# Decode attention over the filled prefix of a static KV cache (teal_kernels/attention.py)
 # ---------------------------------------------------------------------------
 
 

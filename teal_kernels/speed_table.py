@@ -1,7 +1,7 @@
 """Measured per-shape decode speed of the sparse kernel against the dense path, and the lookup
 PackedLinear uses so that TEAL never makes a projection slower than dense.
 
-kernels/speed_table.json is written by `benchmarks/bench_kernels.py --table` from runs on a GPU:
+teal_kernels/speed_table.json is written by `benchmarks/bench_kernels.py --table` from runs on a GPU:
 key "GPU|format|M<m>|K<k>|N<n>" -> {"dense_us": the dense path (cuBLAS x @ W^T for bf16/fp16; the
 kernel at 0% for int8/int4, which have no other path), "sparse_us": {"<sparsity>": µs, ...},
 "source": the command and date of the run}. Shapes nobody measured have no entry: there a size

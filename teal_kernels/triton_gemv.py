@@ -1,12 +1,12 @@
 """Triton threshold-sparse GEMV for small-batch decode (TEAL activation sparsity).
 
-Computes kernels.reference's product (formats and the definition are documented there) for
+Computes teal_kernels.reference's product (formats and the definition are documented there) for
 M <= MAX_BATCH rows, skipping the weight rows of zeroed inputs. Decode is memory bound, hence the
 goal: the time of a call should fall with sparsity towards the time needed to read only the kept
 rows.
 
 Entry point: ``sparse_gemv_triton`` (explicit config for tuning and tests; the model reaches it
-through the ``teal::sparse_gemv`` op of kernels/ops.py), plus ``get_config``.
+through the ``teal::sparse_gemv`` op of teal_kernels/ops.py), plus ``get_config``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-from kernels.reference import FMT_INT4, FMT_INT8, MAX_BATCH, MAX_SEGMENTS, validate, weight_format_name
+from teal_kernels.reference import FMT_INT4, FMT_INT8, MAX_BATCH, MAX_SEGMENTS, validate, weight_format_name
 
 __all__ = ["INTERPRETED", "KernelConfig", "get_config", "gpu_name", "sparse_gemv_triton"]
 
@@ -894,7 +894,7 @@ def sparse_gemv_triton(
 
     ``config`` overrides the tuned/heuristic config (used by the tuner and tests); ``gated``,
     ``norm_weight`` (with ``eps``) and ``residual`` are the prologue / epilogue fusions of
-    kernels/reference.py.
+    teal_kernels/reference.py.
     """
     fmt = validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual, norm_weight)
     if x.device.type != "cuda" and not INTERPRETED:
