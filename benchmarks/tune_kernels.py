@@ -40,7 +40,7 @@ from benchmarks.timing import (
 from files import atomic_path
 from teal_kernels.reference import sparse_gemv_reference
 from teal_kernels.triton_gemv import (TUNED_CONFIGS_PATH, KernelConfig, _heuristic_config, _rows_heuristic, config_key,
-                                 sparse_gemv_triton)
+                                      sparse_gemv_triton)
 
 STAGE2_KEEP = 3
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from teal_kernels import cpu
 from teal_kernels.reference import (KERNEL_DTYPES, attention_reference, attention_step_reference, masked_product,
-                               rms_normed, validate, validate_attention, validate_step)
+                                    rms_normed, validate, validate_attention, validate_step)
 
 CPU_KERNELS_ENV = "TEAL_CPU_KERNELS"  # "native" (default), "reference" or "interpreter"
 CPU_KERNEL_MODES = ("native", "reference", "interpreter")
