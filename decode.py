@@ -23,8 +23,9 @@ attention is then the decode step's own, and with projections whose rows do not 
 beside them (cuBLAS on the H200 and the CPU kernel, benchmarks/batch_rows.py; our Triton kernel's
 do) a greedy verify rounds as plain decoding does. On the CPU that made self-speculation's text
 plain greedy's again (model.py's verify parted from it after ~25 tokens, compiled, SmolLM2) and
-faster (30.7 vs 25.1 tok/s). TEAL_POSITIONWISE_VERIFY=0 brings back model.py's verify (its GPU
-cost against this one is not measured yet).
+faster (30.7 vs 25.1 tok/s); on the H200 too its text is plain greedy's, and its verify step costs
+what model.py's does (5.3 ms, Llama-3-8B shape, K = 4: benchmarks/results/verify_h200/).
+TEAL_POSITIONWISE_VERIFY=0 brings back model.py's verify.
 """
 from __future__ import annotations
 

@@ -150,6 +150,12 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 < args.keep <= 1:
         parser.error(f"--keep must be in (0, 1], got {args.keep}")
+    for name in ("bn", "sub"):
+        value = getattr(args, name)
+        if value < 1 or value & (value - 1):
+            parser.error(f"--{name} must be a power of two, got {value}")
+    if min(args.programs_per_sm, args.stages, args.copies) < 1:
+        parser.error("--programs_per_sm, --stages and --copies must be at least 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     interpreted = device.type == "cpu"
     shapes = [(k, sum(splits)) for _, k, splits in MODEL_SHAPES["llama3-8b"]]
