@@ -13,9 +13,12 @@ modules, so TEAL, the speed table's dense fallback and quantization apply unchan
 names (so thresholds files) do not change. Where a projection runs dense in float, the fusions are
 left to torch/Inductor.
 
-TEAL_FUSED_NORM=1 (read when the blocks are installed) also hands the two RMSNorms to the q|k|v
-and gate|up GEMVs, whose CUDA kernel computes them in its prologue (two kernels fewer a layer);
-off by default until timed on a GPU (benchmarks/results/NOTES.md).
+The two RMSNorms are handed to the q|k|v and gate|up projections. Where those run dense on CUDA
+through the preload GEMV (small float matrices: SmolLM2), its prologue computes them: two kernels
+fewer a layer (H200, SmolLM2-135M shape: 1501 -> 2080 tok/s, benchmarks/results/preload/).
+TEAL_FUSED_NORM=1 (read when the blocks are installed) lets the sparse GEMV's prologue compute them
+too; off by default, as it made int4-g128 slower on the Llama-3-8B shape (297.4 -> 273.2 tok/s
+dense, benchmarks/results/NOTES.md); elsewhere torch runs the norm first.
 
 A step of 2..MAX_BATCH positions (speculation's verify, a short prefill) runs the attention op
 once a position, in order, instead of model.py's attention over all of them: each position's
@@ -29,8 +32,6 @@ TEAL_POSITIONWISE_VERIFY=0 brings back model.py's verify.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -38,19 +39,11 @@ from torch import Tensor
 from teal_kernels import MAX_BATCH
 from teal_kernels.ops import decode_attention_step
 from teal_kernels.reference import KERNEL_DTYPES
-from linear import PackedLinear, pack_model, swap_module
+from linear import PackedLinear, env_switch, pack_model, swap_module
 from model import TransformerBlock
 
 FUSED_NORM_ENV = "TEAL_FUSED_NORM"
 POSITIONWISE_ENV = "TEAL_POSITIONWISE_VERIFY"
-
-
-def env_switch(name: str, default: str = "0") -> bool:
-    """An on/off environment switch read when the blocks are installed: "1" on, "0" off."""
-    value = os.environ.get(name, default)
-    if value not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return value == "1"
 
 
 class DecodeBlock(TransformerBlock):
@@ -64,8 +57,8 @@ class DecodeBlock(TransformerBlock):
         self.positionwise = env_switch(POSITIONWISE_ENV, default="1")
 
     def _project(self, linear: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
-        """linear(norm(x)), the norm handed to the projection when fused (it decides where it runs)."""
-        return linear(x, norm=norm) if self.fuse_norms else linear(norm(x))
+        """linear(norm(x)), the norm handed to the projection, which decides where it runs."""
+        return linear(x, norm=norm, norm_in_sparse_kernel=self.fuse_norms)
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         att, ff = self.attention, self.feed_forward

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -23,6 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
+from teal_kernels.ops import dense_gemv
 from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, gated_input
 from teal_kernels.speed_table import estimated_sparse_beats_dense, sparse_beats_dense
 
@@ -58,6 +60,29 @@ def segments(model: nn.Module) -> list[Segment]:
     """Every threshold segment in the canonical order files store them: layer by layer q..down."""
     return [Segment(name, j, label) for name in projection_splits(model)
             for j, label in enumerate(PROJECTION_TABLE[name.split(".", 2)[2]])]
+
+
+# Dense decode calls of small float matrices on CUDA: the preload kernel (teal_kernels/preload_gemv.py)
+# instead of cuBLAS, where its weights fit; TEAL_PRELOAD_GEMV=0 keeps cuBLAS.
+PRELOAD_ENV = "TEAL_PRELOAD_GEMV"
+
+
+def env_switch(name: str, default: str = "0") -> bool:
+    """An on/off environment switch: "1" on, "0" off."""
+    value = os.environ.get(name, default)
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+@torch.compiler.assume_constant_result
+def preload_gemv_applies(device: torch.device, k: int, n: int) -> bool:
+    """Whether a dense decode-sized [K, N] float call on `device` runs the preload kernel (a constant to
+    torch.compile, which cannot trace the device's properties)."""
+    if device.type != "cuda" or not env_switch(PRELOAD_ENV, default="1"):
+        return False
+    from teal_kernels.preload_gemv import preload_fits  # imports Triton: CUDA only
+    return preload_fits(k, n, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 @torch.compiler.assume_constant_result
@@ -171,11 +196,12 @@ class PackedLinear(nn.Module):
             sum(s * w for s, w in zip(per_segment, self.split_sizes, strict=True)) / self.out_features
 
     def forward(self, x: Tensor, gated: bool = False, residual: Tensor | None = None,
-                norm: nn.Module | None = None) -> Tensor:
+                norm: nn.Module | None = None, norm_in_sparse_kernel: bool = False) -> Tensor:
         """x [..., K] -> [..., N]. The decode path's fusions (decode.py): with `gated`, x is a
         gate|up output [..., 2K] and the input is SiLU(gate) * up; `residual` [..., N] is added
         to the output; with `norm` (model.RMSNorm), x is the residual stream and the input is
-        norm(x). The decode kernel does them in its prologue / epilogue (the norm on CUDA only);
+        norm(x). The decode kernels do them in their prologue / epilogue, the norm on CUDA only:
+        always in the preload GEMV, in the sparse GEMV if `norm_in_sparse_kernel` (TEAL_FUSED_NORM);
         elsewhere torch."""
         sparse = self.applies_sparsity(x)
         thresholds = self.thresholds if sparse else self.no_thresholds
@@ -184,12 +210,20 @@ class PackedLinear(nn.Module):
         # for decode, the float32 reference for prefill
         cpu_half = x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
         dense_float = self.fmt == "fp" and not sparse and not cpu_half
-        decode_kernel = not dense_float and x.numel() // x.shape[-1] <= MAX_BATCH and x.dtype in KERNEL_DTYPES
-        if norm is not None and not (decode_kernel and x.device.type == "cuda"):
+        n_rows = x.numel() // x.shape[-1]
+        decode_kernel = not dense_float and n_rows <= MAX_BATCH and x.dtype in KERNEL_DTYPES
+        preload = (dense_float and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype and x.dtype in KERNEL_DTYPES
+                   and preload_gemv_applies(x.device, self.in_features, self.out_features))
+        kernel_norm = x.device.type == "cuda" and (preload or (decode_kernel and norm_in_sparse_kernel))
+        if norm is not None and not kernel_norm:
             x, norm = norm(x), None
         rows = x.reshape(-1, x.shape[-1])
         res = None if residual is None else residual.reshape(-1, self.out_features)
-        if dense_float:
+        norm_args = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+        if preload:
+            # small dense float on CUDA: weights loaded before the kernel waits on its input
+            out = dense_gemv(rows, self.weight, gated, res, *norm_args)
+        elif dense_float:
             # dense float: cuBLAS / the CPU's BLAS, the fusions left to torch (Inductor)
             out = (gated_input(rows) if gated else rows) @ self.dense_weight_t(x.dtype)
             out = out if res is None else out + res
@@ -197,7 +231,7 @@ class PackedLinear(nn.Module):
             # Decode: the teal::sparse_gemv op (Triton on CUDA, C++ on the CPU: teal_kernels/cpu.py); rows of
             # zeroed inputs are never read.
             out = sparse_gemv(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(), self.group_size,
-                              gated, res, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps)
+                              gated, res, *norm_args)
         else:
             # Prefill-sized batches are compute-bound, float32 (quality work) has no kernel:
             # dequantize and multiply, in float32 (also bf16/fp16 on a CPU).

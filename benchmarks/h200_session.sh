@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -287,6 +287,19 @@ case $phase in
         ncu -i "/tmp/ncu/int4_${layer}_$s.ncu-rep" --page details > "$out/ncu_int4_${layer}_$s.txt" 2>&1
       done
     done
+    ;;
+  preload)  # issue 10, small models: dense small float matrices through the preload GEMV (weights loaded before the PDL wait) instead of cuBLAS; GPU tests, then SmolLM2 without / with it / with the norms fused too
+    step 170 python3 -m pytest -q -x tests/test_preload_gemv.py tests/test_decode.py tests/test_linear.py -k "gpu or cuda"
+    for cfg in "0 0" "1 0" "1 1"; do
+      set -- $cfg
+      step 110 env TEAL_PRELOAD_GEMV=$1 TEAL_FUSED_NORM=$2 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 0.5 --decode_path fused --out "$out/decode_smollm2_preload$1_norm$2"
+    done
+    ;;
+  preload_1b)  # the same on the Llama-3.2-1B shape, and the SmolLM2 step's profile with the preload GEMV
+    for p in 0 1; do
+      step 150 env TEAL_PRELOAD_GEMV=$p TEAL_FUSED_NORM=1 python3 -m benchmarks.bench_decode --model Llama-3.2-1B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama32_1b_preload$p"
+    done
+    step 150 env TEAL_FUSED_NORM=1 python3 -m benchmarks.profile_decode --model SmolLM2-135M --sparsity 0 --decode_path fused --label preload --out "$out/profile_smollm2_preload"
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"

@@ -1,5 +1,6 @@
 """The torch ops of the decode path: ``teal::sparse_gemv`` (what PackedLinear calls for
-decode-sized batches), ``teal::decode_attention`` and ``teal::decode_attention_step`` (the fused
+decode-sized batches), ``teal::dense_gemv`` (its dense decode calls of small float matrices on
+CUDA), ``teal::decode_attention`` and ``teal::decode_attention_step`` (the fused
 decode path's attention, decode.py).
 
 One op, one implementation per device: CUDA runs the Triton kernels (teal_kernels/triton_gemv.py,
@@ -123,6 +124,35 @@ def sparse_gemv(
         return cpu.sparse_gemv_cpu(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual)
     return torch.ops.teal.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size, gated,
                                       residual, norm_weight, eps)
+
+
+@torch.library.custom_op("teal::dense_gemv", mutates_args=(), device_types="cpu")
+def _dense_gemv_cpu(x: Tensor, w: Tensor, gated: bool = False, residual: Tensor | None = None,
+                    norm_weight: Tensor | None = None, eps: float = 0.0) -> Tensor:
+    if _cpu_runs_interpreter():
+        from teal_kernels.preload_gemv import dense_gemv_preload
+        return dense_gemv_preload(x, w, gated, residual, norm_weight, eps)
+    no_thresholds = torch.zeros(1, dtype=torch.float32)
+    return masked_product(x, w, no_thresholds, [w.shape[1]], None, None, 0, gated, residual, norm_weight, eps)
+
+
+@_dense_gemv_cpu.register_kernel("cuda")
+def _(x, w, gated=False, residual=None, norm_weight=None, eps=0.0):
+    from teal_kernels.preload_gemv import dense_gemv_preload
+    return dense_gemv_preload(x, w, gated, residual, norm_weight, eps)
+
+
+@_dense_gemv_cpu.register_fake
+def _(x, w, gated=False, residual=None, norm_weight=None, eps=0.0):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+def dense_gemv(x: Tensor, w: Tensor, gated: bool = False, residual: Tensor | None = None,
+               norm_weight: Tensor | None = None, eps: float = 0.0) -> Tensor:
+    """Dense x [M, K] @ w [K, N] (M <= MAX_BATCH) of a small float matrix with the decode path's fusions, weights
+    loaded before the kernel waits on its input (teal_kernels/preload_gemv.py): the GPU decode
+    path of the matrices where that beats cuBLAS (PackedLinear decides)."""
+    return torch.ops.teal.dense_gemv(x, w, gated, residual, norm_weight, eps)
 
 
 # ---------------------------------------------------------------------------------------------

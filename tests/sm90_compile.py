@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from teal_kernels import attention as at  # noqa: E402
+from teal_kernels import preload_gemv as pg  # noqa: E402
 from teal_kernels import triton_gemv as sg  # noqa: E402
 from teal_kernels.reference import MAX_SEGMENTS  # noqa: E402
 
@@ -76,6 +77,14 @@ def gemv_variants():
                                          INTERPRET=False, PDL=False), 8, 3)
 
 
+def preload_variants():
+    for (k_pad, block_n, warps), (gated, residual, norm), pdl in itertools.product(
+            (pg.preload_config(576), pg.preload_config(2048)),
+            ((False, False, False), (True, True, False), (False, False, True)), (False, True)):
+        yield (pg._preload_gemv_kernel, {}, dict(K_PAD=k_pad, BLOCK_N=block_n, GATED=gated, RESIDUAL=residual,
+                                                 NORM=norm, PDL=pdl), warps, 1)
+
+
 def attention_variants():
     for fused, single, pdl in itertools.product((False, True), (False, True), (False, True)):
         yield (at._split_kernel, {"pos_ptr": "*i64", "out_ptr": "*bf16", "cs_ptr": "*fp32"},
@@ -86,7 +95,7 @@ def attention_variants():
 
 
 def main() -> int:
-    for kernel, pointers, constexprs, warps, stages in itertools.chain(gemv_variants(), attention_variants()):
+    for kernel, pointers, constexprs, warps, stages in itertools.chain(gemv_variants(), preload_variants(), attention_variants()):
         name = f"{kernel.fn.__name__} " + " ".join(f"{k}={v}" for k, v in constexprs.items() if k != "INTERPRET")
         try:
             compile_one(kernel, pointers, constexprs, warps, stages)
