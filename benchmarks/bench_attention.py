@@ -9,7 +9,8 @@ method against a float64 reference, then times, in µs per call:
   * triton nN     the same kernels with N splits per (batch, KV head) (tuning aid);
   * sdpa_masked   F.scaled_dot_product_attention over the full static cache with a boolean
                   mask, enable_gqa=True: what model.py does today;
-  * sdpa_prefix   SDPA over only the filled prefix k_cache[:, :, :c] (no mask).
+  * sdpa_prefix   SDPA over only the filled prefix k_cache[:, :, :c] (no mask);
+  * fused_step, cublas_bytes: see ``unchecked_methods`` (timed, not checked here).
 Each time is one CUDA graph of ``--layers`` calls on different caches (so every call reads
 cold memory; L2 is flushed between replays), divided by the number of calls.  ``floor`` is
 the HBM time of the filled K and V of one layer at 4.28 TB/s.  Prints the table last;
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from teal_kernels.attention import MAX_SPLITS, decode_attention_triton, default_block_s, default_num_splits
-from teal_kernels.ops import decode_attention
+from teal_kernels.ops import decode_attention, decode_attention_step
 
 # name -> (H, Hkv, D)
 MODELS: dict[str, tuple[int, int, int]] = {"Llama-3-8B": (32, 8, 128), "SmolLM2-135M": (9, 3, 64)}
@@ -97,6 +98,33 @@ def methods(layers: list[tuple[torch.Tensor, ...]], context: int, num_splits: li
                 if n != default_splits(layers) and 1 <= n <= MAX_SPLITS})
     out.update({"sdpa_masked": sdpa_masked, "sdpa_prefix": sdpa_prefix})
     return out
+
+
+def unchecked_methods(layers: list[tuple[torch.Tensor, ...]], context: int
+                      ) -> dict[str, Callable[[int], torch.Tensor]]:
+    """Timed beside ``methods`` but not compared with its float64 reference:
+      * fused_step   ``decode_attention_step`` (the fused decode step's op: RoPE, the cache write at p
+                     and attention; under PDL its first K/V tile loads before its wait) on a random
+                     q|k|v row per layer: it writes position p of the caches;
+      * cublas_bytes cuBLAS reading the same bytes as a [1, context] x [context, 2 Hkv D B] product
+                     per layer (no attention): what streaming the filled K and V costs at best."""
+    q0, k0, _ = layers[0]
+    batch, n_head, head_dim = q0.shape
+    n_kv, device = k0.shape[1], q0.device
+    g = torch.Generator(device=device).manual_seed(1)
+    rows = [torch.randn(batch, (n_head + 2 * n_kv) * head_dim, generator=g, device=device).to(q0.dtype)
+            for _ in layers]
+    freqs = torch.randn(head_dim // 2, 2, generator=g, device=device)
+    pos = torch.tensor([context - 1], dtype=torch.int64, device=device)
+    x = torch.randn(1, context, generator=g, device=device).to(q0.dtype)
+    weights = [torch.randn(context, 2 * n_kv * head_dim * batch, generator=g, device=device).to(q0.dtype)
+               for _ in layers]
+
+    def fused_step(i: int) -> torch.Tensor:
+        _, k, v = layers[i]
+        return decode_attention_step(rows[i], freqs, k, v, pos, n_head)
+
+    return {"fused_step": fused_step, "cublas_bytes": lambda i: x @ weights[i]}
 
 
 def reference64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         for context in args.contexts:
             steps = methods(layers, context, args.extra_num_splits)
             errors = check_correctness(steps, layers, context)
+            steps.update(unchecked_methods(layers, context))
             us = {name: graph_time_us(step, args.layers) for name, step in steps.items()}
             row = {"model": model, "H": n_head, "Hkv": n_kv, "D": head_dim, "batch": args.batch,
                    "s_max": args.s_max, "context": context, "num_splits": default_splits(layers),

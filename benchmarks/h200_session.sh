@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -252,10 +252,11 @@ case $phase in
       TEAL_FUSED_NORM=$f step 100 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 0.5 --decode_path fused --out "$out/decode_smollm2_fused_norm$f"
     done
     ;;
-  same_call)  # GPU tests of the decode/generate paths after a change, then bench_decode and generate.py on the same shape in one call (issue 10: generate.py within 3% of the bench loop)
-    step 200 python3 -m pytest -q -x tests/test_decode.py tests/test_generate.py tests/test_speculative.py tests/test_model.py -k "gpu or cuda"
-    step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama3_8b_same_call"
-    step 120 python3 generate.py --random_weights Llama-3-8B --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
+  same_call)  # GPU tests of the decode/generate paths after a change, then bench_decode and generate.py on the same shape in one call (issue 10: generate.py within 3% of the bench loop); SAME_MODEL picks the shape (Llama-3-8B), SKIP_TESTS=1 skips the tests
+    model=${SAME_MODEL:-Llama-3-8B}
+    [ "${SKIP_TESTS:-0}" = 1 ] || step 200 python3 -m pytest -q -x tests/test_attention.py tests/test_decode.py tests/test_generate.py tests/test_speculative.py tests/test_model.py -k "gpu or cuda"
+    step 200 python3 -m benchmarks.bench_decode --model "$model" --weights bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_${model//[.-]/_}_same_call"
+    step 120 python3 generate.py --random_weights "$model" --compile --sparsity 0 0.5 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     ;;
   gguf_a)  # keeps the first half of the SmolLM2 GGUF on the machine for verify (prepare .whl as verify says; carry .whl holding gguf_part_aa only; issue verify within 30 s)
     mkdir -p /tmp/teal_gguf && cp .whl/gguf_part_aa /tmp/teal_gguf/ && ls -la /tmp/teal_gguf
@@ -300,6 +301,14 @@ case $phase in
       step 150 env TEAL_PRELOAD_GEMV=$p TEAL_FUSED_NORM=1 python3 -m benchmarks.bench_decode --model Llama-3.2-1B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama32_1b_preload$p"
     done
     step 150 env TEAL_FUSED_NORM=1 python3 -m benchmarks.profile_decode --model SmolLM2-135M --sparsity 0 --decode_path fused --label preload --out "$out/profile_smollm2_preload"
+    ;;
+  att_preload)  # the attention step's first K/V tile loaded before its PDL wait: GPU tests, then bench_attention (fused step, cuBLAS on the same bytes) and the decode step, new kernel then the previous one (.old_attention.py, untracked) in the same call
+    step 150 python3 -m pytest -q -x tests/test_attention.py tests/test_decode.py -k "gpu or cuda"
+    for v in new old; do
+      [ $v = old ] && cp .old_attention.py teal_kernels/attention.py
+      step 90 env OUT="$out/att_$v" python3 -m benchmarks.bench_attention --models Llama-3-8B SmolLM2-135M --contexts 128 4096 --extra_num_splits
+      step 90 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 --decode_path fused --out "$out/decode_smollm2_att_$v"
+    done
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"

@@ -27,8 +27,10 @@ work split from p:
   * With NUM_SPLITS = 1, stage 1 writes the output itself and stage 2 is not launched.
 
 The fused decode step (FUSED): stage 1 reads q from the q|k|v projection row and applies RoPE
-itself, and the program whose chunk holds p first writes the rotated key and the value of the new
-token into the caches, then reads its tiles: RoPE, the cache write and attention in one launch.
+itself, and the program whose chunk holds p writes the rotated key and the value of the new token
+into the caches (and uses them in place of what its first tile read there): RoPE, the cache write
+and attention in one launch. Under PDL stage 1 reads its first tile before it waits for the
+previous kernel (see _split_kernel).
 
 Entry points: ``decode_attention_triton`` and ``decode_attention_step_triton`` (launchers with
 explicit split count and tile, for tests and tuning); the model reaches them through the
@@ -113,6 +115,34 @@ def _rotate_pairs(x_ptr, rows, ok, cs_ptr, N: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _kv_tile(k_base, v_base, s, s_ok, d, stride_ks, stride_kd, stride_vs, stride_vd):
+    """K and V at positions s ([BLOCK_S, D] each; zeros where not s_ok)."""
+    k = tl.load(k_base + s[:, None] * stride_ks + d[None, :] * stride_kd, mask=s_ok[:, None], other=0.0)
+    v = tl.load(v_base + s[:, None] * stride_vs + d[None, :] * stride_vd, mask=s_ok[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_tile(q, k, v, s_ok, m_i, l_i, acc, qk_scale_log2, DOT_FP32: tl.constexpr):
+    """One K/V tile [BLOCK_S, D] into the online softmax of the group's queries q [GROUP_PAD, D]:
+    (running max, running sum, output accumulator) in fp32, base 2."""
+    if DOT_FP32:
+        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))  # bf16/fp16 operands, fp32 accumulation
+    scores = tl.where(s_ok[None, :], scores * qk_scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    probs = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(probs, axis=1)
+    if DOT_FP32:
+        pv = tl.dot(probs, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(probs.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, o_part_ptr, lse_part_ptr, cs_ptr,
     stride_qb, stride_qh, stride_qd,
@@ -127,12 +157,16 @@ def _split_kernel(
     SINGLE: tl.constexpr,  # one chunk covers the cache: write the final output directly
     DOT_FP32: tl.constexpr,  # fp32 operands with IEEE products (fp32 inputs; interpreter)
     FUSED: tl.constexpr,  # q_ptr is the q|k|v projection row: RoPE q and k, write k and v at p
-    PDL: tl.constexpr,  # launched early (TEAL_PDL=1): wait for the previous kernel before any access
+    PDL: tl.constexpr,  # launched early: wait for the previous kernel before reading what it wrote
 ):
+    # Before the PDL wait this kernel reads only what earlier kernels wrote, never the previous
+    # one (the q|k|v projection): the position (written before the step) and, FUSED, the chunk's
+    # first K/V tile (positions below p, written by earlier steps; p itself is this kernel's own
+    # write, patched in below). So the first tile's latency hides behind the previous kernel, as
+    # the preload GEMV's weights do (teal_kernels/preload_gemv.py). A kernel launched under PDL
+    # starts only once the previous one has passed its own wait, so every earlier kernel is done.
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
     p = _load_position(pos_ptr, S_MAX)
     chunk = _chunk_len(p, NUM_SPLITS, BLOCK_S)
     start = split * chunk
@@ -148,19 +182,29 @@ def _split_kernel(
     heads = kvh * GROUP + g  # query heads of this KV head
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    s = start + tl.arange(0, BLOCK_S)
+    s_ok = s < end  # every tile holds at least one valid position, so m_i stays finite
+    if FUSED:
+        k, v = _kv_tile(k_base, v_base, s, s_ok, d, stride_ks, stride_kd, stride_vs, stride_vd)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    if not FUSED:  # the cache at p may be the previous kernel's write (model.py's cache update)
+        k, v = _kv_tile(k_base, v_base, s, s_ok, d, stride_ks, stride_kd, stride_vs, stride_vd)
 
     if FUSED:
         # Row b of q|k|v: H*D query values, then H_KV*D keys, then H_KV*D values (stride_qb apart).
         row = q_ptr + b * stride_qb
         q = _rotate_pairs(row, heads, g_ok, cs_ptr, GROUP_PAD, D)
-        if end == p + 1:  # this chunk holds position p: write the new key and value first
-            one = tl.arange(0, 1)
-            n_head = H_KV * GROUP
-            k_new = _rotate_pairs(row + n_head * D, kvh + one, one == 0, cs_ptr, 1, D)
-            v_new = tl.load(row + (n_head + H_KV + kvh) * D + d)
+        one = tl.arange(0, 1)
+        n_head = H_KV * GROUP
+        k_new = _rotate_pairs(row + n_head * D, kvh + one, one == 0, cs_ptr, 1, D)  # [1, D]
+        v_new = tl.load(row + (n_head + H_KV + kvh) * D + d)
+        k = tl.where((s == p)[:, None], k_new, k)  # the first tile may hold p: its new key and value
+        v = tl.where((s == p)[:, None], v_new[None, :], v)
+        if end == p + 1:  # this chunk holds position p: write the new key and value
             tl.store(k_base + p * stride_ks + d[None, :] * stride_kd, k_new)
             tl.store(v_base + p * stride_vs + d * stride_vd, v_new)
-            tl.debug_barrier()  # the stores are visible to every thread before the tiles load
+            tl.debug_barrier()  # the stores are visible to every thread before the loop's tiles load
     else:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
                     mask=g_ok[:, None], other=0.0)
@@ -170,26 +214,12 @@ def _split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
-    for s0 in range(start, end, BLOCK_S):
+    m_i, l_i, acc = _attend_tile(q, k, v, s_ok, m_i, l_i, acc, qk_scale_log2, DOT_FP32)
+    for s0 in range(start + BLOCK_S, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = s < end  # every tile holds at least one valid position, so m_i stays finite
-        k = tl.load(k_base + s[:, None] * stride_ks + d[None, :] * stride_kd, mask=s_ok[:, None], other=0.0)
-        v = tl.load(v_base + s[:, None] * stride_vs + d[None, :] * stride_vd, mask=s_ok[:, None], other=0.0)
-        if DOT_FP32:
-            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))  # bf16/fp16 operands, fp32 accumulation
-        scores = tl.where(s_ok[None, :], scores * qk_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        probs = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(probs, axis=1)
-        if DOT_FP32:
-            pv = tl.dot(probs, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(probs.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        s_ok = s < end
+        k, v = _kv_tile(k_base, v_base, s, s_ok, d, stride_ks, stride_kd, stride_vs, stride_vd)
+        m_i, l_i, acc = _attend_tile(q, k, v, s_ok, m_i, l_i, acc, qk_scale_log2, DOT_FP32)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 

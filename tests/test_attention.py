@@ -273,6 +273,10 @@ def test_bench_helpers_on_tiny_shapes():
     errors = bench.check_correctness(steps, layers, context=37)
     assert set(errors) == set(steps) | {"triton_vs_sdpa_prefix"}
     assert max(errors.values()) < 0.05
+    extra = bench.unchecked_methods(layers, context=37)
+    assert list(extra) == ["fused_step", "cublas_bytes"]
+    assert extra["fused_step"](0).shape == (1, 6, 16)
+    assert extra["cublas_bytes"](1).shape == (1, 2 * 2 * 16)  # [1, 2 Hkv D]: the K and V bytes of 37 positions
     rows = [{"model": "tiny", "context": 37, "floor_us": 0.01,
              "us": {"triton": 1.0, "sdpa_masked": 3.0, "sdpa_prefix": 2.0}}]
     table = bench.format_table(rows)
