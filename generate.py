@@ -38,7 +38,7 @@ from torch import Tensor
 import tp
 from checkpoint import load_config, load_model, resolve_checkpoint
 from decode import install_fused_decode
-from linear import QuantConfig, packed_projections, segments
+from linear import QuantConfig, env_switch, packed_projections, segments
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, chat_template, load_tokenizer, render_chat
 
@@ -294,8 +294,9 @@ def logits_step(model: Transformer, tokens: Tensor, input_pos: Tensor) -> Tensor
 
 
 class CapturedSteps:
-    """Draft and verify steps as CUDA graphs of our own: one graph per (model, positions) captured
-    at the first call and replayed, the inputs copied into its fixed buffers.
+    """Decode, draft and verify steps as CUDA graphs of our own: one graph per (model, positions,
+    fixed arguments) captured at the first call and replayed, the inputs copied into its fixed
+    buffers.
 
     Speculation syncs with the host once a cycle (the number of accepted drafts decides what comes
     next), and the GPU then idles until the host has launched the next step. Through torch.compile's
@@ -309,27 +310,29 @@ class CapturedSteps:
         self.step = step  # compiled without CUDA graphs
         self.graphs: dict[tuple[int, int], tuple] = {}
 
-    def __call__(self, model: Transformer, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        key = (id(model), tokens.shape[-1])
+    def __call__(self, model: Transformer, tokens: Tensor, input_pos: Tensor, *fixed) -> Tensor:
+        """step(model, tokens, input_pos, *fixed); `fixed` (e.g. the Sampling) is part of the
+        graph: another value captures another graph."""
+        key = (id(model), tokens.shape[-1], repr(fixed))
         entry = self.graphs.get(key)
         if entry is None or entry[0] is not model.freqs_cis:
-            entry = self.graphs[key] = self._capture(model, tokens, input_pos)
+            entry = self.graphs[key] = self._capture(model, tokens, input_pos, fixed)
         _, graph, static_tokens, static_pos, out = entry
         static_tokens.copy_(tokens)
         static_pos.copy_(input_pos)
         graph.replay()
         return out  # overwritten by the next replay: callers clone what they keep
 
-    def _capture(self, model: Transformer, tokens: Tensor, input_pos: Tensor) -> tuple:
+    def _capture(self, model: Transformer, tokens: Tensor, input_pos: Tensor, fixed: tuple) -> tuple:
         static_tokens, static_pos = tokens.clone(), input_pos.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compile and warm up outside the capture (it writes what the replay rewrites)
-            self.step(model, static_tokens, static_pos)
+            self.step(model, static_tokens, static_pos, *fixed)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.step(model, static_tokens, static_pos)
+            out = self.step(model, static_tokens, static_pos, *fixed)
         return model.freqs_cis, graph, static_tokens, static_pos, out
 
 
@@ -434,6 +437,13 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
     return Sample(out, len(prompt), t1 - t0, t2 - t1), stats
 
 
+# The plain decode step on CUDA: replayed from CapturedSteps' graph (host ~7 us a step) instead of
+# torch.compile's CUDA graphs (mode="reduce-overhead", host ~340 us a step on the SmolLM2 shape,
+# benchmarks/results/host_overhead/), which a ~480 us step (SmolLM2 since the preload GEMV) nearly
+# reaches; TEAL_CAPTURED_DECODE=0 brings torch.compile's back.
+CAPTURED_DECODE_ENV = "TEAL_CAPTURED_DECODE"
+
+
 def compile_steps(device: torch.device, compile_prefill: bool, cpp_wrapper: bool = False):
     """Compiled decode (and optionally prefill) steps; CUDA graphs on GPUs. `cpp_wrapper` (CPU):
     Inductor also compiles the decode step's glue, which calls its ~300 kernels, into C++ instead
@@ -442,7 +452,9 @@ def compile_steps(device: torch.device, compile_prefill: bool, cpp_wrapper: bool
     33.7, 37.9 / 38.1; docs/cpu/cpp_wrapper/); a first compile (empty Inductor cache) took 118 s
     instead of 60 s.
     Off by default."""
-    if device.type == "cuda":
+    if device.type == "cuda" and env_switch(CAPTURED_DECODE_ENV, default="1"):
+        decode = CapturedSteps(torch.compile(decode_one_token, fullgraph=True))
+    elif device.type == "cuda":
         decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     else:
         decode = torch.compile(decode_one_token, fullgraph=True, options={"cpp_wrapper": True} if cpp_wrapper else None)

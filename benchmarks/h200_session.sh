@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -308,6 +308,13 @@ case $phase in
       [ $v = old ] && cp .old_attention.py teal_kernels/attention.py
       step 90 env OUT="$out/att_$v" python3 -m benchmarks.bench_attention --models Llama-3-8B SmolLM2-135M --contexts 128 4096 --extra_num_splits
       step 90 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 --decode_path fused --out "$out/decode_smollm2_att_$v"
+    done
+    ;;
+  captured)  # generate.py's plain decode replayed from CapturedSteps' graph vs torch.compile's CUDA graphs, beside bench_decode (SmolLM2 shape: a ~480 us step)
+    step 120 python3 -m pytest -q -x tests/test_generate.py -k gpu
+    step 90 python3 -m benchmarks.bench_decode --model SmolLM2-135M --sparsity 0 --decode_path fused --out "$out/decode_smollm2_captured"
+    for c in 1 0 1; do
+      step 90 env TEAL_CAPTURED_DECODE=$c python3 generate.py --random_weights SmolLM2-135M --compile --sparsity 0 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     done
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)

@@ -122,3 +122,28 @@ def test_ab_generate_reads_back_generate_py_s_table(capsys):
     got = ab_generate.table_rows(capsys.readouterr().out)
     assert got == [{"sparsity": 0.0, "realized": 0.0, "tok_s": 42.4, "ttft_ms": 338, "new_tokens": 91},
                    {"sparsity": 0.4, "realized": 0.38, "tok_s": 49.8, "ttft_ms": 301, "new_tokens": 61}]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_captured_decode_gives_the_plain_loops_tokens(monkeypatch):
+    """On CUDA compile_steps' decode step replays a graph of CapturedSteps (TEAL_CAPTURED_DECODE=1,
+    the default) instead of torch.compile's CUDA graphs: both give the eager loop's greedy tokens
+    (fp32 fused step), also on a longer second run whose caches were reallocated; a second Sampling
+    captures its own graph."""
+    from decode import install_fused_decode
+    from generate import CAPTURED_DECODE_ENV, CapturedSteps, compile_steps
+    model = install_fused_decode(tiny_model(seed=5, block_size=512)).to("cuda")
+    prompt = [3, 14, 15, 92, 65]
+    for new_tokens in (20, 300):  # caches of 256, then 512 positions (generate.ensure_caches)
+        want = generate(model, prompt, new_tokens, Sampling()).tokens
+        for captured in ("1", "0"):
+            monkeypatch.setenv(CAPTURED_DECODE_ENV, captured)
+            torch._dynamo.reset()
+            decode, _ = compile_steps(torch.device("cuda"), compile_prefill=False)
+            assert isinstance(decode, CapturedSteps) == (captured == "1")
+            assert generate(model, prompt, new_tokens, Sampling(), decode).tokens == want
+    monkeypatch.setenv(CAPTURED_DECODE_ENV, "1")
+    decode, _ = compile_steps(torch.device("cuda"), compile_prefill=False)
+    generate(model, prompt, 8, Sampling(), decode)
+    sampled = generate(model, prompt, 8, Sampling(temperature=0.8, top_k=20), decode).tokens
+    assert len(decode.graphs) == 2 and all(0 <= t < model.config.vocab_size for t in sampled)
