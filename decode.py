@@ -10,8 +10,9 @@ C++ row kernel: oneDNN's bf16 product at one row read SmolLM2's 57 MB head at 12
 kernel at 23.7 (benchmarks/bench_cpu_gemv.py); on CUDA cuBLAS reads it at the bandwidth and a
 transposed copy would cost a GB on 8B models. The projections stay the block's PackedLinear
 modules, so TEAL, the speed table's dense fallback and quantization apply unchanged, and module
-names (so thresholds files) do not change. Where a projection runs dense in float, the fusions are
-left to torch/Inductor.
+names (so thresholds files) do not change. Where a projection runs dense in float through cuBLAS
+(large matrices; small ones on CUDA take the preload GEMV, linear.py), the fusions are left to
+torch/Inductor.
 
 The two RMSNorms are handed to the q|k|v and gate|up projections. Where those run dense on CUDA
 through the preload GEMV (small float matrices: SmolLM2), its prologue computes them: two kernels
