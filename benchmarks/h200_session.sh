@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -316,6 +316,12 @@ case $phase in
     for c in 1 0 1; do
       step 90 env TEAL_CAPTURED_DECODE=$c python3 generate.py --random_weights SmolLM2-135M --compile --sparsity 0 --max_new_tokens 256 --temperature 0 --prompt "a b c d e f g h"
     done
+    ;;
+  tune_1b)  # issue 10, Llama-3.2-1B 50% >= 1.2x its dense: tune its shapes for the sparse levels (bf16), re-time them into the speed table, then its decode (prepared in the thirteenth session, not yet run)
+    step 240 python3 -m benchmarks.tune_kernels --force --formats bf16 --models llama3.2-1b --sparsities 0.4 0.5 --jobs 8
+    step 90 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3.2-1b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_llama32_1b_tuned"
+    cp teal_kernels/speed_table.json "$out/speed_table.json"
+    step 150 python3 -m benchmarks.bench_decode --model Llama-3.2-1B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama32_1b_tuned"
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"
