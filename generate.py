@@ -308,12 +308,12 @@ class CapturedSteps:
 
     def __init__(self, step: Callable) -> None:
         self.step = step  # compiled without CUDA graphs
-        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.graphs: dict[tuple, tuple] = {}
 
     def __call__(self, model: Transformer, tokens: Tensor, input_pos: Tensor, *fixed) -> Tensor:
         """step(model, tokens, input_pos, *fixed); `fixed` (e.g. the Sampling) is part of the
         graph: another value captures another graph."""
-        key = (id(model), tokens.shape[-1], repr(fixed))
+        key = (id(model), tokens.shape[-1], fixed)  # fixed values are hashable (Sampling is frozen)
         entry = self.graphs.get(key)
         if entry is None or entry[0] is not model.freqs_cis:
             entry = self.graphs[key] = self._capture(model, tokens, input_pos, fixed)
@@ -452,7 +452,8 @@ def compile_steps(device: torch.device, compile_prefill: bool, cpp_wrapper: bool
     33.7, 37.9 / 38.1; docs/cpu/cpp_wrapper/); a first compile (empty Inductor cache) took 118 s
     instead of 60 s.
     Off by default."""
-    if device.type == "cuda" and env_switch(CAPTURED_DECODE_ENV, default="1"):
+    captured = env_switch(CAPTURED_DECODE_ENV, default="1")  # read on every device: a bad value is an error
+    if device.type == "cuda" and captured:
         decode = CapturedSteps(torch.compile(decode_one_token, fullgraph=True))
     elif device.type == "cuda":
         decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)

@@ -63,7 +63,8 @@ def segments(model: nn.Module) -> list[Segment]:
 
 
 # Dense decode calls of small float matrices on CUDA: the preload kernel (teal_kernels/preload_gemv.py)
-# instead of cuBLAS, where its weights fit; TEAL_PRELOAD_GEMV=0 keeps cuBLAS.
+# instead of cuBLAS, where its weights fit; TEAL_PRELOAD_GEMV=0 (read when a PackedLinear is built)
+# keeps cuBLAS.
 PRELOAD_ENV = "TEAL_PRELOAD_GEMV"
 
 
@@ -76,10 +77,10 @@ def env_switch(name: str, default: str = "0") -> bool:
 
 
 @torch.compiler.assume_constant_result
-def preload_gemv_applies(device: torch.device, k: int, n: int) -> bool:
-    """Whether a dense decode-sized [K, N] float call on `device` runs the preload kernel (a constant to
-    torch.compile, which cannot trace the device's properties)."""
-    if device.type != "cuda" or not env_switch(PRELOAD_ENV, default="1"):
+def preload_gemv_fits(device: torch.device, k: int, n: int) -> bool:
+    """Whether the preload kernel can run a dense decode-sized [K, N] float call on `device` (a
+    constant to torch.compile, which cannot trace the device's properties)."""
+    if device.type != "cuda":
         return False
     from teal_kernels.preload_gemv import preload_fits  # imports Triton: CUDA only
     return preload_fits(k, n, torch.cuda.get_device_properties(device).multi_processor_count)
@@ -136,6 +137,7 @@ class PackedLinear(nn.Module):
                              persistent=False)
         self.sparse = False
         self.sparse_prefill = False
+        self.preload_allowed = env_switch(PRELOAD_ENV, default="1")  # a bad value fails here, not mid-decode
         # Parameter-weighted target sparsity of the segments (teal.sparsify sets it from the
         # thresholds file): what the measured speed table is read at.
         self.target_sparsity: float | None = None
@@ -212,8 +214,8 @@ class PackedLinear(nn.Module):
         dense_float = self.fmt == "fp" and not sparse and not cpu_half
         n_rows = x.numel() // x.shape[-1]
         decode_kernel = not dense_float and n_rows <= MAX_BATCH and x.dtype in KERNEL_DTYPES
-        preload = (dense_float and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype and x.dtype in KERNEL_DTYPES
-                   and preload_gemv_applies(x.device, self.in_features, self.out_features))
+        preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
+                   and x.dtype in KERNEL_DTYPES and preload_gemv_fits(x.device, self.in_features, self.out_features))
         kernel_norm = x.device.type == "cuda" and (preload or (decode_kernel and norm_in_sparse_kernel))
         if norm is not None and not kernel_norm:
             x, norm = norm(x), None

@@ -302,7 +302,7 @@ case $phase in
     done
     step 150 env TEAL_FUSED_NORM=1 python3 -m benchmarks.profile_decode --model SmolLM2-135M --sparsity 0 --decode_path fused --label preload --out "$out/profile_smollm2_preload"
     ;;
-  att_preload)  # the attention step's first K/V tile loaded before its PDL wait: GPU tests, then bench_attention (fused step, cuBLAS on the same bytes) and the decode step, new kernel then the previous one (.old_attention.py, untracked) in the same call
+  att_preload)  # the attention step's first K/V tile loaded before its PDL wait: GPU tests, then bench_attention (fused step, cuBLAS on the same bytes) and the decode step, new kernel then the previous one in the same call (prepare it here first: git show 6f4f273:teal_kernels/attention.py > .old_attention.py, untracked, sent with the tree)
     step 150 python3 -m pytest -q -x tests/test_attention.py tests/test_decode.py -k "gpu or cuda"
     for v in new old; do
       [ $v = old ] && cp .old_attention.py teal_kernels/attention.py

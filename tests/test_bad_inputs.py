@@ -192,12 +192,14 @@ def test_bad_input(tool: str, args: list[str], code: int, needle: str, paths: di
     assert tree(*folders) == before
 
 
-def test_bad_fused_norm_switch(paths: dict[str, Path], tmp_path: Path, monkeypatch, capfd) -> None:
-    """TEAL_FUSED_NORM other than 0 or 1 (generate.py installs the fused step by default): one line."""
-    monkeypatch.setenv("TEAL_FUSED_NORM", "yes")
+@pytest.mark.parametrize("switch", ["TEAL_FUSED_NORM", "TEAL_PRELOAD_GEMV"])
+def test_bad_decode_switch(switch: str, paths: dict[str, Path], tmp_path: Path, monkeypatch, capfd) -> None:
+    """A decode switch other than 0 or 1 (read when generate.py installs the fused step and packs
+    the projections, on any device): one line."""
+    monkeypatch.setenv(switch, "yes")
     before = tree(tmp_path, paths["ckpt"])
     got, stderr = call("generate", fill(with_defaults("generate", []), {**paths, "work": tmp_path}))
-    assert_one_error(got, stderr + capfd.readouterr().err, 1, "TEAL_FUSED_NORM must be 0 or 1")
+    assert_one_error(got, stderr + capfd.readouterr().err, 1, f"{switch} must be 0 or 1")
     assert tree(tmp_path, paths["ckpt"]) == before
 
 

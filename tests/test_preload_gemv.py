@@ -127,17 +127,19 @@ def test_config_and_fit_rules():
 
 def test_packed_linear_takes_the_kernel_only_on_cuda_for_dense_small_float(monkeypatch):
     """The one decision: dense float calls of up to MAX_BATCH rows on a CUDA device where the
-    matrix fits; TEAL_PRELOAD_GEMV=0 keeps cuBLAS; CPU calls never take it."""
-    assert not linear.preload_gemv_applies(torch.device("cpu"), 576, 960)
+    matrix fits; TEAL_PRELOAD_GEMV=0, read when the module is built, keeps cuBLAS (a bad value
+    fails there); CPU calls never take it."""
+    assert not linear.preload_gemv_fits(torch.device("cpu"), 576, 960)
     if HAS_CUDA:
         cuda = torch.device("cuda")
-        assert linear.preload_gemv_applies(cuda, 576, 960)
-        assert not linear.preload_gemv_applies(cuda, 4096, 6144)
-        monkeypatch.setenv(PRELOAD_ENV, "0")
-        assert not linear.preload_gemv_applies(cuda, 576, 960)
+        assert linear.preload_gemv_fits(cuda, 576, 960)
+        assert not linear.preload_gemv_fits(cuda, 4096, 6144)
+    assert PackedLinear(576, 960).preload_allowed
+    monkeypatch.setenv(PRELOAD_ENV, "0")
+    assert not PackedLinear(576, 960).preload_allowed
     monkeypatch.setenv(PRELOAD_ENV, "2")
-    with pytest.raises(ValueError, match=PRELOAD_ENV):
-        linear.preload_gemv_applies(torch.device("cuda"), 576, 960)
+    with pytest.raises(ValueError, match=f"{PRELOAD_ENV} must be 0 or 1"):
+        PackedLinear(576, 960)
 
 
 @needs_cuda
@@ -161,10 +163,13 @@ def test_gpu_small_model_shapes(k, n, gated, residual, norm, m):
 @needs_cuda
 def test_gpu_packed_linear_dense_call_runs_the_kernel_and_matches_cublas():
     """SmolLM2's gate|up as PackedLinear: the dense one-row call (preload kernel) equals cuBLAS's
-    product within bf16 rounding, and TEAL_PRELOAD_GEMV=0 gives cuBLAS's bits."""
+    product within bf16 rounding; with the kernel not allowed (TEAL_PRELOAD_GEMV=0) it is cuBLAS's
+    product itself."""
     lin = torch.nn.Linear(576, 3072, bias=False).to("cuda", torch.bfloat16)
     packed = PackedLinear.from_linear(lin, [1536, 1536])
     x = torch.randn(1, 1, 576, device="cuda", dtype=torch.bfloat16)
     got = packed(x)
     torch.testing.assert_close(got.float(), lin(x).float(), rtol=2e-2, atol=2e-2)
     assert_close64(got[0], *want64(x[0], packed.weight, False, None, None, 0.0))
+    packed.preload_allowed = False
+    assert torch.equal(packed(x)[0], x[0] @ packed.weight)
