@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -322,6 +322,25 @@ case $phase in
     step 90 python3 -m benchmarks.bench_kernels --formats bf16 --models llama3.2-1b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_llama32_1b_tuned"
     cp teal_kernels/speed_table.json "$out/speed_table.json"
     step 150 python3 -m benchmarks.bench_decode --model Llama-3.2-1B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama32_1b_tuned"
+    ;;
+  norm_1b)  # issue 10, Llama-3.2-1B 1.2x: the RMSNorm in the sparse gate|up's prologue (TEAL_FUSED_NORM) or in its own kernel, same call; the tuned step's profile; then the context/batch report (Llama-3-8B bf16 fused: context 4096 batch 1, context 128 batch 4 and 8)
+    for f in 0 1; do
+      step 90 env TEAL_FUSED_NORM=$f python3 -m benchmarks.bench_decode --model Llama-3.2-1B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama32_1b_norm$f"
+    done
+    step 90 python3 -m benchmarks.profile_decode --model Llama-3.2-1B --sparsity 0 0.5 --decode_path fused --label tuned --out "$out/profile_llama32_1b_tuned"
+    step 120 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0 0.5 --decode_path fused --context 4096 --label context4096 --out "$out/profile_llama3_8b_ctx4096"
+    for b in 4 8; do
+      step 100 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0 0.5 --decode_path fused --batch $b --label batch$b --out "$out/profile_llama3_8b_batch$b"
+    done
+    ;;
+  magic)  # issue 11: int4 planes left as magic + q (no packed fma a pair; the offset leaves in the group step): GPU tests, int4 kernels new then old at the stored configs in one call (prepare the old kernel first: git show e291dd5:teal_kernels/triton_gemv.py > .old_triton_gemv.py, untracked, sent with the tree), then int4 end to end beside tinygemm
+    step 150 python3 -m pytest -q -x tests/test_kernels.py -k "gpu"
+    for v in new old; do
+      [ $v = old ] && cp teal_kernels/triton_gemv.py /tmp/new_triton_gemv.py && cp .old_triton_gemv.py teal_kernels/triton_gemv.py
+      step 60 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_int4_$v"
+    done
+    cp /tmp/new_triton_gemv.py teal_kernels/triton_gemv.py
+    step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --runs 2 --decode_path fused --baselines torch-int4-g128 --out "$out/decode_int4_magic"
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"
