@@ -333,15 +333,14 @@ case $phase in
       step 100 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0 0.5 --decode_path fused --batch $b --label batch$b --out "$out/profile_llama3_8b_batch$b"
     done
     ;;
-  magic)  # issue 11: int4 planes left as magic + q (no packed fma a pair; the offset leaves in the group step): GPU tests, int4 kernels new then old at the stored configs in one call (prepare the old kernel first: git show e291dd5:teal_kernels/triton_gemv.py > .old_triton_gemv.py, untracked, sent with the tree), then int4 end to end beside tinygemm, then a re-tune of the int4 shapes (its registers changed)
-    step 120 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and int4"
+  magic)  # issue 11: int4 planes left as magic + q (no packed fma a pair; the offset leaves in the group step): GPU tests, int4 kernels new then old at the stored configs in one call (prepare the old kernel first: git show e291dd5:teal_kernels/triton_gemv.py > .old_triton_gemv.py, untracked, sent with the tree), then int4 end to end beside tinygemm
+    step 150 python3 -m pytest -q -x tests/test_kernels.py -k "gpu"
     for v in new old; do
       [ $v = old ] && cp teal_kernels/triton_gemv.py /tmp/new_triton_gemv.py && cp .old_triton_gemv.py teal_kernels/triton_gemv.py
       step 60 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_int4_$v"
     done
     cp /tmp/new_triton_gemv.py teal_kernels/triton_gemv.py
     step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --runs 2 --decode_path fused --baselines torch-int4-g128 --out "$out/decode_int4_magic"
-    step 170 python3 -m benchmarks.tune_kernels --force --formats int4-g128 --models llama3-8b --sparsities 0 0.5 --jobs 8
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"

@@ -239,52 +239,42 @@ def _int8_to_f32(q, INTERPRET: tl.constexpr):
         )
 
 
-def _planes_asm(magic: int) -> str:
+def _planes_asm(magic: int, one: int, bias: int, fma: str) -> str:
     """PTX for two packed int32 words ($8: row k, $9: row k + 1 of the same 8 columns) -> eight
-    16-bit float pairs $0..$7, pair i = magic + (nibble i of $8, nibble i of $9), i.e. column
-    8w + i of both rows: exactly a tl.dot B-operand register when the pair is consecutive along K.
-    Per byte j: one prmt puts byte j of each word into the low byte of one 16-bit half, one lop3
-    masks the low nibble under `magic` (a float whose mantissa unit is 1), a shift and a lop3 the
-    high one: 2 instructions a weight.  The offset (magic value + 8) is not subtracted here (a
-    packed fma per pair, a quarter of the loop's instructions at int4-g128 on sm_90): the group
-    step takes it out of the dot's sum instead, once per column (_plane_step)."""
-    lines = [".reg .b32 t, h;"]
+    16-bit float pairs $0..$7, pair i = (nibble i of $8, nibble i of $9) - 8, i.e. column 8w + i of
+    both rows: exactly a tl.dot B-operand register when the pair is consecutive along K.  Per byte
+    j: one prmt puts byte j of each word into the low byte of one 16-bit half, one lop3 masks the
+    low nibble under `magic` (a float whose mantissa unit is 1), a shift and a lop3 the high one,
+    and one packed `fma` by `one` and `bias` (= -(magic value + 8)) per pair."""
+    lines = [".reg .b32 t, h, one, bias;",
+             f"mov.b32 one, {one:#06x}{one:04x};", f"mov.b32 bias, {bias:#06x}{bias:04x};"]
     for j in range(4):
         lines += [
             f"prmt.b32 t, $8, $9, {0x0400 + 0x0101 * j:#06x};",
             "shr.b32 h, t, 4;",
-            f"lop3.b32 ${2 * j}, t, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;",
-            f"lop3.b32 ${2 * j + 1}, h, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;",
+            f"lop3.b32 t, t, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;",
+            f"lop3.b32 h, h, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;",
+            f"{fma} ${2 * j}, t, one, bias;",
+            f"{fma} ${2 * j + 1}, h, one, bias;",
         ]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
 _PLANES_CONSTRAINTS = tl.constexpr("=r," * 8 + "r,r")
-_PLANES_BF16 = tl.constexpr(_planes_asm(0x4300))  # bf16 128.0: 128 + n exact for n < 128
-_PLANES_FP16 = tl.constexpr(_planes_asm(0x6400))  # fp16 1024.0
-
-
-@triton.jit
-def _plane_offset(DTYPE: tl.constexpr):
-    """What _int4_planes adds to q - 8: the magic float's value plus the int4 zero point 8."""
-    if DTYPE == tl.bfloat16:
-        return 136.0
-    else:
-        return 1032.0
+_PLANES_BF16 = tl.constexpr(_planes_asm(0x4300, 0x3F80, 0xC308, "fma.rn.bf16x2"))  # 128.0, 1.0, -136.0
+_PLANES_FP16 = tl.constexpr(_planes_asm(0x6400, 0x3C00, 0xE408, "fma.rn.f16x2"))  # 1024.0, 1.0, -1032.0
 
 
 @triton.jit
 def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """int32 tile of packed int4 (8 columns per word, column 8w + i in nibble i) -> eight tiles
-    of the word's shape, tile i = nibble i - 8 + _plane_offset(DTYPE) in DTYPE (bf16 or fp16,
-    exact).  The interpreter returns them in fp32 (its bf16 dot is unreliable; _dot multiplies
-    in fp32 there)."""
+    of the word's shape, tile i = nibble i - 8 in DTYPE (bf16 or fp16, exact).  The interpreter
+    keeps them int8 (its int8 to bf16 cast is unreliable; _dot multiplies in fp32 there)."""
     if INTERPRET:
-        base = _plane_offset(DTYPE) - 8.0
-        return (base + (words & 0xF).to(tl.float32), base + ((words >> 4) & 0xF).to(tl.float32),
-                base + ((words >> 8) & 0xF).to(tl.float32), base + ((words >> 12) & 0xF).to(tl.float32),
-                base + ((words >> 16) & 0xF).to(tl.float32), base + ((words >> 20) & 0xF).to(tl.float32),
-                base + ((words >> 24) & 0xF).to(tl.float32), base + ((words >> 28) & 0xF).to(tl.float32))
+        return ((words & 0xF).to(tl.int8) - 8, ((words >> 4) & 0xF).to(tl.int8) - 8,
+                ((words >> 8) & 0xF).to(tl.int8) - 8, ((words >> 12) & 0xF).to(tl.int8) - 8,
+                ((words >> 16) & 0xF).to(tl.int8) - 8, ((words >> 20) & 0xF).to(tl.int8) - 8,
+                ((words >> 24) & 0xF).to(tl.int8) - 8, ((words >> 28) & 0xF).to(tl.int8) - 8)
     elif DTYPE == tl.bfloat16:
         return tl.inline_asm_elementwise(
             asm=_PLANES_BF16, constraints=_PLANES_CONSTRAINTS, args=[words], is_pure=True, pack=2,
@@ -667,11 +657,9 @@ def _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl
 
 @triton.jit
 def _plane_step(acc, xt, plane, x_sum, scale_ptr, zero_ptr, offs, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """One int4 plane's dot, scaled by its group: acc + s * (x . (q - 8)) + z * sum(x), where the
-    plane holds q - 8 + c (c = _plane_offset): s * (x . plane) + (z - c * s) * sum(x).  Exact
-    products, fp32 sums: c * sum(x) cancels to within fp32 rounding of the larger terms."""
+    """One int4 plane's dot, scaled by its group: acc + s * (x . (q - 8)) + z * sum(x)."""
     s = tl.load(scale_ptr + offs)
-    z = tl.load(zero_ptr + offs) - _plane_offset(DTYPE) * s
+    z = tl.load(zero_ptr + offs)
     return acc + _dot(xt, plane, DTYPE, INTERPRET) * s[None, :] + x_sum * z[None, :]
 
 
@@ -748,7 +736,7 @@ def _dot_gemv_kernel(
         x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM)
         keep = tl.max(tl.abs(x_batch), axis=0) > 0.0
         xt = _dot_rows(x_batch, BLOCK_M)
-        if FORMAT == 2:  # w_ptr: int32 words, W_ROW words per row; dropped rows read as word 0 (x is 0 there)
+        if FORMAT == 2:  # w_ptr: int32 words, W_ROW words per row; dropped rows read as 0 (q - 8 = -8, x 0)
             words = _dot_w_tile(w_ptr, rows, keep, pid_n * NW, W_ROW, SUB_K, NW)
             p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
             x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M)[:, None]
