@@ -17,9 +17,10 @@ torch/Inductor.
 The two RMSNorms are handed to the q|k|v and gate|up projections. Where those run dense on CUDA
 through the preload GEMV (small float matrices: SmolLM2), its prologue computes them: two kernels
 fewer a layer (H200, SmolLM2-135M shape: 1501 -> 2080 tok/s, benchmarks/results/preload/).
-TEAL_FUSED_NORM=1 (read when the blocks are installed) lets the sparse GEMV's prologue compute them
-too; off by default, as it made int4-g128 slower on the Llama-3-8B shape (297.4 -> 273.2 tok/s
-dense, benchmarks/results/NOTES.md); elsewhere torch runs the norm first.
+The sparse GEMV's prologue computes them too where PackedLinear measured that faster (float weights,
+one row; not int4-g128, which it slowed on the Llama-3-8B shape: 297.4 -> 273.2 tok/s dense);
+TEAL_FUSED_NORM=1 / 0 (read when the blocks are installed) forces it on / off for every format;
+elsewhere torch runs the norm first.
 
 A step of 2..MAX_BATCH positions (speculation's verify, a short prefill) runs the attention op
 once a position, in order, instead of model.py's attention over all of them: each position's
@@ -32,6 +33,8 @@ what model.py's does (5.3 ms, Llama-3-8B shape, K = 4: benchmarks/results/verify
 TEAL_POSITIONWISE_VERIFY=0 brings back model.py's verify.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn as nn
@@ -54,7 +57,8 @@ class DecodeBlock(TransformerBlock):
         nn.Module.__init__(self)  # the reference's submodules, not new ones
         self.attention, self.feed_forward = reference.attention, reference.feed_forward
         self.attention_norm, self.ffn_norm = reference.attention_norm, reference.ffn_norm
-        self.fuse_norms = env_switch(FUSED_NORM_ENV)
+        # None: PackedLinear decides per format; a bad value fails here, not mid-decode
+        self.fuse_norms = env_switch(FUSED_NORM_ENV) if FUSED_NORM_ENV in os.environ else None
         self.positionwise = env_switch(POSITIONWISE_ENV, default="1")
 
     def _project(self, linear: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:

@@ -96,7 +96,7 @@ def kernel_verdict_for(device: torch.device, weight_format: str, rows: int, k: i
     measured = sparse_beats_dense(torch.cuda.get_device_name(device), weight_format, rows, k, n, sparsity)
     if measured is not None:
         return measured, True
-    return estimated_sparse_beats_dense(weight_format, k, n, sparsity), False
+    return estimated_sparse_beats_dense(weight_format, k, n, sparsity, rows), False
 
 
 class PackedLinear(nn.Module):
@@ -197,13 +197,21 @@ class PackedLinear(nn.Module):
         self.target_sparsity = None if per_segment is None else \
             sum(s * w for s, w in zip(per_segment, self.split_sizes, strict=True)) / self.out_features
 
+    def sparse_kernel_takes_norm(self, n_rows: int, override: bool | None) -> bool:
+        """Whether the sparse GEMV computes a handed RMSNorm itself (one kernel fewer) instead of
+        torch before it: `override` (TEAL_FUSED_NORM) if set, else for float weights and one
+        row, where the H200 measured it faster (Llama-3.2-1B 50% 1134.7 -> 1169.2 tok/s,
+        Llama-3-8B 298.1 -> 299.4), not for int4, which it slowed (8B int4-g128 50% 312.4 ->
+        284.8; benchmarks/results/NOTES.md, results/norm_1b/)."""
+        return (self.fmt == "fp" and n_rows == 1) if override is None else override
+
     def forward(self, x: Tensor, gated: bool = False, residual: Tensor | None = None,
-                norm: nn.Module | None = None, norm_in_sparse_kernel: bool = False) -> Tensor:
+                norm: nn.Module | None = None, norm_in_sparse_kernel: bool | None = None) -> Tensor:
         """x [..., K] -> [..., N]. The decode path's fusions (decode.py): with `gated`, x is a
         gate|up output [..., 2K] and the input is SiLU(gate) * up; `residual` [..., N] is added
         to the output; with `norm` (model.RMSNorm), x is the residual stream and the input is
         norm(x). The decode kernels do them in their prologue / epilogue, the norm on CUDA only:
-        always in the preload GEMV, in the sparse GEMV if `norm_in_sparse_kernel` (TEAL_FUSED_NORM);
+        always in the preload GEMV, in the sparse GEMV as `sparse_kernel_takes_norm` says;
         elsewhere torch."""
         sparse = self.applies_sparsity(x)
         thresholds = self.thresholds if sparse else self.no_thresholds
@@ -216,7 +224,8 @@ class PackedLinear(nn.Module):
         decode_kernel = not dense_float and n_rows <= MAX_BATCH and x.dtype in KERNEL_DTYPES
         preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
                    and x.dtype in KERNEL_DTYPES and preload_gemv_fits(x.device, self.in_features, self.out_features))
-        kernel_norm = x.device.type == "cuda" and (preload or (decode_kernel and norm_in_sparse_kernel))
+        kernel_norm = x.device.type == "cuda" and (
+            preload or (decode_kernel and self.sparse_kernel_takes_norm(n_rows, norm_in_sparse_kernel)))
         if norm is not None and not kernel_norm:
             x, norm = norm(x), None
         rows = x.reshape(-1, x.shape[-1])

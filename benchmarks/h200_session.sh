@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -341,6 +341,10 @@ case $phase in
     done
     cp /tmp/new_triton_gemv.py teal_kernels/triton_gemv.py
     step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --runs 2 --decode_path fused --baselines torch-int4-g128 --out "$out/decode_int4_magic"
+    ;;
+  defaults)  # the fourteenth session's two dispatch changes, checked: the sparse GEMV takes the RMSNorm by default for float weights at one row (Llama-3.2-1B, TEAL_FUSED_NORM unset), and a batch no longer borrows batch 1's speed-table verdict (Llama-3-8B batch 4)
+    step 90 python3 -m benchmarks.bench_decode --model Llama-3.2-1B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama32_1b_default"
+    step 100 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0 0.5 --decode_path fused --batch 4 --label batch4_union --out "$out/profile_llama3_8b_batch4_union"
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"

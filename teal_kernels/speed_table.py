@@ -29,10 +29,13 @@ def speed_table() -> dict:
 def sparse_beats_dense(device_name: str, weight_format: str, m: int, k: int, n: int,
                        sparsity: float) -> bool | None:
     """Whether the kernel at `sparsity` (linear between measured levels) is faster than the dense
-    path for this shape; None if the shape was not measured. fp16 uses bf16's entries."""
+    path for this shape and batch size; None if they were not measured. fp16 uses bf16's
+    entries. A batch never borrows the batch-1 entry: it reads the union of its rows' kept rows
+    (Llama-3-8B bf16 at 50%, batch 4 / 8: the kernel 0.91x / 0.85x of dense, where batch 1 gains
+    1.39x; benchmarks/results/context_batch/)."""
     table = speed_table()
     fmt = "bf16" if weight_format == "fp16" else weight_format
-    entry = table.get(table_key(device_name, fmt, m, k, n)) or table.get(table_key(device_name, fmt, 1, k, n))
+    entry = table.get(table_key(device_name, fmt, m, k, n))
     if entry is None:
         return None
     levels = sorted((float(s), us) for s, us in entry["sparse_us"].items())
@@ -54,11 +57,13 @@ _SPARSE_FIXED_US, _SPARSE_MB_PER_US = 7.36, 3.747
 _DENSE_FIXED_US, _DENSE_MB_PER_US = 6.17, 4.735
 
 
-def estimated_sparse_beats_dense(weight_format: str, k: int, n: int, sparsity: float) -> bool:
+def estimated_sparse_beats_dense(weight_format: str, k: int, n: int, sparsity: float, rows: int = 1) -> bool:
     """The size model's verdict for an unmeasured float shape; int8/int4 have no other decode
-    path than the kernel (its 0% is their dense path), so skipping rows always pays there."""
+    path than the kernel (its 0% is their dense path), so skipping rows always pays there. A
+    batch of `rows` reads every weight row that any of its rows keeps: with the rows' zeros taken
+    as independent, a fraction sparsity ** rows is skipped (50% at batch 4: 6%, so dense)."""
     if weight_format not in ("bf16", "fp16"):
         return True
     mb = k * n * 2 / 1e6
-    sparse_us = _SPARSE_FIXED_US + (1 - sparsity) * mb / _SPARSE_MB_PER_US
+    sparse_us = _SPARSE_FIXED_US + (1 - sparsity ** rows) * mb / _SPARSE_MB_PER_US
     return sparse_us < _DENSE_FIXED_US + mb / _DENSE_MB_PER_US

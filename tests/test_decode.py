@@ -97,14 +97,18 @@ def test_reference_op_matches_the_model_for_64_steps(batch):
         torch.testing.assert_close(a.attention.kv_cache.v_cache, b.attention.kv_cache.v_cache, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("fused_norms", ["0", "1"])
+@pytest.mark.parametrize("fused_norms", ["0", "1", None])
 def test_sparse_fused_block_matches_the_sparse_model(fused_norms, monkeypatch):
     """TEAL on (float32: the masked reference product with the gate|up prologue and the residual
     epilogue): the fused block computes what the plain sparse model computes; with
-    TEAL_FUSED_NORM=1 too (the norms handed to the projections, which run them first off CUDA)."""
-    monkeypatch.setenv(FUSED_NORM_ENV, fused_norms)
+    TEAL_FUSED_NORM=1 too (the norms handed to the projections, which run them first off CUDA),
+    and unset (PackedLinear decides)."""
+    if fused_norms is None:
+        monkeypatch.delenv(FUSED_NORM_ENV, raising=False)
+    else:
+        monkeypatch.setenv(FUSED_NORM_ENV, fused_norms)
     ref, fused = model_pair(torch.float32)
-    assert all(layer.fuse_norms == (fused_norms == "1") for layer in fused.layers)
+    assert all(layer.fuse_norms == (None if fused_norms is None else fused_norms == "1") for layer in fused.layers)
     for m in (ref, fused):
         sparsify(m, {n: [0.3] * len(p.split_sizes) for n, p in packed_projections(pack_model(m)).items()})
     prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(6))

@@ -1,0 +1,962 @@
+"""Triton threshold-sparse GEMV for small-batch decode (TEAL activation sparsity).
+
+Computes teal_kernels.reference's product (formats and the definition are documented there) for
+M <= MAX_BATCH rows, skipping the weight rows of zeroed inputs. Decode is memory bound, hence the
+goal: the time of a call should fall with sparsity towards the time needed to read only the kept
+rows.
+
+Entry point: ``sparse_gemv_triton`` (explicit config for tuning and tests; the model reaches it
+through the ``teal::sparse_gemv`` op of teal_kernels/ops.py), plus ``get_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.jit import JITFunction
+
+from teal_kernels.reference import FMT_INT4, FMT_INT8, MAX_BATCH, MAX_SEGMENTS, validate, weight_format_name
+
+__all__ = ["INTERPRETED", "KernelConfig", "get_config", "gpu_name", "sparse_gemv_triton"]
+
+_SEGMENT_SLOTS = tl.constexpr(MAX_SEGMENTS)  # the kernel walks this many (possibly empty) segments
+TUNED_CONFIGS_PATH = Path(__file__).with_name("tuned_configs.json")
+
+
+# ---------------------------------------------------------------------------
+# Per-shape launch configuration
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes of one launch, and which of the two kernel designs runs.
+
+    design: "dot" (masked tiles through tl.dot, pipelined num_stages deep) or "rows" (FMA lanes,
+    one row chunk at a time).  block_n: output columns per program.  block_k: input rows per
+    program (split-K).  sub_k: rows per inner step (skip granularity, or gathered rows per step
+    if compact).  compact ("rows" only): gather the kept rows of the K-block (True) or walk fixed
+    row chunks with a skip branch and masked loads (False).  num_stages: "dot", Triton's pipeline
+    depth; "rows" with compact, 2 or more loads the next chunk's weight rows before this chunk's
+    FMAs (one chunk in flight ahead: twice the bytes in flight, more registers), 1 does not.
+    lane_sum ("rows"): sum each chunk's rows as they are multiplied into as few accumulator rows
+    per batch row as the tile's layout allows without a cross-thread sum (_lane_groups: 1 for
+    1024 bf16 columns at 4 warps, 2 for 512), instead of keeping sub_k rows to the end: fewer
+    registers (qkv's 32 x 512 fp32 accumulator is 128 of the 251 a thread Nsight Compute
+    reported), so more programs per SM.
+    """
+
+    block_n: int = 128
+    block_k: int = 256
+    sub_k: int = 32
+    compact: bool = True
+    num_warps: int = 4
+    num_stages: int = 1
+    design: str = "rows"
+    lane_sum: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KernelConfig:
+        """Strict: a stored config with an unknown or missing field is an error, not a default;
+        only fields added after configs were stored (_LATER_FIELDS) may be missing, and take their
+        defaults, which is what ran when those configs were tuned."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not set(d) <= names or not names - _LATER_FIELDS <= set(d):
+            raise ValueError(f"kernel config fields {sorted(d)} do not match {sorted(names)}")
+        return cls(**d)
+
+
+_LATER_FIELDS = {"lane_sum"}
+
+
+def config_key(device_name: str, weight_format: str, m: int, k: int, n: int) -> str:
+    """Key of tuned_configs.json, e.g. ``NVIDIA H200|int4-g128|M1|K4096|N6144``."""
+    return f"{device_name}|{weight_format}|M{m}|K{k}|N{n}"
+
+
+def gpu_name(device: torch.device) -> str:
+    """The name configs are keyed by: torch.cuda.get_device_name, or "cpu" (interpreter)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+@functools.cache
+def _tuned_table() -> dict:
+    if not TUNED_CONFIGS_PATH.exists():
+        return {}
+    return json.loads(TUNED_CONFIGS_PATH.read_text())
+
+
+def get_config(device_name: str, weight_format: str, m: int, k: int, n: int) -> KernelConfig:
+    """Tuned config for this GPU and shape if benchmarks/tune_kernels.py stored one, else a heuristic.
+
+    fp16 reuses bf16 entries (same bytes per element).  Never autotunes.
+    """
+    table = _tuned_table()
+    formats = [weight_format, "bf16"] if weight_format == "fp16" else [weight_format]
+    for fmt in formats:
+        entry = table.get(config_key(device_name, fmt, m, k, n))
+        if entry is not None:
+            return KernelConfig.from_dict(entry["config"])
+    return _heuristic_config(weight_format, m, k, n)
+
+
+def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfig:
+    """Config of a shape nobody tuned.
+
+    One float or int8 row (decode): the compact "rows" design as the tuner's Llama-3-8B winners
+    on the H200 have it (it gives seven of the eight bf16 and int8 winners of 2026-12-02, int8
+    down took 256-row blocks; the dot rule below took 25-50% longer than the winners at 65%
+    sparsity on every bf16 shape, and made TEAL slower than dense on the Llama-3.2-1B shape,
+    results/decode_llama32_1b_fused.md): 512 columns (256 for int8), 16 rows
+    per step for matrices of 32M weights or more, else 32, blocks of 512 rows where that still
+    makes 400 programs, else 256, halved while there are fewer than 128 programs.
+
+    int4 and batches: the "dot" design, rows of up to 512 columns (1 KiB of bf16), SUB_K = 32,
+    three stages, block_k for about 256 programs (two per SM on an H200), the rule the lab's
+    fastest Llama-3-8B tiles follow (results/gemv_lab.md).  _fit_config makes it legal for the
+    shape (or falls back to the "rows" design)."""
+    if m == 1 and not weight_format.startswith("int4"):
+        block_n = max(16, min(256 if weight_format == "int8" else 512, triton.next_power_of_2(n)))
+        sub_k = 16 if k * n >= 1 << 25 else 32
+        programs_n = triton.cdiv(n, block_n)
+        block_k = 512 if programs_n * triton.cdiv(k, 512) >= 400 else 256
+        while programs_n * triton.cdiv(k, block_k) < 128 and block_k > 2 * sub_k:
+            block_k //= 2
+        return KernelConfig(block_n=block_n, block_k=block_k, sub_k=sub_k, compact=True, design="rows")
+    block_n = max(16, min(512, triton.next_power_of_2(n)))
+    programs_n = triton.cdiv(n, block_n)
+    block_k = max(128, min(1024, triton.next_power_of_2(max(1, k * programs_n // 256))))
+    return KernelConfig(block_n=block_n, block_k=block_k, sub_k=32, num_stages=3, design="dot")
+
+
+def _rows_heuristic(weight_format: str, m: int, k: int, n: int) -> KernelConfig:
+    """The "rows" design: 256-byte slices of weight rows, ~4K accumulator elements per program
+    (2K for int4, which also keeps a per-group sum), and ~1K programs to fill the GPU."""
+    int4 = weight_format.startswith("int4")
+    bytes_per_elem = 0.5 if int4 else 1.0 if weight_format == "int8" else 2.0
+    budget = 2048 if int4 else 4096
+    block_m = triton.next_power_of_2(m)
+    block_n = min(256, int(256 / bytes_per_elem), budget // (2 * block_m), max(16, triton.next_power_of_2(n)))
+    sub_k = max(2, min(32, budget // (block_m * block_n)))
+    programs_n = triton.cdiv(n, block_n)
+    block_k = triton.next_power_of_2(triton.cdiv(k, max(1, 1024 // programs_n)))
+    block_k = max(64, sub_k, min(512, block_k))
+    return KernelConfig(block_n=block_n, block_k=block_k, sub_k=sub_k)
+
+
+def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
+                split_sizes: list[int], words_aligned: bool = True) -> KernelConfig:
+    """Check the config and fit it to the shape.  "rows": block_k holds whole int4 groups and
+    sub_k fits one group.  "dot": block_n divides every segment, sub_k (>= 16, a tl.dot tile)
+    divides K and the int4 group, block_k is a multiple of sub_k dividing K; int4 also needs
+    block_n >= 128 (a plane of block_n / 8 columns is a tl.dot tile), at most block_n / 64 warps
+    (more would repeat a plane's dot) and weights readable as int32 words (``words_aligned``).
+    A shape where that is impossible (a segment or K not a multiple of 16, 128 for int4) runs
+    the "rows" design."""
+    for name in ("block_n", "block_k", "sub_k"):
+        v = getattr(cfg, name)
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"KernelConfig.{name} must be a power of two, got {v}.")
+    if cfg.design not in ("dot", "rows"):
+        raise ValueError(f"KernelConfig.design must be 'dot' or 'rows', got {cfg.design!r}.")
+    if cfg.design == "dot":
+        if cfg.block_n < 16 or cfg.sub_k < 16:
+            raise ValueError(f"the dot design needs block_n and sub_k >= 16 (a tl.dot tile), got {cfg}.")
+        col_pow2 = min(s & -s for s in split_sizes)  # largest power of two dividing every segment
+        sub_k = min(cfg.sub_k, group_size) if fmt == FMT_INT4 else cfg.sub_k
+        while sub_k > 16 and k % sub_k:
+            sub_k //= 2
+        block_n = min(cfg.block_n, col_pow2)
+        min_n = 128 if fmt == FMT_INT4 else 16
+        if block_n >= min_n and k % sub_k == 0 and (words_aligned or fmt != FMT_INT4):
+            tiles = max(1, cfg.block_k // sub_k)
+            while (k // sub_k) % tiles:
+                tiles -= 1
+            warps = min(cfg.num_warps, block_n // 64) if fmt == FMT_INT4 else cfg.num_warps
+            return dataclasses.replace(cfg, block_n=block_n, sub_k=sub_k, block_k=tiles * sub_k, num_warps=warps)
+        name = {FMT_INT4: f"int4-g{group_size}", FMT_INT8: "int8"}.get(fmt, "bf16")
+        cfg = _rows_heuristic(name, m, k, sum(split_sizes))
+    if cfg.block_n < 16:
+        raise ValueError(f"KernelConfig.block_n must be at least 16, got {cfg.block_n}.")
+    block_k = max(cfg.block_k, group_size) if fmt == FMT_INT4 else cfg.block_k
+    window = group_size if fmt == FMT_INT4 else block_k
+    return dataclasses.replace(cfg, block_k=block_k, sub_k=min(cfg.sub_k, window))
+
+
+# ---------------------------------------------------------------------------
+# Integer weights to floats in a few bit operations (GPU), plain conversions (interpreter)
+# ---------------------------------------------------------------------------
+#
+# A decode GEMV must convert every weight it reads, and at int4's byte rate the plain
+# integer-to-float conversion (I2F, a quarter-rate instruction) costs more time than the load
+# (H200: int4 gate_up 99 -> 67 us with this alone; int8, measured once, moved by -2 to +2 us per
+# matrix: it is not conversion-bound). The classic alternative, written as PTX for four bytes at
+# a time: place the integer in the mantissa of a float whose exponent makes one mantissa unit
+# equal 1, then subtract that float's integer part. Exact, because every value involved is an
+# integer the format holds.
+#   int8 -> fp32: byte u = q + 128 (xor 0x80) placed under 0x4B000000 (2^23) by one prmt,
+#     then 2^23 + u - (2^23 + 128) = q.
+#   int4 words -> bf16 pairs: the same byte of two rows' words into the low bytes of two 16-bit
+#     halves (prmt), a nibble masked under 0x4300 (bf16 128.0, whose mantissa unit is 1) by one
+#     lop3, then one packed fma: (128 + n) * 1 - 136 = n - 8. fp16 uses 0x6400 (1024.0) and 1032.
+# The interpreter cannot run PTX, so it takes the plain conversions (same values).
+
+
+@triton.jit
+def _int8_to_f32(q, INTERPRET: tl.constexpr):
+    """int8 tile as fp32 (exact)."""
+    if INTERPRET:
+        return q.to(tl.float32)
+    else:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 u, m;
+            xor.b32 u, $4, 0x80808080;
+            mov.b32 m, 0x4B000000;
+            prmt.b32 $0, u, m, 0x7440;
+            prmt.b32 $1, u, m, 0x7441;
+            prmt.b32 $2, u, m, 0x7442;
+            prmt.b32 $3, u, m, 0x7443;
+            sub.f32 $0, $0, 0f4B000080;
+            sub.f32 $1, $1, 0f4B000080;
+            sub.f32 $2, $2, 0f4B000080;
+            sub.f32 $3, $3, 0f4B000080;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[q], dtype=tl.float32, is_pure=True, pack=4,
+        )
+
+
+def _planes_asm(magic: int, one: int, bias: int, fma: str) -> str:
+    """PTX for two packed int32 words ($8: row k, $9: row k + 1 of the same 8 columns) -> eight
+    16-bit float pairs $0..$7, pair i = (nibble i of $8, nibble i of $9) - 8, i.e. column 8w + i of
+    both rows: exactly a tl.dot B-operand register when the pair is consecutive along K.  Per byte
+    j: one prmt puts byte j of each word into the low byte of one 16-bit half, one lop3 masks the
+    low nibble under `magic` (a float whose mantissa unit is 1), a shift and a lop3 the high one,
+    and one packed `fma` by `one` and `bias` (= -(magic value + 8)) per pair."""
+    lines = [".reg .b32 t, h, one, bias;",
+             f"mov.b32 one, {one:#06x}{one:04x};", f"mov.b32 bias, {bias:#06x}{bias:04x};"]
+    for j in range(4):
+        lines += [
+            f"prmt.b32 t, $8, $9, {0x0400 + 0x0101 * j:#06x};",
+            "shr.b32 h, t, 4;",
+            f"lop3.b32 t, t, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;",
+            f"lop3.b32 h, h, 0x000F000F, {magic:#06x}{magic:04x}, 0xEA;",
+            f"{fma} ${2 * j}, t, one, bias;",
+            f"{fma} ${2 * j + 1}, h, one, bias;",
+        ]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_PLANES_CONSTRAINTS = tl.constexpr("=r," * 8 + "r,r")
+_PLANES_BF16 = tl.constexpr(_planes_asm(0x4300, 0x3F80, 0xC308, "fma.rn.bf16x2"))  # 128.0, 1.0, -136.0
+_PLANES_FP16 = tl.constexpr(_planes_asm(0x6400, 0x3C00, 0xE408, "fma.rn.f16x2"))  # 1024.0, 1.0, -1032.0
+
+
+@triton.jit
+def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """int32 tile of packed int4 (8 columns per word, column 8w + i in nibble i) -> eight tiles
+    of the word's shape, tile i = nibble i - 8 in DTYPE (bf16 or fp16, exact).  The interpreter
+    keeps them int8 (its int8 to bf16 cast is unreliable; _dot multiplies in fp32 there)."""
+    if INTERPRET:
+        return ((words & 0xF).to(tl.int8) - 8, ((words >> 4) & 0xF).to(tl.int8) - 8,
+                ((words >> 8) & 0xF).to(tl.int8) - 8, ((words >> 12) & 0xF).to(tl.int8) - 8,
+                ((words >> 16) & 0xF).to(tl.int8) - 8, ((words >> 20) & 0xF).to(tl.int8) - 8,
+                ((words >> 24) & 0xF).to(tl.int8) - 8, ((words >> 28) & 0xF).to(tl.int8) - 8)
+    elif DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            asm=_PLANES_BF16, constraints=_PLANES_CONSTRAINTS, args=[words], is_pure=True, pack=2,
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                   tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16))
+    else:
+        return tl.inline_asm_elementwise(
+            asm=_PLANES_FP16, constraints=_PLANES_CONSTRAINTS, args=[words], is_pure=True, pack=2,
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16))
+
+
+# ---------------------------------------------------------------------------
+# Kernel: split-K sparse GEMV with an in-kernel, deterministic K reduction
+# ---------------------------------------------------------------------------
+#
+# Grid (K blocks, N blocks).  Program (pk, pn) owns rows [pk*BLOCK_K, +BLOCK_K) and
+# BLOCK_N columns of one segment (segments are tiled separately, so a program has a
+# single threshold).  The K block is walked in windows (one int4 group, otherwise the
+# whole block); the int4 group scale/zero is applied once per window.
+#
+# Row selection, per KernelConfig.compact:
+#   * False: chunks of SUB_K consecutive rows; a chunk where no batch row keeps any x
+#     is skipped by a scalar branch (no weight load issued); otherwise masked loads.
+#   * True: the kept rows of the block (union over the batch) are compacted with a
+#     prefix sum into a per-program index list in global scratch, beside their
+#     thresholded x values, then gathered SUB_K at a time, so nearly every weight load
+#     is a full row (one extra scratch round trip per program, but no extra launch).
+#     The loop reads x from the scratch, not through the row ids: the x load does not
+#     wait for the id load, and the gated prologue's SiLU(gate) * up runs once per
+#     element in the compaction instead of per gathered lane in the loop (where it
+#     doubled down's time, 24 -> 51 us at 50% on the H200).  With PREFETCH the next
+#     chunk's weight rows are requested before this chunk's FMAs, so a program keeps two
+#     chunks of loads in flight instead of one (the loop is latency-bound otherwise).
+#
+# Batch: the accumulator is a 2-D [BLOCK_M * SUB_K, BLOCK_N] tile whose lane r holds
+# batch row r // SUB_K and chunk row r % SUB_K.  Each lane loads its weight row only
+# if its own x is kept, so every batch row uses its own mask; lanes of different batch
+# rows that need the same weight row hit L1, and DRAM sees the union.  For M = 1 this
+# is the plain 2-D GEMV tile, with one cross-lane reduction at the very end.
+#
+# Reduction over K blocks: each program stores its fp32 partial [M, BLOCK_N] to a
+# workspace and takes a ticket from a per-column-block arrival counter; the last
+# arriving program sums the GRID_K partials in a fixed order, applies the int8
+# column scale, casts, writes the output and resets the counter.  One launch per
+# call, no memset (each call leaves the counters at zero) and bit-reproducible
+# results.  tl.atomic_add into fp32 would need a memset and a cast (3 launches) and
+# depend on arrival order; a separate reduction kernel would be 2 launches.
+
+
+@triton.jit
+def _rms_scale(x_ptr, M, K, eps, BLOCK_M: tl.constexpr):
+    """1 / sqrt(mean(x[m]^2) + eps) per batch row [BLOCK_M], fp32 (model.RMSNorm's statistics;
+    the sum's order differs from torch's, so the last bits may): every program reads the whole
+    rows, a few KB from L2, instead of a separate norm kernel writing them."""
+    NORM_BLOCK: tl.constexpr = 1024
+    m_offs = tl.arange(0, BLOCK_M)
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, NORM_BLOCK):
+        cols = k0 + tl.arange(0, NORM_BLOCK)
+        h = tl.load(x_ptr + m_offs[:, None] * K + cols[None, :], mask=(m_offs < M)[:, None] & (cols < K)[None, :],
+                    other=0.0).to(tl.float32)
+        squares += tl.sum(h * h, axis=1)
+    return 1.0 / tl.sqrt_rn(squares / K + eps)
+
+
+@triton.jit
+def _normed(h, scale, nw_ptr, rows, ok, DTYPE: tl.constexpr):
+    """model.RMSNorm's output from the residual stream h (fp32 values of DTYPE) and its row
+    scale: (h * scale) rounded to DTYPE, times the norm weight, rounded again."""
+    nw = tl.load(nw_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    return ((h * scale).to(DTYPE).to(tl.float32) * nw).to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _masked_x(x_ptr, lane_m, rows, ok, threshold, K, GATED: tl.constexpr, nw_ptr, scale, NORM: tl.constexpr):
+    """x[lane_m, rows] as fp32 where |x| > threshold and ok, else 0. GATED: x is SiLU(gate) * up
+    of a [M, 2K] gate|up row, computed in fp32 and rounded to x's dtype like the unfused model.
+    NORM: x is RMSNorm of the residual stream at x_ptr, `scale` its row's _rms_scale per lane."""
+    if GATED:
+        gate = tl.load(x_ptr + lane_m * 2 * K + rows, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + lane_m * 2 * K + K + rows, mask=ok, other=0.0).to(tl.float32)
+        xv = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        xv = tl.load(x_ptr + lane_m * K + rows, mask=ok, other=0.0).to(tl.float32)
+        if NORM:
+            xv = _normed(xv, scale, nw_ptr, rows, ok, x_ptr.dtype.element_ty)
+    return tl.where(tl.abs(xv) > threshold, xv, 0.0)
+
+
+@triton.jit
+def _weight_rows(
+    w_ptr, rows, load, col_start, col_end, W_ROW,
+    FORMAT: tl.constexpr, COL_ALIGN: tl.constexpr, LANES: tl.constexpr, BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Rows ``rows`` of W^T as fp32 [LANES, BLOCK_N] (q - 8 for int4), reading only where ``load``."""
+    if FORMAT == 2:  # int4: BLOCK_N // 2 bytes per row, low nibble = even column
+        byte_cols = tl.multiple_of(col_start // 2, COL_ALIGN // 2) + tl.arange(0, BLOCK_N // 2)
+        byte_end = tl.multiple_of(col_end // 2, COL_ALIGN // 2)
+        packed = tl.load(
+            w_ptr + rows[:, None] * W_ROW + byte_cols[None, :],
+            mask=load[:, None] & (byte_cols < byte_end)[None, :],
+            other=0,
+        )
+        q = tl.join(packed & 0xF, packed >> 4).reshape(LANES, BLOCK_N)
+        return q.to(tl.float32) - 8.0
+    else:
+        cols = col_start + tl.arange(0, BLOCK_N)
+        wt = tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=load[:, None] & (cols < col_end)[None, :])
+        if FORMAT == 1:
+            return _int8_to_f32(wt, INTERPRET)
+        return wt.to(tl.float32)
+
+
+@triton.jit
+def _lane_rows(v, SUM: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, SUB_K: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """One chunk's products [BLOCK_M * SUB_K, BLOCK_N] -> [BLOCK_M * GROUPS, BLOCK_N] if SUM
+    (LANE_SUM): chunk row j is added into row j % GROUPS of its batch row, so with GROUPS the rows
+    the tile's layout spreads over threads and warps, no sum leaves a thread. Else ``v`` unchanged
+    (the lanes are summed once, after the loop)."""
+    if SUM:
+        if BLOCK_M == 1 and GROUPS == 1:  # no reshape: it can cost a layout conversion inside the loop
+            out = tl.sum(v, axis=0)[None, :]
+        elif BLOCK_M == 1:
+            out = tl.sum(tl.reshape(v, [SUB_K // GROUPS, GROUPS, BLOCK_N]), axis=0)
+        else:
+            out = tl.reshape(tl.sum(tl.reshape(v, [BLOCK_M, SUB_K // GROUPS, GROUPS, BLOCK_N]), axis=1),
+                             [BLOCK_M * GROUPS, BLOCK_N])
+    else:
+        out = v
+    return out
+
+
+@triton.jit
+def _group_sum(acc, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A LANE_SUM accumulator [BLOCK_M * GROUPS, BLOCK_N] -> [BLOCK_M, BLOCK_N]."""
+    if GROUPS == 1:
+        out = acc
+    else:
+        out = tl.sum(tl.reshape(acc, [BLOCK_M, GROUPS, BLOCK_N]), axis=1)
+    return out
+
+
+@triton.jit
+def _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M: tl.constexpr):
+    """Row ids and thresholded x of compaction slots ``slot`` (zeros past ``last``)."""
+    rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
+    xm = tl.load(slot_x + slot * BLOCK_M + lane_m, mask=slot < last, other=0.0, cache_modifier=".cg")
+    return rows, xm
+
+
+@triton.jit
+def _sparse_gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr, nw_ptr,
+    out_ptr, part_ptr, counter_ptr, idx_ptr, xs_ptr,
+    M, K, N, W_ROW, GRID_K, eps,
+    SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
+    FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, LANE_SUM: tl.constexpr,
+    LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    LANES: tl.constexpr = BLOCK_M * SUB_K
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+
+    # Segment and columns of this program.
+    first_block = 0
+    col_start = 0
+    col_end = 0
+    seg = 0
+    for j in tl.static_range(_SEGMENT_SLOTS):
+        n_blocks = tl.cdiv(SPLITS[j + 1] - SPLITS[j], BLOCK_N)
+        mine = (pid_n >= first_block) & (pid_n < first_block + n_blocks)
+        col_start = tl.where(mine, SPLITS[j] + (pid_n - first_block) * BLOCK_N, col_start)
+        col_end = tl.where(mine, SPLITS[j + 1], col_end)
+        seg = tl.where(mine, j, seg)
+        first_block += n_blocks
+    col_start = tl.multiple_of(col_start, COL_ALIGN)  # alignment hints let loads vectorize
+    col_end = tl.multiple_of(col_end, COL_ALIGN)
+    if PDL:  # launched early: no memory access before the previous kernel has finished
+        tl.extra.cuda.gdc_wait()
+    threshold = tl.load(thr_ptr + seg)
+    cols = col_start + tl.arange(0, BLOCK_N)
+    cols_ok = cols < col_end
+    lane = tl.arange(0, LANES)
+    lane_m = lane // SUB_K
+    lane_k = lane % SUB_K
+    m_ok = lane_m < M
+    k_block = pid_k * BLOCK_K
+    m_offs = tl.arange(0, BLOCK_M)
+    if NORM:
+        row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)  # [BLOCK_M]
+        lane_scale = tl.sum(tl.where(lane_m[:, None] == m_offs[None, :], row_scale[None, :], 0.0), axis=1)
+    else:
+        row_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
+        lane_scale = tl.zeros([LANES], dtype=tl.float32)
+
+    if COMPACT:
+        # Slot i of this program's scratch <- i-th row of the block kept by any batch row.
+        block_rows = k_block + tl.arange(0, BLOCK_K)
+        block_ok = (m_offs[:, None] < M) & (block_rows[None, :] < K)
+        block_x = _masked_x(x_ptr, m_offs[:, None], block_rows[None, :], block_ok, threshold, K, GATED,
+                            nw_ptr, row_scale[:, None], NORM)
+        kept = (tl.max(tl.abs(block_x), axis=0) > 0).to(tl.int32)
+        dest = tl.cumsum(kept, 0) - kept
+        slots = idx_ptr + (pid_n * GRID_K + pid_k) * BLOCK_K
+        slot_x = xs_ptr + (pid_n * GRID_K + pid_k) * BLOCK_K * BLOCK_M  # [slot, batch row] fp32
+        tl.store(slots + dest, block_rows, mask=kept > 0)
+        tl.store(slot_x + dest[None, :] * BLOCK_M + m_offs[:, None], block_x, mask=(kept > 0)[None, :])
+        win_kept = tl.sum(tl.reshape(kept, [BLOCK_K // WINDOW, WINDOW]), axis=1)
+        win_ids = tl.arange(0, BLOCK_K // WINDOW)
+        tl.debug_barrier()  # every thread's slot writes are visible before the gathers
+
+    # Accumulator rows: one per lane, summed once at the end (int4: at each group's end), or with
+    # LANE_SUM LANE_GROUPS per batch row, each chunk's lanes summed into them as it is multiplied.
+    ACC_ROWS: tl.constexpr = BLOCK_M * LANE_GROUPS if LANE_SUM else LANES
+    if FORMAT == 2:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([ACC_ROWS, BLOCK_N], dtype=tl.float32)
+    n_windows = tl.cdiv(tl.minimum(K - k_block, BLOCK_K), WINDOW)  # none past row K
+    for win in tl.range(0, n_windows):
+        win_start = k_block + win * WINDOW
+        if FORMAT == 2:  # sum of x * (q - 8) and of x in this group, scaled below
+            wacc = tl.zeros([ACC_ROWS, BLOCK_N], dtype=tl.float32)
+            xacc = tl.zeros([LANES], dtype=tl.float32)
+        else:
+            wacc = acc
+        if COMPACT:
+            first = tl.sum(tl.where(win_ids < win, win_kept, 0), axis=0)
+            last = first + tl.sum(tl.where(win_ids == win, win_kept, 0), axis=0)
+            slot = first + lane_k
+            rows, xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
+            if PREFETCH:  # the first chunk's weight rows; the loop keeps one chunk in flight ahead
+                wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N,
+                                  INTERPRET)
+                slot += SUB_K
+                rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
+            for _ in tl.range(first, last, SUB_K):
+                # Issue the next loads (row ids and x; with PREFETCH also the next chunk's weight
+                # rows) before this chunk's FMAs wait on its weights.
+                slot += SUB_K
+                if PREFETCH:
+                    next_wt = _weight_rows(w_ptr, rows, next_xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN,
+                                           LANES, BLOCK_N, INTERPRET)
+                    rows, after_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
+                else:
+                    wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES,
+                                      BLOCK_N, INTERPRET)
+                    rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
+                wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
+                if FORMAT == 2:
+                    xacc += xm
+                xm = next_xm
+                if PREFETCH:
+                    next_xm = after_xm
+                    wt = next_wt
+        else:
+            win_end = tl.minimum(win_start + WINDOW, K)
+            rows = win_start + lane_k
+            xm = _masked_x(x_ptr, lane_m, rows, (rows < win_end) & m_ok, threshold, K, GATED, nw_ptr, lane_scale,
+                           NORM)
+            for c in range(0, WINDOW, SUB_K):
+                # Prefetch the next chunk's x, then skip this chunk if no batch row keeps any row.
+                next_rows = rows + SUB_K
+                next_xm = _masked_x(x_ptr, lane_m, next_rows, (next_rows < win_end) & m_ok, threshold, K, GATED,
+                                    nw_ptr, lane_scale, NORM)
+                if tl.max(tl.abs(xm), axis=0) > 0:
+                    wt = _weight_rows(
+                        w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET
+                    )
+                    wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
+                    if FORMAT == 2:
+                        xacc += xm
+                rows = next_rows
+                xm = next_xm
+        if FORMAT == 2:
+            group = win_start // GROUP_SIZE
+            s = tl.load(scale_ptr + group * N + cols, mask=cols_ok, other=0.0)
+            z = tl.load(zero_ptr + group * N + cols, mask=cols_ok, other=0.0)
+            if LANE_SUM:
+                w_sum = _group_sum(wacc, LANE_GROUPS, BLOCK_M, BLOCK_N)
+            else:
+                w_sum = tl.sum(tl.reshape(wacc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
+            x_sum = tl.sum(tl.reshape(xacc, [BLOCK_M, SUB_K]), axis=1)
+            acc += w_sum * s[None, :] + x_sum[:, None] * z[None, :]
+        else:
+            acc = wacc
+
+    if PDL:  # the next kernel may start launching (it waits for this grid before any access)
+        tl.extra.cuda.gdc_launch_dependents()
+    # Publish this block's partial; the last program of the column block reduces.
+    out_ok = (m_offs[:, None] < M) & cols_ok[None, :]
+    if FORMAT == 2:
+        partial = acc
+    elif LANE_SUM:
+        partial = _group_sum(acc, LANE_GROUPS, BLOCK_M, BLOCK_N)
+    else:
+        partial = tl.sum(tl.reshape(acc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
+    tl.store(part_ptr + (pid_k * M + m_offs[:, None]) * N + cols[None, :], partial, mask=out_ok)
+    tl.debug_barrier()  # all threads' partial stores precede the release below
+    ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if ticket == GRID_K - 1:
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, GRID_K, RED_K):
+            r = r0 + tl.arange(0, RED_K)
+            offs = (r[:, None, None] * M + m_offs[None, :, None]) * N + cols[None, None, :]
+            ok = (r < GRID_K)[:, None, None] & out_ok[None, :, :]
+            total += tl.sum(tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+        if FORMAT == 1:
+            total *= tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)[None, :]
+        result = total.to(out_ptr.dtype.element_ty)
+        if RESIDUAL:  # the unfused model's rounding: product to x's dtype, then the sum
+            res = tl.load(res_ptr + m_offs[:, None] * N + cols[None, :], mask=out_ok, other=0.0)
+            result = (result.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + m_offs[:, None] * N + cols[None, :], result, mask=out_ok)
+        tl.store(counter_ptr + pid_n, 0)  # ready for the next call
+
+
+# ---------------------------------------------------------------------------
+# Kernel: masked tiles through tl.dot, software-pipelined ("dot" design)
+# ---------------------------------------------------------------------------
+#
+# Grid (N blocks, K blocks).  BLOCK_N divides every segment (so a program has one threshold and
+# no column mask) and BLOCK_K divides K (no row mask): the tile loop has a static trip count
+# BLOCK_K // SUB_K.  This is the design of benchmarks/gemv_lab.py's ``_tgemv`` (masked mode),
+# kept literal: a first port with dynamic loop bounds and a column mask returned zeros for a
+# quarter of the columns at M = 1 on the H200 (results/NOTES.md), while the lab kernel was right.
+#
+# Tile t: x [BLOCK_M, SUB_K] thresholded at the batch's own size (BLOCK_M = M rounded up to a
+# power of two), then repeated to the 16 rows a tl.dot needs (row r holds batch row r % BLOCK_M;
+# only rows < M are stored): padding the batch with zero rows instead made every x-side step of
+# the loop (loads, thresholds, the keep mask, int4's sum of x) 16 times wider at M = 1.  Weight
+# rows whose x is zero in every batch row are predicated off, the others read whole; the product
+# runs on tl.dot, which Triton pipelines num_stages deep (cp.async into shared memory): the lab
+# measured 10-30% more bandwidth than FMA lanes at batch 1.  int8 and int4 weights are converted
+# to x's dtype (exact: |q| <= 128) before the dot; int4 tiles lie inside one group (SUB_K divides
+# the group size) and take its scale and zero right after their dot:
+# y += s * (x . (q - 8)) + z * sum(x).  int4 is read as int32 words of 8 columns; nibble i of
+# every word (columns 8w + i, a "plane") is one dot into its own accumulator, the eight
+# interleaved once after the loop.  Loading bytes instead made Triton gather the tl.dot operand
+# byte by byte from shared memory (two rows per register pair: 64 LDS.U8 and 32 PRMT per tile
+# and thread, SASS of triton 3.6, sm_90); words load whole and _int4_planes converts a pair of
+# rows' words straight into the operand's registers.
+#
+# Reduction over K blocks, one launch, no memset: with DETERMINISTIC each program stores its
+# fp32 partial and the last program of the column block (arrival ticket) sums them in a fixed
+# order; otherwise fp32 atomics into a zeroed workspace, and the last program reads the sum and
+# zeroes it for the next call (faster, last bits depend on arrival order).  The last program
+# applies the int8 column scale and the residual and writes the output.
+
+
+@triton.jit
+def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr, nw_ptr, row_scale,
+                NORM: tl.constexpr):
+    """Thresholded x [BLOCK_M, SUB_K] in fp32 (rows past M are zero); GATED and NORM as _masked_x."""
+    if GATED:
+        gate = tl.load(x_ptr + m_offs[:, None] * 2 * K + rows[None, :], mask=m_ok[:, None], other=0.0)
+        up = tl.load(x_ptr + m_offs[:, None] * 2 * K + K + rows[None, :], mask=m_ok[:, None], other=0.0)
+        gate = gate.to(tl.float32)
+        xv = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        xv = tl.load(x_ptr + m_offs[:, None] * K + rows[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        if NORM:
+            xv = _normed(xv, row_scale[:, None], nw_ptr, rows[None, :], m_ok[:, None], x_ptr.dtype.element_ty)
+    return tl.where(tl.abs(xv) > threshold, xv, 0.0)
+
+
+@triton.jit
+def _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows ``rows`` x columns [col0, col0 + BLOCK_N) of W^T (float, int8, or int4's int32 words),
+    read only where ``keep``."""
+    cols = tl.multiple_of(col0, BLOCK_N) + tl.arange(0, BLOCK_N)
+    return tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=keep[:, None], other=0)
+
+
+@triton.jit
+def _plane_step(acc, xt, plane, x_sum, scale_ptr, zero_ptr, offs, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """One int4 plane's dot, scaled by its group: acc + s * (x . (q - 8)) + z * sum(x)."""
+    s = tl.load(scale_ptr + offs)
+    z = tl.load(zero_ptr + offs)
+    return acc + _dot(xt, plane, DTYPE, INTERPRET) * s[None, :] + x_sum * z[None, :]
+
+
+@triton.jit
+def _interleave8(p0, p1, p2, p3, p4, p5, p6, p7):
+    """Eight [R, C] tiles -> [R, 8 * C] with column 8c + i from tile i."""
+    t = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    return tl.reshape(t, [p0.shape[0], 8 * p0.shape[1]])
+
+
+@triton.jit
+def _dot_rows(v, BLOCK_M: tl.constexpr):
+    """[BLOCK_M, ...] -> [16, ...] with row r = v[r % BLOCK_M] (BLOCK_M divides 16)."""
+    if len(v.shape) == 1:
+        return tl.reshape(tl.broadcast_to(v[None, :], [16 // BLOCK_M, BLOCK_M]), [16])
+    else:
+        return tl.reshape(tl.broadcast_to(v[None, :, :], [16 // BLOCK_M, BLOCK_M, v.shape[1]]), [16, v.shape[1]])
+
+
+@triton.jit
+def _dot(xt, wt, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """xt [16, SUB_K] @ wt [SUB_K, BLOCK_N] in fp32; both operands are exact in x's dtype.
+    The interpreter's bf16 dot is unreliable, so it multiplies in fp32."""
+    if INTERPRET:
+        return tl.dot(xt, wt.to(tl.float32), input_precision="ieee")
+    return tl.dot(xt.to(DTYPE), wt.to(DTYPE))
+
+
+@triton.jit
+def _dot_gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr, nw_ptr,
+    out_ptr, ws_ptr, counter_ptr,
+    M, K, N, W_ROW, eps,
+    SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
+    FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr,
+):
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_k = tl.num_programs(1)
+    col0 = pid_n * BLOCK_N
+    seg = 0
+    for j in tl.static_range(1, _SEGMENT_SLOTS):
+        seg += (col0 >= SPLITS[j]).to(tl.int32)
+    cols = tl.multiple_of(col0, BLOCK_N) + tl.arange(0, BLOCK_N)
+    if PDL:  # launched early: no memory access before the previous kernel has finished
+        tl.extra.cuda.gdc_wait()
+    threshold = tl.load(thr_ptr + seg)
+    m_offs = tl.arange(0, BLOCK_M)
+    m_ok = m_offs < M
+    k0 = pid_k * BLOCK_K
+    if NORM:
+        row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)
+    else:
+        row_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    if FORMAT == 2:  # one accumulator per nibble plane (columns 8w + i), interleaved once at the end
+        NW: tl.constexpr = BLOCK_N // 8
+        a0 = tl.zeros([16, NW], dtype=tl.float32)
+        a1 = tl.zeros([16, NW], dtype=tl.float32)
+        a2 = tl.zeros([16, NW], dtype=tl.float32)
+        a3 = tl.zeros([16, NW], dtype=tl.float32)
+        a4 = tl.zeros([16, NW], dtype=tl.float32)
+        a5 = tl.zeros([16, NW], dtype=tl.float32)
+        a6 = tl.zeros([16, NW], dtype=tl.float32)
+        a7 = tl.zeros([16, NW], dtype=tl.float32)
+        plane_cols = col0 + 8 * tl.arange(0, NW)
+    for t in tl.range(0, BLOCK_K // SUB_K):
+        rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
+        x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM)
+        keep = tl.max(tl.abs(x_batch), axis=0) > 0.0
+        xt = _dot_rows(x_batch, BLOCK_M)
+        if FORMAT == 2:  # w_ptr: int32 words, W_ROW words per row; dropped rows read as 0 (q - 8 = -8, x 0)
+            words = _dot_w_tile(w_ptr, rows, keep, pid_n * NW, W_ROW, SUB_K, NW)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
+            x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M)[:, None]
+            offs = (k0 + t * SUB_K) // GROUP_SIZE * N + plane_cols
+            a0 = _plane_step(a0, xt, p0, x_sum, scale_ptr, zero_ptr, offs, DTYPE, INTERPRET)
+            a1 = _plane_step(a1, xt, p1, x_sum, scale_ptr, zero_ptr, offs + 1, DTYPE, INTERPRET)
+            a2 = _plane_step(a2, xt, p2, x_sum, scale_ptr, zero_ptr, offs + 2, DTYPE, INTERPRET)
+            a3 = _plane_step(a3, xt, p3, x_sum, scale_ptr, zero_ptr, offs + 3, DTYPE, INTERPRET)
+            a4 = _plane_step(a4, xt, p4, x_sum, scale_ptr, zero_ptr, offs + 4, DTYPE, INTERPRET)
+            a5 = _plane_step(a5, xt, p5, x_sum, scale_ptr, zero_ptr, offs + 5, DTYPE, INTERPRET)
+            a6 = _plane_step(a6, xt, p6, x_sum, scale_ptr, zero_ptr, offs + 6, DTYPE, INTERPRET)
+            a7 = _plane_step(a7, xt, p7, x_sum, scale_ptr, zero_ptr, offs + 7, DTYPE, INTERPRET)
+        else:
+            wt = _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N)
+            if FORMAT == 1:  # int8 -> fp32 by bit operations, then one packed cvt to x's dtype
+                wt = _int8_to_f32(wt, INTERPRET)
+            acc += _dot(xt, wt, DTYPE, INTERPRET)
+    if FORMAT == 2:
+        acc = _interleave8(a0, a1, a2, a3, a4, a5, a6, a7)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+    out_rows = tl.arange(0, 16)
+    out_offs = out_rows[:, None] * N + cols[None, :]
+    out_ok = (out_rows < M)[:, None] & (cols < N)[None, :]
+    if DETERMINISTIC:
+        tl.store(ws_ptr + pid_k * M * N + out_offs, acc, mask=out_ok)
+    else:
+        tl.atomic_add(ws_ptr + out_offs, acc, mask=out_ok, sem="relaxed")
+    tl.debug_barrier()  # every thread's partial precedes the release below
+    ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if ticket == grid_k - 1:
+        if DETERMINISTIC:
+            total = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+            for r in range(0, grid_k):
+                total += tl.load(ws_ptr + r * M * N + out_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
+        else:
+            total = tl.load(ws_ptr + out_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
+        if FORMAT == 1:
+            total *= tl.load(scale_ptr + cols)[None, :]
+        result = total.to(out_ptr.dtype.element_ty)
+        if RESIDUAL:  # the unfused model's rounding: product to x's dtype, then the sum
+            res = tl.load(res_ptr + out_offs, mask=out_ok, other=0.0)
+            result = (result.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_offs, result, mask=out_ok)
+        if not DETERMINISTIC:
+            tl.store(ws_ptr + out_offs, tl.zeros_like(total), mask=out_ok)  # zero for the next call
+        tl.store(counter_ptr + pid_n, 0)
+
+
+# ---------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------
+
+_MAX_COUNTERS = 1 << 14
+_REDUCTION_FLOATS = 16384  # fp32 partials the last program loads at once (at most 128 registers a thread at 4 warps)
+_WORKSPACE_FLOATS = MAX_BATCH << 18  # the "dot" design's fp32 accumulator: M * N up to 8 x 262144
+_buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
+INTERPRETED = not isinstance(_sparse_gemv_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
+# The "dot" design's reduction over K blocks: "ordered" sums the partials in a fixed order
+# (bit-reproducible), "atomic" adds them with fp32 atomics (last bits depend on arrival order).
+REDUCTION_ENV = "TEAL_GEMV_REDUCTION"
+# Programmatic dependent launch (Hopper+): each GEMV and attention kernel starts launching while
+# the previous one finishes (it waits before touching memory). On by default where the GPU has it
+# (H200, 2026-12-03: fused step bf16 at 50% 304.1 -> 310.6 tok/s, dense 217.1 / 216.8; the
+# README's PDL section); TEAL_PDL=0 turns it off, 1 asks for it.
+PDL_ENV = "TEAL_PDL"
+
+
+def launch_options(device: torch.device) -> dict:
+    """Extra launch arguments of the GEMV and attention kernels: ``launch_pdl`` on a CUDA device
+    of compute capability 9.0 or newer unless TEAL_PDL=0 (the interpreter has no PDL; older GPUs
+    have no griddepcontrol instructions); the kernels' PDL constexpr is its value."""
+    value = os.environ.get(PDL_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{PDL_ENV} must be 0 or 1, got {value!r}")
+    if value == "0" or device.type != "cuda" or INTERPRETED:
+        return {}
+    return {"launch_pdl": True} if _compute_capability(device) >= (9, 0) else {}
+
+
+@functools.cache
+def _compute_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _deterministic() -> bool:
+    mode = os.environ.get(REDUCTION_ENV, "ordered")
+    if mode not in ("ordered", "atomic"):
+        raise ValueError(f"{REDUCTION_ENV} must be 'ordered' or 'atomic', got {mode!r}")
+    return mode == "ordered"
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Uninitialised buffer: the kernel writes every element it later reads."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _persistent_buffers(device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-device int32 arrival counters and fp32 workspace, zero between calls (each call
+    leaves them so), never freed (graphs keep their address).
+
+    Allocated from a helper thread: torch.compile's CUDA-graph trees send every
+    allocation of the calling thread during warm-up into their private pool, which
+    must hold only their own tensors.
+    """
+    buffers = _buffers.get(device)
+    if buffers is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("Call sparse_gemv once on this device before capturing a CUDA graph.")
+        made: list[tuple[Tensor, Tensor]] = []
+
+        def allocate() -> None:
+            made.append((torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device),
+                         torch.zeros(_WORKSPACE_FLOATS, dtype=torch.float32, device=device)))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        worker = threading.Thread(target=allocate)
+        worker.start()
+        worker.join()
+        if not made:
+            raise RuntimeError(f"Could not allocate the sparse_gemv buffers on {device}.")
+        buffers = _buffers[device] = made[0]
+    return buffers
+
+
+def _lane_groups(cfg: KernelConfig, fmt: int, elem_bytes: int, col_align: int) -> int:
+    """With lane_sum: the chunk rows that Triton's blocked layout of a [rows, block_n] weight tile
+    spreads over threads and warps (16-byte loads along the columns, 32 threads, then the warps
+    fill the columns first and the rows after), so that summing the rest stays in each thread.
+    Any power of two up to sub_k gives the same sums in another order; this one costs no
+    cross-thread sum in the loop. int4 (bytes unpacked into two columns each) keeps 1."""
+    if not cfg.lane_sum or fmt == FMT_INT4:
+        return 1
+    vector = min(16 // elem_bytes, col_align)
+    return max(1, min(cfg.sub_k, cfg.num_warps * 32 * vector // cfg.block_n))
+
+
+def sparse_gemv_triton(
+    x: Tensor,
+    w: Tensor,
+    thresholds: Tensor,
+    split_sizes: list[int],
+    scales: Tensor | None = None,
+    zeros: Tensor | None = None,
+    group_size: int = 0,
+    config: KernelConfig | None = None,
+    gated: bool = False,
+    residual: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
+) -> Tensor:
+    """Run the Triton kernel (on CUDA, or on CPU under TRITON_INTERPRET=1).
+
+    ``config`` overrides the tuned/heuristic config (used by the tuner and tests); ``gated``,
+    ``norm_weight`` (with ``eps``) and ``residual`` are the prologue / epilogue fusions of
+    teal_kernels/reference.py.
+    """
+    fmt = validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual, norm_weight)
+    if x.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
+    m, k = x.shape[0], w.shape[0]
+    n = w.shape[1] * (2 if fmt == FMT_INT4 else 1)
+    if config is None:
+        config = get_config(gpu_name(x.device), weight_format_name(w, group_size), m, k, n)
+    words_aligned = fmt == FMT_INT4 and w.shape[1] % 4 == 0 and w.data_ptr() % 16 == 0
+    cfg = _fit_config(config, fmt, group_size, m, k, split_sizes, words_aligned)
+    # Boundaries padded with N to a fixed length: one compiled kernel for any segment count.
+    splits = (0, *itertools.accumulate(split_sizes), *([n] * (MAX_SEGMENTS - len(split_sizes))))
+    grid_k = triton.cdiv(k, cfg.block_k)
+    grid_n = sum(triton.cdiv(s, cfg.block_n) for s in split_sizes)
+    if grid_n > _MAX_COUNTERS:
+        raise ValueError(f"N={n} needs {grid_n} column blocks, more than {_MAX_COUNTERS}; use a larger block_n.")
+    counters, workspace = _persistent_buffers(x.device)
+    out = _alloc((m, n), x.dtype, x.device)
+    aux = (scales if scales is not None else thresholds, zeros if zeros is not None else thresholds, thresholds,
+           residual if residual is not None else x, norm_weight if norm_weight is not None else x)
+    fusions = dict(GATED=gated, RESIDUAL=residual is not None, NORM=norm_weight is not None)
+
+    block_m = triton.next_power_of_2(m)
+    pdl = launch_options(x.device)
+    if cfg.design == "dot":
+        # int4 always reduces in order: fp32 atomics of its interleaved planes came out wrong on
+        # the H200 for 512-column tiles (GPU tests, 2026-12-02; not pinned down further).
+        deterministic = _deterministic() or fmt == FMT_INT4
+        if deterministic:
+            workspace = _alloc((grid_k, m, n), torch.float32, x.device)
+        elif m * n > workspace.numel():
+            raise ValueError(f"M*N={m * n} exceeds the sparse_gemv workspace ({workspace.numel()} floats).")
+        if fmt == FMT_INT4:  # read as int32 words of 8 columns (_fit_config checked the alignment)
+            w = w.view(torch.int32)
+        _dot_gemv_kernel[(grid_n, grid_k)](
+            x, w, *aux, out, workspace, counters,
+            m, k, n, w.shape[1], float(eps), splits,
+            FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            SUB_K=cfg.sub_k, **fusions, DETERMINISTIC=deterministic,
+            INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
+        )
+        return out
+
+    partials = _alloc((grid_k, m, n), torch.float32, x.device)
+    if cfg.compact:  # compaction scratch: kept row ids and their thresholded x values
+        slots = grid_n * grid_k * cfg.block_k
+        idx, xs = _alloc((slots,), torch.int32, x.device), _alloc((slots * block_m,), torch.float32, x.device)
+    else:
+        idx = xs = counters  # unused
+    # Partials the last program sums per step: all of them where they fit the register budget.
+    red_k = max(1, min(triton.next_power_of_2(grid_k), _REDUCTION_FLOATS // (block_m * cfg.block_n)))
+    # Largest power of two dividing every program's first column: lets loads vectorize.
+    col_align = min(cfg.block_n, 32, *(s & -s for s in split_sizes))
+    _sparse_gemv_kernel[(grid_k, grid_n)](
+        x, w, *aux, out, partials, counters, idx, xs,
+        m, k, n, w.shape[1], grid_k, float(eps), splits,
+        FORMAT=fmt, GROUP_SIZE=max(group_size, 1), COL_ALIGN=col_align,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
+        WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
+        PREFETCH=cfg.compact and cfg.num_stages >= 2, LANE_SUM=cfg.lane_sum,
+        LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k, **fusions,
+        INTERPRET=INTERPRETED, PDL=bool(pdl),
+        num_warps=cfg.num_warps, num_stages=1, **pdl,
+    )
+    return out
