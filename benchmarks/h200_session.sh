@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -345,6 +345,23 @@ case $phase in
   defaults)  # the fourteenth session's two dispatch changes, checked: the sparse GEMV takes the RMSNorm by default for float weights at one row (Llama-3.2-1B, TEAL_FUSED_NORM unset), and a batch no longer borrows batch 1's speed-table verdict (Llama-3-8B batch 4)
     step 90 python3 -m benchmarks.bench_decode --model Llama-3.2-1B --sparsity 0 0.5 --decode_path fused --out "$out/decode_llama32_1b_default"
     step 100 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0 0.5 --decode_path fused --batch 4 --label batch4_union --out "$out/profile_llama3_8b_batch4_union"
+    ;;
+  int4_stalls)  # issue 11: why the int4 "dot" tile waits (the magic A/B showed it is not issue-bound): per-reason warp stalls and the per-instruction SASS stall samples of gate|up at 0%, as text in one tarball (the 8-file limit)
+    mkdir -p /tmp/ncu /tmp/stalls
+    step 150 ncu --clock-control none -k regex:"_dot_gemv_kernel" --launch-skip 3 --launch-count 1 \
+      --set full --import-source yes -f -o /tmp/ncu/int4_gate_up python3 -m benchmarks.ncu_gemv --layer gate_up --sparsity 0 --format int4-g128
+    ncu -i /tmp/ncu/int4_gate_up.ncu-rep --page raw --csv > /tmp/stalls/raw.csv 2>&1
+    ncu -i /tmp/ncu/int4_gate_up.ncu-rep --page source --csv --print-source sass > /tmp/stalls/source_sass.csv 2>&1
+    ncu -i /tmp/ncu/int4_gate_up.ncu-rep --page details --print-details all > /tmp/stalls/details.txt 2>&1
+    python3 - /tmp/stalls/raw.csv > "$out/stall_reasons.txt" <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+head, units, vals = rows[0], rows[1], rows[2]
+for h, u, v in zip(head, units, vals):
+    if "issue_stalled" in h:
+        print(f"{h:90s} {v:>12s} {u}")
+PY
+    tar czf "$out/int4_stalls.tgz" -C /tmp stalls
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"
