@@ -165,6 +165,10 @@ def test_unmeasured_shapes_follow_the_size_model(monkeypatch):
     layer = PackedLinear(64, 48, [16, 32], dtype=torch.bfloat16)
     layer.set_target_sparsity([0.5, 0.5])
     assert layer.kernel_verdict(torch.device("cuda")) == (False, False)
+    big = PackedLinear(4096, 28672, [14336, 14336], dtype=torch.bfloat16, device="meta")  # 8B's gate|up
+    big.set_target_sparsity([0.5, 0.5])
+    assert big.kernel_verdict(torch.device("cuda"), rows=1) == (True, False)
+    assert big.kernel_verdict(torch.device("cuda"), rows=4) == (False, False)  # the batch's union
     layer.sparse = True
     projections = {"layers.0.attention.wo": layer}
     monkeypatch.setattr(sys.modules["teal.sparsify"], "packed_projections", lambda model: projections)
