@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
-from teal_kernels.ops import dense_gemv
+from teal_kernels.ops import dense_gemv, int4_gemm
 from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, gated_input
 from teal_kernels.speed_table import estimated_sparse_beats_dense, sparse_beats_dense
 
@@ -86,6 +86,19 @@ def preload_gemv_fits(device: torch.device, k: int, n: int) -> bool:
     return preload_fits(k, n, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
+# Dense prefill of int4 matrices on CUDA: the Triton int4 GEMM (teal_kernels/triton_gemv.py) reads
+# the packed weight instead of a float32 copy made per call. Off until the H200 has run it:
+# TEAL_INT4_GEMM=1 (read when a PackedLinear is built) turns it on.
+INT4_GEMM_ENV = "TEAL_INT4_GEMM"
+
+
+@torch.compiler.assume_constant_result
+def int4_gemm_fits(k: int, n: int, group_size: int) -> bool:
+    """Whether the int4 GEMM takes a [K, N] matrix (imports Triton: call on CUDA only)."""
+    from teal_kernels.triton_gemv import int4_gemm_fits as fits
+    return fits(k, n, group_size)
+
+
 @torch.compiler.assume_constant_result
 def kernel_verdict_for(device: torch.device, weight_format: str, rows: int, k: int, n: int,
                        sparsity: float) -> tuple[bool | None, bool]:
@@ -138,6 +151,7 @@ class PackedLinear(nn.Module):
         self.sparse = False
         self.sparse_prefill = False
         self.preload_allowed = env_switch(PRELOAD_ENV, default="1")  # a bad value fails here, not mid-decode
+        self.int4_gemm_allowed = env_switch(INT4_GEMM_ENV) and fmt == "int4"  # read for every format, as above
         # Parameter-weighted target sparsity of the segments (teal.sparsify sets it from the
         # thresholds file): what the measured speed table is read at.
         self.target_sparsity: float | None = None
@@ -224,6 +238,9 @@ class PackedLinear(nn.Module):
         decode_kernel = not dense_float and n_rows <= MAX_BATCH and x.dtype in KERNEL_DTYPES
         preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
                    and x.dtype in KERNEL_DTYPES and preload_gemv_fits(x.device, self.in_features, self.out_features))
+        int4_prefill = (self.int4_gemm_allowed and not sparse and not decode_kernel and x.device.type == "cuda"
+                        and x.dtype in KERNEL_DTYPES and int4_gemm_fits(self.in_features, self.out_features,
+                                                                         self.group_size))
         kernel_norm = x.device.type == "cuda" and (
             preload or (decode_kernel and self.sparse_kernel_takes_norm(n_rows, norm_in_sparse_kernel)))
         if norm is not None and not kernel_norm:
@@ -243,6 +260,11 @@ class PackedLinear(nn.Module):
             # zeroed inputs are never read.
             out = sparse_gemv(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(), self.group_size,
                               gated, res, *norm_args)
+        elif int4_prefill:
+            # Dense int4 prefill on CUDA: a GEMM that reads the packed weight; the fusions as torch does them
+            out = int4_gemm((gated_input(rows) if gated else rows).contiguous(), self.weight, *self._quant_args(),
+                            self.group_size)
+            out = out if res is None else (out.float() + res.float()).to(out.dtype)
         else:
             # Prefill-sized batches are compute-bound, float32 (quality work) has no kernel:
             # dequantize and multiply, in float32 (also bf16/fp16 on a CPU).

@@ -1,7 +1,7 @@
 """The torch ops of the decode path: ``teal::sparse_gemv`` (what PackedLinear calls for
 decode-sized batches), ``teal::dense_gemv`` (its dense decode calls of small float matrices on
-CUDA), ``teal::decode_attention`` and ``teal::decode_attention_step`` (the fused
-decode path's attention, decode.py).
+CUDA), ``teal::int4_gemm`` (dense int4 prefill on CUDA), ``teal::decode_attention`` and
+``teal::decode_attention_step`` (the fused decode path's attention, decode.py).
 
 One op, one implementation per device: CUDA runs the Triton kernels (teal_kernels/triton_gemv.py,
 teal_kernels/attention.py); the CPU runs ``teal::sparse_gemv`` with the C++ row-skipping kernel of
@@ -153,6 +153,33 @@ def dense_gemv(x: Tensor, w: Tensor, gated: bool = False, residual: Tensor | Non
     loaded before the kernel waits on its input (teal_kernels/preload_gemv.py): the GPU decode
     path of the matrices where that beats cuBLAS (PackedLinear decides)."""
     return torch.ops.teal.dense_gemv(x, w, gated, residual, norm_weight, eps)
+
+
+@torch.library.custom_op("teal::int4_gemm", mutates_args=(), device_types="cpu")
+def _int4_gemm_cpu(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    if _cpu_runs_interpreter():
+        from teal_kernels.triton_gemv import int4_gemm_triton
+        return int4_gemm_triton(x, w, scales, zeros, group_size)
+    no_thresholds = torch.zeros(1, dtype=torch.float32)
+    return masked_product(x, w, no_thresholds, [w.shape[1] * 2], scales, zeros, group_size)
+
+
+@_int4_gemm_cpu.register_kernel("cuda")
+def _(x, w, scales, zeros, group_size):
+    from teal_kernels.triton_gemv import int4_gemm_triton
+    return int4_gemm_triton(x, w, scales, zeros, group_size)
+
+
+@_int4_gemm_cpu.register_fake
+def _(x, w, scales, zeros, group_size):
+    return x.new_empty(x.shape[0], w.shape[1] * 2)
+
+
+def int4_gemm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """Dense x [M, K] @ W of a packed int4 matrix for any M, without a float copy of W
+    (teal_kernels/triton_gemv.py's int4 GEMM): the prefill of int4 models on CUDA where PackedLinear
+    picks it (TEAL_INT4_GEMM=1)."""
+    return torch.ops.teal.int4_gemm(x, w, scales, zeros, group_size)
 
 
 # ---------------------------------------------------------------------------------------------

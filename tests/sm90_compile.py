@@ -62,7 +62,7 @@ def compile_one(kernel, pointers: dict[str, str], constexprs: dict, num_warps: i
     divisible = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params)
                  if not p.is_constexpr and sig[p.name] != "fp32" and p.name != "SPLITS"}
     return triton.compile(ASTSource(kernel, sig, constexprs, attrs=divisible), target=TARGET,
-                          options=dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=constexprs["PDL"]))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=constexprs.get("PDL", False)))
 
 
 def cuobjdump(compiled, flag: str) -> str:
@@ -104,6 +104,13 @@ def gemv_variants():
                                          INTERPRET=False, PDL=False), 8, 3)
 
 
+def int4_gemm_variants():
+    for dtype, group in (("*bf16", 128), ("*fp16", 32)):
+        yield (sg._int4_gemm_kernel, {"x_ptr": dtype, "w_ptr": "*i32", "out_ptr": dtype},
+               dict(GROUP_SIZE=group, BLOCK_M=64, BLOCK_N=sg.INT4_GEMM_BLOCK_N, BLOCK_K=min(64, group), NUM_STAGES=3,
+                    INTERPRET=False), 8, 3)
+
+
 def preload_variants():
     for (k_pad, block_n, warps), (gated, residual, norm), pdl in itertools.product(
             (pg.preload_config(576), pg.preload_config(2048)),
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.sass:
         args.sass.mkdir(parents=True, exist_ok=True)
-    variants = itertools.chain(gemv_variants(), preload_variants(), attention_variants())
+    variants = itertools.chain(gemv_variants(), int4_gemm_variants(), preload_variants(), attention_variants())
     for i, (kernel, pointers, constexprs, warps, stages) in enumerate(variants):
         name = (f"{kernel.fn.__name__} " + " ".join(f"{k}={v}" for k, v in constexprs.items() if k != "INTERPRET")
                 + f" num_warps={warps} num_stages={stages}")
