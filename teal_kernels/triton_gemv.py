@@ -665,6 +665,22 @@ def _plane_step(acc, xt, plane, x_sum, scale_ptr, zero_ptr, offs, DTYPE: tl.cons
 
 
 @triton.jit
+def _plane_steps(a0, a1, a2, a3, a4, a5, a6, a7, xt, p0, p1, p2, p3, p4, p5, p6, p7, x_sum, scale_ptr, zero_ptr,
+                 offs, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """_plane_step for each of a tile's eight nibble planes (`offs`: the group's scale/zero offsets
+    of plane 0's columns)."""
+    a0 = _plane_step(a0, xt, p0, x_sum, scale_ptr, zero_ptr, offs, DTYPE, INTERPRET)
+    a1 = _plane_step(a1, xt, p1, x_sum, scale_ptr, zero_ptr, offs + 1, DTYPE, INTERPRET)
+    a2 = _plane_step(a2, xt, p2, x_sum, scale_ptr, zero_ptr, offs + 2, DTYPE, INTERPRET)
+    a3 = _plane_step(a3, xt, p3, x_sum, scale_ptr, zero_ptr, offs + 3, DTYPE, INTERPRET)
+    a4 = _plane_step(a4, xt, p4, x_sum, scale_ptr, zero_ptr, offs + 4, DTYPE, INTERPRET)
+    a5 = _plane_step(a5, xt, p5, x_sum, scale_ptr, zero_ptr, offs + 5, DTYPE, INTERPRET)
+    a6 = _plane_step(a6, xt, p6, x_sum, scale_ptr, zero_ptr, offs + 6, DTYPE, INTERPRET)
+    a7 = _plane_step(a7, xt, p7, x_sum, scale_ptr, zero_ptr, offs + 7, DTYPE, INTERPRET)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
 def _interleave8(p0, p1, p2, p3, p4, p5, p6, p7):
     """Eight [R, C] tiles -> [R, 8 * C] with column 8c + i from tile i."""
     t = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
@@ -742,14 +758,9 @@ def _dot_gemv_kernel(
             p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
             x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M)[:, None]
             offs = (k0 + t * SUB_K) // GROUP_SIZE * N + plane_cols
-            a0 = _plane_step(a0, xt, p0, x_sum, scale_ptr, zero_ptr, offs, DTYPE, INTERPRET)
-            a1 = _plane_step(a1, xt, p1, x_sum, scale_ptr, zero_ptr, offs + 1, DTYPE, INTERPRET)
-            a2 = _plane_step(a2, xt, p2, x_sum, scale_ptr, zero_ptr, offs + 2, DTYPE, INTERPRET)
-            a3 = _plane_step(a3, xt, p3, x_sum, scale_ptr, zero_ptr, offs + 3, DTYPE, INTERPRET)
-            a4 = _plane_step(a4, xt, p4, x_sum, scale_ptr, zero_ptr, offs + 4, DTYPE, INTERPRET)
-            a5 = _plane_step(a5, xt, p5, x_sum, scale_ptr, zero_ptr, offs + 5, DTYPE, INTERPRET)
-            a6 = _plane_step(a6, xt, p6, x_sum, scale_ptr, zero_ptr, offs + 6, DTYPE, INTERPRET)
-            a7 = _plane_step(a7, xt, p7, x_sum, scale_ptr, zero_ptr, offs + 7, DTYPE, INTERPRET)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _plane_steps(a0, a1, a2, a3, a4, a5, a6, a7, xt, p0, p1, p2, p3, p4,
+                                                          p5, p6, p7, x_sum, scale_ptr, zero_ptr, offs, DTYPE,
+                                                          INTERPRET)
         else:
             wt = _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N)
             if FORMAT == 1:  # int8 -> fp32 by bit operations, then one packed cvt to x's dtype
@@ -831,14 +842,8 @@ def _int4_gemm_kernel(
         p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
         x_sum = tl.sum(xt, axis=1)[:, None]
         offs = k0 // GROUP_SIZE * N + plane_cols
-        a0 = _plane_step(a0, xt, p0, x_sum, scale_ptr, zero_ptr, offs, DTYPE, INTERPRET)
-        a1 = _plane_step(a1, xt, p1, x_sum, scale_ptr, zero_ptr, offs + 1, DTYPE, INTERPRET)
-        a2 = _plane_step(a2, xt, p2, x_sum, scale_ptr, zero_ptr, offs + 2, DTYPE, INTERPRET)
-        a3 = _plane_step(a3, xt, p3, x_sum, scale_ptr, zero_ptr, offs + 3, DTYPE, INTERPRET)
-        a4 = _plane_step(a4, xt, p4, x_sum, scale_ptr, zero_ptr, offs + 4, DTYPE, INTERPRET)
-        a5 = _plane_step(a5, xt, p5, x_sum, scale_ptr, zero_ptr, offs + 5, DTYPE, INTERPRET)
-        a6 = _plane_step(a6, xt, p6, x_sum, scale_ptr, zero_ptr, offs + 6, DTYPE, INTERPRET)
-        a7 = _plane_step(a7, xt, p7, x_sum, scale_ptr, zero_ptr, offs + 7, DTYPE, INTERPRET)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _plane_steps(a0, a1, a2, a3, a4, a5, a6, a7, xt, p0, p1, p2, p3, p4, p5,
+                                                      p6, p7, x_sum, scale_ptr, zero_ptr, offs, DTYPE, INTERPRET)
     acc = _interleave8(a0, a1, a2, a3, a4, a5, a6, a7)
     cols = col0 + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(DTYPE), mask=rows_ok[:, None])
