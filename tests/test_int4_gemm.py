@@ -78,6 +78,14 @@ def test_gpu_llama_shapes(k, n):
     assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
+def gemm_calls(monkeypatch) -> list:
+    """Record PackedLinear's calls of the int4 GEMM op (they still run)."""
+    import linear
+    calls, real = [], linear.int4_gemm
+    monkeypatch.setattr(linear, "int4_gemm", lambda *args: calls.append(args[0].shape) or real(*args))
+    return calls
+
+
 def int4_layers(w_t: torch.Tensor, split_sizes: list[int], monkeypatch):
     """The same int4 projection built with TEAL_INT4_GEMM off and on (read at construction)."""
     layers = []
@@ -90,29 +98,33 @@ def int4_layers(w_t: torch.Tensor, split_sizes: list[int], monkeypatch):
 
 @needs_cuda
 def test_gpu_packed_linear_prefill_takes_it(monkeypatch):
-    """With TEAL_INT4_GEMM=1 an int4 PackedLinear's dense prefill on CUDA runs the int4 GEMM (no
-    float copy of the weight is made) and agrees with the default path, with gate|up's prologue
-    and a residual too."""
+    """With TEAL_INT4_GEMM=1 an int4 PackedLinear's dense prefill on CUDA runs the int4 GEMM and
+    agrees with the default path (dequantize and multiply), with gate|up's prologue and a residual
+    too; with the switch off it does not run."""
     g = torch.Generator().manual_seed(1)
     w_t = (torch.randn(1024, 2048, generator=g) / 32).to(torch.bfloat16).cuda()
     x = torch.randn(2, 40, 2048, generator=g).to(torch.bfloat16).cuda()
     res = torch.randn(2, 40, 1024, generator=g).to(torch.bfloat16).cuda()
+    calls = gemm_calls(monkeypatch)
     off, on = int4_layers(w_t, [1024, 1024], monkeypatch)
-    monkeypatch.setattr(on, "dense_weight_t", lambda dtype: pytest.fail("dequantized the weight"))
     want = off(x[..., :1024])
+    assert not calls
     torch.testing.assert_close(on(x[..., :1024]).float(), want.float(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
     down_off, down_on = int4_layers(w_t[:, :1024].contiguous(), [1024], monkeypatch)
     want = down_off(x, gated=True, residual=res)
     torch.testing.assert_close(down_on(x, gated=True, residual=res).float(), want.float(), rtol=1e-2,
                                atol=1e-2 * want.abs().max().item())
+    assert len(calls) == 2  # both "on" layers, neither "off" one
 
 
 def test_packed_linear_off_cuda_keeps_the_reference(monkeypatch):
     """Off CUDA the switch changes nothing: prefill stays dequantize-and-multiply, bit for bit."""
+    calls = gemm_calls(monkeypatch)
     w_t = torch.randn(256, 256).to(torch.bfloat16)
     off, on = int4_layers(w_t, [256], monkeypatch)
     x = torch.randn(1, 20, 256).to(torch.bfloat16)
     assert torch.equal(on(x), off(x))
+    assert not calls
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the message of a machine without a GPU")
