@@ -25,6 +25,7 @@ import triton.testing
 
 from benchmarks.timing import MODEL_SHAPES, make_weight, make_x
 from files import check_writable, write_report
+from model import ModelArgs
 from teal_kernels.reference import masked_product
 from teal_kernels.triton_gemv import int4_gemm_fits, int4_gemm_triton
 
@@ -89,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/prefill/int4_gemm"),
                    help="output prefix: OUT.json and OUT.md")
     args = p.parse_args(argv)
+    try:  # bad arguments fail now, not after minutes of timing
+        if min(args.tokens) < 1:
+            raise ValueError(f"--tokens must be positive, got {args.tokens}")
+        if args.model:
+            ModelArgs.from_name(args.model)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: bench_prefill needs a CUDA GPU", file=sys.stderr)
         return 1

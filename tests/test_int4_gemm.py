@@ -127,6 +127,18 @@ def test_packed_linear_off_cuda_keeps_the_reference(monkeypatch):
     assert not calls
 
 
+@pytest.mark.parametrize("args,code,message", [
+    (["--model", "Llama-9"], 2, "error: unknown model name 'Llama-9'"),
+    (["--tokens", "0"], 2, "error: --tokens must be positive, got [0]"),
+])
+def test_bench_prefill_bad_arguments(args, code, message, capsys):
+    """Checked before any timing (or the GPU check): one line, exit 2."""
+    from benchmarks.bench_prefill import main
+    assert main(args) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the message of a machine without a GPU")
 def test_bench_prefill_needs_a_gpu(capsys):
     from benchmarks.bench_prefill import main
