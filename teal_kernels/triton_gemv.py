@@ -27,8 +27,7 @@ from triton.runtime.jit import JITFunction
 
 from teal_kernels.reference import FMT_INT4, FMT_INT8, MAX_BATCH, MAX_SEGMENTS, validate, weight_format_name
 
-__all__ = ["INTERPRETED", "KernelConfig", "get_config", "gpu_name", "int4_gemm_fits", "int4_gemm_triton",
-           "sparse_gemv_triton"]
+__all__ = ["INTERPRETED", "KernelConfig", "get_config", "gpu_name", "sparse_gemv_triton"]
 
 _SEGMENT_SLOTS = tl.constexpr(MAX_SEGMENTS)  # the kernel walks this many (possibly empty) segments
 TUNED_CONFIGS_PATH = Path(__file__).with_name("tuned_configs.json")
@@ -800,56 +799,6 @@ def _dot_gemv_kernel(
 
 
 # ---------------------------------------------------------------------------
-# Kernel: dense int4 GEMM for prefill-sized batches
-# ---------------------------------------------------------------------------
-#
-# Prefill (M > MAX_BATCH rows) is otherwise dequantize-then-matmul: a float32 [K, N] copy of every
-# matrix per call and a float32 GEMM, several times the time of the bf16 model's prefill. This
-# kernel reads the packed int4 words directly, with the dot design's plane arithmetic (one tl.dot
-# per nibble plane, the group's scale and zero applied after each tile's dot, the planes
-# interleaved once at the end): grid (M blocks, N blocks), no split-K, no thresholds. BLOCK_K
-# divides the group, so a tile lies in one group; BLOCK_N divides N (no column mask).
-
-
-@triton.jit
-def _int4_gemm_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr,
-    M, K, N, W_ROW,
-    GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    NW: tl.constexpr = BLOCK_N // 8
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_ok = rows < M
-    col0 = pid_n * BLOCK_N
-    word_cols = pid_n * NW + tl.arange(0, NW)
-    plane_cols = col0 + 8 * tl.arange(0, NW)
-    a0 = tl.zeros([BLOCK_M, NW], dtype=tl.float32)
-    a1 = tl.zeros([BLOCK_M, NW], dtype=tl.float32)
-    a2 = tl.zeros([BLOCK_M, NW], dtype=tl.float32)
-    a3 = tl.zeros([BLOCK_M, NW], dtype=tl.float32)
-    a4 = tl.zeros([BLOCK_M, NW], dtype=tl.float32)
-    a5 = tl.zeros([BLOCK_M, NW], dtype=tl.float32)
-    a6 = tl.zeros([BLOCK_M, NW], dtype=tl.float32)
-    a7 = tl.zeros([BLOCK_M, NW], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32)
-        words = tl.load(w_ptr + ks[:, None] * W_ROW + word_cols[None, :])
-        p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
-        x_sum = tl.sum(xt, axis=1)[:, None]
-        offs = k0 // GROUP_SIZE * N + plane_cols
-        a0, a1, a2, a3, a4, a5, a6, a7 = _plane_steps(a0, a1, a2, a3, a4, a5, a6, a7, xt, p0, p1, p2, p3, p4, p5,
-                                                      p6, p7, x_sum, scale_ptr, zero_ptr, offs, DTYPE, INTERPRET)
-    acc = _interleave8(a0, a1, a2, a3, a4, a5, a6, a7)
-    cols = col0 + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(DTYPE), mask=rows_ok[:, None])
-
-
-# ---------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------
 
@@ -1020,44 +969,5 @@ def sparse_gemv_triton(
         LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k, **fusions,
         INTERPRET=INTERPRETED, PDL=bool(pdl),
         num_warps=cfg.num_warps, num_stages=1, **pdl,
-    )
-    return out
-
-
-INT4_GEMM_BLOCK_N = 128  # 16 words: the narrowest plane a tl.dot takes
-
-
-def int4_gemm_fits(k: int, n: int, group_size: int) -> bool:
-    """Whether int4_gemm_triton takes a [K, N] int4 matrix: whole 128-column blocks (the kernel has
-    no column mask) and K in whole groups (validate checks that)."""
-    return n % INT4_GEMM_BLOCK_N == 0 and k % group_size == 0
-
-
-def int4_gemm_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
-                     block_m: int = 64, block_k: int = 64, num_warps: int = 8, num_stages: int = 3) -> Tensor:
-    """Dense x [M, K] @ W for packed int4 W (teal_kernels/reference.py's layout), any M, float32
-    accumulation, output in x.dtype: the prefill of an int4 model without a float copy of W.
-    Rejects (ValueError) shapes int4_gemm_fits refuses and weights not 16-byte aligned."""
-    if w.dtype != torch.uint8 or x.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"int4_gemm_triton takes bf16/fp16 x and packed int4 (uint8) w, got {x.dtype} and {w.dtype}.")
-    thresholds = torch.zeros(1, dtype=torch.float32, device=x.device)
-    validate(x, w, thresholds, [w.shape[1] * 2], scales, zeros, group_size, False)
-    if x.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
-    m, k, n = x.shape[0], w.shape[0], w.shape[1] * 2
-    if not int4_gemm_fits(k, n, group_size):
-        raise ValueError(f"int4_gemm_triton needs N a multiple of {INT4_GEMM_BLOCK_N}, got N={n}.")
-    if not all(t.is_contiguous() for t in (x, w, scales, zeros)) or w.data_ptr() % 16:
-        raise ValueError("int4_gemm_triton needs contiguous tensors and a 16-byte aligned w (it reads int32 words).")
-    if max(k * n, m * k, m * n) >= 2**31:
-        raise ValueError(f"int4_gemm_triton uses 32-bit offsets: M*K, K*N and M*N must be below 2**31 "
-                         f"(M={m}, K={k}, N={n}).")
-    block_k = min(block_k, group_size)
-    out = _alloc((m, n), x.dtype, x.device)
-    grid = (triton.cdiv(m, block_m), n // INT4_GEMM_BLOCK_N)
-    _int4_gemm_kernel[grid](
-        x, w.view(torch.int32), scales, zeros, out, m, k, n, n // 8,
-        GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=INT4_GEMM_BLOCK_N, BLOCK_K=block_k,
-        NUM_STAGES=num_stages, INTERPRET=INTERPRETED, num_warps=num_warps,
     )
     return out

@@ -29,6 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from teal_kernels import attention as at  # noqa: E402
+from teal_kernels import dequantize as dq  # noqa: E402
 from teal_kernels import preload_gemv as pg  # noqa: E402
 from teal_kernels import triton_gemv as sg  # noqa: E402
 from teal_kernels.reference import MAX_SEGMENTS  # noqa: E402
@@ -104,11 +105,11 @@ def gemv_variants():
                                          INTERPRET=False, PDL=False), 8, 3)
 
 
-def int4_gemm_variants():
-    for dtype, group in (("*bf16", 128), ("*fp16", 32)):
-        yield (sg._int4_gemm_kernel, {"x_ptr": dtype, "w_ptr": "*i32", "out_ptr": dtype},
-               dict(GROUP_SIZE=group, BLOCK_M=64, BLOCK_N=sg.INT4_GEMM_BLOCK_N, BLOCK_K=min(64, group), NUM_STAGES=3,
-                    INTERPRET=False), 8, 3)
+def dequantize_variants():
+    for int4, dtype in ((True, "*bf16"), (False, "*fp16")):
+        yield (dq._dequantize_kernel, {"w_ptr": "*u8" if int4 else "*i8", "out_ptr": dtype},
+               dict(INT4=int4, GROUP_SIZE=128 if int4 else 1, BLOCK_K=dq.BLOCK_K, BLOCK_N=dq.BLOCK_N,
+                    INTERPRET=False), 4, 1)
 
 
 def preload_variants():
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.sass:
         args.sass.mkdir(parents=True, exist_ok=True)
-    variants = itertools.chain(gemv_variants(), int4_gemm_variants(), preload_variants(), attention_variants())
+    variants = itertools.chain(gemv_variants(), dequantize_variants(), preload_variants(), attention_variants())
     for i, (kernel, pointers, constexprs, warps, stages) in enumerate(variants):
         name = (f"{kernel.fn.__name__} " + " ".join(f"{k}={v}" for k, v in constexprs.items() if k != "INTERPRET")
                 + f" num_warps={warps} num_stages={stages}")
