@@ -145,10 +145,12 @@ class TokenReader:
     step, and the GPU then waits for the host to launch the next one (measured: 170 vs 213 tok/s on
     Llama-3-8B). Instead each step's token is copied into pinned memory behind an event, and the
     host reads step i only after it has launched steps up to i + DEPTH - 1. On the CPU there is
-    nothing to overlap.
+    nothing to overlap. After an EOS the DEPTH - 1 steps launched behind it are wasted: the real
+    SmolLM2-135M on the H200 decoded a 74-token answer at 2042 tok/s with DEPTH 3 and 2069-2074 with 2,
+    a 256-token one at 2110 and 2095 (benchmarks/results/real_generate/).
     """
 
-    DEPTH = 3  # steps launched but not yet read
+    DEPTH = 2  # steps launched but not yet read
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
