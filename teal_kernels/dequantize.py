@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from teal_kernels.reference import FMT_INT4, KERNEL_DTYPES, validate
+from teal_kernels.reference import FMT_INT4, KERNEL_DTYPES, weight_format
 from teal_kernels.triton_gemv import INTERPRETED
 
 __all__ = ["dequantize_triton"]
@@ -84,13 +84,13 @@ def dequantize_triton(w: Tensor, scales: Tensor, zeros: Tensor | None, group_siz
     if w.dim() != 2:
         raise ValueError(f"dequantize_triton needs a 2-D w, got shape {tuple(w.shape)}.")
     k = w.shape[0]
-    fmt = validate(torch.empty(1, k, dtype=dtype, device=w.device), w, torch.zeros(1, device=w.device),
-                   [w.shape[1] * (2 if w.dtype == torch.uint8 else 1)], scales, zeros, group_size, False)
+    fmt, n = weight_format(w, dtype, KERNEL_DTYPES, scales, zeros, group_size)
+    if any(t is not None and t.device != w.device for t in (scales, zeros)):
+        raise ValueError(f"scales and zeros must be on w's device {w.device}.")
     if w.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
     if not all(t.is_contiguous() for t in (w, scales) + (() if zeros is None else (zeros,))):
         raise ValueError("dequantize_triton needs contiguous w, scales and zeros.")
-    n = w.shape[1] * (2 if fmt == FMT_INT4 else 1)
     if k * n >= 2**31:
         raise ValueError(f"dequantize_triton uses 32-bit offsets: K*N must be below 2**31 (K={k}, N={n}).")
     out = torch.empty(k, n, dtype=dtype, device=w.device)

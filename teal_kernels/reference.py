@@ -97,27 +97,7 @@ def validate(
         raise ValueError(f"w must have K={k} rows to match {what} of shape {tuple(x.shape)}, "
                          f"got shape {tuple(w.shape)}.")
 
-    if w.dtype in x_dtypes:
-        fmt, n = FMT_FLOAT, w.shape[1]
-        if w.dtype != x.dtype:
-            raise TypeError(f"Floating-point w must have x's dtype {x.dtype}, got {w.dtype}.")
-        if scales is not None or zeros is not None or group_size != 0:
-            raise ValueError("Floating-point w takes no scales, zeros or group_size.")
-    elif w.dtype == torch.int8:
-        fmt, n = FMT_INT8, w.shape[1]
-        if zeros is not None or group_size != 0:
-            raise ValueError("int8 w takes per-channel scales only (no zeros, group_size=0).")
-        _check_aux("scales", scales, (n,))
-    elif w.dtype == torch.uint8:
-        fmt, n = FMT_INT4, 2 * w.shape[1]
-        if group_size not in INT4_GROUP_SIZES:
-            raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}.")
-        if k % group_size != 0:
-            raise ValueError(f"int4 needs K divisible by group_size, got K={k}, group_size={group_size}.")
-        _check_aux("scales", scales, (k // group_size, n))
-        _check_aux("zeros", zeros, (k // group_size, n))
-    else:
-        raise TypeError(f"w dtype must be bf16, fp16, int8 or uint8 (packed int4), got {w.dtype}.")
+    fmt, n = weight_format(w, x.dtype, tuple(x_dtypes), scales, zeros, group_size)
 
     if not isinstance(split_sizes, (list, tuple)) or not all(isinstance(s, int) and s > 0 for s in split_sizes):
         raise ValueError(f"split_sizes must be a list of positive ints, got {split_sizes!r}.")
@@ -153,6 +133,35 @@ def validate(
         if k * n >= 2**31:
             raise ValueError(f"K*N must be below 2**31 for 32-bit offsets, got K={k}, N={n}.")
     return fmt
+
+
+def weight_format(w: Tensor, x_dtype: torch.dtype, float_dtypes: tuple[torch.dtype, ...], scales: Tensor | None,
+                  zeros: Tensor | None, group_size: int) -> tuple[int, int]:
+    """(format code, N) of a 2-D w [K, ...] and its scales/zeros for inputs of `x_dtype` (float w:
+    one of `float_dtypes`, x's own); TypeError / ValueError, one line, where they do not fit."""
+    k = w.shape[0]
+    if w.dtype in float_dtypes:
+        fmt, n = FMT_FLOAT, w.shape[1]
+        if w.dtype != x_dtype:
+            raise TypeError(f"Floating-point w must have x's dtype {x_dtype}, got {w.dtype}.")
+        if scales is not None or zeros is not None or group_size != 0:
+            raise ValueError("Floating-point w takes no scales, zeros or group_size.")
+    elif w.dtype == torch.int8:
+        fmt, n = FMT_INT8, w.shape[1]
+        if zeros is not None or group_size != 0:
+            raise ValueError("int8 w takes per-channel scales only (no zeros, group_size=0).")
+        _check_aux("scales", scales, (n,))
+    elif w.dtype == torch.uint8:
+        fmt, n = FMT_INT4, 2 * w.shape[1]
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}.")
+        if k % group_size != 0:
+            raise ValueError(f"int4 needs K divisible by group_size, got K={k}, group_size={group_size}.")
+        _check_aux("scales", scales, (k // group_size, n))
+        _check_aux("zeros", zeros, (k // group_size, n))
+    else:
+        raise TypeError(f"w dtype must be bf16, fp16, int8 or uint8 (packed int4), got {w.dtype}.")
+    return fmt, n
 
 
 def _check_aux(name: str, t: Tensor | None, shape: tuple[int, ...]) -> None:

@@ -90,6 +90,8 @@ def test_bad_inputs():
         dequantize_triton(w, scales[:, :64], zeros, 32, torch.bfloat16)
     with pytest.raises(ValueError, match="contiguous"):
         dequantize_triton(w, scales.t().contiguous().t(), zeros, 32, torch.bfloat16)
+    with pytest.raises(ValueError, match="on w's device"):
+        dequantize_triton(w, scales.to("meta"), zeros, 32, torch.bfloat16)
     w8, s8 = int8_matrix(32, 64)
     with pytest.raises(ValueError, match="per-channel scales only"):
         dequantize_triton(w8, s8, s8, 0, torch.bfloat16)
