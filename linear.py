@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
-from teal_kernels.ops import dense_gemv, dequantize
+from teal_kernels.ops import dense_gemv, dequantize, int4_matmul
 from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, gated_input
 from teal_kernels.speed_table import estimated_sparse_beats_dense, sparse_beats_dense
 
@@ -86,6 +86,12 @@ def preload_gemv_fits(device: torch.device, k: int, n: int) -> bool:
     return preload_fits(k, n, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
+# An int4 model's dense prefill on CUDA through teal_kernels/int4_matmul.py (reads the int4 bytes,
+# dequantizes in registers) instead of a bf16 copy per matrix and cuBLAS: written without a GPU, off
+# until the H200 has measured where it pays; TEAL_INT4_MATMUL=1 (read when a PackedLinear is built).
+INT4_MATMUL_ENV = "TEAL_INT4_MATMUL"
+
+
 @torch.compiler.assume_constant_result
 def kernel_verdict_for(device: torch.device, weight_format: str, rows: int, k: int, n: int,
                        sparsity: float) -> tuple[bool | None, bool]:
@@ -138,6 +144,7 @@ class PackedLinear(nn.Module):
         self.sparse = False
         self.sparse_prefill = False
         self.preload_allowed = env_switch(PRELOAD_ENV, default="1")  # a bad value fails here, not mid-decode
+        self.int4_matmul_allowed = env_switch(INT4_MATMUL_ENV) and fmt == "int4"  # read for every format, as above
         # Parameter-weighted target sparsity of the segments (teal.sparsify sets it from the
         # thresholds file): what the measured speed table is read at.
         self.target_sparsity: float | None = None
@@ -242,6 +249,10 @@ class PackedLinear(nn.Module):
         if preload:
             # small dense float on CUDA: weights loaded before the kernel waits on its input
             out = dense_gemv(rows, self.weight, gated, res, *norm_args)
+        elif quantized_prefill and self.int4_matmul_allowed:
+            out = int4_matmul((gated_input(rows) if gated else rows).contiguous(), self.weight, *self._quant_args(),
+                              self.group_size)
+            out = out if res is None else out + res
         elif dense_float or quantized_prefill:
             # cuBLAS / the CPU's BLAS, the fusions left to torch (Inductor)
             out = (gated_input(rows) if gated else rows) @ self.dense_weight_t(x.dtype)

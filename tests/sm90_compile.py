@@ -30,6 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from teal_kernels import attention as at  # noqa: E402
 from teal_kernels import dequantize as dq  # noqa: E402
+from teal_kernels import int4_matmul as im  # noqa: E402
 from teal_kernels import preload_gemv as pg  # noqa: E402
 from teal_kernels import triton_gemv as sg  # noqa: E402
 from teal_kernels.reference import MAX_SEGMENTS  # noqa: E402
@@ -112,6 +113,13 @@ def dequantize_variants():
                     INTERPRET=False), 4, 1)
 
 
+def int4_matmul_variants():
+    for dtype, group, block_m in (("*bf16", 128, 64), ("*bf16", 128, 16), ("*fp16", 32, 128)):
+        yield (im._int4_matmul_kernel, {"x_ptr": dtype, "w_ptr": "*u8", "out_ptr": dtype},
+               dict(GROUP_SIZE=group, BLOCK_M=block_m, BLOCK_N=im.BLOCK_N, BLOCK_K=min(64, group), NUM_STAGES=3,
+                    INTERPRET=False), 4, 3)
+
+
 def preload_variants():
     for (k_pad, block_n, warps), (gated, residual, norm), pdl in itertools.product(
             (pg.preload_config(576), pg.preload_config(2048)),
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.sass:
         args.sass.mkdir(parents=True, exist_ok=True)
-    variants = itertools.chain(gemv_variants(), dequantize_variants(), preload_variants(), attention_variants())
+    variants = itertools.chain(gemv_variants(), dequantize_variants(), int4_matmul_variants(), preload_variants(), attention_variants())
     for i, (kernel, pointers, constexprs, warps, stages) in enumerate(variants):
         name = (f"{kernel.fn.__name__} " + " ".join(f"{k}={v}" for k, v in constexprs.items() if k != "INTERPRET")
                 + f" num_warps={warps} num_stages={stages}")
