@@ -372,9 +372,9 @@ PY
     step 150 python3 -m pytest -q -x tests/test_dequantize.py -k gpu
     step 300 python3 -m benchmarks.bench_prefill --tokens 128 512 2048 --model Llama-3-8B --out "$out/int4_prefill"
     ;;
-  int4_matmul)  # issue 11's short int4 prefills: the int4 matmul (teal_kernels/int4_matmul.py, TEAL_INT4_MATMUL=1, written in the sixteenth session without a GPU; wgmma with the dequantized weights as the register operand): its GPU tests, then bench_prefill (per shape: bf16, dequantize + cuBLAS, the matmul at 5 configs; whole 8B prefills with and without it). Where it beats dequantize + cuBLAS, set a row limit in PackedLinear and turn it on
+  int4_matmul)  # issue 11's short int4 prefills (and, at 1 token, whether this design would make a better dense int4 decode GEMV than the dot tile: 37 / 22 / 14 / 11 us for gate_up / down / qkv / o in the tuned table): the int4 matmul (teal_kernels/int4_matmul.py, TEAL_INT4_MATMUL=1, written in the sixteenth session without a GPU; wgmma with the dequantized weights as the register operand): its GPU tests, then bench_prefill (per shape: bf16, dequantize + cuBLAS, the matmul at 5 configs; whole 8B prefills with and without it). Where it beats dequantize + cuBLAS, set a row limit in PackedLinear and turn it on
     step 150 python3 -m pytest -q -x tests/test_int4_matmul.py -k gpu
-    step 360 python3 -m benchmarks.bench_prefill --tokens 16 64 128 512 2048 --model Llama-3-8B --out "$out/int4_matmul"
+    step 400 python3 -m benchmarks.bench_prefill --tokens 1 16 64 128 512 2048 --model Llama-3-8B --out "$out/int4_matmul"
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back
     for b in 2 4 8; do
