@@ -250,6 +250,7 @@ class PackedLinear(nn.Module):
             # small dense float on CUDA: weights loaded before the kernel waits on its input
             out = dense_gemv(rows, self.weight, gated, res, *norm_args)
         elif quantized_prefill and self.int4_matmul_allowed:
+            # int4 read as int4, dequantized in registers (TEAL_INT4_MATMUL=1; unmeasured, so off)
             out = int4_matmul((gated_input(rows) if gated else rows).contiguous(), self.weight, *self._quant_args(),
                               self.group_size)
             out = out if res is None else out + res
