@@ -6,8 +6,8 @@ words (one tl.dot per nibble plane, 16 columns wide) ran 2.7-7.9x slower than bf
 H200 (benchmarks/results/int4_prefill/). The float32 path before it (a float32 copy of the matrix,
 then a float32 GEMM) was 18-20x slower. So PackedLinear dequantizes each matrix once per prefill
 call into x's dtype and hands it to cuBLAS: this kernel reads the quantized bytes once and writes
-the [K, N] matrix once (2 bytes a weight, a few microseconds per Llama-3-8B matrix at the H200's
-bandwidth), against a GEMM that reads those bytes again anyway.
+the [K, N] matrix once (2 bytes a weight: 17-88 us per Llama-3-8B matrix on the H200, about a copy's
+bandwidth), whatever the prompt length.
 
 The value of every weight is the reference's (teal_kernels/reference.py ``dequantize_weight``): int8
 q * s[n]; int4 (q - 8) * s[g, n] + z[g, n], computed in float32 and rounded once to x's dtype. The
