@@ -4,8 +4,8 @@ A quantized prefill dequantizes each matrix once into bf16 and runs cuBLAS (teal
 At short prompts that pass costs about as much as bf16's whole GEMM (H200, Llama-3-8B gate|up at 128
 tokens: 87 us for the pass, 114 us for cuBLAS; benchmarks/results/int4_prefill/), while a GEMM that
 read the int4 bytes would read a quarter of bf16's. This kernel dequantizes each [BLOCK_K, BLOCK_N]
-weight tile in registers with that pass's arithmetic (float32, rounded once to bf16) and multiplies it on the tensor
-cores. The packed layout keeps two columns a byte (column 2j in byte j's low nibble, 2j + 1 in its
+weight tile in registers with that pass's arithmetic (float32, rounded once to bf16) and multiplies
+it on the tensor cores. The packed layout keeps two columns a byte (column 2j in byte j's low nibble, 2j + 1 in its
 high one), so a tile splits into an even and an odd half, each a product of its own, interleaved
 once at the end. The products are computed transposed, W^T x^T, so the operand made in registers
 is the left one: Hopper's wgmma takes its left operand from registers, the right one from shared
