@@ -56,7 +56,8 @@ def bench_shape(k: int, n: int, m: int, formats: list[str]) -> dict:
         want = float32().float()
         err = (((x @ dequantized()).float() - want).abs().max() / want.abs().max()).item()
         if err > 1e-2:
-            raise RuntimeError(f"{fmt} dequantize + GEMM differs from the float32 path by {err:.3g} (K={k} N={n} M={m})")
+            raise RuntimeError(f"{fmt} dequantize + GEMM differs from the float32 path by {err:.3g} "
+                               f"(K={k} N={n} M={m})")
         row |= {f"{fmt}_dequantize_us": time_us(dequantized), f"{fmt}_us": time_us(lambda: x @ dequantized()),
                 f"{fmt}_float32_us": time_us(float32)}
         if fmt.startswith("int4"):
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                   + " |" for r in model_rows]
     data = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv), "matmul_configs": MATMUL_CONFIGS, "results": rows, "model_prefill": model_rows}
+            "command": " ".join(sys.argv), "matmul_configs": MATMUL_CONFIGS, "results": rows,
+            "model_prefill": model_rows}
     write_report(args.out, data, lines)
     return 0
 

@@ -84,7 +84,8 @@ def int4_matmul_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, grou
     if x.dtype not in KERNEL_DTYPES or w.dtype != torch.uint8:
         raise TypeError(f"int4_matmul_triton takes bf16/fp16 x and packed int4 (uint8) w, got {x.dtype} and {w.dtype}.")
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"int4_matmul_triton needs x [M, K] and w [K, N/2], got {tuple(x.shape)} and {tuple(w.shape)}.")
+        raise ValueError(f"int4_matmul_triton needs x [M, K] and w [K, N/2], got {tuple(x.shape)} and "
+                         f"{tuple(w.shape)}.")
     _, n = weight_format(w, x.dtype, KERNEL_DTYPES, scales, zeros, group_size)
     if any(t.device != x.device for t in (w, scales, zeros)):
         raise ValueError(f"w, scales and zeros must be on x's device {x.device}.")
