@@ -235,7 +235,7 @@ class PackedLinear(nn.Module):
         preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
                    and x.dtype in KERNEL_DTYPES and preload_gemv_fits(x.device, self.in_features, self.out_features))
         # A dense prefill of int8/int4 weights on CUDA: dense_weight_t dequantizes the matrix once into
-        # x's dtype, then cuBLAS (H200, 8B shapes, 2048 tokens: 1.15-1.20x bf16's time, 15-23x faster
+        # x's dtype, then cuBLAS (H200, 8B shapes, 2048 tokens: 1.15-1.20x bf16's time, 16-17x faster
         # than the float32 product; benchmarks/results/int4_prefill/)
         quantized_prefill = (self.fmt != "fp" and not sparse and not decode_kernel and x.device.type == "cuda"
                              and x.dtype in KERNEL_DTYPES)

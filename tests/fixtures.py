@@ -29,6 +29,23 @@ COMPILE_BACKENDS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.skip
 # `write_byte_tokenizer` plus its special tokens.
 TINY = dict(dim=64, n_layer=2, n_head=4, n_local_heads=2, intermediate_size=128, vocab_size=272,
             block_size=128)
+def random_int4(k: int, n: int, group_size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random packed int4 codes [K, N/2] with positive scales and signed zeros [K/group_size, N], on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(0, 256, (k, n // 2), generator=g, dtype=torch.uint8)
+    scales = torch.rand(k // group_size, n, generator=g) * 0.1 + 0.01
+    zeros = torch.randn(k // group_size, n, generator=g) * 0.05
+    return w.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE)
+
+
+def recorded_calls(monkeypatch, module, name: str) -> list:
+    """Replace module.name by a wrapper that records the shape of each call's first argument and still
+    calls the original; returns the record."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: calls.append(args[0].shape) or real(*args))
+    return calls
+
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.sass:
         args.sass.mkdir(parents=True, exist_ok=True)
-    variants = itertools.chain(gemv_variants(), dequantize_variants(), int4_matmul_variants(), preload_variants(), attention_variants())
+    variants = itertools.chain(gemv_variants(), dequantize_variants(), int4_matmul_variants(), preload_variants(),
+                               attention_variants())
     for i, (kernel, pointers, constexprs, warps, stages) in enumerate(variants):
         name = (f"{kernel.fn.__name__} " + " ".join(f"{k}={v}" for k, v in constexprs.items() if k != "INTERPRET")
                 + f" num_warps={warps} num_stages={stages}")

@@ -8,7 +8,7 @@ GPU may fuse int4's multiply-add). Without CUDA the kernel runs under TRITON_INT
 """
 import pytest
 import torch
-from fixtures import DEVICE, HAS_CUDA, needs_cuda
+from fixtures import DEVICE, HAS_CUDA, needs_cuda, random_int4, recorded_calls
 
 from quantize import quantize_projection
 from teal_kernels.dequantize import dequantize_triton
@@ -16,15 +16,6 @@ from teal_kernels.ops import dequantize
 from teal_kernels.reference import dequantize_weight
 
 pytestmark = pytest.mark.usefixtures("interpreted_kernels")
-
-
-def int4_matrix(k: int, n: int, group_size: int, seed: int = 0):
-    """Random packed int4 codes [K, N/2] with positive scales and signed zeros."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randint(0, 256, (k, n // 2), generator=g, dtype=torch.uint8)
-    scales = torch.rand(k // group_size, n, generator=g) * 0.1 + 0.01
-    zeros = torch.randn(k // group_size, n, generator=g) * 0.05
-    return w.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE)
 
 
 def int8_matrix(k: int, n: int, seed: int = 0):
@@ -65,7 +56,7 @@ def assert_dequantized(got: torch.Tensor, w, scales, zeros, group_size: int, dty
     (192, 66, 64, torch.bfloat16),  # three groups, a narrow last block
 ])
 def test_int4_matches_reference(k, n, group_size, dtype):
-    w, scales, zeros = int4_matrix(k, n, group_size)
+    w, scales, zeros = random_int4(k, n, group_size)
     assert_dequantized(dequantize_triton(w, scales, zeros, group_size, dtype), w, scales, zeros, group_size, dtype)
     assert_dequantized(dequantize(w, scales, zeros, group_size, dtype), w, scales, zeros, group_size, dtype)  # the op
 
@@ -79,7 +70,7 @@ def test_int8_matches_reference(k, n, dtype):
 
 def test_bad_inputs():
     """Wrong dtypes, format shapes and layouts are one-line errors."""
-    w, scales, zeros = int4_matrix(64, 128, 32)
+    w, scales, zeros = random_int4(64, 128, 32)
     with pytest.raises(TypeError, match="bf16/fp16 from int8 or packed int4"):
         dequantize_triton(w, scales, zeros, 32, torch.float32)
     with pytest.raises(TypeError, match="bf16/fp16 from int8 or packed int4"):
@@ -100,7 +91,7 @@ def test_bad_inputs():
 @needs_cuda
 @pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])  # Llama-3-8B's q|k|v and down
 def test_gpu_llama_shapes(k, n):
-    w, scales, zeros = int4_matrix(k, n, 128)
+    w, scales, zeros = random_int4(k, n, 128)
     assert_dequantized(dequantize_triton(w, scales, zeros, 128, torch.bfloat16), w, scales, zeros, 128,
                        torch.bfloat16)
     w8, s8 = int8_matrix(k, n)
@@ -110,9 +101,7 @@ def test_gpu_llama_shapes(k, n):
 def dequantize_calls(monkeypatch) -> list:
     """Record PackedLinear's calls of the dequantize op (they still run)."""
     import linear
-    calls, real = [], linear.dequantize
-    monkeypatch.setattr(linear, "dequantize", lambda *args: calls.append(args[0].shape) or real(*args))
-    return calls
+    return recorded_calls(monkeypatch, linear, "dequantize")
 
 
 @needs_cuda

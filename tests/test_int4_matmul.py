@@ -6,7 +6,7 @@ Without CUDA the kernel runs under TRITON_INTERPRET=1 (conftest.py) on small sha
 """
 import pytest
 import torch
-from fixtures import DEVICE, needs_cuda
+from fixtures import DEVICE, needs_cuda, random_int4, recorded_calls
 
 from quantize import quantize_projection
 from teal_kernels.int4_matmul import int4_matmul_triton
@@ -18,12 +18,8 @@ pytestmark = pytest.mark.usefixtures("interpreted_kernels")
 
 def problem(m: int, k: int, n: int, group_size: int, dtype=torch.bfloat16, seed: int = 0):
     """x [M, K] and random packed int4 codes with positive scales and signed zeros."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    w = torch.randint(0, 256, (k, n // 2), generator=g, dtype=torch.uint8)
-    scales = torch.rand(k // group_size, n, generator=g) * 0.1 + 0.01
-    zeros = torch.randn(k // group_size, n, generator=g) * 0.05
-    return x.to(DEVICE), w.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    return (x.to(DEVICE), *random_int4(k, n, group_size, seed))
 
 
 def assert_matches(got: torch.Tensor, x: torch.Tensor, w, scales, zeros, group_size: int) -> None:
@@ -79,9 +75,7 @@ def test_gpu_llama_shapes(m, k, n):
 def matmul_calls(monkeypatch) -> list:
     """Record PackedLinear's calls of the int4 matmul op (they still run)."""
     import linear
-    calls, real = [], linear.int4_matmul
-    monkeypatch.setattr(linear, "int4_matmul", lambda *args: calls.append(args[0].shape) or real(*args))
-    return calls
+    return recorded_calls(monkeypatch, linear, "int4_matmul")
 
 
 def int4_layers(w_t: torch.Tensor, split_sizes: list[int], monkeypatch):
