@@ -24,8 +24,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
-from teal_kernels.ops import dense_gemv, dequantize, int4_matmul
-from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, gated_input
+from teal_kernels.ops import dense_gemv, dequantize
+from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, MAX_DOT_ROWS, dot_design_fits, gated_input
 from teal_kernels.speed_table import estimated_sparse_beats_dense, sparse_beats_dense
 
 FORMATS = ("fp", "int8", "int4")
@@ -86,10 +86,10 @@ def preload_gemv_fits(device: torch.device, k: int, n: int) -> bool:
     return preload_fits(k, n, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-# An int4 model's dense prefill on CUDA through teal_kernels/int4_matmul.py (reads the int4 bytes,
-# dequantizes in registers) instead of a bf16 copy per matrix and cuBLAS: written without a GPU, off
-# until the H200 has measured where it pays; TEAL_INT4_MATMUL=1 (read when a PackedLinear is built).
-INT4_MATMUL_ENV = "TEAL_INT4_MATMUL"
+# Dense calls of int8/int4 weights on CUDA of up to this many rows (short prefills, batches past
+# MAX_BATCH) run the Triton kernel's "dot" design, which reads the quantized weights once and converts
+# them in registers, instead of a bf16 copy per matrix and cuBLAS (provisional: being measured).
+QUANTIZED_KERNEL_ROWS = MAX_DOT_ROWS
 
 
 @torch.compiler.assume_constant_result
@@ -144,7 +144,10 @@ class PackedLinear(nn.Module):
         self.sparse = False
         self.sparse_prefill = False
         self.preload_allowed = env_switch(PRELOAD_ENV, default="1")  # a bad value fails here, not mid-decode
-        self.int4_matmul_allowed = env_switch(INT4_MATMUL_ENV) and fmt == "int4"  # read for every format, as above
+        # rows up to which a dense quantized call on CUDA runs the kernel (QUANTIZED_KERNEL_ROWS where the
+        # shape takes the dot design, else the decode batches only)
+        self.quantized_kernel_rows = (QUANTIZED_KERNEL_ROWS if fmt != "fp" and dot_design_fits(
+            fmt == "int4", in_features, self.split_sizes) else MAX_BATCH)
         # Parameter-weighted target sparsity of the segments (teal.sparsify sets it from the
         # thresholds file): what the measured speed table is read at.
         self.target_sparsity: float | None = None
@@ -213,6 +216,8 @@ class PackedLinear(nn.Module):
         row, where the H200 measured it faster (Llama-3.2-1B 50% 1134.7 -> 1169.2 tok/s,
         Llama-3-8B 298.1 -> 299.4), not for int4, which it slowed (8B int4-g128 50% 312.4 ->
         284.8; benchmarks/results/NOTES.md, results/norm_1b/)."""
+        if n_rows > MAX_BATCH:  # a short quantized prefill: each program would read every row's whole x
+            return False
         return (self.fmt == "fp" and n_rows == 1) if override is None else override
 
     def forward(self, x: Tensor, gated: bool = False, residual: Tensor | None = None,
@@ -231,7 +236,8 @@ class PackedLinear(nn.Module):
         cpu_half = x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
         dense_float = self.fmt == "fp" and not sparse and not cpu_half
         n_rows = x.numel() // x.shape[-1]
-        decode_kernel = not dense_float and n_rows <= MAX_BATCH and x.dtype in KERNEL_DTYPES
+        kernel_rows = self.quantized_kernel_rows if x.device.type == "cuda" and not sparse else MAX_BATCH
+        decode_kernel = not dense_float and n_rows <= kernel_rows and x.dtype in KERNEL_DTYPES
         preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
                    and x.dtype in KERNEL_DTYPES and preload_gemv_fits(x.device, self.in_features, self.out_features))
         # A dense prefill of int8/int4 weights on CUDA: dense_weight_t dequantizes the matrix once into
@@ -249,11 +255,6 @@ class PackedLinear(nn.Module):
         if preload:
             # small dense float on CUDA: weights loaded before the kernel waits on its input
             out = dense_gemv(rows, self.weight, gated, res, *norm_args)
-        elif quantized_prefill and self.int4_matmul_allowed:
-            # int4 read as int4, dequantized in registers (TEAL_INT4_MATMUL=1; unmeasured, so off)
-            out = int4_matmul((gated_input(rows) if gated else rows).contiguous(), self.weight, *self._quant_args(),
-                              self.group_size)
-            out = out if res is None else out + res
         elif dense_float or quantized_prefill:
             # cuBLAS / the CPU's BLAS, the fusions left to torch (Inductor)
             out = (gated_input(rows) if gated else rows) @ self.dense_weight_t(x.dtype)

@@ -1,16 +1,17 @@
 """Dense quantized prefill: int8 and int4 matrices dequantized once into bf16 (teal::dequantize), then
-cuBLAS, against the bf16 model's cuBLAS GEMM and the float32 path it replaced, per Llama layer shape
-and prompt length (issue: an int4 prefill not slower than bf16's).
+cuBLAS, and (up to MAX_DOT_ROWS tokens) the Triton kernel reading the quantized weights, against the
+bf16 model's cuBLAS GEMM and the float32 path, per Llama layer shape and prompt length (issue: an
+int4 prefill not slower than bf16's).
 
     python -m benchmarks.bench_prefill [--models llama3-8b] [--tokens 128 512 2048] [--model Llama-3-8B] [--out OUT]
 
 Times one call each (triton.testing.do_bench, median, L2 flushed): `x @ w` in bf16; for int4-g<group>
 and int8, the dequantization alone, dequantize + `x @ w` (what PackedLinear runs on CUDA), and the
-float32 path (teal_kernels.reference.masked_product: a float32 copy of W, a float32 GEMM); for int4
-also the int4 matmul (teal_kernels/int4_matmul.py, TEAL_INT4_MATMUL=1) at a few configs; each
-checked against the float32 path first. With `--model`, also a whole (eager) prefill of a
-random-weight model of that shape at each prompt length: bf16, int4-g<group>, int8, int4 through
-the int4 matmul, and the host's time to enqueue it. Writes OUT.json (GPU,
+float32 path (teal_kernels.reference.masked_product: a float32 copy of W, a float32 GEMM), and up to
+MAX_DOT_ROWS tokens the kernel (sparse_gemv_triton at threshold 0, its tuned or heuristic config);
+each checked against the float32 path first. With `--model`, also a whole (eager) prefill of a
+random-weight model of that shape at each prompt length: bf16, int4-g<group> and int8 as PackedLinear
+routes them, int4-g<group> dequantized at every length, and the host's time to enqueue each. Writes OUT.json (GPU,
 versions, date, command) and OUT.md, and prints the tables.
 """
 from __future__ import annotations
@@ -30,12 +31,8 @@ from benchmarks.timing import MODEL_SHAPES, make_weight, make_x
 from files import check_writable, write_report
 from model import ModelArgs
 from teal_kernels.dequantize import dequantize_triton
-from teal_kernels.int4_matmul import int4_matmul_triton
-from teal_kernels.reference import masked_product
-
-
-# int4_matmul_triton's (block_m, num_stages) tried per shape, the default first
-MATMUL_CONFIGS = [(64, 3), (16, 3), (32, 3), (128, 3), (64, 4)]
+from teal_kernels.reference import MAX_BATCH, MAX_DOT_ROWS, masked_product
+from teal_kernels.triton_gemv import sparse_gemv_triton
 
 
 def time_us(fn, rep_ms: int = 50) -> float:
@@ -60,14 +57,12 @@ def bench_shape(k: int, n: int, m: int, formats: list[str]) -> dict:
                                f"(K={k} N={n} M={m})")
         row |= {f"{fmt}_dequantize_us": time_us(dequantized), f"{fmt}_us": time_us(lambda: x @ dequantized()),
                 f"{fmt}_float32_us": time_us(float32)}
-        if fmt.startswith("int4"):
-            for bm, st in MATMUL_CONFIGS:
-                run = lambda: int4_matmul_triton(x, w, scales, zeros, group, block_m=bm, num_stages=st)  # noqa: E731
-                err = ((run().float() - want).abs().max() / want.abs().max()).item()
-                if err > 1e-2:
-                    raise RuntimeError(f"int4 matmul {bm} s{st} differs from the float32 path by {err:.3g} "
-                                       f"(K={k} N={n} M={m})")
-                row[f"{fmt}_matmul_m{bm}_s{st}_us"] = time_us(run)
+        if m <= MAX_DOT_ROWS:
+            kernel = lambda: sparse_gemv_triton(x, w, none, [n], scales, zeros, group)  # noqa: E731
+            err = ((kernel().float() - want).abs().max() / want.abs().max()).item()
+            if err > 1e-2:
+                raise RuntimeError(f"{fmt} kernel differs from the float32 path by {err:.3g} (K={k} N={n} M={m})")
+            row[f"{fmt}_kernel_us"] = time_us(kernel)
     return row
 
 
@@ -92,11 +87,12 @@ def bench_model_prefill(name: str, tokens: list[int], formats: list[str]) -> lis
     from generate import random_model
     rows = [{"M": m} for m in tokens]
     from linear import packed_projections
-    for fmt in ["bf16", *formats, "int4 matmul"]:
+    for fmt in ["bf16", *formats, f"{formats[0]} dequantize"]:
         model = random_model(name, torch.bfloat16, "cuda")
-        apply_weights(model, formats[0] if fmt == "int4 matmul" else fmt)
-        for layer in packed_projections(model).values():
-            layer.int4_matmul_allowed = fmt == "int4 matmul"  # what TEAL_INT4_MATMUL=1 sets
+        apply_weights(model, fmt.split()[0])
+        if fmt.endswith("dequantize"):  # dequantize + cuBLAS past the decode batches
+            for layer in packed_projections(model).values():
+                layer.quantized_kernel_rows = MAX_BATCH
         model.setup_caches(1, max(tokens) + 8)
         for row in rows:
             prompt = torch.randint(model.config.vocab_size, (1, row["M"]), device="cuda")
@@ -142,18 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Quantized prefill: dequantize once + cuBLAS vs bf16 ({torch.cuda.get_device_name()}, torch "
              f"{torch.__version__}, triton {triton.__version__}, {datetime.date.today()})", "",
              f"`{' '.join(sys.argv)}`; µs per call, median. Per format: the dequantization alone / dequantize + "
-             f"GEMM (what a quantized prefill runs) / the float32 path it replaced.", "",
-             "| model | layer | M | bf16 | " + " | ".join(f"{f} dequantize | {f} | {f} / bf16 | {f} float32"
-                                                        for f in formats)
-             + f" | {formats[0]} matmul, best config | its / bf16 |",
-             "|---|---|---|---|" + "---|---|---|---|" * len(formats) + "---|---|"]
+             f"GEMM (what a quantized prefill runs past the kernel's rows) / the float32 path it replaced / the Triton "
+             f"kernel reading the quantized weights (up to {MAX_DOT_ROWS} rows).", "",
+             "| model | layer | M | bf16 | " + " | ".join(f"{f} dequantize | {f} | {f} / bf16 | {f} float32 | "
+                                                        f"{f} kernel | its / bf16" for f in formats) + " |",
+             "|---|---|---|---|" + "---|---|---|---|---|---|" * len(formats)]
     for r in rows:
-        best = min((key for key in r if "_matmul_" in key), key=r.get)
         lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['bf16_us']:.1f} | " + " | ".join(
             f"{r[f + '_dequantize_us']:.1f} | {r[f + '_us']:.1f} | {r[f + '_us'] / r['bf16_us']:.2f}x | "
-            f"{r[f + '_float32_us']:.1f}" for f in formats)
-            + f" | {r[best]:.1f} ({best.split('_matmul_')[1][:-3]}) | {r[best] / r['bf16_us']:.2f}x |")
-    model_formats = [*formats, "int4 matmul"]
+            f"{r[f + '_float32_us']:.1f} | " + (f"{r[f + '_kernel_us']:.1f} | {r[f + '_kernel_us'] / r['bf16_us']:.2f}x"
+                                               if f + "_kernel_us" in r else "- | -") for f in formats) + " |")
+    model_formats = [*formats, f"{formats[0]} dequantize"]
     model_rows = bench_model_prefill(args.model, args.tokens, formats) if args.model else []
     if model_rows:
         lines += ["", f"Whole prefill (eager), {args.model} shape, random weights, ms; in brackets the host's time "
@@ -165,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                   + " |" for r in model_rows]
     data = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv), "matmul_configs": MATMUL_CONFIGS, "results": rows,
+            "command": " ".join(sys.argv), "results": rows,
             "model_prefill": model_rows}
     write_report(args.out, data, lines)
     return 0

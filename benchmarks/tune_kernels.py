@@ -38,7 +38,7 @@ from benchmarks.timing import (
     threshold_for,
 )
 from files import atomic_path
-from teal_kernels.reference import sparse_gemv_reference
+from teal_kernels.reference import MAX_BATCH, sparse_gemv_reference
 from teal_kernels.triton_gemv import (TUNED_CONFIGS_PATH, KernelConfig, _heuristic_config, _rows_heuristic, config_key,
                                       sparse_gemv_triton)
 
@@ -58,12 +58,15 @@ def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConf
     stages = (3,) if quick else (3, 4)
     # int4 applies its group scale once per tile: longer tiles (up to a group) apply it less often.
     sub_ks = (32, 64, 128) if kind == "int4" and not quick else (32,)
-    grid = {_heuristic_config(fmt, m, k, n), _rows_heuristic(fmt, m, k, n)} | ({stored} if stored else set())
+    grid = {_heuristic_config(fmt, m, k, n)} | ({stored} if stored else set())
+    rows_design = m <= MAX_BATCH  # past the decode batches only the dot design runs
+    if rows_design:
+        grid.add(_rows_heuristic(fmt, m, k, n))
     for bn, bk, st, sk in itertools.product(block_ns, block_ks, stages, sub_ks):
         if sk <= bk:
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, design="dot"))
-    if kind != "int4":  # the compact rows design around its stored winners (16 rows x 512 columns, 4 warps),
-        # with and without the next chunk's weight rows prefetched (num_stages 2); 1024-row blocks halve
+    if kind != "int4" and rows_design:  # the compact rows design around its stored winners (16 rows x 512
+        # columns, 4 warps), with and without the next chunk's weight rows prefetched (num_stages 2); 1024-row blocks halve
         # the programs, which cuts the per-call fixed cost (results/fixed_cost.md)
         for bn, bk, sk, nw, st in itertools.product((256, 512), (256, 512, 1024), (16, 32), (4, 8), (1, 2)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,

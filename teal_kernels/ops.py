@@ -1,7 +1,6 @@
 """The torch ops of the decode path: ``teal::sparse_gemv`` (what PackedLinear calls for
 decode-sized batches), ``teal::dense_gemv`` (its dense decode calls of small float matrices on
-CUDA), ``teal::dequantize`` (a quantized matrix in bf16/fp16 for prefill on CUDA), ``teal::int4_matmul``
-(an int4 model's short prefills on CUDA, behind a switch), ``teal::decode_attention`` and
+CUDA), ``teal::dequantize`` (a quantized matrix in bf16/fp16 for prefill on CUDA), ``teal::decode_attention`` and
 ``teal::decode_attention_step`` (the fused decode path's attention, decode.py).
 
 One op, one implementation per device: CUDA runs the Triton kernels (teal_kernels/triton_gemv.py,
@@ -22,8 +21,9 @@ import torch
 from torch import Tensor
 
 from teal_kernels import cpu
-from teal_kernels.reference import (KERNEL_DTYPES, attention_reference, attention_step_reference, dequantize_weight,
-                                    masked_product, rms_normed, validate, validate_attention, validate_step)
+from teal_kernels.reference import (KERNEL_DTYPES, MAX_DOT_ROWS, attention_reference, attention_step_reference,
+                                    dequantize_weight, masked_product, rms_normed, validate, validate_attention,
+                                    validate_step)
 
 CPU_KERNELS_ENV = "TEAL_CPU_KERNELS"  # "native" (default), "reference" or "interpreter"
 CPU_KERNEL_MODES = ("native", "reference", "interpreter")
@@ -97,7 +97,7 @@ def _sparse_gemv_cuda(x, w, thresholds, split_sizes, scales=None, zeros=None, gr
 def _(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0, gated=False, residual=None,
       norm_weight=None, eps=0.0):
     validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True, gated=gated,
-             residual=residual, norm_weight=norm_weight)
+             residual=residual, norm_weight=norm_weight, max_rows=MAX_DOT_ROWS)
     return x.new_empty(x.shape[0], sum(split_sizes))
 
 
@@ -179,31 +179,6 @@ def dequantize(w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
     """The real weight W^T [K, N] of an int8 / packed int4 matrix in bf16 or fp16, in one pass over its
     bytes (teal_kernels/dequantize.py): what PackedLinear hands cuBLAS for a quantized prefill on CUDA."""
     return torch.ops.teal.dequantize(w, scales, zeros, group_size, dtype)
-
-
-@torch.library.custom_op("teal::int4_matmul", mutates_args=(), device_types="cpu")
-def _int4_matmul_cpu(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
-    if _cpu_runs_interpreter():
-        from teal_kernels.int4_matmul import int4_matmul_triton
-        return int4_matmul_triton(x, w, scales, zeros, group_size)
-    return x @ dequantize_weight(w, scales, zeros, group_size).to(x.dtype)
-
-
-@_int4_matmul_cpu.register_kernel("cuda")
-def _(x, w, scales, zeros, group_size):
-    from teal_kernels.int4_matmul import int4_matmul_triton
-    return int4_matmul_triton(x, w, scales, zeros, group_size)
-
-
-@_int4_matmul_cpu.register_fake
-def _(x, w, scales, zeros, group_size):
-    return x.new_empty(x.shape[0], w.shape[1] * 2)
-
-
-def int4_matmul(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
-    """x [M, K] @ W of a packed int4 matrix without a bf16 copy of W (teal_kernels/int4_matmul.py):
-    an int4 model's short prefills on CUDA where PackedLinear picks it (TEAL_INT4_MATMUL=1)."""
-    return torch.ops.teal.int4_matmul(x, w, scales, zeros, group_size)
 
 
 # ---------------------------------------------------------------------------------------------

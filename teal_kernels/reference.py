@@ -29,6 +29,9 @@ import torch
 from torch import Tensor
 
 MAX_BATCH = 8  # rows of x the decode kernels take; larger batches are GEMMs (dequantize + matmul)
+# rows the Triton kernel's "dot" design takes (tl.dot tiles of up to 64 rows): an int8/int4 model's
+# short prefills on CUDA read the quantized weights once, without a bf16 copy (PackedLinear decides)
+MAX_DOT_ROWS = 64
 MAX_SEGMENTS = 8
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # activation dtypes of the decode kernels
 ATTENTION_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -59,6 +62,13 @@ def dequantize_weight(
     raise TypeError(f"Unsupported weight dtype {w.dtype}; expected bf16, fp16, int8 or uint8 (packed int4).")
 
 
+def dot_design_fits(int4: bool, k: int, split_sizes: list[int]) -> bool:
+    """Whether the Triton kernel's "dot" design takes a matrix of K rows and these output segments:
+    tiles of at least 16 rows (K a multiple of 16) whose columns stay in one segment (each a
+    multiple of 16; of 128 for int4, whose nibble planes of a tile's columns are tl.dot tiles)."""
+    return k % 16 == 0 and min(s & -s for s in split_sizes) >= (128 if int4 else 16)
+
+
 def weight_format_name(w: Tensor, group_size: int = 0) -> str:
     """Config-table name of a weight format: bf16, fp16, fp32, int8 or int4-g{group_size}."""
     if w.dtype == torch.uint8:
@@ -78,11 +88,13 @@ def validate(
     gated: bool = False,
     residual: Tensor | None = None,
     norm_weight: Tensor | None = None,
+    max_rows: int = MAX_BATCH,
 ) -> int:
     """Check every argument of a sparse GEMV; return the format code.
 
-    ``for_kernel`` adds the limits of the decode kernels (batch, contiguity, 32-bit offsets) and
-    refuses float32 (the reference also serves float32 models on the CPU for quality work).
+    ``for_kernel`` adds the limits of the decode kernels (at most ``max_rows`` rows, contiguity,
+    32-bit offsets) and refuses float32 (the reference also serves float32 models on the CPU for
+    quality work).
     """
     x_dtypes = {torch.bfloat16: "bf16", torch.float16: "fp16"} | ({} if for_kernel else {torch.float32: "fp32"})
     if x.dtype not in x_dtypes:
@@ -124,8 +136,8 @@ def validate(
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}.")
 
     if for_kernel:
-        if not 1 <= m <= MAX_BATCH:
-            raise ValueError(f"sparse_gemv handles batch 1..{MAX_BATCH}, got M={m}; use the dense path instead.")
+        if not 1 <= m <= max_rows:
+            raise ValueError(f"sparse_gemv handles batch 1..{max_rows} here, got M={m}; use the dense path instead.")
         for name, t in (("x", x), ("w", w), ("thresholds", thresholds), ("scales", scales), ("zeros", zeros),
                         ("residual", residual), ("norm_weight", norm_weight)):
             if t is not None and not t.is_contiguous():

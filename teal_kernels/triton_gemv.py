@@ -25,7 +25,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-from teal_kernels.reference import FMT_INT4, FMT_INT8, MAX_BATCH, MAX_SEGMENTS, validate, weight_format_name
+from teal_kernels.reference import (FMT_INT4, FMT_INT8, MAX_BATCH, MAX_DOT_ROWS, MAX_SEGMENTS, dot_design_fits,
+                                    validate, weight_format_name)
 
 __all__ = ["INTERPRETED", "KernelConfig", "get_config", "gpu_name", "sparse_gemv_triton"]
 
@@ -102,12 +103,14 @@ def _tuned_table() -> dict:
 def get_config(device_name: str, weight_format: str, m: int, k: int, n: int) -> KernelConfig:
     """Tuned config for this GPU and shape if benchmarks/tune_kernels.py stored one, else a heuristic.
 
-    fp16 reuses bf16 entries (same bytes per element).  Never autotunes.
+    fp16 reuses bf16 entries (same bytes per element); past MAX_BATCH rows a batch takes the entry
+    of its tl.dot tile's rows (16, 32 or 64: the compiled kernel is the same).  Never autotunes.
     """
     table = _tuned_table()
     formats = [weight_format, "bf16"] if weight_format == "fp16" else [weight_format]
+    rows = m if m <= MAX_BATCH else max(16, triton.next_power_of_2(m))
     for fmt in formats:
-        entry = table.get(config_key(device_name, fmt, m, k, n))
+        entry = table.get(config_key(device_name, fmt, rows, k, n))
         if entry is not None:
             return KernelConfig.from_dict(entry["config"])
     return _heuristic_config(weight_format, m, k, n)
@@ -124,7 +127,8 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
     per step for matrices of 32M weights or more, else 32, blocks of 512 rows where that still
     makes 400 programs, else 256, halved while there are fewer than 128 programs.
 
-    int4 and batches: the "dot" design, rows of up to 512 columns (1 KiB of bf16), SUB_K = 32,
+    int4 and batches: the "dot" design, rows of up to 512 columns (1 KiB of bf16; fewer past 16
+    batch rows, for the same accumulator), SUB_K = 32,
     three stages, block_k for about 256 programs (two per SM on an H200), the rule the lab's
     fastest Llama-3-8B tiles follow (results/gemv_lab.md).  _fit_config makes it legal for the
     shape (or falls back to the "rows" design)."""
@@ -136,7 +140,8 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
         while programs_n * triton.cdiv(k, block_k) < 128 and block_k > 2 * sub_k:
             block_k //= 2
         return KernelConfig(block_n=block_n, block_k=block_k, sub_k=sub_k, compact=True, design="rows")
-    block_n = max(16, min(512, triton.next_power_of_2(n)))
+    # an accumulator of at most 16 x 512 fp32 (taller tiles for batches past 16 rows get narrower)
+    block_n = max(16, min(512 * 16 // max(16, triton.next_power_of_2(m)), triton.next_power_of_2(n)))
     programs_n = triton.cdiv(n, block_n)
     block_k = max(128, min(1024, triton.next_power_of_2(max(1, k * programs_n // 256))))
     return KernelConfig(block_n=block_n, block_k=block_k, sub_k=32, num_stages=3, design="dot")
@@ -163,7 +168,7 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
     sub_k fits one group.  "dot": block_n divides every segment, sub_k (>= 16, a tl.dot tile)
     divides K and the int4 group, block_k is a multiple of sub_k dividing K; int4 also needs
     block_n >= 128 (a plane of block_n / 8 columns is a tl.dot tile), at most block_n / 64 warps
-    (more would repeat a plane's dot) and weights readable as int32 words (``words_aligned``).
+    per 16 rows of the tile (more would repeat a plane's dot) and weights readable as int32 words (``words_aligned``).
     A shape where that is impossible (a segment or K not a multiple of 16, 128 for int4) runs
     the "rows" design."""
     for name in ("block_n", "block_k", "sub_k"):
@@ -181,11 +186,12 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
             sub_k //= 2
         block_n = min(cfg.block_n, col_pow2)
         min_n = 128 if fmt == FMT_INT4 else 16
-        if block_n >= min_n and k % sub_k == 0 and (words_aligned or fmt != FMT_INT4):
+        if dot_design_fits(fmt == FMT_INT4, k, split_sizes) and block_n >= min_n and (words_aligned or fmt != FMT_INT4):
             tiles = max(1, cfg.block_k // sub_k)
             while (k // sub_k) % tiles:
                 tiles -= 1
-            warps = min(cfg.num_warps, block_n // 64) if fmt == FMT_INT4 else cfg.num_warps
+            dot_m = max(16, triton.next_power_of_2(m))  # rows of the tl.dot tile: warps split them in 16s
+            warps = min(cfg.num_warps, block_n // 64 * dot_m // 16) if fmt == FMT_INT4 else cfg.num_warps
             return dataclasses.replace(cfg, block_n=block_n, sub_k=sub_k, block_k=tiles * sub_k, num_warps=warps)
         name = {FMT_INT4: f"int4-g{group_size}", FMT_INT8: "int8"}.get(fmt, "bf16")
         cfg = _rows_heuristic(name, m, k, sum(split_sizes))
@@ -687,17 +693,20 @@ def _interleave8(p0, p1, p2, p3, p4, p5, p6, p7):
 
 
 @triton.jit
-def _dot_rows(v, BLOCK_M: tl.constexpr):
-    """[BLOCK_M, ...] -> [16, ...] with row r = v[r % BLOCK_M] (BLOCK_M divides 16)."""
-    if len(v.shape) == 1:
-        return tl.reshape(tl.broadcast_to(v[None, :], [16 // BLOCK_M, BLOCK_M]), [16])
+def _dot_rows(v, BLOCK_M: tl.constexpr, DOT_M: tl.constexpr):
+    """[BLOCK_M, ...] -> [DOT_M, ...] with row r = v[r % BLOCK_M] (BLOCK_M divides DOT_M)."""
+    if BLOCK_M == DOT_M:
+        return v
+    elif len(v.shape) == 1:
+        return tl.reshape(tl.broadcast_to(v[None, :], [DOT_M // BLOCK_M, BLOCK_M]), [DOT_M])
     else:
-        return tl.reshape(tl.broadcast_to(v[None, :, :], [16 // BLOCK_M, BLOCK_M, v.shape[1]]), [16, v.shape[1]])
+        return tl.reshape(tl.broadcast_to(v[None, :, :], [DOT_M // BLOCK_M, BLOCK_M, v.shape[1]]),
+                          [DOT_M, v.shape[1]])
 
 
 @triton.jit
 def _dot(xt, wt, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """xt [16, SUB_K] @ wt [SUB_K, BLOCK_N] in fp32; both operands are exact in x's dtype.
+    """xt [DOT_M, SUB_K] @ wt [SUB_K, BLOCK_N] in fp32; both operands are exact in x's dtype.
     The interpreter's bf16 dot is unreliable, so it multiplies in fp32."""
     if INTERPRET:
         return tl.dot(xt, wt.to(tl.float32), input_precision="ieee")
@@ -711,7 +720,7 @@ def _dot_gemv_kernel(
     M, K, N, W_ROW, eps,
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, DOT_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, DETERMINISTIC: tl.constexpr,
     INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -735,27 +744,27 @@ def _dot_gemv_kernel(
     else:
         row_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([DOT_M, BLOCK_N], dtype=tl.float32)
     if FORMAT == 2:  # one accumulator per nibble plane (columns 8w + i), interleaved once at the end
         NW: tl.constexpr = BLOCK_N // 8
-        a0 = tl.zeros([16, NW], dtype=tl.float32)
-        a1 = tl.zeros([16, NW], dtype=tl.float32)
-        a2 = tl.zeros([16, NW], dtype=tl.float32)
-        a3 = tl.zeros([16, NW], dtype=tl.float32)
-        a4 = tl.zeros([16, NW], dtype=tl.float32)
-        a5 = tl.zeros([16, NW], dtype=tl.float32)
-        a6 = tl.zeros([16, NW], dtype=tl.float32)
-        a7 = tl.zeros([16, NW], dtype=tl.float32)
+        a0 = tl.zeros([DOT_M, NW], dtype=tl.float32)
+        a1 = tl.zeros([DOT_M, NW], dtype=tl.float32)
+        a2 = tl.zeros([DOT_M, NW], dtype=tl.float32)
+        a3 = tl.zeros([DOT_M, NW], dtype=tl.float32)
+        a4 = tl.zeros([DOT_M, NW], dtype=tl.float32)
+        a5 = tl.zeros([DOT_M, NW], dtype=tl.float32)
+        a6 = tl.zeros([DOT_M, NW], dtype=tl.float32)
+        a7 = tl.zeros([DOT_M, NW], dtype=tl.float32)
         plane_cols = col0 + 8 * tl.arange(0, NW)
     for t in tl.range(0, BLOCK_K // SUB_K):
         rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
         x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM)
         keep = tl.max(tl.abs(x_batch), axis=0) > 0.0
-        xt = _dot_rows(x_batch, BLOCK_M)
+        xt = _dot_rows(x_batch, BLOCK_M, DOT_M)
         if FORMAT == 2:  # w_ptr: int32 words, W_ROW words per row; dropped rows read as 0 (q - 8 = -8, x 0)
             words = _dot_w_tile(w_ptr, rows, keep, pid_n * NW, W_ROW, SUB_K, NW)
             p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
-            x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M)[:, None]
+            x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M, DOT_M)[:, None]
             offs = (k0 + t * SUB_K) // GROUP_SIZE * N + plane_cols
             a0, a1, a2, a3, a4, a5, a6, a7 = _plane_steps(a0, a1, a2, a3, a4, a5, a6, a7, xt, p0, p1, p2, p3, p4,
                                                           p5, p6, p7, x_sum, scale_ptr, zero_ptr, offs, DTYPE,
@@ -770,7 +779,7 @@ def _dot_gemv_kernel(
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
-    out_rows = tl.arange(0, 16)
+    out_rows = tl.arange(0, DOT_M)
     out_offs = out_rows[:, None] * N + cols[None, :]
     out_ok = (out_rows < M)[:, None] & (cols < N)[None, :]
     if DETERMINISTIC:
@@ -781,7 +790,7 @@ def _dot_gemv_kernel(
     ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
     if ticket == grid_k - 1:
         if DETERMINISTIC:
-            total = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+            total = tl.zeros([DOT_M, BLOCK_N], dtype=tl.float32)
             for r in range(0, grid_k):
                 total += tl.load(ws_ptr + r * M * N + out_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
         else:
@@ -907,7 +916,8 @@ def sparse_gemv_triton(
     ``norm_weight`` (with ``eps``) and ``residual`` are the prologue / epilogue fusions of
     teal_kernels/reference.py.
     """
-    fmt = validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual, norm_weight)
+    fmt = validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual, norm_weight,
+                   MAX_DOT_ROWS)
     if x.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
     m, k = x.shape[0], w.shape[0]
@@ -916,6 +926,9 @@ def sparse_gemv_triton(
         config = get_config(gpu_name(x.device), weight_format_name(w, group_size), m, k, n)
     words_aligned = fmt == FMT_INT4 and w.shape[1] % 4 == 0 and w.data_ptr() % 16 == 0
     cfg = _fit_config(config, fmt, group_size, m, k, split_sizes, words_aligned)
+    if m > MAX_BATCH and cfg.design != "dot":
+        raise ValueError(f"M={m} > {MAX_BATCH} rows need the dot design, which this shape cannot take "
+                         f"(segments {split_sizes}, K={k}: multiples of {128 if fmt == FMT_INT4 else 16} needed).")
     # Boundaries padded with N to a fixed length: one compiled kernel for any segment count.
     splits = (0, *itertools.accumulate(split_sizes), *([n] * (MAX_SEGMENTS - len(split_sizes))))
     grid_k = triton.cdiv(k, cfg.block_k)
@@ -943,7 +956,8 @@ def sparse_gemv_triton(
         _dot_gemv_kernel[(grid_n, grid_k)](
             x, w, *aux, out, workspace, counters,
             m, k, n, w.shape[1], float(eps), splits,
-            FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, DOT_M=max(16, block_m), BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
             SUB_K=cfg.sub_k, **fusions, DETERMINISTIC=deterministic,
             INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         )

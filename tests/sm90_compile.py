@@ -30,7 +30,6 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from teal_kernels import attention as at  # noqa: E402
 from teal_kernels import dequantize as dq  # noqa: E402
-from teal_kernels import int4_matmul as im  # noqa: E402
 from teal_kernels import preload_gemv as pg  # noqa: E402
 from teal_kernels import triton_gemv as sg  # noqa: E402
 from teal_kernels.reference import MAX_SEGMENTS  # noqa: E402
@@ -92,8 +91,8 @@ def gemv_variants():
             (0, 1, 2), (1, 4), ((False, False, False), (True, True, False), (False, False, True))):
         fusions = dict(GATED=gated, RESIDUAL=residual, NORM=norm)
         yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
-               dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, BLOCK_N=256, BLOCK_K=512, SUB_K=128 if fmt == 2 else 32,
-                    **fusions, DETERMINISTIC=True, INTERPRET=False, PDL=gated), 4, 3)
+               dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, DOT_M=16, BLOCK_N=256, BLOCK_K=512,
+                    SUB_K=128 if fmt == 2 else 32, **fusions, DETERMINISTIC=True, INTERPRET=False, PDL=gated), 4, 3)
         for compact, prefetch, lane_sum in ((True, False, False), (True, True, False), (True, True, True),
                                             (False, False, False), (False, False, True)):
             yield (sg._sparse_gemv_kernel, {"w_ptr": "*u8" if fmt == 2 else weight[fmt]},
@@ -101,9 +100,14 @@ def gemv_variants():
                         BLOCK_K=256, SUB_K=16, WINDOW=128 if fmt == 2 else 256, COMPACT=compact,
                         PREFETCH=prefetch, LANE_SUM=lane_sum, LANE_GROUPS=2 if lane_sum else 1, RED_K=8,
                         **fusions, INTERPRET=False, PDL=compact and not lane_sum), 4, 1)
-    yield (sg._dot_gemv_kernel, {}, dict(FORMAT=0, GROUP_SIZE=1, BLOCK_M=1, BLOCK_N=256, BLOCK_K=512, SUB_K=32,
-                                         GATED=False, RESIDUAL=False, NORM=False, DETERMINISTIC=False,
+    yield (sg._dot_gemv_kernel, {}, dict(FORMAT=0, GROUP_SIZE=1, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=512,
+                                         SUB_K=32, GATED=False, RESIDUAL=False, NORM=False, DETERMINISTIC=False,
                                          INTERPRET=False, PDL=False), 8, 3)
+    for fmt, m, block_n in ((2, 16, 512), (2, 32, 256), (2, 64, 128), (2, 64, 256), (1, 64, 256)):  # short prefills
+        yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
+               dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, DOT_M=m, BLOCK_N=block_n, BLOCK_K=512,
+                    SUB_K=32, GATED=False, RESIDUAL=False, NORM=False, DETERMINISTIC=True, INTERPRET=False,
+                    PDL=True), 4, 3)
 
 
 def dequantize_variants():
@@ -111,13 +115,6 @@ def dequantize_variants():
         yield (dq._dequantize_kernel, {"w_ptr": "*u8" if int4 else "*i8", "out_ptr": dtype},
                dict(INT4=int4, GROUP_SIZE=128 if int4 else 1, BLOCK_K=dq.BLOCK_K, BLOCK_N=dq.BLOCK_N,
                     INTERPRET=False), 4, 1)
-
-
-def int4_matmul_variants():
-    for dtype, group, block_m in (("*bf16", 128, 64), ("*bf16", 128, 16), ("*fp16", 32, 128)):
-        yield (im._int4_matmul_kernel, {"x_ptr": dtype, "w_ptr": "*u8", "out_ptr": dtype},
-               dict(GROUP_SIZE=group, BLOCK_M=block_m, BLOCK_N=im.BLOCK_N, BLOCK_K=min(64, group), NUM_STAGES=3,
-                    INTERPRET=False), 4, 3)
 
 
 def preload_variants():
@@ -145,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.sass:
         args.sass.mkdir(parents=True, exist_ok=True)
-    variants = itertools.chain(gemv_variants(), dequantize_variants(), int4_matmul_variants(), preload_variants(),
+    variants = itertools.chain(gemv_variants(), dequantize_variants(), preload_variants(),
                                attention_variants())
     for i, (kernel, pointers, constexprs, warps, stages) in enumerate(variants):
         name = (f"{kernel.fn.__name__} " + " ".join(f"{k}={v}" for k, v in constexprs.items() if k != "INTERPRET")

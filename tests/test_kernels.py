@@ -138,6 +138,11 @@ DOT_CASES = [
     ("int4", torch.bfloat16, 1, 128, [128, 256], 32, KernelConfig(block_n=128, block_k=128, sub_k=32)),
     ("int4", torch.float16, 3, 192, [256, 128], 64, KernelConfig(block_n=256, block_k=64, sub_k=32)),
     ("int4", torch.bfloat16, 2, 256, [128], 128, KernelConfig(block_n=256, block_k=256, sub_k=32)),
+    # past the decode batches (short quantized prefills): tl.dot tiles of 16, 32 and 64 rows
+    ("int4", torch.bfloat16, 13, 128, [128, 128], 32, KernelConfig(block_n=128, block_k=64, sub_k=32, num_warps=8)),
+    ("int8", torch.float16, 40, 64, [32, 16], 0, KernelConfig(block_n=16, block_k=32, sub_k=16)),
+    ("fp", torch.bfloat16, 64, 64, [32], 0, KernelConfig(block_n=32, block_k=64, sub_k=32)),
+    ("int4", torch.float16, 33, 128, [128], 64, KernelConfig(block_n=128, block_k=64, sub_k=32, num_warps=8)),
 ]
 
 
@@ -371,7 +376,8 @@ BAD_INPUTS = [
      "1..8 entries"),
     ("thr-shape", dict(thresholds=lambda a: a["thresholds"][:1]), ValueError, r"thresholds must be float32 of shape"),
     ("thr-dtype", dict(thresholds=lambda a: a["thresholds"].double()), ValueError, "thresholds must be float32"),
-    ("batch", dict(x=lambda a: a["x"].repeat(9, 1)), ValueError, "use the dense path"),
+    ("batch", dict(x=lambda a: a["x"].repeat(65, 1)), ValueError, "use the dense path"),
+    ("batch-no-dot", dict(x=lambda a: a["x"].repeat(9, 1)), ValueError, "need the dot design"),
     ("contiguous", dict(x=lambda a: a["x"].repeat(1, 2)[:, ::2]), ValueError, "x must be contiguous"),
     ("device", dict(thresholds=lambda a: a["thresholds"].to("meta")), ValueError, "must be on x's device"),
 ]
