@@ -25,7 +25,7 @@ from torch import Tensor
 
 from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
 from teal_kernels.ops import dense_gemv, dequantize
-from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, MAX_DOT_ROWS, dot_design_fits, gated_input
+from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, dot_design_fits, gated_input
 from teal_kernels.speed_table import estimated_sparse_beats_dense, sparse_beats_dense
 
 FORMATS = ("fp", "int8", "int4")
@@ -88,8 +88,9 @@ def preload_gemv_fits(device: torch.device, k: int, n: int) -> bool:
 
 # Dense calls of int8/int4 weights on CUDA of up to this many rows (short prefills, batches past
 # MAX_BATCH) run the Triton kernel's "dot" design, which reads the quantized weights once and converts
-# them in registers, instead of a bf16 copy per matrix and cuBLAS (provisional: being measured).
-QUANTIZED_KERNEL_ROWS = MAX_DOT_ROWS
+# them in registers, instead of a bf16 copy per matrix and cuBLAS (H200, Llama-3-8B shapes, CUDA graphs,
+# tuned: at 32 rows faster on three of four matrices, at 64 slower on all; being measured further).
+QUANTIZED_KERNEL_ROWS = 32
 
 
 @torch.compiler.assume_constant_result

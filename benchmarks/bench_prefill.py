@@ -5,14 +5,15 @@ int4 prefill not slower than bf16's).
 
     python -m benchmarks.bench_prefill [--models llama3-8b] [--tokens 128 512 2048] [--model Llama-3-8B] [--out OUT]
 
-Times one call each (triton.testing.do_bench, median, L2 flushed): `x @ w` in bf16; for int4-g<group>
-and int8, the dequantization alone, dequantize + `x @ w` (what PackedLinear runs on CUDA), and the
-float32 path (teal_kernels.reference.masked_product: a float32 copy of W, a float32 GEMM), and up to
-MAX_DOT_ROWS tokens the kernel (sparse_gemv_triton at threshold 0, its tuned or heuristic config);
+Times one call each (CUDA graphs over rotating weight copies, median; the float32 path by
+triton.testing.do_bench, L2 flushed): `x @ w` in bf16; for int4-g<group> and int8, the dequantization
+alone, dequantize + `x @ w` (what PackedLinear runs on CUDA past the kernel's rows), the float32 path
+(teal_kernels.reference.masked_product: a float32 copy of W, a float32 GEMM), and up to MAX_DOT_ROWS
+tokens the kernel (sparse_gemv_triton at threshold 0, its tuned or heuristic config);
 each checked against the float32 path first. With `--model`, also a whole (eager) prefill of a
 random-weight model of that shape at each prompt length: bf16, int4-g<group> and int8 as PackedLinear
-routes them, int4-g<group> dequantized at every length, and the host's time to enqueue each. Writes OUT.json (GPU,
-versions, date, command) and OUT.md, and prints the tables.
+routes them, int4-g<group> dequantized at every length, and the host's time to enqueue each. Writes
+OUT.json (GPU, versions, date, command) and OUT.md, and prints the tables.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 import triton
 import triton.testing
 
-from benchmarks.timing import MODEL_SHAPES, make_weight, make_x
+from benchmarks.timing import MODEL_SHAPES, copies_for, graph_time_us, make_weight, make_x
 from files import check_writable, write_report
 from model import ModelArgs
 from teal_kernels.dequantize import dequantize_triton
@@ -40,29 +41,35 @@ def time_us(fn, rep_ms: int = 50) -> float:
 
 
 def bench_shape(k: int, n: int, m: int, formats: list[str]) -> dict:
-    """µs of the bf16 GEMM and, per quantized format, of its dequantization, dequantize + GEMM and
-    the float32 path, for one [M, K] x [K, N]."""
+    """µs of the bf16 GEMM and, per quantized format, of its dequantization, dequantize + GEMM, the
+    kernel (up to MAX_DOT_ROWS rows) and the float32 path, for one [M, K] x [K, N]. All but the
+    float32 path are replayed in CUDA graphs over rotating weight copies (benchmarks/timing.py): GPU
+    time without the host's launch cost, weights read from memory, not L2."""
     x = make_x(m, k, torch.bfloat16, "cuda", seed=0)
-    w_bf16 = make_weight("bf16", k, n, "cuda", seed=1)[0]
     none = torch.zeros(1, dtype=torch.float32, device="cuda")
-    row = {"bf16_us": time_us(lambda: x @ w_bf16)}
+    bf16 = [make_weight("bf16", k, n, "cuda", seed=1 + i)[0] for i in range(copies_for(2 * k * n))]
+    row = {"bf16_us": graph_time_us(lambda i: x @ bf16[i], len(bf16))}
+    del bf16
     for fmt in formats:
-        w, scales, zeros, group = make_weight(fmt, k, n, "cuda", seed=2)
+        copies = [make_weight(fmt, k, n, "cuda", seed=2)]
+        nbytes = sum(t.numel() * t.element_size() for t in copies[0][:3] if t is not None)
+        copies += [make_weight(fmt, k, n, "cuda", seed=2 + i) for i in range(1, copies_for(nbytes))]
+        w, scales, zeros, group = copies[0]
         float32 = lambda: masked_product(x, w, none, [n], scales, zeros, group)  # noqa: E731
-        dequantized = lambda: dequantize_triton(w, scales, zeros, group, torch.bfloat16)  # noqa: E731
+        dequantized = lambda i: dequantize_triton(*copies[i], torch.bfloat16)  # noqa: E731
+        kernel = lambda i: sparse_gemv_triton(x, copies[i][0], none, [n], *copies[i][1:])  # noqa: E731
         want = float32().float()
-        err = (((x @ dequantized()).float() - want).abs().max() / want.abs().max()).item()
-        if err > 1e-2:
-            raise RuntimeError(f"{fmt} dequantize + GEMM differs from the float32 path by {err:.3g} "
-                               f"(K={k} N={n} M={m})")
-        row |= {f"{fmt}_dequantize_us": time_us(dequantized), f"{fmt}_us": time_us(lambda: x @ dequantized()),
+        checks = [("dequantize + GEMM", x @ dequantized(0))] + ([("kernel", kernel(0))] if m <= MAX_DOT_ROWS else [])
+        for name, got in checks:
+            err = ((got.float() - want).abs().max() / want.abs().max()).item()
+            if err > 1e-2:
+                raise RuntimeError(f"{fmt} {name} differs from the float32 path by {err:.3g} (K={k} N={n} M={m})")
+        row |= {f"{fmt}_dequantize_us": graph_time_us(dequantized, len(copies)),
+                f"{fmt}_us": graph_time_us(lambda i: x @ dequantized(i), len(copies)),
                 f"{fmt}_float32_us": time_us(float32)}
         if m <= MAX_DOT_ROWS:
-            kernel = lambda: sparse_gemv_triton(x, w, none, [n], scales, zeros, group)  # noqa: E731
-            err = ((kernel().float() - want).abs().max() / want.abs().max()).item()
-            if err > 1e-2:
-                raise RuntimeError(f"{fmt} kernel differs from the float32 path by {err:.3g} (K={k} N={n} M={m})")
-            row[f"{fmt}_kernel_us"] = time_us(kernel)
+            row[f"{fmt}_kernel_us"] = graph_time_us(kernel, len(copies))
+        del copies
     return row
 
 
@@ -137,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(rows[-1], flush=True)
     lines = [f"# Quantized prefill: dequantize once + cuBLAS vs bf16 ({torch.cuda.get_device_name()}, torch "
              f"{torch.__version__}, triton {triton.__version__}, {datetime.date.today()})", "",
-             f"`{' '.join(sys.argv)}`; µs per call, median. Per format: the dequantization alone / dequantize + "
-             f"GEMM (what a quantized prefill runs past the kernel's rows) / the float32 path it replaced / the Triton "
-             f"kernel reading the quantized weights (up to {MAX_DOT_ROWS} rows).", "",
+             f"`{' '.join(sys.argv)}`; µs per call, median, CUDA-graph replays (the float32 path: eager). Per "
+             f"format: the dequantization alone / dequantize + GEMM (what a quantized prefill runs past the kernel's "
+             f"rows) / the float32 path it replaced / the Triton kernel reading the quantized weights (up to "
+             f"{MAX_DOT_ROWS} rows).", "",
              "| model | layer | M | bf16 | " + " | ".join(f"{f} dequantize | {f} | {f} / bf16 | {f} float32 | "
                                                         f"{f} kernel | its / bf16" for f in formats) + " |",
              "|---|---|---|---|" + "---|---|---|---|---|---|" * len(formats)]

@@ -11,11 +11,11 @@ import pytest
 import torch
 from fixtures import DEVICE, HAS_CUDA, needs_cuda, random_int4, recorded_calls
 
-from linear import PackedLinear
+from linear import QUANTIZED_KERNEL_ROWS, PackedLinear
 from quantize import quantize_projection
 from teal_kernels.dequantize import dequantize_triton
 from teal_kernels.ops import dequantize
-from teal_kernels.reference import MAX_BATCH, MAX_DOT_ROWS, dequantize_weight
+from teal_kernels.reference import MAX_BATCH, dequantize_weight
 
 pytestmark = pytest.mark.usefixtures("interpreted_kernels")
 
@@ -109,18 +109,19 @@ def dequantize_calls(monkeypatch) -> list:
 @needs_cuda
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_gpu_packed_linear_prefill_routes(mode, monkeypatch):
-    """A quantized PackedLinear's dense prefill on CUDA: up to MAX_DOT_ROWS rows the kernel reads the
-    quantized weights, past them the matrix is dequantized once and multiplied in bf16; both agree
+    """A quantized PackedLinear's dense prefill on CUDA: up to QUANTIZED_KERNEL_ROWS rows the kernel reads
+    the quantized weights, past them the matrix is dequantized once and multiplied in bf16; both agree
     with the float32 reference product (gate|up's prologue and a residual too)."""
     import linear
     from teal_kernels import sparse_gemv_reference
     g = torch.Generator().manual_seed(1)
     w_t = (torch.randn(2048, 1024, generator=g) / 32).to(torch.bfloat16).cuda()
     layer = quantize_projection(w_t, [1024], mode, 128 if mode == "int4" else 0)
-    assert layer.quantized_kernel_rows == MAX_DOT_ROWS
+    assert layer.quantized_kernel_rows == QUANTIZED_KERNEL_ROWS
     calls = dequantize_calls(monkeypatch)
     kernel_calls = recorded_calls(monkeypatch, linear, "sparse_gemv")
-    for tokens in (1, 20, MAX_DOT_ROWS // 2, 40):  # batch 2: 2, 40, 64 rows to the kernel, then 80 rows
+    half = QUANTIZED_KERNEL_ROWS // 2
+    for tokens in (1, half, half + 1):  # batch 2: 2 and QUANTIZED_KERNEL_ROWS rows to the kernel, then 2 more
         x = torch.randn(2, tokens, 2048, generator=g).to(torch.bfloat16).cuda()
         res = torch.randn(2, tokens, 1024, generator=g).to(torch.bfloat16).cuda()
         for args in ((x,), (torch.cat((x, x), -1), True, res)):
@@ -131,18 +132,18 @@ def test_gpu_packed_linear_prefill_routes(mode, monkeypatch):
                                          None if len(args) < 3 else res.reshape(2 * tokens, -1))
             torch.testing.assert_close(got.reshape(2 * tokens, -1).float(), want.float(), rtol=2e-2,
                                        atol=2e-2 * want.float().abs().max().item())
-    assert [shape[0] for shape in kernel_calls] == [2, 2, 40, 40, 64, 64]
+    assert [shape[0] for shape in kernel_calls] == [2, 2, 2 * half, 2 * half]
     assert len(calls) == 2
 
 
 def test_quantized_kernel_rows_follow_the_shape():
-    """Dense quantized calls go to the kernel up to MAX_DOT_ROWS rows where the shape takes its dot
+    """Dense quantized calls go to the kernel up to QUANTIZED_KERNEL_ROWS rows where the shape takes its dot
     design (segments of multiples of 128 for int4, 16 for int8), else up to MAX_BATCH; float weights
     keep cuBLAS past MAX_BATCH."""
     w_t = torch.randn(256, 256).to(torch.bfloat16)
-    assert quantize_projection(w_t, [128, 128], "int4", 64).quantized_kernel_rows == MAX_DOT_ROWS
+    assert quantize_projection(w_t, [128, 128], "int4", 64).quantized_kernel_rows == QUANTIZED_KERNEL_ROWS
     assert quantize_projection(w_t, [64, 192], "int4", 64).quantized_kernel_rows == MAX_BATCH
-    assert quantize_projection(w_t, [48, 208], "int8", 0).quantized_kernel_rows == MAX_DOT_ROWS
+    assert quantize_projection(w_t, [48, 208], "int8", 0).quantized_kernel_rows == QUANTIZED_KERNEL_ROWS
     assert quantize_projection(w_t, [40, 216], "int8", 0).quantized_kernel_rows == MAX_BATCH
     assert PackedLinear(256, 256).quantized_kernel_rows == MAX_BATCH
 
