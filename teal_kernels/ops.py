@@ -58,6 +58,13 @@ def _cpu_native() -> bool:
     return _cpu_kernels() == "native" and cpu.available()
 
 
+def _eager() -> bool:
+    """Outside torch.compile's tracing a CUDA call goes to the Triton launcher itself: the custom op
+    adds its dispatch (about 25 us a call on the H200's host, results/NOTES.md), which an eager
+    prefill of hundreds of calls would pay; a traced call needs the op."""
+    return not torch.compiler.is_compiling()
+
+
 @torch.library.custom_op("teal::sparse_gemv", mutates_args=(), device_types="cpu")
 def _sparse_gemv_cpu(
     x: Tensor,
@@ -123,6 +130,9 @@ def sparse_gemv(
     # with a norm the op's CPU implementation normalizes first (PackedLinear hands norms over on CUDA only)
     if x.device.type == "cpu" and _cpu_native() and norm_weight is None:
         return cpu.sparse_gemv_cpu(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual)
+    if x.is_cuda and _eager():
+        return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size, gated=gated,
+                                  residual=residual, norm_weight=norm_weight, eps=eps)
     return torch.ops.teal.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size, gated,
                                       residual, norm_weight, eps)
 
@@ -178,6 +188,9 @@ def _(w, scales, zeros, group_size, dtype):
 def dequantize(w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, dtype: torch.dtype) -> Tensor:
     """The real weight W^T [K, N] of an int8 / packed int4 matrix in bf16 or fp16, in one pass over its
     bytes (teal_kernels/dequantize.py): what PackedLinear hands cuBLAS for a quantized prefill on CUDA."""
+    if w.is_cuda and _eager():
+        from teal_kernels.dequantize import dequantize_triton
+        return dequantize_triton(w, scales, zeros, group_size, dtype)
     return torch.ops.teal.dequantize(w, scales, zeros, group_size, dtype)
 
 

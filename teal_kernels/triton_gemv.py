@@ -202,6 +202,15 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
     return dataclasses.replace(cfg, block_k=block_k, sub_k=min(cfg.sub_k, window))
 
 
+@functools.lru_cache(maxsize=4096)
+def _planned_config(device_name: str, weight_format: str, fmt: int, group_size: int, m: int, k: int,
+                    split_sizes: tuple[int, ...], words_aligned: bool) -> KernelConfig:
+    """get_config fitted to the shape, once per layer and batch: it is the same for every call, and
+    costs some 40 us of Python, which an eager prefill (hundreds of calls) would pay each time."""
+    config = get_config(device_name, weight_format, m, k, sum(split_sizes))
+    return _fit_config(config, fmt, group_size, m, k, list(split_sizes), words_aligned)
+
+
 # ---------------------------------------------------------------------------
 # Integer weights to floats in a few bit operations (GPU), plain conversions (interpreter)
 # ---------------------------------------------------------------------------
@@ -922,10 +931,12 @@ def sparse_gemv_triton(
         raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
     m, k = x.shape[0], w.shape[0]
     n = w.shape[1] * (2 if fmt == FMT_INT4 else 1)
-    if config is None:
-        config = get_config(gpu_name(x.device), weight_format_name(w, group_size), m, k, n)
     words_aligned = fmt == FMT_INT4 and w.shape[1] % 4 == 0 and w.data_ptr() % 16 == 0
-    cfg = _fit_config(config, fmt, group_size, m, k, split_sizes, words_aligned)
+    if config is None:
+        cfg = _planned_config(gpu_name(x.device), weight_format_name(w, group_size), fmt, group_size, m, k,
+                              tuple(split_sizes), words_aligned)
+    else:
+        cfg = _fit_config(config, fmt, group_size, m, k, split_sizes, words_aligned)
     if m > MAX_BATCH and cfg.design != "dot":
         raise ValueError(f"M={m} > {MAX_BATCH} rows need the dot design, which this shape cannot take "
                          f"(segments {split_sizes}, K={k}: multiples of {128 if fmt == FMT_INT4 else 16} needed).")
