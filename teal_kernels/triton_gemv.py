@@ -128,7 +128,7 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
     makes 400 programs, else 256, halved while there are fewer than 128 programs.
 
     int4 and batches: the "dot" design, rows of up to 512 columns (1 KiB of bf16; fewer past 16
-    batch rows, for the same accumulator), SUB_K = 32,
+    batch rows, for the same accumulator), SUB_K = 32 (64 for int4 at 2-16 rows),
     three stages, block_k for about 256 programs (two per SM on an H200), the rule the lab's
     fastest Llama-3-8B tiles follow (results/gemv_lab.md).  _fit_config makes it legal for the
     shape (or falls back to the "rows" design)."""
@@ -144,7 +144,10 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
     block_n = max(16, min(512 * 16 // max(16, triton.next_power_of_2(m)), triton.next_power_of_2(n)))
     programs_n = triton.cdiv(n, block_n)
     block_k = max(128, min(1024, triton.next_power_of_2(max(1, k * programs_n // 256))))
-    return KernelConfig(block_n=block_n, block_k=block_k, sub_k=32, num_stages=3, design="dot")
+    # int4 at 2-16 rows: every tuned winner on the H200's 8B shapes reads 64 or 128 rows a tile
+    # (at 16 rows 7-26% faster than the best SUB_K = 32 config; benchmarks/results/quant_rows/)
+    sub_k = 64 if weight_format.startswith("int4") and 1 < m <= 16 else 32
+    return KernelConfig(block_n=block_n, block_k=block_k, sub_k=sub_k, num_stages=3, design="dot")
 
 
 def _rows_heuristic(weight_format: str, m: int, k: int, n: int) -> KernelConfig:

@@ -431,7 +431,7 @@ def test_stored_config_with_unknown_or_missing_fields_is_refused():
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-g128"])
-@pytest.mark.parametrize("m", [1, 2, 8])
+@pytest.mark.parametrize("m", [1, 2, 8, 16, 64])
 def test_heuristic_configs_are_legal(fmt, m):
     """Fitted to real shapes: one float or int8 row runs the compact rows design with at least
     128 programs where the shape has that many 32-row chunks; int4 and batches run the dot design
