@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | int4_matmul | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -372,10 +372,6 @@ PY
     step 150 python3 -m pytest -q -x tests/test_dequantize.py -k gpu
     step 300 python3 -m benchmarks.bench_prefill --tokens 128 512 2048 --model Llama-3-8B --out "$out/int4_prefill"
     ;;
-  int4_matmul)  # issue 11's short int4 prefills (and, at 1 token, whether this design would make a better dense int4 decode GEMV than the dot tile: 37 / 22 / 14 / 11 us for gate_up / down / qkv / o in the tuned table): the int4 matmul (teal_kernels/int4_matmul.py, TEAL_INT4_MATMUL=1, written in the sixteenth session without a GPU; wgmma with the dequantized weights as the register operand): its GPU tests, then bench_prefill (per shape: bf16, dequantize + cuBLAS, the matmul at 5 configs; whole 8B prefills with and without it). Where it beats dequantize + cuBLAS, set a row limit in PackedLinear and turn it on
-    step 150 python3 -m pytest -q -x tests/test_int4_matmul.py -k gpu
-    step 400 python3 -m benchmarks.bench_prefill --tokens 1 16 64 128 512 2048 --model Llama-3-8B --out "$out/int4_matmul"
-    ;;
   quant_rows)  # issue 11's short int8/int4 prefills: the dot design at 16-64 rows (BLOCK_M up to 64, written in the seventeenth session after the int4 matmul lost 2-11x to bf16): GPU tests, a tune at batch 16/32/64 (sparsity 0), then bench_prefill with the kernel column and whole prefills routed (kernel up to 64 rows) vs dequantize everywhere
     step 120 python3 -m pytest -q -x tests/test_dequantize.py tests/test_kernels.py -k "gpu or dot_design or validation"
     step 240 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int4-g128 int8 --batch 16 32 64 --sparsities 0 --quick --jobs 16
@@ -392,8 +388,8 @@ PY
   quant_rows_tune)  # the full int4-g128 grid (sub_k 64/128 too: the M=1 winners all take 128, the quick grid had 32 only) at 16 rows (short prefills) and 8 (batched decode, 0 and 50%)
     step 330 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int4-g128 --batch 16 8 --sparsities 0 0.5 --force --jobs 16
     ;;
-  quant_rows_tune8)  # the same for int8: 16 rows (dot grid) and 8 (dot and rows designs), partial progress kept
-    step 200 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int8 --batch 16 8 --sparsities 0 0.5 --force --jobs 16
+  quant_rows_tune8)  # the same for int8: 16 rows (dot grid) and 8 (dot and rows designs). Its first run (200 s limit) spent it all precompiling the rows grid at 8 rows; the tuner keeps each finished shape
+    step 540 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int8 --batch 16 8 --sparsities 0 0.5 --force --jobs 16
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back
     for b in 2 4 8; do
