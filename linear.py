@@ -89,8 +89,9 @@ def preload_gemv_fits(device: torch.device, k: int, n: int) -> bool:
 # Dense calls of int8/int4 weights on CUDA of up to this many rows (short prefills, batches past
 # MAX_BATCH) run the Triton kernel's "dot" design, which reads the quantized weights once and converts
 # them in registers, instead of a bf16 copy per matrix and cuBLAS. H200, Llama-3-8B shapes, int4-g128,
-# CUDA graphs (benchmarks/results/quant_rows/): at 16 rows the kernel takes 155 us per layer, dequantize
-# + cuBLAS 277 (bf16: 118); at 24 rows 246 vs 278 but slower on q|k|v and o; at 32 a tie; slower past.
+# CUDA graphs (benchmarks/results/quant_rows/): at 16 rows the kernel takes 133.6 us per layer,
+# dequantize + cuBLAS 277.0 (bf16: 117.7); at 24 rows 246 vs 278 but slower on q|k|v and o; at 32 a
+# tie; slower past.
 QUANTIZED_KERNEL_ROWS = 16
 
 
@@ -242,9 +243,9 @@ class PackedLinear(nn.Module):
         decode_kernel = not dense_float and n_rows <= kernel_rows and x.dtype in KERNEL_DTYPES
         preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
                    and x.dtype in KERNEL_DTYPES and preload_gemv_fits(x.device, self.in_features, self.out_features))
-        # A dense prefill of int8/int4 weights on CUDA: dense_weight_t dequantizes the matrix once into
-        # x's dtype, then cuBLAS (H200, 8B shapes, 2048 tokens: 1.15-1.20x bf16's time, 16-17x faster
-        # than the float32 product; benchmarks/results/int4_prefill/)
+        # A dense prefill of int8/int4 weights on CUDA past quantized_kernel_rows: dense_weight_t
+        # dequantizes the matrix once into x's dtype, then cuBLAS (H200, 8B shapes, 2048 tokens:
+        # 1.15-1.20x bf16's time, 16-17x faster than the float32 product; benchmarks/results/int4_prefill/)
         quantized_prefill = (self.fmt != "fp" and not sparse and not decode_kernel and x.device.type == "cuda"
                              and x.dtype in KERNEL_DTYPES)
         kernel_norm = x.device.type == "cuda" and (

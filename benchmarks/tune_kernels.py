@@ -66,8 +66,8 @@ def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConf
         if sk <= bk:
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, design="dot"))
     if kind != "int4" and rows_design:  # the compact rows design around its stored winners (16 rows x 512
-        # columns, 4 warps), with and without the next chunk's weight rows prefetched (num_stages 2); 1024-row blocks halve
-        # the programs, which cuts the per-call fixed cost (results/fixed_cost.md)
+        # columns, 4 warps), with and without the next chunk's weight rows prefetched (num_stages 2);
+        # 1024-row blocks halve the programs, which cuts the per-call fixed cost (results/fixed_cost.md)
         for bn, bk, sk, nw, st in itertools.product((256, 512), (256, 512, 1024), (16, 32), (4, 8), (1, 2)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
                                   design="rows"))

@@ -1,7 +1,8 @@
 """The torch ops of the decode path: ``teal::sparse_gemv`` (what PackedLinear calls for
-decode-sized batches), ``teal::dense_gemv`` (its dense decode calls of small float matrices on
-CUDA), ``teal::dequantize`` (a quantized matrix in bf16/fp16 for prefill on CUDA), ``teal::decode_attention`` and
-``teal::decode_attention_step`` (the fused decode path's attention, decode.py).
+decode-sized batches, and a quantized model's short prefills on CUDA), ``teal::dense_gemv`` (its
+dense decode calls of small float matrices on CUDA), ``teal::dequantize`` (a quantized matrix in
+bf16/fp16 for longer prefills on CUDA), ``teal::decode_attention`` and ``teal::decode_attention_step``
+(the fused decode path's attention, decode.py).
 
 One op, one implementation per device: CUDA runs the Triton kernels (teal_kernels/triton_gemv.py,
 teal_kernels/attention.py); the CPU runs ``teal::sparse_gemv`` with the C++ row-skipping kernel of
@@ -122,8 +123,9 @@ def sparse_gemv(
     norm_weight: Tensor | None = None,
     eps: float = 0.0,
 ) -> Tensor:
-    """Threshold-sparse x @ W^T for 1 <= M <= MAX_BATCH rows (formats, and the `gated`, `residual`
-    and `norm_weight` fusions: teal_kernels/reference.py).
+    """Threshold-sparse x @ W^T for 1 <= M <= MAX_BATCH rows, on CUDA up to MAX_DOT_ROWS where the
+    shape takes the kernel's dot design (formats, and the `gated`, `residual` and `norm_weight`
+    fusions: teal_kernels/reference.py).
 
     Output [M, N] in x.dtype, float32 accumulation; rows of W for zeroed inputs are not read on
     the GPU.
