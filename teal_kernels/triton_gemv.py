@@ -627,9 +627,11 @@ def _sparse_gemv_kernel(
 # quarter of the columns at M = 1 on the H200 (results/NOTES.md), while the lab kernel was right.
 #
 # Tile t: x [BLOCK_M, SUB_K] thresholded at the batch's own size (BLOCK_M = M rounded up to a
-# power of two), then repeated to the 16 rows a tl.dot needs (row r holds batch row r % BLOCK_M;
-# only rows < M are stored): padding the batch with zero rows instead made every x-side step of
-# the loop (loads, thresholds, the keep mask, int4's sum of x) 16 times wider at M = 1.  Weight
+# power of two), then repeated to the DOT_M = max(16, BLOCK_M) rows of the tl.dot (16 is its
+# minimum; row r holds batch row r % BLOCK_M; only rows < M are stored; batches of 16-64 rows, a
+# quantized model's short prefills, take tiles of their own height): padding the batch with zero
+# rows instead made every x-side step of the loop (loads, thresholds, the keep mask, int4's sum of
+# x) 16 times wider at M = 1.  Weight
 # rows whose x is zero in every batch row are predicated off, the others read whole; the product
 # runs on tl.dot, which Triton pipelines num_stages deep (cp.async into shared memory): the lab
 # measured 10-30% more bandwidth than FMA lanes at batch 1.  int8 and int4 weights are converted
