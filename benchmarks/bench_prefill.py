@@ -31,6 +31,7 @@ import triton.testing
 from benchmarks.timing import MODEL_SHAPES, copies_for, graph_time_us, make_weight, make_x
 from files import check_writable, write_report
 from model import ModelArgs
+from teal_kernels import ops
 from teal_kernels.dequantize import dequantize_triton
 from teal_kernels.reference import MAX_BATCH, MAX_DOT_ROWS, masked_product
 from teal_kernels.triton_gemv import sparse_gemv_triton
@@ -48,7 +49,8 @@ def bench_shape(k: int, n: int, m: int, formats: list[str]) -> dict:
     x = make_x(m, k, torch.bfloat16, "cuda", seed=0)
     none = torch.zeros(1, dtype=torch.float32, device="cuda")
     bf16 = [make_weight("bf16", k, n, "cuda", seed=1 + i)[0] for i in range(copies_for(2 * k * n))]
-    row = {"bf16_us": graph_time_us(lambda i: x @ bf16[i], len(bf16))}
+    row = {"bf16_us": graph_time_us(lambda i: x @ bf16[i], len(bf16)),
+           "bf16_host_us": host_us_per_call(lambda: x @ bf16[0])}
     del bf16
     for fmt in formats:
         copies = [make_weight(fmt, k, n, "cuda", seed=2)]
@@ -66,11 +68,26 @@ def bench_shape(k: int, n: int, m: int, formats: list[str]) -> dict:
                 raise RuntimeError(f"{fmt} {name} differs from the float32 path by {err:.3g} (K={k} N={n} M={m})")
         row |= {f"{fmt}_dequantize_us": graph_time_us(dequantized, len(copies)),
                 f"{fmt}_us": graph_time_us(lambda i: x @ dequantized(i), len(copies)),
-                f"{fmt}_float32_us": time_us(float32)}
+                f"{fmt}_float32_us": time_us(float32),
+                # the host's side of an eager call: PackedLinear's route (ops.*, no custom-op dispatch
+                # in eager) and the same through the custom op
+                f"{fmt}_host_us": host_us_per_call(lambda: x @ ops.dequantize(w, scales, zeros, group, x.dtype)),
+                f"{fmt}_op_host_us": host_us_per_call(
+                    lambda: x @ torch.ops.teal.dequantize(w, scales, zeros, group, x.dtype))}
         if m <= MAX_DOT_ROWS:
-            row[f"{fmt}_kernel_us"] = graph_time_us(kernel, len(copies))
+            row |= {f"{fmt}_kernel_us": graph_time_us(kernel, len(copies)),
+                    f"{fmt}_kernel_host_us": host_us_per_call(
+                        lambda: ops.sparse_gemv(x, w, none, [n], scales, zeros, group)),
+                    f"{fmt}_kernel_op_host_us": host_us_per_call(
+                        lambda: torch.ops.teal.sparse_gemv(x, w, none, [n], scales, zeros, group, False, None, None,
+                                                           0.0))}
         del copies
     return row
+
+
+def host_us_per_call(fn, calls: int = 100) -> float:
+    """Median µs the host takes to enqueue one call of fn (host_ms over `calls` calls in a row)."""
+    return host_ms(lambda: [fn() for _ in range(calls)]) * 1e3 / calls
 
 
 def host_ms(fn, runs: int = 7) -> float:
@@ -156,6 +173,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{r[f + '_dequantize_us']:.1f} | {r[f + '_us']:.1f} | {r[f + '_us'] / r['bf16_us']:.2f}x | "
             f"{r[f + '_float32_us']:.1f} | " + (f"{r[f + '_kernel_us']:.1f} | {r[f + '_kernel_us'] / r['bf16_us']:.2f}x"
                                                if f + "_kernel_us" in r else "- | -") for f in formats) + " |")
+    lines += ["", "Host time to enqueue one eager call, µs (100 calls in a row, median of 7): bf16 `x @ w`; per "
+              "format dequantize + GEMM and the kernel, each as PackedLinear calls it (teal_kernels.ops, no "
+              "custom-op dispatch in eager) / through the custom op:", "",
+              "| layer | M | bf16 | " + " | ".join(f"{f} dequantize + GEMM | {f} kernel" for f in formats) + " |",
+              "|---|---|---|" + "---|---|" * len(formats)]
+    for r in rows:
+        kernel_host = lambda f: (f"{r[f + '_kernel_host_us']:.1f} / {r[f + '_kernel_op_host_us']:.1f}"  # noqa: E731
+                                 if f + "_kernel_host_us" in r else "-")
+        lines.append(f"| {r['layer']} | {r['M']} | {r['bf16_host_us']:.1f} | " + " | ".join(
+            f"{r[f + '_host_us']:.1f} / {r[f + '_op_host_us']:.1f} | {kernel_host(f)}" for f in formats) + " |")
     model_formats = [*formats, f"{formats[0]} dequantize"]
     model_rows = bench_model_prefill(args.model, args.tokens, formats) if args.model else []
     if model_rows:
