@@ -89,9 +89,9 @@ def preload_gemv_fits(device: torch.device, k: int, n: int) -> bool:
 # Dense calls of int8/int4 weights on CUDA of up to this many rows (short prefills, batches past
 # MAX_BATCH) run the Triton kernel's "dot" design, which reads the quantized weights once and converts
 # them in registers, instead of a bf16 copy per matrix and cuBLAS. H200, Llama-3-8B shapes, int4-g128,
-# CUDA graphs (benchmarks/results/quant_rows/): at 16 rows the kernel takes 133.6 us per layer,
-# dequantize + cuBLAS 277.0 (bf16: 117.7); at 24 rows 246 vs 278 but slower on q|k|v and o; at 32 a
-# tie; slower past.
+# CUDA graphs (benchmarks/results/quant_rows/): at 16 rows, in one call, the kernel took 155.3 us per
+# layer (133.6 retuned, in a later call), dequantize + cuBLAS 277.0, bf16 117.7; at 24 rows 246 vs 278
+# but slower on q|k|v and o; at 32 a tie; slower past.
 QUANTIZED_KERNEL_ROWS = 16
 
 

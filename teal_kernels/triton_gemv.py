@@ -83,6 +83,12 @@ class KernelConfig:
 _LATER_FIELDS = {"lane_sum"}
 
 
+def dot_tile_rows(m: int) -> int:
+    """Rows of the "dot" design's tl.dot tile for a batch of m rows: m rounded up to a power of two,
+    at least 16 (tl.dot's minimum; smaller batches are repeated to fill it)."""
+    return max(16, triton.next_power_of_2(m))
+
+
 def config_key(device_name: str, weight_format: str, m: int, k: int, n: int) -> str:
     """Key of tuned_configs.json, e.g. ``NVIDIA H200|int4-g128|M1|K4096|N6144``."""
     return f"{device_name}|{weight_format}|M{m}|K{k}|N{n}"
@@ -108,7 +114,7 @@ def get_config(device_name: str, weight_format: str, m: int, k: int, n: int) -> 
     """
     table = _tuned_table()
     formats = [weight_format, "bf16"] if weight_format == "fp16" else [weight_format]
-    rows = m if m <= MAX_BATCH else max(16, triton.next_power_of_2(m))
+    rows = m if m <= MAX_BATCH else dot_tile_rows(m)
     for fmt in formats:
         entry = table.get(config_key(device_name, fmt, rows, k, n))
         if entry is not None:
@@ -141,7 +147,7 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
             block_k //= 2
         return KernelConfig(block_n=block_n, block_k=block_k, sub_k=sub_k, compact=True, design="rows")
     # an accumulator of at most 16 x 512 fp32 (taller tiles for batches past 16 rows get narrower)
-    block_n = max(16, min(512 * 16 // max(16, triton.next_power_of_2(m)), triton.next_power_of_2(n)))
+    block_n = max(16, min(512 * 16 // dot_tile_rows(m), triton.next_power_of_2(n)))
     programs_n = triton.cdiv(n, block_n)
     block_k = max(128, min(1024, triton.next_power_of_2(max(1, k * programs_n // 256))))
     # int4 at 2-16 rows: every tuned winner on the H200's 8B shapes reads 64 or 128 rows a tile
@@ -193,8 +199,8 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
             tiles = max(1, cfg.block_k // sub_k)
             while (k // sub_k) % tiles:
                 tiles -= 1
-            dot_m = max(16, triton.next_power_of_2(m))  # rows of the tl.dot tile: warps split them in 16s
-            warps = min(cfg.num_warps, block_n // 64 * dot_m // 16) if fmt == FMT_INT4 else cfg.num_warps
+            # warps split the tile's rows in 16s
+            warps = min(cfg.num_warps, block_n // 64 * dot_tile_rows(m) // 16) if fmt == FMT_INT4 else cfg.num_warps
             return dataclasses.replace(cfg, block_n=block_n, sub_k=sub_k, block_k=tiles * sub_k, num_warps=warps)
         name = {FMT_INT4: f"int4-g{group_size}", FMT_INT8: "int8"}.get(fmt, "bf16")
         cfg = _rows_heuristic(name, m, k, sum(split_sizes))
@@ -972,7 +978,7 @@ def sparse_gemv_triton(
         _dot_gemv_kernel[(grid_n, grid_k)](
             x, w, *aux, out, workspace, counters,
             m, k, n, w.shape[1], float(eps), splits,
-            FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, DOT_M=max(16, block_m), BLOCK_N=cfg.block_n,
+            FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, DOT_M=dot_tile_rows(m), BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k,
             SUB_K=cfg.sub_k, **fusions, DETERMINISTIC=deterministic,
             INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
