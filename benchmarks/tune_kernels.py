@@ -78,6 +78,12 @@ def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConf
         for bn, bk, sk, nw, st in itertools.product(wide, (128, 256, 512), (16, 32), (4, 8), (1, 2)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
                                   design="rows", lane_sum=True))
+    if kind == "int4" and rows_design:  # int32 words converted by bit operations into FMA lanes; each lane
+        # keeps a [block_n] fp32 sum and its group's, so tiles stay narrower than the float ones
+        widths, heights = ((256, 512), (8, 16)) if quick else ((128, 256, 512), (8, 16, 32))
+        for bn, bk, sk, nw, st in itertools.product(widths, (256, 512, 1024), heights, (4, 8), (1, 2)):
+            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
+                                  design="rows"))
     return sorted(grid, key=lambda c: dataclasses.astuple(c))
 
 

@@ -208,7 +208,9 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
         raise ValueError(f"KernelConfig.block_n must be at least 16, got {cfg.block_n}.")
     block_k = max(cfg.block_k, group_size) if fmt == FMT_INT4 else cfg.block_k
     window = group_size if fmt == FMT_INT4 else block_k
-    return dataclasses.replace(cfg, block_k=block_k, sub_k=min(cfg.sub_k, window))
+    # int4 keeps every lane's sums to the end (its group step scales them per lane): no lane_sum
+    return dataclasses.replace(cfg, block_k=block_k, sub_k=min(cfg.sub_k, window),
+                               lane_sum=cfg.lane_sum and fmt != FMT_INT4)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -310,6 +312,96 @@ def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16))
 
 
+# The "rows" design multiplies in fp32 FMA lanes, so its int4 words become fp32 directly: each
+# nibble is moved (one shift, shared by two nibbles) to bits 12-15 or 16-19 and masked under
+# 2048.0 or 128.0 (one lop3), whose mantissa unit there is 1: the lane holds n + 2048 or n + 128,
+# exact. The offset is not subtracted per weight: the group step takes (offset + 8) * sum(x) off
+# once (_int4_unit_bias). Its cost in precision: a group's fp32 sum carries terms up to 2063 |x|
+# instead of 8 |x|, about 2^-13 of the sum's scale, far below bf16's 2^-9 output rounding.
+# 12 instructions for 8 weights, where the plain I2F conversion (a quarter-rate instruction) made
+# the "rows" design lose to the "dot" design on int4 (results/NOTES.md, 2026-12-02).
+_WORD_TO_F32 = tl.constexpr("""{
+.reg .b32 a, b, c, d;
+shr.b32 a, $8, 8;
+shl.b32 b, $8, 8;
+shl.b32 c, $8, 12;
+shr.b32 d, $8, 16;
+lop3.b32 $0, c, 0x0000F000, 0x45000000, 0xEA;
+lop3.b32 $1, b, 0x0000F000, 0x45000000, 0xEA;
+lop3.b32 $2, b, 0x000F0000, 0x43000000, 0xEA;
+lop3.b32 $3, $8, 0x0000F000, 0x45000000, 0xEA;
+lop3.b32 $4, $8, 0x000F0000, 0x43000000, 0xEA;
+lop3.b32 $5, a, 0x0000F000, 0x45000000, 0xEA;
+lop3.b32 $6, a, 0x000F0000, 0x43000000, 0xEA;
+lop3.b32 $7, d, 0x0000F000, 0x45000000, 0xEA;
+}""")
+_WORD_CONSTRAINTS = tl.constexpr("=r," * 8 + "r")
+
+
+@triton.jit
+def _stack8(p0, p1, p2, p3, p4, p5, p6, p7):
+    """Eight [R, C] tiles -> [R, C, 8] with [:, :, i] from tile i (joins keep every value in its thread)."""
+    t = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    return tl.reshape(t, [p0.shape[0], p0.shape[1], 8])
+
+
+@triton.jit
+def _int4_units(units, NIBBLES: tl.constexpr, INTERPRET: tl.constexpr):
+    """Packed int4 units [R, C] (int32 words: NIBBLES 8; bytes: 2; column NIBBLES * c + i in
+    nibble i) -> fp32 [R, C, NIBBLES], element i = nibble i + _int4_unit_bias's offset i."""
+    if NIBBLES == 2:
+        return tl.join(units & 0xF, units >> 4).to(tl.float32)
+    elif INTERPRET:
+        return _stack8((units & 0xF).to(tl.float32) + 2048.0, ((units >> 4) & 0xF).to(tl.float32) + 2048.0,
+                       ((units >> 8) & 0xF).to(tl.float32) + 128.0, ((units >> 12) & 0xF).to(tl.float32) + 2048.0,
+                       ((units >> 16) & 0xF).to(tl.float32) + 128.0, ((units >> 20) & 0xF).to(tl.float32) + 2048.0,
+                       ((units >> 24) & 0xF).to(tl.float32) + 128.0, ((units >> 28) & 0xF).to(tl.float32) + 2048.0)
+    else:
+        p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+            asm=_WORD_TO_F32, constraints=_WORD_CONSTRAINTS, args=[units], is_pure=True, pack=1,
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32))
+        return _stack8(p0, p1, p2, p3, p4, p5, p6, p7)
+
+
+# A group's scales (or zeros) of a word's 8 columns, loaded straight into the registers that hold
+# the word's 8 lanes: Triton gives a tl.load of [units, 8] floats its own layout (16-byte vectors)
+# and moves the values into the accumulator's through shared memory, 8 barriers per group (local
+# sm_90 SASS); an inline load has no layout of its own, so it takes the accumulator's.
+_LOAD8 = tl.constexpr("""{
+ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8];
+ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+16];
+}""")
+_LOAD8_CONSTRAINTS = tl.constexpr("=r," * 8 + "l")
+
+
+@triton.jit
+def _group_params(ptr, row, col_start, col_end, lane, NIBBLES: tl.constexpr, UNITS: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """Row ``row`` of a group's scales or zeros [G, N] (fp32) at the program's columns, as the
+    per-lane accumulator's [LANES or 1, UNITS, NIBBLES] (columns past col_end: 0, or with
+    words a copy of the last word's, never stored)."""
+    if NIBBLES == 8 and not INTERPRET:
+        unit = tl.minimum(col_start // 8 + tl.arange(0, UNITS), col_end // 8 - 1)
+        p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+            asm=_LOAD8, constraints=_LOAD8_CONSTRAINTS, args=[ptr + row + 8 * unit[None, :] + 0 * lane[:, None]],
+            is_pure=True, pack=1,
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32))
+        return _stack8(p0, p1, p2, p3, p4, p5, p6, p7)
+    else:
+        cols = col_start + NIBBLES * tl.arange(0, UNITS)[:, None] + tl.arange(0, NIBBLES)[None, :]
+        return tl.load(ptr + row + cols, mask=cols < col_end, other=0.0)[None, :, :]
+
+
+@triton.jit
+def _int4_unit_bias(NIBBLES: tl.constexpr):
+    """[NIBBLES] fp32: what _int4_units adds to nibble i, plus the 8 of q - 8 (the group step
+    subtracts it times the group's sum of x)."""
+    i = tl.arange(0, NIBBLES)
+    if NIBBLES == 2:
+        return tl.full([2], 8.0, tl.float32)
+    return tl.where((i == 2) | (i == 4) | (i == 6), 136.0, 2056.0)
+
+
 # ---------------------------------------------------------------------------
 # Kernel: split-K sparse GEMV with an in-kernel, deterministic K reduction
 # ---------------------------------------------------------------------------
@@ -392,19 +484,16 @@ def _masked_x(x_ptr, lane_m, rows, ok, threshold, K, GATED: tl.constexpr, nw_ptr
 def _weight_rows(
     w_ptr, rows, load, col_start, col_end, W_ROW,
     FORMAT: tl.constexpr, COL_ALIGN: tl.constexpr, LANES: tl.constexpr, BLOCK_N: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, NIBBLES: tl.constexpr,
 ):
-    """Rows ``rows`` of W^T as fp32 [LANES, BLOCK_N] (q - 8 for int4), reading only where ``load``."""
-    if FORMAT == 2:  # int4: BLOCK_N // 2 bytes per row, low nibble = even column
-        byte_cols = tl.multiple_of(col_start // 2, COL_ALIGN // 2) + tl.arange(0, BLOCK_N // 2)
-        byte_end = tl.multiple_of(col_end // 2, COL_ALIGN // 2)
-        packed = tl.load(
-            w_ptr + rows[:, None] * W_ROW + byte_cols[None, :],
-            mask=load[:, None] & (byte_cols < byte_end)[None, :],
-            other=0,
-        )
-        q = tl.join(packed & 0xF, packed >> 4).reshape(LANES, BLOCK_N)
-        return q.to(tl.float32) - 8.0
+    """Rows ``rows`` of W^T, reading only where ``load``: fp32 [LANES, BLOCK_N], or for int4 its
+    packed units [LANES, BLOCK_N // NIBBLES] (int32 words of 8 columns or bytes of 2, as the
+    launcher passes w), converted by _int4_units."""
+    if FORMAT == 2:
+        unit_cols = tl.multiple_of(col_start // NIBBLES, COL_ALIGN // NIBBLES) + tl.arange(0, BLOCK_N // NIBBLES)
+        unit_end = tl.multiple_of(col_end // NIBBLES, COL_ALIGN // NIBBLES)
+        return tl.load(w_ptr + rows[:, None] * W_ROW + unit_cols[None, :],
+                       mask=load[:, None] & (unit_cols < unit_end)[None, :], other=0)
     else:
         cols = col_start + tl.arange(0, BLOCK_N)
         wt = tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=load[:, None] & (cols < col_end)[None, :])
@@ -430,6 +519,18 @@ def _lane_rows(v, SUM: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr
                              [BLOCK_M * GROUPS, BLOCK_N])
     else:
         out = v
+    return out
+
+
+@triton.jit
+def _chunk_product(wacc, xm, wt, FORMAT: tl.constexpr, NIBBLES: tl.constexpr, LANE_SUM: tl.constexpr,
+                   LANE_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    """wacc + one chunk's products x * w (int4: its packed units converted by _int4_units)."""
+    if FORMAT == 2:
+        out = wacc + xm[:, None, None] * _int4_units(wt, NIBBLES, INTERPRET)
+    else:
+        out = wacc + _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
     return out
 
 
@@ -460,7 +561,7 @@ def _sparse_gemv_kernel(
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
     WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, LANE_SUM: tl.constexpr,
-    LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr,
+    LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr, NIBBLES: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -516,18 +617,21 @@ def _sparse_gemv_kernel(
         win_ids = tl.arange(0, BLOCK_K // WINDOW)
         tl.debug_barrier()  # every thread's slot writes are visible before the gathers
 
-    # Accumulator rows: one per lane, summed once at the end (int4: at each group's end), or with
-    # LANE_SUM LANE_GROUPS per batch row, each chunk's lanes summed into them as it is multiplied.
+    # Accumulator rows: one per lane, summed once at the end, or with LANE_SUM LANE_GROUPS per
+    # batch row, each chunk's lanes summed into them as it is multiplied.  int4: [LANES, units,
+    # NIBBLES] (a unit's nibbles stay apart until the end), each group's sums scaled per lane at
+    # the group's end, so no sum leaves a thread before the end.
     ACC_ROWS: tl.constexpr = BLOCK_M * LANE_GROUPS if LANE_SUM else LANES
     if FORMAT == 2:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        UNITS: tl.constexpr = BLOCK_N // NIBBLES
+        acc = tl.zeros([LANES, UNITS, NIBBLES], dtype=tl.float32)
     else:
         acc = tl.zeros([ACC_ROWS, BLOCK_N], dtype=tl.float32)
     n_windows = tl.cdiv(tl.minimum(K - k_block, BLOCK_K), WINDOW)  # none past row K
     for win in tl.range(0, n_windows):
         win_start = k_block + win * WINDOW
-        if FORMAT == 2:  # sum of x * (q - 8) and of x in this group, scaled below
-            wacc = tl.zeros([ACC_ROWS, BLOCK_N], dtype=tl.float32)
+        if FORMAT == 2:  # this group's sums of x * (nibble + offset) and of x, per lane; scaled below
+            wacc = tl.zeros([LANES, UNITS, NIBBLES], dtype=tl.float32)
             xacc = tl.zeros([LANES], dtype=tl.float32)
         else:
             wacc = acc
@@ -538,7 +642,7 @@ def _sparse_gemv_kernel(
             rows, xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
             if PREFETCH:  # the first chunk's weight rows; the loop keeps one chunk in flight ahead
                 wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N,
-                                  INTERPRET)
+                                  INTERPRET, NIBBLES)
                 slot += SUB_K
                 rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
             for _ in tl.range(first, last, SUB_K):
@@ -547,13 +651,14 @@ def _sparse_gemv_kernel(
                 slot += SUB_K
                 if PREFETCH:
                     next_wt = _weight_rows(w_ptr, rows, next_xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN,
-                                           LANES, BLOCK_N, INTERPRET)
+                                           LANES, BLOCK_N, INTERPRET, NIBBLES)
                     rows, after_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
                 else:
                     wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES,
-                                      BLOCK_N, INTERPRET)
+                                      BLOCK_N, INTERPRET, NIBBLES)
                     rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
-                wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
+                wacc = _chunk_product(wacc, xm, wt, FORMAT, NIBBLES, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N,
+                                      INTERPRET)
                 if FORMAT == 2:
                     xacc += xm
                 xm = next_xm
@@ -571,24 +676,21 @@ def _sparse_gemv_kernel(
                 next_xm = _masked_x(x_ptr, lane_m, next_rows, (next_rows < win_end) & m_ok, threshold, K, GATED,
                                     nw_ptr, lane_scale, NORM)
                 if tl.max(tl.abs(xm), axis=0) > 0:
-                    wt = _weight_rows(
-                        w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET
-                    )
-                    wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
+                    wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES,
+                                      BLOCK_N, INTERPRET, NIBBLES)
+                    wacc = _chunk_product(wacc, xm, wt, FORMAT, NIBBLES, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K,
+                                          BLOCK_N, INTERPRET)
                     if FORMAT == 2:
                         xacc += xm
                 rows = next_rows
                 xm = next_xm
-        if FORMAT == 2:
-            group = win_start // GROUP_SIZE
-            s = tl.load(scale_ptr + group * N + cols, mask=cols_ok, other=0.0)
-            z = tl.load(zero_ptr + group * N + cols, mask=cols_ok, other=0.0)
-            if LANE_SUM:
-                w_sum = _group_sum(wacc, LANE_GROUPS, BLOCK_M, BLOCK_N)
-            else:
-                w_sum = tl.sum(tl.reshape(wacc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
-            x_sum = tl.sum(tl.reshape(xacc, [BLOCK_M, SUB_K]), axis=1)
-            acc += w_sum * s[None, :] + x_sum[:, None] * z[None, :]
+        if FORMAT == 2:  # y += s * (sum x * (q - 8)) + z * sum x, per lane
+            row = win_start // GROUP_SIZE * N
+            s = _group_params(scale_ptr, row, col_start, col_end, lane, NIBBLES, UNITS, INTERPRET)
+            z = _group_params(zero_ptr, row, col_start, col_end, lane, NIBBLES, UNITS, INTERPRET)
+            x_sum = xacc[:, None, None]
+            acc += s * (wacc - _int4_unit_bias(NIBBLES)[None, None, :] * x_sum)
+            acc += z * x_sum
         else:
             acc = wacc
 
@@ -597,7 +699,7 @@ def _sparse_gemv_kernel(
     # Publish this block's partial; the last program of the column block reduces.
     out_ok = (m_offs[:, None] < M) & cols_ok[None, :]
     if FORMAT == 2:
-        partial = acc
+        partial = tl.reshape(tl.sum(tl.reshape(acc, [BLOCK_M, SUB_K, UNITS, NIBBLES]), axis=1), [BLOCK_M, BLOCK_N])
     elif LANE_SUM:
         partial = _group_sum(acc, LANE_GROUPS, BLOCK_M, BLOCK_N)
     else:
@@ -904,13 +1006,13 @@ def _persistent_buffers(device: torch.device) -> tuple[Tensor, Tensor]:
     return buffers
 
 
-def _lane_groups(cfg: KernelConfig, fmt: int, elem_bytes: int, col_align: int) -> int:
+def _lane_groups(cfg: KernelConfig, elem_bytes: int, col_align: int) -> int:
     """With lane_sum: the chunk rows that Triton's blocked layout of a [rows, block_n] weight tile
     spreads over threads and warps (16-byte loads along the columns, 32 threads, then the warps
     fill the columns first and the rows after), so that summing the rest stays in each thread.
     Any power of two up to sub_k gives the same sums in another order; this one costs no
-    cross-thread sum in the loop. int4 (bytes unpacked into two columns each) keeps 1."""
-    if not cfg.lane_sum or fmt == FMT_INT4:
+    cross-thread sum in the loop."""
+    if not cfg.lane_sum:
         return 1
     vector = min(16 // elem_bytes, col_align)
     return max(1, min(cfg.sub_k, cfg.num_warps * 32 * vector // cfg.block_n))
@@ -995,6 +1097,11 @@ def sparse_gemv_triton(
     red_k = max(1, min(triton.next_power_of_2(grid_k), _REDUCTION_FLOATS // (block_m * cfg.block_n)))
     # Largest power of two dividing every program's first column: lets loads vectorize.
     col_align = min(cfg.block_n, 32, *(s & -s for s in split_sizes))
+    # int4 as int32 words of 8 columns where every program's columns start on a word (converted
+    # by bit operations), else as bytes of 2 (converted by I2F, a quarter-rate instruction)
+    nibbles = 8 if words_aligned and col_align >= 8 else 2 if fmt == FMT_INT4 else 1
+    if nibbles == 8:
+        w = w.view(torch.int32)
     _sparse_gemv_kernel[(grid_k, grid_n)](
         x, w, *aux, out, partials, counters, idx, xs,
         m, k, n, w.shape[1], grid_k, float(eps), splits,
@@ -1002,7 +1109,7 @@ def sparse_gemv_triton(
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
         PREFETCH=cfg.compact and cfg.num_stages >= 2, LANE_SUM=cfg.lane_sum,
-        LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k, **fusions,
+        LANE_GROUPS=_lane_groups(cfg, w.element_size(), col_align), RED_K=red_k, NIBBLES=nibbles, **fusions,
         INTERPRET=INTERPRETED, PDL=bool(pdl),
         num_warps=cfg.num_warps, num_stages=1, **pdl,
     )
