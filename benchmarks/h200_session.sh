@@ -396,7 +396,7 @@ PY
     ;;
   int4_rows)  # issue 11: int4 in the rows design read as int32 words and converted by bit operations into fp32 FMA lanes (it read bytes through I2F): a quick int4 tune at one row (rows candidates beside the dot design's, the stored config kept), GPU tests, per matrix, end to end beside tinygemm
     step 260 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int4-g128 --quick --force --jobs 16
-    step 120 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and int4 and (compact or prefetch)"
+    step 120 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and int4 and (prefetch or lanesum)"
     step 60 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --out "$out/kernels_int4_rows"
     ;;
   int4_rows_e2e)  # then end to end with the configs int4_rows stored, beside tinygemm (same call)

@@ -78,12 +78,15 @@ def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConf
         for bn, bk, sk, nw, st in itertools.product(wide, (128, 256, 512), (16, 32), (4, 8), (1, 2)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
                                   design="rows", lane_sum=True))
-    if kind == "int4" and rows_design:  # int32 words converted by bit operations into FMA lanes; each lane
-        # keeps a [block_n] fp32 sum and its group's, so tiles stay narrower than the float ones
-        widths, heights = ((256, 512), (8, 16)) if quick else ((128, 256, 512), (8, 16, 32))
-        for bn, bk, sk, nw, st in itertools.product(widths, (256, 512, 1024), heights, (4, 8), (1, 2)):
+    if kind == "int4" and rows_design:  # int32 words converted by bit operations into FMA lanes; each
+        # accumulator row keeps a [block_n] fp32 sum and its group's, so tiles stay narrower than the float
+        # ones; chunks taller than the 16 rows a 256-column layout covers at 4 warps sum their lanes as they go
+        widths = (256, 512) if quick else (128, 256, 512)
+        for bn, bk, (sk, ls), nw, st in itertools.product(widths, (256, 512, 1024),
+                                                          ((8, False), (16, False), (32, True), (64, True)),
+                                                          (4, 8), (1, 2)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
-                                  design="rows"))
+                                  design="rows", lane_sum=ls))
     return sorted(grid, key=lambda c: dataclasses.astuple(c))
 
 
@@ -129,28 +132,32 @@ def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[flo
     finalists = sorted(grid, key=stage1.get)[:STAGE2_KEEP]
     wide = (dataclasses.replace(c, num_warps=8) for c in finalists)
     finalists += [c for c in wide if is_correct(c, problems[0], ref)]
-    times: dict[KernelConfig, dict[float, float]] = {c: {} for c in finalists}
-    for s in sorted(sparsities, reverse=True):
-        if s != main_s:
-            del problems  # free the previous weight copies first
-            problems = build_problems(fmt, m, k, splits, s)
-        for c in finalists:
-            times[c][s] = time_config(c, problems)
-    best = min(finalists, key=lambda c: sum(times[c].values()))
-    heuristic_us = stage1.get(_heuristic_config(fmt, m, k, n))  # None if it failed the check
     # The fastest candidate of each kind at the max sparsity, so a losing variant's distance from
-    # the winner is on record (the 2026-12-03 retune kept no lane_sum config, and said not by how much).
+    # the winner is on record (the 2026-12-03 retune kept no lane_sum config, and said not by how much),
+    # timed at every level like the finalists.
     runners_up: dict[str, tuple[float, KernelConfig]] = {}
     for c, t in stage1.items():
         kind = config_kind(c)
         if kind not in runners_up or t < runners_up[kind][0]:
             runners_up[kind] = (t, c)
+    timed = list(dict.fromkeys(finalists + [c for _, c in runners_up.values()]))
+    times: dict[KernelConfig, dict[float, float]] = {c: {} for c in timed}
+    for s in sorted(sparsities, reverse=True):
+        if s != main_s:
+            del problems  # free the previous weight copies first
+            problems = build_problems(fmt, m, k, splits, s)
+        for c in timed:
+            times[c][s] = time_config(c, problems)
+    best = min(finalists, key=lambda c: sum(times[c].values()))
+    heuristic_us = stage1.get(_heuristic_config(fmt, m, k, n))  # None if it failed the check
     return {
         "config": best.to_dict(),
         "us": {str(s): round(t, 2) for s, t in sorted(times[best].items())},
         "heuristic_us_at_max_sparsity": heuristic_us and round(heuristic_us, 2),
         "candidates": len(grid),
-        "best_of_each_kind_at_max_sparsity": {kind: {"us": round(t, 2), "config": c.to_dict()}
+        "best_of_each_kind_at_max_sparsity": {kind: {"us": round(t, 2), "config": c.to_dict(),
+                                                     "us_by_sparsity": {str(s): round(v, 2)
+                                                                        for s, v in sorted(times[c].items())}}
                                               for kind, (t, c) in sorted(runners_up.items())},
     }
 

@@ -208,9 +208,7 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
         raise ValueError(f"KernelConfig.block_n must be at least 16, got {cfg.block_n}.")
     block_k = max(cfg.block_k, group_size) if fmt == FMT_INT4 else cfg.block_k
     window = group_size if fmt == FMT_INT4 else block_k
-    # int4 keeps every lane's sums to the end (its group step scales them per lane): no lane_sum
-    return dataclasses.replace(cfg, block_k=block_k, sub_k=min(cfg.sub_k, window),
-                               lane_sum=cfg.lane_sum and fmt != FMT_INT4)
+    return dataclasses.replace(cfg, block_k=block_k, sub_k=min(cfg.sub_k, window))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -375,15 +373,16 @@ _LOAD8_CONSTRAINTS = tl.constexpr("=r," * 8 + "l")
 
 
 @triton.jit
-def _group_params(ptr, row, col_start, col_end, lane, NIBBLES: tl.constexpr, UNITS: tl.constexpr,
+def _group_params(ptr, row, col_start, col_end, ROWS: tl.constexpr, NIBBLES: tl.constexpr, UNITS: tl.constexpr,
                   INTERPRET: tl.constexpr):
     """Row ``row`` of a group's scales or zeros [G, N] (fp32) at the program's columns, as the
-    per-lane accumulator's [LANES or 1, UNITS, NIBBLES] (columns past col_end: 0, or with
-    words a copy of the last word's, never stored)."""
+    accumulator's [ROWS or 1, UNITS, NIBBLES] (columns past col_end: 0, or with words a copy of
+    the last word's, never stored)."""
     if NIBBLES == 8 and not INTERPRET:
         unit = tl.minimum(col_start // 8 + tl.arange(0, UNITS), col_end // 8 - 1)
+        addr = ptr + row + 8 * unit[None, :] + tl.zeros([ROWS, 1], dtype=tl.int32)
         p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
-            asm=_LOAD8, constraints=_LOAD8_CONSTRAINTS, args=[ptr + row + 8 * unit[None, :] + 0 * lane[:, None]],
+            asm=_LOAD8, constraints=_LOAD8_CONSTRAINTS, args=[addr],
             is_pure=True, pack=1,
             dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32))
         return _stack8(p0, p1, p2, p3, p4, p5, p6, p7)
@@ -503,20 +502,16 @@ def _weight_rows(
 
 
 @triton.jit
-def _lane_rows(v, SUM: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, SUB_K: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """One chunk's products [BLOCK_M * SUB_K, BLOCK_N] -> [BLOCK_M * GROUPS, BLOCK_N] if SUM
-    (LANE_SUM): chunk row j is added into row j % GROUPS of its batch row, so with GROUPS the rows
-    the tile's layout spreads over threads and warps, no sum leaves a thread. Else ``v`` unchanged
-    (the lanes are summed once, after the loop)."""
+def _lane_rows(v, SUM: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, SUB_K: tl.constexpr):
+    """One chunk's lanes [BLOCK_M * SUB_K, ...] (products, or x for int4's group sums; any trailing
+    shape) -> [BLOCK_M * GROUPS, ...] if SUM (LANE_SUM): chunk row j is added into row j % GROUPS
+    of its batch row, so with GROUPS the rows the tile's layout spreads over threads and warps, no
+    sum leaves a thread. Else ``v`` unchanged (the lanes are summed once, after the loop)."""
     if SUM:
         if BLOCK_M == 1 and GROUPS == 1:  # no reshape: it can cost a layout conversion inside the loop
-            out = tl.sum(v, axis=0)[None, :]
-        elif BLOCK_M == 1:
-            out = tl.sum(tl.reshape(v, [SUB_K // GROUPS, GROUPS, BLOCK_N]), axis=0)
+            out = tl.expand_dims(tl.sum(v, axis=0), 0)
         else:
-            out = tl.reshape(tl.sum(tl.reshape(v, [BLOCK_M, SUB_K // GROUPS, GROUPS, BLOCK_N]), axis=1),
-                             [BLOCK_M * GROUPS, BLOCK_N])
+            out = _group_sum(v, SUB_K // GROUPS, GROUPS, BLOCK_M)
     else:
         out = v
     return out
@@ -528,19 +523,40 @@ def _chunk_product(wacc, xm, wt, FORMAT: tl.constexpr, NIBBLES: tl.constexpr, LA
                    INTERPRET: tl.constexpr):
     """wacc + one chunk's products x * w (int4: its packed units converted by _int4_units)."""
     if FORMAT == 2:
-        out = wacc + xm[:, None, None] * _int4_units(wt, NIBBLES, INTERPRET)
+        out = wacc + _lane_rows(xm[:, None, None] * _int4_units(wt, NIBBLES, INTERPRET), LANE_SUM, LANE_GROUPS,
+                                BLOCK_M, SUB_K)
     else:
-        out = wacc + _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
+        out = wacc + _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K)
     return out
 
 
 @triton.jit
-def _group_sum(acc, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A LANE_SUM accumulator [BLOCK_M * GROUPS, BLOCK_N] -> [BLOCK_M, BLOCK_N]."""
-    if GROUPS == 1:
+def _group_sum(acc, SUMMED: tl.constexpr, KEPT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """[BLOCK_M * SUMMED * KEPT, ...] (rank 1-3) -> [BLOCK_M * KEPT, ...]: row (m, j, g) summed
+    over j into row (m, g); with KEPT 1, [BLOCK_M, ...]."""
+    if SUMMED == 1:
         out = acc
+    elif KEPT == 1:
+        if len(acc.shape) == 1:
+            out = tl.sum(tl.reshape(acc, [BLOCK_M, SUMMED]), axis=1)
+        elif len(acc.shape) == 2:
+            out = tl.sum(tl.reshape(acc, [BLOCK_M, SUMMED, acc.shape[1]]), axis=1)
+        else:
+            out = tl.sum(tl.reshape(acc, [BLOCK_M, SUMMED, acc.shape[1], acc.shape[2]]), axis=1)
+    elif len(acc.shape) == 1:
+        out = tl.reshape(tl.sum(tl.reshape(acc, [BLOCK_M, SUMMED, KEPT]), axis=1), [BLOCK_M * KEPT])
+    elif len(acc.shape) == 2:
+        if BLOCK_M == 1:
+            out = tl.sum(tl.reshape(acc, [SUMMED, KEPT, acc.shape[1]]), axis=0)
+        else:
+            out = tl.reshape(tl.sum(tl.reshape(acc, [BLOCK_M, SUMMED, KEPT, acc.shape[1]]), axis=1),
+                             [BLOCK_M * KEPT, acc.shape[1]])
     else:
-        out = tl.sum(tl.reshape(acc, [BLOCK_M, GROUPS, BLOCK_N]), axis=1)
+        if BLOCK_M == 1:
+            out = tl.sum(tl.reshape(acc, [SUMMED, KEPT, acc.shape[1], acc.shape[2]]), axis=0)
+        else:
+            out = tl.reshape(tl.sum(tl.reshape(acc, [BLOCK_M, SUMMED, KEPT, acc.shape[1], acc.shape[2]]), axis=1),
+                             [BLOCK_M * KEPT, acc.shape[1], acc.shape[2]])
     return out
 
 
@@ -618,21 +634,21 @@ def _sparse_gemv_kernel(
         tl.debug_barrier()  # every thread's slot writes are visible before the gathers
 
     # Accumulator rows: one per lane, summed once at the end, or with LANE_SUM LANE_GROUPS per
-    # batch row, each chunk's lanes summed into them as it is multiplied.  int4: [LANES, units,
-    # NIBBLES] (a unit's nibbles stay apart until the end), each group's sums scaled per lane at
+    # batch row, each chunk's lanes summed into them as it is multiplied.  int4: [rows, units,
+    # NIBBLES] (a unit's nibbles stay apart until the end), each group's sums scaled per row at
     # the group's end, so no sum leaves a thread before the end.
     ACC_ROWS: tl.constexpr = BLOCK_M * LANE_GROUPS if LANE_SUM else LANES
     if FORMAT == 2:
         UNITS: tl.constexpr = BLOCK_N // NIBBLES
-        acc = tl.zeros([LANES, UNITS, NIBBLES], dtype=tl.float32)
+        acc = tl.zeros([ACC_ROWS, UNITS, NIBBLES], dtype=tl.float32)
     else:
         acc = tl.zeros([ACC_ROWS, BLOCK_N], dtype=tl.float32)
     n_windows = tl.cdiv(tl.minimum(K - k_block, BLOCK_K), WINDOW)  # none past row K
     for win in tl.range(0, n_windows):
         win_start = k_block + win * WINDOW
-        if FORMAT == 2:  # this group's sums of x * (nibble + offset) and of x, per lane; scaled below
-            wacc = tl.zeros([LANES, UNITS, NIBBLES], dtype=tl.float32)
-            xacc = tl.zeros([LANES], dtype=tl.float32)
+        if FORMAT == 2:  # this group's sums of x * (nibble + offset) and of x, per row; scaled below
+            wacc = tl.zeros([ACC_ROWS, UNITS, NIBBLES], dtype=tl.float32)
+            xacc = tl.zeros([ACC_ROWS], dtype=tl.float32)
         else:
             wacc = acc
         if COMPACT:
@@ -660,7 +676,7 @@ def _sparse_gemv_kernel(
                 wacc = _chunk_product(wacc, xm, wt, FORMAT, NIBBLES, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N,
                                       INTERPRET)
                 if FORMAT == 2:
-                    xacc += xm
+                    xacc += _lane_rows(xm, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K)
                 xm = next_xm
                 if PREFETCH:
                     next_xm = after_xm
@@ -681,13 +697,13 @@ def _sparse_gemv_kernel(
                     wacc = _chunk_product(wacc, xm, wt, FORMAT, NIBBLES, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K,
                                           BLOCK_N, INTERPRET)
                     if FORMAT == 2:
-                        xacc += xm
+                        xacc += _lane_rows(xm, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K)
                 rows = next_rows
                 xm = next_xm
         if FORMAT == 2:  # y += s * (sum x * (q - 8)) + z * sum x, per lane
             row = win_start // GROUP_SIZE * N
-            s = _group_params(scale_ptr, row, col_start, col_end, lane, NIBBLES, UNITS, INTERPRET)
-            z = _group_params(zero_ptr, row, col_start, col_end, lane, NIBBLES, UNITS, INTERPRET)
+            s = _group_params(scale_ptr, row, col_start, col_end, ACC_ROWS, NIBBLES, UNITS, INTERPRET)
+            z = _group_params(zero_ptr, row, col_start, col_end, ACC_ROWS, NIBBLES, UNITS, INTERPRET)
             x_sum = xacc[:, None, None]
             acc += s * (wacc - _int4_unit_bias(NIBBLES)[None, None, :] * x_sum)
             acc += z * x_sum
@@ -698,12 +714,9 @@ def _sparse_gemv_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     # Publish this block's partial; the last program of the column block reduces.
     out_ok = (m_offs[:, None] < M) & cols_ok[None, :]
+    partial = _group_sum(acc, ACC_ROWS // BLOCK_M, 1, BLOCK_M)
     if FORMAT == 2:
-        partial = tl.reshape(tl.sum(tl.reshape(acc, [BLOCK_M, SUB_K, UNITS, NIBBLES]), axis=1), [BLOCK_M, BLOCK_N])
-    elif LANE_SUM:
-        partial = _group_sum(acc, LANE_GROUPS, BLOCK_M, BLOCK_N)
-    else:
-        partial = tl.sum(tl.reshape(acc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
+        partial = tl.reshape(partial, [BLOCK_M, BLOCK_N])
     tl.store(part_ptr + (pid_k * M + m_offs[:, None]) * N + cols[None, :], partial, mask=out_ok)
     tl.debug_barrier()  # all threads' partial stores precede the release below
     ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -1006,16 +1019,16 @@ def _persistent_buffers(device: torch.device) -> tuple[Tensor, Tensor]:
     return buffers
 
 
-def _lane_groups(cfg: KernelConfig, elem_bytes: int, col_align: int) -> int:
-    """With lane_sum: the chunk rows that Triton's blocked layout of a [rows, block_n] weight tile
-    spreads over threads and warps (16-byte loads along the columns, 32 threads, then the warps
-    fill the columns first and the rows after), so that summing the rest stays in each thread.
-    Any power of two up to sub_k gives the same sums in another order; this one costs no
-    cross-thread sum in the loop."""
+def _lane_groups(cfg: KernelConfig, elem_bytes: int, col_align: int, nibbles: int) -> int:
+    """With lane_sum: the chunk rows that Triton's blocked layout of a [rows, block_n / nibbles]
+    weight tile (int4: packed units of `nibbles` columns) spreads over threads and warps (16-byte
+    loads along the columns, 32 threads, then the warps fill the columns first and the rows
+    after), so that summing the rest stays in each thread.  Any power of two up to sub_k gives
+    the same sums in another order; this one costs no cross-thread sum in the loop."""
     if not cfg.lane_sum:
         return 1
-    vector = min(16 // elem_bytes, col_align)
-    return max(1, min(cfg.sub_k, cfg.num_warps * 32 * vector // cfg.block_n))
+    vector = min(16 // elem_bytes, max(1, col_align // nibbles))
+    return max(1, min(cfg.sub_k, cfg.num_warps * 32 * vector * nibbles // cfg.block_n))
 
 
 def sparse_gemv_triton(
@@ -1109,7 +1122,7 @@ def sparse_gemv_triton(
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
         PREFETCH=cfg.compact and cfg.num_stages >= 2, LANE_SUM=cfg.lane_sum,
-        LANE_GROUPS=_lane_groups(cfg, w.element_size(), col_align), RED_K=red_k, NIBBLES=nibbles, **fusions,
+        LANE_GROUPS=_lane_groups(cfg, w.element_size(), col_align, nibbles), RED_K=red_k, NIBBLES=nibbles, **fusions,
         INTERPRET=INTERPRETED, PDL=bool(pdl),
         num_warps=cfg.num_warps, num_stages=1, **pdl,
     )

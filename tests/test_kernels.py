@@ -159,7 +159,7 @@ def test_kernel_matches_float64_reference(case, compact, stages, lane_sum):
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
-@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[5], CASES[6]], ids=case_id)
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6], CASES[8], CASES[9], CASES[10]], ids=case_id)
 def test_lane_sum_matches_float64_reference_for_any_lane_groups(case, groups, monkeypatch):
     """lane_sum keeps LANE_GROUPS accumulator rows per batch row (the launcher picks them from the
     tile's layout, _lane_groups): every power of two up to sub_k gives the same sums in another
