@@ -55,6 +55,10 @@ class KernelConfig:
     1024 bf16 columns at 4 warps, 2 for 512), instead of keeping sub_k rows to the end: fewer
     registers (qkv's 32 x 512 fp32 accumulator is 128 of the 251 a thread Nsight Compute
     reported), so more programs per SM.
+    gather ("dot"): pack the kept rows of the K block into the tiles (an int4 group's rows apart
+    from the next group's), so a tile of dropped rows is never converted or multiplied: without
+    it the int4 tile costs nearly the same at 90% sparsity as at 0% (gate|up 30.9 vs 37.5 us,
+    results/int4_rows/), its time set by the conversion and the tl.dot, not the bytes.
     """
 
     block_n: int = 128
@@ -65,6 +69,7 @@ class KernelConfig:
     num_stages: int = 1
     design: str = "rows"
     lane_sum: bool = False
+    gather: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,7 +85,7 @@ class KernelConfig:
         return cls(**d)
 
 
-_LATER_FIELDS = {"lane_sum"}
+_LATER_FIELDS = {"lane_sum", "gather"}
 
 
 def dot_tile_rows(m: int) -> int:
@@ -789,6 +794,47 @@ def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr, nw
 
 
 @triton.jit
+def _gather_kept_rows(x_ptr, m_offs, m_ok, k0, threshold, K, GATED: tl.constexpr, nw_ptr, row_scale,
+                      NORM: tl.constexpr, idx_ptr, xs_ptr, program, TILE_GROUP: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr):
+    """The "dot" design's gather: the rows of the K block that any batch row keeps, packed into
+    tiles of SUB_K in this program's scratch (row ids and their thresholded x, [slot, batch
+    row]), each TILE_GROUP rows (an int4 group: one scale per tile) starting a new tile, the
+    slots past a group's kept rows padded with x 0 and the block's first row.  Returns (number
+    of tiles, row id scratch, x scratch)."""
+    rows = k0 + tl.arange(0, BLOCK_K)
+    x_block = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM)
+    kept = tl.reshape((tl.max(tl.abs(x_block), axis=0) > 0).to(tl.int32), [BLOCK_K // TILE_GROUP, TILE_GROUP])
+    group_tiles = (tl.sum(kept, axis=1) + SUB_K - 1) // SUB_K
+    first_tile = tl.cumsum(group_tiles, 0) - group_tiles
+    dest = tl.reshape(first_tile[:, None] * SUB_K + tl.cumsum(kept, 1) - kept, [BLOCK_K])
+    kept = tl.reshape(kept, [BLOCK_K])
+    slots = idx_ptr + program * BLOCK_K
+    slot_x = xs_ptr + program * BLOCK_K * BLOCK_M
+    all_slots = tl.arange(0, BLOCK_K)
+    tl.store(slots + all_slots, tl.zeros([BLOCK_K], dtype=tl.int32) + k0)
+    tl.store(slot_x + all_slots[None, :] * BLOCK_M + m_offs[:, None], tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32))
+    tl.debug_barrier()  # the padding lands before the kept rows over it
+    tl.store(slots + dest, rows, mask=kept > 0)
+    tl.store(slot_x + dest[None, :] * BLOCK_M + m_offs[:, None], x_block, mask=(kept > 0)[None, :])
+    tl.debug_barrier()  # every thread's slots are visible before the tiles read them
+    return tl.sum(group_tiles, axis=0), slots, slot_x
+
+
+@triton.jit
+def _gathered_tile(slots, slot_x, t, n_tiles, m_offs, BLOCK_M: tl.constexpr, SUB_K: tl.constexpr):
+    """Tile t of _gather_kept_rows's scratch: its row ids, their x [BLOCK_M, SUB_K] and the row
+    that names its int4 group (a tile past the last is empty: x 0)."""
+    slot = t * SUB_K + tl.arange(0, SUB_K)
+    valid = slot < n_tiles * SUB_K
+    rows = tl.load(slots + slot, mask=valid, other=0, cache_modifier=".cg")
+    x_batch = tl.load(slot_x + slot[None, :] * BLOCK_M + m_offs[:, None], mask=valid[None, :], other=0.0,
+                      cache_modifier=".cg")
+    first = tl.maximum(tl.minimum(t, n_tiles - 1), 0) * SUB_K  # a slot inside the program's scratch
+    return rows, x_batch, tl.load(slots + first, cache_modifier=".cg")
+
+
+@triton.jit
 def _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Rows ``rows`` x columns [col0, col0 + BLOCK_N) of W^T (float, int8, or int4's int32 words),
     read only where ``keep``."""
@@ -851,11 +897,12 @@ def _dot(xt, wt, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def _dot_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr, nw_ptr,
-    out_ptr, ws_ptr, counter_ptr,
+    out_ptr, ws_ptr, counter_ptr, idx_ptr, xs_ptr,
     M, K, N, W_ROW, eps,
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    GATHER: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, DETERMINISTIC: tl.constexpr,
     INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -891,24 +938,41 @@ def _dot_gemv_kernel(
         a6 = tl.zeros([DOT_M, NW], dtype=tl.float32)
         a7 = tl.zeros([DOT_M, NW], dtype=tl.float32)
         plane_cols = col0 + 8 * tl.arange(0, NW)
-    for t in tl.range(0, BLOCK_K // SUB_K):
-        rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
-        x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM)
-        keep = tl.max(tl.abs(x_batch), axis=0) > 0.0
+    # int4 tiles are int32 words (W_COLS of them from W_COL0), the others elements
+    W_COLS: tl.constexpr = BLOCK_N // 8 if FORMAT == 2 else BLOCK_N
+    w_col0 = pid_n * W_COLS
+    if GATHER:  # tile 0 of the kept rows; the loop loads tile t + 1 before tile t's conversion and dot
+        n_tiles, slots, slot_x = _gather_kept_rows(x_ptr, m_offs, m_ok, k0, threshold, K, GATED, nw_ptr, row_scale,
+                                                   NORM, idx_ptr, xs_ptr, pid_n * grid_k + pid_k,
+                                                   GROUP_SIZE if FORMAT == 2 else BLOCK_K, BLOCK_M, BLOCK_K, SUB_K)
+        rows, x_batch, tile_row0 = _gathered_tile(slots, slot_x, 0, n_tiles, m_offs, BLOCK_M, SUB_K)
+        w_tile = _dot_w_tile(w_ptr, rows, tl.max(tl.abs(x_batch), axis=0) > 0.0, w_col0, W_ROW, SUB_K, W_COLS)
+    else:
+        n_tiles = BLOCK_K // SUB_K
+    for t in tl.range(0, n_tiles):
+        if GATHER:
+            next_rows, next_x, next_row0 = _gathered_tile(slots, slot_x, t + 1, n_tiles, m_offs, BLOCK_M, SUB_K)
+            next_w = _dot_w_tile(w_ptr, next_rows, tl.max(tl.abs(next_x), axis=0) > 0.0, w_col0, W_ROW, SUB_K,
+                                 W_COLS)
+        else:
+            rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
+            x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM)
+            tile_row0 = k0 + t * SUB_K
+            w_tile = _dot_w_tile(w_ptr, rows, tl.max(tl.abs(x_batch), axis=0) > 0.0, w_col0, W_ROW, SUB_K, W_COLS)
         xt = _dot_rows(x_batch, BLOCK_M, DOT_M)
-        if FORMAT == 2:  # w_ptr: int32 words, W_ROW words per row; dropped rows read as 0 (q - 8 = -8, x 0)
-            words = _dot_w_tile(w_ptr, rows, keep, pid_n * NW, W_ROW, SUB_K, NW)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
+        if FORMAT == 2:  # dropped rows read as 0 (q - 8 = -8, times x 0)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(w_tile, DTYPE, INTERPRET)
             x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M, DOT_M)[:, None]
-            offs = (k0 + t * SUB_K) // GROUP_SIZE * N + plane_cols
+            offs = tile_row0 // GROUP_SIZE * N + plane_cols
             a0, a1, a2, a3, a4, a5, a6, a7 = _plane_steps(a0, a1, a2, a3, a4, a5, a6, a7, xt, p0, p1, p2, p3, p4,
                                                           p5, p6, p7, x_sum, scale_ptr, zero_ptr, offs, DTYPE,
                                                           INTERPRET)
+        elif FORMAT == 1:  # int8 -> fp32 by bit operations, then one packed cvt to x's dtype
+            acc += _dot(xt, _int8_to_f32(w_tile, INTERPRET), DTYPE, INTERPRET)
         else:
-            wt = _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N)
-            if FORMAT == 1:  # int8 -> fp32 by bit operations, then one packed cvt to x's dtype
-                wt = _int8_to_f32(wt, INTERPRET)
-            acc += _dot(xt, wt, DTYPE, INTERPRET)
+            acc += _dot(xt, w_tile, DTYPE, INTERPRET)
+        if GATHER:
+            rows, x_batch, tile_row0, w_tile = next_rows, next_x, next_row0, next_w
     if FORMAT == 2:
         acc = _interleave8(a0, a1, a2, a3, a4, a5, a6, a7)
     if PDL:
@@ -1019,6 +1083,14 @@ def _persistent_buffers(device: torch.device) -> tuple[Tensor, Tensor]:
     return buffers
 
 
+def _compaction_scratch(used: bool, slots: int, block_m: int, unused: Tensor) -> tuple[Tensor, Tensor]:
+    """Scratch of a launch that packs the kept rows (rows design's compact, dot design's gather):
+    `slots` row ids and their thresholded x values for `block_m` batch rows; else `unused` twice."""
+    if not used:
+        return unused, unused
+    return _alloc((slots,), torch.int32, unused.device), _alloc((slots * block_m,), torch.float32, unused.device)
+
+
 def _lane_groups(cfg: KernelConfig, elem_bytes: int, col_align: int, nibbles: int) -> int:
     """With lane_sum: the chunk rows that Triton's blocked layout of a [rows, block_n / nibbles]
     weight tile (int4: packed units of `nibbles` columns) spreads over threads and warps (16-byte
@@ -1090,22 +1162,18 @@ def sparse_gemv_triton(
             raise ValueError(f"M*N={m * n} exceeds the sparse_gemv workspace ({workspace.numel()} floats).")
         if fmt == FMT_INT4:  # read as int32 words of 8 columns (_fit_config checked the alignment)
             w = w.view(torch.int32)
+        idx, xs = _compaction_scratch(cfg.gather, grid_n * grid_k * cfg.block_k, block_m, counters)
         _dot_gemv_kernel[(grid_n, grid_k)](
-            x, w, *aux, out, workspace, counters,
+            x, w, *aux, out, workspace, counters, idx, xs,
             m, k, n, w.shape[1], float(eps), splits,
             FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, DOT_M=dot_tile_rows(m), BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k,
-            SUB_K=cfg.sub_k, **fusions, DETERMINISTIC=deterministic,
+            BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k, GATHER=cfg.gather, **fusions, DETERMINISTIC=deterministic,
             INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         )
         return out
 
     partials = _alloc((grid_k, m, n), torch.float32, x.device)
-    if cfg.compact:  # compaction scratch: kept row ids and their thresholded x values
-        slots = grid_n * grid_k * cfg.block_k
-        idx, xs = _alloc((slots,), torch.int32, x.device), _alloc((slots * block_m,), torch.float32, x.device)
-    else:
-        idx = xs = counters  # unused
+    idx, xs = _compaction_scratch(cfg.compact, grid_n * grid_k * cfg.block_k, block_m, counters)
     # Partials the last program sums per step: all of them where they fit the register budget.
     red_k = max(1, min(triton.next_power_of_2(grid_k), _REDUCTION_FLOATS // (block_m * cfg.block_n)))
     # Largest power of two dividing every program's first column: lets loads vectorize.
