@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_rows | int4_rows_e2e | int4_gather | int4_units)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -393,26 +393,6 @@ PY
     ;;
   prefill_host)  # issue 11: the host's side of an eager quantized prefill, per call (bench_prefill's host table: bf16 x @ w; dequantize + GEMM and the kernel, each through teal_kernels.ops as PackedLinear calls them and through the custom op), with the per-matrix GPU times and whole prefills
     step 400 python3 -m benchmarks.bench_prefill --tokens 1 16 128 2048 --model Llama-3-8B --out "$out/prefill_host"
-    ;;
-  int4_rows)  # issue 11: int4 in the rows design read as int32 words and converted by bit operations into fp32 FMA lanes (it read bytes through I2F): a quick int4 tune at one row (rows candidates beside the dot design's, the stored config kept), GPU tests, per matrix, end to end beside tinygemm
-    step 260 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int4-g128 --quick --force --jobs 16
-    step 120 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and int4 and (prefetch or lanesum)"
-    step 60 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --out "$out/kernels_int4_rows"
-    ;;
-  int4_rows_e2e)  # then end to end with the configs int4_rows stored, beside tinygemm (same call)
-    step 400 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --decode_path fused --baselines torch-int4-g128 --out "$out/e2e_int4_rows"
-    ;;
-  int4_gather)  # issue 11: the dot design on the kept rows only (KernelConfig.gather: the int4 tile's time did not fall with sparsity): a quick int4 tune at one row (gather, rows and dot candidates, the stored config kept), GPU tests, per matrix; end to end beside tinygemm if a gather config won
-    step 230 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int4-g128 --quick --force --jobs 16
-    step 100 python3 -m pytest -q -x tests/test_kernels.py -k "gpu and int4 and gather"
-    step 40 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --out "$out/kernels_int4_gather"
-    if grep -q '"gather": true' teal_kernels/tuned_configs.json; then
-      step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --decode_path fused --baselines torch-int4-g128 --out "$out/e2e_int4_gather"
-    fi
-    ;;
-  int4_units)  # issue 11: the rows design's int4 read as int32 words (bit-operation conversion) vs bytes (I2F), same call (SmolLM2's int4 shapes run this design); then the eager prefill's host table (prefill_host)
-    step 120 python3 -m benchmarks.int4_units --out "$out/int4_units"
-    step 330 python3 -m benchmarks.bench_prefill --tokens 1 16 128 2048 --model Llama-3-8B --out "$out/prefill_host"
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back
     for b in 2 4 8; do

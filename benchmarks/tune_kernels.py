@@ -78,19 +78,6 @@ def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConf
         for bn, bk, sk, nw, st in itertools.product(wide, (128, 256, 512), (16, 32), (4, 8), (1, 2)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
                                   design="rows", lane_sum=True))
-    if kind == "int4" and rows_design:  # the dot design on the kept rows only (gather): tiles of up to a group
-        for bn, bk, sk, nw in itertools.product((256, 512), (512, 1024), (32, 64), (4, 8)):
-            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=3, design="dot",
-                                  gather=True))
-    if kind == "int4" and rows_design:  # int32 words converted by bit operations into FMA lanes; each
-        # accumulator row keeps a [block_n] fp32 sum and its group's, so tiles stay narrower than the float
-        # ones; chunks taller than the 16 rows a 256-column layout covers at 4 warps sum their lanes as they go
-        widths = (256, 512) if quick else (128, 256, 512)
-        for bn, bk, (sk, ls), nw, st in itertools.product(widths, (256, 512, 1024),
-                                                          ((8, False), (16, False), (32, True), (64, True)),
-                                                          (4, 8), (1, 2)):
-            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
-                                  design="rows", lane_sum=ls))
     return sorted(grid, key=lambda c: dataclasses.astuple(c))
 
 
@@ -118,7 +105,7 @@ def is_correct(cfg: KernelConfig, p: Problem, ref: torch.Tensor) -> bool:
 def config_kind(c: KernelConfig) -> str:
     """The variant a config selects: design, then the rows design's loop options."""
     if c.design != "rows":
-        return c.design + ("-gather" if c.gather else "")
+        return c.design
     options = (("compact", c.compact), ("prefetch", c.compact and c.num_stages >= 2), ("lane_sum", c.lane_sum))
     return "rows" + "".join(f"-{name}" for name, on in options if on)
 

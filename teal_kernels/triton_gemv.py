@@ -55,10 +55,6 @@ class KernelConfig:
     1024 bf16 columns at 4 warps, 2 for 512), instead of keeping sub_k rows to the end: fewer
     registers (qkv's 32 x 512 fp32 accumulator is 128 of the 251 a thread Nsight Compute
     reported), so more programs per SM.
-    gather ("dot"): pack the kept rows of the K block into the tiles (an int4 group's rows apart
-    from the next group's), so a tile of dropped rows is never converted or multiplied: without
-    it the int4 tile costs nearly the same at 90% sparsity as at 0% (gate|up 30.9 vs 37.5 us,
-    results/int4_rows/), its time set by the conversion and the tl.dot, not the bytes.
     """
 
     block_n: int = 128
@@ -69,7 +65,6 @@ class KernelConfig:
     num_stages: int = 1
     design: str = "rows"
     lane_sum: bool = False
-    gather: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,7 +80,7 @@ class KernelConfig:
         return cls(**d)
 
 
-_LATER_FIELDS = {"lane_sum", "gather"}
+_LATER_FIELDS = {"lane_sum"}
 
 
 def dot_tile_rows(m: int) -> int:
@@ -315,97 +310,6 @@ def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16))
 
 
-# The "rows" design multiplies in fp32 FMA lanes, so its int4 words become fp32 directly: each
-# nibble is moved (one shift, shared by two nibbles) to bits 12-15 or 16-19 and masked under
-# 2048.0 or 128.0 (one lop3), whose mantissa unit there is 1: the lane holds n + 2048 or n + 128,
-# exact. The offset is not subtracted per weight: the group step takes (offset + 8) * sum(x) off
-# once (_int4_unit_bias). Its cost in precision: a group's fp32 sum carries terms up to 2063 |x|
-# instead of 8 |x|, about 2^-13 of the sum's scale, far below bf16's 2^-9 output rounding.
-# 12 instructions for 8 weights, where the plain I2F conversion (a quarter-rate instruction) made
-# the "rows" design lose to the "dot" design on int4 (results/NOTES.md, 2026-12-02).
-_WORD_TO_F32 = tl.constexpr("""{
-.reg .b32 a, b, c, d;
-shr.b32 a, $8, 8;
-shl.b32 b, $8, 8;
-shl.b32 c, $8, 12;
-shr.b32 d, $8, 16;
-lop3.b32 $0, c, 0x0000F000, 0x45000000, 0xEA;
-lop3.b32 $1, b, 0x0000F000, 0x45000000, 0xEA;
-lop3.b32 $2, b, 0x000F0000, 0x43000000, 0xEA;
-lop3.b32 $3, $8, 0x0000F000, 0x45000000, 0xEA;
-lop3.b32 $4, $8, 0x000F0000, 0x43000000, 0xEA;
-lop3.b32 $5, a, 0x0000F000, 0x45000000, 0xEA;
-lop3.b32 $6, a, 0x000F0000, 0x43000000, 0xEA;
-lop3.b32 $7, d, 0x0000F000, 0x45000000, 0xEA;
-}""")
-_WORD_CONSTRAINTS = tl.constexpr("=r," * 8 + "r")
-
-
-@triton.jit
-def _stack8(p0, p1, p2, p3, p4, p5, p6, p7):
-    """Eight [R, C] tiles -> [R, C, 8] with [:, :, i] from tile i (joins keep every value in its thread)."""
-    t = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
-    return tl.reshape(t, [p0.shape[0], p0.shape[1], 8])
-
-
-@triton.jit
-def _int4_units(units, NIBBLES: tl.constexpr, INTERPRET: tl.constexpr):
-    """Packed int4 units [R, C] (int32 words: NIBBLES 8; bytes: 2; column NIBBLES * c + i in
-    nibble i) -> fp32 [R, C, NIBBLES], element i = nibble i + _int4_unit_bias's offset i."""
-    if NIBBLES == 2:
-        return tl.join(units & 0xF, units >> 4).to(tl.float32)
-    elif INTERPRET:
-        return _stack8((units & 0xF).to(tl.float32) + 2048.0, ((units >> 4) & 0xF).to(tl.float32) + 2048.0,
-                       ((units >> 8) & 0xF).to(tl.float32) + 128.0, ((units >> 12) & 0xF).to(tl.float32) + 2048.0,
-                       ((units >> 16) & 0xF).to(tl.float32) + 128.0, ((units >> 20) & 0xF).to(tl.float32) + 2048.0,
-                       ((units >> 24) & 0xF).to(tl.float32) + 128.0, ((units >> 28) & 0xF).to(tl.float32) + 2048.0)
-    else:
-        p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
-            asm=_WORD_TO_F32, constraints=_WORD_CONSTRAINTS, args=[units], is_pure=True, pack=1,
-            dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32))
-        return _stack8(p0, p1, p2, p3, p4, p5, p6, p7)
-
-
-# A group's scales (or zeros) of a word's 8 columns, loaded straight into the registers that hold
-# the word's 8 lanes: Triton gives a tl.load of [units, 8] floats its own layout (16-byte vectors)
-# and moves the values into the accumulator's through shared memory, 8 barriers per group (local
-# sm_90 SASS); an inline load has no layout of its own, so it takes the accumulator's.
-_LOAD8 = tl.constexpr("""{
-ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8];
-ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8+16];
-}""")
-_LOAD8_CONSTRAINTS = tl.constexpr("=r," * 8 + "l")
-
-
-@triton.jit
-def _group_params(ptr, row, col_start, col_end, ROWS: tl.constexpr, NIBBLES: tl.constexpr, UNITS: tl.constexpr,
-                  INTERPRET: tl.constexpr):
-    """Row ``row`` of a group's scales or zeros [G, N] (fp32) at the program's columns, as the
-    accumulator's [ROWS or 1, UNITS, NIBBLES] (columns past col_end: 0, or with words a copy of
-    the last word's, never stored)."""
-    if NIBBLES == 8 and not INTERPRET:
-        unit = tl.minimum(col_start // 8 + tl.arange(0, UNITS), col_end // 8 - 1)
-        addr = ptr + row + 8 * unit[None, :] + tl.zeros([ROWS, 1], dtype=tl.int32)
-        p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
-            asm=_LOAD8, constraints=_LOAD8_CONSTRAINTS, args=[addr],
-            is_pure=True, pack=1,
-            dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32))
-        return _stack8(p0, p1, p2, p3, p4, p5, p6, p7)
-    else:
-        cols = col_start + NIBBLES * tl.arange(0, UNITS)[:, None] + tl.arange(0, NIBBLES)[None, :]
-        return tl.load(ptr + row + cols, mask=cols < col_end, other=0.0)[None, :, :]
-
-
-@triton.jit
-def _int4_unit_bias(NIBBLES: tl.constexpr):
-    """[NIBBLES] fp32: what _int4_units adds to nibble i, plus the 8 of q - 8 (the group step
-    subtracts it times the group's sum of x)."""
-    i = tl.arange(0, NIBBLES)
-    if NIBBLES == 2:
-        return tl.full([2], 8.0, tl.float32)
-    return tl.where((i == 2) | (i == 4) | (i == 6), 136.0, 2056.0)
-
-
 # ---------------------------------------------------------------------------
 # Kernel: split-K sparse GEMV with an in-kernel, deterministic K reduction
 # ---------------------------------------------------------------------------
@@ -488,16 +392,19 @@ def _masked_x(x_ptr, lane_m, rows, ok, threshold, K, GATED: tl.constexpr, nw_ptr
 def _weight_rows(
     w_ptr, rows, load, col_start, col_end, W_ROW,
     FORMAT: tl.constexpr, COL_ALIGN: tl.constexpr, LANES: tl.constexpr, BLOCK_N: tl.constexpr,
-    INTERPRET: tl.constexpr, NIBBLES: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
-    """Rows ``rows`` of W^T, reading only where ``load``: fp32 [LANES, BLOCK_N], or for int4 its
-    packed units [LANES, BLOCK_N // NIBBLES] (int32 words of 8 columns or bytes of 2, as the
-    launcher passes w), converted by _int4_units."""
-    if FORMAT == 2:
-        unit_cols = tl.multiple_of(col_start // NIBBLES, COL_ALIGN // NIBBLES) + tl.arange(0, BLOCK_N // NIBBLES)
-        unit_end = tl.multiple_of(col_end // NIBBLES, COL_ALIGN // NIBBLES)
-        return tl.load(w_ptr + rows[:, None] * W_ROW + unit_cols[None, :],
-                       mask=load[:, None] & (unit_cols < unit_end)[None, :], other=0)
+    """Rows ``rows`` of W^T as fp32 [LANES, BLOCK_N] (q - 8 for int4), reading only where ``load``."""
+    if FORMAT == 2:  # int4: BLOCK_N // 2 bytes per row, low nibble = even column
+        byte_cols = tl.multiple_of(col_start // 2, COL_ALIGN // 2) + tl.arange(0, BLOCK_N // 2)
+        byte_end = tl.multiple_of(col_end // 2, COL_ALIGN // 2)
+        packed = tl.load(
+            w_ptr + rows[:, None] * W_ROW + byte_cols[None, :],
+            mask=load[:, None] & (byte_cols < byte_end)[None, :],
+            other=0,
+        )
+        q = tl.join(packed & 0xF, packed >> 4).reshape(LANES, BLOCK_N)
+        return q.to(tl.float32) - 8.0
     else:
         cols = col_start + tl.arange(0, BLOCK_N)
         wt = tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=load[:, None] & (cols < col_end)[None, :])
@@ -507,61 +414,32 @@ def _weight_rows(
 
 
 @triton.jit
-def _lane_rows(v, SUM: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, SUB_K: tl.constexpr):
-    """One chunk's lanes [BLOCK_M * SUB_K, ...] (products, or x for int4's group sums; any trailing
-    shape) -> [BLOCK_M * GROUPS, ...] if SUM (LANE_SUM): chunk row j is added into row j % GROUPS
-    of its batch row, so with GROUPS the rows the tile's layout spreads over threads and warps, no
-    sum leaves a thread. Else ``v`` unchanged (the lanes are summed once, after the loop)."""
+def _lane_rows(v, SUM: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, SUB_K: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """One chunk's products [BLOCK_M * SUB_K, BLOCK_N] -> [BLOCK_M * GROUPS, BLOCK_N] if SUM
+    (LANE_SUM): chunk row j is added into row j % GROUPS of its batch row, so with GROUPS the rows
+    the tile's layout spreads over threads and warps, no sum leaves a thread. Else ``v`` unchanged
+    (the lanes are summed once, after the loop)."""
     if SUM:
         if BLOCK_M == 1 and GROUPS == 1:  # no reshape: it can cost a layout conversion inside the loop
-            out = tl.expand_dims(tl.sum(v, axis=0), 0)
+            out = tl.sum(v, axis=0)[None, :]
+        elif BLOCK_M == 1:
+            out = tl.sum(tl.reshape(v, [SUB_K // GROUPS, GROUPS, BLOCK_N]), axis=0)
         else:
-            out = _group_sum(v, SUB_K // GROUPS, GROUPS, BLOCK_M)
+            out = tl.reshape(tl.sum(tl.reshape(v, [BLOCK_M, SUB_K // GROUPS, GROUPS, BLOCK_N]), axis=1),
+                             [BLOCK_M * GROUPS, BLOCK_N])
     else:
         out = v
     return out
 
 
 @triton.jit
-def _chunk_product(wacc, xm, wt, FORMAT: tl.constexpr, NIBBLES: tl.constexpr, LANE_SUM: tl.constexpr,
-                   LANE_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                   INTERPRET: tl.constexpr):
-    """wacc + one chunk's products x * w (int4: its packed units converted by _int4_units)."""
-    if FORMAT == 2:
-        out = wacc + _lane_rows(xm[:, None, None] * _int4_units(wt, NIBBLES, INTERPRET), LANE_SUM, LANE_GROUPS,
-                                BLOCK_M, SUB_K)
-    else:
-        out = wacc + _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K)
-    return out
-
-
-@triton.jit
-def _group_sum(acc, SUMMED: tl.constexpr, KEPT: tl.constexpr, BLOCK_M: tl.constexpr):
-    """[BLOCK_M * SUMMED * KEPT, ...] (rank 1-3) -> [BLOCK_M * KEPT, ...]: row (m, j, g) summed
-    over j into row (m, g); with KEPT 1, [BLOCK_M, ...]."""
-    if SUMMED == 1:
+def _group_sum(acc, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A LANE_SUM accumulator [BLOCK_M * GROUPS, BLOCK_N] -> [BLOCK_M, BLOCK_N]."""
+    if GROUPS == 1:
         out = acc
-    elif KEPT == 1:
-        if len(acc.shape) == 1:
-            out = tl.sum(tl.reshape(acc, [BLOCK_M, SUMMED]), axis=1)
-        elif len(acc.shape) == 2:
-            out = tl.sum(tl.reshape(acc, [BLOCK_M, SUMMED, acc.shape[1]]), axis=1)
-        else:
-            out = tl.sum(tl.reshape(acc, [BLOCK_M, SUMMED, acc.shape[1], acc.shape[2]]), axis=1)
-    elif len(acc.shape) == 1:
-        out = tl.reshape(tl.sum(tl.reshape(acc, [BLOCK_M, SUMMED, KEPT]), axis=1), [BLOCK_M * KEPT])
-    elif len(acc.shape) == 2:
-        if BLOCK_M == 1:
-            out = tl.sum(tl.reshape(acc, [SUMMED, KEPT, acc.shape[1]]), axis=0)
-        else:
-            out = tl.reshape(tl.sum(tl.reshape(acc, [BLOCK_M, SUMMED, KEPT, acc.shape[1]]), axis=1),
-                             [BLOCK_M * KEPT, acc.shape[1]])
     else:
-        if BLOCK_M == 1:
-            out = tl.sum(tl.reshape(acc, [SUMMED, KEPT, acc.shape[1], acc.shape[2]]), axis=0)
-        else:
-            out = tl.reshape(tl.sum(tl.reshape(acc, [BLOCK_M, SUMMED, KEPT, acc.shape[1], acc.shape[2]]), axis=1),
-                             [BLOCK_M * KEPT, acc.shape[1], acc.shape[2]])
+        out = tl.sum(tl.reshape(acc, [BLOCK_M, GROUPS, BLOCK_N]), axis=1)
     return out
 
 
@@ -582,7 +460,7 @@ def _sparse_gemv_kernel(
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
     WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, LANE_SUM: tl.constexpr,
-    LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr, NIBBLES: tl.constexpr,
+    LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -638,22 +516,19 @@ def _sparse_gemv_kernel(
         win_ids = tl.arange(0, BLOCK_K // WINDOW)
         tl.debug_barrier()  # every thread's slot writes are visible before the gathers
 
-    # Accumulator rows: one per lane, summed once at the end, or with LANE_SUM LANE_GROUPS per
-    # batch row, each chunk's lanes summed into them as it is multiplied.  int4: [rows, units,
-    # NIBBLES] (a unit's nibbles stay apart until the end), each group's sums scaled per row at
-    # the group's end, so no sum leaves a thread before the end.
+    # Accumulator rows: one per lane, summed once at the end (int4: at each group's end), or with
+    # LANE_SUM LANE_GROUPS per batch row, each chunk's lanes summed into them as it is multiplied.
     ACC_ROWS: tl.constexpr = BLOCK_M * LANE_GROUPS if LANE_SUM else LANES
     if FORMAT == 2:
-        UNITS: tl.constexpr = BLOCK_N // NIBBLES
-        acc = tl.zeros([ACC_ROWS, UNITS, NIBBLES], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([ACC_ROWS, BLOCK_N], dtype=tl.float32)
     n_windows = tl.cdiv(tl.minimum(K - k_block, BLOCK_K), WINDOW)  # none past row K
     for win in tl.range(0, n_windows):
         win_start = k_block + win * WINDOW
-        if FORMAT == 2:  # this group's sums of x * (nibble + offset) and of x, per row; scaled below
-            wacc = tl.zeros([ACC_ROWS, UNITS, NIBBLES], dtype=tl.float32)
-            xacc = tl.zeros([ACC_ROWS], dtype=tl.float32)
+        if FORMAT == 2:  # sum of x * (q - 8) and of x in this group, scaled below
+            wacc = tl.zeros([ACC_ROWS, BLOCK_N], dtype=tl.float32)
+            xacc = tl.zeros([LANES], dtype=tl.float32)
         else:
             wacc = acc
         if COMPACT:
@@ -663,7 +538,7 @@ def _sparse_gemv_kernel(
             rows, xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
             if PREFETCH:  # the first chunk's weight rows; the loop keeps one chunk in flight ahead
                 wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N,
-                                  INTERPRET, NIBBLES)
+                                  INTERPRET)
                 slot += SUB_K
                 rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
             for _ in tl.range(first, last, SUB_K):
@@ -672,16 +547,15 @@ def _sparse_gemv_kernel(
                 slot += SUB_K
                 if PREFETCH:
                     next_wt = _weight_rows(w_ptr, rows, next_xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN,
-                                           LANES, BLOCK_N, INTERPRET, NIBBLES)
+                                           LANES, BLOCK_N, INTERPRET)
                     rows, after_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
                 else:
                     wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES,
-                                      BLOCK_N, INTERPRET, NIBBLES)
+                                      BLOCK_N, INTERPRET)
                     rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
-                wacc = _chunk_product(wacc, xm, wt, FORMAT, NIBBLES, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N,
-                                      INTERPRET)
+                wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
                 if FORMAT == 2:
-                    xacc += _lane_rows(xm, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K)
+                    xacc += xm
                 xm = next_xm
                 if PREFETCH:
                     next_xm = after_xm
@@ -697,21 +571,24 @@ def _sparse_gemv_kernel(
                 next_xm = _masked_x(x_ptr, lane_m, next_rows, (next_rows < win_end) & m_ok, threshold, K, GATED,
                                     nw_ptr, lane_scale, NORM)
                 if tl.max(tl.abs(xm), axis=0) > 0:
-                    wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES,
-                                      BLOCK_N, INTERPRET, NIBBLES)
-                    wacc = _chunk_product(wacc, xm, wt, FORMAT, NIBBLES, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K,
-                                          BLOCK_N, INTERPRET)
+                    wt = _weight_rows(
+                        w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET
+                    )
+                    wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
                     if FORMAT == 2:
-                        xacc += _lane_rows(xm, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K)
+                        xacc += xm
                 rows = next_rows
                 xm = next_xm
-        if FORMAT == 2:  # y += s * (sum x * (q - 8)) + z * sum x, per lane
-            row = win_start // GROUP_SIZE * N
-            s = _group_params(scale_ptr, row, col_start, col_end, ACC_ROWS, NIBBLES, UNITS, INTERPRET)
-            z = _group_params(zero_ptr, row, col_start, col_end, ACC_ROWS, NIBBLES, UNITS, INTERPRET)
-            x_sum = xacc[:, None, None]
-            acc += s * (wacc - _int4_unit_bias(NIBBLES)[None, None, :] * x_sum)
-            acc += z * x_sum
+        if FORMAT == 2:
+            group = win_start // GROUP_SIZE
+            s = tl.load(scale_ptr + group * N + cols, mask=cols_ok, other=0.0)
+            z = tl.load(zero_ptr + group * N + cols, mask=cols_ok, other=0.0)
+            if LANE_SUM:
+                w_sum = _group_sum(wacc, LANE_GROUPS, BLOCK_M, BLOCK_N)
+            else:
+                w_sum = tl.sum(tl.reshape(wacc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
+            x_sum = tl.sum(tl.reshape(xacc, [BLOCK_M, SUB_K]), axis=1)
+            acc += w_sum * s[None, :] + x_sum[:, None] * z[None, :]
         else:
             acc = wacc
 
@@ -719,9 +596,12 @@ def _sparse_gemv_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     # Publish this block's partial; the last program of the column block reduces.
     out_ok = (m_offs[:, None] < M) & cols_ok[None, :]
-    partial = _group_sum(acc, ACC_ROWS // BLOCK_M, 1, BLOCK_M)
     if FORMAT == 2:
-        partial = tl.reshape(partial, [BLOCK_M, BLOCK_N])
+        partial = acc
+    elif LANE_SUM:
+        partial = _group_sum(acc, LANE_GROUPS, BLOCK_M, BLOCK_N)
+    else:
+        partial = tl.sum(tl.reshape(acc, [BLOCK_M, SUB_K, BLOCK_N]), axis=1)
     tl.store(part_ptr + (pid_k * M + m_offs[:, None]) * N + cols[None, :], partial, mask=out_ok)
     tl.debug_barrier()  # all threads' partial stores precede the release below
     ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -794,47 +674,6 @@ def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr, nw
 
 
 @triton.jit
-def _gather_kept_rows(x_ptr, m_offs, m_ok, k0, threshold, K, GATED: tl.constexpr, nw_ptr, row_scale,
-                      NORM: tl.constexpr, idx_ptr, xs_ptr, program, TILE_GROUP: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr):
-    """The "dot" design's gather: the rows of the K block that any batch row keeps, packed into
-    tiles of SUB_K in this program's scratch (row ids and their thresholded x, [slot, batch
-    row]), each TILE_GROUP rows (an int4 group: one scale per tile) starting a new tile, the
-    slots past a group's kept rows padded with x 0 and the block's first row.  Returns (number
-    of tiles, row id scratch, x scratch)."""
-    rows = k0 + tl.arange(0, BLOCK_K)
-    x_block = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM)
-    kept = tl.reshape((tl.max(tl.abs(x_block), axis=0) > 0).to(tl.int32), [BLOCK_K // TILE_GROUP, TILE_GROUP])
-    group_tiles = (tl.sum(kept, axis=1) + SUB_K - 1) // SUB_K
-    first_tile = tl.cumsum(group_tiles, 0) - group_tiles
-    dest = tl.reshape(first_tile[:, None] * SUB_K + tl.cumsum(kept, 1) - kept, [BLOCK_K])
-    kept = tl.reshape(kept, [BLOCK_K])
-    slots = idx_ptr + program * BLOCK_K
-    slot_x = xs_ptr + program * BLOCK_K * BLOCK_M
-    all_slots = tl.arange(0, BLOCK_K)
-    tl.store(slots + all_slots, tl.zeros([BLOCK_K], dtype=tl.int32) + k0)
-    tl.store(slot_x + all_slots[None, :] * BLOCK_M + m_offs[:, None], tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32))
-    tl.debug_barrier()  # the padding lands before the kept rows over it
-    tl.store(slots + dest, rows, mask=kept > 0)
-    tl.store(slot_x + dest[None, :] * BLOCK_M + m_offs[:, None], x_block, mask=(kept > 0)[None, :])
-    tl.debug_barrier()  # every thread's slots are visible before the tiles read them
-    return tl.sum(group_tiles, axis=0), slots, slot_x
-
-
-@triton.jit
-def _gathered_tile(slots, slot_x, t, n_tiles, m_offs, BLOCK_M: tl.constexpr, SUB_K: tl.constexpr):
-    """Tile t of _gather_kept_rows's scratch: its row ids, their x [BLOCK_M, SUB_K] and the row
-    that names its int4 group (a tile past the last is empty: x 0)."""
-    slot = t * SUB_K + tl.arange(0, SUB_K)
-    valid = slot < n_tiles * SUB_K
-    rows = tl.load(slots + slot, mask=valid, other=0, cache_modifier=".cg")
-    x_batch = tl.load(slot_x + slot[None, :] * BLOCK_M + m_offs[:, None], mask=valid[None, :], other=0.0,
-                      cache_modifier=".cg")
-    first = tl.maximum(tl.minimum(t, n_tiles - 1), 0) * SUB_K  # a slot inside the program's scratch
-    return rows, x_batch, tl.load(slots + first, cache_modifier=".cg")
-
-
-@triton.jit
 def _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Rows ``rows`` x columns [col0, col0 + BLOCK_N) of W^T (float, int8, or int4's int32 words),
     read only where ``keep``."""
@@ -897,12 +736,11 @@ def _dot(xt, wt, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def _dot_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr, nw_ptr,
-    out_ptr, ws_ptr, counter_ptr, idx_ptr, xs_ptr,
+    out_ptr, ws_ptr, counter_ptr,
     M, K, N, W_ROW, eps,
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    GATHER: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, DETERMINISTIC: tl.constexpr,
     INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -938,41 +776,24 @@ def _dot_gemv_kernel(
         a6 = tl.zeros([DOT_M, NW], dtype=tl.float32)
         a7 = tl.zeros([DOT_M, NW], dtype=tl.float32)
         plane_cols = col0 + 8 * tl.arange(0, NW)
-    # int4 tiles are int32 words (W_COLS of them from W_COL0), the others elements
-    W_COLS: tl.constexpr = BLOCK_N // 8 if FORMAT == 2 else BLOCK_N
-    w_col0 = pid_n * W_COLS
-    if GATHER:  # tile 0 of the kept rows; the loop loads tile t + 1 before tile t's conversion and dot
-        n_tiles, slots, slot_x = _gather_kept_rows(x_ptr, m_offs, m_ok, k0, threshold, K, GATED, nw_ptr, row_scale,
-                                                   NORM, idx_ptr, xs_ptr, pid_n * grid_k + pid_k,
-                                                   GROUP_SIZE if FORMAT == 2 else BLOCK_K, BLOCK_M, BLOCK_K, SUB_K)
-        rows, x_batch, tile_row0 = _gathered_tile(slots, slot_x, 0, n_tiles, m_offs, BLOCK_M, SUB_K)
-        w_tile = _dot_w_tile(w_ptr, rows, tl.max(tl.abs(x_batch), axis=0) > 0.0, w_col0, W_ROW, SUB_K, W_COLS)
-    else:
-        n_tiles = BLOCK_K // SUB_K
-    for t in tl.range(0, n_tiles):
-        if GATHER:
-            next_rows, next_x, next_row0 = _gathered_tile(slots, slot_x, t + 1, n_tiles, m_offs, BLOCK_M, SUB_K)
-            next_w = _dot_w_tile(w_ptr, next_rows, tl.max(tl.abs(next_x), axis=0) > 0.0, w_col0, W_ROW, SUB_K,
-                                 W_COLS)
-        else:
-            rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
-            x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM)
-            tile_row0 = k0 + t * SUB_K
-            w_tile = _dot_w_tile(w_ptr, rows, tl.max(tl.abs(x_batch), axis=0) > 0.0, w_col0, W_ROW, SUB_K, W_COLS)
+    for t in tl.range(0, BLOCK_K // SUB_K):
+        rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
+        x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM)
+        keep = tl.max(tl.abs(x_batch), axis=0) > 0.0
         xt = _dot_rows(x_batch, BLOCK_M, DOT_M)
-        if FORMAT == 2:  # dropped rows read as 0 (q - 8 = -8, times x 0)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(w_tile, DTYPE, INTERPRET)
+        if FORMAT == 2:  # w_ptr: int32 words, W_ROW words per row; dropped rows read as 0 (q - 8 = -8, x 0)
+            words = _dot_w_tile(w_ptr, rows, keep, pid_n * NW, W_ROW, SUB_K, NW)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
             x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M, DOT_M)[:, None]
-            offs = tile_row0 // GROUP_SIZE * N + plane_cols
+            offs = (k0 + t * SUB_K) // GROUP_SIZE * N + plane_cols
             a0, a1, a2, a3, a4, a5, a6, a7 = _plane_steps(a0, a1, a2, a3, a4, a5, a6, a7, xt, p0, p1, p2, p3, p4,
                                                           p5, p6, p7, x_sum, scale_ptr, zero_ptr, offs, DTYPE,
                                                           INTERPRET)
-        elif FORMAT == 1:  # int8 -> fp32 by bit operations, then one packed cvt to x's dtype
-            acc += _dot(xt, _int8_to_f32(w_tile, INTERPRET), DTYPE, INTERPRET)
         else:
-            acc += _dot(xt, w_tile, DTYPE, INTERPRET)
-        if GATHER:
-            rows, x_batch, tile_row0, w_tile = next_rows, next_x, next_row0, next_w
+            wt = _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N)
+            if FORMAT == 1:  # int8 -> fp32 by bit operations, then one packed cvt to x's dtype
+                wt = _int8_to_f32(wt, INTERPRET)
+            acc += _dot(xt, wt, DTYPE, INTERPRET)
     if FORMAT == 2:
         acc = _interleave8(a0, a1, a2, a3, a4, a5, a6, a7)
     if PDL:
@@ -1083,24 +904,16 @@ def _persistent_buffers(device: torch.device) -> tuple[Tensor, Tensor]:
     return buffers
 
 
-def _compaction_scratch(used: bool, slots: int, block_m: int, unused: Tensor) -> tuple[Tensor, Tensor]:
-    """Scratch of a launch that packs the kept rows (rows design's compact, dot design's gather):
-    `slots` row ids and their thresholded x values for `block_m` batch rows; else `unused` twice."""
-    if not used:
-        return unused, unused
-    return _alloc((slots,), torch.int32, unused.device), _alloc((slots * block_m,), torch.float32, unused.device)
-
-
-def _lane_groups(cfg: KernelConfig, elem_bytes: int, col_align: int, nibbles: int) -> int:
-    """With lane_sum: the chunk rows that Triton's blocked layout of a [rows, block_n / nibbles]
-    weight tile (int4: packed units of `nibbles` columns) spreads over threads and warps (16-byte
-    loads along the columns, 32 threads, then the warps fill the columns first and the rows
-    after), so that summing the rest stays in each thread.  Any power of two up to sub_k gives
-    the same sums in another order; this one costs no cross-thread sum in the loop."""
-    if not cfg.lane_sum:
+def _lane_groups(cfg: KernelConfig, fmt: int, elem_bytes: int, col_align: int) -> int:
+    """With lane_sum: the chunk rows that Triton's blocked layout of a [rows, block_n] weight tile
+    spreads over threads and warps (16-byte loads along the columns, 32 threads, then the warps
+    fill the columns first and the rows after), so that summing the rest stays in each thread.
+    Any power of two up to sub_k gives the same sums in another order; this one costs no
+    cross-thread sum in the loop. int4 (bytes unpacked into two columns each) keeps 1."""
+    if not cfg.lane_sum or fmt == FMT_INT4:
         return 1
-    vector = min(16 // elem_bytes, max(1, col_align // nibbles))
-    return max(1, min(cfg.sub_k, cfg.num_warps * 32 * vector * nibbles // cfg.block_n))
+    vector = min(16 // elem_bytes, col_align)
+    return max(1, min(cfg.sub_k, cfg.num_warps * 32 * vector // cfg.block_n))
 
 
 def sparse_gemv_triton(
@@ -1162,27 +975,26 @@ def sparse_gemv_triton(
             raise ValueError(f"M*N={m * n} exceeds the sparse_gemv workspace ({workspace.numel()} floats).")
         if fmt == FMT_INT4:  # read as int32 words of 8 columns (_fit_config checked the alignment)
             w = w.view(torch.int32)
-        idx, xs = _compaction_scratch(cfg.gather, grid_n * grid_k * cfg.block_k, block_m, counters)
         _dot_gemv_kernel[(grid_n, grid_k)](
-            x, w, *aux, out, workspace, counters, idx, xs,
+            x, w, *aux, out, workspace, counters,
             m, k, n, w.shape[1], float(eps), splits,
             FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, DOT_M=dot_tile_rows(m), BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k, GATHER=cfg.gather, **fusions, DETERMINISTIC=deterministic,
+            BLOCK_K=cfg.block_k,
+            SUB_K=cfg.sub_k, **fusions, DETERMINISTIC=deterministic,
             INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         )
         return out
 
     partials = _alloc((grid_k, m, n), torch.float32, x.device)
-    idx, xs = _compaction_scratch(cfg.compact, grid_n * grid_k * cfg.block_k, block_m, counters)
+    if cfg.compact:  # compaction scratch: kept row ids and their thresholded x values
+        slots = grid_n * grid_k * cfg.block_k
+        idx, xs = _alloc((slots,), torch.int32, x.device), _alloc((slots * block_m,), torch.float32, x.device)
+    else:
+        idx = xs = counters  # unused
     # Partials the last program sums per step: all of them where they fit the register budget.
     red_k = max(1, min(triton.next_power_of_2(grid_k), _REDUCTION_FLOATS // (block_m * cfg.block_n)))
     # Largest power of two dividing every program's first column: lets loads vectorize.
     col_align = min(cfg.block_n, 32, *(s & -s for s in split_sizes))
-    # int4 as int32 words of 8 columns where every program's columns start on a word (converted
-    # by bit operations), else as bytes of 2 (converted by I2F, a quarter-rate instruction)
-    nibbles = 8 if words_aligned and col_align >= 8 else 2 if fmt == FMT_INT4 else 1
-    if nibbles == 8:
-        w = w.view(torch.int32)
     _sparse_gemv_kernel[(grid_k, grid_n)](
         x, w, *aux, out, partials, counters, idx, xs,
         m, k, n, w.shape[1], grid_k, float(eps), splits,
@@ -1190,7 +1002,7 @@ def sparse_gemv_triton(
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
         PREFETCH=cfg.compact and cfg.num_stages >= 2, LANE_SUM=cfg.lane_sum,
-        LANE_GROUPS=_lane_groups(cfg, w.element_size(), col_align, nibbles), RED_K=red_k, NIBBLES=nibbles, **fusions,
+        LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k, **fusions,
         INTERPRET=INTERPRETED, PDL=bool(pdl),
         num_warps=cfg.num_warps, num_stages=1, **pdl,
     )

@@ -92,33 +92,21 @@ def gemv_variants():
         fusions = dict(GATED=gated, RESIDUAL=residual, NORM=norm)
         yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
                dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, DOT_M=16, BLOCK_N=256, BLOCK_K=512,
-                    SUB_K=128 if fmt == 2 else 32, GATHER=False, **fusions, DETERMINISTIC=True, INTERPRET=False,
-                    PDL=gated), 4, 3)
-        # the kept rows gathered into the tiles (int4: 32-row tiles, 4 to a group)
-        yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
-               dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, DOT_M=16, BLOCK_N=256, BLOCK_K=512, SUB_K=32,
-                    GATHER=True, **fusions, DETERMINISTIC=True, INTERPRET=False, PDL=True), 4, 3)
+                    SUB_K=128 if fmt == 2 else 32, **fusions, DETERMINISTIC=True, INTERPRET=False, PDL=gated), 4, 3)
         for compact, prefetch, lane_sum in ((True, False, False), (True, True, False), (True, True, True),
                                             (False, False, False), (False, False, True)):
-            int4 = fmt == 2  # int4: 256 columns (32 words), 32-row chunks summed into the 16 rows of the layout
-            yield (sg._sparse_gemv_kernel, {"w_ptr": weight[fmt]},
-                   dict(FORMAT=fmt, GROUP_SIZE=128, COL_ALIGN=32, BLOCK_M=m,
-                        BLOCK_N=(256 if int4 else 512) if m == 1 else 128, BLOCK_K=256, SUB_K=32 if int4 else 16,
-                        WINDOW=128 if int4 else 256, COMPACT=compact, PREFETCH=prefetch, LANE_SUM=lane_sum,
-                        LANE_GROUPS=(16 if int4 else 2) if lane_sum else 1, RED_K=8, NIBBLES=8 if int4 else 1,
+            yield (sg._sparse_gemv_kernel, {"w_ptr": "*u8" if fmt == 2 else weight[fmt]},
+                   dict(FORMAT=fmt, GROUP_SIZE=128, COL_ALIGN=32, BLOCK_M=m, BLOCK_N=512 if m == 1 else 128,
+                        BLOCK_K=256, SUB_K=16, WINDOW=128 if fmt == 2 else 256, COMPACT=compact,
+                        PREFETCH=prefetch, LANE_SUM=lane_sum, LANE_GROUPS=2 if lane_sum else 1, RED_K=8,
                         **fusions, INTERPRET=False, PDL=compact and not lane_sum), 4, 1)
-    # int4 shapes whose columns do not start on int32 words: bytes of two nibbles
-    yield (sg._sparse_gemv_kernel, {"w_ptr": "*u8"},
-           dict(FORMAT=2, GROUP_SIZE=32, COL_ALIGN=2, BLOCK_M=2, BLOCK_N=16, BLOCK_K=64, SUB_K=8, WINDOW=32,
-                COMPACT=True, PREFETCH=True, LANE_SUM=False, LANE_GROUPS=1, RED_K=8, NIBBLES=2, GATED=False,
-                RESIDUAL=False, NORM=False, INTERPRET=False, PDL=False), 4, 1)
     yield (sg._dot_gemv_kernel, {}, dict(FORMAT=0, GROUP_SIZE=1, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=512,
-                                         SUB_K=32, GATHER=False, GATED=False, RESIDUAL=False, NORM=False, DETERMINISTIC=False,
+                                         SUB_K=32, GATED=False, RESIDUAL=False, NORM=False, DETERMINISTIC=False,
                                          INTERPRET=False, PDL=False), 8, 3)
     for fmt, m, block_n in ((2, 16, 512), (2, 32, 256), (2, 64, 128), (2, 64, 256), (1, 64, 256)):  # short prefills
         yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
                dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, DOT_M=m, BLOCK_N=block_n, BLOCK_K=512,
-                    SUB_K=32, GATHER=False, GATED=False, RESIDUAL=False, NORM=False, DETERMINISTIC=True, INTERPRET=False,
+                    SUB_K=32, GATED=False, RESIDUAL=False, NORM=False, DETERMINISTIC=True, INTERPRET=False,
                     PDL=True), 4, 3)
 
 

@@ -15,11 +15,8 @@ def test_candidates_hold_both_designs_and_the_stored_config():
         rows = [c for c in grid if c.design == "rows" and c.compact and c.block_n in (256, 512)]
         assert len(rows) >= 16 and any(c.design == "dot" for c in grid) and stored in grid
         assert len(set(grid)) == len(grid)
-    int4 = tune_kernels.candidates("int4-g128", 1, 4096, 6144, quick=True, stored=None)
-    # int4's rows design (int32 words): plain chunks, and taller ones that sum their lanes as they go
-    assert any(c.design == "dot" for c in int4) and len(set(int4)) == len(int4)
-    assert {(c.sub_k, c.lane_sum) for c in int4 if c.design == "rows" and c.block_n == 256} >= {(8, False), (64, True)}
-    assert not any(c.design == "rows" for c in tune_kernels.candidates("int4-g128", 16, 4096, 6144, True, None))
+    int4 = tune_kernels.candidates("int4-g128", 1, 4096, 6144, quick=False, stored=None)
+    assert sum(c.design == "rows" for c in int4) <= 1  # only the rows heuristic: int4 runs the dot design
 
 
 def test_fused_inputs_match_decode_py_calls():

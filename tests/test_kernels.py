@@ -110,9 +110,8 @@ def case_id(case):
 
 # The kernel designs and row-selection modes every correctness test runs: "rows" with compaction
 # (plain; with the next chunk's weight rows prefetched; prefetched with each chunk's lanes summed
-# as it goes) or chunk skipping, "dot" (masked tiles through tl.dot) with each K-block reduction,
-# and on the kept rows only (gather).
-VARIANTS = ["compact", "prefetch", "lanesum", "skip", "dot-ordered", "dot-atomic", "dot-gather"]
+# as it goes) or chunk skipping, "dot" (masked tiles through tl.dot) with each K-block reduction.
+VARIANTS = ["compact", "prefetch", "lanesum", "skip", "dot-ordered", "dot-atomic"]
 
 
 def variant(cfg: KernelConfig, name: str, monkeypatch) -> KernelConfig:
@@ -122,11 +121,10 @@ def variant(cfg: KernelConfig, name: str, monkeypatch) -> KernelConfig:
         return KernelConfig(**{**cfg.to_dict(), "design": "rows", "compact": name != "skip",
                                "num_stages": 2 if name in ("prefetch", "lanesum") else 1,
                                "lane_sum": name == "lanesum"})
-    gather = name == "dot-gather"
-    monkeypatch.setenv(sg.REDUCTION_ENV, "ordered" if gather else name.split("-")[1])
+    monkeypatch.setenv(sg.REDUCTION_ENV, name.split("-")[1])
     sub_k = max(16, cfg.sub_k)
     return KernelConfig(**{**cfg.to_dict(), "design": "dot", "sub_k": sub_k, "block_k": max(cfg.block_k, sub_k),
-                           "num_stages": 2, "gather": gather})
+                           "num_stages": 2})
 
 
 # Shapes the dot design takes (segments and K multiples of 16, int4 segments of 128): several K
@@ -161,7 +159,7 @@ def test_kernel_matches_float64_reference(case, compact, stages, lane_sum):
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
-@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6], CASES[8], CASES[9], CASES[10]], ids=case_id)
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6], CASES[8]], ids=case_id)
 def test_lane_sum_matches_float64_reference_for_any_lane_groups(case, groups, monkeypatch):
     """lane_sum keeps LANE_GROUPS accumulator rows per batch row (the launcher picks them from the
     tile's layout, _lane_groups): every power of two up to sub_k gives the same sums in another
@@ -175,16 +173,14 @@ def test_lane_sum_matches_float64_reference_for_any_lane_groups(case, groups, mo
         assert_close_to_ref(out, *args)
 
 
-@pytest.mark.parametrize("gather", [False, True], ids=["tiles", "gather"])
 @pytest.mark.parametrize("reduction", ["ordered", "atomic"])
 @pytest.mark.parametrize("case", DOT_CASES, ids=case_id)
-def test_dot_design_matches_float64_reference(case, reduction, gather, monkeypatch):
+def test_dot_design_matches_float64_reference(case, reduction, monkeypatch):
     fmt, dtype, m, k, splits, group, cfg = case
     monkeypatch.setenv(sg.REDUCTION_ENV, reduction)
     args = make_problem(fmt, dtype, m, k, splits, group)
     for stages in (1, 3):
-        out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "design": "dot", "num_stages": stages,
-                                                               "gather": gather}))
+        out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "design": "dot", "num_stages": stages}))
         assert_close_to_ref(out, *args)
     counters, workspace = sg._persistent_buffers(torch.device(DEVICE))
     assert not counters.any() and not workspace.any()  # every call leaves them at zero
