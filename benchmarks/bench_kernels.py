@@ -5,7 +5,9 @@
 For each layer and sparsity s (x ~ N(0, 1), threshold = s-quantile of |x|) it times
 our kernel (config from teal_kernels/tuned_configs.json or the heuristic), ``x @ w_t``
 and ``F.linear(x, w)`` with w in [N, K] (both dense bf16/fp16, so they do not depend
-on s or on our weight format), all in CUDA graphs that rotate over weight copies.
+on s or on our weight format), and for int4 formats torch's tinygemm product at the same
+group size (gpt-fast's int4 path, benchmarks/baselines.py; dense), all in CUDA graphs that
+rotate over weight copies.
 Effective TB/s = bytes of the weight rows actually needed / time.  Writes
 ``OUT.json`` (with GPU, versions, date, command) and ``OUT.md``.
 """
@@ -22,6 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import triton
 
@@ -36,6 +39,7 @@ from benchmarks.timing import (
     threshold_for,
     weight_bytes_needed,
 )
+from benchmarks.baselines import TorchInt4Linear
 from files import atomic_path
 from teal_kernels import sparse_gemv
 from teal_kernels.reference import weight_format_name
@@ -59,6 +63,20 @@ def dense_times(m: int, k: int, n: int, dtype: torch.dtype) -> dict[str, float]:
     return {"matmul_us": t_matmul, "linear_us": t_linear}
 
 
+@functools.cache
+def tinygemm_us(m: int, k: int, n: int, group_size: int) -> float | None:
+    """µs of torch's tinygemm int4 product (gpt-fast's int4 path) on the same shape and group size,
+    the per-matrix baseline of issue 11; None where tinygemm does not take the shape."""
+    x = make_x(m, k, torch.bfloat16, "cuda", seed=0)
+    torch.manual_seed(0)
+    try:
+        modules = [TorchInt4Linear(nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16), group_size)
+                   for _ in range(copies_for(k * n // 2))]
+    except ValueError:
+        return None
+    return graph_time_us(lambda i: modules[i](x), len(modules))
+
+
 def fused_inputs(x: torch.Tensor, fusion: str) -> tuple[torch.Tensor, dict]:
     """(x the kernel reads, its fusion kwargs) for decode.py's variants of one product: "gated"
     reads a [M, 2K] gate|up row and applies SiLU(gate) * up itself (down), "residual" adds a
@@ -74,10 +92,12 @@ def fused_inputs(x: torch.Tensor, fusion: str) -> tuple[torch.Tensor, dict]:
 
 def bench_layer(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float],
                 fusion: str = "plain") -> list[dict]:
-    kind, _ = parse_format(fmt)
+    kind, group = parse_format(fmt)
     dtype = torch.float16 if kind == "fp16" else torch.bfloat16
     n = sum(splits)
     dense = dense_times(m, k, n, dtype)
+    if kind == "int4":
+        dense = {**dense, "tinygemm_us": tinygemm_us(m, k, n, group)}
     weights = [make_weight(fmt, k, n, "cuda", seed=1)]
     nbytes = sum(t.numel() * t.element_size() for t in weights[0][:3] if t is not None)
     weights += [make_weight(fmt, k, n, "cuda", seed=1 + i) for i in range(1, copies_for(nbytes))]
@@ -107,14 +127,16 @@ def markdown(results: list[dict], meta: dict) -> str:
         "",
         f"`{meta['command']}`",
         "",
-        "| model | layer | format | fusion | M | K | N | sparsity | sparse µs | x@w_t µs | F.linear µs | speedup | eff. TB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | layer | format | fusion | M | K | N | sparsity | sparse µs | x@w_t µs | F.linear µs | speedup | eff. TB/s "
+        "| tinygemm µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        tinygemm = r.get("tinygemm_us")
         lines.append(
             f"| {r['model']} | {r['layer']} | {r['format']} | {r.get('fusion', 'plain')} | {r['M']} | {r['K']} | {r['N']} | {r['sparsity']:.0%} "
             f"| {r['sparse_us']:.1f} | {r['matmul_us']:.1f} | {r['linear_us']:.1f} "
-            f"| {r['speedup_vs_linear']:.2f}x | {r['effective_tbps']:.2f} |"
+            f"| {r['speedup_vs_linear']:.2f}x | {r['effective_tbps']:.2f} | {'' if tinygemm is None else f'{tinygemm:.1f}'} |"
         )
     return "\n".join(lines) + "\n"
 

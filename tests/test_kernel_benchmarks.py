@@ -51,3 +51,14 @@ def test_persistent_lab_streams_the_kept_rows():
     assert lab.check(layer, sync, grid, 32, 16, 3, 1 << 22) < 1e-5
     assert int(sync[2]) == 0 and int(sync[0]) == 0  # nobody gave up; the count is back to zero
     assert int(sync[1]) == 3  # three barriers passed
+
+
+def test_markdown_shows_tinygemm_for_int4_rows_only():
+    row = dict(model="llama3-8b", layer="o", format="bf16", M=1, K=4096, N=4096, sparsity=0.5, sparse_us=11.0,
+               matmul_us=13.4, linear_us=13.5, speedup_vs_linear=1.23, effective_tbps=0.8)
+    meta = {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "date": "2026-12-04", "command": "bench"}
+    lines = bench_kernels.markdown([row, {**row, "format": "int4-g128", "tinygemm_us": 12.34}], meta).splitlines()
+    header, bf16, int4 = lines[4], lines[-2], lines[-1]
+    assert header.split("|")[-2].strip() == "tinygemm µs"
+    assert bf16.split("|")[-2].strip() == "" and int4.split("|")[-2].strip() == "12.3"
+    assert len(header.split("|")) == len(bf16.split("|")) == len(int4.split("|"))
