@@ -39,7 +39,7 @@ import triton.language as tl
 
 from benchmarks.timing import MODEL_SHAPES, Problem, copies_for, graph_time_us, make_weight, make_x, threshold_for
 from files import write_report
-from teal_kernels.triton_gemv import get_config, gpu_name, sparse_gemv_triton, weight_format_name
+from teal_kernels.triton_gemv import cdiv, get_config, gpu_name, sparse_gemv_triton, weight_format_name
 
 
 @triton.jit
@@ -75,7 +75,7 @@ def probe(k: int, splits: list[int]) -> dict:
     linear_full = [w.t().contiguous() for w, _, _, _ in weights]
     row["cublas_full_k"] = graph_time_us(lambda i: torch.nn.functional.linear(x, linear_full[i]), len(linear_full))
     del linear_full
-    grid = (triton.cdiv(k, cfg.block_k), sum(triton.cdiv(s, cfg.block_n) for s in splits))
+    grid = (cdiv(k, cfg.block_k), sum(cdiv(s, cfg.block_n) for s in splits))
     flag = torch.zeros(1, device="cuda")
     row["programs"] = grid[0] * grid[1]
     row["empty_same_grid"] = graph_time_us(lambda i: _empty_kernel[grid](flag, FLAG=0, num_warps=cfg.num_warps), 1)

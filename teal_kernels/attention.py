@@ -50,7 +50,7 @@ from torch import Tensor
 from triton.runtime.jit import JITFunction
 
 from teal_kernels.reference import MAX_GROUP, validate_attention as _validate, validate_step
-from teal_kernels.triton_gemv import launch_options
+from teal_kernels.triton_gemv import cdiv, launch_options, next_power_of_2
 
 __all__ = ["INTERPRETED", "MAX_SPLITS", "decode_attention_step_triton", "decode_attention_triton",
            "default_block_s", "default_num_splits"]
@@ -74,8 +74,8 @@ def default_num_splits(batch: int, n_kv: int, s_max: int, block_s: int, sm_count
     A power of two, at most MAX_SPLITS and at most one per BLOCK_S tile of the cache.  Fixed
     by shapes only (not by the position), so one CUDA graph serves every decode step.
     """
-    want = max(1, triton.cdiv(PROGRAMS_PER_SM * sm_count, batch * n_kv))
-    splits = min(MAX_SPLITS, triton.cdiv(s_max, block_s), want)
+    want = max(1, cdiv(PROGRAMS_PER_SM * sm_count, batch * n_kv))
+    splits = min(MAX_SPLITS, cdiv(s_max, block_s), want)
     return 1 << (splits.bit_length() - 1)  # round down to a power of two
 
 
@@ -300,7 +300,7 @@ def _launch(q_src: Tensor, q_strides: tuple[int, int, int], cs: Tensor, fused: b
         q_src, k_cache, v_cache, input_pos, out, o_part, lse_part, cs,
         *q_strides, *k_cache.stride(), *v_cache.stride(),
         scale * _LOG2E, h_kv, s_max, num_splits,
-        GROUP=h // h_kv, GROUP_PAD=max(16, triton.next_power_of_2(h // h_kv)), D=d,
+        GROUP=h // h_kv, GROUP_PAD=max(16, next_power_of_2(h // h_kv)), D=d,
         BLOCK_S=block_s, SINGLE=single,
         DOT_FP32=INTERPRETED or k_cache.dtype == torch.float32, FUSED=fused, PDL=bool(pdl),
         num_warps=num_warps, **pdl,
@@ -308,7 +308,7 @@ def _launch(q_src: Tensor, q_strides: tuple[int, int, int], cs: Tensor, fused: b
     if not single:
         _combine_kernel[(b * h,)](
             o_part, lse_part, input_pos, out, s_max, num_splits,
-            D=d, BLOCK_S=block_s, SPLITS_PAD=triton.next_power_of_2(num_splits), PDL=bool(pdl),
+            D=d, BLOCK_S=block_s, SPLITS_PAD=next_power_of_2(num_splits), PDL=bool(pdl),
             num_warps=4 if num_splits * d <= 4096 else 8, **pdl,
         )
     return out

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from teal_kernels.reference import FMT_INT4, KERNEL_DTYPES, weight_format
-from teal_kernels.triton_gemv import INTERPRETED
+from teal_kernels.triton_gemv import INTERPRETED, cdiv
 
 __all__ = ["dequantize_triton"]
 
@@ -94,7 +94,7 @@ def dequantize_triton(w: Tensor, scales: Tensor, zeros: Tensor | None, group_siz
     if k * n >= 2**31:
         raise ValueError(f"dequantize_triton uses 32-bit offsets: K*N must be below 2**31 (K={k}, N={n}).")
     out = torch.empty(k, n, dtype=dtype, device=w.device)
-    grid = (triton.cdiv(k, BLOCK_K), triton.cdiv(n, BLOCK_N))
+    grid = (cdiv(k, BLOCK_K), cdiv(n, BLOCK_N))
     _dequantize_kernel[grid](w, scales, scales if zeros is None else zeros, out, k, n, w.shape[1],
                              INT4=fmt == FMT_INT4, GROUP_SIZE=max(group_size, 1), BLOCK_K=BLOCK_K,
                              BLOCK_N=BLOCK_N, INTERPRET=INTERPRETED, num_warps=4)

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from teal_kernels.reference import KERNEL_DTYPES, MAX_BATCH
-from teal_kernels.triton_gemv import INTERPRETED, _normed, launch_options
+from teal_kernels.triton_gemv import INTERPRETED, _normed, cdiv, launch_options, next_power_of_2
 
 __all__ = ["MAX_K", "dense_gemv_preload", "preload_config", "preload_fits"]
 
@@ -40,7 +40,7 @@ def preload_config(k: int) -> tuple[int, int, int]:
     """(K_PAD, BLOCK_N, num_warps) for K: the whole K (padded to a power of two) by the widest
     power-of-two column slice that keeps the tile within MAX_TILE, at most 64 columns; 4 warps up
     to 16K elements, else 8."""
-    k_pad = triton.next_power_of_2(k)
+    k_pad = next_power_of_2(k)
     block_n = max(16, min(64, MAX_TILE // 2 // k_pad))
     return k_pad, block_n, 4 if k_pad * block_n <= MAX_TILE // 2 else 8
 
@@ -51,7 +51,7 @@ def preload_fits(k: int, n: int, sm_count: int) -> bool:
     if k > MAX_K:
         return False
     _, block_n, _ = preload_config(k)
-    return triton.cdiv(n, block_n) <= PROGRAMS_PER_SM * sm_count
+    return cdiv(n, block_n) <= PROGRAMS_PER_SM * sm_count
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def dense_gemv_preload(x: Tensor, w: Tensor, gated: bool = False, residual: Tens
     k_pad, block_n, warps = preload_config(k)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     pdl = launch_options(x.device)
-    _preload_gemv_kernel[(triton.cdiv(n, block_n),)](
+    _preload_gemv_kernel[(cdiv(n, block_n),)](
         x, w, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else x,
         out, m, k, n, float(eps),
         K_PAD=k_pad, BLOCK_N=block_n, GATED=gated, RESIDUAL=residual is not None, NORM=norm_weight is not None,

@@ -83,10 +83,23 @@ class KernelConfig:
 _LATER_FIELDS = {"lane_sum"}
 
 
+# Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are constexpr-function wrappers in
+# newer Triton (3.9 on this project's CI: 4.3 and 2.6 us a call on its CPU, against 0.03 for the
+# integer expression), and an eager launch computes several: the launchers use these.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 def dot_tile_rows(m: int) -> int:
     """Rows of the "dot" design's tl.dot tile for a batch of m rows: m rounded up to a power of two,
     at least 16 (tl.dot's minimum; smaller batches are repeated to fill it)."""
-    return max(16, triton.next_power_of_2(m))
+    return max(16, next_power_of_2(m))
 
 
 def config_key(device_name: str, weight_format: str, m: int, k: int, n: int) -> str:
@@ -139,17 +152,17 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
     fastest Llama-3-8B tiles follow (results/gemv_lab.md).  _fit_config makes it legal for the
     shape (or falls back to the "rows" design)."""
     if m == 1 and not weight_format.startswith("int4"):
-        block_n = max(16, min(256 if weight_format == "int8" else 512, triton.next_power_of_2(n)))
+        block_n = max(16, min(256 if weight_format == "int8" else 512, next_power_of_2(n)))
         sub_k = 16 if k * n >= 1 << 25 else 32
-        programs_n = triton.cdiv(n, block_n)
-        block_k = 512 if programs_n * triton.cdiv(k, 512) >= 400 else 256
-        while programs_n * triton.cdiv(k, block_k) < 128 and block_k > 2 * sub_k:
+        programs_n = cdiv(n, block_n)
+        block_k = 512 if programs_n * cdiv(k, 512) >= 400 else 256
+        while programs_n * cdiv(k, block_k) < 128 and block_k > 2 * sub_k:
             block_k //= 2
         return KernelConfig(block_n=block_n, block_k=block_k, sub_k=sub_k, compact=True, design="rows")
     # an accumulator of at most 16 x 512 fp32 (taller tiles for batches past 16 rows get narrower)
-    block_n = max(16, min(512 * 16 // dot_tile_rows(m), triton.next_power_of_2(n)))
-    programs_n = triton.cdiv(n, block_n)
-    block_k = max(128, min(1024, triton.next_power_of_2(max(1, k * programs_n // 256))))
+    block_n = max(16, min(512 * 16 // dot_tile_rows(m), next_power_of_2(n)))
+    programs_n = cdiv(n, block_n)
+    block_k = max(128, min(1024, next_power_of_2(max(1, k * programs_n // 256))))
     # int4 at 2-16 rows: every tuned winner on the H200's 8B shapes reads 64 or 128 rows a tile
     # (at 16 rows 7-26% faster than the best SUB_K = 32 config; benchmarks/results/quant_rows/)
     sub_k = 64 if weight_format.startswith("int4") and 1 < m <= 16 else 32
@@ -162,11 +175,11 @@ def _rows_heuristic(weight_format: str, m: int, k: int, n: int) -> KernelConfig:
     int4 = weight_format.startswith("int4")
     bytes_per_elem = 0.5 if int4 else 1.0 if weight_format == "int8" else 2.0
     budget = 2048 if int4 else 4096
-    block_m = triton.next_power_of_2(m)
-    block_n = min(256, int(256 / bytes_per_elem), budget // (2 * block_m), max(16, triton.next_power_of_2(n)))
+    block_m = next_power_of_2(m)
+    block_n = min(256, int(256 / bytes_per_elem), budget // (2 * block_m), max(16, next_power_of_2(n)))
     sub_k = max(2, min(32, budget // (block_m * block_n)))
-    programs_n = triton.cdiv(n, block_n)
-    block_k = triton.next_power_of_2(triton.cdiv(k, max(1, 1024 // programs_n)))
+    programs_n = cdiv(n, block_n)
+    block_k = next_power_of_2(cdiv(k, max(1, 1024 // programs_n)))
     block_k = max(64, sub_k, min(512, block_k))
     return KernelConfig(block_n=block_n, block_k=block_k, sub_k=sub_k)
 
@@ -953,8 +966,8 @@ def sparse_gemv_triton(
                          f"(segments {split_sizes}, K={k}: multiples of {128 if fmt == FMT_INT4 else 16} needed).")
     # Boundaries padded with N to a fixed length: one compiled kernel for any segment count.
     splits = (0, *itertools.accumulate(split_sizes), *([n] * (MAX_SEGMENTS - len(split_sizes))))
-    grid_k = triton.cdiv(k, cfg.block_k)
-    grid_n = sum(triton.cdiv(s, cfg.block_n) for s in split_sizes)
+    grid_k = cdiv(k, cfg.block_k)
+    grid_n = sum(cdiv(s, cfg.block_n) for s in split_sizes)
     if grid_n > _MAX_COUNTERS:
         raise ValueError(f"N={n} needs {grid_n} column blocks, more than {_MAX_COUNTERS}; use a larger block_n.")
     counters, workspace = _persistent_buffers(x.device)
@@ -963,7 +976,7 @@ def sparse_gemv_triton(
            residual if residual is not None else x, norm_weight if norm_weight is not None else x)
     fusions = dict(GATED=gated, RESIDUAL=residual is not None, NORM=norm_weight is not None)
 
-    block_m = triton.next_power_of_2(m)
+    block_m = next_power_of_2(m)
     pdl = launch_options(x.device)
     if cfg.design == "dot":
         # int4 always reduces in order: fp32 atomics of its interleaved planes came out wrong on
@@ -992,7 +1005,7 @@ def sparse_gemv_triton(
     else:
         idx = xs = counters  # unused
     # Partials the last program sums per step: all of them where they fit the register budget.
-    red_k = max(1, min(triton.next_power_of_2(grid_k), _REDUCTION_FLOATS // (block_m * cfg.block_n)))
+    red_k = max(1, min(next_power_of_2(grid_k), _REDUCTION_FLOATS // (block_m * cfg.block_n)))
     # Largest power of two dividing every program's first column: lets loads vectorize.
     col_align = min(cfg.block_n, 32, *(s & -s for s in split_sizes))
     _sparse_gemv_kernel[(grid_k, grid_n)](

@@ -186,6 +186,15 @@ def test_dot_design_matches_float64_reference(case, reduction, monkeypatch):
     assert not counters.any() and not workspace.any()  # every call leaves them at zero
 
 
+def test_host_integer_helpers_match_triton():
+    """The launchers' cdiv / next_power_of_2 (plain ints, cheaper than Triton's wrappers) give Triton's values."""
+    for a in range(1, 300):
+        assert sg.next_power_of_2(a) == triton.next_power_of_2(a)
+        for b in (1, 3, 16, 128):
+            assert sg.cdiv(a, b) == triton.cdiv(a, b)
+    assert sg.cdiv(28672, 256) == 112 and sg.next_power_of_2(4097) == 8192
+
+
 def test_dot_design_falls_back_to_rows_where_it_cannot_tile():
     """Segments that are not multiples of 16 (or K not one) cannot be tiled by tl.dot: the
     config becomes a "rows" one, and the result is still right."""
