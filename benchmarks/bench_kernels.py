@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import triton
 
+from benchmarks.baselines import TorchInt4Linear
 from benchmarks.timing import (
     MODEL_SHAPES,
     Problem,
@@ -39,7 +40,6 @@ from benchmarks.timing import (
     threshold_for,
     weight_bytes_needed,
 )
-from benchmarks.baselines import TorchInt4Linear
 from files import atomic_path
 from teal_kernels import sparse_gemv
 from teal_kernels.reference import weight_format_name
