@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -393,6 +393,12 @@ PY
     ;;
   prefill_host)  # issue 11: the host's side of an eager quantized prefill, per call (bench_prefill's host table: bf16 x @ w; dequantize + GEMM and the kernel, each through teal_kernels.ops as PackedLinear calls them and through the custom op), with the per-matrix GPU times and whole prefills
     step 400 python3 -m benchmarks.bench_prefill --tokens 1 16 128 2048 --model Llama-3-8B --out "$out/prefill_host"
+    ;;
+  maxnreg)  # issues 10/11: the stored winners and the heuristic with their registers capped at 96 / 128 (KernelConfig.max_registers: the int4 dot tile takes 168 registers, 3 programs an SM, latency-bound; capped it compiles without spills), quick tune of int4-g128 and bf16 at one row, then end to end int4 beside tinygemm if a capped config won
+    step 300 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int4-g128 bf16 --quick --force --jobs 16
+    if python3 -c "import json,sys; t=json.load(open('teal_kernels/tuned_configs.json')); sys.exit(not any(v['config'].get('max_registers') for k, v in t.items() if '|M1|' in k))"; then
+      step 240 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int4-g128 --sparsity 0 0.5 --decode_path fused --baselines torch-int4-g128 --out "$out/e2e_maxnreg"
+    fi
     ;;
   int4_tinygemm)  # issue 11, per matrix: our int4-g128 GEMV (0-90%) beside torch's tinygemm on the same shapes (bench_kernels' tinygemm column; only end-to-end figures exist so far: tinygemm 323.5 tok/s, ours 299.6 dense)
     step 120 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b llama2-7b --out "$out/kernels_int4_tinygemm"

@@ -49,7 +49,8 @@ def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConf
     """The dot design around the lab's winners (results/gemv_lab.md: rows of 256-512 columns,
     SUB_K 32, three stages, 200-400 programs), wider rows for the narrow int8/int4 elements, a
     small grid of the compact rows design (bf16/fp16/int8), plus the rows design's heuristic and
-    the config stored before: a retune never picks a config slower than the one it replaces."""
+    the config stored before (a retune never picks a config slower than the one it replaces),
+    and that config and the heuristic with their registers capped at 96 and 128."""
     kind, _ = parse_format(fmt)
     # int4's dot design runs one tl.dot per nibble plane of block_n / 8 columns: 128 columns is
     # the narrowest it takes (two warps), 256 the narrowest for four.
@@ -62,6 +63,9 @@ def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConf
     rows_design = m <= MAX_BATCH  # past the decode batches only the dot design runs
     if rows_design:
         grid.add(_rows_heuristic(fmt, m, k, n))
+    # the stored winner and the heuristic under a register cap (more programs an SM, less ILP)
+    for base in [c for c in (stored, _heuristic_config(fmt, m, k, n)) if c is not None]:
+        grid |= {dataclasses.replace(base, max_registers=cap) for cap in (96, 128)}
     for bn, bk, st, sk in itertools.product(block_ns, block_ks, stages, sub_ks):
         if sk <= bk:
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, design="dot"))

@@ -55,6 +55,10 @@ class KernelConfig:
     1024 bf16 columns at 4 warps, 2 for 512), instead of keeping sub_k rows to the end: fewer
     registers (qkv's 32 x 512 fp32 accumulator is 128 of the 251 a thread Nsight Compute
     reported), so more programs per SM.
+    max_registers: a cap on the registers a thread (ptxas .maxnreg), 0 for the compiler's choice.
+    The int4 dot tile takes 168 and so 3 programs an SM, and its warps wait on latency
+    (results/int4_stalls/); capped at 128 or 96 it compiles without spills (local sm_90) and
+    shared memory allows 4-6 programs.
     """
 
     block_n: int = 128
@@ -65,6 +69,7 @@ class KernelConfig:
     num_stages: int = 1
     design: str = "rows"
     lane_sum: bool = False
+    max_registers: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,7 +85,7 @@ class KernelConfig:
         return cls(**d)
 
 
-_LATER_FIELDS = {"lane_sum"}
+_LATER_FIELDS = {"lane_sum", "max_registers"}
 
 
 # Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are constexpr-function wrappers in
@@ -199,6 +204,8 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
             raise ValueError(f"KernelConfig.{name} must be a power of two, got {v}.")
     if cfg.design not in ("dot", "rows"):
         raise ValueError(f"KernelConfig.design must be 'dot' or 'rows', got {cfg.design!r}.")
+    if cfg.max_registers and not 32 <= cfg.max_registers <= 255:
+        raise ValueError(f"KernelConfig.max_registers must be 0 (no cap) or 32..255, got {cfg.max_registers}.")
     if cfg.design == "dot":
         if cfg.block_n < 16 or cfg.sub_k < 16:
             raise ValueError(f"the dot design needs block_n and sub_k >= 16 (a tl.dot tile), got {cfg}.")
@@ -978,6 +985,7 @@ def sparse_gemv_triton(
 
     block_m = next_power_of_2(m)
     pdl = launch_options(x.device)
+    registers = {"maxnreg": cfg.max_registers} if cfg.max_registers else {}
     if cfg.design == "dot":
         # int4 always reduces in order: fp32 atomics of its interleaved planes came out wrong on
         # the H200 for 512-column tiles (GPU tests, 2026-12-02; not pinned down further).
@@ -995,6 +1003,7 @@ def sparse_gemv_triton(
             BLOCK_K=cfg.block_k,
             SUB_K=cfg.sub_k, **fusions, DETERMINISTIC=deterministic,
             INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
+            **registers,
         )
         return out
 
@@ -1017,6 +1026,6 @@ def sparse_gemv_triton(
         PREFETCH=cfg.compact and cfg.num_stages >= 2, LANE_SUM=cfg.lane_sum,
         LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k, **fusions,
         INTERPRET=INTERPRETED, PDL=bool(pdl),
-        num_warps=cfg.num_warps, num_stages=1, **pdl,
+        num_warps=cfg.num_warps, num_stages=1, **pdl, **registers,
     )
     return out

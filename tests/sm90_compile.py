@@ -62,8 +62,11 @@ def compile_one(kernel, pointers: dict[str, str], constexprs: dict, num_warps: i
     sig = signature(kernel, pointers)
     divisible = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params)
                  if not p.is_constexpr and sig[p.name] != "fp32" and p.name != "SPLITS"}
-    return triton.compile(ASTSource(kernel, sig, constexprs, attrs=divisible), target=TARGET,
-                          options=dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=constexprs.get("PDL", False)))
+    options = dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=constexprs.get("PDL", False))
+    constexprs = dict(constexprs)
+    if "maxnreg" in constexprs:  # a launch option (KernelConfig.max_registers), not a kernel argument
+        options["maxnreg"] = constexprs.pop("maxnreg")
+    return triton.compile(ASTSource(kernel, sig, constexprs, attrs=divisible), target=TARGET, options=options)
 
 
 def cuobjdump(compiled, flag: str) -> str:
@@ -100,6 +103,10 @@ def gemv_variants():
                         BLOCK_K=256, SUB_K=16, WINDOW=128 if fmt == 2 else 256, COMPACT=compact,
                         PREFETCH=prefetch, LANE_SUM=lane_sum, LANE_GROUPS=2 if lane_sum else 1, RED_K=8,
                         **fusions, INTERPRET=False, PDL=compact and not lane_sum), 4, 1)
+    # the int4 tile under a register cap (KernelConfig.max_registers): compiles without spills
+    yield (sg._dot_gemv_kernel, {"w_ptr": "*i32"},
+           dict(FORMAT=2, GROUP_SIZE=128, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=512, SUB_K=128, GATED=False,
+                RESIDUAL=False, NORM=False, DETERMINISTIC=True, INTERPRET=False, PDL=True, maxnreg=96), 4, 3)
     yield (sg._dot_gemv_kernel, {}, dict(FORMAT=0, GROUP_SIZE=1, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=512,
                                          SUB_K=32, GATED=False, RESIDUAL=False, NORM=False, DETERMINISTIC=False,
                                          INTERPRET=False, PDL=False), 8, 3)

@@ -2,6 +2,8 @@
 grid, the fused variants' inputs and which rows reach the dispatch's speed table."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from benchmarks import bench_kernels, tune_kernels
@@ -14,6 +16,7 @@ def test_candidates_hold_both_designs_and_the_stored_config():
         grid = tune_kernels.candidates(fmt, 1, 4096, 6144, quick=True, stored=stored)
         rows = [c for c in grid if c.design == "rows" and c.compact and c.block_n in (256, 512)]
         assert len(rows) >= 16 and any(c.design == "dot" for c in grid) and stored in grid
+        assert {dataclasses.replace(stored, max_registers=cap) for cap in (96, 128)} <= set(grid)
         assert len(set(grid)) == len(grid)
     int4 = tune_kernels.candidates("int4-g128", 1, 4096, 6144, quick=False, stored=None)
     assert sum(c.design == "rows" for c in int4) <= 1  # only the rows heuristic: int4 runs the dot design

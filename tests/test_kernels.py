@@ -186,6 +186,29 @@ def test_dot_design_matches_float64_reference(case, reduction, monkeypatch):
     assert not counters.any() and not workspace.any()  # every call leaves them at zero
 
 
+@pytest.mark.parametrize("design", ["rows", "dot"])
+def test_register_cap_reaches_the_launch(design, monkeypatch):
+    """KernelConfig.max_registers is Triton's maxnreg launch option (0: none); out of range: an error."""
+    kernel = sg._dot_gemv_kernel if design == "dot" else sg._sparse_gemv_kernel
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs.get("maxnreg"))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(sg, "_dot_gemv_kernel" if design == "dot" else "_sparse_gemv_kernel", Recorder())
+    args = make_problem("int4", torch.bfloat16, 1, 128, [128], 32)
+    for cap in (96, 0):
+        cfg = KernelConfig(block_n=128, block_k=64, sub_k=32, design=design, max_registers=cap)
+        assert_close_to_ref(sparse_gemv_triton(*args, config=cfg), *args)
+    assert seen == [96, None]
+    with pytest.raises(ValueError, match="max_registers"):
+        sparse_gemv_triton(*args, config=KernelConfig(block_n=128, block_k=64, sub_k=32, max_registers=300))
+
+
 def test_host_integer_helpers_match_triton():
     """The launchers' cdiv / next_power_of_2 (plain ints, cheaper than Triton's wrappers) give Triton's values."""
     for a in range(1, 300):
