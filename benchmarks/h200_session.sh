@@ -394,7 +394,7 @@ PY
   prefill_host)  # issue 11: the host's side of an eager quantized prefill, per call (bench_prefill's host table: bf16 x @ w; dequantize + GEMM and the kernel, each through teal_kernels.ops as PackedLinear calls them and through the custom op), with the per-matrix GPU times and whole prefills
     step 400 python3 -m benchmarks.bench_prefill --tokens 1 16 128 2048 --model Llama-3-8B --out "$out/prefill_host"
     ;;
-  maxnreg)  # issues 10/11: the stored winners and the heuristic with their registers capped at 96 / 128 (KernelConfig.max_registers: the int4 dot tile takes 168 registers, 3 programs an SM, latency-bound; capped it compiles without spills), quick tune of int4-g128 and bf16 at one row, then end to end int4 beside tinygemm if a capped config won
+  maxnreg)  # issues 10/11: the stored winners and the heuristic with their registers capped at 96 / 128 (KernelConfig.max_registers: the int4 dot tile takes 168 registers, 3 programs an SM, latency-bound; at 128 it spills 128 B a thread and fits 4; the bf16 rows tile of 512 x 16, 167 registers, fits in 128 without spills), quick tune of int4-g128 and bf16 at one row, then end to end int4 beside tinygemm if a capped config won
     step 300 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int4-g128 bf16 --quick --force --jobs 16
     if python3 -c "import json,sys; t=json.load(open('teal_kernels/tuned_configs.json')); sys.exit(not any(v['config'].get('max_registers') for k, v in t.items() if '|M1|' in k))"; then
       step 240 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 int4-g128 --sparsity 0 0.5 --decode_path fused --baselines torch-int4-g128 --out "$out/e2e_maxnreg"

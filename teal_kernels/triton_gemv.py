@@ -55,10 +55,11 @@ class KernelConfig:
     1024 bf16 columns at 4 warps, 2 for 512), instead of keeping sub_k rows to the end: fewer
     registers (qkv's 32 x 512 fp32 accumulator is 128 of the 251 a thread Nsight Compute
     reported), so more programs per SM.
-    max_registers: a cap on the registers a thread (ptxas .maxnreg), 0 for the compiler's choice.
-    The int4 dot tile takes 168 and so 3 programs an SM, and its warps wait on latency
-    (results/int4_stalls/); capped at 128 or 96 it compiles without spills (local sm_90) and
-    shared memory allows 4-6 programs.
+    max_registers: a cap on the registers a thread (ptxas .maxnreg), 0 for the compiler's choice:
+    more programs an SM, fewer registers for latency hiding within one, spills past some point.
+    The int4 dot tile takes 168, so 3 programs an SM, and its warps wait on latency
+    (results/int4_stalls/); capped at 128 it spills 128 bytes a thread (local sm_90 compile) and
+    fits 4. The bf16 rows tile of 512 x 16 takes 167 and fits in 128 without spills.
     """
 
     block_n: int = 128

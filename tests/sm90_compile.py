@@ -6,7 +6,7 @@ Run by tests/test_sm90_compile.py in a fresh process without TRITON_INTERPRET (t
 replaces the kernels with Python functions). Prints one line per variant; exit 1 on the first
 failure, with Triton's message.
 
-For kernel work without a GPU: `--resources` adds each variant's registers a thread and shared
+For kernel work without a GPU: `--resources` adds each variant's registers a thread, spills and shared
 memory (cuobjdump of the cubin; the local Triton gave the 168 registers and 36.9 KB that Nsight
 Compute measured on the H200 under triton 3.6), `--only TEXT` keeps the variants whose line
 contains TEXT, and `--sass DIR` writes their SASS there.
@@ -81,10 +81,11 @@ def cuobjdump(compiled, flag: str) -> str:
 
 
 def resources(compiled) -> str:
-    """Registers a thread, spilled bytes and shared memory a block of a compiled kernel."""
+    """Registers a thread, spilled bytes (ptxas puts spills on the stack, counted apart from local
+    arrays) and shared memory a block of a compiled kernel."""
     usage = cuobjdump(compiled, "--dump-resource-usage")
-    regs, local = re.search(r"REG:(\d+)", usage), re.search(r"LOCAL:(\d+)", usage)
-    return f"registers {regs.group(1)}, local {local.group(1)} B, shared {compiled.metadata.shared} B"
+    regs, stack, local = (re.search(rf"{name}:(\d+)", usage).group(1) for name in ("REG", "STACK", "LOCAL"))
+    return f"registers {regs}, stack {stack} B, local {local} B, shared {compiled.metadata.shared} B"
 
 
 def gemv_variants():
@@ -103,7 +104,7 @@ def gemv_variants():
                         BLOCK_K=256, SUB_K=16, WINDOW=128 if fmt == 2 else 256, COMPACT=compact,
                         PREFETCH=prefetch, LANE_SUM=lane_sum, LANE_GROUPS=2 if lane_sum else 1, RED_K=8,
                         **fusions, INTERPRET=False, PDL=compact and not lane_sum), 4, 1)
-    # the int4 tile under a register cap (KernelConfig.max_registers): compiles without spills
+    # the int4 tile under a register cap (KernelConfig.max_registers; at 96 it spills 288 B a thread)
     yield (sg._dot_gemv_kernel, {"w_ptr": "*i32"},
            dict(FORMAT=2, GROUP_SIZE=128, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=512, SUB_K=128, GATED=False,
                 RESIDUAL=False, NORM=False, DETERMINISTIC=True, INTERPRET=False, PDL=True, maxnreg=96), 4, 3)
