@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -402,6 +402,25 @@ PY
     ;;
   int4_tinygemm)  # issue 11, per matrix: our int4-g128 GEMV (0-90%) beside torch's tinygemm on the same shapes (bench_kernels' tinygemm column; only end-to-end figures exist so far: tinygemm 323.5 tok/s, ours 299.6 dense)
     step 120 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b llama2-7b --out "$out/kernels_int4_tinygemm"
+    ;;
+  int4_heuristic)  # issues 10/11, shapes nobody tuned: the int4 heuristic at one row, previous rule (prepare it here first: git show f8672be:teal_kernels/triton_gemv.py > .old_triton_gemv.py, untracked, sent with the tree) then the new one (the 8B winners' tile), in one call: per matrix with the tuned table hidden (8B and Llama-2-7B), then Llama-2-7B end to end (untuned there) beside tinygemm; H_FORMATS (int4-g128) and H_MODEL (Llama-2-7B) pick other groups / shapes
+    mv teal_kernels/tuned_configs.json /tmp/tuned_configs.json
+    for v in old new; do
+      [ $v = old ] && cp teal_kernels/triton_gemv.py /tmp/new_triton_gemv.py && cp .old_triton_gemv.py teal_kernels/triton_gemv.py
+      step 150 python3 -m benchmarks.bench_kernels --formats ${H_FORMATS:-int4-g128} --models llama3-8b llama2-7b --sparsities 0 0.5 --out "$out/kernels_heuristic_$v"
+      [ $v = old ] && cp /tmp/new_triton_gemv.py teal_kernels/triton_gemv.py
+    done
+    mv /tmp/tuned_configs.json teal_kernels/tuned_configs.json
+    for v in old new; do
+      [ $v = old ] && cp .old_triton_gemv.py teal_kernels/triton_gemv.py
+      base=(); [ $v = new ] && base=(--baselines torch-int4-g128)
+      step 200 python3 -m benchmarks.bench_decode --model ${H_MODEL:-Llama-2-7B} --weights ${H_FORMATS:-int4-g128} --sparsity 0 0.5 --decode_path fused "${base[@]}" --out "$out/e2e_int4_$v"
+      [ $v = old ] && cp /tmp/new_triton_gemv.py teal_kernels/triton_gemv.py
+    done
+    ;;
+  tune_groups)  # issue 11: int4-g32 / g64 (the quality formats) tuned at one row on the 8B shapes (quick grid), then end to end beside tinygemm
+    step 240 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int4-g64 int4-g32 --quick --jobs 16
+    step 240 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g64 int4-g32 --sparsity 0 0.5 --decode_path fused --baselines torch-int4-g128 --out "$out/e2e_int4_groups"
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back
     for b in 2 4 8; do

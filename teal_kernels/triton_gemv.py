@@ -152,7 +152,11 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
     per step for matrices of 32M weights or more, else 32, blocks of 512 rows where that still
     makes 400 programs, else 256, halved while there are fewer than 128 programs.
 
-    int4 and batches: the "dot" design, rows of up to 512 columns (1 KiB of bf16; fewer past 16
+    One int4 row: the dot design as the H200's int4-g128 winners on every Llama-3-8B shape have it:
+    256 columns, a whole group of 128 rows a step (the group scale applied once a tile), 512 rows a
+    block (1024 past K = 8192), three stages; the rule below took 1.4-1.7x their time at 50%.
+
+    Batches: the "dot" design, rows of up to 512 columns (1 KiB of bf16; fewer past 16
     batch rows, for the same accumulator), SUB_K = 32 (64 for int4 at 2-16 rows),
     three stages, block_k for about 256 programs (two per SM on an H200), the rule the lab's
     fastest Llama-3-8B tiles follow (results/gemv_lab.md).  _fit_config makes it legal for the
@@ -165,6 +169,8 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
         while programs_n * cdiv(k, block_k) < 128 and block_k > 2 * sub_k:
             block_k //= 2
         return KernelConfig(block_n=block_n, block_k=block_k, sub_k=sub_k, compact=True, design="rows")
+    if m == 1:  # int4 decode: the tuned winners of all four 8B shapes (results/int4_heuristic/)
+        return KernelConfig(block_n=256, block_k=1024 if k > 8192 else 512, sub_k=128, num_stages=3, design="dot")
     # an accumulator of at most 16 x 512 fp32 (taller tiles for batches past 16 rows get narrower)
     block_n = max(16, min(512 * 16 // dot_tile_rows(m), next_power_of_2(n)))
     programs_n = cdiv(n, block_n)

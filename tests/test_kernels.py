@@ -350,13 +350,14 @@ def test_heuristic_config_at_the_largest_batch():
     assert_close_to_ref(sparse_gemv_triton(*args), *args)  # heuristic config, M = MAX_BATCH = 8
 
 
-@pytest.mark.parametrize("fmt,m,group", [("int4", 16, 64), ("int4", 5, 128), ("int8", 16, 0)])
+@pytest.mark.parametrize("fmt,m,group", [("int4", 1, 128), ("int4", 16, 64), ("int4", 5, 128), ("int8", 16, 0)])
 def test_heuristic_config_of_short_prefills(fmt, m, group):
-    """Untuned shapes past one row take the heuristic's dot config (int4: 64-row tiles)."""
+    """Untuned int4 shapes and short prefills take the heuristic's dot config (int4: a whole group
+    of 128 rows a step at one row, 64-row steps at 2-16 rows)."""
     args = make_problem(fmt, torch.bfloat16, m, 256, [128, 128], group)
     cfg = sg._fit_config(get_config("no such gpu", f"int4-g{group}" if group else fmt, m, 256, 256),
                          FMT_INT4 if group else sg.FMT_INT8, group, m, 256, [128, 128])
-    assert cfg.design == "dot" and cfg.sub_k == (64 if group else 32)
+    assert cfg.design == "dot" and cfg.sub_k == (32 if not group else 128 if m == 1 else 64)
     assert_close_to_ref(sparse_gemv_triton(*args), *args)
 
 
