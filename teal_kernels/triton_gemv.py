@@ -763,9 +763,10 @@ def _dot(xt, wt, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def _fence_gpu(token, INTERPRET: tl.constexpr):
     """CUDA's __threadfence() in every thread: its fp32 atomics performed at GPU scope before its
-    later writes. Without it the arrival ticket, taken by one thread after a CTA barrier, could
-    overtake other threads' reductions still in flight: the atomic reduction came out wrong about
-    one run in six on the H200 (gate|up, 90%, tests/test_kernels.py, 2026-12-04)."""
+    later writes. The arrival ticket is taken by one thread after a CTA barrier, which does not wait
+    for other warps' reductions still in flight. Without this fence the atomic reduction came out
+    wrong in one H200 test run of six (gate|up, 90%, 2026-12-04); the fix follows from that
+    reading and has not yet run on a GPU. `token` only gives the inline PTX an operand."""
     if not INTERPRET:
         tl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.b32 $0, $1;", "=r,r", [token], dtype=tl.int32,
                                   is_pure=False, pack=1)
