@@ -38,20 +38,32 @@ from benchmarks.timing import (
     threshold_for,
 )
 from files import atomic_path
-from teal_kernels.reference import MAX_BATCH, sparse_gemv_reference
-from teal_kernels.triton_gemv import (TUNED_CONFIGS_PATH, KernelConfig, _heuristic_config, _rows_heuristic, config_key,
-                                      sparse_gemv_triton)
+from teal_kernels.reference import FMT_FLOAT, FMT_INT4, FMT_INT8, MAX_BATCH, sparse_gemv_reference
+from teal_kernels.triton_gemv import (TUNED_CONFIGS_PATH, KernelConfig, _fit_config, _heuristic_config, _rows_heuristic,
+                                      config_key, sparse_gemv_triton)
 
 STAGE2_KEEP = 3
 
 
-def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConfig | None) -> list[KernelConfig]:
+def fitted(configs: list[KernelConfig], fmt: str, m: int, k: int, splits: list[int]) -> list[KernelConfig]:
+    """The configs as the kernel runs them on this shape (_fit_config: an int4 dot tile's warps capped
+    at block_n / 64 per 16 rows, SUB_K at the group, ...), each once, in order. Unfitted, the tuner
+    timed an int4 config at 8 warps and at 4 although both ran at 4, and stored the "8"."""
+    kind, group = parse_format(fmt)
+    code = {"int4": FMT_INT4, "int8": FMT_INT8}.get(kind, FMT_FLOAT)
+    return list(dict.fromkeys(_fit_config(c, code, group, m, k, splits) for c in configs))
+
+
+def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
+               stored: KernelConfig | None) -> list[KernelConfig]:
     """The dot design around the lab's winners (results/gemv_lab.md: rows of 256-512 columns,
     SUB_K 32, three stages, 200-400 programs), wider rows for the narrow int8/int4 elements, a
     small grid of the compact rows design (bf16/fp16/int8), plus the rows design's heuristic and
     the config stored before (a retune never picks a config slower than the one it replaces),
-    and that config and the heuristic with their registers capped at 96 and 128."""
+    and that config and the heuristic with their registers capped at 96 and 128; fitted to the
+    shape, each once."""
     kind, _ = parse_format(fmt)
+    n = sum(splits)
     # int4's dot design runs one tl.dot per nibble plane of block_n / 8 columns: 128 columns is
     # the narrowest it takes (two warps), 256 the narrowest for four.
     block_ns = {"bf16": (256, 512), "fp16": (256, 512), "int8": (256, 512, 1024)}.get(kind, (128, 256, 512, 1024))
@@ -82,7 +94,7 @@ def candidates(fmt: str, m: int, k: int, n: int, quick: bool, stored: KernelConf
         for bn, bk, sk, nw, st in itertools.product(wide, (128, 256, 512), (16, 32), (4, 8), (1, 2)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
                                   design="rows", lane_sum=True))
-    return sorted(grid, key=lambda c: dataclasses.astuple(c))
+    return fitted(sorted(grid, key=lambda c: dataclasses.astuple(c)), fmt, m, k, splits)
 
 
 def build_problems(fmt: str, m: int, k: int, splits: list[int], sparsity: float) -> list[Problem]:
@@ -120,13 +132,13 @@ def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[flo
     main_s = max(sparsities)
     problems = build_problems(fmt, m, k, splits, main_s)
     ref = sparse_gemv_reference(*problems[0].args()).float()
-    grid = [c for c in candidates(fmt, m, k, n, quick, stored) if is_correct(c, problems[0], ref)]
+    grid = [c for c in candidates(fmt, m, k, splits, quick, stored) if is_correct(c, problems[0], ref)]
     if not grid:
         raise RuntimeError(f"No candidate config matched the reference for {fmt} M={m} K={k} N={n}.")
     stage1 = {c: time_config(c, problems) for c in grid}
     finalists = sorted(grid, key=stage1.get)[:STAGE2_KEEP]
-    wide = (dataclasses.replace(c, num_warps=8) for c in finalists)
-    finalists += [c for c in wide if is_correct(c, problems[0], ref)]
+    wide = fitted([dataclasses.replace(c, num_warps=8) for c in finalists], fmt, m, k, splits)
+    finalists += [c for c in wide if c not in finalists and is_correct(c, problems[0], ref)]
     # The fastest candidate of each kind at the max sparsity, so a losing variant's distance from
     # the winner is on record (the 2026-12-03 retune kept no lane_sum config, and said not by how much),
     # timed at every level like the finalists.
@@ -144,7 +156,7 @@ def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[flo
         for c in timed:
             times[c][s] = time_config(c, problems)
     best = min(finalists, key=lambda c: sum(times[c].values()))
-    heuristic_us = stage1.get(_heuristic_config(fmt, m, k, n))  # None if it failed the check
+    heuristic_us = stage1.get(fitted([_heuristic_config(fmt, m, k, n)], fmt, m, k, splits)[0])  # None: failed the check
     return {
         "config": best.to_dict(),
         "us": {str(s): round(t, 2) for s, t in sorted(times[best].items())},
@@ -216,7 +228,7 @@ def main() -> None:
                         continue
                     stored = KernelConfig.from_dict(table[key]["config"]) if key in table else None
                     jobs += [(fmt, m, k, splits, c.to_dict())
-                             for c in candidates(fmt, m, k, sum(splits), args.quick, stored)]
+                             for c in candidates(fmt, m, k, list(splits), args.quick, stored)]
         precompile(jobs, args.jobs)
     for fmt in args.formats:
         for m in args.batch:

@@ -13,13 +13,25 @@ from teal_kernels.triton_gemv import KernelConfig
 def test_candidates_hold_both_designs_and_the_stored_config():
     stored = KernelConfig(block_n=128, block_k=1024, sub_k=8, compact=False, num_warps=2)
     for fmt in ("bf16", "int8"):
-        grid = tune_kernels.candidates(fmt, 1, 4096, 6144, quick=True, stored=stored)
+        grid = tune_kernels.candidates(fmt, 1, 4096, [4096, 1024, 1024], quick=True, stored=stored)
         rows = [c for c in grid if c.design == "rows" and c.compact and c.block_n in (256, 512)]
         assert len(rows) >= 16 and any(c.design == "dot" for c in grid) and stored in grid
         assert {dataclasses.replace(stored, max_registers=cap) for cap in (96, 128)} <= set(grid)
         assert len(set(grid)) == len(grid)
-    int4 = tune_kernels.candidates("int4-g128", 1, 4096, 6144, quick=False, stored=None)
+    int4 = tune_kernels.candidates("int4-g128", 1, 4096, [4096, 1024, 1024], quick=False, stored=None)
     assert sum(c.design == "rows" for c in int4) <= 1  # only the rows heuristic: int4 runs the dot design
+
+
+def test_candidates_are_the_configs_that_run():
+    """Each candidate as the kernel runs it, once: an int4 tile of 256 columns runs 4 warps at one
+    row (one tl.dot per 16 rows and 64 columns), so "8 warps" is neither timed again nor stored."""
+    stored = KernelConfig(block_n=256, block_k=512, sub_k=128, num_warps=8, design="dot")
+    for fmt, group in (("int4-g128", 128), ("int4-g32", 32)):
+        grid = tune_kernels.candidates(fmt, 1, 4096, [4096, 1024, 1024], quick=False, stored=stored)
+        assert len(set(grid)) == len(grid)
+        dots = [c for c in grid if c.design == "dot"]
+        assert dots and all(c.num_warps <= c.block_n // 64 and c.sub_k <= group for c in dots)
+        assert dataclasses.replace(stored, num_warps=4, sub_k=min(128, group)) in grid
 
 
 def test_fused_inputs_match_decode_py_calls():
