@@ -6,6 +6,16 @@ out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 step() { local t=$1; shift; echo "=== $* (limit ${t}s)"; local s=$SECONDS; timeout "$t" "$@"; echo "=== rc=$? in $((SECONDS - s))s"; }
+# Same-call A/B of the GEMV kernel: `kernel old` puts .old_triton_gemv.py (prepared by the phase's
+# note, untracked, sent with the tree) in place, `kernel new` the checkout's own file back.
+kernel() {
+  if [ "$1" = old ]; then
+    cmp -s teal_kernels/triton_gemv.py .old_triton_gemv.py || cp teal_kernels/triton_gemv.py /tmp/new_triton_gemv.py
+    cp .old_triton_gemv.py teal_kernels/triton_gemv.py
+  else
+    cp /tmp/new_triton_gemv.py teal_kernels/triton_gemv.py
+  fi
+}
 # The real SmolLM2 from its GGUF carried in two halves (the first kept on the machine by an earlier
 # call: e2e or gguf_a), converted and calibrated under /tmp/teal_gguf/ck; sets gen, its generate.py call.
 real_smollm2() {
@@ -406,16 +416,14 @@ PY
   int4_heuristic)  # issues 10/11, shapes nobody tuned: the int4 heuristic at one row, previous rule (prepare it here first: git show f8672be:teal_kernels/triton_gemv.py > .old_triton_gemv.py, untracked, sent with the tree) then the new one (the 8B winners' tile), in one call: per matrix with the tuned table hidden (8B and Llama-2-7B), then Llama-2-7B end to end (untuned there) beside tinygemm; H_FORMATS (int4-g128) and H_MODEL (Llama-2-7B) pick other groups / shapes
     mv teal_kernels/tuned_configs.json /tmp/tuned_configs.json
     for v in old new; do
-      [ $v = old ] && cp teal_kernels/triton_gemv.py /tmp/new_triton_gemv.py && cp .old_triton_gemv.py teal_kernels/triton_gemv.py
+      kernel $v
       step 150 python3 -m benchmarks.bench_kernels --formats ${H_FORMATS:-int4-g128} --models llama3-8b llama2-7b --sparsities 0 0.5 --out "$out/kernels_heuristic_$v"
-      [ $v = old ] && cp /tmp/new_triton_gemv.py teal_kernels/triton_gemv.py
     done
     mv /tmp/tuned_configs.json teal_kernels/tuned_configs.json
     for v in old new; do
-      [ $v = old ] && cp .old_triton_gemv.py teal_kernels/triton_gemv.py
+      kernel $v
       base=(); [ $v = new ] && base=(--baselines torch-int4-g128)
       step 200 python3 -m benchmarks.bench_decode --model ${H_MODEL:-Llama-2-7B} --weights ${H_FORMATS:-int4-g128} --sparsity 0 0.5 --decode_path fused "${base[@]}" --out "$out/e2e_int4_$v"
-      [ $v = old ] && cp /tmp/new_triton_gemv.py teal_kernels/triton_gemv.py
     done
     ;;
   tune_groups)  # issue 11: int4-g32 / g64 (the quality formats) tuned at one row on the 8B shapes (quick grid), then end to end beside tinygemm
@@ -424,9 +432,8 @@ PY
     ;;
   atomic_race)  # the dot design's "atomic" reduction (TEAL_GEMV_REDUCTION=atomic, not the default) missed the reference in 1 of 6 runs of one GPU test (2026-12-04): 12 runs of it with the kernel before the per-thread fence (prepare: git show 98f4e12:teal_kernels/triton_gemv.py > .old_triton_gemv.py, untracked, sent with the tree), then 12 with it
     for v in old new; do
-      [ $v = old ] && cp teal_kernels/triton_gemv.py /tmp/new_triton_gemv.py && cp .old_triton_gemv.py teal_kernels/triton_gemv.py
+      kernel $v
       for i in $(seq 12); do timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "gpu_llama_shapes and 1-fp-0-dot-atomic" 2>&1 | tail -1 | sed "s/^/$v: /"; done
-      [ $v = old ] && cp /tmp/new_triton_gemv.py teal_kernels/triton_gemv.py
     done
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back

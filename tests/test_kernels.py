@@ -538,7 +538,8 @@ def test_torch_compile_fullgraph(backend):
 
 # --- GPU only ----------------------------------------------------------------------
 
-LLAMA_SHAPES = [(4096, [4096, 1024, 1024]), (14336, [4096]), (4096, [14336, 14336]), (11008, [4096])]  # + Llama-2-7B down: K = 86 int4 groups
+# Llama-3-8B q|k|v, down, gate|up, and Llama-2-7B down (K = 86 int4 groups: only 256-row blocks divide it)
+LLAMA_SHAPES = [(4096, [4096, 1024, 1024]), (14336, [4096]), (4096, [14336, 14336]), (11008, [4096])]
 
 
 def gpu_problem(fmt, m, k, splits, group, sparsity, seed=0, dtype=torch.bfloat16):
