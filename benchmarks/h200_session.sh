@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -435,6 +435,31 @@ PY
       kernel $v
       for i in $(seq 12); do timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "gpu_llama_shapes and 1-fp-0-dot-atomic" 2>&1 | tail -1 | sed "s/^/$v: /"; done
     done
+    ;;
+  int8_dense)  # issue 11, int8 dense >= 260 (249.0 in run F): the atomic-race check first (prepare as atomic_race); int8's one-row 8B configs tuned at 0% alone (on a copy of the table, so the stored 0 + 50% winners are candidates beside the rest); int8 with and without the int8 lm_head end to end; where int8 gate|up's warps wait at 0% (ncu)
+    for v in old new; do
+      kernel $v
+      for i in $(seq $([ $v = old ] && echo 8 || echo 12)); do timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "gpu_llama_shapes and 1-fp-0-dot-atomic" 2>&1 | tail -1 | sed "s/^/$v: /"; done
+    done
+    cp teal_kernels/tuned_configs.json "$out/tuned_dense.json"
+    step 300 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int8 --sparsities 0 --force --jobs 16 --out "$out/tuned_dense.json"
+    step 120 ncu --clock-control none --cache-control none -k regex:"_sparse_gemv_kernel|_dot_gemv_kernel" --launch-skip 3 --launch-count 1 \
+      --set full --import-source yes --warp-sampling-interval 0 -f -o /tmp/ncu_int8 python3 -m benchmarks.ncu_gemv --layer gate_up --sparsity 0 --format int8
+    ncu -i /tmp/ncu_int8.ncu-rep --page details > "$out/ncu_int8_gate_up_0.txt" 2>&1
+    ncu -i /tmp/ncu_int8.ncu-rep --page source --csv --print-source sass > "$out/ncu_int8_gate_up_0.sass.csv" 2>&1
+    step 300 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8 int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_head"
+    ;;
+  int8_retune)  # issue 11: the atomic race counted in one process (benchmarks/repeat_gemv.py: the fenced kernel, the kernel before the fence (prepare as atomic_race), the ordered reduction as control); int8's one-row 8B shapes retuned at 0 + 50% with the register-cap candidates (added after their last tune), the int8 head's shape tuned at 0%; int8 and int8 + int8 head end to end, then the head run with the norms in the GEMVs (TEAL_FUSED_NORM=1, unmeasured for int8)
+    step 60 python3 -m benchmarks.repeat_gemv --reduction atomic --repeats 500 --out "$out/repeat_atomic_fenced.json"
+    step 60 python3 -m benchmarks.repeat_gemv --reduction ordered --repeats 500 --out "$out/repeat_ordered.json"
+    kernel old
+    step 60 python3 -m benchmarks.repeat_gemv --reduction atomic --repeats 500 --out "$out/repeat_atomic_unfenced.json"
+    kernel new
+    step 200 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int8 --force --jobs 16
+    step 100 python3 -m benchmarks.tune_kernels --models llama3-8b-head --formats int8 --sparsities 0 --force --jobs 16
+    cp teal_kernels/tuned_configs.json "$out/tuned_configs.json"
+    step 150 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8 int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_retuned"
+    step 100 env TEAL_FUSED_NORM=1 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_head_norm"
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back
     for b in 2 4 8; do

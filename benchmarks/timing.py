@@ -50,6 +50,9 @@ MODEL_SHAPES: dict[str, list[tuple[str, int, list[int]]]] = {
         ("gate_up", 4096, [11008, 11008]),
         ("down", 11008, [4096]),
     ],
+    # Llama-3-8B's output head alone, for a quantized head (quantize.py --lm_head): always dense, so
+    # tune it at sparsity 0 only (`--sparsities 0`)
+    "llama3-8b-head": [("lm_head", 4096, [128256])],
 }
 ROTATION_BYTES = 256 << 20  # > 4x the H200's L2
 
