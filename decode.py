@@ -17,8 +17,8 @@ torch/Inductor.
 The two RMSNorms are handed to the q|k|v and gate|up projections. Where those run dense on CUDA
 through the preload GEMV (small float matrices: SmolLM2), its prologue computes them: two kernels
 fewer a layer (H200, SmolLM2-135M shape: 1501 -> 2080 tok/s, benchmarks/results/preload/).
-The sparse GEMV's prologue computes them too where PackedLinear measured that faster (float weights,
-one row; not int4-g128, which it slowed on the Llama-3-8B shape: 297.4 -> 273.2 tok/s dense);
+The sparse GEMV's prologue computes them too where PackedLinear measured that faster (float and int8
+weights, one row; not int4-g128, which it slowed on the Llama-3-8B shape: 297.4 -> 273.2 tok/s dense);
 TEAL_FUSED_NORM=1 / 0 (read when the blocks are installed) forces it on / off for every format;
 elsewhere torch runs the norm first.
 

@@ -215,13 +215,14 @@ class PackedLinear(nn.Module):
 
     def sparse_kernel_takes_norm(self, n_rows: int, override: bool | None) -> bool:
         """Whether the sparse GEMV computes a handed RMSNorm itself (one kernel fewer) instead of
-        torch before it: `override` (TEAL_FUSED_NORM) if set, else for float weights and one
-        row, where the H200 measured it faster (Llama-3.2-1B 50% 1134.7 -> 1169.2 tok/s,
-        Llama-3-8B 298.1 -> 299.4), not for int4, which it slowed (8B int4-g128 50% 312.4 ->
-        284.8; benchmarks/results/NOTES.md, results/norm_1b/)."""
+        torch before it: `override` (TEAL_FUSED_NORM) if set, else for float and int8 weights and
+        one row, where the H200 measured it faster (Llama-3.2-1B 50% 1134.7 -> 1169.2 tok/s,
+        Llama-3-8B 298.1 -> 299.4; 8B int8 with an int8 head 268.0 -> 271.7 dense, 352.2 -> 359.2
+        at 50%), not for int4, which it slowed (8B int4-g128 50% 312.4 -> 284.8;
+        benchmarks/results/NOTES.md, results/norm_1b/, results/int8_retune/)."""
         if n_rows > MAX_BATCH:  # a short quantized prefill: each program would read every row's whole x
             return False
-        return (self.fmt == "fp" and n_rows == 1) if override is None else override
+        return (self.fmt != "int4" and n_rows == 1) if override is None else override
 
     def forward(self, x: Tensor, gated: bool = False, residual: Tensor | None = None,
                 norm: nn.Module | None = None, norm_in_sparse_kernel: bool | None = None) -> Tensor:

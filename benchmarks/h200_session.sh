@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -430,7 +430,7 @@ PY
     step 240 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int4-g64 int4-g32 --quick --jobs 16
     step 240 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g64 int4-g32 --sparsity 0 0.5 --decode_path fused --baselines torch-int4-g128 --out "$out/e2e_int4_groups"
     ;;
-  atomic_race)  # the dot design's "atomic" reduction (TEAL_GEMV_REDUCTION=atomic, not the default) missed the reference in 1 of 6 runs of one GPU test (2026-12-04): 12 runs of it with the kernel before the per-thread fence (prepare: git show 98f4e12:teal_kernels/triton_gemv.py > .old_triton_gemv.py, untracked, sent with the tree), then 12 with it
+  atomic_race)  # (that reduction is removed since: results/int8_retune/) the dot design's "atomic" reduction (TEAL_GEMV_REDUCTION=atomic, not the default) missed the reference in 1 of 6 runs of one GPU test (2026-12-04): 12 runs of it with the kernel before the per-thread fence (prepare: git show 98f4e12:teal_kernels/triton_gemv.py > .old_triton_gemv.py, untracked, sent with the tree), then 12 with it
     for v in old new; do
       kernel $v
       for i in $(seq 12); do timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "gpu_llama_shapes and 1-fp-0-dot-atomic" 2>&1 | tail -1 | sed "s/^/$v: /"; done
@@ -460,6 +460,11 @@ PY
     cp teal_kernels/tuned_configs.json "$out/tuned_configs.json"
     step 150 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8 int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_retuned"
     step 100 env TEAL_FUSED_NORM=1 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_head_norm"
+    ;;
+  no_atomic)  # after the atomic K reduction's removal (the dot design always sums its partials in order) and with the norms in the int8 GEMVs by default: the ordered path repeated (repeat_gemv), the dot GPU tests and the decode / linear GPU tests, then int8 and int8 + int8 head end to end
+    step 60 python3 -m benchmarks.repeat_gemv --repeats 500 --out "$out/repeat_ordered.json"
+    step 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_decode.py tests/test_linear.py -k "(gpu and dot) or (gpu and test_decode) or (cuda and test_linear)"
+    step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8 int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_final"
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back
     for b in 2 4 8; do

@@ -677,11 +677,11 @@ def _sparse_gemv_kernel(
 # and thread, SASS of triton 3.6, sm_90); words load whole and _int4_planes converts a pair of
 # rows' words straight into the operand's registers.
 #
-# Reduction over K blocks, one launch, no memset: with DETERMINISTIC each program stores its
-# fp32 partial and the last program of the column block (arrival ticket) sums them in a fixed
-# order; otherwise fp32 atomics into a zeroed workspace, and the last program reads the sum and
-# zeroes it for the next call (faster, last bits depend on arrival order).  The last program
-# applies the int8 column scale and the residual and writes the output.
+# Reduction over K blocks, one launch, no memset, as in the "rows" design: each program stores
+# its fp32 partial and the last program of the column block (arrival ticket) sums them in a fixed
+# order, applies the int8 column scale and the residual and writes the output.  fp32 atomics into
+# a self-cleaning accumulator instead were no faster and lost a program's partial in about 1% of
+# calls on the H200, with or without a fence after the atomics (results/int8_retune/): removed.
 
 
 @triton.jit
@@ -761,27 +761,15 @@ def _dot(xt, wt, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _fence_gpu(token, INTERPRET: tl.constexpr):
-    """CUDA's __threadfence() in every thread: its fp32 atomics performed at GPU scope before its
-    later writes. The arrival ticket is taken by one thread after a CTA barrier, which does not wait
-    for other warps' reductions still in flight. Without this fence the atomic reduction came out
-    wrong in one H200 test run of six (gate|up, 90%, 2026-12-04); the fix follows from that
-    reading and has not yet run on a GPU. `token` only gives the inline PTX an operand."""
-    if not INTERPRET:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.b32 $0, $1;", "=r,r", [token], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-
-@triton.jit
 def _dot_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr, nw_ptr,
-    out_ptr, ws_ptr, counter_ptr,
+    out_ptr, part_ptr, counter_ptr,
     M, K, N, W_ROW, eps,
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -841,20 +829,13 @@ def _dot_gemv_kernel(
     out_rows = tl.arange(0, DOT_M)
     out_offs = out_rows[:, None] * N + cols[None, :]
     out_ok = (out_rows < M)[:, None] & (cols < N)[None, :]
-    if DETERMINISTIC:
-        tl.store(ws_ptr + pid_k * M * N + out_offs, acc, mask=out_ok)
-    else:
-        tl.atomic_add(ws_ptr + out_offs, acc, mask=out_ok, sem="relaxed")
-        _fence_gpu(pid_n, INTERPRET)
+    tl.store(part_ptr + pid_k * M * N + out_offs, acc, mask=out_ok)
     tl.debug_barrier()  # every thread's partial precedes the release below
     ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
     if ticket == grid_k - 1:
-        if DETERMINISTIC:
-            total = tl.zeros([DOT_M, BLOCK_N], dtype=tl.float32)
-            for r in range(0, grid_k):
-                total += tl.load(ws_ptr + r * M * N + out_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
-        else:
-            total = tl.load(ws_ptr + out_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
+        total = tl.zeros([DOT_M, BLOCK_N], dtype=tl.float32)
+        for r in range(0, grid_k):
+            total += tl.load(part_ptr + r * M * N + out_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
         if FORMAT == 1:
             total *= tl.load(scale_ptr + cols)[None, :]
         result = total.to(out_ptr.dtype.element_ty)
@@ -862,8 +843,6 @@ def _dot_gemv_kernel(
             res = tl.load(res_ptr + out_offs, mask=out_ok, other=0.0)
             result = (result.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + out_offs, result, mask=out_ok)
-        if not DETERMINISTIC:
-            tl.store(ws_ptr + out_offs, tl.zeros_like(total), mask=out_ok)  # zero for the next call
         tl.store(counter_ptr + pid_n, 0)
 
 
@@ -873,12 +852,8 @@ def _dot_gemv_kernel(
 
 _MAX_COUNTERS = 1 << 14
 _REDUCTION_FLOATS = 16384  # fp32 partials the last program loads at once (at most 128 registers a thread at 4 warps)
-_WORKSPACE_FLOATS = MAX_BATCH << 18  # the "dot" design's fp32 accumulator: M * N up to 8 x 262144
-_buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
+_counters: dict[torch.device, Tensor] = {}
 INTERPRETED = not isinstance(_sparse_gemv_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
-# The "dot" design's reduction over K blocks: "ordered" sums the partials in a fixed order
-# (bit-reproducible), "atomic" adds them with fp32 atomics (last bits depend on arrival order).
-REDUCTION_ENV = "TEAL_GEMV_REDUCTION"
 # Programmatic dependent launch (Hopper+): each GEMV and attention kernel starts launching while
 # the previous one finishes (it waits before touching memory). On by default where the GPU has it
 # (H200, 2026-12-03: fused step bf16 at 50% 304.1 -> 310.6 tok/s, dense 217.1 / 216.8; the
@@ -903,35 +878,27 @@ def _compute_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _deterministic() -> bool:
-    mode = os.environ.get(REDUCTION_ENV, "ordered")
-    if mode not in ("ordered", "atomic"):
-        raise ValueError(f"{REDUCTION_ENV} must be 'ordered' or 'atomic', got {mode!r}")
-    return mode == "ordered"
-
-
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Uninitialised buffer: the kernel writes every element it later reads."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _persistent_buffers(device: torch.device) -> tuple[Tensor, Tensor]:
-    """Per-device int32 arrival counters and fp32 workspace, zero between calls (each call
+def _arrival_counters(device: torch.device) -> Tensor:
+    """Per-device int32 arrival counters of the K reduction, zero between calls (each call
     leaves them so), never freed (graphs keep their address).
 
     Allocated from a helper thread: torch.compile's CUDA-graph trees send every
     allocation of the calling thread during warm-up into their private pool, which
     must hold only their own tensors.
     """
-    buffers = _buffers.get(device)
-    if buffers is None:
+    counters = _counters.get(device)
+    if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("Call sparse_gemv once on this device before capturing a CUDA graph.")
-        made: list[tuple[Tensor, Tensor]] = []
+        made: list[Tensor] = []
 
         def allocate() -> None:
-            made.append((torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device),
-                         torch.zeros(_WORKSPACE_FLOATS, dtype=torch.float32, device=device)))
+            made.append(torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
@@ -939,9 +906,9 @@ def _persistent_buffers(device: torch.device) -> tuple[Tensor, Tensor]:
         worker.start()
         worker.join()
         if not made:
-            raise RuntimeError(f"Could not allocate the sparse_gemv buffers on {device}.")
-        buffers = _buffers[device] = made[0]
-    return buffers
+            raise RuntimeError(f"Could not allocate the sparse_gemv counters on {device}.")
+        counters = _counters[device] = made[0]
+    return counters
 
 
 def _lane_groups(cfg: KernelConfig, fmt: int, elem_bytes: int, col_align: int) -> int:
@@ -997,8 +964,9 @@ def sparse_gemv_triton(
     grid_n = sum(cdiv(s, cfg.block_n) for s in split_sizes)
     if grid_n > _MAX_COUNTERS:
         raise ValueError(f"N={n} needs {grid_n} column blocks, more than {_MAX_COUNTERS}; use a larger block_n.")
-    counters, workspace = _persistent_buffers(x.device)
+    counters = _arrival_counters(x.device)
     out = _alloc((m, n), x.dtype, x.device)
+    partials = _alloc((grid_k, m, n), torch.float32, x.device)  # each K block's fp32 sums
     aux = (scales if scales is not None else thresholds, zeros if zeros is not None else thresholds, thresholds,
            residual if residual is not None else x, norm_weight if norm_weight is not None else x)
     fusions = dict(GATED=gated, RESIDUAL=residual is not None, NORM=norm_weight is not None)
@@ -1007,27 +975,19 @@ def sparse_gemv_triton(
     pdl = launch_options(x.device)
     registers = {"maxnreg": cfg.max_registers} if cfg.max_registers else {}
     if cfg.design == "dot":
-        # int4 always reduces in order: fp32 atomics of its interleaved planes came out wrong on
-        # the H200 for 512-column tiles (GPU tests, 2026-12-02; not pinned down further).
-        deterministic = _deterministic() or fmt == FMT_INT4
-        if deterministic:
-            workspace = _alloc((grid_k, m, n), torch.float32, x.device)
-        elif m * n > workspace.numel():
-            raise ValueError(f"M*N={m * n} exceeds the sparse_gemv workspace ({workspace.numel()} floats).")
         if fmt == FMT_INT4:  # read as int32 words of 8 columns (_fit_config checked the alignment)
             w = w.view(torch.int32)
         _dot_gemv_kernel[(grid_n, grid_k)](
-            x, w, *aux, out, workspace, counters,
+            x, w, *aux, out, partials, counters,
             m, k, n, w.shape[1], float(eps), splits,
             FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, DOT_M=dot_tile_rows(m), BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k,
-            SUB_K=cfg.sub_k, **fusions, DETERMINISTIC=deterministic,
+            SUB_K=cfg.sub_k, **fusions,
             INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
             **registers,
         )
         return out
 
-    partials = _alloc((grid_k, m, n), torch.float32, x.device)
     if cfg.compact:  # compaction scratch: kept row ids and their thresholded x values
         slots = grid_n * grid_k * cfg.block_k
         idx, xs = _alloc((slots,), torch.int32, x.device), _alloc((slots * block_m,), torch.float32, x.device)

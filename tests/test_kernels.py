@@ -110,18 +110,17 @@ def case_id(case):
 
 # The kernel designs and row-selection modes every correctness test runs: "rows" with compaction
 # (plain; with the next chunk's weight rows prefetched; prefetched with each chunk's lanes summed
-# as it goes) or chunk skipping, "dot" (masked tiles through tl.dot) with each K-block reduction.
-VARIANTS = ["compact", "prefetch", "lanesum", "skip", "dot-ordered", "dot-atomic"]
+# as it goes) or chunk skipping, "dot" (masked tiles through tl.dot).
+VARIANTS = ["compact", "prefetch", "lanesum", "skip", "dot"]
 
 
-def variant(cfg: KernelConfig, name: str, monkeypatch) -> KernelConfig:
-    """`cfg` as the named variant; the dot variants set the reduction through its environment
-    variable and raise sub_k to a tl.dot tile (shapes it cannot take fall back to "rows")."""
+def variant(cfg: KernelConfig, name: str) -> KernelConfig:
+    """`cfg` as the named variant; "dot" raises sub_k to a tl.dot tile (shapes it cannot take fall
+    back to "rows")."""
     if name in ("compact", "prefetch", "lanesum", "skip"):
         return KernelConfig(**{**cfg.to_dict(), "design": "rows", "compact": name != "skip",
                                "num_stages": 2 if name in ("prefetch", "lanesum") else 1,
                                "lane_sum": name == "lanesum"})
-    monkeypatch.setenv(sg.REDUCTION_ENV, name.split("-")[1])
     sub_k = max(16, cfg.sub_k)
     return KernelConfig(**{**cfg.to_dict(), "design": "dot", "sub_k": sub_k, "block_k": max(cfg.block_k, sub_k),
                            "num_stages": 2})
@@ -173,17 +172,14 @@ def test_lane_sum_matches_float64_reference_for_any_lane_groups(case, groups, mo
         assert_close_to_ref(out, *args)
 
 
-@pytest.mark.parametrize("reduction", ["ordered", "atomic"])
 @pytest.mark.parametrize("case", DOT_CASES, ids=case_id)
-def test_dot_design_matches_float64_reference(case, reduction, monkeypatch):
+def test_dot_design_matches_float64_reference(case):
     fmt, dtype, m, k, splits, group, cfg = case
-    monkeypatch.setenv(sg.REDUCTION_ENV, reduction)
     args = make_problem(fmt, dtype, m, k, splits, group)
     for stages in (1, 3):
         out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "design": "dot", "num_stages": stages}))
         assert_close_to_ref(out, *args)
-    counters, workspace = sg._persistent_buffers(torch.device(DEVICE))
-    assert not counters.any() and not workspace.any()  # every call leaves them at zero
+    assert not sg._arrival_counters(torch.device(DEVICE)).any()  # every call leaves them at zero
 
 
 @pytest.mark.parametrize("design", ["rows", "dot"])
@@ -272,21 +268,21 @@ def test_random_shapes(seed):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_dropped_rows_are_never_used(name, monkeypatch):
+def test_dropped_rows_are_never_used(name):
     """Weight rows dropped by every batch row are NaN: any use would poison the output."""
     x, w, thresholds, splits, *_ = make_problem("fp", torch.float16, 2, 96, [16, 16], 0, quantiles=[0.6, 0.6])
     dropped = ~(x.abs() > thresholds[0]).any(dim=0)
     assert dropped.any()
     w_nan = w.clone()
     w_nan[dropped] = float("nan")
-    out = sparse_gemv_triton(x, w_nan, thresholds, splits, config=variant(KernelConfig(16, 32, 4), name, monkeypatch))
+    out = sparse_gemv_triton(x, w_nan, thresholds, splits, config=variant(KernelConfig(16, 32, 4), name))
     assert_close_to_ref(out, x, w, thresholds, splits)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32)])
-def test_keep_all_keep_none_and_mixed_segments(fmt, group, name, monkeypatch):
-    cfg = variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name, monkeypatch)
+def test_keep_all_keep_none_and_mixed_segments(fmt, group, name):
+    cfg = variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name)
     x, w, _, splits, scales, zeros, g = make_problem(fmt, torch.bfloat16, 3, 64, [16, 16, 16], group)
 
     none = torch.full((3,), float("inf"), device=DEVICE)
@@ -304,9 +300,9 @@ def test_keep_all_keep_none_and_mixed_segments(fmt, group, name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_batch_rows_use_their_own_masks(name, monkeypatch):
+def test_batch_rows_use_their_own_masks(name):
     """Row 0 keeps nothing, row 1 everything, row 2 a few entries: must match row-wise."""
-    cfg = variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name, monkeypatch)
+    cfg = variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name)
     x, w, _, splits, *_ = make_problem("fp", torch.bfloat16, 3, 64, [32], 0)
     x = x.clone()
     x[0] = 0.25
@@ -332,15 +328,14 @@ def test_uninitialised_buffers_and_counters(monkeypatch):
     monkeypatch.setattr(sg, "_alloc", poisoned)
     for name in VARIANTS:
         args = make_problem("int4", torch.bfloat16, 2, 96, [16, 32], 32)
-        out = sparse_gemv_triton(*args, config=variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name, monkeypatch))
+        out = sparse_gemv_triton(*args, config=variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name))
         assert_close_to_ref(out, *args)
-    assert not sg._persistent_buffers(torch.device(DEVICE))[0].any()  # every call leaves them at zero
+    assert not sg._arrival_counters(torch.device(DEVICE)).any()  # every call leaves them at zero
 
 
 @pytest.mark.parametrize("cfg", [KernelConfig(block_n=32, block_k=32, sub_k=8),
                                  KernelConfig(block_n=16, block_k=32, sub_k=16, design="dot")], ids=["rows", "dot"])
-def test_deterministic(cfg, monkeypatch):
-    monkeypatch.setenv(sg.REDUCTION_ENV, "ordered")  # the default
+def test_deterministic(cfg):
     args = make_problem("fp", torch.bfloat16, 2, 192, [48, 32], 0)
     assert torch.equal(sparse_gemv_triton(*args, config=cfg), sparse_gemv_triton(*args, config=cfg))
 
@@ -570,7 +565,7 @@ def assert_close_gpu(out, args):
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 128), ("int4", 32)])
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_gpu_llama_shapes(fmt, group, m, name, monkeypatch):
+def test_gpu_llama_shapes(fmt, group, m, name):
     for k, splits in LLAMA_SHAPES:
         for sparsity in (0.0, 0.5, 0.9):
             args = gpu_problem(fmt, m, k, splits, group, sparsity)
@@ -578,25 +573,24 @@ def test_gpu_llama_shapes(fmt, group, m, name, monkeypatch):
                 cfg = sg._heuristic_config(weight_format_name(args[1], group), m, k, sum(splits))
             else:
                 cfg = sg._rows_heuristic(weight_format_name(args[1], group), m, k, sum(splits))
-            out = sparse_gemv_triton(*args, config=variant(cfg, name, monkeypatch))
+            out = sparse_gemv_triton(*args, config=variant(cfg, name))
             assert_close_gpu(out, args)
             assert_close_gpu(sparse_gemv(*args), args)  # tuned/default config
-    counters, workspace = sg._persistent_buffers(torch.device("cuda", torch.cuda.current_device()))
     torch.cuda.synchronize()
-    assert not counters.any() and not workspace.any()
+    assert not sg._arrival_counters(torch.device("cuda", torch.cuda.current_device())).any()
 
 
 @needs_cuda
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 128), ("int4", 32)])
-def test_gpu_fp16_activations(fmt, group, name, monkeypatch):
+def test_gpu_fp16_activations(fmt, group, name):
     """fp16 activations take their own integer-to-float conversions (the int4 tiles become fp16
     for the dot design)."""
     for k, splits in LLAMA_SHAPES[:2]:
         args = gpu_problem(fmt, 2, k, splits, group, 0.5, dtype=torch.float16)
         pick = sg._heuristic_config if name.startswith("dot") else sg._rows_heuristic
         cfg = pick(weight_format_name(args[1], group), 2, k, sum(splits))
-        out = sparse_gemv_triton(*args, config=variant(cfg, name, monkeypatch))
+        out = sparse_gemv_triton(*args, config=variant(cfg, name))
         assert out.dtype == torch.float16
         assert_close_gpu(out, args)
 
@@ -605,7 +599,7 @@ def test_gpu_fp16_activations(fmt, group, name, monkeypatch):
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 128)])
 @pytest.mark.parametrize("m", [1, 3])
-def test_gpu_gated_residual(fmt, group, m, name, monkeypatch):
+def test_gpu_gated_residual(fmt, group, m, name):
     """decode.py's down projection at the Llama-3-8B shape: SiLU(gate) * up in the prologue (the
     compact "rows" design takes it from its compaction scratch) and the residual in the epilogue."""
     k, splits = LLAMA_SHAPES[1]
@@ -614,7 +608,7 @@ def test_gpu_gated_residual(fmt, group, m, name, monkeypatch):
     gate_up = torch.cat([x, torch.randn(m, k, generator=gen, device="cuda").to(x.dtype)], dim=1)
     residual = torch.randn(m, sum(splits), generator=gen, device="cuda").to(x.dtype)
     pick = sg._heuristic_config if name.startswith("dot") else sg._rows_heuristic
-    cfg = variant(pick(weight_format_name(w, group), m, k, sum(splits)), name, monkeypatch)
+    cfg = variant(pick(weight_format_name(w, group), m, k, sum(splits)), name)
     args = (gate_up, w, thresholds, splits, scales, zeros, g)
     out = sparse_gemv_triton(*args, config=cfg, gated=True, residual=residual)
     ref = sparse_gemv_reference(*args, gated=True, residual=residual).float()
@@ -625,7 +619,7 @@ def test_gpu_gated_residual(fmt, group, m, name, monkeypatch):
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 128)])
 @pytest.mark.parametrize("m", [1, 3])
-def test_gpu_rmsnorm_prologue(fmt, group, m, name, monkeypatch):
+def test_gpu_rmsnorm_prologue(fmt, group, m, name):
     """decode.py's q|k|v and gate|up projections under TEAL_FUSED_NORM=1 at the Llama-3-8B shapes:
     RMSNorm of the residual stream in the kernel's prologue, against the reference."""
     for k, splits in (LLAMA_SHAPES[0], LLAMA_SHAPES[2]):
@@ -633,7 +627,7 @@ def test_gpu_rmsnorm_prologue(fmt, group, m, name, monkeypatch):
         norm_weight = (torch.rand(k, generator=torch.Generator(device="cuda").manual_seed(3), device="cuda")
                        + 0.5).to(x.dtype)
         pick = sg._heuristic_config if name.startswith("dot") else sg._rows_heuristic
-        cfg = variant(pick(weight_format_name(w, group), m, k, sum(splits)), name, monkeypatch)
+        cfg = variant(pick(weight_format_name(w, group), m, k, sum(splits)), name)
         args = (x * 3, w, thresholds, splits, scales, zeros, g)
         out = sparse_gemv_triton(*args, config=cfg, norm_weight=norm_weight, eps=1e-5)
         ref = sparse_gemv_reference(*args, norm_weight=norm_weight, eps=1e-5).float()
@@ -647,7 +641,7 @@ def test_gpu_deterministic_and_counters_reset():
     for _ in range(50):
         assert torch.equal(sparse_gemv(*args), first)
     torch.cuda.synchronize()
-    assert not sg._persistent_buffers(torch.device("cuda", torch.cuda.current_device()))[0].any()
+    assert not sg._arrival_counters(torch.device("cuda", torch.cuda.current_device())).any()
 
 
 @needs_cuda
@@ -689,7 +683,7 @@ def test_gpu_torch_compile_reduce_overhead():
 
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32)])
-def test_gated_prologue_and_residual_epilogue(fmt, group, name, monkeypatch):
+def test_gated_prologue_and_residual_epilogue(fmt, group, name):
     """x given as gate|up [M, 2K] (the kernel computes SiLU(gate) * up, rounded to bf16), plus a
     residual added to the output, against float64 math. Thresholds sit halfway between two |x|
     values, so the one-ulp rounding of the gated input (the interpreter truncates) cannot flip a
@@ -704,7 +698,7 @@ def test_gated_prologue_and_residual_epilogue(fmt, group, name, monkeypatch):
     gaps = [int(window.argmax()) + lo for lo, window in ((48, ratio[48:68]), (106, ratio[106:126]))]
     assert all(ratio[i] > 1.02 for i in gaps)
     thresholds = torch.stack([(levels[i] + levels[i + 1]) / 2 for i in gaps]).float().to(DEVICE)
-    cfg = variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name, monkeypatch)
+    cfg = variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name)
     fused = sparse_gemv_triton(gate_up, w, thresholds, splits, scales, zeros, g, config=cfg, gated=True,
                                residual=residual)
     weight = real_weight64(w, scales, zeros, g)
@@ -725,7 +719,7 @@ def test_gated_prologue_and_residual_epilogue(fmt, group, name, monkeypatch):
 
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32)])
-def test_rmsnorm_prologue(fmt, group, name, monkeypatch):
+def test_rmsnorm_prologue(fmt, group, name):
     """x given as the residual stream h [M, K] with the norm's weight: the kernel computes
     model.RMSNorm's output (two roundings to bf16) before thresholding, against float64 math.
     Thresholds sit between two |x| values a few percent apart, so the roundings (the interpreter
@@ -742,7 +736,7 @@ def test_rmsnorm_prologue(fmt, group, name, monkeypatch):
     gaps = [int(window.argmax()) + lo for lo, window in ((48, ratio[48:68]), (106, ratio[106:126]))]
     assert all(ratio[i] > 1.03 for i in gaps)
     thresholds = torch.stack([(levels[i] + levels[i + 1]) / 2 for i in gaps]).float().to(DEVICE)
-    cfg = variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name, monkeypatch)
+    cfg = variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name)
     fused = sparse_gemv_triton(h, w, thresholds, splits, scales, zeros, g, config=cfg, norm_weight=norm_weight, eps=eps)
     weight = real_weight64(w, scales, zeros, g)
     keep = torch.cat([(x64.abs() > thresholds[j].double())[:, :, None].expand(-1, -1, n)

@@ -194,9 +194,9 @@ def test_a_projection_the_table_calls_slower_stays_dense(monkeypatch):
 
 @pytest.mark.parametrize("fmt", ["fp", "int8", "int4"])
 def test_sparse_kernel_takes_the_norm_where_measured_faster(fmt):
-    """By default the sparse GEMV computes a handed RMSNorm for float weights at one row only
-    (faster on the H200 there, slower for int4); TEAL_FUSED_NORM's value overrides it."""
+    """By default the sparse GEMV computes a handed RMSNorm for float and int8 weights at one row
+    only (faster on the H200 there, slower for int4); TEAL_FUSED_NORM's value overrides it."""
     layer = PackedLinear(256, 64, fmt=fmt, group_size=128 if fmt == "int4" else 0)
-    assert layer.sparse_kernel_takes_norm(1, None) == (fmt == "fp")
+    assert layer.sparse_kernel_takes_norm(1, None) == (fmt != "int4")
     assert not layer.sparse_kernel_takes_norm(4, None)
     assert layer.sparse_kernel_takes_norm(4, True) and not layer.sparse_kernel_takes_norm(1, False)
