@@ -200,7 +200,8 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
                 split_sizes: list[int], words_aligned: bool = True) -> KernelConfig:
     """Check the config and fit it to the shape.  "rows": block_k holds whole int4 groups and
     sub_k fits one group.  "dot": block_n divides every segment, sub_k (>= 16, a tl.dot tile)
-    divides K and the int4 group, block_k is a multiple of sub_k dividing K; int4 also needs
+    divides K and the int4 group, block_k is a multiple of sub_k (dividing K unless no divisor
+    keeps half the asked block_k and cutting the last block costs at most an eighth of K); int4 also needs
     block_n >= 128 (a plane of block_n / 8 columns is a tl.dot tile), at most block_n / 64 warps
     per 16 rows of the tile (more would repeat a plane's dot) and weights readable as int32 words (``words_aligned``).
     A shape where that is impossible (a segment or K not a multiple of 16, 128 for int4) runs
@@ -223,9 +224,18 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
         block_n = min(cfg.block_n, col_pow2)
         min_n = 128 if fmt == FMT_INT4 else 16
         if dot_design_fits(fmt == FMT_INT4, k, split_sizes) and block_n >= min_n and (words_aligned or fmt != FMT_INT4):
-            tiles = max(1, cfg.block_k // sub_k)
-            while (k // sub_k) % tiles:
-                tiles -= 1
+            # block_k: the largest multiple of sub_k dividing K within the asked one if that keeps at
+            # least half of it; else the asked one with the last block cut at K (the kernel's EVEN_K)
+            # where the cut-off tiles are at most an eighth of K's (Llama-2-7B's down: 1024 rows
+            # instead of 256)
+            n_tiles = k // sub_k
+            tiles = min(max(1, cfg.block_k // sub_k), n_tiles)
+            divisor = tiles
+            while n_tiles % divisor:
+                divisor -= 1
+            cut_off = cdiv(n_tiles, tiles) * tiles - n_tiles
+            if 2 * divisor >= tiles or 8 * cut_off > n_tiles:
+                tiles = divisor
             # warps split the tile's rows in 16s
             warps = min(cfg.num_warps, block_n // 64 * dot_tile_rows(m) // 16) if fmt == FMT_INT4 else cfg.num_warps
             return dataclasses.replace(cfg, block_n=block_n, sub_k=sub_k, block_k=tiles * sub_k, num_warps=warps)
@@ -654,10 +664,13 @@ def _sparse_gemv_kernel(
 # ---------------------------------------------------------------------------
 #
 # Grid (N blocks, K blocks).  BLOCK_N divides every segment (so a program has one threshold and
-# no column mask) and BLOCK_K divides K (no row mask): the tile loop has a static trip count
-# BLOCK_K // SUB_K.  This is the design of benchmarks/gemv_lab.py's ``_tgemv`` (masked mode),
-# kept literal: a first port with dynamic loop bounds and a column mask returned zeros for a
-# quarter of the columns at M = 1 on the H200 (results/NOTES.md), while the lab kernel was right.
+# no column mask) and SUB_K divides K; the tile loop has a static trip count BLOCK_K // SUB_K.
+# This is the design of benchmarks/gemv_lab.py's ``_tgemv`` (masked mode), kept literal: a first
+# port with dynamic loop bounds and a column mask returned zeros for a quarter of the columns at
+# M = 1 on the H200 (results/NOTES.md), while the lab kernel was right.  Where BLOCK_K does not
+# divide K (EVEN_K false: Llama-2-7B's down, K = 11008 = 86 int4 groups, would otherwise take
+# 256-row blocks), the last block's tiles past K read x as zero, so their weight rows are dropped
+# like any zeroed input's, and int4 takes the last group's scale for them.
 #
 # Tile t: x [BLOCK_M, SUB_K] thresholded at the batch's own size (BLOCK_M = M rounded up to a
 # power of two), then repeated to the DOT_M = max(16, BLOCK_M) rows of the tl.dot (16 is its
@@ -686,17 +699,22 @@ def _sparse_gemv_kernel(
 
 @triton.jit
 def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr, nw_ptr, row_scale,
-                NORM: tl.constexpr):
-    """Thresholded x [BLOCK_M, SUB_K] in fp32 (rows past M are zero); GATED and NORM as _masked_x."""
+                NORM: tl.constexpr, EVEN_K: tl.constexpr):
+    """Thresholded x [BLOCK_M, SUB_K] in fp32 (batch rows past M and, unless EVEN_K, weight rows
+    past K are zero); GATED and NORM as _masked_x."""
+    if EVEN_K:
+        ok = m_ok[:, None]
+    else:
+        ok = m_ok[:, None] & (rows < K)[None, :]
     if GATED:
-        gate = tl.load(x_ptr + m_offs[:, None] * 2 * K + rows[None, :], mask=m_ok[:, None], other=0.0)
-        up = tl.load(x_ptr + m_offs[:, None] * 2 * K + K + rows[None, :], mask=m_ok[:, None], other=0.0)
+        gate = tl.load(x_ptr + m_offs[:, None] * 2 * K + rows[None, :], mask=ok, other=0.0)
+        up = tl.load(x_ptr + m_offs[:, None] * 2 * K + K + rows[None, :], mask=ok, other=0.0)
         gate = gate.to(tl.float32)
         xv = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
     else:
-        xv = tl.load(x_ptr + m_offs[:, None] * K + rows[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + m_offs[:, None] * K + rows[None, :], mask=ok, other=0.0).to(tl.float32)
         if NORM:
-            xv = _normed(xv, row_scale[:, None], nw_ptr, rows[None, :], m_ok[:, None], x_ptr.dtype.element_ty)
+            xv = _normed(xv, row_scale[:, None], nw_ptr, rows[None, :], ok, x_ptr.dtype.element_ty)
     return tl.where(tl.abs(xv) > threshold, xv, 0.0)
 
 
@@ -768,8 +786,8 @@ def _dot_gemv_kernel(
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
-    PDL: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -805,14 +823,17 @@ def _dot_gemv_kernel(
         plane_cols = col0 + 8 * tl.arange(0, NW)
     for t in tl.range(0, BLOCK_K // SUB_K):
         rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
-        x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM)
+        x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM, EVEN_K)
         keep = tl.max(tl.abs(x_batch), axis=0) > 0.0
         xt = _dot_rows(x_batch, BLOCK_M, DOT_M)
         if FORMAT == 2:  # w_ptr: int32 words, W_ROW words per row; dropped rows read as 0 (q - 8 = -8, x 0)
             words = _dot_w_tile(w_ptr, rows, keep, pid_n * NW, W_ROW, SUB_K, NW)
             p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
             x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M, DOT_M)[:, None]
-            offs = (k0 + t * SUB_K) // GROUP_SIZE * N + plane_cols
+            group = (k0 + t * SUB_K) // GROUP_SIZE
+            if not EVEN_K:  # a tile past K (all x zero) takes the last group's finite scale and zero
+                group = tl.minimum(group, K // GROUP_SIZE - 1)
+            offs = group * N + plane_cols
             a0, a1, a2, a3, a4, a5, a6, a7 = _plane_steps(a0, a1, a2, a3, a4, a5, a6, a7, xt, p0, p1, p2, p3, p4,
                                                           p5, p6, p7, x_sum, scale_ptr, zero_ptr, offs, DTYPE,
                                                           INTERPRET)
@@ -982,7 +1003,7 @@ def sparse_gemv_triton(
             m, k, n, w.shape[1], float(eps), splits,
             FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, DOT_M=dot_tile_rows(m), BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k,
-            SUB_K=cfg.sub_k, **fusions,
+            SUB_K=cfg.sub_k, **fusions, EVEN_K=k % cfg.block_k == 0,
             INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
             **registers,
         )

@@ -96,7 +96,7 @@ def gemv_variants():
         fusions = dict(GATED=gated, RESIDUAL=residual, NORM=norm)
         yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
                dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, DOT_M=16, BLOCK_N=256, BLOCK_K=512,
-                    SUB_K=128 if fmt == 2 else 32, **fusions, INTERPRET=False, PDL=gated), 4, 3)
+                    SUB_K=128 if fmt == 2 else 32, **fusions, EVEN_K=not gated, INTERPRET=False, PDL=gated), 4, 3)
         for compact, prefetch, lane_sum in ((True, False, False), (True, True, False), (True, True, True),
                                             (False, False, False), (False, False, True)):
             yield (sg._sparse_gemv_kernel, {"w_ptr": "*u8" if fmt == 2 else weight[fmt]},
@@ -107,14 +107,14 @@ def gemv_variants():
     # the int4 tile under a register cap (KernelConfig.max_registers; at 96 it spills 288 B a thread)
     yield (sg._dot_gemv_kernel, {"w_ptr": "*i32"},
            dict(FORMAT=2, GROUP_SIZE=128, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=512, SUB_K=128, GATED=False,
-                RESIDUAL=False, NORM=False, INTERPRET=False, PDL=True, maxnreg=96), 4, 3)
+                RESIDUAL=False, NORM=False, EVEN_K=True, INTERPRET=False, PDL=True, maxnreg=96), 4, 3)
     yield (sg._dot_gemv_kernel, {}, dict(FORMAT=0, GROUP_SIZE=1, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=512,
                                          SUB_K=32, GATED=False, RESIDUAL=False, NORM=False,
-                                         INTERPRET=False, PDL=False), 8, 3)
+                                         EVEN_K=True, INTERPRET=False, PDL=False), 8, 3)
     for fmt, m, block_n in ((2, 16, 512), (2, 32, 256), (2, 64, 128), (2, 64, 256), (1, 64, 256)):  # short prefills
         yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
                dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, DOT_M=m, BLOCK_N=block_n, BLOCK_K=512,
-                    SUB_K=32, GATED=False, RESIDUAL=False, NORM=False, INTERPRET=False,
+                    SUB_K=32, GATED=False, RESIDUAL=False, NORM=False, EVEN_K=True, INTERPRET=False,
                     PDL=True), 4, 3)
 
 

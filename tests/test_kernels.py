@@ -15,7 +15,7 @@ from fixtures import COMPILE_BACKENDS, DEVICE, HAS_CUDA, needs_cuda
 import teal_kernels.triton_gemv as sg
 from teal_kernels import dequantize_weight, sparse_gemv, sparse_gemv_reference
 from teal_kernels.ops import CPU_KERNELS_ENV
-from teal_kernels.reference import FMT_FLOAT, FMT_INT4, weight_format_name
+from teal_kernels.reference import FMT_FLOAT, FMT_INT4, FMT_INT8, weight_format_name
 from teal_kernels.triton_gemv import KernelConfig, get_config, sparse_gemv_triton
 
 pytestmark = pytest.mark.usefixtures("interpreted_kernels")
@@ -224,6 +224,35 @@ def test_dot_design_falls_back_to_rows_where_it_cannot_tile():
     assert (fitted.design, fitted.block_n, fitted.block_k) == ("dot", 16, 48)  # divides 16 and 48, and 96
     args = make_problem("fp", torch.bfloat16, 2, 64, [24, 40], 0)
     assert_close_to_ref(sparse_gemv_triton(*args, config=dot), *args)
+
+
+@pytest.mark.parametrize("fmt,group,k", [("fp", 0, 31 * 16), ("int8", 0, 31 * 16), ("int4", 32, 31 * 32)])
+def test_dot_design_cuts_the_last_k_block_where_no_divisor_fits(fmt, group, k):
+    """K of 31 tiles asked in blocks of 4: no divisor keeps half a block, and cutting the last one
+    at K drops one tile of 32, so the blocks stay 4 tiles and the last one reads past K only
+    masked x (int4: the last group's scale); Llama-2-7B's int4 down (86 tiles of 128 rows) so keeps
+    1024-row blocks. A cut that would drop more than an eighth of the tiles takes a divisor."""
+    sub_k = 32 if fmt == "int4" else 16
+    dot = KernelConfig(block_n=128, block_k=4 * sub_k, sub_k=sub_k, design="dot")
+    kind = {"fp": FMT_FLOAT, "int8": FMT_INT8, "int4": FMT_INT4}[fmt]
+    assert sg._fit_config(dot, kind, group, 1, k, [128]).block_k == 4 * sub_k
+    assert sg._fit_config(dot, kind, group, 1, 9 * sub_k, [128]).block_k == 3 * sub_k  # a cut would drop 7 of 16
+    llama2_down = sg._fit_config(sg._heuristic_config("int4-g128", 1, 11008, 4096), FMT_INT4, 128, 1, 11008, [4096])
+    assert llama2_down.block_k == 1024
+    for m in (1, 3):
+        args = make_problem(fmt, torch.bfloat16, m, k, [128], group)
+        for stages in (1, 3):
+            out = sparse_gemv_triton(*args, config=KernelConfig(**{**dot.to_dict(), "num_stages": stages}))
+            assert_close_to_ref(out, *args)
+    # the fused prologues read x past K masked too: the cut blocks against blocks of one tile (K even)
+    x, w, thresholds, splits, scales, zeros, g = make_problem(fmt, torch.bfloat16, 2, k, [128], group)
+    gate_up = torch.cat([x, x.flip(1)], dim=1).to(DEVICE)
+    one_tile = KernelConfig(**{**dot.to_dict(), "block_k": sub_k})
+    for fusion in (dict(gated=True), dict(norm_weight=(torch.rand(k) + 0.5).to(torch.bfloat16).to(DEVICE), eps=1e-5)):
+        inp = gate_up if "gated" in fusion else x
+        cut = sparse_gemv_triton(inp, w, thresholds, splits, scales, zeros, g, config=dot, **fusion).double()
+        even = sparse_gemv_triton(inp, w, thresholds, splits, scales, zeros, g, config=one_tile, **fusion).double()
+        assert torch.allclose(cut, even, rtol=2**-6, atol=2**-6 * even.abs().max().item())
 
 
 def test_int4_dot_design_needs_planes_of_16_columns_and_word_aligned_weights():
