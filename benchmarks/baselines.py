@@ -7,10 +7,13 @@ here is used outside benchmarks and tests.
 
 - int8: symmetric per output channel over nn.Linear's [N, K] weight, bf16 scales; the product is
   gpt-fast's `F.linear(x, W_int8.to(x.dtype)) * scales`, which gpt-fast relies on Inductor to fuse
-  into one kernel. Under torch 2.11 on the H200 it was not fused (15.8 tok/s end to end,
-  results/decode_llama3_8b_asm.md), and torch's own `_weight_int8pack_mm` is no better at M = 1
-  (one 4096 x 14336 product, eager, 2026-12-02: 283 us, cast + F.linear 190 us, bf16 F.linear
-  32 us; results/int8_baseline_probe.md): this row is not a fair baseline yet.
+  into one kernel. Without gpt-fast's Inductor settings it was not fused under torch 2.11 on the
+  H200 (15.8 tok/s end to end, results/decode_llama3_8b_asm.md), and torch's own
+  `_weight_int8pack_mm` is no better at M = 1 (one 4096 x 14336 product, eager, 2026-12-02: 283 us,
+  cast + F.linear 190 us, bf16 F.linear 32 us; results/int8_baseline_probe.md). gpt-fast's
+  generate.py turns on Inductor's coordinate-descent tuning, which its int8 path needs for the fused
+  one-row kernel (gpt-fast issue 114); bench_decode now compiles the baselines under
+  GPT_FAST_INDUCTOR. Not yet measured that way.
 - int4: min/max per group of `group_size` inputs of one output channel, W = (q - 8) * scale + zero
   with q in [0, 15]; scales and zeros bf16 in tinygemm's [K / g, N, 2] layout. CUDA: torch's tinygemm
   (`_convert_weight_to_int4pack` + `_weight_int4pack_mm`, bf16 only); the CPU: torch's
@@ -41,6 +44,9 @@ KERNELS: dict[str, str] = {
     "int8": "gpt-fast int8: F.linear on int8 weights x scales (fusion left to Inductor)",
     "int4": "torch._weight_int4pack_mm (tinygemm)",
 }
+# gpt-fast's generate.py Inductor settings that change the generated code; bench_decode compiles
+# the baselines (only) under them: torch._inductor.config.patch(**GPT_FAST_INDUCTOR)
+GPT_FAST_INDUCTOR: dict[str, bool] = {"coordinate_descent_tuning": True}
 _INNER_K_TILES = (8, 4, 2)  # tinygemm's choices; gpt-fast uses 8 (it pads K, we take the largest that fits)
 
 
