@@ -502,8 +502,9 @@ def test_stored_config_with_unknown_or_missing_fields_is_refused():
 def test_heuristic_configs_are_legal(fmt, m):
     """Fitted to real shapes: one float or int8 row runs the compact rows design with at least
     128 programs where the shape has that many 32-row chunks; int4 and batches run the dot design
-    with tiles that divide the shape, and a shape it cannot tile gets a "rows" config within that
-    design's register budget."""
+    with tiles that divide the shape (K blocks too, or a last one cut at K that drops at most an
+    eighth of the tiles), and a shape it cannot tile gets a "rows" config within that design's
+    register budget."""
     group = 128 if fmt.startswith("int4") else 0
     for k, splits in [(4096, [4096, 1024, 1024]), (4096, [14336] * 2), (14336, [4096]), (11008, [4096]),
                       (2048, [8192] * 2), (8192, [2048]), (576, [576, 192, 192]), (1536, [576]), (40, [24])]:
@@ -517,8 +518,9 @@ def test_heuristic_configs_are_legal(fmt, m):
             assert cfg.sub_k * cfg.block_n <= 16384  # the tuned winners' 16 x 512 / 32 x 256 (32 x 512 at 4 warps)
         elif k % 16 == 0 and (not group or min(s & -s for s in splits) >= 128):
             assert cfg.design == "dot"
-            assert all(s % cfg.block_n == 0 for s in splits) and k % cfg.block_k == 0
-            assert cfg.block_k % cfg.sub_k == 0 and cfg.sub_k >= 16 and (not group or group % cfg.sub_k == 0)
+            cut_off = triton.cdiv(k, cfg.block_k) * cfg.block_k - k
+            assert all(s % cfg.block_n == 0 for s in splits) and 8 * cut_off <= k
+            assert k % cfg.sub_k == 0 and cfg.block_k % cfg.sub_k == 0 and cfg.sub_k >= 16 and (not group or group % cfg.sub_k == 0)
         else:
             assert cfg.design == "rows"
             assert triton.next_power_of_2(m) * cfg.sub_k * cfg.block_n <= 4096
