@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -476,6 +476,17 @@ PY
     ;;
   gptfast_int8)  # issue 11's int8 comparison: gpt-fast's int8 (and int4) baselines compiled under gpt-fast's Inductor settings (coordinate-descent tuning, which its fused one-row int8 kernel needs) beside our int8 and int8 + int8 head
     step 400 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8 int8+lm_head --sparsity 0 0.5 --decode_path fused --baselines torch-int8 torch-int4-g128 --out "$out/decode_gptfast_int8"
+    ;;
+  int4_retune)  # the tuner's fitted candidates (942da70: an int4 tile stored with the warps it runs) on int4-g128's one-row 8B shapes, against the stored winners (candidates too); per matrix beside tinygemm, then end to end beside tinygemm
+    step 200 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int4-g128 --force --jobs 16
+    cp teal_kernels/tuned_configs.json "$out/tuned_configs.json"
+    step 60 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.5 --out "$out/kernels_int4_retuned"
+    step 250 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --decode_path fused --baselines torch-int4-g128 --out "$out/decode_int4_retuned"
+    ;;
+  llama2_tune)  # a shape family nobody tuned, tuned: Llama-2-7B's one-row int4-g128 and int8 matrices (quick grid), then end to end (after cut_k: int4 331.7 / 345.1 untuned)
+    step 250 python3 -m benchmarks.tune_kernels --models llama2-7b --formats int4-g128 int8 --quick --jobs 16
+    cp teal_kernels/tuned_configs.json "$out/tuned_configs.json"
+    step 250 python3 -m benchmarks.bench_decode --model Llama-2-7B --weights int4-g128 int8 --sparsity 0 0.5 --decode_path fused --baselines torch-int4-g128 --out "$out/decode_llama2_7b_tuned"
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back
     for b in 2 4 8; do
