@@ -693,8 +693,9 @@ def _sparse_gemv_kernel(
 # Reduction over K blocks, one launch, no memset, as in the "rows" design: each program stores
 # its fp32 partial and the last program of the column block (arrival ticket) sums them in a fixed
 # order, applies the int8 column scale and the residual and writes the output.  fp32 atomics into
-# a self-cleaning accumulator instead were no faster and lost a program's partial in about 1% of
-# calls on the H200, with or without a fence after the atomics (results/int8_retune/): removed.
+# a self-cleaning accumulator instead gained only on bf16 q|k|v (17.0 against 18.4 us dense, H200,
+# 2026-12-02), which the tuned configs run in the "rows" design, and lost a program's partial in
+# about 1% of calls, with or without a fence after the atomics (results/int8_retune/): removed.
 
 
 @triton.jit
