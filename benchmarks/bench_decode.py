@@ -9,7 +9,9 @@ Under `torchrun --nproc_per_node N` the model is split over N GPUs (tp.py): tok/
 GB/s all ranks' bytes, and the dense baseline is PackedLinear's cuBLAS product (nn.Linear is not
 sharded); thresholds are calibrated on the whole model before sharding.
 `--baselines` adds dense rows of gpt-fast's int8 / int4 weight-only method on torch's own kernels
-(benchmarks/baselines.py), timed the same way, so our formats are compared with it in one run.
+(benchmarks/baselines.py), timed the same way but compiled under gpt-fast's Inductor setting
+(baselines.GPT_FAST_INDUCTOR; rows before 2026-12-04's twentieth session were compiled without it),
+so our formats are compared with it in one run.
 
     python benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 int8 int4-g128
     python benchmarks/bench_decode.py --model Llama-3-8B --weights int8 int4-g128 --baselines torch-int8 torch-int4-g128

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.timing import MODEL_SHAPES, make_weight, make_x, threshold_for
-from cli import FRACTION
+from benchmarks.timing import MODEL_SHAPES, make_weight, make_x, parse_format, threshold_for
+from benchmarks.tune_kernels import fitted
+from cli import FRACTION, int_at_least
+from files import check_writable, write_json
 from teal_kernels import sparse_gemv_reference
 from teal_kernels import triton_gemv as sg
-from teal_kernels.reference import FMT_FLOAT, FMT_INT4, FMT_INT8, weight_format_name
 
 
 def main() -> None:
@@ -31,9 +32,15 @@ def main() -> None:
     p.add_argument("--layer", choices=sorted(layers), default="gate_up", help="Llama-3-8B projection")
     p.add_argument("--format", default="bf16", help="bf16, int8 or int4-g<group> (random weights)")
     p.add_argument("--sparsity", type=FRACTION, default=0.9, help="fraction of x zeroed")
-    p.add_argument("--repeats", type=int, default=500, help="calls, each checked")
+    p.add_argument("--repeats", type=int_at_least(1), default=500, help="calls, each checked")
     p.add_argument("--out", type=Path, default=None, help="write the counts as JSON here")
     args = p.parse_args()
+    try:
+        parse_format(args.format)
+    except ValueError as e:
+        p.error(str(e))
+    if args.out:
+        check_writable(args.out)
     if not torch.cuda.is_available():
         raise SystemExit("error: benchmarks.repeat_gemv needs a CUDA GPU")
     k, splits = layers[args.layer]
@@ -42,10 +49,10 @@ def main() -> None:
     x = make_x(1, k, torch.bfloat16, "cuda", seed=0)
     thr = threshold_for(x, args.sparsity, len(splits))
     problem = (x, w, thr, splits, scales, zeros, group)
-    heuristic = sg._heuristic_config(weight_format_name(w, group), 1, k, n)
+    heuristic = sg._heuristic_config(args.format, 1, k, n)
     sub_k = max(16, heuristic.sub_k)
-    cfg = dataclasses.replace(heuristic, design="dot", sub_k=sub_k, block_k=max(heuristic.block_k, sub_k),
-                              num_stages=2)
+    (cfg,) = fitted([dataclasses.replace(heuristic, design="dot", sub_k=sub_k, block_k=max(heuristic.block_k, sub_k),
+                                         num_stages=2)], args.format, 1, k, splits)  # as the kernel runs it
     ref = sparse_gemv_reference(*problem).float()
     atol = 1e-2 * ref.abs().max().item()
     counters = sg._arrival_counters(x.device)
@@ -61,18 +68,16 @@ def main() -> None:
             bad_calls += 1
             if first is None:
                 cols = wrong.nonzero()[:, 1]
-                fmt = FMT_INT4 if group else FMT_INT8 if w.dtype == torch.int8 else FMT_FLOAT
-                fitted = sg._fit_config(cfg, fmt, group, 1, k, splits)
                 first = {"call": i, "wrong_columns": int(cols.numel()),
-                         "column_blocks": sorted({int(c) // fitted.block_n for c in cols})[:20],
+                         "column_blocks": sorted({int(c) // cfg.block_n for c in cols})[:20],
                          "max_abs_error": float((out - ref).abs().max()), "ref_abs_max": float(ref.abs().max()),
-                         "config": fitted.to_dict()}
+                         "config": cfg.to_dict()}
     result = {"layer": args.layer, "format": args.format, "sparsity": args.sparsity, "repeats": args.repeats,
               "wrong_calls": bad_calls, "calls_leaving_counters_dirty": dirty_calls,
               "first_wrong": first}
     print(json.dumps(result))
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":
