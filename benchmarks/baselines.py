@@ -13,7 +13,7 @@ here is used outside benchmarks and tests.
   cast + F.linear 190 us, bf16 F.linear 32 us; results/int8_baseline_probe.md). gpt-fast's
   generate.py turns on Inductor's coordinate-descent tuning, which its int8 path needs for the fused
   one-row kernel (gpt-fast issue 114); bench_decode now compiles the baselines under
-  GPT_FAST_INDUCTOR. Not yet measured that way.
+  GPT_FAST_INDUCTOR: 243.9 tok/s that way (H200, 2026-12-04, results/gptfast_int8/).
 - int4: min/max per group of `group_size` inputs of one output channel, W = (q - 8) * scale + zero
   with q in [0, 15]; scales and zeros bf16 in tinygemm's [K / g, N, 2] layout. CUDA: torch's tinygemm
   (`_convert_weight_to_int4pack` + `_weight_int4pack_mm`, bf16 only); the CPU: torch's
