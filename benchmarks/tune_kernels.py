@@ -55,7 +55,7 @@ def fitted(configs: list[KernelConfig], fmt: str, m: int, k: int, splits: list[i
 
 
 def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
-               stored: KernelConfig | None) -> list[KernelConfig]:
+               stored: KernelConfig | None, kinds: list[str] | None = None) -> list[KernelConfig]:
     """The dot design around the lab's winners (results/gemv_lab.md: rows of 256-512 columns,
     SUB_K 32, three stages, 200-400 programs), wider rows for the narrow int8/int4 elements, a
     small grid of the compact rows design (bf16/fp16/int8), plus the rows design's heuristic and
@@ -94,6 +94,16 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
         for bn, bk, sk, nw, st in itertools.product(wide, (128, 256, 512), (16, 32), (4, 8), (1, 2)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
                                   design="rows", lane_sum=True))
+        # and through Triton's software pipeline (num_stages >= 3: chunks in flight in shared memory,
+        # not registers), the loop's latency being what limits the rows design (results/NOTES.md)
+        for bn, bk, sk, st, lane_sum in itertools.product((256, 512), (256, 512, 1024), (16, 32), (3, 4),
+                                                          (False, True)):
+            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, compact=True, design="rows",
+                                  lane_sum=lane_sum))
+        if stored is not None and stored.design == "rows" and stored.compact:
+            grid |= {dataclasses.replace(stored, num_stages=st, max_registers=0) for st in (3, 4)}
+    if kinds:  # a partial retune: the stored winner against the named kinds only
+        grid = {c for c in grid if config_kind(c) in kinds or c == stored}
     return fitted(sorted(grid, key=lambda c: dataclasses.astuple(c)), fmt, m, k, splits)
 
 
@@ -122,17 +132,18 @@ def config_kind(c: KernelConfig) -> str:
     """The variant a config selects: design, then the rows design's loop options."""
     if c.design != "rows":
         return c.design
-    options = (("compact", c.compact), ("prefetch", c.compact and c.num_stages >= 2), ("lane_sum", c.lane_sum))
+    options = (("compact", c.compact), ("prefetch", c.compact and c.num_stages == 2),
+               ("pipelined", c.compact and c.num_stages > 2), ("lane_sum", c.lane_sum))
     return "rows" + "".join(f"-{name}" for name, on in options if on)
 
 
 def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float], quick: bool,
-               stored: KernelConfig | None = None) -> dict:
+               stored: KernelConfig | None = None, kinds: list[str] | None = None) -> dict:
     n = sum(splits)
     main_s = max(sparsities)
     problems = build_problems(fmt, m, k, splits, main_s)
     ref = sparse_gemv_reference(*problems[0].args()).float()
-    grid = [c for c in candidates(fmt, m, k, splits, quick, stored) if is_correct(c, problems[0], ref)]
+    grid = [c for c in candidates(fmt, m, k, splits, quick, stored, kinds) if is_correct(c, problems[0], ref)]
     if not grid:
         raise RuntimeError(f"No candidate config matched the reference for {fmt} M={m} K={k} N={n}.")
     stage1 = {c: time_config(c, problems) for c in grid}
@@ -210,6 +221,10 @@ def main() -> None:
                              "whose dense path is cuBLAS, not the kernel; 0 0.5 for int8/int4, which have no "
                              "other path)")
     parser.add_argument("--quick", action="store_true", help="smaller candidate grid")
+    parser.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
+                        help="time only candidates of these kinds (config_kind: dot, rows-compact, "
+                             "rows-compact-prefetch, rows-compact-pipelined-lane_sum, ...) against the stored "
+                             "config: a quick partial retune")
     parser.add_argument("--force", action="store_true", help="retune shapes already in the file")
     parser.add_argument("--out", type=Path, default=TUNED_CONFIGS_PATH)
     parser.add_argument("--jobs", type=int, default=0, help="compile the candidates in this many processes first")
@@ -228,7 +243,7 @@ def main() -> None:
                         continue
                     stored = KernelConfig.from_dict(table[key]["config"]) if key in table else None
                     jobs += [(fmt, m, k, splits, c.to_dict())
-                             for c in candidates(fmt, m, k, list(splits), args.quick, stored)]
+                             for c in candidates(fmt, m, k, list(splits), args.quick, stored, args.kinds)]
         precompile(jobs, args.jobs)
     for fmt in args.formats:
         for m in args.batch:
@@ -240,7 +255,7 @@ def main() -> None:
                 start = time.time()
                 stored = KernelConfig.from_dict(table[key]["config"]) if key in table else None
                 levels = args.sparsities or ([0.4, 0.5, 0.65] if parse_format(fmt)[0] in ("bf16", "fp16") else [0.0, 0.5])
-                entry = tune_shape(fmt, m, k, list(splits), levels, args.quick, stored)
+                entry = tune_shape(fmt, m, k, list(splits), levels, args.quick, stored, args.kinds)
                 entry["date"] = datetime.date.today().isoformat()
                 table[key] = entry
                 write_atomically(args.out, table)
