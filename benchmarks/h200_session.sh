@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -488,13 +488,22 @@ PY
     cp teal_kernels/tuned_configs.json "$out/tuned_configs.json"
     step 250 python3 -m benchmarks.bench_decode --model Llama-2-7B --weights int4-g128 int8 --sparsity 0 0.5 --decode_path fused --baselines torch-int4-g128 --out "$out/decode_llama2_7b_tuned"
     ;;
-  pipelined)  # the rows design's loop through Triton's software pipeline (num_stages >= 3: chunks in flight in shared memory): its GPU tests, then int8's and bf16's one-row 8B shapes retuned against the stored winners with only the pipelined candidates (tune_kernels --kinds), then int8 + int8 head and bf16 end to end on that table
+  pipelined)  # (ran at 9cd3c2f; the variant was removed after it, results/pipelined/) the rows design's loop through Triton's software pipeline (num_stages >= 3: chunks in flight in shared memory): its GPU tests, then int8's and bf16's one-row 8B shapes retuned against the stored winners with only the pipelined candidates (tune_kernels --kinds), then int8 + int8 head and bf16 end to end on that table
     step 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "gpu and pipelined"
     cp teal_kernels/tuned_configs.json "$out/tuned_pipelined.json"
     step 150 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int8 --force --jobs 16 --out "$out/tuned_pipelined.json" --kinds rows-compact-pipelined rows-compact-pipelined-lane_sum
     step 150 python3 -m benchmarks.tune_kernels --models llama3-8b --formats bf16 --force --jobs 16 --out "$out/tuned_pipelined.json" --kinds rows-compact-pipelined rows-compact-pipelined-lane_sum
     cp "$out/tuned_pipelined.json" teal_kernels/tuned_configs.json
     step 150 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_pipelined"
+    ;;
+  norm_static)  # (ran at 9cd3c2f; reverted after it, results/pipelined/) the fused RMSNorm's statistics unrolled over a compile-time K (9cd3c2f) against the run-time loop before it (prepare: git show 64282ea:teal_kernels/triton_gemv.py > .old_triton_gemv.py), int8 + int8 head on the stored table; then the new kernel on pipelined/'s table (where the int8 head run lost 271.7 -> 255.3 dense)
+    for v in new old; do
+      kernel $v
+      step 100 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_head_$v"
+    done
+    kernel new
+    cp benchmarks/results/pipelined/tuned_pipelined.json teal_kernels/tuned_configs.json
+    step 100 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_head_pipelined_table"
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back
     for b in 2 4 8; do

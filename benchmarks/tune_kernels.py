@@ -94,14 +94,6 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
         for bn, bk, sk, nw, st in itertools.product(wide, (128, 256, 512), (16, 32), (4, 8), (1, 2)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
                                   design="rows", lane_sum=True))
-        # and through Triton's software pipeline (num_stages >= 3: chunks in flight in shared memory,
-        # not registers), the loop's latency being what limits the rows design (results/NOTES.md)
-        for bn, bk, sk, st, lane_sum in itertools.product((256, 512), (256, 512, 1024), (16, 32), (3, 4),
-                                                          (False, True)):
-            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, compact=True, design="rows",
-                                  lane_sum=lane_sum))
-        if stored is not None and stored.design == "rows" and stored.compact:
-            grid |= {dataclasses.replace(stored, num_stages=st, max_registers=0) for st in (3, 4)}
     if kinds:  # a partial retune: the stored winner against the named kinds only
         grid = {c for c in grid if config_kind(c) in kinds or c == stored}
     return fitted(sorted(grid, key=lambda c: dataclasses.astuple(c)), fmt, m, k, splits)
@@ -132,8 +124,7 @@ def config_kind(c: KernelConfig) -> str:
     """The variant a config selects: design, then the rows design's loop options."""
     if c.design != "rows":
         return c.design
-    options = (("compact", c.compact), ("prefetch", c.compact and c.num_stages == 2),
-               ("pipelined", c.compact and c.num_stages > 2), ("lane_sum", c.lane_sum))
+    options = (("compact", c.compact), ("prefetch", c.compact and c.num_stages >= 2), ("lane_sum", c.lane_sum))
     return "rows" + "".join(f"-{name}" for name, on in options if on)
 
 
@@ -223,7 +214,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller candidate grid")
     parser.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
                         help="time only candidates of these kinds (config_kind: dot, rows-compact, "
-                             "rows-compact-prefetch, rows-compact-pipelined-lane_sum, ...) against the stored "
+                             "rows-compact-prefetch, rows-compact-prefetch-lane_sum, ...) against the stored "
                              "config: a quick partial retune")
     parser.add_argument("--force", action="store_true", help="retune shapes already in the file")
     parser.add_argument("--out", type=Path, default=TUNED_CONFIGS_PATH)

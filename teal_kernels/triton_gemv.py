@@ -48,10 +48,8 @@ class KernelConfig:
     program (split-K).  sub_k: rows per inner step (skip granularity, or gathered rows per step
     if compact).  compact ("rows" only): gather the kept rows of the K-block (True) or walk fixed
     row chunks with a skip branch and masked loads (False).  num_stages: "dot", Triton's pipeline
-    depth; "rows" with compact: 1 one chunk at a time, 2 loads the next chunk's weight rows into
-    registers before this chunk's FMAs (twice the bytes in flight, more registers), 3 or more runs
-    the loop through Triton's software pipeline that deep (num_stages - 1 chunks in flight in
-    shared memory by cp.async, no registers held for them).
+    depth; "rows" with compact, 2 or more loads the next chunk's weight rows before this chunk's
+    FMAs (one chunk in flight ahead: twice the bytes in flight, more registers), 1 does not.
     lane_sum ("rows"): sum each chunk's rows as they are multiplied into as few accumulator rows
     per batch row as the tile's layout allows without a cross-thread sum (_lane_groups: 1 for
     1024 bf16 columns at 4 warps, 2 for 512), instead of keeping sub_k rows to the end: fewer
@@ -388,16 +386,14 @@ def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _rms_scale(x_ptr, M, K: tl.constexpr, eps, BLOCK_M: tl.constexpr):
+def _rms_scale(x_ptr, M, K, eps, BLOCK_M: tl.constexpr):
     """1 / sqrt(mean(x[m]^2) + eps) per batch row [BLOCK_M], fp32 (model.RMSNorm's statistics;
     the sum's order differs from torch's, so the last bits may): every program reads the whole
-    rows, a few KB from L2, instead of a separate norm kernel writing them. K is a compile-time
-    constant and the loop unrolled: after a run-time loop here, Triton (3.9, sm_90) no longer
-    vectorized the pipelined rows loop's weight loads (one byte a load, no cp.async)."""
+    rows, a few KB from L2, instead of a separate norm kernel writing them."""
     NORM_BLOCK: tl.constexpr = 1024
     m_offs = tl.arange(0, BLOCK_M)
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in tl.static_range(0, K, NORM_BLOCK):
+    for k0 in range(0, K, NORM_BLOCK):
         cols = k0 + tl.arange(0, NORM_BLOCK)
         h = tl.load(x_ptr + m_offs[:, None] * K + cols[None, :], mask=(m_offs < M)[:, None] & (cols < K)[None, :],
                     other=0.0).to(tl.float32)
@@ -417,7 +413,7 @@ def _normed(h, scale, nw_ptr, rows, ok, DTYPE: tl.constexpr):
 def _masked_x(x_ptr, lane_m, rows, ok, threshold, K, GATED: tl.constexpr, nw_ptr, scale, NORM: tl.constexpr):
     """x[lane_m, rows] as fp32 where |x| > threshold and ok, else 0. GATED: x is SiLU(gate) * up
     of a [M, 2K] gate|up row, computed in fp32 and rounded to x's dtype like the unfused model.
-    NORM (K, or 0): x is RMSNorm of the residual stream at x_ptr, `scale` its row's _rms_scale per lane."""
+    NORM: x is RMSNorm of the residual stream at x_ptr, `scale` its row's _rms_scale per lane."""
     if GATED:
         gate = tl.load(x_ptr + lane_m * 2 * K + rows, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + lane_m * 2 * K + K + rows, mask=ok, other=0.0).to(tl.float32)
@@ -500,8 +496,7 @@ def _sparse_gemv_kernel(
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, PIPELINE: tl.constexpr,
-    LANE_SUM: tl.constexpr,
+    WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, LANE_SUM: tl.constexpr,
     LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
@@ -536,7 +531,7 @@ def _sparse_gemv_kernel(
     k_block = pid_k * BLOCK_K
     m_offs = tl.arange(0, BLOCK_M)
     if NORM:
-        row_scale = _rms_scale(x_ptr, M, NORM, eps, BLOCK_M)  # [BLOCK_M]
+        row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)  # [BLOCK_M]
         lane_scale = tl.sum(tl.where(lane_m[:, None] == m_offs[None, :], row_scale[None, :], 0.0), axis=1)
     else:
         row_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -576,43 +571,32 @@ def _sparse_gemv_kernel(
         if COMPACT:
             first = tl.sum(tl.where(win_ids < win, win_kept, 0), axis=0)
             last = first + tl.sum(tl.where(win_ids == win, win_kept, 0), axis=0)
-            if PIPELINE > 1:
-                # Triton's software pipeline: the row ids, x and weight rows of the next PIPELINE - 1
-                # chunks are in flight (cp.async into shared memory, no registers held) during this one's FMAs.
-                for chunk in tl.range(first, last, SUB_K, num_stages=PIPELINE):
-                    rows, xm = _kept_slots(slots, slot_x, chunk + lane_k, last, lane_m, BLOCK_M)
+            slot = first + lane_k
+            rows, xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
+            if PREFETCH:  # the first chunk's weight rows; the loop keeps one chunk in flight ahead
+                wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N,
+                                  INTERPRET)
+                slot += SUB_K
+                rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
+            for _ in tl.range(first, last, SUB_K):
+                # Issue the next loads (row ids and x; with PREFETCH also the next chunk's weight
+                # rows) before this chunk's FMAs wait on its weights.
+                slot += SUB_K
+                if PREFETCH:
+                    next_wt = _weight_rows(w_ptr, rows, next_xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN,
+                                           LANES, BLOCK_N, INTERPRET)
+                    rows, after_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
+                else:
                     wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES,
                                       BLOCK_N, INTERPRET)
-                    wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
-                    if FORMAT == 2:
-                        xacc += xm
-            else:
-                slot = first + lane_k
-                rows, xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
-                if PREFETCH:  # the first chunk's weight rows; the loop keeps one chunk in flight ahead
-                    wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N,
-                                      INTERPRET)
-                    slot += SUB_K
                     rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
-                for _ in tl.range(first, last, SUB_K):
-                    # Issue the next loads (row ids and x; with PREFETCH also the next chunk's weight
-                    # rows) before this chunk's FMAs wait on its weights.
-                    slot += SUB_K
-                    if PREFETCH:
-                        next_wt = _weight_rows(w_ptr, rows, next_xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN,
-                                               LANES, BLOCK_N, INTERPRET)
-                        rows, after_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
-                    else:
-                        wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES,
-                                          BLOCK_N, INTERPRET)
-                        rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
-                    wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
-                    if FORMAT == 2:
-                        xacc += xm
-                    xm = next_xm
-                    if PREFETCH:
-                        next_xm = after_xm
-                        wt = next_wt
+                wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
+                if FORMAT == 2:
+                    xacc += xm
+                xm = next_xm
+                if PREFETCH:
+                    next_xm = after_xm
+                    wt = next_wt
         else:
             win_end = tl.minimum(win_start + WINDOW, K)
             rows = win_start + lane_k
@@ -822,7 +806,7 @@ def _dot_gemv_kernel(
     m_ok = m_offs < M
     k0 = pid_k * BLOCK_K
     if NORM:
-        row_scale = _rms_scale(x_ptr, M, NORM, eps, BLOCK_M)
+        row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)
     else:
         row_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
 
@@ -1007,8 +991,7 @@ def sparse_gemv_triton(
     partials = _alloc((grid_k, m, n), torch.float32, x.device)  # each K block's fp32 sums
     aux = (scales if scales is not None else thresholds, zeros if zeros is not None else thresholds, thresholds,
            residual if residual is not None else x, norm_weight if norm_weight is not None else x)
-    # NORM: the normalized row's length (a compile-time constant for _rms_scale), 0 for no norm
-    fusions = dict(GATED=gated, RESIDUAL=residual is not None, NORM=k if norm_weight is not None else 0)
+    fusions = dict(GATED=gated, RESIDUAL=residual is not None, NORM=norm_weight is not None)
 
     block_m = next_power_of_2(m)
     pdl = launch_options(x.device)
@@ -1042,8 +1025,7 @@ def sparse_gemv_triton(
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), COL_ALIGN=col_align,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
-        PREFETCH=cfg.compact and cfg.num_stages == 2, PIPELINE=cfg.num_stages if cfg.compact and cfg.num_stages > 2 else 1,
-        LANE_SUM=cfg.lane_sum,
+        PREFETCH=cfg.compact and cfg.num_stages >= 2, LANE_SUM=cfg.lane_sum,
         LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k, **fusions,
         INTERPRET=INTERPRETED, PDL=bool(pdl),
         num_warps=cfg.num_warps, num_stages=1, **pdl, **registers,

@@ -22,6 +22,16 @@ def test_candidates_hold_both_designs_and_the_stored_config():
     assert sum(c.design == "rows" for c in int4) <= 1  # only the rows heuristic: int4 runs the dot design
 
 
+def test_candidates_of_named_kinds_keep_the_stored_config():
+    """--kinds: a partial retune times the named kinds' candidates against the stored winner only."""
+    stored = KernelConfig(block_n=256, block_k=512, sub_k=16, max_registers=96)
+    kinds = ["rows-compact-prefetch-lane_sum", "dot"]
+    grid = tune_kernels.candidates("int8", 1, 4096, [14336, 14336], quick=False, stored=stored, kinds=kinds)
+    full = tune_kernels.candidates("int8", 1, 4096, [14336, 14336], quick=False, stored=stored)
+    assert stored in grid and {tune_kernels.config_kind(c) for c in grid} == {"rows-compact", *kinds}
+    assert set(grid) == {c for c in full if tune_kernels.config_kind(c) in kinds} | {stored}
+
+
 def test_candidates_are_the_configs_that_run():
     """Each candidate as the kernel runs it, once: an int4 tile of 256 columns runs 4 warps at one
     row (one tl.dot per 16 rows and 64 columns), so "8 warps" is neither timed again nor stored."""
