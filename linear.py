@@ -108,6 +108,19 @@ def kernel_verdict_for(device: torch.device, weight_format: str, rows: int, k: i
     return estimated_sparse_beats_dense(weight_format, k, n, sparsity, rows), False
 
 
+def sparse_kernel_takes_norm(fmt: str, n_rows: int, override: bool | None = None) -> bool:
+    """Whether the sparse GEMV computes a handed RMSNorm itself (one kernel fewer) instead of
+    torch before it, for PackedLinear's `fmt` ("fp", "int8", "int4"): `override` (TEAL_FUSED_NORM)
+    if set, else for float and int8 weights and one row, where the H200 measured it faster
+    (Llama-3.2-1B 50% 1134.7 -> 1169.2 tok/s, Llama-3-8B 298.1 -> 299.4; 8B int8 with an int8 head
+    268.0 -> 271.7 dense, 352.2 -> 359.2 at 50%), not for int4, which it slowed (8B int4-g128 50%
+    312.4 -> 284.8; benchmarks/results/NOTES.md, results/norm_1b/, results/int8_retune/). The tuner
+    times the same calls (benchmarks/tune_kernels.py --decode_fusions)."""
+    if n_rows > MAX_BATCH:  # a short quantized prefill: each program would read every row's whole x
+        return False
+    return (fmt != "int4" and n_rows == 1) if override is None else override
+
+
 class PackedLinear(nn.Module):
     """y = x W^T over a transposed weight, optionally with TEAL thresholds per output segment.
 
@@ -213,17 +226,6 @@ class PackedLinear(nn.Module):
         self.target_sparsity = None if per_segment is None else \
             sum(s * w for s, w in zip(per_segment, self.split_sizes, strict=True)) / self.out_features
 
-    def sparse_kernel_takes_norm(self, n_rows: int, override: bool | None) -> bool:
-        """Whether the sparse GEMV computes a handed RMSNorm itself (one kernel fewer) instead of
-        torch before it: `override` (TEAL_FUSED_NORM) if set, else for float and int8 weights and
-        one row, where the H200 measured it faster (Llama-3.2-1B 50% 1134.7 -> 1169.2 tok/s,
-        Llama-3-8B 298.1 -> 299.4; 8B int8 with an int8 head 268.0 -> 271.7 dense, 352.2 -> 359.2
-        at 50%), not for int4, which it slowed (8B int4-g128 50% 312.4 -> 284.8;
-        benchmarks/results/NOTES.md, results/norm_1b/, results/int8_retune/)."""
-        if n_rows > MAX_BATCH:  # a short quantized prefill: each program would read every row's whole x
-            return False
-        return (self.fmt != "int4" and n_rows == 1) if override is None else override
-
     def forward(self, x: Tensor, gated: bool = False, residual: Tensor | None = None,
                 norm: nn.Module | None = None, norm_in_sparse_kernel: bool | None = None) -> Tensor:
         """x [..., K] -> [..., N]. The decode path's fusions (decode.py): with `gated`, x is a
@@ -250,7 +252,7 @@ class PackedLinear(nn.Module):
         quantized_prefill = (self.fmt != "fp" and not sparse and not decode_kernel and x.device.type == "cuda"
                              and x.dtype in KERNEL_DTYPES)
         kernel_norm = x.device.type == "cuda" and (
-            preload or (decode_kernel and self.sparse_kernel_takes_norm(n_rows, norm_in_sparse_kernel)))
+            preload or (decode_kernel and sparse_kernel_takes_norm(self.fmt, n_rows, norm_in_sparse_kernel)))
         if norm is not None and not kernel_norm:
             x, norm = norm(x), None
         rows = x.reshape(-1, x.shape[-1])

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import itertools
 import json
 import platform
 import sys
@@ -33,6 +32,8 @@ from benchmarks.timing import (
     MODEL_SHAPES,
     Problem,
     copies_for,
+    decode_fusions,
+    fused_call,
     graph_time_us,
     make_weight,
     make_x,
@@ -77,19 +78,6 @@ def tinygemm_us(m: int, k: int, n: int, group_size: int) -> float | None:
     return graph_time_us(lambda i: modules[i](x), len(modules))
 
 
-def fused_inputs(x: torch.Tensor, fusion: str) -> tuple[torch.Tensor, dict]:
-    """(x the kernel reads, its fusion kwargs) for decode.py's variants of one product: "gated"
-    reads a [M, 2K] gate|up row and applies SiLU(gate) * up itself (down), "residual" adds a
-    [M, N]-shaped residual in its epilogue (o, down); "plain" is the unfused call."""
-    if fusion == "plain":
-        return x, {}
-    if fusion == "residual":
-        return x, {"residual": None}  # filled per N by the caller
-    if fusion == "gated":  # up = 1: SiLU(gate) * up has x's own distribution shape after thresholding
-        return torch.cat([x, torch.ones_like(x)], dim=1), {"gated": True}
-    raise ValueError(f"unknown fusion {fusion!r}")
-
-
 def bench_layer(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float],
                 fusion: str = "plain") -> list[dict]:
     kind, group = parse_format(fmt)
@@ -103,15 +91,12 @@ def bench_layer(fmt: str, m: int, k: int, splits: list[int], sparsities: list[fl
     weights += [make_weight(fmt, k, n, "cuda", seed=1 + i) for i in range(1, copies_for(nbytes))]
     x = make_x(m, k, dtype, "cuda", seed=0)
     config = get_config(gpu_name(x.device), weight_format_name(weights[0][0], weights[0][3]), m, k, n)
-    x_in, fused = fused_inputs(x, fusion)
-    if "residual" in fused:
-        fused["residual"] = make_x(m, n, dtype, "cuda", seed=2)
-    # gated: x_in's SiLU(gate) * 1 is what gets thresholded, so the threshold comes from it
-    x_act = torch.nn.functional.silu(x.float()).to(dtype) if fusion == "gated" else x
+    x_in, fused, x_act = fused_call(x, () if fusion == "plain" else tuple(fusion.split("+")), n)
     rows = []
     for s in sparsities:
-        problems = [Problem(x_act, w, threshold_for(x_act, s, len(splits)), splits, sc, z, g) for w, sc, z, g in weights]
-        ours = graph_time_us(lambda i: sparse_gemv(x_in, *problems[i].args()[1:], **fused), len(problems))
+        problems = [Problem(x_act, w, threshold_for(x_act, s, len(splits)), splits, sc, z, g, x_in, fused)
+                    for w, sc, z, g in weights]
+        ours = graph_time_us(lambda i: sparse_gemv(*problems[i].args(), **problems[i].fusion), len(problems))
         needed = weight_bytes_needed(problems[0])
         rows.append({
             "sparsity": s, "sparse_us": ours, **dense,
@@ -174,8 +159,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels"),
                         help="output path without extension; writes OUT.json and OUT.md")
     parser.add_argument("--fusions", action="store_true",
-                        help="also time decode.py's fused variants: down gated (SiLU(gate) * up read in the "
-                             "prologue) and residual, o residual")
+                        help="also time each layer as decode.py calls it (benchmarks/timing.py DECODE_FUSIONS: "
+                             "q|k|v and gate|up with the RMSNorm in the prologue where PackedLinear puts it there, "
+                             "o with the residual, down with SiLU(gate) * up and the residual)")
     parser.add_argument("--table", action="store_true",
                         help="also merge the results into teal_kernels/speed_table.json (the dispatch's data)")
     parser.add_argument("--table_from", type=Path, default=None, metavar="RESULTS_JSON",
@@ -197,18 +183,18 @@ def main() -> None:
     results = []
     for model in args.models:
         for layer, k, splits in MODEL_SHAPES[model]:
-            fusions = ["plain"]
-            if args.fusions:
-                fusions += {"o": ["residual"], "down": ["gated", "residual"]}.get(layer, [])
-            for fmt, fusion in itertools.product(args.formats, fusions):
-                for row in bench_layer(fmt, args.batch, k, splits, args.sparsities, fusion):
-                    row = {"model": model, "layer": layer, "format": fmt, "M": args.batch, "K": k, "N": sum(splits),
-                           **row}
-                    results.append(row)
-                    print(f"{model:10s} {layer:8s} {fmt:10s} {fusion:8s} s={row['sparsity']:.2f} sparse {row['sparse_us']:7.1f} µs"
-                          f"  F.linear {row['linear_us']:7.1f} µs  x@w_t {row['matmul_us']:7.1f} µs"
-                          f"  {row['effective_tbps']:.2f} TB/s")
-                torch.cuda.empty_cache()
+            for fmt in args.formats:
+                fused = decode_fusions(layer, fmt, args.batch)
+                fusions = ["plain"] + (["+".join(fused)] if args.fusions and fused else [])
+                for fusion in fusions:
+                    for row in bench_layer(fmt, args.batch, k, splits, args.sparsities, fusion):
+                        row = {"model": model, "layer": layer, "format": fmt, "M": args.batch, "K": k,
+                               "N": sum(splits), **row}
+                        results.append(row)
+                        print(f"{model:10s} {layer:8s} {fmt:10s} {fusion:8s} s={row['sparsity']:.2f} "
+                              f"sparse {row['sparse_us']:7.1f} µs  F.linear {row['linear_us']:7.1f} µs  "
+                              f"x@w_t {row['matmul_us']:7.1f} µs  {row['effective_tbps']:.2f} TB/s")
+                    torch.cuda.empty_cache()
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from linear import sparse_kernel_takes_norm
+from teal_kernels.reference import gated_input, rms_normed
 
 
 # (layer, K, split sizes of N): fused q|k|v and gate|up use one threshold per segment.
@@ -57,9 +60,18 @@ MODEL_SHAPES: dict[str, list[tuple[str, int, list[int]]]] = {
 ROTATION_BYTES = 256 << 20  # > 4x the H200's L2
 
 
+# decode.py's call of each projection (MODEL_SHAPES' layer names): the RMSNorm in q|k|v's and
+# gate|up's prologue where linear.sparse_kernel_takes_norm says so, the residual added in o's and
+# down's epilogue, SiLU(gate) * up read by down from the gate|up output.
+DECODE_FUSIONS: dict[str, tuple[str, ...]] = {
+    "qkv": ("norm",), "o": ("residual",), "gate_up": ("norm",), "down": ("gated", "residual"), "lm_head": (),
+}
+
+
 @dataclass
 class Problem:
-    """One sparse GEMV call: inputs in the layout sparse_gemv expects."""
+    """One sparse GEMV call: inputs in the layout sparse_gemv expects. x is the activation the
+    thresholds cut; a fused call (fused_call) reads x_in instead, with `fusion` its keyword arguments."""
 
     x: torch.Tensor
     w: torch.Tensor
@@ -68,9 +80,41 @@ class Problem:
     scales: torch.Tensor | None
     zeros: torch.Tensor | None
     group_size: int
+    x_in: torch.Tensor | None = None
+    fusion: dict = field(default_factory=dict)
 
     def args(self) -> tuple:
-        return (self.x, self.w, self.thresholds, self.split_sizes, self.scales, self.zeros, self.group_size)
+        x = self.x if self.x_in is None else self.x_in
+        return (x, self.w, self.thresholds, self.split_sizes, self.scales, self.zeros, self.group_size)
+
+
+def decode_fusions(layer: str, fmt: str, m: int) -> tuple[str, ...]:
+    """DECODE_FUSIONS of `layer` for weights of format `fmt` (bf16, int8, int4-g128, ...) at m rows:
+    the norm only where linear.sparse_kernel_takes_norm has the sparse GEMV compute it."""
+    kind, _ = parse_format(fmt)
+    packed = "fp" if kind in ("bf16", "fp16") else kind
+    return tuple(f for f in DECODE_FUSIONS[layer] if f != "norm" or sparse_kernel_takes_norm(packed, m))
+
+
+def fused_call(x: torch.Tensor, fusions: tuple[str, ...], n: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """(the input the kernel reads, its fusion keyword arguments, the activation the thresholds cut)
+    for an activation-like x [M, K] and the `fusions` of one call ("gated", "norm", "residual"):
+    gated reads [x, 1], whose SiLU(x) * 1 is thresholded; norm reads x as the residual stream under a
+    norm weight of ones; residual adds an [M, n] tensor to the output."""
+    unknown = set(fusions) - {"gated", "norm", "residual"}
+    if unknown:
+        raise ValueError(f"unknown fusions {sorted(unknown)}; expected gated, norm or residual")
+    x_in, kwargs, act = x, {}, x
+    if "gated" in fusions:
+        x_in = torch.cat([x, torch.ones_like(x)], dim=1)
+        kwargs["gated"] = True
+        act = gated_input(x_in)
+    if "norm" in fusions:
+        kwargs.update(norm_weight=torch.ones(x.shape[1], dtype=x.dtype, device=x.device), eps=1e-5)
+        act = rms_normed(x, kwargs["norm_weight"], kwargs["eps"])
+    if "residual" in fusions:
+        kwargs["residual"] = make_x(x.shape[0], n, x.dtype, x.device, seed=2)
+    return x_in, kwargs, act
 
 
 def parse_format(fmt: str) -> tuple[str, int]:

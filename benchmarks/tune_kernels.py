@@ -31,6 +31,8 @@ from benchmarks.timing import (
     MODEL_SHAPES,
     Problem,
     copies_for,
+    decode_fusions,
+    fused_call,
     graph_time_us,
     make_weight,
     make_x,
@@ -99,24 +101,26 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
     return fitted(sorted(grid, key=lambda c: dataclasses.astuple(c)), fmt, m, k, splits)
 
 
-def build_problems(fmt: str, m: int, k: int, splits: list[int], sparsity: float) -> list[Problem]:
-    """Weight copies (different seeds) sharing one x and thresholds."""
+def build_problems(fmt: str, m: int, k: int, splits: list[int], sparsity: float,
+                   fusions: tuple[str, ...] = ()) -> list[Problem]:
+    """Weight copies (different seeds) sharing one x and thresholds; `fusions` as timing.fused_call."""
     kind, _ = parse_format(fmt)
     dtype = torch.float16 if kind == "fp16" else torch.bfloat16
-    x = make_x(m, k, dtype, "cuda", seed=0)
+    x_in, fusion, x = fused_call(make_x(m, k, dtype, "cuda", seed=0), fusions, sum(splits))
     thresholds = threshold_for(x, sparsity, len(splits))
     first = make_weight(fmt, k, sum(splits), "cuda", seed=1)
     nbytes = sum(t.numel() * t.element_size() for t in first[:3] if t is not None)
     weights = [first] + [make_weight(fmt, k, sum(splits), "cuda", seed=1 + i) for i in range(1, copies_for(nbytes))]
-    return [Problem(x, w, thresholds, splits, s, z, g) for w, s, z, g in weights]
+    return [Problem(x, w, thresholds, splits, s, z, g, x_in, fusion) for w, s, z, g in weights]
 
 
 def time_config(cfg: KernelConfig, problems: list[Problem]) -> float:
-    return graph_time_us(lambda i: sparse_gemv_triton(*problems[i].args(), config=cfg), len(problems))
+    return graph_time_us(lambda i: sparse_gemv_triton(*problems[i].args(), config=cfg, **problems[i].fusion),
+                         len(problems))
 
 
 def is_correct(cfg: KernelConfig, p: Problem, ref: torch.Tensor) -> bool:
-    out = sparse_gemv_triton(*p.args(), config=cfg).float()
+    out = sparse_gemv_triton(*p.args(), config=cfg, **p.fusion).float()
     return bool(torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()))
 
 
@@ -129,11 +133,12 @@ def config_kind(c: KernelConfig) -> str:
 
 
 def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float], quick: bool,
-               stored: KernelConfig | None = None, kinds: list[str] | None = None) -> dict:
+               stored: KernelConfig | None = None, kinds: list[str] | None = None,
+               fusions: tuple[str, ...] = ()) -> dict:
     n = sum(splits)
     main_s = max(sparsities)
-    problems = build_problems(fmt, m, k, splits, main_s)
-    ref = sparse_gemv_reference(*problems[0].args()).float()
+    problems = build_problems(fmt, m, k, splits, main_s, fusions)
+    ref = sparse_gemv_reference(*problems[0].args(), **problems[0].fusion).float()
     grid = [c for c in candidates(fmt, m, k, splits, quick, stored, kinds) if is_correct(c, problems[0], ref)]
     if not grid:
         raise RuntimeError(f"No candidate config matched the reference for {fmt} M={m} K={k} N={n}.")
@@ -154,7 +159,7 @@ def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[flo
     for s in sorted(sparsities, reverse=True):
         if s != main_s:
             del problems  # free the previous weight copies first
-            problems = build_problems(fmt, m, k, splits, s)
+            problems = build_problems(fmt, m, k, splits, s, fusions)
         for c in timed:
             times[c][s] = time_config(c, problems)
     best = min(finalists, key=lambda c: sum(times[c].values()))
@@ -164,6 +169,7 @@ def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[flo
         "us": {str(s): round(t, 2) for s, t in sorted(times[best].items())},
         "heuristic_us_at_max_sparsity": heuristic_us and round(heuristic_us, 2),
         "candidates": len(grid),
+        "fusions": list(fusions),
         "best_of_each_kind_at_max_sparsity": {kind: {"us": round(t, 2), "config": c.to_dict(),
                                                      "us_by_sparsity": {str(s): round(v, 2)
                                                                         for s, v in sorted(times[c].items())}}
@@ -171,23 +177,24 @@ def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[flo
     }
 
 
-def _compile_one(job: tuple[str, int, int, tuple[int, ...], dict]) -> None:
+def _compile_one(job: tuple[str, int, int, tuple[int, ...], tuple[str, ...], dict]) -> None:
     """Worker: one call of the kernel at the real shape fills Triton's on-disk cache (failures
     are left to the tuner's own check)."""
-    fmt, m, k, splits, cfg = job
+    fmt, m, k, splits, fusions, cfg = job
     try:
         kind, _ = parse_format(fmt)
-        x = make_x(m, k, torch.float16 if kind == "fp16" else torch.bfloat16, "cuda", seed=0)
+        x_in, fusion, x = fused_call(make_x(m, k, torch.float16 if kind == "fp16" else torch.bfloat16, "cuda", seed=0),
+                                     fusions, sum(splits))
         w, scales, zeros, group = make_weight(fmt, k, sum(splits), "cuda", seed=1)
-        p = Problem(x, w, threshold_for(x, 0.5, len(splits)), list(splits), scales, zeros, group)
-        sparse_gemv_triton(*p.args(), config=KernelConfig(**cfg))
-        sparse_gemv_triton(*p.args(), config=dataclasses.replace(KernelConfig(**cfg), num_warps=8))
+        p = Problem(x, w, threshold_for(x, 0.5, len(splits)), list(splits), scales, zeros, group, x_in, fusion)
+        sparse_gemv_triton(*p.args(), config=KernelConfig(**cfg), **p.fusion)
+        sparse_gemv_triton(*p.args(), config=dataclasses.replace(KernelConfig(**cfg), num_warps=8), **p.fusion)
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - reported, the tuner decides
         print(f"precompile {fmt} M{m} K{k} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
-def precompile(jobs: list[tuple[str, int, int, tuple[int, ...], dict]], workers: int) -> None:
+def precompile(jobs: list[tuple[str, int, int, tuple[int, ...], tuple[str, ...], dict]], workers: int) -> None:
     """Compile every candidate in `workers` processes first: compiling dominates a sequential
     tune (a second or two per config), timing does not."""
     start = time.time()
@@ -216,6 +223,10 @@ def main() -> None:
                         help="time only candidates of these kinds (config_kind: dot, rows-compact, "
                              "rows-compact-prefetch, rows-compact-prefetch-lane_sum, ...) against the stored "
                              "config: a quick partial retune")
+    parser.add_argument("--decode_fusions", action="store_true",
+                        help="time each shape as decode.py calls it (timing.DECODE_FUSIONS: the RMSNorm in q|k|v's "
+                             "and gate|up's prologue where PackedLinear puts it, the residual in o's and down's "
+                             "epilogue, SiLU(gate) * up in down's prologue) instead of the plain product")
     parser.add_argument("--force", action="store_true", help="retune shapes already in the file")
     parser.add_argument("--out", type=Path, default=TUNED_CONFIGS_PATH)
     parser.add_argument("--jobs", type=int, default=0, help="compile the candidates in this many processes first")
@@ -223,7 +234,16 @@ def main() -> None:
 
     device = torch.cuda.get_device_name()
     table = json.loads(args.out.read_text()) if args.out.exists() else {}
-    shapes = sorted({(k, tuple(splits)) for model in args.models for _, k, splits in MODEL_SHAPES[model]})
+    layers: dict[tuple[int, tuple[int, ...]], str] = {}  # shape -> its layer name (one per shape)
+    for model in args.models:
+        for layer, k, splits in MODEL_SHAPES[model]:
+            if layers.setdefault((k, tuple(splits)), layer) != layer:
+                raise SystemExit(f"error: K={k} splits={splits} is both {layers[(k, tuple(splits))]} and {layer}")
+    shapes = sorted(layers)
+
+    def fusions_of(fmt: str, m: int, k: int, splits: tuple[int, ...]) -> tuple[str, ...]:
+        return decode_fusions(layers[(k, splits)], fmt, m) if args.decode_fusions else ()
+
     if args.jobs > 0:
         jobs = []
         for fmt in args.formats:
@@ -233,7 +253,7 @@ def main() -> None:
                     if key in table and not args.force:
                         continue
                     stored = KernelConfig.from_dict(table[key]["config"]) if key in table else None
-                    jobs += [(fmt, m, k, splits, c.to_dict())
+                    jobs += [(fmt, m, k, splits, fusions_of(fmt, m, k, splits), c.to_dict())
                              for c in candidates(fmt, m, k, list(splits), args.quick, stored, args.kinds)]
         precompile(jobs, args.jobs)
     for fmt in args.formats:
@@ -246,7 +266,8 @@ def main() -> None:
                 start = time.time()
                 stored = KernelConfig.from_dict(table[key]["config"]) if key in table else None
                 levels = args.sparsities or ([0.4, 0.5, 0.65] if parse_format(fmt)[0] in ("bf16", "fp16") else [0.0, 0.5])
-                entry = tune_shape(fmt, m, k, list(splits), levels, args.quick, stored, args.kinds)
+                entry = tune_shape(fmt, m, k, list(splits), levels, args.quick, stored, args.kinds,
+                                   fusions_of(fmt, m, k, splits))
                 entry["date"] = datetime.date.today().isoformat()
                 table[key] = entry
                 write_atomically(args.out, table)

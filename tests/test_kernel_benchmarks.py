@@ -6,7 +6,8 @@ import dataclasses
 
 import torch
 
-from benchmarks import bench_kernels, tune_kernels
+from benchmarks import bench_kernels, timing, tune_kernels
+from teal_kernels.reference import sparse_gemv_reference
 from teal_kernels.triton_gemv import KernelConfig
 
 
@@ -44,13 +45,27 @@ def test_candidates_are_the_configs_that_run():
         assert dataclasses.replace(stored, num_warps=4, sub_k=min(128, group)) in grid
 
 
-def test_fused_inputs_match_decode_py_calls():
-    x = torch.randn(2, 8)
-    assert bench_kernels.fused_inputs(x, "plain") == (x, {})
-    gate_up, kwargs = bench_kernels.fused_inputs(x, "gated")
-    assert gate_up.shape == (2, 16) and kwargs == {"gated": True}
-    assert torch.equal(gate_up[:, :8], x) and torch.equal(gate_up[:, 8:], torch.ones_like(x))
-    assert bench_kernels.fused_inputs(x, "residual")[1] == {"residual": None}
+def test_fused_calls_compute_the_plain_product_of_their_activation():
+    """timing.fused_call: the fused call (SiLU(gate) * up or the RMSNorm in the prologue, the residual
+    in the epilogue) gives the plain product of the activation it reports, plus the residual."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 64, generator=gen).bfloat16()
+    w = (torch.randn(64, 48, generator=gen) * 0.1).bfloat16()
+    for fusions in [("gated", "residual"), ("norm",), ()]:
+        x_in, kwargs, act = timing.fused_call(x, fusions, 48)
+        thresholds = timing.threshold_for(act, 0.5, 2)
+        fused = sparse_gemv_reference(x_in, w, thresholds, [32, 16], **kwargs).float()
+        plain = sparse_gemv_reference(act, w, thresholds, [32, 16]).float()
+        plain += kwargs["residual"].float() if "residual" in fusions else 0
+        torch.testing.assert_close(fused, plain, rtol=2**-7, atol=2**-7)
+        assert x_in.shape == (1, 128 if "gated" in fusions else 64)
+
+
+def test_decode_fusions_follow_packed_linear():
+    assert timing.decode_fusions("qkv", "int8", 1) == ("norm",) and timing.decode_fusions("gate_up", "bf16", 1) == ("norm",)
+    assert timing.decode_fusions("qkv", "int4-g128", 1) == () and timing.decode_fusions("gate_up", "bf16", 4) == ()
+    assert timing.decode_fusions("down", "int4-g32", 8) == ("gated", "residual")
+    assert timing.decode_fusions("o", "bf16", 1) == ("residual",) and timing.decode_fusions("lm_head", "int8", 1) == ()
 
 
 def test_speed_table_takes_plain_rows_only():

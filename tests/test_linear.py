@@ -11,7 +11,7 @@ from fixtures import ROOT, tiny_model
 
 from teal_kernels.ops import CPU_KERNELS_ENV
 from teal_kernels.reference import MAX_BATCH
-from linear import PackedLinear, pack_model, packed_projections
+from linear import PackedLinear, pack_model, packed_projections, sparse_kernel_takes_norm
 from quantize import quantize_model
 from teal import sparsify
 
@@ -196,7 +196,7 @@ def test_a_projection_the_table_calls_slower_stays_dense(monkeypatch):
 def test_sparse_kernel_takes_the_norm_where_measured_faster(fmt):
     """By default the sparse GEMV computes a handed RMSNorm for float and int8 weights at one row
     only (faster on the H200 there, slower for int4); TEAL_FUSED_NORM's value overrides it."""
-    layer = PackedLinear(256, 64, fmt=fmt, group_size=128 if fmt == "int4" else 0)
-    assert layer.sparse_kernel_takes_norm(1, None) == (fmt != "int4")
-    assert not layer.sparse_kernel_takes_norm(4, None)
-    assert layer.sparse_kernel_takes_norm(4, True) and not layer.sparse_kernel_takes_norm(1, False)
+    assert sparse_kernel_takes_norm(fmt, 1, None) == (fmt != "int4")
+    assert not sparse_kernel_takes_norm(fmt, 4, None)
+    assert sparse_kernel_takes_norm(fmt, 4, True) and not sparse_kernel_takes_norm(fmt, 1, False)
+    assert not sparse_kernel_takes_norm(fmt, MAX_BATCH + 1, True)  # a short prefill never takes it
