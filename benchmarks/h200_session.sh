@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -511,6 +511,13 @@ PY
     step 100 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_head_stored"
     cp "$out/tuned_fused.json" teal_kernels/tuned_configs.json
     step 100 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_head_fused_tune"
+    ;;
+  long_k)  # the opt-in pipelined rows loop with long K blocks (up to 4096 rows: few split-K partials, a long loop for a deep pipeline), unmeasured: int8's one-row 8B shapes retuned on a copy with only those candidates (tune_kernels --kinds) against the stored winners, then int8 + int8 head end to end on the stored table and on the copy (the pipelined/ table tied per matrix and lost end to end: check both)
+    cp teal_kernels/tuned_configs.json "$out/tuned_long_k.json"
+    step 300 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int8 --force --jobs 16 --out "$out/tuned_long_k.json" --kinds rows-compact-pipelined rows-compact-pipelined-lane_sum
+    step 100 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_head_stored"
+    cp "$out/tuned_long_k.json" teal_kernels/tuned_configs.json
+    step 100 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_head_long_k"
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back
     for b in 2 4 8; do

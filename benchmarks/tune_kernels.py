@@ -96,6 +96,13 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
         for bn, bk, sk, nw, st in itertools.product(wide, (128, 256, 512), (16, 32), (4, 8), (1, 2)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
                                   design="rows", lane_sum=True))
+    if kind != "int4" and rows_design and kinds and any("pipelined" in name for name in kinds):
+        # opt-in (KernelConfig: its tuned table lost end to end): the loop through Triton's software
+        # pipeline, with K blocks up to 4096 rows, where few split-K partials leave a long loop to pipeline
+        for bn, bk, sk, st, lane_sum in itertools.product((128, 256, 512), (512, 1024, 2048, 4096), (16, 32), (4, 8),
+                                                          (False, True)):
+            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, compact=True, design="rows",
+                                  lane_sum=lane_sum))
     if kinds:  # a partial retune: the stored winner against the named kinds only
         grid = {c for c in grid if config_kind(c) in kinds or c == stored}
     return fitted(sorted(grid, key=lambda c: dataclasses.astuple(c)), fmt, m, k, splits)
@@ -128,7 +135,8 @@ def config_kind(c: KernelConfig) -> str:
     """The variant a config selects: design, then the rows design's loop options."""
     if c.design != "rows":
         return c.design
-    options = (("compact", c.compact), ("prefetch", c.compact and c.num_stages >= 2), ("lane_sum", c.lane_sum))
+    options = (("compact", c.compact), ("prefetch", c.compact and c.num_stages == 2),
+               ("pipelined", c.compact and c.num_stages > 2), ("lane_sum", c.lane_sum))
     return "rows" + "".join(f"-{name}" for name, on in options if on)
 
 
@@ -222,7 +230,8 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
                         help="time only candidates of these kinds (config_kind: dot, rows-compact, "
                              "rows-compact-prefetch, rows-compact-prefetch-lane_sum, ...) against the stored "
-                             "config: a quick partial retune")
+                             "config: a quick partial retune; rows-compact-pipelined[-lane_sum] (opt-in, "
+                             "KernelConfig) are offered only when named here")
     parser.add_argument("--decode_fusions", action="store_true",
                         help="time each shape as decode.py calls it (timing.DECODE_FUSIONS: the RMSNorm in q|k|v's "
                              "and gate|up's prologue where PackedLinear puts it, the residual in o's and down's "

@@ -48,8 +48,13 @@ class KernelConfig:
     program (split-K).  sub_k: rows per inner step (skip granularity, or gathered rows per step
     if compact).  compact ("rows" only): gather the kept rows of the K-block (True) or walk fixed
     row chunks with a skip branch and masked loads (False).  num_stages: "dot", Triton's pipeline
-    depth; "rows" with compact, 2 or more loads the next chunk's weight rows before this chunk's
-    FMAs (one chunk in flight ahead: twice the bytes in flight, more registers), 1 does not.
+    depth; "rows" with compact: 1 one chunk at a time, 2 loads the next chunk's weight rows into
+    registers before this chunk's FMAs (twice the bytes in flight, more registers), 3 or more runs
+    the loop through Triton's software pipeline that deep (num_stages - 1 chunks in flight in
+    shared memory by cp.async, no registers held for them). The pipelined loop is opt-in: with
+    the 8B shapes' K blocks of 256-1024 rows it tied the stored winners per matrix and its tuned
+    table lost 6% end to end (results/pipelined/); the tuner offers it only when asked
+    (tune_kernels --kinds), with the long K blocks (few split-K partials) a deep pipeline needs.
     lane_sum ("rows"): sum each chunk's rows as they are multiplied into as few accumulator rows
     per batch row as the tile's layout allows without a cross-thread sum (_lane_groups: 1 for
     1024 bf16 columns at 4 warps, 2 for 512), instead of keeping sub_k rows to the end: fewer
@@ -496,7 +501,8 @@ def _sparse_gemv_kernel(
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, LANE_SUM: tl.constexpr,
+    WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, PIPELINE: tl.constexpr,
+    LANE_SUM: tl.constexpr,
     LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
@@ -571,32 +577,45 @@ def _sparse_gemv_kernel(
         if COMPACT:
             first = tl.sum(tl.where(win_ids < win, win_kept, 0), axis=0)
             last = first + tl.sum(tl.where(win_ids == win, win_kept, 0), axis=0)
-            slot = first + lane_k
-            rows, xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
-            if PREFETCH:  # the first chunk's weight rows; the loop keeps one chunk in flight ahead
-                wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N,
-                                  INTERPRET)
-                slot += SUB_K
-                rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
-            for _ in tl.range(first, last, SUB_K):
-                # Issue the next loads (row ids and x; with PREFETCH also the next chunk's weight
-                # rows) before this chunk's FMAs wait on its weights.
-                slot += SUB_K
-                if PREFETCH:
-                    next_wt = _weight_rows(w_ptr, rows, next_xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN,
-                                           LANES, BLOCK_N, INTERPRET)
-                    rows, after_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
-                else:
+            if PIPELINE > 1:
+                # Triton's software pipeline: the row ids, x and weight rows of the next PIPELINE - 1
+                # chunks are in flight (cp.async into shared memory, no registers held) during this one's
+                # FMAs. With NORM, local triton 3.9 loaded the weight rows a byte at a time here (the
+                # run-time loop of _rms_scale before it; an unrolled one fixed that, results/pipelined/).
+                for chunk in tl.range(first, last, SUB_K, num_stages=PIPELINE):
+                    rows, xm = _kept_slots(slots, slot_x, chunk + lane_k, last, lane_m, BLOCK_M)
                     wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES,
                                       BLOCK_N, INTERPRET)
+                    wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
+                    if FORMAT == 2:
+                        xacc += xm
+            else:
+                slot = first + lane_k
+                rows, xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
+                if PREFETCH:  # the first chunk's weight rows; the loop keeps one chunk in flight ahead
+                    wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N,
+                                      INTERPRET)
+                    slot += SUB_K
                     rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
-                wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
-                if FORMAT == 2:
-                    xacc += xm
-                xm = next_xm
-                if PREFETCH:
-                    next_xm = after_xm
-                    wt = next_wt
+                for _ in tl.range(first, last, SUB_K):
+                    # Issue the next loads (row ids and x; with PREFETCH also the next chunk's weight
+                    # rows) before this chunk's FMAs wait on its weights.
+                    slot += SUB_K
+                    if PREFETCH:
+                        next_wt = _weight_rows(w_ptr, rows, next_xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN,
+                                               LANES, BLOCK_N, INTERPRET)
+                        rows, after_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
+                    else:
+                        wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES,
+                                          BLOCK_N, INTERPRET)
+                        rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
+                    wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
+                    if FORMAT == 2:
+                        xacc += xm
+                    xm = next_xm
+                    if PREFETCH:
+                        next_xm = after_xm
+                        wt = next_wt
         else:
             win_end = tl.minimum(win_start + WINDOW, K)
             rows = win_start + lane_k
@@ -1025,7 +1044,8 @@ def sparse_gemv_triton(
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), COL_ALIGN=col_align,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
-        PREFETCH=cfg.compact and cfg.num_stages >= 2, LANE_SUM=cfg.lane_sum,
+        PREFETCH=cfg.compact and cfg.num_stages == 2, PIPELINE=cfg.num_stages if cfg.compact and cfg.num_stages > 2 else 1,
+        LANE_SUM=cfg.lane_sum,
         LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k, **fusions,
         INTERPRET=INTERPRETED, PDL=bool(pdl),
         num_warps=cfg.num_warps, num_stages=1, **pdl, **registers,

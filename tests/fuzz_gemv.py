@@ -38,7 +38,7 @@ from teal_kernels.triton_gemv import KernelConfig, sparse_gemv_triton  # noqa: E
 FORMATS = ["bf16", "fp16", "int8", "int4-g32", "int4-g64", "int4-g128"]
 FUSIONS = ["plain", "gated", "residual", "gated+residual", "norm"]
 # Row selection / design of a config; "auto" is no config at all: the tuned table or the heuristic.
-MODES = ["rows-compact", "rows-prefetch", "rows-lanesum", "rows-skip", "dot", "auto"]
+MODES = ["rows-compact", "rows-prefetch", "rows-lanesum", "rows-pipelined", "rows-skip", "dot", "auto"]
 
 
 def make_case(seed: int, tiny: bool) -> dict:
@@ -66,8 +66,10 @@ def make_case(seed: int, tiny: bool) -> dict:
             sub_k //= 2
         config = dict(design="rows", block_n=block_n, block_k=r.choice([16, 32, 64] if tiny else [64, 128, 256, 512]),
                       sub_k=sub_k, num_warps=r.choice([2, 4, 8]),
-                      compact=mode != "rows-skip", num_stages=1 if mode in ("rows-compact", "rows-skip") else 2,
+                      compact=mode != "rows-skip", num_stages={"rows-prefetch": 2, "rows-lanesum": 2}.get(mode, 1),
                       lane_sum=mode == "rows-lanesum")
+        if mode == "rows-pipelined":  # Triton's software pipeline, with or without the lanes summed as it goes
+            config.update(num_stages=r.choice([3, 4]), lane_sum=r.random() < 0.5)
     elif mode.startswith("dot"):
         config = dict(design="dot", block_n=r.choice([16, 32] if tiny else [64, 128, 256, 512]),
                       block_k=r.choice([32, 64] if tiny else [128, 256, 512, 1024]), sub_k=r.choice([16, 32]),

@@ -97,12 +97,13 @@ def gemv_variants():
         yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
                dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, DOT_M=16, BLOCK_N=256, BLOCK_K=512,
                     SUB_K=128 if fmt == 2 else 32, **fusions, EVEN_K=not gated, INTERPRET=False, PDL=gated), 4, 3)
-        for compact, prefetch, lane_sum in ((True, False, False), (True, True, False), (True, True, True),
-                                            (False, False, False), (False, False, True)):
+        for compact, prefetch, pipeline, lane_sum in (
+                (True, False, 1, False), (True, True, 1, False), (True, True, 1, True), (True, False, 3, False),
+                (True, False, 4, True), (False, False, 1, False), (False, False, 1, True)):
             yield (sg._sparse_gemv_kernel, {"w_ptr": "*u8" if fmt == 2 else weight[fmt]},
                    dict(FORMAT=fmt, GROUP_SIZE=128, COL_ALIGN=32, BLOCK_M=m, BLOCK_N=512 if m == 1 else 128,
                         BLOCK_K=256, SUB_K=16, WINDOW=128 if fmt == 2 else 256, COMPACT=compact,
-                        PREFETCH=prefetch, LANE_SUM=lane_sum, LANE_GROUPS=2 if lane_sum else 1, RED_K=8,
+                        PREFETCH=prefetch, PIPELINE=pipeline, LANE_SUM=lane_sum, LANE_GROUPS=2 if lane_sum else 1, RED_K=8,
                         **fusions, INTERPRET=False, PDL=compact and not lane_sum), 4, 1)
     # the int4 tile under a register cap (KernelConfig.max_registers; at 96 it spills 288 B a thread)
     yield (sg._dot_gemv_kernel, {"w_ptr": "*i32"},

@@ -33,6 +33,16 @@ def test_candidates_of_named_kinds_keep_the_stored_config():
     assert set(grid) == {c for c in full if tune_kernels.config_kind(c) in kinds} | {stored}
 
 
+def test_pipelined_candidates_only_when_named():
+    """The pipelined rows loop is opt-in: the default grid has none, --kinds naming it brings long K blocks."""
+    full = tune_kernels.candidates("int8", 1, 4096, [14336, 14336], quick=False, stored=None)
+    assert not any(tune_kernels.config_kind(c).startswith("rows-compact-pipelined") for c in full)
+    piped = tune_kernels.candidates("int8", 1, 4096, [14336, 14336], quick=False, stored=None,
+                                    kinds=["rows-compact-pipelined"])
+    assert piped and all(tune_kernels.config_kind(c) == "rows-compact-pipelined" for c in piped)
+    assert max(c.block_k for c in piped) == 4096 and {c.num_stages for c in piped} == {4, 8}
+
+
 def test_candidates_are_the_configs_that_run():
     """Each candidate as the kernel runs it, once: an int4 tile of 256 columns runs 4 warps at one
     row (one tl.dot per 16 rows and 64 columns), so "8 warps" is neither timed again nor stored."""

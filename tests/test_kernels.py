@@ -110,17 +110,18 @@ def case_id(case):
 
 # The kernel designs and row-selection modes every correctness test runs: "rows" with compaction
 # (plain; with the next chunk's weight rows prefetched; prefetched with each chunk's lanes summed
-# as it goes) or chunk skipping, "dot" (masked tiles through tl.dot).
-VARIANTS = ["compact", "prefetch", "lanesum", "skip", "dot"]
+# as it goes; through Triton's software pipeline, 3 stages) or chunk skipping, "dot" (masked tiles
+# through tl.dot).
+VARIANTS = ["compact", "prefetch", "lanesum", "pipelined", "skip", "dot"]
+ROWS_STAGES = {"compact": 1, "prefetch": 2, "lanesum": 2, "pipelined": 3, "skip": 1}
 
 
 def variant(cfg: KernelConfig, name: str) -> KernelConfig:
     """`cfg` as the named variant; "dot" raises sub_k to a tl.dot tile (shapes it cannot take fall
     back to "rows")."""
-    if name in ("compact", "prefetch", "lanesum", "skip"):
+    if name in ROWS_STAGES:
         return KernelConfig(**{**cfg.to_dict(), "design": "rows", "compact": name != "skip",
-                               "num_stages": 2 if name in ("prefetch", "lanesum") else 1,
-                               "lane_sum": name == "lanesum"})
+                               "num_stages": ROWS_STAGES[name], "lane_sum": name == "lanesum"})
     sub_k = max(16, cfg.sub_k)
     return KernelConfig(**{**cfg.to_dict(), "design": "dot", "sub_k": sub_k, "block_k": max(cfg.block_k, sub_k),
                            "num_stages": 2})
@@ -146,8 +147,10 @@ DOT_CASES = [
 
 
 @pytest.mark.parametrize("compact,stages,lane_sum", [(True, 1, False), (True, 2, False), (True, 2, True),
+                                                     (True, 3, False), (True, 4, True),
                                                      (False, 1, False), (False, 1, True)],
-                         ids=["compact", "prefetch", "lanesum", "skip", "skip-lanesum"])
+                         ids=["compact", "prefetch", "lanesum", "pipelined", "pipelined-lanesum", "skip",
+                              "skip-lanesum"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_kernel_matches_float64_reference(case, compact, stages, lane_sum):
     fmt, dtype, m, k, splits, group, cfg = case
