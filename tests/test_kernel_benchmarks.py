@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from fixtures import DEVICE
 
 from benchmarks import bench_kernels, timing, tune_kernels
 from teal_kernels.reference import sparse_gemv_reference
@@ -41,6 +42,31 @@ def test_pipelined_candidates_only_when_named():
                                     kinds=["rows-compact-pipelined"])
     assert piped and all(tune_kernels.config_kind(c) == "rows-compact-pipelined" for c in piped)
     assert max(c.block_k for c in piped) == 4096 and {c.num_stages for c in piped} == {4, 8}
+
+
+def test_tune_shape_times_the_decode_call(monkeypatch):
+    """tune_kernels --decode_fusions: every candidate is checked and timed as decode.py calls the
+    layer (here on the CPU interpreter, with a timer that runs each call once instead of a CUDA graph),
+    and the entry records the fusions."""
+    make_x, make_weight = timing.make_x, timing.make_weight
+    monkeypatch.setattr(tune_kernels, "make_x", lambda m, k, dtype, device, seed: make_x(m, k, dtype, DEVICE, seed))
+    monkeypatch.setattr(tune_kernels, "make_weight", lambda fmt, k, n, device, seed: make_weight(fmt, k, n, DEVICE, seed))
+    monkeypatch.setattr(timing, "make_x", lambda m, k, dtype, device, seed: make_x(m, k, dtype, DEVICE, seed))
+    calls = []
+
+    def run_once(step, n_variants):
+        for i in range(n_variants):
+            step(i)
+        calls.append(n_variants)
+        return float(len(calls))
+    monkeypatch.setattr(tune_kernels, "graph_time_us", run_once)
+    monkeypatch.setattr(tune_kernels, "copies_for", lambda nbytes: 1)  # one weight, no rotation
+    grid = [KernelConfig(block_n=32, block_k=32, sub_k=8), KernelConfig(block_n=16, block_k=64, sub_k=16, design="dot")]
+    monkeypatch.setattr(tune_kernels, "candidates", lambda *args: grid)
+    for fusions in [("norm",), ("gated", "residual")]:
+        entry = tune_kernels.tune_shape("int8", 1, 64, [32, 32], [0.0, 0.5], True, None, None, fusions)
+        assert entry["fusions"] == list(fusions) and entry["candidates"] == 2  # both matched the reference
+        assert KernelConfig.from_dict(entry["config"]) in grid
 
 
 def test_candidates_are_the_configs_that_run():
