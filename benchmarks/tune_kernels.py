@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-import triton
+from triton.runtime.errors import OutOfResources
 
 from benchmarks.timing import (
     MODEL_SHAPES,
@@ -99,7 +99,7 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
     if kind != "int4" and rows_design and kinds and any("pipelined" in name for name in kinds):
         # opt-in (KernelConfig: its tuned table lost end to end): the loop through Triton's software
         # pipeline, with K blocks up to 4096 rows, where few split-K partials leave a long loop to pipeline
-        for bn, bk, sk, st, lane_sum in itertools.product((128, 256, 512), (512, 1024, 2048, 4096), (16, 32), (4, 8),
+        for bn, bk, sk, st, lane_sum in itertools.product((128, 256, 512), (512, 1024, 2048, 4096), (32, 64), (4, 8),
                                                           (False, True)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, compact=True, design="rows",
                                   lane_sum=lane_sum))
@@ -127,7 +127,13 @@ def time_config(cfg: KernelConfig, problems: list[Problem]) -> float:
 
 
 def is_correct(cfg: KernelConfig, p: Problem, ref: torch.Tensor) -> bool:
-    out = sparse_gemv_triton(*p.args(), config=cfg, **p.fusion).float()
+    """Whether the config runs on this GPU (a deep pipeline of wide tiles can ask for more shared
+    memory than an SM has) and matches the reference."""
+    try:
+        out = sparse_gemv_triton(*p.args(), config=cfg, **p.fusion).float()
+    except OutOfResources as e:
+        print(f"skipped {cfg}: {e}", flush=True)
+        return False
     return bool(torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()))
 
 

@@ -69,6 +69,18 @@ def test_tune_shape_times_the_decode_call(monkeypatch):
         assert KernelConfig.from_dict(entry["config"]) in grid
 
 
+def test_a_config_the_gpu_cannot_hold_is_skipped(monkeypatch):
+    """A candidate asking for more shared memory than an SM has (a deep pipeline of wide tiles) is
+    not a candidate, and the tune goes on."""
+    from triton.runtime.errors import OutOfResources
+
+    def too_big(*args, **kwargs):
+        raise OutOfResources(232448, 232448 - 1024, "shared memory")
+    monkeypatch.setattr(tune_kernels, "sparse_gemv_triton", too_big)
+    p = timing.Problem(torch.ones(1, 16), torch.ones(16, 8), torch.zeros(1), [8], None, None, 0)
+    assert not tune_kernels.is_correct(KernelConfig(), p, torch.ones(1, 8))
+
+
 def test_candidates_are_the_configs_that_run():
     """Each candidate as the kernel runs it, once: an int4 tile of 256 columns runs 4 warps at one
     row (one tl.dot per 16 rows and 64 columns), so "8 warps" is neither timed again nor stored."""
