@@ -137,6 +137,11 @@ def is_correct(cfg: KernelConfig, p: Problem, ref: torch.Tensor) -> bool:
     return bool(torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()))
 
 
+# every value config_kind returns (--kinds takes these)
+KINDS = ["dot", "rows", "rows-lane_sum", "rows-compact", "rows-compact-lane_sum", "rows-compact-prefetch",
+         "rows-compact-prefetch-lane_sum", "rows-compact-pipelined", "rows-compact-pipelined-lane_sum"]
+
+
 def config_kind(c: KernelConfig) -> str:
     """The variant a config selects: design, then the rows design's loop options."""
     if c.design != "rows":
@@ -233,11 +238,10 @@ def main() -> None:
                              "whose dense path is cuBLAS, not the kernel; 0 0.5 for int8/int4, which have no "
                              "other path)")
     parser.add_argument("--quick", action="store_true", help="smaller candidate grid")
-    parser.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
-                        help="time only candidates of these kinds (config_kind: dot, rows-compact, "
-                             "rows-compact-prefetch, rows-compact-prefetch-lane_sum, ...) against the stored "
-                             "config: a quick partial retune; rows-compact-pipelined[-lane_sum] (opt-in, "
-                             "KernelConfig) are offered only when named here")
+    parser.add_argument("--kinds", nargs="+", default=None, metavar="KIND", choices=KINDS,
+                        help="time only candidates of these kinds against the stored config: a quick partial "
+                             f"retune ({', '.join(KINDS)}); the pipelined ones (opt-in, KernelConfig) are offered "
+                             "only when named here")
     parser.add_argument("--decode_fusions", action="store_true",
                         help="time each shape as decode.py calls it (timing.DECODE_FUSIONS: the RMSNorm in q|k|v's "
                              "and gate|up's prologue where PackedLinear puts it, the residual in o's and down's "

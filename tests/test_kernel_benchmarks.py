@@ -31,6 +31,9 @@ def test_candidates_of_named_kinds_keep_the_stored_config():
     grid = tune_kernels.candidates("int8", 1, 4096, [14336, 14336], quick=False, stored=stored, kinds=kinds)
     full = tune_kernels.candidates("int8", 1, 4096, [14336, 14336], quick=False, stored=stored)
     assert stored in grid and {tune_kernels.config_kind(c) for c in grid} == {"rows-compact", *kinds}
+    every = tune_kernels.candidates("int8", 1, 4096, [14336, 14336], quick=False, stored=stored,
+                                    kinds=["rows-compact-pipelined", "rows-compact-pipelined-lane_sum"]) + full
+    assert {tune_kernels.config_kind(c) for c in every} <= set(tune_kernels.KINDS)
     assert set(grid) == {c for c in full if tune_kernels.config_kind(c) in kinds} | {stored}
 
 
