@@ -54,7 +54,6 @@ def test_tune_shape_times_the_decode_call(monkeypatch):
     make_x, make_weight = timing.make_x, timing.make_weight
     monkeypatch.setattr(tune_kernels, "make_x", lambda m, k, dtype, device, seed: make_x(m, k, dtype, DEVICE, seed))
     monkeypatch.setattr(tune_kernels, "make_weight", lambda fmt, k, n, device, seed: make_weight(fmt, k, n, DEVICE, seed))
-    monkeypatch.setattr(timing, "make_x", lambda m, k, dtype, device, seed: make_x(m, k, dtype, DEVICE, seed))
     calls = []
 
     def run_once(step, n_variants):
