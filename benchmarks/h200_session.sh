@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -522,9 +522,43 @@ PY
   norm_bound)  # what the fused norm's per-program statistics cost end to end, as a bound before building them once a step (NOTES): a kernel copy whose statistics are skipped (scale 1: wrong values, the time of a norm with given statistics) against the kernel, int8 + int8 head and bf16 at 0 / 50%, one call (prepare: sed 's|    return 1.0 / tl.sqrt_rn(squares / K + eps)|    return 1.0 + tl.zeros([BLOCK_M], dtype=tl.float32)|' teal_kernels/triton_gemv.py > .old_triton_gemv.py)
     for v in new old; do
       kernel $v
-      step 150 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_norm_$v"
+      step 260 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_norm_$v"
     done
     kernel new
+    ;;
+  carveout)  # (ran at 33f2681 + the switch; TEAL_SMEM_CARVEOUT was removed after it, results/long_k/) why the long-K table (long_k/: faster per matrix) lost 7% end to end: the stored table and the long-K one, each as is and with every GEMV / attention kernel asking for the largest shared-memory carveout (TEAL_SMEM_CARVEOUT=100: an SM runs one carveout at a time, so a 50-120 KB pipelined kernel after a light one may not overlap it through PDL), int8 + int8 head, one call
+    cp teal_kernels/tuned_configs.json /tmp/stored_tuned_configs.json
+    for t in stored long_k; do
+      [ $t = long_k ] && cp benchmarks/results/long_k/tuned_long_k.json teal_kernels/tuned_configs.json
+      for c in default 100; do
+        if [ $c = default ]; then env=(env -u TEAL_SMEM_CARVEOUT); else env=(env TEAL_SMEM_CARVEOUT=$c); fi
+        step 110 "${env[@]}" python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_${t}_carveout_$c"
+      done
+    done
+    cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
+    ;;
+  pdl_tables)  # the stored and the long-K tables with PDL off (TEAL_PDL=0), int8 + int8 head, one call: does the long-K table's end-to-end loss come from PDL overlap?
+    cp teal_kernels/tuned_configs.json /tmp/stored_tuned_configs.json
+    for t in stored long_k; do
+      [ $t = long_k ] && cp benchmarks/results/long_k/tuned_long_k.json teal_kernels/tuned_configs.json
+      step 110 env TEAL_PDL=0 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_${t}_pdl_off"
+    done
+    cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
+    ;;
+  pdl_pipelined)  # the long-K table (stored since) with the pipelined kernels launched plainly and the others through PDL (the default since this phase), beside all plain (TEAL_PDL=0) and all PDL (TEAL_PDL_PIPELINED=1), int8 + int8 head, one call
+    cp benchmarks/results/long_k/tuned_long_k.json teal_kernels/tuned_configs.json
+    step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_long_k_pdl_mixed"
+    step 110 env TEAL_PDL=0 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_long_k_pdl_off"
+    step 110 env TEAL_PDL_PIPELINED=1 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_long_k_pdl_all"
+    ;;
+  bf16_pipelined)  # the pipelined rows loop for bf16 now that those kernels launch without PDL (pipelined/ lost end to end with PDL everywhere; long_k/ found why): bf16's one-row 8B shapes retuned on a copy with only the pipelined candidates, then bf16 end to end on the stored table and on the copy, one call
+    cp teal_kernels/tuned_configs.json /tmp/stored_tuned_configs.json
+    cp teal_kernels/tuned_configs.json "$out/tuned_bf16_pipelined.json"
+    step 300 python3 -m benchmarks.tune_kernels --models llama3-8b --formats bf16 --force --jobs 16 --out "$out/tuned_bf16_pipelined.json" --kinds rows-compact-pipelined rows-compact-pipelined-lane_sum
+    step 150 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.4 0.5 0.65 --decode_path fused --out "$out/decode_bf16_stored"
+    cp "$out/tuned_bf16_pipelined.json" teal_kernels/tuned_configs.json
+    step 110 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.4 0.5 0.65 --decode_path fused --out "$out/decode_bf16_pipelined"
+    cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back
     for b in 2 4 8; do

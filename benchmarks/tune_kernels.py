@@ -196,6 +196,17 @@ def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[flo
     }
 
 
+def merge_partial(previous: dict, entry: dict) -> dict:
+    """A partial retune's (--kinds) entry completed from the one it replaces: the runners-up of
+    the kinds it did not time and the heuristic's time stay on record (timed by that earlier tune)."""
+    merged = dict(entry)
+    merged["best_of_each_kind_at_max_sparsity"] = {**previous.get("best_of_each_kind_at_max_sparsity", {}),
+                                                   **entry["best_of_each_kind_at_max_sparsity"]}
+    if entry["heuristic_us_at_max_sparsity"] is None:
+        merged["heuristic_us_at_max_sparsity"] = previous.get("heuristic_us_at_max_sparsity")
+    return merged
+
+
 def _compile_one(job: tuple[str, int, int, tuple[int, ...], tuple[str, ...], dict]) -> None:
     """Worker: one call of the kernel at the real shape fills Triton's on-disk cache (failures
     are left to the tuner's own check)."""
@@ -287,6 +298,8 @@ def main() -> None:
                 levels = args.sparsities or ([0.4, 0.5, 0.65] if parse_format(fmt)[0] in ("bf16", "fp16") else [0.0, 0.5])
                 entry = tune_shape(fmt, m, k, list(splits), levels, args.quick, stored, args.kinds,
                                    fusions_of(fmt, m, k, splits))
+                if args.kinds and key in table:
+                    entry = merge_partial(table[key], entry)
                 entry["date"] = datetime.date.today().isoformat()
                 table[key] = entry
                 write_atomically(args.out, table)

@@ -900,16 +900,23 @@ INTERPRETED = not isinstance(_sparse_gemv_kernel, JITFunction)  # TRITON_INTERPR
 # (H200, 2026-12-03: fused step bf16 at 50% 304.1 -> 310.6 tok/s, dense 217.1 / 216.8; the
 # README's PDL section); TEAL_PDL=0 turns it off, 1 asks for it.
 PDL_ENV = "TEAL_PDL"
+# The rows design's software-pipelined loop (num_stages >= 3, 30-120 KB of shared memory) launches
+# without PDL unless TEAL_PDL_PIPELINED=1: with it, a table of pipelined winners lost 7% end to end
+# against its own plain launches (H200, 2026-12-04, results/long_k/).
+PDL_PIPELINED_ENV = "TEAL_PDL_PIPELINED"
 
 
-def launch_options(device: torch.device) -> dict:
+def launch_options(device: torch.device, pipelined: bool = False) -> dict:
     """Extra launch arguments of the GEMV and attention kernels: ``launch_pdl`` on a CUDA device
     of compute capability 9.0 or newer unless TEAL_PDL=0 (the interpreter has no PDL; older GPUs
-    have no griddepcontrol instructions); the kernels' PDL constexpr is its value."""
+    have no griddepcontrol instructions), and for a software-pipelined rows kernel only with
+    TEAL_PDL_PIPELINED=1; the kernels' PDL constexpr is its value."""
     value = os.environ.get(PDL_ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{PDL_ENV} must be 0 or 1, got {value!r}")
-    if value == "0" or device.type != "cuda" or INTERPRETED:
+    pipelined_value = os.environ.get(PDL_PIPELINED_ENV, "0")
+    for name, v in ((PDL_ENV, value), (PDL_PIPELINED_ENV, pipelined_value)):
+        if v not in ("0", "1"):
+            raise ValueError(f"{name} must be 0 or 1, got {v!r}")
+    if value == "0" or (pipelined and pipelined_value == "0") or device.type != "cuda" or INTERPRETED:
         return {}
     return {"launch_pdl": True} if _compute_capability(device) >= (9, 0) else {}
 
@@ -1013,9 +1020,9 @@ def sparse_gemv_triton(
     fusions = dict(GATED=gated, RESIDUAL=residual is not None, NORM=norm_weight is not None)
 
     block_m = next_power_of_2(m)
-    pdl = launch_options(x.device)
     registers = {"maxnreg": cfg.max_registers} if cfg.max_registers else {}
     if cfg.design == "dot":
+        pdl = launch_options(x.device)
         if fmt == FMT_INT4:  # read as int32 words of 8 columns (_fit_config checked the alignment)
             w = w.view(torch.int32)
         _dot_gemv_kernel[(grid_n, grid_k)](
@@ -1038,13 +1045,15 @@ def sparse_gemv_triton(
     red_k = max(1, min(next_power_of_2(grid_k), _REDUCTION_FLOATS // (block_m * cfg.block_n)))
     # Largest power of two dividing every program's first column: lets loads vectorize.
     col_align = min(cfg.block_n, 32, *(s & -s for s in split_sizes))
+    pipeline = cfg.num_stages if cfg.compact and cfg.num_stages > 2 else 1
+    pdl = launch_options(x.device, pipelined=pipeline > 1)
     _sparse_gemv_kernel[(grid_k, grid_n)](
         x, w, *aux, out, partials, counters, idx, xs,
         m, k, n, w.shape[1], grid_k, float(eps), splits,
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), COL_ALIGN=col_align,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
-        PREFETCH=cfg.compact and cfg.num_stages == 2, PIPELINE=cfg.num_stages if cfg.compact and cfg.num_stages > 2 else 1,
+        PREFETCH=cfg.compact and cfg.num_stages == 2, PIPELINE=pipeline,
         LANE_SUM=cfg.lane_sum,
         LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k, **fusions,
         INTERPRET=INTERPRETED, PDL=bool(pdl),

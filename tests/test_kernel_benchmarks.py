@@ -47,6 +47,24 @@ def test_pipelined_candidates_only_when_named():
     assert max(c.block_k for c in piped) == 4096 and {c.num_stages for c in piped} == {4, 8}
 
 
+def test_partial_retune_keeps_the_other_kinds_on_record():
+    """--kinds: the new entry's winner and timings win; the kinds it did not time and the heuristic's
+    time come from the entry it replaces."""
+    def runner_up(us):
+        return {"us": us, "config": {}, "us_by_sparsity": {"0.5": us}}
+    previous = {"config": {"block_k": 512}, "us": {"0.5": 19.4}, "heuristic_us_at_max_sparsity": 28.1,
+                "best_of_each_kind_at_max_sparsity": {"dot": runner_up(35.2), "rows-compact": runner_up(19.4)}}
+    entry = {"config": {"block_k": 2048}, "us": {"0.5": 17.8}, "heuristic_us_at_max_sparsity": None,
+             "best_of_each_kind_at_max_sparsity": {"rows-compact": runner_up(19.5),
+                                                   "rows-compact-pipelined": runner_up(17.4)}}
+    merged = tune_kernels.merge_partial(previous, entry)
+    assert merged["config"] == {"block_k": 2048} and merged["us"] == {"0.5": 17.8}
+    assert merged["heuristic_us_at_max_sparsity"] == 28.1
+    assert merged["best_of_each_kind_at_max_sparsity"] == {"dot": runner_up(35.2), "rows-compact": runner_up(19.5),
+                                                           "rows-compact-pipelined": runner_up(17.4)}
+    assert entry["heuristic_us_at_max_sparsity"] is None  # the new entry itself is left as it was
+
+
 def test_tune_shape_times_the_decode_call(monkeypatch):
     """tune_kernels --decode_fusions: every candidate is checked and timed as decode.py calls the
     layer (here on the CPU interpreter, with a timer that runs each call once instead of a CUDA graph),

@@ -208,6 +208,36 @@ def test_register_cap_reaches_the_launch(design, monkeypatch):
         sparse_gemv_triton(*args, config=KernelConfig(block_n=128, block_k=64, sub_k=32, max_registers=300))
 
 
+def test_pipelined_rows_kernel_launches_without_pdl(monkeypatch):
+    """launch_options holds the PDL decision: on a (pretend) Hopper GPU PDL is on, except for the
+    software-pipelined rows loop unless TEAL_PDL_PIPELINED=1 (it lost 7% end to end with PDL); TEAL_PDL=0
+    turns it off everywhere; and the launcher asks with pipelined=True exactly for num_stages >= 3."""
+    monkeypatch.setattr(sg, "INTERPRETED", False)
+    monkeypatch.setattr(sg, "_compute_capability", lambda device: (9, 0))
+    gpu = torch.device("cuda", 0)
+    monkeypatch.delenv(sg.PDL_ENV, raising=False)
+    monkeypatch.delenv(sg.PDL_PIPELINED_ENV, raising=False)
+    assert sg.launch_options(gpu) == {"launch_pdl": True} and sg.launch_options(gpu, pipelined=True) == {}
+    monkeypatch.setenv(sg.PDL_PIPELINED_ENV, "1")
+    assert sg.launch_options(gpu, pipelined=True) == {"launch_pdl": True}
+    monkeypatch.setenv(sg.PDL_ENV, "0")
+    assert sg.launch_options(gpu) == {} and sg.launch_options(gpu, pipelined=True) == {}
+    monkeypatch.setenv(sg.PDL_PIPELINED_ENV, "yes")
+    with pytest.raises(ValueError, match=sg.PDL_PIPELINED_ENV):
+        sg.launch_options(gpu)
+    monkeypatch.undo()
+
+    asked = []
+    launch_options = sg.launch_options
+    monkeypatch.setattr(sg, "launch_options", lambda device, pipelined=False: asked.append(pipelined)
+                        or launch_options(device, pipelined))
+    args = make_problem("fp", torch.bfloat16, 1, 256, [128])
+    for stages in (4, 2, 1):
+        cfg = KernelConfig(block_n=128, block_k=128, sub_k=16, num_stages=stages)
+        assert_close_to_ref(sparse_gemv_triton(*args, config=cfg), *args)
+    assert asked == [True, False, False]
+
+
 def test_host_integer_helpers_match_triton():
     """The launchers' cdiv / next_power_of_2 (plain ints, cheaper than Triton's wrappers) give Triton's values."""
     for a in range(1, 300):
