@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -559,6 +559,10 @@ PY
     cp "$out/tuned_bf16_pipelined.json" teal_kernels/tuned_configs.json
     step 110 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.4 0.5 0.65 --decode_path fused --out "$out/decode_bf16_pipelined"
     cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
+    ;;
+  int4_pdl)  # issue 11: does int4's dot tile (shared memory, num_stages 3) lose to PDL as the pipelined rows loop did (long_k/)? int4-g128 end to end as is and with TEAL_PDL=0, beside tinygemm, one call
+    step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --decode_path fused --baselines torch-int4-g128 --out "$out/decode_int4_pdl_on"
+    step 110 env TEAL_PDL=0 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_pdl_off"
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back
     for b in 2 4 8; do
