@@ -560,9 +560,12 @@ PY
     step 110 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.4 0.5 0.65 --decode_path fused --out "$out/decode_bf16_pipelined"
     cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
     ;;
-  int4_pdl)  # issue 11: does int4's dot tile (shared memory, num_stages 3) lose to PDL as the pipelined rows loop did (long_k/)? int4-g128 end to end as is and with TEAL_PDL=0, beside tinygemm, one call
+  int4_pdl)  # issue 11: does int4's dot tile (shared memory, num_stages 3) lose to PDL as the pipelined rows loop did (long_k/)? int4-g128 end to end as is, with TEAL_PDL=0, and with only the dot kernels launched plainly (a kernel copy), beside tinygemm, one call (prepare: sed 's/^        pdl = launch_options(x.device)$/        pdl = launch_options(x.device, pipelined=True)/' teal_kernels/triton_gemv.py > .old_triton_gemv.py)
     step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --decode_path fused --baselines torch-int4-g128 --out "$out/decode_int4_pdl_on"
     step 110 env TEAL_PDL=0 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_pdl_off"
+    kernel old
+    step 110 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_dot_plain"
+    kernel new
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back
     for b in 2 4 8; do
