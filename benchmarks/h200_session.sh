@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -566,6 +566,18 @@ PY
     kernel old
     step 110 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_dot_plain"
     kernel new
+    ;;
+  int4_long_k)  # issue 11: int4's dot tile over K blocks of 2048-4096 rows, 4-6 stages (int4_stalls/: 4 tiles a program never fill a 3-stage pipeline; long_k/: long blocks won for int8 once launched without PDL): int4-g128's one-row 8B shapes retuned on a copy (tune_kernels --kinds dot --min_block_k 2048), then end to end on the stored table, on the copy, and on the copy with the dot kernels launched plainly (the kernel copy of phase int4_pdl: prepare it as that phase says), one call
+    cp teal_kernels/tuned_configs.json /tmp/stored_tuned_configs.json
+    cp teal_kernels/tuned_configs.json "$out/tuned_int4_long_k.json"
+    step 240 python3 -m benchmarks.tune_kernels --models llama3-8b --formats int4-g128 --force --jobs 16 --out "$out/tuned_int4_long_k.json" --kinds dot --min_block_k 2048
+    step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_stored"
+    cp "$out/tuned_int4_long_k.json" teal_kernels/tuned_configs.json
+    step 110 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_long_k"
+    kernel old
+    step 110 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_long_k_dot_plain"
+    kernel new
+    cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back
     for b in 2 4 8; do

@@ -57,13 +57,16 @@ def fitted(configs: list[KernelConfig], fmt: str, m: int, k: int, splits: list[i
 
 
 def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
-               stored: KernelConfig | None, kinds: list[str] | None = None) -> list[KernelConfig]:
+               stored: KernelConfig | None, kinds: list[str] | None = None, min_block_k: int = 0) -> list[KernelConfig]:
     """The dot design around the lab's winners (results/gemv_lab.md: rows of 256-512 columns,
     SUB_K 32, three stages, 200-400 programs), wider rows for the narrow int8/int4 elements, a
     small grid of the compact rows design (bf16/fp16/int8), plus the rows design's heuristic and
     the config stored before (a retune never picks a config slower than the one it replaces),
     and that config and the heuristic with their registers capped at 96 and 128; fitted to the
-    shape, each once."""
+    shape, each once. `kinds` keeps only those kinds (and the stored config); `min_block_k` only
+    K blocks of at least that many rows (and the stored config), and adds the dot design's K blocks
+    of 2048 and 4096 rows, 4 and 6 stages deep (int4_stalls/: a program of 4 tiles leaves a 3-stage
+    pipeline no time to get ahead of DRAM's latency)."""
     kind, _ = parse_format(fmt)
     n = sum(splits)
     # int4's dot design runs one tl.dot per nibble plane of block_n / 8 columns: 128 columns is
@@ -103,6 +106,10 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
                                                           (False, True)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, compact=True, design="rows",
                                   lane_sum=lane_sum))
+    if min_block_k:
+        for bn, bk, st, sk in itertools.product(block_ns[:2], (2048, 4096), (4, 6), sub_ks):
+            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, design="dot"))
+        grid = {c for c in grid if c.block_k >= min_block_k or c == stored}
     if kinds:  # a partial retune: the stored winner against the named kinds only
         grid = {c for c in grid if config_kind(c) in kinds or c == stored}
     return fitted(sorted(grid, key=lambda c: dataclasses.astuple(c)), fmt, m, k, splits)
@@ -153,12 +160,13 @@ def config_kind(c: KernelConfig) -> str:
 
 def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float], quick: bool,
                stored: KernelConfig | None = None, kinds: list[str] | None = None,
-               fusions: tuple[str, ...] = ()) -> dict:
+               fusions: tuple[str, ...] = (), min_block_k: int = 0) -> dict:
     n = sum(splits)
     main_s = max(sparsities)
     problems = build_problems(fmt, m, k, splits, main_s, fusions)
     ref = sparse_gemv_reference(*problems[0].args(), **problems[0].fusion).float()
-    grid = [c for c in candidates(fmt, m, k, splits, quick, stored, kinds) if is_correct(c, problems[0], ref)]
+    grid = [c for c in candidates(fmt, m, k, splits, quick, stored, kinds, min_block_k)
+            if is_correct(c, problems[0], ref)]
     if not grid:
         raise RuntimeError(f"No candidate config matched the reference for {fmt} M={m} K={k} N={n}.")
     stage1 = {c: time_config(c, problems) for c in grid}
@@ -197,7 +205,7 @@ def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[flo
 
 
 def merge_partial(previous: dict, entry: dict) -> dict:
-    """A partial retune's (--kinds) entry completed from the one it replaces: the runners-up of
+    """A partial retune's (--kinds, --min_block_k) entry completed from the one it replaces: the runners-up of
     the kinds it did not time and the heuristic's time stay on record (timed by that earlier tune)."""
     merged = dict(entry)
     merged["best_of_each_kind_at_max_sparsity"] = {**previous.get("best_of_each_kind_at_max_sparsity", {}),
@@ -253,6 +261,9 @@ def main() -> None:
                         help="time only candidates of these kinds against the stored config: a quick partial "
                              f"retune ({', '.join(KINDS)}); the pipelined ones (opt-in, KernelConfig) are offered "
                              "only when named here")
+    parser.add_argument("--min_block_k", type=int, default=0, metavar="ROWS",
+                        help="time only candidates whose K blocks hold at least ROWS rows against the stored "
+                             "config (a partial retune), adding the dot design's 2048- and 4096-row blocks")
     parser.add_argument("--decode_fusions", action="store_true",
                         help="time each shape as decode.py calls it (timing.DECODE_FUSIONS: the RMSNorm in q|k|v's "
                              "and gate|up's prologue where PackedLinear puts it, the residual in o's and down's "
@@ -261,6 +272,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=TUNED_CONFIGS_PATH)
     parser.add_argument("--jobs", type=int, default=0, help="compile the candidates in this many processes first")
     args = parser.parse_args()
+    if args.min_block_k < 0:
+        parser.error(f"--min_block_k must be >= 0, got {args.min_block_k}")
 
     device = torch.cuda.get_device_name()
     table = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -284,7 +297,8 @@ def main() -> None:
                         continue
                     stored = KernelConfig.from_dict(table[key]["config"]) if key in table else None
                     jobs += [(fmt, m, k, splits, fusions_of(fmt, m, k, splits), c.to_dict())
-                             for c in candidates(fmt, m, k, list(splits), args.quick, stored, args.kinds)]
+                             for c in candidates(fmt, m, k, list(splits), args.quick, stored, args.kinds,
+                                                 args.min_block_k)]
         precompile(jobs, args.jobs)
     for fmt in args.formats:
         for m in args.batch:
@@ -297,8 +311,8 @@ def main() -> None:
                 stored = KernelConfig.from_dict(table[key]["config"]) if key in table else None
                 levels = args.sparsities or ([0.4, 0.5, 0.65] if parse_format(fmt)[0] in ("bf16", "fp16") else [0.0, 0.5])
                 entry = tune_shape(fmt, m, k, list(splits), levels, args.quick, stored, args.kinds,
-                                   fusions_of(fmt, m, k, splits))
-                if args.kinds and key in table:
+                                   fusions_of(fmt, m, k, splits), args.min_block_k)
+                if (args.kinds or args.min_block_k) and key in table:
                     entry = merge_partial(table[key], entry)
                 entry["date"] = datetime.date.today().isoformat()
                 table[key] = entry

@@ -47,6 +47,19 @@ def test_pipelined_candidates_only_when_named():
     assert max(c.block_k for c in piped) == 4096 and {c.num_stages for c in piped} == {4, 8}
 
 
+def test_min_block_k_offers_long_dot_tiles_only():
+    """--min_block_k: only K blocks of at least that many rows (and the stored config), with the dot
+    design's 2048 / 4096-row blocks 4 and 6 stages deep added; without it, none of those."""
+    stored = KernelConfig(block_n=256, block_k=512, sub_k=128, num_stages=3, design="dot")
+    full = tune_kernels.candidates("int4-g128", 1, 4096, [14336, 14336], quick=False, stored=stored)
+    assert stored in full and max(c.block_k for c in full) <= 1024
+    long_k = tune_kernels.candidates("int4-g128", 1, 4096, [14336, 14336], quick=False, stored=stored,
+                                     kinds=["dot"], min_block_k=2048)
+    assert stored in long_k and all(c.block_k >= 2048 for c in long_k if c != stored)
+    assert {c.block_k for c in long_k} == {512, 2048, 4096} and {c.num_stages for c in long_k if c != stored} == {4, 6}
+    assert all(c.design == "dot" for c in long_k)
+
+
 def test_partial_retune_keeps_the_other_kinds_on_record():
     """--kinds: the new entry's winner and timings win; the kinds it did not time and the heuristic's
     time come from the entry it replaces."""
