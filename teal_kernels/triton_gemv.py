@@ -403,6 +403,12 @@ def _rms_scale(x_ptr, M, K, eps, BLOCK_M: tl.constexpr):
         h = tl.load(x_ptr + m_offs[:, None] * K + cols[None, :], mask=(m_offs < M)[:, None] & (cols < K)[None, :],
                     other=0.0).to(tl.float32)
         squares += tl.sum(h * h, axis=1)
+    return _scale_of(squares, K, eps)
+
+
+@triton.jit
+def _scale_of(squares, K, eps):
+    """The RMSNorm scale from a row's sum of squares."""
     return 1.0 / tl.sqrt_rn(squares / K + eps)
 
 
@@ -504,8 +510,8 @@ def _sparse_gemv_kernel(
     WINDOW: tl.constexpr, COMPACT: tl.constexpr, PREFETCH: tl.constexpr, PIPELINE: tl.constexpr,
     LANE_SUM: tl.constexpr,
     LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr,
-    GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
-    PDL: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, WHOLE_ROW: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):
     LANES: tl.constexpr = BLOCK_M * SUB_K
     pid_k = tl.program_id(0)
@@ -536,7 +542,7 @@ def _sparse_gemv_kernel(
     m_ok = lane_m < M
     k_block = pid_k * BLOCK_K
     m_offs = tl.arange(0, BLOCK_M)
-    if NORM:
+    if NORM and not WHOLE_ROW:
         row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)  # [BLOCK_M]
         lane_scale = tl.sum(tl.where(lane_m[:, None] == m_offs[None, :], row_scale[None, :], 0.0), axis=1)
     else:
@@ -547,8 +553,14 @@ def _sparse_gemv_kernel(
         # Slot i of this program's scratch <- i-th row of the block kept by any batch row.
         block_rows = k_block + tl.arange(0, BLOCK_K)
         block_ok = (m_offs[:, None] < M) & (block_rows[None, :] < K)
-        block_x = _masked_x(x_ptr, m_offs[:, None], block_rows[None, :], block_ok, threshold, K, GATED,
-                            nw_ptr, row_scale[:, None], NORM)
+        if NORM and WHOLE_ROW:  # the block holds every row: one load gives the norm's statistics too
+            h = tl.load(x_ptr + m_offs[:, None] * K + block_rows[None, :], mask=block_ok, other=0.0).to(tl.float32)
+            row_scale = _scale_of(tl.sum(h * h, axis=1), K, eps)
+            block_x = _normed(h, row_scale[:, None], nw_ptr, block_rows[None, :], block_ok, x_ptr.dtype.element_ty)
+            block_x = tl.where(tl.abs(block_x) > threshold, block_x, 0.0)
+        else:
+            block_x = _masked_x(x_ptr, m_offs[:, None], block_rows[None, :], block_ok, threshold, K, GATED,
+                                nw_ptr, row_scale[:, None], NORM)
         kept = (tl.max(tl.abs(block_x), axis=0) > 0).to(tl.int32)
         dest = tl.cumsum(kept, 0) - kept
         slots = idx_ptr + (pid_n * GRID_K + pid_k) * BLOCK_K
@@ -1056,7 +1068,7 @@ def sparse_gemv_triton(
         PREFETCH=cfg.compact and cfg.num_stages == 2, PIPELINE=pipeline,
         LANE_SUM=cfg.lane_sum,
         LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k, **fusions,
-        INTERPRET=INTERPRETED, PDL=bool(pdl),
+        WHOLE_ROW=cfg.compact and grid_k == 1, INTERPRET=INTERPRETED, PDL=bool(pdl),
         num_warps=cfg.num_warps, num_stages=1, **pdl, **registers,
     )
     return out

@@ -104,7 +104,7 @@ def gemv_variants():
                    dict(FORMAT=fmt, GROUP_SIZE=128, COL_ALIGN=32, BLOCK_M=m, BLOCK_N=512 if m == 1 else 128,
                         BLOCK_K=256, SUB_K=16, WINDOW=128 if fmt == 2 else 256, COMPACT=compact,
                         PREFETCH=prefetch, PIPELINE=pipeline, LANE_SUM=lane_sum, LANE_GROUPS=2 if lane_sum else 1, RED_K=8,
-                        **fusions, INTERPRET=False, PDL=compact and not lane_sum), 4, 1)
+                        **fusions, WHOLE_ROW=compact and norm, INTERPRET=False, PDL=compact and not lane_sum), 4, 1)
     # the int4 tile under a register cap (KernelConfig.max_registers; at 96 it spills 288 B a thread)
     yield (sg._dot_gemv_kernel, {"w_ptr": "*i32"},
            dict(FORMAT=2, GROUP_SIZE=128, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=512, SUB_K=128, GATED=False,

@@ -783,11 +783,13 @@ def test_gated_prologue_and_residual_epilogue(fmt, group, name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32)])
-def test_rmsnorm_prologue(fmt, group, name):
+@pytest.mark.parametrize("block_k", [32, 64])
+def test_rmsnorm_prologue(fmt, group, name, block_k):
     """x given as the residual stream h [M, K] with the norm's weight: the kernel computes
     model.RMSNorm's output (two roundings to bf16) before thresholding, against float64 math.
     Thresholds sit between two |x| values a few percent apart, so the roundings (the interpreter
-    truncates) cannot flip a mask; the tolerance allows two ulps on every term."""
+    truncates) cannot flip a mask; the tolerance allows two ulps on every term. K blocks of 64 rows
+    are the whole row (one K block: the compact designs take the statistics from the block's load)."""
     _, w, _, splits, scales, zeros, g = make_problem(fmt, torch.bfloat16, 3, 64, [16, 32], group)
     gen = torch.Generator().manual_seed(12)
     h = (torch.randn(3, 64, generator=gen) * 4).to(torch.bfloat16).to(DEVICE)
@@ -800,7 +802,7 @@ def test_rmsnorm_prologue(fmt, group, name):
     gaps = [int(window.argmax()) + lo for lo, window in ((48, ratio[48:68]), (106, ratio[106:126]))]
     assert all(ratio[i] > 1.03 for i in gaps)
     thresholds = torch.stack([(levels[i] + levels[i + 1]) / 2 for i in gaps]).float().to(DEVICE)
-    cfg = variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name)
+    cfg = variant(KernelConfig(block_n=16, block_k=block_k, sub_k=8), name)
     fused = sparse_gemv_triton(h, w, thresholds, splits, scales, zeros, g, config=cfg, norm_weight=norm_weight, eps=eps)
     weight = real_weight64(w, scales, zeros, g)
     keep = torch.cat([(x64.abs() > thresholds[j].double())[:, :, None].expand(-1, -1, n)
