@@ -913,8 +913,8 @@ INTERPRETED = not isinstance(_sparse_gemv_kernel, JITFunction)  # TRITON_INTERPR
 # README's PDL section); TEAL_PDL=0 turns it off, 1 asks for it.
 PDL_ENV = "TEAL_PDL"
 # The rows design's software-pipelined loop (num_stages >= 3, 30-120 KB of shared memory) launches
-# without PDL unless TEAL_PDL_PIPELINED=1: with it, a table of pipelined winners lost 7% end to end
-# against its own plain launches (H200, 2026-12-04, results/long_k/).
+# without PDL unless TEAL_PDL_PIPELINED=1: through PDL a table of pipelined int8 winners decoded 10%
+# slower than with plain launches (H200, 2026-12-04, 50%: 335.3 against 370.7 tok/s, results/long_k/).
 PDL_PIPELINED_ENV = "TEAL_PDL_PIPELINED"
 
 
