@@ -579,10 +579,10 @@ PY
     kernel new
     cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
     ;;
-  whole_row)  # issues 10/11: the fused norm's statistics from the compaction's own load where one K block holds the whole row (fc9830c; int8 gate|up: 2.7 -> 1.1 us a call, long_k/ section 5): int8 + int8 head end to end, the kernel before then after, one call (prepare: git show fc9830c~1:teal_kernels/triton_gemv.py > .old_triton_gemv.py)
+  whole_row)  # issues 10/11: the compact rows design's fused norm after fc9830c and the commit after it: the block's x loaded before the statistics' loads, the statistics from that load where one K block holds the whole row (int8 gate|up: 2.7 -> 1.1 us a call by probe, long_k/ section 5), the statistics' partial sums reduced across threads once instead of once per 1024 rows: int8 + int8 head, then bf16, end to end, the kernel before then after, one call (prepare: git show fc9830c~1:teal_kernels/triton_gemv.py > .old_triton_gemv.py)
     for v in old new; do
       kernel $v
-      step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_whole_row_$v"
+      step 250 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_whole_row_$v"
     done
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back

@@ -397,13 +397,13 @@ def _rms_scale(x_ptr, M, K, eps, BLOCK_M: tl.constexpr):
     rows, a few KB from L2, instead of a separate norm kernel writing them."""
     NORM_BLOCK: tl.constexpr = 1024
     m_offs = tl.arange(0, BLOCK_M)
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_M, NORM_BLOCK], dtype=tl.float32)  # summed across threads once, after the loop
     for k0 in range(0, K, NORM_BLOCK):
         cols = k0 + tl.arange(0, NORM_BLOCK)
         h = tl.load(x_ptr + m_offs[:, None] * K + cols[None, :], mask=(m_offs < M)[:, None] & (cols < K)[None, :],
                     other=0.0).to(tl.float32)
-        squares += tl.sum(h * h, axis=1)
-    return _scale_of(squares, K, eps)
+        squares += h * h
+    return _scale_of(tl.sum(squares, axis=1), K, eps)
 
 
 @triton.jit
@@ -542,7 +542,7 @@ def _sparse_gemv_kernel(
     m_ok = lane_m < M
     k_block = pid_k * BLOCK_K
     m_offs = tl.arange(0, BLOCK_M)
-    if NORM and not WHOLE_ROW:
+    if NORM and not COMPACT:  # the lanes' scale (the compact path takes it with its block's load)
         row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)  # [BLOCK_M]
         lane_scale = tl.sum(tl.where(lane_m[:, None] == m_offs[None, :], row_scale[None, :], 0.0), axis=1)
     else:
@@ -553,9 +553,14 @@ def _sparse_gemv_kernel(
         # Slot i of this program's scratch <- i-th row of the block kept by any batch row.
         block_rows = k_block + tl.arange(0, BLOCK_K)
         block_ok = (m_offs[:, None] < M) & (block_rows[None, :] < K)
-        if NORM and WHOLE_ROW:  # the block holds every row: one load gives the norm's statistics too
+        if NORM:
+            # The block's residual stream is loaded before the statistics' loads, so both are in
+            # flight at once; a block that holds every row gives the statistics itself.
             h = tl.load(x_ptr + m_offs[:, None] * K + block_rows[None, :], mask=block_ok, other=0.0).to(tl.float32)
-            row_scale = _scale_of(tl.sum(h * h, axis=1), K, eps)
+            if WHOLE_ROW:
+                row_scale = _scale_of(tl.sum(h * h, axis=1), K, eps)
+            else:
+                row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)
             block_x = _normed(h, row_scale[:, None], nw_ptr, block_rows[None, :], block_ok, x_ptr.dtype.element_ty)
             block_x = tl.where(tl.abs(block_x) > threshold, block_x, 0.0)
         else:
