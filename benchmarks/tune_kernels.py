@@ -100,8 +100,9 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
                                   design="rows", lane_sum=True))
     if kind != "int4" and rows_design and kinds and any("pipelined" in name for name in kinds):
-        # opt-in (KernelConfig: its tuned table lost end to end): the loop through Triton's software
-        # pipeline, with K blocks up to 4096 rows, where few split-K partials leave a long loop to pipeline
+        # opt-in (KernelConfig; measured end to end for int8 only, results/long_k/): the loop through
+        # Triton's software pipeline, with K blocks up to 4096 rows, where few split-K partials leave a
+        # long loop to pipeline
         for bn, bk, sk, st, lane_sum in itertools.product((128, 256, 512), (512, 1024, 2048, 4096), (32, 64), (4, 8),
                                                           (False, True)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, compact=True, design="rows",

@@ -51,10 +51,10 @@ class KernelConfig:
     depth; "rows" with compact: 1 one chunk at a time, 2 loads the next chunk's weight rows into
     registers before this chunk's FMAs (twice the bytes in flight, more registers), 3 or more runs
     the loop through Triton's software pipeline that deep (num_stages - 1 chunks in flight in
-    shared memory by cp.async, no registers held for them). The pipelined loop is opt-in: with
-    the 8B shapes' K blocks of 256-1024 rows it tied the stored winners per matrix and its tuned
-    table lost 6% end to end (results/pipelined/); the tuner offers it only when asked
-    (tune_kernels --kinds), with the long K blocks (few split-K partials) a deep pipeline needs.
+    shared memory by cp.async, no registers held for them); it launches without PDL (launch_options),
+    with which a table of its winners lost 6-10% end to end (results/pipelined/, results/long_k/).
+    int8's 8B shapes run it over K blocks of 512-4096 rows (long_k/); the tuner offers it only when
+    asked (tune_kernels --kinds), with the long K blocks (few split-K partials) a deep pipeline needs.
     lane_sum ("rows"): sum each chunk's rows as they are multiplied into as few accumulator rows
     per batch row as the tile's layout allows without a cross-thread sum (_lane_groups: 1 for
     1024 bf16 columns at 4 warps, 2 for 512), instead of keeping sub_k rows to the end: fewer
@@ -597,8 +597,9 @@ def _sparse_gemv_kernel(
             if PIPELINE > 1:
                 # Triton's software pipeline: the row ids, x and weight rows of the next PIPELINE - 1
                 # chunks are in flight (cp.async into shared memory, no registers held) during this one's
-                # FMAs. With NORM, local triton 3.9 loaded the weight rows a byte at a time here (the
-                # run-time loop of _rms_scale before it; an unrolled one fixed that, results/pipelined/).
+                # FMAs. With NORM and several K blocks, local triton 3.9 loads the weight rows a byte at a
+                # time here (the run-time loop of _rms_scale before it; WHOLE_ROW has no such loop); on the
+                # H200 (triton 3.6) that was not seen (results/long_k/ section 5).
                 for chunk in tl.range(first, last, SUB_K, num_stages=PIPELINE):
                     rows, xm = _kept_slots(slots, slot_x, chunk + lane_k, last, lane_m, BLOCK_M)
                     wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES,
