@@ -213,6 +213,8 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
     the "rows" design."""
     for name in ("block_n", "block_k", "sub_k"):
         v = getattr(cfg, name)
+        if name == "block_k" and cfg.design == "dot" and v > 0 and v % cfg.sub_k == 0:
+            continue  # the dot design fits block_k to a divisor of K's tiles: a fitted config refits unchanged
         if v < 1 or v & (v - 1):
             raise ValueError(f"KernelConfig.{name} must be a power of two, got {v}.")
     if cfg.design not in ("dot", "rows"):

@@ -6,6 +6,7 @@ module routes the op's CPU implementation through it too (TEAL_CPU_KERNELS=inter
 shapes are tiny; the GPU-only tests at the bottom use real Llama shapes.
 """
 
+import dataclasses
 
 import pytest
 import torch
@@ -255,6 +256,12 @@ def test_dot_design_falls_back_to_rows_where_it_cannot_tile():
     assert sg._fit_config(dot, FMT_FLOAT, 0, 1, 40, [32]).design == "rows"
     fitted = sg._fit_config(dot, FMT_FLOAT, 0, 1, 96, [16, 48])
     assert (fitted.design, fitted.block_n, fitted.block_k) == ("dot", 16, 48)  # divides 16 and 48, and 96
+    # the tuner stores fitted configs: one refits unchanged and runs (int4_long_k/: 3584-row blocks at K 14336)
+    assert sg._fit_config(fitted, FMT_FLOAT, 0, 1, 96, [16, 48]) == fitted
+    args96 = make_problem("fp", torch.bfloat16, 1, 96, [16, 48], 0)
+    assert_close_to_ref(sparse_gemv_triton(*args96, config=fitted), *args96)
+    with pytest.raises(ValueError, match="power of two"):
+        sg._fit_config(dataclasses.replace(dot, block_k=40), FMT_FLOAT, 0, 1, 96, [16, 48])  # not whole tiles
     args = make_problem("fp", torch.bfloat16, 2, 64, [24, 40], 0)
     assert_close_to_ref(sparse_gemv_triton(*args, config=dot), *args)
 
