@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | step_int8 | step_int4 | step_e2e)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -583,6 +583,22 @@ PY
     for v in old new; do
       kernel $v
       step 250 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_whole_row_$v"
+    done
+    ;;
+  step_profile)  # issues 10/11, profile first: where int8 + int8 head's and int4's decode steps spend their time now (no profile of a quantized step exists), dense and 50%, one call
+    step 200 python3 -m benchmarks.profile_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --label int8_head --out "$out/profile_int8_head"  # the int8 head runs the GEMV kernel: one of the 129 projection calls
+    step 150 python3 -m benchmarks.profile_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --decode_path fused --label int4 --out "$out/profile_int4"
+    ;;
+  step_int8)  # issues 10/11: int8's configs chosen by the decode step's time (benchmarks/tune_step.py: the 4 fastest alone of the kinds that won before, and the stored one, each timed in the whole fused step, shape by shape), int8 + int8 head; the table comes back as tuned_configs.json
+    step 560 python3 -m benchmarks.tune_step --model Llama-3-8B --weights int8+lm_head --kinds rows-compact rows-compact-prefetch rows-compact-pipelined rows-compact-prefetch-lane_sum --top 4 --jobs 16 --out "$out/tune_step_int8"
+    ;;
+  step_int4)  # the same for int4-g128 (the dot design only, with the long K blocks of --min_block_k's grid)
+    step 560 python3 -m benchmarks.tune_step --model Llama-3-8B --weights int4-g128 --kinds dot --top 4 --jobs 16 --out "$out/tune_step_int4"
+    ;;
+  step_e2e)  # bench_decode on the stored table and on the step-tuned one (commit step_int8's / step_int4's table as benchmarks/results/step_tune/tuned_step.json first), int8 + int8 head and int4-g128, one call
+    for t in stored step; do
+      [ $t = step ] && cp benchmarks/results/step_tune/tuned_step.json teal_kernels/tuned_configs.json
+      step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_${t}"
     done
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back

@@ -221,7 +221,7 @@ def write_atomic(path: Path, text: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Llama-3-8B", help="shape from model.MODEL_CONFIGS")
-    p.add_argument("--weights", nargs="+", default=["bf16"], help="bf16, int8, int4-g128 ...")
+    p.add_argument("--weights", nargs="+", default=["bf16"], help="bf16, int8, int4-g128 ...; +lm_head after int8 / int4 quantizes the head too")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.0, 0.5], help="TEAL levels; 0 = dense")
     p.add_argument("--context", type=int, default=128, help="tokens in the KV cache before the profiled steps")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
@@ -240,8 +240,8 @@ def check_args(args: argparse.Namespace) -> None:
     from model import ModelArgs
     cfg = ModelArgs.from_name(args.model)
     for w in args.weights:
-        if not re.fullmatch(r"bf16|int8|int4(-g\d+)?", w):
-            raise ValueError(f"unknown --weights {w!r}: use bf16, int8 or int4-g<group>")
+        if not re.fullmatch(r"bf16|(int8|int4(-g\d+)?)(\+lm_head)?", w):
+            raise ValueError(f"unknown --weights {w!r}: use bf16, int8 or int4-g<group>, +lm_head after int8/int4")
     if not all(0 <= s < 1 for s in args.sparsity):
         raise ValueError("--sparsity levels must be in [0, 1)")
     if min(args.context, args.batch, args.steps) < 1:

@@ -195,8 +195,9 @@ def test_bench_decode_provides_the_setup() -> None:
 
 
 def test_cli_bad_weights_is_one_line(tmp_path: Path) -> None:
-    proc = run_script("--weights", "fp8", "--out", str(tmp_path / "p"))
-    assert proc.returncode == 1 and proc.stderr.startswith("error: unknown --weights 'fp8'")
+    for bad in ("fp8", "bf16+lm_head"):
+        proc = run_script("--weights", bad, "--out", str(tmp_path / "p"))
+        assert proc.returncode == 1 and proc.stderr.startswith(f"error: unknown --weights '{bad}'")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
@@ -204,7 +205,7 @@ def test_cli_without_gpu_is_one_line(tmp_path: Path) -> None:
     """The whole CPU-capable path: parse, validate, stop at the GPU check, write nothing."""
     import os
     env = {**os.environ, "OUT": str(tmp_path)}
-    proc = run_script("--model", "SmolLM2-135M", "--weights", "bf16", "int8", "--sparsity", "0", "0.5",
+    proc = run_script("--model", "SmolLM2-135M", "--weights", "bf16", "int8+lm_head", "--sparsity", "0", "0.5",
                       "--label", "before", env=env)
     assert proc.returncode == 1, proc.stdout
     assert proc.stderr == "error: profile_decode.py needs a CUDA GPU\n"

@@ -1,0 +1,296 @@
+"""Pick each decode projection's kernel config by the time of the whole decode step.
+
+tune_kernels.py times one kernel alone, in a CUDA graph over rotating weights. In the decode step
+the same kernel runs right after another one, overlapping it under PDL, and the two rankings
+disagree by a few percent: a table faster alone lost 10% end to end under PDL (results/long_k/);
+int4 gate|up's long-K tile tied alone and won 1-8% end to end (results/int4_long_k/). This script
+ranks the best few configs of each one-row projection shape by the fused decode step itself:
+
+1. Shortlist. Per shape, tune_kernels' grid (or the --kinds / --min_block_k part of it) is timed
+   alone at the highest level. The --top fastest are kept, and the stored config.
+2. Step graphs. A model of the named shape with random weights is built as bench_decode.py builds
+   it, and its fused decode step is compiled once per level. Then, for each candidate, one CUDA graph
+   of the step is captured. The kernel op reads its config when it is launched, so a graph keeps the
+   config in force when it was captured.
+3. Timing. The graphs of one shape are replayed in turns: --rounds rounds of --steps steps each.
+   Each candidate gets its median step time per level. Every other shape keeps its stored config.
+4. Choice. Per shape, the candidate with the lowest summed step time wins if it beats the stored
+   config by --min_gain; else the stored config stays.
+5. Check and write. All winners together are timed against the stored table, interleaved, per level.
+   The winners are written into teal_kernels/tuned_configs.json (atomically; not with --dry_run)
+   with their step times ("step_us"). A report goes to --out (JSON + Markdown).
+
+The step decodes at a fixed position (--context tokens of cache): the next token's cache slot is
+rewritten by every replay, so the attention's length stays the same for every candidate.
+
+    python -m benchmarks.tune_step --model Llama-3-8B --weights int8+lm_head --jobs 16
+    python -m benchmarks.tune_step --model Llama-3-8B --weights int4-g128 --kinds dot --min_block_k 2048
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_decode import apply_weights, parse_weights, set_level
+from benchmarks.timing import decode_fusions
+from benchmarks.tune_kernels import KINDS, build_problems, candidates, fitted, is_correct, precompile, time_config, \
+    write_atomically
+from files import atomic_path, check_writable
+from generate import Sampling, decode_one_token, random_model, self_calibrated_thresholds
+from decode import install_fused_decode
+from linear import PROJECTION_TABLE, projection_splits
+from model import Transformer
+from teal_kernels import triton_gemv
+from teal_kernels.reference import sparse_gemv_reference
+from teal_kernels.triton_gemv import TUNED_CONFIGS_PATH, KernelConfig, config_key
+
+# a decoder projection's module path -> its role in benchmarks.timing (DECODE_FUSIONS, MODEL_SHAPES)
+ROLES = {"attention.wqkv": "qkv", "attention.wo": "o", "feed_forward.w13": "gate_up", "feed_forward.w2": "down"}
+
+
+def decode_shapes(model: Transformer) -> list[tuple[str, int, list[int]]]:
+    """(role, K, output segment widths) of each decoder projection; every layer has layer 0's."""
+    splits = projection_splits(model)
+    return [(ROLES[path], model.get_submodule(f"layers.0.{path}").in_features, splits[f"layers.0.{path}"])
+            for path in PROJECTION_TABLE]
+
+
+def table_format(weights: str) -> str:
+    """The config table's name of a --weights value's projection format: bf16, int8 or int4-gN."""
+    mode, group, _ = parse_weights(weights)
+    return f"int4-g{group}" if mode == "int4" else mode
+
+
+def shortlist(fmt: str, role: str, k: int, splits: list[int], level: float, stored: KernelConfig | None,
+              top: int, kinds: list[str] | None, min_block_k: int) -> dict[KernelConfig, float]:
+    """The `top` configs of the tuner's grid fastest alone at `level` (called as the decode step calls
+    the shape), and the stored one (fitted): config -> µs alone."""
+    fusions = decode_fusions(role, fmt, 1)
+    problems = build_problems(fmt, 1, k, splits, level, fusions)
+    ref = sparse_gemv_reference(*problems[0].args(), **problems[0].fusion).float()
+    grid = [c for c in candidates(fmt, 1, k, splits, False, stored, kinds, min_block_k)
+            if is_correct(c, problems[0], ref)]
+    alone = {c: time_config(c, problems) for c in grid}
+    keep = sorted(grid, key=alone.get)[:top]
+    if stored in alone and stored not in keep:
+        keep.append(stored)
+    return {c: alone[c] for c in keep}
+
+
+def use_config(key: str, config: KernelConfig | None) -> None:
+    """Make `config` (None: the heuristic's) the one the kernel op takes for table key `key` from its
+    next launch on: the op looks its config up at each launch, through a per-shape cache cleared here."""
+    table = triton_gemv._tuned_table()
+    if config is None:
+        table.pop(key, None)
+    else:
+        table[key] = {**table.get(key, {}), "config": config.to_dict()}
+    triton_gemv._planned_config.cache_clear()
+
+
+def capture_step(step, model: Transformer, token: torch.Tensor, pos: torch.Tensor) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of the decode step at `pos`, after two warm-up steps on a side stream (kernel
+    compilation, cuBLAS workspaces)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(model, token, pos, Sampling())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(model, token, pos, Sampling())
+    return graph
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, steps: int) -> float:
+    """µs per step of `steps` back-to-back replays."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / steps
+
+
+def interleaved_us(graphs: dict, rounds: int, steps: int) -> dict:
+    """Median µs per step of each graph, replayed in turns so that drift reaches every one alike."""
+    for graph in graphs.values():  # warm
+        replay_us(graph, 8)
+    samples: dict = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, graph in graphs.items():
+            samples[name].append(replay_us(graph, steps))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def pick(step_us: dict[KernelConfig, dict[float, float]], stored: KernelConfig | None,
+         min_gain: float) -> KernelConfig:
+    """The candidate with the lowest step time summed over the levels, if it beats the stored
+    config by more than `min_gain` (a fraction); else the stored one (when it was timed)."""
+    total = {c: sum(v.values()) for c, v in step_us.items()}
+    best = min(total, key=total.get)
+    if stored in total and total[best] > total[stored] * (1 - min_gain):
+        return stored
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="Llama-3-8B", help="shape from model.MODEL_CONFIGS (random weights)")
+    p.add_argument("--weights", default="bf16", help="bf16, int8, int4-gN, optionally +lm_head (as bench_decode.py)")
+    p.add_argument("--sparsity", type=float, nargs="+", default=None,
+                   help="levels whose summed step time picks a config (default: 0.4 0.5 0.65 for bf16, whose dense "
+                        "calls run in cuBLAS; 0 0.5 for int8 / int4, as tune_kernels.py)")
+    p.add_argument("--top", type=int, default=4, help="configs per shape, fastest alone, timed in the step")
+    p.add_argument("--kinds", nargs="+", default=None, metavar="KIND", choices=KINDS,
+                   help="shortlist only from these kinds (and the stored config), as tune_kernels.py --kinds")
+    p.add_argument("--min_block_k", type=int, default=0, metavar="ROWS",
+                   help="shortlist only from K blocks of at least ROWS rows, as tune_kernels.py --min_block_k")
+    p.add_argument("--rounds", type=int, default=5, help="turns over a shape's graphs (median reported)")
+    p.add_argument("--steps", type=int, default=100, help="decode steps replayed per turn")
+    p.add_argument("--context", type=int, default=128, help="tokens in the KV cache at the timed step")
+    p.add_argument("--calib_tokens", type=int, default=2048, help="random tokens for the thresholds")
+    p.add_argument("--min_gain", type=float, default=0.003,
+                   help="a fraction of the step: the stored config stays unless a candidate beats it by more")
+    p.add_argument("--jobs", type=int, default=0, help="compile the shortlist's grid in this many processes first")
+    p.add_argument("--dry_run", action="store_true", help="report only; leave tuned_configs.json as it is")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/tune_step"),
+                   help="report prefix: writes <out>.json and <out>.md")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: tune_step.py needs a CUDA GPU")
+    for name in ("top", "rounds", "steps", "context"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.min_block_k < 0 or not 0 <= args.min_gain < 1:
+        p.error("--min_block_k must be >= 0 and --min_gain in [0, 1)")
+    fmt = table_format(args.weights)
+    levels = args.sparsity or ([0.4, 0.5, 0.65] if fmt == "bf16" else [0.0, 0.5])
+    try:
+        for suffix in (".json", ".md"):
+            check_writable(args.out.with_suffix(suffix))
+        if not args.dry_run:
+            check_writable(TUNED_CONFIGS_PATH)
+    except OSError as e:
+        sys.exit(f"error: {e}")
+    report = tune(args, fmt, levels)
+    write_report(args, fmt, levels, report)
+
+
+def tune(args: argparse.Namespace, fmt: str, levels: list[float]) -> dict:
+    device = torch.device("cuda")
+    device_name = triton_gemv.gpu_name(device)
+    stored_table = copy.deepcopy(triton_gemv._tuned_table())  # as read, before use_config changes it
+
+    model = random_model(args.model, torch.bfloat16, device)
+    apply_weights(model, args.weights)
+    thresholds = {level: self_calibrated_thresholds(model, level, args.calib_tokens) for level in levels if level > 0}
+    install_fused_decode(model)
+    shapes = decode_shapes(model)
+    keys = {role: config_key(device_name, fmt, 1, k, sum(splits)) for role, k, splits in shapes}
+    # as the op runs them (an entry stored before fitting existed may differ from its fitted form)
+    stored = {role: fitted([KernelConfig.from_dict(stored_table[keys[role]]["config"])], fmt, 1, k, splits)[0]
+              if keys[role] in stored_table else None for role, k, splits in shapes}
+
+    main_level = max(levels)
+    if args.jobs > 0:
+        jobs = [(fmt, 1, k, tuple(splits), decode_fusions(role, fmt, 1), c.to_dict())
+                for role, k, splits in shapes
+                for c in candidates(fmt, 1, k, splits, False, stored[role], args.kinds, args.min_block_k)]
+        precompile(jobs, args.jobs)
+    alone = {}
+    for role, k, splits in shapes:
+        alone[role] = shortlist(fmt, role, k, splits, main_level, stored[role], args.top, args.kinds, args.min_block_k)
+        print(f"{role}: shortlist {[round(t, 2) for t in alone[role].values()]} µs alone", flush=True)
+        torch.cuda.empty_cache()
+
+    torch._dynamo.config.cache_size_limit = 64
+    step = torch.compile(decode_one_token, fullgraph=True)  # graphs captured here, not by Inductor
+    model.setup_caches(1, args.context + 8)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    pos = torch.tensor([args.context], device=device)
+
+    def graph_of(configs: dict[str, KernelConfig | None]) -> torch.cuda.CUDAGraph:
+        for role, config in configs.items():
+            use_config(keys[role], config)
+        return capture_step(step, model, token, pos)
+
+    with torch.no_grad():
+        model(torch.randint(model.config.vocab_size, (1, args.context), device=device),
+              torch.arange(args.context, device=device))
+        step_us: dict[str, dict[KernelConfig, dict[float, float]]] = {role: {} for role in keys}
+        for level in levels:  # one shape at a time, the others at their stored configs
+            set_level(model, level, args.calib_tokens, thresholds.get(level))
+            for role in keys:
+                graphs = {config: graph_of({**stored, role: config}) for config in alone[role]}
+                for config, us in interleaved_us(graphs, args.rounds, args.steps).items():
+                    step_us[role].setdefault(config, {})[level] = us
+                del graphs
+                print(f"level {level} {role}: step µs {[round(v[level], 1) for v in step_us[role].values()]}",
+                      flush=True)
+        winners = {role: pick(step_us[role], stored[role], args.min_gain) for role in keys}
+        check = {}  # all winners together against the stored table, per level
+        for level in levels:
+            set_level(model, level, args.calib_tokens, thresholds.get(level))
+            graphs = {"stored": graph_of(stored), "step-tuned": graph_of(winners)}
+            check[level] = interleaved_us(graphs, args.rounds, args.steps)
+            del graphs
+
+    table = copy.deepcopy(stored_table)
+    for role in keys:
+        entry = dict(table.get(keys[role], {}))
+        entry["config"] = winners[role].to_dict()
+        entry["step_us"] = {str(level): round(us, 1) for level, us in step_us[role][winners[role]].items()}
+        entry["step_tuned"] = datetime.date.today().isoformat()
+        table[keys[role]] = entry
+    if not args.dry_run:
+        write_atomically(TUNED_CONFIGS_PATH, table)
+    return {
+        "shapes": {role: {"key": keys[role],
+                          "stored": stored[role] and stored[role].to_dict(),
+                          "winner": winners[role].to_dict(),
+                          "candidates": [{"config": c.to_dict(), "us_alone": round(alone[role][c], 2),
+                                          "step_us": {str(lv): round(us, 1) for lv, us in step_us[role][c].items()}}
+                                         for c in alone[role]]}
+                   for role in keys},
+        "check": {str(level): {name: round(us, 1) for name, us in v.items()} for level, v in check.items()},
+    }
+
+
+def write_report(args: argparse.Namespace, fmt: str, levels: list[float], report: dict) -> None:
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            "command": " ".join(sys.argv), "model": args.model, "weights": args.weights, "levels": levels}
+    with atomic_path(args.out.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps({**meta, **report}, indent=1) + "\n")
+    lines = [f"# Step-tuned configs, {args.model} {args.weights} — {meta['gpu']}, torch {meta['torch']}, {meta['date']}",
+             "", f"`{meta['command']}`", "",
+             "| shape | config | alone µs | " + " | ".join(f"step µs at {lv}" for lv in levels) + " | |",
+             "|---|---|---|" + "---|" * len(levels) + "---|"]
+    for role, shape in report["shapes"].items():
+        for c in shape["candidates"]:
+            mark = ("winner" if c["config"] == shape["winner"] else "") + \
+                   (" stored" if c["config"] == shape["stored"] else "")
+            cfg = ", ".join(f"{k}={v}" for k, v in c["config"].items())
+            lines.append(f"| {role} | {cfg} | {c['us_alone']} | "
+                         + " | ".join(str(c["step_us"].get(str(lv), "")) for lv in levels) + f" | {mark.strip()} |")
+    lines += ["", "All winners together against the stored table (µs per step, tok/s):", "",
+              "| level | stored | step-tuned |", "|---|---|---|"]
+    for level, v in report["check"].items():
+        lines.append(f"| {level} | {v['stored']} ({1e6 / v['stored']:.1f}) | {v['step-tuned']} "
+                     f"({1e6 / v['step-tuned']:.1f}) |")
+    with atomic_path(args.out.with_suffix(".md")) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-(len(report['check']) + 2):]))
+
+
+if __name__ == "__main__":
+    main()

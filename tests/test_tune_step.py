@@ -1,0 +1,97 @@
+"""benchmarks/tune_step.py without a GPU: the shapes it tunes, its shortlist, how it switches the
+op's config and which config it keeps. The step timing itself (CUDA graphs) needs the H200."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from fixtures import DEVICE, tiny_model
+
+from benchmarks import timing, tune_kernels, tune_step
+from decode import install_fused_decode
+from teal_kernels import triton_gemv
+from teal_kernels.reference import FMT_FLOAT
+from teal_kernels.triton_gemv import KernelConfig, config_key, sparse_gemv_triton
+
+
+def test_decode_shapes_are_the_projections_of_a_layer():
+    model = install_fused_decode(tiny_model())
+    cfg = model.config
+    kv = cfg.n_local_heads * cfg.head_dim
+    assert tune_step.decode_shapes(model) == [
+        ("qkv", cfg.dim, [cfg.n_head * cfg.head_dim, kv, kv]),
+        ("o", cfg.n_head * cfg.head_dim, [cfg.dim]),
+        ("gate_up", cfg.dim, [cfg.intermediate_size] * 2),
+        ("down", cfg.intermediate_size, [cfg.dim]),
+    ]
+    assert {role for role, _, _ in tune_step.decode_shapes(model)} == set(timing.DECODE_FUSIONS) - {"lm_head"}
+
+
+def test_table_format_names_the_projections_format():
+    assert [tune_step.table_format(w) for w in ("bf16", "int8+lm_head", "int4-g64", "int4-g128+lm_head")] == \
+        ["bf16", "int8", "int4-g64", "int4-g128"]
+
+
+def test_use_config_switches_what_the_op_launches():
+    """The op looks its config up per launch: after use_config a call without a config takes the new
+    one (and None brings the heuristic back), and the product is still right."""
+    k, splits = 64, [32, 32]
+    key = config_key(triton_gemv.gpu_name(torch.device(DEVICE)), "bf16", 1, k, sum(splits))
+    planned = lambda: triton_gemv._planned_config(triton_gemv.gpu_name(torch.device(DEVICE)), "bf16", FMT_FLOAT, 0,
+                                                  1, k, tuple(splits), False)
+    heuristic = planned()
+    chosen = KernelConfig(block_n=16, block_k=32, sub_k=16, design="dot")
+    assert key not in triton_gemv._tuned_table()  # nothing stored for this device: the test leaves nothing
+    try:
+        tune_step.use_config(key, chosen)
+        assert planned() == triton_gemv._fit_config(chosen, FMT_FLOAT, 0, 1, k, splits) != heuristic
+        x = torch.randn(1, k, dtype=torch.bfloat16, device=DEVICE)
+        w = torch.randn(k, sum(splits), dtype=torch.bfloat16, device=DEVICE)
+        thresholds = torch.tensor([0.5, 0.0], device=DEVICE)
+        ref = torch.cat([torch.where(x.double().abs() > t, x.double(), 0.0) @ w.double()[:, s:s + 32]
+                         for t, s in zip(thresholds.tolist(), (0, 32))], dim=1)
+        out = sparse_gemv_triton(x, w, thresholds, splits).double()
+        assert torch.allclose(out, ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
+    finally:
+        tune_step.use_config(key, None)
+    assert planned() == heuristic and key not in triton_gemv._tuned_table()
+
+
+def test_shortlist_keeps_the_fastest_alone_and_the_stored_config(monkeypatch):
+    """Each config is checked against the reference as the decode step calls the shape (here q|k|v
+    with the norm fused), timed alone, and the `top` fastest kept with the stored one."""
+    make_x, make_weight = timing.make_x, timing.make_weight
+    monkeypatch.setattr(tune_kernels, "make_x", lambda m, k, dtype, device, seed: make_x(m, k, dtype, DEVICE, seed))
+    monkeypatch.setattr(tune_kernels, "make_weight", lambda fmt, k, n, device, seed: make_weight(fmt, k, n, DEVICE, seed))
+    monkeypatch.setattr(tune_kernels, "copies_for", lambda nbytes: 1)
+    grid = [KernelConfig(block_n=32, block_k=32, sub_k=8), KernelConfig(block_n=16, block_k=64, sub_k=16, design="dot"),
+            KernelConfig(block_n=16, block_k=32, sub_k=16)]
+    times = dict(zip(grid, (3.0, 1.0, 2.0)))
+    monkeypatch.setattr(tune_step, "candidates", lambda *args: grid)
+    fusions_seen = []
+
+    def time_alone(config, problems):
+        fusions_seen.append(problems[0].fusion)
+        return times[config]
+    monkeypatch.setattr(tune_step, "time_config", time_alone)
+    kept = tune_step.shortlist("int8", "qkv", 64, [32, 16, 16], 0.5, grid[0], 1, None, 0)
+    assert kept == {grid[1]: 1.0, grid[0]: 3.0}  # the fastest, then the stored one
+    assert all("norm_weight" in f for f in fusions_seen) and len(fusions_seen) == 3
+
+
+def test_pick_keeps_the_stored_config_unless_a_candidate_beats_it():
+    stored, a, b = (KernelConfig(block_k=bk) for bk in (256, 512, 1024))
+    step_us = {stored: {0.0: 3000.0, 0.5: 2500.0}, a: {0.0: 2995.0, 0.5: 2498.0}, b: {0.0: 3100.0, 0.5: 2300.0}}
+    assert tune_step.pick(step_us, stored, 0.003) == b  # 5400 against 5500: 1.8% better
+    assert tune_step.pick(step_us, stored, 0.02) == stored
+    assert tune_step.pick({stored: step_us[stored], a: step_us[a]}, stored, 0.003) == stored  # 0.13%: noise
+    assert tune_step.pick({a: step_us[a], b: step_us[b]}, None, 0.5) == b  # nothing stored: the fastest
+
+
+def test_without_a_gpu_it_says_so():
+    run = subprocess.run([sys.executable, "-m", "benchmarks.tune_step", "--dry_run"], capture_output=True, text=True)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert run.returncode == 1 and run.stderr.strip().splitlines()[-1] == "error: tune_step.py needs a CUDA GPU"
