@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,7 +24,7 @@ from torch import Tensor
 
 from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
 from teal_kernels.ops import dense_gemv, dequantize
-from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, dot_design_fits, gated_input
+from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, dot_design_fits, env_switch, gated_input
 from teal_kernels.speed_table import estimated_sparse_beats_dense, sparse_beats_dense
 
 FORMATS = ("fp", "int8", "int4")
@@ -66,14 +65,6 @@ def segments(model: nn.Module) -> list[Segment]:
 # instead of cuBLAS, where its weights fit; TEAL_PRELOAD_GEMV=0 (read when a PackedLinear is built)
 # keeps cuBLAS.
 PRELOAD_ENV = "TEAL_PRELOAD_GEMV"
-
-
-def env_switch(name: str, default: str = "0") -> bool:
-    """An on/off environment switch: "1" on, "0" off."""
-    value = os.environ.get(name, default)
-    if value not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return value == "1"
 
 
 @torch.compiler.assume_constant_result

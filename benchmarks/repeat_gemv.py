@@ -55,7 +55,7 @@ def main() -> None:
                                          num_stages=2)], args.format, 1, k, splits)  # as the kernel runs it
     ref = sparse_gemv_reference(*problem).float()
     atol = 1e-2 * ref.abs().max().item()
-    counters = sg._arrival_counters(x.device)
+    counters = sg.arrival_counters(x.device)
     bad_calls, dirty_calls, first = 0, 0, None
     for i in range(args.repeats):
         out = sg.sparse_gemv_triton(*problem, config=cfg).float()

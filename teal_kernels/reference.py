@@ -24,9 +24,19 @@ residual stream and uses model.RMSNorm's output as the input (``rms_normed``).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
+
+
+def env_switch(name: str, default: str = "0") -> bool:
+    """An on/off environment switch: "1" on, "0" off; any other value is an error."""
+    value = os.environ.get(name, default)
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
 
 MAX_BATCH = 8  # rows of x the decode kernels take; larger batches are GEMMs (dequantize + matmul)
 # rows the Triton kernel's "dot" design takes (tl.dot tiles of up to 64 rows): an int8/int4 model's

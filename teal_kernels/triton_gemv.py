@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from torch import Tensor
 from triton.runtime.jit import JITFunction
 
 from teal_kernels.reference import (FMT_INT4, FMT_INT8, MAX_BATCH, MAX_DOT_ROWS, MAX_SEGMENTS, dot_design_fits,
-                                    validate, weight_format_name)
+                                    env_switch, validate, weight_format_name)
 
 __all__ = ["INTERPRETED", "KernelConfig", "get_config", "gpu_name", "sparse_gemv_triton"]
 
@@ -913,7 +912,7 @@ def _dot_gemv_kernel(
 
 _MAX_COUNTERS = 1 << 14
 _REDUCTION_FLOATS = 16384  # fp32 partials the last program loads at once (at most 128 registers a thread at 4 warps)
-_counters: dict[torch.device, Tensor] = {}
+_counters: dict[tuple[torch.device, str], Tensor] = {}
 INTERPRETED = not isinstance(_sparse_gemv_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
 # Programmatic dependent launch (Hopper+): each GEMV and attention kernel starts launching while
 # the previous one finishes (it waits before touching memory). On by default where the GPU has it
@@ -931,12 +930,8 @@ def launch_options(device: torch.device, pipelined: bool = False) -> dict:
     of compute capability 9.0 or newer unless TEAL_PDL=0 (the interpreter has no PDL; older GPUs
     have no griddepcontrol instructions), and for a software-pipelined rows kernel only with
     TEAL_PDL_PIPELINED=1; the kernels' PDL constexpr is its value."""
-    value = os.environ.get(PDL_ENV, "1")
-    pipelined_value = os.environ.get(PDL_PIPELINED_ENV, "0")
-    for name, v in ((PDL_ENV, value), (PDL_PIPELINED_ENV, pipelined_value)):
-        if v not in ("0", "1"):
-            raise ValueError(f"{name} must be 0 or 1, got {v!r}")
-    if value == "0" or (pipelined and pipelined_value == "0") or device.type != "cuda" or INTERPRETED:
+    pdl, pipelined_pdl = env_switch(PDL_ENV, default="1"), env_switch(PDL_PIPELINED_ENV)  # both checked
+    if not pdl or (pipelined and not pipelined_pdl) or device.type != "cuda" or INTERPRETED:
         return {}
     return {"launch_pdl": True} if _compute_capability(device) >= (9, 0) else {}
 
@@ -951,18 +946,19 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _arrival_counters(device: torch.device) -> Tensor:
-    """Per-device int32 arrival counters of the K reduction, zero between calls (each call
-    leaves them so), never freed (graphs keep their address).
+def arrival_counters(device: torch.device, user: str = "gemv") -> Tensor:
+    """Per-device int32 arrival counters of a split reduction (`user`: the GEMV's K blocks, the
+    attention's chunks; each its own), zero between calls (each call leaves them so), never freed
+    (graphs keep their address).
 
     Allocated from a helper thread: torch.compile's CUDA-graph trees send every
     allocation of the calling thread during warm-up into their private pool, which
     must hold only their own tensors.
     """
-    counters = _counters.get(device)
+    counters = _counters.get((device, user))
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("Call sparse_gemv once on this device before capturing a CUDA graph.")
+            raise RuntimeError(f"Call the {user} kernel once on this device before capturing a CUDA graph.")
         made: list[Tensor] = []
 
         def allocate() -> None:
@@ -974,8 +970,8 @@ def _arrival_counters(device: torch.device) -> Tensor:
         worker.start()
         worker.join()
         if not made:
-            raise RuntimeError(f"Could not allocate the sparse_gemv counters on {device}.")
-        counters = _counters[device] = made[0]
+            raise RuntimeError(f"Could not allocate the {user} counters on {device}.")
+        counters = _counters[(device, user)] = made[0]
     return counters
 
 
@@ -1032,7 +1028,7 @@ def sparse_gemv_triton(
     grid_n = sum(cdiv(s, cfg.block_n) for s in split_sizes)
     if grid_n > _MAX_COUNTERS:
         raise ValueError(f"N={n} needs {grid_n} column blocks, more than {_MAX_COUNTERS}; use a larger block_n.")
-    counters = _arrival_counters(x.device)
+    counters = arrival_counters(x.device)
     out = _alloc((m, n), x.dtype, x.device)
     partials = _alloc((grid_k, m, n), torch.float32, x.device)  # each K block's fp32 sums
     aux = (scales if scales is not None else thresholds, zeros if zeros is not None else thresholds, thresholds,

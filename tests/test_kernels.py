@@ -183,7 +183,7 @@ def test_dot_design_matches_float64_reference(case):
     for stages in (1, 3):
         out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "design": "dot", "num_stages": stages}))
         assert_close_to_ref(out, *args)
-    assert not sg._arrival_counters(torch.device(DEVICE)).any()  # every call leaves them at zero
+    assert not sg.arrival_counters(torch.device(DEVICE)).any()  # every call leaves them at zero
 
 
 @pytest.mark.parametrize("design", ["rows", "dot"])
@@ -399,7 +399,7 @@ def test_uninitialised_buffers_and_counters(monkeypatch):
         args = make_problem("int4", torch.bfloat16, 2, 96, [16, 32], 32)
         out = sparse_gemv_triton(*args, config=variant(KernelConfig(block_n=16, block_k=32, sub_k=8), name))
         assert_close_to_ref(out, *args)
-    assert not sg._arrival_counters(torch.device(DEVICE)).any()  # every call leaves them at zero
+    assert not sg.arrival_counters(torch.device(DEVICE)).any()  # every call leaves them at zero
 
 
 @pytest.mark.parametrize("cfg", [KernelConfig(block_n=32, block_k=32, sub_k=8),
@@ -648,7 +648,7 @@ def test_gpu_llama_shapes(fmt, group, m, name):
             assert_close_gpu(out, args)
             assert_close_gpu(sparse_gemv(*args), args)  # tuned/default config
     torch.cuda.synchronize()
-    assert not sg._arrival_counters(torch.device("cuda", torch.cuda.current_device())).any()
+    assert not sg.arrival_counters(torch.device("cuda", torch.cuda.current_device())).any()
 
 
 @needs_cuda
@@ -712,7 +712,7 @@ def test_gpu_deterministic_and_counters_reset():
     for _ in range(50):
         assert torch.equal(sparse_gemv(*args), first)
     torch.cuda.synchronize()
-    assert not sg._arrival_counters(torch.device("cuda", torch.cuda.current_device())).any()
+    assert not sg.arrival_counters(torch.device("cuda", torch.cuda.current_device())).any()
 
 
 @needs_cuda
