@@ -35,6 +35,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -46,7 +47,7 @@ from files import atomic_path, check_writable
 from generate import Sampling, decode_one_token, random_model, self_calibrated_thresholds
 from decode import install_fused_decode
 from linear import PROJECTION_TABLE, projection_splits
-from model import Transformer
+from model import ModelArgs, Transformer
 from teal_kernels import triton_gemv
 from teal_kernels.reference import sparse_gemv_reference
 from teal_kernels.triton_gemv import TUNED_CONFIGS_PATH, KernelConfig, config_key
@@ -95,41 +96,46 @@ def use_config(key: str, config: KernelConfig | None) -> None:
     triton_gemv._planned_config.cache_clear()
 
 
-def capture_step(step, model: Transformer, token: torch.Tensor, pos: torch.Tensor) -> torch.cuda.CUDAGraph:
-    """One CUDA graph of the decode step at `pos`, after two warm-up steps on a side stream (kernel
-    compilation, cuBLAS workspaces)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step(model, token, pos, Sampling())
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(model, token, pos, Sampling())
-    return graph
+class StepGraphs:
+    """The decode step as CUDA graphs: `capture` records one with the configs in force, `median_us`
+    replays several in turns (so that drift reaches every one alike) and gives each one's median
+    µs per step."""
 
+    def __init__(self, run_step: Callable[[], object], rounds: int, steps: int) -> None:
+        self.run_step, self.rounds, self.steps = run_step, rounds, steps
 
-def replay_us(graph: torch.cuda.CUDAGraph, steps: int) -> float:
-    """µs per step of `steps` back-to-back replays."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / steps
+    def capture(self) -> torch.cuda.CUDAGraph:
+        """After two warm-up steps on a side stream (kernel compilation, cuBLAS workspaces)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.run_step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.run_step()
+        return graph
 
+    @staticmethod
+    def replay_us(graph: torch.cuda.CUDAGraph, steps: int) -> float:
+        """µs per step of `steps` back-to-back replays."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / steps
 
-def interleaved_us(graphs: dict, rounds: int, steps: int) -> dict:
-    """Median µs per step of each graph, replayed in turns so that drift reaches every one alike."""
-    for graph in graphs.values():  # warm
-        replay_us(graph, 8)
-    samples: dict = {name: [] for name in graphs}
-    for _ in range(rounds):
-        for name, graph in graphs.items():
-            samples[name].append(replay_us(graph, steps))
-    return {name: statistics.median(v) for name, v in samples.items()}
+    def median_us(self, graphs: dict) -> dict:
+        for graph in graphs.values():  # warm
+            self.replay_us(graph, 8)
+        samples: dict = {name: [] for name in graphs}
+        for _ in range(self.rounds):
+            for name, graph in graphs.items():
+                samples[name].append(self.replay_us(graph, self.steps))
+        return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def pick(step_us: dict[KernelConfig, dict[float, float]], stored: KernelConfig | None,
@@ -174,6 +180,10 @@ def main() -> None:
     if args.min_block_k < 0 or not 0 <= args.min_gain < 1:
         p.error("--min_block_k must be >= 0 and --min_gain in [0, 1)")
     fmt = table_format(args.weights)
+    try:
+        ModelArgs.from_name(args.model)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     levels = args.sparsity or ([0.4, 0.5, 0.65] if fmt == "bf16" else [0.0, 0.5])
     try:
         for suffix in (".json", ".md"):
@@ -182,78 +192,73 @@ def main() -> None:
             check_writable(TUNED_CONFIGS_PATH)
     except OSError as e:
         sys.exit(f"error: {e}")
-    report = tune(args, fmt, levels)
-    write_report(args, fmt, levels, report)
-
-
-def tune(args: argparse.Namespace, fmt: str, levels: list[float]) -> dict:
     device = torch.device("cuda")
-    device_name = triton_gemv.gpu_name(device)
-    stored_table = copy.deepcopy(triton_gemv._tuned_table())  # as read, before use_config changes it
-
     model = random_model(args.model, torch.bfloat16, device)
     apply_weights(model, args.weights)
     thresholds = {level: self_calibrated_thresholds(model, level, args.calib_tokens) for level in levels if level > 0}
     install_fused_decode(model)
+    step = torch.compile(decode_one_token, fullgraph=True)  # graphs captured here, not by Inductor
+    torch._dynamo.config.cache_size_limit = 64  # one graph per level
+    model.setup_caches(1, args.context + 8)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    pos = torch.tensor([args.context], device=device)
+    with torch.no_grad():
+        model(torch.randint(model.config.vocab_size, (1, args.context), device=device),
+              torch.arange(args.context, device=device))
+        graphs = StepGraphs(lambda: step(model, token, pos, Sampling()), args.rounds, args.steps)
+        report = tune(model, fmt, levels, thresholds, graphs, args)
+    write_report(args, fmt, levels, report)
+
+
+def tune(model: Transformer, fmt: str, levels: list[float], thresholds: dict[float, dict], graphs: StepGraphs,
+         args: argparse.Namespace, table_path: Path = TUNED_CONFIGS_PATH) -> dict:
+    """Shortlist each shape alone, time the shortlist in the step level by level (`graphs`), pick,
+    check the winners together against the stored table, write the table unless args.dry_run."""
+    device_name = triton_gemv.gpu_name(model.norm.weight.device)
+    stored_table = copy.deepcopy(triton_gemv._tuned_table())  # as read, before use_config changes it
     shapes = decode_shapes(model)
     keys = {role: config_key(device_name, fmt, 1, k, sum(splits)) for role, k, splits in shapes}
     # as the op runs them (an entry stored before fitting existed may differ from its fitted form)
     stored = {role: fitted([KernelConfig.from_dict(stored_table[keys[role]]["config"])], fmt, 1, k, splits)[0]
               if keys[role] in stored_table else None for role, k, splits in shapes}
 
-    main_level = max(levels)
     if args.jobs > 0:
-        jobs = [(fmt, 1, k, tuple(splits), decode_fusions(role, fmt, 1), c.to_dict())
-                for role, k, splits in shapes
-                for c in candidates(fmt, 1, k, splits, False, stored[role], args.kinds, args.min_block_k)]
-        precompile(jobs, args.jobs)
+        precompile([(fmt, 1, k, tuple(splits), decode_fusions(role, fmt, 1), c.to_dict())
+                    for role, k, splits in shapes
+                    for c in candidates(fmt, 1, k, splits, False, stored[role], args.kinds, args.min_block_k)],
+                   args.jobs)
     alone = {}
     for role, k, splits in shapes:
-        alone[role] = shortlist(fmt, role, k, splits, main_level, stored[role], args.top, args.kinds, args.min_block_k)
+        alone[role] = shortlist(fmt, role, k, splits, max(levels), stored[role], args.top, args.kinds,
+                                args.min_block_k)
         print(f"{role}: shortlist {[round(t, 2) for t in alone[role].values()]} µs alone", flush=True)
-        torch.cuda.empty_cache()
 
-    torch._dynamo.config.cache_size_limit = 64
-    step = torch.compile(decode_one_token, fullgraph=True)  # graphs captured here, not by Inductor
-    model.setup_caches(1, args.context + 8)
-    token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    pos = torch.tensor([args.context], device=device)
-
-    def graph_of(configs: dict[str, KernelConfig | None]) -> torch.cuda.CUDAGraph:
+    def graph_of(configs: dict[str, KernelConfig | None]):
         for role, config in configs.items():
             use_config(keys[role], config)
-        return capture_step(step, model, token, pos)
+        return graphs.capture()
 
-    with torch.no_grad():
-        model(torch.randint(model.config.vocab_size, (1, args.context), device=device),
-              torch.arange(args.context, device=device))
-        step_us: dict[str, dict[KernelConfig, dict[float, float]]] = {role: {} for role in keys}
-        for level in levels:  # one shape at a time, the others at their stored configs
-            set_level(model, level, args.calib_tokens, thresholds.get(level))
-            for role in keys:
-                graphs = {config: graph_of({**stored, role: config}) for config in alone[role]}
-                for config, us in interleaved_us(graphs, args.rounds, args.steps).items():
-                    step_us[role].setdefault(config, {})[level] = us
-                del graphs
-                print(f"level {level} {role}: step µs {[round(v[level], 1) for v in step_us[role].values()]}",
-                      flush=True)
-        winners = {role: pick(step_us[role], stored[role], args.min_gain) for role in keys}
-        check = {}  # all winners together against the stored table, per level
-        for level in levels:
-            set_level(model, level, args.calib_tokens, thresholds.get(level))
-            graphs = {"stored": graph_of(stored), "step-tuned": graph_of(winners)}
-            check[level] = interleaved_us(graphs, args.rounds, args.steps)
-            del graphs
+    step_us: dict[str, dict[KernelConfig, dict[float, float]]] = {role: {} for role in keys}
+    for level in levels:  # one shape at a time, the others at their stored configs
+        set_level(model, level, args.calib_tokens, thresholds.get(level))
+        for role in keys:
+            timed = graphs.median_us({config: graph_of({**stored, role: config}) for config in alone[role]})
+            for config, us in timed.items():
+                step_us[role].setdefault(config, {})[level] = us
+            print(f"level {level} {role}: step µs {[round(v[level], 1) for v in step_us[role].values()]}", flush=True)
+    winners = {role: pick(step_us[role], stored[role], args.min_gain) for role in keys}
+    check = {}  # all winners together against the stored table, per level
+    for level in levels:
+        set_level(model, level, args.calib_tokens, thresholds.get(level))
+        check[level] = graphs.median_us({"stored": graph_of(stored), "step-tuned": graph_of(winners)})
 
     table = copy.deepcopy(stored_table)
     for role in keys:
-        entry = dict(table.get(keys[role], {}))
-        entry["config"] = winners[role].to_dict()
-        entry["step_us"] = {str(level): round(us, 1) for level, us in step_us[role][winners[role]].items()}
-        entry["step_tuned"] = datetime.date.today().isoformat()
-        table[keys[role]] = entry
+        table[keys[role]] = {**table.get(keys[role], {}), "config": winners[role].to_dict(),
+                             "step_us": {str(lv): round(us, 1) for lv, us in step_us[role][winners[role]].items()},
+                             "step_tuned": datetime.date.today().isoformat()}
     if not args.dry_run:
-        write_atomically(TUNED_CONFIGS_PATH, table)
+        write_atomically(table_path, table)
     return {
         "shapes": {role: {"key": keys[role],
                           "stored": stored[role] and stored[role].to_dict(),

@@ -2,6 +2,8 @@
 op's config and which config it keeps. The step timing itself (CUDA graphs) needs the H200."""
 from __future__ import annotations
 
+import argparse
+import json
 import subprocess
 import sys
 
@@ -95,3 +97,77 @@ def test_without_a_gpu_it_says_so():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert run.returncode == 1 and run.stderr.strip().splitlines()[-1] == "error: tune_step.py needs a CUDA GPU"
+
+
+def test_tune_picks_by_the_step_and_writes_the_table(monkeypatch, tmp_path):
+    """tune() on a tiny bf16 model, its Triton kernels in the interpreter: a stand-in for the CUDA
+    graphs runs the decode step once per "capture" and records the configs the op launched with; the
+    step's time is a cost per launched config. Config A is faster alone everywhere, config B in the
+    step for gate|up only: B must win gate|up (so use_config reached the op inside the step), A the
+    rest; the table written holds the winners, the check the summed costs."""
+    from generate import Sampling, decode_one_token, self_calibrated_thresholds
+    from teal_kernels.ops import CPU_KERNELS_ENV
+    monkeypatch.setenv(CPU_KERNELS_ENV, "interpreter")
+    make_x, make_weight = timing.make_x, timing.make_weight
+    monkeypatch.setattr(tune_kernels, "make_x", lambda m, k, dtype, device, seed: make_x(m, k, dtype, DEVICE, seed))
+    monkeypatch.setattr(tune_kernels, "make_weight", lambda fmt, k, n, device, seed: make_weight(fmt, k, n, DEVICE, seed))
+    monkeypatch.setattr(tune_kernels, "copies_for", lambda nbytes: 1)
+    a, b = KernelConfig(block_n=32, block_k=32, sub_k=8), KernelConfig(block_n=16, block_k=64, sub_k=16)
+    monkeypatch.setattr(tune_step, "candidates", lambda *args: [a, b])
+    monkeypatch.setattr(tune_step, "time_config", lambda config, problems: 1.0 if config == a else 2.0)
+    launched = set()
+    planned = triton_gemv._planned_config
+
+    def recording(*args):
+        config = planned(*args)
+        launched.add((args[5], sum(args[6]), config))  # (K, N, config)
+        return config
+    recording.cache_clear = planned.cache_clear
+    monkeypatch.setattr(triton_gemv, "_planned_config", recording)
+
+    model = tiny_model(n_layer=1, block_size=512).to(torch.bfloat16)
+    levels = [0.4, 0.5]
+    thresholds = {level: self_calibrated_thresholds(model, level, 512) for level in levels}
+    install_fused_decode(model)
+    cfg = model.config
+    gate_up = (cfg.dim, 2 * cfg.intermediate_size)
+
+    def cost(launch):
+        k, n, config = launch
+        return 10.0 if config == a else 5.0 if (k, n) == gate_up else 20.0
+
+    class RecordedSteps:
+        def __init__(self, run_step):
+            self.run_step = run_step
+
+        def capture(self):
+            launched.clear()
+            self.run_step()
+            return frozenset(launched)
+
+        def median_us(self, graphs):
+            return {name: sum(map(cost, launches)) for name, launches in graphs.items()}
+
+    model.setup_caches(1, 16)
+    token, pos = torch.tensor([[5]]), torch.tensor([8])
+    args = argparse.Namespace(jobs=0, top=2, kinds=None, min_block_k=0, calib_tokens=512, min_gain=0.003,
+                              dry_run=False)
+    keys_before = set(triton_gemv._tuned_table())
+    with torch.no_grad():
+        model(torch.randint(cfg.vocab_size, (1, 8)), torch.arange(8))
+        report = tune_step.tune(model, "bf16", levels, thresholds,
+                                RecordedSteps(lambda: decode_one_token(model, token, pos, Sampling())), args,
+                                table_path=tmp_path / "tuned.json")
+    winners = {role: KernelConfig.from_dict(s["winner"]) for role, s in report["shapes"].items()}
+    assert winners == {"qkv": a, "o": a, "gate_up": b, "down": a}
+    written = json.loads((tmp_path / "tuned.json").read_text())
+    for role, shape in report["shapes"].items():
+        assert KernelConfig.from_dict(written[shape["key"]]["config"]) == winners[role]
+        assert shape["key"].startswith("cpu|bf16|M1|")
+    # nothing stored for "cpu": the stored table is the heuristic's configs (20 each, 5 at gate|up); the
+    # packed CPU head launches its heuristic config in both (20)
+    assert report["check"] == {str(lv): {"stored": 20 + 20 + 5 + 20 + 20.0, "step-tuned": 10 + 10 + 5 + 10 + 20.0}
+                               for lv in levels}
+    for role in report["shapes"]:  # the process's table is the stored one again
+        tune_step.use_config(report["shapes"][role]["key"], None)
+    assert set(triton_gemv._tuned_table()) == keys_before
