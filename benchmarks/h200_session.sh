@@ -589,11 +589,11 @@ PY
     step 200 python3 -m benchmarks.profile_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --label int8_head --out "$out/profile_int8_head"  # the int8 head runs the GEMV kernel: one of the 129 projection calls
     step 150 python3 -m benchmarks.profile_decode --model Llama-3-8B --weights int4-g128 --sparsity 0 0.5 --decode_path fused --label int4 --out "$out/profile_int4"
     ;;
-  step_int8)  # issues 10/11: int8's configs chosen by the decode step's time (benchmarks/tune_step.py: the 4 fastest alone of the kinds that won before, and the stored one, each timed in the whole fused step, shape by shape), int8 + int8 head; the table comes back as tuned_configs.json
-    step 560 python3 -m benchmarks.tune_step --model Llama-3-8B --weights int8+lm_head --kinds rows-compact rows-compact-prefetch rows-compact-pipelined rows-compact-prefetch-lane_sum --top 4 --jobs 16 --out "$out/tune_step_int8"
+  step_int8)  # issues 10/11: int8's configs chosen by the decode step's time (benchmarks/tune_step.py: the 4 fastest alone of the two kinds the stored winners have, ~100 a shape, and the stored one, each timed in the whole fused step, shape by shape), int8 + int8 head; the table comes back as tuned_configs.json
+    step 580 python3 -m benchmarks.tune_step --model Llama-3-8B --weights int8+lm_head --kinds rows-compact rows-compact-pipelined --top 4 --jobs 16 --out "$out/tune_step_int8"
     ;;
   step_int4)  # the same for int4-g128 (the dot design only, with the long K blocks of --min_block_k's grid)
-    step 560 python3 -m benchmarks.tune_step --model Llama-3-8B --weights int4-g128 --kinds dot --top 4 --jobs 16 --out "$out/tune_step_int4"
+    step 580 python3 -m benchmarks.tune_step --model Llama-3-8B --weights int4-g128 --kinds dot --top 4 --jobs 16 --out "$out/tune_step_int4"
     ;;
   step_e2e)  # bench_decode on the stored table and on the step-tuned one (commit step_int8's / step_int4's table as benchmarks/results/step_tune/tuned_step.json first), int8 + int8 head and int4-g128, one call
     for t in stored step; do

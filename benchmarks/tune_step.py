@@ -156,6 +156,8 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, nargs="+", default=None,
                    help="levels whose summed step time picks a config (default: 0.4 0.5 0.65 for bf16, whose dense "
                         "calls run in cuBLAS; 0 0.5 for int8 / int4, as tune_kernels.py)")
+    p.add_argument("--shapes", nargs="+", default=list(ROLES.values()), choices=list(ROLES.values()),
+                   help="projections to tune (the others keep their stored configs): split a long run")
     p.add_argument("--top", type=int, default=4, help="configs per shape, fastest alone, timed in the step")
     p.add_argument("--kinds", nargs="+", default=None, metavar="KIND", choices=KINDS,
                    help="shortlist only from these kinds (and the stored config), as tune_kernels.py --kinds")
@@ -216,7 +218,7 @@ def tune(model: Transformer, fmt: str, levels: list[float], thresholds: dict[flo
     check the winners together against the stored table, write the table unless args.dry_run."""
     device_name = triton_gemv.gpu_name(model.norm.weight.device)
     stored_table = copy.deepcopy(triton_gemv._tuned_table())  # as read, before use_config changes it
-    shapes = decode_shapes(model)
+    shapes = [shape for shape in decode_shapes(model) if shape[0] in args.shapes]
     keys = {role: config_key(device_name, fmt, 1, k, sum(splits)) for role, k, splits in shapes}
     # as the op runs them (an entry stored before fitting existed may differ from its fitted form)
     stored = {role: fitted([KernelConfig.from_dict(stored_table[keys[role]]["config"])], fmt, 1, k, splits)[0]
