@@ -601,11 +601,11 @@ PY
       step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_${t}"
     done
     ;;
-  attention_merge)  # issues 10/11: split attention merging its chunks in its first kernel (TEAL_ATTENTION_MERGE=1: the last program of each KV head, by a ticket) against the second launch, int8 + int8 head and bf16, dense and 50%, one call; then the GPU tests of the attention kernels
+  attention_merge)  # issues 10/11: split attention merging its chunks in its first kernel (TEAL_ATTENTION_MERGE=1: the last program of each KV head, by a ticket) against the second launch, int8 + int8 head and bf16, dense and 50%, one call; then the GPU tests of the attention kernels and of tune_step's step graphs
     for v in 0 1; do
       step 250 env TEAL_ATTENTION_MERGE=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_merge_$v"
     done
-    step 120 python3 -m pytest -q -x tests/test_attention.py -k gpu
+    step 150 python3 -m pytest -q -x tests/test_attention.py tests/test_tune_step.py -k gpu  # + the step tuner's CUDA graphs, before step_int8
     ;;
   batch_table)  # issue 10, batches: speed-table rows of bf16 at batch 2 / 4 / 8 (the dispatch no longer borrows batch 1's; unmeasured batches take the size model at the union's sparsity), so high sparsity uses the kernel where a batch's own timing says it pays; commit the speed_table.json it brings back
     for b in 2 4 8; do

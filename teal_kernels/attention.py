@@ -29,7 +29,7 @@ work split from p:
     holds data takes an arrival ticket per (batch, KV head) after storing its chunk, and the last
     one merges the chunks of the group's query heads (as stage 2 does for one head) and resets
     the ticket; where one chunk holds the whole prefix it writes the output at once. One launch
-    a layer instead of two (stage 2 took 1.5 us of a layer's 6.4 on the H200, results/NOTES.md);
+    a layer instead of two (stage 2 took 1.5 us of a layer's 6.3 on the H200, results/NOTES.md);
     off until measured end to end.
 
 The fused decode step (FUSED): stage 1 reads q from the q|k|v projection row and applies RoPE

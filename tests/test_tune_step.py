@@ -172,3 +172,37 @@ def test_tune_picks_by_the_step_and_writes_the_table(monkeypatch, tmp_path):
     for role in report["shapes"]:  # the process's table is the stored one again
         tune_step.use_config(report["shapes"][role]["key"], None)
     assert set(triton_gemv._tuned_table()) == keys_before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_step_graphs_replay_the_compiled_step():
+    """StepGraphs on a tiny int8 model (every projection in our kernel): a captured graph of the
+    compiled fused step replays the eager step's logits, so does one captured after gate|up's config
+    was changed (another kernel, the same product), and both are timed."""
+    from quantize import quantize_model
+    model = tiny_model(3, n_head=8, n_local_heads=2, dim=512, intermediate_size=1536).to("cuda", torch.bfloat16)
+    quantize_model(model, "int8", 0)
+    install_fused_decode(model)
+    model.setup_caches(1, 32)
+    token, pos = torch.tensor([[7]], device="cuda"), torch.tensor([20], device="cuda")
+    torch._dynamo.reset()
+    step = torch.compile(lambda: model(token, pos), fullgraph=True)
+    key = config_key(triton_gemv.gpu_name(torch.device("cuda")), "int8", 1, 512, 2 * 1536)
+    assert key not in triton_gemv._tuned_table()  # nothing stored for this shape: the test leaves nothing
+    with torch.no_grad():
+        model(torch.randint(256, (1, 20), device="cuda"), torch.arange(20, device="cuda"))
+        want = model(token, pos).float()  # eager; rewrites position 20 as every replay does
+        out = torch.empty_like(want)
+        graphs = tune_step.StepGraphs(lambda: out.copy_(step()), rounds=3, steps=5)
+        captured = {"stored": graphs.capture()}
+        try:
+            tune_step.use_config(key, KernelConfig(block_n=64, block_k=64, sub_k=16))
+            captured["other"] = graphs.capture()
+        finally:
+            tune_step.use_config(key, None)
+        times = graphs.median_us(captured)
+        for graph in captured.values():
+            out.zero_()
+            graph.replay()
+            torch.testing.assert_close(out, want, rtol=0.02, atol=0.02 * want.abs().max().item())
+    assert set(times) == {"stored", "other"} and all(t > 0 for t in times.values())
