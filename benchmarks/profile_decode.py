@@ -221,7 +221,8 @@ def write_atomic(path: Path, text: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Llama-3-8B", help="shape from model.MODEL_CONFIGS")
-    p.add_argument("--weights", nargs="+", default=["bf16"], help="bf16, int8, int4-g128 ...; +lm_head after int8 / int4 quantizes the head too")
+    p.add_argument("--weights", nargs="+", default=["bf16"],
+                   help="bf16, int8, int4-g128 ...; +lm_head after int8 / int4 quantizes the head too")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.0, 0.5], help="TEAL levels; 0 = dense")
     p.add_argument("--context", type=int, default=128, help="tokens in the KV cache before the profiled steps")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")

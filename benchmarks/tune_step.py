@@ -209,7 +209,7 @@ def main() -> None:
               torch.arange(args.context, device=device))
         graphs = StepGraphs(lambda: step(model, token, pos, Sampling()), args.rounds, args.steps)
         report = tune(model, fmt, levels, thresholds, graphs, args)
-    write_report(args, fmt, levels, report)
+    write_report(args, levels, report, torch.cuda.get_device_name())
 
 
 def tune(model: Transformer, fmt: str, levels: list[float], thresholds: dict[float, dict], graphs: StepGraphs,
@@ -273,12 +273,15 @@ def tune(model: Transformer, fmt: str, levels: list[float], thresholds: dict[flo
     }
 
 
-def write_report(args: argparse.Namespace, fmt: str, levels: list[float], report: dict) -> None:
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+def write_report(args: argparse.Namespace, levels: list[float], report: dict, gpu: str) -> None:
+    """<out>.json (the report and the run's setting) and <out>.md (a table per candidate, then the check);
+    prints the check."""
+    meta = {"gpu": gpu, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
             "command": " ".join(sys.argv), "model": args.model, "weights": args.weights, "levels": levels}
     with atomic_path(args.out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps({**meta, **report}, indent=1) + "\n")
-    lines = [f"# Step-tuned configs, {args.model} {args.weights} — {meta['gpu']}, torch {meta['torch']}, {meta['date']}",
+    lines = [f"# Step-tuned configs, {args.model} {args.weights} — {meta['gpu']}, torch {meta['torch']}, "
+             f"{meta['date']}",
              "", f"`{meta['command']}`", "",
              "| shape | config | alone µs | " + " | ".join(f"step µs at {lv}" for lv in levels) + " | |",
              "|---|---|---|" + "---|" * len(levels) + "---|"]

@@ -150,8 +150,8 @@ def test_tune_picks_by_the_step_and_writes_the_table(monkeypatch, tmp_path):
 
     model.setup_caches(1, 16)
     token, pos = torch.tensor([[5]]), torch.tensor([8])
-    args = argparse.Namespace(shapes=["qkv", "gate_up", "down"], jobs=0, top=2, kinds=None, min_block_k=0, calib_tokens=512, min_gain=0.003,
-                              dry_run=False)
+    args = argparse.Namespace(shapes=["qkv", "gate_up", "down"], jobs=0, top=2, kinds=None, min_block_k=0,
+                              calib_tokens=512, min_gain=0.003, dry_run=False)
     keys_before = set(triton_gemv._tuned_table())
     with torch.no_grad():
         model(torch.randint(cfg.vocab_size, (1, 8)), torch.arange(8))
@@ -169,6 +169,11 @@ def test_tune_picks_by_the_step_and_writes_the_table(monkeypatch, tmp_path):
     # the packed CPU head launch their heuristic configs in both (20 each)
     assert report["check"] == {str(lv): {"stored": 20 + 20 + 5 + 20 + 20.0, "step-tuned": 10 + 20 + 5 + 10 + 20.0}
                                for lv in levels}
+    args.model, args.weights, args.out = "tiny", "bf16", tmp_path / "report"
+    tune_step.write_report(args, levels, report, "cpu")
+    markdown = (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["shapes"] == report["shapes"]
+    assert markdown.count("| winner |") == 3 and "| 0.5 | 85.0 (11764.7) | 65.0 (15384.6) |" in markdown
     for role in report["shapes"]:  # the process's table is the stored one again
         tune_step.use_config(report["shapes"][role]["key"], None)
     assert set(triton_gemv._tuned_table()) == keys_before
