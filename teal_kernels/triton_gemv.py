@@ -156,9 +156,11 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
     per step for matrices of 32M weights or more, else 32, blocks of 512 rows where that still
     makes 400 programs, else 256, halved while there are fewer than 128 programs.
 
-    One int4 row: the dot design as the H200's int4-g128 winners on every Llama-3-8B shape have it:
+    One int4 row: the dot design as the H200's int4-g128 winners on every Llama-3-8B shape had it:
     256 columns, a whole group of 128 rows a step (the group scale applied once a tile), 512 rows a
-    block (1024 past K = 8192), three stages; the rule below took 1.4-1.7x their time at 50%.
+    block (1024 past K = 8192), three stages; the rule below took 1.4-1.7x their time at 50%. (8B
+    gate|up has since taken 2048-row blocks, 6 stages deep: a tie alone, faster end to end,
+    results/int4_long_k/; not tried on other shapes, so the heuristic keeps 512.)
 
     Batches: the "dot" design, rows of up to 512 columns (1 KiB of bf16; fewer past 16
     batch rows, for the same accumulator), SUB_K = 32 (64 for int4 at 2-16 rows),
