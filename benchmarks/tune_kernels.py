@@ -21,6 +21,7 @@ import datetime
 import itertools
 import json
 import multiprocessing
+import sys
 import time
 from pathlib import Path
 
@@ -275,6 +276,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.min_block_k < 0:
         parser.error(f"--min_block_k must be >= 0, got {args.min_block_k}")
+    if not torch.cuda.is_available():
+        sys.exit("error: tune_kernels.py needs a CUDA GPU")
 
     device = torch.cuda.get_device_name()
     table = json.loads(args.out.read_text()) if args.out.exists() else {}

@@ -3,7 +3,10 @@ grid, the fused variants' inputs and which rows reach the dispatch's speed table
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
+import pytest
 import torch
 from fixtures import DEVICE
 
@@ -183,3 +186,10 @@ def test_markdown_shows_tinygemm_for_int4_rows_only():
     assert header.split("|")[-2].strip() == "tinygemm µs"
     assert bf16.split("|")[-2].strip() == "" and int4.split("|")[-2].strip() == "12.3"
     assert len(header.split("|")) == len(bf16.split("|")) == len(int4.split("|"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_tuner_without_a_gpu_says_so():
+    run = subprocess.run([sys.executable, "-m", "benchmarks.tune_kernels", "--models", "llama3-8b"],
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.strip().splitlines()[-1] == "error: tune_kernels.py needs a CUDA GPU"
