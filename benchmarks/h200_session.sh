@@ -601,7 +601,7 @@ PY
       step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_${t}"
     done
     ;;
-  attention_merge)  # issues 10/11: split attention merging its chunks in its first kernel (TEAL_ATTENTION_MERGE=1: the last program of each KV head, by a ticket) against the second launch, int8 + int8 head and bf16, dense and 50%, one call; then the GPU tests of the attention kernels and of tune_step's step graphs
+  attention_merge)  # (ran 2026-12-04, twenty-fourth session: lost up to 6%; the switch is removed, results/step_tune/) issues 10/11: split attention merging its chunks in its first kernel (TEAL_ATTENTION_MERGE=1: the last program of each KV head, by a ticket) against the second launch, int8 + int8 head and bf16, dense and 50%, one call; then the GPU tests of the attention kernels and of tune_step's step graphs
     for v in 0 1; do
       step 250 env TEAL_ATTENTION_MERGE=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_merge_$v"
     done

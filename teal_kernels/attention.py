@@ -25,12 +25,6 @@ work split from p:
   * Stage 2 (``_combine_kernel``), grid (B * H,), reads p again, so it knows how many
     chunks hold data (ceil((p + 1) / chunk)), and merges them with the log-sum-exp rule.
   * With NUM_SPLITS = 1, stage 1 writes the output itself and stage 2 is not launched.
-  * With TEAL_ATTENTION_MERGE=1 (MERGE) stage 2 is not launched either: each stage-1 program that
-    holds data takes an arrival ticket per (batch, KV head) after storing its chunk, and the last
-    one merges the chunks of the group's query heads (as stage 2 does for one head) and resets
-    the ticket; where one chunk holds the whole prefix it writes the output at once. One launch
-    a layer instead of two (stage 2 took 1.5 us of a layer's 6.3 on the H200, results/NOTES.md);
-    off until measured end to end.
 
 The fused decode step (FUSED): stage 1 reads q from the q|k|v projection row and applies RoPE
 itself, and the program whose chunk holds p writes the rotated key and the value of the new token
@@ -55,14 +49,13 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-from teal_kernels.reference import MAX_GROUP, env_switch, validate_attention as _validate, validate_step
-from teal_kernels.triton_gemv import arrival_counters, cdiv, launch_options, next_power_of_2
+from teal_kernels.reference import MAX_GROUP, validate_attention as _validate, validate_step
+from teal_kernels.triton_gemv import cdiv, launch_options, next_power_of_2
 
 __all__ = ["INTERPRETED", "MAX_SPLITS", "decode_attention_step_triton", "decode_attention_triton",
            "default_block_s", "default_num_splits"]
 
 MAX_SPLITS = 64  # stage 2 holds [MAX_SPLITS, D] fp32 partials in registers
-MERGE_ENV = "TEAL_ATTENTION_MERGE"  # 1: the last stage-1 program merges the chunks (no stage 2 launch)
 PROGRAMS_PER_SM = 2  # stage-1 programs to aim for per SM (D=128 bf16: ~70 KB shared memory, 135 registers)
 CPU_SM_COUNT = 132  # stand-in under the interpreter (an H200's count), so CPU runs split like the GPU
 _LOG2E = 1.4426950408889634
@@ -150,24 +143,8 @@ def _attend_tile(q, k, v, s_ok, m_i, l_i, acc, qk_scale_log2, DOT_FP32: tl.const
 
 
 @triton.jit
-def _merge_chunks(o_part_ptr, lse_part_ptr, out_ptr, row, n_valid, NUM_SPLITS, D: tl.constexpr,
-                  SPLITS_PAD: tl.constexpr):
-    """Output row `row` (a flat (batch, query head) index) from its first n_valid chunks by the
-    log-sum-exp rule; the partials are read past L1 (.cg: other programs wrote them)."""
-    sp = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, D)
-    sp_ok = sp < n_valid
-    lse = tl.load(lse_part_ptr + row * NUM_SPLITS + sp, mask=sp_ok, other=float("-inf"), cache_modifier=".cg")
-    w = tl.exp2(lse - tl.max(lse, axis=0))  # chunk 0 always holds data: the max is finite
-    o = tl.load(o_part_ptr + (row * NUM_SPLITS + sp[:, None]) * D + d[None, :], mask=sp_ok[:, None], other=0.0,
-                cache_modifier=".cg")
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, o_part_ptr, lse_part_ptr, cs_ptr, counter_ptr,
+    q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, o_part_ptr, lse_part_ptr, cs_ptr,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -178,8 +155,6 @@ def _split_kernel(
     D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     SINGLE: tl.constexpr,  # one chunk covers the cache: write the final output directly
-    MERGE: tl.constexpr,  # the last program of a (batch, KV head) merges its chunks (no stage 2)
-    SPLITS_PAD: tl.constexpr,  # MERGE: NUM_SPLITS rounded up to a power of two
     DOT_FP32: tl.constexpr,  # fp32 operands with IEEE products (fp32 inputs; interpreter)
     FUSED: tl.constexpr,  # q_ptr is the q|k|v projection row: RoPE q and k, write k and v at p
     PDL: tl.constexpr,  # launched early: wait for the previous kernel before reading what it wrote
@@ -250,23 +225,12 @@ def _split_kernel(
 
     acc = acc / l_i[:, None]
     rows = (b * H_KV + kvh) * GROUP + g  # flat (batch, query head) index
-    n_valid = tl.cdiv(p + 1, chunk)  # chunks that hold data (the programs that got here)
     if SINGLE:
-        tl.store(out_ptr + rows[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
-    elif MERGE and n_valid == 1:  # one chunk holds the whole prefix: nothing to merge
         tl.store(out_ptr + rows[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
     else:
         part = rows * NUM_SPLITS + split
         tl.store(o_part_ptr + part[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
         tl.store(lse_part_ptr + part, m_i + tl.log2(l_i), mask=g_ok)
-        if MERGE:  # the group's last chunk to arrive merges them all, as stage 2 would, then resets the ticket
-            tl.debug_barrier()  # every thread's partial precedes the release below
-            ticket = tl.atomic_add(counter_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
-            if ticket == n_valid - 1:
-                for j in tl.static_range(GROUP):
-                    _merge_chunks(o_part_ptr, lse_part_ptr, out_ptr, (b * H_KV + kvh) * GROUP + j, n_valid,
-                                  NUM_SPLITS, D, SPLITS_PAD)
-                tl.store(counter_ptr + pid_bh, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -289,7 +253,14 @@ def _combine_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     p = _load_position(pos_ptr, S_MAX)
     n_valid = tl.cdiv(p + 1, _chunk_len(p, NUM_SPLITS, BLOCK_S))  # the rest hold stale memory
-    _merge_chunks(o_part_ptr, lse_part_ptr, out_ptr, row, n_valid, NUM_SPLITS, D, SPLITS_PAD)
+    sp = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D)
+    sp_ok = sp < n_valid
+    lse = tl.load(lse_part_ptr + row * NUM_SPLITS + sp, mask=sp_ok, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # chunk 0 always holds data: the max is finite
+    o = tl.load(o_part_ptr + (row * NUM_SPLITS + sp[:, None]) * D + d[None, :], mask=sp_ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
 
 
 # ---------------------------------------------------------------------------
@@ -316,10 +287,6 @@ def _launch(q_src: Tensor, q_strides: tuple[int, int, int], cs: Tensor, fused: b
         raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}.")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     single = num_splits == 1
-    merge = not single and env_switch(MERGE_ENV)
-    counters = arrival_counters(q_src.device, "attention") if merge else input_pos  # unused unless merging
-    if merge and b * h_kv > counters.numel():  # one counter per (batch, KV head)
-        raise ValueError(f"{MERGE_ENV}=1 takes at most {counters.numel()} (batch, KV head) pairs, got {b * h_kv}.")
 
     out = torch.empty((b, h, d), dtype=k_cache.dtype, device=k_cache.device)
     if single:  # stage 1 writes `out`; the partial pointers are unused
@@ -330,15 +297,15 @@ def _launch(q_src: Tensor, q_strides: tuple[int, int, int], cs: Tensor, fused: b
 
     pdl = launch_options(q_src.device)
     _split_kernel[(b * h_kv, num_splits)](
-        q_src, k_cache, v_cache, input_pos, out, o_part, lse_part, cs, counters,
+        q_src, k_cache, v_cache, input_pos, out, o_part, lse_part, cs,
         *q_strides, *k_cache.stride(), *v_cache.stride(),
         scale * _LOG2E, h_kv, s_max, num_splits,
         GROUP=h // h_kv, GROUP_PAD=max(16, next_power_of_2(h // h_kv)), D=d,
-        BLOCK_S=block_s, SINGLE=single, MERGE=merge, SPLITS_PAD=next_power_of_2(num_splits),
+        BLOCK_S=block_s, SINGLE=single,
         DOT_FP32=INTERPRETED or k_cache.dtype == torch.float32, FUSED=fused, PDL=bool(pdl),
         num_warps=num_warps, **pdl,
     )
-    if not single and not merge:
+    if not single:
         _combine_kernel[(b * h,)](
             o_part, lse_part, input_pos, out, s_max, num_splits,
             D=d, BLOCK_S=block_s, SPLITS_PAD=next_power_of_2(num_splits), PDL=bool(pdl),

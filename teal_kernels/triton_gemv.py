@@ -914,7 +914,7 @@ def _dot_gemv_kernel(
 
 _MAX_COUNTERS = 1 << 14
 _REDUCTION_FLOATS = 16384  # fp32 partials the last program loads at once (at most 128 registers a thread at 4 warps)
-_counters: dict[tuple[torch.device, str], Tensor] = {}
+_counters: dict[torch.device, Tensor] = {}
 INTERPRETED = not isinstance(_sparse_gemv_kernel, JITFunction)  # TRITON_INTERPRET=1 at import
 # Programmatic dependent launch (Hopper+): each GEMV and attention kernel starts launching while
 # the previous one finishes (it waits before touching memory). On by default where the GPU has it
@@ -948,19 +948,18 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def arrival_counters(device: torch.device, user: str = "gemv") -> Tensor:
-    """Per-device int32 arrival counters of a split reduction (`user`: the GEMV's K blocks, the
-    attention's chunks; each its own), zero between calls (each call leaves them so), never freed
-    (graphs keep their address).
+def arrival_counters(device: torch.device) -> Tensor:
+    """Per-device int32 arrival counters of the K reduction, zero between calls (each call
+    leaves them so), never freed (graphs keep their address).
 
     Allocated from a helper thread: torch.compile's CUDA-graph trees send every
     allocation of the calling thread during warm-up into their private pool, which
     must hold only their own tensors.
     """
-    counters = _counters.get((device, user))
+    counters = _counters.get(device)
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"Call the {user} kernel once on this device before capturing a CUDA graph.")
+            raise RuntimeError("Call sparse_gemv once on this device before capturing a CUDA graph.")
         made: list[Tensor] = []
 
         def allocate() -> None:
@@ -972,8 +971,8 @@ def arrival_counters(device: torch.device, user: str = "gemv") -> Tensor:
         worker.start()
         worker.join()
         if not made:
-            raise RuntimeError(f"Could not allocate the {user} counters on {device}.")
-        counters = _counters[(device, user)] = made[0]
+            raise RuntimeError(f"Could not allocate the arrival counters on {device}.")
+        counters = _counters[device] = made[0]
     return counters
 
 

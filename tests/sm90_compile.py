@@ -135,11 +135,10 @@ def preload_variants():
 
 
 def attention_variants():
-    for fused, (single, merge), pdl in itertools.product((False, True), ((False, False), (True, False), (False, True)),
-                                                         (False, True)):
-        yield (at._split_kernel, {"pos_ptr": "*i64", "out_ptr": "*bf16", "cs_ptr": "*fp32", "counter_ptr": "*i32"},
-               dict(GROUP=4, GROUP_PAD=16, D=128, BLOCK_S=64, SINGLE=single, MERGE=merge, SPLITS_PAD=32,
-                    DOT_FP32=False, FUSED=fused, PDL=pdl), 4, 1)
+    for fused, single, pdl in itertools.product((False, True), (False, True), (False, True)):
+        yield (at._split_kernel, {"pos_ptr": "*i64", "out_ptr": "*bf16", "cs_ptr": "*fp32"},
+               dict(GROUP=4, GROUP_PAD=16, D=128, BLOCK_S=64, SINGLE=single, DOT_FP32=False, FUSED=fused,
+                    PDL=pdl), 4, 1)
     for pdl in (False, True):
         yield (at._combine_kernel, {"pos_ptr": "*i64"}, dict(D=128, BLOCK_S=64, SPLITS_PAD=32, PDL=pdl), 4, 1)
 

@@ -13,10 +13,7 @@ import torch
 from fixtures import COMPILE_BACKENDS, DEVICE, HAS_CUDA, needs_cuda
 
 import benchmarks.bench_attention as bench_attention
-from teal_kernels import attention as at
-from teal_kernels.attention import (MAX_SPLITS, MERGE_ENV, decode_attention_step_triton, decode_attention_triton,
-                                    default_block_s, default_num_splits)
-from teal_kernels.triton_gemv import arrival_counters
+from teal_kernels.attention import MAX_SPLITS, decode_attention_triton, default_block_s, default_num_splits
 from teal_kernels.ops import decode_attention
 from teal_kernels.reference import attention_reference as decode_attention_reference
 
@@ -293,64 +290,6 @@ def test_bench_without_gpu_exits_cleanly(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
-class Launches:
-    """Stands in for a Triton kernel: `kernel[grid](*args, **kwargs)` records the grid, runs nothing."""
-
-    def __init__(self, record: list) -> None:
-        self.record = record
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.record.append(grid)
-
-
-@pytest.mark.parametrize("b,h,h_kv,d,s_max,dtype,positions", [CASES[0], CASES[2], CASES[4]])
-def test_merge_in_stage_one_equals_two_stages(b, h, h_kv, d, s_max, dtype, positions, monkeypatch):
-    """TEAL_ATTENTION_MERGE=1: the last chunk of each (batch, KV head) to arrive merges the group's
-    chunks instead of a second launch. Same sums in the same order, so the same bits as the two
-    stages at every chunk edge (one chunk: written at once); stage 2 never runs; the tickets end at 0."""
-    q, k, v = make_problem(b, h, h_kv, s_max, d, dtype)
-    combines = []
-    real_combine = at._combine_kernel
-    for p in sorted({x for x in positions if x < s_max} | {s_max - 1}):
-        monkeypatch.setenv(MERGE_ENV, "0")
-        two_stages = decode_attention_triton(q, k, v, pos_tensor(p), num_splits=SPLITS, block_s=TILE)
-        monkeypatch.setenv(MERGE_ENV, "1")
-        monkeypatch.setattr(at, "_combine_kernel", Launches(combines))
-        merged = decode_attention_triton(q, k, v, pos_tensor(p), num_splits=SPLITS, block_s=TILE)
-        monkeypatch.setattr(at, "_combine_kernel", real_combine)
-        assert torch.equal(merged, two_stages), f"p={p}"
-        assert_close_to_ref(merged, q, k, v, p)
-        assert not arrival_counters(torch.device(DEVICE), "attention").any()
-    assert combines == []
-
-
-def test_merge_in_the_fused_step(monkeypatch):
-    """The fused step (RoPE, cache write, attention; q|k|v rows in) merges the same way: output and
-    the written caches equal the two-stage launch's."""
-    b, h, h_kv, d, s_max = 2, 8, 2, 64, 72
-    g = torch.Generator().manual_seed(4)
-    qkv = torch.randn(b, (h + 2 * h_kv) * d, generator=g).to(torch.bfloat16).to(DEVICE)
-    angles = torch.rand(d // 2, generator=g) * 6
-    cs = torch.stack([angles.cos(), angles.sin()], dim=-1).to(DEVICE)
-    k0, v0 = (torch.randn(b, h_kv, s_max, d, generator=g).to(torch.bfloat16).to(DEVICE) for _ in range(2))
-    for p in (0, 15, 33, 48, 71):
-        runs = []
-        for merge in ("0", "1"):
-            monkeypatch.setenv(MERGE_ENV, merge)
-            k, v = k0.clone(), v0.clone()
-            out = decode_attention_step_triton(qkv, cs, k, v, pos_tensor(p), h, num_splits=SPLITS, block_s=TILE)
-            runs.append((out, k, v))
-        assert all(torch.equal(x, y) for x, y in zip(*runs)), f"p={p}"
-        assert not torch.equal(runs[0][1], k0)  # the step wrote the new key
-
-
-def test_bad_merge_switch_is_an_error(monkeypatch):
-    q, k, v = make_problem(1, 2, 2, 40, 64, torch.float32)
-    monkeypatch.setenv(MERGE_ENV, "yes")
-    with pytest.raises(ValueError, match="TEAL_ATTENTION_MERGE must be 0 or 1"):
-        decode_attention_triton(q, k, v, pos_tensor(3), num_splits=2, block_s=TILE)
-
-
 # --- GPU only ----------------------------------------------------------------------
 
 
@@ -363,9 +302,7 @@ def test_gpu_llama_shapes(h, h_kv, d, p):
 
 
 @needs_cuda
-@pytest.mark.parametrize("merge", ["0", "1"])
-def test_gpu_cuda_graph_replay_with_changing_position(merge, monkeypatch):
-    monkeypatch.setenv(MERGE_ENV, merge)
+def test_gpu_cuda_graph_replay_with_changing_position():
     q, k, v = make_problem(2, 32, 8, 4096, 128, torch.bfloat16)
     pos = pos_tensor(0)
     decode_attention(q, k, v, pos)  # warm up: JIT compilation outside capture
