@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | step_int8 | step_int4 | step_e2e | attention_merge)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | step_int8 | step_int4 | step_e2e | attention_merge)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -378,6 +378,23 @@ for h, u, v in zip(head, units, vals):
 PY
     tar czf "$out/int4_stalls.tgz" -C /tmp stalls
     ;;
+  int8_stalls)  # issue 11, int8 at 50% (its GEMVs are 79% of the step, gate|up at ~53% of the bandwidth): per-reason warp stalls, occupancy and DRAM throughput of gate|up's stored config (the pipelined rows loop), as text in one tarball
+    mkdir -p /tmp/ncu /tmp/stalls
+    step 120 ncu --clock-control none -k regex:"_sparse_gemv_kernel" --launch-skip 3 --launch-count 1 \
+      --set full --import-source yes -f -o /tmp/ncu/int8_gate_up python3 -m benchmarks.ncu_gemv --layer gate_up --sparsity 0.5 --format int8
+    ncu -i /tmp/ncu/int8_gate_up.ncu-rep --page raw --csv > /tmp/stalls/raw.csv 2>&1
+    ncu -i /tmp/ncu/int8_gate_up.ncu-rep --page source --csv --print-source sass > /tmp/stalls/source_sass.csv 2>&1
+    ncu -i /tmp/ncu/int8_gate_up.ncu-rep --page details --print-details all > /tmp/stalls/details.txt 2>&1
+    python3 - /tmp/stalls/raw.csv > "$out/stall_reasons.txt" <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+head, units, vals = rows[0], rows[1], rows[2]
+for h, u, v in zip(head, units, vals):
+    if "issue_stalled" in h:
+        print(f"{h:90s} {v:>12s} {u}")
+PY
+    tar czf "$out/int8_stalls.tgz" -C /tmp stalls
+    ;;
   int4_prefill)  # issue 11's quantized prefill: int8/int4 matrices dequantized once into bf16 (teal::dequantize), then cuBLAS: its GPU tests, then per-shape times against bf16 cuBLAS and the float32 path it replaced, and whole prefills of the 8B shape: bf16, int4-g128, int8
     step 150 python3 -m pytest -q -x tests/test_dequantize.py -k gpu
     step 300 python3 -m benchmarks.bench_prefill --tokens 128 512 2048 --model Llama-3-8B --out "$out/int4_prefill"
@@ -600,6 +617,15 @@ PY
       [ $t = step ] && cp benchmarks/results/step_tune/tuned_step.json teal_kernels/tuned_configs.json
       step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_${t}"
     done
+    ;;
+  step_small)  # issues 10/11: q|k|v's and o's configs chosen in the step from a grid widened to more, smaller programs (pipelined rows loop, 64-256 columns, 128-512-row K blocks, 4 or 8 warps: ncu put int8 o at one 4-warp program an SM, results/step_tune/ section 5), then bench_decode on the step-tuned table and on the stored one, one call; STEP_WEIGHTS=bf16 for bf16 (its levels 0.4 / 0.5 / 0.65)
+    w=${STEP_WEIGHTS:-int8+lm_head}
+    cp teal_kernels/tuned_configs.json /tmp/stored_tuned_configs.json
+    step 330 python3 -m benchmarks.tune_step --model Llama-3-8B --weights "$w" --kinds rows-compact rows-compact-pipelined --top 6 --jobs 16 --shapes qkv o --out "$out/tune_step_small"
+    cp teal_kernels/tuned_configs.json "$out/tuned_step_small.json"
+    step 120 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights "$w" --sparsity 0 0.5 --decode_path fused --out "$out/decode_step_small"
+    cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
+    step 120 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights "$w" --sparsity 0 0.5 --decode_path fused --out "$out/decode_stored"
     ;;
   attention_merge)  # (ran 2026-12-04, twenty-fourth session: lost up to 6%; the switch is removed, results/step_tune/) issues 10/11: split attention merging its chunks in its first kernel (TEAL_ATTENTION_MERGE=1: the last program of each KV head, by a ticket) against the second launch, int8 + int8 head and bf16, dense and 50%, one call; then the GPU tests of the attention kernels and of tune_step's step graphs
     for v in 0 1; do

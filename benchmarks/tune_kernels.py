@@ -108,6 +108,14 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
                                                           (False, True)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, compact=True, design="rows",
                                   lane_sum=lane_sum))
+        # and more, smaller programs of 4 or 8 warps for the small matrices: Nsight Compute put int8 o
+        # at 50% (128 programs) at one 4-warp program an SM, one warp a scheduler issuing in 29% of
+        # the samples, DRAM 18% busy; q|k|v (384 programs) at 2.7 warps a scheduler, DRAM 21%
+        # (results/step_tune/ section 5)
+        for bn, bk, sk, nw, lane_sum in itertools.product((64, 128, 256), (128, 256, 512), (16, 32), (4, 8),
+                                                          (False, True)):
+            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=4, compact=True,
+                                  design="rows", lane_sum=lane_sum))
     if min_block_k:
         for bn, bk, st, sk in itertools.product(block_ns[:2], (2048, 4096), (4, 6), sub_ks):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, design="dot"))
