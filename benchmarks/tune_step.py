@@ -23,6 +23,11 @@ ranks the best few configs of each one-row projection shape by the fused decode 
 The step decodes at a fixed position (--context tokens of cache): the next token's cache slot is
 rewritten by every replay, so the attention's length stays the same for every candidate.
 
+The check is not the last word. On the H200 (2026-12-04, results/step_tune/) it agreed with
+bench_decode for int8: +0.3-1.1% per shape here, +1.6% there. For int4's gate|up it disagreed: a
+tie / +1.2% here, -7% / -6% in bench_decode. The cause is not known. So keep the table this writes
+only after a bench_decode A/B of the two tables (h200_session.sh step_small runs both).
+
     python -m benchmarks.tune_step --model Llama-3-8B --weights int8+lm_head --jobs 16
     python -m benchmarks.tune_step --model Llama-3-8B --weights int4-g128 --kinds dot --min_block_k 2048
 """
