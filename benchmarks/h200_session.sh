@@ -28,6 +28,27 @@ real_smollm2() {
   step 150 python3 calibrate.py --checkpoint_path "$d/ck" --text "$d/pydocs.txt" --output "$d/ck/teal_thresholds.safetensors" --max_sparsity 0.6 --device cuda
   gen=(python3 generate.py --checkpoint_path "$d/ck" --device cuda --compile --chat --temperature 0 --max_new_tokens 256 --allocation greedy --prompt "Explain in two sentences why the sky is blue.")
 }
+# Nsight Compute on one GEMV call of benchmarks.ncu_gemv (args after the kernel name): the
+# per-reason warp stalls as text, and the raw, per-instruction SASS and details pages in
+# $out/LABEL_stalls.tgz (one file: the 8-file limit). Usage: stalls LABEL LIMIT KERNEL NCU_GEMV_ARGS...
+stalls() {
+  local label=$1 limit=$2 kernel=$3; shift 3
+  mkdir -p /tmp/ncu /tmp/stalls
+  step "$limit" ncu --clock-control none -k regex:"$kernel" --launch-skip 3 --launch-count 1 \
+    --set full --import-source yes -f -o "/tmp/ncu/$label" python3 -m benchmarks.ncu_gemv "$@"
+  ncu -i "/tmp/ncu/$label.ncu-rep" --page raw --csv > /tmp/stalls/raw.csv 2>&1
+  ncu -i "/tmp/ncu/$label.ncu-rep" --page source --csv --print-source sass > /tmp/stalls/source_sass.csv 2>&1
+  ncu -i "/tmp/ncu/$label.ncu-rep" --page details --print-details all > /tmp/stalls/details.txt 2>&1
+  python3 - /tmp/stalls/raw.csv > "$out/stall_reasons.txt" <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+head, units, vals = rows[0], rows[1], rows[2]
+for h, u, v in zip(head, units, vals):
+    if "issue_stalled" in h:
+        print(f"{h:90s} {v:>12s} {u}")
+PY
+  tar czf "$out/${label}_stalls.tgz" -C /tmp stalls
+}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case $phase in
@@ -362,38 +383,10 @@ case $phase in
     step 100 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0 0.5 --decode_path fused --batch 4 --label batch4_union --out "$out/profile_llama3_8b_batch4_union"
     ;;
   int4_stalls)  # issue 11: why the int4 "dot" tile waits (the magic A/B showed it is not issue-bound): per-reason warp stalls and the per-instruction SASS stall samples of gate|up at 0%, as text in one tarball (the 8-file limit)
-    mkdir -p /tmp/ncu /tmp/stalls
-    step 150 ncu --clock-control none -k regex:"_dot_gemv_kernel" --launch-skip 3 --launch-count 1 \
-      --set full --import-source yes -f -o /tmp/ncu/int4_gate_up python3 -m benchmarks.ncu_gemv --layer gate_up --sparsity 0 --format int4-g128
-    ncu -i /tmp/ncu/int4_gate_up.ncu-rep --page raw --csv > /tmp/stalls/raw.csv 2>&1
-    ncu -i /tmp/ncu/int4_gate_up.ncu-rep --page source --csv --print-source sass > /tmp/stalls/source_sass.csv 2>&1
-    ncu -i /tmp/ncu/int4_gate_up.ncu-rep --page details --print-details all > /tmp/stalls/details.txt 2>&1
-    python3 - /tmp/stalls/raw.csv > "$out/stall_reasons.txt" <<'PY'
-import csv, sys
-rows = list(csv.reader(open(sys.argv[1])))
-head, units, vals = rows[0], rows[1], rows[2]
-for h, u, v in zip(head, units, vals):
-    if "issue_stalled" in h:
-        print(f"{h:90s} {v:>12s} {u}")
-PY
-    tar czf "$out/int4_stalls.tgz" -C /tmp stalls
+    stalls int4 150 _dot_gemv_kernel --layer gate_up --sparsity 0 --format int4-g128
     ;;
   int8_stalls)  # issue 11, int8 at 50% (its GEMVs are 79% of the step, gate|up at ~53% of the bandwidth): per-reason warp stalls, occupancy and DRAM throughput of gate|up's stored config (the pipelined rows loop), as text in one tarball
-    mkdir -p /tmp/ncu /tmp/stalls
-    step 120 ncu --clock-control none -k regex:"_sparse_gemv_kernel" --launch-skip 3 --launch-count 1 \
-      --set full --import-source yes -f -o /tmp/ncu/int8_gate_up python3 -m benchmarks.ncu_gemv --layer gate_up --sparsity 0.5 --format int8
-    ncu -i /tmp/ncu/int8_gate_up.ncu-rep --page raw --csv > /tmp/stalls/raw.csv 2>&1
-    ncu -i /tmp/ncu/int8_gate_up.ncu-rep --page source --csv --print-source sass > /tmp/stalls/source_sass.csv 2>&1
-    ncu -i /tmp/ncu/int8_gate_up.ncu-rep --page details --print-details all > /tmp/stalls/details.txt 2>&1
-    python3 - /tmp/stalls/raw.csv > "$out/stall_reasons.txt" <<'PY'
-import csv, sys
-rows = list(csv.reader(open(sys.argv[1])))
-head, units, vals = rows[0], rows[1], rows[2]
-for h, u, v in zip(head, units, vals):
-    if "issue_stalled" in h:
-        print(f"{h:90s} {v:>12s} {u}")
-PY
-    tar czf "$out/int8_stalls.tgz" -C /tmp stalls
+    stalls int8 120 _sparse_gemv_kernel --layer gate_up --sparsity 0.5 --format int8
     ;;
   int4_prefill)  # issue 11's quantized prefill: int8/int4 matrices dequantized once into bf16 (teal::dequantize), then cuBLAS: its GPU tests, then per-shape times against bf16 cuBLAS and the float32 path it replaced, and whole prefills of the 8B shape: bf16, int4-g128, int8
     step 150 python3 -m pytest -q -x tests/test_dequantize.py -k gpu
