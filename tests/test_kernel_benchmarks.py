@@ -193,3 +193,21 @@ def test_tuner_without_a_gpu_says_so():
     run = subprocess.run([sys.executable, "-m", "benchmarks.tune_kernels", "--models", "llama3-8b"],
                          capture_output=True, text=True)
     assert run.returncode == 1 and run.stderr.strip().splitlines()[-1] == "error: tune_kernels.py needs a CUDA GPU"
+
+
+@pytest.mark.parametrize("p", [0, 15, 16, 40])
+@pytest.mark.parametrize("preload_w", [False, True])
+def test_attention_o_lab_matches_the_unfused_path(p, preload_w):
+    """benchmarks/attention_o_lab.py's kernel (o's attention computed inside o's product, the KV
+    groups' partials summed by the last program): the float64 attention, rounded to bf16 as the
+    unfused path rounds it, times W_o^T plus the residual, at tile edges of the positions."""
+    from benchmarks import attention_o_lab as lab
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layer = lab.Layer(n_head=4, n_kv=2, d=16, s_max=48, n=64, device=device, seed=p)
+    layer.res = (layer.res.float() * 0.05).to(layer.res.dtype)  # small beside the product: errors there show
+    got = lab.attention_o(layer.q, layer.k, layer.v, p, layer.w_t, layer.res, block_n=16, block_s=16,
+                          preload_w=preload_w).float()
+    ref = lab.unfused_reference(layer.q, layer.k, layer.v, p, layer.w_t, layer.res).float()
+    assert not got.isnan().any()
+    assert (got - ref).abs().max() <= 1e-2 * ref.abs().max()
