@@ -211,3 +211,25 @@ def test_attention_o_lab_matches_the_unfused_path(p, preload_w):
     ref = lab.unfused_reference(layer.q, layer.k, layer.v, p, layer.w_t, layer.res).float()
     assert not got.isnan().any()
     assert (got - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def test_attention_o_lab_times_every_method():
+    """The lab's measurement loop at a tiny shape, timed by calling each method once: every method
+    runs on every layer copy, the cache is resized per context, and the rows say what ran."""
+    from benchmarks import attention_o_lab as lab
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layers = [lab.Layer(n_head=4, n_kv=2, d=16, s_max=24, n=32, device=device, seed=i) for i in range(2)]
+    ran = []
+
+    def timer(step, copies):
+        ran.append([tuple(step(i).shape) for i in range(copies)])
+        return 1.0
+
+    rows = lab.measure(layers, [8, 40], 24, [16], [4], timer)
+    assert [r["context"] for r in rows] == [8, 40] and [r["s_max"] for r in rows] == [24, 48]
+    assert list(rows[0]["us"]) == ["fused bn16 w4", "attention", "attention + cuBLAS o", "attention + our o",
+                                   "cuBLAS o", "our o"]
+    assert all(r["max_rel_error"] <= 1e-2 for r in rows)
+    assert layers[1].k.shape == (2, 48, 16)
+    assert ran[0] == [(32,), (32,)] and ran[1] == [(1, 4, 16)] * 2 and ran[2] == [(1, 32)] * 2
