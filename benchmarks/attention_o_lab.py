@@ -37,12 +37,10 @@ import triton.language as tl
 
 from benchmarks.timing import graph_time_us
 from files import write_report
-from teal_kernels.attention import _attend_tile, _kv_tile
+from teal_kernels.attention import _LOG2E, _attend_tile, _kv_tile
 from teal_kernels.dequantize import _rounded
 from teal_kernels.ops import decode_attention, sparse_gemv
 from teal_kernels.triton_gemv import INTERPRETED, arrival_counters
-
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit
