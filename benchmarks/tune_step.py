@@ -17,6 +17,9 @@ ranks the best few configs of each one-row projection shape by the fused decode 
 4. Choice. Per shape, the candidate with the lowest summed step time wins if it beats the stored
    config by --min_gain; else the stored config stays.
 5. Check and write. All winners together are timed against the stored table, interleaved, per level.
+   With --e2e_check TOKENS the two tables are also timed as bench_decode.py times a decode
+   (torch.compile's CUDA graphs, recompiled for each table; TOKENS tokens from a 16-token prompt,
+   twice each, in turns), and the winners are kept only if that run agrees by --min_gain.
    The winners are written into teal_kernels/tuned_configs.json (atomically; not with --dry_run)
    with their step times ("step_us"). A report goes to --out (JSON + Markdown).
 
@@ -26,7 +29,8 @@ rewritten by every replay, so the attention's length stays the same for every ca
 The check is not the last word. On the H200 (2026-12-04, results/step_tune/) it agreed with
 bench_decode for int8: +0.3-1.1% per shape here, +1.6% there. For int4's gate|up it disagreed: a
 tie / +1.2% here, -7% / -6% in bench_decode. The cause is not known. So keep the table this writes
-only after a bench_decode A/B of the two tables (h200_session.sh step_small runs both).
+only after bench_decode agrees: --e2e_check asks it in the same process, or run an A/B of the two
+tables (h200_session.sh step_small runs both).
 
     python -m benchmarks.tune_step --model Llama-3-8B --weights int8+lm_head --jobs 16
     python -m benchmarks.tune_step --model Llama-3-8B --weights int4-g128 --kinds dot --min_block_k 2048
@@ -44,7 +48,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.bench_decode import apply_weights, parse_weights, set_level
+from benchmarks.bench_decode import apply_weights, parse_weights, set_level, time_decode
 from benchmarks.timing import decode_fusions
 from benchmarks.tune_kernels import KINDS, build_problems, candidates, fitted, is_correct, precompile, time_config, \
     write_atomically
@@ -175,12 +179,17 @@ def main() -> None:
     p.add_argument("--min_gain", type=float, default=0.003,
                    help="a fraction of the step: the stored config stays unless a candidate beats it by more")
     p.add_argument("--jobs", type=int, default=0, help="compile the shortlist's grid in this many processes first")
+    p.add_argument("--e2e_check", type=int, default=0, metavar="TOKENS",
+                   help="also time both tables as bench_decode.py does (TOKENS decoded tokens, recompiled per "
+                        "table; ~30 s a run) and keep the winners only if that agrees (default 0: off)")
     p.add_argument("--dry_run", action="store_true", help="report only; leave tuned_configs.json as it is")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/tune_step"),
                    help="report prefix: writes <out>.json and <out>.md")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: tune_step.py needs a CUDA GPU")
+    if args.e2e_check < 0:
+        p.error(f"--e2e_check must be >= 0, got {args.e2e_check}")
     for name in ("top", "rounds", "steps", "context"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -213,14 +222,24 @@ def main() -> None:
         model(torch.randint(model.config.vocab_size, (1, args.context), device=device),
               torch.arange(args.context, device=device))
         graphs = StepGraphs(lambda: step(model, token, pos, Sampling()), args.rounds, args.steps)
-        report = tune(model, fmt, levels, thresholds, graphs, args)
+
+        def end_to_end() -> float:
+            """bench_decode's tok/s with the configs in force (a fresh compile: its graphs keep them)."""
+            torch._dynamo.reset()
+            compiled = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+            return statistics.median(time_decode(model, compiled, args.e2e_check, runs=2))
+
+        report = tune(model, fmt, levels, thresholds, graphs, args, end_to_end=end_to_end if args.e2e_check else None)
     write_report(args, levels, report, torch.cuda.get_device_name())
 
 
 def tune(model: Transformer, fmt: str, levels: list[float], thresholds: dict[float, dict], graphs: StepGraphs,
-         args: argparse.Namespace, table_path: Path = TUNED_CONFIGS_PATH) -> dict:
+         args: argparse.Namespace, table_path: Path = TUNED_CONFIGS_PATH,
+         end_to_end: Callable[[], float] | None = None) -> dict:
     """Shortlist each shape alone, time the shortlist in the step level by level (`graphs`), pick,
-    check the winners together against the stored table, write the table unless args.dry_run."""
+    check the winners together against the stored table (and, given `end_to_end`, the decode's
+    tok/s with the configs in force, as bench_decode measures it), write the table unless
+    args.dry_run or the end-to-end check disagrees."""
     device_name = triton_gemv.gpu_name(model.norm.weight.device)
     stored_table = copy.deepcopy(triton_gemv._tuned_table())  # as read, before use_config changes it
     shapes = [shape for shape in decode_shapes(model) if shape[0] in args.shapes]
@@ -258,13 +277,26 @@ def tune(model: Transformer, fmt: str, levels: list[float], thresholds: dict[flo
     for level in levels:
         set_level(model, level, args.calib_tokens, thresholds.get(level))
         check[level] = graphs.median_us({"stored": graph_of(stored), "step-tuned": graph_of(winners)})
+    e2e = {}  # tok/s per level, the two tables in turns (int4's gate|up: the step graphs tied, bench_decode -7%)
+    if end_to_end is not None:
+        for level in levels:
+            set_level(model, level, args.calib_tokens, thresholds.get(level))
+            samples: dict[str, list[float]] = {"stored": [], "step-tuned": []}
+            for _ in range(2):
+                for name, configs in (("stored", stored), ("step-tuned", winners)):
+                    for role, config in configs.items():
+                        use_config(keys[role], config)
+                    samples[name].append(end_to_end())
+            e2e[level] = {name: statistics.median(v) for name, v in samples.items()}
+    summed = {name: sum(v[name] for v in e2e.values()) for name in ("stored", "step-tuned")}
+    adopted = not e2e or summed["step-tuned"] > summed["stored"] * (1 + args.min_gain)
 
     table = copy.deepcopy(stored_table)
     for role in keys:
         table[keys[role]] = {**table.get(keys[role], {}), "config": winners[role].to_dict(),
                              "step_us": {str(lv): round(us, 1) for lv, us in step_us[role][winners[role]].items()},
                              "step_tuned": datetime.date.today().isoformat()}
-    if not args.dry_run:
+    if adopted and not args.dry_run:
         write_atomically(table_path, table)
     return {
         "shapes": {role: {"key": keys[role],
@@ -275,6 +307,8 @@ def tune(model: Transformer, fmt: str, levels: list[float], thresholds: dict[flo
                                          for c in alone[role]]}
                    for role in keys},
         "check": {str(level): {name: round(us, 1) for name, us in v.items()} for level, v in check.items()},
+        "end_to_end_tok_s": {str(level): {name: round(t, 1) for name, t in v.items()} for level, v in e2e.items()},
+        "adopted": adopted,
     }
 
 
@@ -302,9 +336,16 @@ def write_report(args: argparse.Namespace, levels: list[float], report: dict, gp
     for level, v in report["check"].items():
         lines.append(f"| {level} | {v['stored']} ({1e6 / v['stored']:.1f}) | {v['step-tuned']} "
                      f"({1e6 / v['step-tuned']:.1f}) |")
+    if report["end_to_end_tok_s"]:
+        lines += ["", "The same two tables as bench_decode times a decode (tok/s, median of two runs each, in turns):", "",
+                  "| level | stored | step-tuned |", "|---|---|---|"]
+        lines += [f"| {level} | {v['stored']} | {v['step-tuned']} |" for level, v in report["end_to_end_tok_s"].items()]
+    lines += ["", "Table written." if report["adopted"] and not args.dry_run else
+              "Table not written: " + ("--dry_run." if report["adopted"] else "the end-to-end check disagrees.")]
     with atomic_path(args.out.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-(len(report['check']) + 2):]))
+    start = lines.index("All winners together against the stored table (µs per step, tok/s):")
+    print("\n".join(lines[start:]))
 
 
 if __name__ == "__main__":

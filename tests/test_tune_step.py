@@ -99,12 +99,15 @@ def test_without_a_gpu_it_says_so():
     assert run.returncode == 1 and run.stderr.strip().splitlines()[-1] == "error: tune_step.py needs a CUDA GPU"
 
 
-def test_tune_picks_by_the_step_and_writes_the_table(monkeypatch, tmp_path):
+A_CONFIG, B_CONFIG = KernelConfig(block_n=32, block_k=32, sub_k=8), KernelConfig(block_n=16, block_k=64, sub_k=16)
+LEVELS = [0.4, 0.5]
+
+
+def tiny_tune(monkeypatch, tmp_path, end_to_end=None):
     """tune() on a tiny bf16 model, its Triton kernels in the interpreter: a stand-in for the CUDA
     graphs runs the decode step once per "capture" and records the configs the op launched with; the
     step's time is a cost per launched config. Config A is faster alone everywhere, config B in the
-    step for gate|up only: B must win gate|up (so use_config reached the op inside the step), A the
-    other shapes asked for (o is not); the table written holds the winners, the check the summed costs."""
+    step for gate|up only. Returns (report, args, the model's gate|up table key)."""
     from generate import Sampling, decode_one_token, self_calibrated_thresholds
     from teal_kernels.ops import CPU_KERNELS_ENV
     monkeypatch.setenv(CPU_KERNELS_ENV, "interpreter")
@@ -112,7 +115,7 @@ def test_tune_picks_by_the_step_and_writes_the_table(monkeypatch, tmp_path):
     monkeypatch.setattr(tune_kernels, "make_x", lambda m, k, dtype, device, seed: make_x(m, k, dtype, DEVICE, seed))
     monkeypatch.setattr(tune_kernels, "make_weight", lambda fmt, k, n, device, seed: make_weight(fmt, k, n, DEVICE, seed))
     monkeypatch.setattr(tune_kernels, "copies_for", lambda nbytes: 1)
-    a, b = KernelConfig(block_n=32, block_k=32, sub_k=8), KernelConfig(block_n=16, block_k=64, sub_k=16)
+    a, b = A_CONFIG, B_CONFIG
     monkeypatch.setattr(tune_step, "candidates", lambda *args: [a, b])
     monkeypatch.setattr(tune_step, "time_config", lambda config, problems: 1.0 if config == a else 2.0)
     launched = set()
@@ -126,8 +129,7 @@ def test_tune_picks_by_the_step_and_writes_the_table(monkeypatch, tmp_path):
     monkeypatch.setattr(triton_gemv, "_planned_config", recording)
 
     model = tiny_model(n_layer=1, block_size=512).to(torch.bfloat16)
-    levels = [0.4, 0.5]
-    thresholds = {level: self_calibrated_thresholds(model, level, 512) for level in levels}
+    thresholds = {level: self_calibrated_thresholds(model, level, 512) for level in LEVELS}
     install_fused_decode(model)
     cfg = model.config
     gate_up = (cfg.dim, 2 * cfg.intermediate_size)
@@ -152,12 +154,22 @@ def test_tune_picks_by_the_step_and_writes_the_table(monkeypatch, tmp_path):
     token, pos = torch.tensor([[5]]), torch.tensor([8])
     args = argparse.Namespace(shapes=["qkv", "gate_up", "down"], jobs=0, top=2, kinds=None, min_block_k=0,
                               calib_tokens=512, min_gain=0.003, dry_run=False)
-    keys_before = set(triton_gemv._tuned_table())
     with torch.no_grad():
         model(torch.randint(cfg.vocab_size, (1, 8)), torch.arange(8))
-        report = tune_step.tune(model, "bf16", levels, thresholds,
+        report = tune_step.tune(model, "bf16", LEVELS, thresholds,
                                 RecordedSteps(lambda: decode_one_token(model, token, pos, Sampling())), args,
-                                table_path=tmp_path / "tuned.json")
+                                table_path=tmp_path / "tuned.json", end_to_end=end_to_end)
+    for role in report["shapes"]:  # the process's table is the stored one again
+        tune_step.use_config(report["shapes"][role]["key"], None)
+    return report, args, report["shapes"]["gate_up"]["key"]
+
+
+def test_tune_picks_by_the_step_and_writes_the_table(monkeypatch, tmp_path):
+    """B must win gate|up (so use_config reached the op inside the step), A the other shapes asked
+    for (o is not); the table written holds the winners, the check the summed costs."""
+    keys_before = set(triton_gemv._tuned_table())
+    report, args, _ = tiny_tune(monkeypatch, tmp_path)
+    a, b = A_CONFIG, B_CONFIG
     winners = {role: KernelConfig.from_dict(s["winner"]) for role, s in report["shapes"].items()}
     assert winners == {"qkv": a, "gate_up": b, "down": a}  # o was not asked for
     written = json.loads((tmp_path / "tuned.json").read_text())
@@ -168,15 +180,41 @@ def test_tune_picks_by_the_step_and_writes_the_table(monkeypatch, tmp_path):
     # nothing stored for "cpu": the stored table is the heuristic's configs (20 each, 5 at gate|up); o and
     # the packed CPU head launch their heuristic configs in both (20 each)
     assert report["check"] == {str(lv): {"stored": 20 + 20 + 5 + 20 + 20.0, "step-tuned": 10 + 20 + 5 + 10 + 20.0}
-                               for lv in levels}
+                               for lv in LEVELS}
+    assert report["adopted"] and report["end_to_end_tok_s"] == {}
     args.model, args.weights, args.out = "tiny", "bf16", tmp_path / "report"
-    tune_step.write_report(args, levels, report, "cpu")
+    tune_step.write_report(args, LEVELS, report, "cpu")
     markdown = (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "report.json").read_text())["shapes"] == report["shapes"]
     assert markdown.count("| winner |") == 3 and "| 0.5 | 85.0 (11764.7) | 65.0 (15384.6) |" in markdown
-    for role in report["shapes"]:  # the process's table is the stored one again
-        tune_step.use_config(report["shapes"][role]["key"], None)
+    assert markdown.rstrip().endswith("Table written.")
     assert set(triton_gemv._tuned_table()) == keys_before
+
+
+@pytest.mark.parametrize("step_tuned_tok_s", [90.0, 110.0])
+def test_the_end_to_end_check_decides_whether_the_table_is_written(monkeypatch, tmp_path, step_tuned_tok_s):
+    """With an end-to-end measurement (bench_decode's loop on the GPU; here a stand-in that reads
+    which table is in force from gate|up's entry), both tables are timed in turns at every level, and
+    the winners are written only if that measurement agrees."""
+    in_force = []
+
+    def measured():
+        tuned = any(k.startswith("cpu|bf16|M1|") and v["config"] == B_CONFIG.to_dict()  # gate|up's winner in force
+                    for k, v in triton_gemv._tuned_table().items())
+        in_force.append("step-tuned" if tuned else "stored")
+        return step_tuned_tok_s if tuned else 100.0
+
+    report, args, _ = tiny_tune(monkeypatch, tmp_path, end_to_end=measured)
+    assert in_force == ["stored", "step-tuned"] * 2 * len(LEVELS)  # in turns, twice, at each level
+    assert report["end_to_end_tok_s"] == {str(lv): {"stored": 100.0, "step-tuned": step_tuned_tok_s} for lv in LEVELS}
+    assert report["adopted"] == (step_tuned_tok_s > 100.0)
+    assert (tmp_path / "tuned.json").exists() == report["adopted"]
+    args.model, args.weights, args.out = "tiny", "bf16", tmp_path / "report"
+    tune_step.write_report(args, LEVELS, report, "cpu")
+    markdown = (tmp_path / "report.md").read_text()
+    assert f"| 0.5 | 100.0 | {step_tuned_tok_s} |" in markdown
+    assert markdown.rstrip().endswith("Table written." if report["adopted"] else
+                                      "Table not written: the end-to-end check disagrees.")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
