@@ -611,7 +611,7 @@ case $phase in
       step 200 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_${t}"
     done
     ;;
-  step_small)  # issues 10/11: q|k|v's and o's configs chosen in the step from a grid widened to more, smaller programs (pipelined rows loop, 64-256 columns, 128-512-row K blocks, 4 or 8 warps: ncu put int8 o at one 4-warp program an SM, results/step_tune/ section 5), then bench_decode on the step-tuned table and on the stored one, one call; STEP_WEIGHTS=bf16 for bf16 (its levels 0.4 / 0.5 / 0.65); STEP_SHAPES / STEP_KINDS for other shapes and kinds (e.g. gate_up down with rows-compact-pipelined-lane_sum: fewer registers than gate|up's 255)
+  step_small)  # issues 10/11: q|k|v's and o's configs chosen in the step from a grid widened to more, smaller programs (pipelined rows loop, 64-256 columns, 128-512-row K blocks, 4 or 8 warps, and 8 warps for the long K blocks too: ncu put int8 o at one 4-warp program an SM, results/step_tune/ section 5), then bench_decode on the step-tuned table and on the stored one, one call; STEP_WEIGHTS=bf16 for bf16 (its levels 0.4 / 0.5 / 0.65); STEP_SHAPES / STEP_KINDS for other shapes and kinds (e.g. gate_up down with rows-compact-pipelined-lane_sum: fewer registers than gate|up's 255)
     w=${STEP_WEIGHTS:-int8+lm_head}
     cp teal_kernels/tuned_configs.json /tmp/stored_tuned_configs.json
     # shellcheck disable=SC2086  # word lists

@@ -104,10 +104,12 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
         # opt-in (KernelConfig; measured end to end for int8 only, results/long_k/): the loop through
         # Triton's software pipeline, with K blocks up to 4096 rows, where few split-K partials leave a
         # long loop to pipeline
-        for bn, bk, sk, st, lane_sum in itertools.product((128, 256, 512), (512, 1024, 2048, 4096), (32, 64), (4, 8),
-                                                          (False, True)):
-            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, compact=True, design="rows",
-                                  lane_sum=lane_sum))
+        # (8 warps too: int8 gate|up's 4-warp winner holds 255 registers and runs 2 programs an SM, 2 warps
+        # a scheduler with barrier and memory stalls, ncu in results/step_tune/; at 8 warps, 116 registers)
+        for bn, bk, sk, st, nw, lane_sum in itertools.product((128, 256, 512), (512, 1024, 2048, 4096), (32, 64),
+                                                              (4, 8), (4, 8), (False, True)):
+            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=st, compact=True,
+                                  design="rows", lane_sum=lane_sum))
         # and more, smaller programs of 4 or 8 warps for the small matrices: Nsight Compute put int8 o
         # at 50% (128 programs) at one 4-warp program an SM, one warp a scheduler issuing in 29% of
         # the samples, DRAM 18% busy; q|k|v (384 programs) at 2.7 warps a scheduler, DRAM 21%
