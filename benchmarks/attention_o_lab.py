@@ -49,6 +49,7 @@ def _attention_o_kernel(
     p, N, stride_kh, stride_ks, qk_scale_log2,
     H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, PRELOAD_W: tl.constexpr,
+    KV_STAGES: tl.constexpr,  # K/V tiles in flight (Triton's software pipeline) while one is attended
     DOT_FP32: tl.constexpr,  # the interpreter: fp32 dots, bf16 rounded on the bits
 ):
     """Program (column block n, KV group g): the group's attention over positions 0..p, then its
@@ -69,7 +70,7 @@ def _attention_o_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
-    for s0 in range(0, p + 1, BLOCK_S):
+    for s0 in tl.range(0, p + 1, BLOCK_S, num_stages=KV_STAGES):
         s = s0 + tl.arange(0, BLOCK_S)
         s_ok = s <= p
         k, v = _kv_tile(k_base, v_base, s, s_ok, d, stride_ks, 1, stride_ks, 1)
@@ -105,7 +106,7 @@ def _attention_o_kernel(
 
 def attention_o(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: int, w_t: torch.Tensor,
                 residual: torch.Tensor, block_n: int = 64, block_s: int = 64, preload_w: bool = True,
-                num_warps: int = 4) -> torch.Tensor:
+                num_warps: int = 4, kv_stages: int = 1) -> torch.Tensor:
     """out [N] = attention(q [H, D] over k/v_cache [Hkv, S, D] at positions 0..p) flattened, rounded
     to w_t's dtype, @ w_t [H * D, N] (rounded), + residual [N] (in x's dtype, as the unfused path)."""
     h, d = q.shape
@@ -125,7 +126,8 @@ def attention_o(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p
         q, k_cache, v_cache, w_t, residual, out, part, counters,
         p, n, k_cache.stride(0), k_cache.stride(1), _LOG2E / math.sqrt(d),
         H_KV=h_kv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
-        BLOCK_S=block_s, BLOCK_N=block_n, PRELOAD_W=preload_w, DOT_FP32=INTERPRETED, num_warps=num_warps)
+        BLOCK_S=block_s, BLOCK_N=block_n, PRELOAD_W=preload_w, KV_STAGES=kv_stages, DOT_FP32=INTERPRETED,
+        num_warps=num_warps)
     return out
 
 
@@ -162,7 +164,7 @@ class Layer:
 
 
 def measure(layers: list[Layer], contexts: list[int], s_max: int, block_ns: list[int], warps: list[int],
-            timer: Callable[[Callable[[int], object], int], float]) -> list[dict]:
+            kv_stages: list[int], timer: Callable[[Callable[[int], object], int], float]) -> list[dict]:
     """Per context: the lab kernel checked against unfused_reference (every variant), then
     `timer(step, len(layers))` (µs a call of step(i), i over the layers) of every method."""
     rows = []
@@ -173,12 +175,12 @@ def measure(layers: list[Layer], contexts: list[int], s_max: int, block_ns: list
         for lay in layers:
             lay.new_caches(positions)
         pos = torch.tensor([p], dtype=torch.int64, device=layers[0].q.device)
-        variants = {f"fused bn{bn} w{w}": (bn, w) for bn in block_ns for w in warps}
+        variants = {f"fused bn{bn} w{w} s{st}": (bn, w, st) for bn in block_ns for w in warps for st in kv_stages}
         worst = 0.0
-        for bn, w in variants.values():
+        for bn, w, st in variants.values():
             lay = layers[0]
             ref = unfused_reference(lay.q, lay.k, lay.v, p, lay.w_t, lay.res).float()
-            got = attention_o(lay.q, lay.k, lay.v, p, lay.w_t, lay.res, block_n=bn, num_warps=w).float()
+            got = attention_o(lay.q, lay.k, lay.v, p, lay.w_t, lay.res, block_n=bn, num_warps=w, kv_stages=st).float()
             worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
         if not worst <= 2e-2:
             raise SystemExit(f"error: the lab kernel misses the reference at context {context} ({worst:.2e})")
@@ -197,11 +199,11 @@ def measure(layers: list[Layer], contexts: list[int], s_max: int, block_ns: list
             o = lay.q.reshape(1, -1) if o is None else o.reshape(1, -1)
             return sparse_gemv(o, lay.w_t, lay.thr, [n], None, None, 0, False, lay.res[None])
 
-        def fused(bn: int, w: int) -> Callable[[int], torch.Tensor]:
+        def fused(bn: int, w: int, st: int) -> Callable[[int], torch.Tensor]:
             return lambda i: attention_o(layers[i].q, layers[i].k, layers[i].v, p, layers[i].w_t, layers[i].res,
-                                         block_n=bn, num_warps=w)
+                                         block_n=bn, num_warps=w, kv_stages=st)
 
-        timings = {name: fused(bn, w) for name, (bn, w) in variants.items()}
+        timings = {name: fused(*config) for name, config in variants.items()}
         timings.update({
             "attention": attention,
             "attention + cuBLAS o": lambda i: cublas_o(i, attention(i)),
@@ -225,16 +227,18 @@ def main() -> None:
                              "follows it), raised to context + 8 where smaller")
     parser.add_argument("--block_n", type=int, nargs="+", default=[64, 128], help="lab kernel columns a program")
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8], help="lab kernel warps a program")
+    parser.add_argument("--kv_stages", type=int, nargs="+", default=[1, 2],
+                        help="lab kernel K/V tiles in flight (1: the plain loop)")
     parser.add_argument("--out", default="benchmarks/results/attention_o_lab/lab")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: benchmarks.attention_o_lab needs a CUDA GPU")
-    if min(args.contexts) < 1 or args.layers < 1 or args.s_max < 1:
-        parser.error("--contexts, --layers and --s_max must be at least 1")
+    if min(args.contexts + args.kv_stages) < 1 or args.layers < 1 or args.s_max < 1:
+        parser.error("--contexts, --kv_stages, --layers and --s_max must be at least 1")
     device = torch.device("cuda")
     n_head, n_kv, d, n = 32, 8, 128, 4096  # Llama-3-8B's attention and o
     layers = [Layer(n_head, n_kv, d, args.s_max, n, device, seed=i) for i in range(args.layers)]
-    rows = measure(layers, args.contexts, args.s_max, args.block_n, args.warps,
+    rows = measure(layers, args.contexts, args.s_max, args.block_n, args.warps, args.kv_stages,
                    lambda step, copies: graph_time_us(step, copies, calls=4 * copies))
 
     names = list(rows[0]["us"])

@@ -226,10 +226,10 @@ def test_attention_o_lab_times_every_method():
         ran.append([tuple(step(i).shape) for i in range(copies)])
         return 1.0
 
-    rows = lab.measure(layers, [8, 40], 24, [16], [4], timer)
+    rows = lab.measure(layers, [8, 40], 24, [16], [4], [1, 2], timer)
     assert [r["context"] for r in rows] == [8, 40] and [r["s_max"] for r in rows] == [24, 48]
-    assert list(rows[0]["us"]) == ["fused bn16 w4", "attention", "attention + cuBLAS o", "attention + our o",
-                                   "cuBLAS o", "our o"]
+    assert list(rows[0]["us"]) == ["fused bn16 w4 s1", "fused bn16 w4 s2", "attention", "attention + cuBLAS o",
+                                   "attention + our o", "cuBLAS o", "our o"]
     assert all(r["max_rel_error"] <= 1e-2 for r in rows)
     assert layers[1].k.shape == (2, 48, 16)
-    assert ran[0] == [(32,), (32,)] and ran[1] == [(1, 4, 16)] * 2 and ran[2] == [(1, 32)] * 2
+    assert ran[0] == ran[1] == [(32,), (32,)] and ran[2] == [(1, 4, 16)] * 2 and ran[3] == [(1, 32)] * 2
