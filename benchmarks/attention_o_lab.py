@@ -231,10 +231,12 @@ def main() -> None:
                         help="lab kernel K/V tiles in flight (1: the plain loop)")
     parser.add_argument("--out", default="benchmarks/results/attention_o_lab/lab")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: benchmarks.attention_o_lab needs a CUDA GPU")
     if min(args.contexts + args.kv_stages) < 1 or args.layers < 1 or args.s_max < 1:
         parser.error("--contexts, --kv_stages, --layers and --s_max must be at least 1")
+    if any(v < 16 or v & (v - 1) or 4096 % v for v in args.block_n) or any(w < 1 or w & (w - 1) for w in args.warps):
+        parser.error("--block_n must be powers of two from 16 to 4096, --warps powers of two")
+    if not torch.cuda.is_available():
+        raise SystemExit("error: benchmarks.attention_o_lab needs a CUDA GPU")
     device = torch.device("cuda")
     n_head, n_kv, d, n = 32, 8, 128, 4096  # Llama-3-8B's attention and o
     layers = [Layer(n_head, n_kv, d, args.s_max, n, device, seed=i) for i in range(args.layers)]

@@ -259,9 +259,12 @@ def tune(model: Transformer, fmt: str, levels: list[float], thresholds: dict[flo
                                 args.min_block_k)
         print(f"{role}: shortlist {[round(t, 2) for t in alone[role].values()]} µs alone", flush=True)
 
-    def graph_of(configs: dict[str, KernelConfig | None]):
+    def use_table(configs: dict[str, KernelConfig | None]) -> None:
         for role, config in configs.items():
             use_config(keys[role], config)
+
+    def graph_of(configs: dict[str, KernelConfig | None]):
+        use_table(configs)
         return graphs.capture()
 
     step_us: dict[str, dict[KernelConfig, dict[float, float]]] = {role: {} for role in keys}
@@ -284,8 +287,7 @@ def tune(model: Transformer, fmt: str, levels: list[float], thresholds: dict[flo
             samples: dict[str, list[float]] = {"stored": [], "step-tuned": []}
             for _ in range(2):
                 for name, configs in (("stored", stored), ("step-tuned", winners)):
-                    for role, config in configs.items():
-                        use_config(keys[role], config)
+                    use_table(configs)
                     samples[name].append(end_to_end())
             e2e[level] = {name: statistics.median(v) for name, v in samples.items()}
     summed = {name: sum(v[name] for v in e2e.values()) for name in ("stored", "step-tuned")}
