@@ -17,8 +17,8 @@ torch/Inductor.
 The two RMSNorms are handed to the q|k|v and gate|up projections. Where those run dense on CUDA
 through the preload GEMV (small float matrices: SmolLM2), its prologue computes them: two kernels
 fewer a layer (H200, SmolLM2-135M shape: 1501 -> 2080 tok/s, benchmarks/results/preload/).
-The sparse GEMV's prologue computes them too where PackedLinear measured that faster (float and int8
-weights, one row; not int4-g128, which it slowed on the Llama-3-8B shape: 297.4 -> 273.2 tok/s dense);
+The sparse GEMV's prologue computes them too where PackedLinear measured that faster (one row,
+every format: int4-g128 + int8 head on the Llama-3-8B shape 316.0 -> 321.4 tok/s dense);
 TEAL_FUSED_NORM=1 / 0 (read when the blocks are installed) forces it on / off for every format;
 elsewhere torch runs the norm first.
 
@@ -71,11 +71,17 @@ class DecodeBlock(TransformerBlock):
         if att.kv_cache is None or not (seqlen == 1 or (self.positionwise and seqlen <= MAX_BATCH)):
             return super().forward(x, freqs_cis, mask, input_pos)
         qkv = self._project(att.wqkv, self.attention_norm, x)
-        # one attention step a position, in order: each position's attention is the decode step's
-        steps = [decode_attention_step(qkv[:, i].contiguous(), freqs_cis[i].reshape(-1, 2), att.kv_cache.k_cache,
-                                       att.kv_cache.v_cache, input_pos[i:i + 1], att.n_head) for i in range(seqlen)]
-        y = steps[0] if seqlen == 1 else torch.stack(steps, dim=1)  # a decode step: no copy
-        h = att.wo(y.view(bsz, seqlen, att.n_head * att.head_dim), residual=x)
+        caches = (att.kv_cache.k_cache, att.kv_cache.v_cache)
+        if seqlen == 1 and att.wo.takes_attention(qkv.view(bsz, -1), caches[0], att.n_head):
+            # o's GEMV computes the attention itself: no attention launches (short caches)
+            h = att.wo.attention_product(qkv.view(bsz, -1), freqs_cis[0].reshape(-1, 2), *caches, input_pos,
+                                         att.n_head, x.view(bsz, -1)).view(x.shape)
+        else:
+            # one attention step a position, in order: each position's attention is the decode step's
+            steps = [decode_attention_step(qkv[:, i].contiguous(), freqs_cis[i].reshape(-1, 2), *caches,
+                                           input_pos[i:i + 1], att.n_head) for i in range(seqlen)]
+            y = steps[0] if seqlen == 1 else torch.stack(steps, dim=1)  # a decode step: no copy
+            h = att.wo(y.view(bsz, seqlen, att.n_head * att.head_dim), residual=x)
         return ff.w2(self._project(ff.w13, self.ffn_norm, h), gated=True, residual=h)
 
 

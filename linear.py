@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
-from teal_kernels.ops import dense_gemv, dequantize
+from teal_kernels.ops import attention_o, cpu_runs_interpreter, dense_gemv, dequantize
 from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, dot_design_fits, env_switch, gated_input
 from teal_kernels.speed_table import estimated_sparse_beats_dense, sparse_beats_dense
 
@@ -102,14 +102,38 @@ def kernel_verdict_for(device: torch.device, weight_format: str, rows: int, k: i
 def sparse_kernel_takes_norm(fmt: str, n_rows: int, override: bool | None = None) -> bool:
     """Whether the sparse GEMV computes a handed RMSNorm itself (one kernel fewer) instead of
     torch before it, for PackedLinear's `fmt` ("fp", "int8", "int4"): `override` (TEAL_FUSED_NORM)
-    if set, else for float and int8 weights and one row, where the H200 measured it faster
-    (Llama-3.2-1B 50% 1134.7 -> 1169.2 tok/s, Llama-3-8B 298.1 -> 299.4; 8B int8 with an int8 head
-    268.0 -> 271.7 dense, 352.2 -> 359.2 at 50%), not for int4, which it slowed (8B int4-g128 50%
-    312.4 -> 284.8; benchmarks/results/NOTES.md, results/norm_1b/, results/int8_retune/). The tuner
-    times the same calls (benchmarks/tune_kernels.py --decode_fusions)."""
+    if set, else at one row for every format, where the H200 measured it faster (Llama-3.2-1B 50%
+    1134.7 -> 1169.2 tok/s, Llama-3-8B 298.1 -> 299.4; 8B int8 with an int8 head 268.0 -> 271.7
+    dense, 352.2 -> 359.2 at 50%; 8B int4-g128 with an int8 head 316.0 -> 321.4 dense, 328.5 ->
+    335.1 at 50%, in both orders in one session: benchmarks/results/NOTES.md, results/norm_1b/,
+    results/int8_retune/, results/small_programs/). int4 once lost with it (312.4 -> 284.8), when
+    its gate|up ran 4x as many programs, each computing the statistics. The tuner times the same
+    calls (benchmarks/tune_kernels.py --decode_fusions)."""
     if n_rows > MAX_BATCH:  # a short quantized prefill: each program would read every row's whole x
         return False
-    return (fmt != "int4" and n_rows == 1) if override is None else override
+    return n_rows == 1 if override is None else override
+
+
+# o's decode GEMV computes its own input, the attention (teal::attention_o: no attention launches),
+# where the KV cache holds at most ATTENTION_O_MAX_CACHE positions: each of its programs walks the
+# whole prefix one K/V tile after another, so it pays at short contexts only. H200, Llama-3-8B o in
+# bf16, the lab kernel against the attention op + our o (benchmarks/attention_o_lab.py,
+# results/small_programs/): 16.7 vs 21.2 us at 128 positions, 19.5 vs 21.7 at 256, 25.3 vs 21.8 at
+# 512. TEAL_ATTENTION_O=1 (read when a PackedLinear is built) turns it on; off until measured end to end.
+ATTENTION_O_ENV = "TEAL_ATTENTION_O"
+ATTENTION_O_MAX_CACHE = 384
+
+
+@torch.compiler.assume_constant_result
+def attention_o_fits_for(device: torch.device, weight_format: str, k: int, split_sizes: tuple[int, ...],
+                         n_head: int, n_kv: int, d: int) -> bool:
+    """Whether teal::attention_o runs as one kernel for this o projection on `device`: CUDA, or the
+    CPU's Triton interpreter (tests; the CPU's own kernels are faster apart), with weights and a config
+    the kernel takes (a constant to torch.compile, which cannot trace the config table's read)."""
+    if device.type != "cuda" and not (device.type == "cpu" and cpu_runs_interpreter()):
+        return False
+    from teal_kernels.triton_gemv import attention_o_fits, gpu_name  # imports Triton
+    return attention_o_fits(gpu_name(device), weight_format, k, split_sizes, n_head, n_kv, d)
 
 
 class PackedLinear(nn.Module):
@@ -151,6 +175,7 @@ class PackedLinear(nn.Module):
         self.sparse = False
         self.sparse_prefill = False
         self.preload_allowed = env_switch(PRELOAD_ENV, default="1")  # a bad value fails here, not mid-decode
+        self.attention_allowed = env_switch(ATTENTION_O_ENV)
         # rows up to which a dense quantized call on CUDA runs the kernel (QUANTIZED_KERNEL_ROWS where the
         # shape takes the dot design, else the decode batches only)
         self.quantized_kernel_rows = (QUANTIZED_KERNEL_ROWS if fmt != "fp" and dot_design_fits(
@@ -267,6 +292,26 @@ class PackedLinear(nn.Module):
             out = sparse_gemv_reference(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(),
                                         self.group_size, gated, res)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def takes_attention(self, qkv: Tensor, k_cache: Tensor, n_head: int) -> bool:
+        """Whether this o projection's decode step computes its own input, the attention of the
+        q|k|v row `qkv` [1, W] (attention_product): switched on (ATTENTION_O_ENV), one row of a
+        kernel dtype, a cache of at most ATTENTION_O_MAX_CACHE positions, a device, weights and a
+        config the kernel takes, and no forward pre-hook waiting to see the input (SparsityMeter)."""
+        if (not self.attention_allowed or self._forward_pre_hooks or qkv.shape[0] != 1
+                or qkv.dtype not in KERNEL_DTYPES or k_cache.shape[2] > ATTENTION_O_MAX_CACHE):
+            return False
+        return attention_o_fits_for(qkv.device, self.format_name, self.in_features, tuple(self.split_sizes), n_head,
+                                    k_cache.shape[1], k_cache.shape[3])
+
+    def attention_product(self, qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor,
+                          input_pos: Tensor, n_head: int, residual: Tensor) -> Tensor:
+        """self(attention) + residual for a decode step where takes_attention: the attention of q|k|v
+        row `qkv` (RoPE by freqs_cis [D/2, 2], k and v written into the caches at input_pos) and o's
+        product of it in one op (teal::attention_o), thresholded as forward would. [1, N]."""
+        thresholds = self.thresholds if self.applies_sparsity(qkv[:, : self.in_features]) else self.no_thresholds
+        return attention_o(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, self.weight, thresholds,
+                           self.split_sizes, getattr(self, "scales", None), residual)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, splits={self.split_sizes}, "

@@ -88,6 +88,10 @@ class RowParallelLinear(PackedLinear):
 
     group_name: str = ""
 
+    def takes_attention(self, qkv: Tensor, k_cache: Tensor, n_head: int) -> bool:
+        """Never: the ranks' parts are summed before the residual, which teal::attention_o adds."""
+        return False
+
     def forward(self, x: Tensor, gated: bool = False, residual: Tensor | None = None) -> Tensor:
         out = all_reduce(super().forward(x, gated), self.group_name)
         return out if residual is None else out + residual

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from benchmarks.timing import graph_time_us
 from files import write_report
-from teal_kernels.attention import _LOG2E, _attend_tile, _kv_tile
+from teal_kernels.attention_tiles import LOG2E, attend_tile, kv_tile
 from teal_kernels.dequantize import _rounded
 from teal_kernels.ops import decode_attention, sparse_gemv
 from teal_kernels.triton_gemv import INTERPRETED, arrival_counters
@@ -73,8 +73,8 @@ def _attention_o_kernel(
     for s0 in tl.range(0, p + 1, BLOCK_S, num_stages=KV_STAGES):
         s = s0 + tl.arange(0, BLOCK_S)
         s_ok = s <= p
-        k, v = _kv_tile(k_base, v_base, s, s_ok, d, stride_ks, 1, stride_ks, 1)
-        m_i, l_i, acc = _attend_tile(q, k, v, s_ok, m_i, l_i, acc, qk_scale_log2, DOT_FP32)
+        k, v = kv_tile(k_base, v_base, s, s_ok, d, stride_ks, 1, stride_ks, 1)
+        m_i, l_i, acc = attend_tile(q, k, v, s_ok, m_i, l_i, acc, qk_scale_log2, DOT_FP32)
     o = _rounded(acc / l_i[:, None], w_ptr.dtype.element_ty, DOT_FP32)  # rounded as the unfused path's output
     if DOT_FP32:
         o = o.to(tl.float32)
@@ -124,7 +124,7 @@ def attention_o(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p
     part = torch.empty(h_kv, n, dtype=torch.float32, device=q.device)
     _attention_o_kernel[(grid_n, h_kv)](
         q, k_cache, v_cache, w_t, residual, out, part, counters,
-        p, n, k_cache.stride(0), k_cache.stride(1), _LOG2E / math.sqrt(d),
+        p, n, k_cache.stride(0), k_cache.stride(1), LOG2E / math.sqrt(d),
         H_KV=h_kv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
         BLOCK_S=block_s, BLOCK_N=block_n, PRELOAD_W=preload_w, KV_STAGES=kv_stages, DOT_FP32=INTERPRETED,
         num_warps=num_warps)

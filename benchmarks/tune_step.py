@@ -239,7 +239,7 @@ def tune(model: Transformer, fmt: str, levels: list[float], thresholds: dict[flo
     """Shortlist each shape alone, time the shortlist in the step level by level (`graphs`), pick,
     check the winners together against the stored table (and, given `end_to_end`, the decode's
     tok/s with the configs in force, as bench_decode measures it), write the table unless
-    args.dry_run or the end-to-end check disagrees."""
+    args.dry_run or the end-to-end check finds no gain."""
     device_name = triton_gemv.gpu_name(model.norm.weight.device)
     stored_table = copy.deepcopy(triton_gemv._tuned_table())  # as read, before use_config changes it
     shapes = [shape for shape in decode_shapes(model) if shape[0] in args.shapes]
@@ -343,7 +343,7 @@ def write_report(args: argparse.Namespace, levels: list[float], report: dict, gp
                   "| level | stored | step-tuned |", "|---|---|---|"]
         lines += [f"| {level} | {v['stored']} | {v['step-tuned']} |" for level, v in report["end_to_end_tok_s"].items()]
     lines += ["", "Table written." if report["adopted"] and not args.dry_run else
-              "Table not written: " + ("--dry_run." if report["adopted"] else "the end-to-end check disagrees.")]
+              "Table not written: " + ("--dry_run." if report["adopted"] else "the end-to-end check found no gain.")]
     with atomic_path(args.out.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     start = lines.index("All winners together against the stored table (µs per step, tok/s):")

@@ -49,6 +49,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
+from teal_kernels.attention_tiles import LOG2E, attend_tile, default_block_s, kv_tile, load_position, new_token
 from teal_kernels.reference import MAX_GROUP, validate_attention as _validate, validate_step
 from teal_kernels.triton_gemv import cdiv, launch_options, next_power_of_2
 
@@ -58,7 +59,6 @@ __all__ = ["INTERPRETED", "MAX_SPLITS", "decode_attention_step_triton", "decode_
 MAX_SPLITS = 64  # stage 2 holds [MAX_SPLITS, D] fp32 partials in registers
 PROGRAMS_PER_SM = 2  # stage-1 programs to aim for per SM (D=128 bf16: ~70 KB shared memory, 135 registers)
 CPU_SM_COUNT = 132  # stand-in under the interpreter (an H200's count), so CPU runs split like the GPU
-_LOG2E = 1.4426950408889634
 
 
 @functools.cache
@@ -79,67 +79,15 @@ def default_num_splits(batch: int, n_kv: int, s_max: int, block_s: int, sm_count
     return 1 << (splits.bit_length() - 1)  # round down to a power of two
 
 
-def default_block_s(d: int, elem_bytes: int) -> int:
-    """Positions per tile: 16 KB of K (and of V) per tile, 16..64 positions (tl.dot needs >= 16)."""
-    return max(16, min(64, 16384 // (d * elem_bytes)))
-
-
 @triton.jit
 def _chunk_len(p, NUM_SPLITS, BLOCK_S: tl.constexpr):
     """Positions per split for the prefix 0..p: an equal share, rounded up to whole tiles."""
     return tl.cdiv(tl.cdiv(p + 1, NUM_SPLITS), BLOCK_S) * BLOCK_S
 
 
-@triton.jit
-def _load_position(pos_ptr, S_MAX):
-    """p from the device, clamped to 0..S_MAX-1 so that a bad value cannot read out of bounds."""
-    return tl.minimum(tl.maximum(tl.load(pos_ptr).to(tl.int32), 0), S_MAX - 1)
-
-
 # ---------------------------------------------------------------------------
 # Stage 1: one program per (batch, KV head, chunk), all query heads of the group
 # ---------------------------------------------------------------------------
-
-
-@triton.jit
-def _rotate_pairs(x_ptr, rows, ok, cs_ptr, N: tl.constexpr, D: tl.constexpr):
-    """RoPE of rows of length D at x_ptr + rows * D: pairs (2i, 2i+1) rotated by cs[i] = (cos, sin),
-    in fp32 as model.apply_rotary_emb, rounded back to x's dtype; [len(rows), D] in pair order."""
-    i = tl.arange(0, D // 2)
-    even = tl.load(x_ptr + rows[:, None] * D + 2 * i[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    odd = tl.load(x_ptr + rows[:, None] * D + 2 * i[None, :] + 1, mask=ok[:, None], other=0.0).to(tl.float32)
-    cos = tl.load(cs_ptr + 2 * i)[None, :]
-    sin = tl.load(cs_ptr + 2 * i + 1)[None, :]
-    out = tl.join(even * cos - odd * sin, odd * cos + even * sin)  # [rows, D/2, 2]
-    return tl.reshape(out, [N, D]).to(x_ptr.dtype.element_ty)
-
-
-@triton.jit
-def _kv_tile(k_base, v_base, s, s_ok, d, stride_ks, stride_kd, stride_vs, stride_vd):
-    """K and V at positions s ([BLOCK_S, D] each; zeros where not s_ok)."""
-    k = tl.load(k_base + s[:, None] * stride_ks + d[None, :] * stride_kd, mask=s_ok[:, None], other=0.0)
-    v = tl.load(v_base + s[:, None] * stride_vs + d[None, :] * stride_vd, mask=s_ok[:, None], other=0.0)
-    return k, v
-
-
-@triton.jit
-def _attend_tile(q, k, v, s_ok, m_i, l_i, acc, qk_scale_log2, DOT_FP32: tl.constexpr):
-    """One K/V tile [BLOCK_S, D] into the online softmax of the group's queries q [GROUP_PAD, D]:
-    (running max, running sum, output accumulator) in fp32, base 2."""
-    if DOT_FP32:
-        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        scores = tl.dot(q, tl.trans(k))  # bf16/fp16 operands, fp32 accumulation
-    scores = tl.where(s_ok[None, :], scores * qk_scale_log2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    probs = tl.exp2(scores - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(probs, axis=1)
-    if DOT_FP32:
-        pv = tl.dot(probs, v.to(tl.float32), input_precision="ieee")
-    else:
-        pv = tl.dot(probs.to(v.dtype), v)
-    return m_new, l_i, acc * alpha[:, None] + pv
 
 
 @triton.jit
@@ -167,7 +115,7 @@ def _split_kernel(
     # starts only once the previous one has passed its own wait, so every earlier kernel is done.
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    p = _load_position(pos_ptr, S_MAX)
+    p = load_position(pos_ptr, S_MAX)
     chunk = _chunk_len(p, NUM_SPLITS, BLOCK_S)
     start = split * chunk
     if start > p:
@@ -185,20 +133,16 @@ def _split_kernel(
     s = start + tl.arange(0, BLOCK_S)
     s_ok = s < end  # every tile holds at least one valid position, so m_i stays finite
     if FUSED:
-        k, v = _kv_tile(k_base, v_base, s, s_ok, d, stride_ks, stride_kd, stride_vs, stride_vd)
+        k, v = kv_tile(k_base, v_base, s, s_ok, d, stride_ks, stride_kd, stride_vs, stride_vd)
     if PDL:
         tl.extra.cuda.gdc_wait()
     if not FUSED:  # the cache at p may be the previous kernel's write (model.py's cache update)
-        k, v = _kv_tile(k_base, v_base, s, s_ok, d, stride_ks, stride_kd, stride_vs, stride_vd)
+        k, v = kv_tile(k_base, v_base, s, s_ok, d, stride_ks, stride_kd, stride_vs, stride_vd)
 
     if FUSED:
         # Row b of q|k|v: H*D query values, then H_KV*D keys, then H_KV*D values (stride_qb apart).
         row = q_ptr + b * stride_qb
-        q = _rotate_pairs(row, heads, g_ok, cs_ptr, GROUP_PAD, D)
-        one = tl.arange(0, 1)
-        n_head = H_KV * GROUP
-        k_new = _rotate_pairs(row + n_head * D, kvh + one, one == 0, cs_ptr, 1, D)  # [1, D]
-        v_new = tl.load(row + (n_head + H_KV + kvh) * D + d)
+        q, k_new, v_new = new_token(row, heads, g_ok, kvh, H_KV, GROUP, cs_ptr, GROUP_PAD, D)
         k = tl.where((s == p)[:, None], k_new, k)  # the first tile may hold p: its new key and value
         v = tl.where((s == p)[:, None], v_new[None, :], v)
         if end == p + 1:  # this chunk holds position p: write the new key and value
@@ -214,12 +158,12 @@ def _split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
-    m_i, l_i, acc = _attend_tile(q, k, v, s_ok, m_i, l_i, acc, qk_scale_log2, DOT_FP32)
+    m_i, l_i, acc = attend_tile(q, k, v, s_ok, m_i, l_i, acc, qk_scale_log2, DOT_FP32)
     for s0 in range(start + BLOCK_S, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         s_ok = s < end
-        k, v = _kv_tile(k_base, v_base, s, s_ok, d, stride_ks, stride_kd, stride_vs, stride_vd)
-        m_i, l_i, acc = _attend_tile(q, k, v, s_ok, m_i, l_i, acc, qk_scale_log2, DOT_FP32)
+        k, v = kv_tile(k_base, v_base, s, s_ok, d, stride_ks, stride_kd, stride_vs, stride_vd)
+        m_i, l_i, acc = attend_tile(q, k, v, s_ok, m_i, l_i, acc, qk_scale_log2, DOT_FP32)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -251,7 +195,7 @@ def _combine_kernel(
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    p = _load_position(pos_ptr, S_MAX)
+    p = load_position(pos_ptr, S_MAX)
     n_valid = tl.cdiv(p + 1, _chunk_len(p, NUM_SPLITS, BLOCK_S))  # the rest hold stale memory
     sp = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, D)
@@ -299,7 +243,7 @@ def _launch(q_src: Tensor, q_strides: tuple[int, int, int], cs: Tensor, fused: b
     _split_kernel[(b * h_kv, num_splits)](
         q_src, k_cache, v_cache, input_pos, out, o_part, lse_part, cs,
         *q_strides, *k_cache.stride(), *v_cache.stride(),
-        scale * _LOG2E, h_kv, s_max, num_splits,
+        scale * LOG2E, h_kv, s_max, num_splits,
         GROUP=h // h_kv, GROUP_PAD=max(16, next_power_of_2(h // h_kv)), D=d,
         BLOCK_S=block_s, SINGLE=single,
         DOT_FP32=INTERPRETED or k_cache.dtype == torch.float32, FUSED=fused, PDL=bool(pdl),

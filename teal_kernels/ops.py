@@ -2,7 +2,8 @@
 decode-sized batches, and a quantized model's short prefills on CUDA), ``teal::dense_gemv`` (its
 dense decode calls of small float matrices on CUDA), ``teal::dequantize`` (a quantized matrix in
 bf16/fp16 for longer prefills on CUDA), ``teal::decode_attention`` and ``teal::decode_attention_step``
-(the fused decode path's attention, decode.py).
+(the fused decode path's attention, decode.py), and ``teal::attention_o`` (that attention computed
+inside o's GEMV, at short contexts: linear.PackedLinear.attention_product).
 
 One op, one implementation per device: CUDA runs the Triton kernels (teal_kernels/triton_gemv.py,
 teal_kernels/attention.py); the CPU runs ``teal::sparse_gemv`` with the C++ row-skipping kernel of
@@ -22,9 +23,9 @@ import torch
 from torch import Tensor
 
 from teal_kernels import cpu
-from teal_kernels.reference import (KERNEL_DTYPES, MAX_DOT_ROWS, attention_reference, attention_step_reference,
-                                    dequantize_weight, masked_product, rms_normed, validate, validate_attention,
-                                    validate_step)
+from teal_kernels.reference import (KERNEL_DTYPES, MAX_DOT_ROWS, attention_o_reference, attention_reference,
+                                    attention_step_reference, dequantize_weight, masked_product, rms_normed, validate,
+                                    validate_attention, validate_step)
 
 CPU_KERNELS_ENV = "TEAL_CPU_KERNELS"  # "native" (default), "reference" or "interpreter"
 CPU_KERNEL_MODES = ("native", "reference", "interpreter")
@@ -47,7 +48,8 @@ def _cpu_kernels() -> str:
     return mode
 
 
-def _cpu_runs_interpreter() -> bool:
+def cpu_runs_interpreter() -> bool:
+    """Whether the CPU implementations run the Triton kernels in Triton's interpreter."""
     return _cpu_kernels() == "interpreter"
 
 
@@ -143,7 +145,7 @@ def sparse_gemv(
 @torch.library.custom_op("teal::dense_gemv", mutates_args=(), device_types="cpu")
 def _dense_gemv_cpu(x: Tensor, w: Tensor, gated: bool = False, residual: Tensor | None = None,
                     norm_weight: Tensor | None = None, eps: float = 0.0) -> Tensor:
-    if _cpu_runs_interpreter():
+    if cpu_runs_interpreter():
         from teal_kernels.preload_gemv import dense_gemv_preload
         return dense_gemv_preload(x, w, gated, residual, norm_weight, eps)
     no_thresholds = torch.zeros(1, dtype=torch.float32)
@@ -171,7 +173,7 @@ def dense_gemv(x: Tensor, w: Tensor, gated: bool = False, residual: Tensor | Non
 
 @torch.library.custom_op("teal::dequantize", mutates_args=(), device_types="cpu")
 def _dequantize_cpu(w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, dtype: torch.dtype) -> Tensor:
-    if _cpu_runs_interpreter():
+    if cpu_runs_interpreter():
         from teal_kernels.dequantize import dequantize_triton
         return dequantize_triton(w, scales, zeros, group_size, dtype)
     return dequantize_weight(w, scales, zeros, group_size).to(dtype)
@@ -204,7 +206,7 @@ def dequantize(w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
 @torch.library.custom_op("teal::decode_attention", mutates_args=(), device_types="cpu")
 def _decode_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
                           scale: float | None = None) -> Tensor:
-    if _cpu_runs_interpreter():
+    if cpu_runs_interpreter():
         from teal_kernels.attention import decode_attention_triton
         return decode_attention_triton(q, k_cache, v_cache, input_pos, scale)
     return attention_reference(q, k_cache, v_cache, input_pos, scale)
@@ -236,7 +238,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Ten
 @torch.library.custom_op("teal::decode_attention_step", mutates_args=("k_cache", "v_cache"), device_types="cpu")
 def _decode_attention_step_cpu(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor,
                                input_pos: Tensor, n_head: int, scale: float | None = None) -> Tensor:
-    if _cpu_runs_interpreter():
+    if cpu_runs_interpreter():
         from teal_kernels.attention import decode_attention_step_triton
         return decode_attention_step_triton(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
     return attention_step_reference(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
@@ -262,3 +264,39 @@ def decode_attention_step(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cac
     if qkv.device.type == "cpu" and qkv.dtype in KERNEL_DTYPES and _cpu_native():  # float32: the reference
         return cpu.decode_attention_step_cpu(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
     return torch.ops.teal.decode_attention_step(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, scale)
+
+
+@torch.library.custom_op("teal::attention_o", mutates_args=("k_cache", "v_cache"), device_types="cpu")
+def _attention_o_cpu(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
+                     n_head: int, w: Tensor, thresholds: Tensor, split_sizes: list[int], scales: Tensor | None = None,
+                     residual: Tensor | None = None) -> Tensor:
+    if cpu_runs_interpreter():
+        from teal_kernels.triton_gemv import attention_o_triton
+        return attention_o_triton(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, w, thresholds, split_sizes,
+                                  scales, residual)
+    return attention_o_reference(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, w, thresholds, split_sizes,
+                                 scales, residual)
+
+
+@_attention_o_cpu.register_kernel("cuda")
+def _(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, w, thresholds, split_sizes, scales=None, residual=None):
+    from teal_kernels.triton_gemv import attention_o_triton
+    return attention_o_triton(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, w, thresholds, split_sizes,
+                              scales, residual)
+
+
+@_attention_o_cpu.register_fake
+def _(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, w, thresholds, split_sizes, scales=None, residual=None):
+    validate_step(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, None)
+    return qkv.new_empty(qkv.shape[0], w.shape[1])
+
+
+def attention_o(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, n_head: int,
+                w: Tensor, thresholds: Tensor, split_sizes: list[int], scales: Tensor | None = None,
+                residual: Tensor | None = None) -> Tensor:
+    """decode_attention_step (RoPE, k and v written into the caches at input_pos, attention over
+    0..input_pos) followed by o's sparse_gemv of its [B, n_head * D] output (float or int8 `w`, with
+    `residual` added), in one op: on CUDA one launch, o's GEMV computing the attention of its own
+    input (teal_kernels/triton_gemv.py attention_o_triton; one row, configs it fits). Returns [B, N]."""
+    return torch.ops.teal.attention_o(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, w, thresholds,
+                                      list(split_sizes), scales, residual)

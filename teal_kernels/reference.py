@@ -367,3 +367,14 @@ def attention_step_reference(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
     return attention_reference(q, k_cache, v_cache, input_pos, scale)
+
+
+def attention_o_reference(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
+                          n_head: int, w: Tensor, thresholds: Tensor, split_sizes: list[int],
+                          scales: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    """The decode step's attention (attention_step_reference: the caches written at p in place)
+    followed by o's threshold-sparse product of it, with `residual` added: [B, N]."""
+    y = attention_step_reference(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head)
+    x = y.reshape(y.shape[0], -1)
+    validate(x, w, thresholds, split_sizes, scales, None, 0, False, False, residual)
+    return masked_product(x, w, thresholds, split_sizes, scales, None, 0, False, residual)

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -24,12 +25,17 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-from teal_kernels.reference import (FMT_INT4, FMT_INT8, MAX_BATCH, MAX_DOT_ROWS, MAX_SEGMENTS, dot_design_fits,
-                                    env_switch, validate, weight_format_name)
+from teal_kernels.attention_tiles import LOG2E, default_block_s, heads_attention
+from teal_kernels.reference import (FMT_FLOAT, FMT_INT4, FMT_INT8, MAX_BATCH, MAX_DOT_ROWS, MAX_SEGMENTS,
+                                    dot_design_fits, env_switch, validate, validate_step, weight_format_name)
 
-__all__ = ["INTERPRETED", "KernelConfig", "get_config", "gpu_name", "sparse_gemv_triton"]
+__all__ = ["INTERPRETED", "KernelConfig", "attention_o_fits", "attention_o_triton", "attention_prologue_fits",
+           "get_config", "gpu_name", "sparse_gemv_triton"]
 
 _SEGMENT_SLOTS = tl.constexpr(MAX_SEGMENTS)  # the kernel walks this many (possibly empty) segments
+# K/V tiles in flight in the attention prologue (benchmarks/attention_o_lab.py: 2 beat 1 at every
+# context, 16.7 vs 17.0 us at 128 positions, 19.5 vs 21.1 at 256; H200, results/small_programs/)
+ATTENTION_KV_STAGES = tl.constexpr(2)
 TUNED_CONFIGS_PATH = Path(__file__).with_name("tuned_configs.json")
 
 
@@ -506,6 +512,7 @@ def _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M: tl.constexpr):
 def _sparse_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr, nw_ptr,
     out_ptr, part_ptr, counter_ptr, idx_ptr, xs_ptr,
+    k_ptr, v_ptr, pos_ptr, cs_ptr, S_MAX, stride_kh, stride_ks, qk_scale_log2,  # ATTENTION's
     M, K, N, W_ROW, GRID_K, eps,
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr,
@@ -515,6 +522,9 @@ def _sparse_gemv_kernel(
     LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, WHOLE_ROW: tl.constexpr,
     INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    ATTENTION: tl.constexpr = False,  # x is a q|k|v row: the input is its attention (see attention_o_triton)
+    ATT_GROUP: tl.constexpr = 1, ATT_HEADS_PAD: tl.constexpr = 16, ATT_D: tl.constexpr = 16,
+    ATT_BLOCK_S: tl.constexpr = 16,
 ):
     LANES: tl.constexpr = BLOCK_M * SUB_K
     pid_k = tl.program_id(0)
@@ -556,7 +566,17 @@ def _sparse_gemv_kernel(
         # Slot i of this program's scratch <- i-th row of the block kept by any batch row.
         block_rows = k_block + tl.arange(0, BLOCK_K)
         block_ok = (m_offs[:, None] < M) & (block_rows[None, :] < K)
-        if NORM:
+        if ATTENTION:
+            # The block's rows are whole query heads of one KV group (M = 1): their attention over
+            # the cache, computed here (RoPE, the group's first column block writes the new key and
+            # value), then thresholded as a loaded x would be.
+            att = heads_attention(x_ptr, cs_ptr, k_ptr, v_ptr, pos_ptr, S_MAX, stride_kh, stride_ks, qk_scale_log2,
+                                  k_block // ATT_D, (pid_n == 0) & (k_block % (ATT_GROUP * ATT_D) == 0),
+                                  K // (ATT_GROUP * ATT_D), ATT_GROUP, BLOCK_K // ATT_D, ATT_HEADS_PAD, ATT_D,
+                                  ATT_BLOCK_S, ATTENTION_KV_STAGES, INTERPRET)
+            block_x = tl.reshape(att, [BLOCK_M, BLOCK_K])
+            block_x = tl.where(tl.abs(block_x) > threshold, block_x, 0.0)
+        elif NORM:
             # The block's residual stream is loaded before the statistics' loads, so both are in
             # flight at once; a block that holds every row gives the statistics itself.
             h = tl.load(x_ptr + m_offs[:, None] * K + block_rows[None, :], mask=block_ok, other=0.0).to(tl.float32)
@@ -1023,7 +1043,30 @@ def sparse_gemv_triton(
     if m > MAX_BATCH and cfg.design != "dot":
         raise ValueError(f"M={m} > {MAX_BATCH} rows need the dot design, which this shape cannot take "
                          f"(segments {split_sizes}, K={k}: multiples of {128 if fmt == FMT_INT4 else 16} needed).")
-    # Boundaries padded with N to a fixed length: one compiled kernel for any segment count.
+    if cfg.design != "dot":
+        return _launch_rows(x, w, fmt, m, k, n, cfg, thresholds, split_sizes, scales, zeros, group_size, gated,
+                            residual, norm_weight, eps)
+    splits, grid_k, grid_n, counters, out, partials = _launch_buffers(x, m, k, n, cfg, split_sizes)
+    pdl = launch_options(x.device)
+    if fmt == FMT_INT4:  # read as int32 words of 8 columns (_fit_config checked the alignment)
+        w = w.view(torch.int32)
+    _dot_gemv_kernel[(grid_n, grid_k)](
+        x, w, *_aux_args(x, thresholds, scales, zeros, residual, norm_weight), out, partials, counters,
+        m, k, n, w.shape[1], float(eps), splits,
+        FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=next_power_of_2(m), DOT_M=dot_tile_rows(m),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SUB_K=cfg.sub_k, **_fusions(gated, residual, norm_weight), EVEN_K=k % cfg.block_k == 0,
+        INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
+        **_registers(cfg),
+    )
+    return out
+
+
+def _launch_buffers(x: Tensor, m: int, k: int, n: int, cfg: KernelConfig,
+                    split_sizes: list[int]) -> tuple[tuple[int, ...], int, int, Tensor, Tensor, Tensor]:
+    """What both designs' launches need: the segment boundaries padded with N to a fixed length (one
+    compiled kernel for any segment count), the grid, the arrival counters, the output and the
+    K blocks' fp32 partials."""
     splits = (0, *itertools.accumulate(split_sizes), *([n] * (MAX_SEGMENTS - len(split_sizes))))
     grid_k = cdiv(k, cfg.block_k)
     grid_n = sum(cdiv(s, cfg.block_n) for s in split_sizes)
@@ -1031,28 +1074,42 @@ def sparse_gemv_triton(
         raise ValueError(f"N={n} needs {grid_n} column blocks, more than {_MAX_COUNTERS}; use a larger block_n.")
     counters = arrival_counters(x.device)
     out = _alloc((m, n), x.dtype, x.device)
-    partials = _alloc((grid_k, m, n), torch.float32, x.device)  # each K block's fp32 sums
-    aux = (scales if scales is not None else thresholds, zeros if zeros is not None else thresholds, thresholds,
-           residual if residual is not None else x, norm_weight if norm_weight is not None else x)
-    fusions = dict(GATED=gated, RESIDUAL=residual is not None, NORM=norm_weight is not None)
+    partials = _alloc((grid_k, m, n), torch.float32, x.device)
+    return splits, grid_k, grid_n, counters, out, partials
 
+
+def _aux_args(x: Tensor, thresholds: Tensor, scales: Tensor | None, zeros: Tensor | None, residual: Tensor | None,
+              norm_weight: Tensor | None) -> tuple[Tensor, ...]:
+    """The kernels' scale, zero, threshold, residual and norm-weight pointers (a stand-in where absent)."""
+    return (scales if scales is not None else thresholds, zeros if zeros is not None else thresholds, thresholds,
+            residual if residual is not None else x, norm_weight if norm_weight is not None else x)
+
+
+def _fusions(gated: bool, residual: Tensor | None, norm_weight: Tensor | None) -> dict:
+    return dict(GATED=gated, RESIDUAL=residual is not None, NORM=norm_weight is not None)
+
+
+def _registers(cfg: KernelConfig) -> dict:
+    return {"maxnreg": cfg.max_registers} if cfg.max_registers else {}
+
+
+def _launch_rows(x: Tensor, w: Tensor, fmt: int, m: int, k: int, n: int, cfg: KernelConfig, thresholds: Tensor,
+                 split_sizes: list[int], scales: Tensor | None, zeros: Tensor | None, group_size: int, gated: bool,
+                 residual: Tensor | None, norm_weight: Tensor | None, eps: float,
+                 attention: tuple | None = None) -> Tensor:
+    """The "rows" design's launch; `attention` (k_cache, v_cache, input_pos, freqs_cis, group, scale) makes x a
+    q|k|v row whose attention is the input (attention_o_triton)."""
+    splits, grid_k, grid_n, counters, out, partials = _launch_buffers(x, m, k, n, cfg, split_sizes)
     block_m = next_power_of_2(m)
-    registers = {"maxnreg": cfg.max_registers} if cfg.max_registers else {}
-    if cfg.design == "dot":
-        pdl = launch_options(x.device)
-        if fmt == FMT_INT4:  # read as int32 words of 8 columns (_fit_config checked the alignment)
-            w = w.view(torch.int32)
-        _dot_gemv_kernel[(grid_n, grid_k)](
-            x, w, *aux, out, partials, counters,
-            m, k, n, w.shape[1], float(eps), splits,
-            FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, DOT_M=dot_tile_rows(m), BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k,
-            SUB_K=cfg.sub_k, **fusions, EVEN_K=k % cfg.block_k == 0,
-            INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
-            **registers,
-        )
-        return out
-
+    if attention is None:
+        att_args, att_consts = (x, x, x, x, 1, 0, 0, 1.0), {}
+    else:
+        k_cache, v_cache, input_pos, freqs_cis, group, scale = attention
+        d = k_cache.shape[3]
+        att_args = (k_cache, v_cache, input_pos, freqs_cis, k_cache.shape[2], k_cache.stride(1), k_cache.stride(2),
+                    scale * LOG2E)
+        att_consts = dict(ATTENTION=True, ATT_GROUP=group, ATT_HEADS_PAD=max(16, cfg.block_k // d), ATT_D=d,
+                          ATT_BLOCK_S=default_block_s(d, k_cache.element_size()))
     if cfg.compact:  # compaction scratch: kept row ids and their thresholded x values
         slots = grid_n * grid_k * cfg.block_k
         idx, xs = _alloc((slots,), torch.int32, x.device), _alloc((slots * block_m,), torch.float32, x.device)
@@ -1065,15 +1122,77 @@ def sparse_gemv_triton(
     pipeline = cfg.num_stages if cfg.compact and cfg.num_stages > 2 else 1
     pdl = launch_options(x.device, pipelined=pipeline > 1)
     _sparse_gemv_kernel[(grid_k, grid_n)](
-        x, w, *aux, out, partials, counters, idx, xs,
+        x, w, *_aux_args(x, thresholds, scales, zeros, residual, norm_weight), out, partials, counters, idx, xs,
+        *att_args,
         m, k, n, w.shape[1], grid_k, float(eps), splits,
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), COL_ALIGN=col_align,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_K=cfg.sub_k,
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
         PREFETCH=cfg.compact and cfg.num_stages == 2, PIPELINE=pipeline,
         LANE_SUM=cfg.lane_sum,
-        LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k, **fusions,
+        LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k,
+        **_fusions(gated, residual, norm_weight),
         WHOLE_ROW=cfg.compact and grid_k == 1, INTERPRET=INTERPRETED, PDL=bool(pdl),
-        num_warps=cfg.num_warps, num_stages=1, **pdl, **registers,
+        num_warps=cfg.num_warps, num_stages=1, **pdl, **_registers(cfg), **att_consts,
     )
     return out
+
+
+def attention_prologue_fits(cfg: KernelConfig, fmt: int, m: int, n_head: int, n_kv: int, d: int) -> bool:
+    """Whether o's GEMV with config `cfg` can compute its own input, the attention: one row, float or
+    int8 weights, the compact "rows" design, K blocks of whole query heads within one KV group."""
+    return (m == 1 and fmt != FMT_INT4 and cfg.design == "rows" and cfg.compact and n_head % n_kv == 0
+            and cfg.block_k % d == 0 and (n_head // n_kv * d) % cfg.block_k == 0)
+
+
+def attention_o_fits(device_name: str, weight_format: str, k: int, split_sizes: tuple[int, ...], n_head: int,
+                     n_kv: int, d: int) -> bool:
+    """attention_prologue_fits for the config a one-row call of this o projection gets on the device."""
+    if weight_format.startswith("int4"):
+        return False
+    fmt = FMT_INT8 if weight_format == "int8" else FMT_FLOAT
+    cfg = _planned_config(device_name, weight_format, fmt, 0, 1, k, split_sizes, True)
+    return attention_prologue_fits(cfg, fmt, 1, n_head, n_kv, d)
+
+
+def attention_o_triton(
+    qkv: Tensor,
+    freqs_cis: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    input_pos: Tensor,
+    n_head: int,
+    w: Tensor,
+    thresholds: Tensor,
+    split_sizes: list[int],
+    scales: Tensor | None = None,
+    residual: Tensor | None = None,
+    config: KernelConfig | None = None,
+) -> Tensor:
+    """o's projection of the decode step's attention in one launch: what decode_attention_step
+    (RoPE, cache write at p, attention over 0..p) followed by sparse_gemv of its output would give,
+    [1, N]. Each program of o's GEMV computes the attention of its K block's query heads itself, so
+    the attention's own launches go away; every column block repeats it (from L2), which pays only
+    at short contexts (PackedLinear decides). Mutates k_cache and v_cache. Rejects (ValueError)
+    what validate_step / validate reject, more than one row, int4 weights, caches whose rows are not
+    contiguous or whose strides differ, and a config that attention_prologue_fits refuses."""
+    b, _, d = validate_step(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, None)
+    x = qkv[:, : n_head * d]  # the shape and dtype o's input has
+    fmt = validate(x, w, thresholds, split_sizes, scales, None, 0, True, False, residual, None, MAX_BATCH)
+    if qkv.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
+        raise ValueError(f"attention_o: the caches need equal strides and contiguous rows, got {k_cache.stride()} "
+                         f"and {v_cache.stride()}.")
+    k, n = w.shape
+    n_kv = k_cache.shape[1]
+    if config is None:
+        cfg = _planned_config(gpu_name(qkv.device), weight_format_name(w, 0), fmt, 0, b, k, tuple(split_sizes), True)
+    else:
+        cfg = _fit_config(config, fmt, 0, b, k, split_sizes)
+    if not attention_prologue_fits(cfg, fmt, b, n_head, n_kv, d):
+        raise ValueError(f"attention_o: {b} row(s), format {weight_format_name(w, 0)} and config {cfg} cannot take "
+                         f"the attention of {n_head} heads / {n_kv} KV heads of {d}: one row, float or int8 weights, "
+                         f"the compact rows design with K blocks of whole heads inside one KV group needed.")
+    return _launch_rows(qkv, w, fmt, b, k, n, cfg, thresholds, split_sizes, scales, None, 0, False, residual, None,
+                        0.0, (k_cache, v_cache, input_pos, freqs_cis, n_head // n_kv, 1.0 / math.sqrt(d)))

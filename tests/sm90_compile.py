@@ -105,6 +105,15 @@ def gemv_variants():
                         BLOCK_K=256, SUB_K=16, WINDOW=128 if fmt == 2 else 256, COMPACT=compact,
                         PREFETCH=prefetch, PIPELINE=pipeline, LANE_SUM=lane_sum, LANE_GROUPS=2 if lane_sum else 1, RED_K=8,
                         **fusions, WHOLE_ROW=compact and norm, INTERPRET=False, PDL=compact and not lane_sum), 4, 1)
+    # o's GEMV computing its own attention (teal::attention_o): int8 o's tile (a KV group a block,
+    # pipelined) and bf16 o's (half a group, one chunk prefetched)
+    for fmt, block_n, block_k, prefetch, pipeline in ((1, 256, 512, False, 4), (0, 256, 256, True, 1)):
+        yield (sg._sparse_gemv_kernel, {"w_ptr": weight[fmt], "pos_ptr": "*i64"},
+               dict(FORMAT=fmt, GROUP_SIZE=1, COL_ALIGN=32, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, SUB_K=32,
+                    WINDOW=block_k, COMPACT=True, PREFETCH=prefetch, PIPELINE=pipeline, LANE_SUM=False,
+                    LANE_GROUPS=1, RED_K=8, GATED=False, RESIDUAL=True, NORM=False, WHOLE_ROW=False,
+                    INTERPRET=False, PDL=False, ATTENTION=True, ATT_GROUP=4, ATT_HEADS_PAD=16, ATT_D=128,
+                    ATT_BLOCK_S=64), 4, 1)
     # the int4 tile under a register cap (KernelConfig.max_registers; at 96 it spills 288 B a thread)
     yield (sg._dot_gemv_kernel, {"w_ptr": "*i32"},
            dict(FORMAT=2, GROUP_SIZE=128, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=512, SUB_K=128, GATED=False,

@@ -147,7 +147,7 @@ def test_fused_calls_compute_the_plain_product_of_their_activation():
 
 def test_decode_fusions_follow_packed_linear():
     assert timing.decode_fusions("qkv", "int8", 1) == ("norm",) and timing.decode_fusions("gate_up", "bf16", 1) == ("norm",)
-    assert timing.decode_fusions("qkv", "int4-g128", 1) == () and timing.decode_fusions("gate_up", "bf16", 4) == ()
+    assert timing.decode_fusions("qkv", "int4-g128", 1) == ("norm",) and timing.decode_fusions("gate_up", "bf16", 4) == ()
     assert timing.decode_fusions("down", "int4-g32", 8) == ("gated", "residual")
     assert timing.decode_fusions("o", "bf16", 1) == ("residual",) and timing.decode_fusions("lm_head", "int8", 1) == ()
 

@@ -194,9 +194,9 @@ def test_a_projection_the_table_calls_slower_stays_dense(monkeypatch):
 
 @pytest.mark.parametrize("fmt", ["fp", "int8", "int4"])
 def test_sparse_kernel_takes_the_norm_where_measured_faster(fmt):
-    """By default the sparse GEMV computes a handed RMSNorm for float and int8 weights at one row
-    only (faster on the H200 there, slower for int4); TEAL_FUSED_NORM's value overrides it."""
-    assert sparse_kernel_takes_norm(fmt, 1, None) == (fmt != "int4")
+    """By default the sparse GEMV computes a handed RMSNorm at one row only (faster on the H200
+    there for every format); TEAL_FUSED_NORM's value overrides it."""
+    assert sparse_kernel_takes_norm(fmt, 1, None)
     assert not sparse_kernel_takes_norm(fmt, 4, None)
     assert sparse_kernel_takes_norm(fmt, 4, True) and not sparse_kernel_takes_norm(fmt, 1, False)
     assert not sparse_kernel_takes_norm(fmt, MAX_BATCH + 1, True)  # a short prefill never takes it

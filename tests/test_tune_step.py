@@ -214,7 +214,7 @@ def test_the_end_to_end_check_decides_whether_the_table_is_written(monkeypatch, 
     markdown = (tmp_path / "report.md").read_text()
     assert f"| 0.5 | 100.0 | {step_tuned_tok_s} |" in markdown
     assert markdown.rstrip().endswith("Table written." if report["adopted"] else
-                                      "Table not written: the end-to-end check disagrees.")
+                                      "Table not written: the end-to-end check found no gain.")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
