@@ -1,6 +1,8 @@
 """Fuzz the sparse GEMV kernels against float64 math: random shapes, batch sizes, weight formats,
 segment splits, thresholds (none kept, all kept, anywhere between), prologue/epilogue fusions and
-kernel configs of both designs, every row-selection mode.
+kernel configs of both designs, every row-selection mode; and the attention prologue (o's GEMV
+computing its own input, teal::attention_o: one row, float or int8 weights, random head layouts,
+head dims, cache sizes and positions).
 
 On a GPU (the issue's bar: >= 2000 problems, 0 mismatches)::
 
@@ -33,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from teal_kernels.reference import gated_input, rms_normed  # noqa: E402
-from teal_kernels.triton_gemv import KernelConfig, sparse_gemv_triton  # noqa: E402
+from teal_kernels.triton_gemv import KernelConfig, attention_o_triton, sparse_gemv_triton  # noqa: E402
 
 FORMATS = ["bf16", "fp16", "int8", "int4-g32", "int4-g64", "int4-g128"]
-FUSIONS = ["plain", "gated", "residual", "gated+residual", "norm"]
+FUSIONS = ["plain", "gated", "residual", "gated+residual", "norm", "attention"]
 # Row selection / design of a config; "auto" is no config at all: the tuned table or the heuristic.
 MODES = ["rows-compact", "rows-prefetch", "rows-lanesum", "rows-pipelined", "rows-skip", "dot", "auto"]
 
@@ -74,13 +76,28 @@ def make_case(seed: int, tiny: bool) -> dict:
         config = dict(design="dot", block_n=r.choice([16, 32] if tiny else [64, 128, 256, 512]),
                       block_k=r.choice([32, 64] if tiny else [128, 256, 512, 1024]), sub_k=r.choice([16, 32]),
                       num_warps=r.choice([4, 8]), num_stages=r.choice([1, 2, 3]))
+    fusion = r.choice(FUSIONS)
+    attention = None
+    if fusion == "attention":  # o's shape: whole heads, one row, a K block inside one KV group
+        if group or mode in ("rows-skip", "dot", "auto"):
+            fmt, group, mode = r.choice(["bf16", "fp16", "int8"]), 0, r.choice(MODES[:4])
+        d = r.choice([16, 32] if tiny else [64, 128])
+        n_kv, heads_per_kv = r.randint(1, 2 if tiny else 8), r.choice([1, 2, 4] if tiny else [1, 2, 4, 8])
+        k, m = n_kv * heads_per_kv * d, 1
+        s_max = r.randint(1, 80 if tiny else 600)
+        attention = dict(d=d, n_kv=n_kv, n_head=n_kv * heads_per_kv, s_max=s_max, p=r.randrange(s_max))
+        block_k = d * r.choice([h for h in (1, 2, 4, 8) if heads_per_kv % h == 0])
+        config = dict(design="rows", block_n=r.choice([16, 32] if tiny else [64, 128, 256]), block_k=block_k,
+                      sub_k=r.choice([8, 16] if tiny else [16, 32]), num_warps=r.choice([4, 8]), compact=True,
+                      num_stages={"rows-prefetch": 2, "rows-lanesum": 2, "rows-pipelined": r.choice([3, 4])}.get(mode, 1),
+                      lane_sum=mode == "rows-lanesum")
     return dict(
-        seed=seed, fmt=fmt, group=group, m=m, k=k, sizes=sizes,
+        seed=seed, fmt=fmt, group=group, m=m, k=k, sizes=sizes, attention=attention,
         # float weights take activations of their own dtype; int8/int4 either
         dtype={"bf16": "bfloat16", "fp16": "float16"}.get(fmt) or r.choice(["bfloat16", "float16"]),
         # per segment: all kept (0), none kept (above every |x|), or a quantile of |x|
         levels=[r.choice(["all", "none", r.uniform(0.05, 0.95), r.uniform(0.3, 0.7)]) for _ in sizes],
-        fusion=r.choice(FUSIONS), mode=mode, config=config,
+        fusion=fusion, mode=mode, config=config,
     )
 
 
@@ -127,6 +144,35 @@ def _threshold(values: torch.Tensor, level, fused: bool) -> float:
     return float((v[j] + v[j + 1]) / 2)
 
 
+def _rope(t: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """Pairs (2i, 2i+1) of t [..., D] rotated by cs [D/2, 2] in float32, rounded to t's dtype."""
+    f = t.float()
+    return torch.stack([f[..., 0::2] * cs[:, 0] - f[..., 1::2] * cs[:, 1],
+                        f[..., 1::2] * cs[:, 0] + f[..., 0::2] * cs[:, 1]], -1).flatten(-2).to(t.dtype)
+
+
+def _attention_input(case: dict, dtype: torch.dtype, g: torch.Generator, device: str) -> tuple:
+    """(q|k|v row, cos/sin table, K and V caches holding NaN past p, the float64 attention output
+    rounded to dtype [1, H * D]) of an attention case."""
+    a = case["attention"]
+    d, n_kv, n_head, p = a["d"], a["n_kv"], a["n_head"], a["p"]
+    qkv = torch.randn(1, (n_head + 2 * n_kv) * d, generator=g).to(dtype)
+    angles = torch.rand(d // 2, generator=g) * 6.0
+    cs = torch.stack([angles.cos(), angles.sin()], -1)
+    caches = [torch.randn(1, n_kv, a["s_max"], d, generator=g).to(dtype) for _ in range(2)]
+    for c in caches:
+        c[:, :, p:] = float("nan")  # p is the op's own write
+    keys, values = (c[0, :, : p + 1].double() for c in caches)
+    keys[:, p] = _rope(qkv[0, n_head * d: (n_head + n_kv) * d].view(n_kv, d), cs).double()
+    values[:, p] = qkv[0, (n_head + n_kv) * d:].view(n_kv, d).double()
+    q = _rope(qkv[0, : n_head * d].view(n_head, d), cs).double()
+    group = n_head // n_kv
+    keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+    probs = torch.softmax(torch.einsum("hd,hsd->hs", q, keys) / d ** 0.5, -1)
+    att = torch.einsum("hs,hsd->hd", probs, values).reshape(1, -1).to(dtype)
+    return qkv.to(device), cs.to(device), caches[0].to(device), caches[1].to(device), att.to(device)
+
+
 def run_case(case: dict, device: str) -> dict:
     """Run one problem; returns the case with ``ok`` and the worst error over its tolerance."""
     g = torch.Generator().manual_seed(case["seed"])
@@ -135,19 +181,28 @@ def run_case(case: dict, device: str) -> dict:
     n = sum(sizes)
     w, scales, zeros = _weights(case, g, device)
     fusion = case["fusion"]
-    gated, residual_on, norm_on = "gated" in fusion, "residual" in fusion, fusion == "norm"
+    gated, norm_on, attention = "gated" in fusion, fusion == "norm", fusion == "attention"
+    residual_on = "residual" in fusion or attention  # o's epilogue adds the residual stream
     x = (torch.randn(m, 2 * k if gated else k, generator=g) * torch.logspace(-0.5, 0.5, m)[:, None]).to(dtype)
     x = x.to(device)
     norm_weight = (torch.rand(k, generator=g) + 0.5).to(dtype).to(device) if norm_on else None
     eps = 1e-5
     residual = torch.randn(m, n, generator=g).to(dtype).to(device) if residual_on else None
-    # the input the kernel thresholds, as the reference rounds it
-    x_in = gated_input(x) if gated else rms_normed(x, norm_weight, eps) if norm_on else x
-    thresholds = torch.tensor([_threshold(x_in, lvl, gated or norm_on) for lvl in case["levels"]],
-                              dtype=torch.float32, device=device)
     config = KernelConfig(**case["config"]) if case["config"] else None
-    out = sparse_gemv_triton(x, w, thresholds, sizes, scales, zeros, case["group"], config=config, gated=gated,
-                             residual=residual, norm_weight=norm_weight, eps=eps)
+    if attention:
+        qkv, cs, k_cache, v_cache, x_in = _attention_input(case, dtype, g, device)
+    else:  # the input the kernel thresholds, as the reference rounds it
+        x_in = gated_input(x) if gated else rms_normed(x, norm_weight, eps) if norm_on else x
+    fused = gated or norm_on or attention  # the kernel rounds its own input
+    thresholds = torch.tensor([_threshold(x_in, lvl, fused) for lvl in case["levels"]],
+                              dtype=torch.float32, device=device)
+    if attention:
+        pos = torch.tensor([case["attention"]["p"]], device=device)
+        out = attention_o_triton(qkv, cs, k_cache, v_cache, pos, case["attention"]["n_head"], w, thresholds, sizes,
+                                 scales, residual, config=config)
+    else:
+        out = sparse_gemv_triton(x, w, thresholds, sizes, scales, zeros, case["group"], config=config, gated=gated,
+                                 residual=residual, norm_weight=norm_weight, eps=eps)
     w64 = weight64(w, scales, zeros, case["group"])
     x64 = x_in.double()
     col_thr = torch.cat([thresholds[j].double().expand(size) for j, size in enumerate(sizes)])
@@ -157,7 +212,9 @@ def run_case(case: dict, device: str) -> dict:
     scale = x64.abs() @ w64.abs()
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
     tol = 1.01 * ulp * (prod.abs() + (ref.abs() if residual is not None else 0)) + 1e-5 * scale + 1e-30
-    if gated or norm_on:  # the kernel's own rounding of its input may differ by one ulp per term
+    if fused:  # the kernel's own rounding of its input may differ by one ulp per term
+        tol = tol + 1.01 * ulp * scale
+    if attention:  # and its RoPE'd q and k by one ulp (the interpreter truncates), which the softmax carries
         tol = tol + 1.01 * ulp * scale
     finite = bool(torch.isfinite(out).all())
     excess = float(((out.double() - ref).abs() - tol).max()) if finite else float("inf")

@@ -30,3 +30,18 @@ def test_fuzz_flags_a_wrong_product(monkeypatch):
     assert not fuzz_gemv.run_case(case, DEVICE)["ok"]
     monkeypatch.setattr(fuzz_gemv, "sparse_gemv_triton", real)
     assert fuzz_gemv.run_case(case, DEVICE)["ok"]
+
+
+def test_fuzz_flags_a_wrong_attention(monkeypatch):
+    """The checker on the attention prologue: one KV head's position p left out of the cache the kernel
+    reads is a mismatch (the op still writes it; the row's own key and value would be ignored)."""
+    case = next(c for c in map(lambda s: fuzz_gemv.make_case(s, tiny=DEVICE == "cpu"), range(2000, 2400))
+                if c["fusion"] == "attention" and c["attention"]["p"] > 0)
+    case["levels"] = ["all"] * len(case["sizes"])
+    assert fuzz_gemv.run_case(case, DEVICE)["ok"]
+    real = fuzz_gemv.attention_o_triton
+
+    def stale(qkv, cs, k_cache, v_cache, pos, *args, **kwargs):  # attends at p - 1 instead of p
+        return real(qkv, cs, k_cache, v_cache, pos - 1, *args, **kwargs)
+    monkeypatch.setattr(fuzz_gemv, "attention_o_triton", stale)
+    assert not fuzz_gemv.run_case(case, DEVICE)["ok"]
