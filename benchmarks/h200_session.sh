@@ -641,13 +641,13 @@ case $phase in
     done
     cp teal_kernels/speed_table.json "$out/speed_table.json"
     ;;
-  attention_o)  # issues 10/11: o's GEMV computing its own attention (TEAL_ATTENTION_O=1, teal::attention_o: no attention launches, caches up to 384 positions) against the attention op + o; its kernel tests on the GPU first; int8 + head, then bf16 at 50%, one call
-    step 150 python3 -m pytest -q -x tests/test_attention_o.py -k "float64 or rejects"
+  attention_o)  # issues 10/11: o's GEMV computing its own attention (TEAL_ATTENTION_O=1, teal::attention_o: no attention launches, caches up to 384 positions) against the attention op + o; its kernel tests on the GPU first; int8 + head, then bf16, dense and 50%, one call
+    step 180 python3 -m pytest -q -x tests/test_attention_o.py -k "float64 or rejects or gpu"
     for v in 0 1; do
       step 170 env TEAL_ATTENTION_O=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_att_o$v"
     done
     for v in 0 1; do
-      step 100 env TEAL_ATTENTION_O=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0.5 --decode_path fused --out "$out/decode_bf16_att_o$v"
+      step 120 env TEAL_ATTENTION_O=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_bf16_att_o$v"
     done
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)

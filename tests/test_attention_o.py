@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from fixtures import DEVICE, HAS_CUDA, tiny_model
+from fixtures import DEVICE, HAS_CUDA, TINY, tiny_model
 
 from decode import install_fused_decode
 from linear import ATTENTION_O_ENV, ATTENTION_O_MAX_CACHE, PackedLinear
@@ -178,3 +178,44 @@ def test_fused_block_with_attention_o_decodes_as_without(monkeypatch):
     calls.clear()
     greedy_tokens(fused, prompt, 2, ATTENTION_O_MAX_CACHE + 1)
     assert not calls
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_gpu_compiled_step_with_attention_o(mode, monkeypatch):
+    """On the GPU, compiled into CUDA graphs with TEAL on: every o call takes the op, and 48
+    greedy steps give the tokens of the same model without it, with close logits."""
+    from quantize import quantize_model
+    from teal import sparsify
+    from linear import packed_projections
+
+    def run(switch: str) -> tuple[list[int], torch.Tensor, int]:
+        monkeypatch.setenv(ATTENTION_O_ENV, switch)
+        model = tiny_model(6, n_head=8, n_local_heads=2, dim=512, intermediate_size=1536).to("cuda", torch.bfloat16)
+        if mode == "int8":
+            quantize_model(model, "int8")
+        install_fused_decode(model)
+        sparsify(model, {n: [0.02] * len(p.split_sizes) for n, p in packed_projections(model).items()})
+        taken = sum(layer.attention.wo.takes_attention(torch.empty(1, 768, device="cuda", dtype=torch.bfloat16),
+                                                       torch.empty(1, 2, 64, 64, device="cuda"), 8)
+                    for layer in model.layers)
+        prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2)).cuda()
+        torch._dynamo.reset()
+        step = torch.compile(lambda tok, pos: model(tok, pos), mode="reduce-overhead", fullgraph=True)
+        model.setup_caches(1, 9 + 48)
+        tokens, outs = [], []
+        with torch.no_grad():
+            logits = model(prompt, torch.arange(9, device="cuda"))[:, -1:]
+            pos = torch.tensor([9], device="cuda")
+            for _ in range(48):
+                tokens.append(int(logits.argmax(-1)))
+                logits = step(logits.argmax(-1), pos).clone()
+                outs.append(logits.float())
+                pos += 1
+        return tokens, torch.cat(outs, 1), taken
+
+    want_tokens, want, none = run("0")
+    got_tokens, got, every = run("1")
+    assert none == 0 and every == TINY["n_layer"]
+    assert got_tokens == want_tokens
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
