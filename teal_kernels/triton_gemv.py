@@ -400,18 +400,25 @@ def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _rms_scale(x_ptr, M, K, eps, BLOCK_M: tl.constexpr):
+def _rms_scale(x_ptr, M, K, eps, BLOCK_M: tl.constexpr, NORM_BLOCK: tl.constexpr = 1024,
+               ONE_LOAD: tl.constexpr = False):
     """1 / sqrt(mean(x[m]^2) + eps) per batch row [BLOCK_M], fp32 (model.RMSNorm's statistics;
     the sum's order differs from torch's, so the last bits may): every program reads the whole
-    rows, a few KB from L2, instead of a separate norm kernel writing them."""
-    NORM_BLOCK: tl.constexpr = 1024
+    rows, a few KB from L2, instead of a separate norm kernel writing them. In loads of NORM_BLOCK
+    values, each waiting on the last, or with ONE_LOAD (NORM_BLOCK >= K) all in one load."""
     m_offs = tl.arange(0, BLOCK_M)
-    squares = tl.zeros([BLOCK_M, NORM_BLOCK], dtype=tl.float32)  # summed across threads once, after the loop
-    for k0 in range(0, K, NORM_BLOCK):
-        cols = k0 + tl.arange(0, NORM_BLOCK)
+    if ONE_LOAD:
+        cols = tl.arange(0, NORM_BLOCK)
         h = tl.load(x_ptr + m_offs[:, None] * K + cols[None, :], mask=(m_offs < M)[:, None] & (cols < K)[None, :],
                     other=0.0).to(tl.float32)
-        squares += h * h
+        squares = h * h
+    else:
+        squares = tl.zeros([BLOCK_M, NORM_BLOCK], dtype=tl.float32)  # summed across threads once, after the loop
+        for k0 in range(0, K, NORM_BLOCK):
+            cols = k0 + tl.arange(0, NORM_BLOCK)
+            h = tl.load(x_ptr + m_offs[:, None] * K + cols[None, :],
+                        mask=(m_offs < M)[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+            squares += h * h
     return _scale_of(tl.sum(squares, axis=1), K, eps)
 
 
@@ -522,6 +529,7 @@ def _sparse_gemv_kernel(
     LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, WHOLE_ROW: tl.constexpr,
     INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    NORM_BLOCK: tl.constexpr = 1024, NORM_ONE_LOAD: tl.constexpr = False,  # _rms_scale's loads
     ATTENTION: tl.constexpr = False,  # x is a q|k|v row: the input is its attention (see attention_o_triton)
     ATT_GROUP: tl.constexpr = 1, ATT_HEADS_PAD: tl.constexpr = 16, ATT_D: tl.constexpr = 16,
     ATT_BLOCK_S: tl.constexpr = 16,
@@ -556,7 +564,7 @@ def _sparse_gemv_kernel(
     k_block = pid_k * BLOCK_K
     m_offs = tl.arange(0, BLOCK_M)
     if NORM and not COMPACT:  # the lanes' scale (the compact path takes it with its block's load)
-        row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)  # [BLOCK_M]
+        row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M, NORM_BLOCK, NORM_ONE_LOAD)  # [BLOCK_M]
         lane_scale = tl.sum(tl.where(lane_m[:, None] == m_offs[None, :], row_scale[None, :], 0.0), axis=1)
     else:
         row_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -583,7 +591,7 @@ def _sparse_gemv_kernel(
             if WHOLE_ROW:
                 row_scale = _scale_of(tl.sum(h * h, axis=1), K, eps)
             else:
-                row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)
+                row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M, NORM_BLOCK, NORM_ONE_LOAD)
             block_x = _normed(h, row_scale[:, None], nw_ptr, block_rows[None, :], block_ok, x_ptr.dtype.element_ty)
             block_x = tl.where(tl.abs(block_x) > threshold, block_x, 0.0)
         else:
@@ -849,6 +857,7 @@ def _dot_gemv_kernel(
     BLOCK_M: tl.constexpr, DOT_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr,
     INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    NORM_BLOCK: tl.constexpr = 1024, NORM_ONE_LOAD: tl.constexpr = False,  # _rms_scale's loads
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -866,7 +875,7 @@ def _dot_gemv_kernel(
     m_ok = m_offs < M
     k0 = pid_k * BLOCK_K
     if NORM:
-        row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)
+        row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M, NORM_BLOCK, NORM_ONE_LOAD)
     else:
         row_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
 
@@ -945,6 +954,13 @@ PDL_ENV = "TEAL_PDL"
 # without PDL unless TEAL_PDL_PIPELINED=1: through PDL a table of pipelined int8 winners decoded 10%
 # slower than with plain launches (H200, 2026-12-04, 50%: 335.3 against 370.7 tok/s, results/long_k/).
 PDL_PIPELINED_ENV = "TEAL_PDL_PIPELINED"
+# The fused norm's statistics (_rms_scale, in every program whose K block is not the whole row: int8
+# q|k|v on Llama-3-8B) read the row in loads of 1024 values, each waiting on the last: skipping the
+# statistics once gained ~1.7 us a GEMV (H200, results/NOTES.md, norm_bound). TEAL_NORM_ONE_LOAD=1
+# reads rows of up to ONE_LOAD_FLOATS values (all batch rows together) in one load instead.
+# Unmeasured: off until a GPU says.
+NORM_ONE_LOAD_ENV = "TEAL_NORM_ONE_LOAD"
+ONE_LOAD_FLOATS = 4096
 
 
 def launch_options(device: torch.device, pipelined: bool = False) -> dict:
@@ -1055,7 +1071,7 @@ def sparse_gemv_triton(
         m, k, n, w.shape[1], float(eps), splits,
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=next_power_of_2(m), DOT_M=dot_tile_rows(m),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        SUB_K=cfg.sub_k, **_fusions(gated, residual, norm_weight), EVEN_K=k % cfg.block_k == 0,
+        SUB_K=cfg.sub_k, **_fusions(gated, residual, norm_weight, m, k), EVEN_K=k % cfg.block_k == 0,
         INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         **_registers(cfg),
     )
@@ -1085,8 +1101,14 @@ def _aux_args(x: Tensor, thresholds: Tensor, scales: Tensor | None, zeros: Tenso
             residual if residual is not None else x, norm_weight if norm_weight is not None else x)
 
 
-def _fusions(gated: bool, residual: Tensor | None, norm_weight: Tensor | None) -> dict:
-    return dict(GATED=gated, RESIDUAL=residual is not None, NORM=norm_weight is not None)
+def _fusions(gated: bool, residual: Tensor | None, norm_weight: Tensor | None, m: int, k: int) -> dict:
+    """The kernels' prologue / epilogue constexprs; with a norm, how _rms_scale loads the rows: all in
+    one load under TEAL_NORM_ONE_LOAD=1 where they fit ONE_LOAD_FLOATS, else 1024 values at a time."""
+    fusions = dict(GATED=gated, RESIDUAL=residual is not None, NORM=norm_weight is not None)
+    block = next_power_of_2(k)
+    if norm_weight is not None and env_switch(NORM_ONE_LOAD_ENV) and block * next_power_of_2(m) <= ONE_LOAD_FLOATS:
+        fusions.update(NORM_BLOCK=block, NORM_ONE_LOAD=True)
+    return fusions
 
 
 def _registers(cfg: KernelConfig) -> dict:
@@ -1131,7 +1153,7 @@ def _launch_rows(x: Tensor, w: Tensor, fmt: int, m: int, k: int, n: int, cfg: Ke
         PREFETCH=cfg.compact and cfg.num_stages == 2, PIPELINE=pipeline,
         LANE_SUM=cfg.lane_sum,
         LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k,
-        **_fusions(gated, residual, norm_weight),
+        **_fusions(gated, residual, norm_weight, m, k),
         WHOLE_ROW=cfg.compact and grid_k == 1, INTERPRET=INTERPRETED, PDL=bool(pdl),
         num_warps=cfg.num_warps, num_stages=1, **pdl, **_registers(cfg), **att_consts,
     )

@@ -63,7 +63,8 @@ def compile_one(kernel, pointers: dict[str, str], constexprs: dict, num_warps: i
     divisible = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params)
                  if not p.is_constexpr and sig[p.name] != "fp32" and p.name != "SPLITS"}
     options = dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=constexprs.get("PDL", False))
-    constexprs = dict(constexprs)
+    # constexprs a variant leaves out take their defaults, as a launch does
+    constexprs = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **constexprs}
     if "maxnreg" in constexprs:  # a launch option (KernelConfig.max_registers), not a kernel argument
         options["maxnreg"] = constexprs.pop("maxnreg")
     return triton.compile(ASTSource(kernel, sig, constexprs, attrs=divisible), target=TARGET, options=options)
@@ -114,6 +115,13 @@ def gemv_variants():
                     LANE_GROUPS=1, RED_K=8, GATED=False, RESIDUAL=True, NORM=False, WHOLE_ROW=False,
                     INTERPRET=False, PDL=False, ATTENTION=True, ATT_GROUP=4, ATT_HEADS_PAD=16, ATT_D=128,
                     ATT_BLOCK_S=64), 4, 1)
+    # int8 q|k|v's tile with the norm's statistics in one load (TEAL_NORM_ONE_LOAD=1), beside the loop
+    for one_load in (False, True):
+        yield (sg._sparse_gemv_kernel, {"w_ptr": "*i8"},
+               dict(FORMAT=1, GROUP_SIZE=1, COL_ALIGN=32, BLOCK_M=1, BLOCK_N=128, BLOCK_K=512, SUB_K=32, WINDOW=512,
+                    COMPACT=True, PREFETCH=False, PIPELINE=4, LANE_SUM=False, LANE_GROUPS=1, RED_K=8, GATED=False,
+                    RESIDUAL=False, NORM=True, WHOLE_ROW=False, INTERPRET=False, PDL=False,
+                    NORM_BLOCK=4096 if one_load else 1024, NORM_ONE_LOAD=one_load), 4, 1)
     # the int4 tile under a register cap (KernelConfig.max_registers; at 96 it spills 288 B a thread)
     yield (sg._dot_gemv_kernel, {"w_ptr": "*i32"},
            dict(FORMAT=2, GROUP_SIZE=128, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=512, SUB_K=128, GATED=False,

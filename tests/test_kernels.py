@@ -790,13 +790,16 @@ def test_gated_prologue_and_residual_epilogue(fmt, group, name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32)])
-@pytest.mark.parametrize("block_k", [32, 64])
-def test_rmsnorm_prologue(fmt, group, name, block_k):
+@pytest.mark.parametrize("block_k,one_load", [(32, "0"), (32, "1"), (64, "0")])
+def test_rmsnorm_prologue(fmt, group, name, block_k, one_load, monkeypatch):
     """x given as the residual stream h [M, K] with the norm's weight: the kernel computes
     model.RMSNorm's output (two roundings to bf16) before thresholding, against float64 math.
     Thresholds sit between two |x| values a few percent apart, so the roundings (the interpreter
     truncates) cannot flip a mask; the tolerance allows two ulps on every term. K blocks of 64 rows
-    are the whole row (one K block: the compact designs take the statistics from the block's load)."""
+    are the whole row (one K block: the compact designs take the statistics from the block's load);
+    with 32-row blocks the statistics are read apart, in 1024-value loads or (TEAL_NORM_ONE_LOAD=1)
+    in one."""
+    monkeypatch.setenv(sg.NORM_ONE_LOAD_ENV, one_load)
     _, w, _, splits, scales, zeros, g = make_problem(fmt, torch.bfloat16, 3, 64, [16, 32], group)
     gen = torch.Generator().manual_seed(12)
     h = (torch.randn(3, 64, generator=gen) * 4).to(torch.bfloat16).to(DEVICE)
