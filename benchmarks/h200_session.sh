@@ -643,6 +643,10 @@ case $phase in
     ;;
   attention_o)  # issues 10/11: o's GEMV computing its own attention (TEAL_ATTENTION_O=1, teal::attention_o: no attention launches, caches up to 384 positions) against the attention op + o; its kernel tests on the GPU first; int8 + head, then bf16, dense and 50%, one call
     step 180 python3 -m pytest -q -x tests/test_attention_o.py -k "float64 or rejects or gpu"
+    # the machine's triton: are o's int8 weights still loaded 16 bytes at a time by cp.async behind the prologue?
+    # (locally, triton 3.9, any branch or loop before the pipelined loop turns them into byte loads)
+    step 60 python3 tests/sm90_compile.py --resources --only "ATTENTION=True" --sass "$out/sass_attention_o"
+    for f in "$out"/sass_attention_o/*.sass; do echo "$f"; grep -o "LDGSTS[.A-Z0-9]*\|LDG[.A-Z0-9]*" "$f" | sort | uniq -c; done
     for v in 0 1; do
       step 170 env TEAL_ATTENTION_O=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_att_o$v"
     done
