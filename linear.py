@@ -117,9 +117,10 @@ def sparse_kernel_takes_norm(fmt: str, n_rows: int, override: bool | None = None
 # o's decode GEMV computes its own input, the attention (teal::attention_o: no attention launches),
 # where the KV cache holds at most ATTENTION_O_MAX_CACHE positions: each of its programs walks the
 # whole prefix one K/V tile after another, so it pays at short contexts only. H200, Llama-3-8B o in
-# bf16, the lab kernel against the attention op + our o (benchmarks/attention_o_lab.py,
-# results/small_programs/): 16.7 vs 21.2 us at 128 positions, 19.5 vs 21.7 at 256, 25.3 vs 21.8 at
-# 512. TEAL_ATTENTION_O=1 (read when a PackedLinear is built) turns it on; off until measured end to end.
+# bf16, its lab kernel against the attention op + our o (results/small_programs/ section 3): 16.7 vs
+# 21.2 us at 128 positions, 19.5 vs 21.7 at 256, 25.3 vs 21.8 at 512 (benchmarks/bench_attention_o.py
+# times the op itself). TEAL_ATTENTION_O=1 (read when a PackedLinear is built) turns it on; off until
+# measured end to end.
 ATTENTION_O_ENV = "TEAL_ATTENTION_O"
 ATTENTION_O_MAX_CACHE = 384
 

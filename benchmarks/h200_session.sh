@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | attention_o_lab | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | norm_one_load)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | norm_one_load)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -621,9 +621,6 @@ case $phase in
     cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
     step 120 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights "$w" --sparsity 0 0.5 --decode_path fused --out "$out/decode_stored"
     ;;
-  attention_o_lab)  # issues 10/11: would o's attention inside o's product pay (benchmarks/attention_o_lab.py: the best case, dense bf16 o, q given)? the lab kernel against the attention op + cuBLAS o / + our o, at 128-1024 positions
-    step 200 python3 -m benchmarks.attention_o_lab --contexts 128 256 512 1024 --out "$out/attention_o_lab"
-    ;;
   int4_norm)  # issue 11: int4's RMSNorms in its GEMVs again (TEAL_FUSED_NORM=1; the int4 step runs 63 separate norm kernels, ~5% of it; the fourteenth session's -9% was with 896-program gate|up tiles, now 224) against the default, int4-g128 + int8 head, one call
     for v in 0 1; do
       step 200 env TEAL_FUSED_NORM=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_norm$v"
@@ -653,6 +650,7 @@ case $phase in
     for v in 0 1; do
       step 120 env TEAL_ATTENTION_O=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_bf16_att_o$v"
     done
+    step 200 python3 -m benchmarks.bench_attention_o --contexts 128 256 384 512 1024 --out "$out/bench_attention_o"
     ;;
   norm_one_load)  # issues 10/11: the fused norm's statistics in one load (TEAL_NORM_ONE_LOAD=1) against 1024-value loads each waiting on the last (int8 q|k|v, int4's dot kernels: not whole-row), int8 + head then int4-g128 + head, one call
     step 150 python3 -m pytest -q -x tests/test_kernels.py -k "rmsnorm_prologue"

@@ -33,8 +33,8 @@ __all__ = ["INTERPRETED", "KernelConfig", "attention_o_fits", "attention_o_trito
            "get_config", "gpu_name", "sparse_gemv_triton"]
 
 _SEGMENT_SLOTS = tl.constexpr(MAX_SEGMENTS)  # the kernel walks this many (possibly empty) segments
-# K/V tiles in flight in the attention prologue (benchmarks/attention_o_lab.py: 2 beat 1 at every
-# context, 16.7 vs 17.0 us at 128 positions, 19.5 vs 21.1 at 256; H200, results/small_programs/)
+# K/V tiles in flight in the attention prologue (its lab kernel: 2 beat 1 at every context, 16.7 vs
+# 17.0 us at 128 positions, 19.5 vs 21.1 at 256; H200, results/small_programs/ section 3)
 ATTENTION_KV_STAGES = tl.constexpr(2)
 TUNED_CONFIGS_PATH = Path(__file__).with_name("tuned_configs.json")
 

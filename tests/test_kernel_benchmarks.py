@@ -195,41 +195,27 @@ def test_tuner_without_a_gpu_says_so():
     assert run.returncode == 1 and run.stderr.strip().splitlines()[-1] == "error: tune_kernels.py needs a CUDA GPU"
 
 
-@pytest.mark.parametrize("p", [0, 15, 16, 40])
-@pytest.mark.parametrize("preload_w", [False, True])
-def test_attention_o_lab_matches_the_unfused_path(p, preload_w):
-    """benchmarks/attention_o_lab.py's kernel (o's attention computed inside o's product, the KV
-    groups' partials summed by the last program): the float64 attention, rounded to bf16 as the
-    unfused path rounds it, times W_o^T plus the residual, at tile edges of the positions."""
-    from benchmarks import attention_o_lab as lab
+def test_attention_o_bench_times_every_method(monkeypatch):
+    """benchmarks/bench_attention_o.py's loop at a tiny shape (the Triton kernels in the interpreter
+    off CUDA), timed by calling each method once: the op agrees with the two-op path at every context,
+    format and sparsity, every method runs on every layer copy, and the caches follow the context."""
+    from benchmarks import bench_attention_o as bench
 
+    monkeypatch.setenv("TEAL_CPU_KERNELS", "interpreter")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    layer = lab.Layer(n_head=4, n_kv=2, d=16, s_max=48, n=64, device=device, seed=p)
-    layer.res = (layer.res.float() * 0.05).to(layer.res.dtype)  # small beside the product: errors there show
-    got = lab.attention_o(layer.q, layer.k, layer.v, p, layer.w_t, layer.res, block_n=16, block_s=16,
-                          preload_w=preload_w).float()
-    ref = lab.unfused_reference(layer.q, layer.k, layer.v, p, layer.w_t, layer.res).float()
-    assert not got.isnan().any()
-    assert (got - ref).abs().max() <= 1e-2 * ref.abs().max()
-
-
-def test_attention_o_lab_times_every_method():
-    """The lab's measurement loop at a tiny shape, timed by calling each method once: every method
-    runs on every layer copy, the cache is resized per context, and the rows say what ran."""
-    from benchmarks import attention_o_lab as lab
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    layers = [lab.Layer(n_head=4, n_kv=2, d=16, s_max=24, n=32, device=device, seed=i) for i in range(2)]
+    layers = [bench.Layer(n_head=4, n_kv=1, d=16, s_max=24, n=32, device=device, seed=i) for i in range(2)]
     ran = []
 
     def timer(step, copies):
         ran.append([tuple(step(i).shape) for i in range(copies)])
         return 1.0
 
-    rows = lab.measure(layers, [8, 40], 24, [16], [4], [1, 2], timer)
-    assert [r["context"] for r in rows] == [8, 40] and [r["s_max"] for r in rows] == [24, 48]
-    assert list(rows[0]["us"]) == ["fused bn16 w4 s1", "fused bn16 w4 s2", "attention", "attention + cuBLAS o",
-                                   "attention + our o", "cuBLAS o", "our o"]
-    assert all(r["max_rel_error"] <= 1e-2 for r in rows)
-    assert layers[1].k.shape == (2, 48, 16)
-    assert ran[0] == ran[1] == [(32,), (32,)] and ran[2] == [(1, 4, 16)] * 2 and ran[3] == [(1, 32)] * 2
+    rows = bench.measure(layers, [8, 40], [0.0, 0.5], 24, timer)
+    assert [(r["context"], r["weights"], r["sparsity"]) for r in rows] == [
+        (c, f, s) for c in (8, 40) for f in ("bf16", "int8") for s in (0.0, 0.5)]
+    assert [r["s_max"] for r in rows[::4]] == [24, 48] and layers[1].k.shape == (1, 1, 48, 16)
+    assert all(r["max_rel_error"] <= 2e-2 for r in rows)
+    assert list(rows[0]["us"]) == ["attention_o", "attention step + our o", "our o alone",
+                                   "attention step + cuBLAS o", "attention step"]
+    assert list(rows[1]["us"]) == ["attention_o", "attention step + our o", "our o alone"]
+    assert ran[:5] == [[(1, 32)] * 2] * 4 + [[(1, 64)] * 2]
