@@ -297,8 +297,9 @@ class PackedLinear(nn.Module):
     def takes_attention(self, qkv: Tensor, k_cache: Tensor, n_head: int) -> bool:
         """Whether this o projection's decode step computes its own input, the attention of the
         q|k|v row `qkv` [1, W] (attention_product): switched on (ATTENTION_O_ENV), one row of a
-        kernel dtype, a cache of at most ATTENTION_O_MAX_CACHE positions, a device, weights and a
-        config the kernel takes, and no forward pre-hook waiting to see the input (SparsityMeter)."""
+        kernel dtype, a cache of at most ATTENTION_O_MAX_CACHE positions, CUDA (or the CPU's Triton
+        interpreter), weights and a config the kernel takes, and no forward pre-hook waiting to see
+        the input (SparsityMeter)."""
         if (not self.attention_allowed or self._forward_pre_hooks or qkv.shape[0] != 1
                 or qkv.dtype not in KERNEL_DTYPES or k_cache.shape[2] > ATTENTION_O_MAX_CACHE):
             return False
