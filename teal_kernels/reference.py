@@ -373,8 +373,9 @@ def attention_o_reference(qkv: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cac
                           n_head: int, w: Tensor, thresholds: Tensor, split_sizes: list[int],
                           scales: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
     """The decode step's attention (attention_step_reference: the caches written at p in place)
-    followed by o's threshold-sparse product of it, with `residual` added: [B, N]."""
+    followed by o's threshold-sparse product of it, with `residual` added: [B, N]. Every argument
+    is checked before the caches are written."""
+    b, _, d = validate_step(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head, None)
+    validate(qkv[:, : n_head * d], w, thresholds, split_sizes, scales, None, 0, False, False, residual)  # o's input
     y = attention_step_reference(qkv, freqs_cis, k_cache, v_cache, input_pos, n_head)
-    x = y.reshape(y.shape[0], -1)
-    validate(x, w, thresholds, split_sizes, scales, None, 0, False, False, residual)
-    return masked_product(x, w, thresholds, split_sizes, scales, None, 0, False, residual)
+    return masked_product(y.reshape(b, -1), w, thresholds, split_sizes, scales, None, 0, False, residual)

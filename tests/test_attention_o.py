@@ -219,3 +219,16 @@ def test_gpu_compiled_step_with_attention_o(mode, monkeypatch):
     assert none == 0 and every == TINY["n_layer"]
     assert got_tokens == want_tokens
     torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
+
+
+def test_the_cpu_reference_rejects_before_writing_the_caches(monkeypatch):
+    """A bad o weight is one ValueError, and the caches keep what they held."""
+    monkeypatch.setenv(CPU_KERNELS_ENV, "reference")
+    qkv, cs, k_cache, v_cache, w, scales, residual = (t.cpu() if t is not None else None
+                                                      for t in problem("bf16", 40, seed=3))
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    with pytest.raises(ValueError):
+        attention_o(qkv, cs, k_cache, v_cache, torch.tensor([40]), N_HEAD, w[:-1], torch.zeros(1), [N], scales,
+                    residual)
+    assert torch.equal(k_cache.nan_to_num(7.0), k_before.nan_to_num(7.0))
+    assert torch.equal(v_cache.nan_to_num(7.0), v_before.nan_to_num(7.0))
