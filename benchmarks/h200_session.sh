@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | norm_one_load)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | norm_one_load | lean_loop)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -658,6 +658,26 @@ case $phase in
       for v in 0 1; do
         step 170 env TEAL_NORM_ONE_LOAD=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights "$w" --sparsity 0 0.5 --decode_path fused --out "$out/decode_${w%%+*}_one_load$v"
       done
+    done
+    ;;
+  lean_loop)  # issue 11: the compact loop without the load masks that cannot matter (TEAL_LEAN_LOOP=1: int8 at one row, segments that are multiples of block_n), int8 + head off / on / off, one call
+    step 150 python3 -m pytest -q -x tests/test_kernels.py -k "lean_loop"
+    # the machine's triton: SASS instructions a chunk of int8's pipelined tiles, masks on and off (locally 305 -> 282 for gate|up)
+    step 90 python3 tests/sm90_compile.py --resources --only "LEAN_LOOP" --sass "$out/sass_lean"
+    for f in "$out"/sass_lean/*.sass; do head -c 300 "$f" | grep -o "LEAN_LOOP=[A-Za-z]*\|BLOCK_N=[0-9]*\|GATED=[A-Za-z]*"; python3 - "$f" <<'PY'
+import collections, re, sys
+ins = [(int(m.group(1), 16), m.group(3), line) for line in open(sys.argv[1])
+       if (m := re.match(r"\s+/\*([0-9a-f]{4,5})\*/\s+(@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_.]*)", line))]
+for a, op, line in ins:  # loops: backward branches; print each body's size and instruction mix
+    t = re.search(r"BRA\s+0x([0-9a-f]+)", line) if op.startswith("BRA") else None
+    if t and int(t.group(1), 16) < a:
+        body = collections.Counter(o.split(".")[0] for b, o, _ in ins if int(t.group(1), 16) <= b <= a)
+        print(f"  loop of {sum(body.values())} instructions:", " ".join(f"{k}{v}" for k, v in body.most_common(8)))
+PY
+    done
+    rm -rf "$out/sass_lean"
+    for v in 0 1 0; do
+      step 170 env TEAL_LEAN_LOOP=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_lean$v$([ -e "$out/decode_int8_lean$v.json" ] && echo _b)"
     done
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)

@@ -161,6 +161,56 @@ def test_kernel_matches_float64_reference(case, compact, stages, lane_sum):
     assert_close_to_ref(out, *args)
 
 
+# TEAL_LEAN_LOOP's cases: one batch row of integer weights (no row mask), segments that are
+# multiples of block_n (no column mask) or not, and a batch of three (masks kept)
+LEAN_CASES = [CASES[5], CASES[7], CASES[10], CASES[6],
+              ("int8", torch.bfloat16, 1, 200, [64, 32], 0, KernelConfig(block_n=32, block_k=64, sub_k=8))]
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3], ids=["compact", "prefetch", "pipelined"])
+@pytest.mark.parametrize("case", LEAN_CASES, ids=case_id)
+def test_lean_loop_matches_the_masked_loop(case, stages, monkeypatch):
+    """TEAL_LEAN_LOOP=1 drops the compact loop's load masks where they cannot change the sum: the
+    output equals the masked loop's bit for bit (a padded slot reads row 0 times x = 0) and the
+    float64 reference. The column mask goes only where every segment is a multiple of block_n (a
+    read past a segment's end is never stored, so only the launch shows a wrong EVEN_N)."""
+    fmt, dtype, m, k, splits, group, cfg = case
+    args = make_problem(fmt, dtype, m, k, splits, group)
+    cfg = KernelConfig(**{**cfg.to_dict(), "num_stages": stages})
+    kernel, seen = sg._sparse_gemv_kernel, []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((kwargs["LEAN_LOOP"], kwargs["EVEN_N"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(sg, "_sparse_gemv_kernel", Recorder())
+    outs = {}
+    for lean in ("0", "1"):
+        monkeypatch.setenv(sg.LEAN_LOOP_ENV, lean)
+        outs[lean] = sparse_gemv_triton(*args, config=cfg)
+    assert torch.equal(outs["1"], outs["0"])
+    assert_close_to_ref(outs["1"], *args)
+    assert seen == [(False, False), (True, all(s % cfg.block_n == 0 for s in splits))]
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3], ids=["compact", "prefetch", "pipelined"])
+def test_lean_loop_keeps_the_row_mask_for_float_weights(stages, monkeypatch):
+    """Float weights keep their row mask under TEAL_LEAN_LOOP=1: a dropped row 0 of infinities
+    would turn a padded slot's 0 * w into NaN."""
+    monkeypatch.setenv(sg.LEAN_LOOP_ENV, "1")
+    x, w, thresholds, splits, *_ = make_problem("fp", torch.bfloat16, 1, 96, [32, 16], 0, quantiles=[0.6, 0.6])
+    x[0, 0] = 0.0
+    w_inf = w.clone()
+    w_inf[0] = float("inf")
+    cfg = KernelConfig(block_n=16, block_k=32, sub_k=8, num_stages=stages)
+    kept = (x.abs() > thresholds[0]).reshape(3, 32).sum(1)
+    assert (kept % 8 != 0).any()  # a block with padded slots
+    assert_close_to_ref(sparse_gemv_triton(x, w_inf, thresholds, splits, config=cfg), x, w, thresholds, splits)
+
+
 @pytest.mark.parametrize("groups", [1, 2, 4])
 @pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6], CASES[8]], ids=case_id)
 def test_lane_sum_matches_float64_reference_for_any_lane_groups(case, groups, monkeypatch):
