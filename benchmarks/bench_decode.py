@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -177,13 +178,17 @@ def write_results(args: argparse.Namespace, rows: list[dict], world: int = 1) ->
     import triton
     meta = dict(command=" ".join(sys.argv), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, date=datetime.date.today().isoformat(), model=args.model,
-                tokens=args.tokens, runs=args.runs, tensor_parallel=world)
+                tokens=args.tokens, runs=args.runs, tensor_parallel=world,
+                # the decode switches set for this run (TEAL_PDL, TEAL_LEAN_LOOP, ...): which variant ran
+                switches={k: v for k, v in sorted(os.environ.items()) if k.startswith("TEAL_")})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     base = rows[0]["tok_s"]
     lines = [f"# Decode, {args.model} shape, random weights{f', {world} GPUs (tensor parallel)' if world > 1 else ''}"
              f" — {meta['gpu']}, torch {meta['torch']}, "
-             f"triton {meta['triton']}, {meta['date']}", "", f"`{meta['command']}`", "",
+             f"triton {meta['triton']}, {meta['date']}", "",
+             f"`{' '.join(f'{k}={v}' for k, v in meta['switches'].items())}{' ' if meta['switches'] else ''}"
+             f"{meta['command']}`", "",
              "| weights | path | sparsity | realized | tok/s | vs dense bf16 | GB/s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['weights']} | {r['path']} | {r['sparsity']:.2f} | {r['realized']:.3f} | {r['tok_s']:.1f} | "
               f"{r['tok_s'] / base:.2f}x | {r['gb_s']:.0f} |" for r in rows]
