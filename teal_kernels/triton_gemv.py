@@ -16,6 +16,7 @@ import functools
 import itertools
 import json
 import math
+import struct
 import threading
 from pathlib import Path
 
@@ -361,6 +362,38 @@ def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16))
 
 
+def _nibbles_asm() -> str:
+    """PTX for four packed bytes ($8) -> their low nibbles - 8 ($0..$3) and high nibbles - 8
+    ($4..$7) as fp32. Each nibble is masked in place (or, for the top three, after one shift of
+    the word) under 0x4B000000 (2^23, whose mantissa unit is 1) by one lop3: 2^23 + n * 2^(4p) for
+    a nibble at bits 4p..4p+3 (p <= 4). One fma by 2^(-4p) and -(2^(23-4p) + 8) gives n - 8
+    exactly: every value on the way is an integer below 2^24 times a power of two."""
+    # (output, source: the word or the word >> 12, nibble position p in that source)
+    nibbles = [(0, "$8", 0), (1, "$8", 2), (2, "$8", 4), (3, "t", 3),  # low nibbles of bytes 0..3
+               (4, "$8", 1), (5, "$8", 3), (6, "t", 2), (7, "t", 4)]  # high nibbles of bytes 0..3
+    lines = [".reg .b32 t;", "shr.b32 t, $8, 12;"]
+    for out, src, p in nibbles:
+        scale = struct.unpack("<I", struct.pack("<f", 2.0 ** (-4 * p)))[0]
+        bias = struct.unpack("<I", struct.pack("<f", -(2.0 ** (23 - 4 * p) + 8)))[0]
+        lines += [f"lop3.b32 ${out}, {src}, {0xF << (4 * p):#010x}, 0x4B000000, 0xEA;",
+                  f"fma.rn.f32 ${out}, ${out}, 0f{scale:08X}, 0f{bias:08X};"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_NIBBLES = tl.constexpr(_nibbles_asm())
+
+
+@triton.jit
+def _int4_nibbles(packed, INTERPRET: tl.constexpr):
+    """uint8 tile of packed int4 -> (low nibbles - 8, high nibbles - 8) as fp32 tiles of its shape:
+    the even and the odd column of each byte (exact)."""
+    if INTERPRET:
+        return (packed & 0xF).to(tl.float32) - 8.0, (packed >> 4).to(tl.float32) - 8.0
+    else:
+        return tl.inline_asm_elementwise(asm=_NIBBLES, constraints="=r," * 8 + "r", args=[packed],
+                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+
+
 # ---------------------------------------------------------------------------
 # Kernel: split-K sparse GEMV with an in-kernel, deterministic K reduction
 # ---------------------------------------------------------------------------
@@ -383,6 +416,11 @@ def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 #     doubled down's time, 24 -> 51 us at 50% on the H200).  With PREFETCH the next
 #     chunk's weight rows are requested before this chunk's FMAs, so a program keeps two
 #     chunks of loads in flight instead of one (the loop is latency-bound otherwise).
+#     int4 at one row with PIPELINE (num_stages >= 3) runs one loop over the whole block
+#     (_int4_chunks) instead of one per group: each group's kept rows are padded to whole
+#     chunks, so a chunk's group scales multiply its rows' sums in each thread, and the zero
+#     points' term is each group's sum of x times its zeros, added once. Unmeasured: no
+#     stored config runs it (tune_kernels offers it under --kinds rows-compact-pipelined).
 #
 # Batch: the accumulator is a 2-D [BLOCK_M * SUB_K, BLOCK_N] tile whose lane r holds
 # batch row r // SUB_K and chunk row r % SUB_K.  Each lane loads its weight row only
@@ -518,6 +556,37 @@ def _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _int4_chunks(w_ptr, scale_ptr, slots, slot_x, n_slots, col_start, col_end, N, W_ROW,
+                 GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr,
+                 LANE_GROUPS: tl.constexpr, PIPELINE: tl.constexpr, EVEN_N: tl.constexpr, INTERPRET: tl.constexpr):
+    """One row's sum over the compacted slots of x * (q - 8) * scale, [1, BLOCK_N] fp32, for int4
+    in one software-pipelined loop: each chunk of SUB_K slots lies in one group (the compaction pads
+    each group's rows to whole chunks), so the chunk's own scales multiply its rows' sums in each
+    thread, and no loop restarts at a group's end. A thread's bytes give two planes, the even and
+    the odd columns, joined once after the loop."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    lane = tl.arange(0, SUB_K)
+    byte_cols = tl.multiple_of(col_start // 2, COL_ALIGN // 2) + tl.arange(0, HALF)
+    byte_ok = (byte_cols < col_end // 2) | EVEN_N
+    cols = tl.multiple_of(col_start, COL_ALIGN) + tl.arange(0, BLOCK_N)
+    cols_ok = (cols < col_end) | EVEN_N
+    acc_lo = tl.zeros([LANE_GROUPS, HALF], dtype=tl.float32)
+    acc_hi = tl.zeros([LANE_GROUPS, HALF], dtype=tl.float32)
+    for chunk in tl.range(0, n_slots, SUB_K, num_stages=PIPELINE):
+        rows = tl.load(slots + chunk + lane, cache_modifier=".cg")
+        xm = tl.load(slot_x + chunk + lane, cache_modifier=".cg")
+        scales = scale_ptr + tl.load(slots + chunk, cache_modifier=".cg") // GROUP_SIZE * N + cols
+        s_lo, s_hi = tl.split(tl.reshape(tl.load(scales, mask=cols_ok, other=0.0), [HALF, 2]))
+        packed = tl.load(w_ptr + rows[:, None] * W_ROW + byte_cols[None, :], mask=byte_ok[None, :], other=0)
+        lo, hi = _int4_nibbles(packed, INTERPRET)
+        acc_lo += s_lo[None, :] * _lane_rows(xm[:, None] * lo, True, LANE_GROUPS, 1, SUB_K, HALF)
+        acc_hi += s_hi[None, :] * _lane_rows(xm[:, None] * hi, True, LANE_GROUPS, 1, SUB_K, HALF)
+    lo_sum = _group_sum(acc_lo, LANE_GROUPS, 1, HALF)
+    hi_sum = _group_sum(acc_hi, LANE_GROUPS, 1, HALF)
+    return tl.reshape(tl.join(lo_sum, hi_sum), [1, BLOCK_N])
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr, nw_ptr,
     out_ptr, part_ptr, counter_ptr, idx_ptr, xs_ptr,
@@ -542,6 +611,9 @@ def _sparse_gemv_kernel(
     # a mask. Only a padded slot past the last kept row is not kept; it reads row 0 with x = 0, and
     # integer weights are finite, so it adds exactly 0 (a float row could hold an inf: 0 * inf).
     PAD_READS: tl.constexpr = LEAN_LOOP and BLOCK_M == 1 and FORMAT != 0
+    # int4 at one row through the software pipeline: one loop over the block, chunks that never
+    # straddle a group (_int4_chunks); the zero points' term comes from each group's sum of x.
+    INT4_FLAT: tl.constexpr = FORMAT == 2 and COMPACT and PIPELINE > 1 and BLOCK_M == 1
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
 
@@ -605,13 +677,32 @@ def _sparse_gemv_kernel(
             block_x = _masked_x(x_ptr, m_offs[:, None], block_rows[None, :], block_ok, threshold, K, GATED,
                                 nw_ptr, row_scale[:, None], NORM)
         kept = (tl.max(tl.abs(block_x), axis=0) > 0).to(tl.int32)
-        dest = tl.cumsum(kept, 0) - kept
         slots = idx_ptr + (pid_n * GRID_K + pid_k) * BLOCK_K
         slot_x = xs_ptr + (pid_n * GRID_K + pid_k) * BLOCK_K * BLOCK_M  # [slot, batch row] fp32
-        tl.store(slots + dest, block_rows, mask=kept > 0)
-        tl.store(slot_x + dest[None, :] * BLOCK_M + m_offs[:, None], block_x, mask=(kept > 0)[None, :])
         win_kept = tl.sum(tl.reshape(kept, [BLOCK_K // WINDOW, WINDOW]), axis=1)
         win_ids = tl.arange(0, BLOCK_K // WINDOW)
+        if INT4_FLAT:
+            # Each group's kept rows start a chunk, so a chunk's first slot names its group; the rest
+            # of the group's last chunk is padding: the group's first row with x = 0 (every slot below
+            # n_slots is read unmasked). SUB_K divides GROUP_SIZE, so the slots fit BLOCK_K.
+            kept_g = tl.reshape(kept, [BLOCK_K // WINDOW, WINDOW])
+            win_slots = (win_kept + SUB_K - 1) // SUB_K * SUB_K
+            win_base = tl.cumsum(win_slots, 0) - win_slots
+            dest_g = win_base[:, None] + tl.cumsum(kept_g, 1) - kept_g
+            tl.store(slots + dest_g, tl.reshape(block_rows, [BLOCK_K // WINDOW, WINDOW]), mask=kept_g > 0)
+            tl.store(slot_x + dest_g, tl.reshape(block_x, [BLOCK_K // WINDOW, WINDOW]), mask=kept_g > 0)
+            pad = tl.arange(0, SUB_K)
+            pad_ok = pad[None, :] < (win_slots - win_kept)[:, None]
+            pad_dest = (win_base + win_kept)[:, None] + pad[None, :]
+            first_rows = k_block + win_ids * WINDOW
+            tl.store(slots + pad_dest, first_rows[:, None] + 0 * pad[None, :], mask=pad_ok)
+            tl.store(slot_x + pad_dest, tl.zeros([BLOCK_K // WINDOW, SUB_K], dtype=tl.float32), mask=pad_ok)
+            n_slots = tl.sum(win_slots, axis=0)
+            win_x = tl.sum(tl.reshape(block_x, [BLOCK_K // WINDOW, WINDOW]), axis=1)  # each group's sum of x
+        else:
+            dest = tl.cumsum(kept, 0) - kept
+            tl.store(slots + dest, block_rows, mask=kept > 0)
+            tl.store(slot_x + dest[None, :] * BLOCK_M + m_offs[:, None], block_x, mask=(kept > 0)[None, :])
         tl.debug_barrier()  # every thread's slot writes are visible before the gathers
 
     # Accumulator rows: one per lane, summed once at the end (int4: at each group's end), or with
@@ -621,7 +712,15 @@ def _sparse_gemv_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([ACC_ROWS, BLOCK_N], dtype=tl.float32)
-    n_windows = tl.cdiv(tl.minimum(K - k_block, BLOCK_K), WINDOW)  # none past row K
+    if INT4_FLAT:
+        # sum over groups g of (sum of x in g) * zero[g]; then the scaled products, all in one loop
+        group_ok = (k_block + win_ids * WINDOW < K)[:, None] & cols_ok[None, :]
+        zeros = tl.load(zero_ptr + (k_block // GROUP_SIZE + win_ids)[:, None] * N + cols[None, :], mask=group_ok,
+                        other=0.0)
+        acc += tl.sum(win_x[:, None] * zeros, axis=0)[None, :]
+        acc += _int4_chunks(w_ptr, scale_ptr, slots, slot_x, n_slots, col_start, col_end, N, W_ROW, GROUP_SIZE,
+                            COL_ALIGN, BLOCK_N, SUB_K, LANE_GROUPS, PIPELINE, EVEN_N, INTERPRET)
+    n_windows = 0 if INT4_FLAT else tl.cdiv(tl.minimum(K - k_block, BLOCK_K), WINDOW)  # none past row K
     for win in tl.range(0, n_windows):
         win_start = k_block + win * WINDOW
         if FORMAT == 2:  # sum of x * (q - 8) and of x in this group, scaled below
@@ -1027,12 +1126,16 @@ def arrival_counters(device: torch.device) -> Tensor:
     return counters
 
 
-def _lane_groups(cfg: KernelConfig, fmt: int, elem_bytes: int, col_align: int) -> int:
+def _lane_groups(cfg: KernelConfig, fmt: int, elem_bytes: int, col_align: int, int4_flat: bool = False) -> int:
     """With lane_sum: the chunk rows that Triton's blocked layout of a [rows, block_n] weight tile
     spreads over threads and warps (16-byte loads along the columns, 32 threads, then the warps
     fill the columns first and the rows after), so that summing the rest stays in each thread.
     Any power of two up to sub_k gives the same sums in another order; this one costs no
-    cross-thread sum in the loop. int4 (bytes unpacked into two columns each) keeps 1."""
+    cross-thread sum in the loop. int4 (bytes unpacked into two columns each) keeps 1, except in
+    its one-loop pipeline (`int4_flat`), which always sums a chunk's rows (block_n / 2 bytes a row)."""
+    if int4_flat:
+        vector = min(16, max(1, col_align // 2))
+        return max(1, min(cfg.sub_k, cfg.num_warps * 32 * vector // (cfg.block_n // 2)))
     if not cfg.lane_sum or fmt == FMT_INT4:
         return 1
     vector = min(16 // elem_bytes, col_align)
@@ -1168,7 +1271,8 @@ def _launch_rows(x: Tensor, w: Tensor, fmt: int, m: int, k: int, n: int, cfg: Ke
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
         PREFETCH=cfg.compact and cfg.num_stages == 2, PIPELINE=pipeline,
         LANE_SUM=cfg.lane_sum,
-        LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k,
+        LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align, fmt == FMT_INT4 and pipeline > 1 and m == 1),
+        RED_K=red_k,
         **_fusions(gated, residual, norm_weight, m, k),
         WHOLE_ROW=cfg.compact and grid_k == 1, INTERPRET=INTERPRETED, PDL=bool(pdl),
         LEAN_LOOP=lean, EVEN_N=lean and all(s % cfg.block_n == 0 for s in split_sizes),

@@ -132,6 +132,12 @@ def gemv_variants():
                     WINDOW=block_k, COMPACT=True, PREFETCH=False, PIPELINE=4, LANE_SUM=False, LANE_GROUPS=1,
                     RED_K=8, GATED=gated, RESIDUAL=residual, NORM=norm, WHOLE_ROW=norm, INTERPRET=False, PDL=False,
                     LEAN_LOOP=lean, EVEN_N=lean), 4, 1)
+    # int4's one-loop pipeline (_int4_chunks) at gate|up's size of K block, 32- and 64-row chunks
+    for sub_k in (32, 64):
+        yield (sg._sparse_gemv_kernel, {"w_ptr": "*u8"},
+               dict(FORMAT=2, GROUP_SIZE=128, COL_ALIGN=32, BLOCK_M=1, BLOCK_N=256, BLOCK_K=2048, SUB_K=sub_k,
+                    WINDOW=128, COMPACT=True, PREFETCH=False, PIPELINE=4, LANE_SUM=False, LANE_GROUPS=16, RED_K=8,
+                    GATED=False, RESIDUAL=False, NORM=True, WHOLE_ROW=False, INTERPRET=False, PDL=False), 4, 1)
     # the int4 tile under a register cap (KernelConfig.max_registers; at 96 it spills 288 B a thread)
     yield (sg._dot_gemv_kernel, {"w_ptr": "*i32"},
            dict(FORMAT=2, GROUP_SIZE=128, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=512, SUB_K=128, GATED=False,

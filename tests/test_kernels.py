@@ -211,6 +211,66 @@ def test_lean_loop_keeps_the_row_mask_for_float_weights(stages, monkeypatch):
     assert_close_to_ref(sparse_gemv_triton(x, w_inf, thresholds, splits, config=cfg), x, w, thresholds, splits)
 
 
+def run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
+    """Emulate the few PTX instructions of the nibble conversion (shr.b32, lop3.b32, fma.rn.f32 on
+    32-bit registers) on the host: the interpreter cannot run inline PTX, so this checks its bits."""
+    import struct
+    regs = dict(inputs)
+    as_float = lambda r: struct.unpack("<f", struct.pack("<I", r))[0]  # noqa: E731
+    as_bits = lambda f: struct.unpack("<I", struct.pack("<f", f))[0]  # noqa: E731
+    value = lambda t: int(t, 16) if t.startswith("0x") else as_float(int(t[2:], 16)) if t.startswith("0f") \
+        else regs[t]  # noqa: E731
+    for line in asm.strip().strip("{}").split(";"):
+        op, _, rest = line.strip().partition(" ")
+        args = [a.strip() for a in rest.split(",")]
+        if op == "shr.b32":
+            regs[args[0]] = regs[args[1]] >> int(args[2])
+        elif op == "lop3.b32":  # only the (a & b) | c table is used
+            assert args[4] == "0xEA"
+            regs[args[0]] = (value(args[1]) & value(args[2])) | value(args[3])
+        elif op == "fma.rn.f32":  # exact here: every operand and result is a small integer times 2^k
+            f = lambda t: as_float(regs[t]) if t.startswith("$") else value(t)  # noqa: E731
+            regs[args[0]] = as_bits(f(args[1]) * f(args[2]) + f(args[3]))
+        else:
+            assert op in (".reg", ""), op
+    return regs
+
+
+def test_int4_nibble_ptx_gives_each_nibble_minus_8():
+    """The one-loop pipeline's PTX turns four packed bytes into their low and high nibbles - 8, in
+    the order of the bytes (output j and j + 4 come from byte j), for random words and the extremes."""
+    import struct
+    gen = torch.Generator().manual_seed(3)
+    words = [0, 0xFFFFFFFF, 0x0F0F0F0F, 0xF0F0F0F0, 0x76543210, 0x89ABCDEF]
+    words += torch.randint(0, 2**32, (200,), generator=gen, dtype=torch.int64).tolist()
+    for word in words:
+        regs = run_ptx(sg._nibbles_asm(), {"$8": word})
+        got = [struct.unpack("<f", struct.pack("<I", regs[f"${i}"]))[0] for i in range(8)]
+        nibbles = [(word >> (8 * j + 4 * hi)) & 0xF for hi in (0, 1) for j in range(4)]
+        assert got == [float(n - 8) for n in nibbles], hex(word)
+
+
+# int4 at one row through the software pipeline runs one loop over the block, its chunks padded so
+# that none straddles a group: several groups a block, several chunks a group, a block past K
+INT4_FLAT_CASES = [
+    (torch.bfloat16, 256, [64, 32], 32, KernelConfig(block_n=32, block_k=128, sub_k=8)),
+    (torch.float16, 384, [128], 64, KernelConfig(block_n=64, block_k=256, sub_k=16)),
+    (torch.bfloat16, 512, [32, 96], 128, KernelConfig(block_n=32, block_k=512, sub_k=32, num_warps=2)),
+]
+
+
+@pytest.mark.parametrize("stages", [3, 4])
+@pytest.mark.parametrize("quantiles", [[0.5, 0.5], [0.0, 0.9], [0.97, 0.2]], ids=["half", "all-most", "few-some"])
+@pytest.mark.parametrize("case", INT4_FLAT_CASES, ids=lambda c: f"K{c[1]}-g{c[3]}-bk{c[4].block_k}")
+def test_int4_one_loop_pipeline_matches_float64(case, quantiles, stages):
+    """int4's one-loop pipeline (its chunks padded to whole groups, the zero points' term from each
+    group's sum of x) against float64, with any number of kept rows a group."""
+    dtype, k, splits, group, cfg = case
+    args = make_problem("int4", dtype, 1, k, splits, group, quantiles=quantiles[: len(splits)])
+    out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "num_stages": stages}))
+    assert_close_to_ref(out, *args)
+
+
 @pytest.mark.parametrize("groups", [1, 2, 4])
 @pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6], CASES[8]], ids=case_id)
 def test_lane_sum_matches_float64_reference_for_any_lane_groups(case, groups, monkeypatch):
