@@ -286,7 +286,7 @@ class PackedLinear(nn.Module):
             # Decode: the teal::sparse_gemv op (Triton on CUDA, C++ on the CPU: teal_kernels/cpu.py); rows of
             # zeroed inputs are never read.
             out = sparse_gemv(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(), self.group_size,
-                              gated, res, *norm_args)
+                              gated, res, *norm_args, dense=not sparse)
         else:
             # Sparse prefill, float32 (quality work) and bf16/fp16 on a CPU: dequantize and multiply, in
             # float32.

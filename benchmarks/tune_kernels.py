@@ -8,7 +8,9 @@ Run on the target GPU, e.g.::
 Each candidate is first checked against the torch reference, then timed inside a
 CUDA graph that rotates over weight copies (benchmarks/timing.py).  Stage 1 times
 every candidate at the highest --sparsities value; stage 2 times the best few at
-the other values too, and the lowest sum over all sparsities wins.  The file is
+the other values too, and the lowest sum over the sparse levels wins.  Where 0% is
+among them (int8/int4) and another finalist is faster there, it is stored too, as
+the config of dense calls ("dense_config").  The file is
 rewritten atomically after every shape, so an interrupted run keeps its progress
 and a rerun skips shapes already tuned (unless --force).
 """
@@ -208,10 +210,17 @@ def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[flo
             problems = build_problems(fmt, m, k, splits, s, fusions)
         for c in timed:
             times[c][s] = time_config(c, problems)
-    best = min(finalists, key=lambda c: sum(times[c].values()))
+    # The sparse levels pick "config"; where 0% is timed too and its fastest finalist differs, that one
+    # is stored as "dense_config", which calls without thresholds take (get_config's `dense`).
+    sparse_levels = [s for s in sparsities if s > 0] or list(sparsities)
+    best = min(finalists, key=lambda c: sum(times[c][s] for s in sparse_levels))
+    dense_best = min(finalists, key=lambda c: times[c][0.0]) if 0.0 in times[best] else best
     heuristic_us = stage1.get(fitted([_heuristic_config(fmt, m, k, n)], fmt, m, k, splits)[0])  # None: failed the check
+    dense_entry = {} if dense_best == best or times[dense_best][0.0] >= times[best][0.0] else {
+        "dense_config": dense_best.to_dict(), "dense_us": round(times[dense_best][0.0], 2)}
     return {
         "config": best.to_dict(),
+        **dense_entry,
         "us": {str(s): round(t, 2) for s, t in sorted(times[best].items())},
         "heuristic_us_at_max_sparsity": heuristic_us and round(heuristic_us, 2),
         "candidates": len(grid),
@@ -272,9 +281,9 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4-g128"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes M to tune")
     parser.add_argument("--sparsities", nargs="+", type=float, default=None,
-                        help="levels whose summed time picks the config (default: 0.4 0.5 0.65 for bf16/fp16, "
-                             "whose dense path is cuBLAS, not the kernel; 0 0.5 for int8/int4, which have no "
-                             "other path)")
+                        help="levels to time (default: 0.4 0.5 0.65 for bf16/fp16, whose dense path is cuBLAS, "
+                             "not the kernel; 0 0.5 for int8/int4, which have no other path): the sparse ones' "
+                             "summed time picks the config, 0's fastest is kept apart for dense calls if it differs")
     parser.add_argument("--quick", action="store_true", help="smaller candidate grid")
     parser.add_argument("--kinds", nargs="+", default=None, metavar="KIND", choices=KINDS,
                         help="time only candidates of these kinds against the stored config: a quick partial "

@@ -96,12 +96,14 @@ def shortlist(fmt: str, role: str, k: int, splits: list[int], level: float, stor
 
 def use_config(key: str, config: KernelConfig | None) -> None:
     """Make `config` (None: the heuristic's) the one the kernel op takes for table key `key` from its
-    next launch on: the op looks its config up at each launch, through a per-shape cache cleared here."""
+    next launch on, at every level (a dense call's own config, "dense_config", is dropped): the op
+    looks its config up at each launch, through a per-shape cache cleared here."""
     table = triton_gemv._tuned_table()
     if config is None:
         table.pop(key, None)
     else:
-        table[key] = {**table.get(key, {}), "config": config.to_dict()}
+        entry = {k: v for k, v in table.get(key, {}).items() if k not in ("dense_config", "dense_us")}
+        table[key] = {**entry, "config": config.to_dict()}
     triton_gemv._planned_config.cache_clear()
 
 

@@ -82,11 +82,12 @@ def _sparse_gemv_cpu(
     residual: Tensor | None = None,
     norm_weight: Tensor | None = None,
     eps: float = 0.0,
+    dense: bool = False,
 ) -> Tensor:
     mode = _cpu_kernels()
     if mode == "interpreter":
         return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size, gated=gated,
-                                  residual=residual, norm_weight=norm_weight, eps=eps)
+                                  residual=residual, norm_weight=norm_weight, eps=eps, dense=dense)
     if norm_weight is not None:  # the CPU kernel has no norm prologue: torch normalizes first
         validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual, norm_weight)
         x = rms_normed(x, norm_weight, eps)
@@ -99,14 +100,14 @@ def _sparse_gemv_cpu(
 
 @_sparse_gemv_cpu.register_kernel("cuda")
 def _sparse_gemv_cuda(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0, gated=False,
-                      residual=None, norm_weight=None, eps=0.0):
+                      residual=None, norm_weight=None, eps=0.0, dense=False):
     return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size, gated=gated,
-                              residual=residual, norm_weight=norm_weight, eps=eps)
+                              residual=residual, norm_weight=norm_weight, eps=eps, dense=dense)
 
 
 @_sparse_gemv_cpu.register_fake
 def _(x, w, thresholds, split_sizes, scales=None, zeros=None, group_size=0, gated=False, residual=None,
-      norm_weight=None, eps=0.0):
+      norm_weight=None, eps=0.0, dense=False):
     validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True, gated=gated,
              residual=residual, norm_weight=norm_weight, max_rows=MAX_DOT_ROWS)
     return x.new_empty(x.shape[0], sum(split_sizes))
@@ -124,10 +125,12 @@ def sparse_gemv(
     residual: Tensor | None = None,
     norm_weight: Tensor | None = None,
     eps: float = 0.0,
+    dense: bool = False,
 ) -> Tensor:
     """Threshold-sparse x @ W^T for 1 <= M <= MAX_BATCH rows, on CUDA up to MAX_DOT_ROWS where the
     shape takes the kernel's dot design (formats, and the `gated`, `residual` and `norm_weight`
-    fusions: teal_kernels/reference.py).
+    fusions: teal_kernels/reference.py). `dense`: the call has no thresholds (all zero), so CUDA
+    takes the tuned table's config for 0% where it stored one.
 
     Output [M, N] in x.dtype, float32 accumulation; rows of W for zeroed inputs are not read on
     the GPU.
@@ -137,9 +140,9 @@ def sparse_gemv(
         return cpu.sparse_gemv_cpu(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual)
     if x.is_cuda and _eager():
         return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size, gated=gated,
-                                  residual=residual, norm_weight=norm_weight, eps=eps)
+                                  residual=residual, norm_weight=norm_weight, eps=eps, dense=dense)
     return torch.ops.teal.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size, gated,
-                                      residual, norm_weight, eps)
+                                      residual, norm_weight, eps, dense)
 
 
 @torch.library.custom_op("teal::dense_gemv", mutates_args=(), device_types="cpu")

@@ -136,9 +136,11 @@ def _tuned_table() -> dict:
     return json.loads(TUNED_CONFIGS_PATH.read_text())
 
 
-def get_config(device_name: str, weight_format: str, m: int, k: int, n: int) -> KernelConfig:
+def get_config(device_name: str, weight_format: str, m: int, k: int, n: int, dense: bool = False) -> KernelConfig:
     """Tuned config for this GPU and shape if benchmarks/tune_kernels.py stored one, else a heuristic.
 
+    ``dense``: a call without thresholds takes the entry's "dense_config" where the tuner stored one
+    (the fastest config at 0% differed from the sparse levels' winner), else its "config".
     fp16 reuses bf16 entries (same bytes per element); past MAX_BATCH rows a batch takes the entry
     of its tl.dot tile's rows (16, 32 or 64: the compiled kernel is the same).  Never autotunes.
     """
@@ -148,7 +150,7 @@ def get_config(device_name: str, weight_format: str, m: int, k: int, n: int) -> 
     for fmt in formats:
         entry = table.get(config_key(device_name, fmt, rows, k, n))
         if entry is not None:
-            return KernelConfig.from_dict(entry["config"])
+            return KernelConfig.from_dict(entry["dense_config" if dense and "dense_config" in entry else "config"])
     return _heuristic_config(weight_format, m, k, n)
 
 
@@ -265,10 +267,10 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
 
 @functools.lru_cache(maxsize=4096)
 def _planned_config(device_name: str, weight_format: str, fmt: int, group_size: int, m: int, k: int,
-                    split_sizes: tuple[int, ...], words_aligned: bool) -> KernelConfig:
+                    split_sizes: tuple[int, ...], words_aligned: bool, dense: bool = False) -> KernelConfig:
     """get_config fitted to the shape, once per layer and batch: it is the same for every call, and
     costs some 40 us of Python, which an eager prefill (hundreds of calls) would pay each time."""
-    config = get_config(device_name, weight_format, m, k, sum(split_sizes))
+    config = get_config(device_name, weight_format, m, k, sum(split_sizes), dense)
     return _fit_config(config, fmt, group_size, m, k, list(split_sizes), words_aligned)
 
 
@@ -1155,12 +1157,14 @@ def sparse_gemv_triton(
     residual: Tensor | None = None,
     norm_weight: Tensor | None = None,
     eps: float = 0.0,
+    dense: bool = False,
 ) -> Tensor:
     """Run the Triton kernel (on CUDA, or on CPU under TRITON_INTERPRET=1).
 
     ``config`` overrides the tuned/heuristic config (used by the tuner and tests); ``gated``,
     ``norm_weight`` (with ``eps``) and ``residual`` are the prologue / epilogue fusions of
-    teal_kernels/reference.py.
+    teal_kernels/reference.py; ``dense`` (no thresholds: a dense call) picks the table's config
+    for 0% where it has one (get_config).
     """
     fmt = validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual, norm_weight,
                    MAX_DOT_ROWS)
@@ -1171,7 +1175,7 @@ def sparse_gemv_triton(
     words_aligned = fmt == FMT_INT4 and w.shape[1] % 4 == 0 and w.data_ptr() % 16 == 0
     if config is None:
         cfg = _planned_config(gpu_name(x.device), weight_format_name(w, group_size), fmt, group_size, m, k,
-                              tuple(split_sizes), words_aligned)
+                              tuple(split_sizes), words_aligned, dense)
     else:
         cfg = _fit_config(config, fmt, group_size, m, k, split_sizes, words_aligned)
     if m > MAX_BATCH and cfg.design != "dot":

@@ -50,6 +50,19 @@ def test_pipelined_candidates_only_when_named():
     assert max(c.block_k for c in piped) == 4096 and {c.num_stages for c in piped} == {4, 8}
 
 
+def test_int4_one_loop_candidates_only_when_named():
+    """int4's one-loop pipeline is offered at one row only under --kinds rows-compact-pipelined,
+    with chunks that divide a group of 128."""
+    full = tune_kernels.candidates("int4-g128", 1, 4096, [14336, 14336], quick=False, stored=None)
+    assert not any(tune_kernels.config_kind(c) == "rows-compact-pipelined" for c in full)
+    piped = tune_kernels.candidates("int4-g128", 1, 4096, [14336, 14336], quick=False, stored=None,
+                                    kinds=["rows-compact-pipelined"])
+    assert piped and all(tune_kernels.config_kind(c) == "rows-compact-pipelined" for c in piped)
+    assert {c.sub_k for c in piped} == {32, 64} and max(c.block_k for c in piped) == 4096
+    assert not tune_kernels.candidates("int4-g128", 2, 4096, [14336, 14336], quick=False, stored=None,
+                                       kinds=["rows-compact-pipelined"])
+
+
 def test_min_block_k_offers_long_dot_tiles_only():
     """--min_block_k: only K blocks of at least that many rows (and the stored config), with the dot
     design's 2048 / 4096-row blocks 4 and 6 stages deep added; without it, none of those."""
@@ -103,6 +116,29 @@ def test_tune_shape_times_the_decode_call(monkeypatch):
         entry = tune_kernels.tune_shape("int8", 1, 64, [32, 32], [0.0, 0.5], True, None, None, fusions)
         assert entry["fusions"] == list(fusions) and entry["candidates"] == 2  # both matched the reference
         assert KernelConfig.from_dict(entry["config"]) in grid
+
+
+@pytest.mark.parametrize("dense_winner", ["dot", "rows"])
+def test_tune_shape_keeps_a_faster_dense_config_apart(monkeypatch, dense_winner):
+    """The sparse levels pick the config; where another finalist is faster at 0% it is stored as the
+    config of dense calls, else no such entry (timed here by a table, on the CPU interpreter)."""
+    make_x, make_weight = timing.make_x, timing.make_weight
+    monkeypatch.setattr(tune_kernels, "make_x", lambda m, k, dtype, device, seed: make_x(m, k, dtype, DEVICE, seed))
+    monkeypatch.setattr(tune_kernels, "make_weight", lambda fmt, k, n, device, seed: make_weight(fmt, k, n, DEVICE, seed))
+    rows, dot = KernelConfig(block_n=32, block_k=32, sub_k=8), KernelConfig(block_n=16, block_k=64, sub_k=16, design="dot")
+    monkeypatch.setattr(tune_kernels, "candidates", lambda *args: [rows, dot])
+    level = []
+    build = tune_kernels.build_problems
+    monkeypatch.setattr(tune_kernels, "build_problems", lambda fmt, m, k, splits, s, fusions=():
+                        level.append(s) or build(fmt, m, k, splits, s, fusions))
+    us = {("rows", 0.5): 1.0, ("dot", 0.5): 2.0, ("rows", 0.0): 3.0, ("dot", 0.0): 1.5 if dense_winner == "dot" else 4.0}
+    monkeypatch.setattr(tune_kernels, "time_config", lambda c, problems: us[c.design, level[-1]] + (c.num_warps != 4))
+    entry = tune_kernels.tune_shape("int8", 1, 64, [32, 32], [0.0, 0.5], True)
+    assert entry["config"] == rows.to_dict() and entry["us"] == {"0.0": 3.0, "0.5": 1.0}
+    if dense_winner == "dot":
+        assert entry["dense_config"] == dot.to_dict() and entry["dense_us"] == 1.5
+    else:
+        assert "dense_config" not in entry and "dense_us" not in entry
 
 
 def test_a_config_the_gpu_cannot_hold_is_skipped(monkeypatch):

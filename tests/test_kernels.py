@@ -625,6 +625,11 @@ def test_get_config_lookup(monkeypatch):
     assert get_config("NVIDIA H200", "fp16", 1, 4096, 6144) == tuned  # fp16 reuses bf16
     assert get_config("NVIDIA H200", "int8", 1, 4096, 6144) == sg._heuristic_config("int8", 1, 4096, 6144)
     assert get_config("NVIDIA H100", "bf16", 1, 4096, 6144) != tuned
+    # an entry with a config of its own for dense calls (tune_kernels: 0%'s fastest differed)
+    for_dense = KernelConfig(block_n=256, block_k=512, sub_k=128, num_stages=3, design="dot")
+    monkeypatch.setattr(sg, "_tuned_table", lambda: {key: {"config": tuned.to_dict(), "dense_config": for_dense.to_dict()}})
+    assert get_config("NVIDIA H200", "bf16", 1, 4096, 6144, dense=True) == for_dense
+    assert get_config("NVIDIA H200", "bf16", 1, 4096, 6144) == tuned
 
 
 def test_tuned_config_file_is_valid():
@@ -634,6 +639,8 @@ def test_tuned_config_file_is_valid():
         assert fmt in ("bf16", "fp16", "int8") or fmt.startswith("int4-g"), key
         assert m[0] == "M" and k[0] == "K" and n[0] == "N", key
         KernelConfig.from_dict(entry["config"])
+        if "dense_config" in entry:
+            KernelConfig.from_dict(entry["dense_config"])
 
 
 def test_stored_config_with_unknown_or_missing_fields_is_refused():

@@ -63,6 +63,26 @@ def test_decode_through_the_interpreted_kernel_matches_the_reference(monkeypatch
     assert tokens == ref_tokens
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU routing test")
+def test_dense_calls_ask_for_the_dense_config(monkeypatch):
+    """A decode call without thresholds tells the kernel so (`dense`: the tuned table's config for
+    0%, where it has one); a sparse call does not."""
+    model = sparse_tiny("int8")
+    prompt = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(3))
+    seen = []
+    import teal_kernels.triton_gemv as triton_gemv
+    real = triton_gemv.sparse_gemv_triton
+    monkeypatch.setattr(triton_gemv, "sparse_gemv_triton", lambda *a, **k: seen.append(k["dense"]) or real(*a, **k))
+    monkeypatch.setenv(CPU_KERNELS_ENV, "interpreter")
+    greedy_decode(model, prompt, 1)
+    assert seen == [True] * 8 + [False] * 8  # 4 projections x 2 layers: the prompt (dense), then a decode step
+    for module in packed_projections(model).values():
+        module.sparse = False
+    seen.clear()
+    greedy_decode(model, prompt, 1)
+    assert seen == [True] * 16
+
+
 def test_batches_above_the_kernel_limit_use_the_reference(monkeypatch):
     """Nine rows (one prompt of nine tokens) cannot go to the kernel; the result is still exact."""
     layer = PackedLinear(64, 48, [16, 32], dtype=torch.bfloat16)
