@@ -1069,13 +1069,15 @@ PDL_PIPELINED_ENV = "TEAL_PDL_PIPELINED"
 # Unmeasured: off until a GPU says.
 NORM_ONE_LOAD_ENV = "TEAL_NORM_ONE_LOAD"
 ONE_LOAD_FLOATS = 4096
-# The rows design's compact loop spends ~2 SASS instructions a weight on the int8 conversion and the
-# FMA and, per 16-byte row vector, 5 more on its load mask (x != 0, a column bound, the pipeline's
-# predicate). TEAL_LEAN_LOOP=1 drops the masks that cannot matter: at one batch row of integer
-# weights every compacted slot but the padded tail is kept (the tail reads row 0 times x = 0), and
-# where every segment is a multiple of block_n no column lies past the segment's end. Local sm_90
-# SASS (triton 3.9), int8 Llama-3-8B tiles: 305 -> 282 instructions a chunk (gate|up), 309 -> 288
-# (down), 307 -> 286 (o). Unmeasured on a GPU: off until one says.
+# The rows design's compact loop spends ~3 SASS instructions a weight on the int8 conversion and the
+# FMA and, per 16-byte row vector, several more on its load mask (x != 0, a column bound, the
+# pipeline's predicate). TEAL_LEAN_LOOP=1 drops the masks that cannot matter: at one batch row of
+# integer weights every compacted slot but the padded tail is kept (the tail reads row 0 times
+# x = 0), and where every segment is a multiple of block_n no column lies past the segment's end.
+# sm_90 SASS of int8's stored Llama-3-8B tiles, instructions a chunk, masks on -> off: triton 3.6
+# (the H200's) 347 -> 342 (gate|up), 358 -> 343 (down), 341 -> 357 (o: longer); triton 3.9 305 ->
+# 282, 309 -> 288, 307 -> 286. The column mask alone saves 4 in each under 3.6. Unmeasured on a
+# GPU: off until one says.
 LEAN_LOOP_ENV = "TEAL_LEAN_LOOP"
 
 

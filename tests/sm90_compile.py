@@ -10,6 +10,12 @@ For kernel work without a GPU: `--resources` adds each variant's registers a thr
 memory (cuobjdump of the cubin; the local Triton gave the 168 registers and 36.9 KB that Nsight
 Compute measured on the H200 under triton 3.6), `--only TEXT` keeps the variants whose line
 contains TEXT, and `--sass DIR` writes their SASS there.
+
+The H200's own compiler: Triton versions differ in what they emit (triton 3.9 here read o's weights
+behind the attention prologue a byte at a time; 3.6, the H200's, by 16-byte cp.async), so compile
+with the H200's version for SASS questions:
+    pip download --no-deps triton==3.6.0 -d /tmp/t36 && pip install --no-deps --target /tmp/t36lib /tmp/t36/*.whl
+    PYTHONPATH=/tmp/t36lib python tests/sm90_compile.py --resources --sass DIR
 """
 from __future__ import annotations
 
