@@ -550,10 +550,15 @@ def _group_sum(acc, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
-def _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M: tl.constexpr):
-    """Row ids and thresholded x of compaction slots ``slot`` (zeros past ``last``)."""
-    rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
-    xm = tl.load(slot_x + slot * BLOCK_M + lane_m, mask=slot < last, other=0.0, cache_modifier=".cg")
+def _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M: tl.constexpr, MASKED: tl.constexpr = True):
+    """Row ids and thresholded x of compaction slots ``slot`` (zeros past ``last``; without MASKED
+    every slot read was written: the compaction padded the list to whole chunks)."""
+    if MASKED:
+        rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
+        xm = tl.load(slot_x + slot * BLOCK_M + lane_m, mask=slot < last, other=0.0, cache_modifier=".cg")
+    else:
+        rows = tl.load(slots + slot, cache_modifier=".cg")
+        xm = tl.load(slot_x + slot * BLOCK_M + lane_m, cache_modifier=".cg")
     return rows, xm
 
 
@@ -616,6 +621,9 @@ def _sparse_gemv_kernel(
     # int4 at one row through the software pipeline: one loop over the block, chunks that never
     # straddle a group (_int4_chunks); the zero points' term comes from each group's sum of x.
     INT4_FLAT: tl.constexpr = FORMAT == 2 and COMPACT and PIPELINE > 1 and BLOCK_M == 1
+    # LEAN_LOOP in the software-pipelined loop over one window: the compaction pads the kept list to
+    # whole chunks (the block's first row, x = 0), so the loop's slot loads need no mask
+    PAD_SLOTS: tl.constexpr = LEAN_LOOP and COMPACT and PIPELINE > 1 and WINDOW == BLOCK_K and not INT4_FLAT
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
 
@@ -705,6 +713,13 @@ def _sparse_gemv_kernel(
             dest = tl.cumsum(kept, 0) - kept
             tl.store(slots + dest, block_rows, mask=kept > 0)
             tl.store(slot_x + dest[None, :] * BLOCK_M + m_offs[:, None], block_x, mask=(kept > 0)[None, :])
+            if PAD_SLOTS:
+                n_kept = tl.sum(kept, axis=0)
+                pad = tl.arange(0, SUB_K)
+                pad_ok = pad < (n_kept + SUB_K - 1) // SUB_K * SUB_K - n_kept
+                tl.store(slots + n_kept + pad, k_block + 0 * pad, mask=pad_ok)
+                tl.store(slot_x + (n_kept + pad)[None, :] * BLOCK_M + m_offs[:, None],
+                         tl.zeros([BLOCK_M, SUB_K], dtype=tl.float32), mask=pad_ok[None, :])
         tl.debug_barrier()  # every thread's slot writes are visible before the gathers
 
     # Accumulator rows: one per lane, summed once at the end (int4: at each group's end), or with
@@ -739,8 +754,9 @@ def _sparse_gemv_kernel(
                 # FMAs. With NORM and several K blocks, local triton 3.9 loads the weight rows a byte at a
                 # time here (the run-time loop of _rms_scale before it; WHOLE_ROW has no such loop); on the
                 # H200 (triton 3.6) that was not seen (results/long_k/ section 5).
-                for chunk in tl.range(first, last, SUB_K, num_stages=PIPELINE):
-                    rows, xm = _kept_slots(slots, slot_x, chunk + lane_k, last, lane_m, BLOCK_M)
+                end = (last + SUB_K - 1) // SUB_K * SUB_K if PAD_SLOTS else last  # one window: first = 0
+                for chunk in tl.range(first, end, SUB_K, num_stages=PIPELINE):
+                    rows, xm = _kept_slots(slots, slot_x, chunk + lane_k, last, lane_m, BLOCK_M, not PAD_SLOTS)
                     wt = _weight_rows(w_ptr, rows, (xm != 0) | PAD_READS, col_start, col_end, W_ROW, FORMAT,
                                       COL_ALIGN, LANES, BLOCK_N, INTERPRET, EVEN_N)
                     wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
@@ -1070,14 +1086,14 @@ PDL_PIPELINED_ENV = "TEAL_PDL_PIPELINED"
 NORM_ONE_LOAD_ENV = "TEAL_NORM_ONE_LOAD"
 ONE_LOAD_FLOATS = 4096
 # The rows design's compact loop spends ~3 SASS instructions a weight on the int8 conversion and the
-# FMA and, per 16-byte row vector, several more on its load mask (x != 0, a column bound, the
-# pipeline's predicate). TEAL_LEAN_LOOP=1 drops the masks that cannot matter: at one batch row of
-# integer weights every compacted slot but the padded tail is kept (the tail reads row 0 times
-# x = 0), and where every segment is a multiple of block_n no column lies past the segment's end.
-# sm_90 SASS of int8's stored Llama-3-8B tiles, instructions a chunk, masks on -> off: triton 3.6
-# (the H200's) 347 -> 342 (gate|up), 358 -> 343 (down), 341 -> 357 (o: longer); triton 3.9 305 ->
-# 282, 309 -> 288, 307 -> 286. The column mask alone saves 4 in each under 3.6. Unmeasured on a
-# GPU: off until one says.
+# FMA and, per row, several more on masks: its row id's and x's loads (slot < last), its weight
+# load (x != 0, a column bound). TEAL_LEAN_LOOP=1 drops those that cannot matter. The pipelined
+# loop's compaction pads the kept list to whole chunks (the block's first row, x = 0), so its slot
+# loads need no mask; at one batch row of integer weights the weight rows are read unmasked (a pad
+# adds 0 times a finite weight); where every segment is a multiple of block_n no column lies past
+# its segment's end. sm_90 SASS of int8's stored Llama-3-8B tiles, instructions a chunk, off -> on:
+# triton 3.6 (the H200's) 347 -> 328 (gate|up), 358 -> 336 (down), 341 -> 302 (o); triton 3.9
+# 305 -> 279, 309 -> 285, 307 -> 283. Unmeasured on a GPU: off until one says.
 LEAN_LOOP_ENV = "TEAL_LEAN_LOOP"
 
 
