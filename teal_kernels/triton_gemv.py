@@ -615,8 +615,9 @@ def _sparse_gemv_kernel(
 ):
     LANES: tl.constexpr = BLOCK_M * SUB_K
     # LEAN_LOOP at one batch row of integer weights: the compact loop reads every slot's row without
-    # a mask. Only a padded slot past the last kept row is not kept; it reads row 0 with x = 0, and
-    # integer weights are finite, so it adds exactly 0 (a float row could hold an inf: 0 * inf).
+    # a mask. Only a slot past the last kept row is not kept; it reads row 0 (a pad: the block's first
+    # row) with x = 0, and integer weights are finite, so it adds exactly 0 (a float row could hold an
+    # inf: 0 * inf).
     PAD_READS: tl.constexpr = LEAN_LOOP and BLOCK_M == 1 and FORMAT != 0
     # int4 at one row through the software pipeline: one loop over the block, chunks that never
     # straddle a group (_int4_chunks); the zero points' term comes from each group's sum of x.
