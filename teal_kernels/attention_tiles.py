@@ -85,11 +85,13 @@ def heads_attention(row, cs_ptr, k_ptr, v_ptr, pos_ptr, S_MAX, stride_kh, stride
                     BLOCK_S: tl.constexpr, KV_STAGES: tl.constexpr, DOT_FP32: tl.constexpr):
     """The attention output of the new token (q|k|v row `row`, batch row 0 of the caches) for the
     HEADS query heads head0 .. head0 + HEADS - 1 (all in one KV group) over positions 0..p, as one
-    program computes it: every tile in turn, KV_STAGES of them in flight. Returns [HEADS * D] in
-    head order, fp32 values rounded to the cache's dtype (as the attention op's output is).
+    program computes it: the cache's tiles of positions 0..p-1 in turn, KV_STAGES of them in flight,
+    then position p. Returns [HEADS * D] in head order, fp32 values rounded to the cache's dtype (as
+    the attention op's output is).
 
     With `writes` the program stores the new key and value at p. Every program takes them from
-    registers at p, so none depends on another's write having landed."""
+    registers, as one last step of the online softmax after the loop, so none depends on another's
+    write having landed, and no tile needs patching at p (two selects a K/V element)."""
     p = load_position(pos_ptr, S_MAX)
     kvh = head0 // GROUP
     hb = tl.arange(0, HEADS_PAD)  # tl.dot's rows: at least 16, the heads past HEADS are zero queries
@@ -105,14 +107,20 @@ def heads_attention(row, cs_ptr, k_ptr, v_ptr, pos_ptr, S_MAX, stride_kh, stride
     m_i = tl.full([HEADS_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([HEADS_PAD], dtype=tl.float32)
     acc = tl.zeros([HEADS_PAD, D], dtype=tl.float32)
-    for s0 in tl.range(0, p + 1, BLOCK_S, num_stages=KV_STAGES):
+    for s0 in tl.range(0, p, BLOCK_S, num_stages=KV_STAGES):
         s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = s <= p
+        s_ok = s < p
         k, v = kv_tile(k_base, v_base, s, s_ok, d, stride_ks, 1, stride_ks, 1)
-        at_p = (s == p)[:, None]
-        k = tl.where(at_p, k_new, k)
-        v = tl.where(at_p, v_new[None, :], v)
         m_i, l_i, acc = attend_tile(q, k, v, s_ok, m_i, l_i, acc, qk_scale_log2, DOT_FP32)
+    # position p, as attend_tile would take it: fp32 products of the operands, the probability
+    # rounded to V's dtype for the product with V (tl.dot's bf16 / fp16 operands)
+    score = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * qk_scale_log2
+    m_new = tl.maximum(m_i, score)
+    alpha = tl.exp2(m_i - m_new)
+    prob = tl.exp2(score - m_new)
+    l_i = l_i * alpha + prob
+    prob_v = prob if DOT_FP32 else prob.to(v_new.dtype).to(tl.float32)
+    acc = acc * alpha[:, None] + prob_v[:, None] * v_new.to(tl.float32)[None, :]
     out = (acc / l_i[:, None]).to(k_ptr.dtype.element_ty).to(tl.float32)
     # rows 0..HEADS-1 of [HEADS_PAD, D], flattened: the first of HEADS_PAD // HEADS slabs of HEADS rows
     slabs = tl.reshape(out, [HEADS_PAD // HEADS, HEADS, D])

@@ -77,6 +77,31 @@ def gap_threshold(att: torch.Tensor, level: str) -> float:
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
+@pytest.mark.parametrize("p", [1, 64, 129])
+def test_attention_o_when_the_new_key_dominates(fmt, p):
+    """The new token's key aligned with its group's queries, so that position p holds every head's
+    largest score: the kernel's last online-softmax step (position p, from registers) must rescale
+    what the cache's tiles gave. Keep-all thresholds; against float64."""
+    qkv, cs, k_cache, v_cache, w, scales, residual = problem(fmt, p, seed=p)
+    q = qkv[0, : N_HEAD * D].view(N_KV, N_HEAD // N_KV, D).float()
+    qkv[0, N_HEAD * D: (N_HEAD + N_KV) * D] = (q.sum(1) * 6).flatten().bfloat16()
+    att = attention64(qkv.cpu(), cs.cpu(), k_cache.cpu(), v_cache.cpu(), p).bfloat16().double()
+    q64 = rope64(qkv[0, : N_HEAD * D].cpu().view(N_HEAD, D), cs.cpu()).double()
+    k_new = rope64(qkv[0, N_HEAD * D: (N_HEAD + N_KV) * D].cpu().view(N_KV, D), cs.cpu()).double()
+    scores = torch.einsum("hd,hsd->hs", q64, k_cache[0, :, :p].cpu().double().repeat_interleave(N_HEAD // N_KV, 0))
+    new_scores = (q64 * k_new.repeat_interleave(N_HEAD // N_KV, 0)).sum(-1)
+    assert (new_scores > scores.max(-1).values + 4).all()  # the new key dominates every head
+    cfg = KernelConfig(block_n=16, block_k=64, sub_k=16, compact=True, num_stages=1)
+    out = attention_o_triton(qkv, cs, k_cache, v_cache, torch.tensor([p], device=DEVICE), N_HEAD, w,
+                             torch.tensor([0.0], device=DEVICE), [N], scales, residual, config=cfg)
+    weight = w.cpu().double() * (1.0 if scales is None else scales.cpu().double()[None, :])
+    want = (att @ weight).bfloat16().double() + residual.cpu().double()
+    scale = att.abs() @ weight.abs() + residual.cpu().double().abs()
+    err = (out.cpu().double()[0] - want).abs()
+    assert (err <= 2**-6 * want.abs() + 2**-8 * scale).all(), f"max error {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
 @pytest.mark.parametrize("p", [0, 63, 64, 129])  # tile edges (64 positions a tile at D = 16)
 @pytest.mark.parametrize("block_k", [16, 64])  # one head a K block; a whole KV group
 @pytest.mark.parametrize("level", ["none", "typical", "all"])
