@@ -58,7 +58,7 @@ from decode import install_fused_decode
 from linear import PROJECTION_TABLE, projection_splits
 from model import ModelArgs, Transformer
 from teal_kernels import triton_gemv
-from teal_kernels.reference import sparse_gemv_reference
+from teal_kernels.reference import FMT_FLOAT, FMT_INT8, sparse_gemv_reference
 from teal_kernels.triton_gemv import TUNED_CONFIGS_PATH, KernelConfig, config_key
 
 # a decoder projection's module path -> its role in benchmarks.timing (DECODE_FUSIONS, MODEL_SHAPES)
@@ -79,19 +79,33 @@ def table_format(weights: str) -> str:
 
 
 def shortlist(fmt: str, role: str, k: int, splits: list[int], level: float, stored: KernelConfig | None,
-              top: int, kinds: list[str] | None, min_block_k: int) -> dict[KernelConfig, float]:
+              top: int, kinds: list[str] | None, min_block_k: int,
+              accept: Callable[[KernelConfig], bool] | None = None) -> dict[KernelConfig, float]:
     """The `top` configs of the tuner's grid fastest alone at `level` (called as the decode step calls
-    the shape), and the stored one (fitted): config -> µs alone."""
+    the shape), and the stored one (fitted): config -> µs alone. `accept` narrows the grid (o
+    computing its own attention: the configs its prologue takes)."""
     fusions = decode_fusions(role, fmt, 1)
     problems = build_problems(fmt, 1, k, splits, level, fusions)
     ref = sparse_gemv_reference(*problems[0].args(), **problems[0].fusion).float()
     grid = [c for c in candidates(fmt, 1, k, splits, False, stored, kinds, min_block_k)
-            if is_correct(c, problems[0], ref)]
+            if (accept is None or accept(c)) and is_correct(c, problems[0], ref)]
     alone = {c: time_config(c, problems) for c in grid}
     keep = sorted(grid, key=alone.get)[:top]
     if stored in alone and stored not in keep:
         keep.append(stored)
     return {c: alone[c] for c in keep}
+
+
+def attention_configs(model: Transformer, fmt: str) -> Callable[[KernelConfig], bool] | None:
+    """With TEAL_ATTENTION_O=1 (read when the model's projections were built), o's step computes its
+    attention in o's GEMV, and the step is compiled once with that decision in it: only the configs
+    whose K blocks the prologue takes can run there. None when o runs without it."""
+    o = model.get_submodule("layers.0.attention.wo")
+    if not o.attention_allowed or fmt.startswith("int4"):  # int4's o never takes the prologue
+        return None
+    cfg = model.config
+    code = FMT_INT8 if fmt == "int8" else FMT_FLOAT
+    return lambda c: triton_gemv.attention_prologue_fits(c, code, 1, cfg.n_head, cfg.n_local_heads, cfg.head_dim)
 
 
 def use_config(key: str, config: KernelConfig | None) -> None:
@@ -258,7 +272,7 @@ def tune(model: Transformer, fmt: str, levels: list[float], thresholds: dict[flo
     alone = {}
     for role, k, splits in shapes:
         alone[role] = shortlist(fmt, role, k, splits, max(levels), stored[role], args.top, args.kinds,
-                                args.min_block_k)
+                                args.min_block_k, attention_configs(model, fmt) if role == "o" else None)
         print(f"{role}: shortlist {[round(t, 2) for t in alone[role].values()]} µs alone", flush=True)
 
     def use_table(configs: dict[str, KernelConfig | None]) -> None:

@@ -81,6 +81,27 @@ def test_shortlist_keeps_the_fastest_alone_and_the_stored_config(monkeypatch):
     kept = tune_step.shortlist("int8", "qkv", 64, [32, 16, 16], 0.5, grid[0], 1, None, 0)
     assert kept == {grid[1]: 1.0, grid[0]: 3.0}  # the fastest, then the stored one
     assert all("norm_weight" in f for f in fusions_seen) and len(fusions_seen) == 3
+    # `accept` narrows the grid first (o computing its own attention: what the prologue takes)
+    kept = tune_step.shortlist("int8", "qkv", 64, [32, 16, 16], 0.5, None, 1, None, 0, lambda c: c.design == "rows")
+    assert kept == {grid[2]: 2.0}
+
+
+def test_o_is_shortlisted_from_what_its_attention_prologue_takes(monkeypatch):
+    """With TEAL_ATTENTION_O=1 the step is compiled with o computing its own attention, so o's
+    shortlist holds only configs whose K blocks are whole query heads of one KV group; without the
+    switch, or for int4 (which never takes the prologue), there is no such filter."""
+    from linear import ATTENTION_O_ENV
+    monkeypatch.setenv(ATTENTION_O_ENV, "1")
+    model = install_fused_decode(tiny_model())
+    cfg = model.config
+    group_rows = cfg.n_head // cfg.n_local_heads * cfg.head_dim
+    accept = tune_step.attention_configs(model, "bf16")
+    assert accept(KernelConfig(block_n=16, block_k=group_rows, sub_k=8))
+    assert not accept(KernelConfig(block_n=16, block_k=2 * group_rows, sub_k=8))  # two KV groups a block
+    assert not accept(KernelConfig(block_n=16, block_k=group_rows, sub_k=16, design="dot"))
+    assert tune_step.attention_configs(model, "int4-g32") is None
+    monkeypatch.setenv(ATTENTION_O_ENV, "0")
+    assert tune_step.attention_configs(install_fused_decode(tiny_model()), "bf16") is None
 
 
 def test_pick_keeps_the_stored_config_unless_a_candidate_beats_it():
