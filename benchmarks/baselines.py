@@ -19,8 +19,11 @@ here is used outside benchmarks and tests.
   (`_convert_weight_to_int4pack` + `_weight_int4pack_mm`, bf16 only); the CPU: torch's
   `_for_cpu` twins of both ops, so that the module is testable without a GPU.
 
-Only the decoder projections are replaced; lm_head stays in the model's float dtype, as in
-gpt-fast's default.
+Every nn.Linear of the model is replaced, lm_head included, as gpt-fast's quantize.py does (its
+handlers walk all nn.Linear modules; its model.py reads the output layer's scales). A tied lm_head
+gets its own quantized copy; the embedding table stays float. Until 2026-12-05 this module left
+lm_head in bf16, so every tinygemm and gpt-fast int8 row measured before then (README's decode
+table) read the bf16 head, about 1 GB a token on Llama-3-8B: those rows understate gpt-fast.
 """
 from __future__ import annotations
 
@@ -41,8 +44,8 @@ BASELINES: dict[str, tuple[str, int]] = {
 }
 # What runs the product, for the benchmark table's "path" column.
 KERNELS: dict[str, str] = {
-    "int8": "gpt-fast int8: F.linear on int8 weights x scales (fusion left to Inductor)",
-    "int4": "torch._weight_int4pack_mm (tinygemm)",
+    "int8": "gpt-fast int8: F.linear on int8 weights x scales (fusion left to Inductor), lm_head too",
+    "int4": "torch._weight_int4pack_mm (tinygemm), lm_head too",
 }
 # gpt-fast's generate.py Inductor settings that change the generated code; bench_decode compiles
 # the baselines (only) under them: torch._inductor.config.patch(**GPT_FAST_INDUCTOR)
@@ -120,11 +123,12 @@ class TorchInt4Linear(nn.Module):
 
 
 def apply_torch_baseline(model: Transformer, kind: str, group_size: int = 128) -> Transformer:
-    """Replace every decoder projection nn.Linear (wqkv, wo, w13, w2 of each block) by the baseline
-    module of `kind` ("int8" or "int4"), in place; lm_head and the embedding are left as they are."""
+    """Replace every nn.Linear (each block's wqkv, wo, w13, w2, and lm_head) by the baseline module
+    of `kind` ("int8" or "int4"), in place, as gpt-fast quantizes a model; the embedding is left as
+    it is."""
     if kind not in KERNELS:
         raise ValueError(f"unknown baseline kind {kind!r}; expected one of {tuple(KERNELS)}")
-    for name in projection_splits(model):
+    for name in [*projection_splits(model), "output"]:
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}; the baseline starts from a plain nn.Linear model")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | norm_one_load | lean_loop | switches | int4_flat | att_o_tune)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | norm_one_load | lean_loop | switches | int4_flat | gptfast_head | att_o_tune)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -638,15 +638,13 @@ case $phase in
     done
     cp teal_kernels/speed_table.json "$out/speed_table.json"
     ;;
-  attention_o)  # issues 10/11: o's GEMV computing its own attention (TEAL_ATTENTION_O=1, teal::attention_o: no attention launches, caches up to 384 positions) against the attention op + o; its kernel tests on the GPU first; int8 + head, then bf16, dense and 50%, one call
+  attention_o)  # issues 10/11: o's GEMV computing its own attention (TEAL_ATTENTION_O=1, teal::attention_o: no attention launches, caches up to 384 positions) against the attention op + o; its kernel tests on the GPU first, the H200's SASS, bf16 dense and 50% off / on, the op per layer; one call
     step 180 python3 -m pytest -q -x tests/test_attention_o.py -k "float64 or rejects or gpu"
     # the machine's triton: are o's int8 weights still loaded 16 bytes at a time by cp.async behind the prologue?
     # (locally, triton 3.9, any branch or loop before the pipelined loop turns them into byte loads)
     step 60 python3 tests/sm90_compile.py --resources --only "ATTENTION=True" --sass "$out/sass_attention_o"
     for f in "$out"/sass_attention_o/*.sass; do echo "$f"; grep -o "LDGSTS[.A-Z0-9]*\|LDG[.A-Z0-9]*" "$f" | sort | uniq -c; done
-    for v in 0 1; do
-      step 170 env TEAL_ATTENTION_O=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_att_o$v"
-    done
+    # int8 + head off / on: phase switches times it (none against TEAL_ATTENTION_O, and in "all")
     for v in 0 1; do
       step 120 env TEAL_ATTENTION_O=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_bf16_att_o$v"
     done
@@ -699,6 +697,9 @@ PY
     # 50% picks the config; 0%'s fastest (the dot tile, if the new loop loses dense) becomes the entry's dense_config
     step 300 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int4-g128 --models llama3-8b --kinds rows-compact-pipelined
     step 170 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_flat"
+    ;;
+  gptfast_head)  # issue 11's comparison made fair: gpt-fast quantizes lm_head too (its handlers walk every nn.Linear), and benchmarks/baselines.py now does (until 2026-12-05 the baselines kept a bf16 head, ~1 GB a token read on 8B): gpt-fast int8 and tinygemm int4-g128 beside our int8 / int4-g128 with the int8 head, dense, one call
+    step 560 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head int4-g128+lm_head --baselines torch-int8 torch-int4-g128 --sparsity 0 --decode_path fused --out "$out/decode_gptfast_head"
     ;;
   att_o_tune)  # issues 10/11, after attention_o wins: o's config chosen in the step with o computing its own attention (TEAL_ATTENTION_O=1; the stored config was tuned without it, and each of its column blocks repeats its KV group's attention, so wider tiles may suit it; tune_step shortlists only the configs the prologue takes), then int8 + head on both tables with the switch, one call
     cp teal_kernels/tuned_configs.json /tmp/stored_tuned_configs.json

@@ -98,15 +98,21 @@ def test_int4_refuses_a_group_size_that_does_not_divide_k() -> None:
 
 
 @pytest.mark.parametrize("kind, group_size", [("int8", 0), ("int4", 64), ("int4", 32)])
-def test_apply_replaces_exactly_the_decoder_projections(kind: str, group_size: int) -> None:
-    model = tiny_model().to(torch.bfloat16)
-    head = model.output
+@pytest.mark.parametrize("tied", [False, True])
+def test_apply_replaces_every_linear_as_gpt_fast_does(kind: str, group_size: int, tied: bool) -> None:
+    """gpt-fast quantizes every nn.Linear, lm_head included; a tied head gets its own copy."""
+    model = tiny_model(tie_embeddings=tied).to(torch.bfloat16)
+    embedding = model.tok_embeddings.weight.clone()
+    head_weight = model.output.weight.detach().clone()
     apply_torch_baseline(model, kind, group_size)
     cls = TorchInt8Linear if kind == "int8" else TorchInt4Linear
     replaced = {name for name, m in model.named_modules() if isinstance(m, cls)}
-    assert replaced == set(projection_splits(model)) and len(replaced) == 4 * model.config.n_layer
-    assert model.output is head and type(head) is nn.Linear  # lm_head stays bf16
-    assert not any(isinstance(m, nn.Linear) for m in model.layers.modules())
+    assert replaced == {*projection_splits(model), "output"} and len(replaced) == 4 * model.config.n_layer + 1
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert type(model.tok_embeddings) is nn.Embedding and torch.equal(model.tok_embeddings.weight, embedding)
+    x = torch.randn(3, model.config.dim, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ref = x.double() @ head_weight.double().T  # the head quantized from the (tied) float weight
+    assert (model.output(x).double() - ref).norm() / ref.norm() < 0.1
 
 
 @torch.no_grad()
