@@ -26,6 +26,7 @@ from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_
 from teal_kernels.ops import attention_o, cpu_runs_interpreter, dense_gemv, dequantize
 from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, dot_design_fits, env_switch, gated_input
 from teal_kernels.speed_table import estimated_sparse_beats_dense, sparse_beats_dense
+from teal_kernels.tinygemm import int4pack, int4pack_fits, int4pack_mm
 
 FORMATS = ("fp", "int8", "int4")
 
@@ -88,12 +89,14 @@ QUANTIZED_KERNEL_ROWS = 16
 
 @torch.compiler.assume_constant_result
 def kernel_verdict_for(device: torch.device, weight_format: str, rows: int, k: int, n: int,
-                       sparsity: float) -> tuple[bool | None, bool]:
+                       sparsity: float, tinygemm: bool = False) -> tuple[bool | None, bool]:
     """(does the sparse kernel beat the dense path, was that measured) for a decode call on a CUDA
-    device: the speed table's verdict, else the size model's. A constant to torch.compile: Dynamo
+    device: the speed table's verdict, else the size model's; `tinygemm`: the dense path is
+    tinygemm's (an int4 layer with attach_int4pack's copy). A constant to torch.compile: Dynamo
     can trace neither torch.cuda.get_device_name nor the table file's read, and a compiled step
     whose first call reaches this (no eager call before it) failed."""
-    measured = sparse_beats_dense(torch.cuda.get_device_name(device), weight_format, rows, k, n, sparsity)
+    measured = sparse_beats_dense(torch.cuda.get_device_name(device), weight_format, rows, k, n, sparsity,
+                                  "tinygemm_us" if tinygemm else "dense_us")
     if measured is not None:
         return measured, True
     return estimated_sparse_beats_dense(weight_format, k, n, sparsity, rows), False
@@ -123,6 +126,14 @@ def sparse_kernel_takes_norm(fmt: str, n_rows: int, override: bool | None = None
 # measured end to end.
 ATTENTION_O_ENV = "TEAL_ATTENTION_O"
 ATTENTION_O_MAX_CACHE = 384
+
+# Dense decode calls of int4 weights on CUDA through torch's tinygemm instead of our GEMV: per 8B
+# matrix it was 11-44% faster than our kernel at 0% and faster than it at 50% on all but gate|up
+# (H200, benchmarks/results/int4_tinygemm/). It needs a second copy of the weights in its own layout
+# (0.5 byte a weight more, scales and zeros in bf16: teal_kernels/tinygemm.py), made by
+# attach_int4pack when the fused decode path is installed. TEAL_INT4_TINYGEMM=1 turns it on; off
+# until measured end to end (our step folds the norms into the GEMVs, tinygemm does not).
+TINYGEMM_ENV = "TEAL_INT4_TINYGEMM"
 
 
 @torch.compiler.assume_constant_result
@@ -184,7 +195,10 @@ class PackedLinear(nn.Module):
         # Parameter-weighted target sparsity of the segments (teal.sparsify sets it from the
         # thresholds file): what the measured speed table is read at.
         self.target_sparsity: float | None = None
-        self._kernel_pays: dict[tuple[str, int, float], tuple[bool | None, bool]] = {}  # kernel_verdict cache
+        self._kernel_pays: dict[tuple[str, int, float, bool], tuple[bool | None, bool]] = {}  # kernel_verdict cache
+        # int4: tinygemm's copy of the weights for dense decode calls (attach_int4pack), not saved
+        self.register_buffer("int4pack_weight", None, persistent=False)
+        self.register_buffer("int4pack_scales_zeros", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes: list[int] | None = None) -> "PackedLinear":
@@ -192,6 +206,16 @@ class PackedLinear(nn.Module):
         packed = cls(w.shape[1], w.shape[0], split_sizes, dtype=w.dtype, device=w.device)
         packed.weight = w.t().contiguous()
         return packed
+
+    def attach_int4pack(self) -> bool:
+        """Give an int4 layer tinygemm's copy of its weights, which its dense decode calls then run
+        through (TINYGEMM_ENV); False where tinygemm does not take the shape (it stays on our kernel)."""
+        if self.fmt != "int4" or not int4pack_fits(self.in_features, self.out_features, self.group_size,
+                                                   torch.bfloat16):
+            return False
+        self.int4pack_weight, self.int4pack_scales_zeros = int4pack(self.weight, self.scales, self.zeros,
+                                                                    self.group_size)
+        return True
 
     def _quant_args(self) -> tuple[Tensor | None, Tensor | None]:
         return getattr(self, "scales", None), getattr(self, "zeros", None)
@@ -218,10 +242,11 @@ class PackedLinear(nn.Module):
         (None, False) off CUDA or without a target."""
         if device.type != "cuda" or self.target_sparsity is None:
             return None, False
-        key = (str(device), rows, self.target_sparsity)  # the device's name is only asked for on a miss
+        tinygemm = self.int4pack_weight is not None
+        key = (str(device), rows, self.target_sparsity, tinygemm)  # the device's name is asked on a miss only
         if key not in self._kernel_pays:
             self._kernel_pays[key] = kernel_verdict_for(device, self.format_name, rows, self.in_features,
-                                                        self.out_features, self.target_sparsity)
+                                                        self.out_features, self.target_sparsity, tinygemm)
         return self._kernel_pays[key]
 
     def sparse_kernel_pays(self, device: torch.device, rows: int = 1) -> bool | None:
@@ -259,15 +284,18 @@ class PackedLinear(nn.Module):
         cpu_half = x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
         dense_float = self.fmt == "fp" and not sparse and not cpu_half
         n_rows = x.numel() // x.shape[-1]
+        # a dense int4 decode call of a layer with tinygemm's copy (attach_int4pack)
+        tinygemm = (self.int4pack_weight is not None and not sparse and n_rows <= MAX_BATCH
+                    and x.dtype == torch.bfloat16)
         kernel_rows = self.quantized_kernel_rows if x.device.type == "cuda" and not sparse else MAX_BATCH
-        decode_kernel = not dense_float and n_rows <= kernel_rows and x.dtype in KERNEL_DTYPES
+        decode_kernel = not dense_float and not tinygemm and n_rows <= kernel_rows and x.dtype in KERNEL_DTYPES
         preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
                    and x.dtype in KERNEL_DTYPES and preload_gemv_fits(x.device, self.in_features, self.out_features))
         # A dense prefill of int8/int4 weights on CUDA past quantized_kernel_rows: dense_weight_t
         # dequantizes the matrix once into x's dtype, then cuBLAS (H200, 8B shapes, 2048 tokens:
         # 1.15-1.20x bf16's time, 16-17x faster than the float32 product; benchmarks/results/int4_prefill/)
-        quantized_prefill = (self.fmt != "fp" and not sparse and not decode_kernel and x.device.type == "cuda"
-                             and x.dtype in KERNEL_DTYPES)
+        quantized_prefill = (self.fmt != "fp" and not sparse and not decode_kernel and not tinygemm
+                             and x.device.type == "cuda" and x.dtype in KERNEL_DTYPES)
         kernel_norm = x.device.type == "cuda" and (
             preload or (decode_kernel and sparse_kernel_takes_norm(self.fmt, n_rows, norm_in_sparse_kernel)))
         if norm is not None and not kernel_norm:
@@ -278,9 +306,11 @@ class PackedLinear(nn.Module):
         if preload:
             # small dense float on CUDA: weights loaded before the kernel waits on its input
             out = dense_gemv(rows, self.weight, gated, res, *norm_args)
-        elif dense_float or quantized_prefill:
-            # cuBLAS / the CPU's BLAS, the fusions left to torch (Inductor)
-            out = (gated_input(rows) if gated else rows) @ self.dense_weight_t(x.dtype)
+        elif dense_float or quantized_prefill or tinygemm:
+            # cuBLAS / the CPU's BLAS / tinygemm, the fusions left to torch (Inductor)
+            x_in = gated_input(rows) if gated else rows
+            out = (int4pack_mm(x_in, self.int4pack_weight, self.int4pack_scales_zeros, self.group_size) if tinygemm
+                   else x_in @ self.dense_weight_t(x.dtype))
             out = out if res is None else out + res
         elif decode_kernel:
             # Decode: the teal::sparse_gemv op (Triton on CUDA, C++ on the CPU: teal_kernels/cpu.py); rows of
@@ -339,6 +369,15 @@ def pack_model(model: nn.Module) -> nn.Module:
         if isinstance(child, nn.Linear):
             swap_module(model, name, PackedLinear.from_linear(child, splits))
     return model
+
+
+def attach_int4pack(model: nn.Module) -> list[str]:
+    """With TINYGEMM_ENV on, give every int4 decoder projection on CUDA tinygemm's copy of its weights
+    (idempotent); the names of those that have one."""
+    if not env_switch(TINYGEMM_ENV):
+        return []
+    layers = {name: m for name, m in packed_projections(model).items() if m.fmt == "int4" and m.weight.is_cuda}
+    return [name for name, m in layers.items() if m.int4pack_weight is not None or m.attach_int4pack()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from linear import projection_splits, swap_module
 from model import Transformer
+from teal_kernels.tinygemm import int4pack_mm, pack_codes
 
 # --baselines value -> (kind, int4 group size; 0 for int8)
 BASELINES: dict[str, tuple[str, int]] = {
@@ -50,7 +51,6 @@ KERNELS: dict[str, str] = {
 # gpt-fast's generate.py Inductor settings that change the generated code; bench_decode compiles
 # the baselines (only) under them: torch._inductor.config.patch(**GPT_FAST_INDUCTOR)
 GPT_FAST_INDUCTOR: dict[str, bool] = {"coordinate_descent_tuning": True}
-_INNER_K_TILES = (8, 4, 2)  # tinygemm's choices; gpt-fast uses 8 (it pads K, we take the largest that fits)
 
 
 def quantize_int8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,21 +104,13 @@ class TorchInt4Linear(nn.Module):
         w = linear.weight.detach()
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
         q, scales_and_zeros = quantize_int4_groupwise(w, group_size)
-        if w.is_cuda:
-            tiles = next((t for t in _INNER_K_TILES if self.in_features % (16 * t) == 0), None)
-            if tiles is None:
-                raise ValueError(f"tinygemm needs K divisible by 32; got K={self.in_features}")
-            # torch >= 2.5 (2.11 and 2.13 alike): uint8 [N, K / 2], column 2j in the high nibble
-            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
-            self.mm = torch.ops.aten._weight_int4pack_mm
-        else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # the CPU op has no tiles
-            self.mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-        self.register_buffer("weight", packed)
+        if self.in_features % 32:
+            raise ValueError(f"tinygemm needs K divisible by 32; got K={self.in_features}")
+        self.register_buffer("weight", pack_codes(q))
         self.register_buffer("scales_and_zeros", scales_and_zeros)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.mm(x.reshape(-1, self.in_features), self.weight, self.group_size, self.scales_and_zeros)
+        out = int4pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales_and_zeros, self.group_size)
         return out.view(*x.shape[:-1], self.out_features)
 
 

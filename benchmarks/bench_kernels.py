@@ -137,6 +137,8 @@ def speed_table_entries(results: list[dict], meta: dict) -> dict[str, dict]:
         entry["sparse_us"][f"{r['sparsity']:g}"] = round(r["sparse_us"], 2)
         if r["format"] in ("bf16", "fp16"):
             entry["dense_us"] = round(r["matmul_us"], 2)  # PackedLinear's dense path: x @ W^T
+        if r.get("tinygemm_us") is not None:  # an int4 layer's dense path with a tinygemm copy
+            entry["tinygemm_us"] = round(r["tinygemm_us"], 2)
     for entry in entries.values():  # int8/int4 have no other path than the kernel at 0%
         entry.setdefault("dense_us", entry["sparse_us"].get("0"))
     return {k: v for k, v in entries.items() if v["dense_us"] is not None}

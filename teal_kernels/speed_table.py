@@ -3,7 +3,8 @@ PackedLinear uses so that TEAL never makes a projection slower than dense.
 
 teal_kernels/speed_table.json is written by `benchmarks/bench_kernels.py --table` from runs on a GPU:
 key "GPU|format|M<m>|K<k>|N<n>" -> {"dense_us": the dense path (cuBLAS x @ W^T for bf16/fp16; the
-kernel at 0% for int8/int4, which have no other path), "sparse_us": {"<sparsity>": µs, ...},
+kernel at 0% for int8/int4), "sparse_us": {"<sparsity>": µs, ...}, for int4 "tinygemm_us": torch's
+tinygemm on the shape (the dense path of a layer with a tinygemm copy, linear.TINYGEMM_ENV), and
 "source": the command and date of the run}. Shapes nobody measured have no entry: there a size
 model decides (estimated_sparse_beats_dense), and the caller reports them as estimated.
 """
@@ -27,25 +28,26 @@ def speed_table() -> dict:
 
 
 def sparse_beats_dense(device_name: str, weight_format: str, m: int, k: int, n: int,
-                       sparsity: float) -> bool | None:
+                       sparsity: float, dense: str = "dense_us") -> bool | None:
     """Whether the kernel at `sparsity` (linear between measured levels) is faster than the dense
-    path for this shape and batch size; None if they were not measured. fp16 uses bf16's
+    path (`dense`: the entry's field that times it) for this shape and batch size; None if they
+    were not measured. fp16 uses bf16's
     entries. A batch never borrows the batch-1 entry: it reads the union of its rows' kept rows
     (Llama-3-8B bf16 at 50%, batch 4 / 8: the kernel 0.91x / 0.85x of dense, where batch 1 gains
     1.39x; benchmarks/results/context_batch/)."""
     table = speed_table()
     fmt = "bf16" if weight_format == "fp16" else weight_format
     entry = table.get(table_key(device_name, fmt, m, k, n))
-    if entry is None:
+    if entry is None or entry.get(dense) is None:
         return None
     levels = sorted((float(s), us) for s, us in entry["sparse_us"].items())
     if len(levels) == 1:
-        return levels[0][1] < entry["dense_us"]
+        return levels[0][1] < entry[dense]
     xs = [s for s, _ in levels]
     i = min(max(bisect.bisect_left(xs, sparsity), 1), len(xs) - 1)
     (s0, t0), (s1, t1) = levels[i - 1], levels[i]
     a = min(max((sparsity - s0) / (s1 - s0), 0.0), 1.0)  # clamp outside the measured range
-    return t0 + a * (t1 - t0) < entry["dense_us"]
+    return t0 + a * (t1 - t0) < entry[dense]
 
 
 # The size model for shapes nobody measured, fitted (least squares) to the H200's bf16 rows of

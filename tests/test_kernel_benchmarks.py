@@ -195,6 +195,10 @@ def test_speed_table_takes_plain_rows_only():
     entries = bench_kernels.speed_table_entries([row, {**row, "fusion": "gated", "sparse_us": 99.0}], meta)
     (entry,) = entries.values()
     assert entry["sparse_us"] == {"0.5": 24.0} and entry["dense_us"] == 31.0
+    int4 = dict(row, format="int4-g128", sparsity=0.0, sparse_us=23.9, tinygemm_us=18.6)
+    (entry,) = bench_kernels.speed_table_entries([int4, {**int4, "sparsity": 0.5, "sparse_us": 21.5}], meta).values()
+    assert entry == {"sparse_us": {"0": 23.9, "0.5": 21.5}, "dense_us": 23.9, "tinygemm_us": 18.6,
+                     "source": "bench (2026-12-02)"}
 
 
 def test_persistent_lab_streams_the_kept_rows():
