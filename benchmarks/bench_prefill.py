@@ -9,7 +9,9 @@ Times one call each (CUDA graphs over rotating weight copies, median; the float3
 triton.testing.do_bench, L2 flushed): `x @ w` in bf16; for int4-g<group> and int8, the dequantization
 alone, dequantize + `x @ w` (what PackedLinear runs on CUDA past the kernel's rows), the float32 path
 (teal_kernels.reference.masked_product: a float32 copy of W, a float32 GEMM), and up to MAX_DOT_ROWS
-tokens the kernel (sparse_gemv_triton at threshold 0, its tuned or heuristic config);
+tokens the kernel (sparse_gemv_triton at threshold 0, its tuned or heuristic config), and for int4
+torch's tinygemm over a copy in its layout (teal_kernels/tinygemm.py: at which prompt lengths does it
+beat dequantize + GEMM?);
 each checked against the float32 path first. With `--model`, also a whole (eager) prefill of a
 random-weight model of that shape at each prompt length: bf16, int4-g<group> and int8 as PackedLinear
 routes them, int4-g<group> dequantized at every length, and the host's time to enqueue each. Writes
@@ -34,6 +36,7 @@ from model import ModelArgs
 from teal_kernels import ops
 from teal_kernels.dequantize import dequantize_triton
 from teal_kernels.reference import MAX_BATCH, MAX_DOT_ROWS, masked_product
+from teal_kernels.tinygemm import int4pack, int4pack_mm
 from teal_kernels.triton_gemv import sparse_gemv_triton
 
 
@@ -60,8 +63,12 @@ def bench_shape(k: int, n: int, m: int, formats: list[str]) -> dict:
         float32 = lambda: masked_product(x, w, none, [n], scales, zeros, group)  # noqa: E731
         dequantized = lambda i: dequantize_triton(*copies[i], torch.bfloat16)  # noqa: E731
         kernel = lambda i: sparse_gemv_triton(x, copies[i][0], none, [n], *copies[i][1:])  # noqa: E731
+        # int4: torch's tinygemm over a copy in its own layout (teal_kernels/tinygemm.py), bf16 scales
+        packs = [int4pack(*c) for c in copies] if fmt.startswith("int4") else []
+        tinygemm = lambda i: int4pack_mm(x, *packs[i], group)  # noqa: E731
         want = float32().float()
-        checks = [("dequantize + GEMM", x @ dequantized(0))] + ([("kernel", kernel(0))] if m <= MAX_DOT_ROWS else [])
+        checks = ([("dequantize + GEMM", x @ dequantized(0))] + ([("kernel", kernel(0))] if m <= MAX_DOT_ROWS else [])
+                  + ([("tinygemm", tinygemm(0))] if packs else []))
         for name, got in checks:
             err = ((got.float() - want).abs().max() / want.abs().max()).item()
             if err > 1e-2:
@@ -74,6 +81,8 @@ def bench_shape(k: int, n: int, m: int, formats: list[str]) -> dict:
                 f"{fmt}_host_us": host_us_per_call(lambda: x @ ops.dequantize(w, scales, zeros, group, x.dtype)),
                 f"{fmt}_op_host_us": host_us_per_call(
                     lambda: x @ torch.ops.teal.dequantize(w, scales, zeros, group, x.dtype))}
+        if packs:
+            row[f"{fmt}_tinygemm_us"] = graph_time_us(tinygemm, len(packs))
         if m <= MAX_DOT_ROWS:
             row |= {f"{fmt}_kernel_us": graph_time_us(kernel, len(copies)),
                     f"{fmt}_kernel_host_us": host_us_per_call(
@@ -81,7 +90,7 @@ def bench_shape(k: int, n: int, m: int, formats: list[str]) -> dict:
                     f"{fmt}_kernel_op_host_us": host_us_per_call(
                         lambda: torch.ops.teal.sparse_gemv(x, w, none, [n], scales, zeros, group, False, None, None,
                                                            0.0))}
-        del copies
+        del copies, packs
     return row
 
 
@@ -166,13 +175,16 @@ def main(argv: list[str] | None = None) -> int:
              f"rows) / the float32 path it replaced / the Triton kernel reading the quantized weights (up to "
              f"{MAX_DOT_ROWS} rows).", "",
              "| model | layer | M | bf16 | " + " | ".join(f"{f} dequantize | {f} | {f} / bf16 | {f} float32 | "
-                                                        f"{f} kernel | its / bf16" for f in formats) + " |",
-             "|---|---|---|---|" + "---|---|---|---|---|---|" * len(formats)]
+                                                        f"{f} kernel | its / bf16" for f in formats)
+             + f" | {formats[0]} tinygemm | its / bf16 |",
+             "|---|---|---|---|" + "---|---|---|---|---|---|" * len(formats) + "---|---|"]
     for r in rows:
+        tinygemm = r[formats[0] + "_tinygemm_us"]
         lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['bf16_us']:.1f} | " + " | ".join(
             f"{r[f + '_dequantize_us']:.1f} | {r[f + '_us']:.1f} | {r[f + '_us'] / r['bf16_us']:.2f}x | "
             f"{r[f + '_float32_us']:.1f} | " + (f"{r[f + '_kernel_us']:.1f} | {r[f + '_kernel_us'] / r['bf16_us']:.2f}x"
-                                               if f + "_kernel_us" in r else "- | -") for f in formats) + " |")
+                                               if f + "_kernel_us" in r else "- | -") for f in formats)
+            + f" | {tinygemm:.1f} | {tinygemm / r['bf16_us']:.2f}x |")
     lines += ["", "Host time to enqueue one eager call, µs (100 calls in a row, median of 7): bf16 `x @ w`; per "
               "format dequantize + GEMM and the kernel, each as PackedLinear calls it (teal_kernels.ops, no "
               "custom-op dispatch in eager) / through the custom op:", "",
