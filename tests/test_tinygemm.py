@@ -170,3 +170,38 @@ def test_a_decode_step_with_the_copy_stays_close_to_our_kernel(monkeypatch) -> N
 
     ours, tiny = logits("0"), logits("1")
     assert (tiny - ours).norm() / ours.norm() < 0.02
+
+
+@torch.no_grad()
+def test_a_compiled_fused_decode_step_takes_the_copy() -> None:
+    """The fused decode step of a tiny int4 model with the copies attached (by hand: the switch
+    attaches on CUDA only), compiled in one graph as bench_decode and generate.py compile it: the
+    same logits as eagerly, and different from the model without the copies (the copy ran)."""
+    from decode import install_fused_decode
+
+    def fused_model(copies: bool) -> torch.nn.Module:
+        model = tiny_model(seed=1).to(torch.bfloat16)
+        quantize_model(model, "int4", 32)
+        model = install_fused_decode(model)
+        if copies:
+            assert all(m.attach_int4pack() for m in packed_projections(model).values())
+        model.setup_caches(1, 16)
+        return model
+
+    idx = torch.randint(272, (1, 6), generator=torch.Generator().manual_seed(0))
+    token, pos = idx[:, -1:], torch.tensor([6])
+
+    def step(model: torch.nn.Module) -> torch.Tensor:
+        return model(token, pos)
+
+    outs = []
+    for copies in (True, False):
+        model = fused_model(copies)
+        model(idx, torch.arange(6))
+        eager = step(model)
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(model)
+        assert torch.equal(compiled, eager)
+        outs.append(eager)
+    assert not torch.equal(outs[0], outs[1])
+    assert (outs[0].double() - outs[1].double()).norm() / outs[1].double().norm() < 0.05
