@@ -132,7 +132,9 @@ ATTENTION_O_MAX_CACHE = 384
 # (H200, benchmarks/results/int4_tinygemm/). It needs a second copy of the weights in its own layout
 # (0.5 byte a weight more, scales and zeros in bf16: teal_kernels/tinygemm.py), made by
 # attach_int4pack when the fused decode path is installed. TEAL_INT4_TINYGEMM=1 turns it on; off
-# until measured end to end (our step folds the norms into the GEMVs, tinygemm does not).
+# until measured end to end (our step folds the norms into the GEMVs, tinygemm does not), and until
+# benchmarks/batch_rows.py shows tinygemm's rows rounding alike at 1 and K + 1 rows on the GPU (else
+# self-speculation's verify would not give plain greedy's tokens; on the CPU its twin does).
 TINYGEMM_ENV = "TEAL_INT4_TINYGEMM"
 
 

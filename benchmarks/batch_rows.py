@@ -4,7 +4,8 @@ Greedy self-speculation gives plain greedy's tokens only if the verify step's K 
 the plain step's single row does (issue 13). For each projection shape in bf16 this multiplies
 x [M, K] by W [K, N] at once and each row alone, with the dense path's product (`x @ W`: cuBLAS on
 a GPU, the CPU's BLAS), with nn.Linear's F.linear over W [N, K] (the GPU's lm_head), and with our
-kernel (teal::sparse_gemv, zero thresholds), and reports the share of output elements whose bits
+kernel (teal::sparse_gemv, zero thresholds), and with torch's tinygemm over random int4 weights (an
+int4 model's dense decode calls under TEAL_INT4_TINYGEMM), and reports the share of output elements whose bits
 differ and the largest difference relative to the value (in bf16's epsilon, 2^-7).
 
     python -m benchmarks.batch_rows --out benchmarks/results/batch_rows/llama3_8b
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from files import write_report
 from teal_kernels import sparse_gemv
+from teal_kernels.tinygemm import int4pack, int4pack_fits, int4pack_mm
 
 SHAPES = {  # [K, N] of the decode products
     "Llama-3-8B": {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
@@ -61,6 +63,11 @@ def main() -> None:
         ways = {"x @ W (dense path)": lambda v: v @ w,
                 "F.linear, W [N, K] (nn.Linear)": lambda v: torch.nn.functional.linear(v, w_nk),
                 "teal::sparse_gemv, thresholds 0": lambda v: sparse_gemv(v, w, no_thresholds, [n])}
+        if int4pack_fits(k, n, 128, torch.bfloat16):  # random int4 weights through the tinygemm copy
+            codes = torch.randint(0, 256, (k, n // 2), generator=gen, device=args.device, dtype=torch.uint8)
+            scales = torch.rand(k // 128, n, generator=gen, device=args.device) * 0.02 / k ** 0.5
+            pack = int4pack(codes, scales, torch.zeros_like(scales), 128)
+            ways["tinygemm int4-g128 (TEAL_INT4_TINYGEMM)"] = lambda v: int4pack_mm(v, *pack, 128)
         for way, product in ways.items():
             share, worst = row_by_row_difference(product, x)
             rows.append({"shape": name, "k": k, "n": n, "way": way, "differ": share, "max_eps": worst})

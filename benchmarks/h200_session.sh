@@ -700,6 +700,8 @@ PY
     ;;
   gptfast_head)  # issue 11's comparison made fair, and int4's dense calls through tinygemm: gpt-fast quantizes lm_head too (its handlers walk every nn.Linear), and benchmarks/baselines.py now does (until 2026-12-05 the baselines kept a bf16 head, ~1 GB a token read on 8B): gpt-fast int8 and tinygemm int4-g128 beside our int8 / int4-g128 with the int8 head, dense; then int4-g128 + head with TEAL_INT4_TINYGEMM=1 (dense decode calls through tinygemm's copy); one call
     step 120 python3 -m pytest -q -x tests/test_tinygemm.py tests/test_baselines.py
+    # self-speculation's verify gives plain greedy's tokens only if tinygemm's rows round alike at 1 and 5 rows
+    step 120 python3 -m benchmarks.batch_rows --model Llama-3-8B --out "$out/batch_rows_tinygemm"
     step 400 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head int4-g128+lm_head --baselines torch-int8 torch-int4-g128 --sparsity 0 --decode_path fused --out "$out/decode_gptfast_head"
     step 170 env TEAL_INT4_TINYGEMM=1 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 --decode_path fused --out "$out/decode_int4_tinygemm"
     ;;

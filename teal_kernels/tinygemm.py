@@ -22,7 +22,8 @@ _INNER_K_TILES = (8, 4, 2)  # tinygemm's choices; the largest that divides K win
 
 def int4pack_fits(k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
     """Whether tinygemm takes a [K, N] int4 matrix of this group size for `dtype` activations."""
-    return dtype == torch.bfloat16 and k % 32 == 0 and n % 8 == 0 and group_size in (32, 64, 128, 256)
+    return (dtype == torch.bfloat16 and k % 32 == 0 and n % 8 == 0 and group_size in (32, 64, 128, 256)
+            and k % group_size == 0)
 
 
 def pack_codes(q: Tensor) -> Tensor:
@@ -41,8 +42,8 @@ def int4pack(weight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> 
     [K / g, N, 2]) on the same device."""
     k, n = weight.shape[0], weight.shape[1] * 2
     if not int4pack_fits(k, n, group_size, torch.bfloat16):
-        raise ValueError(f"tinygemm takes K % 32 == 0, N % 8 == 0 and groups of 32-256; got K={k}, N={n}, "
-                         f"group {group_size}")
+        raise ValueError(f"tinygemm takes K % 32 == 0, N % 8 == 0 and groups of 32-256 dividing K; got K={k}, "
+                         f"N={n}, group {group_size}")
     q = torch.stack([weight & 0xF, weight >> 4], dim=-1).reshape(k, n)  # [K, N] codes
     packed = pack_codes(q.t().contiguous().to(torch.int32))
     scales_and_zeros = torch.stack([scales.to(torch.bfloat16), zeros.to(torch.bfloat16)], dim=-1).contiguous()

@@ -73,7 +73,7 @@ def test_the_copy_keeps_every_code_and_column_in_place() -> None:
 def test_shapes_tinygemm_does_not_take_are_refused() -> None:
     assert int4pack_fits(4096, 14336, 128, torch.bfloat16)
     assert not int4pack_fits(4096, 14336, 128, torch.float16)  # bf16 activations only
-    assert not int4pack_fits(48, 64, 16, torch.bfloat16)
+    assert not int4pack_fits(48, 64, 16, torch.bfloat16) and not int4pack_fits(576, 64, 128, torch.bfloat16)
     with pytest.raises(ValueError, match="K % 32 == 0"):
         int4pack(*_int4(48, 64, 16), 16)
     with pytest.raises(ValueError, match="N % 8 == 0"):
