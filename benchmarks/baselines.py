@@ -17,7 +17,8 @@ here is used outside benchmarks and tests.
 - int4: min/max per group of `group_size` inputs of one output channel, W = (q - 8) * scale + zero
   with q in [0, 15]; scales and zeros bf16 in tinygemm's [K / g, N, 2] layout. CUDA: torch's tinygemm
   (`_convert_weight_to_int4pack` + `_weight_int4pack_mm`, bf16 only); the CPU: torch's
-  `_for_cpu` twins of both ops, so that the module is testable without a GPU.
+  `_for_cpu` twins of both ops, so that the module is testable without a GPU. torchao's int4
+  weight-only default (its tensor-core-tiled layout) packs for the same aten kernel.
 
 Every nn.Linear of the model is replaced, lm_head included, as gpt-fast's quantize.py does (its
 handlers walk all nn.Linear modules; its model.py reads the output layer's scales). A tied lm_head
