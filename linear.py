@@ -211,7 +211,8 @@ class PackedLinear(nn.Module):
 
     def attach_int4pack(self) -> bool:
         """Give an int4 layer tinygemm's copy of its weights, which its dense decode calls then run
-        through (TINYGEMM_ENV); False where tinygemm does not take the shape (it stays on our kernel)."""
+        through (TINYGEMM_ENV); False where tinygemm does not take the shape (it stays on our kernel).
+        A copy of the weights as they are now: load them first (the fused path's install does)."""
         if self.fmt != "int4" or not int4pack_fits(self.in_features, self.out_features, self.group_size,
                                                    torch.bfloat16):
             return False
