@@ -197,8 +197,10 @@ def run_case(case: dict, device: str) -> dict:
     fused = gated or norm_on or attention  # the kernel rounds its own input
     # On the GPU that rounding is to nearest, so a 2% gap holds the kernel's input on the reference's
     # side of the threshold. Triton's interpreter truncates fp32 -> bf16 instead (toward zero), and
-    # the norm rounds twice: its input can sit two ulps (up to 1.6%) low, so the gap is 4% there.
-    gap = 1.04 if device == "cpu" else 1.02
+    # the norm rounds twice: its input can sit two ulps (up to 1.6%) low, so the gap is 4% there; the
+    # attention truncates q, k, the probabilities and its output, which put an output four ulps (2.3%)
+    # off (seed 51451), so 8%.
+    gap = (1.08 if attention else 1.04) if device == "cpu" else 1.02
     thresholds = torch.tensor([_threshold(x_in, lvl, fused, gap) for lvl in case["levels"]],
                               dtype=torch.float32, device=device)
     switches = {LEAN_LOOP_ENV: case["lean_loop"], XSUM_DOT_ENV: case["xsum_dot"]}  # read at each launch
