@@ -680,6 +680,7 @@ PY
     ;;
   switches)  # issue 11's int8 + 50% >= 420: the three unmeasured switches alone and together, int8 + head, one call (run attention_o first: its GPU tests)
     step 150 python3 -m pytest -q -x tests/test_kernels.py -k "lean_loop or rmsnorm_prologue"
+    step 180 python3 -m pytest -q -x tests/test_attention_o.py -k "float64 or rejects or gpu"  # attention_o's GPU tests, if that phase has not run
     for v in none TEAL_LEAN_LOOP TEAL_NORM_ONE_LOAD TEAL_ATTENTION_O all none_b; do
       case $v in
         none|none_b) env=() ;;
