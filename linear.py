@@ -122,8 +122,10 @@ def sparse_kernel_takes_norm(fmt: str, n_rows: int, override: bool | None = None
 # whole prefix one K/V tile after another, so it pays at short contexts only. H200, Llama-3-8B o in
 # bf16, its lab kernel against the attention op + our o (results/small_programs/ section 3): 16.7 vs
 # 21.2 us at 128 positions, 19.5 vs 21.7 at 256, 25.3 vs 21.8 at 512 (benchmarks/bench_attention_o.py
-# times the op itself). TEAL_ATTENTION_O=1 (read when a PackedLinear is built) turns it on; off until
-# measured end to end.
+# times the op itself). End to end (H200, 2026-12-05, int8 + int8 head, results/switches_2026_12_05/):
+# off / on / off / on in one call, 287.9 / 291.2 / 288.5 / 291.4 tok/s dense, 387.5 / 393.5 / 387.6 /
+# 393.3 at 50% (+1.1% / +1.5%). On by default; TEAL_ATTENTION_O=0 (read when a PackedLinear is built)
+# turns it off.
 ATTENTION_O_ENV = "TEAL_ATTENTION_O"
 ATTENTION_O_MAX_CACHE = 384
 
@@ -131,10 +133,11 @@ ATTENTION_O_MAX_CACHE = 384
 # matrix it was 11-44% faster than our kernel at 0% and faster than it at 50% on all but gate|up
 # (H200, benchmarks/results/int4_tinygemm/). It needs a second copy of the weights in its own layout
 # (0.5 byte a weight more, scales and zeros in bf16: teal_kernels/tinygemm.py), made by
-# attach_int4pack when the fused decode path is installed. TEAL_INT4_TINYGEMM=1 turns it on; off
-# until measured end to end (our step folds the norms into the GEMVs, tinygemm does not), and until
-# benchmarks/batch_rows.py shows tinygemm's rows rounding alike at 1 and K + 1 rows on the GPU (else
-# self-speculation's verify would not give plain greedy's tokens; on the CPU its twin does).
+# attach_int4pack when the fused decode path is installed. End to end (H200, 2026-12-05, Llama-3-8B
+# int4-g128 + int8 head, dense, results/switches_2026_12_05/): 319.9 -> 352.2 tok/s (tinygemm-only
+# gpt-fast style with its own int4 head: 333.7); its rows round alike at 1 and 5 rows on every 8B
+# shape (benchmarks/batch_rows.py), so self-speculation's verify still gives plain greedy's tokens.
+# On by default; TEAL_INT4_TINYGEMM=0 turns it off (no copy: 0.5 byte a weight less).
 TINYGEMM_ENV = "TEAL_INT4_TINYGEMM"
 
 
@@ -189,7 +192,7 @@ class PackedLinear(nn.Module):
         self.sparse = False
         self.sparse_prefill = False
         self.preload_allowed = env_switch(PRELOAD_ENV, default="1")  # a bad value fails here, not mid-decode
-        self.attention_allowed = env_switch(ATTENTION_O_ENV)
+        self.attention_allowed = env_switch(ATTENTION_O_ENV, default="1")
         # rows up to which a dense quantized call on CUDA runs the kernel (QUANTIZED_KERNEL_ROWS where the
         # shape takes the dot design, else the decode batches only)
         self.quantized_kernel_rows = (QUANTIZED_KERNEL_ROWS if fmt != "fp" and dot_design_fits(
@@ -375,9 +378,9 @@ def pack_model(model: nn.Module) -> nn.Module:
 
 
 def attach_int4pack(model: nn.Module) -> list[str]:
-    """With TINYGEMM_ENV on, give every int4 decoder projection on CUDA tinygemm's copy of its weights
+    """Unless TINYGEMM_ENV is 0, give every int4 decoder projection on CUDA tinygemm's copy of its weights
     (idempotent); the names of those that have one."""
-    if not env_switch(TINYGEMM_ENV):
+    if not env_switch(TINYGEMM_ENV, default="1"):
         return []
     layers = {name: m for name, m in packed_projections(model).items() if m.fmt == "int4" and m.weight.is_cuda}
     return [name for name, m in layers.items() if m.int4pack_weight is not None or m.attach_int4pack()]

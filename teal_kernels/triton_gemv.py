@@ -983,7 +983,6 @@ def _dot_gemv_kernel(
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr,
     INTERPRET: tl.constexpr, PDL: tl.constexpr,
     NORM_BLOCK: tl.constexpr = 1024, NORM_ONE_LOAD: tl.constexpr = False,  # _rms_scale's loads
-    XSUM_DOT: tl.constexpr = False,  # int4: each tile's sum of x by tl.dot (see XSUM_DOT_ENV)
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -1025,10 +1024,7 @@ def _dot_gemv_kernel(
         if FORMAT == 2:  # w_ptr: int32 words, W_ROW words per row; dropped rows read as 0 (q - 8 = -8, x 0)
             words = _dot_w_tile(w_ptr, rows, keep, pid_n * NW, W_ROW, SUB_K, NW)
             p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
-            if XSUM_DOT:  # x . 1 on the tensor cores: every plane's column gets the tile's sum of x
-                x_sum = _dot(xt, tl.full([SUB_K, NW], 1.0, DTYPE), DTYPE, INTERPRET)
-            else:  # a cross-warp reduction: shuffles, then shared memory between barriers
-                x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M, DOT_M)[:, None]
+            x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M, DOT_M)[:, None]
             group = (k0 + t * SUB_K) // GROUP_SIZE
             if not EVEN_K:  # a tile past K (all x zero) takes the last group's finite scale and zero
                 group = tl.minimum(group, K // GROUP_SIZE - 1)
@@ -1100,15 +1096,6 @@ ONE_LOAD_FLOATS = 4096
 # triton 3.6 (the H200's) 347 -> 328 (gate|up), 358 -> 336 (down), 341 -> 302 (o); triton 3.9
 # 305 -> 279, 309 -> 285, 307 -> 283. Unmeasured on a GPU: off until one says.
 LEAN_LOOP_ENV = "TEAL_LEAN_LOOP"
-# The int4 dot tile needs each tile's sum of x (the zero points' term z * sum(x)). As a reduction
-# it runs shuffles and a shared-memory exchange between barriers in every tile, ahead of the tile's
-# x being staged for tl.dot: 3 of the loop's 7 barriers and its 7 shuffles (sm_90 SASS, triton 3.6,
-# gate|up's stored tile). TEAL_XSUM_DOT=1 takes it from the tensor cores instead, as x times a
-# plane of ones (8 more HMMA a warp a tile): the loop then has 4 barriers and no shuffle, 839 -> 810
-# instructions a tile (gate|up), 848 -> 835 (down), 826 -> 801 (q|k|v), 808 -> 793 (o). The int4
-# tile is latency-bound (results/int4_stalls/: barrier and short-scoreboard stalls ~18% of its cycles), so
-# this shortens each tile's chain. Unmeasured on a GPU: off until one says.
-XSUM_DOT_ENV = "TEAL_XSUM_DOT"
 
 
 def launch_options(device: torch.device, pipelined: bool = False) -> dict:
@@ -1226,7 +1213,6 @@ def sparse_gemv_triton(
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=next_power_of_2(m), DOT_M=dot_tile_rows(m),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SUB_K=cfg.sub_k, **_fusions(gated, residual, norm_weight, m, k), EVEN_K=k % cfg.block_k == 0,
-        XSUM_DOT=env_switch(XSUM_DOT_ENV) and fmt == FMT_INT4,
         INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         **_registers(cfg),
     )

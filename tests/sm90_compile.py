@@ -144,10 +144,6 @@ def gemv_variants():
                dict(FORMAT=2, GROUP_SIZE=128, COL_ALIGN=32, BLOCK_M=1, BLOCK_N=256, BLOCK_K=2048, SUB_K=sub_k,
                     WINDOW=128, COMPACT=True, PREFETCH=False, PIPELINE=4, LANE_SUM=False, LANE_GROUPS=16, RED_K=8,
                     GATED=False, RESIDUAL=False, NORM=True, WHOLE_ROW=False, INTERPRET=False, PDL=False), 4, 1)
-    # the int4 tile of gate|up's stored config with each tile's sum of x from tl.dot (TEAL_XSUM_DOT=1)
-    yield (sg._dot_gemv_kernel, {"w_ptr": "*i32"},
-           dict(FORMAT=2, GROUP_SIZE=128, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=2048, SUB_K=128, GATED=False,
-                RESIDUAL=False, NORM=True, EVEN_K=True, INTERPRET=False, PDL=True, XSUM_DOT=True), 4, 6)
     # the int4 tile under a register cap (KernelConfig.max_registers; at 96 it spills 288 B a thread)
     yield (sg._dot_gemv_kernel, {"w_ptr": "*i32"},
            dict(FORMAT=2, GROUP_SIZE=128, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=512, SUB_K=128, GATED=False,

@@ -296,36 +296,6 @@ def test_dot_design_matches_float64_reference(case):
     assert not sg.arrival_counters(torch.device(DEVICE)).any()  # every call leaves them at zero
 
 
-@pytest.mark.parametrize("case", [c for c in DOT_CASES if c[0] == "int4"], ids=case_id)
-def test_int4_dot_tile_sums_x_on_the_tensor_cores(case, monkeypatch):
-    """TEAL_XSUM_DOT=1: the int4 tile's sum of x (the zero points' term) as x times a plane of ones
-    through tl.dot, against float64, at one row and the prefill tiles' 13 and 33; the launch passes
-    the switch to int4 only, and a bad value is an error."""
-    fmt, dtype, m, k, splits, group, cfg = case
-    seen = []
-    kernel = sg._dot_gemv_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs["XSUM_DOT"])
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(sg, "_dot_gemv_kernel", Recorder())
-    args = make_problem(fmt, dtype, m, k, splits, group, quantiles=[0.4] * len(splits))
-    monkeypatch.setenv(sg.XSUM_DOT_ENV, "1")
-    for stages in (1, 3):
-        out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "design": "dot", "num_stages": stages}))
-        assert_close_to_ref(out, *args)
-    int8 = make_problem("int8", dtype, 1, 64, [32])
-    sparse_gemv_triton(*int8, config=KernelConfig(block_n=32, block_k=64, sub_k=16, design="dot"))
-    assert seen == [True, True, False]
-    monkeypatch.setenv(sg.XSUM_DOT_ENV, "on")
-    with pytest.raises(ValueError, match=sg.XSUM_DOT_ENV):
-        sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "design": "dot"}))
-
-
 @pytest.mark.parametrize("design", ["rows", "dot"])
 def test_register_cap_reaches_the_launch(design, monkeypatch):
     """KernelConfig.max_registers is Triton's maxnreg launch option (0: none); out of range: an error."""

@@ -117,15 +117,15 @@ def test_shapes_without_the_copy_stay_on_our_kernel() -> None:
     assert not PackedLinear(64, 32, [32], dtype=torch.bfloat16).attach_int4pack()  # float weights: none
 
 
-def test_the_switch_attaches_on_cuda_only(monkeypatch) -> None:
+def test_the_switch_attaches_on_cuda_only_and_by_default(monkeypatch) -> None:
     model = tiny_model(seed=1).to(torch.bfloat16)
     quantize_model(model, "int4", 32)
     pack_model(model)
-    monkeypatch.delenv(TINYGEMM_ENV, raising=False)
-    assert attach_int4pack(model) == []
-    monkeypatch.setenv(TINYGEMM_ENV, "1")
+    monkeypatch.setenv(TINYGEMM_ENV, "0")
+    assert attach_int4pack(model.to(DEVICE)) == []
+    monkeypatch.delenv(TINYGEMM_ENV, raising=False)  # on by default
     expected = list(packed_projections(model)) if DEVICE == "cuda" else []
-    assert attach_int4pack(model.to(DEVICE)) == expected
+    assert attach_int4pack(model) == expected
     monkeypatch.setenv(TINYGEMM_ENV, "yes")
     with pytest.raises(ValueError, match="must be 0 or 1"):
         attach_int4pack(model)
@@ -205,3 +205,15 @@ def test_a_compiled_fused_decode_step_takes_the_copy() -> None:
         outs.append(eager)
     assert not torch.equal(outs[0], outs[1])
     assert (outs[0].double() - outs[1].double()).norm() / outs[1].double().norm() < 0.05
+
+
+def test_the_copy_is_not_counted_as_bytes_read() -> None:
+    """generate.weight_bytes_per_token (the GB/s columns): a layer reads either its weights or the
+    copy, so attaching the copies leaves the count as it was."""
+    from generate import weight_bytes_per_token
+    model = tiny_model(seed=1).to(torch.bfloat16)
+    quantize_model(model, "int4", 32)
+    pack_model(model)
+    before = weight_bytes_per_token(model)
+    assert all(m.attach_int4pack() for m in packed_projections(model).values())
+    assert weight_bytes_per_token(model) == before
