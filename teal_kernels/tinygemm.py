@@ -4,7 +4,7 @@ Why: per matrix on the H200 tinygemm reads int4 faster than our GEMV does withou
 (Llama-3-8B layer 68.2 µs against our 86.5 dense and 78.6 at 50%, q|k|v 9.6 / 13.3, o 6.9 / 12.3,
 gate|up 33.1 / 37.0, down 18.6 / 23.9: benchmarks/results/int4_tinygemm/). It cannot skip rows, so
 it is a dense path only: PackedLinear keeps its own [K, N / 2] layout for TEAL's sparse calls and, on
-request, a tinygemm copy of the same weights for its dense decode calls (linear.py, TINYGEMM_ENV).
+CUDA by default, a tinygemm copy of the same weights for its dense decode calls (linear.py, TINYGEMM_ENV).
 
 The copy is exact in the codes and rounds the scales and zeros to bf16 (tinygemm's format): each
 dequantized weight (q - 8) * s + z then differs from the float32 reference by those two roundings
