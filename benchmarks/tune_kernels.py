@@ -127,6 +127,13 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
         for bn, bk, sk, nw in itertools.product((128, 256, 512), (512, 1024, 2048, 4096), (32, 64), (4, 8)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=4, compact=True,
                                   design="rows"))
+    if m == 1 and kinds and "gather" in kinds:
+        # opt-in, unmeasured: the "gather" design (a block's kept rows listed once and read sub_k a tl.dot
+        # tile; int4 groups as the tile's rows, up to 16 a block), so a tile's work follows the kept rows
+        gather_ns = (128, 256, 512) if kind == "int4" else (256, 512)
+        gather_ks = (32, 64, 128) if kind == "int4" else (32, 64)
+        for bn, bk, sk, st in itertools.product(gather_ns, (512, 1024, 2048), gather_ks, (3, 4, 6)):
+            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, design="gather"))
     if min_block_k:
         for bn, bk, st, sk in itertools.product(block_ns[:2], (2048, 4096), (4, 6), sub_ks):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, design="dot"))
@@ -166,7 +173,7 @@ def is_correct(cfg: KernelConfig, p: Problem, ref: torch.Tensor) -> bool:
 
 
 # every value config_kind returns (--kinds takes these)
-KINDS = ["dot", "rows", "rows-lane_sum", "rows-compact", "rows-compact-lane_sum", "rows-compact-prefetch",
+KINDS = ["dot", "gather", "rows", "rows-lane_sum", "rows-compact", "rows-compact-lane_sum", "rows-compact-prefetch",
          "rows-compact-prefetch-lane_sum", "rows-compact-pipelined", "rows-compact-pipelined-lane_sum"]
 
 

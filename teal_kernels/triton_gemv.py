@@ -49,8 +49,9 @@ TUNED_CONFIGS_PATH = Path(__file__).with_name("tuned_configs.json")
 class KernelConfig:
     """Tile sizes of one launch, and which of the two kernel designs runs.
 
-    design: "dot" (masked tiles through tl.dot, pipelined num_stages deep) or "rows" (FMA lanes,
-    one row chunk at a time).  block_n: output columns per program.  block_k: input rows per
+    design: "dot" (masked tiles through tl.dot, pipelined num_stages deep), "gather" (one row: the
+    dot design over each K block's kept rows, listed once; a batch runs "dot") or "rows" (FMA
+    lanes, one row chunk at a time).  block_n: output columns per program.  block_k: input rows per
     program (split-K).  sub_k: rows per inner step (skip granularity, or gathered rows per step
     if compact).  compact ("rows" only): gather the kept rows of the K-block (True) or walk fixed
     row chunks with a skip branch and masked loads (False).  num_stages: "dot", Triton's pipeline
@@ -223,17 +224,17 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
     the "rows" design."""
     for name in ("block_n", "block_k", "sub_k"):
         v = getattr(cfg, name)
-        if name == "block_k" and cfg.design == "dot" and v > 0 and v % cfg.sub_k == 0:
+        if name == "block_k" and cfg.design in ("dot", "gather") and v > 0 and v % cfg.sub_k == 0:
             continue  # the dot design fits block_k to a divisor of K's tiles: a fitted config refits unchanged
         if v < 1 or v & (v - 1):
             raise ValueError(f"KernelConfig.{name} must be a power of two, got {v}.")
-    if cfg.design not in ("dot", "rows"):
-        raise ValueError(f"KernelConfig.design must be 'dot' or 'rows', got {cfg.design!r}.")
+    if cfg.design not in ("dot", "gather", "rows"):
+        raise ValueError(f"KernelConfig.design must be 'dot', 'gather' or 'rows', got {cfg.design!r}.")
     if cfg.max_registers and not 32 <= cfg.max_registers <= 255:
         raise ValueError(f"KernelConfig.max_registers must be 0 (no cap) or 32..255, got {cfg.max_registers}.")
-    if cfg.design == "dot":
+    if cfg.design in ("dot", "gather"):
         if cfg.block_n < 16 or cfg.sub_k < 16:
-            raise ValueError(f"the dot design needs block_n and sub_k >= 16 (a tl.dot tile), got {cfg}.")
+            raise ValueError(f"the {cfg.design} design needs block_n and sub_k >= 16 (a tl.dot tile), got {cfg}.")
         col_pow2 = min(s & -s for s in split_sizes)  # largest power of two dividing every segment
         sub_k = min(cfg.sub_k, group_size) if fmt == FMT_INT4 else cfg.sub_k
         while sub_k > 16 and k % sub_k:
@@ -241,12 +242,16 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
         block_n = min(cfg.block_n, col_pow2)
         min_n = 128 if fmt == FMT_INT4 else 16
         if dot_design_fits(fmt == FMT_INT4, k, split_sizes) and block_n >= min_n and (words_aligned or fmt != FMT_INT4):
-            # block_k: the largest multiple of sub_k dividing K within the asked one if that keeps at
-            # least half of it; else the asked one with the last block cut at K (the kernel's EVEN_K)
-            # where the cut-off tiles are at most an eighth of K's (Llama-2-7B's down: 1024 rows
-            # instead of 256)
-            n_tiles = k // sub_k
-            tiles = min(max(1, cfg.block_k // sub_k), n_tiles)
+            # "gather" takes one row; its int4 blocks are whole groups, at most one a row of the tile
+            gather = cfg.design == "gather" and m == 1
+            by_groups = gather and fmt == FMT_INT4
+            unit = group_size if by_groups else sub_k
+            # block_k: the largest multiple of the unit (a tile, or gather's int4 group) dividing K within
+            # the asked one if that keeps at least half of it; else the asked one with the last block
+            # cut at K (the kernel's EVEN_K) where the cut-off units are at most an eighth of K's
+            # (Llama-2-7B's down: 1024 rows instead of 256)
+            n_tiles = k // unit
+            tiles = min(max(1, cfg.block_k // unit), n_tiles, dot_tile_rows(m) if by_groups else n_tiles)
             divisor = tiles
             while n_tiles % divisor:
                 divisor -= 1
@@ -255,7 +260,8 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
                 tiles = divisor
             # warps split the tile's rows in 16s
             warps = min(cfg.num_warps, block_n // 64 * dot_tile_rows(m) // 16) if fmt == FMT_INT4 else cfg.num_warps
-            return dataclasses.replace(cfg, block_n=block_n, sub_k=sub_k, block_k=tiles * sub_k, num_warps=warps)
+            return dataclasses.replace(cfg, block_n=block_n, sub_k=sub_k, block_k=tiles * unit, num_warps=warps,
+                                       design="gather" if gather else "dot")
         name = {FMT_INT4: f"int4-g{group_size}", FMT_INT8: "int8"}.get(fmt, "bf16")
         cfg = _rows_heuristic(name, m, k, sum(split_sizes))
     if cfg.block_n < 16:
@@ -883,6 +889,16 @@ def _sparse_gemv_kernel(
 # and thread, SASS of triton 3.6, sm_90); words load whole and _int4_planes converts a pair of
 # rows' words straight into the operand's registers.
 #
+# "gather" (one row, GATHER): the masked tiles above cost the same work at any sparsity, since a
+# dropped row is only a predicated-off load; int4's tile is bound by its conversions and barriers,
+# not by bytes (H200, gate|up: 36.2 us at 0%, 33.0 at 65%, results/tinygemm_table_2026_12_05/).
+# Here the program first lists its block's kept rows and their x in a scratch (a prefix sum, as
+# the rows design's compaction), then reads them SUB_K at a time, so the tiles follow the kept
+# rows. A tile now spans int4 groups; at one row the tl.dot's other 15 rows are free, so row g of
+# the x tile holds the x of the block's g-th group (zero elsewhere) and accumulator row g sums
+# group g alone: blocks of at most 16 groups, and each group's scale and zero are applied once a
+# block (_group_scaled) instead of once a tile.
+#
 # Reduction over K blocks, one launch, no memset, as in the "rows" design: each program stores
 # its fp32 partial and the last program of the column block (arrival ticket) sums them in a fixed
 # order, applies the int8 column scale and the residual and writes the output.  fp32 atomics into
@@ -945,6 +961,16 @@ def _plane_steps(a0, a1, a2, a3, a4, a5, a6, a7, xt, p0, p1, p2, p3, p4, p5, p6,
 
 
 @triton.jit
+def _group_scaled(acc, x_sums, scale_ptr, zero_ptr, offs, ok):
+    """The "gather" design's plane accumulator [DOT_M, C], row g holding group g's x . (q - 8), ->
+    the one output row sum_g s_g * row g + z_g * sum(x in g), repeated over DOT_M rows."""
+    s = tl.load(scale_ptr + offs, mask=ok, other=0.0)
+    z = tl.load(zero_ptr + offs, mask=ok, other=0.0)
+    row = tl.sum(acc * s + x_sums[:, None] * z, axis=0)
+    return tl.broadcast_to(row[None, :], acc.shape)
+
+
+@triton.jit
 def _interleave8(p0, p1, p2, p3, p4, p5, p6, p7):
     """Eight [R, C] tiles -> [R, 8 * C] with column 8c + i from tile i."""
     t = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
@@ -975,13 +1001,14 @@ def _dot(xt, wt, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def _dot_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr, nw_ptr,
-    out_ptr, part_ptr, counter_ptr,
+    out_ptr, part_ptr, counter_ptr, idx_ptr, xs_ptr,
     M, K, N, W_ROW, eps,
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr,
     INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    GATHER: tl.constexpr = False, GROUPS: tl.constexpr = 1,  # the "gather" design (one row): see above
     NORM_BLOCK: tl.constexpr = 1024, NORM_ONE_LOAD: tl.constexpr = False,  # _rms_scale's loads
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -1016,27 +1043,77 @@ def _dot_gemv_kernel(
         a6 = tl.zeros([DOT_M, NW], dtype=tl.float32)
         a7 = tl.zeros([DOT_M, NW], dtype=tl.float32)
         plane_cols = col0 + 8 * tl.arange(0, NW)
-    for t in tl.range(0, BLOCK_K // SUB_K):
-        rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
-        x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM, EVEN_K)
-        keep = tl.max(tl.abs(x_batch), axis=0) > 0.0
-        xt = _dot_rows(x_batch, BLOCK_M, DOT_M)
-        if FORMAT == 2:  # w_ptr: int32 words, W_ROW words per row; dropped rows read as 0 (q - 8 = -8, x 0)
-            words = _dot_w_tile(w_ptr, rows, keep, pid_n * NW, W_ROW, SUB_K, NW)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
-            x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M, DOT_M)[:, None]
-            group = (k0 + t * SUB_K) // GROUP_SIZE
-            if not EVEN_K:  # a tile past K (all x zero) takes the last group's finite scale and zero
-                group = tl.minimum(group, K // GROUP_SIZE - 1)
-            offs = group * N + plane_cols
-            a0, a1, a2, a3, a4, a5, a6, a7 = _plane_steps(a0, a1, a2, a3, a4, a5, a6, a7, xt, p0, p1, p2, p3, p4,
-                                                          p5, p6, p7, x_sum, scale_ptr, zero_ptr, offs, DTYPE,
-                                                          INTERPRET)
-        else:
-            wt = _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N)
-            if FORMAT == 1:  # int8 -> fp32 by bit operations, then one packed cvt to x's dtype
-                wt = _int8_to_f32(wt, INTERPRET)
-            acc += _dot(xt, wt, DTYPE, INTERPRET)
+    if GATHER:  # M = 1: the block's kept rows, listed once, then read SUB_K a tile
+        block_rows = k0 + tl.arange(0, BLOCK_K)
+        block_x = tl.reshape(_dot_x_tile(x_ptr, m_offs, m_ok, block_rows, threshold, K, GATED, nw_ptr, row_scale,
+                                         NORM, EVEN_K), [BLOCK_K])
+        kept = (block_x != 0.0).to(tl.int32)
+        dest = tl.cumsum(kept, 0) - kept
+        slots = (pid_n * grid_k + pid_k) * BLOCK_K
+        tl.store(idx_ptr + slots + dest, block_rows, mask=kept > 0)
+        tl.store(xs_ptr + slots + dest, block_x, mask=kept > 0)
+        n_kept = tl.sum(kept, axis=0)
+        tl.debug_barrier()  # every thread's list entries are visible before the tiles read them
+        group_rows = tl.arange(0, DOT_M)
+        x_sums = tl.zeros([DOT_M], dtype=tl.float32)  # int4: each group's sum of x
+        for c in tl.range(0, n_kept, SUB_K):
+            slot = c + tl.arange(0, SUB_K)
+            listed = slot < n_kept
+            rows = tl.load(idx_ptr + slots + slot, mask=listed, other=k0, cache_modifier=".cg")
+            xv = tl.load(xs_ptr + slots + slot, mask=listed, other=0.0, cache_modifier=".cg")
+            # row g of the tile holds the x of the block's g-th group (all of x at GROUPS = 1)
+            xt = tl.where(((rows - k0) // (BLOCK_K // GROUPS))[None, :] == group_rows[:, None], xv[None, :], 0.0)
+            if FORMAT == 2:
+                words = _dot_w_tile(w_ptr, rows, listed, pid_n * NW, W_ROW, SUB_K, NW)
+                p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
+                x_sums += tl.sum(xt, axis=1)
+                a0 += _dot(xt, p0, DTYPE, INTERPRET)
+                a1 += _dot(xt, p1, DTYPE, INTERPRET)
+                a2 += _dot(xt, p2, DTYPE, INTERPRET)
+                a3 += _dot(xt, p3, DTYPE, INTERPRET)
+                a4 += _dot(xt, p4, DTYPE, INTERPRET)
+                a5 += _dot(xt, p5, DTYPE, INTERPRET)
+                a6 += _dot(xt, p6, DTYPE, INTERPRET)
+                a7 += _dot(xt, p7, DTYPE, INTERPRET)
+            else:
+                wt = _dot_w_tile(w_ptr, rows, listed, col0, W_ROW, SUB_K, BLOCK_N)
+                if FORMAT == 1:
+                    wt = _int8_to_f32(wt, INTERPRET)
+                acc += _dot(xt, wt, DTYPE, INTERPRET)
+        if FORMAT == 2:  # each group's scale and zero, once a block: row g of the tile is group g
+            groups = k0 // GROUP_SIZE + group_rows
+            offs = groups[:, None] * N + plane_cols[None, :]
+            g_ok = ((group_rows < GROUPS) & (groups < K // GROUP_SIZE))[:, None]
+            a0 = _group_scaled(a0, x_sums, scale_ptr, zero_ptr, offs, g_ok)
+            a1 = _group_scaled(a1, x_sums, scale_ptr, zero_ptr, offs + 1, g_ok)
+            a2 = _group_scaled(a2, x_sums, scale_ptr, zero_ptr, offs + 2, g_ok)
+            a3 = _group_scaled(a3, x_sums, scale_ptr, zero_ptr, offs + 3, g_ok)
+            a4 = _group_scaled(a4, x_sums, scale_ptr, zero_ptr, offs + 4, g_ok)
+            a5 = _group_scaled(a5, x_sums, scale_ptr, zero_ptr, offs + 5, g_ok)
+            a6 = _group_scaled(a6, x_sums, scale_ptr, zero_ptr, offs + 6, g_ok)
+            a7 = _group_scaled(a7, x_sums, scale_ptr, zero_ptr, offs + 7, g_ok)
+    else:
+        for t in tl.range(0, BLOCK_K // SUB_K):
+            rows = k0 + t * SUB_K + tl.arange(0, SUB_K)
+            x_batch = _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED, nw_ptr, row_scale, NORM, EVEN_K)
+            keep = tl.max(tl.abs(x_batch), axis=0) > 0.0
+            xt = _dot_rows(x_batch, BLOCK_M, DOT_M)
+            if FORMAT == 2:  # w_ptr: int32 words, W_ROW words per row; dropped rows read as 0 (q - 8 = -8, x 0)
+                words = _dot_w_tile(w_ptr, rows, keep, pid_n * NW, W_ROW, SUB_K, NW)
+                p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
+                x_sum = _dot_rows(tl.sum(x_batch, axis=1), BLOCK_M, DOT_M)[:, None]
+                group = (k0 + t * SUB_K) // GROUP_SIZE
+                if not EVEN_K:  # a tile past K (all x zero) takes the last group's finite scale and zero
+                    group = tl.minimum(group, K // GROUP_SIZE - 1)
+                offs = group * N + plane_cols
+                a0, a1, a2, a3, a4, a5, a6, a7 = _plane_steps(a0, a1, a2, a3, a4, a5, a6, a7, xt, p0, p1, p2, p3, p4,
+                                                              p5, p6, p7, x_sum, scale_ptr, zero_ptr, offs, DTYPE,
+                                                              INTERPRET)
+            else:
+                wt = _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K, BLOCK_N)
+                if FORMAT == 1:  # int8 -> fp32 by bit operations, then one packed cvt to x's dtype
+                    wt = _int8_to_f32(wt, INTERPRET)
+                acc += _dot(xt, wt, DTYPE, INTERPRET)
     if FORMAT == 2:
         acc = _interleave8(a0, a1, a2, a3, a4, a5, a6, a7)
     if PDL:
@@ -1197,19 +1274,26 @@ def sparse_gemv_triton(
                               tuple(split_sizes), words_aligned, dense)
     else:
         cfg = _fit_config(config, fmt, group_size, m, k, split_sizes, words_aligned)
-    if m > MAX_BATCH and cfg.design != "dot":
+    if m > MAX_BATCH and cfg.design == "rows":
         raise ValueError(f"M={m} > {MAX_BATCH} rows need the dot design, which this shape cannot take "
                          f"(segments {split_sizes}, K={k}: multiples of {128 if fmt == FMT_INT4 else 16} needed).")
-    if cfg.design != "dot":
+    if cfg.design == "rows":
         return _launch_rows(x, w, fmt, m, k, n, cfg, thresholds, split_sizes, scales, zeros, group_size, gated,
                             residual, norm_weight, eps)
     splits, grid_k, grid_n, counters, out, partials = _launch_buffers(x, m, k, n, cfg, split_sizes)
     pdl = launch_options(x.device)
     if fmt == FMT_INT4:  # read as int32 words of 8 columns (_fit_config checked the alignment)
         w = w.view(torch.int32)
+    gather = cfg.design == "gather"
+    if gather:  # the list of each block's kept rows and their thresholded x
+        slots = grid_n * grid_k * cfg.block_k
+        idx, xs = _alloc((slots,), torch.int32, x.device), _alloc((slots,), torch.float32, x.device)
+    else:
+        idx = xs = counters  # unused
     _dot_gemv_kernel[(grid_n, grid_k)](
-        x, w, *_aux_args(x, thresholds, scales, zeros, residual, norm_weight), out, partials, counters,
+        x, w, *_aux_args(x, thresholds, scales, zeros, residual, norm_weight), out, partials, counters, idx, xs,
         m, k, n, w.shape[1], float(eps), splits,
+        GATHER=gather, GROUPS=cfg.block_k // group_size if gather and fmt == FMT_INT4 else 1,
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=next_power_of_2(m), DOT_M=dot_tile_rows(m),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SUB_K=cfg.sub_k, **_fusions(gated, residual, norm_weight, m, k), EVEN_K=k % cfg.block_k == 0,

@@ -63,6 +63,21 @@ def test_int4_one_loop_candidates_only_when_named():
                                        kinds=["rows-compact-pipelined"])
 
 
+def test_gather_candidates_only_when_named_at_one_row():
+    """The "gather" design is offered only under --kinds gather and at one row (a batch would run the
+    dot design's masked tiles); int4's candidates keep whole groups, at most 16 a block."""
+    full = tune_kernels.candidates("int4-g128", 1, 4096, [14336, 14336], quick=False, stored=None)
+    assert not any(c.design == "gather" for c in full)
+    stored = KernelConfig(block_n=256, block_k=512, sub_k=128, num_stages=3, design="dot")
+    named = tune_kernels.candidates("int4-g128", 1, 4096, [14336, 14336], quick=False, stored=stored,
+                                    kinds=["gather"])
+    assert stored in named and all(c.design == "gather" for c in named if c != stored)
+    assert {c.block_k for c in named if c != stored} == {512, 1024, 2048}
+    assert all(c.block_k % 128 == 0 and c.block_k // 128 <= 16 for c in named)
+    assert not any(c.design == "gather" for c in tune_kernels.candidates(
+        "int4-g128", 2, 4096, [14336, 14336], quick=False, stored=None, kinds=["gather"]))
+
+
 def test_min_block_k_offers_long_dot_tiles_only():
     """--min_block_k: only K blocks of at least that many rows (and the stored config), with the dot
     design's 2048 / 4096-row blocks 4 and 6 stages deep added; without it, none of those."""

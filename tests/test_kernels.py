@@ -420,6 +420,58 @@ def test_int4_dot_design_needs_planes_of_16_columns_and_word_aligned_weights():
     assert_close_to_ref(sparse_gemv_triton(x, shifted, *rest, config=dot), x, shifted, *rest)
 
 
+# The "gather" design (one row): each K block's kept rows listed once, read sub_k a tl.dot tile
+# across int4 group boundaries (row g of the tile holds group g's x; scales once a block). Blocks of
+# 1-4 groups (K not a multiple of the block for g32: the last block cut at K), chunks of 16-32 rows.
+GATHER_CASES = [
+    ("fp", torch.bfloat16, 96, [32, 16], 0, KernelConfig(block_n=16, block_k=32, sub_k=16, design="gather")),
+    ("int8", torch.float16, 160, [48], 0, KernelConfig(block_n=16, block_k=64, sub_k=32, design="gather")),
+    ("int4", torch.bfloat16, 7 * 32, [128, 256], 32,
+     KernelConfig(block_n=128, block_k=128, sub_k=16, num_stages=3, design="gather")),
+    ("int4", torch.float16, 4 * 64, [256], 64, KernelConfig(block_n=256, block_k=128, sub_k=32, design="gather")),
+    ("int4", torch.bfloat16, 128, [128], 128, KernelConfig(block_n=128, block_k=128, sub_k=16, design="gather")),
+]
+
+
+@pytest.mark.parametrize("case", GATHER_CASES, ids=lambda c: f"{c[0]}-g{c[4]}-K{c[2]}")
+@pytest.mark.parametrize("quantiles", [[0.0], [1.0], [0.5], [0.93]], ids=["all", "none", "half", "few"])
+def test_gather_design_matches_float64(case, quantiles):
+    """Against float64 at every level: all rows kept, none, half, a few (a block may keep none; an
+    int4 group may keep none while its neighbours do); with each fused prologue against the dot
+    design's masked tiles, which compute the fused input the same way (_dot_x_tile; the interpreter
+    truncates it, so an input at a threshold may fall on the other side than float64's)."""
+    fmt, dtype, k, splits, group, cfg = case
+    fitted = sg._fit_config(cfg, {"fp": FMT_FLOAT, "int8": FMT_INT8, "int4": FMT_INT4}[fmt], group, 1, k, splits)
+    assert fitted.design == "gather"
+    args = make_problem(fmt, dtype, 1, k, splits, group, quantiles=quantiles * len(splits), seed=k)
+    assert_close_to_ref(sparse_gemv_triton(*args, config=cfg), *args)
+    x, w, thresholds, _, scales, zeros, g = args
+    gate_up = torch.cat([x, x.flip(1)], dim=1)
+    norm_weight = (torch.rand(k, generator=torch.Generator().manual_seed(1)) + 0.5).to(dtype).to(DEVICE)
+    masked_tiles = dataclasses.replace(cfg, design="dot", block_k=fitted.block_k)
+    for fusion in (dict(gated=True), dict(norm_weight=norm_weight, eps=1e-5)):
+        inp = gate_up if "gated" in fusion else x
+        gathered = sparse_gemv_triton(inp, w, thresholds, splits, scales, zeros, g, config=cfg, **fusion).double()
+        masked = sparse_gemv_triton(inp, w, thresholds, splits, scales, zeros, g, config=masked_tiles, **fusion)
+        assert torch.allclose(gathered, masked.double(), rtol=2**-6, atol=2**-8 * max(1.0, masked.abs().max().item()))
+
+
+def test_gather_design_fits_whole_int4_groups_and_one_row():
+    """"gather" takes one row (a batch runs the dot design's masked tiles) and int4 blocks of whole
+    groups, at most 16 (the tl.dot tile's rows); a fitted config refits unchanged."""
+    cfg = KernelConfig(block_n=128, block_k=512, sub_k=32, design="gather")
+    fitted = sg._fit_config(cfg, FMT_INT4, 32, 1, 1024, [256])
+    assert (fitted.design, fitted.block_k) == ("gather", 512)  # 16 groups a block
+    assert sg._fit_config(fitted, FMT_INT4, 32, 1, 1024, [256]) == fitted
+    assert sg._fit_config(cfg, FMT_INT4, 32, 2, 1024, [256]).design == "dot"  # two rows
+    assert sg._fit_config(dataclasses.replace(cfg, block_k=1024), FMT_INT4, 32, 1, 2048, [256]).block_k == 512
+    assert sg._fit_config(dataclasses.replace(cfg, block_k=64), FMT_INT4, 128, 1, 1024, [256]).block_k == 128
+    assert sg._fit_config(cfg, FMT_INT4, 32, 1, 7 * 32, [256]).block_k == 7 * 32  # a divisor of K's 7 groups
+    assert sg._fit_config(cfg, FMT_INT8, 0, 1, 1024, [256]).block_k == 512
+    args = make_problem("int4", torch.bfloat16, 2, 256, [128], 32)
+    assert_close_to_ref(sparse_gemv_triton(*args, config=cfg), *args)
+
+
 def random_case(seed):
     """A random small problem and config (block sizes rarely divide the shape)."""
     rng = torch.Generator().manual_seed(seed)
