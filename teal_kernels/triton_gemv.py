@@ -246,18 +246,21 @@ def _fit_config(cfg: KernelConfig, fmt: int, group_size: int, m: int, k: int,
             gather = cfg.design == "gather" and m == 1
             by_groups = gather and fmt == FMT_INT4
             unit = group_size if by_groups else sub_k
-            # block_k: the largest multiple of the unit (a tile, or gather's int4 group) dividing K within
+            # block_k in units of a tile (gather's int4: a group): the largest multiple dividing K within
             # the asked one if that keeps at least half of it; else the asked one with the last block
             # cut at K (the kernel's EVEN_K) where the cut-off units are at most an eighth of K's
             # (Llama-2-7B's down: 1024 rows instead of 256)
             n_tiles = k // unit
             tiles = min(max(1, cfg.block_k // unit), n_tiles, dot_tile_rows(m) if by_groups else n_tiles)
-            divisor = tiles
-            while n_tiles % divisor:
-                divisor -= 1
-            cut_off = cdiv(n_tiles, tiles) * tiles - n_tiles
-            if 2 * divisor >= tiles or 8 * cut_off > n_tiles:
-                tiles = divisor
+            if gather:  # a power of two (one tl.arange lists the block's rows); the last block is cut at K
+                tiles = 1 << (tiles.bit_length() - 1)
+            else:
+                divisor = tiles
+                while n_tiles % divisor:
+                    divisor -= 1
+                cut_off = cdiv(n_tiles, tiles) * tiles - n_tiles
+                if 2 * divisor >= tiles or 8 * cut_off > n_tiles:
+                    tiles = divisor
             # warps split the tile's rows in 16s
             warps = min(cfg.num_warps, block_n // 64 * dot_tile_rows(m) // 16) if fmt == FMT_INT4 else cfg.num_warps
             return dataclasses.replace(cfg, block_n=block_n, sub_k=sub_k, block_k=tiles * unit, num_warps=warps,

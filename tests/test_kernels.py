@@ -458,7 +458,8 @@ def test_gather_design_matches_float64(case, quantiles):
 
 def test_gather_design_fits_whole_int4_groups_and_one_row():
     """"gather" takes one row (a batch runs the dot design's masked tiles) and int4 blocks of whole
-    groups, at most 16 (the tl.dot tile's rows); a fitted config refits unchanged."""
+    groups, at most 16 (the tl.dot tile's rows), a power of two of them (the kernel lists a block's
+    rows with one tl.arange; the last block is cut at K); a fitted config refits unchanged."""
     cfg = KernelConfig(block_n=128, block_k=512, sub_k=32, design="gather")
     fitted = sg._fit_config(cfg, FMT_INT4, 32, 1, 1024, [256])
     assert (fitted.design, fitted.block_k) == ("gather", 512)  # 16 groups a block
@@ -466,7 +467,7 @@ def test_gather_design_fits_whole_int4_groups_and_one_row():
     assert sg._fit_config(cfg, FMT_INT4, 32, 2, 1024, [256]).design == "dot"  # two rows
     assert sg._fit_config(dataclasses.replace(cfg, block_k=1024), FMT_INT4, 32, 1, 2048, [256]).block_k == 512
     assert sg._fit_config(dataclasses.replace(cfg, block_k=64), FMT_INT4, 128, 1, 1024, [256]).block_k == 128
-    assert sg._fit_config(cfg, FMT_INT4, 32, 1, 7 * 32, [256]).block_k == 7 * 32  # a divisor of K's 7 groups
+    assert sg._fit_config(cfg, FMT_INT4, 32, 1, 7 * 32, [256]).block_k == 4 * 32  # a power of two, cut at K
     assert sg._fit_config(cfg, FMT_INT8, 0, 1, 1024, [256]).block_k == 512
     args = make_problem("int4", torch.bfloat16, 2, 256, [128], 32)
     assert_close_to_ref(sparse_gemv_triton(*args, config=cfg), *args)
