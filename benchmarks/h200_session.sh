@@ -724,11 +724,11 @@ PY
     step 120 env TEAL_ATTENTION_O=1 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_att_o_stored"
     ;;
   gather)  # issue 11's int4 + 50%: the "gather" design (one row; a block's kept rows listed once and read sub_k a tl.dot tile, int4 groups as the tile's rows, scales once a block), so a tile's work follows the kept rows (the dot tile's time fell only 36.2 -> 33.0 us on gate|up from 0% to 65%): GPU tests, a partial retune of int4-g128 (gather candidates against the stored winners), the speed table's int4 rows re-timed (tinygemm_us beside), int4 + head at 0 / 50 / 65%, one call
-    step 100 python3 -m pytest -q -x tests/test_kernels.py -k "gather"
-    step 200 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int4-g128 --models llama3-8b --kinds gather
-    step 60 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_int4_gather"
+    step 80 python3 -m pytest -q -x tests/test_kernels.py -k "gather"
+    step 150 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int4-g128 --models llama3-8b --kinds gather
+    step 40 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_int4_gather"
     cp teal_kernels/speed_table.json "$out/speed_table.json"
-    step 170 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 0.65 --decode_path fused --out "$out/decode_int4_gather"
+    step 150 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 0.65 --decode_path fused --out "$out/decode_int4_gather"
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"
