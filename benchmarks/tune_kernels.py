@@ -120,13 +120,6 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
                                                           (False, True)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=4, compact=True,
                                   design="rows", lane_sum=lane_sum))
-    if kind == "int4" and m == 1 and kinds and "rows-compact-pipelined" in kinds:
-        # opt-in, unmeasured: int4's one-loop pipeline (triton_gemv._int4_chunks: a group's rows padded to
-        # whole chunks, each chunk's scales applied in its threads, no loop restart at a group's end);
-        # lane_sum is implied there
-        for bn, bk, sk, nw in itertools.product((128, 256, 512), (512, 1024, 2048, 4096), (32, 64), (4, 8)):
-            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=4, compact=True,
-                                  design="rows"))
     if min_block_k:
         for bn, bk, st, sk in itertools.product(block_ns[:2], (2048, 4096), (4, 6), sub_ks):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, design="dot"))

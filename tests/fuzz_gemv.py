@@ -1,8 +1,8 @@
 """Fuzz the sparse GEMV kernels against float64 math: random shapes, batch sizes, weight formats,
 segment splits, thresholds (none kept, all kept, anywhere between), prologue/epilogue fusions and
-kernel configs of both designs, every row-selection mode, TEAL_LEAN_LOOP on or off; and the
-attention prologue (o's GEMV computing its own input, teal::attention_o: one row, float or int8
-weights, random head layouts, head dims, cache sizes and positions).
+kernel configs of both designs, every row-selection mode; and the attention prologue (o's GEMV
+computing its own input, teal::attention_o: one row, float or int8 weights, random head layouts,
+head dims, cache sizes and positions).
 
 On a GPU (the issue's bar: >= 2000 problems, 0 mismatches)::
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from teal_kernels.reference import gated_input, rms_normed  # noqa: E402
-from teal_kernels.triton_gemv import LEAN_LOOP_ENV, KernelConfig, attention_o_triton, sparse_gemv_triton  # noqa: E402
+from teal_kernels.triton_gemv import KernelConfig, attention_o_triton, sparse_gemv_triton  # noqa: E402
 
 FORMATS = ["bf16", "fp16", "int8", "int4-g32", "int4-g64", "int4-g128"]
 FUSIONS = ["plain", "gated", "residual", "gated+residual", "norm", "attention"]
@@ -96,8 +96,7 @@ def make_case(seed: int, tiny: bool) -> dict:
     # per segment: all kept (0), none kept (above every |x|), or a quantile of |x|
     levels = [r.choice(["all", "none", r.uniform(0.05, 0.95), r.uniform(0.3, 0.7)]) for _ in sizes]
     return dict(seed=seed, fmt=fmt, group=group, m=m, k=k, sizes=sizes, attention=attention, dtype=dtype,
-                levels=levels, fusion=fusion, mode=mode, config=config,
-                lean_loop=r.random() < 0.5)  # TEAL_LEAN_LOOP for this problem
+                levels=levels, fusion=fusion, mode=mode, config=config)
 
 
 def _weights(case: dict, g: torch.Generator, device: str) -> tuple:
@@ -201,21 +200,13 @@ def run_case(case: dict, device: str) -> dict:
     gap = (1.08 if attention else 1.04) if device == "cpu" else 1.02
     thresholds = torch.tensor([_threshold(x_in, lvl, fused, gap) for lvl in case["levels"]],
                               dtype=torch.float32, device=device)
-    saved = os.environ.get(LEAN_LOOP_ENV)
-    os.environ[LEAN_LOOP_ENV] = "1" if case["lean_loop"] else "0"  # read at each launch
-    try:
-        if attention:
-            pos = torch.tensor([case["attention"]["p"]], device=device)
-            out = attention_o_triton(qkv, cs, k_cache, v_cache, pos, case["attention"]["n_head"], w, thresholds,
-                                     sizes, scales, residual, config=config)
-        else:
-            out = sparse_gemv_triton(x, w, thresholds, sizes, scales, zeros, case["group"], config=config,
-                                     gated=gated, residual=residual, norm_weight=norm_weight, eps=eps)
-    finally:
-        if saved is None:
-            del os.environ[LEAN_LOOP_ENV]
-        else:
-            os.environ[LEAN_LOOP_ENV] = saved
+    if attention:
+        pos = torch.tensor([case["attention"]["p"]], device=device)
+        out = attention_o_triton(qkv, cs, k_cache, v_cache, pos, case["attention"]["n_head"], w, thresholds, sizes,
+                                 scales, residual, config=config)
+    else:
+        out = sparse_gemv_triton(x, w, thresholds, sizes, scales, zeros, case["group"], config=config, gated=gated,
+                                 residual=residual, norm_weight=norm_weight, eps=eps)
     w64 = weight64(w, scales, zeros, case["group"])
     x64 = x_in.double()
     col_thr = torch.cat([thresholds[j].double().expand(size) for j, size in enumerate(sizes)])
@@ -256,7 +247,7 @@ def fuzz(problems: int, seed: int = 0, tiny: bool | None = None, jobs: int = 1) 
 
 def summary(results: list[dict]) -> dict:
     by = {}
-    for key in ("fmt", "mode", "fusion", "lean_loop"):
+    for key in ("fmt", "mode", "fusion"):
         for r in results:
             entry = by.setdefault(f"{key}={r[key]}", [0, 0])
             entry[0] += 1
