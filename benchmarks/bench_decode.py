@@ -179,7 +179,7 @@ def write_results(args: argparse.Namespace, rows: list[dict], world: int = 1) ->
     meta = dict(command=" ".join(sys.argv), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, date=datetime.date.today().isoformat(), model=args.model,
                 tokens=args.tokens, runs=args.runs, tensor_parallel=world,
-                # the decode switches set for this run (TEAL_PDL, TEAL_LEAN_LOOP, ...): which variant ran
+                # the decode switches set for this run (TEAL_PDL, TEAL_ATTENTION_O, ...): which variant ran
                 switches={k: v for k, v in sorted(os.environ.items()) if k.startswith("TEAL_")})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | norm_one_load | lean_loop | switches | int4_flat | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -644,59 +644,11 @@ case $phase in
     # (locally, triton 3.9, any branch or loop before the pipelined loop turns them into byte loads)
     step 60 python3 tests/sm90_compile.py --resources --only "ATTENTION=True" --sass "$out/sass_attention_o"
     for f in "$out"/sass_attention_o/*.sass; do echo "$f"; grep -o "LDGSTS[.A-Z0-9]*\|LDG[.A-Z0-9]*" "$f" | sort | uniq -c; done
-    # int8 + head off / on: phase switches times it (none against TEAL_ATTENTION_O, and in "all")
+    # int8 + head off / on: timed 2026-12-05, benchmarks/results/switches_2026_12_05/
     for v in 0 1; do
       step 120 env TEAL_ATTENTION_O=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_bf16_att_o$v"
     done
     step 200 python3 -m benchmarks.bench_attention_o --contexts 128 256 384 512 1024 --out "$out/bench_attention_o"
-    ;;
-  norm_one_load)  # issues 10/11: the fused norm's statistics in one load (TEAL_NORM_ONE_LOAD=1) against 1024-value loads each waiting on the last (int8 q|k|v, int4's dot kernels: not whole-row), int8 + head then int4-g128 + head, one call
-    step 150 python3 -m pytest -q -x tests/test_kernels.py -k "rmsnorm_prologue"
-    for w in int8+lm_head int4-g128+lm_head; do
-      for v in 0 1; do
-        step 170 env TEAL_NORM_ONE_LOAD=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights "$w" --sparsity 0 0.5 --decode_path fused --out "$out/decode_${w%%+*}_one_load$v"
-      done
-    done
-    ;;
-  lean_loop)  # issue 11: the compact loop without the load masks that cannot matter (TEAL_LEAN_LOOP=1: int8 at one row, segments that are multiples of block_n), int8 + head off / on / off, one call
-    step 150 python3 -m pytest -q -x tests/test_kernels.py -k "lean_loop"
-    # the machine's triton: SASS instructions a chunk of int8's pipelined tiles, masks on and off (locally 305 -> 282 for gate|up)
-    step 90 python3 tests/sm90_compile.py --resources --only "LEAN_LOOP" --sass "$out/sass_lean"
-    for f in "$out"/sass_lean/*.sass; do head -c 300 "$f" | grep -o "LEAN_LOOP=[A-Za-z]*\|BLOCK_N=[0-9]*\|GATED=[A-Za-z]*"; python3 - "$f" <<'PY'
-import collections, re, sys
-ins = [(int(m.group(1), 16), m.group(3), line) for line in open(sys.argv[1])
-       if (m := re.match(r"\s+/\*([0-9a-f]{4,5})\*/\s+(@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_.]*)", line))]
-for a, op, line in ins:  # loops: backward branches; print each body's size and instruction mix
-    t = re.search(r"BRA\s+0x([0-9a-f]+)", line) if op.startswith("BRA") else None
-    if t and int(t.group(1), 16) < a:
-        body = collections.Counter(o.split(".")[0] for b, o, _ in ins if int(t.group(1), 16) <= b <= a)
-        print(f"  loop of {sum(body.values())} instructions:", " ".join(f"{k}{v}" for k, v in body.most_common(8)))
-PY
-    done
-    rm -rf "$out/sass_lean"
-    for v in 0 1 0; do
-      step 170 env TEAL_LEAN_LOOP=$v python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_lean$v$([ -e "$out/decode_int8_lean$v.json" ] && echo _b)"
-    done
-    ;;
-  switches)  # issue 11's int8 + 50% >= 420: the three unmeasured switches alone and together, int8 + head, one call (run attention_o first: its GPU tests)
-    step 150 python3 -m pytest -q -x tests/test_kernels.py -k "lean_loop or rmsnorm_prologue"
-    step 180 python3 -m pytest -q -x tests/test_attention_o.py -k "float64 or rejects or gpu"  # attention_o's GPU tests, if that phase has not run
-    for v in none TEAL_LEAN_LOOP TEAL_NORM_ONE_LOAD TEAL_ATTENTION_O all none_b; do
-      case $v in
-        none|none_b) env=() ;;
-        all) env=(TEAL_LEAN_LOOP=1 TEAL_NORM_ONE_LOAD=1 TEAL_ATTENTION_O=1) ;;
-        *) env=("$v=1") ;;
-      esac
-      step 170 env ${env[@]+"${env[@]}"} python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_switches_$v"
-    done
-    ;;
-  int4_flat)  # issue 11: int4 at one row through one software-pipelined loop (_int4_chunks: rows padded to whole chunks a group, scales a chunk at a time) against the dot tile: GPU tests, a partial retune at 50% into the table, int4 + head before and after, one call
-    step 150 python3 -m pytest -q -x tests/test_kernels.py -k "int4_one_loop or (gpu and int4)"
-    # its SASS: tests/sm90_compile.py --only "BLOCK_K=2048 SUB_K" under a local triton 3.6 (no GPU needed)
-    step 170 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_dot"
-    # 50% picks the config; 0%'s fastest (the dot tile, if the new loop loses dense) becomes the entry's dense_config
-    step 300 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int4-g128 --models llama3-8b --kinds rows-compact-pipelined
-    step 170 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_flat"
     ;;
   gptfast_head)  # issue 11's comparison made fair, and int4's dense calls through tinygemm: gpt-fast quantizes lm_head too (its handlers walk every nn.Linear), and benchmarks/baselines.py now does (until 2026-12-05 the baselines kept a bf16 head, ~1 GB a token read on 8B): gpt-fast int8 and tinygemm int4-g128 beside our int8 / int4-g128 with the int8 head, dense; then int4-g128 + head with TEAL_INT4_TINYGEMM=1 (dense decode calls through tinygemm's copy); one call
     step 120 python3 -m pytest -q -x tests/test_tinygemm.py tests/test_baselines.py

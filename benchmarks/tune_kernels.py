@@ -120,13 +120,6 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
                                                           (False, True)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=4, compact=True,
                                   design="rows", lane_sum=lane_sum))
-    if kind == "int4" and m == 1 and kinds and "rows-compact-pipelined" in kinds:
-        # opt-in, unmeasured: int4's one-loop pipeline (triton_gemv._int4_chunks: a group's rows padded to
-        # whole chunks, each chunk's scales applied in its threads, no loop restart at a group's end);
-        # lane_sum is implied there
-        for bn, bk, sk, nw in itertools.product((128, 256, 512), (512, 1024, 2048, 4096), (32, 64), (4, 8)):
-            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_warps=nw, num_stages=4, compact=True,
-                                  design="rows"))
     if m == 1 and kinds and "gather" in kinds:
         # opt-in, unmeasured: the "gather" design (a block's kept rows listed once and read sub_k a tl.dot
         # tile; int4 groups as the tile's rows, up to 16 a block), so a tile's work follows the kept rows

@@ -16,7 +16,6 @@ import functools
 import itertools
 import json
 import math
-import struct
 import threading
 from pathlib import Path
 
@@ -373,38 +372,6 @@ def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16))
 
 
-def _nibbles_asm() -> str:
-    """PTX for four packed bytes ($8) -> their low nibbles - 8 ($0..$3) and high nibbles - 8
-    ($4..$7) as fp32. Each nibble is masked in place (or, for the top three, after one shift of
-    the word) under 0x4B000000 (2^23, whose mantissa unit is 1) by one lop3: 2^23 + n * 2^(4p) for
-    a nibble at bits 4p..4p+3 (p <= 4). One fma by 2^(-4p) and -(2^(23-4p) + 8) gives n - 8
-    exactly: every value on the way is an integer below 2^24 times a power of two."""
-    # (output, source: the word or the word >> 12, nibble position p in that source)
-    nibbles = [(0, "$8", 0), (1, "$8", 2), (2, "$8", 4), (3, "t", 3),  # low nibbles of bytes 0..3
-               (4, "$8", 1), (5, "$8", 3), (6, "t", 2), (7, "t", 4)]  # high nibbles of bytes 0..3
-    lines = [".reg .b32 t;", "shr.b32 t, $8, 12;"]
-    for out, src, p in nibbles:
-        scale = struct.unpack("<I", struct.pack("<f", 2.0 ** (-4 * p)))[0]
-        bias = struct.unpack("<I", struct.pack("<f", -(2.0 ** (23 - 4 * p) + 8)))[0]
-        lines += [f"lop3.b32 ${out}, {src}, {0xF << (4 * p):#010x}, 0x4B000000, 0xEA;",
-                  f"fma.rn.f32 ${out}, ${out}, 0f{scale:08X}, 0f{bias:08X};"]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-_NIBBLES = tl.constexpr(_nibbles_asm())
-
-
-@triton.jit
-def _int4_nibbles(packed, INTERPRET: tl.constexpr):
-    """uint8 tile of packed int4 -> (low nibbles - 8, high nibbles - 8) as fp32 tiles of its shape:
-    the even and the odd column of each byte (exact)."""
-    if INTERPRET:
-        return (packed & 0xF).to(tl.float32) - 8.0, (packed >> 4).to(tl.float32) - 8.0
-    else:
-        return tl.inline_asm_elementwise(asm=_NIBBLES, constraints="=r," * 8 + "r", args=[packed],
-                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-
-
 # ---------------------------------------------------------------------------
 # Kernel: split-K sparse GEMV with an in-kernel, deterministic K reduction
 # ---------------------------------------------------------------------------
@@ -427,11 +394,6 @@ def _int4_nibbles(packed, INTERPRET: tl.constexpr):
 #     doubled down's time, 24 -> 51 us at 50% on the H200).  With PREFETCH the next
 #     chunk's weight rows are requested before this chunk's FMAs, so a program keeps two
 #     chunks of loads in flight instead of one (the loop is latency-bound otherwise).
-#     int4 at one row with PIPELINE (num_stages >= 3) runs one loop over the whole block
-#     (_int4_chunks) instead of one per group: each group's kept rows are padded to whole
-#     chunks, so a chunk's group scales multiply its rows' sums in each thread, and the zero
-#     points' term is each group's sum of x times its zeros, added once. Unmeasured: no
-#     stored config runs it (tune_kernels offers it under --kinds rows-compact-pipelined).
 #
 # Batch: the accumulator is a 2-D [BLOCK_M * SUB_K, BLOCK_N] tile whose lane r holds
 # batch row r // SUB_K and chunk row r % SUB_K.  Each lane loads its weight row only
@@ -449,25 +411,19 @@ def _int4_nibbles(packed, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _rms_scale(x_ptr, M, K, eps, BLOCK_M: tl.constexpr, NORM_BLOCK: tl.constexpr = 1024,
-               ONE_LOAD: tl.constexpr = False):
+def _rms_scale(x_ptr, M, K, eps, BLOCK_M: tl.constexpr):
     """1 / sqrt(mean(x[m]^2) + eps) per batch row [BLOCK_M], fp32 (model.RMSNorm's statistics;
     the sum's order differs from torch's, so the last bits may): every program reads the whole
-    rows, a few KB from L2, instead of a separate norm kernel writing them. In loads of NORM_BLOCK
-    values, each waiting on the last, or with ONE_LOAD (NORM_BLOCK >= K) all in one load."""
+    rows, a few KB from L2, instead of a separate norm kernel writing them, in loads of NORM_BLOCK
+    values, each waiting on the last."""
+    NORM_BLOCK: tl.constexpr = 1024
     m_offs = tl.arange(0, BLOCK_M)
-    if ONE_LOAD:
-        cols = tl.arange(0, NORM_BLOCK)
+    squares = tl.zeros([BLOCK_M, NORM_BLOCK], dtype=tl.float32)  # summed across threads once, after the loop
+    for k0 in range(0, K, NORM_BLOCK):
+        cols = k0 + tl.arange(0, NORM_BLOCK)
         h = tl.load(x_ptr + m_offs[:, None] * K + cols[None, :], mask=(m_offs < M)[:, None] & (cols < K)[None, :],
                     other=0.0).to(tl.float32)
-        squares = h * h
-    else:
-        squares = tl.zeros([BLOCK_M, NORM_BLOCK], dtype=tl.float32)  # summed across threads once, after the loop
-        for k0 in range(0, K, NORM_BLOCK):
-            cols = k0 + tl.arange(0, NORM_BLOCK)
-            h = tl.load(x_ptr + m_offs[:, None] * K + cols[None, :],
-                        mask=(m_offs < M)[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
-            squares += h * h
+        squares += h * h
     return _scale_of(tl.sum(squares, axis=1), K, eps)
 
 
@@ -505,24 +461,22 @@ def _masked_x(x_ptr, lane_m, rows, ok, threshold, K, GATED: tl.constexpr, nw_ptr
 def _weight_rows(
     w_ptr, rows, load, col_start, col_end, W_ROW,
     FORMAT: tl.constexpr, COL_ALIGN: tl.constexpr, LANES: tl.constexpr, BLOCK_N: tl.constexpr,
-    INTERPRET: tl.constexpr, EVEN_N: tl.constexpr = False,
+    INTERPRET: tl.constexpr,
 ):
-    """Rows ``rows`` of W^T as fp32 [LANES, BLOCK_N] (q - 8 for int4), reading only where ``load``;
-    EVEN_N: no column of the block lies past col_end (a constant-true mask compiles to none)."""
+    """Rows ``rows`` of W^T as fp32 [LANES, BLOCK_N] (q - 8 for int4), reading only where ``load``."""
     if FORMAT == 2:  # int4: BLOCK_N // 2 bytes per row, low nibble = even column
         byte_cols = tl.multiple_of(col_start // 2, COL_ALIGN // 2) + tl.arange(0, BLOCK_N // 2)
         byte_end = tl.multiple_of(col_end // 2, COL_ALIGN // 2)
         packed = tl.load(
             w_ptr + rows[:, None] * W_ROW + byte_cols[None, :],
-            mask=load[:, None] & ((byte_cols < byte_end) | EVEN_N)[None, :],
+            mask=load[:, None] & (byte_cols < byte_end)[None, :],
             other=0,
         )
         q = tl.join(packed & 0xF, packed >> 4).reshape(LANES, BLOCK_N)
         return q.to(tl.float32) - 8.0
     else:
         cols = col_start + tl.arange(0, BLOCK_N)
-        wt = tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :],
-                     mask=load[:, None] & ((cols < col_end) | EVEN_N)[None, :])
+        wt = tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=load[:, None] & (cols < col_end)[None, :])
         if FORMAT == 1:
             return _int8_to_f32(wt, INTERPRET)
         return wt.to(tl.float32)
@@ -559,47 +513,11 @@ def _group_sum(acc, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
-def _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M: tl.constexpr, MASKED: tl.constexpr = True):
-    """Row ids and thresholded x of compaction slots ``slot`` (zeros past ``last``; without MASKED
-    every slot read was written: the compaction padded the list to whole chunks)."""
-    if MASKED:
-        rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
-        xm = tl.load(slot_x + slot * BLOCK_M + lane_m, mask=slot < last, other=0.0, cache_modifier=".cg")
-    else:
-        rows = tl.load(slots + slot, cache_modifier=".cg")
-        xm = tl.load(slot_x + slot * BLOCK_M + lane_m, cache_modifier=".cg")
+def _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M: tl.constexpr):
+    """Row ids and thresholded x of compaction slots ``slot`` (zeros past ``last``)."""
+    rows = tl.load(slots + slot, mask=slot < last, other=0, cache_modifier=".cg")
+    xm = tl.load(slot_x + slot * BLOCK_M + lane_m, mask=slot < last, other=0.0, cache_modifier=".cg")
     return rows, xm
-
-
-@triton.jit
-def _int4_chunks(w_ptr, scale_ptr, slots, slot_x, n_slots, col_start, col_end, N, W_ROW,
-                 GROUP_SIZE: tl.constexpr, COL_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr,
-                 LANE_GROUPS: tl.constexpr, PIPELINE: tl.constexpr, EVEN_N: tl.constexpr, INTERPRET: tl.constexpr):
-    """One row's sum over the compacted slots of x * (q - 8) * scale, [1, BLOCK_N] fp32, for int4
-    in one software-pipelined loop: each chunk of SUB_K slots lies in one group (the compaction pads
-    each group's rows to whole chunks), so the chunk's own scales multiply its rows' sums in each
-    thread, and no loop restarts at a group's end. A thread's bytes give two planes, the even and
-    the odd columns, joined once after the loop."""
-    HALF: tl.constexpr = BLOCK_N // 2
-    lane = tl.arange(0, SUB_K)
-    byte_cols = tl.multiple_of(col_start // 2, COL_ALIGN // 2) + tl.arange(0, HALF)
-    byte_ok = (byte_cols < col_end // 2) | EVEN_N
-    cols = tl.multiple_of(col_start, COL_ALIGN) + tl.arange(0, BLOCK_N)
-    cols_ok = (cols < col_end) | EVEN_N
-    acc_lo = tl.zeros([LANE_GROUPS, HALF], dtype=tl.float32)
-    acc_hi = tl.zeros([LANE_GROUPS, HALF], dtype=tl.float32)
-    for chunk in tl.range(0, n_slots, SUB_K, num_stages=PIPELINE):
-        rows = tl.load(slots + chunk + lane, cache_modifier=".cg")
-        xm = tl.load(slot_x + chunk + lane, cache_modifier=".cg")
-        scales = scale_ptr + tl.load(slots + chunk, cache_modifier=".cg") // GROUP_SIZE * N + cols
-        s_lo, s_hi = tl.split(tl.reshape(tl.load(scales, mask=cols_ok, other=0.0), [HALF, 2]))
-        packed = tl.load(w_ptr + rows[:, None] * W_ROW + byte_cols[None, :], mask=byte_ok[None, :], other=0)
-        lo, hi = _int4_nibbles(packed, INTERPRET)
-        acc_lo += s_lo[None, :] * _lane_rows(xm[:, None] * lo, True, LANE_GROUPS, 1, SUB_K, HALF)
-        acc_hi += s_hi[None, :] * _lane_rows(xm[:, None] * hi, True, LANE_GROUPS, 1, SUB_K, HALF)
-    lo_sum = _group_sum(acc_lo, LANE_GROUPS, 1, HALF)
-    hi_sum = _group_sum(acc_hi, LANE_GROUPS, 1, HALF)
-    return tl.reshape(tl.join(lo_sum, hi_sum), [1, BLOCK_N])
 
 
 @triton.jit
@@ -616,24 +534,11 @@ def _sparse_gemv_kernel(
     LANE_GROUPS: tl.constexpr, RED_K: tl.constexpr,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, WHOLE_ROW: tl.constexpr,
     INTERPRET: tl.constexpr, PDL: tl.constexpr,
-    NORM_BLOCK: tl.constexpr = 1024, NORM_ONE_LOAD: tl.constexpr = False,  # _rms_scale's loads
     ATTENTION: tl.constexpr = False,  # x is a q|k|v row: the input is its attention (see attention_o_triton)
     ATT_GROUP: tl.constexpr = 1, ATT_HEADS_PAD: tl.constexpr = 16, ATT_D: tl.constexpr = 16,
     ATT_BLOCK_S: tl.constexpr = 16,
-    LEAN_LOOP: tl.constexpr = False, EVEN_N: tl.constexpr = False,  # TEAL_LEAN_LOOP (see LEAN_LOOP_ENV)
 ):
     LANES: tl.constexpr = BLOCK_M * SUB_K
-    # LEAN_LOOP at one batch row of integer weights: the compact loop reads every slot's row without
-    # a mask. Only a slot past the last kept row is not kept; it reads row 0 (a pad: the block's first
-    # row) with x = 0, and integer weights are finite, so it adds exactly 0 (a float row could hold an
-    # inf: 0 * inf).
-    PAD_READS: tl.constexpr = LEAN_LOOP and BLOCK_M == 1 and FORMAT != 0
-    # int4 at one row through the software pipeline: one loop over the block, chunks that never
-    # straddle a group (_int4_chunks); the zero points' term comes from each group's sum of x.
-    INT4_FLAT: tl.constexpr = FORMAT == 2 and COMPACT and PIPELINE > 1 and BLOCK_M == 1
-    # LEAN_LOOP in the software-pipelined loop over one window: the compaction pads the kept list to
-    # whole chunks (the block's first row, x = 0), so the loop's slot loads need no mask
-    PAD_SLOTS: tl.constexpr = LEAN_LOOP and COMPACT and PIPELINE > 1 and WINDOW == BLOCK_K and not INT4_FLAT
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
 
@@ -663,7 +568,7 @@ def _sparse_gemv_kernel(
     k_block = pid_k * BLOCK_K
     m_offs = tl.arange(0, BLOCK_M)
     if NORM and not COMPACT:  # the lanes' scale (the compact path takes it with its block's load)
-        row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M, NORM_BLOCK, NORM_ONE_LOAD)  # [BLOCK_M]
+        row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)  # [BLOCK_M]
         lane_scale = tl.sum(tl.where(lane_m[:, None] == m_offs[None, :], row_scale[None, :], 0.0), axis=1)
     else:
         row_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -690,7 +595,7 @@ def _sparse_gemv_kernel(
             if WHOLE_ROW:
                 row_scale = _scale_of(tl.sum(h * h, axis=1), K, eps)
             else:
-                row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M, NORM_BLOCK, NORM_ONE_LOAD)
+                row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)
             block_x = _normed(h, row_scale[:, None], nw_ptr, block_rows[None, :], block_ok, x_ptr.dtype.element_ty)
             block_x = tl.where(tl.abs(block_x) > threshold, block_x, 0.0)
         else:
@@ -701,35 +606,9 @@ def _sparse_gemv_kernel(
         slot_x = xs_ptr + (pid_n * GRID_K + pid_k) * BLOCK_K * BLOCK_M  # [slot, batch row] fp32
         win_kept = tl.sum(tl.reshape(kept, [BLOCK_K // WINDOW, WINDOW]), axis=1)
         win_ids = tl.arange(0, BLOCK_K // WINDOW)
-        if INT4_FLAT:
-            # Each group's kept rows start a chunk, so a chunk's first slot names its group; the rest
-            # of the group's last chunk is padding: the group's first row with x = 0 (every slot below
-            # n_slots is read unmasked). SUB_K divides GROUP_SIZE, so the slots fit BLOCK_K.
-            kept_g = tl.reshape(kept, [BLOCK_K // WINDOW, WINDOW])
-            win_slots = (win_kept + SUB_K - 1) // SUB_K * SUB_K
-            win_base = tl.cumsum(win_slots, 0) - win_slots
-            dest_g = win_base[:, None] + tl.cumsum(kept_g, 1) - kept_g
-            tl.store(slots + dest_g, tl.reshape(block_rows, [BLOCK_K // WINDOW, WINDOW]), mask=kept_g > 0)
-            tl.store(slot_x + dest_g, tl.reshape(block_x, [BLOCK_K // WINDOW, WINDOW]), mask=kept_g > 0)
-            pad = tl.arange(0, SUB_K)
-            pad_ok = pad[None, :] < (win_slots - win_kept)[:, None]
-            pad_dest = (win_base + win_kept)[:, None] + pad[None, :]
-            first_rows = k_block + win_ids * WINDOW
-            tl.store(slots + pad_dest, first_rows[:, None] + 0 * pad[None, :], mask=pad_ok)
-            tl.store(slot_x + pad_dest, tl.zeros([BLOCK_K // WINDOW, SUB_K], dtype=tl.float32), mask=pad_ok)
-            n_slots = tl.sum(win_slots, axis=0)
-            win_x = tl.sum(tl.reshape(block_x, [BLOCK_K // WINDOW, WINDOW]), axis=1)  # each group's sum of x
-        else:
-            dest = tl.cumsum(kept, 0) - kept
-            tl.store(slots + dest, block_rows, mask=kept > 0)
-            tl.store(slot_x + dest[None, :] * BLOCK_M + m_offs[:, None], block_x, mask=(kept > 0)[None, :])
-            if PAD_SLOTS:
-                n_kept = tl.sum(kept, axis=0)
-                pad = tl.arange(0, SUB_K)
-                pad_ok = pad < (n_kept + SUB_K - 1) // SUB_K * SUB_K - n_kept
-                tl.store(slots + n_kept + pad, k_block + 0 * pad, mask=pad_ok)
-                tl.store(slot_x + (n_kept + pad)[None, :] * BLOCK_M + m_offs[:, None],
-                         tl.zeros([BLOCK_M, SUB_K], dtype=tl.float32), mask=pad_ok[None, :])
+        dest = tl.cumsum(kept, 0) - kept
+        tl.store(slots + dest, block_rows, mask=kept > 0)
+        tl.store(slot_x + dest[None, :] * BLOCK_M + m_offs[:, None], block_x, mask=(kept > 0)[None, :])
         tl.debug_barrier()  # every thread's slot writes are visible before the gathers
 
     # Accumulator rows: one per lane, summed once at the end (int4: at each group's end), or with
@@ -739,15 +618,7 @@ def _sparse_gemv_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([ACC_ROWS, BLOCK_N], dtype=tl.float32)
-    if INT4_FLAT:
-        # sum over groups g of (sum of x in g) * zero[g]; then the scaled products, all in one loop
-        group_ok = (k_block + win_ids * WINDOW < K)[:, None] & cols_ok[None, :]
-        zeros = tl.load(zero_ptr + (k_block // GROUP_SIZE + win_ids)[:, None] * N + cols[None, :], mask=group_ok,
-                        other=0.0)
-        acc += tl.sum(win_x[:, None] * zeros, axis=0)[None, :]
-        acc += _int4_chunks(w_ptr, scale_ptr, slots, slot_x, n_slots, col_start, col_end, N, W_ROW, GROUP_SIZE,
-                            COL_ALIGN, BLOCK_N, SUB_K, LANE_GROUPS, PIPELINE, EVEN_N, INTERPRET)
-    n_windows = 0 if INT4_FLAT else tl.cdiv(tl.minimum(K - k_block, BLOCK_K), WINDOW)  # none past row K
+    n_windows = tl.cdiv(tl.minimum(K - k_block, BLOCK_K), WINDOW)  # none past row K
     for win in tl.range(0, n_windows):
         win_start = k_block + win * WINDOW
         if FORMAT == 2:  # sum of x * (q - 8) and of x in this group, scaled below
@@ -764,11 +635,10 @@ def _sparse_gemv_kernel(
                 # FMAs. With NORM and several K blocks, local triton 3.9 loads the weight rows a byte at a
                 # time here (the run-time loop of _rms_scale before it; WHOLE_ROW has no such loop); on the
                 # H200 (triton 3.6) that was not seen (results/long_k/ section 5).
-                end = (last + SUB_K - 1) // SUB_K * SUB_K if PAD_SLOTS else last  # one window: first = 0
-                for chunk in tl.range(first, end, SUB_K, num_stages=PIPELINE):
-                    rows, xm = _kept_slots(slots, slot_x, chunk + lane_k, last, lane_m, BLOCK_M, not PAD_SLOTS)
-                    wt = _weight_rows(w_ptr, rows, (xm != 0) | PAD_READS, col_start, col_end, W_ROW, FORMAT,
-                                      COL_ALIGN, LANES, BLOCK_N, INTERPRET, EVEN_N)
+                for chunk in tl.range(first, last, SUB_K, num_stages=PIPELINE):
+                    rows, xm = _kept_slots(slots, slot_x, chunk + lane_k, last, lane_m, BLOCK_M)
+                    wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES,
+                                      BLOCK_N, INTERPRET)
                     wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
                     if FORMAT == 2:
                         xacc += xm
@@ -776,8 +646,8 @@ def _sparse_gemv_kernel(
                 slot = first + lane_k
                 rows, xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
                 if PREFETCH:  # the first chunk's weight rows; the loop keeps one chunk in flight ahead
-                    wt = _weight_rows(w_ptr, rows, (xm != 0) | PAD_READS, col_start, col_end, W_ROW, FORMAT,
-                                      COL_ALIGN, LANES, BLOCK_N, INTERPRET, EVEN_N)
+                    wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N,
+                                      INTERPRET)
                     slot += SUB_K
                     rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
                 for _ in tl.range(first, last, SUB_K):
@@ -785,12 +655,12 @@ def _sparse_gemv_kernel(
                     # rows) before this chunk's FMAs wait on its weights.
                     slot += SUB_K
                     if PREFETCH:
-                        next_wt = _weight_rows(w_ptr, rows, (next_xm != 0) | PAD_READS, col_start, col_end, W_ROW,
-                                               FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET, EVEN_N)
+                        next_wt = _weight_rows(w_ptr, rows, next_xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN,
+                                               LANES, BLOCK_N, INTERPRET)
                         rows, after_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
                     else:
-                        wt = _weight_rows(w_ptr, rows, (xm != 0) | PAD_READS, col_start, col_end, W_ROW, FORMAT,
-                                          COL_ALIGN, LANES, BLOCK_N, INTERPRET, EVEN_N)
+                        wt = _weight_rows(w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES,
+                                          BLOCK_N, INTERPRET)
                         rows, next_xm = _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M)
                     wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
                     if FORMAT == 2:
@@ -811,8 +681,8 @@ def _sparse_gemv_kernel(
                                     nw_ptr, lane_scale, NORM)
                 if tl.max(tl.abs(xm), axis=0) > 0:
                     wt = _weight_rows(
-                        w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET,
-                        EVEN_N)
+                        w_ptr, rows, xm != 0, col_start, col_end, W_ROW, FORMAT, COL_ALIGN, LANES, BLOCK_N, INTERPRET
+                    )
                     wacc += _lane_rows(xm[:, None] * wt, LANE_SUM, LANE_GROUPS, BLOCK_M, SUB_K, BLOCK_N)
                     if FORMAT == 2:
                         xacc += xm
@@ -1012,7 +882,6 @@ def _dot_gemv_kernel(
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr,
     INTERPRET: tl.constexpr, PDL: tl.constexpr,
     GATHER: tl.constexpr = False, GROUPS: tl.constexpr = 1,  # the "gather" design (one row): see above
-    NORM_BLOCK: tl.constexpr = 1024, NORM_ONE_LOAD: tl.constexpr = False,  # _rms_scale's loads
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -1030,7 +899,7 @@ def _dot_gemv_kernel(
     m_ok = m_offs < M
     k0 = pid_k * BLOCK_K
     if NORM:
-        row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M, NORM_BLOCK, NORM_ONE_LOAD)
+        row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)
     else:
         row_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
 
@@ -1159,23 +1028,6 @@ PDL_ENV = "TEAL_PDL"
 # without PDL unless TEAL_PDL_PIPELINED=1: through PDL a table of pipelined int8 winners decoded 10%
 # slower than with plain launches (H200, 2026-12-04, 50%: 335.3 against 370.7 tok/s, results/long_k/).
 PDL_PIPELINED_ENV = "TEAL_PDL_PIPELINED"
-# The fused norm's statistics (_rms_scale, in every program whose K block is not the whole row: int8
-# q|k|v on Llama-3-8B) read the row in loads of 1024 values, each waiting on the last: skipping the
-# statistics once gained ~1.7 us a GEMV (H200, results/NOTES.md, norm_bound). TEAL_NORM_ONE_LOAD=1
-# reads rows of up to ONE_LOAD_FLOATS values (all batch rows together) in one load instead.
-# Unmeasured: off until a GPU says.
-NORM_ONE_LOAD_ENV = "TEAL_NORM_ONE_LOAD"
-ONE_LOAD_FLOATS = 4096
-# The rows design's compact loop spends ~3 SASS instructions a weight on the int8 conversion and the
-# FMA and, per row, several more on masks: its row id's and x's loads (slot < last), its weight
-# load (x != 0, a column bound). TEAL_LEAN_LOOP=1 drops those that cannot matter. The pipelined
-# loop's compaction pads the kept list to whole chunks (the block's first row, x = 0), so its slot
-# loads need no mask; at one batch row of integer weights the weight rows are read unmasked (a pad
-# adds 0 times a finite weight); where every segment is a multiple of block_n no column lies past
-# its segment's end. sm_90 SASS of int8's stored Llama-3-8B tiles, instructions a chunk, off -> on:
-# triton 3.6 (the H200's) 347 -> 328 (gate|up), 358 -> 336 (down), 341 -> 302 (o); triton 3.9
-# 305 -> 279, 309 -> 285, 307 -> 283. Unmeasured on a GPU: off until one says.
-LEAN_LOOP_ENV = "TEAL_LEAN_LOOP"
 
 
 def launch_options(device: torch.device, pipelined: bool = False) -> dict:
@@ -1227,16 +1079,12 @@ def arrival_counters(device: torch.device) -> Tensor:
     return counters
 
 
-def _lane_groups(cfg: KernelConfig, fmt: int, elem_bytes: int, col_align: int, int4_flat: bool = False) -> int:
+def _lane_groups(cfg: KernelConfig, fmt: int, elem_bytes: int, col_align: int) -> int:
     """With lane_sum: the chunk rows that Triton's blocked layout of a [rows, block_n] weight tile
     spreads over threads and warps (16-byte loads along the columns, 32 threads, then the warps
     fill the columns first and the rows after), so that summing the rest stays in each thread.
     Any power of two up to sub_k gives the same sums in another order; this one costs no
-    cross-thread sum in the loop. int4 (bytes unpacked into two columns each) keeps 1, except in
-    its one-loop pipeline (`int4_flat`), which always sums a chunk's rows (block_n / 2 bytes a row)."""
-    if int4_flat:
-        vector = min(16, max(1, col_align // 2))
-        return max(1, min(cfg.sub_k, cfg.num_warps * 32 * vector // (cfg.block_n // 2)))
+    cross-thread sum in the loop. int4 (bytes unpacked into two columns each) keeps 1."""
     if not cfg.lane_sum or fmt == FMT_INT4:
         return 1
     vector = min(16 // elem_bytes, col_align)
@@ -1299,7 +1147,7 @@ def sparse_gemv_triton(
         GATHER=gather, GROUPS=cfg.block_k // group_size if gather and fmt == FMT_INT4 else 1,
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=next_power_of_2(m), DOT_M=dot_tile_rows(m),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        SUB_K=cfg.sub_k, **_fusions(gated, residual, norm_weight, m, k), EVEN_K=k % cfg.block_k == 0,
+        SUB_K=cfg.sub_k, **_fusions(gated, residual, norm_weight), EVEN_K=k % cfg.block_k == 0,
         INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         **_registers(cfg),
     )
@@ -1329,14 +1177,9 @@ def _aux_args(x: Tensor, thresholds: Tensor, scales: Tensor | None, zeros: Tenso
             residual if residual is not None else x, norm_weight if norm_weight is not None else x)
 
 
-def _fusions(gated: bool, residual: Tensor | None, norm_weight: Tensor | None, m: int, k: int) -> dict:
-    """The kernels' prologue / epilogue constexprs; with a norm, how _rms_scale loads the rows: all in
-    one load under TEAL_NORM_ONE_LOAD=1 where they fit ONE_LOAD_FLOATS, else 1024 values at a time."""
-    fusions = dict(GATED=gated, RESIDUAL=residual is not None, NORM=norm_weight is not None)
-    block = next_power_of_2(k)
-    if norm_weight is not None and env_switch(NORM_ONE_LOAD_ENV) and block * next_power_of_2(m) <= ONE_LOAD_FLOATS:
-        fusions.update(NORM_BLOCK=block, NORM_ONE_LOAD=True)
-    return fusions
+def _fusions(gated: bool, residual: Tensor | None, norm_weight: Tensor | None) -> dict:
+    """The kernels' prologue / epilogue constexprs."""
+    return dict(GATED=gated, RESIDUAL=residual is not None, NORM=norm_weight is not None)
 
 
 def _registers(cfg: KernelConfig) -> dict:
@@ -1371,7 +1214,6 @@ def _launch_rows(x: Tensor, w: Tensor, fmt: int, m: int, k: int, n: int, cfg: Ke
     col_align = min(cfg.block_n, 32, *(s & -s for s in split_sizes))
     pipeline = cfg.num_stages if cfg.compact and cfg.num_stages > 2 else 1
     pdl = launch_options(x.device, pipelined=pipeline > 1)
-    lean = env_switch(LEAN_LOOP_ENV)
     _sparse_gemv_kernel[(grid_k, grid_n)](
         x, w, *_aux_args(x, thresholds, scales, zeros, residual, norm_weight), out, partials, counters, idx, xs,
         *att_args,
@@ -1381,11 +1223,9 @@ def _launch_rows(x: Tensor, w: Tensor, fmt: int, m: int, k: int, n: int, cfg: Ke
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
         PREFETCH=cfg.compact and cfg.num_stages == 2, PIPELINE=pipeline,
         LANE_SUM=cfg.lane_sum,
-        LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align, fmt == FMT_INT4 and pipeline > 1 and m == 1),
-        RED_K=red_k,
-        **_fusions(gated, residual, norm_weight, m, k),
+        LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k,
+        **_fusions(gated, residual, norm_weight),
         WHOLE_ROW=cfg.compact and grid_k == 1, INTERPRET=INTERPRETED, PDL=bool(pdl),
-        LEAN_LOOP=lean, EVEN_N=lean and all(s % cfg.block_n == 0 for s in split_sizes),
         num_warps=cfg.num_warps, num_stages=1, **pdl, **_registers(cfg), **att_consts,
     )
     return out

@@ -1,8 +1,8 @@
 """Fuzz the sparse GEMV kernels against float64 math: random shapes, batch sizes, weight formats,
 segment splits, thresholds (none kept, all kept, anywhere between), prologue/epilogue fusions and
-kernel configs of both designs, every row-selection mode, TEAL_LEAN_LOOP on or off; and the
-attention prologue (o's GEMV computing its own input, teal::attention_o: one row, float or int8
-weights, random head layouts, head dims, cache sizes and positions).
+kernel configs of both designs, every row-selection mode; and the attention prologue (o's GEMV
+computing its own input, teal::attention_o: one row, float or int8 weights, random head layouts,
+head dims, cache sizes and positions).
 
 On a GPU (the issue's bar: >= 2000 problems, 0 mismatches)::
 
@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from teal_kernels.reference import gated_input, rms_normed  # noqa: E402
-from teal_kernels.triton_gemv import LEAN_LOOP_ENV, KernelConfig, attention_o_triton, sparse_gemv_triton  # noqa: E402
+from teal_kernels.triton_gemv import KernelConfig, attention_o_triton, sparse_gemv_triton  # noqa: E402
 
 FORMATS = ["bf16", "fp16", "int8", "int4-g32", "int4-g64", "int4-g128"]
 FUSIONS = ["plain", "gated", "residual", "gated+residual", "norm", "attention"]
 # Row selection / design of a config; "auto" is no config at all: the tuned table or the heuristic.
-MODES = ["rows-compact", "rows-prefetch", "rows-lanesum", "rows-pipelined", "rows-skip", "dot", "auto"]
+MODES = ["rows-compact", "rows-prefetch", "rows-lanesum", "rows-pipelined", "rows-skip", "dot", "gather", "auto"]
 
 
 def make_case(seed: int, tiny: bool) -> dict:
@@ -76,10 +76,15 @@ def make_case(seed: int, tiny: bool) -> dict:
         config = dict(design="dot", block_n=r.choice([16, 32] if tiny else [64, 128, 256, 512]),
                       block_k=r.choice([32, 64] if tiny else [128, 256, 512, 1024]), sub_k=r.choice([16, 32]),
                       num_warps=r.choice([4, 8]), num_stages=r.choice([1, 2, 3]))
+    elif mode == "gather":  # one row lists each block's kept rows (a batch runs "dot")
+        config = dict(design="gather", block_n=r.choice([16, 32] if tiny else [64, 128, 256, 512]),
+                      block_k=r.choice([32, 64] if tiny else [256, 512, 1024, 2048]),
+                      sub_k=r.choice([16, 32] if tiny else [16, 32, 64]), num_warps=r.choice([4, 8]),
+                      num_stages=r.choice([1, 3, 4]))
     fusion = r.choice(FUSIONS)
     attention = None
     if fusion == "attention":  # o's shape: whole heads, one row, a K block inside one KV group
-        if group or mode in ("rows-skip", "dot", "auto"):
+        if group or mode in ("rows-skip", "dot", "gather", "auto"):
             fmt, group, mode = r.choice(["bf16", "fp16", "int8"]), 0, r.choice(MODES[:4])
         d = r.choice([16, 32] if tiny else [64, 128])
         n_kv, heads_per_kv = r.randint(1, 2 if tiny else 8), r.choice([1, 2, 4] if tiny else [1, 2, 4, 8])
@@ -96,8 +101,7 @@ def make_case(seed: int, tiny: bool) -> dict:
     # per segment: all kept (0), none kept (above every |x|), or a quantile of |x|
     levels = [r.choice(["all", "none", r.uniform(0.05, 0.95), r.uniform(0.3, 0.7)]) for _ in sizes]
     return dict(seed=seed, fmt=fmt, group=group, m=m, k=k, sizes=sizes, attention=attention, dtype=dtype,
-                levels=levels, fusion=fusion, mode=mode, config=config,
-                lean_loop=r.random() < 0.5)  # TEAL_LEAN_LOOP for this problem
+                levels=levels, fusion=fusion, mode=mode, config=config)
 
 
 def _weights(case: dict, g: torch.Generator, device: str) -> tuple:
@@ -201,21 +205,13 @@ def run_case(case: dict, device: str) -> dict:
     gap = (1.08 if attention else 1.04) if device == "cpu" else 1.02
     thresholds = torch.tensor([_threshold(x_in, lvl, fused, gap) for lvl in case["levels"]],
                               dtype=torch.float32, device=device)
-    saved = os.environ.get(LEAN_LOOP_ENV)
-    os.environ[LEAN_LOOP_ENV] = "1" if case["lean_loop"] else "0"  # read at each launch
-    try:
-        if attention:
-            pos = torch.tensor([case["attention"]["p"]], device=device)
-            out = attention_o_triton(qkv, cs, k_cache, v_cache, pos, case["attention"]["n_head"], w, thresholds,
-                                     sizes, scales, residual, config=config)
-        else:
-            out = sparse_gemv_triton(x, w, thresholds, sizes, scales, zeros, case["group"], config=config,
-                                     gated=gated, residual=residual, norm_weight=norm_weight, eps=eps)
-    finally:
-        if saved is None:
-            del os.environ[LEAN_LOOP_ENV]
-        else:
-            os.environ[LEAN_LOOP_ENV] = saved
+    if attention:
+        pos = torch.tensor([case["attention"]["p"]], device=device)
+        out = attention_o_triton(qkv, cs, k_cache, v_cache, pos, case["attention"]["n_head"], w, thresholds, sizes,
+                                 scales, residual, config=config)
+    else:
+        out = sparse_gemv_triton(x, w, thresholds, sizes, scales, zeros, case["group"], config=config, gated=gated,
+                                 residual=residual, norm_weight=norm_weight, eps=eps)
     w64 = weight64(w, scales, zeros, case["group"])
     x64 = x_in.double()
     col_thr = torch.cat([thresholds[j].double().expand(size) for j, size in enumerate(sizes)])
@@ -256,7 +252,7 @@ def fuzz(problems: int, seed: int = 0, tiny: bool | None = None, jobs: int = 1) 
 
 def summary(results: list[dict]) -> dict:
     by = {}
-    for key in ("fmt", "mode", "fusion", "lean_loop"):
+    for key in ("fmt", "mode", "fusion"):
         for r in results:
             entry = by.setdefault(f"{key}={r[key]}", [0, 0])
             entry[0] += 1

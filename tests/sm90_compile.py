@@ -121,29 +121,20 @@ def gemv_variants():
                     LANE_GROUPS=1, RED_K=8, GATED=False, RESIDUAL=True, NORM=False, WHOLE_ROW=False,
                     INTERPRET=False, PDL=False, ATTENTION=True, ATT_GROUP=4, ATT_HEADS_PAD=16, ATT_D=128,
                     ATT_BLOCK_S=64), 4, 1)
-    # int8 q|k|v's tile with the norm's statistics in one load (TEAL_NORM_ONE_LOAD=1), beside the loop
-    for one_load in (False, True):
-        yield (sg._sparse_gemv_kernel, {"w_ptr": "*i8"},
-               dict(FORMAT=1, GROUP_SIZE=1, COL_ALIGN=32, BLOCK_M=1, BLOCK_N=128, BLOCK_K=512, SUB_K=32, WINDOW=512,
-                    COMPACT=True, PREFETCH=False, PIPELINE=4, LANE_SUM=False, LANE_GROUPS=1, RED_K=8, GATED=False,
-                    RESIDUAL=False, NORM=True, WHOLE_ROW=False, INTERPRET=False, PDL=False,
-                    NORM_BLOCK=4096 if one_load else 1024, NORM_ONE_LOAD=one_load), 4, 1)
+    # int8 q|k|v's pipelined tile with the norm's statistics read apart (_rms_scale: K blocks shorter than the row)
+    yield (sg._sparse_gemv_kernel, {"w_ptr": "*i8"},
+           dict(FORMAT=1, GROUP_SIZE=1, COL_ALIGN=32, BLOCK_M=1, BLOCK_N=128, BLOCK_K=512, SUB_K=32, WINDOW=512,
+                COMPACT=True, PREFETCH=False, PIPELINE=4, LANE_SUM=False, LANE_GROUPS=1, RED_K=8, GATED=False,
+                RESIDUAL=False, NORM=True, WHOLE_ROW=False, INTERPRET=False, PDL=False), 4, 1)
     # int8's pipelined tiles of the stored Llama-3-8B configs (gate|up with its norm, down gated with the
-    # residual, o with the residual), with TEAL_LEAN_LOOP=1 (no load masks in the loop) and without
-    for (block_n, block_k, sub_k, gated, residual, norm), lean in itertools.product(
-            ((128, 4096, 64, False, False, True), (256, 1024, 32, True, True, False),
-             (256, 512, 32, False, True, False)), (False, True)):
+    # residual, o with the residual)
+    for block_n, block_k, sub_k, gated, residual, norm in (
+            (128, 4096, 64, False, False, True), (256, 1024, 32, True, True, False), (256, 512, 32, False, True, False)):
         yield (sg._sparse_gemv_kernel, {"w_ptr": "*i8"},
                dict(FORMAT=1, GROUP_SIZE=1, COL_ALIGN=32, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, SUB_K=sub_k,
                     WINDOW=block_k, COMPACT=True, PREFETCH=False, PIPELINE=4, LANE_SUM=False, LANE_GROUPS=1,
-                    RED_K=8, GATED=gated, RESIDUAL=residual, NORM=norm, WHOLE_ROW=norm, INTERPRET=False, PDL=False,
-                    LEAN_LOOP=lean, EVEN_N=lean), 4, 1)
-    # int4's one-loop pipeline (_int4_chunks) at gate|up's size of K block, 32- and 64-row chunks
-    for sub_k in (32, 64):
-        yield (sg._sparse_gemv_kernel, {"w_ptr": "*u8"},
-               dict(FORMAT=2, GROUP_SIZE=128, COL_ALIGN=32, BLOCK_M=1, BLOCK_N=256, BLOCK_K=2048, SUB_K=sub_k,
-                    WINDOW=128, COMPACT=True, PREFETCH=False, PIPELINE=4, LANE_SUM=False, LANE_GROUPS=16, RED_K=8,
-                    GATED=False, RESIDUAL=False, NORM=True, WHOLE_ROW=False, INTERPRET=False, PDL=False), 4, 1)
+                    RED_K=8, GATED=gated, RESIDUAL=residual, NORM=norm, WHOLE_ROW=norm, INTERPRET=False, PDL=False),
+               4, 1)
     # the int4 tile under a register cap (KernelConfig.max_registers; at 96 it spills 288 B a thread)
     yield (sg._dot_gemv_kernel, {"w_ptr": "*i32"},
            dict(FORMAT=2, GROUP_SIZE=128, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=512, SUB_K=128, GATED=False,

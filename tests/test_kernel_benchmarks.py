@@ -41,26 +41,18 @@ def test_candidates_of_named_kinds_keep_the_stored_config():
 
 
 def test_pipelined_candidates_only_when_named():
-    """The pipelined rows loop is opt-in: the default grid has none, --kinds naming it brings long K blocks."""
+    """The pipelined rows loop is opt-in: the default grid has none, --kinds naming it brings long K blocks
+    (bf16/int8; int4, which runs the dot design, is never offered it)."""
     full = tune_kernels.candidates("int8", 1, 4096, [14336, 14336], quick=False, stored=None)
     assert not any(tune_kernels.config_kind(c).startswith("rows-compact-pipelined") for c in full)
     piped = tune_kernels.candidates("int8", 1, 4096, [14336, 14336], quick=False, stored=None,
                                     kinds=["rows-compact-pipelined"])
     assert piped and all(tune_kernels.config_kind(c) == "rows-compact-pipelined" for c in piped)
     assert max(c.block_k for c in piped) == 4096 and {c.num_stages for c in piped} == {4, 8}
-
-
-def test_int4_one_loop_candidates_only_when_named():
-    """int4's one-loop pipeline is offered at one row only under --kinds rows-compact-pipelined,
-    with chunks that divide a group of 128."""
-    full = tune_kernels.candidates("int4-g128", 1, 4096, [14336, 14336], quick=False, stored=None)
-    assert not any(tune_kernels.config_kind(c) == "rows-compact-pipelined" for c in full)
-    piped = tune_kernels.candidates("int4-g128", 1, 4096, [14336, 14336], quick=False, stored=None,
-                                    kinds=["rows-compact-pipelined"])
-    assert piped and all(tune_kernels.config_kind(c) == "rows-compact-pipelined" for c in piped)
-    assert {c.sub_k for c in piped} == {32, 64} and max(c.block_k for c in piped) == 4096
-    assert not tune_kernels.candidates("int4-g128", 2, 4096, [14336, 14336], quick=False, stored=None,
-                                       kinds=["rows-compact-pipelined"])
+    for m in (1, 2):
+        int4 = tune_kernels.candidates("int4-g128", m, 4096, [14336, 14336], quick=False, stored=None,
+                                       kinds=["rows-compact-pipelined", "rows-compact-pipelined-lane_sum"])
+        assert not int4
 
 
 def test_gather_candidates_only_when_named_at_one_row():

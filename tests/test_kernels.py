@@ -161,113 +161,23 @@ def test_kernel_matches_float64_reference(case, compact, stages, lane_sum):
     assert_close_to_ref(out, *args)
 
 
-# TEAL_LEAN_LOOP's cases: one batch row of integer weights (no row mask), segments that are
-# multiples of block_n (no column mask) or not, and a batch of three (masks kept)
-LEAN_CASES = [CASES[5], CASES[7], CASES[10], CASES[6],
-              ("int8", torch.bfloat16, 1, 200, [64, 32], 0, KernelConfig(block_n=32, block_k=64, sub_k=8))]
-
-
-@pytest.mark.parametrize("stages", [1, 2, 3], ids=["compact", "prefetch", "pipelined"])
-@pytest.mark.parametrize("case", LEAN_CASES, ids=case_id)
-def test_lean_loop_matches_the_masked_loop(case, stages, monkeypatch):
-    """TEAL_LEAN_LOOP=1 drops the compact loop's load masks where they cannot change the sum: the
-    output equals the masked loop's bit for bit (a padded slot reads row 0 times x = 0) and the
-    float64 reference. The column mask goes only where every segment is a multiple of block_n (a
-    read past a segment's end is never stored, so only the launch shows a wrong EVEN_N)."""
-    fmt, dtype, m, k, splits, group, cfg = case
-    args = make_problem(fmt, dtype, m, k, splits, group)
-    cfg = KernelConfig(**{**cfg.to_dict(), "num_stages": stages})
-    kernel, seen = sg._sparse_gemv_kernel, []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append((kwargs["LEAN_LOOP"], kwargs["EVEN_N"]))
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(sg, "_sparse_gemv_kernel", Recorder())
-    outs = {}
-    for lean in ("0", "1"):
-        monkeypatch.setenv(sg.LEAN_LOOP_ENV, lean)
-        outs[lean] = sparse_gemv_triton(*args, config=cfg)
-    assert torch.equal(outs["1"], outs["0"])
-    assert_close_to_ref(outs["1"], *args)
-    assert seen == [(False, False), (True, all(s % cfg.block_n == 0 for s in splits))]
-
-
-@pytest.mark.parametrize("stages", [1, 2, 3], ids=["compact", "prefetch", "pipelined"])
-def test_lean_loop_keeps_the_row_mask_for_float_weights(stages, monkeypatch):
-    """Float weights keep their row mask under TEAL_LEAN_LOOP=1: a dropped row 0 of infinities
-    would turn a padded slot's 0 * w into NaN."""
-    monkeypatch.setenv(sg.LEAN_LOOP_ENV, "1")
-    x, w, thresholds, splits, *_ = make_problem("fp", torch.bfloat16, 1, 96, [32, 16], 0, quantiles=[0.6, 0.6])
-    x[0, 0] = 0.0
-    w_inf = w.clone()
-    w_inf[0] = float("inf")
-    cfg = KernelConfig(block_n=16, block_k=32, sub_k=8, num_stages=stages)
-    kept = (x.abs() > thresholds[0]).reshape(3, 32).sum(1)
-    assert (kept % 8 != 0).any()  # a block with padded slots
-    assert_close_to_ref(sparse_gemv_triton(x, w_inf, thresholds, splits, config=cfg), x, w, thresholds, splits)
-
-
-def run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
-    """Emulate the few PTX instructions of the nibble conversion (shr.b32, lop3.b32, fma.rn.f32 on
-    32-bit registers) on the host: the interpreter cannot run inline PTX, so this checks its bits."""
-    import struct
-    regs = dict(inputs)
-    as_float = lambda r: struct.unpack("<f", struct.pack("<I", r))[0]  # noqa: E731
-    as_bits = lambda f: struct.unpack("<I", struct.pack("<f", f))[0]  # noqa: E731
-    value = lambda t: int(t, 16) if t.startswith("0x") else as_float(int(t[2:], 16)) if t.startswith("0f") \
-        else regs[t]  # noqa: E731
-    for line in asm.strip().strip("{}").split(";"):
-        op, _, rest = line.strip().partition(" ")
-        args = [a.strip() for a in rest.split(",")]
-        if op == "shr.b32":
-            regs[args[0]] = regs[args[1]] >> int(args[2])
-        elif op == "lop3.b32":  # only the (a & b) | c table is used
-            assert args[4] == "0xEA"
-            regs[args[0]] = (value(args[1]) & value(args[2])) | value(args[3])
-        elif op == "fma.rn.f32":  # exact here: every operand and result is a small integer times 2^k
-            f = lambda t: as_float(regs[t]) if t.startswith("$") else value(t)  # noqa: E731
-            regs[args[0]] = as_bits(f(args[1]) * f(args[2]) + f(args[3]))
-        else:
-            assert op in (".reg", ""), op
-    return regs
-
-
-def test_int4_nibble_ptx_gives_each_nibble_minus_8():
-    """The one-loop pipeline's PTX turns four packed bytes into their low and high nibbles - 8, in
-    the order of the bytes (output j and j + 4 come from byte j), for random words and the extremes."""
-    import struct
-    gen = torch.Generator().manual_seed(3)
-    words = [0, 0xFFFFFFFF, 0x0F0F0F0F, 0xF0F0F0F0, 0x76543210, 0x89ABCDEF]
-    words += torch.randint(0, 2**32, (200,), generator=gen, dtype=torch.int64).tolist()
-    for word in words:
-        regs = run_ptx(sg._nibbles_asm(), {"$8": word})
-        got = [struct.unpack("<f", struct.pack("<I", regs[f"${i}"]))[0] for i in range(8)]
-        nibbles = [(word >> (8 * j + 4 * hi)) & 0xF for hi in (0, 1) for j in range(4)]
-        assert got == [float(n - 8) for n in nibbles], hex(word)
-
-
-# int4 at one row through the software pipeline runs one loop over the block, its chunks padded so
-# that none straddles a group: several groups a block, several chunks a group, a block past K
-INT4_FLAT_CASES = [
+# int4 at one row through the software pipeline (num_stages >= 3) runs one pipelined loop a group:
+# several groups a block, several chunks a group, a block past K, any number of kept rows a group
+INT4_PIPELINED_CASES = [
     (torch.bfloat16, 256, [64, 32], 32, KernelConfig(block_n=32, block_k=128, sub_k=8)),
     (torch.float16, 384, [128], 64, KernelConfig(block_n=64, block_k=256, sub_k=16)),
     (torch.bfloat16, 512, [32, 96], 128, KernelConfig(block_n=32, block_k=512, sub_k=32, num_warps=2)),
 ]
 
 
-@pytest.mark.parametrize("stages", [3, 4])
 @pytest.mark.parametrize("quantiles", [[0.5, 0.5], [0.0, 0.9], [0.97, 0.2]], ids=["half", "all-most", "few-some"])
-@pytest.mark.parametrize("case", INT4_FLAT_CASES, ids=lambda c: f"K{c[1]}-g{c[3]}-bk{c[4].block_k}")
-def test_int4_one_loop_pipeline_matches_float64(case, quantiles, stages):
-    """int4's one-loop pipeline (its chunks padded to whole groups, the zero points' term from each
-    group's sum of x) against float64, with any number of kept rows a group."""
+@pytest.mark.parametrize("case", INT4_PIPELINED_CASES, ids=lambda c: f"K{c[1]}-g{c[3]}-bk{c[4].block_k}")
+def test_int4_pipelined_rows_match_float64(case, quantiles):
+    """int4's software-pipelined rows loop at one row (a loop a group, each group's scale and zero
+    applied at its end) against float64, with several groups a block."""
     dtype, k, splits, group, cfg = case
     args = make_problem("int4", dtype, 1, k, splits, group, quantiles=quantiles[: len(splits)])
-    out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "num_stages": stages}))
+    out = sparse_gemv_triton(*args, config=KernelConfig(**{**cfg.to_dict(), "num_stages": 3}))
     assert_close_to_ref(out, *args)
 
 
@@ -960,16 +870,14 @@ def test_gated_prologue_and_residual_epilogue(fmt, group, name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("fmt,group", [("fp", 0), ("int8", 0), ("int4", 32)])
-@pytest.mark.parametrize("block_k,one_load", [(32, "0"), (32, "1"), (64, "0")])
-def test_rmsnorm_prologue(fmt, group, name, block_k, one_load, monkeypatch):
+@pytest.mark.parametrize("block_k", [32, 64])
+def test_rmsnorm_prologue(fmt, group, name, block_k):
     """x given as the residual stream h [M, K] with the norm's weight: the kernel computes
     model.RMSNorm's output (two roundings to bf16) before thresholding, against float64 math.
     Thresholds sit between two |x| values a few percent apart, so the roundings (the interpreter
     truncates) cannot flip a mask; the tolerance allows two ulps on every term. K blocks of 64 rows
     are the whole row (one K block: the compact designs take the statistics from the block's load);
-    with 32-row blocks the statistics are read apart, in 1024-value loads or (TEAL_NORM_ONE_LOAD=1)
-    in one."""
-    monkeypatch.setenv(sg.NORM_ONE_LOAD_ENV, one_load)
+    with 32-row blocks the statistics are read apart (_rms_scale)."""
     _, w, _, splits, scales, zeros, g = make_problem(fmt, torch.bfloat16, 3, 64, [16, 32], group)
     gen = torch.Generator().manual_seed(12)
     h = (torch.randn(3, 64, generator=gen) * 4).to(torch.bfloat16).to(DEVICE)

@@ -201,14 +201,14 @@ def test_bench_decode_results_name_the_switches(tmp_path: Path, monkeypatch: pyt
 
     import benchmarks.bench_decode as bench_decode
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
-    monkeypatch.setenv("TEAL_LEAN_LOOP", "1")
+    monkeypatch.setenv("TEAL_ATTENTION_O", "0")
     monkeypatch.delenv("TEAL_PDL", raising=False)
     args = argparse.Namespace(model="Llama-3-8B", tokens=256, runs=3, out=tmp_path / "d")
     rows = [dict(weights="int8", path="fused", sparsity=0.5, realized=0.5, tok_s=390.0, gb_s=3000.0)]
     bench_decode.write_results(args, rows)
     meta = json.loads((tmp_path / "d.json").read_text())["meta"]
-    assert {k: v for k, v in meta["switches"].items() if k in ("TEAL_LEAN_LOOP", "TEAL_PDL")} == {"TEAL_LEAN_LOOP": "1"}
-    assert "TEAL_LEAN_LOOP=1 " in (tmp_path / "d.md").read_text()
+    assert {k: v for k, v in meta["switches"].items() if k in ("TEAL_ATTENTION_O", "TEAL_PDL")} == {"TEAL_ATTENTION_O": "0"}
+    assert "TEAL_ATTENTION_O=0 " in (tmp_path / "d.md").read_text()
 
 
 def test_cli_bad_weights_is_one_line(tmp_path: Path) -> None:
