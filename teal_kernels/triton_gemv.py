@@ -46,7 +46,7 @@ TUNED_CONFIGS_PATH = Path(__file__).with_name("tuned_configs.json")
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes of one launch, and which of the two kernel designs runs.
+    """Tile sizes of one launch, and which kernel design runs.
 
     design: "dot" (masked tiles through tl.dot, pipelined num_stages deep), "gather" (one row: the
     dot design over each K block's kept rows, listed once; a batch runs "dot") or "rows" (FMA
