@@ -682,6 +682,16 @@ case $phase in
     cp teal_kernels/speed_table.json "$out/speed_table.json"
     step 150 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 0.65 --decode_path fused --out "$out/decode_int4_gather"
     ;;
+  gather_profile)  # issue 11, profile first: why the gather table lost end to end (339.9 against 349.9 dense, gather_2026_12_05/) although gather's plain gate|up call beat tinygemm's (29.0 against 33.3 us): the int4 + head step at 50% profiled kernel by kernel on that table, then on the stored one (gate|up through tinygemm plus its norm kernel), one call
+    cp teal_kernels/speed_table.json /tmp/stored_speed_table.json
+    cp teal_kernels/tuned_configs.json /tmp/stored_tuned_configs.json
+    cp benchmarks/results/gather_2026_12_05/speed_table_not_adopted.json teal_kernels/speed_table.json
+    cp benchmarks/results/gather_2026_12_05/tuned_configs_not_adopted.json teal_kernels/tuned_configs.json
+    step 200 python3 -m benchmarks.profile_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0.5 --decode_path fused --label gather --out "$out/profile_int4_gather"
+    cp /tmp/stored_speed_table.json teal_kernels/speed_table.json
+    cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
+    step 200 python3 -m benchmarks.profile_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0.5 --decode_path fused --label stored --out "$out/profile_int4_stored"
+    ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"
     ;;
