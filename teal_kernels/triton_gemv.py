@@ -927,7 +927,9 @@ def _dot_gemv_kernel(
         n_kept = tl.sum(kept, axis=0)
         tl.debug_barrier()  # every thread's list entries are visible before the tiles read them
         group_rows = tl.arange(0, DOT_M)
-        x_sums = tl.zeros([DOT_M], dtype=tl.float32)  # int4: each group's sum of x
+        # int4: each group's sum of x, row g of DOT_M (from the block, not summed again in every tile)
+        group_x = tl.sum(tl.reshape(block_x, [GROUPS, BLOCK_K // GROUPS]), axis=1)
+        x_sums = tl.sum(tl.where(group_rows[:, None] == tl.arange(0, GROUPS)[None, :], group_x[None, :], 0.0), axis=1)
         for c in tl.range(0, n_kept, SUB_K):
             slot = c + tl.arange(0, SUB_K)
             listed = slot < n_kept
@@ -938,7 +940,6 @@ def _dot_gemv_kernel(
             if FORMAT == 2:
                 words = _dot_w_tile(w_ptr, rows, listed, pid_n * NW, W_ROW, SUB_K, NW)
                 p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes(words, DTYPE, INTERPRET)
-                x_sums += tl.sum(xt, axis=1)
                 a0 += _dot(xt, p0, DTYPE, INTERPRET)
                 a1 += _dot(xt, p1, DTYPE, INTERPRET)
                 a2 += _dot(xt, p2, DTYPE, INTERPRET)
