@@ -53,7 +53,7 @@ class KernelConfig:
     lanes, one row chunk at a time).  block_n: output columns per program.  block_k: input rows per
     program (split-K).  sub_k: rows per inner step (skip granularity, or gathered rows per step
     if compact).  compact ("rows" only): gather the kept rows of the K-block (True) or walk fixed
-    row chunks with a skip branch and masked loads (False).  num_stages: "dot", Triton's pipeline
+    row chunks with a skip branch and masked loads (False).  num_stages: "dot" and "gather", Triton's pipeline
     depth; "rows" with compact: 1 one chunk at a time, 2 loads the next chunk's weight rows into
     registers before this chunk's FMAs (twice the bytes in flight, more registers), 3 or more runs
     the loop through Triton's software pipeline that deep (num_stages - 1 chunks in flight in

@@ -1,6 +1,6 @@
 """Fuzz the sparse GEMV kernels against float64 math: random shapes, batch sizes, weight formats,
 segment splits, thresholds (none kept, all kept, anywhere between), prologue/epilogue fusions and
-kernel configs of both designs, every row-selection mode; and the attention prologue (o's GEMV
+kernel configs of every design (rows, dot, gather), every row-selection mode; and the attention prologue (o's GEMV
 computing its own input, teal::attention_o: one row, float or int8 weights, random head layouts,
 head dims, cache sizes and positions).
 
