@@ -124,8 +124,10 @@ def sparse_kernel_takes_norm(fmt: str, n_rows: int, override: bool | None = None
 # 21.2 us at 128 positions, 19.5 vs 21.7 at 256, 25.3 vs 21.8 at 512 (benchmarks/bench_attention_o.py
 # times the op itself). End to end (H200, 2026-12-05, int8 + int8 head, results/switches_2026_12_05/):
 # off / on / off / on in one call, 287.9 / 291.2 / 288.5 / 291.4 tok/s dense, 387.5 / 393.5 / 387.6 /
-# 393.3 at 50% (+1.1% / +1.5%). On by default; TEAL_ATTENTION_O=0 (read when a PackedLinear is built)
-# turns it off.
+# 393.3 at 50% (+1.1% / +1.5%). bf16 lost (H100, 2026-12-05, results/attention_o_bf16_2026_12_05/):
+# 166.6 -> 164.1 tok/s dense, 253.8 -> 250.1 at 50%, and per layer at every context (128 positions:
+# 25.5 against 24.8 us; int8 there 19.0 against 21.3). So on by default for int8 weights only;
+# TEAL_ATTENTION_O=1 / 0 (read when a PackedLinear is built) turns it on / off for every format.
 ATTENTION_O_ENV = "TEAL_ATTENTION_O"
 ATTENTION_O_MAX_CACHE = 384
 
@@ -192,7 +194,7 @@ class PackedLinear(nn.Module):
         self.sparse = False
         self.sparse_prefill = False
         self.preload_allowed = env_switch(PRELOAD_ENV, default="1")  # a bad value fails here, not mid-decode
-        self.attention_allowed = env_switch(ATTENTION_O_ENV, default="1")
+        self.attention_allowed = env_switch(ATTENTION_O_ENV, default="1" if fmt == "int8" else "0")
         # rows up to which a dense quantized call on CUDA runs the kernel (QUANTIZED_KERNEL_ROWS where the
         # shape takes the dot design, else the decode batches only)
         self.quantized_kernel_rows = (QUANTIZED_KERNEL_ROWS if fmt != "fp" and dot_design_fits(

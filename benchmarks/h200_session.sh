@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -642,7 +642,7 @@ case $phase in
     step 180 python3 -m pytest -q -x tests/test_attention_o.py -k "float64 or rejects or gpu"
     # the machine's triton: are o's int8 weights still loaded 16 bytes at a time by cp.async behind the prologue?
     # (locally, triton 3.9, any branch or loop before the pipelined loop turns them into byte loads)
-    step 60 python3 tests/sm90_compile.py --resources --only "ATTENTION=True" --sass "$out/sass_attention_o"
+    step 60 env PYTHONPATH=. python3 tests/sm90_compile.py --resources --only "ATTENTION=True" --sass "$out/sass_attention_o"
     for f in "$out"/sass_attention_o/*.sass; do echo "$f"; grep -o "LDGSTS[.A-Z0-9]*\|LDG[.A-Z0-9]*" "$f" | sort | uniq -c; done
     # int8 + head off / on: timed 2026-12-05, benchmarks/results/switches_2026_12_05/
     for v in 0 1; do
@@ -683,6 +683,8 @@ case $phase in
     step 150 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 0.65 --decode_path fused --out "$out/decode_int4_gather"
     ;;
   gather_profile)  # issue 11, profile first: why the gather table lost end to end (339.9 against 349.9 dense, gather_2026_12_05/) although gather's plain gate|up call beat tinygemm's (29.0 against 33.3 us): the int4 + head step at 50% profiled kernel by kernel on that table, then on the stored one (gate|up through tinygemm plus its norm kernel), one call
+    # the first GPU run of the kernel after the one-loop removal and gather's x sums from the listed block
+    step 90 python3 -m pytest -q -x tests/test_kernels.py -k "gather"
     cp teal_kernels/speed_table.json /tmp/stored_speed_table.json
     cp teal_kernels/tuned_configs.json /tmp/stored_tuned_configs.json
     cp benchmarks/results/gather_2026_12_05/speed_table_not_adopted.json teal_kernels/speed_table.json
@@ -691,6 +693,25 @@ case $phase in
     cp /tmp/stored_speed_table.json teal_kernels/speed_table.json
     cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
     step 200 python3 -m benchmarks.profile_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0.5 --decode_path fused --label stored --out "$out/profile_int4_stored"
+    ;;
+  gather_int8)  # issue 11's int8 + 50%: the "gather" design tried on int8 (it won int4 + head at 50% on the H100, 368 against 348.6 tok/s, gather_2026_12_05b/): int8's one-row 8B shapes retuned on a copy with gather candidates against the stored winners (copied to this GPU's keys when it has none of its own), then int8 + head at 0 / 50% on the copy and the stored table, alternating, one call
+    python3 - "$out/tuned_gather_int8.json" <<'PY'
+import json, sys, torch
+table = json.load(open("teal_kernels/tuned_configs.json"))
+me = torch.cuda.get_device_name()
+for key, entry in list(table.items()):
+    gpu, rest = key.split("|", 1)
+    if gpu == "NVIDIA H200" and rest.startswith("int8|M1|"):
+        table.setdefault(f"{me}|{rest}", entry)
+json.dump(table, open(sys.argv[1], "w"), indent=1)
+PY
+    step 240 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int8 --models llama3-8b --kinds gather --out "$out/tuned_gather_int8.json"
+    cp teal_kernels/tuned_configs.json /tmp/stored_tuned_configs.json
+    for t in gather stored gather stored; do
+      if [ $t = gather ]; then cp "$out/tuned_gather_int8.json" teal_kernels/tuned_configs.json; else cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json; fi
+      step 110 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_$t"
+    done
+    cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
     step 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_baselines.py tests/test_linear.py -k "gpu or cuda"

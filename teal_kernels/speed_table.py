@@ -5,7 +5,8 @@ teal_kernels/speed_table.json is written by `benchmarks/bench_kernels.py --table
 key "GPU|format|M<m>|K<k>|N<n>" -> {"dense_us": the dense path (cuBLAS x @ W^T for bf16/fp16; the
 kernel at 0% for int8/int4), "sparse_us": {"<sparsity>": µs, ...}, for int4 "tinygemm_us": torch's
 tinygemm on the shape (the dense path of a layer with a tinygemm copy, linear.TINYGEMM_ENV), and
-"source": the command and date of the run}. Shapes nobody measured have no entry: there a size
+"source": the command and date of the run, and where another GPU's timings were adopted for this
+one, "adopted": the end-to-end measurement that decided it}. Shapes nobody measured have no entry: there a size
 model decides (estimated_sparse_beats_dense), and the caller reports them as estimated.
 """
 from __future__ import annotations
@@ -22,6 +23,19 @@ def table_key(device_name: str, weight_format: str, m: int, k: int, n: int) -> s
     return f"{device_name}|{weight_format}|M{m}|K{k}|N{n}"
 
 
+# GPUs whose measurements stand in for a GPU (by name prefix) on keys it has none of its own for.
+# The H100 is the H200's chip (sm_90, 132 SMs, 227 KB of shared memory an SM) with less memory
+# bandwidth, so the H200's configs fit it and its verdicts scale alike; untuned, an H100 would
+# otherwise fall back to the heuristics and the size model on every Llama shape.
+STAND_INS = {"NVIDIA H100": "NVIDIA H200"}
+
+
+def lookup_names(device_name: str) -> list[str]:
+    """Device names to look a key up under, in order: the GPU's own, then its stand-in's."""
+    return [device_name] + [sub for prefix, sub in STAND_INS.items()
+                            if device_name.startswith(prefix) and sub != device_name]
+
+
 @functools.cache
 def speed_table() -> dict:
     return json.loads(SPEED_TABLE_PATH.read_text()) if SPEED_TABLE_PATH.exists() else {}
@@ -31,13 +45,14 @@ def sparse_beats_dense(device_name: str, weight_format: str, m: int, k: int, n: 
                        sparsity: float, dense: str = "dense_us") -> bool | None:
     """Whether the kernel at `sparsity` (linear between measured levels) is faster than the dense
     path (`dense`: the entry's field that times it) for this shape and batch size; None if they
-    were not measured. fp16 uses bf16's
+    were not measured (on this GPU or its stand-in, lookup_names). fp16 uses bf16's
     entries. A batch never borrows the batch-1 entry: it reads the union of its rows' kept rows
     (Llama-3-8B bf16 at 50%, batch 4 / 8: the kernel 0.91x / 0.85x of dense, where batch 1 gains
     1.39x; benchmarks/results/context_batch/)."""
     table = speed_table()
     fmt = "bf16" if weight_format == "fp16" else weight_format
-    entry = table.get(table_key(device_name, fmt, m, k, n))
+    entry = next((table[key] for name in lookup_names(device_name)
+                  if (key := table_key(name, fmt, m, k, n)) in table), None)
     if entry is None or entry.get(dense) is None:
         return None
     levels = sorted((float(s), us) for s, us in entry["sparse_us"].items())

@@ -28,6 +28,7 @@ from triton.runtime.jit import JITFunction
 from teal_kernels.attention_tiles import LOG2E, default_block_s, heads_attention
 from teal_kernels.reference import (FMT_FLOAT, FMT_INT4, FMT_INT8, MAX_BATCH, MAX_DOT_ROWS, MAX_SEGMENTS,
                                     dot_design_fits, env_switch, validate, validate_step, weight_format_name)
+from teal_kernels.speed_table import lookup_names
 
 __all__ = ["INTERPRETED", "KernelConfig", "attention_o_fits", "attention_o_triton", "attention_prologue_fits",
            "get_config", "gpu_name", "sparse_gemv_triton"]
@@ -137,7 +138,8 @@ def _tuned_table() -> dict:
 
 
 def get_config(device_name: str, weight_format: str, m: int, k: int, n: int, dense: bool = False) -> KernelConfig:
-    """Tuned config for this GPU and shape if benchmarks/tune_kernels.py stored one, else a heuristic.
+    """Tuned config for this GPU and shape if benchmarks/tune_kernels.py stored one (for it, else
+    for its stand-in: speed_table.lookup_names), else a heuristic.
 
     ``dense``: a call without thresholds takes the entry's "dense_config" where the tuner stored one
     (the fastest config at 0% differed from the sparse levels' winner), else its "config".
@@ -147,8 +149,8 @@ def get_config(device_name: str, weight_format: str, m: int, k: int, n: int, den
     table = _tuned_table()
     formats = [weight_format, "bf16"] if weight_format == "fp16" else [weight_format]
     rows = m if m <= MAX_BATCH else dot_tile_rows(m)
-    for fmt in formats:
-        entry = table.get(config_key(device_name, fmt, rows, k, n))
+    for name, fmt in itertools.product(lookup_names(device_name), formats):
+        entry = table.get(config_key(name, fmt, rows, k, n))
         if entry is not None:
             return KernelConfig.from_dict(entry["dense_config" if dense and "dense_config" in entry else "config"])
     return _heuristic_config(weight_format, m, k, n)

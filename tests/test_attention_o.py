@@ -181,6 +181,18 @@ def greedy_tokens(model, prompt: torch.Tensor, steps: int, cache: int) -> tuple[
     return tokens, torch.cat(outs, 1)
 
 
+def test_the_switch_defaults_on_for_int8_only(monkeypatch):
+    """Unset, o computes its attention for int8 weights (faster end to end on the H200) and not for
+    bf16 (slower on the H100); TEAL_ATTENTION_O=1 / 0 sets it for every format."""
+    monkeypatch.delenv(ATTENTION_O_ENV, raising=False)
+    assert PackedLinear(64, 64, fmt="int8").attention_allowed
+    assert not PackedLinear(64, 64).attention_allowed
+    monkeypatch.setenv(ATTENTION_O_ENV, "1")
+    assert PackedLinear(64, 64).attention_allowed
+    monkeypatch.setenv(ATTENTION_O_ENV, "0")
+    assert not PackedLinear(64, 64, fmt="int8").attention_allowed
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="CPU interpreter test")
 def test_fused_block_with_attention_o_decodes_as_without(monkeypatch):
     """TEAL_ATTENTION_O=1, bf16, the Triton kernels in the interpreter: every o call takes the op

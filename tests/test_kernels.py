@@ -587,7 +587,14 @@ def test_get_config_lookup(monkeypatch):
     assert get_config("NVIDIA H200", "bf16", 1, 4096, 6144) == tuned
     assert get_config("NVIDIA H200", "fp16", 1, 4096, 6144) == tuned  # fp16 reuses bf16
     assert get_config("NVIDIA H200", "int8", 1, 4096, 6144) == sg._heuristic_config("int8", 1, 4096, 6144)
-    assert get_config("NVIDIA H100", "bf16", 1, 4096, 6144) != tuned
+    assert get_config("Other GPU", "bf16", 1, 4096, 6144) == sg._heuristic_config("bf16", 1, 4096, 6144)
+    # an untuned H100 takes the H200's entry (same chip, speed_table.STAND_INS); its own comes first
+    assert get_config("NVIDIA H100 80GB HBM3", "fp16", 1, 4096, 6144) == tuned
+    own = KernelConfig(block_n=128, block_k=256, sub_k=32, compact=True, design="rows")
+    h100_key = sg.config_key("NVIDIA H100 80GB HBM3", "bf16", 1, 4096, 6144)
+    monkeypatch.setattr(sg, "_tuned_table", lambda: {key: {"config": tuned.to_dict()}, h100_key: {"config": own.to_dict()}})
+    assert get_config("NVIDIA H100 80GB HBM3", "bf16", 1, 4096, 6144) == own
+    assert get_config("NVIDIA H200", "bf16", 1, 4096, 6144) == tuned
     # an entry with a config of its own for dense calls (tune_kernels: 0%'s fastest differed)
     for_dense = KernelConfig(block_n=256, block_k=512, sub_k=128, num_stages=3, design="dot")
     monkeypatch.setattr(sg, "_tuned_table", lambda: {key: {"config": tuned.to_dict(), "dense_config": for_dense.to_dict()}})

@@ -121,6 +121,16 @@ def test_speed_table_lookup_interpolates_and_falls_back(monkeypatch):
     assert st.sparse_beats_dense("Fake GPU", "bf16", 4, 64, 48, 0.9) is None  # a batch never borrows M1's entry
     assert st.sparse_beats_dense("Fake GPU", "int8", 1, 64, 48, 0.5) is None
     assert st.sparse_beats_dense("Other GPU", "bf16", 1, 64, 48, 0.5) is None
+    # an H100 without entries of its own reads the H200's (speed_table.STAND_INS), its own first
+    h200 = st.table_key("NVIDIA H200", "bf16", 1, 64, 48)
+    h100 = st.table_key("NVIDIA H100 80GB HBM3", "bf16", 1, 64, 48)
+    monkeypatch.setattr(st, "speed_table", lambda: {h200: {"dense_us": 10.0, "sparse_us": {"0.5": 8.0}}})
+    assert st.sparse_beats_dense("NVIDIA H100 80GB HBM3", "bf16", 1, 64, 48, 0.5) is True
+    monkeypatch.setattr(st, "speed_table", lambda: {h200: {"dense_us": 10.0, "sparse_us": {"0.5": 8.0}},
+                                                    h100: {"dense_us": 10.0, "sparse_us": {"0.5": 12.0}}})
+    assert st.sparse_beats_dense("NVIDIA H100 80GB HBM3", "bf16", 1, 64, 48, 0.5) is False
+    assert st.sparse_beats_dense("NVIDIA H200", "bf16", 1, 64, 48, 0.5) is True
+    monkeypatch.setattr(st, "speed_table", lambda: {key: {"dense_us": 10.0, "sparse_us": {"0": 14.0, "0.5": 8.0}}})
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     layer = PackedLinear(64, 48, [16, 32], dtype=torch.bfloat16)
