@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_ab)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -711,6 +711,22 @@ PY
       if [ $t = gather ]; then cp "$out/tuned_gather_int8.json" teal_kernels/tuned_configs.json; else cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json; fi
       step 110 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_$t"
     done
+    cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
+    ;;
+  gather_ab)  # issue 11, on an H200 (an H100 has the gather rows of its own since 2026-12-05, so both tables run alike there): the H200's not-adopted gather table against its stored one with the current kernel (x sums once a block; it won on the H100 by 2.8 / 5.6 / 14% at 40 / 50 / 65%, gather_2026_12_05b/), int4-g128 + head, alternating, one call
+    cp teal_kernels/speed_table.json /tmp/stored_speed_table.json
+    cp teal_kernels/tuned_configs.json /tmp/stored_tuned_configs.json
+    for t in gather stored gather stored; do
+      if [ $t = gather ]; then
+        cp benchmarks/results/gather_2026_12_05/speed_table_not_adopted.json teal_kernels/speed_table.json
+        cp benchmarks/results/gather_2026_12_05/tuned_configs_not_adopted.json teal_kernels/tuned_configs.json
+      else
+        cp /tmp/stored_speed_table.json teal_kernels/speed_table.json
+        cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
+      fi
+      step 120 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.4 0.5 0.65 --decode_path fused --out "$out/decode_int4_$t"
+    done
+    cp /tmp/stored_speed_table.json teal_kernels/speed_table.json
     cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
     ;;
   gputests)  # every GPU test of the kernels and the baselines (the batch-sized x tile had not run on a GPU)
