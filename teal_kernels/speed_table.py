@@ -6,8 +6,8 @@ key "GPU|format|M<m>|K<k>|N<n>" -> {"dense_us": the dense path (cuBLAS x @ W^T f
 kernel at 0% for int8/int4), "sparse_us": {"<sparsity>": µs, ...}, for int4 "tinygemm_us": torch's
 tinygemm on the shape (the dense path of a layer with a tinygemm copy, linear.TINYGEMM_ENV), and
 "source": the command and date of the run, and where another GPU's timings were adopted for this
-one, "adopted": the end-to-end measurement that decided it}. Shapes nobody measured have no entry: there a size
-model decides (estimated_sparse_beats_dense), and the caller reports them as estimated.
+one, "adopted": the end-to-end measurement that decided it}. Shapes nobody measured have no entry:
+there a size model decides (estimated_sparse_beats_dense), and the caller reports them as estimated.
 """
 from __future__ import annotations
 
