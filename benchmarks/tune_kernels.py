@@ -122,8 +122,10 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
                                   design="rows", lane_sum=lane_sum))
     if m == 1 and kinds and "gather" in kinds:
         # opt-in: the "gather" design (a block's kept rows listed once and read sub_k a tl.dot tile; int4
-        # groups as the tile's rows, up to 16 a block), so a tile's work follows the kept rows. int4-g128 on
-        # the H200: gate|up faster at 50% alone, slower end to end (results/gather_2026_12_05/)
+        # groups as the tile's rows, up to 16 a block), so a tile's work follows the kept rows. int4-g128:
+        # on the H200 gate|up faster at 50% alone, slower end to end (results/gather_2026_12_05/); with the
+        # later kernel, faster end to end on the H100 (stored for it, results/gather_2026_12_05b/); int8:
+        # slower on every 8B matrix (ibid.)
         gather_ns = (128, 256, 512) if kind == "int4" else (256, 512)
         gather_ks = (32, 64, 128) if kind == "int4" else (32, 64)
         for bn, bk, sk, st in itertools.product(gather_ns, (512, 1024, 2048), gather_ks, (3, 4, 6)):

@@ -592,7 +592,8 @@ def test_get_config_lookup(monkeypatch):
     assert get_config("NVIDIA H100 80GB HBM3", "fp16", 1, 4096, 6144) == tuned
     own = KernelConfig(block_n=128, block_k=256, sub_k=32, compact=True, design="rows")
     h100_key = sg.config_key("NVIDIA H100 80GB HBM3", "bf16", 1, 4096, 6144)
-    monkeypatch.setattr(sg, "_tuned_table", lambda: {key: {"config": tuned.to_dict()}, h100_key: {"config": own.to_dict()}})
+    monkeypatch.setattr(sg, "_tuned_table",
+                        lambda: {key: {"config": tuned.to_dict()}, h100_key: {"config": own.to_dict()}})
     assert get_config("NVIDIA H100 80GB HBM3", "bf16", 1, 4096, 6144) == own
     assert get_config("NVIDIA H200", "bf16", 1, 4096, 6144) == tuned
     # an entry with a config of its own for dense calls (tune_kernels: 0%'s fastest differed)
