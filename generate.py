@@ -677,7 +677,8 @@ def set_sparsity(model: Transformer, level: float, args: argparse.Namespace,
         thresholds = load_thresholds(path, model, level, args.allocation)
         targets = load_targets(path, model, level, args.allocation)
     sparsify(model, thresholds, sparse_prefill=args.sparse_prefill, targets=targets)
-    slower, unmeasured = dense_fallbacks(model, model.norm.weight.device)
+    device = model.norm.weight.device
+    slower, unmeasured, borrowed = dense_fallbacks(model, device)
     if slower:
         print(f"[sparsity {level:.2f}: {len(slower)} of {len(thresholds)} projections stay dense, where the "
               f"kernel is slower than dense (teal_kernels/speed_table.json, or the size model for unmeasured shapes)]",
@@ -686,6 +687,10 @@ def set_sparsity(model: Transformer, level: float, args: argparse.Namespace,
         print(f"[sparsity {level:.2f}: {len(unmeasured)} projections have shapes the speed table has not "
               f"measured: decided by the size model (teal_kernels/speed_table.py; measure them with "
               f"benchmarks/bench_kernels.py --table)]", flush=True)
+    if borrowed:
+        print(f"[sparsity {level:.2f}: {len(borrowed)} projections were decided by another GPU's measurements "
+              f"(this GPU's stand-in in teal_kernels/speed_table.py; measure them on {torch.cuda.get_device_name(device)} "
+              f"with benchmarks/bench_kernels.py --table)]", flush=True)
 
 
 def read_prompts() -> Iterator[str]:

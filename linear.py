@@ -23,9 +23,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
-from teal_kernels.ops import attention_o, cpu_runs_interpreter, dense_gemv, dequantize
+from teal_kernels.ops import attention_o, cpu_runs_interpreter, dense_gemv, dequantize, quant_gemm
 from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, dot_design_fits, env_switch, gated_input
-from teal_kernels.speed_table import estimated_sparse_beats_dense, sparse_beats_dense
+from teal_kernels.speed_table import estimated_sparse_beats_dense, measured_on, sparse_beats_dense
 from teal_kernels.tinygemm import int4pack, int4pack_fits, int4pack_mm
 
 FORMATS = ("fp", "int8", "int4")
@@ -86,20 +86,28 @@ def preload_gemv_fits(device: torch.device, k: int, n: int) -> bool:
 # but slower on q|k|v and o; at 32 a tie; slower past.
 QUANTIZED_KERNEL_ROWS = 16
 
+# Dense prefills of int8/int4 weights on CUDA past those rows: dequantize + cuBLAS, or with
+# TEAL_QUANT_GEMM=1 (read when a PackedLinear is built) teal::quant_gemm, a GEMM that dequantizes
+# each weight tile in registers (teal_kernels/dequantize.py) and so never writes or reads the bf16
+# copy. Not measured on a GPU yet: `benchmarks/bench_prefill.py` times both (its gemm column) for the
+# prompt lengths where it should replace the default.
+QUANT_GEMM_ENV = "TEAL_QUANT_GEMM"
+
 
 @torch.compiler.assume_constant_result
 def kernel_verdict_for(device: torch.device, weight_format: str, rows: int, k: int, n: int,
-                       sparsity: float, tinygemm: bool = False) -> tuple[bool | None, bool]:
-    """(does the sparse kernel beat the dense path, was that measured) for a decode call on a CUDA
-    device: the speed table's verdict, else the size model's; `tinygemm`: the dense path is
-    tinygemm's (an int4 layer with attach_int4pack's copy). A constant to torch.compile: Dynamo
-    can trace neither torch.cuda.get_device_name nor the table file's read, and a compiled step
-    whose first call reaches this (no eager call before it) failed."""
-    measured = sparse_beats_dense(torch.cuda.get_device_name(device), weight_format, rows, k, n, sparsity,
-                                  "tinygemm_us" if tinygemm else "dense_us")
+                       sparsity: float, tinygemm: bool = False) -> tuple[bool | None, str | None]:
+    """(does the sparse kernel beat the dense path, the GPU whose measurement says so) for a decode
+    call on a CUDA device: the speed table's verdict (this GPU's or its stand-in's), else the size
+    model's (None: not measured); `tinygemm`: the dense path is tinygemm's (an int4 layer with
+    attach_int4pack's copy). A constant to torch.compile: Dynamo can trace neither
+    torch.cuda.get_device_name nor the table file's read, and a compiled step whose first call
+    reaches this (no eager call before it) failed."""
+    name, dense = torch.cuda.get_device_name(device), "tinygemm_us" if tinygemm else "dense_us"
+    measured = sparse_beats_dense(name, weight_format, rows, k, n, sparsity, dense)
     if measured is not None:
-        return measured, True
-    return estimated_sparse_beats_dense(weight_format, k, n, sparsity, rows), False
+        return measured, measured_on(name, weight_format, rows, k, n, dense)
+    return estimated_sparse_beats_dense(weight_format, k, n, sparsity, rows), None
 
 
 def sparse_kernel_takes_norm(fmt: str, n_rows: int, override: bool | None = None) -> bool:
@@ -195,6 +203,7 @@ class PackedLinear(nn.Module):
         self.sparse_prefill = False
         self.preload_allowed = env_switch(PRELOAD_ENV, default="1")  # a bad value fails here, not mid-decode
         self.attention_allowed = env_switch(ATTENTION_O_ENV, default="1" if fmt == "int8" else "0")
+        self.quant_gemm_allowed = fmt != "fp" and env_switch(QUANT_GEMM_ENV)
         # rows up to which a dense quantized call on CUDA runs the kernel (QUANTIZED_KERNEL_ROWS where the
         # shape takes the dot design, else the decode batches only)
         self.quantized_kernel_rows = (QUANTIZED_KERNEL_ROWS if fmt != "fp" and dot_design_fits(
@@ -202,7 +211,7 @@ class PackedLinear(nn.Module):
         # Parameter-weighted target sparsity of the segments (teal.sparsify sets it from the
         # thresholds file): what the measured speed table is read at.
         self.target_sparsity: float | None = None
-        self._kernel_pays: dict[tuple[str, int, float, bool], tuple[bool | None, bool]] = {}  # kernel_verdict cache
+        self._kernel_pays: dict[tuple[str, int, float, bool], tuple[bool | None, str | None]] = {}  # kernel_verdict cache
         # int4: tinygemm's copy of the weights for dense decode calls (attach_int4pack), not saved
         self.register_buffer("int4pack_weight", None, persistent=False)
         self.register_buffer("int4pack_scales_zeros", None, persistent=False)
@@ -244,12 +253,12 @@ class PackedLinear(nn.Module):
             return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.weight.dtype, "fp32")
         return f"int4-g{self.group_size}" if self.fmt == "int4" else self.fmt
 
-    def kernel_verdict(self, device: torch.device, rows: int = 1) -> tuple[bool | None, bool]:
+    def kernel_verdict(self, device: torch.device, rows: int = 1) -> tuple[bool | None, str | None]:
         """(does the sparse kernel at this layer's target sparsity beat the dense path for a decode
-        call on `device`, was that measured): the speed table's verdict, else the size model's.
-        (None, False) off CUDA or without a target."""
+        call on `device`, the GPU whose measurement says so): the speed table's verdict, else the
+        size model's (None, as the GPU's). (None, None) off CUDA or without a target."""
         if device.type != "cuda" or self.target_sparsity is None:
-            return None, False
+            return None, None
         tinygemm = self.int4pack_weight is not None
         key = (str(device), rows, self.target_sparsity, tinygemm)  # the device's name is asked on a miss only
         if key not in self._kernel_pays:
@@ -301,7 +310,8 @@ class PackedLinear(nn.Module):
                    and x.dtype in KERNEL_DTYPES and preload_gemv_fits(x.device, self.in_features, self.out_features))
         # A dense prefill of int8/int4 weights on CUDA past quantized_kernel_rows: dense_weight_t
         # dequantizes the matrix once into x's dtype, then cuBLAS (H200, 8B shapes, 2048 tokens:
-        # 1.15-1.20x bf16's time, 16-17x faster than the float32 product; benchmarks/results/int4_prefill/)
+        # 1.15-1.20x bf16's time, 16-17x faster than the float32 product; benchmarks/results/int4_prefill/),
+        # or teal::quant_gemm where quant_gemm_allowed (QUANT_GEMM_ENV)
         quantized_prefill = (self.fmt != "fp" and not sparse and not decode_kernel and not tinygemm
                              and x.device.type == "cuda" and x.dtype in KERNEL_DTYPES)
         kernel_norm = x.device.type == "cuda" and (
@@ -317,8 +327,12 @@ class PackedLinear(nn.Module):
         elif dense_float or quantized_prefill or tinygemm:
             # cuBLAS / the CPU's BLAS / tinygemm, the fusions left to torch (Inductor)
             x_in = gated_input(rows) if gated else rows
-            out = (int4pack_mm(x_in, self.int4pack_weight, self.int4pack_scales_zeros, self.group_size) if tinygemm
-                   else x_in @ self.dense_weight_t(x.dtype))
+            if tinygemm:
+                out = int4pack_mm(x_in, self.int4pack_weight, self.int4pack_scales_zeros, self.group_size)
+            elif quantized_prefill and self.quant_gemm_allowed:
+                out = quant_gemm(x_in.contiguous(), self.weight, *self._quant_args(), self.group_size)
+            else:
+                out = x_in @ self.dense_weight_t(x.dtype)
             out = out if res is None else out + res
         elif decode_kernel:
             # Decode: the teal::sparse_gemv op (Triton on CUDA, C++ on the CPU: teal_kernels/cpu.py); rows of

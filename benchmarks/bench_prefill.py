@@ -1,20 +1,23 @@
 """Dense quantized prefill: int8 and int4 matrices dequantized once into bf16 (teal::dequantize), then
-cuBLAS, and (up to MAX_DOT_ROWS tokens) the Triton kernel reading the quantized weights, against the
-bf16 model's cuBLAS GEMM and the float32 path, per Llama layer shape and prompt length (issue: an
-int4 prefill not slower than bf16's).
+cuBLAS; the GEMM that dequantizes tiles in registers (teal::quant_gemm, TEAL_QUANT_GEMM=1); and (up to
+MAX_DOT_ROWS tokens) the Triton GEMV kernel reading the quantized weights, against the bf16 model's
+cuBLAS GEMM and the float32 path, per Llama layer shape and prompt length (issue: an int4 prefill not
+slower than bf16's).
 
     python -m benchmarks.bench_prefill [--models llama3-8b] [--tokens 128 512 2048] [--model Llama-3-8B] [--out OUT]
 
 Times one call each (CUDA graphs over rotating weight copies, median; the float32 path by
 triton.testing.do_bench, L2 flushed): `x @ w` in bf16; for int4-g<group> and int8, the dequantization
-alone, dequantize + `x @ w` (what PackedLinear runs on CUDA past the kernel's rows), the float32 path
+alone, dequantize + `x @ w` (what PackedLinear runs on CUDA past the kernel's rows), the dequantizing
+GEMM (quant_gemm_triton at its heuristic config), the float32 path
 (teal_kernels.reference.masked_product: a float32 copy of W, a float32 GEMM), and up to MAX_DOT_ROWS
 tokens the kernel (sparse_gemv_triton at threshold 0, its tuned or heuristic config), and for int4
 torch's tinygemm over a copy in its layout (teal_kernels/tinygemm.py: at which prompt lengths does it
 beat dequantize + GEMM?);
 each checked against the float32 path first. With `--model`, also a whole (eager) prefill of a
 random-weight model of that shape at each prompt length: bf16, int4-g<group> and int8 as PackedLinear
-routes them, int4-g<group> dequantized at every length, and the host's time to enqueue each. Writes
+routes them, int4-g<group> dequantized at every length, int4-g<group> through the dequantizing GEMM past
+the kernel's rows, and the host's time to enqueue each. Writes
 OUT.json (GPU, versions, date, command) and OUT.md, and prints the tables.
 """
 from __future__ import annotations
@@ -34,19 +37,25 @@ from benchmarks.timing import MODEL_SHAPES, copies_for, graph_time_us, make_weig
 from files import check_writable, write_report
 from model import ModelArgs
 from teal_kernels import ops
-from teal_kernels.dequantize import dequantize_triton
+from teal_kernels.dequantize import dequantize_triton, quant_gemm_triton
 from teal_kernels.reference import MAX_BATCH, MAX_DOT_ROWS, masked_product
 from teal_kernels.tinygemm import int4pack, int4pack_mm
 from teal_kernels.triton_gemv import sparse_gemv_triton
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the dequantizing GEMM that --gemm_configs times per shape
+GEMM_CONFIGS = [(64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (64, 256, 64, 4, 3), (128, 128, 64, 8, 3),
+                (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4)]
 
 
 def time_us(fn, rep_ms: int = 50) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=rep_ms, return_mode="median") * 1e3
 
 
-def bench_shape(k: int, n: int, m: int, formats: list[str]) -> dict:
+def bench_shape(k: int, n: int, m: int, formats: list[str], gemm_configs: bool = False) -> dict:
     """µs of the bf16 GEMM and, per quantized format, of its dequantization, dequantize + GEMM, the
-    kernel (up to MAX_DOT_ROWS rows) and the float32 path, for one [M, K] x [K, N]. All but the
+    kernel (up to MAX_DOT_ROWS rows), the dequantizing GEMM (with `gemm_configs`, every GEMM_CONFIGS
+    entry too) and the float32 path, for one [M, K] x [K, N]. All but the
     float32 path are replayed in CUDA graphs over rotating weight copies (benchmarks/timing.py): GPU
     time without the host's launch cost, weights read from memory, not L2."""
     x = make_x(m, k, torch.bfloat16, "cuda", seed=0)
@@ -63,11 +72,13 @@ def bench_shape(k: int, n: int, m: int, formats: list[str]) -> dict:
         float32 = lambda: masked_product(x, w, none, [n], scales, zeros, group)  # noqa: E731
         dequantized = lambda i: dequantize_triton(*copies[i], torch.bfloat16)  # noqa: E731
         kernel = lambda i: sparse_gemv_triton(x, copies[i][0], none, [n], *copies[i][1:])  # noqa: E731
+        gemm = lambda i: quant_gemm_triton(x, *copies[i])  # noqa: E731
         # int4: torch's tinygemm over a copy in its own layout (teal_kernels/tinygemm.py), bf16 scales
         packs = [int4pack(*c) for c in copies] if fmt.startswith("int4") else []
         tinygemm = lambda i: int4pack_mm(x, *packs[i], group)  # noqa: E731
         want = float32().float()
-        checks = ([("dequantize + GEMM", x @ dequantized(0))] + ([("kernel", kernel(0))] if m <= MAX_DOT_ROWS else [])
+        checks = ([("dequantize + GEMM", x @ dequantized(0)), ("dequantizing GEMM", gemm(0))]
+                  + ([("kernel", kernel(0))] if m <= MAX_DOT_ROWS else [])
                   + ([("tinygemm", tinygemm(0))] if packs else []))
         for name, got in checks:
             err = ((got.float() - want).abs().max() / want.abs().max()).item()
@@ -75,6 +86,7 @@ def bench_shape(k: int, n: int, m: int, formats: list[str]) -> dict:
                 raise RuntimeError(f"{fmt} {name} differs from the float32 path by {err:.3g} (K={k} N={n} M={m})")
         row |= {f"{fmt}_dequantize_us": graph_time_us(dequantized, len(copies)),
                 f"{fmt}_us": graph_time_us(lambda i: x @ dequantized(i), len(copies)),
+                f"{fmt}_gemm_us": graph_time_us(gemm, len(copies)),
                 f"{fmt}_float32_us": time_us(float32),
                 # the host's side of an eager call: PackedLinear's route (ops.*, no custom-op dispatch
                 # in eager) and the same through the custom op
@@ -83,6 +95,10 @@ def bench_shape(k: int, n: int, m: int, formats: list[str]) -> dict:
                     lambda: x @ torch.ops.teal.dequantize(w, scales, zeros, group, x.dtype))}
         if packs:
             row[f"{fmt}_tinygemm_us"] = graph_time_us(tinygemm, len(packs))
+        if gemm_configs:
+            row[f"{fmt}_gemm_configs_us"] = {
+                str(c): graph_time_us(lambda i, c=c: quant_gemm_triton(x, *copies[i], config=c), len(copies))
+                for c in GEMM_CONFIGS if group == 0 or group % c[2] == 0}
         if m <= MAX_DOT_ROWS:
             row |= {f"{fmt}_kernel_us": graph_time_us(kernel, len(copies)),
                     f"{fmt}_kernel_host_us": host_us_per_call(
@@ -120,12 +136,13 @@ def bench_model_prefill(name: str, tokens: list[int], formats: list[str]) -> lis
     from generate import random_model
     rows = [{"M": m} for m in tokens]
     from linear import packed_projections
-    for fmt in ["bf16", *formats, f"{formats[0]} dequantize"]:
+    for fmt in ["bf16", *formats, f"{formats[0]} dequantize", f"{formats[0]} gemm"]:
         model = random_model(name, torch.bfloat16, "cuda")
         apply_weights(model, fmt.split()[0])
-        if fmt.endswith("dequantize"):  # dequantize + cuBLAS past the decode batches
-            for layer in packed_projections(model).values():
+        for layer in packed_projections(model).values():
+            if fmt.endswith("dequantize"):  # dequantize + cuBLAS past the decode batches
                 layer.quantized_kernel_rows = MAX_BATCH
+            layer.quant_gemm_allowed = fmt.endswith("gemm")  # TEAL_QUANT_GEMM=1
         model.setup_caches(1, max(tokens) + 8)
         for row in rows:
             prompt = torch.randint(model.config.vocab_size, (1, row["M"]), device="cuda")
@@ -144,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", nargs="+", type=int, default=[128, 512, 2048], help="prompt lengths (M)")
     p.add_argument("--group_size", type=int, default=128, choices=[32, 64, 128])
     p.add_argument("--model", default=None, help="also time whole prefills of this shape (model.MODEL_CONFIGS)")
+    p.add_argument("--gemm_configs", action="store_true",
+                   help="also time the dequantizing GEMM at every GEMM_CONFIGS entry (the table gives the best)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/int4_prefill/dequantize"),
                    help="output prefix: OUT.json and OUT.md")
     args = p.parse_args(argv)
@@ -166,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for layer, k, splits in MODEL_SHAPES[model]:
             for m in args.tokens:
                 rows.append({"model": model, "layer": layer, "K": k, "N": sum(splits), "M": m,
-                             **bench_shape(k, sum(splits), m, formats)})
+                             **bench_shape(k, sum(splits), m, formats, args.gemm_configs)})
                 print(rows[-1], flush=True)
     lines = [f"# Quantized prefill: dequantize once + cuBLAS vs bf16 ({torch.cuda.get_device_name()}, torch "
              f"{torch.__version__}, triton {triton.__version__}, {datetime.date.today()})", "",
@@ -185,6 +204,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{r[f + '_float32_us']:.1f} | " + (f"{r[f + '_kernel_us']:.1f} | {r[f + '_kernel_us'] / r['bf16_us']:.2f}x"
                                                if f + "_kernel_us" in r else "- | -") for f in formats)
             + f" | {tinygemm:.1f} | {tinygemm / r['bf16_us']:.2f}x |")
+    lines += ["", "The dequantizing GEMM (teal::quant_gemm, TEAL_QUANT_GEMM=1, its heuristic config) against "
+              "dequantize + GEMM, µs:", "",
+              "| model | layer | M | bf16 | " + " | ".join(f"{f} dequantize + GEMM | {f} GEMM | its / bf16 | "
+                                                        f"{f} best config (µs)" for f in formats) + " |",
+              "|---|---|---|---|" + "---|---|---|---|" * len(formats)]
+    best = lambda times: min(times.items(), key=lambda kv: kv[1]) if times else None  # noqa: E731
+    lines += [f"| {r['model']} | {r['layer']} | {r['M']} | {r['bf16_us']:.1f} | " + " | ".join(
+        f"{r[f + '_us']:.1f} | {r[f + '_gemm_us']:.1f} | {r[f + '_gemm_us'] / r['bf16_us']:.2f}x | "
+        + ("-" if not (b := best(r.get(f + "_gemm_configs_us"))) else f"{b[0]} {b[1]:.1f}") for f in formats)
+        + " |" for r in rows]
     lines += ["", "Host time to enqueue one eager call, µs (100 calls in a row, median of 7): bf16 `x @ w`; per "
               "format dequantize + GEMM and the kernel, each as PackedLinear calls it (teal_kernels.ops, no "
               "custom-op dispatch in eager) / through the custom op:", "",
@@ -195,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                                  if f + "_kernel_host_us" in r else "-")
         lines.append(f"| {r['layer']} | {r['M']} | {r['bf16_host_us']:.1f} | " + " | ".join(
             f"{r[f + '_host_us']:.1f} / {r[f + '_op_host_us']:.1f} | {kernel_host(f)}" for f in formats) + " |")
-    model_formats = [*formats, f"{formats[0]} dequantize"]
+    model_formats = [*formats, f"{formats[0]} dequantize", f"{formats[0]} gemm"]
     model_rows = bench_model_prefill(args.model, args.tokens, formats) if args.model else []
     if model_rows:
         lines += ["", f"Whole prefill (eager), {args.model} shape, random weights, ms; in brackets the host's time "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_ab)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_ab | quant_gemm | quant_gemm_model)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -667,6 +667,13 @@ case $phase in
   tinygemm_prefill)  # issue 11's int4 prefill (dequantize + cuBLAS: ~2x bf16 at 128 tokens, 1.06x at 2048): where torch's tinygemm over the copy beats it, per 8B matrix at 16-2048 tokens (bench_prefill's tinygemm column), one call
     step 400 python3 -m benchmarks.bench_prefill --tokens 16 64 128 512 2048 --out "$out/prefill_tinygemm"
     ;;
+  quant_gemm)  # issue 11's int4 prefill: the GEMM that dequantizes weight tiles in registers (teal::quant_gemm, TEAL_QUANT_GEMM=1, written in the thirtieth session without a GPU): its GPU tests, then per 8B matrix at 16-2048 tokens against dequantize + cuBLAS and bf16, every GEMM_CONFIGS entry timed (--gemm_configs), one call
+    step 150 python3 -m pytest -q -x tests/test_dequantize.py -k "gpu"
+    step 400 python3 -m benchmarks.bench_prefill --tokens 16 64 128 512 2048 --gemm_configs --out "$out/prefill_quant_gemm"
+    ;;
+  quant_gemm_model)  # after quant_gemm: whole eager 8B prefills, int4 dequantize + cuBLAS against the GEMM past 16 rows (and bf16, int8), with the per-matrix table at 128 / 2048 tokens
+    step 540 python3 -m benchmarks.bench_prefill --tokens 128 2048 --model Llama-3-8B --out "$out/prefill_quant_gemm_model"
+    ;;
   att_o_tune)  # issues 10/11, after attention_o wins: o's config chosen in the step with o computing its own attention (TEAL_ATTENTION_O=1; the stored config was tuned without it, and each of its column blocks repeats its KV group's attention, so wider tiles may suit it; tune_step shortlists only the configs the prologue takes), then int8 + head on both tables with the switch, one call
     cp teal_kernels/tuned_configs.json /tmp/stored_tuned_configs.json
     step 300 env TEAL_ATTENTION_O=1 python3 -m benchmarks.tune_step --model Llama-3-8B --weights int8+lm_head --kinds rows-compact rows-compact-pipelined --top 6 --jobs 16 --shapes o --out "$out/tune_step_att_o"
@@ -702,7 +709,7 @@ me = torch.cuda.get_device_name()
 for key, entry in list(table.items()):
     gpu, rest = key.split("|", 1)
     if gpu == "NVIDIA H200" and rest.startswith("int8|M1|"):
-        table.setdefault(f"{me}|{rest}", entry)
+        table.setdefault(f"{me}|{rest}", {**entry, "copied_from": gpu})  # tune_kernels' merge keeps none of its rows
 json.dump(table, open(sys.argv[1], "w"), indent=1)
 PY
     step 240 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int8 --models llama3-8b --kinds gather --out "$out/tuned_gather_int8.json"

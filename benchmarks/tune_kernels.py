@@ -237,7 +237,11 @@ def tune_shape(fmt: str, m: int, k: int, splits: list[int], sparsities: list[flo
 
 def merge_partial(previous: dict, entry: dict) -> dict:
     """A partial retune's (--kinds, --min_block_k) entry completed from the one it replaces: the runners-up of
-    the kinds it did not time and the heuristic's time stay on record (timed by that earlier tune)."""
+    the kinds it did not time and the heuristic's time stay on record (timed by that earlier tune). An
+    entry copied from another GPU ("copied_from", as a session phase seeds a GPU without entries of
+    its own) has no timings of this GPU to keep: the new entry stands alone."""
+    if "copied_from" in previous:
+        return dict(entry)
     merged = dict(entry)
     merged["best_of_each_kind_at_max_sparsity"] = {**previous.get("best_of_each_kind_at_max_sparsity", {}),
                                                    **entry["best_of_each_kind_at_max_sparsity"]}

@@ -61,20 +61,22 @@ def sparsify(model: nn.Module, thr: Thresholds, sparse_prefill: bool = False,
     return model
 
 
-def dense_fallbacks(model: nn.Module, device: torch.device) -> tuple[list[str], list[str]]:
+def dense_fallbacks(model: nn.Module, device: torch.device) -> tuple[list[str], list[str], list[str]]:
     """(sparse projections that stay dense on `device`: the kernel is slower there, measured or
-    estimated; sparse projections whose shape the speed table has not measured): what to tell
-    the user."""
-    slower, unmeasured = [], []
+    estimated; sparse projections whose shape the speed table has not measured; sparse projections
+    decided by another GPU's measurements, speed_table.STAND_INS): what to tell the user."""
+    slower, unmeasured, borrowed = [], [], []
     for name, m in packed_projections(model).items():
         if not m.sparse:
             continue
-        pays, measured = m.kernel_verdict(device)
+        pays, measured_on = m.kernel_verdict(device)
         if pays is False:
             slower.append(name)
-        if not measured and device.type == "cuda":
+        if device.type == "cuda" and measured_on is None:
             unmeasured.append(name)
-    return slower, unmeasured
+        elif measured_on is not None and measured_on != torch.cuda.get_device_name(device):
+            borrowed.append(name)
+    return slower, unmeasured, borrowed
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,30 @@
-"""Quantized weights to bf16/fp16 in one pass: the prefill of int8 and int4 models on CUDA.
+"""Quantized weights for prefill on CUDA: a one-pass dequantization, and a GEMM that dequantizes tiles.
 
-Decode reads quantized weights through the sparse GEMV (teal_kernels/triton_gemv.py). Prefill is
-compute-bound, and there a GEMV-shaped kernel loses badly: a Triton GEMM that read the packed int4
-words (one tl.dot per nibble plane, 16 columns wide) ran 2.7-7.9x slower than bf16 cuBLAS on the
-H200 (benchmarks/results/int4_prefill/). The float32 path before it (a float32 copy of the matrix,
-then a float32 GEMM) was 18-20x slower. So PackedLinear dequantizes each matrix once per prefill
-call into x's dtype and hands it to cuBLAS: this kernel reads the quantized bytes once and writes
-the [K, N] matrix once (2 bytes a weight: 17-88 us per Llama-3-8B matrix on the H200, about a copy's
-bandwidth), whatever the prompt length.
+Decode reads quantized weights through the sparse GEMV (teal_kernels/triton_gemv.py). A prefill is a
+GEMM, and two ways of running it over int8 / packed int4 weights live here:
+
+- ``dequantize_triton`` (the default): read the quantized bytes once and write the [K, N] matrix in
+  x's dtype, which PackedLinear hands cuBLAS. The pass runs near the memory's speed (H200, 8B
+  gate|up, int4: 87 us for 59 MB read and 235 MB written, 3.4 TB/s; benchmarks/results/int4_prefill/),
+  so its cost is bytes: 2.25 bytes a weight more than bf16's GEMM reads. That is 1.15x bf16's time
+  at 2048 tokens and about 2x at 64-128, where the GEMM itself is bound by its 2 bytes a weight.
+- ``quant_gemm_triton`` (TEAL_QUANT_GEMM=1, linear.py; not measured on a GPU yet): a tiled GEMM that
+  reads the quantized bytes and converts each [BLOCK_K, BLOCK_N] tile in registers to the values
+  the pass above writes, then multiplies on the tensor cores (on sm_90 the converted tile goes
+  through shared memory into wgmma: local SASS of triton 3.6 shows HGMMA). It reads 0.5 (int4) or 1
+  (int8) byte a weight once per BLOCK_M rows of x, so short prompts should beat bf16's GEMM; the
+  conversion (about 8 instructions a weight, once per BLOCK_M rows) is what it pays at long ones.
+  Two earlier int4 GEMMs lost to bf16 by 2-11x: one tl.dot per 16-column nibble plane
+  (mma.sync), and wgmma with the converted weights as its register operand and one program per
+  whole K (benchmarks/results/int4_prefill/, int4_matmul/).
 
 The value of every weight is the reference's (teal_kernels/reference.py ``dequantize_weight``): int8
 q * s[n]; int4 (q - 8) * s[g, n] + z[g, n], computed in float32 and rounded once to x's dtype. The
 interpreter gives the reference's bits exactly; compiled, the GPU may fuse the int4 multiply-add
-(one rounding instead of two), so the result is within one unit in the last place of x's dtype.
+(one rounding instead of two), so a weight is within one unit in the last place of x's dtype.
 
-Entry point: ``dequantize_triton`` (the ``teal::dequantize`` op of teal_kernels/ops.py).
+Entry points: ``dequantize_triton`` and ``quant_gemm_triton`` (the ``teal::dequantize`` and
+``teal::quant_gemm`` ops of teal_kernels/ops.py).
 """
 from __future__ import annotations
 
@@ -26,10 +36,49 @@ from torch import Tensor
 from teal_kernels.reference import FMT_INT4, KERNEL_DTYPES, weight_format
 from teal_kernels.triton_gemv import INTERPRETED, cdiv
 
-__all__ = ["dequantize_triton"]
+__all__ = ["dequantize_triton", "quant_gemm_triton"]
 
-BLOCK_K = 32  # rows a program writes: divides every int4 group size, so a program lies in one group
-BLOCK_N = 256  # columns a program writes (512 bytes of bf16 a row)
+BLOCK_K = 32  # rows a program of the pass writes: divides every int4 group size, so a program lies in one group
+BLOCK_N = 256  # columns it writes (512 bytes of bf16 a row)
+
+
+# ---------------------------------------------------------------------------------------------
+# One tile of the real weight, in float32
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, col0, N, W_ROW, group,
+                      INT4: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+    """float32 weights [len(rows), BLOCK_N] of columns [col0, col0 + BLOCK_N) (col0 even; rows
+    outside row_ok and columns past N read as 0). An int4 tile lies inside int4 group `group`.
+
+    Integers become floats by bit tricks rather than I2F, a quarter-rate instruction on the GPU:
+    placed in the mantissa of 2^23 (0x4B000000), whose mantissa unit is 1, then 2^23 plus the
+    format's offset subtracted. Exact: every value involved is an integer a float32 holds. The
+    interpreter converts plainly (same values)."""
+    cols = col0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if INT4:
+        # byte j of a row holds column 2j in its low nibble and 2j + 1 in its high one
+        byte_cols = col0 // 2 + tl.arange(0, BLOCK_N // 2)
+        b = tl.load(w_ptr + rows[:, None] * W_ROW + byte_cols[None, :],
+                    mask=row_ok[:, None] & (byte_cols[None, :] < W_ROW), other=0).to(tl.int32)
+        nib = tl.reshape(tl.join(b & 0xF, b >> 4), [rows.shape[0], BLOCK_N])
+        if INTERPRET:
+            q = nib.to(tl.float32) - 8.0
+        else:  # 2^23 + n - (2^23 + 8) = n - 8
+            q = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        s = tl.load(scale_ptr + group * N + cols, mask=col_ok, other=0.0)
+        z = tl.load(zero_ptr + group * N + cols, mask=col_ok, other=0.0)
+        return q * s[None, :] + z[None, :]
+    else:
+        q = tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+        if INTERPRET:
+            qf = q.to(tl.float32)
+        else:  # byte b = q + 128 (xor 0x80) under 2^23: 2^23 + b - (2^23 + 128) = q
+            qf = ((q.to(tl.int32) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        s = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+        return qf * s[None, :]
 
 
 @triton.jit
@@ -43,6 +92,30 @@ def _rounded(w, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     return w.to(DTYPE)
 
 
+def _checked_format(w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, dtype: torch.dtype,
+                    caller: str) -> tuple[int, int]:
+    """(format code, N) of an int8 / packed int4 matrix for a kernel computing in `dtype`; TypeError /
+    ValueError / RuntimeError, one line, for what the kernels reject."""
+    if dtype not in KERNEL_DTYPES or w.dtype not in (torch.int8, torch.uint8):
+        raise TypeError(f"{caller} takes int8 or packed int4 (uint8) w and bf16/fp16, got {w.dtype} and {dtype}.")
+    if w.dim() != 2:
+        raise ValueError(f"{caller} needs a 2-D w, got shape {tuple(w.shape)}.")
+    fmt, n = weight_format(w, dtype, KERNEL_DTYPES, scales, zeros, group_size)
+    if any(t is not None and t.device != w.device for t in (scales, zeros)):
+        raise ValueError(f"scales and zeros must be on w's device {w.device}.")
+    if w.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
+    if not all(t.is_contiguous() for t in (w, scales) + (() if zeros is None else (zeros,))):
+        raise ValueError(f"{caller} needs contiguous w, scales and zeros.")
+    if w.shape[0] * n >= 2**31:
+        raise ValueError(f"{caller} uses 32-bit offsets: K*N must be below 2**31 (K={w.shape[0]}, N={n}).")
+    return fmt, n
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel: the matrix in x's dtype, one pass
+# ---------------------------------------------------------------------------------------------
+
 @triton.jit
 def _dequantize_kernel(w_ptr, scale_ptr, zero_ptr, out_ptr, K, N, W_ROW,
                        INT4: tl.constexpr, GROUP_SIZE: tl.constexpr,
@@ -53,23 +126,11 @@ def _dequantize_kernel(w_ptr, scale_ptr, zero_ptr, out_ptr, K, N, W_ROW,
     pid_n = tl.program_id(1)
     rows = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    ok = (rows[:, None] < K) & col_ok[None, :]
-    if INT4:
-        # byte j of a row holds column 2j in its low nibble and 2j + 1 in its high one
-        byte_cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        b = tl.load(w_ptr + rows[:, None] * W_ROW + byte_cols[None, :], mask=byte_cols[None, :] < W_ROW,
-                    other=0).to(tl.int32)  # K is whole groups: no row mask
-        q = tl.reshape(tl.join(b & 0xF, b >> 4), [BLOCK_K, BLOCK_N]).to(tl.float32) - 8.0
-        group = pid_k * BLOCK_K // GROUP_SIZE
-        s = tl.load(scale_ptr + group * N + cols, mask=col_ok, other=0.0)
-        z = tl.load(zero_ptr + group * N + cols, mask=col_ok, other=0.0)
-        w = q * s[None, :] + z[None, :]
-    else:
-        q = tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=ok, other=0).to(tl.float32)
-        s = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-        w = q * s[None, :]
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], _rounded(w, out_ptr.dtype.element_ty, INTERPRET), mask=ok)
+    row_ok = rows < K
+    w = _dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, pid_n * BLOCK_N, N, W_ROW,
+                          pid_k * BLOCK_K // GROUP_SIZE, INT4, BLOCK_N, INTERPRET)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], _rounded(w, out_ptr.dtype.element_ty, INTERPRET),
+             mask=row_ok[:, None] & (cols[None, :] < N))
 
 
 def dequantize_triton(w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
@@ -78,24 +139,94 @@ def dequantize_triton(w: Tensor, scales: Tensor, zeros: Tensor | None, group_siz
     packed int4 (w uint8 [K, N/2], scales and zeros [K/group_size, N]) matrix. Rejects (TypeError /
     ValueError, one line) other dtypes, the formats' shape errors, non-contiguous tensors and
     matrices of 2**31 or more elements."""
-    if dtype not in KERNEL_DTYPES or w.dtype not in (torch.int8, torch.uint8):
-        raise TypeError(f"dequantize_triton makes bf16/fp16 from int8 or packed int4 (uint8) w, "
-                        f"got {w.dtype} -> {dtype}.")
-    if w.dim() != 2:
-        raise ValueError(f"dequantize_triton needs a 2-D w, got shape {tuple(w.shape)}.")
+    fmt, n = _checked_format(w, scales, zeros, group_size, dtype, "dequantize_triton")
     k = w.shape[0]
-    fmt, n = weight_format(w, dtype, KERNEL_DTYPES, scales, zeros, group_size)
-    if any(t is not None and t.device != w.device for t in (scales, zeros)):
-        raise ValueError(f"scales and zeros must be on w's device {w.device}.")
-    if w.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
-    if not all(t.is_contiguous() for t in (w, scales) + (() if zeros is None else (zeros,))):
-        raise ValueError("dequantize_triton needs contiguous w, scales and zeros.")
-    if k * n >= 2**31:
-        raise ValueError(f"dequantize_triton uses 32-bit offsets: K*N must be below 2**31 (K={k}, N={n}).")
     out = torch.empty(k, n, dtype=dtype, device=w.device)
     grid = (cdiv(k, BLOCK_K), cdiv(n, BLOCK_N))
     _dequantize_kernel[grid](w, scales, scales if zeros is None else zeros, out, k, n, w.shape[1],
                              INT4=fmt == FMT_INT4, GROUP_SIZE=max(group_size, 1), BLOCK_K=BLOCK_K,
                              BLOCK_N=BLOCK_N, INTERPRET=INTERPRETED, num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel: x @ W, each weight tile dequantized in registers
+# ---------------------------------------------------------------------------------------------
+# Grid: one program per [BLOCK_M, BLOCK_N] output tile, the row block varying fastest, so the
+# programs running together share a column block: its quantized bytes come from memory once and
+# from L2 for the other row blocks (x, at most a few MB, stays in L2). The K loop loads an x tile
+# and a weight tile (Triton pipelines both num_stages deep), converts the weights to x's dtype
+# (_dequantized_tile, then one rounding: the values dequantize_triton writes) and accumulates
+# tl.dot in float32. int4's BLOCK_K divides its group, so a tile has one group's scales.
+
+@triton.jit
+def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_ROW,
+                       INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                       INTERPRET: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % grid_m
+    pid_n = pid // grid_m
+    m_offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m_offs < M
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dtype = out_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:  # no K mask: the loads stay whole vectors
+            row_ok = rows >= 0
+        else:
+            row_ok = rows < K
+        xt = tl.load(x_ptr + m_offs[:, None] * K + rows[None, :], mask=m_ok[:, None] & row_ok[None, :], other=0.0)
+        wt = _rounded(_dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, pid_n * BLOCK_N, N, W_ROW,
+                                        k0 // GROUP_SIZE, INT4, BLOCK_N, INTERPRET), dtype, INTERPRET)
+        if INTERPRET:  # the interpreter's bf16 dot is unreliable: fp32 of the same operands
+            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, wt, acc)
+    tl.store(out_ptr + m_offs[:, None] * N + cols[None, :], acc.to(dtype), mask=m_ok[:, None] & (cols[None, :] < N))
+
+
+def quant_gemm_config(m: int, group_size: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for an M-row product. A heuristic, not tuned: the
+    smallest row block that holds M up to 128 rows (64 rows: 4 warps, two programs an SM by
+    registers), 256-row blocks past it (the conversion, per weight, is shared by more rows).
+    int4's BLOCK_K is at most its group."""
+    block_k = 64 if group_size == 0 else min(64, group_size)
+    if m <= 64:
+        return 64, 128, block_k, 4, 3
+    if m <= 128:
+        return 128, 128, block_k, 8, 3
+    return 256, 128, block_k, 8, 3
+
+
+def quant_gemm_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
+                      config: tuple[int, int, int, int, int] | None = None) -> Tensor:
+    """x [M, K] (bf16/fp16) @ the real weight of an int8 / packed int4 matrix (as dequantize_triton
+    takes it) -> [M, N] in x's dtype, float32 accumulation; `config` (as quant_gemm_config returns
+    it) overrides the heuristic (benchmarks/bench_prefill.py --gemm_configs). Rejects, one line, what
+    dequantize_triton rejects, x of another dtype, shape or device, non-contiguous x, M*K or M*N of
+    2**31 or more, and an int4 BLOCK_K that does not divide the group."""
+    fmt, n = _checked_format(w, scales, zeros, group_size, x.dtype, "quant_gemm_triton")
+    k = w.shape[0]
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"quant_gemm_triton needs x [M, {k}], got shape {tuple(x.shape)}.")
+    if x.device != w.device or not x.is_contiguous():
+        raise ValueError(f"quant_gemm_triton needs a contiguous x on w's device {w.device}.")
+    m = x.shape[0]
+    if max(m * k, m * n) >= 2**31:
+        raise ValueError(f"quant_gemm_triton uses 32-bit offsets: M*K and M*N must be below 2**31 (M={m}).")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    block_m, block_n, block_k, warps, stages = config or quant_gemm_config(m, group_size)
+    if fmt == FMT_INT4 and group_size % block_k:
+        raise ValueError(f"quant_gemm_triton: int4's BLOCK_K must divide its group, got {block_k} for {group_size}.")
+    grid = (cdiv(m, block_m) * cdiv(n, block_n),)
+    _quant_gemm_kernel[grid](x, w, scales, scales if zeros is None else zeros, out, m, n, k, w.shape[1],
+                             INT4=fmt == FMT_INT4, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, BLOCK_N=block_n,
+                             BLOCK_K=block_k, EVEN_K=k % block_k == 0, INTERPRET=INTERPRETED,
+                             num_warps=warps, num_stages=stages)
     return out

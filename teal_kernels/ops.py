@@ -1,7 +1,8 @@
 """The torch ops of the decode path: ``teal::sparse_gemv`` (what PackedLinear calls for
 decode-sized batches, and a quantized model's short prefills on CUDA), ``teal::dense_gemv`` (its
 dense decode calls of small float matrices on CUDA), ``teal::dequantize`` (a quantized matrix in
-bf16/fp16 for longer prefills on CUDA), ``teal::decode_attention`` and ``teal::decode_attention_step``
+bf16/fp16 for longer prefills on CUDA), ``teal::quant_gemm`` (such a prefill's product without the
+bf16 copy, behind TEAL_QUANT_GEMM=1), ``teal::decode_attention`` and ``teal::decode_attention_step``
 (the fused decode path's attention, decode.py), and ``teal::attention_o`` (that attention computed
 inside o's GEMV, at short contexts: linear.PackedLinear.attention_product).
 
@@ -200,6 +201,34 @@ def dequantize(w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
         from teal_kernels.dequantize import dequantize_triton
         return dequantize_triton(w, scales, zeros, group_size, dtype)
     return torch.ops.teal.dequantize(w, scales, zeros, group_size, dtype)
+
+
+@torch.library.custom_op("teal::quant_gemm", mutates_args=(), device_types="cpu")
+def _quant_gemm_cpu(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int) -> Tensor:
+    if cpu_runs_interpreter():
+        from teal_kernels.dequantize import quant_gemm_triton
+        return quant_gemm_triton(x, w, scales, zeros, group_size)
+    return (x.float() @ dequantize_weight(w, scales, zeros, group_size).to(x.dtype).float()).to(x.dtype)
+
+
+@_quant_gemm_cpu.register_kernel("cuda")
+def _(x, w, scales, zeros, group_size):
+    from teal_kernels.dequantize import quant_gemm_triton
+    return quant_gemm_triton(x, w, scales, zeros, group_size)
+
+
+@_quant_gemm_cpu.register_fake
+def _(x, w, scales, zeros, group_size):
+    return x.new_empty(x.shape[0], scales.shape[-1])
+
+
+def quant_gemm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int) -> Tensor:
+    """x [M, K] @ the real weight of an int8 / packed int4 matrix, each weight tile dequantized in
+    registers (teal_kernels/dequantize.py): a quantized prefill on CUDA with TEAL_QUANT_GEMM=1."""
+    if x.is_cuda and _eager():
+        from teal_kernels.dequantize import quant_gemm_triton
+        return quant_gemm_triton(x, w, scales, zeros, group_size)
+    return torch.ops.teal.quant_gemm(x, w, scales, zeros, group_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,6 +41,15 @@ def speed_table() -> dict:
     return json.loads(SPEED_TABLE_PATH.read_text()) if SPEED_TABLE_PATH.exists() else {}
 
 
+def measured_on(device_name: str, weight_format: str, m: int, k: int, n: int, dense: str = "dense_us") -> str | None:
+    """The GPU whose entry sparse_beats_dense reads for this shape: `device_name` itself, its stand-in
+    (lookup_names), or None where neither measured it (fp16 reads bf16's entries)."""
+    table = speed_table()
+    fmt = "bf16" if weight_format == "fp16" else weight_format
+    return next((name for name in lookup_names(device_name)
+                 if table.get(table_key(name, fmt, m, k, n), {}).get(dense) is not None), None)
+
+
 def sparse_beats_dense(device_name: str, weight_format: str, m: int, k: int, n: int,
                        sparsity: float, dense: str = "dense_us") -> bool | None:
     """Whether the kernel at `sparsity` (linear between measured levels) is faster than the dense
@@ -49,12 +58,10 @@ def sparse_beats_dense(device_name: str, weight_format: str, m: int, k: int, n: 
     entries. A batch never borrows the batch-1 entry: it reads the union of its rows' kept rows
     (Llama-3-8B bf16 at 50%, batch 4 / 8: the kernel 0.91x / 0.85x of dense, where batch 1 gains
     1.39x; benchmarks/results/context_batch/)."""
-    table = speed_table()
-    fmt = "bf16" if weight_format == "fp16" else weight_format
-    entry = next((table[key] for name in lookup_names(device_name)
-                  if (key := table_key(name, fmt, m, k, n)) in table), None)
-    if entry is None or entry.get(dense) is None:
+    name = measured_on(device_name, weight_format, m, k, n, dense)
+    if name is None:
         return None
+    entry = speed_table()[table_key(name, "bf16" if weight_format == "fp16" else weight_format, m, k, n)]
     levels = sorted((float(s), us) for s, us in entry["sparse_us"].items())
     if len(levels) == 1:
         return levels[0][1] < entry[dense]

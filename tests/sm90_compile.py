@@ -165,6 +165,15 @@ def dequantize_variants():
                     INTERPRET=False), 4, 1)
 
 
+def quant_gemm_variants():
+    """The prefill GEMM at the heuristic's configs: int4-g128 (bf16) and int8 (fp16, K not whole blocks)."""
+    for (int4, dtype, even_k), m in itertools.product(((True, "*bf16", True), (False, "*fp16", False)), (64, 128, 512)):
+        block_m, block_n, block_k, warps, stages = dq.quant_gemm_config(m, 128 if int4 else 0)
+        yield (dq._quant_gemm_kernel, {"x_ptr": dtype, "w_ptr": "*u8" if int4 else "*i8", "out_ptr": dtype},
+               dict(INT4=int4, GROUP_SIZE=128 if int4 else 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                    EVEN_K=even_k, INTERPRET=False), warps, stages)
+
+
 def preload_variants():
     for (k_pad, block_n, warps), (gated, residual, norm), pdl in itertools.product(
             (pg.preload_config(576), pg.preload_config(2048)),
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.sass:
         args.sass.mkdir(parents=True, exist_ok=True)
-    variants = itertools.chain(gemv_variants(), dequantize_variants(), preload_variants(),
+    variants = itertools.chain(gemv_variants(), dequantize_variants(), quant_gemm_variants(), preload_variants(),
                                attention_variants())
     for i, (kernel, pointers, constexprs, warps, stages) in enumerate(variants):
         name = (f"{kernel.fn.__name__} " + " ".join(f"{k}={v}" for k, v in constexprs.items() if k != "INTERPRET")

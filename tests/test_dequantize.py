@@ -1,7 +1,8 @@
-"""Tests of the one-pass dequantization for quantized prefill (teal_kernels/dequantize.py's
-`dequantize_triton`, the `teal::dequantize` op) against the reference dequantization and float64
-math, its bad inputs, and PackedLinear's use of it (a dense int8/int4 prefill on CUDA past the rows the
-GEMV kernel takes).
+"""Tests of quantized prefill's kernels (teal_kernels/dequantize.py): the one-pass dequantization
+(`dequantize_triton`, the `teal::dequantize` op) against the reference dequantization and float64
+math, the GEMM that dequantizes tiles (`quant_gemm_triton`, `teal::quant_gemm`) against float64
+products, their bad inputs, and PackedLinear's use of them (a dense int8/int4 prefill on CUDA past
+the rows the GEMV kernel takes).
 
 Every value must be within one unit in the last place of the exact (float64) value (compiled, the
 GPU may fuse int4's multiply-add). Without CUDA the kernel runs under TRITON_INTERPRET=1
@@ -13,8 +14,8 @@ from fixtures import DEVICE, HAS_CUDA, needs_cuda, random_int4, recorded_calls
 
 from linear import QUANTIZED_KERNEL_ROWS, PackedLinear
 from quantize import quantize_projection
-from teal_kernels.dequantize import dequantize_triton
-from teal_kernels.ops import dequantize
+from teal_kernels.dequantize import dequantize_triton, quant_gemm_config, quant_gemm_triton
+from teal_kernels.ops import dequantize, quant_gemm
 from teal_kernels.reference import MAX_BATCH, dequantize_weight
 
 pytestmark = pytest.mark.usefixtures("interpreted_kernels")
@@ -73,9 +74,9 @@ def test_int8_matches_reference(k, n, dtype):
 def test_bad_inputs():
     """Wrong dtypes, format shapes and layouts are one-line errors."""
     w, scales, zeros = random_int4(64, 128, 32)
-    with pytest.raises(TypeError, match="bf16/fp16 from int8 or packed int4"):
+    with pytest.raises(TypeError, match="takes int8 or packed int4"):
         dequantize_triton(w, scales, zeros, 32, torch.float32)
-    with pytest.raises(TypeError, match="bf16/fp16 from int8 or packed int4"):
+    with pytest.raises(TypeError, match="takes int8 or packed int4"):
         dequantize_triton(w.to(torch.bfloat16), scales, zeros, 32, torch.bfloat16)
     with pytest.raises(ValueError, match="group_size must be one of"):
         dequantize_triton(w, scales, zeros, 48, torch.bfloat16)
@@ -88,6 +89,77 @@ def test_bad_inputs():
     w8, s8 = int8_matrix(32, 64)
     with pytest.raises(ValueError, match="per-channel scales only"):
         dequantize_triton(w8, s8, s8, 0, torch.bfloat16)
+
+
+def assert_product(got: torch.Tensor, x: torch.Tensor, w, scales, zeros, group_size: int) -> None:
+    """got = x @ W within one unit in the last place of x's dtype (the output's rounding) plus a float32
+    accumulation's error, where W is the real weight rounded to x's dtype (what dequantize_triton
+    writes) and the product is taken in float64."""
+    w_real = dequantize_weight(w.cpu(), scales.cpu(), None if zeros is None else zeros.cpu(), group_size)
+    w_rounded = w_real.to(x.dtype).double()
+    exact = x.cpu().double() @ w_rounded
+    assert got.shape == exact.shape and got.dtype == x.dtype
+    ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - PRECISION[x.dtype]).clamp(min=2.0**-24)
+    accumulation = 2.0**-20 * (x.cpu().double().abs() @ w_rounded.abs())
+    err = (got.cpu().double() - exact).abs()
+    assert (err <= ulp + accumulation).all(), f"max error {err.max().item():.3g} (ulps: {(err / ulp).max().item():.2f})"
+
+
+@pytest.mark.parametrize("m,k,n,group_size,dtype", [
+    (1, 64, 200, 32, torch.bfloat16),  # one row, N not whole column blocks, two groups
+    (70, 128, 130, 64, torch.float16),  # 128-row blocks, a 2-column last block
+    (130, 256, 64, 128, torch.bfloat16),  # 256-row blocks, K two blocks of one group
+])
+def test_quant_gemm_int4_matches_float64(m, k, n, group_size, dtype):
+    w, scales, zeros = random_int4(k, n, group_size, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(DEVICE)
+    assert_product(quant_gemm_triton(x, w, scales, zeros, group_size), x, w, scales, zeros, group_size)
+    assert_product(quant_gemm(x, w, scales, zeros, group_size), x, w, scales, zeros, group_size)  # the op
+
+
+@pytest.mark.parametrize("m,k,n,dtype", [(5, 45, 300, torch.float16), (66, 192, 128, torch.bfloat16)])  # K not whole blocks
+def test_quant_gemm_int8_matches_float64(m, k, n, dtype):
+    w, scales = int8_matrix(k, n, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(DEVICE)
+    assert_product(quant_gemm_triton(x, w, scales, None, 0), x, w, scales, None, 0)
+    assert_product(quant_gemm(x, w, scales, None, 0), x, w, scales, None, 0)
+
+
+def test_quant_gemm_op_reference_on_the_cpu(monkeypatch):
+    """Without the interpreter the CPU op is the reference: x times the weights dequantized and rounded
+    to x's dtype, in float32."""
+    from teal_kernels.ops import CPU_KERNELS_ENV
+    monkeypatch.setenv(CPU_KERNELS_ENV, "reference")
+    w, scales, zeros = random_int4(64, 96, 32)
+    x = torch.randn(7, 64).to(torch.bfloat16)
+    want = (x.float() @ dequantize_weight(w.cpu(), scales.cpu(), zeros.cpu(), 32).to(torch.bfloat16).float())
+    assert torch.equal(torch.ops.teal.quant_gemm(x, w.cpu(), scales.cpu(), zeros.cpu(), 32), want.to(torch.bfloat16))
+
+
+def test_quant_gemm_config_blocks():
+    """int4 tiles never span two groups; the row block holds M up to 128 rows."""
+    for m, group_size in ((1, 32), (64, 64), (100, 128), (3000, 128), (50, 0)):
+        block_m, _, block_k, _, _ = quant_gemm_config(m, group_size)
+        assert group_size == 0 or group_size % block_k == 0
+        assert block_m >= min(m, 128)
+
+
+def test_quant_gemm_bad_inputs():
+    """x of the wrong shape, dtype, layout or device, and the weights' own errors: one line each."""
+    w, scales, zeros = random_int4(64, 128, 32)
+    x = torch.randn(4, 64).to(torch.bfloat16).to(DEVICE)
+    with pytest.raises(ValueError, match=r"needs x \[M, 64\], got shape \(4, 32\)"):
+        quant_gemm_triton(x[:, :32].contiguous(), w, scales, zeros, 32)
+    with pytest.raises(ValueError, match=r"needs x \[M, 64\]"):
+        quant_gemm_triton(x[None], w, scales, zeros, 32)
+    with pytest.raises(TypeError, match="takes int8 or packed int4"):
+        quant_gemm_triton(x.float(), w, scales, zeros, 32)
+    with pytest.raises(ValueError, match="contiguous x"):
+        quant_gemm_triton(torch.randn(64, 4).to(torch.bfloat16).to(DEVICE).t(), w, scales, zeros, 32)
+    with pytest.raises(ValueError, match="contiguous x on w's device"):
+        quant_gemm_triton(x.to("meta"), w, scales, zeros, 32)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        quant_gemm_triton(x, w, scales, zeros, 48)
 
 
 @needs_cuda
@@ -134,6 +206,53 @@ def test_gpu_packed_linear_prefill_routes(mode, monkeypatch):
                                        atol=2e-2 * want.float().abs().max().item())
     assert [shape[0] for shape in kernel_calls] == [2, 2, 2 * half, 2 * half]
     assert len(calls) == 2
+
+
+@needs_cuda
+@pytest.mark.parametrize("m", [17, 64, 200])
+@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])  # Llama-3-8B's q|k|v and down
+def test_gpu_quant_gemm_llama_shapes(m, k, n):
+    w, scales, zeros = random_int4(k, n, 128)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).to(DEVICE)
+    assert_product(quant_gemm_triton(x, w, scales, zeros, 128), x, w, scales, zeros, 128)
+    w8, s8 = int8_matrix(k, n)
+    assert_product(quant_gemm_triton(x, w8, s8, None, 0), x, w8, s8, None, 0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_gpu_packed_linear_quant_gemm_switch(mode, monkeypatch):
+    """With TEAL_QUANT_GEMM=1 a quantized PackedLinear's dense prefill past QUANTIZED_KERNEL_ROWS runs
+    teal::quant_gemm instead of dequantize + cuBLAS, with gate|up's prologue and a residual too."""
+    import linear
+    monkeypatch.setenv(linear.QUANT_GEMM_ENV, "1")
+    g = torch.Generator().manual_seed(2)
+    w_t = (torch.randn(2048, 1024, generator=g) / 32).to(torch.bfloat16).cuda()
+    layer = quantize_projection(w_t, [1024], mode, 128 if mode == "int4" else 0)
+    gemm_calls = recorded_calls(monkeypatch, linear, "quant_gemm")
+    calls = dequantize_calls(monkeypatch)
+    x = torch.randn(3, 40, 2048, generator=g).to(torch.bfloat16).cuda()
+    res = torch.randn(3, 40, 1024, generator=g).to(torch.bfloat16).cuda()
+    for args in ((x,), (torch.cat((x, x), -1), True, res)):
+        got = layer(*args).reshape(120, -1)
+        want = (linear.gated_input(args[0].reshape(120, -1)) if len(args) > 1 else x.reshape(120, -1)).cpu()
+        want = want.double() @ layer.dense_weight_t(torch.bfloat16).cpu().double()
+        want = want if len(args) < 3 else want + res.reshape(120, -1).cpu().double()
+        torch.testing.assert_close(got.cpu().double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    assert gemm_calls == [(120, 2048), (120, 2048)] and not calls
+
+
+def test_quant_gemm_switch(monkeypatch):
+    """TEAL_QUANT_GEMM: off by default, on for quantized layers only, a bad value fails at build."""
+    import linear
+    w_t = torch.randn(256, 128).to(torch.bfloat16)
+    assert not quantize_projection(w_t, [128], "int8", 0).quant_gemm_allowed
+    monkeypatch.setenv(linear.QUANT_GEMM_ENV, "1")
+    assert quantize_projection(w_t, [128], "int4", 64).quant_gemm_allowed
+    assert not PackedLinear(256, 128).quant_gemm_allowed
+    monkeypatch.setenv(linear.QUANT_GEMM_ENV, "yes")
+    with pytest.raises(ValueError, match="TEAL_QUANT_GEMM must be 0 or 1"):
+        PackedLinear(256, 128, fmt="int8")
 
 
 def test_quantized_kernel_rows_follow_the_shape():

@@ -99,6 +99,8 @@ def test_partial_retune_keeps_the_other_kinds_on_record():
     assert merged["best_of_each_kind_at_max_sparsity"] == {"dot": runner_up(35.2), "rows-compact": runner_up(19.5),
                                                            "rows-compact-pipelined": runner_up(17.4)}
     assert entry["heuristic_us_at_max_sparsity"] is None  # the new entry itself is left as it was
+    # an entry copied from another GPU keeps none of its timings
+    assert tune_kernels.merge_partial({**previous, "copied_from": "NVIDIA H200"}, entry) == entry
 
 
 def test_tune_shape_times_the_decode_call(monkeypatch):

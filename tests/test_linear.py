@@ -126,10 +126,13 @@ def test_speed_table_lookup_interpolates_and_falls_back(monkeypatch):
     h100 = st.table_key("NVIDIA H100 80GB HBM3", "bf16", 1, 64, 48)
     monkeypatch.setattr(st, "speed_table", lambda: {h200: {"dense_us": 10.0, "sparse_us": {"0.5": 8.0}}})
     assert st.sparse_beats_dense("NVIDIA H100 80GB HBM3", "bf16", 1, 64, 48, 0.5) is True
+    assert st.measured_on("NVIDIA H100 80GB HBM3", "fp16", 1, 64, 48) == "NVIDIA H200"
     monkeypatch.setattr(st, "speed_table", lambda: {h200: {"dense_us": 10.0, "sparse_us": {"0.5": 8.0}},
                                                     h100: {"dense_us": 10.0, "sparse_us": {"0.5": 12.0}}})
     assert st.sparse_beats_dense("NVIDIA H100 80GB HBM3", "bf16", 1, 64, 48, 0.5) is False
+    assert st.measured_on("NVIDIA H100 80GB HBM3", "bf16", 1, 64, 48) == "NVIDIA H100 80GB HBM3"
     assert st.sparse_beats_dense("NVIDIA H200", "bf16", 1, 64, 48, 0.5) is True
+    assert st.measured_on("NVIDIA H200", "bf16", 1, 64, 48, "tinygemm_us") is None  # no such time
     monkeypatch.setattr(st, "speed_table", lambda: {key: {"dense_us": 10.0, "sparse_us": {"0": 14.0, "0.5": 8.0}}})
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
@@ -162,7 +165,7 @@ def test_the_verdict_is_a_constant_to_torch_compile(monkeypatch):
 
     torch._dynamo.reset()
     assert step(torch.zeros(2)).tolist() == ([1.0, 1.0] if want else [-1.0, -1.0])
-    assert layer.kernel_verdict(cuda) == (want, True)
+    assert layer.kernel_verdict(cuda) == (want, "NVIDIA H200")
 
 
 def test_unmeasured_shapes_follow_the_size_model(monkeypatch):
@@ -194,16 +197,36 @@ def test_unmeasured_shapes_follow_the_size_model(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     layer = PackedLinear(64, 48, [16, 32], dtype=torch.bfloat16)
     layer.set_target_sparsity([0.5, 0.5])
-    assert layer.kernel_verdict(torch.device("cuda")) == (False, False)
+    assert layer.kernel_verdict(torch.device("cuda")) == (False, None)
     big = PackedLinear(4096, 28672, [14336, 14336], dtype=torch.bfloat16, device="meta")  # 8B's gate|up
     big.set_target_sparsity([0.5, 0.5])
-    assert big.kernel_verdict(torch.device("cuda"), rows=1) == (True, False)
-    assert big.kernel_verdict(torch.device("cuda"), rows=4) == (False, False)  # the batch's union
+    assert big.kernel_verdict(torch.device("cuda"), rows=1) == (True, None)
+    assert big.kernel_verdict(torch.device("cuda"), rows=4) == (False, None)  # the batch's union
     layer.sparse = True
     projections = {"layers.0.attention.wo": layer}
     monkeypatch.setattr(sys.modules["teal.sparsify"], "packed_projections", lambda model: projections)
-    assert dense_fallbacks(None, torch.device("cuda")) == (["layers.0.attention.wo"], ["layers.0.attention.wo"])
-    assert dense_fallbacks(None, torch.device("cpu")) == ([], [])
+    assert dense_fallbacks(None, torch.device("cuda")) == (["layers.0.attention.wo"], ["layers.0.attention.wo"], [])
+    assert dense_fallbacks(None, torch.device("cpu")) == ([], [], [])
+
+
+def test_verdicts_from_a_stand_in_are_reported(monkeypatch):
+    """A projection decided by the stand-in GPU's entry (an H100 reading the H200's) is reported as
+    borrowed, not as unmeasured; the GPU's own entry is neither."""
+    import teal_kernels.speed_table as st
+    from teal import dense_fallbacks
+    h200 = st.table_key("NVIDIA H200", "bf16", 1, 64, 48)
+    monkeypatch.setattr(st, "speed_table", lambda: {h200: {"dense_us": 10.0, "sparse_us": {"0.5": 8.0}}})
+    layer = PackedLinear(64, 48, [48], dtype=torch.bfloat16)
+    layer.set_target_sparsity([0.5])
+    layer.sparse = True
+    monkeypatch.setattr(sys.modules["teal.sparsify"], "packed_projections", lambda model: {"layers.0.attention.wo": layer})
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert layer.kernel_verdict(cuda) == (True, "NVIDIA H200")
+    assert dense_fallbacks(None, cuda) == ([], [], ["layers.0.attention.wo"])
+    layer._kernel_pays.clear()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert dense_fallbacks(None, cuda) == ([], [], [])
 
 
 def test_a_projection_the_table_calls_slower_stays_dense(monkeypatch):

@@ -143,9 +143,9 @@ def test_the_speed_table_compares_the_sparse_kernel_with_tinygemm(monkeypatch) -
     layer = _int4_layer()
     layer.set_target_sparsity([0.5, 0.5])
     cuda = torch.device("cuda")
-    assert layer.kernel_verdict(cuda) == (True, True)
+    assert layer.kernel_verdict(cuda) == (True, "Fake GPU")
     layer.attach_int4pack()
-    assert layer.kernel_verdict(cuda) == (False, True)
+    assert layer.kernel_verdict(cuda) == (False, "Fake GPU")
     del entry["tinygemm_us"]
     assert st.sparse_beats_dense("Fake GPU", "int4-g32", 1, 128, 48, 0.5, "tinygemm_us") is None
 
