@@ -37,15 +37,17 @@ from benchmarks.timing import MODEL_SHAPES, copies_for, graph_time_us, make_weig
 from files import check_writable, write_report
 from model import ModelArgs
 from teal_kernels import ops
-from teal_kernels.dequantize import dequantize_triton, quant_gemm_triton
+from teal_kernels.dequantize import GemmConfig, dequantize_triton, quant_gemm_triton
 from teal_kernels.reference import MAX_BATCH, MAX_DOT_ROWS, masked_product
 from teal_kernels.tinygemm import int4pack, int4pack_mm
 from teal_kernels.triton_gemv import sparse_gemv_triton
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the dequantizing GEMM that --gemm_configs times per shape
-GEMM_CONFIGS = [(64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (64, 256, 64, 4, 3), (128, 128, 64, 8, 3),
-                (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4)]
+# launches of the dequantizing GEMM that --gemm_configs times per shape: tiles, pipeline depth and
+# register caps that let 2-3 programs share an SM (each waits for its own wgmma every step)
+GEMM_CONFIGS = [GemmConfig(64, 128, 64, 4, 3), GemmConfig(64, 128, 64, 4, 3, 168), GemmConfig(64, 128, 64, 4, 4, 168),
+                GemmConfig(64, 256, 64, 8, 3), GemmConfig(128, 128, 64, 8, 3), GemmConfig(128, 128, 64, 8, 3, 128),
+                GemmConfig(128, 256, 64, 8, 3), GemmConfig(256, 128, 64, 8, 3), GemmConfig(256, 128, 64, 8, 4)]
 
 
 def time_us(fn, rep_ms: int = 50) -> float:
@@ -97,8 +99,8 @@ def bench_shape(k: int, n: int, m: int, formats: list[str], gemm_configs: bool =
             row[f"{fmt}_tinygemm_us"] = graph_time_us(tinygemm, len(packs))
         if gemm_configs:
             row[f"{fmt}_gemm_configs_us"] = {
-                str(c): graph_time_us(lambda i, c=c: quant_gemm_triton(x, *copies[i], config=c), len(copies))
-                for c in GEMM_CONFIGS if group == 0 or group % c[2] == 0}
+                str(tuple(c)): graph_time_us(lambda i, c=c: quant_gemm_triton(x, *copies[i], config=c), len(copies))
+                for c in GEMM_CONFIGS if group == 0 or group % c.block_k == 0}
         if m <= MAX_DOT_ROWS:
             row |= {f"{fmt}_kernel_us": graph_time_us(kernel, len(copies)),
                     f"{fmt}_kernel_host_us": host_us_per_call(

@@ -28,6 +28,8 @@ Entry points: ``dequantize_triton`` and ``quant_gemm_triton`` (the ``teal::dequa
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -36,7 +38,7 @@ from torch import Tensor
 from teal_kernels.reference import FMT_INT4, KERNEL_DTYPES, weight_format
 from teal_kernels.triton_gemv import INTERPRETED, cdiv
 
-__all__ = ["dequantize_triton", "quant_gemm_triton"]
+__all__ = ["GemmConfig", "dequantize_triton", "quant_gemm_config", "quant_gemm_triton"]
 
 BLOCK_K = 32  # rows a program of the pass writes: divides every int4 group size, so a program lies in one group
 BLOCK_N = 256  # columns it writes (512 bytes of bf16 a row)
@@ -189,24 +191,34 @@ def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_RO
     tl.store(out_ptr + m_offs[:, None] * N + cols[None, :], acc.to(dtype), mask=m_ok[:, None] & (cols[None, :] < N))
 
 
-def quant_gemm_config(m: int, group_size: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for an M-row product. A heuristic, not tuned: the
-    smallest row block that holds M up to 128 rows (64 rows: 4 warps, two programs an SM by
-    registers), 256-row blocks past it (the conversion, per weight, is shared by more rows).
-    int4's BLOCK_K is at most its group."""
+class GemmConfig(NamedTuple):
+    """A launch of _quant_gemm_kernel: its tile, warps, pipeline depth and register cap (None: none)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    max_registers: int | None = None
+
+
+def quant_gemm_config(m: int, group_size: int) -> GemmConfig:
+    """The launch for an M-row product. A heuristic, not tuned: the smallest row block that holds M
+    up to 128 rows, 256-row blocks past it (the conversion, per weight, is shared by more rows).
+    A program waits for its wgmma every step (local SASS), so the conversion of one program can
+    only overlap another's product: the register caps let three 64-row programs (162 registers)
+    or two 128-row ones (128, 8 bytes spilled) share an SM. int4's BLOCK_K is at most its group."""
     block_k = 64 if group_size == 0 else min(64, group_size)
     if m <= 64:
-        return 64, 128, block_k, 4, 3
+        return GemmConfig(64, 128, block_k, 4, 3, 168)
     if m <= 128:
-        return 128, 128, block_k, 8, 3
-    return 256, 128, block_k, 8, 3
+        return GemmConfig(128, 128, block_k, 8, 3, 128)
+    return GemmConfig(256, 128, block_k, 8, 3)
 
 
 def quant_gemm_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
-                      config: tuple[int, int, int, int, int] | None = None) -> Tensor:
+                      config: GemmConfig | None = None) -> Tensor:
     """x [M, K] (bf16/fp16) @ the real weight of an int8 / packed int4 matrix (as dequantize_triton
-    takes it) -> [M, N] in x's dtype, float32 accumulation; `config` (as quant_gemm_config returns
-    it) overrides the heuristic (benchmarks/bench_prefill.py --gemm_configs). Rejects, one line, what
+    takes it) -> [M, N] in x's dtype, float32 accumulation; `config` overrides the heuristic (benchmarks/bench_prefill.py --gemm_configs). Rejects, one line, what
     dequantize_triton rejects, x of another dtype, shape or device, non-contiguous x, M*K or M*N of
     2**31 or more, and an int4 BLOCK_K that does not divide the group."""
     fmt, n = _checked_format(w, scales, zeros, group_size, x.dtype, "quant_gemm_triton")
@@ -221,12 +233,14 @@ def quant_gemm_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    block_m, block_n, block_k, warps, stages = config or quant_gemm_config(m, group_size)
-    if fmt == FMT_INT4 and group_size % block_k:
-        raise ValueError(f"quant_gemm_triton: int4's BLOCK_K must divide its group, got {block_k} for {group_size}.")
-    grid = (cdiv(m, block_m) * cdiv(n, block_n),)
+    cfg = config or quant_gemm_config(m, group_size)
+    if fmt == FMT_INT4 and group_size % cfg.block_k:
+        raise ValueError(f"quant_gemm_triton: int4's BLOCK_K must divide its group, got {cfg.block_k} for "
+                         f"{group_size}.")
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
+    registers = {"maxnreg": cfg.max_registers} if cfg.max_registers and not INTERPRETED else {}
     _quant_gemm_kernel[grid](x, w, scales, scales if zeros is None else zeros, out, m, n, k, w.shape[1],
-                             INT4=fmt == FMT_INT4, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, BLOCK_N=block_n,
-                             BLOCK_K=block_k, EVEN_K=k % block_k == 0, INTERPRET=INTERPRETED,
-                             num_warps=warps, num_stages=stages)
+                             INT4=fmt == FMT_INT4, GROUP_SIZE=max(group_size, 1), BLOCK_M=cfg.block_m,
+                             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
+                             INTERPRET=INTERPRETED, num_warps=cfg.warps, num_stages=cfg.stages, **registers)
     return out

@@ -14,7 +14,7 @@ from fixtures import DEVICE, HAS_CUDA, needs_cuda, random_int4, recorded_calls
 
 from linear import QUANTIZED_KERNEL_ROWS, PackedLinear
 from quantize import quantize_projection
-from teal_kernels.dequantize import dequantize_triton, quant_gemm_config, quant_gemm_triton
+from teal_kernels.dequantize import GemmConfig, dequantize_triton, quant_gemm_config, quant_gemm_triton
 from teal_kernels.ops import dequantize, quant_gemm
 from teal_kernels.reference import MAX_BATCH, dequantize_weight
 
@@ -139,9 +139,9 @@ def test_quant_gemm_op_reference_on_the_cpu(monkeypatch):
 def test_quant_gemm_config_blocks():
     """int4 tiles never span two groups; the row block holds M up to 128 rows."""
     for m, group_size in ((1, 32), (64, 64), (100, 128), (3000, 128), (50, 0)):
-        block_m, _, block_k, _, _ = quant_gemm_config(m, group_size)
-        assert group_size == 0 or group_size % block_k == 0
-        assert block_m >= min(m, 128)
+        cfg = quant_gemm_config(m, group_size)
+        assert group_size == 0 or group_size % cfg.block_k == 0
+        assert cfg.block_m >= min(m, 128)
 
 
 def test_quant_gemm_bad_inputs():
@@ -160,6 +160,8 @@ def test_quant_gemm_bad_inputs():
         quant_gemm_triton(x.to("meta"), w, scales, zeros, 32)
     with pytest.raises(ValueError, match="group_size must be one of"):
         quant_gemm_triton(x, w, scales, zeros, 48)
+    with pytest.raises(ValueError, match="BLOCK_K must divide its group, got 64 for 32"):
+        quant_gemm_triton(x, w, scales, zeros, 32, GemmConfig(64, 128, 64, 4, 3))
 
 
 @needs_cuda
