@@ -79,7 +79,9 @@ def bench_shape(k: int, n: int, m: int, formats: list[str], gemm_configs: bool =
         packs = [int4pack(*c) for c in copies] if fmt.startswith("int4") else []
         tinygemm = lambda i: int4pack_mm(x, *packs[i], group)  # noqa: E731
         want = float32().float()
+        configs = [c for c in GEMM_CONFIGS if group == 0 or group % c.block_k == 0] if gemm_configs else []
         checks = ([("dequantize + GEMM", x @ dequantized(0)), ("dequantizing GEMM", gemm(0))]
+                  + [(f"dequantizing GEMM {tuple(c)}", quant_gemm_triton(x, *copies[0], config=c)) for c in configs]
                   + ([("kernel", kernel(0))] if m <= MAX_DOT_ROWS else [])
                   + ([("tinygemm", tinygemm(0))] if packs else []))
         for name, got in checks:
@@ -97,10 +99,10 @@ def bench_shape(k: int, n: int, m: int, formats: list[str], gemm_configs: bool =
                     lambda: x @ torch.ops.teal.dequantize(w, scales, zeros, group, x.dtype))}
         if packs:
             row[f"{fmt}_tinygemm_us"] = graph_time_us(tinygemm, len(packs))
-        if gemm_configs:
+        if configs:
             row[f"{fmt}_gemm_configs_us"] = {
                 str(tuple(c)): graph_time_us(lambda i, c=c: quant_gemm_triton(x, *copies[i], config=c), len(copies))
-                for c in GEMM_CONFIGS if group == 0 or group % c.block_k == 0}
+                for c in configs}
         if m <= MAX_DOT_ROWS:
             row |= {f"{fmt}_kernel_us": graph_time_us(kernel, len(copies)),
                     f"{fmt}_kernel_host_us": host_us_per_call(
