@@ -71,6 +71,23 @@ def test_int8_matches_reference(k, n, dtype):
     assert_dequantized(dequantize(w, scales, None, 0, dtype), w, scales, None, 0, dtype)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="runs the GPU's branch in the interpreter")
+@pytest.mark.parametrize("int4", [True, False])
+def test_the_gpus_integer_conversions(int4):
+    """The compiled kernels turn integers into floats by the 2^23 mantissa trick, which the
+    interpreter's branch does not take: run that branch here (fp16, which the interpreter rounds
+    as the GPU does) and get the reference's bits."""
+    from teal_kernels.dequantize import BLOCK_K, BLOCK_N, _dequantize_kernel
+    from teal_kernels.triton_gemv import cdiv
+    w, scales, zeros = random_int4(64, 300, 32) if int4 else (*int8_matrix(45, 300), None)
+    k, n = w.shape[0], scales.shape[-1]
+    out = torch.empty(k, n, dtype=torch.float16)
+    _dequantize_kernel[(cdiv(k, BLOCK_K), cdiv(n, BLOCK_N))](
+        w, scales, scales if zeros is None else zeros, out, k, n, w.shape[1], INT4=int4, GROUP_SIZE=32 if int4 else 1,
+        BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, INTERPRET=False)
+    assert torch.equal(out, dequantize_weight(w, scales, zeros, 32 if int4 else 0).to(torch.float16))
+
+
 def test_bad_inputs():
     """Wrong dtypes, format shapes and layouts are one-line errors."""
     w, scales, zeros = random_int4(64, 128, 32)
