@@ -142,6 +142,26 @@ def test_quant_gemm_int8_matches_float64(m, k, n, dtype):
     assert_product(quant_gemm(x, w, scales, None, 0), x, w, scales, None, 0)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="runs the GPU's branch in the interpreter")
+@pytest.mark.parametrize("int4", [True, False])
+def test_quant_gemm_gpu_branch(int4):
+    """The GEMM's compiled branch (mantissa-trick conversions, tl.dot on x's dtype) run in the
+    interpreter, in fp16 (whose dot the interpreter gets right), matches the float64 product."""
+    from teal_kernels.dequantize import _quant_gemm_kernel
+    from teal_kernels.triton_gemv import cdiv
+    group = 64 if int4 else 0
+    w, scales, zeros = random_int4(128, 256, group) if int4 else (*int8_matrix(96, 256), None)
+    m, k, n = 20, w.shape[0], scales.shape[-1]
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3)).to(torch.float16)
+    cfg = quant_gemm_config(m, group)
+    out = torch.empty(m, n, dtype=torch.float16)
+    _quant_gemm_kernel[(cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)](
+        x, w, scales, scales if zeros is None else zeros, out, m, n, k, w.shape[1], INT4=int4,
+        GROUP_SIZE=max(group, 1), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_K=k % cfg.block_k == 0, INTERPRET=False)
+    assert_product(out, x, w, scales, zeros, group)
+
+
 def test_quant_gemm_op_reference_on_the_cpu(monkeypatch):
     """Without the interpreter the CPU op is the reference: x times the weights dequantized and rounded
     to x's dtype, in float32."""
