@@ -173,6 +173,17 @@ def test_quant_gemm_op_reference_on_the_cpu(monkeypatch):
     assert torch.equal(torch.ops.teal.quant_gemm(x, w.cpu(), scales.cpu(), zeros.cpu(), 32), want.to(torch.bfloat16))
 
 
+def test_quant_gemm_op_traces_in_one_graph():
+    """teal::quant_gemm's fake agrees with the op (opcheck), and torch.compile(fullgraph=True) traces
+    through it, as a compiled prefill (generate.py --compile_prefill) would call it."""
+    w, scales, zeros = random_int4(64, 96, 32)
+    x = torch.randn(5, 64).to(torch.bfloat16).to(DEVICE)
+    torch.library.opcheck(torch.ops.teal.quant_gemm.default, (x, w, scales, zeros, 32))
+    compiled = torch.compile(lambda t: quant_gemm(t, w, scales, zeros, 32) + 1, fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    assert torch.equal(compiled(x), quant_gemm(x, w, scales, zeros, 32) + 1)
+
+
 def test_quant_gemm_config_blocks():
     """int4 tiles never span two groups; the row block holds M up to 128 rows."""
     for m, group_size in ((1, 32), (64, 64), (100, 128), (3000, 128), (50, 0)):
