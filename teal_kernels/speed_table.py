@@ -42,12 +42,13 @@ def speed_table() -> dict:
 
 
 def measured_on(device_name: str, weight_format: str, m: int, k: int, n: int, dense: str = "dense_us") -> str | None:
-    """The GPU whose entry sparse_beats_dense reads for this shape: `device_name` itself, its stand-in
-    (lookup_names), or None where neither measured it (fp16 reads bf16's entries)."""
+    """The GPU whose entry sparse_beats_dense reads for this shape: the first of lookup_names (the
+    GPU's own, then its stand-in's) with an entry, or None where none has one or that entry has no
+    `dense` time (fp16 reads bf16's entries)."""
     table = speed_table()
     fmt = "bf16" if weight_format == "fp16" else weight_format
-    return next((name for name in lookup_names(device_name)
-                 if table.get(table_key(name, fmt, m, k, n), {}).get(dense) is not None), None)
+    name = next((name for name in lookup_names(device_name) if table_key(name, fmt, m, k, n) in table), None)
+    return None if name is None or table[table_key(name, fmt, m, k, n)].get(dense) is None else name
 
 
 def sparse_beats_dense(device_name: str, weight_format: str, m: int, k: int, n: int,

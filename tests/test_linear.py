@@ -133,6 +133,9 @@ def test_speed_table_lookup_interpolates_and_falls_back(monkeypatch):
     assert st.measured_on("NVIDIA H100 80GB HBM3", "bf16", 1, 64, 48) == "NVIDIA H100 80GB HBM3"
     assert st.sparse_beats_dense("NVIDIA H200", "bf16", 1, 64, 48, 0.5) is True
     assert st.measured_on("NVIDIA H200", "bf16", 1, 64, 48, "tinygemm_us") is None  # no such time
+    monkeypatch.setattr(st, "speed_table", lambda: {h200: {"dense_us": 10.0, "tinygemm_us": 9.0, "sparse_us": {"0.5": 8.0}},
+                                                    h100: {"dense_us": 10.0, "sparse_us": {"0.5": 12.0}}})
+    assert st.measured_on("NVIDIA H100 80GB HBM3", "bf16", 1, 64, 48, "tinygemm_us") is None  # own entry, key by key
     monkeypatch.setattr(st, "speed_table", lambda: {key: {"dense_us": 10.0, "sparse_us": {"0": 14.0, "0.5": 8.0}}})
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
