@@ -667,9 +667,9 @@ case $phase in
   tinygemm_prefill)  # issue 11's int4 prefill (dequantize + cuBLAS: ~2x bf16 at 128 tokens, 1.06x at 2048): where torch's tinygemm over the copy beats it, per 8B matrix at 16-2048 tokens (bench_prefill's tinygemm column), one call
     step 400 python3 -m benchmarks.bench_prefill --tokens 16 64 128 512 2048 --out "$out/prefill_tinygemm"
     ;;
-  quant_gemm)  # issue 11's int4 prefill: the GEMM that dequantizes weight tiles in registers (teal::quant_gemm, TEAL_QUANT_GEMM=1, written in the thirtieth session without a GPU): its GPU tests, then per 8B matrix at 16-2048 tokens against dequantize + cuBLAS and bf16, every GEMM_CONFIGS entry timed (--gemm_configs; ~5 min, run as `timeout 565`), one call
+  quant_gemm)  # issue 11's int4 prefill: the GEMM that dequantizes weight tiles in registers (teal::quant_gemm, TEAL_QUANT_GEMM=1, written in the thirtieth session without a GPU): its GPU tests, then per 8B matrix at 16-2048 tokens against dequantize + cuBLAS and bf16, every GEMM_CONFIGS entry checked and timed (--gemm_configs; ~5 min by estimate, run as `timeout 565`; each row is printed as it finishes, so a cut run keeps its rows in the log), one call
     step 120 python3 -m pytest -q -x tests/test_dequantize.py -k "gpu"
-    step 420 python3 -m benchmarks.bench_prefill --tokens 16 32 64 128 256 512 2048 --gemm_configs --out "$out/prefill_quant_gemm"
+    step 420 python3 -m benchmarks.bench_prefill --tokens 16 64 128 512 2048 --gemm_configs --out "$out/prefill_quant_gemm"
     ;;
   quant_gemm_model)  # after quant_gemm: whole eager 8B prefills, int4 dequantize + cuBLAS against the GEMM past 16 rows (and bf16, int8), with the per-matrix table at 128 / 2048 tokens
     step 540 python3 -m benchmarks.bench_prefill --tokens 128 2048 --model Llama-3-8B --out "$out/prefill_quant_gemm_model"
