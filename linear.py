@@ -203,7 +203,7 @@ class PackedLinear(nn.Module):
         self.sparse_prefill = False
         self.preload_allowed = env_switch(PRELOAD_ENV, default="1")  # a bad value fails here, not mid-decode
         self.attention_allowed = env_switch(ATTENTION_O_ENV, default="1" if fmt == "int8" else "0")
-        self.quant_gemm_allowed = fmt != "fp" and env_switch(QUANT_GEMM_ENV)
+        self.quant_gemm_allowed = env_switch(QUANT_GEMM_ENV) and fmt != "fp"
         # rows up to which a dense quantized call on CUDA runs the kernel (QUANTIZED_KERNEL_ROWS where the
         # shape takes the dot design, else the decode batches only)
         self.quantized_kernel_rows = (QUANTIZED_KERNEL_ROWS if fmt != "fp" and dot_design_fits(

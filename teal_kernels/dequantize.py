@@ -7,7 +7,7 @@ GEMM, and two ways of running it over int8 / packed int4 weights live here:
   x's dtype, which PackedLinear hands cuBLAS. The pass runs near the memory's speed (H200, 8B
   gate|up, int4: 87 us for 59 MB read and 235 MB written, 3.4 TB/s; benchmarks/results/int4_prefill/),
   so its cost is bytes: 2.25 bytes a weight more than bf16's GEMM reads. That is 1.15x bf16's time
-  at 2048 tokens and about 2x at 64-128, where the GEMM itself is bound by its 2 bytes a weight.
+  at 2048 tokens and 1.6-2x at 128, where the GEMM itself is bound by its 2 bytes a weight.
 - ``quant_gemm_triton`` (TEAL_QUANT_GEMM=1, linear.py; not measured on a GPU yet): a tiled GEMM that
   reads the quantized bytes and converts each [BLOCK_K, BLOCK_N] tile in registers to the values
   the pass above writes, then multiplies on the tensor cores (on sm_90 the converted tile goes
@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from teal_kernels.reference import FMT_INT4, KERNEL_DTYPES, weight_format
-from teal_kernels.triton_gemv import INTERPRETED, cdiv
+from teal_kernels.triton_gemv import INTERPRETED, _int8_to_f32, cdiv
 
 __all__ = ["GemmConfig", "dequantize_triton", "quant_gemm_config", "quant_gemm_triton"]
 
@@ -51,13 +51,14 @@ BLOCK_N = 256  # columns it writes (512 bytes of bf16 a row)
 @triton.jit
 def _dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, col0, N, W_ROW, group,
                       INT4: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
-    """float32 weights [len(rows), BLOCK_N] of columns [col0, col0 + BLOCK_N) (col0 even; rows
-    outside row_ok and columns past N read as 0). An int4 tile lies inside int4 group `group`.
+    """float32 weights [len(rows), BLOCK_N] of columns [col0, col0 + BLOCK_N) (col0 even; columns
+    past N are 0, rows outside row_ok read code 0: int8 0, int4 -8 * s + z, which callers pair with
+    x = 0). An int4 tile lies inside int4 group `group`.
 
     Integers become floats by bit tricks rather than I2F, a quarter-rate instruction on the GPU:
     placed in the mantissa of 2^23 (0x4B000000), whose mantissa unit is 1, then 2^23 plus the
-    format's offset subtracted. Exact: every value involved is an integer a float32 holds. The
-    interpreter converts plainly (same values)."""
+    format's offset subtracted (int8: triton_gemv's _int8_to_f32). Exact: every value involved is an
+    integer a float32 holds. The interpreter converts plainly (same values)."""
     cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     if INT4:
@@ -75,12 +76,8 @@ def _dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, col0, N, W_ROW, 
         return q * s[None, :] + z[None, :]
     else:
         q = tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
-        if INTERPRET:
-            qf = q.to(tl.float32)
-        else:  # byte b = q + 128 (xor 0x80) under 2^23: 2^23 + b - (2^23 + 128) = q
-            qf = ((q.to(tl.int32) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
         s = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-        return qf * s[None, :]
+        return _int8_to_f32(q, INTERPRET) * s[None, :]  # the GEMV's conversion (PTX, 4 bytes at a time)
 
 
 @triton.jit

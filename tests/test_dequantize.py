@@ -72,20 +72,20 @@ def test_int8_matches_reference(k, n, dtype):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="runs the GPU's branch in the interpreter")
-@pytest.mark.parametrize("int4", [True, False])
-def test_the_gpus_integer_conversions(int4):
-    """The compiled kernels turn integers into floats by the 2^23 mantissa trick, which the
+def test_the_gpus_int4_conversion():
+    """The compiled kernels turn int4 codes into floats by the 2^23 mantissa trick, which the
     interpreter's branch does not take: run that branch here (fp16, which the interpreter rounds
-    as the GPU does) and get the reference's bits."""
+    as the GPU does) and get the reference's bits. (int8's compiled branch is PTX, which the
+    interpreter cannot run: the GPU tests cover it.)"""
     from teal_kernels.dequantize import BLOCK_K, BLOCK_N, _dequantize_kernel
     from teal_kernels.triton_gemv import cdiv
-    w, scales, zeros = random_int4(64, 300, 32) if int4 else (*int8_matrix(45, 300), None)
+    w, scales, zeros = random_int4(64, 300, 32)
     k, n = w.shape[0], scales.shape[-1]
     out = torch.empty(k, n, dtype=torch.float16)
     _dequantize_kernel[(cdiv(k, BLOCK_K), cdiv(n, BLOCK_N))](
-        w, scales, scales if zeros is None else zeros, out, k, n, w.shape[1], INT4=int4, GROUP_SIZE=32 if int4 else 1,
-        BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, INTERPRET=False)
-    assert torch.equal(out, dequantize_weight(w, scales, zeros, 32 if int4 else 0).to(torch.float16))
+        w, scales, zeros, out, k, n, w.shape[1], INT4=True, GROUP_SIZE=32, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N,
+        INTERPRET=False)
+    assert torch.equal(out, dequantize_weight(w, scales, zeros, 32).to(torch.float16))
 
 
 def test_bad_inputs():
@@ -143,20 +143,19 @@ def test_quant_gemm_int8_matches_float64(m, k, n, dtype):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="runs the GPU's branch in the interpreter")
-@pytest.mark.parametrize("int4", [True, False])
-def test_quant_gemm_gpu_branch(int4):
-    """The GEMM's compiled branch (mantissa-trick conversions, tl.dot on x's dtype) run in the
+def test_quant_gemm_gpu_branch():
+    """The GEMM's compiled int4 branch (the mantissa trick, tl.dot on x's dtype) run in the
     interpreter, in fp16 (whose dot the interpreter gets right), matches the float64 product."""
     from teal_kernels.dequantize import _quant_gemm_kernel
     from teal_kernels.triton_gemv import cdiv
-    group = 64 if int4 else 0
-    w, scales, zeros = random_int4(128, 256, group) if int4 else (*int8_matrix(96, 256), None)
+    group = 64
+    w, scales, zeros = random_int4(128, 256, group)
     m, k, n = 20, w.shape[0], scales.shape[-1]
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(3)).to(torch.float16)
     cfg = quant_gemm_config(m, group)
     out = torch.empty(m, n, dtype=torch.float16)
     _quant_gemm_kernel[(cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)](
-        x, w, scales, scales if zeros is None else zeros, out, m, n, k, w.shape[1], INT4=int4,
+        x, w, scales, zeros, out, m, n, k, w.shape[1], INT4=True,
         GROUP_SIZE=max(group, 1), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % cfg.block_k == 0, INTERPRET=False)
     assert_product(out, x, w, scales, zeros, group)
@@ -301,8 +300,9 @@ def test_quant_gemm_switch(monkeypatch):
     assert quantize_projection(w_t, [128], "int4", 64).quant_gemm_allowed
     assert not PackedLinear(256, 128).quant_gemm_allowed
     monkeypatch.setenv(linear.QUANT_GEMM_ENV, "yes")
-    with pytest.raises(ValueError, match="TEAL_QUANT_GEMM must be 0 or 1"):
-        PackedLinear(256, 128, fmt="int8")
+    for fmt in ("int8", "fp"):  # every layer reads it: a bad value fails at build, bf16 models too
+        with pytest.raises(ValueError, match="TEAL_QUANT_GEMM must be 0 or 1"):
+            PackedLinear(256, 128, fmt=fmt)
 
 
 def test_quantized_kernel_rows_follow_the_shape():
