@@ -44,10 +44,12 @@ from teal_kernels.triton_gemv import sparse_gemv_triton
 
 
 # launches of the dequantizing GEMM that --gemm_configs times per shape: tiles, pipeline depth and
-# register caps that let 2-3 programs share an SM (each waits for its own wgmma every step)
+# register caps that let 2-3 programs share an SM (each waits for its own wgmma every step); K split
+# as the heuristic splits it (quant_gemm_splits), and the last two not split, to see what splitting buys
 GEMM_CONFIGS = [GemmConfig(64, 128, 64, 4, 3), GemmConfig(64, 128, 64, 4, 3, 168), GemmConfig(64, 128, 64, 4, 4, 168),
                 GemmConfig(64, 256, 64, 8, 3), GemmConfig(128, 128, 64, 8, 3), GemmConfig(128, 128, 64, 8, 3, 128),
-                GemmConfig(128, 256, 64, 8, 3), GemmConfig(256, 128, 64, 8, 3), GemmConfig(256, 128, 64, 8, 4)]
+                GemmConfig(128, 256, 64, 8, 3), GemmConfig(256, 128, 64, 8, 3), GemmConfig(256, 128, 64, 8, 4),
+                GemmConfig(64, 128, 64, 4, 3, 168, 1), GemmConfig(128, 128, 64, 8, 3, 128, 1)]
 
 
 def time_us(fn, rep_ms: int = 50) -> float:

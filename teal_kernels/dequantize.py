@@ -158,22 +158,29 @@ def dequantize_triton(w: Tensor, scales: Tensor, zeros: Tensor | None, group_siz
 # and a weight tile (Triton pipelines both num_stages deep), converts the weights to x's dtype
 # (_dequantized_tile, then one rounding: the values dequantize_triton writes) and accumulates
 # tl.dot in float32. int4's BLOCK_K divides its group, so a tile has one group's scales.
+# Split K: where the output tiles are fewer than the SMs (q|k|v, o and down below ~256 tokens:
+# 32-48 tiles on 132 SMs), each tile's K is cut into splits run by programs of their own, which
+# write float32 partials that one sum adds (in order: deterministic) and rounds once.
 
 @triton.jit
-def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_ROW,
+def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_ROW, K_PER_SPLIT,
                        INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                        INTERPRET: tl.constexpr):
+    """out[pid_k] = x[:, ks] @ W[ks, :] over the rows ks of split pid_k (K_PER_SPLIT, a multiple of
+    BLOCK_K); out is [M, N] in x's dtype with one split, float32 [splits, M, N] partials with more."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
     pid_m = pid % grid_m
     pid_n = pid // grid_m
     m_offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m_offs < M
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dtype = out_ptr.dtype.element_ty
+    dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_k * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(K, k_start + K_PER_SPLIT), BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:  # every row is inside K
             row_ok = rows >= 0
@@ -186,17 +193,20 @@ def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_RO
             acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(xt, wt, acc)
-    tl.store(out_ptr + m_offs[:, None] * N + cols[None, :], acc.to(dtype), mask=m_ok[:, None] & (cols[None, :] < N))
+    out = out_ptr + pid_k * M * N + m_offs[:, None] * N + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (cols[None, :] < N))
 
 
 class GemmConfig(NamedTuple):
-    """A launch of _quant_gemm_kernel: its tile, warps, pipeline depth and register cap (None: none)."""
+    """A launch of _quant_gemm_kernel: its tile, warps, pipeline depth, register cap (None: none) and
+    K splits (None: quant_gemm_splits decides)."""
     block_m: int
     block_n: int
     block_k: int
     warps: int
     stages: int
     max_registers: int | None = None
+    split_k: int | None = None
 
 
 def quant_gemm_config(m: int, group_size: int) -> GemmConfig:
@@ -211,6 +221,19 @@ def quant_gemm_config(m: int, group_size: int) -> GemmConfig:
     if m <= 128:
         return GemmConfig(128, 128, block_k, 8, 3, 128)
     return GemmConfig(256, 128, block_k, 8, 3)
+
+
+MIN_SPLIT_STEPS = 8  # BLOCK_K steps a split runs at least: shorter ones pay more for partials than they gain
+
+
+def quant_gemm_splits(tiles: int, k: int, block_k: int, sms: int) -> int:
+    """K splits for `tiles` output tiles on `sms` SMs: doubled while the programs are fewer than the
+    SMs and each split stays at least MIN_SPLIT_STEPS steps long; 1 where the tiles fill the SMs.
+    8B at 64 tokens on 132 SMs: q|k|v (48 tiles) 4, o (32) 8, down (32) 8, gate|up (224) 1."""
+    splits = 1
+    while tiles * splits < sms and k >= splits * 2 * MIN_SPLIT_STEPS * block_k:
+        splits *= 2
+    return splits
 
 
 def quant_gemm_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
@@ -228,17 +251,28 @@ def quant_gemm_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None
     m = x.shape[0]
     if max(m * k, m * n) >= 2**31:
         raise ValueError(f"quant_gemm_triton uses 32-bit offsets: M*K and M*N must be below 2**31 (M={m}).")
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
-        return out
+        return x.new_empty(0, n)
     cfg = config or quant_gemm_config(m, group_size)
     if fmt == FMT_INT4 and group_size % cfg.block_k:
         raise ValueError(f"quant_gemm_triton: int4's BLOCK_K must divide its group, got {cfg.block_k} for "
                          f"{group_size}.")
-    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+    splits = cfg.split_k or quant_gemm_splits(tiles, k, cfg.block_k, _sm_count(x.device))
+    k_per_split = cdiv(cdiv(k, splits), cfg.block_k) * cfg.block_k
+    splits = cdiv(k, k_per_split)  # a split past K would only write zeros
+    if splits * m * n >= 2**31:
+        raise ValueError(f"quant_gemm_triton uses 32-bit offsets: splits*M*N must be below 2**31 ({splits} splits).")
+    out = x.new_empty(m, n) if splits == 1 else x.new_empty(splits, m, n, dtype=torch.float32)
     registers = {"maxnreg": cfg.max_registers} if cfg.max_registers and not INTERPRETED else {}
-    _quant_gemm_kernel[grid](x, w, scales, scales if zeros is None else zeros, out, m, n, k, w.shape[1],
-                             INT4=fmt == FMT_INT4, GROUP_SIZE=max(group_size, 1), BLOCK_M=cfg.block_m,
-                             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-                             INTERPRET=INTERPRETED, num_warps=cfg.warps, num_stages=cfg.stages, **registers)
-    return out
+    _quant_gemm_kernel[(tiles, splits)](
+        x, w, scales, scales if zeros is None else zeros, out, m, n, k, w.shape[1], k_per_split,
+        INT4=fmt == FMT_INT4, GROUP_SIZE=max(group_size, 1), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0, INTERPRET=INTERPRETED, num_warps=cfg.warps,
+        num_stages=cfg.stages, **registers)
+    return out if splits == 1 else out.sum(0).to(x.dtype)  # the float32 partials summed, rounded once
+
+
+def _sm_count(device: torch.device) -> int:
+    """The device's SMs; the interpreter (CPU) counts an H100's 132, so its splits are a GPU's."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132

@@ -166,10 +166,12 @@ def dequantize_variants():
 
 
 def quant_gemm_variants():
-    """The prefill GEMM at the heuristic's configs: int4-g128 (bf16) and int8 (fp16, K not whole blocks)."""
+    """The prefill GEMM at the heuristic's configs: int4-g128 (bf16) and int8 (fp16, K not whole blocks);
+    at 64 rows into float32 partials (split K), as q|k|v, o and down run there."""
     for (int4, dtype, even_k), m in itertools.product(((True, "*bf16", True), (False, "*fp16", False)), (64, 128, 512)):
         cfg = dq.quant_gemm_config(m, 128 if int4 else 0)
-        yield (dq._quant_gemm_kernel, {"x_ptr": dtype, "w_ptr": "*u8" if int4 else "*i8", "out_ptr": dtype},
+        out = "*fp32" if m == 64 else dtype
+        yield (dq._quant_gemm_kernel, {"x_ptr": dtype, "w_ptr": "*u8" if int4 else "*i8", "out_ptr": out},
                dict(INT4=int4, GROUP_SIZE=128 if int4 else 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                     BLOCK_K=cfg.block_k, EVEN_K=even_k, INTERPRET=False,
                     **({"maxnreg": cfg.max_registers} if cfg.max_registers else {})), cfg.warps, cfg.stages)

@@ -14,7 +14,8 @@ from fixtures import DEVICE, HAS_CUDA, needs_cuda, random_int4, recorded_calls
 
 from linear import QUANTIZED_KERNEL_ROWS, PackedLinear
 from quantize import quantize_projection
-from teal_kernels.dequantize import GemmConfig, dequantize_triton, quant_gemm_config, quant_gemm_triton
+from teal_kernels.dequantize import (GemmConfig, dequantize_triton, quant_gemm_config, quant_gemm_splits,
+                                    quant_gemm_triton)
 from teal_kernels.ops import dequantize, quant_gemm
 from teal_kernels.reference import MAX_BATCH, dequantize_weight
 
@@ -154,11 +155,33 @@ def test_quant_gemm_gpu_branch():
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(3)).to(torch.float16)
     cfg = quant_gemm_config(m, group)
     out = torch.empty(m, n, dtype=torch.float16)
-    _quant_gemm_kernel[(cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)](
-        x, w, scales, zeros, out, m, n, k, w.shape[1], INT4=True,
+    _quant_gemm_kernel[(cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), 1)](
+        x, w, scales, zeros, out, m, n, k, w.shape[1], k, INT4=True,
         GROUP_SIZE=max(group, 1), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=k % cfg.block_k == 0, INTERPRET=False)
     assert_product(out, x, w, scales, zeros, group)
+
+
+@pytest.mark.parametrize("fmt,k,splits", [("int4", 512, 3), ("int8", 200, 2)])  # 3: uneven, int8: K not whole blocks
+def test_quant_gemm_split_k_matches_float64(fmt, k, splits):
+    """K cut into splits whose float32 partials are summed afterwards gives the same product."""
+    m, n = 9, 136
+    if fmt == "int4":
+        w, scales, zeros = random_int4(k, n, 64, seed=k)
+        group = 64
+    else:
+        (w, scales), zeros, group = int8_matrix(k, n, seed=k), None, 0
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16).to(DEVICE)
+    got = quant_gemm_triton(x, w, scales, zeros, group, GemmConfig(16, 64, 64, 4, 2, None, splits))
+    assert_product(got, x, w, scales, zeros, group)
+
+
+def test_quant_gemm_splits():
+    """Splits fill the SMs only where the tiles do not, and never run shorter than MIN_SPLIT_STEPS."""
+    assert [quant_gemm_splits(t, 4096, 64, 132) for t in (48, 32, 224, 132)] == [4, 8, 1, 1]
+    assert quant_gemm_splits(32, 14336, 64, 132) == 8
+    assert quant_gemm_splits(1, 1024, 64, 132) == 2  # 512 rows a split at least
+    assert quant_gemm_splits(1, 1023, 64, 132) == 1
 
 
 def test_quant_gemm_op_reference_on_the_cpu(monkeypatch):
