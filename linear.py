@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -86,12 +88,28 @@ def preload_gemv_fits(device: torch.device, k: int, n: int) -> bool:
 # but slower on q|k|v and o; at 32 a tie; slower past.
 QUANTIZED_KERNEL_ROWS = 16
 
-# Dense prefills of int8/int4 weights on CUDA past those rows: dequantize + cuBLAS, or with
-# TEAL_QUANT_GEMM=1 (read when a PackedLinear is built) teal::quant_gemm, a GEMM that dequantizes
-# each weight tile in registers (teal_kernels/dequantize.py) and so never writes or reads the bf16
-# copy. Not measured on a GPU yet: `benchmarks/bench_prefill.py` times both (its gemm column) for the
-# prompt lengths where it should replace the default.
+# Dense prefills of int8/int4 weights on CUDA past those rows, up to QUANT_GEMM_ROWS rows:
+# teal::quant_gemm, a GEMM that dequantizes each weight tile in registers (teal_kernels/dequantize.py)
+# and so never writes or reads a bf16 copy; past them dequantize + cuBLAS. H200, 8B shapes, CUDA
+# graphs (benchmarks/results/quant_gemm_2026_12_05/): int8 at 16-128 rows, GEMM against dequantize +
+# cuBLAS, q|k|v 24-34 vs 32-36 us, o 17-24 vs 22-26, gate|up 67-89 vs 154-200, down 37-49 vs 80-84;
+# at 512 rows it loses on every matrix (gate|up 352 vs 278). int4's GEMM lost on q|k|v and o at
+# every length, and everywhere past 64 rows (gate|up 131 vs 146 at 64, 240 vs 192 at 128).
+# TEAL_QUANT_GEMM (read when a PackedLinear is built): unset, these rows; 1, every quantized
+# prefill; 0, none.
+QUANT_GEMM_ROWS = {"int8": 128, "int4": 0}
 QUANT_GEMM_ENV = "TEAL_QUANT_GEMM"
+
+
+def quant_gemm_rows(fmt: str) -> int:
+    """Rows up to which a dense prefill of a `fmt` layer on CUDA runs teal::quant_gemm (0 for float
+    weights). The switch is parsed for every format, so a bad value fails for bf16 models too."""
+    forced = env_switch(QUANT_GEMM_ENV) if QUANT_GEMM_ENV in os.environ else None
+    if fmt == "fp":
+        return 0
+    if forced is None:
+        return QUANT_GEMM_ROWS[fmt]
+    return sys.maxsize if forced else 0
 
 
 @torch.compiler.assume_constant_result
@@ -203,7 +221,7 @@ class PackedLinear(nn.Module):
         self.sparse_prefill = False
         self.preload_allowed = env_switch(PRELOAD_ENV, default="1")  # a bad value fails here, not mid-decode
         self.attention_allowed = env_switch(ATTENTION_O_ENV, default="1" if fmt == "int8" else "0")
-        self.quant_gemm_allowed = env_switch(QUANT_GEMM_ENV) and fmt != "fp"
+        self.quant_gemm_rows = quant_gemm_rows(fmt)
         # rows up to which a dense quantized call on CUDA runs the kernel (QUANTIZED_KERNEL_ROWS where the
         # shape takes the dot design, else the decode batches only)
         self.quantized_kernel_rows = (QUANTIZED_KERNEL_ROWS if fmt != "fp" and dot_design_fits(
@@ -311,7 +329,7 @@ class PackedLinear(nn.Module):
         # A dense prefill of int8/int4 weights on CUDA past quantized_kernel_rows: dense_weight_t
         # dequantizes the matrix once into x's dtype, then cuBLAS (H200, 8B shapes, 2048 tokens:
         # 1.15-1.20x bf16's time, 16-17x faster than the float32 product; benchmarks/results/int4_prefill/),
-        # or teal::quant_gemm where quant_gemm_allowed (QUANT_GEMM_ENV)
+        # or teal::quant_gemm up to quant_gemm_rows rows (QUANT_GEMM_ROWS)
         quantized_prefill = (self.fmt != "fp" and not sparse and not decode_kernel and not tinygemm
                              and x.device.type == "cuda" and x.dtype in KERNEL_DTYPES)
         kernel_norm = x.device.type == "cuda" and (
@@ -329,7 +347,7 @@ class PackedLinear(nn.Module):
             x_in = gated_input(rows) if gated else rows
             if tinygemm:
                 out = int4pack_mm(x_in, self.int4pack_weight, self.int4pack_scales_zeros, self.group_size)
-            elif quantized_prefill and self.quant_gemm_allowed:
+            elif quantized_prefill and n_rows <= self.quant_gemm_rows:
                 out = quant_gemm(x_in.contiguous(), self.weight, *self._quant_args(), self.group_size)
             else:
                 out = x_in @ self.dense_weight_t(x.dtype)

@@ -148,7 +148,9 @@ def bench_model_prefill(name: str, tokens: list[int], formats: list[str]) -> lis
         for layer in packed_projections(model).values():
             if fmt.endswith("dequantize"):  # dequantize + cuBLAS past the decode batches
                 layer.quantized_kernel_rows = MAX_BATCH
-            layer.quant_gemm_allowed = fmt.endswith("gemm")  # TEAL_QUANT_GEMM=1
+            # "gemm": teal::quant_gemm at every length (TEAL_QUANT_GEMM=1); "dequantize": never
+            layer.quant_gemm_rows = sys.maxsize if fmt.endswith("gemm") else 0 if fmt.endswith("dequantize") \
+                else layer.quant_gemm_rows
         model.setup_caches(1, max(tokens) + 8)
         for row in rows:
             prompt = torch.randint(model.config.vocab_size, (1, row["M"]), device="cuda")

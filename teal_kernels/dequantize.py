@@ -8,15 +8,16 @@ GEMM, and two ways of running it over int8 / packed int4 weights live here:
   gate|up, int4: 87 us for 59 MB read and 235 MB written, 3.4 TB/s; benchmarks/results/int4_prefill/),
   so its cost is bytes: 2.25 bytes a weight more than bf16's GEMM reads. That is 1.15x bf16's time
   at 2048 tokens and 1.6-2x at 128, where the GEMM itself is bound by its 2 bytes a weight.
-- ``quant_gemm_triton`` (TEAL_QUANT_GEMM=1, linear.py; not measured on a GPU yet): a tiled GEMM that
-  reads the quantized bytes and converts each [BLOCK_K, BLOCK_N] tile in registers to the values
-  the pass above writes, then multiplies on the tensor cores (on sm_90 the converted tile goes
+- ``quant_gemm_triton`` (int8 prefills of 17-128 rows by default, linear.QUANT_GEMM_ROWS): a tiled GEMM
+  that reads the quantized bytes and converts each [BLOCK_K, BLOCK_N] tile in registers to the
+  values the pass above writes, then multiplies on the tensor cores (on sm_90 the converted tile goes
   through shared memory into wgmma: local SASS of triton 3.6 shows HGMMA). It reads 0.5 (int4) or 1
-  (int8) byte a weight once per BLOCK_M rows of x, so short prompts should beat bf16's GEMM; the
-  conversion (about 8 instructions a weight, once per BLOCK_M rows) is what it pays at long ones.
-  Two earlier int4 GEMMs lost to bf16 by 2-11x: one tl.dot per 16-column nibble plane
-  (mma.sync), and wgmma with the converted weights as its register operand and one program per
-  whole K (benchmarks/results/int4_prefill/, int4_matmul/).
+  (int8) byte a weight once per BLOCK_M rows of x. H200, 8B shapes (benchmarks/results/
+  quant_gemm_2026_12_05/): int8 beats dequantize + cuBLAS at 16-128 rows on every matrix (gate|up
+  at 128: 89 against 200 us) and loses at 512; int4 takes about twice int8's time (not profiled;
+  the per-step nibble interleave is my guess), so int4 prefills keep the pass. Two earlier int4 GEMMs lost to bf16 by 2-11x: one
+  tl.dot per 16-column nibble plane (mma.sync), and wgmma with the converted weights as its
+  register operand and one program per whole K (benchmarks/results/int4_prefill/, int4_matmul/).
 
 The value of every weight is the reference's (teal_kernels/reference.py ``dequantize_weight``): int8
 q * s[n]; int4 (q - 8) * s[g, n] + z[g, n], computed in float32 and rounded once to x's dtype. The

@@ -2,7 +2,7 @@
 decode-sized batches, and a quantized model's short prefills on CUDA), ``teal::dense_gemv`` (its
 dense decode calls of small float matrices on CUDA), ``teal::dequantize`` (a quantized matrix in
 bf16/fp16 for longer prefills on CUDA), ``teal::quant_gemm`` (such a prefill's product without the
-bf16 copy, behind TEAL_QUANT_GEMM=1), ``teal::decode_attention`` and ``teal::decode_attention_step``
+bf16 copy: int8 prefills of 17-128 rows, linear.QUANT_GEMM_ROWS), ``teal::decode_attention`` and ``teal::decode_attention_step``
 (the fused decode path's attention, decode.py), and ``teal::attention_o`` (that attention computed
 inside o's GEMV, at short contexts: linear.PackedLinear.attention_product).
 
@@ -224,7 +224,7 @@ def _(x, w, scales, zeros, group_size):
 
 def quant_gemm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int) -> Tensor:
     """x [M, K] @ the real weight of an int8 / packed int4 matrix, each weight tile dequantized in
-    registers (teal_kernels/dequantize.py): a quantized prefill on CUDA with TEAL_QUANT_GEMM=1."""
+    registers (teal_kernels/dequantize.py): a quantized prefill on CUDA up to linear.QUANT_GEMM_ROWS rows."""
     if x.is_cuda and _eager():
         from teal_kernels.dequantize import quant_gemm_triton
         return quant_gemm_triton(x, w, scales, zeros, group_size)

@@ -42,7 +42,7 @@ def recorded_calls(monkeypatch, module, name: str) -> list:
     """Replace module.name by a wrapper that records the shape of each call's first argument and still
     calls the original; returns the record."""
     calls, real = [], getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *args: calls.append(args[0].shape) or real(*args))
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(args[0].shape) or real(*args, **kwargs))
     return calls
 
 

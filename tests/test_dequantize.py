@@ -255,9 +255,11 @@ def dequantize_calls(monkeypatch) -> list:
 def test_gpu_packed_linear_prefill_routes(mode, monkeypatch):
     """A quantized PackedLinear's dense prefill on CUDA: up to QUANTIZED_KERNEL_ROWS rows the kernel reads
     the quantized weights, past them the matrix is dequantized once and multiplied in bf16; both agree
-    with the float32 reference product (gate|up's prologue and a residual too)."""
+    with the float32 reference product (gate|up's prologue and a residual too). (TEAL_QUANT_GEMM=0: int8's
+    default GEMM past those rows is the next test's.)"""
     import linear
     from teal_kernels import sparse_gemv_reference
+    monkeypatch.setenv(linear.QUANT_GEMM_ENV, "0")
     g = torch.Generator().manual_seed(1)
     w_t = (torch.randn(2048, 1024, generator=g) / 32).to(torch.bfloat16).cuda()
     layer = quantize_projection(w_t, [1024], mode, 128 if mode == "int4" else 0)
@@ -294,10 +296,14 @@ def test_gpu_quant_gemm_llama_shapes(m, k, n):
 @needs_cuda
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_gpu_packed_linear_quant_gemm_switch(mode, monkeypatch):
-    """With TEAL_QUANT_GEMM=1 a quantized PackedLinear's dense prefill past QUANTIZED_KERNEL_ROWS runs
-    teal::quant_gemm instead of dequantize + cuBLAS, with gate|up's prologue and a residual too."""
+    """A quantized PackedLinear's dense prefill past QUANTIZED_KERNEL_ROWS runs teal::quant_gemm instead
+    of dequantize + cuBLAS (int8 by default up to QUANT_GEMM_ROWS rows, int4 with TEAL_QUANT_GEMM=1),
+    with gate|up's prologue and a residual too; int8 past QUANT_GEMM_ROWS dequantizes."""
     import linear
-    monkeypatch.setenv(linear.QUANT_GEMM_ENV, "1")
+    if mode == "int4":
+        monkeypatch.setenv(linear.QUANT_GEMM_ENV, "1")
+    else:
+        monkeypatch.delenv(linear.QUANT_GEMM_ENV, raising=False)
     g = torch.Generator().manual_seed(2)
     w_t = (torch.randn(2048, 1024, generator=g) / 32).to(torch.bfloat16).cuda()
     layer = quantize_projection(w_t, [1024], mode, 128 if mode == "int4" else 0)
@@ -312,60 +318,25 @@ def test_gpu_packed_linear_quant_gemm_switch(mode, monkeypatch):
         want = want if len(args) < 3 else want + res.reshape(120, -1).cpu().double()
         torch.testing.assert_close(got.cpu().double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     assert gemm_calls == [(120, 2048), (120, 2048)] and not calls
+    if mode == "int8":
+        layer(torch.randn(1, linear.QUANT_GEMM_ROWS["int8"] + 1, 2048).to(torch.bfloat16).cuda())
+        assert len(gemm_calls) == 2 and len(calls) == 1
 
 
 def test_quant_gemm_switch(monkeypatch):
-    """TEAL_QUANT_GEMM: off by default, on for quantized layers only, a bad value fails at build."""
+    """TEAL_QUANT_GEMM: unset, int8 layers take the GEMM up to QUANT_GEMM_ROWS rows and int4 ones never;
+    1, every quantized prefill; 0, none; float layers never; a bad value fails at build."""
     import linear
+    monkeypatch.delenv(linear.QUANT_GEMM_ENV, raising=False)
     w_t = torch.randn(256, 128).to(torch.bfloat16)
-    assert not quantize_projection(w_t, [128], "int8", 0).quant_gemm_allowed
+    assert quantize_projection(w_t, [128], "int8", 0).quant_gemm_rows == linear.QUANT_GEMM_ROWS["int8"] == 128
+    assert quantize_projection(w_t, [128], "int4", 64).quant_gemm_rows == 0
     monkeypatch.setenv(linear.QUANT_GEMM_ENV, "1")
-    assert quantize_projection(w_t, [128], "int4", 64).quant_gemm_allowed
-    assert not PackedLinear(256, 128).quant_gemm_allowed
+    assert quantize_projection(w_t, [128], "int4", 64).quant_gemm_rows >= 2**31
+    assert PackedLinear(256, 128).quant_gemm_rows == 0
+    monkeypatch.setenv(linear.QUANT_GEMM_ENV, "0")
+    assert quantize_projection(w_t, [128], "int8", 0).quant_gemm_rows == 0
     monkeypatch.setenv(linear.QUANT_GEMM_ENV, "yes")
     for fmt in ("int8", "fp"):  # every layer reads it: a bad value fails at build, bf16 models too
         with pytest.raises(ValueError, match="TEAL_QUANT_GEMM must be 0 or 1"):
             PackedLinear(256, 128, fmt=fmt)
-
-
-def test_quantized_kernel_rows_follow_the_shape():
-    """Dense quantized calls go to the kernel up to QUANTIZED_KERNEL_ROWS rows where the shape takes its dot
-    design (segments of multiples of 128 for int4, 16 for int8), else up to MAX_BATCH; float weights
-    keep cuBLAS past MAX_BATCH."""
-    w_t = torch.randn(256, 256).to(torch.bfloat16)
-    assert quantize_projection(w_t, [128, 128], "int4", 64).quantized_kernel_rows == QUANTIZED_KERNEL_ROWS
-    assert quantize_projection(w_t, [64, 192], "int4", 64).quantized_kernel_rows == MAX_BATCH
-    assert quantize_projection(w_t, [48, 208], "int8", 0).quantized_kernel_rows == QUANTIZED_KERNEL_ROWS
-    assert quantize_projection(w_t, [40, 216], "int8", 0).quantized_kernel_rows == MAX_BATCH
-    assert PackedLinear(256, 256).quantized_kernel_rows == MAX_BATCH
-
-
-def test_packed_linear_off_cuda_keeps_the_reference(monkeypatch):
-    """Off CUDA a quantized prefill stays the float32 reference product, bit for bit."""
-    from teal_kernels import sparse_gemv_reference
-    calls = dequantize_calls(monkeypatch)
-    layer = quantize_projection(torch.randn(256, 128).to(torch.bfloat16), [128], "int4", 64)
-    x = torch.randn(20, 256).to(torch.bfloat16)
-    want = sparse_gemv_reference(x, layer.weight, layer.no_thresholds, layer.split_sizes, *layer._quant_args(),
-                                 layer.group_size)
-    assert torch.equal(layer(x), want)
-    assert not calls
-
-
-@pytest.mark.parametrize("args,code,message", [
-    (["--model", "Llama-9"], 2, "error: unknown model name 'Llama-9'"),
-    (["--tokens", "0"], 2, "error: --tokens must be positive, got [0]"),
-])
-def test_bench_prefill_bad_arguments(args, code, message, capsys):
-    """Checked before any timing (or the GPU check): one line, exit 2."""
-    from benchmarks.bench_prefill import main
-    assert main(args) == code
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(message) and "\n" not in err
-
-
-@pytest.mark.skipif(HAS_CUDA, reason="the message of a machine without a GPU")
-def test_bench_prefill_needs_a_gpu(capsys):
-    from benchmarks.bench_prefill import main
-    assert main([]) == 1
-    assert capsys.readouterr().err.strip() == "error: bench_prefill needs a CUDA GPU"
