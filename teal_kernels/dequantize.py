@@ -14,10 +14,11 @@ GEMM, and two ways of running it over int8 / packed int4 weights live here:
   through shared memory into wgmma: local SASS of triton 3.6 shows HGMMA). It reads 0.5 (int4) or 1
   (int8) byte a weight once per BLOCK_M rows of x. H200, 8B shapes (benchmarks/results/
   quant_gemm_2026_12_05/): int8 beats dequantize + cuBLAS at 16-128 rows on every matrix (gate|up
-  at 128: 89 against 200 us) and loses at 512; int4 takes about twice int8's time (not profiled;
-  the per-step nibble interleave is my guess), so int4 prefills keep the pass. Two earlier int4 GEMMs lost to bf16 by 2-11x: one
-  tl.dot per 16-column nibble plane (mma.sync), and wgmma with the converted weights as its
-  register operand and one program per whole K (benchmarks/results/int4_prefill/, int4_matmul/).
+  at 128: 89 against 200 us) and loses at 512; int4 takes about twice int8's time (why is not
+  known yet: benchmarks/results/NOTES.md), so int4 prefills keep the pass. Two earlier int4 GEMMs
+  lost to bf16 by 2-11x: one tl.dot per 16-column nibble plane (mma.sync), and wgmma with the
+  converted weights as its register operand and one program per whole K
+  (benchmarks/results/int4_prefill/, int4_matmul/).
 
 The value of every weight is the reference's (teal_kernels/reference.py ``dequantize_weight``): int8
 q * s[n]; int4 (q - 8) * s[g, n] + z[g, n], computed in float32 and rounded once to x's dtype. The
@@ -240,9 +241,10 @@ def quant_gemm_splits(tiles: int, k: int, block_k: int, sms: int) -> int:
 def quant_gemm_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int,
                       config: GemmConfig | None = None) -> Tensor:
     """x [M, K] (bf16/fp16) @ the real weight of an int8 / packed int4 matrix (as dequantize_triton
-    takes it) -> [M, N] in x's dtype, float32 accumulation; `config` overrides the heuristic (benchmarks/bench_prefill.py --gemm_configs). Rejects, one line, what
-    dequantize_triton rejects, x of another dtype, shape or device, non-contiguous x, M*K or M*N of
-    2**31 or more, and an int4 BLOCK_K that does not divide the group."""
+    takes it) -> [M, N] in x's dtype, float32 accumulation; `config` overrides the heuristic
+    (benchmarks/bench_prefill.py --gemm_configs). Rejects, one line, what dequantize_triton
+    rejects, x of another dtype, shape or device, non-contiguous x, M*K, M*N or splits*M*N of 2**31
+    or more, and an int4 BLOCK_K that does not divide the group."""
     fmt, n = _checked_format(w, scales, zeros, group_size, x.dtype, "quant_gemm_triton")
     k = w.shape[0]
     if x.dim() != 2 or x.shape[1] != k:
