@@ -8,6 +8,8 @@ names both)::
         python3 -m benchmarks.ncu_gemv --layer qkv --sparsity 0.5 --format int4-g128
 
 ``--sparsity none`` sets an infinite threshold (no weight row read: the call's fixed cost alone).
+``--gemm_rows M`` profiles a dense quantized prefill's GEMM instead (teal::quant_gemm's
+``_quant_gemm_kernel`` at M rows, its heuristic config; phase ``quant_gemm_ncu``).
 The first three calls compile and warm up; the fourth is the one to profile.
 """
 
@@ -19,6 +21,7 @@ import torch
 
 from benchmarks.timing import MODEL_SHAPES, make_weight, make_x, parse_format, threshold_for
 from cli import FRACTION
+from teal_kernels.dequantize import quant_gemm_triton
 from teal_kernels.triton_gemv import sparse_gemv_triton
 
 
@@ -34,16 +37,25 @@ def main() -> None:
     parser.add_argument("--sparsity", type=sparsity_or_none, default=0.5,
                         help="fraction of x zeroed, or 'none': no row kept")
     parser.add_argument("--format", default="bf16", help="bf16, fp16, int8 or int4-g<group> (random weights)")
+    parser.add_argument("--gemm_rows", type=int, default=0, metavar="M",
+                        help="profile quant_gemm_triton (int8 / int4 formats) at M rows instead of the GEMV")
     args = parser.parse_args()
     try:
         parse_format(args.format)
     except ValueError as e:
         parser.error(str(e))
+    if args.gemm_rows < 0 or (args.gemm_rows and not args.format.startswith("int")):
+        parser.error("--gemm_rows takes a positive row count and an int8 / int4 format")
     if not torch.cuda.is_available():
         raise SystemExit("error: benchmarks.ncu_gemv needs a CUDA GPU")
     k, splits = layers[args.layer]
     w, scales, zeros, group = make_weight(args.format, k, sum(splits), "cuda", seed=1)
-    x = make_x(1, k, torch.float16 if args.format == "fp16" else torch.bfloat16, "cuda", seed=0)
+    x = make_x(max(args.gemm_rows, 1), k, torch.float16 if args.format == "fp16" else torch.bfloat16, "cuda", seed=0)
+    if args.gemm_rows:
+        for _ in range(4):
+            quant_gemm_triton(x, w, scales, zeros, group)
+        torch.cuda.synchronize()
+        return
     if args.sparsity is None:
         thr = torch.full((len(splits),), float("inf"), device="cuda")
     else:
