@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_ab | quant_gemm | quant_gemm_model | quant_gemm_ncu)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_ab | quant_gemm | quant_gemm_model | quant_gemm_ncu | int4_vec)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -671,18 +671,21 @@ case $phase in
     step 120 python3 -m pytest -q -x tests/test_dequantize.py -k "gpu"
     step 420 python3 -m benchmarks.bench_prefill --tokens 16 64 128 512 2048 --gemm_configs --out "$out/prefill_quant_gemm"
     ;;
-  quant_gemm_ncu)  # issue 11: the GEMM's GPU tests (not run yet), then where its warps wait (Nsight Compute): int4 at 64 and 2048 rows (~2x int8's time, not explained), int8 at 64 and 2048 (1.6x bf16 at 2048), gate|up; the details pages come back as text
+  quant_gemm_ncu)  # issue 11: the GEMM's GPU tests (not run yet), then where its warps wait (Nsight Compute), gate|up: int4 at 128 rows with 16 and 4 bytes a thread (int4_vec; ~2x int8's time, local SASS: 16 loads a scale and a zero per weight from shared memory), int8 at 128, int4 at 2048 with 16 and 4; the details pages come back as text
     step 150 python3 -m pytest -q tests/test_dequantize.py -k "gpu"
     mkdir -p /tmp/ncu
-    for fmt in int4-g128 int8; do
-      for m in 64 2048; do
-        step 100 ncu --clock-control none --cache-control none -k regex:_quant_gemm_kernel --launch-skip 3 --launch-count 1 \
-          --set full --import-source yes -f -o "/tmp/ncu/${fmt}_$m" python3 -m benchmarks.ncu_gemv --layer gate_up --format "$fmt" --gemm_rows "$m"
-        ncu -i "/tmp/ncu/${fmt}_$m.ncu-rep" --page details > "$out/ncu_gemm_${fmt}_$m.txt" 2>&1
-        ncu -i "/tmp/ncu/${fmt}_$m.ncu-rep" --page source --csv --print-source sass > "/tmp/ncu/${fmt}_$m.sass.csv" 2>&1
-      done
+    for spec in "int4-g128 128 16" "int4-g128 128 4" "int8 128 16" "int4-g128 2048 16" "int4-g128 2048 4"; do
+      set -- $spec; name="${1}_${2}_vec$3"
+      step 100 ncu --clock-control none --cache-control none -k regex:_quant_gemm_kernel --launch-skip 3 --launch-count 1 \
+        --set full --import-source yes -f -o "/tmp/ncu/$name" python3 -m benchmarks.ncu_gemv --layer gate_up --format "$1" --gemm_rows "$2" --int4_vec "$3"
+      ncu -i "/tmp/ncu/$name.ncu-rep" --page details > "/tmp/ncu/$name.txt" 2>&1
+      ncu -i "/tmp/ncu/$name.ncu-rep" --page source --csv --print-source sass > "/tmp/ncu/$name.sass.csv" 2>&1
     done
-    tar czf "$out/ncu_gemm_sass.tgz" --exclude="*.ncu-rep" -C /tmp ncu
+    grep -H -E "^    (Duration|Memory Throughput|Compute \(SM\) Throughput|Shared Memory|L1/TEX Hit)" /tmp/ncu/*.txt
+    tar czf "$out/ncu_gemm.tgz" --exclude="*.ncu-rep" -C /tmp ncu
+    ;;
+  int4_vec)  # issue 11: int4's GEMM with 4 and 2 bytes of a packed row a thread (GemmConfig.int4_vec; local SASS: a quarter of the scale loads at 4, int8's shared-memory traffic at 2 but the weight bytes not prefetched) against 16 and dequantize + cuBLAS, 8B shapes, every GEMM_CONFIGS entry (~5 min), one call
+    step 540 python3 -m benchmarks.bench_prefill --tokens 16 64 128 512 2048 --gemm_configs --out "$out/prefill_int4_vec"
     ;;
   quant_gemm_model)  # after quant_gemm: whole eager 8B prefills, int4 dequantize + cuBLAS against the GEMM past 16 rows (and bf16, int8), with the per-matrix table at 128 / 2048 tokens
     step 540 python3 -m benchmarks.bench_prefill --tokens 128 2048 --model Llama-3-8B --out "$out/prefill_quant_gemm_model"

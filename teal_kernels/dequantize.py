@@ -14,8 +14,11 @@ GEMM, and two ways of running it over int8 / packed int4 weights live here:
   through shared memory into wgmma: local SASS of triton 3.6 shows HGMMA). It reads 0.5 (int4) or 1
   (int8) byte a weight once per BLOCK_M rows of x. H200, 8B shapes (benchmarks/results/
   quant_gemm_2026_12_05/): int8 beats dequantize + cuBLAS at 16-128 rows on every matrix (gate|up
-  at 128: 89 against 200 us) and loses at 512; int4 takes about twice int8's time (why is not
-  known yet: benchmarks/results/NOTES.md), so int4 prefills keep the pass. Two earlier int4 GEMMs
+  at 128: 89 against 200 us) and loses at 512; int4 takes about twice int8's time, so int4
+  prefills keep the pass. A likely cause, from local SASS (not yet measured): with 16 bytes of a
+  packed row a thread, each thread holds 32 columns of one row and reads a scale and a zero from
+  shared memory per weight (int8's scales stay in registers), about 3x int8's shared-memory
+  traffic a step; GemmConfig.int4_vec = 4 cuts those reads by four (benchmarks/results/NOTES.md). Two earlier int4 GEMMs
   lost to bf16 by 2-11x: one tl.dot per 16-column nibble plane (mma.sync), and wgmma with the
   converted weights as its register operand and one program per whole K
   (benchmarks/results/int4_prefill/, int4_matmul/).
@@ -52,7 +55,7 @@ BLOCK_N = 256  # columns it writes (512 bytes of bf16 a row)
 
 @triton.jit
 def _dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, col0, N, W_ROW, group,
-                      INT4: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+                      INT4: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, INT4_VEC: tl.constexpr = 16):
     """float32 weights [len(rows), BLOCK_N] of columns [col0, col0 + BLOCK_N) (col0 even; columns
     past N are 0, rows outside row_ok read code 0: int8 0, int4 -8 * s + z, which callers pair with
     x = 0). An int4 tile lies inside int4 group `group`.
@@ -60,12 +63,16 @@ def _dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, col0, N, W_ROW, 
     Integers become floats by bit tricks rather than I2F, a quarter-rate instruction on the GPU:
     placed in the mantissa of 2^23 (0x4B000000), whose mantissa unit is 1, then 2^23 plus the
     format's offset subtracted (int8: triton_gemv's _int8_to_f32). Exact: every value involved is an
-    integer a float32 holds. The interpreter converts plainly (same values)."""
+    integer a float32 holds. The interpreter converts plainly (same values).
+
+    INT4_VEC caps the bytes of a packed row that one thread reads together (a hint to the compiler's
+    layout, no effect on values): at 16 a thread holds 32 columns of one row and so loads 32 scales
+    and 32 zeros for 32 weights; at 4 or 2 it holds fewer columns of more rows, which share them."""
     cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     if INT4:
         # byte j of a row holds column 2j in its low nibble and 2j + 1 in its high one
-        byte_cols = col0 // 2 + tl.arange(0, BLOCK_N // 2)
+        byte_cols = tl.max_contiguous(col0 // 2 + tl.arange(0, BLOCK_N // 2), INT4_VEC)
         b = tl.load(w_ptr + rows[:, None] * W_ROW + byte_cols[None, :],
                     mask=row_ok[:, None] & (byte_cols[None, :] < W_ROW), other=0).to(tl.int32)
         nib = tl.reshape(tl.join(b & 0xF, b >> 4), [rows.shape[0], BLOCK_N])
@@ -168,7 +175,7 @@ def dequantize_triton(w: Tensor, scales: Tensor, zeros: Tensor | None, group_siz
 def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_ROW, K_PER_SPLIT,
                        INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                       INTERPRET: tl.constexpr):
+                       INT4_VEC: tl.constexpr, INTERPRET: tl.constexpr):
     """out[pid_k] = x[:, ks] @ W[ks, :] over the rows ks of split pid_k (K_PER_SPLIT, a multiple of
     BLOCK_K); out is [M, N] in x's dtype with one split, float32 [splits, M, N] partials with more."""
     pid = tl.program_id(0)
@@ -190,7 +197,7 @@ def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_RO
             row_ok = rows < K
         xt = tl.load(x_ptr + m_offs[:, None] * K + rows[None, :], mask=m_ok[:, None] & row_ok[None, :], other=0.0)
         wt = _rounded(_dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, pid_n * BLOCK_N, N, W_ROW,
-                                        k0 // GROUP_SIZE, INT4, BLOCK_N, INTERPRET), dtype, INTERPRET)
+                                        k0 // GROUP_SIZE, INT4, BLOCK_N, INTERPRET, INT4_VEC), dtype, INTERPRET)
         if INTERPRET:  # the interpreter's bf16 dot is unreliable: fp32 of the same operands
             acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -200,8 +207,9 @@ def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_RO
 
 
 class GemmConfig(NamedTuple):
-    """A launch of _quant_gemm_kernel: its tile, warps, pipeline depth, register cap (None: none) and
-    K splits (None: quant_gemm_splits decides)."""
+    """A launch of _quant_gemm_kernel: its tile, warps, pipeline depth, register cap (None: none), K
+    splits (None: quant_gemm_splits decides) and int4's bytes a thread reads together
+    (_dequantized_tile's INT4_VEC; int8 ignores it)."""
     block_m: int
     block_n: int
     block_k: int
@@ -209,6 +217,7 @@ class GemmConfig(NamedTuple):
     stages: int
     max_registers: int | None = None
     split_k: int | None = None
+    int4_vec: int = 16
 
 
 def quant_gemm_config(m: int, group_size: int) -> GemmConfig:
@@ -244,7 +253,8 @@ def quant_gemm_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None
     takes it) -> [M, N] in x's dtype, float32 accumulation; `config` overrides the heuristic
     (benchmarks/bench_prefill.py --gemm_configs). Rejects, one line, what dequantize_triton
     rejects, x of another dtype, shape or device, non-contiguous x, M*K, M*N or splits*M*N of 2**31
-    or more, and an int4 BLOCK_K that does not divide the group."""
+    or more, an int4 BLOCK_K that does not divide the group and an int4_vec other than 1-16 bytes
+    (a power of two)."""
     fmt, n = _checked_format(w, scales, zeros, group_size, x.dtype, "quant_gemm_triton")
     k = w.shape[0]
     if x.dim() != 2 or x.shape[1] != k:
@@ -257,6 +267,8 @@ def quant_gemm_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None
     if m == 0:
         return x.new_empty(0, n)
     cfg = config or quant_gemm_config(m, group_size)
+    if cfg.int4_vec not in (1, 2, 4, 8, 16):
+        raise ValueError(f"quant_gemm_triton: int4_vec must be 1, 2, 4, 8 or 16 bytes, got {cfg.int4_vec}.")
     if fmt == FMT_INT4 and group_size % cfg.block_k:
         raise ValueError(f"quant_gemm_triton: int4's BLOCK_K must divide its group, got {cfg.block_k} for "
                          f"{group_size}.")
@@ -271,8 +283,8 @@ def quant_gemm_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None
     _quant_gemm_kernel[(tiles, splits)](
         x, w, scales, scales if zeros is None else zeros, out, m, n, k, w.shape[1], k_per_split,
         INT4=fmt == FMT_INT4, GROUP_SIZE=max(group_size, 1), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0, INTERPRET=INTERPRETED, num_warps=cfg.warps,
-        num_stages=cfg.stages, **registers)
+        BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0, INT4_VEC=cfg.int4_vec, INTERPRET=INTERPRETED,
+        num_warps=cfg.warps, num_stages=cfg.stages, **registers)
     return out if splits == 1 else out.sum(0).to(x.dtype)  # the float32 partials summed, rounded once
 
 

@@ -9,7 +9,8 @@ failure, with Triton's message.
 For kernel work without a GPU: `--resources` adds each variant's registers a thread, spills and shared
 memory (cuobjdump of the cubin; the local Triton gave the 168 registers and 36.9 KB that Nsight
 Compute measured on the H200 under triton 3.6), `--only TEXT` keeps the variants whose line
-contains TEXT, and `--sass DIR` writes their SASS there.
+contains TEXT, `--sass DIR` writes their SASS there, and `--loop` counts the longest loop's
+instructions and shared-memory bytes a thread (static counts, to compare variants).
 
 The H200's own compiler: Triton versions differ in what they emit (triton 3.9 here read o's weights
 behind the attention prologue a byte at a time; 3.6, the H200's, by 16-byte cp.async), so compile
@@ -95,6 +96,36 @@ def resources(compiled) -> str:
     return f"registers {regs}, stack {stack} B, local {local} B, shared {compiled.metadata.shared} B"
 
 
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+SMEM_OPS = re.compile(r"^(LDS|LDSM|STS|LDGSTS)\b")  # shared memory: loads, stores, async copies into it
+
+
+def smem_bytes(op: str) -> int:
+    """Bytes a thread moves through shared memory by one SASS instruction (0: not such an instruction)."""
+    if not SMEM_OPS.match(op):
+        return 0
+    if op.startswith("LDSM"):  # ldmatrix: .x1/.x2/.x4 8x8 matrices of 16-bit values, 4 bytes a thread each
+        return 4 * int(op.rsplit(".", 1)[1])
+    width = re.search(r"\.(128|64|U8|S8|U16|S16)\b", op)
+    return {"128": 16, "64": 8, "U8": 1, "S8": 1, "U16": 2, "S16": 2}[width.group(1)] if width else 4
+
+
+def loop_profile(sass: str) -> str:
+    """The longest loop of a kernel's SASS (a backward branch): its instructions and the shared-memory
+    bytes a thread reads (LDS, LDSM) and writes (STS, cp.async) an iteration, besides what wgmma
+    reads. Static counts, for comparing variants without a GPU, not a timing."""
+    code = [(int(a, 16), text) for a, text in SASS_LINE.findall(sass)]
+    loops = [(int(m.group(1), 16), at) for at, text in code
+             if (m := re.search(r"\bBRA\s+0x([0-9a-f]+)", text)) and int(m.group(1), 16) < at]
+    if not loops:
+        return "no loop"
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for at, text in code if start <= at <= end]
+    read = sum(smem_bytes(op) for op in ops if op.startswith(("LDS", "LDSM")))
+    written = sum(smem_bytes(op) for op in ops if op.startswith(("STS", "LDGSTS")))
+    return f"loop {len(ops)} instructions, shared memory a thread: {read} B read, {written} B written"
+
+
 def gemv_variants():
     """(kernel, pointer types, constexprs, warps, stages) of the GEMV designs the launcher runs."""
     weight = {0: "*bf16", 1: "*i8", 2: "*i32"}  # the dot design reads int4 as int32 words
@@ -166,14 +197,17 @@ def dequantize_variants():
 
 
 def quant_gemm_variants():
-    """The prefill GEMM at the heuristic's configs: int4-g128 (bf16) and int8 (fp16, K not whole blocks);
-    at 64 rows into float32 partials (split K), as q|k|v, o and down run there."""
-    for (int4, dtype, even_k), m in itertools.product(((True, "*bf16", True), (False, "*fp16", False)), (64, 128, 512)):
+    """The prefill GEMM at the heuristic's configs: int4-g128 (bf16; also with 4 and 2 bytes a thread
+    reads together, bench_prefill's int4_vec configs) and int8 (fp16, K not whole blocks); at 64 rows
+    into float32 partials (split K), as q|k|v, o and down run there."""
+    for (int4, dtype, even_k, vec), m in itertools.product(
+            ((True, "*bf16", True, 16), (True, "*bf16", True, 4), (True, "*bf16", True, 2), (False, "*fp16", False, 16)),
+            (64, 128, 512)):
         cfg = dq.quant_gemm_config(m, 128 if int4 else 0)
         out = "*fp32" if m == 64 else dtype
         yield (dq._quant_gemm_kernel, {"x_ptr": dtype, "w_ptr": "*u8" if int4 else "*i8", "out_ptr": out},
                dict(INT4=int4, GROUP_SIZE=128 if int4 else 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                    BLOCK_K=cfg.block_k, EVEN_K=even_k, INTERPRET=False,
+                    BLOCK_K=cfg.block_k, EVEN_K=even_k, INT4_VEC=vec, INTERPRET=False,
                     **({"maxnreg": cfg.max_registers} if cfg.max_registers else {})), cfg.warps, cfg.stages)
 
 
@@ -199,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resources", action="store_true", help="print registers and shared memory of each variant")
     p.add_argument("--only", default="", metavar="TEXT", help="only the variants whose line contains TEXT")
     p.add_argument("--sass", type=Path, default=None, metavar="DIR", help="write each variant's SASS into DIR")
+    p.add_argument("--loop", action="store_true",
+                   help="print the instructions and shared-memory bytes a thread of the longest loop (SASS)")
     args = p.parse_args(argv)
     if args.sass:
         args.sass.mkdir(parents=True, exist_ok=True)
@@ -214,9 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # Triton's CompilationError and friends: report which variant
             print(f"FAILED {name}\n{e}", file=sys.stderr)
             return 1
-        print(f"ok {name}" + (f": {resources(compiled)}" if args.resources else ""), flush=True)
+        sass = cuobjdump(compiled, "-sass") if args.sass or args.loop else ""
+        print(f"ok {name}" + (f": {resources(compiled)}" if args.resources else "")
+              + (f"; {loop_profile(sass)}" if args.loop else ""), flush=True)
         if args.sass:
-            (args.sass / f"{i:03d}_{kernel.fn.__name__}.sass").write_text(f"# {name}\n" + cuobjdump(compiled, "-sass"))
+            (args.sass / f"{i:03d}_{kernel.fn.__name__}.sass").write_text(f"# {name}\n" + sass)
     return 0
 
 

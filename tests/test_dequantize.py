@@ -144,9 +144,11 @@ def test_quant_gemm_int8_matches_float64(m, k, n, dtype):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="runs the GPU's branch in the interpreter")
-def test_quant_gemm_gpu_branch():
+@pytest.mark.parametrize("int4_vec", [16, 4])
+def test_quant_gemm_gpu_branch(int4_vec):
     """The GEMM's compiled int4 branch (the mantissa trick, tl.dot on x's dtype) run in the
-    interpreter, in fp16 (whose dot the interpreter gets right), matches the float64 product."""
+    interpreter, in fp16 (whose dot the interpreter gets right), matches the float64 product; the
+    layout hint int4_vec changes no value."""
     from teal_kernels.dequantize import _quant_gemm_kernel
     from teal_kernels.triton_gemv import cdiv
     group = 64
@@ -158,7 +160,7 @@ def test_quant_gemm_gpu_branch():
     _quant_gemm_kernel[(cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), 1)](
         x, w, scales, zeros, out, m, n, k, w.shape[1], k, INT4=True,
         GROUP_SIZE=max(group, 1), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        EVEN_K=k % cfg.block_k == 0, INTERPRET=False)
+        EVEN_K=k % cfg.block_k == 0, INT4_VEC=int4_vec, INTERPRET=False)
     assert_product(out, x, w, scales, zeros, group)
 
 
@@ -232,6 +234,8 @@ def test_quant_gemm_bad_inputs():
         quant_gemm_triton(x, w, scales, zeros, 48)
     with pytest.raises(ValueError, match="BLOCK_K must divide its group, got 64 for 32"):
         quant_gemm_triton(x, w, scales, zeros, 32, GemmConfig(64, 128, 64, 4, 3))
+    with pytest.raises(ValueError, match="int4_vec must be 1, 2, 4, 8 or 16 bytes, got 3"):
+        quant_gemm_triton(x, w, scales, zeros, 32, GemmConfig(64, 128, 32, 4, 3, int4_vec=3))
 
 
 @needs_cuda
@@ -289,6 +293,9 @@ def test_gpu_quant_gemm_llama_shapes(m, k, n):
     w, scales, zeros = random_int4(k, n, 128)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).to(DEVICE)
     assert_product(quant_gemm_triton(x, w, scales, zeros, 128), x, w, scales, zeros, 128)
+    for vec in (4, 2):  # bench_prefill's int4_vec configs: other layouts of the same tile
+        config = quant_gemm_config(m, 128)._replace(int4_vec=vec)
+        assert_product(quant_gemm_triton(x, w, scales, zeros, 128, config), x, w, scales, zeros, 128)
     w8, s8 = int8_matrix(k, n)
     assert_product(quant_gemm_triton(x, w8, s8, None, 0), x, w8, s8, None, 0)
 
