@@ -104,8 +104,9 @@ def smem_bytes(op: str) -> int:
     """Bytes a thread moves through shared memory by one SASS instruction (0: not such an instruction)."""
     if not SMEM_OPS.match(op):
         return 0
-    if op.startswith("LDSM"):  # ldmatrix: .x1/.x2/.x4 8x8 matrices of 16-bit values, 4 bytes a thread each
-        return 4 * int(op.rsplit(".", 1)[1])
+    if op.startswith("LDSM"):  # ldmatrix (LDSM.16.M88.2, .MT88.4 transposed): 1, 2 or 4 8x8 matrices, 4 B a thread each
+        count = re.search(r"\.MT?88(?:\.(\d))?", op)
+        return 4 * int(count.group(1) or 1) if count else 4
     width = re.search(r"\.(128|64|U8|S8|U16|S16)\b", op)
     return {"128": 16, "64": 8, "U8": 1, "S8": 1, "U16": 2, "S16": 2}[width.group(1)] if width else 4
 
