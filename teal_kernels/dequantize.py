@@ -18,10 +18,10 @@ GEMM, and two ways of running it over int8 / packed int4 weights live here:
   prefills keep the pass. A likely cause, from local SASS (not yet measured): with 16 bytes of a
   packed row a thread, each thread holds 32 columns of one row and reads a scale and a zero from
   shared memory per weight (int8's scales stay in registers), about 3x int8's shared-memory
-  traffic a step; GemmConfig.int4_vec = 4 cuts those reads by four (benchmarks/results/NOTES.md). Two earlier int4 GEMMs
-  lost to bf16 by 2-11x: one tl.dot per 16-column nibble plane (mma.sync), and wgmma with the
-  converted weights as its register operand and one program per whole K
-  (benchmarks/results/int4_prefill/, int4_matmul/).
+  traffic a step; GemmConfig.int4_vec = 4 cuts those reads by four (benchmarks/results/NOTES.md).
+  Two earlier int4 GEMMs lost to bf16 by 2-11x: one tl.dot per 16-column nibble plane
+  (mma.sync), and wgmma with the converted weights as its register operand and one program per
+  whole K (benchmarks/results/int4_prefill/, int4_matmul/).
 
 The value of every weight is the reference's (teal_kernels/reference.py ``dequantize_weight``): int8
 q * s[n]; int4 (q - 8) * s[g, n] + z[g, n], computed in float32 and rounded once to x's dtype. The
@@ -54,8 +54,8 @@ BLOCK_N = 256  # columns it writes (512 bytes of bf16 a row)
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, col0, N, W_ROW, group,
-                      INT4: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, INT4_VEC: tl.constexpr = 16):
+def _dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, col0, N, W_ROW, group, INT4: tl.constexpr,
+                      BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, INT4_VEC: tl.constexpr = 16):
     """float32 weights [len(rows), BLOCK_N] of columns [col0, col0 + BLOCK_N) (col0 even; columns
     past N are 0, rows outside row_ok read code 0: int8 0, int4 -8 * s + z, which callers pair with
     x = 0). An int4 tile lies inside int4 group `group`.

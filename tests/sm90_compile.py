@@ -201,9 +201,8 @@ def quant_gemm_variants():
     """The prefill GEMM at the heuristic's configs: int4-g128 (bf16; also with 4 and 2 bytes a thread
     reads together, bench_prefill's int4_vec configs) and int8 (fp16, K not whole blocks); at 64 rows
     into float32 partials (split K), as q|k|v, o and down run there."""
-    for (int4, dtype, even_k, vec), m in itertools.product(
-            ((True, "*bf16", True, 16), (True, "*bf16", True, 4), (True, "*bf16", True, 2), (False, "*fp16", False, 16)),
-            (64, 128, 512)):
+    formats = [(True, "*bf16", True, vec) for vec in (16, 4, 2)] + [(False, "*fp16", False, 16)]
+    for (int4, dtype, even_k, vec), m in itertools.product(formats, (64, 128, 512)):
         cfg = dq.quant_gemm_config(m, 128 if int4 else 0)
         out = "*fp32" if m == 64 else dtype
         yield (dq._quant_gemm_kernel, {"x_ptr": dtype, "w_ptr": "*u8" if int4 else "*i8", "out_ptr": out},
