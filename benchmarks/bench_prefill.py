@@ -47,13 +47,23 @@ from teal_kernels.triton_gemv import sparse_gemv_triton
 # register caps that let 2-3 programs share an SM (each waits for its own wgmma every step); K split
 # as the heuristic splits it (quant_gemm_splits), two not split, to see what splitting buys, and (int4
 # only) the heuristic's three tiles with 4 and 2 bytes of a packed row a thread (int4_vec: fewer scale
-# loads a weight by local SASS; at 2 the weight bytes skip shared memory and are not prefetched)
+# loads a weight by local SASS; at 2 the weight bytes skip shared memory and are not prefetched) and
+# the scales held in registers a group (int4_scales "group", "ahead": no per-step copies of them)
 GEMM_CONFIGS = [GemmConfig(64, 128, 64, 4, 3), GemmConfig(64, 128, 64, 4, 3, 168), GemmConfig(64, 128, 64, 4, 4, 168),
                 GemmConfig(64, 256, 64, 8, 3), GemmConfig(128, 128, 64, 8, 3), GemmConfig(128, 128, 64, 8, 3, 128),
                 GemmConfig(128, 256, 64, 8, 3), GemmConfig(256, 128, 64, 8, 3), GemmConfig(256, 128, 64, 8, 4),
                 GemmConfig(64, 128, 64, 4, 3, 168, 1), GemmConfig(128, 128, 64, 8, 3, 128, 1)] + [
-                GemmConfig(*tile, int4_vec=vec) for vec in (4, 2)
+                GemmConfig(*tile, int4_vec=vec, int4_scales=where)
+                for vec, where in ((4, "step"), (2, "step"), (16, "group"), (4, "group"), (4, "ahead"))
                 for tile in ((64, 128, 64, 4, 3, 168), (128, 128, 64, 8, 3, 128), (256, 128, 64, 8, 3))]
+
+
+def gemm_configs_for(group: int) -> list[GemmConfig]:
+    """The GEMM_CONFIGS entries a format runs: int4 those whose BLOCK_K divides its group, int8 (group
+    0) those with int4's default layout and scale loads (the only ones that differ for it)."""
+    if group:
+        return [c for c in GEMM_CONFIGS if group % c.block_k == 0]
+    return [c for c in GEMM_CONFIGS if (c.int4_vec, c.int4_scales) == (16, "step")]
 
 
 def time_us(fn, rep_ms: int = 50) -> float:
@@ -85,8 +95,7 @@ def bench_shape(k: int, n: int, m: int, formats: list[str], gemm_configs: bool =
         packs = [int4pack(*c) for c in copies] if fmt.startswith("int4") else []
         tinygemm = lambda i: int4pack_mm(x, *packs[i], group)  # noqa: E731
         want = float32().float()
-        configs = [c for c in GEMM_CONFIGS if (group == 0 and c.int4_vec == 16) or (group and group % c.block_k == 0)
-                   ] if gemm_configs else []
+        configs = gemm_configs_for(group) if gemm_configs else []
         checks = ([("dequantize + GEMM", x @ dequantized(0)), ("dequantizing GEMM", gemm(0))]
                   + [(f"dequantizing GEMM {tuple(c)}", quant_gemm_triton(x, *copies[0], config=c)) for c in configs]
                   + ([("kernel", kernel(0))] if m <= MAX_DOT_ROWS else [])

@@ -671,21 +671,21 @@ case $phase in
     step 120 python3 -m pytest -q -x tests/test_dequantize.py -k "gpu"
     step 420 python3 -m benchmarks.bench_prefill --tokens 16 64 128 512 2048 --gemm_configs --out "$out/prefill_quant_gemm"
     ;;
-  quant_gemm_ncu)  # issue 11: the GEMM's GPU tests (not run yet), then where its warps wait (Nsight Compute), gate|up: int4 at 128 rows with 16 and 4 bytes a thread (int4_vec; ~2x int8's time, local SASS: 16 loads a scale and a zero per weight from shared memory), int8 at 128, int4 at 2048 with 16 and 4; the details pages come back as text
+  quant_gemm_ncu)  # issue 11: the GEMM's GPU tests (not run yet), then where its warps wait (Nsight Compute), gate|up at 128 rows: int4 as today (~2x int8's time; local SASS: 16 bytes a thread copy a scale and a zero per weight into shared memory every step), int4 with 4 bytes a thread, int4 with 4 bytes and its scales held a group (GemmConfig.int4_vec / int4_scales), int8; then int4 with 4 bytes and held scales at 2048; the details pages come back as text
     step 150 python3 -m pytest -q tests/test_dequantize.py -k "gpu"
     mkdir -p /tmp/ncu
-    for spec in "int4-g128 128 16" "int4-g128 128 4" "int8 128 16" "int4-g128 2048 16" "int4-g128 2048 4"; do
-      set -- $spec; name="${1}_${2}_vec$3"
-      step 100 ncu --clock-control none --cache-control none -k regex:_quant_gemm_kernel --launch-skip 3 --launch-count 1 \
-        --set full --import-source yes -f -o "/tmp/ncu/$name" python3 -m benchmarks.ncu_gemv --layer gate_up --format "$1" --gemm_rows "$2" --int4_vec "$3"
+    for spec in "int4-g128 128 16 step" "int4-g128 128 4 step" "int4-g128 128 4 group" "int8 128 16 step" "int4-g128 2048 4 group"; do
+      set -- $spec; name="${1}_${2}_vec${3}_$4"
+      step 90 ncu --clock-control none --cache-control none -k regex:_quant_gemm_kernel --launch-skip 3 --launch-count 1 \
+        --set full --import-source yes -f -o "/tmp/ncu/$name" python3 -m benchmarks.ncu_gemv --layer gate_up --format "$1" --gemm_rows "$2" --int4_vec "$3" --int4_scales "$4"
       ncu -i "/tmp/ncu/$name.ncu-rep" --page details > "/tmp/ncu/$name.txt" 2>&1
       ncu -i "/tmp/ncu/$name.ncu-rep" --page source --csv --print-source sass > "/tmp/ncu/$name.sass.csv" 2>&1
     done
-    grep -H -E "^    (Duration|Memory Throughput|Compute \(SM\) Throughput|Shared Memory|L1/TEX Hit)" /tmp/ncu/*.txt
+    grep -H -E "^    (Duration|Memory Throughput|Compute \(SM\) Throughput|Shared Memory|L1/TEX Hit|L2 Hit)" /tmp/ncu/*.txt
     tar czf "$out/ncu_gemm.tgz" --exclude="*.ncu-rep" -C /tmp ncu
     ;;
-  int4_vec)  # issue 11: int4's GEMM with 4 and 2 bytes of a packed row a thread (GemmConfig.int4_vec; local SASS: a quarter of the scale loads at 4, int8's shared-memory traffic at 2 but the weight bytes not prefetched) against 16 and dequantize + cuBLAS, 8B shapes, every GEMM_CONFIGS entry (~5 min), one call
-    step 540 python3 -m benchmarks.bench_prefill --tokens 16 64 128 512 2048 --gemm_configs --out "$out/prefill_int4_vec"
+  int4_vec)  # issue 11: int4's GEMM in other layouts and scale loads (GemmConfig.int4_vec 4 / 2: fewer scale copies a weight, at 2 the weight bytes not prefetched; int4_scales group / ahead: the scales in registers a group, no per-step copies) against today's and dequantize + cuBLAS, 8B shapes, every GEMM_CONFIGS entry, 16 / 64 / 128 tokens, the range the GEMM serves (a cut run keeps its printed rows; ~5-6 min by estimate), one call
+    step 560 python3 -m benchmarks.bench_prefill --tokens 16 64 128 --gemm_configs --out "$out/prefill_int4_vec"
     ;;
   quant_gemm_model)  # after quant_gemm: whole eager 8B prefills, int4 dequantize + cuBLAS against the GEMM past 16 rows (and bf16, int8), with the per-matrix table at 128 / 2048 tokens
     step 540 python3 -m benchmarks.bench_prefill --tokens 128 2048 --model Llama-3-8B --out "$out/prefill_quant_gemm_model"

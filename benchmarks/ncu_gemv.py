@@ -9,8 +9,8 @@ names both)::
 
 ``--sparsity none`` sets an infinite threshold (no weight row read: the call's fixed cost alone).
 ``--gemm_rows M`` profiles a dense quantized prefill's GEMM instead (teal::quant_gemm's
-``_quant_gemm_kernel`` at M rows, its heuristic config; ``--int4_vec`` changes int4's bytes a thread
-reads together; phase ``quant_gemm_ncu``).
+``_quant_gemm_kernel`` at M rows, its heuristic config; ``--int4_vec`` and ``--int4_scales`` change
+int4's bytes a thread reads together and where its scales come from; phase ``quant_gemm_ncu``).
 The first three calls compile and warm up; the fourth is the one to profile.
 """
 
@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.timing import MODEL_SHAPES, make_weight, make_x, parse_format, threshold_for
 from cli import FRACTION
-from teal_kernels.dequantize import quant_gemm_config, quant_gemm_triton
+from teal_kernels.dequantize import INT4_SCALES, quant_gemm_config, quant_gemm_triton
 from teal_kernels.triton_gemv import sparse_gemv_triton
 
 
@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--int4_vec", type=int, choices=(1, 2, 4, 8, 16), default=16,
                         help="with --gemm_rows and int4: bytes of a packed row a thread reads together "
                              "(GemmConfig.int4_vec; 16, the heuristic's, holds 32 columns a thread)")
+    parser.add_argument("--int4_scales", choices=INT4_SCALES, default="step",
+                        help="with --gemm_rows and int4: load the scales with each tile (step), once a group "
+                             "(group) or a group early (ahead): GemmConfig.int4_scales")
     args = parser.parse_args()
     try:
         parse_format(args.format)
@@ -56,7 +59,8 @@ def main() -> None:
     w, scales, zeros, group = make_weight(args.format, k, sum(splits), "cuda", seed=1)
     x = make_x(max(args.gemm_rows, 1), k, torch.float16 if args.format == "fp16" else torch.bfloat16, "cuda", seed=0)
     if args.gemm_rows:
-        config = quant_gemm_config(args.gemm_rows, group)._replace(int4_vec=args.int4_vec)
+        config = quant_gemm_config(args.gemm_rows, group)._replace(int4_vec=args.int4_vec,
+                                                                     int4_scales=args.int4_scales)
         for _ in range(4):
             quant_gemm_triton(x, w, scales, zeros, group, config)
         torch.cuda.synchronize()

@@ -18,7 +18,10 @@ GEMM, and two ways of running it over int8 / packed int4 weights live here:
   prefills keep the pass. A likely cause, from local SASS (not yet measured): with 16 bytes of a
   packed row a thread, each thread holds 32 columns of one row and reads a scale and a zero from
   shared memory per weight (int8's scales stay in registers), about 3x int8's shared-memory
-  traffic a step; GemmConfig.int4_vec = 4 cuts those reads by four (benchmarks/results/NOTES.md).
+  traffic a step, and the pipeliner's copies of those scales into shared memory are repeated by
+  every thread that holds the same columns; GemmConfig.int4_vec = 4 cuts both by four, and
+  int4_scales = "group" loads a group's scales once into registers instead, which leaves int4 less
+  shared-memory traffic a step than int8 (benchmarks/results/NOTES.md).
   Two earlier int4 GEMMs lost to bf16 by 2-11x: one tl.dot per 16-column nibble plane
   (mma.sync), and wgmma with the converted weights as its register operand and one program per
   whole K (benchmarks/results/int4_prefill/, int4_matmul/).
@@ -54,35 +57,48 @@ BLOCK_N = 256  # columns it writes (512 bytes of bf16 a row)
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _int4_codes(w_ptr, rows, row_ok, col0, W_ROW, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+                INT4_VEC: tl.constexpr):
+    """float32 q - 8 [len(rows), BLOCK_N] of the packed int4 columns [col0, col0 + BLOCK_N) (col0 even;
+    rows outside row_ok and bytes past the row read code 0, so -8).
+
+    INT4_VEC caps the bytes of a packed row that one thread reads together (a hint to the compiler's
+    layout, no effect on values): at 16 a thread holds 32 columns of one row and so needs 32 scales
+    and 32 zeros for 32 weights; at 4 or 2 it holds fewer columns of more rows, which share them."""
+    # byte j of a row holds column 2j in its low nibble and 2j + 1 in its high one
+    byte_cols = tl.max_contiguous(col0 // 2 + tl.arange(0, BLOCK_N // 2), INT4_VEC)
+    b = tl.load(w_ptr + rows[:, None] * W_ROW + byte_cols[None, :],
+                mask=row_ok[:, None] & (byte_cols[None, :] < W_ROW), other=0).to(tl.int32)
+    nib = tl.reshape(tl.join(b & 0xF, b >> 4), [rows.shape[0], BLOCK_N])
+    if INTERPRET:
+        return nib.to(tl.float32) - 8.0
+    return (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + n - (2^23 + 8) = n - 8
+
+
+@triton.jit
+def _group_scales(scale_ptr, zero_ptr, group, N, cols, ok):
+    """int4 group `group`'s scales and zeros of `cols` (0 where not ok)."""
+    s = tl.load(scale_ptr + group * N + cols, mask=ok, other=0.0)
+    z = tl.load(zero_ptr + group * N + cols, mask=ok, other=0.0)
+    return s, z
+
+
+@triton.jit
 def _dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, col0, N, W_ROW, group, INT4: tl.constexpr,
                       BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, INT4_VEC: tl.constexpr = 16):
     """float32 weights [len(rows), BLOCK_N] of columns [col0, col0 + BLOCK_N) (col0 even; columns
     past N are 0, rows outside row_ok read code 0: int8 0, int4 -8 * s + z, which callers pair with
-    x = 0). An int4 tile lies inside int4 group `group`.
+    x = 0). An int4 tile lies inside int4 group `group`; INT4_VEC as _int4_codes.
 
     Integers become floats by bit tricks rather than I2F, a quarter-rate instruction on the GPU:
     placed in the mantissa of 2^23 (0x4B000000), whose mantissa unit is 1, then 2^23 plus the
     format's offset subtracted (int8: triton_gemv's _int8_to_f32). Exact: every value involved is an
-    integer a float32 holds. The interpreter converts plainly (same values).
-
-    INT4_VEC caps the bytes of a packed row that one thread reads together (a hint to the compiler's
-    layout, no effect on values): at 16 a thread holds 32 columns of one row and so loads 32 scales
-    and 32 zeros for 32 weights; at 4 or 2 it holds fewer columns of more rows, which share them."""
+    integer a float32 holds. The interpreter converts plainly (same values)."""
     cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     if INT4:
-        # byte j of a row holds column 2j in its low nibble and 2j + 1 in its high one
-        byte_cols = tl.max_contiguous(col0 // 2 + tl.arange(0, BLOCK_N // 2), INT4_VEC)
-        b = tl.load(w_ptr + rows[:, None] * W_ROW + byte_cols[None, :],
-                    mask=row_ok[:, None] & (byte_cols[None, :] < W_ROW), other=0).to(tl.int32)
-        nib = tl.reshape(tl.join(b & 0xF, b >> 4), [rows.shape[0], BLOCK_N])
-        if INTERPRET:
-            q = nib.to(tl.float32) - 8.0
-        else:  # 2^23 + n - (2^23 + 8) = n - 8
-            q = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-        s = tl.load(scale_ptr + group * N + cols, mask=col_ok, other=0.0)
-        z = tl.load(zero_ptr + group * N + cols, mask=col_ok, other=0.0)
-        return q * s[None, :] + z[None, :]
+        s, z = _group_scales(scale_ptr, zero_ptr, group, N, cols, col_ok)
+        return _int4_codes(w_ptr, rows, row_ok, col0, W_ROW, BLOCK_N, INTERPRET, INT4_VEC) * s[None, :] + z[None, :]
     else:
         q = tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
         s = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
@@ -166,7 +182,11 @@ def dequantize_triton(w: Tensor, scales: Tensor, zeros: Tensor | None, group_siz
 # at K = 4096, from L2 where it fits). The K loop loads an x tile
 # and a weight tile (Triton pipelines both num_stages deep), converts the weights to x's dtype
 # (_dequantized_tile, then one rounding: the values dequantize_triton writes) and accumulates
-# tl.dot in float32. int4's BLOCK_K divides its group, so a tile has one group's scales.
+# tl.dot in float32. int4's BLOCK_K divides its group, so a tile has one group's scales; where they
+# come from is INT4_SCALES: "step" loads them with the tile (the pipeliner copies them into shared
+# memory, every thread its own columns: at 16 bytes a thread, 32 scales and 32 zeros a thread a
+# step, local SASS), "group" once a group into registers by plain loads (cached, latency exposed
+# once a group), "ahead" likewise one group ahead (more registers, latency hidden).
 # Split K: where the output tiles are fewer than the SMs (q|k|v, o and down below ~256 tokens:
 # 32-48 tiles on 132 SMs), each tile's K is cut into splits run by programs of their own, which
 # write float32 partials that one sum adds (in order: deterministic) and rounds once.
@@ -175,7 +195,7 @@ def dequantize_triton(w: Tensor, scales: Tensor, zeros: Tensor | None, group_siz
 def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_ROW, K_PER_SPLIT,
                        INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                       INT4_VEC: tl.constexpr, INTERPRET: tl.constexpr):
+                       INT4_VEC: tl.constexpr, INT4_SCALES: tl.constexpr, INTERPRET: tl.constexpr):
     """out[pid_k] = x[:, ks] @ W[ks, :] over the rows ks of split pid_k (K_PER_SPLIT, a multiple of
     BLOCK_K); out is [M, N] in x's dtype with one split, float32 [splits, M, N] partials with more."""
     pid = tl.program_id(0)
@@ -186,9 +206,16 @@ def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_RO
     m_offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m_offs < M
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
+    HELD: tl.constexpr = INT4 and INT4_SCALES != "step"  # the group's scales and zeros live in registers
+    if HELD:
+        s = tl.zeros([BLOCK_N], dtype=tl.float32)
+        z = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if INT4_SCALES == "ahead":
+            s_next, z_next = _group_scales(scale_ptr, zero_ptr, k_start // GROUP_SIZE, N, cols, col_ok)
     for k0 in range(k_start, tl.minimum(K, k_start + K_PER_SPLIT), BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:  # every row is inside K
@@ -196,8 +223,19 @@ def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_RO
         else:
             row_ok = rows < K
         xt = tl.load(x_ptr + m_offs[:, None] * K + rows[None, :], mask=m_ok[:, None] & row_ok[None, :], other=0.0)
-        wt = _rounded(_dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, pid_n * BLOCK_N, N, W_ROW,
-                                        k0 // GROUP_SIZE, INT4, BLOCK_N, INTERPRET, INT4_VEC), dtype, INTERPRET)
+        if HELD:
+            if (k0 % GROUP_SIZE == 0) | (k0 == k_start):  # a split may start inside a group
+                if INT4_SCALES == "ahead":
+                    s, z = s_next, z_next
+                    following = tl.minimum(k0 // GROUP_SIZE + 1, K // GROUP_SIZE - 1)  # the last: again
+                    s_next, z_next = _group_scales(scale_ptr, zero_ptr, following, N, cols, col_ok)
+                else:
+                    s, z = _group_scales(scale_ptr, zero_ptr, k0 // GROUP_SIZE, N, cols, col_ok)
+            w = _int4_codes(w_ptr, rows, row_ok, pid_n * BLOCK_N, W_ROW, BLOCK_N, INTERPRET, INT4_VEC)
+            wt = _rounded(w * s[None, :] + z[None, :], dtype, INTERPRET)
+        else:
+            wt = _rounded(_dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, pid_n * BLOCK_N, N, W_ROW,
+                                            k0 // GROUP_SIZE, INT4, BLOCK_N, INTERPRET, INT4_VEC), dtype, INTERPRET)
         if INTERPRET:  # the interpreter's bf16 dot is unreliable: fp32 of the same operands
             acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -208,8 +246,9 @@ def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_RO
 
 class GemmConfig(NamedTuple):
     """A launch of _quant_gemm_kernel: its tile, warps, pipeline depth, register cap (None: none), K
-    splits (None: quant_gemm_splits decides) and int4's bytes a thread reads together
-    (_dequantized_tile's INT4_VEC; int8 ignores it)."""
+    splits (None: quant_gemm_splits decides), int4's bytes a thread reads together (_int4_codes'
+    INT4_VEC) and where int4's scales come from ("step", "group" or "ahead": the kernel's
+    INT4_SCALES). int8 ignores the last two."""
     block_m: int
     block_n: int
     block_k: int
@@ -218,6 +257,7 @@ class GemmConfig(NamedTuple):
     max_registers: int | None = None
     split_k: int | None = None
     int4_vec: int = 16
+    int4_scales: str = "step"
 
 
 def quant_gemm_config(m: int, group_size: int) -> GemmConfig:
@@ -234,6 +274,7 @@ def quant_gemm_config(m: int, group_size: int) -> GemmConfig:
     return GemmConfig(256, 128, block_k, 8, 3)
 
 
+INT4_SCALES = ("step", "group", "ahead")  # GemmConfig.int4_scales: see the kernel's comment
 MIN_SPLIT_STEPS = 8  # BLOCK_K steps a split runs at least: shorter ones pay more for partials than they gain
 
 
@@ -253,8 +294,8 @@ def quant_gemm_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None
     takes it) -> [M, N] in x's dtype, float32 accumulation; `config` overrides the heuristic
     (benchmarks/bench_prefill.py --gemm_configs). Rejects, one line, what dequantize_triton
     rejects, x of another dtype, shape or device, non-contiguous x, M*K, M*N or splits*M*N of 2**31
-    or more, an int4 BLOCK_K that does not divide the group and an int4_vec other than 1-16 bytes
-    (a power of two)."""
+    or more, an int4 BLOCK_K that does not divide the group, an int4_vec other than 1-16 bytes
+    (a power of two) and an unknown int4_scales."""
     fmt, n = _checked_format(w, scales, zeros, group_size, x.dtype, "quant_gemm_triton")
     k = w.shape[0]
     if x.dim() != 2 or x.shape[1] != k:
@@ -269,6 +310,8 @@ def quant_gemm_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None
     cfg = config or quant_gemm_config(m, group_size)
     if cfg.int4_vec not in (1, 2, 4, 8, 16):
         raise ValueError(f"quant_gemm_triton: int4_vec must be 1, 2, 4, 8 or 16 bytes, got {cfg.int4_vec}.")
+    if cfg.int4_scales not in INT4_SCALES:
+        raise ValueError(f"quant_gemm_triton: int4_scales must be one of {INT4_SCALES}, got {cfg.int4_scales!r}.")
     if fmt == FMT_INT4 and group_size % cfg.block_k:
         raise ValueError(f"quant_gemm_triton: int4's BLOCK_K must divide its group, got {cfg.block_k} for "
                          f"{group_size}.")
@@ -283,8 +326,8 @@ def quant_gemm_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None
     _quant_gemm_kernel[(tiles, splits)](
         x, w, scales, scales if zeros is None else zeros, out, m, n, k, w.shape[1], k_per_split,
         INT4=fmt == FMT_INT4, GROUP_SIZE=max(group_size, 1), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0, INT4_VEC=cfg.int4_vec, INTERPRET=INTERPRETED,
-        num_warps=cfg.warps, num_stages=cfg.stages, **registers)
+        BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0, INT4_VEC=cfg.int4_vec, INT4_SCALES=cfg.int4_scales,
+        INTERPRET=INTERPRETED, num_warps=cfg.warps, num_stages=cfg.stages, **registers)
     return out if splits == 1 else out.sum(0).to(x.dtype)  # the float32 partials summed, rounded once
 
 

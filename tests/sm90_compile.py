@@ -198,16 +198,18 @@ def dequantize_variants():
 
 
 def quant_gemm_variants():
-    """The prefill GEMM at the heuristic's configs: int4-g128 (bf16; also with 4 and 2 bytes a thread
-    reads together, bench_prefill's int4_vec configs) and int8 (fp16, K not whole blocks); at 64 rows
+    """The prefill GEMM at the heuristic's configs: int4-g128 (bf16; also bench_prefill's other int4
+    layouts and scale loads: int4_vec, int4_scales) and int8 (fp16, K not whole blocks); at 64 rows
     into float32 partials (split K), as q|k|v, o and down run there."""
-    formats = [(True, "*bf16", True, vec) for vec in (16, 4, 2)] + [(False, "*fp16", False, 16)]
-    for (int4, dtype, even_k, vec), m in itertools.product(formats, (64, 128, 512)):
+    formats = ([(True, "*bf16", True, vec, "step") for vec in (16, 4, 2)]
+               + [(True, "*bf16", True, vec, scales) for vec in (16, 4) for scales in ("group", "ahead")]
+               + [(False, "*fp16", False, 16, "step")])
+    for (int4, dtype, even_k, vec, scales), m in itertools.product(formats, (64, 128, 512)):
         cfg = dq.quant_gemm_config(m, 128 if int4 else 0)
         out = "*fp32" if m == 64 else dtype
         yield (dq._quant_gemm_kernel, {"x_ptr": dtype, "w_ptr": "*u8" if int4 else "*i8", "out_ptr": out},
                dict(INT4=int4, GROUP_SIZE=128 if int4 else 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                    BLOCK_K=cfg.block_k, EVEN_K=even_k, INT4_VEC=vec, INTERPRET=False,
+                    BLOCK_K=cfg.block_k, EVEN_K=even_k, INT4_VEC=vec, INT4_SCALES=scales, INTERPRET=False,
                     **({"maxnreg": cfg.max_registers} if cfg.max_registers else {})), cfg.warps, cfg.stages)
 
 

@@ -14,7 +14,7 @@ from fixtures import DEVICE, HAS_CUDA, needs_cuda, random_int4, recorded_calls
 
 from linear import QUANTIZED_KERNEL_ROWS, PackedLinear
 from quantize import quantize_projection
-from teal_kernels.dequantize import (GemmConfig, dequantize_triton, quant_gemm_config, quant_gemm_splits,
+from teal_kernels.dequantize import (INT4_SCALES, GemmConfig, dequantize_triton, quant_gemm_config, quant_gemm_splits,
                                     quant_gemm_triton)
 from teal_kernels.ops import dequantize, quant_gemm
 from teal_kernels.reference import MAX_BATCH, dequantize_weight
@@ -144,11 +144,11 @@ def test_quant_gemm_int8_matches_float64(m, k, n, dtype):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="runs the GPU's branch in the interpreter")
-@pytest.mark.parametrize("int4_vec", [16, 4])
-def test_quant_gemm_gpu_branch(int4_vec):
+@pytest.mark.parametrize("int4_vec,int4_scales", [(16, "step"), (4, "step"), (4, "group"), (4, "ahead")])
+def test_quant_gemm_gpu_branch(int4_vec, int4_scales):
     """The GEMM's compiled int4 branch (the mantissa trick, tl.dot on x's dtype) run in the
     interpreter, in fp16 (whose dot the interpreter gets right), matches the float64 product; the
-    layout hint int4_vec changes no value."""
+    layout hint int4_vec and where the scales are loaded change no value."""
     from teal_kernels.dequantize import _quant_gemm_kernel
     from teal_kernels.triton_gemv import cdiv
     group = 64
@@ -160,7 +160,7 @@ def test_quant_gemm_gpu_branch(int4_vec):
     _quant_gemm_kernel[(cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), 1)](
         x, w, scales, zeros, out, m, n, k, w.shape[1], k, INT4=True,
         GROUP_SIZE=max(group, 1), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        EVEN_K=k % cfg.block_k == 0, INT4_VEC=int4_vec, INTERPRET=False)
+        EVEN_K=k % cfg.block_k == 0, INT4_VEC=int4_vec, INT4_SCALES=int4_scales, INTERPRET=False)
     assert_product(out, x, w, scales, zeros, group)
 
 
@@ -176,6 +176,18 @@ def test_quant_gemm_split_k_matches_float64(fmt, k, splits):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16).to(DEVICE)
     got = quant_gemm_triton(x, w, scales, zeros, group, GemmConfig(16, 64, 64, 4, 2, None, splits))
     assert_product(got, x, w, scales, zeros, group)
+
+
+@pytest.mark.parametrize("int4_scales", INT4_SCALES)
+def test_quant_gemm_int4_scales_across_groups(int4_scales):
+    """Each int4 group's own scales and zeros, however they are loaded ("step" with the tile, "group"
+    once a group, "ahead" a group early), also where a split starts inside a group (K 512, group 128,
+    64-row steps, 3 splits of 192 rows) and where the last group's early load would pass K."""
+    w, scales, zeros = random_int4(512, 136, 128, seed=5)
+    x = torch.randn(9, 512, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).to(DEVICE)
+    for splits in (1, 3):
+        config = GemmConfig(16, 64, 64, 4, 2, None, splits, 4, int4_scales)
+        assert_product(quant_gemm_triton(x, w, scales, zeros, 128, config), x, w, scales, zeros, 128)
 
 
 def test_quant_gemm_splits():
@@ -236,6 +248,8 @@ def test_quant_gemm_bad_inputs():
         quant_gemm_triton(x, w, scales, zeros, 32, GemmConfig(64, 128, 64, 4, 3))
     with pytest.raises(ValueError, match="int4_vec must be 1, 2, 4, 8 or 16 bytes, got 3"):
         quant_gemm_triton(x, w, scales, zeros, 32, GemmConfig(64, 128, 32, 4, 3, int4_vec=3))
+    with pytest.raises(ValueError, match="int4_scales must be one of .*, got 'once'"):
+        quant_gemm_triton(x, w, scales, zeros, 32, GemmConfig(64, 128, 32, 4, 3, int4_scales="once"))
 
 
 @needs_cuda
@@ -293,8 +307,8 @@ def test_gpu_quant_gemm_llama_shapes(m, k, n):
     w, scales, zeros = random_int4(k, n, 128)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).to(DEVICE)
     assert_product(quant_gemm_triton(x, w, scales, zeros, 128), x, w, scales, zeros, 128)
-    for vec in (4, 2):  # bench_prefill's int4_vec configs: other layouts of the same tile
-        config = quant_gemm_config(m, 128)._replace(int4_vec=vec)
+    for vec, where in ((4, "step"), (2, "step"), (16, "group"), (4, "group"), (4, "ahead")):  # bench_prefill's
+        config = quant_gemm_config(m, 128)._replace(int4_vec=vec, int4_scales=where)
         assert_product(quant_gemm_triton(x, w, scales, zeros, 128, config), x, w, scales, zeros, 128)
     w8, s8 = int8_matrix(k, n)
     assert_product(quant_gemm_triton(x, w8, s8, None, 0), x, w8, s8, None, 0)
