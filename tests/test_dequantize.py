@@ -109,18 +109,20 @@ def test_bad_inputs():
         dequantize_triton(w8, s8, s8, 0, torch.bfloat16)
 
 
-def assert_product(got: torch.Tensor, x: torch.Tensor, w, scales, zeros, group_size: int) -> None:
-    """got = x @ W within one unit in the last place of x's dtype (the output's rounding) plus a float32
-    accumulation's error, where W is the real weight rounded to x's dtype (what dequantize_triton
-    writes) and the product is taken in float64."""
+def assert_product(got: torch.Tensor | list[torch.Tensor], x: torch.Tensor, w, scales, zeros, group_size: int) -> None:
+    """got (or each of a list, against one float64 product) = x @ W within one unit in the last place of
+    x's dtype (the output's rounding) plus a float32 accumulation's error, where W is the real weight
+    rounded to x's dtype (what dequantize_triton writes) and the product is taken in float64."""
     w_real = dequantize_weight(w.cpu(), scales.cpu(), None if zeros is None else zeros.cpu(), group_size)
     w_rounded = w_real.to(x.dtype).double()
     exact = x.cpu().double() @ w_rounded
-    assert got.shape == exact.shape and got.dtype == x.dtype
     ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - PRECISION[x.dtype]).clamp(min=2.0**-24)
     accumulation = 2.0**-20 * (x.cpu().double().abs() @ w_rounded.abs())
-    err = (got.cpu().double() - exact).abs()
-    assert (err <= ulp + accumulation).all(), f"max error {err.max().item():.3g} (ulps: {(err / ulp).max().item():.2f})"
+    for i, one in enumerate(got if isinstance(got, list) else [got]):
+        assert one.shape == exact.shape and one.dtype == x.dtype
+        err = (one.cpu().double() - exact).abs()
+        assert (err <= ulp + accumulation).all(), \
+            f"result {i}: max error {err.max().item():.3g} (ulps: {(err / ulp).max().item():.2f})"
 
 
 @pytest.mark.parametrize("m,k,n,group_size,dtype", [
@@ -306,10 +308,9 @@ def test_gpu_packed_linear_prefill_routes(mode, monkeypatch):
 def test_gpu_quant_gemm_llama_shapes(m, k, n):
     w, scales, zeros = random_int4(k, n, 128)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).to(DEVICE)
-    assert_product(quant_gemm_triton(x, w, scales, zeros, 128), x, w, scales, zeros, 128)
-    for vec, where in ((4, "step"), (2, "step"), (16, "group"), (4, "group"), (4, "ahead")):  # bench_prefill's
-        config = quant_gemm_config(m, 128)._replace(int4_vec=vec, int4_scales=where)
-        assert_product(quant_gemm_triton(x, w, scales, zeros, 128, config), x, w, scales, zeros, 128)
+    configs = [quant_gemm_config(m, 128)._replace(int4_vec=vec, int4_scales=where)  # bench_prefill's int4 options
+               for vec, where in ((16, "step"), (4, "step"), (2, "step"), (16, "group"), (4, "group"), (4, "ahead"))]
+    assert_product([quant_gemm_triton(x, w, scales, zeros, 128, c) for c in configs], x, w, scales, zeros, 128)
     w8, s8 = int8_matrix(k, n)
     assert_product(quant_gemm_triton(x, w8, s8, None, 0), x, w8, s8, None, 0)
 
