@@ -85,10 +85,10 @@ def _group_scales(scale_ptr, zero_ptr, group, N, cols, ok):
 
 @triton.jit
 def _dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, col0, N, W_ROW, group, INT4: tl.constexpr,
-                      BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, INT4_VEC: tl.constexpr = 16):
+                      BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
     """float32 weights [len(rows), BLOCK_N] of columns [col0, col0 + BLOCK_N) (col0 even; columns
     past N are 0, rows outside row_ok read code 0: int8 0, int4 -8 * s + z, which callers pair with
-    x = 0). An int4 tile lies inside int4 group `group`; INT4_VEC as _int4_codes.
+    x = 0). An int4 tile lies inside int4 group `group`.
 
     Integers become floats by bit tricks rather than I2F, a quarter-rate instruction on the GPU:
     placed in the mantissa of 2^23 (0x4B000000), whose mantissa unit is 1, then 2^23 plus the
@@ -98,7 +98,7 @@ def _dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, col0, N, W_ROW, 
     col_ok = cols < N
     if INT4:
         s, z = _group_scales(scale_ptr, zero_ptr, group, N, cols, col_ok)
-        return _int4_codes(w_ptr, rows, row_ok, col0, W_ROW, BLOCK_N, INTERPRET, INT4_VEC) * s[None, :] + z[None, :]
+        return _int4_codes(w_ptr, rows, row_ok, col0, W_ROW, BLOCK_N, INTERPRET, 16) * s[None, :] + z[None, :]
     else:
         q = tl.load(w_ptr + rows[:, None] * W_ROW + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
         s = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
@@ -210,8 +210,8 @@ def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_RO
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
-    HELD: tl.constexpr = INT4 and INT4_SCALES != "step"  # the group's scales and zeros live in registers
-    if HELD:
+    HELD: tl.constexpr = INT4_SCALES != "step"  # the group's scales and zeros live in registers
+    if INT4 and HELD:
         s = tl.zeros([BLOCK_N], dtype=tl.float32)
         z = tl.zeros([BLOCK_N], dtype=tl.float32)
         if INT4_SCALES == "ahead":
@@ -223,8 +223,10 @@ def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_RO
         else:
             row_ok = rows < K
         xt = tl.load(x_ptr + m_offs[:, None] * K + rows[None, :], mask=m_ok[:, None] & row_ok[None, :], other=0.0)
-        if HELD:
-            if (k0 % GROUP_SIZE == 0) | (k0 == k_start):  # a split may start inside a group
+        if INT4:
+            if not HELD:
+                s, z = _group_scales(scale_ptr, zero_ptr, k0 // GROUP_SIZE, N, cols, col_ok)
+            elif (k0 % GROUP_SIZE == 0) | (k0 == k_start):  # a split may start inside a group
                 if INT4_SCALES == "ahead":
                     s, z = s_next, z_next
                     following = tl.minimum(k0 // GROUP_SIZE + 1, K // GROUP_SIZE - 1)  # the last: again
@@ -235,7 +237,7 @@ def _quant_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, W_RO
             wt = _rounded(w * s[None, :] + z[None, :], dtype, INTERPRET)
         else:
             wt = _rounded(_dequantized_tile(w_ptr, scale_ptr, zero_ptr, rows, row_ok, pid_n * BLOCK_N, N, W_ROW,
-                                            k0 // GROUP_SIZE, INT4, BLOCK_N, INTERPRET, INT4_VEC), dtype, INTERPRET)
+                                            0, INT4, BLOCK_N, INTERPRET), dtype, INTERPRET)
         if INTERPRET:  # the interpreter's bf16 dot is unreliable: fp32 of the same operands
             acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
         else:
