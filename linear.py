@@ -91,13 +91,16 @@ QUANTIZED_KERNEL_ROWS = 16
 # Dense prefills of int8/int4 weights on CUDA past those rows, up to QUANT_GEMM_ROWS rows:
 # teal::quant_gemm, a GEMM that dequantizes each weight tile in registers (teal_kernels/dequantize.py)
 # and so never writes or reads a bf16 copy; past them dequantize + cuBLAS. H200, 8B shapes, CUDA
-# graphs (benchmarks/results/quant_gemm_2026_12_05/): int8 at 16-128 rows, GEMM against dequantize +
-# cuBLAS, q|k|v 24-34 vs 32-36 us, o 17-24 vs 22-26, gate|up 67-89 vs 154-200, down 37-49 vs 80-84;
-# at 512 rows it loses on every matrix (gate|up 352 vs 278). int4's GEMM lost on q|k|v and o at
-# every length, and everywhere past 64 rows (gate|up 131 vs 146 at 64, 240 vs 192 at 128).
+# graphs, GEMM against dequantize + cuBLAS at 16-128 rows:
+# - int8 (benchmarks/results/quant_gemm_2026_12_05/): q|k|v 24-34 vs 32-36 us, o 17-24 vs 22-26,
+#   gate|up 67-89 vs 154-200, down 37-49 vs 80-84; at 512 rows it loses on every matrix (gate|up
+#   352 vs 278).
+# - int4 with its heuristic layout (benchmarks/results/int4_vec_2026_12_05/): a layer 193-240 vs
+#   274-330 us (gate|up 95-113 vs 145-191, down 48-60 vs 76-80); q|k|v and o lose by up to 6 us
+#   (q|k|v at 128 rows 40.4 vs 34.4). Not measured past 128 rows.
 # TEAL_QUANT_GEMM (read when a PackedLinear is built): unset, these rows; 1, every quantized
 # prefill; 0, none.
-QUANT_GEMM_ROWS = {"int8": 128, "int4": 0}
+QUANT_GEMM_ROWS = {"int8": 128, "int4": 128}
 QUANT_GEMM_ENV = "TEAL_QUANT_GEMM"
 
 

@@ -40,12 +40,12 @@ def main() -> None:
     parser.add_argument("--format", default="bf16", help="bf16, fp16, int8 or int4-g<group> (random weights)")
     parser.add_argument("--gemm_rows", type=int, default=0, metavar="M",
                         help="profile quant_gemm_triton (int8 / int4 formats) at M rows instead of the GEMV")
-    parser.add_argument("--int4_vec", type=int, choices=(1, 2, 4, 8, 16), default=16,
+    parser.add_argument("--int4_vec", type=int, choices=(1, 2, 4, 8, 16), default=None,
                         help="with --gemm_rows and int4: bytes of a packed row a thread reads together "
-                             "(GemmConfig.int4_vec; 16, the heuristic's, holds 32 columns a thread)")
-    parser.add_argument("--int4_scales", choices=INT4_SCALES, default="step",
+                             "(GemmConfig.int4_vec; default: the heuristic's, 4; 16 holds 32 columns a thread)")
+    parser.add_argument("--int4_scales", choices=INT4_SCALES, default=None,
                         help="with --gemm_rows and int4: load the scales with each tile (step), once a group "
-                             "(group) or a group early (ahead): GemmConfig.int4_scales")
+                             "(group) or a group early (ahead): GemmConfig.int4_scales (default: the heuristic's)")
     args = parser.parse_args()
     try:
         parse_format(args.format)
@@ -59,8 +59,9 @@ def main() -> None:
     w, scales, zeros, group = make_weight(args.format, k, sum(splits), "cuda", seed=1)
     x = make_x(max(args.gemm_rows, 1), k, torch.float16 if args.format == "fp16" else torch.bfloat16, "cuda", seed=0)
     if args.gemm_rows:
-        config = quant_gemm_config(args.gemm_rows, group)._replace(int4_vec=args.int4_vec,
-                                                                     int4_scales=args.int4_scales)
+        config = quant_gemm_config(args.gemm_rows, group)
+        config = config._replace(int4_vec=args.int4_vec or config.int4_vec,
+                                 int4_scales=args.int4_scales or config.int4_scales)
         for _ in range(4):
             quant_gemm_triton(x, w, scales, zeros, group, config)
         torch.cuda.synchronize()

@@ -8,20 +8,21 @@ GEMM, and two ways of running it over int8 / packed int4 weights live here:
   gate|up, int4: 87 us for 59 MB read and 235 MB written, 3.4 TB/s; benchmarks/results/int4_prefill/),
   so its cost is bytes: 2.25 bytes a weight more than bf16's GEMM reads. That is 1.15x bf16's time
   at 2048 tokens and 1.6-2x at 128, where the GEMM itself is bound by its 2 bytes a weight.
-- ``quant_gemm_triton`` (int8 prefills of 17-128 rows by default, linear.QUANT_GEMM_ROWS): a tiled GEMM
-  that reads the quantized bytes and converts each [BLOCK_K, BLOCK_N] tile in registers to the
-  values the pass above writes, then multiplies on the tensor cores (on sm_90 the converted tile goes
-  through shared memory into wgmma: local SASS of triton 3.6 shows HGMMA). It reads 0.5 (int4) or 1
-  (int8) byte a weight once per BLOCK_M rows of x. H200, 8B shapes (benchmarks/results/
-  quant_gemm_2026_12_05/): int8 beats dequantize + cuBLAS at 16-128 rows on every matrix (gate|up
-  at 128: 89 against 200 us) and loses at 512; int4 takes about twice int8's time, so int4
-  prefills keep the pass. A likely cause, from local SASS (not yet measured): with 16 bytes of a
-  packed row a thread, each thread holds 32 columns of one row and reads a scale and a zero from
-  shared memory per weight (int8's scales stay in registers), about 3x int8's shared-memory
-  traffic a step, and the pipeliner's copies of those scales into shared memory are repeated by
-  every thread that holds the same columns; GemmConfig.int4_vec = 4 cuts both by four, and
-  int4_scales = "group" loads a group's scales once into registers instead, which leaves int4 less
-  shared-memory traffic a step than int8 (benchmarks/results/NOTES.md).
+- ``quant_gemm_triton`` (int8 and int4 prefills of 17-128 rows by default, linear.QUANT_GEMM_ROWS): a
+  tiled GEMM that reads the quantized bytes and converts each [BLOCK_K, BLOCK_N] tile in registers to
+  the values the pass above writes, then multiplies on the tensor cores (on sm_90 the converted tile
+  goes through shared memory into wgmma: local SASS of triton 3.6 shows HGMMA). It reads 0.5 (int4)
+  or 1 (int8) byte a weight once per BLOCK_M rows of x. H200, 8B shapes, a layer (q|k|v + o +
+  gate|up + down) at 16 / 64 / 128 rows: int8 beats dequantize + cuBLAS on every matrix
+  (benchmarks/results/quant_gemm_2026_12_05/) and loses at 512; int4 takes 193 / 201 / 240 us
+  against 274 / 275 / 330 (benchmarks/results/int4_vec_2026_12_05/; bf16 117 / 121 / 170).
+  int4's layout decides its speed: with 16 bytes of a packed row a thread (the compiler's choice
+  without a hint), each thread holds 32 columns of one row and reads a scale and a zero from shared
+  memory for every weight, and the pipeliner's copies of those scales are repeated by every thread
+  holding the same columns. So the heuristic reads 4 bytes a thread (GemmConfig.int4_vec) and
+  loads a group's scales once into registers (int4_scales "group"): gate|up at 128 rows 240 ->
+  113 us. Nsight Compute, same kernel: 239 -> 116 us; L1/shared-memory throughput 92% -> 52% of peak,
+  and the shared loads' 17-way bank conflicts (22 M) are gone.
   Two earlier int4 GEMMs lost to bf16 by 2-11x: one tl.dot per 16-column nibble plane
   (mma.sync), and wgmma with the converted weights as its register operand and one program per
   whole K (benchmarks/results/int4_prefill/, int4_matmul/).
@@ -258,8 +259,8 @@ class GemmConfig(NamedTuple):
     stages: int
     max_registers: int | None = None
     split_k: int | None = None
-    int4_vec: int = 16
-    int4_scales: str = "step"
+    int4_vec: int = 4
+    int4_scales: str = "group"
 
 
 def quant_gemm_config(m: int, group_size: int) -> GemmConfig:
@@ -267,13 +268,17 @@ def quant_gemm_config(m: int, group_size: int) -> GemmConfig:
     up to 128 rows, 256-row blocks past it (the conversion, per weight, is shared by more rows).
     A program waits for its wgmma every step (local SASS), so the conversion of one program can
     only overlap another's product: the register caps let three 64-row programs (162 registers)
-    or two 128-row ones (128, 8 bytes spilled) share an SM. int4's BLOCK_K is at most its group."""
+    or two 128-row ones (128, 8 bytes spilled) share an SM. int4's BLOCK_K is at most its group.
+    int4 reads 4 bytes of a packed row a thread, with a group's scales in registers: the fastest of
+    16 / 4 / 2 bytes and per-step / per-group / a-group-ahead scales on every 8B matrix at 16-128 rows
+    with these tiles (H200, benchmarks/results/int4_vec_2026_12_05/); the 256-row tile was measured
+    at 128 rows only, where per-step scales beat held ones (gate|up 185 against 206 us), so it keeps them."""
     block_k = 64 if group_size == 0 else min(64, group_size)
     if m <= 64:
         return GemmConfig(64, 128, block_k, 4, 3, 168)
     if m <= 128:
         return GemmConfig(128, 128, block_k, 8, 3, 128)
-    return GemmConfig(256, 128, block_k, 8, 3)
+    return GemmConfig(256, 128, block_k, 8, 3, int4_scales="step")
 
 
 INT4_SCALES = ("step", "group", "ahead")  # GemmConfig.int4_scales: see the kernel's comment
