@@ -200,13 +200,14 @@ def quant_gemm_variants():
     into float32 partials (split K), as q|k|v, o and down run there."""
     formats = ([(True, "*bf16", True, vec, "step") for vec in (16, 4, 2)]
                + [(True, "*bf16", True, vec, scales) for vec in (16, 4) for scales in ("group", "ahead")]
-               + [(False, "*fp16", False, 16, "step")])
+               + [(False, "*fp16", False, None, None)])  # int8: the heuristic's (unused) int4 fields
     for (int4, dtype, even_k, vec, scales), m in itertools.product(formats, (64, 128, 512)):
         cfg = dq.quant_gemm_config(m, 128 if int4 else 0)
         out = "*fp32" if m == 64 else dtype
         yield (dq._quant_gemm_kernel, {"x_ptr": dtype, "w_ptr": "*u8" if int4 else "*i8", "out_ptr": out},
                dict(INT4=int4, GROUP_SIZE=128 if int4 else 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                    BLOCK_K=cfg.block_k, EVEN_K=even_k, INT4_VEC=vec, INT4_SCALES=scales, INTERPRET=False,
+                    BLOCK_K=cfg.block_k, EVEN_K=even_k, INT4_VEC=vec or cfg.int4_vec,
+                    INT4_SCALES=scales or cfg.int4_scales, INTERPRET=False,
                     **({"maxnreg": cfg.max_registers} if cfg.max_registers else {})), cfg.warps, cfg.stages)
 
 
