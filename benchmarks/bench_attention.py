@@ -1,7 +1,7 @@
 """Decode attention per layer call: Triton split-KV kernel vs SDPA, on a CUDA GPU.
 
     python benchmarks/bench_attention.py [--contexts 128 1024 4096] [--s_max 8192] [--layers 32]
-                                         [--extra_num_splits 8 16 64]
+                                         [--extra_num_splits 8 16 64] [--fused_tiles 32:4 64:8]
 
 For each model shape (B=1, bf16) and context c (position p = c - 1) it first checks every
 method against a float64 reference, then times, in µs per call:
@@ -10,7 +10,9 @@ method against a float64 reference, then times, in µs per call:
   * sdpa_masked   F.scaled_dot_product_attention over the full static cache with a boolean
                   mask, enable_gqa=True: what model.py does today;
   * sdpa_prefix   SDPA over only the filled prefix k_cache[:, :, :c] (no mask);
-  * fused_step, cublas_bytes: see ``unchecked_methods`` (timed, not checked here).
+  * fused_step, cublas_bytes: see ``unchecked_methods`` (timed, not checked here);
+  * fused_step sS wW  the fused step's kernels with S positions a tile and W warps (--fused_tiles),
+                  checked against fused_step's output.
 Each time is one CUDA graph of ``--layers`` calls on different caches (so every call reads
 cold memory; L2 is flushed between replays), divided by the number of calls.  ``floor`` is
 the HBM time of the filled K and V of one layer at 4.28 TB/s.  Prints the table last;
@@ -32,7 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from teal_kernels.attention import MAX_SPLITS, decode_attention_triton, default_block_s, default_num_splits
+from teal_kernels.attention import (MAX_SPLITS, decode_attention_step_triton, decode_attention_triton, default_block_s,
+                                    default_num_splits)
 from teal_kernels.ops import decode_attention, decode_attention_step
 
 # name -> (H, Hkv, D)
@@ -100,12 +103,13 @@ def methods(layers: list[tuple[torch.Tensor, ...]], context: int, num_splits: li
     return out
 
 
-def unchecked_methods(layers: list[tuple[torch.Tensor, ...]], context: int
+def unchecked_methods(layers: list[tuple[torch.Tensor, ...]], context: int, fused_tiles: list[tuple[int, int]]
                       ) -> dict[str, Callable[[int], torch.Tensor]]:
     """Timed beside ``methods`` but not compared with its float64 reference:
       * fused_step   ``decode_attention_step`` (the fused decode step's op: RoPE, the cache write at p
                      and attention; under PDL its first K/V tile loads before its wait) on a random
-                     q|k|v row per layer: it writes position p of the caches;
+                     q|k|v row per layer: it writes position p of the caches (the same values every
+                     call); ``fused_step sS wW`` runs it with S positions a tile and W warps;
       * cublas_bytes cuBLAS reading the same bytes as a [1, context] x [context, 2 Hkv D B] product
                      per layer (no attention): what streaming the filled K and V costs at best."""
     q0, k0, _ = layers[0]
@@ -124,7 +128,38 @@ def unchecked_methods(layers: list[tuple[torch.Tensor, ...]], context: int
         _, k, v = layers[i]
         return decode_attention_step(rows[i], freqs, k, v, pos, n_head)
 
-    return {"fused_step": fused_step, "cublas_bytes": lambda i: x @ weights[i]}
+    def fused_tile(block_s: int, warps: int) -> Callable[[int], torch.Tensor]:
+        def step(i: int) -> torch.Tensor:
+            _, k, v = layers[i]
+            return decode_attention_step_triton(rows[i], freqs, k, v, pos, n_head, block_s=block_s, num_warps=warps)
+        return step
+
+    out = {"fused_step": fused_step}
+    out.update({f"fused_step s{block_s} w{warps}": fused_tile(block_s, warps) for block_s, warps in fused_tiles})
+    return out | {"cublas_bytes": lambda i: x @ weights[i]}
+
+
+def check_fused_tiles(steps: dict[str, Callable[[int], torch.Tensor]]) -> None:
+    """Each ``fused_step sS wW`` against ``fused_step`` on layer 0: within bf16 rounding (2^-6 of the
+    largest output: two roundings of the probabilities in different orders); raises otherwise."""
+    want = steps["fused_step"](0).float()
+    for name, step in steps.items():
+        if name.startswith("fused_step "):
+            err = (step(0).float() - want).abs().max().item()
+            if err > 2.0**-6 * want.abs().max().item():
+                raise AssertionError(f"{name}: max difference {err:.3g} from fused_step")
+
+
+def parse_tile(text: str) -> tuple[int, int]:
+    """'S:W' -> (positions a tile, warps) for --fused_tiles."""
+    try:
+        block_s, warps = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected POSITIONS:WARPS such as 32:4, got {text!r}") from None
+    if block_s < 16 or block_s & (block_s - 1) or warps not in (1, 2, 4, 8, 16):
+        raise argparse.ArgumentTypeError(f"positions must be a power of two >= 16 and warps 1-16 (a power of "
+                                         f"two), got {text!r}")
+    return block_s, warps
 
 
 def reference64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=32, help="calls per CUDA graph, each on its own cache")
     ap.add_argument("--extra_num_splits", nargs="*", type=int, default=[8, 16, 64],
                     help="also time the kernel with these split counts (the default one is always timed)")
+    ap.add_argument("--fused_tiles", nargs="*", type=parse_tile, default=[], metavar="S:W",
+                    help="also time the fused step's kernels with S positions a K/V tile and W warps "
+                         "(the default: 16 KB of K a tile, 64 positions at D = 128, and 4 warps)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: bench_attention.py needs a CUDA GPU", file=sys.stderr)
@@ -229,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         for context in args.contexts:
             steps = methods(layers, context, args.extra_num_splits)
             errors = check_correctness(steps, layers, context)
-            steps.update(unchecked_methods(layers, context))
+            steps.update(unchecked_methods(layers, context, args.fused_tiles))
+            check_fused_tiles(steps)
             us = {name: graph_time_us(step, args.layers) for name, step in steps.items()}
             row = {"model": model, "H": n_head, "Hkv": n_kv, "D": head_dim, "batch": args.batch,
                    "s_max": args.s_max, "context": context, "num_splits": default_splits(layers),

@@ -6,6 +6,7 @@ many chunk boundaries into a small cache; the GPU-only tests at the bottom use r
 shapes.  Chunk length for the prefix 0..p: ceil(ceil((p + 1) / splits) / tile) * tile.
 """
 
+import argparse
 import math
 
 import pytest
@@ -273,9 +274,16 @@ def test_bench_helpers_on_tiny_shapes():
     errors = bench.check_correctness(steps, layers, context=37)
     assert set(errors) == set(steps) | {"triton_vs_sdpa_prefix"}
     assert max(errors.values()) < 0.05
-    extra = bench.unchecked_methods(layers, context=37)
-    assert list(extra) == ["fused_step", "cublas_bytes"]
+    extra = bench.unchecked_methods(layers, context=37, fused_tiles=[(16, 2)])
+    assert list(extra) == ["fused_step", "fused_step s16 w2", "cublas_bytes"]
     assert extra["fused_step"](0).shape == (1, 6, 16)
+    bench.check_fused_tiles(extra)  # 16-position tiles: three of them over 37 positions, same output
+    with pytest.raises(AssertionError, match="fused_step s16 w2: max difference"):
+        bench.check_fused_tiles(extra | {"fused_step s16 w2": lambda i: extra["fused_step"](i) * 1.1})
+    assert bench.parse_tile("32:8") == (32, 8)
+    for bad in ("32", "24:4", "32:3", "8:4", "a:b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_tile(bad)
     assert extra["cublas_bytes"](1).shape == (1, 2 * 2 * 16)  # [1, 2 Hkv D]: the K and V bytes of 37 positions
     rows = [{"model": "tiny", "context": 37, "floor_us": 0.01,
              "us": {"triton": 1.0, "sdpa_masked": 3.0, "sdpa_prefix": 2.0}}]
