@@ -45,14 +45,17 @@ from teal_kernels.triton_gemv import sparse_gemv_triton
 
 # launches of the dequantizing GEMM that --gemm_configs times per shape: tiles, pipeline depth and
 # register caps that let 2-3 programs share an SM (each waits for its own wgmma every step); K split
-# as the heuristic splits it (quant_gemm_splits), two not split, to see what splitting buys, and (int4
-# only) the heuristic's three tiles with other int4 layouts than GemmConfig's default (4 bytes of a
-# packed row a thread, a group's scales held in registers): 16 and 2 bytes a thread, scales loaded
-# with every tile ("step") or a group ahead ("ahead"); benchmarks/results/int4_vec_2026_12_05/
+# as the heuristic splits it (quant_gemm_splits), two not split, to see what splitting buys, 64-column
+# tiles (twice the tiles of q|k|v and o, which lose to dequantize + cuBLAS at 128 columns: fewer K
+# splits; unmeasured), and (int4 only) the heuristic's three tiles with other int4 layouts than
+# GemmConfig's default (4 bytes of a packed row a thread, a group's scales held in registers): 16 and
+# 2 bytes a thread, scales loaded with every tile ("step") or a group ahead ("ahead");
+# benchmarks/results/int4_vec_2026_12_05/
 GEMM_CONFIGS = [GemmConfig(64, 128, 64, 4, 3), GemmConfig(64, 128, 64, 4, 3, 168), GemmConfig(64, 128, 64, 4, 4, 168),
                 GemmConfig(64, 256, 64, 8, 3), GemmConfig(128, 128, 64, 8, 3), GemmConfig(128, 128, 64, 8, 3, 128),
                 GemmConfig(128, 256, 64, 8, 3), GemmConfig(256, 128, 64, 8, 3), GemmConfig(256, 128, 64, 8, 4),
-                GemmConfig(64, 128, 64, 4, 3, 168, 1), GemmConfig(128, 128, 64, 8, 3, 128, 1)] + [
+                GemmConfig(64, 128, 64, 4, 3, 168, 1), GemmConfig(128, 128, 64, 8, 3, 128, 1),
+                GemmConfig(64, 64, 64, 4, 3, 168), GemmConfig(128, 64, 64, 8, 3, 128), GemmConfig(128, 64, 64, 4, 3)] + [
                 GemmConfig(*tile, int4_vec=vec, int4_scales=where)
                 for vec, where in ((16, "step"), (4, "step"), (2, "step"), (16, "group"), (4, "ahead"))
                 for tile in ((64, 128, 64, 4, 3, 168), (128, 128, 64, 8, 3, 128), (256, 128, 64, 8, 3))]
