@@ -226,6 +226,25 @@ def test_persistent_lab_streams_the_kept_rows():
     assert int(sync[1]) == 3  # three barriers passed
 
 
+def test_int4_kpacked_lab_layout_and_products():
+    """benchmarks/int4_kpacked_lab.py: its copy puts code (k, n) in nibble (k % g) // (g / 8) of word
+    (n, (k // g) * g / 8 + k % (g / 8)), with scales and zeros transposed; its kernel matches float64 in
+    both code conversions (selftest: the interpreter on the CPU)."""
+    from benchmarks import int4_kpacked_lab as lab
+
+    k, n, group = 64, 6, 32
+    w, scales, zeros, _ = timing.make_weight(f"int4-g{group}", k, n, "cpu", seed=5)
+    words, s_t, z_t = lab.kpack(w, scales, zeros, group)
+    codes = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(k, n)
+    per_word = group // 8
+    for kk in range(k):
+        word = words[:, (kk // group) * per_word + kk % per_word].to(torch.int64) & 0xFFFFFFFF
+        nibble = (kk % group) // per_word
+        assert torch.equal((word >> (4 * nibble)) & 0xF, codes[kk].to(torch.int64))
+    assert torch.equal(s_t, scales.t()) and torch.equal(z_t, zeros.t())
+    lab.selftest()
+
+
 def test_markdown_shows_tinygemm_for_int4_rows_only():
     row = dict(model="llama3-8b", layer="o", format="bf16", M=1, K=4096, N=4096, sparsity=0.5, sparse_us=11.0,
                matmul_us=13.4, linear_us=13.5, speedup_vs_linear=1.23, effective_tbps=0.8)
