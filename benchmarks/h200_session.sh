@@ -700,7 +700,7 @@ case $phase in
   gemm_long)  # issue 11's prefill past 128 rows: every GEMM_CONFIGS entry at 256 / 512 / 2048 tokens (the 256-row tile with 4 bytes a thread, per-step and held scales, against dequantize + cuBLAS; ncu at 2048: 12.5% occupancy, 34.5% of stalls at CTA barriers), one call
     step 560 python3 -m benchmarks.bench_prefill --tokens 256 512 2048 --gemm_configs --out "$out/prefill_gemm_long"
     ;;
-  kpacked_lab)  # issue 11's int4 decode (>= 1.2x gpt-fast's int4; int4 + 50% runs q|k|v, o and down dense): a dense int4 GEMV on a K-packed copy (benchmarks/int4_kpacked_lab.py: 16 bytes of one output row a thread, sums in registers, no shuffles or shared memory in the loop; 3-4 ops a weight; written without a GPU) against tinygemm per 8B matrix, every config checked against float64 first (~5 min by estimate), one call
+  kpacked_lab)  # issue 11's int4 decode (>= 1.2x gpt-fast's int4; int4 + 50% runs q|k|v, o and down dense): a dense int4 GEMV on a K-packed copy (benchmarks/int4_kpacked_lab.py: 16 bytes of one output row a thread, sums in registers, no shuffles or shared memory in the loop; 5-7 instructions a weight by local SASS; written without a GPU) against tinygemm per 8B matrix, every config checked against float64 first (~5 min by estimate), one call
     step 560 python3 -m benchmarks.int4_kpacked_lab --out "$out/int4_kpacked_lab"
     ;;
   quant_gemm_model)  # after quant_gemm: whole eager 8B prefills, int4 dequantize + cuBLAS against the GEMM past 16 rows (and bf16, int8), with the per-matrix table at 128 / 2048 tokens

@@ -5,20 +5,23 @@ tinygemm on a copy of the weights (teal_kernels/tinygemm.py), and tinygemm reads
 ~2 TB/s (68 µs for ~118 MB, results/int4_tinygemm/), under half the memory's speed. Every GEMV of
 ours so far reads the layout TEAL needs (nibbles packed along N, so that a zeroed input skips its
 row), whose inner loops were bound by conversions and barriers (results/NOTES.md). A dense call
-does not skip rows, so its copy can take any layout. This one packs eight consecutive K of one
-output into an int32 word (output-major, [N, K / 8]), so:
+does not skip rows, so its copy can take any layout. This one is output-major ([N, K / 8] int32
+words, kpack): a word holds eight K of one output, one from each eighth of its group, so that
+nibble i of a group's consecutive words meets consecutive x. So:
 - a thread reads 16 contiguous bytes (32 weights of one output row);
-- its sum over K stays in its registers: no shuffles or shared memory in the loop;
+- its sums stay in its registers: no shuffles or shared memory in the loop;
 - each group's scale multiplies a per-word partial sum once (1/8 op a weight);
 - the zero point adds z * sum(x) once a word.
 
-Per weight the loop does a shift, one LOP3 (mask and the OR into 2^23's mantissa), an FADD that
-removes 2^23 + 8, and an FFMA with x: exact int4 values, float32 products and sums, as the reference
-(teal_kernels/reference.py) defines them. Each program owns BLOCK_N outputs over all of K (no split,
-no reduction pass); Triton pipelines the word loads num_stages deep.
+A code becomes a float without I2F, exactly (2^23 + q, then an FADD: shift, LOP3, FADD, FFMA a
+weight) or as 1 + q / 16 with the offset taken off once a word (shift, LOP3, FFMA); the kernel's
+docstring says what that costs in precision. Local sm_90 SASS (triton 3.6) counts 5.2 (1 + q / 16,
+128 outputs a program) to ~7 instructions a weight in the loop, x's conversion and sums included.
+Each program owns BLOCK_N outputs over all of K (no split, no reduction pass); Triton pipelines the
+word loads num_stages deep.
 
 Rows of the table, µs a call, CUDA graphs over rotating weight copies (benchmarks/timing.py):
-  lab             this kernel, each config of --configs, checked against float64 first
+  lab             this kernel, each of CONFIGS, checked against float64 first (best shown)
   tinygemm        torch's _weight_int4pack_mm on its own copy (what dense int4 decode runs now)
   floor           the packed bytes (codes + fp32 scales and zeros) at 4.28 TB/s
 
@@ -203,7 +206,8 @@ def bench(group: int, configs: list[tuple[int, int, int, int, bool]]) -> list[di
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--group", type=int, default=128, help="int4 group size (default 128)")
+    p.add_argument("--group", type=int, default=128, choices=(32, 64, 128),
+                   help="int4 group size (default 128)")
     p.add_argument("--selftest", action="store_true", help="tiny shapes against float64 (CPU: TRITON_INTERPRET=1)")
     p.add_argument("--out", default="benchmarks/results/int4_kpacked_lab/lab",
                    help="OUT.json and OUT.md (default benchmarks/results/int4_kpacked_lab/lab)")

@@ -2,7 +2,7 @@
 decode-sized batches, and a quantized model's short prefills on CUDA), ``teal::dense_gemv`` (its
 dense decode calls of small float matrices on CUDA), ``teal::dequantize`` (a quantized matrix in
 bf16/fp16 for longer prefills on CUDA), ``teal::quant_gemm`` (such a prefill's product without the
-bf16 copy: int8 prefills of 17-128 rows, linear.QUANT_GEMM_ROWS), ``teal::decode_attention`` and ``teal::decode_attention_step``
+bf16 copy: int8 and int4 prefills of 17-128 rows, linear.QUANT_GEMM_ROWS), ``teal::decode_attention`` and ``teal::decode_attention_step``
 (the fused decode path's attention, decode.py), and ``teal::attention_o`` (that attention computed
 inside o's GEMV, at short contexts: linear.PackedLinear.attention_product).
 
