@@ -43,11 +43,15 @@ from files import write_report
 from teal_kernels.reference import dequantize_weight
 
 FLOOR_TB_S = 4.28  # the byte floor's bandwidth used throughout results/
-# (BLOCK_N, groups a step, warps, stages, unit): outputs a program, K groups its step reads, launch,
-# the code conversion (the kernel's UNIT)
-CONFIGS = [(bn, gs, w, st, unit) for unit in (False, True)
-           for bn, gs, w, st in ((16, 1, 4, 3), (32, 1, 4, 3), (64, 1, 4, 3), (32, 2, 4, 3), (64, 2, 8, 3),
-                                 (32, 1, 4, 5), (16, 2, 2, 4), (64, 1, 2, 4), (128, 1, 4, 3))]
+# (BLOCK_N, groups a step, warps, stages, unit, split): outputs a program, K groups its step reads,
+# launch, the code conversion (the kernel's UNIT), programs along K (their fp32 partials summed by torch
+# after the kernel: two more launches, timed; the kernel alone is timed too, as the bound of a fused sum)
+CONFIGS = ([(bn, 1, 4, 3, False, 1) for bn in (16, 64, 128)]
+           + [(bn, gs, w, st, True, 1) for bn, gs, w, st in ((16, 1, 4, 3), (32, 1, 4, 3), (64, 1, 4, 3), (32, 2, 4, 3),
+                                                             (64, 2, 8, 3), (32, 1, 4, 5), (16, 2, 2, 4), (64, 1, 2, 4),
+                                                             (128, 1, 4, 3))]
+           + [(bn, gs, w, st, True, split) for split in (2, 4)
+              for bn, gs, w, st in ((16, 1, 4, 3), (32, 1, 4, 3), (32, 2, 4, 4), (64, 1, 4, 3), (16, 2, 2, 4))])
 
 
 def kpack(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
@@ -79,23 +83,27 @@ def _unit_float(bits, INTERPRET: tl.constexpr):
 @triton.jit
 def _kpacked_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K, N,
                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_A_STEP: tl.constexpr,
-                         STAGES: tl.constexpr, UNIT: tl.constexpr, INTERPRET: tl.constexpr):
+                         STAGES: tl.constexpr, UNIT: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
     """out[n] = sum_k x[k] * ((q[n, k] - 8) * s[n, k // GROUP] + z[n, k // GROUP]) for BLOCK_N outputs.
 
     A code becomes a float without I2F, in one of two ways (UNIT):
     - False: 2^23 + q from the bits, then an FADD of -(2^23 + 8) gives q - 8 exactly (4 ops a weight);
     - True: 1 + q / 16 from the bits (the nibble in the mantissa's top four bits), and the offset is
       taken off once a word: sum x (q - 8) = 16 (sum x (1 + q / 16) - 1.5 sum x) (3 ops a weight; the
-      subtraction costs a few bits of the word's float32 sum)."""
+      subtraction costs a few bits of the word's float32 sum).
+    With SPLIT > 1, program (i, j) sums the j-th SPLIT-th of K into float32 row j of out ([SPLIT, N]);
+    the caller adds the rows (more programs in flight where N / BLOCK_N alone leaves SMs short of loads)."""
     WPG: tl.constexpr = GROUP // 8  # words of one output in a group
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     words_a_row = K // 8
     groups_a_row = K // GROUP
     j = tl.arange(0, WPG)
     acc = tl.zeros([BLOCK_N, WPG], dtype=tl.float32)
-    for g0 in tl.range(0, groups_a_row, GROUPS_A_STEP, num_stages=STAGES):
+    groups_a_split = groups_a_row // SPLIT
+    for g0 in tl.range(split * groups_a_split, (split + 1) * groups_a_split, GROUPS_A_STEP, num_stages=STAGES):
         for gi in tl.static_range(GROUPS_A_STEP):
             g = g0 + gi
             words = tl.load(w_ptr + n[:, None] * words_a_row + (g * WPG + j)[None, :], mask=n_ok[:, None], other=0)
@@ -116,27 +124,35 @@ def _kpacked_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K, N,
             if UNIT:
                 part = 16.0 * (part - 1.5 * x_sum[None, :])
             acc += part * s[:, None] + z[:, None] * x_sum[None, :]
-    tl.store(out_ptr + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(out_ptr + split * N + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 def kpacked_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
-                 config: tuple[int, int, int, int, bool] = CONFIGS[0]) -> torch.Tensor:
+                 config: tuple[int, int, int, int, bool, int] = CONFIGS[0], reduce: bool = True) -> torch.Tensor:
     """x [1, K] (bf16/fp16) @ the K-packed int4 matrix -> [1, N] in x's dtype. Rejects, one line,
-    a batch other than 1, shapes that do not match, and K not a whole number of steps."""
-    block_n, groups_a_step, warps, stages, unit = config
+    a batch other than 1, shapes that do not match, and K not a whole number of steps in each split.
+    reduce=False returns a split config's float32 partials [SPLIT, N] unsummed (to time the kernel alone)."""
+    block_n, groups_a_step, warps, stages, unit, split = config
     n, k = words.shape[0], words.shape[1] * 8
     if x.shape != (1, k) or scales.shape != (n, k // group) or zeros.shape != scales.shape:
         raise ValueError(f"kpacked_gemv needs x [1, {k}] and scales / zeros [{n}, {k // group}], got "
                          f"{tuple(x.shape)}, {tuple(scales.shape)}, {tuple(zeros.shape)}")
-    if group % 8 or k % (group * groups_a_step):
+    if group % 8 or not fits(k, group, config):
         raise ValueError(f"kpacked_gemv needs the group ({group}) a multiple of 8 and K ({k}) a multiple of "
-                         f"{groups_a_step} groups")
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+                         f"{groups_a_step} groups times {split} splits")
+    out = torch.empty(split, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
     interpret = not isinstance(_kpacked_gemv_kernel, triton.runtime.jit.JITFunction)
-    _kpacked_gemv_kernel[(triton.cdiv(n, block_n),)](
+    _kpacked_gemv_kernel[(triton.cdiv(n, block_n), split)](
         x, words, scales, zeros, out, k, n, GROUP=group, BLOCK_N=block_n, GROUPS_A_STEP=groups_a_step,
-        STAGES=stages, UNIT=unit, INTERPRET=interpret, num_warps=warps)
-    return out
+        STAGES=stages, UNIT=unit, SPLIT=split, INTERPRET=interpret, num_warps=warps)
+    if split == 1 or not reduce:
+        return out
+    return out.sum(0, keepdim=True).to(x.dtype)
+
+
+def fits(k: int, group: int, config: tuple[int, int, int, int, bool, int]) -> bool:
+    """Whether K splits into config's splits of whole steps."""
+    return k % (group * config[1] * config[5]) == 0
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -164,15 +180,16 @@ def selftest() -> None:
         x = make_x(1, k, torch.bfloat16, device, seed=n)
         packed = kpack(w, scales, zeros, group)
         want = reference(x, w, scales, zeros, group)
-        for config in ((16, 1, 4, 3, False), (32, 2, 4, 2, False), (16, 1, 4, 3, True), (32, 2, 4, 2, True)):
-            if k % (group * config[1]) == 0:
+        for config in ((16, 1, 4, 3, False, 1), (32, 2, 4, 2, False, 1), (16, 1, 4, 3, True, 1),
+                       (32, 2, 4, 2, True, 1), (16, 1, 4, 3, True, 2), (32, 1, 4, 2, False, 4)):
+            if fits(k, group, config):
                 err = max_error(kpacked_gemv(x, *packed, group, config), want)
                 if err > 1.0:
                     raise AssertionError(f"K={k} N={n} group {group} {config}: error {err:.3g} of its bound")
     print("selftest passed")
 
 
-def bench(group: int, configs: list[tuple[int, int, int, int, bool]]) -> list[dict]:
+def bench(group: int, configs: list[tuple[int, int, int, int, bool, int]]) -> list[dict]:
     """Per 8B matrix: every config (checked first), tinygemm, and the byte floor, µs a call."""
     from teal_kernels.tinygemm import int4pack, int4pack_mm
 
@@ -186,16 +203,23 @@ def bench(group: int, configs: list[tuple[int, int, int, int, bool]]) -> list[di
         packed = [kpack(*c[:3], group) for c in copies]
         tiny = [int4pack(*c[:3], group) for c in copies]
         row = {"layer": layer, "K": k, "N": n, "floor_us": nbytes / (FLOOR_TB_S * 1e6),
-               "tinygemm_us": graph_time_us(lambda i: int4pack_mm(x, *tiny[i], group), len(tiny)), "lab_us": {}}
+               "tinygemm_us": graph_time_us(lambda i: int4pack_mm(x, *tiny[i], group), len(tiny)), "lab_us": {},
+               "kernel_only_us": {}}
         want = reference(x, *copies[0][:3], group)
         for config in configs:
-            if k % (group * config[1]):
+            if not fits(k, group, config):
                 continue
             err = max_error(kpacked_gemv(x, *packed[0], group, config), want)
             if err > 1.0:
                 raise AssertionError(f"{layer} {config}: error {err:.3g} of its bound")
             row["lab_us"][str(config)] = graph_time_us(lambda i, c=config: kpacked_gemv(x, *packed[i], group, c),
                                                        len(packed))
+            note = ""
+            if config[5] > 1:
+                row["kernel_only_us"][str(config)] = graph_time_us(
+                    lambda i, c=config: kpacked_gemv(x, *packed[i], group, c, reduce=False), len(packed))
+                note = f" (kernel alone {row['kernel_only_us'][str(config)]:.1f})"
+            print(f"  {layer} {config}: {row['lab_us'][str(config)]:.1f} µs{note}", flush=True)
         rows.append(row)
         best = min(row["lab_us"].items(), key=lambda kv: kv[1])
         print(f"{layer}: tinygemm {row['tinygemm_us']:.1f} µs, best lab {best[1]:.1f} {best[0]}, "
@@ -225,12 +249,15 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "group": args.group}
     lines = [f"# int4 GEMV on a K-packed copy against tinygemm ({meta['gpu']}, {meta['date']})", "",
              f"`{meta['command']}`; µs a call, batch 1, CUDA graphs over rotating weights; "
-             "(BLOCK_N, groups a step, warps, stages, UNIT: 1 + q / 16 codes)", "",
-             "| matrix | floor | tinygemm | best lab | its config |", "|---|---|---|---|---|"]
+             "(BLOCK_N, groups a step, warps, stages, UNIT: 1 + q / 16 codes, splits along K); a split's time "
+             "includes torch's sum of its partials; 'kernel alone' is the best split kernel without that sum", "",
+             "| matrix | floor | tinygemm | best lab | its config | best split kernel alone |", "|---|---|---|---|---|---|"]
     for r in rows:
         best = min(r["lab_us"].items(), key=lambda kv: kv[1])
-        lines.append(f"| {r['layer']} | {r['floor_us']:.1f} | {r['tinygemm_us']:.1f} | {best[1]:.1f} | {best[0]} |")
-    lines.append(f"| a layer | {layer['floor_us']:.1f} | {layer['tinygemm_us']:.1f} | {layer['lab_us']:.1f} | |")
+        alone = min(r["kernel_only_us"].values(), default=float("nan"))
+        lines.append(f"| {r['layer']} | {r['floor_us']:.1f} | {r['tinygemm_us']:.1f} | {best[1]:.1f} | {best[0]} "
+                     f"| {alone:.1f} |")
+    lines.append(f"| a layer | {layer['floor_us']:.1f} | {layer['tinygemm_us']:.1f} | {layer['lab_us']:.1f} | | |")
     write_report(args.out, {"meta": meta, "rows": rows, "layer": layer}, lines)
     return 0
 
