@@ -40,8 +40,12 @@ from files import write_report
 GROUP = 128  # one loop step: four planes of 32 K (the A tile's K), group 128 only
 TILE_ROWS = 16  # mma.m16n8k16's M
 WORDS_A_LANE = 8  # a lane's words of one 16-row tile and group
-# (warps, 16-row tiles a warp, splits along K); each step loads the next group's words first
-CONFIGS = [(w, r, s) for w in (4, 8) for r in (1, 2) for s in (1, 2, 4)] + [(2, 1, s) for s in (1, 2, 4)]
+# (K warps, row warps, 16-row tiles a warp, programs along K): a program's warps split its groups
+# among KW warp rows, its outputs among row warps; each step loads the next group's words first.
+# Splits across programs (float32 partials summed by torch) were the first run's way to more warps.
+CONFIGS = ([(kw, mw, r, 1) for kw, mw, r in ((4, 1, 1), (8, 1, 1), (16, 1, 1), (4, 1, 2), (8, 1, 2), (16, 1, 2),
+                                             (4, 2, 1), (8, 2, 1), (2, 2, 2), (4, 2, 2), (2, 4, 1), (4, 4, 1))]
+           + [(1, 4, 1, 8), (1, 4, 2, 2), (1, 2, 2, 2), (1, 4, 2, 16), (4, 1, 1, 2), (8, 1, 1, 2)])
 
 
 def lane_slot_to_row_pair(lane: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,52 +120,66 @@ def _kernel():
             "=h,=h,r", [words], dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
 
     @gluon.jit
-    def _words(w_ptr, tile0, g, NG, LOAD: gl.constexpr, ROWS: gl.constexpr, WORDS: gl.constexpr):
-        """One group's words of the program's tiles, loaded 32 bytes a lane, then viewed as [ROWS, 16]
-        (row, K pair) in the layout that becomes mma's A fragments."""
-        TILES: gl.constexpr = ROWS // 16
-        t = gl.arange(0, TILES, layout=gl.SliceLayout(1, gl.SliceLayout(2, LOAD)))
-        lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, LOAD)))
-        slot = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, LOAD)))
-        offs = ((((tile0 + t) * NG + g) * 32)[:, None, None] + lane[None, :, None]) * 8 + slot[None, None, :]
-        w = gl.load(w_ptr + offs)  # [TILES, 32, 8]: tile, lane = 4 * (row % 8) + pair % 4, slot
-        w = gl.reshape(w, [TILES, 8, 4, 2, 2, 2])  # tile, row % 8, pair % 4, pair // 8, (pair // 4) % 2, row // 8
-        w = gl.reshape(gl.permute(w, [0, 5, 1, 3, 4, 2]), [ROWS, 16])
+    def _words(w_ptr, tile0, g, NG, KW: gl.constexpr, TILES: gl.constexpr, LOAD: gl.constexpr,
+               WORDS: gl.constexpr):
+        """One group's words of the program's tiles for each of the KW warp rows (g: [KW], each its own
+        group), loaded 32 bytes a lane, then viewed as [KW, 16 TILES, 16] (K warp, row, K pair) in
+        the layout that becomes mma's A fragments."""
+        kw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LOAD))))
+        t = gl.arange(0, TILES, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LOAD))))
+        lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LOAD))))
+        slot = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LOAD))))
+        g = gl.convert_layout(g, kw.type.layout)
+        tile_group = (tile0 + t)[None, :] * NG + g[:, None]  # [KW, TILES]
+        offs = (tile_group[:, :, None, None] * 32 + lane[None, None, :, None]) * 8 + slot[None, None, None, :]
+        w = gl.load(w_ptr + offs)  # [KW, TILES, 32, 8]: lane = 4 * (row % 8) + pair % 4
+        w = gl.reshape(w, [KW, TILES, 8, 4, 2, 2, 2])  # row % 8, pair % 4, pair // 8, (pair // 4) % 2, row // 8
+        w = gl.reshape(gl.permute(w, [0, 1, 6, 2, 4, 5, 3]), [KW, TILES * 16, 16])
         return gl.convert_layout(w, WORDS, assert_trivial=True)
 
     @gluon.jit
     def kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K, N,
-               ROWS: gl.constexpr, SPLIT: gl.constexpr,
+               KW: gl.constexpr, ROWS: gl.constexpr, SPLIT: gl.constexpr,
                MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, LOAD: gl.constexpr, WORDS: gl.constexpr,
                XS: gl.constexpr):
-        """out[n] (or float32 partial row `split` of [SPLIT, N]) for ROWS outputs of this program."""
+        """out[n] (or float32 partial row `split` of [SPLIT, N]) for ROWS outputs of this program. Its
+        warps form a [KW, ROWS / (16 x tiles a warp)] grid: the KW warp rows take consecutive runs of
+        the program's groups, and their sums meet once at the end."""
         pid = gl.program_id(0)
         split = gl.program_id(1)
         NG = K // 128
-        g_per = NG // SPLIT
-        g0 = split * g_per
-        tile0 = pid * (ROWS // 16)
-        rows = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA))
-        cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
-        bk = gl.arange(0, 32, layout=gl.SliceLayout(1, B))
-        bn = gl.arange(0, 8, layout=gl.SliceLayout(0, B))
-        xk = gl.arange(0, 128, layout=XS)
-        acc = gl.zeros([ROWS, 8], gl.float32, MMA)
-        nxt = _words(w_ptr, tile0, g0, NG, LOAD, ROWS, WORDS)
-        for g in range(g0, g0 + g_per):
+        g_per = NG // (SPLIT * KW)  # groups a warp
+        L2: gl.constexpr = gl.SliceLayout(2, MMA)
+        kw = gl.arange(0, KW, layout=gl.SliceLayout(1, L2))
+        g_first = (split * KW + kw) * g_per  # [KW]
+        rows = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(0, L2))
+        cols = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, MMA)))
+        bkw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, B)))
+        bk = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, B)))
+        bn = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, B)))
+        xkw = gl.arange(0, KW, layout=gl.SliceLayout(1, XS))
+        xk = gl.arange(0, 128, layout=gl.SliceLayout(0, XS))
+        acc = gl.zeros([KW, ROWS, 8], gl.float32, MMA)
+        nxt = _words(w_ptr, pid * (ROWS // 16), g_first, NG, KW, ROWS // 16, LOAD, WORDS)
+        for i in range(g_per):
             words = nxt
-            nxt = _words(w_ptr, tile0, gl.minimum(g + 1, g0 + g_per - 1), NG, LOAD, ROWS, WORDS)
-            part = gl.zeros([ROWS, 8], gl.float32, MMA)
+            nxt = _words(w_ptr, pid * (ROWS // 16), g_first + gl.minimum(i + 1, g_per - 1), NG, KW, ROWS // 16,
+                         LOAD, WORDS)
+            g = g_first + i  # [KW]
+            gb = gl.convert_layout(g, bkw.type.layout)
+            part = gl.zeros([KW, ROWS, 8], gl.float32, MMA)
             for p in gl.static_range(4):
                 lo, hi = _to_bf16_pair(words, p)
-                a = gl.convert_layout(gl.reshape(gl.join(lo, hi), [ROWS, 32]), A, assert_trivial=True)
-                b = gl.load(x_ptr + (g * 128 + p * 32 + bk)[:, None] + 0 * bn[None, :])
-                part = mma_v2(a, b, part)
-            x_sum = gl.sum(gl.load(x_ptr + g * 128 + xk).to(gl.float32), axis=0)
-            s = gl.load(s_ptr + rows * NG + g)
-            z = gl.load(z_ptr + rows * NG + g)
-            acc += part * s[:, None] + z[:, None] * x_sum
-        out = gl.sum(gl.where(cols[None, :] == 0, acc, 0.0), axis=1)
+                a = gl.convert_layout(gl.reshape(gl.join(lo, hi), [KW, ROWS, 32]), A, assert_trivial=True)
+                xb = (gb * 128 + p * 32)[:, None, None] + bk[None, :, None] + 0 * bn[None, None, :]
+                part = mma_v2(a, gl.load(x_ptr + xb), part)
+            gx = gl.convert_layout(g, xkw.type.layout)
+            x_sum = gl.sum(gl.load(x_ptr + (gx * 128)[:, None] + xk[None, :]).to(gl.float32), axis=1)  # [KW]
+            x_sum = gl.convert_layout(x_sum, kw.type.layout)
+            s = gl.load(s_ptr + rows[None, :] * NG + g[:, None])  # [KW, ROWS]
+            z = gl.load(z_ptr + rows[None, :] * NG + g[:, None])
+            acc += part * s[:, :, None] + (z * x_sum[:, None])[:, :, None]
+        out = gl.sum(gl.sum(gl.where(cols[None, None, :] == 0, acc, 0.0), axis=2), axis=0)  # [ROWS]
         gl.store(out_ptr + split * N + rows, out.to(out_ptr.dtype.element_ty))
 
     _KERNEL = (kernel, gl)
@@ -171,65 +189,69 @@ def _kernel():
 _KERNEL = None
 
 
-def layouts(warps: int, rows: int) -> dict:
-    """The kernel's layouts (constexpr arguments) for `warps` warps and `rows` outputs a program."""
+def layouts(k_warps: int, row_warps: int, tiles_a_warp: int) -> dict:
+    """The kernel's layouts (constexpr arguments): warps [k_warps, row_warps], each holding
+    `tiles_a_warp` 16-row tiles."""
     _, gl = _kernel()
-    tiles_a_warp = rows // (TILE_ROWS * warps)
-    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
+    bits = lambda v: v.bit_length() - 1  # noqa: E731 (log2 of a power of two)
+    rows = TILE_ROWS * row_warps * tiles_a_warp
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[k_warps, row_warps, 1], instr_shape=[1, 16, 8])
     a = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    load = gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[1, 32, 1], warps_per_cta=[warps, 1, 1],
-                            order=[2, 1, 0])
-    # A at [rows, 32] without its K + 1 register (one word's two halves), K halved: the words' layout
-    warp_bases = [[16 << i, 0] for i in range(warps.bit_length() - 1)]
-    rep_bases = [[16 * warps << i, 0] for i in range(tiles_a_warp.bit_length() - 1)]
-    words = gl.DistributedLinearLayout(reg_bases=[[8, 0], [0, 4], [0, 8]] + rep_bases,
-                                       lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
-                                       warp_bases=warp_bases, block_bases=[], shape=[rows, 16])
-    # x's 128 values of a group in every warp (a sum with no shared memory)
-    xs = gl.DistributedLinearLayout(reg_bases=[[1], [2]], lane_bases=[[4], [8], [16], [32], [64]],
-                                    warp_bases=[[0]] * (warps.bit_length() - 1), block_bases=[], shape=[128])
+    load = gl.BlockedLayout(size_per_thread=[1, 1, 1, 8], threads_per_warp=[1, 1, 32, 1],
+                            warps_per_cta=[k_warps, row_warps, 1, 1], order=[3, 2, 1, 0])
+    # A at [k_warps, rows, 32] (Gluon's linear layout of it) without its K + 1 register (a word's two
+    # halves) and with K halved: the words' layout. Warps: row warps first, then K warps.
+    warp_bases = ([[0, 16 << i, 0] for i in range(bits(row_warps))] + [[1 << i, 0, 0] for i in range(bits(k_warps))])
+    rep_bases = [[0, 16 * row_warps << i, 0] for i in range(bits(tiles_a_warp))]
+    words = gl.DistributedLinearLayout(reg_bases=[[0, 8, 0], [0, 0, 4], [0, 0, 8]] + rep_bases,
+                                       lane_bases=[[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+                                       warp_bases=warp_bases, block_bases=[], shape=[k_warps, rows, 16])
+    # each K warp's 128 values of x for its group, in every row warp of it (a sum without shared memory)
+    xs = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2]], lane_bases=[[0, 4], [0, 8], [0, 16], [0, 32], [0, 64]],
+                                    warp_bases=[[0, 0]] * bits(row_warps) + [[1 << i, 0] for i in range(bits(k_warps))],
+                                    block_bases=[], shape=[k_warps, 128])
     return dict(MMA=mma, A=a, B=b, LOAD=load, WORDS=words, XS=xs)
 
 
 def mma_gemv(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor,
-             config: tuple[int, int, int] = CONFIGS[0], reduce: bool = True) -> torch.Tensor:
+             config: tuple[int, int, int, int] = CONFIGS[0], reduce: bool = True) -> torch.Tensor:
     """x [1, K] bf16 @ the packed matrix (pack_for_mma; scales / zeros transposed to [N, K / 128])
     -> [1, N] bf16. Rejects, one line, what the kernel does not take. reduce=False returns a split
     config's float32 partials [SPLIT, N] unsummed (to time the kernel alone)."""
-    warps, tiles_a_warp, split = config
+    k_warps, row_warps, tiles_a_warp, split = config
     tiles, groups = words.shape[:2]
     n, k = tiles * TILE_ROWS, groups * GROUP
-    rows = TILE_ROWS * warps * tiles_a_warp
+    rows = TILE_ROWS * row_warps * tiles_a_warp
     if x.dtype != torch.bfloat16 or x.shape != (1, k) or scales_t.shape != (n, groups) or zeros_t.shape != scales_t.shape:
         raise ValueError(f"mma_gemv needs bf16 x [1, {k}] and scales / zeros [{n}, {groups}], got {x.dtype} "
                          f"{tuple(x.shape)}, {tuple(scales_t.shape)}, {tuple(zeros_t.shape)}")
-    if n % rows or groups % split:
+    if not fits(k, n, config):
         raise ValueError(f"mma_gemv needs N ({n}) a multiple of {rows} rows and {groups} groups a multiple of "
-                         f"{split} splits")
+                         f"{split} splits times {k_warps} K warps")
     kernel, _ = _kernel()
     out = torch.empty(split, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
-    kernel[(n // rows, split)](x, words, scales_t, zeros_t, out, k, n, ROWS=rows, SPLIT=split, num_warps=warps,
-                               **layouts(warps, rows))
+    kernel[(n // rows, split)](x, words, scales_t, zeros_t, out, k, n, KW=k_warps, ROWS=rows, SPLIT=split,
+                               num_warps=k_warps * row_warps, **layouts(k_warps, row_warps, tiles_a_warp))
     if split == 1 or not reduce:
         return out
     return out.sum(0, keepdim=True).to(x.dtype)
 
 
-def fits(k: int, n: int, config: tuple[int, int, int]) -> bool:
+def fits(k: int, n: int, config: tuple[int, int, int, int]) -> bool:
     """Whether the kernel takes a [K, N] matrix with this config."""
-    warps, tiles_a_warp, split = config
-    return k % (GROUP * split) == 0 and n % (TILE_ROWS * warps * tiles_a_warp) == 0
+    k_warps, row_warps, tiles_a_warp, split = config
+    return k % (GROUP * split * k_warps) == 0 and n % (TILE_ROWS * row_warps * tiles_a_warp) == 0
 
 
 def prepare(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(words, scales [N, K / 128], zeros [N, K / 128]) for mma_gemv."""
-    return pack_for_mma(w), scales.t().contiguous(), zeros.t().contiguous()
+    return pack_for_mma(w.cpu()).to(w.device), scales.t().contiguous(), zeros.t().contiguous()
 
 
 def selftest() -> None:
     """Small shapes against float64 on the GPU; raises on a mismatch."""
-    for k, n in ((256, 64), (512, 128), (1024, 256)):
+    for k, n in ((256, 64), (2048, 128), (4096, 256)):
         w, scales, zeros, _ = make_weight("int4-g128", k, n, "cuda", seed=k + n)
         x = make_x(1, k, torch.bfloat16, "cuda", seed=n)
         packed = prepare(w, scales, zeros)
@@ -242,7 +264,7 @@ def selftest() -> None:
     print("selftest passed")
 
 
-def bench(configs: list[tuple[int, int, int]]) -> list[dict]:
+def bench(configs: list[tuple[int, int, int, int]]) -> list[dict]:
     """Per 8B matrix: every config (checked first), tinygemm, and the byte floor, µs a call."""
     from teal_kernels.tinygemm import int4pack, int4pack_mm
 
@@ -300,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# int4 GEMV on tensor cores (Gluon, weights in A's registers) against tinygemm ({meta['gpu']}, "
              f"{meta['date']})", "",
              f"`{meta['command']}`; µs a call, batch 1, int4-g128, CUDA graphs over rotating weights; "
-             "(warps, 16-row tiles a warp, splits along K); a split's time includes "
+             "(K warps, row warps, 16-row tiles a warp, splits along K); a split's time includes "
              "torch's sum of its partials; 'kernel alone' is the best split kernel without that sum", "",
              "| matrix | floor | tinygemm | best lab | its config | best split kernel alone |", "|---|---|---|---|---|---|"]
     for r in rows:
