@@ -470,8 +470,10 @@ def weight_bytes_per_token(model: Transformer, skipped_fraction: float = 0.0) ->
     `skipped_fraction` of the decoder projections' bytes are not read under TEAL. A sharded model:
     what all ranks read (each holds an equal shard and a whole copy of the replicated weights)."""
     embed = model.tok_embeddings.weight
-    # an int4 layer's tinygemm copy stands in for its own weights on dense calls: count one of the two
-    copies = {id(t) for m in packed_projections(model).values() for t in (m.int4pack_weight, m.int4pack_scales_zeros)
+    # an int4 layer's dense copy (tinygemm's or int4_mma's) stands in for its own weights on dense calls:
+    # count one of the two
+    copies = {id(t) for m in packed_projections(model).values()
+              for t in (m.int4pack_weight, m.int4pack_scales_zeros, m.int4mma_words, m.int4mma_scales, m.int4mma_zeros)
               if t is not None}
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
                 if t is not embed and t.dim() >= 2 and not _is_cache(t, model) and id(t) not in copies)

@@ -25,7 +25,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
-from teal_kernels.ops import attention_o, cpu_runs_interpreter, dense_gemv, dequantize, quant_gemm
+from teal_kernels import int4_mma as mma
+from teal_kernels.ops import attention_o, cpu_runs_interpreter, dense_gemv, dequantize, int4_mma, quant_gemm
 from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, dot_design_fits, env_switch, gated_input
 from teal_kernels.speed_table import estimated_sparse_beats_dense, measured_on, sparse_beats_dense
 from teal_kernels.tinygemm import int4pack, int4pack_fits, int4pack_mm
@@ -170,6 +171,12 @@ ATTENTION_O_MAX_CACHE = 384
 # shape (benchmarks/batch_rows.py), so self-speculation's verify still gives plain greedy's tokens.
 # On by default; TEAL_INT4_TINYGEMM=0 turns it off (no copy: 0.5 byte a weight less).
 TINYGEMM_ENV = "TEAL_INT4_TINYGEMM"
+# TEAL_INT4_MMA=1: int4-g128 layers get teal_kernels/int4_mma.py's copy instead of tinygemm's (the same
+# bytes, scales and zeros in float32), and their dense decode calls run on tensor cores from Gluon:
+# per 8B matrix its lab version took 59.6 us a layer against tinygemm's 68.8 (H100, 2026-12-05,
+# results/int4_mma_2026_12_05/). Off until measured end to end (phase int4_mma); other group sizes
+# and Tritons without Gluon keep tinygemm's copy.
+INT4_MMA_ENV = "TEAL_INT4_MMA"
 
 
 @torch.compiler.assume_constant_result
@@ -233,9 +240,12 @@ class PackedLinear(nn.Module):
         # thresholds file): what the measured speed table is read at.
         self.target_sparsity: float | None = None
         self._kernel_pays: dict[tuple[str, int, float, bool], tuple[bool | None, str | None]] = {}  # kernel_verdict cache
-        # int4: tinygemm's copy of the weights for dense decode calls (attach_int4pack), not saved
+        # int4: tinygemm's copy of the weights for dense decode calls, or int4_mma's (attach_int4pack), not saved
         self.register_buffer("int4pack_weight", None, persistent=False)
         self.register_buffer("int4pack_scales_zeros", None, persistent=False)
+        self.register_buffer("int4mma_words", None, persistent=False)
+        self.register_buffer("int4mma_scales", None, persistent=False)
+        self.register_buffer("int4mma_zeros", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes: list[int] | None = None) -> "PackedLinear":
@@ -244,16 +254,28 @@ class PackedLinear(nn.Module):
         packed.weight = w.t().contiguous()
         return packed
 
-    def attach_int4pack(self) -> bool:
-        """Give an int4 layer tinygemm's copy of its weights, which its dense decode calls then run
-        through (TINYGEMM_ENV); False where tinygemm does not take the shape (it stays on our kernel).
-        A copy of the weights as they are now: load them first (the fused path's install does)."""
-        if self.fmt != "int4" or not int4pack_fits(self.in_features, self.out_features, self.group_size,
-                                                   torch.bfloat16):
+    def attach_int4pack(self, use_mma: bool = False) -> bool:
+        """Give an int4 layer a dense copy of its weights, which its dense decode calls then run through:
+        with `use_mma`, int4_mma's where it takes the shape (INT4_MMA_ENV; on CUDA only with a Triton that
+        has Gluon), else tinygemm's (TINYGEMM_ENV). False where neither takes the shape (it stays on our
+        kernel). A copy of the weights as they are now: load them first (the fused path's install does)."""
+        if self.fmt != "int4":
+            return False
+        if use_mma and mma.fits(self.in_features, self.out_features, self.group_size, torch.bfloat16) and (
+                not self.weight.is_cuda or mma.available()):
+            self.int4mma_words, self.int4mma_scales, self.int4mma_zeros = mma.pack(self.weight, self.scales,
+                                                                                   self.zeros)
+            return True
+        if not int4pack_fits(self.in_features, self.out_features, self.group_size, torch.bfloat16):
             return False
         self.int4pack_weight, self.int4pack_scales_zeros = int4pack(self.weight, self.scales, self.zeros,
                                                                     self.group_size)
         return True
+
+    @property
+    def has_dense_int4_copy(self) -> bool:
+        """Whether attach_int4pack gave this layer a copy (tinygemm's or int4_mma's)."""
+        return self.int4pack_weight is not None or self.int4mma_words is not None
 
     def _quant_args(self) -> tuple[Tensor | None, Tensor | None]:
         return getattr(self, "scales", None), getattr(self, "zeros", None)
@@ -280,7 +302,7 @@ class PackedLinear(nn.Module):
         size model's (None, as the GPU's). (None, None) off CUDA or without a target."""
         if device.type != "cuda" or self.target_sparsity is None:
             return None, None
-        tinygemm = self.int4pack_weight is not None
+        tinygemm = self.has_dense_int4_copy  # int4_mma's copy is judged by tinygemm's times (not in the table)
         key = (str(device), rows, self.target_sparsity, tinygemm)  # the device's name is asked on a miss only
         if key not in self._kernel_pays:
             self._kernel_pays[key] = kernel_verdict_for(device, self.format_name, rows, self.in_features,
@@ -322,9 +344,8 @@ class PackedLinear(nn.Module):
         cpu_half = x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
         dense_float = self.fmt == "fp" and not sparse and not cpu_half
         n_rows = x.numel() // x.shape[-1]
-        # a dense int4 decode call of a layer with tinygemm's copy (attach_int4pack)
-        tinygemm = (self.int4pack_weight is not None and not sparse and n_rows <= MAX_BATCH
-                    and x.dtype == torch.bfloat16)
+        # a dense int4 decode call of a layer with a dense copy (attach_int4pack: tinygemm's or int4_mma's)
+        tinygemm = (self.has_dense_int4_copy and not sparse and n_rows <= MAX_BATCH and x.dtype == torch.bfloat16)
         kernel_rows = self.quantized_kernel_rows if x.device.type == "cuda" and not sparse else MAX_BATCH
         decode_kernel = not dense_float and not tinygemm and n_rows <= kernel_rows and x.dtype in KERNEL_DTYPES
         preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
@@ -346,9 +367,11 @@ class PackedLinear(nn.Module):
             # small dense float on CUDA: weights loaded before the kernel waits on its input
             out = dense_gemv(rows, self.weight, gated, res, *norm_args)
         elif dense_float or quantized_prefill or tinygemm:
-            # cuBLAS / the CPU's BLAS / tinygemm, the fusions left to torch (Inductor)
+            # cuBLAS / the CPU's BLAS / tinygemm / int4_mma, the fusions left to torch (Inductor)
             x_in = gated_input(rows) if gated else rows
-            if tinygemm:
+            if tinygemm and self.int4mma_words is not None:
+                out = int4_mma(x_in, self.int4mma_words, self.int4mma_scales, self.int4mma_zeros)
+            elif tinygemm:
                 out = int4pack_mm(x_in, self.int4pack_weight, self.int4pack_scales_zeros, self.group_size)
             elif quantized_prefill and n_rows <= self.quant_gemm_rows:
                 out = quant_gemm(x_in.contiguous(), self.weight, *self._quant_args(), self.group_size)
@@ -415,12 +438,14 @@ def pack_model(model: nn.Module) -> nn.Module:
 
 
 def attach_int4pack(model: nn.Module) -> list[str]:
-    """Unless TINYGEMM_ENV is 0, give every int4 decoder projection on CUDA tinygemm's copy of its weights
-    (idempotent); the names of those that have one."""
+    """Unless TINYGEMM_ENV is 0, give every int4 decoder projection on CUDA a dense copy of its weights:
+    int4_mma's where INT4_MMA_ENV is 1 and it takes the layer, else tinygemm's (idempotent); the names
+    of those that have one."""
     if not env_switch(TINYGEMM_ENV, default="1"):
         return []
+    use_mma = env_switch(INT4_MMA_ENV, default="0")
     layers = {name: m for name, m in packed_projections(model).items() if m.fmt == "int4" and m.weight.is_cuda}
-    return [name for name, m in layers.items() if m.int4pack_weight is not None or m.attach_int4pack()]
+    return [name for name, m in layers.items() if m.has_dense_int4_copy or m.attach_int4pack(use_mma)]
 
 
 # ---------------------------------------------------------------------------------------------

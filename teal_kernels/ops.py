@@ -2,7 +2,8 @@
 decode-sized batches, and a quantized model's short prefills on CUDA), ``teal::dense_gemv`` (its
 dense decode calls of small float matrices on CUDA), ``teal::dequantize`` (a quantized matrix in
 bf16/fp16 for longer prefills on CUDA), ``teal::quant_gemm`` (such a prefill's product without the
-bf16 copy: int8 and int4 prefills of 17-128 rows, linear.QUANT_GEMM_ROWS), ``teal::decode_attention`` and ``teal::decode_attention_step``
+bf16 copy: int8 and int4 prefills of 17-128 rows, linear.QUANT_GEMM_ROWS), ``teal::int4_mma`` (dense
+int4-g128 decode calls on tensor cores from a packed copy, linear.INT4_MMA_ENV), ``teal::decode_attention`` and ``teal::decode_attention_step``
 (the fused decode path's attention, decode.py), and ``teal::attention_o`` (that attention computed
 inside o's GEMV, at short contexts: linear.PackedLinear.attention_product).
 
@@ -229,6 +230,32 @@ def quant_gemm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group
         from teal_kernels.dequantize import quant_gemm_triton
         return quant_gemm_triton(x, w, scales, zeros, group_size)
     return torch.ops.teal.quant_gemm(x, w, scales, zeros, group_size)
+
+
+@torch.library.custom_op("teal::int4_mma", mutates_args=(), device_types="cpu")
+def _int4_mma_cpu(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    from teal_kernels.int4_mma import int4_mma_reference
+    return int4_mma_reference(x, words, scales, zeros)
+
+
+@_int4_mma_cpu.register_kernel("cuda")
+def _(x, words, scales, zeros):
+    from teal_kernels.int4_mma import int4_mma as int4_mma_gluon
+    return int4_mma_gluon(x, words, scales, zeros)
+
+
+@_int4_mma_cpu.register_fake
+def _(x, words, scales, zeros):
+    return x.new_empty(x.shape[0], scales.shape[0])
+
+
+def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    """x [M <= 8, K] bf16 @ an int4-g128 matrix in teal_kernels/int4_mma.py's packed copy: a dense int4
+    decode call on tensor cores (Gluon) on CUDA, the float32 reference elsewhere."""
+    if x.is_cuda and _eager():
+        from teal_kernels.int4_mma import int4_mma as int4_mma_gluon
+        return int4_mma_gluon(x, words, scales, zeros)
+    return torch.ops.teal.int4_mma(x, words, scales, zeros)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -228,6 +228,26 @@ def attention_variants():
         yield (at._combine_kernel, {"pos_ptr": "*i64"}, dict(D=128, BLOCK_S=64, SPLITS_PAD=32, PDL=pdl), 4, 1)
 
 
+def int4_mma_variants():
+    """teal_kernels/int4_mma.py's Gluon kernel at its measured configs and at the rule's for an untuned
+    shape: (name, compile function)."""
+    from teal_kernels import int4_mma as im
+
+    def compile_gluon(cfg: im.MmaConfig):
+        from triton.experimental.gluon._runtime import GluonASTSource
+        kernel, _ = im._kernel()
+        layouts = im._layouts(cfg)
+        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16",
+               "M": "i32", "K": "i32", "N": "i32", "KW": "constexpr", "ROWS": "constexpr",
+               **{name: "constexpr" for name in layouts}}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name.endswith("_ptr") or name in ("K", "N")}
+        return triton.compile(GluonASTSource(kernel, sig, dict(KW=cfg.k_warps, ROWS=cfg.rows, **layouts), attrs),
+                              target=TARGET, options=dict(num_warps=cfg.k_warps * cfg.row_warps))
+
+    for cfg in dict.fromkeys([*im.MEASURED.values(), im.config_for(2048, 2048)]):
+        yield f"_int4_mma_kernel {tuple(cfg)} num_warps={cfg.k_warps * cfg.row_warps}", lambda c=cfg: compile_gluon(c)
+
+
 def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":  # checked here: tests import the SASS helpers under it
         sys.exit("run without TRITON_INTERPRET=1: the interpreter has no kernels to compile")
@@ -240,15 +260,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.sass:
         args.sass.mkdir(parents=True, exist_ok=True)
-    variants = itertools.chain(gemv_variants(), dequantize_variants(), quant_gemm_variants(), preload_variants(),
-                               attention_variants())
-    for i, (kernel, pointers, constexprs, warps, stages) in enumerate(variants):
-        name = (f"{kernel.fn.__name__} " + " ".join(f"{k}={v}" for k, v in constexprs.items() if k != "INTERPRET")
-                + f" num_warps={warps} num_stages={stages}")
+    triton_variants = itertools.chain(gemv_variants(), dequantize_variants(), quant_gemm_variants(),
+                                      preload_variants(), attention_variants())
+    named = ((f"{kernel.fn.__name__} " + " ".join(f"{k}={v}" for k, v in constexprs.items() if k != "INTERPRET")
+              + f" num_warps={warps} num_stages={stages}",
+              lambda kernel=kernel, p=pointers, c=constexprs, w=warps, s=stages: compile_one(kernel, p, c, w, s))
+             for kernel, pointers, constexprs, warps, stages in triton_variants)
+    gluon = int4_mma_variants() if _has_gluon() else iter(())
+    for i, (name, build) in enumerate(itertools.chain(named, gluon)):
         if args.only not in name:
             continue
         try:
-            compiled = compile_one(kernel, pointers, constexprs, warps, stages)
+            compiled = build()
         except Exception as e:  # Triton's CompilationError and friends: report which variant
             print(f"FAILED {name}\n{e}", file=sys.stderr)
             return 1
@@ -256,8 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ok {name}" + (f": {resources(compiled)}" if args.resources else "")
               + (f"; {loop_profile(sass)}" if args.loop else ""), flush=True)
         if args.sass:
-            (args.sass / f"{i:03d}_{kernel.fn.__name__}.sass").write_text(f"# {name}\n" + sass)
+            (args.sass / f"{i:03d}_{name.split()[0]}.sass").write_text(f"# {name}\n" + sass)
     return 0
+
+
+def _has_gluon() -> bool:
+    """Whether this Triton has Gluon's mma_v2 (teal_kernels/int4_mma.py's kernel needs it)."""
+    from teal_kernels import int4_mma as im
+    return im.available()
 
 
 if __name__ == "__main__":

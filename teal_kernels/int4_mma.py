@@ -1,0 +1,274 @@
+"""Dense int4-g128 products of 1-8 rows on tensor cores (a Gluon kernel), for dense int4 decode calls.
+
+Why: tinygemm (teal_kernels/tinygemm.py), which dense int4 decode calls ran through, reads a Llama-3-8B
+layer at ~2 TB/s. This kernel took 59.6 µs a layer against tinygemm's 68.8 on an H100 (q|k|v 9.4 /
+10.2, o 7.2 / 7.0, gate|up 27.4 / 33.0, down 15.6 / 18.6; benchmarks/int4_mma_lab.py,
+results/int4_mma_2026_12_05/). A CUDA-core GEMV on a copy laid out for it lost to tinygemm on every
+matrix (int4_kpacked_lab.py): converting and multiplying on CUDA cores takes 5-7 instructions a weight.
+
+How:
+- out^T = W x^T as mma.m16n8k16 (bf16 in, float32 sums): A = 16 output rows x 16 K of weights, in
+  registers; B = x, one row of x a column (up to 8 rows); C's column m is row m of the product.
+- Gluon (Triton's explicit-layout dialect) loads the weights straight into A's register layout, so
+  nothing passes through shared memory: plain Triton staged the converted tile there (128 STS.U16 a
+  thread a group, local SASS).
+- The copy (`pack`) stores each 16-row tile's words in the order its 32 lanes hold them: a lane reads
+  32 contiguous bytes a group of 128 K.
+- A word holds four K pairs: bits 4p..4p+3 and 16+4p..19+4p hold the codes of K = 32p + 2j and 32p +
+  2j + 1 of the group. One shift, one LOP3 (to 0x4300 | q, the bf16 128 + q) and one bf16x2
+  subtraction of 136 make a register of A, exactly q - 8: 1.4 instructions a weight.
+  - Local sm_90 SASS: 2.4-3.2 instructions a weight in the loop, no shared memory, no barriers.
+- Each group's float32 partial is scaled once: acc += s * part + z * sum(x over the group).
+  - sum(x) comes from the tensor cores too: one more mma of B with an A of ones (CUDA-core sums of
+    B's registers took 44 FADDs and their conversions a group: 5.1 instructions a weight instead
+    of 2.9, local SASS).
+  - So the product is the reference's (W = (q - 8) s + z, teal_kernels/reference.py) up to float32
+    summation order, as in every kernel of ours.
+- A program's warps form a [K warps, row warps] grid. The K warps take consecutive runs of the
+  program's groups, and their sums meet once in shared memory. So a program has warps enough
+  without partial sums in global memory, and one launch is the whole product.
+- Launch configs (`config_for`): measured winners for the Llama-3-8B shapes, and a rule for other
+  shapes.
+
+Only group 128 and bf16 activations. PackedLinear attaches this copy in place of tinygemm's where the
+shape fits and TEAL_INT4_MMA is on (linear.py decides).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+GROUP = 128  # one loop step: four planes of 32 K (two A tiles' K) and one scale a row
+TILE_ROWS = 16  # mma.m16n8k16's M
+WORDS_A_LANE = 8  # a lane's words of one 16-row tile and group
+MAX_ROWS = 8  # rows of x: B's 8 columns
+
+
+class MmaConfig(NamedTuple):
+    """A launch: warps along K and along the outputs, 16-row tiles a warp holds."""
+    k_warps: int
+    row_warps: int
+    tiles_a_warp: int
+
+    @property
+    def rows(self) -> int:
+        """Outputs a program."""
+        return TILE_ROWS * self.row_warps * self.tiles_a_warp
+
+
+# (K, N) -> the fastest config measured (H100, 2026-12-05, results/int4_mma_2026_12_05/: 18 configs a matrix)
+MEASURED = {(4096, 6144): MmaConfig(8, 1, 2), (4096, 4096): MmaConfig(16, 1, 1),
+            (4096, 28672): MmaConfig(4, 1, 2), (14336, 4096): MmaConfig(16, 1, 1)}
+TARGET_WARPS = 4096  # warps a launch aims at (~31 an SM of an H100 / H200): the measured winners run 1536-4096
+
+
+def fits(k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel takes a [K, N] int4 matrix of this group size for `dtype` activations."""
+    return dtype == torch.bfloat16 and group_size == GROUP and k % GROUP == 0 and n % TILE_ROWS == 0
+
+
+def config_for(k: int, n: int) -> MmaConfig:
+    """The launch for a [K, N] matrix: the measured winner, else one 16-row tile a warp and the most K
+    warps (up to 16, dividing the groups, at least 2 groups each) that keep the launch near
+    TARGET_WARPS warps."""
+    if (k, n) in MEASURED:
+        return MEASURED[(k, n)]
+    groups, programs = k // GROUP, n // TILE_ROWS
+    k_warps = 1
+    while (k_warps < 16 and groups % (2 * k_warps) == 0 and groups // (2 * k_warps) >= 2
+           and programs * 2 * k_warps <= TARGET_WARPS):
+        k_warps *= 2
+    return MmaConfig(k_warps, 1, 1)
+
+
+def _lane_slot_to_row_pair(lane: Tensor, slot: Tensor) -> tuple[Tensor, Tensor]:
+    """Where word `slot` of `lane` sits in its 16-row tile: (row, K pair j of each plane). mma.m16n8k16's
+    A fragment with two 16-wide K blocks (Gluon's DotOperandLayout(0, mma v2, k_width 2) at [16, 32]:
+    registers K + 1, row + 8, K + 8, K + 16; lanes K + 2, K + 4, row + 1, row + 2, row + 4), with the
+    register of K + 1 folded into one word's two halves."""
+    row = (slot & 1) * 8 + (lane >> 2)
+    pair = ((slot >> 2) & 1) * 8 + ((slot >> 1) & 1) * 4 + (lane & 3)
+    return row, pair
+
+
+def _lanes_and_slots() -> tuple[Tensor, Tensor]:
+    return torch.arange(32).repeat_interleave(WORDS_A_LANE), torch.arange(WORDS_A_LANE).repeat(32)
+
+
+def pack(w: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Our int4-g128 layout (uint8 [K, N / 2], column 2c in the low nibble; float32 scales and zeros
+    [K / 128, N]) -> (words int32 [N / 16, K / 128, 32, 8], scales [N, K / 128], zeros [N, K / 128]) on
+    w's device. Word (t, g, lane, slot) with (r, j) = the fragment position of (lane, slot): bits
+    4p..4p+3 the code of output 16t + r at K = 128g + 32p + 2j, bits 16+4p..19+4p that of K + 1."""
+    k, n = w.shape[0], w.shape[1] * 2
+    if k % GROUP or n % TILE_ROWS or scales.shape != (k // GROUP, n) or zeros.shape != scales.shape:
+        raise ValueError(f"int4_mma.pack needs K a multiple of {GROUP}, N of {TILE_ROWS} and scales / zeros "
+                         f"[K / {GROUP}, N]; got w {tuple(w.shape)}, scales {tuple(scales.shape)}, "
+                         f"zeros {tuple(zeros.shape)}")
+    q = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(k, n).t().to(torch.int64)  # [N, K] codes
+    q = q.reshape(n // TILE_ROWS, TILE_ROWS, k // GROUP, 4, 16, 2)  # tile, row, group, plane, pair, K parity
+    row, pair = (i.to(w.device) for i in _lane_slot_to_row_pair(*_lanes_and_slots()))
+    picked = q[:, row, :, :, pair, :]  # [lane * slot, tile, group, plane, parity]
+    shifts = (4 * torch.arange(4, device=w.device).view(1, 1, 1, 4, 1)
+              + 16 * torch.arange(2, device=w.device).view(1, 1, 1, 1, 2))
+    words = (picked << shifts).sum(dim=(3, 4)).permute(1, 2, 0)  # [tile, group, lane * slot], 0 .. 2^32 - 1
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return (words.reshape(n // TILE_ROWS, k // GROUP, 32, WORDS_A_LANE).contiguous(),
+            scales.t().contiguous(), zeros.t().contiguous())
+
+
+def unpack_codes(words: Tensor) -> Tensor:
+    """pack's words -> the int4 codes [N, K] (int64): the inverse of its layout, for tests."""
+    tiles, groups = words.shape[:2]
+    n, k = tiles * TILE_ROWS, groups * GROUP
+    flat = (words.to(torch.int64) & 0xFFFFFFFF).reshape(tiles, groups, 32 * WORDS_A_LANE).cpu()
+    row, pair = _lane_slot_to_row_pair(*_lanes_and_slots())
+    codes = torch.empty(tiles, TILE_ROWS, groups, 4, 16, 2, dtype=torch.int64)
+    for p in range(4):
+        for parity in range(2):
+            codes[:, row, :, p, pair, parity] = ((flat >> (4 * p + 16 * parity)) & 0xF).permute(2, 0, 1)
+    return codes.reshape(n, k)
+
+
+def int4_mma_reference(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    """What int4_mma computes, in float32 from the packed copy (the CPU's implementation of the op):
+    W[n, k] = (q - 8) * scales[n, k // 128] + zeros[n, k // 128], out = x @ W^T in x's dtype."""
+    codes = unpack_codes(words).to(x.device)
+    weight = ((codes.float() - 8.0).view(codes.shape[0], -1, GROUP) * scales[:, :, None]
+              + zeros[:, :, None]).view_as(codes)
+    return (x.float() @ weight.t()).to(x.dtype)
+
+
+@functools.cache
+def _kernel():
+    """The Gluon kernel, built on first use: Gluon needs a CUDA build of Triton (no interpreter)."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    @gluon.jit
+    def _to_bf16_pair(words, P: gl.constexpr):
+        """Plane P of each word as the exact bf16 pair (q_lo - 8, q_hi - 8): (w >> 4P) & 0x000F000F |
+        0x43004300 is 128 + q in both halves, then one bf16x2 subtraction of 136."""
+        return gl.inline_asm_elementwise(
+            f"{{ .reg .b32 t, c; shr.b32 t, $2, {4 * P}; lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA; "
+            "mov.b32 c, 0x43084308; sub.rn.bf16x2 t, t, c; mov.b32 {$0, $1}, t; }",
+            "=h,=h,r", [words], dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _words(w_ptr, tile0, g, NG, KW: gl.constexpr, TILES: gl.constexpr, LOAD: gl.constexpr,
+               WORDS: gl.constexpr):
+        """Group g[i] of the program's tiles for each K warp i, 32 contiguous bytes a lane, viewed as
+        [KW, 16 TILES, 16] (K warp, row, K pair) in the layout that becomes A's registers."""
+        kw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LOAD))))
+        t = gl.arange(0, TILES, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LOAD))))
+        lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LOAD))))
+        slot = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LOAD))))
+        g = gl.convert_layout(g, kw.type.layout)
+        tile_group = (tile0 + t)[None, :] * NG + g[:, None]  # [KW, TILES]
+        offs = (tile_group[:, :, None, None] * 32 + lane[None, None, :, None]) * 8 + slot[None, None, None, :]
+        w = gl.load(w_ptr + offs)  # [KW, TILES, 32, 8]: lane = 4 * (row % 8) + pair % 4
+        w = gl.reshape(w, [KW, TILES, 8, 4, 2, 2, 2])  # row % 8, pair % 4, pair // 8, (pair // 4) % 2, row // 8
+        w = gl.reshape(gl.permute(w, [0, 1, 6, 2, 4, 5, 3]), [KW, TILES * 16, 16])
+        return gl.convert_layout(w, WORDS, assert_trivial=True)
+
+    @gluon.jit
+    def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, K, N,
+                         KW: gl.constexpr, ROWS: gl.constexpr,
+                         MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, LOAD: gl.constexpr,
+                         WORDS: gl.constexpr):
+        """out[m, n] = sum_k x[m, k] W[k, n] for ROWS outputs n of this program and every m < M."""
+        pid = gl.program_id(0)
+        NG = K // 128
+        g_per = NG // KW  # groups a K warp
+        L2: gl.constexpr = gl.SliceLayout(2, MMA)
+        kw = gl.arange(0, KW, layout=gl.SliceLayout(1, L2))
+        g_first = kw * g_per  # [KW]
+        rows = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(0, L2))
+        cols = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, MMA)))
+        bkw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, B)))
+        bk = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, B)))
+        bm = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, B)))
+        b_ok = (bm < M)[None, None, :]
+        acc = gl.zeros([KW, ROWS, 8], gl.float32, MMA)
+        ones = gl.full([KW, ROWS, 32], 1.0, gl.bfloat16, A)
+        tile0 = pid * (ROWS // 16)
+        nxt = _words(w_ptr, tile0, g_first, NG, KW, ROWS // 16, LOAD, WORDS)
+        for i in range(g_per):
+            words = nxt  # this group's words; the next group's load goes out before the math
+            nxt = _words(w_ptr, tile0, g_first + gl.minimum(i + 1, g_per - 1), NG, KW, ROWS // 16, LOAD, WORDS)
+            g = g_first + i  # [KW]
+            gb = gl.convert_layout(g, bkw.type.layout)
+            part = gl.zeros([KW, ROWS, 8], gl.float32, MMA)
+            x_sum = gl.zeros([KW, ROWS, 8], gl.float32, MMA)  # every row: the group's sum of x, a column a row of x
+            for p in gl.static_range(4):
+                lo, hi = _to_bf16_pair(words, p)
+                a = gl.convert_layout(gl.reshape(gl.join(lo, hi), [KW, ROWS, 32]), A, assert_trivial=True)
+                xk = (gb * 128 + p * 32)[:, None, None] + bk[None, :, None] + bm[None, None, :] * K
+                b = gl.load(x_ptr + xk, mask=b_ok, other=0.0)  # [KW, 32, 8]: column m = row m of x
+                part = mma_v2(a, b, part)
+                x_sum = mma_v2(ones, b, x_sum)  # on tensor cores: fewer instructions than sums on CUDA cores
+            s = gl.load(s_ptr + rows[None, :] * NG + g[:, None])  # [KW, ROWS]
+            z = gl.load(z_ptr + rows[None, :] * NG + g[:, None])
+            acc += part * s[:, :, None] + z[:, :, None] * x_sum
+        out = gl.sum(acc, axis=0)  # [ROWS, 8]: the K warps meet
+        o_rows = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA)))
+        o_cols = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
+        gl.store(out_ptr + o_cols[None, :] * N + o_rows[:, None], out.to(out_ptr.dtype.element_ty),
+                 mask=(o_cols < M)[None, :])
+
+    return _int4_mma_kernel, gl
+
+
+@functools.cache
+def _layouts(cfg: MmaConfig) -> dict:
+    """The kernel's layout arguments for a config."""
+    _, gl = _kernel()
+    bits = lambda v: v.bit_length() - 1  # noqa: E731 (log2 of a power of two)
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[cfg.k_warps, cfg.row_warps, 1],
+                                    instr_shape=[1, 16, 8])
+    load = gl.BlockedLayout(size_per_thread=[1, 1, 1, 8], threads_per_warp=[1, 1, 32, 1],
+                            warps_per_cta=[cfg.k_warps, cfg.row_warps, 1, 1], order=[3, 2, 1, 0])
+    # A at [KW, rows, 32] (Gluon's linear layout of it: registers K + 1, row + 8, K + 8, K + 16, then
+    # the row tiles; warps: row warps, then K warps) without its K + 1 register and with K halved
+    warps = [[0, 16 << i, 0] for i in range(bits(cfg.row_warps))] + [[1 << i, 0, 0] for i in range(bits(cfg.k_warps))]
+    tiles = [[0, 16 * cfg.row_warps << i, 0] for i in range(bits(cfg.tiles_a_warp))]
+    words = gl.DistributedLinearLayout(reg_bases=[[0, 8, 0], [0, 0, 4], [0, 0, 8]] + tiles,
+                                       lane_bases=[[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+                                       warp_bases=warps, block_bases=[], shape=[cfg.k_warps, cfg.rows, 16])
+    return dict(MMA=mma, A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
+                B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2), LOAD=load, WORDS=words)
+
+
+def available() -> bool:
+    """Whether this Triton has Gluon's mma_v2 (the kernel's one dependency beyond Triton itself)."""
+    try:
+        _kernel()
+    except ImportError:
+        return False
+    return True
+
+
+def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, config: MmaConfig | None = None) -> Tensor:
+    """x [M, K] bf16 (M <= 8) @ a packed int4-g128 matrix (pack's three tensors) -> [M, N] bf16, on
+    CUDA. Rejects, one line, what the kernel does not take."""
+    tiles, groups = words.shape[:2]
+    n, k = tiles * TILE_ROWS, groups * GROUP
+    m = x.shape[0]
+    if (x.dim() != 2 or x.dtype != torch.bfloat16 or x.shape[1] != k or not 1 <= m <= MAX_ROWS
+            or scales.shape != (n, groups) or zeros.shape != scales.shape or words.dtype != torch.int32):
+        raise ValueError(f"int4_mma needs bf16 x [1-{MAX_ROWS}, {k}], int32 words and scales / zeros [{n}, {groups}]; "
+                         f"got x {x.dtype} {tuple(x.shape)}, words {words.dtype}, scales {tuple(scales.shape)}, "
+                         f"zeros {tuple(zeros.shape)}")
+    cfg = config or config_for(k, n)
+    if n % cfg.rows or groups % cfg.k_warps:
+        raise ValueError(f"int4_mma config {tuple(cfg)} needs N ({n}) a multiple of {cfg.rows} and {groups} groups "
+                         f"a multiple of {cfg.k_warps}")
+    kernel, _ = _kernel()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, m, k, n, KW=cfg.k_warps, ROWS=cfg.rows,
+                             num_warps=cfg.k_warps * cfg.row_warps, **_layouts(cfg))
+    return out

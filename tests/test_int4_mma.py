@@ -1,0 +1,212 @@
+"""teal_kernels/int4_mma.py (dense int4-g128 products on tensor cores from Gluon) and PackedLinear's copy
+for it (TEAL_INT4_MMA).
+
+Gluon kernels do not run in Triton's interpreter, so the CPU tests check what the kernel's layouts
+encode without running it: the packed copy against the codes it came from, the CPU implementation of
+teal::int4_mma (the float32 product of the unpacked copy) and the dispatch, all against the float64
+product of the weights our int4 format defines (teal_kernels/reference.py). The kernel itself runs
+where a GPU is (and compiles for sm_90 in tests/sm90_compile.py). Tolerance: the output's bf16
+rounding, plus a float32 sum's error, 1e-5 of sum |x| |W| (as the GEMV tests allow).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from fixtures import needs_cuda, tiny_model
+
+from linear import INT4_MMA_ENV, TINYGEMM_ENV, PackedLinear, attach_int4pack, pack_model, packed_projections
+from model import RMSNorm
+from quantize import quantize_model
+from teal_kernels import int4_mma as im
+from teal_kernels.ops import int4_mma
+from teal_kernels.reference import dequantize_weight, gated_input
+
+
+def _int4(k: int, n: int, seed: int = 0, group: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(0, 256, (k, n // 2), generator=g, dtype=torch.uint8)
+    scales = torch.rand(k // group, n, generator=g) * 0.02 + 0.001
+    zeros = torch.randn(k // group, n, generator=g) * 0.01
+    return w, scales, zeros
+
+
+def _codes(w: torch.Tensor) -> torch.Tensor:
+    """Our layout's codes as [N, K]."""
+    return torch.stack((w & 0xF, w >> 4), dim=-1).reshape(w.shape[0], -1).t().to(torch.int64)
+
+
+def _assert_product(out: torch.Tensor, x: torch.Tensor, w, scales, zeros) -> None:
+    real = dequantize_weight(w.cpu(), scales.cpu(), zeros.cpu(), 128).double()
+    exact = x.cpu().double() @ real
+    bound = 2.0 ** -8 * exact.abs() + 1e-5 * (x.cpu().double().abs() @ real.abs()) + 1e-30
+    err = (out.cpu().double() - exact).abs()
+    assert (err <= bound).all(), f"max error {(err / bound).max().item():.3g} of its bound"
+
+
+def test_the_copy_holds_each_code_where_its_fragment_reads_it() -> None:
+    """Word (t, g, lane, slot) holds, in bits 4p and 16 + 4p, the codes of output 16 t + r at K = 128 g +
+    32 p + 2 j and K + 1, (r, j) mma.m16n8k16's A fragment position of (lane, slot)."""
+    w, scales, zeros = _int4(256, 48, seed=1)
+    words, s_t, z_t = im.pack(w, scales, zeros)
+    assert words.shape == (3, 2, 32, 8) and words.dtype == torch.int32
+    assert torch.equal(s_t, scales.t()) and torch.equal(z_t, zeros.t())
+    codes = _codes(w)
+    for t, g, lane, slot, p in ((0, 0, 0, 0, 0), (2, 1, 31, 7, 3), (1, 0, 6, 5, 2), (0, 1, 13, 2, 1)):
+        r, j = im._lane_slot_to_row_pair(torch.tensor(lane), torch.tensor(slot))
+        word = int(words[t, g, lane, slot]) & 0xFFFFFFFF
+        k = 128 * g + 32 * p + 2 * int(j)
+        assert (word >> 4 * p) & 0xF == codes[16 * t + int(r), k]
+        assert (word >> (16 + 4 * p)) & 0xF == codes[16 * t + int(r), k + 1]
+    assert torch.equal(im.unpack_codes(words), codes)  # every code, once
+
+
+def test_a_lane_tile_is_mma_a_fragment() -> None:
+    """PTX ISA, mma.m16n8k16 .bf16 A: lane = 4 groupID + threadID_in_group; register a_i holds row groupID
+    (+ 8 for a1, a3) and columns 2 threadID_in_group + {0, 1} (+ 8 for a2, a3); a second 16-wide K block
+    follows in a4..a7. Slot i is a_i's word, so its K pair is column / 2."""
+    lane = torch.arange(32).repeat_interleave(8)
+    slot = torch.arange(8).repeat(32)
+    row, pair = im._lane_slot_to_row_pair(lane, slot)
+    group_id, thread_in_group, reg, k_block = lane // 4, lane % 4, slot % 4, slot // 4
+    assert torch.equal(row, group_id + 8 * (reg % 2))
+    assert torch.equal(pair, (16 * k_block + 2 * thread_in_group + 8 * (reg // 2)) // 2)
+    assert sorted((16 * row + pair).tolist()) == list(range(256))
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_the_cpu_op_is_the_reference_product(m: int) -> None:
+    w, scales, zeros = _int4(384, 64, seed=m)
+    x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    out = int4_mma(x, *im.pack(w, scales, zeros))
+    assert out.shape == (m, 64) and out.dtype == torch.bfloat16
+    _assert_product(out, x, w, scales, zeros)
+
+
+def test_pack_and_the_kernel_refuse_what_they_do_not_take() -> None:
+    w, scales, zeros = _int4(256, 48)
+    with pytest.raises(ValueError, match="K a multiple of 128"):
+        im.pack(w[:192], scales[:1], zeros[:1])
+    with pytest.raises(ValueError, match="N of 16"):
+        im.pack(w[:, :20], scales[:, :40], zeros[:, :40])
+    packed = im.pack(w, scales, zeros)
+    for x in (torch.zeros(9, 256, dtype=torch.bfloat16), torch.zeros(1, 256, dtype=torch.float16),
+              torch.zeros(1, 128, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match="int4_mma needs bf16 x"):
+            im.int4_mma(x, *packed)
+    assert im.fits(4096, 14336, 128, torch.bfloat16)
+    assert not im.fits(4096, 14336, 64, torch.bfloat16) and not im.fits(4096, 14336, 128, torch.float16)
+    assert not im.fits(4096, 40, 128, torch.bfloat16) and not im.fits(4000, 64, 128, torch.bfloat16)
+
+
+@pytest.mark.parametrize("k, n", [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 12288),
+                                  (11008, 4096), (2048, 3072), (2048, 2048), (8192, 2048), (3072, 5120),
+                                  (128, 16), (5120, 1280)])
+def test_every_config_fits_its_shape(k: int, n: int) -> None:
+    """Measured shapes keep their winners; the rule (Llama-2-7B, Llama-3.2-1B / 3B, a 70B shard, tiny
+    ones) gives a launch the kernel takes: rows dividing N, K warps dividing the groups, <= 16."""
+    cfg = im.config_for(k, n)
+    assert n % cfg.rows == 0 and (k // 128) % cfg.k_warps == 0 and 1 <= cfg.k_warps <= 16
+    if (k, n) in im.MEASURED:
+        assert cfg == im.MEASURED[(k, n)]
+    else:
+        assert (k // 128) // cfg.k_warps >= 2 or cfg.k_warps == 1
+        assert (n // cfg.rows) * cfg.k_warps <= im.TARGET_WARPS or cfg.k_warps == 1
+
+
+def _layer(k: int = 256, splits: tuple[int, ...] = (32, 16), group: int = 128) -> PackedLinear:
+    layer = PackedLinear(k, sum(splits), list(splits), "int4", group)
+    layer.weight, layer.scales, layer.zeros = _int4(k, sum(splits), seed=2, group=group)
+    return layer
+
+
+@torch.no_grad()
+def test_dense_decode_calls_take_the_mma_copy_and_sparse_ones_do_not() -> None:
+    layer = _layer()
+    assert layer.attach_int4pack(use_mma=True)
+    assert layer.int4mma_words is not None and layer.int4pack_weight is None
+    assert not any(name.startswith("int4mma") for name in layer.state_dict())  # derived, never saved
+    x = torch.randn(2, 1, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    want = int4_mma(x.view(2, 256), layer.int4mma_words, layer.int4mma_scales, layer.int4mma_zeros)
+    assert torch.equal(layer(x).view(2, -1), want)
+    _assert_product(want, x.view(2, 256), layer.weight, layer.scales, layer.zeros)
+    # the fusions, left to torch: SiLU(gate) * up in, the norm before, the residual after
+    gate_up = torch.randn(1, 1, 512, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    residual = torch.randn(1, 1, 48, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    gated = int4_mma(gated_input(gate_up.view(1, 512)), layer.int4mma_words, layer.int4mma_scales,
+                     layer.int4mma_zeros)
+    assert torch.equal(layer(gate_up, gated=True, residual=residual).view(1, -1), gated + residual.view(1, -1))
+    norm = RMSNorm(256, 1e-5).to(torch.bfloat16)
+    assert torch.equal(layer(x, norm=norm), layer(norm(x)))
+    # TEAL's sparse calls keep our kernel and its layout: the same output as a layer without the copy
+    plain = _layer()
+    for m in (layer, plain):
+        m.thresholds.fill_(0.8)
+        m.sparse = True
+    assert torch.equal(layer(x), plain(x))
+
+
+def test_other_group_sizes_keep_tinygemms_copy() -> None:
+    layer = _layer(group=64)
+    assert layer.attach_int4pack(use_mma=True)
+    assert layer.int4mma_words is None and layer.int4pack_weight is not None
+    assert layer.has_dense_int4_copy
+
+
+def test_the_switch_is_read_with_tinygemms(monkeypatch) -> None:
+    """TEAL_INT4_MMA picks the copy on CUDA only (as TEAL_INT4_TINYGEMM, which must be on); a bad value fails."""
+    model = tiny_model(seed=1, dim=128, intermediate_size=256).to(torch.bfloat16)
+    quantize_model(model, "int4", 128)
+    pack_model(model)
+    monkeypatch.setenv(INT4_MMA_ENV, "1")
+    expected = list(packed_projections(model)) if torch.cuda.is_available() else []
+    assert attach_int4pack(model) == expected
+    monkeypatch.setenv(TINYGEMM_ENV, "0")
+    assert attach_int4pack(model) == []  # no dense copy at all
+    monkeypatch.delenv(TINYGEMM_ENV)
+    monkeypatch.setenv(INT4_MMA_ENV, "on")
+    with pytest.raises(ValueError, match=f"{INT4_MMA_ENV} must be 0 or 1"):
+        attach_int4pack(model)
+
+
+needs_gluon = pytest.mark.skipif(not (torch.cuda.is_available() and im.available()),
+                                 reason="needs a CUDA GPU and a Triton with Gluon")
+
+
+@needs_gluon
+@pytest.mark.parametrize("k, n", [(256, 64), (2048, 128), (4096, 256), (1408, 48)])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+def test_the_kernel_matches_float64_at_every_config(k: int, n: int, m: int) -> None:
+    w, scales, zeros = (t.cuda() for t in _int4(k, n, seed=k + m))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n + m)).to(torch.bfloat16).cuda()
+    packed = im.pack(w, scales, zeros)
+    configs = {im.config_for(k, n), *(im.MmaConfig(kw, mw, r) for kw in (1, 2, 4, 8, 16) for mw in (1, 2)
+                                      for r in (1, 2))}
+    ran = 0
+    for cfg in configs:
+        if n % cfg.rows == 0 and (k // 128) % cfg.k_warps == 0:
+            _assert_product(im.int4_mma(x, *packed, cfg), x, w, scales, zeros)
+            ran += 1
+    assert ran >= 2
+
+
+@needs_gluon
+@torch.no_grad()
+def test_a_compiled_decode_step_with_the_mma_copy_matches_tinygemms(monkeypatch) -> None:
+    """A tiny int4-g128 model's dense decode logits through the fused path (torch.compile, the op),
+    with the mma copy and with tinygemm's: the same weights, so about tinygemm's bf16 scales apart."""
+    from decode import install_fused_decode
+
+    def logits(switch: str) -> torch.Tensor:
+        monkeypatch.setenv(INT4_MMA_ENV, switch)
+        model = tiny_model(seed=1, dim=128, intermediate_size=256).to(torch.bfloat16)
+        quantize_model(model, "int4", 128)
+        model = install_fused_decode(model.cuda())
+        assert all((m.int4mma_words is not None) == (switch == "1") for m in packed_projections(model).values())
+        model.setup_caches(1, 16)
+        idx = torch.randint(model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)).cuda()
+        model(idx, torch.arange(8, device="cuda"))
+        step = torch.compile(model, fullgraph=True)
+        return step(idx[:, -1:], torch.tensor([8], device="cuda")).double()
+
+    mma_logits, tiny = logits("1"), logits("0")
+    assert (mma_logits - tiny).norm() / tiny.norm() < 0.02
