@@ -6,6 +6,9 @@ tinygemm on every matrix (int4_kpacked_lab.py); this kernel's first version (war
 splits across programs summed by torch) beat tinygemm only without the sum; warps along K too made it
 one launch, 59.6 against 68.8 µs a layer.
 
+The kernel launches as the product launches it (programmatic dependent launch unless TEAL_PDL=0), so
+back-to-back calls in the timing graph overlap a little; tinygemm's launches do not.
+
 Rows of the table, µs a call, CUDA graphs over rotating weight copies (benchmarks/timing.py):
   config_for      the kernel at the config it picks (MEASURED, else its rule)
   best            the fastest of CONFIGS, each checked against float64 first

@@ -29,6 +29,8 @@ How:
   without partial sums in global memory, and one launch is the whole product.
 - Launch configs (`config_for`): measured winners for the Llama-3-8B shapes, and a rule for other
   shapes.
+- Programmatic dependent launch (TEAL_PDL, as the GEMVs): the first group's weights are requested
+  before the kernel waits for the previous one, and the next may launch once the loop is done.
 
 Only group 128 and bf16 activations. PackedLinear attaches this copy in place of tinygemm's where the
 shape fits and TEAL_INT4_MMA is on (linear.py decides).
@@ -159,6 +161,16 @@ def _kernel():
             "=h,=h,r", [words], dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
 
     @gluon.jit
+    def _grid_dependency(WAIT: gl.constexpr):
+        """griddepcontrol (PDL): WAIT until the previous grid's writes are visible, else let the next
+        grid start launching (it waits for this one in turn before reading anything)."""
+        if WAIT:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        else:
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+
+    @gluon.jit
     def _words(w_ptr, tile0, g, NG, KW: gl.constexpr, TILES: gl.constexpr, LOAD: gl.constexpr,
                WORDS: gl.constexpr):
         """Group g[i] of the program's tiles for each K warp i, 32 contiguous bytes a lane, viewed as
@@ -177,7 +189,7 @@ def _kernel():
 
     @gluon.jit
     def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, K, N,
-                         KW: gl.constexpr, ROWS: gl.constexpr,
+                         KW: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr,
                          MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, LOAD: gl.constexpr,
                          WORDS: gl.constexpr):
         """out[m, n] = sum_k x[m, k] W[k, n] for ROWS outputs n of this program and every m < M."""
@@ -197,6 +209,8 @@ def _kernel():
         ones = gl.full([KW, ROWS, 32], 1.0, gl.bfloat16, A)
         tile0 = pid * (ROWS // 16)
         nxt = _words(w_ptr, tile0, g_first, NG, KW, ROWS // 16, LOAD, WORDS)
+        if PDL:  # the first group's weights are on their way while the previous kernel finishes
+            _grid_dependency(True)
         for i in range(g_per):
             words = nxt  # this group's words; the next group's load goes out before the math
             nxt = _words(w_ptr, tile0, g_first + gl.minimum(i + 1, g_per - 1), NG, KW, ROWS // 16, LOAD, WORDS)
@@ -214,6 +228,8 @@ def _kernel():
             s = gl.load(s_ptr + rows[None, :] * NG + g[:, None])  # [KW, ROWS]
             z = gl.load(z_ptr + rows[None, :] * NG + g[:, None])
             acc += part * s[:, :, None] + z[:, :, None] * x_sum
+        if PDL:
+            _grid_dependency(False)
         out = gl.sum(acc, axis=0)  # [ROWS, 8]: the K warps meet
         o_rows = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA)))
         o_cols = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
@@ -267,8 +283,11 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, config: Mm
     if n % cfg.rows or groups % cfg.k_warps:
         raise ValueError(f"int4_mma config {tuple(cfg)} needs N ({n}) a multiple of {cfg.rows} and {groups} groups "
                          f"a multiple of {cfg.k_warps}")
+    from teal_kernels.triton_gemv import launch_options  # the one place PDL is decided (TEAL_PDL)
+
     kernel, _ = _kernel()
+    pdl = launch_options(x.device)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, m, k, n, KW=cfg.k_warps, ROWS=cfg.rows,
-                             num_warps=cfg.k_warps * cfg.row_warps, **_layouts(cfg))
+                             PDL=bool(pdl), num_warps=cfg.k_warps * cfg.row_warps, **_layouts(cfg), **pdl)
     return out

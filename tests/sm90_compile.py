@@ -233,19 +233,22 @@ def int4_mma_variants():
     shape: (name, compile function)."""
     from teal_kernels import int4_mma as im
 
-    def compile_gluon(cfg: im.MmaConfig):
+    def compile_gluon(cfg: im.MmaConfig, pdl: bool):
         from triton.experimental.gluon._runtime import GluonASTSource
         kernel, _ = im._kernel()
         layouts = im._layouts(cfg)
         sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16",
-               "M": "i32", "K": "i32", "N": "i32", "KW": "constexpr", "ROWS": "constexpr",
+               "M": "i32", "K": "i32", "N": "i32", "KW": "constexpr", "ROWS": "constexpr", "PDL": "constexpr",
                **{name: "constexpr" for name in layouts}}
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name.endswith("_ptr") or name in ("K", "N")}
-        return triton.compile(GluonASTSource(kernel, sig, dict(KW=cfg.k_warps, ROWS=cfg.rows, **layouts), attrs),
-                              target=TARGET, options=dict(num_warps=cfg.k_warps * cfg.row_warps))
+        return triton.compile(GluonASTSource(kernel, sig, dict(KW=cfg.k_warps, ROWS=cfg.rows, PDL=pdl, **layouts),
+                                             attrs),
+                              target=TARGET, options=dict(num_warps=cfg.k_warps * cfg.row_warps, launch_pdl=pdl))
 
     for cfg in dict.fromkeys([*im.MEASURED.values(), im.config_for(2048, 2048)]):
-        yield f"_int4_mma_kernel {tuple(cfg)} num_warps={cfg.k_warps * cfg.row_warps}", lambda c=cfg: compile_gluon(c)
+        for pdl in (True, False):
+            yield (f"_int4_mma_kernel {tuple(cfg)} PDL={pdl} num_warps={cfg.k_warps * cfg.row_warps}",
+                   lambda c=cfg, p=pdl: compile_gluon(c, p))
 
 
 def main(argv: list[str] | None = None) -> int:
