@@ -118,17 +118,21 @@ def quant_gemm_rows(fmt: str) -> int:
 
 @torch.compiler.assume_constant_result
 def kernel_verdict_for(device: torch.device, weight_format: str, rows: int, k: int, n: int,
-                       sparsity: float, tinygemm: bool = False) -> tuple[bool | None, str | None]:
+                       sparsity: float, dense: str = "dense_us") -> tuple[bool | None, str | None]:
     """(does the sparse kernel beat the dense path, the GPU whose measurement says so) for a decode
     call on a CUDA device: the speed table's verdict (this GPU's or its stand-in's), else the size
-    model's (None: not measured); `tinygemm`: the dense path is tinygemm's (an int4 layer with
-    attach_int4pack's copy). A constant to torch.compile: Dynamo can trace neither
+    model's (None: not measured); `dense`: the table's field that times the dense path ("dense_us";
+    "tinygemm_us" or "int4_mma_us" for an int4 layer with attach_int4pack's copy, where an entry
+    without int4_mma's time reads tinygemm's: int4_mma was the faster, so a kernel slower than
+    tinygemm is slower than it too). A constant to torch.compile: Dynamo can trace neither
     torch.cuda.get_device_name nor the table file's read, and a compiled step whose first call
     reaches this (no eager call before it) failed."""
-    name, dense = torch.cuda.get_device_name(device), "tinygemm_us" if tinygemm else "dense_us"
-    measured = sparse_beats_dense(name, weight_format, rows, k, n, sparsity, dense)
-    if measured is not None:
-        return measured, measured_on(name, weight_format, rows, k, n, dense)
+    name = torch.cuda.get_device_name(device)
+    fields = (dense, "tinygemm_us") if dense == "int4_mma_us" else (dense,)
+    for field in fields:
+        measured = sparse_beats_dense(name, weight_format, rows, k, n, sparsity, field)
+        if measured is not None:
+            return measured, measured_on(name, weight_format, rows, k, n, field)
     return estimated_sparse_beats_dense(weight_format, k, n, sparsity, rows), None
 
 
@@ -239,7 +243,7 @@ class PackedLinear(nn.Module):
         # Parameter-weighted target sparsity of the segments (teal.sparsify sets it from the
         # thresholds file): what the measured speed table is read at.
         self.target_sparsity: float | None = None
-        self._kernel_pays: dict[tuple[str, int, float, bool], tuple[bool | None, str | None]] = {}  # kernel_verdict cache
+        self._kernel_pays: dict[tuple[str, int, float, str], tuple[bool | None, str | None]] = {}  # kernel_verdict cache
         # int4: tinygemm's copy of the weights for dense decode calls, or int4_mma's (attach_int4pack), not saved
         self.register_buffer("int4pack_weight", None, persistent=False)
         self.register_buffer("int4pack_scales_zeros", None, persistent=False)
@@ -302,11 +306,12 @@ class PackedLinear(nn.Module):
         size model's (None, as the GPU's). (None, None) off CUDA or without a target."""
         if device.type != "cuda" or self.target_sparsity is None:
             return None, None
-        tinygemm = self.has_dense_int4_copy  # int4_mma's copy is judged by tinygemm's times (not in the table)
-        key = (str(device), rows, self.target_sparsity, tinygemm)  # the device's name is asked on a miss only
+        dense = ("int4_mma_us" if self.int4mma_words is not None else
+                 "tinygemm_us" if self.int4pack_weight is not None else "dense_us")  # the dense path's field
+        key = (str(device), rows, self.target_sparsity, dense)  # the device's name is asked on a miss only
         if key not in self._kernel_pays:
             self._kernel_pays[key] = kernel_verdict_for(device, self.format_name, rows, self.in_features,
-                                                        self.out_features, self.target_sparsity, tinygemm)
+                                                        self.out_features, self.target_sparsity, dense)
         return self._kernel_pays[key]
 
     def sparse_kernel_pays(self, device: torch.device, rows: int = 1) -> bool | None:
@@ -334,8 +339,8 @@ class PackedLinear(nn.Module):
         gate|up output [..., 2K] and the input is SiLU(gate) * up; `residual` [..., N] is added
         to the output; with `norm` (model.RMSNorm), x is the residual stream and the input is
         norm(x). The decode kernels do them in their prologue / epilogue, the norm on CUDA only:
-        always in the preload GEMV, in the sparse GEMV as `sparse_kernel_takes_norm` says;
-        elsewhere torch."""
+        always in the preload GEMV, in the sparse GEMV and int4_mma (any device: the CPU runs its
+        reference) as `sparse_kernel_takes_norm` says; elsewhere torch."""
         sparse = self.applies_sparsity(x)
         thresholds = self.thresholds if sparse else self.no_thresholds
         # bf16/fp16 on a CPU: a GEMM over the [K, N] layout ran 10-36x slower than in float32 on an
@@ -346,6 +351,7 @@ class PackedLinear(nn.Module):
         n_rows = x.numel() // x.shape[-1]
         # a dense int4 decode call of a layer with a dense copy (attach_int4pack: tinygemm's or int4_mma's)
         tinygemm = (self.has_dense_int4_copy and not sparse and n_rows <= MAX_BATCH and x.dtype == torch.bfloat16)
+        mma_call = tinygemm and self.int4mma_words is not None  # int4_mma takes the norm and the residual
         kernel_rows = self.quantized_kernel_rows if x.device.type == "cuda" and not sparse else MAX_BATCH
         decode_kernel = not dense_float and not tinygemm and n_rows <= kernel_rows and x.dtype in KERNEL_DTYPES
         preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
@@ -356,8 +362,9 @@ class PackedLinear(nn.Module):
         # or teal::quant_gemm up to quant_gemm_rows rows (QUANT_GEMM_ROWS)
         quantized_prefill = (self.fmt != "fp" and not sparse and not decode_kernel and not tinygemm
                              and x.device.type == "cuda" and x.dtype in KERNEL_DTYPES)
-        kernel_norm = x.device.type == "cuda" and (
-            preload or (decode_kernel and sparse_kernel_takes_norm(self.fmt, n_rows, norm_in_sparse_kernel)))
+        norm_taker = (x.device.type == "cuda" and decode_kernel) or mma_call  # the norm as the sparse GEMV's
+        kernel_norm = (x.device.type == "cuda" and preload) or (
+            norm_taker and sparse_kernel_takes_norm(self.fmt, n_rows, norm_in_sparse_kernel))
         if norm is not None and not kernel_norm:
             x, norm = norm(x), None
         rows = x.reshape(-1, x.shape[-1])
@@ -367,17 +374,18 @@ class PackedLinear(nn.Module):
             # small dense float on CUDA: weights loaded before the kernel waits on its input
             out = dense_gemv(rows, self.weight, gated, res, *norm_args)
         elif dense_float or quantized_prefill or tinygemm:
-            # cuBLAS / the CPU's BLAS / tinygemm / int4_mma, the fusions left to torch (Inductor)
+            # cuBLAS / the CPU's BLAS / tinygemm, the fusions left to torch (Inductor); int4_mma takes
+            # the norm (as the sparse GEMV would) and the residual itself
             x_in = gated_input(rows) if gated else rows
-            if tinygemm and self.int4mma_words is not None:
-                out = int4_mma(x_in, self.int4mma_words, self.int4mma_scales, self.int4mma_zeros)
+            if mma_call:
+                out = int4_mma(x_in, self.int4mma_words, self.int4mma_scales, self.int4mma_zeros, res, *norm_args)
             elif tinygemm:
                 out = int4pack_mm(x_in, self.int4pack_weight, self.int4pack_scales_zeros, self.group_size)
             elif quantized_prefill and n_rows <= self.quant_gemm_rows:
                 out = quant_gemm(x_in.contiguous(), self.weight, *self._quant_args(), self.group_size)
             else:
                 out = x_in @ self.dense_weight_t(x.dtype)
-            out = out if res is None else out + res
+            out = out if res is None or mma_call else out + res
         elif decode_kernel:
             # Decode: the teal::sparse_gemv op (Triton on CUDA, C++ on the CPU: teal_kernels/cpu.py); rows of
             # zeroed inputs are never read.

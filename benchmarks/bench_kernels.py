@@ -6,8 +6,8 @@ For each layer and sparsity s (x ~ N(0, 1), threshold = s-quantile of |x|) it ti
 our kernel (config from teal_kernels/tuned_configs.json or the heuristic), ``x @ w_t``
 and ``F.linear(x, w)`` with w in [N, K] (both dense bf16/fp16, so they do not depend
 on s or on our weight format), and for int4 formats torch's tinygemm product at the same
-group size (gpt-fast's int4 path, benchmarks/baselines.py; dense), all in CUDA graphs that
-rotate over weight copies.
+group size (gpt-fast's int4 path, benchmarks/baselines.py; dense) and, for int4-g128,
+teal_kernels/int4_mma.py's (dense), all in CUDA graphs that rotate over weight copies.
 Effective TB/s = bytes of the weight rows actually needed / time.  Writes
 ``OUT.json`` (with GPU, versions, date, command) and ``OUT.md``.
 """
@@ -78,6 +78,19 @@ def tinygemm_us(m: int, k: int, n: int, group_size: int) -> float | None:
     return graph_time_us(lambda i: modules[i](x), len(modules))
 
 
+@functools.cache
+def int4_mma_us(m: int, k: int, n: int, group_size: int) -> float | None:
+    """µs of teal_kernels/int4_mma.py's tensor-core product (an int4-g128 layer's dense decode calls
+    under TEAL_INT4_MMA) on the same shape; None where it does not take the shape or Triton has no Gluon."""
+    from teal_kernels import int4_mma as im
+
+    if m > im.MAX_ROWS or not im.fits(k, n, group_size, torch.bfloat16) or not im.available():
+        return None
+    x = make_x(m, k, torch.bfloat16, "cuda", seed=0)
+    copies = [im.pack(*make_weight(f"int4-g{group_size}", k, n, "cuda", seed=i)[:3]) for i in range(copies_for(k * n // 2))]
+    return graph_time_us(lambda i: im.int4_mma(x, *copies[i]), len(copies))
+
+
 def bench_layer(fmt: str, m: int, k: int, splits: list[int], sparsities: list[float],
                 fusion: str = "plain") -> list[dict]:
     kind, group = parse_format(fmt)
@@ -85,7 +98,7 @@ def bench_layer(fmt: str, m: int, k: int, splits: list[int], sparsities: list[fl
     n = sum(splits)
     dense = dense_times(m, k, n, dtype)
     if kind == "int4":
-        dense = {**dense, "tinygemm_us": tinygemm_us(m, k, n, group)}
+        dense = {**dense, "tinygemm_us": tinygemm_us(m, k, n, group), "int4_mma_us": int4_mma_us(m, k, n, group)}
     weights = [make_weight(fmt, k, n, "cuda", seed=1)]
     nbytes = sum(t.numel() * t.element_size() for t in weights[0][:3] if t is not None)
     weights += [make_weight(fmt, k, n, "cuda", seed=1 + i) for i in range(1, copies_for(nbytes))]
@@ -113,15 +126,15 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"`{meta['command']}`",
         "",
         "| model | layer | format | fusion | M | K | N | sparsity | sparse µs | x@w_t µs | F.linear µs | speedup | eff. TB/s "
-        "| tinygemm µs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tinygemm µs | int4_mma µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        tinygemm = r.get("tinygemm_us")
+        copies = " | ".join("" if r.get(c) is None else f"{r[c]:.1f}" for c in ("tinygemm_us", "int4_mma_us"))
         lines.append(
             f"| {r['model']} | {r['layer']} | {r['format']} | {r.get('fusion', 'plain')} | {r['M']} | {r['K']} | {r['N']} | {r['sparsity']:.0%} "
             f"| {r['sparse_us']:.1f} | {r['matmul_us']:.1f} | {r['linear_us']:.1f} "
-            f"| {r['speedup_vs_linear']:.2f}x | {r['effective_tbps']:.2f} | {'' if tinygemm is None else f'{tinygemm:.1f}'} |"
+            f"| {r['speedup_vs_linear']:.2f}x | {r['effective_tbps']:.2f} | {copies} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -137,8 +150,9 @@ def speed_table_entries(results: list[dict], meta: dict) -> dict[str, dict]:
         entry["sparse_us"][f"{r['sparsity']:g}"] = round(r["sparse_us"], 2)
         if r["format"] in ("bf16", "fp16"):
             entry["dense_us"] = round(r["matmul_us"], 2)  # PackedLinear's dense path: x @ W^T
-        if r.get("tinygemm_us") is not None:  # an int4 layer's dense path with a tinygemm copy
-            entry["tinygemm_us"] = round(r["tinygemm_us"], 2)
+        for copy in ("tinygemm_us", "int4_mma_us"):  # an int4 layer's dense path with a dense copy
+            if r.get(copy) is not None:
+                entry[copy] = round(r[copy], 2)
     for entry in entries.values():  # int8/int4 have no other path than the kernel at 0%
         entry.setdefault("dense_us", entry["sparse_us"].get("0"))
     return {k: v for k, v in entries.items() if v["dense_us"] is not None}

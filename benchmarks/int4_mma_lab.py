@@ -1,5 +1,5 @@
 """Launch configs of teal_kernels/int4_mma.py (dense int4-g128 on tensor cores, Gluon) against
-tinygemm, per Llama-3-8B matrix, at 1-8 rows: how its MEASURED table was chosen.
+tinygemm, per Llama-3-8B matrix, at 1-8 rows: how its config rule (config_for) was chosen.
 
 History (results/int4_mma_2026_12_05/, H100): a CUDA-core GEMV on a copy laid out for it lost to
 tinygemm on every matrix (int4_kpacked_lab.py); this kernel's first version (warps along the outputs,
@@ -10,7 +10,7 @@ The kernel launches as the product launches it (programmatic dependent launch un
 back-to-back calls in the timing graph overlap a little; tinygemm's launches do not.
 
 Rows of the table, µs a call, CUDA graphs over rotating weight copies (benchmarks/timing.py):
-  config_for      the kernel at the config it picks (MEASURED, else its rule)
+  config_for      the kernel at the config its rule picks
   best            the fastest of CONFIGS, each checked against float64 first
   tinygemm        torch's _weight_int4pack_mm on its own copy (what dense int4 decode ran before)
   floor           the packed bytes (codes + fp32 scales and zeros) at 4.28 TB/s

@@ -27,8 +27,7 @@ How:
 - A program's warps form a [K warps, row warps] grid. The K warps take consecutive runs of the
   program's groups, and their sums meet once in shared memory. So a program has warps enough
   without partial sums in global memory, and one launch is the whole product.
-- Launch configs (`config_for`): measured winners for the Llama-3-8B shapes, and a rule for other
-  shapes.
+- Launch configs (`config_for`): a rule that picks the measured winner on every Llama-3-8B matrix.
 - Programmatic dependent launch (TEAL_PDL, as the GEMVs): the first group's weights are requested
   before the kernel waits for the previous one, and the next may launch once the loop is done.
 
@@ -61,10 +60,8 @@ class MmaConfig(NamedTuple):
         return TILE_ROWS * self.row_warps * self.tiles_a_warp
 
 
-# (K, N) -> the fastest config measured (H100, 2026-12-05, results/int4_mma_2026_12_05/: 18 configs a matrix)
-MEASURED = {(4096, 6144): MmaConfig(8, 1, 2), (4096, 4096): MmaConfig(16, 1, 1),
-            (4096, 28672): MmaConfig(4, 1, 2), (14336, 4096): MmaConfig(16, 1, 1)}
 TARGET_WARPS = 4096  # warps a launch aims at (~31 an SM of an H100 / H200): the measured winners run 1536-4096
+WIDE = 6144  # outputs from which a warp holds two 16-row tiles (x's loads and sums shared by both)
 
 
 def fits(k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
@@ -73,17 +70,18 @@ def fits(k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
 
 
 def config_for(k: int, n: int) -> MmaConfig:
-    """The launch for a [K, N] matrix: the measured winner, else one 16-row tile a warp and the most K
-    warps (up to 16, dividing the groups, at least 2 groups each) that keep the launch near
-    TARGET_WARPS warps."""
-    if (k, n) in MEASURED:
-        return MEASURED[(k, n)]
-    groups, programs = k // GROUP, n // TILE_ROWS
+    """The launch for a [K, N] matrix, by a rule that gives the fastest of 16 configs on each
+    Llama-3-8B matrix (H100, 2026-12-05, results/int4_mma_2026_12_05/ run 3: q|k|v (8, 1, 2), o
+    (16, 1, 1), gate|up (4, 1, 2), down (16, 1, 1)): two 16-row tiles a warp from WIDE outputs, one
+    below; then the most K warps (up to 16, dividing the groups) that leave each at least two groups
+    a tile it holds and keep the launch within TARGET_WARPS warps."""
+    tiles_a_warp = 2 if n >= WIDE and n % (2 * TILE_ROWS) == 0 else 1
+    groups, programs = k // GROUP, n // (TILE_ROWS * tiles_a_warp)
     k_warps = 1
-    while (k_warps < 16 and groups % (2 * k_warps) == 0 and groups // (2 * k_warps) >= 2
+    while (k_warps < 16 and groups % (2 * k_warps) == 0 and groups // (2 * k_warps) >= 2 * tiles_a_warp
            and programs * 2 * k_warps <= TARGET_WARPS):
         k_warps *= 2
-    return MmaConfig(k_warps, 1, 1)
+    return MmaConfig(k_warps, 1, tiles_a_warp)
 
 
 def _lane_slot_to_row_pair(lane: Tensor, slot: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,13 +133,19 @@ def unpack_codes(words: Tensor) -> Tensor:
     return codes.reshape(n, k)
 
 
-def int4_mma_reference(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+def int4_mma_reference(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None = None,
+                       norm_weight: Tensor | None = None, eps: float = 0.0) -> Tensor:
     """What int4_mma computes, in float32 from the packed copy (the CPU's implementation of the op):
-    W[n, k] = (q - 8) * scales[n, k // 128] + zeros[n, k // 128], out = x @ W^T in x's dtype."""
+    W[n, k] = (q - 8) * scales[n, k // 128] + zeros[n, k // 128]; the input rms_normed(x) with a norm
+    weight, else x; out = input @ W^T rounded to x's dtype, then + residual (rounded again)."""
+    from teal_kernels.reference import rms_normed
+
     codes = unpack_codes(words).to(x.device)
     weight = ((codes.float() - 8.0).view(codes.shape[0], -1, GROUP) * scales[:, :, None]
               + zeros[:, :, None]).view_as(codes)
-    return (x.float() @ weight.t()).to(x.dtype)
+    inputs = x if norm_weight is None else rms_normed(x, norm_weight, eps)
+    out = (inputs.float() @ weight.t()).to(x.dtype)
+    return out if residual is None else out + residual
 
 
 @functools.cache
@@ -188,11 +192,13 @@ def _kernel():
         return gl.convert_layout(w, WORDS, assert_trivial=True)
 
     @gluon.jit
-    def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, K, N,
-                         KW: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr,
-                         MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, LOAD: gl.constexpr,
-                         WORDS: gl.constexpr):
-        """out[m, n] = sum_k x[m, k] W[k, n] for ROWS outputs n of this program and every m < M."""
+    def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, nw_ptr, eps, M, K, N,
+                         KW: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, RESIDUAL: gl.constexpr,
+                         NORM: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr,
+                         LOAD: gl.constexpr, WORDS: gl.constexpr, XN: gl.constexpr, XCHUNK: gl.constexpr):
+        """out[m, n] = sum_k x[m, k] W[k, n] (+ res[m, n] with RESIDUAL) for ROWS outputs n of this
+        program and every m < M; with NORM, x is the residual stream and the input is model.RMSNorm's
+        output (nw the norm's weight), rounded as the unfused model rounds it."""
         pid = gl.program_id(0)
         NG = K // 128
         g_per = NG // KW  # groups a K warp
@@ -211,6 +217,16 @@ def _kernel():
         nxt = _words(w_ptr, tile0, g_first, NG, KW, ROWS // 16, LOAD, WORDS)
         if PDL:  # the first group's weights are on their way while the previous kernel finishes
             _grid_dependency(True)
+        if NORM:  # each row's 1 / rms over all of K: every program reads x once (K x M bf16, from L2)
+            rm = gl.arange(0, 8, layout=gl.SliceLayout(1, XN))
+            rk = gl.arange(0, XCHUNK, layout=gl.SliceLayout(0, XN))
+            squares = gl.zeros([8, XCHUNK], gl.float32, XN)
+            for k0 in range(0, K, XCHUNK):
+                xv = gl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :],
+                             mask=(rm < M)[:, None] & (k0 + rk < K)[None, :], other=0.0).to(gl.float32)
+                squares += xv * xv
+            inv_rms = 1.0 / gl.sqrt_rn(gl.sum(squares, axis=1) / K + eps)
+            inv_rms = gl.convert_layout(inv_rms, gl.SliceLayout(0, gl.SliceLayout(1, B)))
         for i in range(g_per):
             words = nxt  # this group's words; the next group's load goes out before the math
             nxt = _words(w_ptr, tile0, g_first + gl.minimum(i + 1, g_per - 1), NG, KW, ROWS // 16, LOAD, WORDS)
@@ -223,6 +239,10 @@ def _kernel():
                 a = gl.convert_layout(gl.reshape(gl.join(lo, hi), [KW, ROWS, 32]), A, assert_trivial=True)
                 xk = (gb * 128 + p * 32)[:, None, None] + bk[None, :, None] + bm[None, None, :] * K
                 b = gl.load(x_ptr + xk, mask=b_ok, other=0.0)  # [KW, 32, 8]: column m = row m of x
+                if NORM:  # weight * (x / rms rounded to bf16), rounded: model.RMSNorm's bf16 output
+                    nw = gl.load(nw_ptr + (gb * 128 + p * 32)[:, None] + bk[None, :]).to(gl.float32)
+                    normed = (b.to(gl.float32) * inv_rms[None, None, :]).to(gl.bfloat16).to(gl.float32)
+                    b = (nw[:, :, None] * normed).to(gl.bfloat16)
                 part = mma_v2(a, b, part)
                 x_sum = mma_v2(ones, b, x_sum)  # on tensor cores: fewer instructions than sums on CUDA cores
             s = gl.load(s_ptr + rows[None, :] * NG + g[:, None])  # [KW, ROWS]
@@ -230,11 +250,14 @@ def _kernel():
             acc += part * s[:, :, None] + z[:, :, None] * x_sum
         if PDL:
             _grid_dependency(False)
-        out = gl.sum(acc, axis=0)  # [ROWS, 8]: the K warps meet
+        out = gl.sum(acc, axis=0).to(gl.bfloat16)  # [ROWS, 8]: the K warps meet
         o_rows = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA)))
         o_cols = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
-        gl.store(out_ptr + o_cols[None, :] * N + o_rows[:, None], out.to(out_ptr.dtype.element_ty),
-                 mask=(o_cols < M)[None, :])
+        o_offs = o_cols[None, :] * N + o_rows[:, None]
+        o_ok = (o_cols < M)[None, :]
+        if RESIDUAL:  # the product rounded first, then the sum (the unfused model's order)
+            out = (out.to(gl.float32) + gl.load(res_ptr + o_offs, mask=o_ok, other=0.0).to(gl.float32)).to(gl.bfloat16)
+        gl.store(out_ptr + o_offs, out, mask=o_ok)
 
     return _int4_mma_kernel, gl
 
@@ -255,8 +278,12 @@ def _layouts(cfg: MmaConfig) -> dict:
     words = gl.DistributedLinearLayout(reg_bases=[[0, 8, 0], [0, 0, 4], [0, 0, 8]] + tiles,
                                        lane_bases=[[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
                                        warp_bases=warps, block_bases=[], shape=[cfg.k_warps, cfg.rows, 16])
+    # the norm's statistics: 8 rows (M of them real) x 128 K a warp, 4 contiguous values a lane
+    xn = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32], warps_per_cta=[1, cfg.k_warps * cfg.row_warps],
+                          order=[1, 0])
     return dict(MMA=mma, A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
-                B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2), LOAD=load, WORDS=words)
+                B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2), LOAD=load, WORDS=words, XN=xn,
+                XCHUNK=128 * cfg.k_warps * cfg.row_warps)
 
 
 def available() -> bool:
@@ -268,9 +295,12 @@ def available() -> bool:
     return True
 
 
-def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, config: MmaConfig | None = None) -> Tensor:
+def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None = None,
+             norm_weight: Tensor | None = None, eps: float = 0.0, config: MmaConfig | None = None) -> Tensor:
     """x [M, K] bf16 (M <= 8) @ a packed int4-g128 matrix (pack's three tensors) -> [M, N] bf16, on
-    CUDA. Rejects, one line, what the kernel does not take."""
+    CUDA; with `residual` [M, N] added to the product, with `norm_weight` [K] (and eps) x taken as the
+    residual stream and model.RMSNorm's output as the input (int4_mma_reference says exactly how).
+    Rejects, one line, what the kernel does not take."""
     tiles, groups = words.shape[:2]
     n, k = tiles * TILE_ROWS, groups * GROUP
     m = x.shape[0]
@@ -279,6 +309,10 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, config: Mm
         raise ValueError(f"int4_mma needs bf16 x [1-{MAX_ROWS}, {k}], int32 words and scales / zeros [{n}, {groups}]; "
                          f"got x {x.dtype} {tuple(x.shape)}, words {words.dtype}, scales {tuple(scales.shape)}, "
                          f"zeros {tuple(zeros.shape)}")
+    if residual is not None and (residual.shape != (m, n) or residual.dtype != x.dtype):
+        raise ValueError(f"int4_mma's residual must be bf16 [{m}, {n}], got {residual.dtype} {tuple(residual.shape)}")
+    if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != x.dtype):
+        raise ValueError(f"int4_mma's norm weight must be bf16 [{k}], got {norm_weight.dtype} {tuple(norm_weight.shape)}")
     cfg = config or config_for(k, n)
     if n % cfg.rows or groups % cfg.k_warps:
         raise ValueError(f"int4_mma config {tuple(cfg)} needs N ({n}) a multiple of {cfg.rows} and {groups} groups "
@@ -288,6 +322,9 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, config: Mm
     kernel, _ = _kernel()
     pdl = launch_options(x.device)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, m, k, n, KW=cfg.k_warps, ROWS=cfg.rows,
-                             PDL=bool(pdl), num_warps=cfg.k_warps * cfg.row_warps, **_layouts(cfg), **pdl)
+    res = out if residual is None else residual.contiguous()  # an unread stand-in where there is none
+    nw = x if norm_weight is None else norm_weight
+    kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, res, nw, eps, m, k, n, KW=cfg.k_warps,
+                             ROWS=cfg.rows, PDL=bool(pdl), RESIDUAL=residual is not None, NORM=norm_weight is not None,
+                             num_warps=cfg.k_warps * cfg.row_warps, **_layouts(cfg), **pdl)
     return out

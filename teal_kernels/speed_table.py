@@ -4,7 +4,9 @@ PackedLinear uses so that TEAL never makes a projection slower than dense.
 teal_kernels/speed_table.json is written by `benchmarks/bench_kernels.py --table` from runs on a GPU:
 key "GPU|format|M<m>|K<k>|N<n>" -> {"dense_us": the dense path (cuBLAS x @ W^T for bf16/fp16; the
 kernel at 0% for int8/int4), "sparse_us": {"<sparsity>": µs, ...}, for int4 "tinygemm_us": torch's
-tinygemm on the shape (the dense path of a layer with a tinygemm copy, linear.TINYGEMM_ENV), and
+tinygemm on the shape (the dense path of a layer with a tinygemm copy, linear.TINYGEMM_ENV) and for
+int4-g128 "int4_mma_us": teal_kernels/int4_mma.py's kernel (that of a layer with its copy,
+linear.INT4_MMA_ENV), and
 "source": the command and date of the run, and where another GPU's timings were adopted for this
 one, "adopted": the end-to-end measurement that decided it}. Shapes nobody measured have no entry:
 there a size model decides (estimated_sparse_beats_dense), and the caller reports them as estimated.

@@ -204,10 +204,12 @@ def test_speed_table_takes_plain_rows_only():
     entries = bench_kernels.speed_table_entries([row, {**row, "fusion": "gated", "sparse_us": 99.0}], meta)
     (entry,) = entries.values()
     assert entry["sparse_us"] == {"0.5": 24.0} and entry["dense_us"] == 31.0
-    int4 = dict(row, format="int4-g128", sparsity=0.0, sparse_us=23.9, tinygemm_us=18.6)
+    int4 = dict(row, format="int4-g128", sparsity=0.0, sparse_us=23.9, tinygemm_us=18.6, int4_mma_us=15.61)
     (entry,) = bench_kernels.speed_table_entries([int4, {**int4, "sparsity": 0.5, "sparse_us": 21.5}], meta).values()
     assert entry == {"sparse_us": {"0": 23.9, "0.5": 21.5}, "dense_us": 23.9, "tinygemm_us": 18.6,
-                     "source": "bench (2026-12-02)"}
+                     "int4_mma_us": 15.61, "source": "bench (2026-12-02)"}
+    (entry,) = bench_kernels.speed_table_entries([{**int4, "int4_mma_us": None}], meta).values()
+    assert "int4_mma_us" not in entry  # a shape int4_mma does not take
 
 
 def test_persistent_lab_streams_the_kept_rows():
@@ -245,15 +247,16 @@ def test_int4_kpacked_lab_layout_and_products():
     lab.selftest()
 
 
-def test_markdown_shows_tinygemm_for_int4_rows_only():
+def test_markdown_shows_the_dense_int4_copies_for_int4_rows_only():
     row = dict(model="llama3-8b", layer="o", format="bf16", M=1, K=4096, N=4096, sparsity=0.5, sparse_us=11.0,
                matmul_us=13.4, linear_us=13.5, speedup_vs_linear=1.23, effective_tbps=0.8)
     meta = {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "date": "2026-12-04", "command": "bench"}
-    lines = bench_kernels.markdown([row, {**row, "format": "int4-g128", "tinygemm_us": 12.34}], meta).splitlines()
-    header, bf16, int4 = lines[4], lines[-2], lines[-1]
-    assert header.split("|")[-2].strip() == "tinygemm µs"
-    assert bf16.split("|")[-2].strip() == "" and int4.split("|")[-2].strip() == "12.3"
-    assert len(header.split("|")) == len(bf16.split("|")) == len(int4.split("|"))
+    int4 = {**row, "format": "int4-g128", "tinygemm_us": 12.34, "int4_mma_us": 7.16}
+    lines = bench_kernels.markdown([row, int4], meta).splitlines()
+    header, bf16, int4 = (line.split("|") for line in (lines[4], lines[-2], lines[-1]))
+    assert [c.strip() for c in header[-3:-1]] == ["tinygemm µs", "int4_mma µs"]
+    assert [c.strip() for c in bf16[-3:-1]] == ["", ""] and [c.strip() for c in int4[-3:-1]] == ["12.3", "7.2"]
+    assert len(header) == len(bf16) == len(int4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
