@@ -108,14 +108,15 @@ def pack(w: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor, Tens
         raise ValueError(f"int4_mma.pack needs K a multiple of {GROUP}, N of {TILE_ROWS} and scales / zeros "
                          f"[K / {GROUP}, N]; got w {tuple(w.shape)}, scales {tuple(scales.shape)}, "
                          f"zeros {tuple(zeros.shape)}")
-    q = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(k, n).t().to(torch.int64)  # [N, K] codes
+    q = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(k, n).t()  # [N, K] codes, uint8
     q = q.reshape(n // TILE_ROWS, TILE_ROWS, k // GROUP, 4, 16, 2)  # tile, row, group, plane, pair, K parity
     row, pair = (i.to(w.device) for i in _lane_slot_to_row_pair(*_lanes_and_slots()))
     picked = q[:, row, :, :, pair, :]  # [lane * slot, tile, group, plane, parity]
-    shifts = (4 * torch.arange(4, device=w.device).view(1, 1, 1, 4, 1)
-              + 16 * torch.arange(2, device=w.device).view(1, 1, 1, 1, 2))
-    words = (picked << shifts).sum(dim=(3, 4)).permute(1, 2, 0)  # [tile, group, lane * slot], 0 .. 2^32 - 1
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    words = torch.zeros(picked.shape[:3], dtype=torch.int32, device=w.device)
+    for plane in range(4):
+        for parity in range(2):  # int32 shifts wrap into the sign bit: the word's bits as they are
+            words |= picked[..., plane, parity].to(torch.int32) << (4 * plane + 16 * parity)
+    words = words.permute(1, 2, 0)  # [tile, group, lane * slot]
     return (words.reshape(n // TILE_ROWS, k // GROUP, 32, WORDS_A_LANE).contiguous(),
             scales.t().contiguous(), zeros.t().contiguous())
 
