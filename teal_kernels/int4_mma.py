@@ -207,7 +207,6 @@ def _kernel():
         kw = gl.arange(0, KW, layout=gl.SliceLayout(1, L2))
         g_first = kw * g_per  # [KW]
         rows = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(0, L2))
-        cols = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, MMA)))
         bkw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, B)))
         bk = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, B)))
         bm = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, B)))

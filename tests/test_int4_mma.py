@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures import needs_cuda, tiny_model
+from fixtures import tiny_model
 
 from linear import INT4_MMA_ENV, TINYGEMM_ENV, PackedLinear, attach_int4pack, pack_model, packed_projections
 from model import RMSNorm
