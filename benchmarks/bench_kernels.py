@@ -87,7 +87,8 @@ def int4_mma_us(m: int, k: int, n: int, group_size: int) -> float | None:
     if m > im.MAX_ROWS or not im.fits(k, n, group_size, torch.bfloat16) or not im.available():
         return None
     x = make_x(m, k, torch.bfloat16, "cuda", seed=0)
-    copies = [im.pack(*make_weight(f"int4-g{group_size}", k, n, "cuda", seed=i)[:3]) for i in range(copies_for(k * n // 2))]
+    copies = [im.pack(*make_weight(f"int4-g{group_size}", k, n, "cuda", seed=i)[:3])
+              for i in range(copies_for(k * n // 2))]
     return graph_time_us(lambda i: im.int4_mma(x, *copies[i]), len(copies))
 
 

@@ -55,7 +55,7 @@ def selftest() -> None:
             want = reference(x, w, scales, zeros, GROUP)
             for config in CONFIGS:
                 if fits(k, n, config):
-                    err = max_error(int4_mma(x, *packed, config), want)
+                    err = max_error(int4_mma(x, *packed, config=config), want)
                     if err > 1.0:
                         raise AssertionError(f"K={k} N={n} M={m} {tuple(config)}: error {err:.3g} of its bound")
     print("selftest passed")
@@ -81,11 +81,11 @@ def bench(m: int) -> list[dict]:
         for config in dict.fromkeys([config_for(k, n), *CONFIGS]):
             if not fits(k, n, config):
                 continue
-            err = max_error(int4_mma(x, *packed[0], config), want)
+            err = max_error(int4_mma(x, *packed[0], config=config), want)
             if err > 1.0:
                 raise AssertionError(f"{layer} M={m} {tuple(config)}: error {err:.3g} of its bound")
-            row["config_us"][str(tuple(config))] = graph_time_us(lambda i, c=config: int4_mma(x, *packed[i], c),
-                                                                 len(packed))
+            row["config_us"][str(tuple(config))] = graph_time_us(
+                lambda i, c=config: int4_mma(x, *packed[i], config=c), len(packed))
         rows.append(row)
         best = min(row["config_us"].items(), key=lambda kv: kv[1])
         print(f"{layer} M={m}: tinygemm {row['tinygemm_us']:.1f} µs, config_for {row['config_for']} "

@@ -256,7 +256,8 @@ def _kernel():
         o_offs = o_cols[None, :] * N + o_rows[:, None]
         o_ok = (o_cols < M)[None, :]
         if RESIDUAL:  # the product rounded first, then the sum (the unfused model's order)
-            out = (out.to(gl.float32) + gl.load(res_ptr + o_offs, mask=o_ok, other=0.0).to(gl.float32)).to(gl.bfloat16)
+            res = gl.load(res_ptr + o_offs, mask=o_ok, other=0.0)
+            out = (out.to(gl.float32) + res.to(gl.float32)).to(gl.bfloat16)
         gl.store(out_ptr + o_offs, out, mask=o_ok)
 
     return _int4_mma_kernel, gl
@@ -279,8 +280,8 @@ def _layouts(cfg: MmaConfig) -> dict:
                                        lane_bases=[[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
                                        warp_bases=warps, block_bases=[], shape=[cfg.k_warps, cfg.rows, 16])
     # the norm's statistics: 8 rows (M of them real) x 128 K a warp, 4 contiguous values a lane
-    xn = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32], warps_per_cta=[1, cfg.k_warps * cfg.row_warps],
-                          order=[1, 0])
+    xn = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32],
+                          warps_per_cta=[1, cfg.k_warps * cfg.row_warps], order=[1, 0])
     return dict(MMA=mma, A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
                 B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2), LOAD=load, WORDS=words, XN=xn,
                 XCHUNK=128 * cfg.k_warps * cfg.row_warps)
@@ -296,7 +297,7 @@ def available() -> bool:
 
 
 def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None = None,
-             norm_weight: Tensor | None = None, eps: float = 0.0, config: MmaConfig | None = None) -> Tensor:
+             norm_weight: Tensor | None = None, eps: float = 0.0, *, config: MmaConfig | None = None) -> Tensor:
     """x [M, K] bf16 (M <= 8) @ a packed int4-g128 matrix (pack's three tensors) -> [M, N] bf16, on
     CUDA; with `residual` [M, N] added to the product, with `norm_weight` [K] (and eps) x taken as the
     residual stream and model.RMSNorm's output as the input (int4_mma_reference says exactly how).
@@ -312,7 +313,8 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: 
     if residual is not None and (residual.shape != (m, n) or residual.dtype != x.dtype):
         raise ValueError(f"int4_mma's residual must be bf16 [{m}, {n}], got {residual.dtype} {tuple(residual.shape)}")
     if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != x.dtype):
-        raise ValueError(f"int4_mma's norm weight must be bf16 [{k}], got {norm_weight.dtype} {tuple(norm_weight.shape)}")
+        raise ValueError(f"int4_mma's norm weight must be bf16 [{k}], got {norm_weight.dtype} "
+                         f"{tuple(norm_weight.shape)}")
     cfg = config or config_for(k, n)
     if n % cfg.rows or groups % cfg.k_warps:
         raise ValueError(f"int4_mma config {tuple(cfg)} needs N ({n}) a multiple of {cfg.rows} and {groups} groups "

@@ -241,7 +241,8 @@ def int4_mma_variants():
                "res_ptr": "*bf16", "nw_ptr": "*bf16", "eps": "fp32", "M": "i32", "K": "i32", "N": "i32",
                "KW": "constexpr", "ROWS": "constexpr", "PDL": "constexpr", "RESIDUAL": "constexpr", "NORM": "constexpr",
                **{name: "constexpr" for name in layouts}}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name.endswith("_ptr") or name in ("K", "N")}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig)
+                 if name.endswith("_ptr") or name in ("K", "N")}
         constexprs = dict(KW=cfg.k_warps, ROWS=cfg.rows, PDL=pdl, RESIDUAL=residual, NORM=norm, **layouts)
         return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs),
                               target=TARGET, options=dict(num_warps=cfg.k_warps * cfg.row_warps, launch_pdl=pdl))
@@ -251,7 +252,8 @@ def int4_mma_variants():
                               im.config_for(2048, 2048)]):
         for pdl, residual, norm in ((True, False, True), (True, True, False), (False, False, False)):
             yield (f"_int4_mma_kernel {tuple(cfg)} PDL={pdl} RESIDUAL={residual} NORM={norm} "
-                   f"num_warps={cfg.k_warps * cfg.row_warps}", lambda c=cfg, p=pdl, r=residual, n=norm: compile_gluon(c, p, r, n))
+                   f"num_warps={cfg.k_warps * cfg.row_warps}",
+                   lambda c=cfg, p=pdl, r=residual, n=norm: compile_gluon(c, p, r, n))
 
 
 def main(argv: list[str] | None = None) -> int:

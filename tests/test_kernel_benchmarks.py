@@ -290,3 +290,17 @@ def test_attention_o_bench_times_every_method(monkeypatch):
                                    "attention step + cuBLAS o", "attention step"]
     assert list(rows[1]["us"]) == ["attention_o", "attention step + our o", "our o alone"]
     assert ran[:5] == [[(1, 32)] * 2] * 4 + [[(1, 64)] * 2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_int4_mma_lab_without_a_gpu_says_so_and_its_configs_fit_the_8b_shapes():
+    """benchmarks/int4_mma_lab.py: one line and exit 1 off CUDA (Gluon has no interpreter); every 8B
+    matrix has configs to sweep, config_for's among them."""
+    from benchmarks import int4_mma_lab as lab
+    from teal_kernels.int4_mma import config_for
+
+    run = subprocess.run([sys.executable, "-m", "benchmarks.int4_mma_lab"], capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith("error: int4_mma_lab needs a CUDA GPU")
+    for _, k, splits in timing.MODEL_SHAPES["llama3-8b"]:
+        n = sum(splits)
+        assert lab.fits(k, n, config_for(k, n)) and sum(lab.fits(k, n, c) for c in lab.CONFIGS) >= 10
