@@ -17,11 +17,12 @@ How:
 - A word holds four K pairs: bits 4p..4p+3 and 16+4p..19+4p hold the codes of K = 32p + 2j and 32p +
   2j + 1 of the group. One shift, one LOP3 (to 0x4300 | q, the bf16 128 + q) and one bf16x2
   subtraction of 136 make a register of A, exactly q - 8: 1.4 instructions a weight.
-  - Local sm_90 SASS: 2.4-3.2 instructions a weight in the loop, no shared memory, no barriers.
+  - Local sm_90 SASS (triton 3.6): 2.7-3.0 instructions a weight in the loop (3.6-5.0 with the norm),
+    no shared memory, no barriers.
 - Each group's float32 partial is scaled once: acc += s * part + z * sum(x over the group).
   - sum(x) comes from the tensor cores too: one more mma of B with an A of ones (CUDA-core sums of
     B's registers took 44 FADDs and their conversions a group: 5.1 instructions a weight instead
-    of 2.9, local SASS).
+    of 3.7 at the time, local SASS).
   - So the product is the reference's (W = (q - 8) s + z, teal_kernels/reference.py) up to float32
     summation order, as in every kernel of ours.
 - A program's warps form a [K warps, row warps] grid. The K warps take consecutive runs of the
@@ -176,10 +177,9 @@ def _kernel():
                                       is_pure=False, pack=1)
 
     @gluon.jit
-    def _words(w_ptr, tile0, g, NG, KW: gl.constexpr, TILES: gl.constexpr, LOAD: gl.constexpr,
-               WORDS: gl.constexpr):
-        """Group g[i] of the program's tiles for each K warp i, 32 contiguous bytes a lane, viewed as
-        [KW, 16 TILES, 16] (K warp, row, K pair) in the layout that becomes A's registers."""
+    def _word_pointers(w_ptr, tile0, g, NG, KW: gl.constexpr, TILES: gl.constexpr, LOAD: gl.constexpr):
+        """The addresses of group g[i] of the program's tiles for each K warp i, 32 contiguous bytes a
+        lane ([KW, TILES, 32, 8]; the next group's are 256 words on)."""
         kw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LOAD))))
         t = gl.arange(0, TILES, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LOAD))))
         lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LOAD))))
@@ -187,9 +187,15 @@ def _kernel():
         g = gl.convert_layout(g, kw.type.layout)
         tile_group = (tile0 + t)[None, :] * NG + g[:, None]  # [KW, TILES]
         offs = (tile_group[:, :, None, None] * 32 + lane[None, None, :, None]) * 8 + slot[None, None, None, :]
-        w = gl.load(w_ptr + offs)  # [KW, TILES, 32, 8]: lane = 4 * (row % 8) + pair % 4
-        w = gl.reshape(w, [KW, TILES, 8, 4, 2, 2, 2])  # row % 8, pair % 4, pair // 8, (pair // 4) % 2, row // 8
-        w = gl.reshape(gl.permute(w, [0, 1, 6, 2, 4, 5, 3]), [KW, TILES * 16, 16])
+        return w_ptr + offs
+
+    @gluon.jit
+    def _words(pointers, KW: gl.constexpr, ROWS: gl.constexpr, WORDS: gl.constexpr):
+        """One group's words (_word_pointers), viewed as [KW, ROWS, 16] (K warp, row, K pair) in the
+        layout that becomes A's registers."""
+        w = gl.load(pointers)  # [KW, TILES, 32, 8]: lane = 4 * (row % 8) + pair % 4
+        w = gl.reshape(w, [KW, ROWS // 16, 8, 4, 2, 2, 2])  # row % 8, pair % 4, pair // 8, (pair // 4) % 2, row // 8
+        w = gl.reshape(gl.permute(w, [0, 1, 6, 2, 4, 5, 3]), [KW, ROWS, 16])
         return gl.convert_layout(w, WORDS, assert_trivial=True)
 
     @gluon.jit
@@ -213,8 +219,15 @@ def _kernel():
         b_ok = (bm < M)[None, None, :]
         acc = gl.zeros([KW, ROWS, 8], gl.float32, MMA)
         ones = gl.full([KW, ROWS, 32], 1.0, gl.bfloat16, A)
-        tile0 = pid * (ROWS // 16)
-        nxt = _words(w_ptr, tile0, g_first, NG, KW, ROWS // 16, LOAD, WORDS)
+        # loop-invariant addresses, offset by the group each step (the compiler folds the planes' constant
+        # offsets into the loads): 15-20% fewer instructions in the loop than addresses rebuilt a group
+        w_first = _word_pointers(w_ptr, pid * (ROWS // 16), g_first, NG, KW, ROWS // 16, LOAD)
+        gb_first = gl.convert_layout(g_first, bkw.type.layout)
+        x_first = x_ptr + (gb_first * 128)[:, None, None] + bk[None, :, None] + bm[None, None, :] * K  # [KW, 32, 8]
+        nw_first = nw_ptr + (gb_first * 128)[:, None] + bk[None, :]  # [KW, 32]
+        s_first = s_ptr + rows[None, :] * NG + g_first[:, None]  # [KW, ROWS]
+        z_first = z_ptr + rows[None, :] * NG + g_first[:, None]
+        nxt = _words(w_first, KW, ROWS, WORDS)
         if PDL:  # the first group's weights are on their way while the previous kernel finishes
             _grid_dependency(True)
         if NORM:  # each row's 1 / rms over all of K: every program reads x once (K x M bf16, from L2)
@@ -229,24 +242,22 @@ def _kernel():
             inv_rms = gl.convert_layout(inv_rms, gl.SliceLayout(0, gl.SliceLayout(1, B)))
         for i in range(g_per):
             words = nxt  # this group's words; the next group's load goes out before the math
-            nxt = _words(w_ptr, tile0, g_first + gl.minimum(i + 1, g_per - 1), NG, KW, ROWS // 16, LOAD, WORDS)
-            g = g_first + i  # [KW]
-            gb = gl.convert_layout(g, bkw.type.layout)
+            nxt = _words(w_first + gl.minimum(i + 1, g_per - 1) * 256, KW, ROWS, WORDS)
+            x_group = x_first + i * 128
             part = gl.zeros([KW, ROWS, 8], gl.float32, MMA)
             x_sum = gl.zeros([KW, ROWS, 8], gl.float32, MMA)  # every row: the group's sum of x, a column a row of x
             for p in gl.static_range(4):
                 lo, hi = _to_bf16_pair(words, p)
                 a = gl.convert_layout(gl.reshape(gl.join(lo, hi), [KW, ROWS, 32]), A, assert_trivial=True)
-                xk = (gb * 128 + p * 32)[:, None, None] + bk[None, :, None] + bm[None, None, :] * K
-                b = gl.load(x_ptr + xk, mask=b_ok, other=0.0)  # [KW, 32, 8]: column m = row m of x
+                b = gl.load(x_group + p * 32, mask=b_ok, other=0.0)  # [KW, 32, 8]: column m = row m of x
                 if NORM:  # weight * (x / rms rounded to bf16), rounded: model.RMSNorm's bf16 output
-                    nw = gl.load(nw_ptr + (gb * 128 + p * 32)[:, None] + bk[None, :]).to(gl.float32)
+                    nw = gl.load(nw_first + (i * 128 + p * 32)).to(gl.float32)
                     normed = (b.to(gl.float32) * inv_rms[None, None, :]).to(gl.bfloat16).to(gl.float32)
                     b = (nw[:, :, None] * normed).to(gl.bfloat16)
                 part = mma_v2(a, b, part)
                 x_sum = mma_v2(ones, b, x_sum)  # on tensor cores: fewer instructions than sums on CUDA cores
-            s = gl.load(s_ptr + rows[None, :] * NG + g[:, None])  # [KW, ROWS]
-            z = gl.load(z_ptr + rows[None, :] * NG + g[:, None])
+            s = gl.load(s_first + i)  # [KW, ROWS]
+            z = gl.load(z_first + i)
             acc += part * s[:, :, None] + z[:, :, None] * x_sum
         if PDL:
             _grid_dependency(False)
