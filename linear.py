@@ -350,17 +350,17 @@ class PackedLinear(nn.Module):
         dense_float = self.fmt == "fp" and not sparse and not cpu_half
         n_rows = x.numel() // x.shape[-1]
         # a dense int4 decode call of a layer with a dense copy (attach_int4pack: tinygemm's or int4_mma's)
-        tinygemm = (self.has_dense_int4_copy and not sparse and n_rows <= MAX_BATCH and x.dtype == torch.bfloat16)
-        mma_call = tinygemm and self.int4mma_words is not None  # int4_mma takes the norm and the residual
+        dense_copy = (self.has_dense_int4_copy and not sparse and n_rows <= MAX_BATCH and x.dtype == torch.bfloat16)
+        mma_call = dense_copy and self.int4mma_words is not None  # int4_mma takes the norm and the residual
         kernel_rows = self.quantized_kernel_rows if x.device.type == "cuda" and not sparse else MAX_BATCH
-        decode_kernel = not dense_float and not tinygemm and n_rows <= kernel_rows and x.dtype in KERNEL_DTYPES
+        decode_kernel = not dense_float and not dense_copy and n_rows <= kernel_rows and x.dtype in KERNEL_DTYPES
         preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
                    and x.dtype in KERNEL_DTYPES and preload_gemv_fits(x.device, self.in_features, self.out_features))
         # A dense prefill of int8/int4 weights on CUDA past quantized_kernel_rows: dense_weight_t
         # dequantizes the matrix once into x's dtype, then cuBLAS (H200, 8B shapes, 2048 tokens:
         # 1.15-1.20x bf16's time, 16-17x faster than the float32 product; benchmarks/results/int4_prefill/),
         # or teal::quant_gemm up to quant_gemm_rows rows (QUANT_GEMM_ROWS)
-        quantized_prefill = (self.fmt != "fp" and not sparse and not decode_kernel and not tinygemm
+        quantized_prefill = (self.fmt != "fp" and not sparse and not decode_kernel and not dense_copy
                              and x.device.type == "cuda" and x.dtype in KERNEL_DTYPES)
         norm_taker = (x.device.type == "cuda" and decode_kernel) or mma_call  # the norm as the sparse GEMV's
         kernel_norm = (x.device.type == "cuda" and preload) or (
@@ -373,13 +373,13 @@ class PackedLinear(nn.Module):
         if preload:
             # small dense float on CUDA: weights loaded before the kernel waits on its input
             out = dense_gemv(rows, self.weight, gated, res, *norm_args)
-        elif dense_float or quantized_prefill or tinygemm:
+        elif dense_float or quantized_prefill or dense_copy:
             # cuBLAS / the CPU's BLAS / tinygemm, the fusions left to torch (Inductor); int4_mma takes
             # the norm (as the sparse GEMV would) and the residual itself
             x_in = gated_input(rows) if gated else rows
             if mma_call:
                 out = int4_mma(x_in, self.int4mma_words, self.int4mma_scales, self.int4mma_zeros, res, *norm_args)
-            elif tinygemm:
+            elif dense_copy:
                 out = int4pack_mm(x_in, self.int4pack_weight, self.int4pack_scales_zeros, self.group_size)
             elif quantized_prefill and n_rows <= self.quant_gemm_rows:
                 out = quant_gemm(x_in.contiguous(), self.weight, *self._quant_args(), self.group_size)
