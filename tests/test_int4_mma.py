@@ -210,7 +210,7 @@ def test_the_kernel_matches_float64_at_every_config(k: int, n: int, m: int) -> N
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n + m)).to(torch.bfloat16).cuda()
     packed = im.pack(w, scales, zeros)
     configs = {im.config_for(k, n), *(im.MmaConfig(kw, mw, r) for kw in (1, 2, 4, 8, 16) for mw in (1, 2)
-                                      for r in (1, 2))}
+                                      for r in (1, 2) if kw * mw <= 16)}  # up to 16 warps, as the lab runs
     ran = 0
     for cfg in configs:
         if n % cfg.rows == 0 and (k // 128) % cfg.k_warps == 0:
