@@ -123,7 +123,8 @@ def pack(w: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor, Tens
 
 
 def unpack_codes(words: Tensor) -> Tensor:
-    """pack's words -> the int4 codes [N, K] (int64): the inverse of its layout, for tests."""
+    """pack's words -> the int4 codes [N, K] (int64): the inverse of its layout (the CPU reference
+    reads the copy through it; tests check pack with it)."""
     tiles, groups = words.shape[:2]
     n, k = tiles * TILE_ROWS, groups * GROUP
     flat = (words.to(torch.int64) & 0xFFFFFFFF).reshape(tiles, groups, 32 * WORDS_A_LANE).cpu()
@@ -140,13 +141,13 @@ def int4_mma_reference(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, 
     """What int4_mma computes, in float32 from the packed copy (the CPU's implementation of the op):
     W[n, k] = (q - 8) * scales[n, k // 128] + zeros[n, k // 128]; the input rms_normed(x) with a norm
     weight, else x; out = input @ W^T rounded to x's dtype, then + residual (rounded again)."""
-    from teal_kernels.reference import rms_normed
+    from teal_kernels.reference import dequantize_weight, rms_normed
 
-    codes = unpack_codes(words).to(x.device)
-    weight = ((codes.float() - 8.0).view(codes.shape[0], -1, GROUP) * scales[:, :, None]
-              + zeros[:, :, None]).view_as(codes)
+    codes = unpack_codes(words).t().to(x.device)  # [K, N]
+    ours = (codes[:, 0::2] | codes[:, 1::2] << 4).to(torch.uint8)  # back to our layout, the format's one definition
+    weight = dequantize_weight(ours, scales.t(), zeros.t(), GROUP)  # [K, N] float32
     inputs = x if norm_weight is None else rms_normed(x, norm_weight, eps)
-    out = (inputs.float() @ weight.t()).to(x.dtype)
+    out = (inputs.float() @ weight).to(x.dtype)
     return out if residual is None else out + residual
 
 

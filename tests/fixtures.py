@@ -38,6 +38,24 @@ def random_int4(k: int, n: int, group_size: int, seed: int = 0) -> tuple[torch.T
     return w.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE)
 
 
+@torch.no_grad()
+def int4_fused_decode_logits(group_size: int, compiled: bool = False) -> tuple[Transformer, torch.Tensor]:
+    """A tiny int4 model (seed 1, bf16) on CUDA with the fused decode path installed (so the decode
+    switches in the environment are read now): the model and its float64 logits for one decode step
+    after an 8-token prefill, the step through torch.compile(fullgraph=True) if `compiled`."""
+    from decode import install_fused_decode
+    from quantize import quantize_model
+
+    model = tiny_model(seed=1, dim=128, intermediate_size=256).to(torch.bfloat16)
+    quantize_model(model, "int4", group_size)
+    model = install_fused_decode(model.cuda())
+    model.setup_caches(1, 16)
+    idx = torch.randint(model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)).cuda()
+    model(idx, torch.arange(8, device="cuda"))
+    step = torch.compile(model, fullgraph=True) if compiled else model
+    return model, step(idx[:, -1:], torch.tensor([8], device="cuda")).double()
+
+
 def recorded_calls(monkeypatch, module, name: str) -> list:
     """Replace module.name by a wrapper that records the shape of each call's first argument and still
     calls the original; returns the record."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures import tiny_model
+from fixtures import int4_fused_decode_logits, random_int4, tiny_model
 
+import linear
 from linear import INT4_MMA_ENV, TINYGEMM_ENV, PackedLinear, attach_int4pack, pack_model, packed_projections
 from model import RMSNorm
 from quantize import quantize_model
@@ -22,12 +23,9 @@ from teal_kernels.ops import int4_mma
 from teal_kernels.reference import dequantize_weight, gated_input, rms_normed
 
 
-def _int4(k: int, n: int, seed: int = 0, group: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randint(0, 256, (k, n // 2), generator=g, dtype=torch.uint8)
-    scales = torch.rand(k // group, n, generator=g) * 0.02 + 0.001
-    zeros = torch.randn(k // group, n, generator=g) * 0.01
-    return w, scales, zeros
+def _int4(k: int, n: int, seed: int = 0, group: int = 128) -> tuple[torch.Tensor, ...]:
+    """fixtures.random_int4 on the CPU (the kernel's tests move it themselves)."""
+    return tuple(t.cpu() for t in random_int4(k, n, group, seed))
 
 
 def _codes(w: torch.Tensor) -> torch.Tensor:
@@ -121,7 +119,7 @@ def _layer(k: int = 256, splits: tuple[int, ...] = (32, 16), group: int = 128) -
 
 
 @torch.no_grad()
-def test_dense_decode_calls_take_the_mma_copy_and_sparse_ones_do_not() -> None:
+def test_dense_decode_calls_take_the_mma_copy_and_sparse_ones_do_not(monkeypatch) -> None:
     layer = _layer()
     assert layer.attach_int4pack(use_mma=True)
     assert layer.int4mma_words is not None and layer.int4pack_weight is None
@@ -142,10 +140,10 @@ def test_dense_decode_calls_take_the_mma_copy_and_sparse_ones_do_not() -> None:
     one = x[:1]
     assert torch.equal(layer(one, norm=norm), layer(norm(one)))
     assert torch.equal(layer(x, norm=norm), layer(norm(x)))
-    calls = []
-    with torch.library._scoped_library("teal", "FRAGMENT") as lib:  # what reaches the op at one row
-        lib.impl("int4_mma", lambda *args: calls.append(args) or im.int4_mma_reference(*args), "CPU")
-        layer(one, norm=norm, residual=residual)
+
+    calls = []  # what reaches the op at one row: the residual and the norm's weight
+    monkeypatch.setattr(linear, "int4_mma", lambda *args: calls.append(args) or int4_mma(*args))
+    layer(one, norm=norm, residual=residual)
     assert len(calls) == 1 and calls[0][4] is not None and calls[0][5] is norm.weight
     # TEAL's sparse calls keep our kernel and its layout: the same output as a layer without the copy
     plain = _layer()
@@ -244,19 +242,12 @@ def test_the_kernels_norm_and_residual_are_the_references(m: int) -> None:
 def test_a_compiled_decode_step_with_the_mma_copy_matches_tinygemms(monkeypatch) -> None:
     """A tiny int4-g128 model's dense decode logits through the fused path (torch.compile, the op),
     with the mma copy and with tinygemm's: the same weights, so about tinygemm's bf16 scales apart."""
-    from decode import install_fused_decode
 
     def logits(switch: str) -> torch.Tensor:
         monkeypatch.setenv(INT4_MMA_ENV, switch)
-        model = tiny_model(seed=1, dim=128, intermediate_size=256).to(torch.bfloat16)
-        quantize_model(model, "int4", 128)
-        model = install_fused_decode(model.cuda())
+        model, out = int4_fused_decode_logits(128, compiled=True)
         assert all((m.int4mma_words is not None) == (switch == "1") for m in packed_projections(model).values())
-        model.setup_caches(1, 16)
-        idx = torch.randint(model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)).cuda()
-        model(idx, torch.arange(8, device="cuda"))
-        step = torch.compile(model, fullgraph=True)
-        return step(idx[:, -1:], torch.tensor([8], device="cuda")).double()
+        return out
 
     mma_logits, tiny = logits("1"), logits("0")
     assert (mma_logits - tiny).norm() / tiny.norm() < 0.02

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures import DEVICE, needs_cuda, tiny_model
+from fixtures import DEVICE, int4_fused_decode_logits, needs_cuda, tiny_model
 
 import teal_kernels.speed_table as st
 from linear import TINYGEMM_ENV, PackedLinear, attach_int4pack, pack_model, packed_projections
@@ -155,18 +155,12 @@ def test_the_speed_table_compares_the_sparse_kernel_with_tinygemm(monkeypatch) -
 def test_a_decode_step_with_the_copy_stays_close_to_our_kernel(monkeypatch) -> None:
     """A tiny int4 model's dense decode logits, through tinygemm and through our kernel: the copy's
     bf16 scales move them by about the quantization's own rounding, not more."""
-    from decode import install_fused_decode
 
     def logits(switch: str) -> torch.Tensor:
         monkeypatch.setenv(TINYGEMM_ENV, switch)
-        model = tiny_model(seed=1, dim=128, intermediate_size=256).to(torch.bfloat16)
-        quantize_model(model, "int4", 32)
-        model = install_fused_decode(model.cuda())
+        model, out = int4_fused_decode_logits(32)
         assert all((m.int4pack_weight is not None) == (switch == "1") for m in packed_projections(model).values())
-        model.setup_caches(1, 16)
-        idx = torch.randint(model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)).cuda()
-        model(idx, torch.arange(8, device="cuda"))
-        return model(idx[:, -1:], torch.tensor([8], device="cuda")).double()
+        return out
 
     ours, tiny = logits("0"), logits("1")
     assert (tiny - ours).norm() / ours.norm() < 0.02
