@@ -176,10 +176,11 @@ ATTENTION_O_MAX_CACHE = 384
 # On by default; TEAL_INT4_TINYGEMM=0 turns it off (no copy: 0.5 byte a weight less).
 TINYGEMM_ENV = "TEAL_INT4_TINYGEMM"
 # TEAL_INT4_MMA=1: int4-g128 layers get teal_kernels/int4_mma.py's copy instead of tinygemm's (the same
-# bytes, scales and zeros in float32), and their dense decode calls run on tensor cores from Gluon:
-# per 8B matrix its lab version took 59.6 us a layer against tinygemm's 68.8 (H100, 2026-12-05,
-# results/int4_mma_2026_12_05/). Off until measured end to end (phase int4_mma); other group sizes
-# and Tritons without Gluon keep tinygemm's copy.
+# bytes, scales and zeros in float32), and their dense decode calls run on tensor cores from Gluon.
+# End to end (H100, 2026-12-05, Llama-3-8B int4-g128 + int8 head, results/int4_mma_2026_12_05b/ run 7):
+# 382.9 / 383.0 tok/s dense against tinygemm's 346.8 (alternating), 387.9 / 387.4 at 50% against 368.7;
+# gpt-fast's int4 329.1 beside 382.5 in another run. Off until the kernel's row-invariant sums (changed
+# after that run) have passed the GPU tests; other group sizes and Tritons without Gluon keep tinygemm's.
 INT4_MMA_ENV = "TEAL_INT4_MMA"
 
 
@@ -351,7 +352,7 @@ class PackedLinear(nn.Module):
         n_rows = x.numel() // x.shape[-1]
         # a dense int4 decode call of a layer with a dense copy (attach_int4pack: tinygemm's or int4_mma's)
         dense_copy = (self.has_dense_int4_copy and not sparse and n_rows <= MAX_BATCH and x.dtype == torch.bfloat16)
-        mma_call = dense_copy and self.int4mma_words is not None  # int4_mma takes the norm and the residual
+        mma_call = dense_copy and self.int4mma_words is not None  # int4_mma takes the residual (and the norm)
         kernel_rows = self.quantized_kernel_rows if x.device.type == "cuda" and not sparse else MAX_BATCH
         decode_kernel = not dense_float and not dense_copy and n_rows <= kernel_rows and x.dtype in KERNEL_DTYPES
         preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
@@ -362,9 +363,13 @@ class PackedLinear(nn.Module):
         # or teal::quant_gemm up to quant_gemm_rows rows (QUANT_GEMM_ROWS)
         quantized_prefill = (self.fmt != "fp" and not sparse and not decode_kernel and not dense_copy
                              and x.device.type == "cuda" and x.dtype in KERNEL_DTYPES)
-        norm_taker = (x.device.type == "cuda" and decode_kernel) or mma_call  # the norm as the sparse GEMV's
-        kernel_norm = (x.device.type == "cuda" and preload) or (
-            norm_taker and sparse_kernel_takes_norm(self.fmt, n_rows, norm_in_sparse_kernel))
+        # the norm in the kernel: the sparse GEMV's as sparse_kernel_takes_norm says; int4_mma's only when
+        # asked (TEAL_FUSED_NORM=1): every program's statistics and the normed B cost it 13-30% on q|k|v and
+        # gate|up (H100, 2026-12-05, results/int4_mma_2026_12_05b/), more than the norm's own kernel
+        kernel_norm = ((x.device.type == "cuda" and preload)
+                       or (x.device.type == "cuda" and decode_kernel
+                           and sparse_kernel_takes_norm(self.fmt, n_rows, norm_in_sparse_kernel))
+                       or (mma_call and norm_in_sparse_kernel is True and n_rows <= MAX_BATCH))
         if norm is not None and not kernel_norm:
             x, norm = norm(x), None
         rows = x.reshape(-1, x.shape[-1])
@@ -375,7 +380,7 @@ class PackedLinear(nn.Module):
             out = dense_gemv(rows, self.weight, gated, res, *norm_args)
         elif dense_float or quantized_prefill or dense_copy:
             # cuBLAS / the CPU's BLAS / tinygemm, the fusions left to torch (Inductor); int4_mma takes
-            # the norm (as the sparse GEMV would) and the residual itself
+            # the residual itself (and the norm where kernel_norm says)
             x_in = gated_input(rows) if gated else rows
             if mma_call:
                 out = int4_mma(x_in, self.int4mma_words, self.int4mma_scales, self.int4mma_zeros, res, *norm_args)

@@ -1,10 +1,12 @@
 """Dense int4-g128 products of 1-8 rows on tensor cores (a Gluon kernel), for dense int4 decode calls.
 
 Why: tinygemm (teal_kernels/tinygemm.py), which dense int4 decode calls ran through, reads a Llama-3-8B
-layer at ~2 TB/s. This kernel took 59.6 µs a layer against tinygemm's 68.8 on an H100 (q|k|v 9.4 /
-10.2, o 7.2 / 7.0, gate|up 27.4 / 33.0, down 15.6 / 18.6; benchmarks/int4_mma_lab.py,
-results/int4_mma_2026_12_05/). A CUDA-core GEMV on a copy laid out for it lost to tinygemm on every
-matrix (int4_kpacked_lab.py): converting and multiplying on CUDA cores takes 5-7 instructions a weight.
+layer at ~2 TB/s. On an H100 (2026-12-05, benchmarks/int4_mma_lab.py, results/int4_mma_2026_12_05b/)
+this kernel took 62.4 µs a layer at one row against tinygemm's 68.2 (58.5 at each matrix's best config,
+which config_for now picks), 78.0 against 93.0 at 4 rows; end to end (Llama-3-8B int4-g128 + int8
+head) 382.9 / 383.0 tok/s against tinygemm's 346.8, and 382.5 against gpt-fast's int4 329.1 in one run.
+A CUDA-core GEMV on a copy laid out for it lost to tinygemm on every matrix (int4_kpacked_lab.py):
+converting and multiplying on CUDA cores takes 5-7 instructions a weight.
 
 How:
 - out^T = W x^T as mma.m16n8k16 (bf16 in, float32 sums): A = 16 output rows x 16 K of weights, in
@@ -17,23 +19,32 @@ How:
 - A word holds four K pairs: bits 4p..4p+3 and 16+4p..19+4p hold the codes of K = 32p + 2j and 32p +
   2j + 1 of the group. One shift, one LOP3 (to 0x4300 | q, the bf16 128 + q) and one bf16x2
   subtraction of 136 make a register of A, exactly q - 8: 1.4 instructions a weight.
-  - Local sm_90 SASS (triton 3.6): 2.7-3.0 instructions a weight in the loop (3.6-5.0 with the norm),
-    no shared memory, no barriers.
+  - Local sm_90 SASS (triton 3.6), one row: 2.3-3.3 instructions a weight in the loop (2.3 at four
+    tiles a warp; 3.2-3.3 at one), no shared memory, no barriers; 2-8 rows: 2.7-4.4.
 - Each group's float32 partial is scaled once: acc += s * part + z * sum(x over the group).
-  - sum(x) comes from the tensor cores too: one more mma of B with an A of ones (CUDA-core sums of
-    B's registers took 44 FADDs and their conversions a group: 5.1 instructions a weight instead
-    of 3.7 at the time, local SASS).
+  - sum(x) over the group from CUDA cores: 16 values a lane and three shuffles, laid out so that the
+    sums land in C's columns. The one-row path (ONE_ROW) and the 2-8-row path add a row's values in the
+    same order, and config_for keeps one row's K warps at any M: a row's output has the same bits alone
+    or among others, which self-speculation's verify needs. An mma of B with an A of ones (the first
+    version) put 2-8 rows' sums on the tensor cores but rounded apart from the one-row sums; with it
+    o and down ran 9.0 / 17.0 µs at one row against 6.6 / 15.4 with CUDA-core sums of 4 values a lane
+    (H100). This layout (16 a lane: 212 loop instructions against 180 at one tile a warp, local SASS)
+    has not run on a GPU yet.
   - So the product is the reference's (W = (q - 8) s + z, teal_kernels/reference.py) up to float32
     summation order, as in every kernel of ours.
 - A program's warps form a [K warps, row warps] grid. The K warps take consecutive runs of the
   program's groups, and their sums meet once in shared memory. So a program has warps enough
   without partial sums in global memory, and one launch is the whole product.
-- Launch configs (`config_for`): a rule that picks the measured winner on every Llama-3-8B matrix.
+- Launch configs (`config_for`): a rule that picks the measured one-row winner on every Llama-3-8B
+  matrix.
+- The RMSNorm in the prologue (each program's statistics over all of K, the normed B) is there but
+  off unless asked (TEAL_FUSED_NORM=1): it cost q|k|v 12.1 against 10.7 µs and gate|up 38.4 against
+  29.6 (H100), more than the norm's own kernel; end to end 318 tok/s against 351 without it.
 - Programmatic dependent launch (TEAL_PDL, as the GEMVs): the first group's weights are requested
   before the kernel waits for the previous one, and the next may launch once the loop is done.
 
 Only group 128 and bf16 activations. PackedLinear attaches this copy in place of tinygemm's where the
-shape fits and TEAL_INT4_MMA is on (linear.py decides).
+shape fits and TEAL_INT4_MMA is on (linear.py decides; off until this version's sums have run on a GPU).
 """
 from __future__ import annotations
 
@@ -62,7 +73,8 @@ class MmaConfig(NamedTuple):
 
 
 TARGET_WARPS = 4096  # warps a launch aims at (~31 an SM of an H100 / H200): the measured winners run 1536-4096
-WIDE = 6144  # outputs from which a warp holds two 16-row tiles (x's loads and sums shared by both)
+WIDE = 6144  # outputs from which a warp holds two 16-row tiles at 2-8 rows (x's loads and sums shared by both)
+WIDE_ONE_ROW = 16384  # ... four tiles at one row
 
 
 def fits(k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
@@ -70,18 +82,22 @@ def fits(k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and group_size == GROUP and k % GROUP == 0 and n % TILE_ROWS == 0
 
 
-def config_for(k: int, n: int) -> MmaConfig:
-    """The launch for a [K, N] matrix, by a rule that gives the fastest of 16 configs on each
-    Llama-3-8B matrix (H100, 2026-12-05, results/int4_mma_2026_12_05/ run 3: q|k|v (8, 1, 2), o
-    (16, 1, 1), gate|up (4, 1, 2), down (16, 1, 1)): two 16-row tiles a warp from WIDE outputs, one
-    below; then the most K warps (up to 16, dividing the groups) that leave each at least two groups
-    a tile it holds and keep the launch within TARGET_WARPS warps."""
-    tiles_a_warp = 2 if n >= WIDE and n % (2 * TILE_ROWS) == 0 else 1
+def config_for(k: int, n: int, m: int = 1) -> MmaConfig:
+    """The launch for a [K, N] matrix and m rows of x, by a rule that gives the fastest config on each
+    Llama-3-8B matrix at one row (H100, 2026-12-05, results/int4_mma_2026_12_05b/): q|k|v (8, 1, 1), o
+    (16, 1, 1), gate|up (4, 1, 4), down (16, 1, 1). Four 16-row tiles a warp from WIDE_ONE_ROW outputs,
+    one below; then the most K warps (up to 16, dividing the groups) that leave each at least two
+    groups a tile it holds and keep the launch within TARGET_WARPS warps. At 2-8 rows two tiles a warp
+    from WIDE outputs (fewer registers a row of x), with one row's K warps: a row's output then adds
+    its groups in the same order at any M (self-speculation's verify rounds as the one-row step)."""
+    tiles_a_warp = 4 if n >= WIDE_ONE_ROW and n % (4 * TILE_ROWS) == 0 else 1
     groups, programs = k // GROUP, n // (TILE_ROWS * tiles_a_warp)
     k_warps = 1
     while (k_warps < 16 and groups % (2 * k_warps) == 0 and groups // (2 * k_warps) >= 2 * tiles_a_warp
            and programs * 2 * k_warps <= TARGET_WARPS):
         k_warps *= 2
+    if m > 1:
+        tiles_a_warp = 2 if n >= WIDE and n % (2 * TILE_ROWS) == 0 else 1
     return MmaConfig(k_warps, 1, tiles_a_warp)
 
 
@@ -202,11 +218,13 @@ def _kernel():
     @gluon.jit
     def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, nw_ptr, eps, M, K, N,
                          KW: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, RESIDUAL: gl.constexpr,
-                         NORM: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr,
-                         LOAD: gl.constexpr, WORDS: gl.constexpr, XN: gl.constexpr, XCHUNK: gl.constexpr):
+                         NORM: gl.constexpr, ONE_ROW: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
+                         B: gl.constexpr, LOAD: gl.constexpr, WORDS: gl.constexpr, XN: gl.constexpr,
+                         XS: gl.constexpr, XS8: gl.constexpr, XCHUNK: gl.constexpr):
         """out[m, n] = sum_k x[m, k] W[k, n] (+ res[m, n] with RESIDUAL) for ROWS outputs n of this
         program and every m < M; with NORM, x is the residual stream and the input is model.RMSNorm's
-        output (nw the norm's weight), rounded as the unfused model rounds it."""
+        output (nw the norm's weight), rounded as the unfused model rounds it. ONE_ROW (M == 1): x in
+        all of B's columns (unmasked loads) and each group's sum of x on CUDA cores, as the lab kernel."""
         pid = gl.program_id(0)
         NG = K // 128
         g_per = NG // KW  # groups a K warp
@@ -219,13 +237,24 @@ def _kernel():
         bm = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, B)))
         b_ok = (bm < M)[None, None, :]
         acc = gl.zeros([KW, ROWS, 8], gl.float32, MMA)
-        ones = gl.full([KW, ROWS, 32], 1.0, gl.bfloat16, A)
         # loop-invariant addresses, offset by the group each step (the compiler folds the planes' constant
         # offsets into the loads): 15-20% fewer instructions in the loop than addresses rebuilt a group
         w_first = _word_pointers(w_ptr, pid * (ROWS // 16), g_first, NG, KW, ROWS // 16, LOAD)
         gb_first = gl.convert_layout(g_first, bkw.type.layout)
-        x_first = x_ptr + (gb_first * 128)[:, None, None] + bk[None, :, None] + bm[None, None, :] * K  # [KW, 32, 8]
+        # [KW, 32, 8]: column m = row m of x; at one row every column is row 0
+        x_first = x_ptr + (gb_first * 128)[:, None, None] + bk[None, :, None] + bm[None, None, :] * (0 if ONE_ROW else K)
         nw_first = nw_ptr + (gb_first * 128)[:, None] + bk[None, :]  # [KW, 32]
+        # one row: each K warp's group of x whole ([KW, 128], 16 values a lane), for its sum
+        xs_kw = gl.arange(0, KW, layout=gl.SliceLayout(1, XS))
+        xs_k = gl.arange(0, 128, layout=gl.SliceLayout(0, XS))
+        xs_offs = (gl.convert_layout(g_first, xs_kw.type.layout) * 128)[:, None] + xs_k[None, :]
+        # more rows: the same [KW, 8, 128], each row of x laid out as one row's (so its sums are ONE_ROW's)
+        x8_kw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, XS8)))
+        x8_m = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, XS8)))
+        x8_k = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, XS8)))
+        nw8_offs = (gl.convert_layout(g_first, x8_kw.type.layout) * 128)[:, None, None] + x8_k[None, None, :]
+        x8_offs = nw8_offs + (x8_m * K)[None, :, None]
+        x8_ok = (x8_m < M)[None, :, None]
         s_first = s_ptr + rows[None, :] * NG + g_first[:, None]  # [KW, ROWS]
         z_first = z_ptr + rows[None, :] * NG + g_first[:, None]
         nxt = _words(w_first, KW, ROWS, WORDS)
@@ -240,37 +269,62 @@ def _kernel():
                              mask=(rm < M)[:, None] & (k0 + rk < K)[None, :], other=0.0).to(gl.float32)
                 squares += xv * xv
             inv_rms = 1.0 / gl.sqrt_rn(gl.sum(squares, axis=1) / K + eps)
+            inv_rms1 = gl.sum(gl.where(rm == 0, inv_rms, 0.0), axis=0)  # row 0's, for ONE_ROW's sums of x
+            inv_rms8 = gl.convert_layout(inv_rms, x8_m.type.layout)
             inv_rms = gl.convert_layout(inv_rms, gl.SliceLayout(0, gl.SliceLayout(1, B)))
         for i in range(g_per):
             words = nxt  # this group's words; the next group's load goes out before the math
             nxt = _words(w_first + gl.minimum(i + 1, g_per - 1) * 256, KW, ROWS, WORDS)
             x_group = x_first + i * 128
             part = gl.zeros([KW, ROWS, 8], gl.float32, MMA)
-            x_sum = gl.zeros([KW, ROWS, 8], gl.float32, MMA)  # every row: the group's sum of x, a column a row of x
             for p in gl.static_range(4):
                 lo, hi = _to_bf16_pair(words, p)
                 a = gl.convert_layout(gl.reshape(gl.join(lo, hi), [KW, ROWS, 32]), A, assert_trivial=True)
-                b = gl.load(x_group + p * 32, mask=b_ok, other=0.0)  # [KW, 32, 8]: column m = row m of x
+                if ONE_ROW:
+                    b = gl.load(x_group + p * 32)
+                else:
+                    b = gl.load(x_group + p * 32, mask=b_ok, other=0.0)
                 if NORM:  # weight * (x / rms rounded to bf16), rounded: model.RMSNorm's bf16 output
                     nw = gl.load(nw_first + (i * 128 + p * 32)).to(gl.float32)
                     normed = (b.to(gl.float32) * inv_rms[None, None, :]).to(gl.bfloat16).to(gl.float32)
                     b = (nw[:, :, None] * normed).to(gl.bfloat16)
                 part = mma_v2(a, b, part)
-                x_sum = mma_v2(ones, b, x_sum)  # on tensor cores: fewer instructions than sums on CUDA cores
             s = gl.load(s_first + i)  # [KW, ROWS]
             z = gl.load(z_first + i)
-            acc += part * s[:, :, None] + z[:, :, None] * x_sum
+            # the group's sum of (normed) x: 16 values a lane and three shuffles, the same order at any M
+            if ONE_ROW:
+                xv = gl.load(x_ptr + xs_offs + i * 128).to(gl.float32)
+                if NORM:
+                    nwv = gl.load(nw_ptr + xs_offs + i * 128).to(gl.float32)
+                    xv = (nwv * (xv * inv_rms1).to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16).to(gl.float32)
+                x_sums = gl.convert_layout(gl.sum(xv, axis=1), gl.SliceLayout(1, L2))[:, None, None]  # [KW, 1, 1]
+            else:
+                xv8 = gl.load(x_ptr + x8_offs + i * 128, mask=x8_ok, other=0.0).to(gl.float32)  # [KW, 8, 128]
+                if NORM:
+                    nwv8 = gl.load(nw_ptr + nw8_offs + i * 128).to(gl.float32)
+                    xv8 = (nwv8 * (xv8 * inv_rms8[None, :, None]).to(gl.bfloat16).to(gl.float32)
+                           ).to(gl.bfloat16).to(gl.float32)
+                # [KW, 1, 8]: a column a row of x
+                x_sums = gl.convert_layout(gl.sum(xv8, axis=2), gl.SliceLayout(1, MMA))[:, None, :]
+            acc += part * s[:, :, None] + z[:, :, None] * x_sums  # one expression at any M: the same roundings
         if PDL:
             _grid_dependency(False)
-        out = gl.sum(acc, axis=0).to(gl.bfloat16)  # [ROWS, 8]: the K warps meet
-        o_rows = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA)))
-        o_cols = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
-        o_offs = o_cols[None, :] * N + o_rows[:, None]
-        o_ok = (o_cols < M)[None, :]
-        if RESIDUAL:  # the product rounded first, then the sum (the unfused model's order)
-            res = gl.load(res_ptr + o_offs, mask=o_ok, other=0.0)
-            out = (out.to(gl.float32) + res.to(gl.float32)).to(gl.bfloat16)
-        gl.store(out_ptr + o_offs, out, mask=o_ok)
+        if ONE_ROW:  # column 0 only, then the K warps meet (a row of ROWS values through shared memory)
+            o_cols1 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, MMA)))
+            out1 = gl.sum(gl.sum(gl.where(o_cols1[None, None, :] == 0, acc, 0.0), axis=2), axis=0).to(gl.bfloat16)
+            if RESIDUAL:
+                out1 = (out1.to(gl.float32) + gl.load(res_ptr + rows).to(gl.float32)).to(gl.bfloat16)
+            gl.store(out_ptr + rows, out1)
+        else:
+            out = gl.sum(acc, axis=0).to(gl.bfloat16)  # [ROWS, 8]: the K warps meet
+            o_rows = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA)))
+            o_cols = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
+            o_offs = o_cols[None, :] * N + o_rows[:, None]
+            o_ok = (o_cols < M)[None, :]
+            if RESIDUAL:  # the product rounded first, then the sum (the unfused model's order)
+                res = gl.load(res_ptr + o_offs, mask=o_ok, other=0.0)
+                out = (out.to(gl.float32) + res.to(gl.float32)).to(gl.bfloat16)
+            gl.store(out_ptr + o_offs, out, mask=o_ok)
 
     return _int4_mma_kernel, gl
 
@@ -294,8 +348,21 @@ def _layouts(cfg: MmaConfig) -> dict:
     # the norm's statistics: 8 rows (M of them real) x 128 K a warp, 4 contiguous values a lane
     xn = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32],
                           warps_per_cta=[1, cfg.k_warps * cfg.row_warps], order=[1, 0])
+    # a group's sums of x: 8 rows (column m of C = row m of x: a register and lane bits 0-1, as C's
+    # columns, so the sums land where C's columns are) x 128 K a K warp (16 a lane, lane bits 2-4);
+    # one row: the same without the rows (lane bits 0-1 repeat), so a row's sum adds its values in the
+    # same order at any M (self-speculation's verify rounds as the one-row step)
+    kw_warps = [[1 << i, 0] for i in range(bits(cfg.k_warps))]
+    xs = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]],
+                                    lane_bases=[[0, 0], [0, 0], [0, 16], [0, 32], [0, 64]],
+                                    warp_bases=[[0, 0]] * bits(cfg.row_warps) + kw_warps,
+                                    block_bases=[], shape=[cfg.k_warps, 128])
+    xs8 = gl.DistributedLinearLayout(reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 1, 0]],
+                                     lane_bases=[[0, 2, 0], [0, 4, 0], [0, 0, 16], [0, 0, 32], [0, 0, 64]],
+                                     warp_bases=[[0, 0, 0]] * bits(cfg.row_warps) + [[w, 0, 0] for w, _ in kw_warps],
+                                     block_bases=[], shape=[cfg.k_warps, 8, 128])
     return dict(MMA=mma, A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
-                B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2), LOAD=load, WORDS=words, XN=xn,
+                B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2), LOAD=load, WORDS=words, XN=xn, XS=xs, XS8=xs8,
                 XCHUNK=128 * cfg.k_warps * cfg.row_warps)
 
 
@@ -327,7 +394,7 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: 
     if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != x.dtype):
         raise ValueError(f"int4_mma's norm weight must be bf16 [{k}], got {norm_weight.dtype} "
                          f"{tuple(norm_weight.shape)}")
-    cfg = config or config_for(k, n)
+    cfg = config or config_for(k, n, m)
     if n % cfg.rows or groups % cfg.k_warps:
         raise ValueError(f"int4_mma config {tuple(cfg)} needs N ({n}) a multiple of {cfg.rows} and {groups} groups "
                          f"a multiple of {cfg.k_warps}")
@@ -339,6 +406,6 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: 
     res = out if residual is None else residual.contiguous()  # an unread stand-in where there is none
     nw = x if norm_weight is None else norm_weight
     kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, res, nw, eps, m, k, n, KW=cfg.k_warps,
-                             ROWS=cfg.rows, PDL=bool(pdl), RESIDUAL=residual is not None, NORM=norm_weight is not None,
+                             ROWS=cfg.rows, PDL=bool(pdl), RESIDUAL=residual is not None, NORM=norm_weight is not None, ONE_ROW=m == 1,
                              num_warps=cfg.k_warps * cfg.row_warps, **_layouts(cfg), **pdl)
     return out

@@ -98,18 +98,23 @@ def test_pack_and_the_kernel_refuse_what_they_do_not_take() -> None:
 
 @pytest.mark.parametrize("k, n", [(4096, 12288), (11008, 4096), (4096, 22016), (2048, 3072), (2048, 2048),
                                   (8192, 2048), (3072, 5120), (128, 16), (5120, 1280), (8192, 7168)])
-def test_every_config_fits_its_shape(k: int, n: int) -> None:
+@pytest.mark.parametrize("m", [1, 4])
+def test_every_config_fits_its_shape(k: int, n: int, m: int) -> None:
     """The rule gives a launch the kernel takes on shapes nobody measured (Llama-2-7B, Llama-3.2-1B / 3B,
-    70B shards, tiny ones): rows dividing N, K warps dividing the groups, <= 16, within the warp target."""
-    cfg = im.config_for(k, n)
+    70B shards, tiny ones): rows dividing N, K warps dividing the groups, <= 16, within the warp target;
+    at any M one row's K warps (a row's groups added in the same order)."""
+    cfg = im.config_for(k, n, m)
     assert n % cfg.rows == 0 and (k // 128) % cfg.k_warps == 0 and 1 <= cfg.k_warps <= 16
     assert (n // cfg.rows) * cfg.k_warps <= im.TARGET_WARPS or cfg.k_warps == 1
+    assert cfg.k_warps == im.config_for(k, n, 1).k_warps
 
 
 def test_the_rule_picks_the_measured_winners() -> None:
-    """The fastest of 16 configs per Llama-3-8B matrix (H100, results/int4_mma_2026_12_05/ run 3)."""
-    measured = {(4096, 6144): (8, 1, 2), (4096, 4096): (16, 1, 1), (4096, 28672): (4, 1, 2), (14336, 4096): (16, 1, 1)}
+    """The fastest config per Llama-3-8B matrix at one row (H100, results/int4_mma_2026_12_05b/ run 5);
+    at 4 rows q|k|v's and down's winners there have the same K warps (8, 1, 2) / (16, 1, 2)."""
+    measured = {(4096, 6144): (8, 1, 1), (4096, 4096): (16, 1, 1), (4096, 28672): (4, 1, 4), (14336, 4096): (16, 1, 1)}
     assert {shape: tuple(im.config_for(*shape)) for shape in measured} == measured
+    assert tuple(im.config_for(4096, 6144, 4)) == (8, 1, 2)
 
 
 def _layer(k: int = 256, splits: tuple[int, ...] = (32, 16), group: int = 128) -> PackedLinear:
@@ -128,7 +133,7 @@ def test_dense_decode_calls_take_the_mma_copy_and_sparse_ones_do_not(monkeypatch
     want = int4_mma(x.view(2, 256), layer.int4mma_words, layer.int4mma_scales, layer.int4mma_zeros)
     assert torch.equal(layer(x).view(2, -1), want)
     _assert_product(want, x.view(2, 256), layer.weight, layer.scales, layer.zeros)
-    # the fusions: SiLU(gate) * up by torch; the residual and (at one row) the norm in the op, with
+    # the fusions: SiLU(gate) * up by torch; the residual (and the norm where asked) in the op, with
     # the unfused model's roundings
     gate_up = torch.randn(1, 1, 512, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     residual = torch.randn(1, 1, 48, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
@@ -140,11 +145,15 @@ def test_dense_decode_calls_take_the_mma_copy_and_sparse_ones_do_not(monkeypatch
     one = x[:1]
     assert torch.equal(layer(one, norm=norm), layer(norm(one)))
     assert torch.equal(layer(x, norm=norm), layer(norm(x)))
+    assert torch.equal(layer(x, norm=norm, norm_in_sparse_kernel=True), layer(norm(x)))
 
-    calls = []  # what reaches the op at one row: the residual and the norm's weight
+    calls = []  # what reaches the op: the residual always, the norm's weight only when asked (TEAL_FUSED_NORM=1)
     monkeypatch.setattr(linear, "int4_mma", lambda *args: calls.append(args) or int4_mma(*args))
     layer(one, norm=norm, residual=residual)
-    assert len(calls) == 1 and calls[0][4] is not None and calls[0][5] is norm.weight
+    layer(one, norm=norm, residual=residual, norm_in_sparse_kernel=True)
+    layer(x, norm=norm, norm_in_sparse_kernel=True)
+    assert len(calls) == 3 and calls[0][4] is not None and calls[0][5] is None
+    assert calls[1][4] is not None and calls[1][5] is norm.weight and calls[2][5] is norm.weight
     # TEAL's sparse calls keep our kernel and its layout: the same output as a layer without the copy
     plain = _layer()
     for m in (layer, plain):
@@ -162,12 +171,15 @@ def test_other_group_sizes_keep_tinygemms_copy() -> None:
 
 def test_the_switch_is_read_with_tinygemms(monkeypatch) -> None:
     """TEAL_INT4_MMA picks the copy on CUDA only (as TEAL_INT4_TINYGEMM, which must be on); a bad value fails."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_model(seed=1, dim=128, intermediate_size=256).to(torch.bfloat16)
     quantize_model(model, "int4", 128)
     pack_model(model)
+    model.to(device)
     monkeypatch.setenv(INT4_MMA_ENV, "1")
     expected = list(packed_projections(model)) if torch.cuda.is_available() else []
     assert attach_int4pack(model) == expected
+    assert [n for n, m in packed_projections(model).items() if m.int4mma_words is not None] == expected
     monkeypatch.setenv(TINYGEMM_ENV, "0")
     assert attach_int4pack(model) == []  # no dense copy at all
     monkeypatch.delenv(TINYGEMM_ENV)
@@ -207,14 +219,36 @@ def test_the_kernel_matches_float64_at_every_config(k: int, n: int, m: int) -> N
     w, scales, zeros = (t.cuda() for t in _int4(k, n, seed=k + m))
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n + m)).to(torch.bfloat16).cuda()
     packed = im.pack(w, scales, zeros)
-    configs = {im.config_for(k, n), *(im.MmaConfig(kw, mw, r) for kw in (1, 2, 4, 8, 16) for mw in (1, 2)
+    configs = {im.config_for(k, n, m), *(im.MmaConfig(kw, mw, r) for kw in (1, 2, 4, 8, 16) for mw in (1, 2)
                                       for r in (1, 2) if kw * mw <= 16)}  # up to 16 warps, as the lab runs
     ran = 0
     for cfg in configs:
         if n % cfg.rows == 0 and (k // 128) % cfg.k_warps == 0:
             _assert_product(im.int4_mma(x, *packed, config=cfg), x, w, scales, zeros)
             ran += 1
-    assert ran >= 2
+    assert ran >= 1  # K = 1408 (11 groups), N = 48: one K warp and 16-row programs only
+
+
+@needs_gluon
+@pytest.mark.parametrize("fusion", ["plain", "residual", "norm"])
+def test_a_rows_output_is_the_same_alone_and_among_others(fusion: str) -> None:
+    """Self-speculation's verify multiplies K + 1 rows where a plain decode step multiplies one, so
+    greedy tokens agree only if each row's output has the same bits either way (benchmarks/batch_rows.py).
+    The one-row kernel sums x apart from the 2-8-row one: the two must add in the same order."""
+    for k, n in ((4096, 6144), (2048, 2048), (1408, 4096)):
+        w, scales, zeros = (t.cuda() for t in _int4(k, n, seed=k))
+        packed = im.pack(w, scales, zeros)
+        g = torch.Generator().manual_seed(n)
+        x = (torch.randn(8, k, generator=g) * 2).to(torch.bfloat16).cuda()
+        residual = torch.randn(8, n, generator=g).to(torch.bfloat16).cuda()
+        norm_weight = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16).cuda()
+        for m in (2, 5, 8):
+            def run(rows: slice) -> torch.Tensor:
+                extra = {"plain": (), "residual": (residual[rows],), "norm": (None, norm_weight, 1e-5)}[fusion]
+                return im.int4_mma(x[rows], *packed, *extra)
+            together = run(slice(0, m))
+            for i in range(m):
+                assert torch.equal(together[i], run(slice(i, i + 1))[0]), (k, n, m, i)
 
 
 @needs_gluon
