@@ -50,11 +50,11 @@ from torch import Tensor
 from triton.runtime.jit import JITFunction
 
 from teal_kernels.attention_tiles import LOG2E, attend_tile, default_block_s, kv_tile, load_position, new_token
-from teal_kernels.reference import MAX_GROUP, validate_attention as _validate, validate_step
+from teal_kernels.reference import MAX_GROUP, env_switch, validate_attention as _validate, validate_step
 from teal_kernels.triton_gemv import cdiv, launch_options, next_power_of_2
 
 __all__ = ["INTERPRETED", "MAX_SPLITS", "decode_attention_step_triton", "decode_attention_triton",
-           "default_block_s", "default_num_splits"]
+           "block_s_for", "default_block_s", "default_num_splits"]
 
 MAX_SPLITS = 64  # stage 2 holds [MAX_SPLITS, D] fp32 partials in registers
 PROGRAMS_PER_SM = 2  # stage-1 programs to aim for per SM (D=128 bf16: ~70 KB shared memory, 135 registers)
@@ -66,6 +66,23 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return CPU_SM_COUNT
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# TEAL_ATTENTION_SHORT_TILES=1: caches of at most SHORT_CACHE positions take 16-position tiles. The
+# default (64 for D = 128 in bf16) compiles to 255 registers with spills; 16 does not. H100, one call,
+# µs a layer (results/att_tiles_2026_12_05/): 5.76 against 6.85 at 128 positions, 8.52 against 8.60 at
+# 1024, 13.28 against 12.42 at 4096. Off until an end-to-end A/B (the step's graph is captured once per
+# cache, so the tile follows the cache's size, never the position).
+SHORT_TILES_ENV = "TEAL_ATTENTION_SHORT_TILES"
+SHORT_CACHE = 1024
+
+
+def block_s_for(d: int, elem_bytes: int, s_max: int) -> int:
+    """Positions a tile for a cache of s_max positions: default_block_s, or 16 for a short cache
+    where SHORT_TILES_ENV is on."""
+    if s_max <= SHORT_CACHE and env_switch(SHORT_TILES_ENV, default="0"):
+        return 16
+    return default_block_s(d, elem_bytes)
 
 
 def default_num_splits(batch: int, n_kv: int, s_max: int, block_s: int, sm_count: int) -> int:
@@ -222,7 +239,7 @@ def _launch(q_src: Tensor, q_strides: tuple[int, int, int], cs: Tensor, fused: b
         raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
     h_kv, s_max, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     if block_s is None:
-        block_s = default_block_s(d, k_cache.element_size())
+        block_s = block_s_for(d, k_cache.element_size(), s_max)
     if block_s < 16 or block_s & (block_s - 1):
         raise ValueError(f"block_s must be a power of two >= 16 (tl.dot tile), got {block_s}.")
     if num_splits is None:
@@ -271,7 +288,7 @@ def decode_attention_triton(
     """Run the Triton kernels (on CUDA, or on CPU under TRITON_INTERPRET=1).
 
     ``num_splits`` (default ``default_num_splits``, 1..MAX_SPLITS) and ``block_s`` (positions
-    per tile, a power of two >= 16, default ``default_block_s``) are exposed for tests and
+    per tile, a power of two >= 16, default ``block_s_for``) are exposed for tests and
     tuning.  Positions outside 0..S_max-1 are clamped in the kernel (a host check would sync).
     """
     _validate(q, k_cache, v_cache, input_pos, scale)

@@ -14,7 +14,9 @@ import torch
 from fixtures import COMPILE_BACKENDS, DEVICE, HAS_CUDA, needs_cuda
 
 import benchmarks.bench_attention as bench_attention
-from teal_kernels.attention import MAX_SPLITS, decode_attention_triton, default_block_s, default_num_splits
+import teal_kernels.attention as attention
+from teal_kernels.attention import (MAX_SPLITS, SHORT_CACHE, SHORT_TILES_ENV, block_s_for, decode_attention_triton,
+                                    default_block_s, default_num_splits)
 from teal_kernels.ops import decode_attention
 from teal_kernels.reference import attention_reference as decode_attention_reference
 
@@ -95,6 +97,21 @@ def test_defaults_through_op(p):
     assert default_num_splits(1, 2, 300, 64, 132) == 4
     q, k, v = make_problem(1, 4, 2, 300, 64, torch.bfloat16, seed=p)
     assert_close_to_ref(decode_attention(q, k, v, pos_tensor(p)), q, k, v, p)
+
+
+@pytest.mark.parametrize("p", [0, 15, 16, 150, 299])
+def test_short_cache_tiles_through_op(p, monkeypatch):
+    """TEAL_ATTENTION_SHORT_TILES=1: a cache of at most SHORT_CACHE positions takes 16-position tiles
+    (and so up to one split a tile), a longer one the default; the output stays the reference's."""
+    monkeypatch.setenv(SHORT_TILES_ENV, "1")
+    assert block_s_for(128, 2, SHORT_CACHE) == 16 and block_s_for(128, 2, SHORT_CACHE + 1) == default_block_s(128, 2)
+    chosen = []  # what the launcher picked
+    monkeypatch.setattr(attention, "block_s_for", lambda *args: chosen.append(block_s_for(*args)) or chosen[-1])
+    q, k, v = make_problem(1, 4, 2, 300, 64, torch.bfloat16, seed=p)
+    assert_close_to_ref(decode_attention(q, k, v, pos_tensor(p)), q, k, v, p)
+    assert chosen == [16]
+    monkeypatch.setenv(SHORT_TILES_ENV, "0")
+    assert block_s_for(128, 2, 300) == default_block_s(128, 2)
 
 
 @pytest.mark.parametrize("s_max,p,splits", [(200, 0, 1), (200, 133, 1), (200, 199, 1), (40, 9, None), (40, 39, None)])
