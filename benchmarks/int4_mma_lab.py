@@ -32,12 +32,14 @@ from benchmarks.timing import MODEL_SHAPES, copies_for, graph_time_us, make_weig
 from files import write_report
 from teal_kernels.int4_mma import GROUP, MmaConfig, config_for, int4_mma, pack
 
-# (K warps, row warps, 16-row tiles a warp): the first H100 runs (results/int4_mma_2026_12_05/) tried
+# (K warps, row warps, 16-row tiles a warp, lookahead): the first H100 runs (results/int4_mma_2026_12_05/) tried
 # warps along the outputs with splits across programs too (float32 partials summed by torch); warps
 # along K won without partials, and the kernel now has only those.
 CONFIGS = [MmaConfig(kw, mw, r) for kw, mw, r in ((4, 1, 1), (8, 1, 1), (16, 1, 1), (4, 1, 2), (8, 1, 2), (16, 1, 2),
                                                   (4, 2, 1), (8, 2, 1), (2, 2, 2), (4, 2, 2), (2, 4, 1), (4, 4, 1),
                                                   (2, 1, 2), (2, 1, 4), (4, 1, 4), (8, 1, 4))]
+# two groups requested ahead (lookahead 2) where a warp's loop is short: 2-8 groups on the 8B matrices
+CONFIGS += [c._replace(lookahead=2) for c in CONFIGS if c.row_warps == 1 and c.k_warps >= 4]
 
 
 def fits(k: int, n: int, config: MmaConfig) -> bool:
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         best = min(r["config_us"].items(), key=lambda kv: kv[1])
         lines.append(f"| {r['M']} | {r['layer']} | {r['floor_us']:.1f} | {r['tinygemm_us']:.1f} | "
-                     f"{r['config_us'][r['config_for']]:.1f} | {r['config_for']} | {best[1]:.1f} | {best[0]} | {r['fused_us']:.1f} |")
+                     f"{r['config_us'][r['config_for']]:.1f} | {r['config_for']} | {best[1]:.1f} | {best[0]} | "
+                     f"{r['fused_us']:.1f} |")
     for m in args.rows:
         of_m = [r for r in rows if r["M"] == m]
         lines.append(f"| {m} | a layer | {sum(r['floor_us'] for r in of_m):.1f} | "

@@ -40,7 +40,11 @@ How:
 - The RMSNorm in the prologue (each program's statistics over all of K, the normed B) is there but
   off unless asked (TEAL_FUSED_NORM=1): it cost q|k|v 12.1 against 10.7 µs and gate|up 38.4 against
   29.6 (H100), more than the norm's own kernel; end to end 318 tok/s against 351 without it.
-- Programmatic dependent launch (TEAL_PDL, as the GEMVs): the first group's weights are requested
+- A warp requests a group's words, scales and zeros `lookahead` groups before it multiplies them
+  (MmaConfig; 1 in every rule's config, 2 offered to the lab for the short loops of the small
+  matrices: 2-8 groups a warp on Llama-3-8B; unmeasured, as are the scales and zeros requested with
+  the words rather than in their own group's step, as in the measured runs).
+- Programmatic dependent launch (TEAL_PDL, as the GEMVs): the first groups' weights are requested
   before the kernel waits for the previous one, and the next may launch once the loop is done.
 
 Only group 128 and bf16 activations. PackedLinear attaches this copy in place of tinygemm's where the
@@ -61,10 +65,12 @@ MAX_ROWS = 8  # rows of x: B's 8 columns
 
 
 class MmaConfig(NamedTuple):
-    """A launch: warps along K and along the outputs, 16-row tiles a warp holds."""
+    """A launch: warps along K and along the outputs, 16-row tiles a warp holds, groups of weights
+    (with their scales and zeros) a warp has requested ahead of the one it multiplies (1 or 2)."""
     k_warps: int
     row_warps: int
     tiles_a_warp: int
+    lookahead: int = 1
 
     @property
     def rows(self) -> int:
@@ -217,7 +223,8 @@ def _kernel():
 
     @gluon.jit
     def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, nw_ptr, eps, M, K, N,
-                         KW: gl.constexpr, ROWS: gl.constexpr, PDL: gl.constexpr, RESIDUAL: gl.constexpr,
+                         KW: gl.constexpr, ROWS: gl.constexpr, LOOKAHEAD: gl.constexpr, PDL: gl.constexpr,
+                         RESIDUAL: gl.constexpr,
                          NORM: gl.constexpr, ONE_ROW: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
                          B: gl.constexpr, LOAD: gl.constexpr, WORDS: gl.constexpr, XN: gl.constexpr,
                          XS: gl.constexpr, XS8: gl.constexpr, XCHUNK: gl.constexpr):
@@ -242,7 +249,8 @@ def _kernel():
         w_first = _word_pointers(w_ptr, pid * (ROWS // 16), g_first, NG, KW, ROWS // 16, LOAD)
         gb_first = gl.convert_layout(g_first, bkw.type.layout)
         # [KW, 32, 8]: column m = row m of x; at one row every column is row 0
-        x_first = x_ptr + (gb_first * 128)[:, None, None] + bk[None, :, None] + bm[None, None, :] * (0 if ONE_ROW else K)
+        x_rows = bm * (0 if ONE_ROW else K)
+        x_first = x_ptr + (gb_first * 128)[:, None, None] + bk[None, :, None] + x_rows[None, None, :]
         nw_first = nw_ptr + (gb_first * 128)[:, None] + bk[None, :]  # [KW, 32]
         # one row: each K warp's group of x whole ([KW, 128], 16 values a lane), for its sum
         xs_kw = gl.arange(0, KW, layout=gl.SliceLayout(1, XS))
@@ -257,8 +265,16 @@ def _kernel():
         x8_ok = (x8_m < M)[None, :, None]
         s_first = s_ptr + rows[None, :] * NG + g_first[:, None]  # [KW, ROWS]
         z_first = z_ptr + rows[None, :] * NG + g_first[:, None]
+        # the first LOOKAHEAD groups' weights, scales and zeros (none of them the previous kernel's output)
         nxt = _words(w_first, KW, ROWS, WORDS)
-        if PDL:  # the first group's weights are on their way while the previous kernel finishes
+        s_nxt = gl.load(s_first)  # [KW, ROWS]
+        z_nxt = gl.load(z_first)
+        if LOOKAHEAD == 2:
+            g1 = gl.minimum(1, g_per - 1)
+            nxt2 = _words(w_first + g1 * 256, KW, ROWS, WORDS)
+            s_nxt2 = gl.load(s_first + g1)
+            z_nxt2 = gl.load(z_first + g1)
+        if PDL:  # the first groups' weights are on their way while the previous kernel finishes
             _grid_dependency(True)
         if NORM:  # each row's 1 / rms over all of K: every program reads x once (K x M bf16, from L2)
             rm = gl.arange(0, 8, layout=gl.SliceLayout(1, XN))
@@ -273,8 +289,22 @@ def _kernel():
             inv_rms8 = gl.convert_layout(inv_rms, x8_m.type.layout)
             inv_rms = gl.convert_layout(inv_rms, gl.SliceLayout(0, gl.SliceLayout(1, B)))
         for i in range(g_per):
-            words = nxt  # this group's words; the next group's load goes out before the math
-            nxt = _words(w_first + gl.minimum(i + 1, g_per - 1) * 256, KW, ROWS, WORDS)
+            words = nxt  # this group's; the load of the group LOOKAHEAD on goes out before the math
+            s = s_nxt
+            z = z_nxt
+            if LOOKAHEAD == 2:
+                nxt = nxt2
+                s_nxt = s_nxt2
+                z_nxt = z_nxt2
+                g_next = gl.minimum(i + 2, g_per - 1)
+                nxt2 = _words(w_first + g_next * 256, KW, ROWS, WORDS)
+                s_nxt2 = gl.load(s_first + g_next)
+                z_nxt2 = gl.load(z_first + g_next)
+            else:
+                g_next = gl.minimum(i + 1, g_per - 1)
+                nxt = _words(w_first + g_next * 256, KW, ROWS, WORDS)
+                s_nxt = gl.load(s_first + g_next)
+                z_nxt = gl.load(z_first + g_next)
             x_group = x_first + i * 128
             part = gl.zeros([KW, ROWS, 8], gl.float32, MMA)
             for p in gl.static_range(4):
@@ -289,8 +319,6 @@ def _kernel():
                     normed = (b.to(gl.float32) * inv_rms[None, None, :]).to(gl.bfloat16).to(gl.float32)
                     b = (nw[:, :, None] * normed).to(gl.bfloat16)
                 part = mma_v2(a, b, part)
-            s = gl.load(s_first + i)  # [KW, ROWS]
-            z = gl.load(z_first + i)
             # the group's sum of (normed) x: 16 values a lane and three shuffles, the same order at any M
             if ONE_ROW:
                 xv = gl.load(x_ptr + xs_offs + i * 128).to(gl.float32)
@@ -362,8 +390,8 @@ def _layouts(cfg: MmaConfig) -> dict:
                                      warp_bases=[[0, 0, 0]] * bits(cfg.row_warps) + [[w, 0, 0] for w, _ in kw_warps],
                                      block_bases=[], shape=[cfg.k_warps, 8, 128])
     return dict(MMA=mma, A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
-                B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2), LOAD=load, WORDS=words, XN=xn, XS=xs, XS8=xs8,
-                XCHUNK=128 * cfg.k_warps * cfg.row_warps)
+                B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2), LOAD=load, WORDS=words, XN=xn,
+                XS=xs, XS8=xs8, XCHUNK=128 * cfg.k_warps * cfg.row_warps)
 
 
 def available() -> bool:
@@ -395,9 +423,9 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: 
         raise ValueError(f"int4_mma's norm weight must be bf16 [{k}], got {norm_weight.dtype} "
                          f"{tuple(norm_weight.shape)}")
     cfg = config or config_for(k, n, m)
-    if n % cfg.rows or groups % cfg.k_warps:
-        raise ValueError(f"int4_mma config {tuple(cfg)} needs N ({n}) a multiple of {cfg.rows} and {groups} groups "
-                         f"a multiple of {cfg.k_warps}")
+    if n % cfg.rows or groups % cfg.k_warps or cfg.lookahead not in (1, 2):
+        raise ValueError(f"int4_mma config {tuple(cfg)} needs N ({n}) a multiple of {cfg.rows}, {groups} groups "
+                         f"a multiple of {cfg.k_warps} and a lookahead of 1 or 2")
     from teal_kernels.triton_gemv import launch_options  # the one place PDL is decided (TEAL_PDL)
 
     kernel, _ = _kernel()
@@ -406,6 +434,7 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: 
     res = out if residual is None else residual.contiguous()  # an unread stand-in where there is none
     nw = x if norm_weight is None else norm_weight
     kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, res, nw, eps, m, k, n, KW=cfg.k_warps,
-                             ROWS=cfg.rows, PDL=bool(pdl), RESIDUAL=residual is not None, NORM=norm_weight is not None, ONE_ROW=m == 1,
-                             num_warps=cfg.k_warps * cfg.row_warps, **_layouts(cfg), **pdl)
+                             ROWS=cfg.rows, LOOKAHEAD=cfg.lookahead, PDL=bool(pdl), RESIDUAL=residual is not None,
+                             NORM=norm_weight is not None, ONE_ROW=m == 1, num_warps=cfg.k_warps * cfg.row_warps,
+                             **_layouts(cfg), **pdl)
     return out

@@ -239,18 +239,20 @@ def int4_mma_variants():
         layouts = im._layouts(cfg)
         sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16",
                "res_ptr": "*bf16", "nw_ptr": "*bf16", "eps": "fp32", "M": "i32", "K": "i32", "N": "i32",
-               "KW": "constexpr", "ROWS": "constexpr", "PDL": "constexpr", "RESIDUAL": "constexpr", "NORM": "constexpr",
-               "ONE_ROW": "constexpr", **{name: "constexpr" for name in layouts}}
+               "KW": "constexpr", "ROWS": "constexpr", "LOOKAHEAD": "constexpr", "PDL": "constexpr",
+               "RESIDUAL": "constexpr", "NORM": "constexpr", "ONE_ROW": "constexpr",
+               **{name: "constexpr" for name in layouts}}
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig)
                  if name.endswith("_ptr") or name in ("K", "N")}
-        constexprs = dict(KW=cfg.k_warps, ROWS=cfg.rows, PDL=pdl, RESIDUAL=residual, NORM=norm, ONE_ROW=one_row,
-                          **layouts)
+        constexprs = dict(KW=cfg.k_warps, ROWS=cfg.rows, LOOKAHEAD=cfg.lookahead, PDL=pdl, RESIDUAL=residual, NORM=norm,
+                          ONE_ROW=one_row, **layouts)
         return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs),
                               target=TARGET, options=dict(num_warps=cfg.k_warps * cfg.row_warps, launch_pdl=pdl))
 
     # as decode.py calls them: q|k|v and gate|up with the norm, o and down with the residual; also plain
     shapes = ((4096, 6144), (4096, 4096), (4096, 28672), (2048, 2048))
-    for cfg, one_row in dict.fromkeys((im.config_for(k, n, m), m == 1) for k, n in shapes for m in (1, 4)):
+    rules = [(im.config_for(k, n, m), m == 1) for k, n in shapes for m in (1, 4)]
+    for cfg, one_row in dict.fromkeys(rules + [(c._replace(lookahead=2), o) for c, o in rules[:2]]):
         for pdl, residual, norm in ((True, False, True), (True, True, False), (False, False, False)):
             yield (f"_int4_mma_kernel {tuple(cfg)} PDL={pdl} RESIDUAL={residual} NORM={norm} ONE_ROW={one_row} "
                    f"num_warps={cfg.k_warps * cfg.row_warps}",

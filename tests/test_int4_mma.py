@@ -112,9 +112,10 @@ def test_every_config_fits_its_shape(k: int, n: int, m: int) -> None:
 def test_the_rule_picks_the_measured_winners() -> None:
     """The fastest config per Llama-3-8B matrix at one row (H100, results/int4_mma_2026_12_05b/ run 5);
     at 4 rows q|k|v's and down's winners there have the same K warps (8, 1, 2) / (16, 1, 2)."""
-    measured = {(4096, 6144): (8, 1, 1), (4096, 4096): (16, 1, 1), (4096, 28672): (4, 1, 4), (14336, 4096): (16, 1, 1)}
+    measured = {(4096, 6144): (8, 1, 1, 1), (4096, 4096): (16, 1, 1, 1), (4096, 28672): (4, 1, 4, 1),
+                (14336, 4096): (16, 1, 1, 1)}
     assert {shape: tuple(im.config_for(*shape)) for shape in measured} == measured
-    assert tuple(im.config_for(4096, 6144, 4)) == (8, 1, 2)
+    assert tuple(im.config_for(4096, 6144, 4)) == (8, 1, 2, 1)
 
 
 def _layer(k: int = 256, splits: tuple[int, ...] = (32, 16), group: int = 128) -> PackedLinear:
@@ -219,8 +220,8 @@ def test_the_kernel_matches_float64_at_every_config(k: int, n: int, m: int) -> N
     w, scales, zeros = (t.cuda() for t in _int4(k, n, seed=k + m))
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n + m)).to(torch.bfloat16).cuda()
     packed = im.pack(w, scales, zeros)
-    configs = {im.config_for(k, n, m), *(im.MmaConfig(kw, mw, r) for kw in (1, 2, 4, 8, 16) for mw in (1, 2)
-                                      for r in (1, 2) if kw * mw <= 16)}  # up to 16 warps, as the lab runs
+    configs = {im.config_for(k, n, m), *(im.MmaConfig(kw, mw, r, ahead) for kw in (1, 2, 4, 8, 16) for mw in (1, 2)
+                                      for r in (1, 2) for ahead in (1, 2) if kw * mw <= 16)}  # <= 16 warps, as the lab
     ran = 0
     for cfg in configs:
         if n % cfg.rows == 0 and (k // 128) % cfg.k_warps == 0:
