@@ -91,6 +91,10 @@ def test_pack_and_the_kernel_refuse_what_they_do_not_take() -> None:
               torch.zeros(1, 128, dtype=torch.bfloat16)):
         with pytest.raises(ValueError, match="int4_mma needs bf16 x"):
             im.int4_mma(x, *packed)
+    one = torch.zeros(1, 256, dtype=torch.bfloat16)
+    for bad in (im.MmaConfig(4, 1, 1), im.MmaConfig(1, 1, 2), im.MmaConfig(1, 1, 1, 3)):  # 2 groups, 48 outputs
+        with pytest.raises(ValueError, match="lookahead of 1 or 2"):
+            im.int4_mma(one, *packed, config=bad)
     assert im.fits(4096, 14336, 128, torch.bfloat16)
     assert not im.fits(4096, 14336, 64, torch.bfloat16) and not im.fits(4096, 14336, 128, torch.float16)
     assert not im.fits(4096, 40, 128, torch.bfloat16) and not im.fits(4000, 64, 128, torch.bfloat16)
