@@ -717,9 +717,10 @@ case $phase in
     step 90 python3 -m benchmarks.int4_mma_lab --selftest
     step 200 python3 -m benchmarks.int4_mma_lab --rows 1 4 --out "$out/int4_mma_lab"
     ;;
-  short_tiles)  # issues 10/11: decode attention with 16-position tiles where the cache holds at most 1024 positions (TEAL_ATTENTION_SHORT_TILES=1; att_tiles_2026_12_05: 5.76 against 6.85 us a layer at 128 positions) against the default, alternating 0 / 1 / 0 / 1, int4-g128 + head through int4_mma (TEAL_INT4_MMA=1) and bf16, dense and 50%, one call (~6 min)
-    for t in 0 1 0 1; do
-      step 150 env TEAL_INT4_MMA=1 TEAL_ATTENTION_SHORT_TILES=$t python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head bf16 --sparsity 0 0.5 --decode_path fused --out "$out/decode_short_tiles${t}_$SECONDS"
+  short_tiles)  # issues 10/11: decode attention with 16-position tiles where the cache holds at most 1024 positions (TEAL_ATTENTION_SHORT_TILES=1; att_tiles_2026_12_05: 5.76 against 6.85 us a layer at 128 positions) against the default, alternating 0 / 1 / 0 / 1, int4-g128 + head through int4_mma (TEAL_INT4_MMA=1), dense and 50%, one call (~5 min; a cold machine compiles ~110 s in the first run)
+    step 200 env TEAL_INT4_MMA=1 TEAL_ATTENTION_SHORT_TILES=0 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_short_tiles0_first"
+    for t in 1 0 1; do
+      step 120 env TEAL_INT4_MMA=1 TEAL_ATTENTION_SHORT_TILES=$t python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_short_tiles${t}_$SECONDS"
     done
     ;;
   int4_mma_e2e)  # after int4_mma: int4-g128 + int8 head end to end with dense calls through int4_mma's copy (TEAL_INT4_MMA=1) against tinygemm's (0), dense and 50%, alternating, with gpt-fast's int4 (tinygemm and its int4 head) in the first run, one call (~8 min by estimate; a cold machine compiles ~110 s first)
