@@ -259,6 +259,27 @@ def int4_mma_variants():
                    lambda c=cfg, p=pdl, r=residual, n=norm, o=one_row: compile_gluon(c, p, r, n, o))
 
 
+def sparse_mma_lab_variants():
+    """benchmarks/int4_sparse_mma_lab.py's Gluon kernel (TEAL-sparse int4 on tensor cores, a lab) at a
+    config of each tile count: (name, compile function)."""
+    from benchmarks import int4_sparse_mma_lab as lab
+
+    def compile_lab(cfg: "lab.SparseConfig"):
+        from triton.experimental.gluon._runtime import GluonASTSource
+        kernel, _ = lab._kernel()
+        layouts = lab.layouts(cfg)
+        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16",
+               "threshold": "fp32", "K": "i32", "N": "i32", "KW": "constexpr", "R": "constexpr",
+               **{name: "constexpr" for name in layouts}}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig)
+                 if name.endswith("_ptr") or name in ("K", "N")}
+        return triton.compile(GluonASTSource(kernel, sig, dict(KW=cfg.k_warps, R=cfg.tiles, **layouts), attrs),
+                              target=TARGET, options=dict(num_warps=cfg.k_warps))
+
+    for cfg in (lab.SparseConfig(4, 4), lab.SparseConfig(8, 8), lab.SparseConfig(4, 16)):
+        yield f"int4_sparse_mma_lab kernel {tuple(cfg)} num_warps={cfg.k_warps}", lambda c=cfg: compile_lab(c)
+
+
 def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":  # checked here: tests import the SASS helpers under it
         sys.exit("run without TRITON_INTERPRET=1: the interpreter has no kernels to compile")
@@ -277,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
               + f" num_warps={warps} num_stages={stages}",
               lambda kernel=kernel, p=pointers, c=constexprs, w=warps, s=stages: compile_one(kernel, p, c, w, s))
              for kernel, pointers, constexprs, warps, stages in triton_variants)
-    gluon = int4_mma_variants() if _has_gluon() else iter(())
+    gluon = itertools.chain(int4_mma_variants(), sparse_mma_lab_variants()) if _has_gluon() else iter(())
     for i, (name, build) in enumerate(itertools.chain(named, gluon)):
         if args.only not in name:
             continue

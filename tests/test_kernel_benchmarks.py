@@ -304,3 +304,32 @@ def test_int4_mma_lab_without_a_gpu_says_so_and_its_configs_fit_the_8b_shapes():
     for _, k, splits in timing.MODEL_SHAPES["llama3-8b"]:
         n = sum(splits)
         assert lab.fits(k, n, config_for(k, n)) and sum(lab.fits(k, n, c) for c in lab.CONFIGS) >= 10
+
+
+def test_int4_sparse_mma_lab_copy_and_refusals():
+    """benchmarks/int4_sparse_mma_lab.py (GPU-only kernel): its copy puts output 16 t + g in the low
+    nibble and 16 t + g + 8 in the high nibble of byte t of lane group g, for every K row (checked
+    against the codes one by one and through its inverse); the wrapper refuses a copy packed for another
+    tile count and a K its K warps do not divide; the table's reference drops |x| <= threshold."""
+    from benchmarks import int4_sparse_mma_lab as lab
+
+    k, n, tiles = 256, 128, 4
+    w, scales, zeros, _ = timing.make_weight("int4-g128", k, n, "cpu", seed=3)
+    codes = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(k, n)
+    words = lab.pack_rows(w, tiles)
+    assert words.shape == (k, n // (16 * tiles), 8, tiles // 4) and words.dtype == torch.int32
+    assert torch.equal(lab.unpack_rows(words), codes)
+    byte = words.view(torch.uint8).reshape(k, n // (16 * tiles), 8, tiles)  # row, block, g, tile
+    for row, block, g, t in ((0, 0, 0, 0), (5, 1, 7, 3), (255, 0, 3, 2)):
+        out = 16 * tiles * block + 16 * t + g
+        assert byte[row, block, g, t] == codes[row, out] | codes[row, out + 8] << 4
+    with pytest.raises(ValueError, match="R in 4, 8, 16"):
+        lab.pack_rows(w, 2)
+    x = timing.make_x(1, k, torch.bfloat16, "cpu", seed=4)
+    for config in (lab.SparseConfig(2, 8), lab.SparseConfig(4, 4)):  # other R; 2 groups for 4 K warps
+        with pytest.raises(ValueError, match="sparse_mma needs"):
+            lab.sparse_mma(x, 0.5, words, scales, zeros, config)
+    exact, bound = lab.reference(x, 0.5, w, scales, zeros)
+    kept = torch.where(x.abs() > 0.5, x, 0).double() @ lab.dequantize_weight(w, scales, zeros, 128).double()
+    assert torch.allclose(exact, kept) and (bound > 0).all()
+    assert sum(lab.fits(k8, sum(s), c) for _, k8, s in timing.MODEL_SHAPES["llama3-8b"] for c in lab.CONFIGS) >= 40

@@ -1,0 +1,374 @@
+"""Could TEAL's int4 product run on tensor cores, reading only the kept K rows? A lab (Gluon; written
+without a GPU, its first run is phase int4_sparse_lab).
+
+Why: the dense int4 product on tensor cores (teal_kernels/int4_mma.py) beats tinygemm, and at 50% our
+CUDA-core gather kernel is no faster than it (gate|up 28.8 against 27.4 µs, H100,
+results/int4_mma_2026_12_05/), so TEAL would bring an int4 model almost nothing. Its copy cannot skip
+inputs: one register of it spans 8 K of a row. This kernel's copy is K-row-major, so a zeroed input
+skips its row's bytes.
+
+How (one row of x, group 128, one threshold for the matrix):
+- Copy (`pack_rows`): for each K row, block of R 16-output tiles and lane group g = lane // 4, R bytes;
+  byte t holds the codes of outputs 16t + g (low nibble) and 16t + g + 8 (high): the two rows a lane
+  holds in mma.m16n8k16's A fragment. A lane reads R contiguous bytes a kept row (R = 8: 8 bytes).
+- Per group of 128 K and warp: keep = |x| > threshold; four ballots make the 128-bit mask; each lane
+  finds kept entries l, l + 32, l + 64, l + 96 of the compacted list (fns: the n-th set bit). One
+  mma k-step takes 16 kept rows: lane (g, j) needs entries 16s + 2j + {0, 1, 8, 9} (shuffles from the
+  lanes holding them), loads their R bytes (masked past the list's end) and the four x.
+- A's registers: PRMT puts tile t's byte of rows k and k' into bytes 0 and 2; & 0x000F000F | 0x43004300
+  and a bf16x2 subtraction of 136 give rows g (nibble 0) and g + 8 (nibble 4) exactly, q - 8, as in
+  int4_mma. B is x at the same four rows (every column alike).
+- Each group's float32 partial is scaled once: acc += s * part + z * (sum of the kept x).
+- A program's warps split the groups (K warps, as int4_mma); the step loop runs to the most steps any of
+  them needs (warps past their list multiply zeros without reading memory).
+
+Rows of the table, µs a call, CUDA graphs over rotating weight copies (benchmarks/timing.py), per
+Llama-3-8B matrix and sparsity:
+  lab             this kernel at each of CONFIGS (K warps, 16-row tiles a warp), checked against float64
+  int4_mma        the dense tensor-core kernel at its rule's config (what dense int4 decode runs)
+  gather          teal::sparse_gemv at the same threshold (what TEAL's int4 calls run now)
+  floor           the kept rows' bytes with scales and zeros, at 4.28 TB/s
+
+    python -m benchmarks.int4_sparse_mma_lab --out benchmarks/results/int4_sparse_lab/lab
+    python -m benchmarks.int4_sparse_mma_lab --selftest     # GPU: small shapes against float64
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import sys
+from typing import NamedTuple
+
+import torch
+import triton
+from torch import Tensor
+
+from benchmarks.int4_kpacked_lab import FLOOR_TB_S, max_error
+from benchmarks.timing import MODEL_SHAPES, copies_for, graph_time_us, make_weight, make_x, threshold_for
+from files import write_report
+from teal_kernels.reference import dequantize_weight
+
+GROUP = 128  # one scale a row and group; the kept list is built a group at a time
+TILE_ROWS = 16  # mma.m16n8k16's M
+STEP = 16  # kept rows a k-step
+SPARSITIES = (0.0, 0.5, 0.65)
+
+
+class SparseConfig(NamedTuple):
+    """A launch: K warps a program (each a run of the groups) and 16-row tiles a warp (R; the copy's
+    block: R contiguous bytes a lane and kept row)."""
+    k_warps: int
+    tiles: int
+
+    @property
+    def rows(self) -> int:
+        return TILE_ROWS * self.tiles
+
+
+CONFIGS = [SparseConfig(kw, r) for kw in (2, 4, 8, 16) for r in (4, 8, 16)]
+
+
+def fits(k: int, n: int, config: SparseConfig) -> bool:
+    return n % config.rows == 0 and (k // GROUP) % config.k_warps == 0
+
+
+def pack_rows(w: Tensor, tiles: int) -> Tensor:
+    """Our int4 layout (uint8 [K, N / 2], column 2c in the low nibble) -> int32 words
+    [K, N / (16 R), 8, R / 4]: row k, block b, lane group g, then R bytes (little-endian in the words),
+    byte t = code(16 R b + 16 t + g) | code(16 R b + 16 t + g + 8) << 4."""
+    k, n = w.shape[0], w.shape[1] * 2
+    if tiles not in (4, 8, 16) or n % (TILE_ROWS * tiles):
+        raise ValueError(f"pack_rows needs R in 4, 8, 16 and N a multiple of 16 R; got R={tiles}, N={n}")
+    codes = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(k, n)
+    codes = codes.reshape(k, n // (TILE_ROWS * tiles), tiles, 2, 8)  # row, block, tile, row half, g
+    byte = codes[..., 0, :] | (codes[..., 1, :] << 4)  # [K, blocks, R, 8]
+    return byte.permute(0, 1, 3, 2).contiguous().view(torch.int32)  # [K, blocks, 8, R / 4]
+
+
+def unpack_rows(words: Tensor) -> Tensor:
+    """pack_rows' words -> codes [K, N] (uint8): its inverse, which the CPU test checks pack_rows with."""
+    k, blocks = words.shape[:2]
+    byte = words.contiguous().view(torch.uint8).reshape(k, blocks, 8, -1).permute(0, 1, 3, 2)  # [K, b, R, g]
+    codes = torch.stack((byte & 0xF, byte >> 4), dim=3)  # [K, b, R, half, g]
+    return codes.reshape(k, -1)
+
+
+def reference(x: Tensor, threshold: float, w: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
+    """(the product of the kept x in float64, the bound of an output's error), as int4_kpacked_lab's."""
+    real = dequantize_weight(w.cpu(), scales.cpu(), zeros.cpu(), GROUP).double()
+    kept = torch.where(x.abs().float() > threshold, x, torch.zeros_like(x)).cpu().double()
+    exact = kept @ real
+    return exact, 2.0**-7 * exact.abs() + 1e-5 * (kept.abs() @ real.abs()) + 1e-30
+
+
+@functools.cache
+def _kernel():
+    """The Gluon kernel, built on first use (Gluon needs a CUDA build of Triton; not the interpreter)."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    @gluon.jit
+    def _asm1(a, template: gl.constexpr):
+        return gl.inline_asm_elementwise(template, "=r,r", [a], dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _asm2(a, b, template: gl.constexpr):
+        return gl.inline_asm_elementwise(template, "=r,r,r", [a, b], dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _a_pairs(lo, hi, sel):
+        """PRMT puts the selected byte of word lo (a kept row k) in byte 0 and of hi (row k') in byte 2;
+        nibble 0 then gives row g's pair (k, k') and nibble 4 row g + 8's, each as exact bf16 q - 8."""
+        return gl.inline_asm_elementwise(
+            "{ .reg .b32 t, u, c; prmt.b32 t, $4, $5, $6; mov.b32 c, 0x43084308; "
+            "lop3.b32 u, t, 0x000F000F, 0x43004300, 0xEA; sub.rn.bf16x2 u, u, c; mov.b32 {$0, $1}, u; "
+            "shr.b32 t, t, 4; lop3.b32 u, t, 0x000F000F, 0x43004300, 0xEA; sub.rn.bf16x2 u, u, c; "
+            "mov.b32 {$2, $3}, u; }",
+            "=h,=h,=h,=h,r,r,r", [lo, hi, sel], dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
+            is_pure=True, pack=1)
+
+    @gluon.jit
+    def _per_tile(words, KW: gl.constexpr, R: gl.constexpr, WS: gl.constexpr):
+        """[KW, R / 4 words, 8 g, 2 kh, 4 j] -> [KW, R tiles, 8 g, 8 pairs] in WS: each word once for each
+        of its four tiles (the PRMT selector picks the tile's byte)."""
+        w = gl.reshape(words, [KW, R // 4, 8, 8])  # pair = 4 kh + j
+        w = gl.join(gl.join(w, w), gl.join(w, w))  # [KW, R / 4, 8, 8, 2, 2]: four copies
+        w = gl.reshape(gl.permute(w, [0, 1, 4, 5, 2, 3]), [KW, R, 8, 8])
+        return gl.convert_layout(w, WS)
+
+    @gluon.jit
+    def kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, threshold, K, N,
+               KW: gl.constexpr, R: gl.constexpr, XB: gl.constexpr, LD: gl.constexpr, WS: gl.constexpr,
+               MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr):
+        """out[n] for the 16R outputs of this program: each K warp a run of groups, per group the kept
+        rows 16 at a time, the K warps' sums meeting once at the end."""
+        pid = gl.program_id(0)
+        NG = K // 128
+        NB = N // (16 * R)
+        g_per = NG // KW
+        WPR: gl.constexpr = R // 4  # words a kept row and lane
+        L2: gl.constexpr = gl.SliceLayout(2, MMA)
+        IDX: gl.constexpr = gl.SliceLayout(3, LD)  # [KW, 32 lanes, 4 (k-steps' rows 0, 1, 8, 9 of a lane)]
+        # the group's x, [KW, 4, 32]: element (r, l) is K 32 r + l, r a register, l a lane (ballot words)
+        xb_kw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, XB)))
+        xb_r = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, XB)))
+        xb_l = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, XB)))
+        entry = xb_r[None, :, None] * 32 + xb_l[None, None, :]  # [1, 4, 32]: K in the group / list entry
+        r_id = xb_r[None, :, None] + 0 * xb_l[None, None, :]
+        # a lane's four rows of a k-step: lane 4 g + j holds k-step rows 2 j + {0, 1, 8, 9}
+        ix_kw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, IDX)))
+        ix_lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, IDX)))
+        ix_d = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, IDX)))
+        step_row = 2 * (ix_lane % 4)[None, :, None] + ((ix_d % 2) + 8 * (ix_d // 2))[None, None, :]  # [1, 32, 4]
+        ld_word = gl.arange(0, WPR, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LD))))
+        # tile t's byte of a word: PRMT selector (byte t % 4 of the first operand to byte 0, of the second to byte 2)
+        ws_t = gl.arange(0, R, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, WS))))
+        sel = ((ws_t % 4) | ((4 + ws_t % 4) << 8))[None, :, None, None]  # [1, R, 1, 1]
+        rows = pid * 16 * R + gl.arange(0, 16 * R, layout=gl.SliceLayout(0, L2))
+        kw_rows = gl.arange(0, KW, layout=gl.SliceLayout(1, L2))
+        acc = gl.zeros([KW, 16 * R, 8], gl.float32, MMA)
+        for i in range(g_per):
+            grp = xb_kw * g_per + i  # [KW]
+            xv = gl.load(x_ptr + grp[:, None, None] * 128 + entry)
+            keep = gl.abs(xv.to(gl.float32)) > threshold
+            x_sum = gl.sum(gl.sum(gl.where(keep, xv.to(gl.float32), 0.0), axis=2), axis=1)  # [KW]
+            mask = _asm1(keep.to(gl.int32), "{ .reg .pred p; setp.ne.s32 p, $1, 0; vote.sync.ballot.b32 $0, p, -1; }")
+            count = _asm1(mask, "popc.b32 $0, $1;")
+            m0 = gl.sum(gl.where(r_id == 0, mask, 0), axis=1)[:, None, :]  # [KW, 1, 32], every lane alike
+            m1 = gl.sum(gl.where(r_id == 1, mask, 0), axis=1)[:, None, :]
+            m2 = gl.sum(gl.where(r_id == 2, mask, 0), axis=1)[:, None, :]
+            m3 = gl.sum(gl.where(r_id == 3, mask, 0), axis=1)[:, None, :]
+            p1 = gl.sum(gl.where(r_id == 0, count, 0), axis=1)[:, None, :]  # kept rows before word 1
+            p2 = p1 + gl.sum(gl.where(r_id == 1, count, 0), axis=1)[:, None, :]
+            p3 = p2 + gl.sum(gl.where(r_id == 2, count, 0), axis=1)[:, None, :]
+            total = gl.sum(count, axis=1)  # [KW, 32]
+            word = (entry >= p1).to(gl.int32) + (entry >= p2).to(gl.int32) + (entry >= p3).to(gl.int32)
+            m_w = gl.where(word == 0, m0, gl.where(word == 1, m1, gl.where(word == 2, m2, m3)))
+            p_w = gl.where(word == 0, 0, gl.where(word == 1, p1, gl.where(word == 2, p2, p3)))
+            bit = _asm2(m_w, entry - p_w + 1, "fns.b32 $0, $1, 0, $2;")
+            kept = word * 32 + bit  # [KW, 4, 32]: list entry 32 r + l's K in the group (past the end: junk)
+            n_kept = gl.max(total, axis=1)  # [KW]
+            steps = (gl.max(n_kept, axis=0) + 15) // 16
+            n_ix = gl.convert_layout(n_kept, ix_kw.type.layout)
+            grp_ix = gl.convert_layout(grp, ix_kw.type.layout)
+            part = gl.zeros([KW, 16 * R, 8], gl.float32, MMA)
+            for s in range(steps):
+                # entries 16 s .. 16 s + 15 sit in register s // 2 of lanes 16 (s % 2) ..
+                here = gl.sum(gl.where(r_id == s // 2, kept, 0), axis=1)  # [KW, 32]
+                here = gl.convert_layout(here, gl.SliceLayout(2, IDX))
+                src = (s % 2) * 16 + step_row
+                here_b, src_b = gl.broadcast(here[:, :, None], src)
+                k_row = _asm2(here_b, src_b, "shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;")  # [KW, 32, 4]
+                ok = (s * 16 + step_row) < n_ix[:, None, None]
+                k_abs = grp_ix[:, None, None] * 128 + gl.where(ok, k_row, 0)
+                ptrs = (w_ptr + ((k_abs * NB + pid) * 8 + (ix_lane // 4)[None, :, None]) * WPR)[:, :, :, None] \
+                    + ld_word[None, None, None, :]
+                words = gl.load(ptrs, mask=ok[:, :, :, None], other=0)  # [KW, 32, 4, WPR]
+                xd = gl.load(x_ptr + k_abs, mask=ok, other=0.0)  # [KW, 32, 4] bf16
+                # A: words as [KW, R, 8 g, 8 pairs] (pair j + 4 kh: rows 2 j, 2 j + 1 of half kh)
+                w6 = gl.reshape(words, [KW, 8, 4, 2, 2, WPR])  # g, j, kh, parity, word
+                w6 = gl.permute(w6, [0, 5, 1, 3, 2, 4])  # word, g, kh, j, parity
+                lo, hi = gl.split(w6)  # rows k and k' of each pair: [KW, WPR, 8, 2, 4]
+                lo = _per_tile(lo, KW, R, WS)
+                hi = _per_tile(hi, KW, R, WS)
+                e_lo, o_lo, e_hi, o_hi = _a_pairs(lo, hi, gl.broadcast(sel, lo)[0])  # (row g | g + 8) x (k | k')
+                a = gl.join(gl.join(e_lo, e_hi), gl.join(o_lo, o_hi))  # [KW, R, 8 g, 8 pairs, 2 half, 2 parity]
+                a = gl.reshape(gl.permute(a, [0, 1, 4, 2, 3, 5]), [KW, 16 * R, 16])
+                a = gl.convert_layout(a, A, assert_trivial=True)
+                # B: x at the same rows, k = 8 kh + 2 j + parity, every column alike
+                b = gl.reshape(xd, [KW, 8, 4, 2, 2])  # g (column), j, kh, parity
+                b = gl.reshape(gl.permute(b, [0, 3, 2, 4, 1]), [KW, 16, 8])
+                b = gl.convert_layout(b, B, assert_trivial=True)
+                part = mma_v2(a, b, part)
+            grp_rows = gl.convert_layout(grp, kw_rows.type.layout)
+            s_g = gl.load(s_ptr + grp_rows[:, None] * N + rows[None, :])  # [KW, 16 R]
+            z_g = gl.load(z_ptr + grp_rows[:, None] * N + rows[None, :])
+            x_sum = gl.convert_layout(x_sum, kw_rows.type.layout)
+            acc += part * s_g[:, :, None] + (z_g * x_sum[:, None])[:, :, None]
+        cols = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, MMA)))
+        out = gl.sum(gl.sum(gl.where(cols[None, None, :] == 0, acc, 0.0), axis=2), axis=0)
+        gl.store(out_ptr + rows, out.to(gl.bfloat16))
+
+    return kernel, gl
+
+
+@functools.cache
+def layouts(config: SparseConfig) -> dict:
+    """The kernel's layout arguments."""
+    _, gl = _kernel()
+    bits = lambda v: v.bit_length() - 1  # noqa: E731 (log2 of a power of two)
+    kw, r = config.k_warps, config.tiles
+    warps3 = [[1 << i, 0, 0] for i in range(bits(kw))]
+    xb = gl.DistributedLinearLayout(reg_bases=[[0, 1, 0], [0, 2, 0]],
+                                    lane_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 0, 16]],
+                                    warp_bases=warps3, block_bases=[], shape=[kw, 4, 32])
+    # loads [KW, 32 lanes, 4 rows, R / 4 words]: the words of a row in consecutive registers (one load)
+    ld = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 1 << i] for i in range(bits(r // 4))]
+                                    + [[0, 0, 1, 0], [0, 0, 2, 0]],
+                                    lane_bases=[[0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0], [0, 8, 0, 0], [0, 16, 0, 0]],
+                                    warp_bases=[[1 << i, 0, 0, 0] for i in range(bits(kw))], block_bases=[],
+                                    shape=[kw, 32, 4, r // 4])
+    # A's words [KW, R tiles, 8 g, 8 pairs]: registers pair + 4 (K + 8), then the tiles; lanes pair + 1,
+    # pair + 2 (K + 2, K + 4), g (rows + 1, + 2, + 4); joining the row half and the K parity in front
+    # gives mma's A fragment (registers K + 1, row + 8, K + 8, tiles)
+    ws = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 4]] + [[0, 1 << i, 0, 0] for i in range(bits(r))],
+                                    lane_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 4, 0]],
+                                    warp_bases=[[1 << i, 0, 0, 0] for i in range(bits(kw))], block_bases=[],
+                                    shape=[kw, r, 8, 8])
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[kw, 1, 1], instr_shape=[1, 16, 8])
+    return dict(XB=xb, LD=ld, WS=ws, MMA=mma, A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
+                B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2))
+
+
+def sparse_mma(x: Tensor, threshold: float, words: Tensor, scales: Tensor, zeros: Tensor,
+               config: SparseConfig) -> Tensor:
+    """x [1, K] bf16, its entries with |x| <= threshold dropped, @ the packed matrix (pack_rows at
+    config.tiles; scales / zeros [K / 128, N] as stored) -> [1, N] bf16. Rejects, one line, what the
+    kernel does not take."""
+    k, blocks = words.shape[0], words.shape[1]
+    n = blocks * config.rows
+    if (x.dtype != torch.bfloat16 or x.shape != (1, k) or words.shape[2:] != (8, config.tiles // 4)
+            or scales.shape != (k // GROUP, n) or zeros.shape != scales.shape or not fits(k, n, config)):
+        raise ValueError(f"sparse_mma needs bf16 x [1, {k}], words packed for R={config.tiles}, scales / zeros "
+                         f"[{k // GROUP}, {n}] and {k // GROUP} groups a multiple of {config.k_warps} K warps; got "
+                         f"x {x.dtype} {tuple(x.shape)}, words {tuple(words.shape)}, scales {tuple(scales.shape)}")
+    kernel, _ = _kernel()
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    kernel[(blocks,)](x, words, scales, zeros, out, float(threshold), k, n, KW=config.k_warps, R=config.tiles,
+                      num_warps=config.k_warps, **layouts(config))
+    return out
+
+
+def selftest() -> None:
+    """Small shapes against float64 on the GPU at 0 / 50 / 65% / all dropped, every config that fits."""
+    for k, n in ((256, 256), (2048, 512), (4096, 1024)):
+        w, scales, zeros, _ = make_weight("int4-g128", k, n, "cuda", seed=k + n)
+        x = make_x(1, k, torch.bfloat16, "cuda", seed=n)
+        for sparsity in (0.0, 0.5, 0.65, 1.0):
+            threshold = float(threshold_for(x, min(sparsity, 0.999), 1)[0]) if sparsity < 1 else float("inf")
+            want = reference(x, threshold, w, scales, zeros)
+            for config in CONFIGS:
+                if fits(k, n, config):
+                    got = sparse_mma(x, threshold, pack_rows(w, config.tiles), scales, zeros, config)
+                    err = max_error(got, want)
+                    if err > 1.0:
+                        raise AssertionError(f"K={k} N={n} {sparsity:.0%} {tuple(config)}: error {err:.3g} "
+                                             "of its bound")
+    print("selftest passed")
+
+
+def bench() -> list[dict]:
+    """Per 8B matrix and sparsity: every config (checked first), int4_mma's dense time, the gather kernel's."""
+    from teal_kernels.int4_mma import config_for, int4_mma, pack
+    from teal_kernels.ops import sparse_gemv
+
+    rows = []
+    for layer, k, splits in MODEL_SHAPES["llama3-8b"]:
+        n = sum(splits)
+        first = make_weight("int4-g128", k, n, "cuda", seed=0)
+        nbytes = sum(t.numel() * t.element_size() for t in first[:3])
+        copies = [first] + [make_weight("int4-g128", k, n, "cuda", seed=i) for i in range(1, copies_for(nbytes))]
+        x = make_x(1, k, torch.bfloat16, "cuda", seed=0)
+        dense = [pack(*c[:3]) for c in copies]
+        dense_us = graph_time_us(lambda i: int4_mma(x, *dense[i]), len(dense))
+        by_tiles = {r: [pack_rows(c[0], r) for c in copies] for r in {c.tiles for c in CONFIGS if fits(k, n, c)}}
+        for sparsity in SPARSITIES:
+            thresholds = threshold_for(x, sparsity, len(splits))
+            threshold = float(thresholds[0])
+            kept = int((x.abs().float() > threshold).sum())
+            row = {"layer": layer, "K": k, "N": n, "sparsity": sparsity, "kept": kept,
+                   "floor_us": (kept * n / 2 + 8 * (k // GROUP) * n) / (FLOOR_TB_S * 1e6), "int4_mma_us": dense_us,
+                   "gather_us": graph_time_us(lambda i: sparse_gemv(x, copies[i][0], thresholds, splits, copies[i][1],
+                                                                    copies[i][2], GROUP), len(copies)),
+                   "config_us": {}}
+            want = reference(x, threshold, *copies[0][:3])
+            for config in CONFIGS:
+                if not fits(k, n, config):
+                    continue
+                packed = by_tiles[config.tiles]
+                err = max_error(sparse_mma(x, threshold, packed[0], copies[0][1], copies[0][2], config), want)
+                if err > 1.0:
+                    raise AssertionError(f"{layer} {sparsity:.0%} {tuple(config)}: error {err:.3g} of its bound")
+                row["config_us"][str(tuple(config))] = graph_time_us(
+                    lambda i, c=config: sparse_mma(x, threshold, packed[i], copies[i][1], copies[i][2], c), len(copies))
+            best = min(row["config_us"].items(), key=lambda kv: kv[1])
+            print(f"{layer} {sparsity:.0%}: best {best[1]:.1f} µs {best[0]}, int4_mma {dense_us:.1f}, gather "
+                  f"{row['gather_us']:.1f}, floor {row['floor_us']:.1f}", flush=True)
+            rows.append(row)
+        del copies, dense, by_tiles
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--selftest", action="store_true", help="small shapes against float64 (needs a GPU)")
+    p.add_argument("--out", default="benchmarks/results/int4_sparse_lab/lab",
+                   help="OUT.json and OUT.md (default benchmarks/results/int4_sparse_lab/lab)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: int4_sparse_mma_lab needs a CUDA GPU (Gluon kernels do not run in the interpreter)",
+              file=sys.stderr)
+        return 1
+    if args.selftest:
+        selftest()
+        return 0
+    rows = bench()
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+    lines = [f"# int4-g128 TEAL-sparse on tensor cores (lab) against int4_mma and gather ({meta['gpu']}, "
+             f"{meta['date']})", "", f"`{meta['command']}`; µs a call, CUDA graphs over rotating weights; "
+             "configs (K warps, 16-row tiles a warp)", "",
+             "| matrix | sparsity | kept K | floor | int4_mma (dense) | gather | best lab | its config |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        best = min(r["config_us"].items(), key=lambda kv: kv[1])
+        lines.append(f"| {r['layer']} | {r['sparsity']:.2f} | {r['kept']} | {r['floor_us']:.1f} | "
+                     f"{r['int4_mma_us']:.1f} | {r['gather_us']:.1f} | {best[1]:.1f} | {best[0]} |")
+    write_report(args.out, {"meta": meta, "rows": rows}, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
