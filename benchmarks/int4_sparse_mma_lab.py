@@ -21,10 +21,15 @@ How (one row of x, group 128, one threshold for the matrix):
 - Each group's float32 partial is scaled once: acc += s * part + z * (sum of the kept x).
 - A program's warps split the groups (K warps, as int4_mma); the step loop runs to the most steps any of
   them needs (warps past their list multiply zeros without reading memory).
+- Listing in the kernel costs every program a group's ballots, four fns (~30 SASS instructions each)
+  and a barrier (the most steps): 520-850 instructions a group by local SASS. The `listed` configs list
+  once a call instead (`list_kept`: one small plain-Triton launch; each warp then reads its entries and
+  every K warp's count), ~280-480 a group. A k-step is 139 / 188 / 303 instructions at 4 / 8 / 16 tiles.
 
 Rows of the table, µs a call, CUDA graphs over rotating weight copies (benchmarks/timing.py), per
 Llama-3-8B matrix and sparsity:
-  lab             this kernel at each of CONFIGS (K warps, 16-row tiles a warp), checked against float64
+  lab             this kernel at each of CONFIGS (K warps, 16-row tiles a warp, listed once a call;
+                  the listing launch timed with it), checked against float64
   int4_mma        the dense tensor-core kernel at its rule's config (what dense int4 decode runs)
   gather          teal::sparse_gemv at the same threshold (what TEAL's int4 calls run now)
   floor           the kept rows' bytes with scales and zeros, at 4.28 TB/s
@@ -42,6 +47,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 from benchmarks.int4_kpacked_lab import FLOOR_TB_S, max_error
@@ -56,17 +62,19 @@ SPARSITIES = (0.0, 0.5, 0.65)
 
 
 class SparseConfig(NamedTuple):
-    """A launch: K warps a program (each a run of the groups) and 16-row tiles a warp (R; the copy's
-    block: R contiguous bytes a lane and kept row)."""
+    """A launch: K warps a program (each a run of the groups), 16-row tiles a warp (R; the copy's
+    block: R contiguous bytes a lane and kept row), and where the kept rows are listed: in the kernel,
+    by every program for its groups, or (listed) once per call by `list_kept` before it."""
     k_warps: int
     tiles: int
+    listed: bool = False
 
     @property
     def rows(self) -> int:
         return TILE_ROWS * self.tiles
 
 
-CONFIGS = [SparseConfig(kw, r) for kw in (2, 4, 8, 16) for r in (4, 8, 16)]
+CONFIGS = [SparseConfig(kw, r, listed) for listed in (False, True) for kw in (2, 4, 8, 16) for r in (4, 8, 16)]
 
 
 def fits(k: int, n: int, config: SparseConfig) -> bool:
@@ -100,6 +108,30 @@ def reference(x: Tensor, threshold: float, w: Tensor, scales: Tensor, zeros: Ten
     kept = torch.where(x.abs().float() > threshold, x, torch.zeros_like(x)).cpu().double()
     exact = kept @ real
     return exact, 2.0**-7 * exact.abs() + 1e-5 * (kept.abs() @ real.abs()) + 1e-30
+
+
+@triton.jit
+def _list_kernel(x_ptr, threshold, list_ptr, count_ptr, sum_ptr):
+    """Group g's kept K (|x| > threshold), in order, at list[128 g ..]; their count and the sum of
+    their x (float32)."""
+    g = tl.program_id(0)
+    k = tl.arange(0, 128)
+    x = tl.load(x_ptr + g * 128 + k).to(tl.float32)
+    keep = tl.abs(x) > threshold
+    tl.store(list_ptr + g * 128 + tl.cumsum(keep.to(tl.int32), 0) - 1, k, mask=keep)
+    tl.store(count_ptr + g, tl.sum(keep.to(tl.int32), 0))
+    tl.store(sum_ptr + g, tl.sum(tl.where(keep, x, 0.0), 0))
+
+
+def list_kept(x: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """x [1, K] -> (kept K of each group int32 [K / 128, 128], past each count unwritten; counts int32
+    [K / 128]; sums of the kept x float32 [K / 128]): one small launch (the Triton interpreter on a CPU)."""
+    groups = x.shape[1] // GROUP
+    lists = torch.empty(groups, GROUP, dtype=torch.int32, device=x.device)
+    counts = torch.empty(groups, dtype=torch.int32, device=x.device)
+    sums = torch.empty(groups, dtype=torch.float32, device=x.device)
+    _list_kernel[(groups,)](x, float(threshold), lists, counts, sums)
+    return lists, counts, sums
 
 
 @functools.cache
@@ -139,11 +171,37 @@ def _kernel():
         return gl.convert_layout(w, WS)
 
     @gluon.jit
-    def kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, threshold, K, N,
-               KW: gl.constexpr, R: gl.constexpr, XB: gl.constexpr, LD: gl.constexpr, WS: gl.constexpr,
-               MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr):
+    def _list_group(x_ptr, grp, threshold, entry, r_id, ix_kw):
+        """Each K warp's group (grp [KW]) listed in the kernel: (kept count a warp in ix_kw's layout, the
+        k-steps the program runs (the most any warp needs), the sum of the kept x [KW], and the list
+        [KW, 4, 32]: entry 32 r + l in register r of lane l, past the count junk)."""
+        xv = gl.load(x_ptr + grp[:, None, None] * 128 + entry)
+        keep = gl.abs(xv.to(gl.float32)) > threshold
+        x_sum = gl.sum(gl.sum(gl.where(keep, xv.to(gl.float32), 0.0), axis=2), axis=1)  # [KW]
+        mask = _asm1(keep.to(gl.int32), "{ .reg .pred p; setp.ne.s32 p, $1, 0; vote.sync.ballot.b32 $0, p, -1; }")
+        count = _asm1(mask, "popc.b32 $0, $1;")
+        m0 = gl.sum(gl.where(r_id == 0, mask, 0), axis=1)[:, None, :]  # [KW, 1, 32], every lane alike
+        m1 = gl.sum(gl.where(r_id == 1, mask, 0), axis=1)[:, None, :]
+        m2 = gl.sum(gl.where(r_id == 2, mask, 0), axis=1)[:, None, :]
+        m3 = gl.sum(gl.where(r_id == 3, mask, 0), axis=1)[:, None, :]
+        p1 = gl.sum(gl.where(r_id == 0, count, 0), axis=1)[:, None, :]  # kept rows before word 1
+        p2 = p1 + gl.sum(gl.where(r_id == 1, count, 0), axis=1)[:, None, :]
+        p3 = p2 + gl.sum(gl.where(r_id == 2, count, 0), axis=1)[:, None, :]
+        total = gl.max(gl.sum(count, axis=1), axis=1)  # [KW]
+        word = (entry >= p1).to(gl.int32) + (entry >= p2).to(gl.int32) + (entry >= p3).to(gl.int32)
+        m_w = gl.where(word == 0, m0, gl.where(word == 1, m1, gl.where(word == 2, m2, m3)))
+        p_w = gl.where(word == 0, 0, gl.where(word == 1, p1, gl.where(word == 2, p2, p3)))
+        kept = word * 32 + _asm2(m_w, entry - p_w + 1, "fns.b32 $0, $1, 0, $2;")
+        steps = (gl.max(total, axis=0) + 15) // 16  # across the warps: one barrier
+        return gl.convert_layout(total, ix_kw.type.layout), steps, x_sum, kept
+
+    @gluon.jit
+    def kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, list_ptr, count_ptr, sum_ptr, threshold, K, N,
+               KW: gl.constexpr, R: gl.constexpr, LISTED: gl.constexpr, XB: gl.constexpr, LD: gl.constexpr,
+               WS: gl.constexpr, KWL: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr):
         """out[n] for the 16R outputs of this program: each K warp a run of groups, per group the kept
-        rows 16 at a time, the K warps' sums meeting once at the end."""
+        rows 16 at a time (listed here, or read from list_kept's LISTED lists), the K warps' sums
+        meeting once at the end."""
         pid = gl.program_id(0)
         NG = K // 128
         NB = N // (16 * R)
@@ -151,7 +209,7 @@ def _kernel():
         WPR: gl.constexpr = R // 4  # words a kept row and lane
         L2: gl.constexpr = gl.SliceLayout(2, MMA)
         IDX: gl.constexpr = gl.SliceLayout(3, LD)  # [KW, 32 lanes, 4 (k-steps' rows 0, 1, 8, 9 of a lane)]
-        # the group's x, [KW, 4, 32]: element (r, l) is K 32 r + l, r a register, l a lane (ballot words)
+        # listing in the kernel: [KW, 4, 32], element (r, l) is K 32 r + l, r a register, l a lane (ballot words)
         xb_kw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, XB)))
         xb_r = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, XB)))
         xb_l = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, XB)))
@@ -169,39 +227,28 @@ def _kernel():
         rows = pid * 16 * R + gl.arange(0, 16 * R, layout=gl.SliceLayout(0, L2))
         kw_rows = gl.arange(0, KW, layout=gl.SliceLayout(1, L2))
         acc = gl.zeros([KW, 16 * R, 8], gl.float32, MMA)
+        kw_all = gl.arange(0, KW, layout=KWL)  # every K warp's index in every thread
         for i in range(g_per):
             grp = xb_kw * g_per + i  # [KW]
-            xv = gl.load(x_ptr + grp[:, None, None] * 128 + entry)
-            keep = gl.abs(xv.to(gl.float32)) > threshold
-            x_sum = gl.sum(gl.sum(gl.where(keep, xv.to(gl.float32), 0.0), axis=2), axis=1)  # [KW]
-            mask = _asm1(keep.to(gl.int32), "{ .reg .pred p; setp.ne.s32 p, $1, 0; vote.sync.ballot.b32 $0, p, -1; }")
-            count = _asm1(mask, "popc.b32 $0, $1;")
-            m0 = gl.sum(gl.where(r_id == 0, mask, 0), axis=1)[:, None, :]  # [KW, 1, 32], every lane alike
-            m1 = gl.sum(gl.where(r_id == 1, mask, 0), axis=1)[:, None, :]
-            m2 = gl.sum(gl.where(r_id == 2, mask, 0), axis=1)[:, None, :]
-            m3 = gl.sum(gl.where(r_id == 3, mask, 0), axis=1)[:, None, :]
-            p1 = gl.sum(gl.where(r_id == 0, count, 0), axis=1)[:, None, :]  # kept rows before word 1
-            p2 = p1 + gl.sum(gl.where(r_id == 1, count, 0), axis=1)[:, None, :]
-            p3 = p2 + gl.sum(gl.where(r_id == 2, count, 0), axis=1)[:, None, :]
-            total = gl.sum(count, axis=1)  # [KW, 32]
-            word = (entry >= p1).to(gl.int32) + (entry >= p2).to(gl.int32) + (entry >= p3).to(gl.int32)
-            m_w = gl.where(word == 0, m0, gl.where(word == 1, m1, gl.where(word == 2, m2, m3)))
-            p_w = gl.where(word == 0, 0, gl.where(word == 1, p1, gl.where(word == 2, p2, p3)))
-            bit = _asm2(m_w, entry - p_w + 1, "fns.b32 $0, $1, 0, $2;")
-            kept = word * 32 + bit  # [KW, 4, 32]: list entry 32 r + l's K in the group (past the end: junk)
-            n_kept = gl.max(total, axis=1)  # [KW]
-            steps = (gl.max(n_kept, axis=0) + 15) // 16
-            n_ix = gl.convert_layout(n_kept, ix_kw.type.layout)
             grp_ix = gl.convert_layout(grp, ix_kw.type.layout)
+            grp_rows = gl.convert_layout(grp, kw_rows.type.layout)
+            if LISTED:  # the counts of all K warps' groups in every thread: the most steps without a barrier
+                n_ix = gl.load(count_ptr + grp_ix)
+                steps = (gl.max(gl.load(count_ptr + kw_all * g_per + i), axis=0) + 15) // 16
+                x_sum = gl.load(sum_ptr + grp_rows)
+            else:
+                n_ix, steps, x_sum, kept = _list_group(x_ptr, grp, threshold, entry, r_id, ix_kw)
             part = gl.zeros([KW, 16 * R, 8], gl.float32, MMA)
             for s in range(steps):
-                # entries 16 s .. 16 s + 15 sit in register s // 2 of lanes 16 (s % 2) ..
-                here = gl.sum(gl.where(r_id == s // 2, kept, 0), axis=1)  # [KW, 32]
-                here = gl.convert_layout(here, gl.SliceLayout(2, IDX))
-                src = (s % 2) * 16 + step_row
-                here_b, src_b = gl.broadcast(here[:, :, None], src)
-                k_row = _asm2(here_b, src_b, "shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;")  # [KW, 32, 4]
                 ok = (s * 16 + step_row) < n_ix[:, None, None]
+                if LISTED:
+                    k_row = gl.load(list_ptr + grp_ix[:, None, None] * 128 + s * 16 + step_row, mask=ok, other=0)
+                else:
+                    # entries 16 s .. 16 s + 15 sit in register s // 2 of lanes 16 (s % 2) ..
+                    here = gl.sum(gl.where(r_id == s // 2, kept, 0), axis=1)  # [KW, 32]
+                    here = gl.convert_layout(here, gl.SliceLayout(2, IDX))
+                    here_b, src_b = gl.broadcast(here[:, :, None], (s % 2) * 16 + step_row)
+                    k_row = _asm2(here_b, src_b, "shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;")  # [KW, 32, 4]
                 k_abs = grp_ix[:, None, None] * 128 + gl.where(ok, k_row, 0)
                 ptrs = (w_ptr + ((k_abs * NB + pid) * 8 + (ix_lane // 4)[None, :, None]) * WPR)[:, :, :, None] \
                     + ld_word[None, None, None, :]
@@ -222,7 +269,6 @@ def _kernel():
                 b = gl.reshape(gl.permute(b, [0, 3, 2, 4, 1]), [KW, 16, 8])
                 b = gl.convert_layout(b, B, assert_trivial=True)
                 part = mma_v2(a, b, part)
-            grp_rows = gl.convert_layout(grp, kw_rows.type.layout)
             s_g = gl.load(s_ptr + grp_rows[:, None] * N + rows[None, :])  # [KW, 16 R]
             z_g = gl.load(z_ptr + grp_rows[:, None] * N + rows[None, :])
             x_sum = gl.convert_layout(x_sum, kw_rows.type.layout)
@@ -235,11 +281,11 @@ def _kernel():
 
 
 @functools.cache
-def layouts(config: SparseConfig) -> dict:
+def layouts(k_warps: int, tiles: int) -> dict:
     """The kernel's layout arguments."""
     _, gl = _kernel()
     bits = lambda v: v.bit_length() - 1  # noqa: E731 (log2 of a power of two)
-    kw, r = config.k_warps, config.tiles
+    kw, r = k_warps, tiles
     warps3 = [[1 << i, 0, 0] for i in range(bits(kw))]
     xb = gl.DistributedLinearLayout(reg_bases=[[0, 1, 0], [0, 2, 0]],
                                     lane_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 0, 16]],
@@ -257,8 +303,11 @@ def layouts(config: SparseConfig) -> dict:
                                     lane_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 4, 0]],
                                     warp_bases=[[1 << i, 0, 0, 0] for i in range(bits(kw))], block_bases=[],
                                     shape=[kw, r, 8, 8])
+    # [KW] whole in every thread (the listed counts' maximum without shared memory)
+    kwl = gl.DistributedLinearLayout(reg_bases=[[1 << i] for i in range(bits(kw))], lane_bases=[[0]] * 5,
+                                     warp_bases=[[0]] * bits(kw), block_bases=[], shape=[kw])
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[kw, 1, 1], instr_shape=[1, 16, 8])
-    return dict(XB=xb, LD=ld, WS=ws, MMA=mma, A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
+    return dict(XB=xb, LD=ld, WS=ws, KWL=kwl, MMA=mma, A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
                 B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2))
 
 
@@ -276,8 +325,10 @@ def sparse_mma(x: Tensor, threshold: float, words: Tensor, scales: Tensor, zeros
                          f"x {x.dtype} {tuple(x.shape)}, words {tuple(words.shape)}, scales {tuple(scales.shape)}")
     kernel, _ = _kernel()
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    kernel[(blocks,)](x, words, scales, zeros, out, float(threshold), k, n, KW=config.k_warps, R=config.tiles,
-                      num_warps=config.k_warps, **layouts(config))
+    lists = list_kept(x, threshold) if config.listed else (words, words, scales)  # unread stand-ins
+    kernel[(blocks,)](x, words, scales, zeros, out, *lists, float(threshold), k, n, KW=config.k_warps,
+                      R=config.tiles, LISTED=config.listed, num_warps=config.k_warps,
+                      **layouts(config.k_warps, config.tiles))
     return out
 
 
@@ -359,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
     lines = [f"# int4-g128 TEAL-sparse on tensor cores (lab) against int4_mma and gather ({meta['gpu']}, "
              f"{meta['date']})", "", f"`{meta['command']}`; µs a call, CUDA graphs over rotating weights; "
-             "configs (K warps, 16-row tiles a warp)", "",
+             "configs (K warps, 16-row tiles a warp, listed once a call)", "",
              "| matrix | sparsity | kept K | floor | int4_mma (dense) | gather | best lab | its config |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -267,16 +267,19 @@ def sparse_mma_lab_variants():
     def compile_lab(cfg: "lab.SparseConfig"):
         from triton.experimental.gluon._runtime import GluonASTSource
         kernel, _ = lab._kernel()
-        layouts = lab.layouts(cfg)
+        layouts = lab.layouts(cfg.k_warps, cfg.tiles)
         sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16",
-               "threshold": "fp32", "K": "i32", "N": "i32", "KW": "constexpr", "R": "constexpr",
+               "list_ptr": "*i32", "count_ptr": "*i32", "sum_ptr": "*fp32", "threshold": "fp32", "K": "i32",
+               "N": "i32", "KW": "constexpr", "R": "constexpr", "LISTED": "constexpr",
                **{name: "constexpr" for name in layouts}}
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig)
                  if name.endswith("_ptr") or name in ("K", "N")}
-        return triton.compile(GluonASTSource(kernel, sig, dict(KW=cfg.k_warps, R=cfg.tiles, **layouts), attrs),
-                              target=TARGET, options=dict(num_warps=cfg.k_warps))
+        constexprs = dict(KW=cfg.k_warps, R=cfg.tiles, LISTED=cfg.listed, **layouts)
+        return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs), target=TARGET,
+                              options=dict(num_warps=cfg.k_warps))
 
-    for cfg in (lab.SparseConfig(4, 4), lab.SparseConfig(8, 8), lab.SparseConfig(4, 16)):
+    for cfg in (lab.SparseConfig(4, 4), lab.SparseConfig(8, 8), lab.SparseConfig(4, 16), lab.SparseConfig(8, 8, True),
+                lab.SparseConfig(4, 16, True)):
         yield f"int4_sparse_mma_lab kernel {tuple(cfg)} num_warps={cfg.k_warps}", lambda c=cfg: compile_lab(c)
 
 

@@ -332,4 +332,22 @@ def test_int4_sparse_mma_lab_copy_and_refusals():
     exact, bound = lab.reference(x, 0.5, w, scales, zeros)
     kept = torch.where(x.abs() > 0.5, x, 0).double() @ lab.dequantize_weight(w, scales, zeros, 128).double()
     assert torch.allclose(exact, kept) and (bound > 0).all()
-    assert sum(lab.fits(k8, sum(s), c) for _, k8, s in timing.MODEL_SHAPES["llama3-8b"] for c in lab.CONFIGS) >= 40
+    assert sum(lab.fits(k8, sum(s), c) for _, k8, s in timing.MODEL_SHAPES["llama3-8b"] for c in lab.CONFIGS) >= 80
+
+
+@pytest.mark.usefixtures("interpreted_kernels")
+@pytest.mark.parametrize("threshold", [0.0, 0.7, 5.0])
+def test_int4_sparse_mma_lab_lists_each_groups_kept_rows_in_order(threshold: float):
+    """list_kept (the lab's once-a-call listing, plain Triton: the interpreter here): each group's kept K
+    in increasing order, their count and the float32 sum of their x, against torch."""
+    from benchmarks import int4_sparse_mma_lab as lab
+
+    x = timing.make_x(1, 384, torch.bfloat16, DEVICE, seed=int(threshold * 10))
+    x[0, 130] = 0.0  # a zero is never kept, even at threshold 0
+    lists, counts, sums = lab.list_kept(x, threshold)
+    for g in range(3):
+        group = x[0, 128 * g: 128 * (g + 1)].float().cpu()
+        kept = torch.nonzero(group.abs() > threshold).flatten()
+        assert int(counts[g]) == len(kept)
+        assert torch.equal(lists[g, :len(kept)].cpu().long(), kept)
+        assert torch.allclose(sums[g].cpu(), group[kept].sum(), rtol=1e-6, atol=1e-6)
