@@ -102,6 +102,59 @@ def unpack_rows(words: Tensor) -> Tensor:
     return codes.reshape(k, -1)
 
 
+def _nth_set_bit(mask: int, offset: int) -> int:
+    """PTX fns.b32 d, mask, 0, offset (offset >= 1): the offset-th set bit from bit 0, or 0xffffffff."""
+    for pos in range(32):
+        if mask >> pos & 1:
+            offset -= 1
+            if offset == 0:
+                return pos
+    return 0xFFFFFFFF
+
+
+def emulate(x: Tensor, threshold: float, words: Tensor, scales: Tensor, zeros: Tensor,
+            config: SparseConfig) -> Tensor:
+    """The kernel's index arithmetic, one program, warp and lane at a time, in float64 on the CPU: the
+    list from ballots, popcounts and fns (in-kernel listing; list_kept's lists are the same entries),
+    each k-step's rows 16 s + 2 j + {0, 1, 8, 9} for lane 4 g + j, the word and byte a lane reads for
+    tile t, the nibbles of rows g and g + 8, x at the same rows. The CPU test holds it to reference(),
+    so a slip in those formulas shows without a GPU (Gluon's layouts are checked by its compiler)."""
+    k, blocks = words.shape[0], words.shape[1]
+    tiles, n = config.tiles, blocks * config.rows
+    xs = x[0].double().cpu()
+    raw = words.cpu().contiguous().view(torch.uint8).reshape(k, blocks, 8, tiles)  # the bytes as stored
+    out = torch.zeros(n, dtype=torch.float64)
+    for grp in range(k // GROUP):  # any warp of any program lists its group alike
+        xg = xs[GROUP * grp: GROUP * (grp + 1)]
+        keep = (xg.abs() > threshold).tolist()
+        masks = [sum(1 << lane for lane in range(32) if keep[32 * r + lane]) for r in range(4)]
+        counts = [bin(m).count("1") for m in masks]
+        starts = [0, counts[0], counts[0] + counts[1], counts[0] + counts[1] + counts[2]]
+        total = sum(counts)
+        kept = []
+        for e in range(128):
+            word = sum(e >= p for p in starts[1:])
+            kept.append(32 * word + _nth_set_bit(masks[word], e - starts[word] + 1))
+        x_sum = float(xg[[kk for kk in range(128) if keep[kk]]].sum()) if total else 0.0
+        for block in range(blocks):
+            part = torch.zeros(config.rows, dtype=torch.float64)
+            for step in range((total + 15) // 16):
+                for lane in range(32):
+                    g, j = lane // 4, lane % 4
+                    for dd in range(4):
+                        entry = 16 * step + 2 * j + dd % 2 + 8 * (dd // 2)
+                        if entry >= total:
+                            continue
+                        row_k = GROUP * grp + kept[entry]
+                        for t in range(tiles):
+                            byte = int(raw[row_k, block, g, t])
+                            for half, code in ((0, byte & 0xF), (1, byte >> 4)):
+                                part[16 * t + 8 * half + g] += (code - 8) * float(xs[row_k])
+            cols = slice(block * config.rows, (block + 1) * config.rows)
+            out[cols] += part * scales[grp, cols].double().cpu() + zeros[grp, cols].double().cpu() * x_sum
+    return out.unsqueeze(0)
+
+
 def reference(x: Tensor, threshold: float, w: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
     """(the product of the kept x in float64, the bound of an output's error), as int4_kpacked_lab's."""
     real = dequantize_weight(w.cpu(), scales.cpu(), zeros.cpu(), GROUP).double()

@@ -329,6 +329,11 @@ def test_int4_sparse_mma_lab_copy_and_refusals():
     for config in (lab.SparseConfig(2, 8), lab.SparseConfig(4, 4)):  # other R; 2 groups for 4 K warps
         with pytest.raises(ValueError, match="sparse_mma needs"):
             lab.sparse_mma(x, 0.5, words, scales, zeros, config)
+    for config, threshold in ((lab.SparseConfig(2, 4), 0.0), (lab.SparseConfig(1, 8), 0.6),
+                              (lab.SparseConfig(2, 4), 9.0)):
+        packed = lab.pack_rows(w, config.tiles)
+        got = lab.emulate(x, threshold, packed, scales, zeros, config)  # the kernel's index arithmetic
+        assert lab.max_error(got, lab.reference(x, threshold, w, scales, zeros)) <= 1.0, (config, threshold)
     exact, bound = lab.reference(x, 0.5, w, scales, zeros)
     kept = torch.where(x.abs() > 0.5, x, 0).double() @ lab.dequantize_weight(w, scales, zeros, 128).double()
     assert torch.allclose(exact, kept) and (bound > 0).all()
