@@ -363,13 +363,14 @@ class PackedLinear(nn.Module):
         # or teal::quant_gemm up to quant_gemm_rows rows (QUANT_GEMM_ROWS)
         quantized_prefill = (self.fmt != "fp" and not sparse and not decode_kernel and not dense_copy
                              and x.device.type == "cuda" and x.dtype in KERNEL_DTYPES)
-        # the norm in the kernel: the sparse GEMV's as sparse_kernel_takes_norm says; int4_mma's only when
-        # asked (TEAL_FUSED_NORM=1): every program's statistics and the normed B cost it 13-30% on q|k|v and
-        # gate|up (H100, 2026-12-05, results/int4_mma_2026_12_05b/), more than the norm's own kernel
+        # the norm in the kernel: the sparse GEMV's as sparse_kernel_takes_norm says; int4_mma's at one row
+        # and only when asked (TEAL_FUSED_NORM=1): its first version (statistics and normed B in every
+        # group) cost it 13-30% on q|k|v and gate|up (H100, 2026-12-05, results/int4_mma_2026_12_05b/);
+        # the present one (each program normalizes x once into scratch) is unmeasured
         kernel_norm = ((x.device.type == "cuda" and preload)
                        or (x.device.type == "cuda" and decode_kernel
                            and sparse_kernel_takes_norm(self.fmt, n_rows, norm_in_sparse_kernel))
-                       or (mma_call and norm_in_sparse_kernel is True and n_rows <= MAX_BATCH))
+                       or (mma_call and norm_in_sparse_kernel is True and n_rows == 1))
         if norm is not None and not kernel_norm:
             x, norm = norm(x), None
         rows = x.reshape(-1, x.shape[-1])

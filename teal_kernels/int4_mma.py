@@ -37,9 +37,11 @@ How:
   without partial sums in global memory, and one launch is the whole product.
 - Launch configs (`config_for`): a rule that picks the measured one-row winner on every Llama-3-8B
   matrix.
-- The RMSNorm in the prologue (each program's statistics over all of K, the normed B) is there but
-  off unless asked (TEAL_FUSED_NORM=1): it cost q|k|v 12.1 against 10.7 µs and gate|up 38.4 against
-  29.6 (H100), more than the norm's own kernel; end to end 318 tok/s against 351 without it.
+- The RMSNorm (one row; PackedLinear hands it over only under TEAL_FUSED_NORM=1): each program writes
+  model.RMSNorm's output once into its own scratch row, then multiplies that. The first version
+  normalized B and the sums of x in every group: q|k|v 12.1 against 10.7 µs and gate|up 38.4 against
+  29.6 (H100), end to end 318 tok/s against 351 without it. This one adds no instruction to the loop
+  (local SASS); a prologue of two passes over x and a barrier instead. Unmeasured.
 - A warp requests a group's words, scales and zeros `lookahead` groups before it multiplies them
   (MmaConfig; 1 in every rule's config, 2 offered to the lab for the short loops of the small
   matrices: 2-8 groups a warp on Llama-3-8B; unmeasured, as are the scales and zeros requested with
@@ -189,6 +191,8 @@ def _kernel():
             "mov.b32 c, 0x43084308; sub.rn.bf16x2 t, t, c; mov.b32 {$0, $1}, t; }",
             "=h,=h,r", [words], dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
 
+    _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier  # triton 3.6 / 3.9 names
+
     @gluon.jit
     def _grid_dependency(WAIT: gl.constexpr):
         """griddepcontrol (PDL): WAIT until the previous grid's writes are visible, else let the next
@@ -222,7 +226,7 @@ def _kernel():
         return gl.convert_layout(w, WORDS, assert_trivial=True)
 
     @gluon.jit
-    def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, nw_ptr, eps, M, K, N,
+    def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, nw_ptr, xn_ptr, eps, M, K, N,
                          KW: gl.constexpr, ROWS: gl.constexpr, LOOKAHEAD: gl.constexpr, PDL: gl.constexpr,
                          RESIDUAL: gl.constexpr,
                          NORM: gl.constexpr, ONE_ROW: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
@@ -250,8 +254,9 @@ def _kernel():
         gb_first = gl.convert_layout(g_first, bkw.type.layout)
         # [KW, 32, 8]: column m = row m of x; at one row every column is row 0
         x_rows = bm * (0 if ONE_ROW else K)
-        x_first = x_ptr + (gb_first * 128)[:, None, None] + bk[None, :, None] + x_rows[None, None, :]
-        nw_first = nw_ptr + (gb_first * 128)[:, None] + bk[None, :]  # [KW, 32]
+        # the product's input: x, or with NORM the program's own normed copy of it (xn_ptr, written below)
+        x_in = xn_ptr + pid * K if NORM else x_ptr
+        x_first = x_in + (gb_first * 128)[:, None, None] + bk[None, :, None] + x_rows[None, None, :]
         # one row: each K warp's group of x whole ([KW, 128], 16 values a lane), for its sum
         xs_kw = gl.arange(0, KW, layout=gl.SliceLayout(1, XS))
         xs_k = gl.arange(0, 128, layout=gl.SliceLayout(0, XS))
@@ -260,8 +265,8 @@ def _kernel():
         x8_kw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, XS8)))
         x8_m = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, XS8)))
         x8_k = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, XS8)))
-        nw8_offs = (gl.convert_layout(g_first, x8_kw.type.layout) * 128)[:, None, None] + x8_k[None, None, :]
-        x8_offs = nw8_offs + (x8_m * K)[None, :, None]
+        x8_offs = ((gl.convert_layout(g_first, x8_kw.type.layout) * 128)[:, None, None] + x8_k[None, None, :]
+                   + (x8_m * K)[None, :, None])
         x8_ok = (x8_m < M)[None, :, None]
         s_first = s_ptr + rows[None, :] * NG + g_first[:, None]  # [KW, ROWS]
         z_first = z_ptr + rows[None, :] * NG + g_first[:, None]
@@ -276,18 +281,20 @@ def _kernel():
             z_nxt2 = gl.load(z_first + g1)
         if PDL:  # the first groups' weights are on their way while the previous kernel finishes
             _grid_dependency(True)
-        if NORM:  # each row's 1 / rms over all of K: every program reads x once (K x M bf16, from L2)
-            rm = gl.arange(0, 8, layout=gl.SliceLayout(1, XN))
-            rk = gl.arange(0, XCHUNK, layout=gl.SliceLayout(0, XN))
-            squares = gl.zeros([8, XCHUNK], gl.float32, XN)
+        if NORM:  # one row: model.RMSNorm's output, written once into this program's scratch row
+            xk = gl.arange(0, XCHUNK, layout=XN)
+            squares = gl.zeros([XCHUNK], gl.float32, XN)
             for k0 in range(0, K, XCHUNK):
-                xv = gl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :],
-                             mask=(rm < M)[:, None] & (k0 + rk < K)[None, :], other=0.0).to(gl.float32)
+                xv = gl.load(x_ptr + k0 + xk, mask=k0 + xk < K, other=0.0).to(gl.float32)
                 squares += xv * xv
-            inv_rms = 1.0 / gl.sqrt_rn(gl.sum(squares, axis=1) / K + eps)
-            inv_rms1 = gl.sum(gl.where(rm == 0, inv_rms, 0.0), axis=0)  # row 0's, for ONE_ROW's sums of x
-            inv_rms8 = gl.convert_layout(inv_rms, x8_m.type.layout)
-            inv_rms = gl.convert_layout(inv_rms, gl.SliceLayout(0, gl.SliceLayout(1, B)))
+            inv_rms = 1.0 / gl.sqrt_rn(gl.sum(squares, axis=0) / K + eps)
+            for k0 in range(0, K, XCHUNK):  # weight * (x / rms rounded to x's dtype), rounded (L1 hits)
+                ok = k0 + xk < K
+                xv = gl.load(x_ptr + k0 + xk, mask=ok, other=0.0).to(gl.float32)
+                nw = gl.load(nw_ptr + k0 + xk, mask=ok, other=0.0).to(gl.float32)
+                gl.store(x_in + k0 + xk, (nw * (xv * inv_rms).to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16),
+                         mask=ok)
+            _cta_barrier()  # the whole row, written by every thread of the program, before any reads it
         for i in range(g_per):
             words = nxt  # this group's; the load of the group LOOKAHEAD on goes out before the math
             s = s_nxt
@@ -314,24 +321,13 @@ def _kernel():
                     b = gl.load(x_group + p * 32)
                 else:
                     b = gl.load(x_group + p * 32, mask=b_ok, other=0.0)
-                if NORM:  # weight * (x / rms rounded to bf16), rounded: model.RMSNorm's bf16 output
-                    nw = gl.load(nw_first + (i * 128 + p * 32)).to(gl.float32)
-                    normed = (b.to(gl.float32) * inv_rms[None, None, :]).to(gl.bfloat16).to(gl.float32)
-                    b = (nw[:, :, None] * normed).to(gl.bfloat16)
                 part = mma_v2(a, b, part)
             # the group's sum of (normed) x: 16 values a lane and three shuffles, the same order at any M
             if ONE_ROW:
-                xv = gl.load(x_ptr + xs_offs + i * 128).to(gl.float32)
-                if NORM:
-                    nwv = gl.load(nw_ptr + xs_offs + i * 128).to(gl.float32)
-                    xv = (nwv * (xv * inv_rms1).to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16).to(gl.float32)
+                xv = gl.load(x_in + xs_offs + i * 128).to(gl.float32)
                 x_sums = gl.convert_layout(gl.sum(xv, axis=1), gl.SliceLayout(1, L2))[:, None, None]  # [KW, 1, 1]
             else:
                 xv8 = gl.load(x_ptr + x8_offs + i * 128, mask=x8_ok, other=0.0).to(gl.float32)  # [KW, 8, 128]
-                if NORM:
-                    nwv8 = gl.load(nw_ptr + nw8_offs + i * 128).to(gl.float32)
-                    xv8 = (nwv8 * (xv8 * inv_rms8[None, :, None]).to(gl.bfloat16).to(gl.float32)
-                           ).to(gl.bfloat16).to(gl.float32)
                 # [KW, 1, 8]: a column a row of x
                 x_sums = gl.convert_layout(gl.sum(xv8, axis=2), gl.SliceLayout(1, MMA))[:, None, :]
             acc += part * s[:, :, None] + z[:, :, None] * x_sums  # one expression at any M: the same roundings
@@ -373,9 +369,9 @@ def _layouts(cfg: MmaConfig) -> dict:
     words = gl.DistributedLinearLayout(reg_bases=[[0, 8, 0], [0, 0, 4], [0, 0, 8]] + tiles,
                                        lane_bases=[[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
                                        warp_bases=warps, block_bases=[], shape=[cfg.k_warps, cfg.rows, 16])
-    # the norm's statistics: 8 rows (M of them real) x 128 K a warp, 4 contiguous values a lane
-    xn = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32],
-                          warps_per_cta=[1, cfg.k_warps * cfg.row_warps], order=[1, 0])
+    # the norm's row: 8 contiguous values a lane (16-byte loads and stores), every warp of the program
+    xn = gl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[cfg.k_warps * cfg.row_warps],
+                          order=[0])
     # a group's sums of x: 8 rows (column m of C = row m of x: a register and lane bits 0-1, as C's
     # columns, so the sums land where C's columns are) x 128 K a K warp (16 a lane, lane bits 2-4);
     # one row: the same without the rows (lane bits 0-1 repeat), so a row's sum adds its values in the
@@ -391,7 +387,7 @@ def _layouts(cfg: MmaConfig) -> dict:
                                      block_bases=[], shape=[cfg.k_warps, 8, 128])
     return dict(MMA=mma, A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
                 B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2), LOAD=load, WORDS=words, XN=xn,
-                XS=xs, XS8=xs8, XCHUNK=128 * cfg.k_warps * cfg.row_warps)
+                XS=xs, XS8=xs8, XCHUNK=256 * cfg.k_warps * cfg.row_warps)
 
 
 def available() -> bool:
@@ -406,9 +402,9 @@ def available() -> bool:
 def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None = None,
              norm_weight: Tensor | None = None, eps: float = 0.0, *, config: MmaConfig | None = None) -> Tensor:
     """x [M, K] bf16 (M <= 8) @ a packed int4-g128 matrix (pack's three tensors) -> [M, N] bf16, on
-    CUDA; with `residual` [M, N] added to the product, with `norm_weight` [K] (and eps) x taken as the
-    residual stream and model.RMSNorm's output as the input (int4_mma_reference says exactly how).
-    Rejects, one line, what the kernel does not take."""
+    CUDA; with `residual` [M, N] added to the product, with `norm_weight` [K] (and eps; one row only) x
+    taken as the residual stream and model.RMSNorm's output as the input (int4_mma_reference says
+    exactly how). Rejects, one line, what the kernel does not take."""
     tiles, groups = words.shape[:2]
     n, k = tiles * TILE_ROWS, groups * GROUP
     m = x.shape[0]
@@ -419,9 +415,9 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: 
                          f"zeros {tuple(zeros.shape)}")
     if residual is not None and (residual.shape != (m, n) or residual.dtype != x.dtype):
         raise ValueError(f"int4_mma's residual must be bf16 [{m}, {n}], got {residual.dtype} {tuple(residual.shape)}")
-    if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != x.dtype):
-        raise ValueError(f"int4_mma's norm weight must be bf16 [{k}], got {norm_weight.dtype} "
-                         f"{tuple(norm_weight.shape)}")
+    if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != x.dtype or m != 1):
+        raise ValueError(f"int4_mma takes a norm at one row, its weight bf16 [{k}]; got {m} rows, "
+                         f"{norm_weight.dtype} {tuple(norm_weight.shape)}")
     cfg = config or config_for(k, n, m)
     if n % cfg.rows or groups % cfg.k_warps or cfg.lookahead not in (1, 2):
         raise ValueError(f"int4_mma config {tuple(cfg)} needs N ({n}) a multiple of {cfg.rows}, {groups} groups "
@@ -433,7 +429,9 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: 
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     res = out if residual is None else residual.contiguous()  # an unread stand-in where there is none
     nw = x if norm_weight is None else norm_weight
-    kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, res, nw, eps, m, k, n, KW=cfg.k_warps,
+    # with the norm, each program's normed copy of x (a row of K, written and read by that program only)
+    normed = x if norm_weight is None else torch.empty(n // cfg.rows, k, dtype=x.dtype, device=x.device)
+    kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, res, nw, normed, eps, m, k, n, KW=cfg.k_warps,
                              ROWS=cfg.rows, LOOKAHEAD=cfg.lookahead, PDL=bool(pdl), RESIDUAL=residual is not None,
                              NORM=norm_weight is not None, ONE_ROW=m == 1, num_warps=cfg.k_warps * cfg.row_warps,
                              **_layouts(cfg), **pdl)
