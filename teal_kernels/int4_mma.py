@@ -228,14 +228,14 @@ def _kernel():
     @gluon.jit
     def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, nw_ptr, xn_ptr, eps, M, K, N,
                          KW: gl.constexpr, ROWS: gl.constexpr, LOOKAHEAD: gl.constexpr, PDL: gl.constexpr,
-                         RESIDUAL: gl.constexpr,
-                         NORM: gl.constexpr, ONE_ROW: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
-                         B: gl.constexpr, LOAD: gl.constexpr, WORDS: gl.constexpr, XN: gl.constexpr,
-                         XS: gl.constexpr, XS8: gl.constexpr, XCHUNK: gl.constexpr):
+                         RESIDUAL: gl.constexpr, NORM: gl.constexpr, ONE_ROW: gl.constexpr, MMA: gl.constexpr,
+                         A: gl.constexpr, B: gl.constexpr, LOAD: gl.constexpr, WORDS: gl.constexpr,
+                         XN: gl.constexpr, XS: gl.constexpr, XS8: gl.constexpr, XCHUNK: gl.constexpr):
         """out[m, n] = sum_k x[m, k] W[k, n] (+ res[m, n] with RESIDUAL) for ROWS outputs n of this
-        program and every m < M; with NORM, x is the residual stream and the input is model.RMSNorm's
-        output (nw the norm's weight), rounded as the unfused model rounds it. ONE_ROW (M == 1): x in
-        all of B's columns (unmasked loads) and each group's sum of x on CUDA cores, as the lab kernel."""
+        program and every m < M; with NORM (one row), x is the residual stream and the input is
+        model.RMSNorm's output (nw the norm's weight), rounded as the unfused model rounds it, which the
+        program first writes into its row of xn. ONE_ROW (M == 1): x in all of B's columns (unmasked
+        loads), column 0's epilogue."""
         pid = gl.program_id(0)
         NG = K // 128
         g_per = NG // KW  # groups a K warp
