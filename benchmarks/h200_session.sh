@@ -713,7 +713,7 @@ case $phase in
     step 260 python3 -m benchmarks.int4_mma_lab --rows 1 4 --out "$out/int4_mma_lab"
     ;;
   int4_mma_check)  # issue 11, after results/int4_mma_2026_12_05b/: the kernel with row-invariant sums of x (changed after that session's runs; TEAL_INT4_MMA stays off until this passes): its GPU tests (float64 at every config, a row alone and among others bit for bit, the fusions, a compiled tiny model), the lab's selftest, then the lab at 1 and 4 rows against tinygemm (run 5 there: 62.4 / 58.5 best at one row with the old sums), one call (~4 min)
-    step 200 python3 -m pytest -q tests/test_int4_mma.py
+    step 240 python3 -m pytest -q tests/test_int4_mma.py
     step 90 python3 -m benchmarks.int4_mma_lab --selftest
     step 200 python3 -m benchmarks.int4_mma_lab --rows 1 4 --out "$out/int4_mma_lab"
     ;;
