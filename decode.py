@@ -82,6 +82,9 @@ class DecodeBlock(TransformerBlock):
                                            input_pos[i:i + 1], att.n_head) for i in range(seqlen)]
             y = steps[0] if seqlen == 1 else torch.stack(steps, dim=1)  # a decode step: no copy
             h = att.wo(y.view(bsz, seqlen, att.n_head * att.head_dim), residual=x)
+        if ff.w13.gates_in_epilogue(h):  # int4_mma's paired copy: SiLU(gate) * up from gate|up's kernel
+            gated = ff.w13(h, norm=self.ffn_norm, norm_in_sparse_kernel=self.fuse_norms, gate_product=True)
+            return ff.w2(gated, residual=h)
         return ff.w2(self._project(ff.w13, self.ffn_norm, h), gated=True, residual=h)
 
 

@@ -182,6 +182,11 @@ TINYGEMM_ENV = "TEAL_INT4_TINYGEMM"
 # gpt-fast's int4 329.1 beside 382.5 in another run. Off until the kernel's row-invariant sums (changed
 # after that run) have passed the GPU tests; other group sizes and Tritons without Gluon keep tinygemm's.
 INT4_MMA_ENV = "TEAL_INT4_MMA"
+# TEAL_INT4_MMA_GATE=1 (with TEAL_INT4_MMA=1): gate|up layers whose shape pairs (int4_mma.pairs: N >= 16384)
+# get int4_mma's paired copy, and their dense decode calls return SiLU(gate) * up from the kernel's
+# epilogue: one kernel fewer a layer (the SiLU * up that torch runs before down: 44.5 us a step over 32
+# layers in the H100 profile, results/int4_mma_2026_12_05b/ run 3, plus its gaps). Unmeasured, so off.
+INT4_MMA_GATE_ENV = "TEAL_INT4_MMA_GATE"
 
 
 @torch.compiler.assume_constant_result
@@ -251,6 +256,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("int4mma_words", None, persistent=False)
         self.register_buffer("int4mma_scales", None, persistent=False)
         self.register_buffer("int4mma_zeros", None, persistent=False)
+        self.int4mma_paired = False  # a gate|up copy in int4_mma.paired_order: its calls return SiLU(gate) * up
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes: list[int] | None = None) -> "PackedLinear":
@@ -259,17 +265,20 @@ class PackedLinear(nn.Module):
         packed.weight = w.t().contiguous()
         return packed
 
-    def attach_int4pack(self, use_mma: bool = False) -> bool:
+    def attach_int4pack(self, use_mma: bool = False, gate_epilogue: bool = False) -> bool:
         """Give an int4 layer a dense copy of its weights, which its dense decode calls then run through:
         with `use_mma`, int4_mma's where it takes the shape (INT4_MMA_ENV; on CUDA only with a Triton that
-        has Gluon), else tinygemm's (TINYGEMM_ENV). False where neither takes the shape (it stays on our
+        has Gluon), else tinygemm's (TINYGEMM_ENV). With `gate_epilogue` too (a gate|up layer,
+        INT4_MMA_GATE_ENV), int4_mma's paired copy where the shape pairs: its dense decode calls then return
+        SiLU(gate) * up (gates_in_epilogue). False where neither takes the shape (it stays on our
         kernel). A copy of the weights as they are now: load them first (the fused path's install does)."""
         if self.fmt != "int4":
             return False
         if use_mma and mma.fits(self.in_features, self.out_features, self.group_size, torch.bfloat16) and (
                 not self.weight.is_cuda or mma.available()):
+            self.int4mma_paired = gate_epilogue and mma.pairs(self.in_features, self.out_features)
             self.int4mma_words, self.int4mma_scales, self.int4mma_zeros = mma.pack(self.weight, self.scales,
-                                                                                   self.zeros)
+                                                                                   self.zeros, self.int4mma_paired)
             return True
         if not int4pack_fits(self.in_features, self.out_features, self.group_size, torch.bfloat16):
             return False
@@ -334,14 +343,26 @@ class PackedLinear(nn.Module):
         self.target_sparsity = None if per_segment is None else \
             sum(s * w for s, w in zip(per_segment, self.split_sizes, strict=True)) / self.out_features
 
+    def _dense_copy_call(self, x: Tensor, sparse: bool) -> bool:
+        """Whether this call runs on attach_int4pack's dense copy: a dense int4 decode call in bf16."""
+        n_rows = x.numel() // x.shape[-1]
+        return self.has_dense_int4_copy and not sparse and n_rows <= MAX_BATCH and x.dtype == torch.bfloat16
+
+    def gates_in_epilogue(self, x: Tensor) -> bool:
+        """Whether this call can return SiLU(gate) * up of its gate|up product from int4_mma's paired
+        copy (forward's gate_product): decode.py then hands the down projection the gated input."""
+        return self.int4mma_paired and self._dense_copy_call(x, self.applies_sparsity(x))
+
     def forward(self, x: Tensor, gated: bool = False, residual: Tensor | None = None,
-                norm: nn.Module | None = None, norm_in_sparse_kernel: bool | None = None) -> Tensor:
+                norm: nn.Module | None = None, norm_in_sparse_kernel: bool | None = None,
+                gate_product: bool = False) -> Tensor:
         """x [..., K] -> [..., N]. The decode path's fusions (decode.py): with `gated`, x is a
         gate|up output [..., 2K] and the input is SiLU(gate) * up; `residual` [..., N] is added
         to the output; with `norm` (model.RMSNorm), x is the residual stream and the input is
         norm(x). The decode kernels do them in their prologue / epilogue, the norm on CUDA only:
         always in the preload GEMV, in the sparse GEMV and int4_mma (any device: the CPU runs its
-        reference) as `sparse_kernel_takes_norm` says; elsewhere torch."""
+        reference) as `sparse_kernel_takes_norm` says; elsewhere torch. `gate_product` (where
+        gates_in_epilogue says so): SiLU(gate) * up of the product, [..., N / 2], from int4_mma's epilogue."""
         sparse = self.applies_sparsity(x)
         thresholds = self.thresholds if sparse else self.no_thresholds
         # bf16/fp16 on a CPU: a GEMM over the [K, N] layout ran 10-36x slower than in float32 on an
@@ -351,8 +372,11 @@ class PackedLinear(nn.Module):
         dense_float = self.fmt == "fp" and not sparse and not cpu_half
         n_rows = x.numel() // x.shape[-1]
         # a dense int4 decode call of a layer with a dense copy (attach_int4pack: tinygemm's or int4_mma's)
-        dense_copy = (self.has_dense_int4_copy and not sparse and n_rows <= MAX_BATCH and x.dtype == torch.bfloat16)
+        dense_copy = self._dense_copy_call(x, sparse)
         mma_call = dense_copy and self.int4mma_words is not None  # int4_mma takes the residual (and the norm)
+        if gate_product != (mma_call and self.int4mma_paired):  # the paired copy's products come out gated
+            raise ValueError(f"gate_product={gate_product} on a call that {'runs' if mma_call else 'does not run'} "
+                             f"int4_mma's {'paired' if self.int4mma_paired else 'plain'} copy")
         kernel_rows = self.quantized_kernel_rows if x.device.type == "cuda" and not sparse else MAX_BATCH
         decode_kernel = not dense_float and not dense_copy and n_rows <= kernel_rows and x.dtype in KERNEL_DTYPES
         preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
@@ -384,7 +408,8 @@ class PackedLinear(nn.Module):
             # the residual itself (and the norm where kernel_norm says)
             x_in = gated_input(rows) if gated else rows
             if mma_call:
-                out = int4_mma(x_in, self.int4mma_words, self.int4mma_scales, self.int4mma_zeros, res, *norm_args)
+                out = int4_mma(x_in, self.int4mma_words, self.int4mma_scales, self.int4mma_zeros, res, *norm_args,
+                               gate_product)
             elif dense_copy:
                 out = int4pack_mm(x_in, self.int4pack_weight, self.int4pack_scales_zeros, self.group_size)
             elif quantized_prefill and n_rows <= self.quant_gemm_rows:
@@ -402,7 +427,7 @@ class PackedLinear(nn.Module):
             # float32.
             out = sparse_gemv_reference(rows, self.weight, thresholds, self.split_sizes, *self._quant_args(),
                                         self.group_size, gated, res)
-        return out.view(*x.shape[:-1], self.out_features)
+        return out.view(*x.shape[:-1], out.shape[-1])  # N, or N / 2 with gate_product
 
     def takes_attention(self, qkv: Tensor, k_cache: Tensor, n_head: int) -> bool:
         """Whether this o projection's decode step computes its own input, the attention of the
@@ -453,13 +478,15 @@ def pack_model(model: nn.Module) -> nn.Module:
 
 def attach_int4pack(model: nn.Module) -> list[str]:
     """Unless TINYGEMM_ENV is 0, give every int4 decoder projection on CUDA a dense copy of its weights:
-    int4_mma's where INT4_MMA_ENV is 1 and it takes the layer, else tinygemm's (idempotent); the names
-    of those that have one."""
+    int4_mma's where INT4_MMA_ENV is 1 and it takes the layer (gate|up ones paired where INT4_MMA_GATE_ENV
+    is 1 too), else tinygemm's (idempotent); the names of those that have one."""
     if not env_switch(TINYGEMM_ENV, default="1"):
         return []
     use_mma = env_switch(INT4_MMA_ENV, default="0")
+    gate = env_switch(INT4_MMA_GATE_ENV, default="0") and use_mma
     layers = {name: m for name, m in packed_projections(model).items() if m.fmt == "int4" and m.weight.is_cuda}
-    return [name for name, m in layers.items() if m.has_dense_int4_copy or m.attach_int4pack(use_mma)]
+    return [name for name, m in layers.items()
+            if m.has_dense_int4_copy or m.attach_int4pack(use_mma, gate and name.endswith("feed_forward.w13"))]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -123,17 +123,37 @@ def _lanes_and_slots() -> tuple[Tensor, Tensor]:
     return torch.arange(32).repeat_interleave(WORDS_A_LANE), torch.arange(WORDS_A_LANE).repeat(32)
 
 
-def pack(w: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def pairs(k: int, n: int) -> bool:
+    """Whether a gate|up matrix [K, N] takes the paired copy (pack(paired=True), the kernel's GATE
+    epilogue): every config_for launch of it, at 1-8 rows, holds an even number of tiles a warp."""
+    return n % (2 * TILE_ROWS) == 0 and all(config_for(k, n, m).tiles_a_warp % 2 == 0 for m in range(1, MAX_ROWS + 1))
+
+
+def paired_order(n: int) -> Tensor:
+    """The paired copy's output order of a gate|up matrix: 16 gate rows, the 16 up rows of the same
+    outputs, and so on, so that a warp's tiles 2t and 2t + 1 hold a gate and its up in the same
+    registers of the same threads."""
+    half = n // 2
+    gate = torch.arange(half).view(-1, 1, TILE_ROWS)
+    return torch.cat((gate, gate + half), dim=1).flatten()
+
+
+def pack(w: Tensor, scales: Tensor, zeros: Tensor, paired: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Our int4-g128 layout (uint8 [K, N / 2], column 2c in the low nibble; float32 scales and zeros
     [K / 128, N]) -> (words int32 [N / 16, K / 128, 32, 8], scales [N, K / 128], zeros [N, K / 128]) on
     w's device. Word (t, g, lane, slot) with (r, j) = the fragment position of (lane, slot): bits
-    4p..4p+3 the code of output 16t + r at K = 128g + 32p + 2j, bits 16+4p..19+4p that of K + 1."""
+    4p..4p+3 the code of output 16t + r at K = 128g + 32p + 2j, bits 16+4p..19+4p that of K + 1.
+    `paired` (a gate|up matrix): outputs in paired_order, for the kernel's GATE epilogue."""
     k, n = w.shape[0], w.shape[1] * 2
-    if k % GROUP or n % TILE_ROWS or scales.shape != (k // GROUP, n) or zeros.shape != scales.shape:
-        raise ValueError(f"int4_mma.pack needs K a multiple of {GROUP}, N of {TILE_ROWS} and scales / zeros "
-                         f"[K / {GROUP}, N]; got w {tuple(w.shape)}, scales {tuple(scales.shape)}, "
+    if (k % GROUP or n % (2 * TILE_ROWS if paired else TILE_ROWS) or scales.shape != (k // GROUP, n)
+            or zeros.shape != scales.shape):
+        raise ValueError(f"int4_mma.pack needs K a multiple of {GROUP}, N of {TILE_ROWS} ({2 * TILE_ROWS} paired) "
+                         f"and scales / zeros [K / {GROUP}, N]; got w {tuple(w.shape)}, scales {tuple(scales.shape)}, "
                          f"zeros {tuple(zeros.shape)}")
     q = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(k, n).t()  # [N, K] codes, uint8
+    if paired:
+        order = paired_order(n).to(w.device)
+        q, scales, zeros = q[order], scales[:, order], zeros[:, order]
     q = q.reshape(n // TILE_ROWS, TILE_ROWS, k // GROUP, 4, 16, 2)  # tile, row, group, plane, pair, K parity
     row, pair = (i.to(w.device) for i in _lane_slot_to_row_pair(*_lanes_and_slots()))
     picked = q[:, row, :, :, pair, :]  # [lane * slot, tile, group, plane, parity]
@@ -161,17 +181,22 @@ def unpack_codes(words: Tensor) -> Tensor:
 
 
 def int4_mma_reference(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None = None,
-                       norm_weight: Tensor | None = None, eps: float = 0.0) -> Tensor:
+                       norm_weight: Tensor | None = None, eps: float = 0.0, gate: bool = False) -> Tensor:
     """What int4_mma computes, in float32 from the packed copy (the CPU's implementation of the op):
     W[n, k] = (q - 8) * scales[n, k // 128] + zeros[n, k // 128]; the input rms_normed(x) with a norm
-    weight, else x; out = input @ W^T rounded to x's dtype, then + residual (rounded again)."""
-    from teal_kernels.reference import dequantize_weight, rms_normed
+    weight, else x; out = input @ W^T rounded to x's dtype, then + residual (rounded again). `gate` (a
+    paired copy): SiLU(gate) * up of the product in the natural order, as reference.gated_input."""
+    from teal_kernels.reference import dequantize_weight, gated_input, rms_normed
 
     codes = unpack_codes(words).t().to(x.device)  # [K, N]
     ours = (codes[:, 0::2] | codes[:, 1::2] << 4).to(torch.uint8)  # back to our layout, the format's one definition
     weight = dequantize_weight(ours, scales.t(), zeros.t(), GROUP)  # [K, N] float32
     inputs = x if norm_weight is None else rms_normed(x, norm_weight, eps)
     out = (inputs.float() @ weight).to(x.dtype)
+    if gate:
+        natural = torch.empty_like(out)
+        natural[:, paired_order(out.shape[1]).to(out.device)] = out
+        return gated_input(natural)
     return out if residual is None else out + residual
 
 
@@ -226,16 +251,39 @@ def _kernel():
         return gl.convert_layout(w, WORDS, assert_trivial=True)
 
     @gluon.jit
+    def _gated(gate, up):
+        """SiLU(gate) * up in float32 (the sparse GEMV's formula), rounded once."""
+        return (gate * (1.0 / (1.0 + gl.exp(-gate))) * up).to(gl.bfloat16)
+
+    @gluon.jit
+    def _store_gated_row(out_ptr, gate, up):
+        """One row: gate and up [pairs, 16] (output 16 pair + r) -> SiLU(gate) * up at out_ptr."""
+        pair = gl.arange(0, gate.shape[0], layout=gl.SliceLayout(1, gate.type.layout))
+        r = gl.arange(0, 16, layout=gl.SliceLayout(0, gate.type.layout))
+        gl.store(out_ptr + pair[:, None] * 16 + r[None, :], _gated(gate, up))
+
+    @gluon.jit
+    def _store_gated_rows(out_ptr, gate, up, row_stride, M):
+        """Rows of x: gate and up [pairs, 16, 8], column m (< M) at out_ptr + m * row_stride."""
+        pair = gl.arange(0, gate.shape[0], layout=gl.SliceLayout(1, gl.SliceLayout(2, gate.type.layout)))
+        r = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, gate.type.layout)))
+        m = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gate.type.layout)))
+        offs = (pair[:, None] * 16 + r[None, :])[:, :, None] + (m * row_stride)[None, None, :]
+        gl.store(out_ptr + offs, _gated(gate, up), mask=(m < M)[None, None, :])
+
+    @gluon.jit
     def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, nw_ptr, xn_ptr, eps, M, K, N,
                          KW: gl.constexpr, ROWS: gl.constexpr, LOOKAHEAD: gl.constexpr, PDL: gl.constexpr,
-                         RESIDUAL: gl.constexpr, NORM: gl.constexpr, ONE_ROW: gl.constexpr, MMA: gl.constexpr,
+                         RESIDUAL: gl.constexpr, NORM: gl.constexpr, ONE_ROW: gl.constexpr, GATE: gl.constexpr,
+                         MMA: gl.constexpr,
                          A: gl.constexpr, B: gl.constexpr, LOAD: gl.constexpr, WORDS: gl.constexpr,
                          XN: gl.constexpr, XS: gl.constexpr, XS8: gl.constexpr, XCHUNK: gl.constexpr):
         """out[m, n] = sum_k x[m, k] W[k, n] (+ res[m, n] with RESIDUAL) for ROWS outputs n of this
         program and every m < M; with NORM (one row), x is the residual stream and the input is
         model.RMSNorm's output (nw the norm's weight), rounded as the unfused model rounds it, which the
         program first writes into its row of xn. ONE_ROW (M == 1): x in all of B's columns (unmasked
-        loads), column 0's epilogue."""
+        loads), column 0's epilogue. GATE (a paired copy): out[m, j] = SiLU(gate_j) * up_j instead,
+        [M, N / 2]."""
         pid = gl.program_id(0)
         NG = K // 128
         g_per = NG // KW  # groups a K warp
@@ -338,7 +386,11 @@ def _kernel():
             out1 = gl.sum(gl.sum(gl.where(o_cols1[None, None, :] == 0, acc, 0.0), axis=2), axis=0).to(gl.bfloat16)
             if RESIDUAL:
                 out1 = (out1.to(gl.float32) + gl.load(res_ptr + rows).to(gl.float32)).to(gl.bfloat16)
-            gl.store(out_ptr + rows, out1)
+            if GATE:  # rows 32 t .. 32 t + 15 the gates of outputs 16 t .., the next 16 their ups
+                gate, up = gl.split(gl.permute(gl.reshape(out1.to(gl.float32), [ROWS // 32, 2, 16]), [0, 2, 1]))
+                _store_gated_row(out_ptr + pid * (ROWS // 2), gate, up)
+            else:
+                gl.store(out_ptr + rows, out1)
         else:
             out = gl.sum(acc, axis=0).to(gl.bfloat16)  # [ROWS, 8]: the K warps meet
             o_rows = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA)))
@@ -348,7 +400,12 @@ def _kernel():
             if RESIDUAL:  # the product rounded first, then the sum (the unfused model's order)
                 res = gl.load(res_ptr + o_offs, mask=o_ok, other=0.0)
                 out = (out.to(gl.float32) + res.to(gl.float32)).to(gl.bfloat16)
-            gl.store(out_ptr + o_offs, out, mask=o_ok)
+            if GATE:  # [ROWS / 32, 16, 8] gates and ups, a column a row of x, stored at N / 2 a row
+                gated = gl.permute(gl.reshape(out.to(gl.float32), [ROWS // 32, 2, 16, 8]), [0, 2, 3, 1])
+                gate, up = gl.split(gated)
+                _store_gated_rows(out_ptr + pid * (ROWS // 2), gate, up, N // 2, M)
+            else:
+                gl.store(out_ptr + o_offs, out, mask=o_ok)
 
     return _int4_mma_kernel, gl
 
@@ -400,11 +457,13 @@ def available() -> bool:
 
 
 def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None = None,
-             norm_weight: Tensor | None = None, eps: float = 0.0, *, config: MmaConfig | None = None) -> Tensor:
+             norm_weight: Tensor | None = None, eps: float = 0.0, gate: bool = False, *,
+             config: MmaConfig | None = None) -> Tensor:
     """x [M, K] bf16 (M <= 8) @ a packed int4-g128 matrix (pack's three tensors) -> [M, N] bf16, on
     CUDA; with `residual` [M, N] added to the product, with `norm_weight` [K] (and eps; one row only) x
     taken as the residual stream and model.RMSNorm's output as the input (int4_mma_reference says
-    exactly how). Rejects, one line, what the kernel does not take."""
+    exactly how); with `gate` (pack(paired=True)'s copy of a gate|up matrix) SiLU(gate) * up [M, N / 2].
+    Rejects, one line, what the kernel does not take."""
     tiles, groups = words.shape[:2]
     n, k = tiles * TILE_ROWS, groups * GROUP
     m = x.shape[0]
@@ -422,17 +481,21 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: 
     if n % cfg.rows or groups % cfg.k_warps or cfg.lookahead not in (1, 2):
         raise ValueError(f"int4_mma config {tuple(cfg)} needs N ({n}) a multiple of {cfg.rows}, {groups} groups "
                          f"a multiple of {cfg.k_warps} and a lookahead of 1 or 2")
+    if gate and (residual is not None or cfg.tiles_a_warp % 2):
+        raise ValueError(f"int4_mma's gate epilogue takes no residual and an even number of tiles a warp; got "
+                         f"config {tuple(cfg)}, residual {residual is not None}")
     from teal_kernels.triton_gemv import launch_options  # the one place PDL is decided (TEAL_PDL)
 
     kernel, _ = _kernel()
     pdl = launch_options(x.device)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(m, n // 2 if gate else n, dtype=x.dtype, device=x.device)
     res = out if residual is None else residual.contiguous()  # an unread stand-in where there is none
     nw = x if norm_weight is None else norm_weight
     # with the norm, each program's normed copy of x (a row of K, written and read by that program only)
     normed = x if norm_weight is None else torch.empty(n // cfg.rows, k, dtype=x.dtype, device=x.device)
     kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, res, nw, normed, eps, m, k, n, KW=cfg.k_warps,
                              ROWS=cfg.rows, LOOKAHEAD=cfg.lookahead, PDL=bool(pdl), RESIDUAL=residual is not None,
-                             NORM=norm_weight is not None, ONE_ROW=m == 1, num_warps=cfg.k_warps * cfg.row_warps,
+                             NORM=norm_weight is not None, ONE_ROW=m == 1, GATE=gate,
+                             num_warps=cfg.k_warps * cfg.row_warps,
                              **_layouts(cfg), **pdl)
     return out

@@ -233,7 +233,7 @@ def int4_mma_variants():
     shape: (name, compile function)."""
     from teal_kernels import int4_mma as im
 
-    def compile_gluon(cfg: im.MmaConfig, pdl: bool, residual: bool, norm: bool, one_row: bool):
+    def compile_gluon(cfg: im.MmaConfig, pdl: bool, residual: bool, norm: bool, one_row: bool, gate: bool = False):
         from triton.experimental.gluon._runtime import GluonASTSource
         kernel, _ = im._kernel()
         layouts = im._layouts(cfg)
@@ -241,12 +241,12 @@ def int4_mma_variants():
                "res_ptr": "*bf16", "nw_ptr": "*bf16", "xn_ptr": "*bf16", "eps": "fp32", "M": "i32", "K": "i32",
                "N": "i32",
                "KW": "constexpr", "ROWS": "constexpr", "LOOKAHEAD": "constexpr", "PDL": "constexpr",
-               "RESIDUAL": "constexpr", "NORM": "constexpr", "ONE_ROW": "constexpr",
+               "RESIDUAL": "constexpr", "NORM": "constexpr", "ONE_ROW": "constexpr", "GATE": "constexpr",
                **{name: "constexpr" for name in layouts}}
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig)
                  if name.endswith("_ptr") or name in ("K", "N")}
         constexprs = dict(KW=cfg.k_warps, ROWS=cfg.rows, LOOKAHEAD=cfg.lookahead, PDL=pdl, RESIDUAL=residual, NORM=norm,
-                          ONE_ROW=one_row, **layouts)
+                          ONE_ROW=one_row, GATE=gate, **layouts)
         return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs),
                               target=TARGET, options=dict(num_warps=cfg.k_warps * cfg.row_warps, launch_pdl=pdl))
 
@@ -260,6 +260,9 @@ def int4_mma_variants():
             yield (f"_int4_mma_kernel {tuple(cfg)} PDL={pdl} RESIDUAL={residual} NORM={norm} ONE_ROW={one_row} "
                    f"num_warps={cfg.k_warps * cfg.row_warps}",
                    lambda c=cfg, p=pdl, r=residual, n=norm, o=one_row: compile_gluon(c, p, r, n, o))
+    for cfg, one_row in ((im.config_for(4096, 28672, 1), True), (im.config_for(4096, 28672, 4), False)):
+        yield (f"_int4_mma_kernel {tuple(cfg)} PDL=True RESIDUAL=False NORM={one_row} ONE_ROW={one_row} GATE=True "
+               f"num_warps={cfg.k_warps}", lambda c=cfg, o=one_row: compile_gluon(c, True, False, o, o, True))
 
 
 def sparse_mma_lab_variants():

@@ -293,3 +293,90 @@ def test_a_compiled_decode_step_with_the_mma_copy_matches_tinygemms(monkeypatch)
 
     mma_logits, tiny = logits("1"), logits("0")
     assert (mma_logits - tiny).norm() / tiny.norm() < 0.02
+
+
+# --- the gate epilogue: a gate|up layer's paired copy returns SiLU(gate) * up ---------------------------
+
+def test_the_paired_copy_and_its_reference() -> None:
+    """pack(paired=True) orders outputs as paired_order (16 gates, their 16 ups, ...); the op's CPU
+    reference with gate is reference.gated_input of the plain copy's product; pairs() takes the 8B and
+    Llama-2 gate|up shapes and refuses those whose launches hold an odd number of tiles a warp."""
+    k, n = 256, 16384
+    w, scales, zeros = _int4(k, n, seed=5)
+    plain, paired = im.pack(w, scales, zeros), im.pack(w, scales, zeros, paired=True)
+    order = im.paired_order(n)
+    assert sorted(order.tolist()) == list(range(n)) and order[16:32].tolist() == list(range(n // 2, n // 2 + 16))
+    assert torch.equal(im.unpack_codes(paired[0]), im.unpack_codes(plain[0])[order])
+    assert torch.equal(paired[1], plain[1][order]) and torch.equal(paired[2], plain[2][order])
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    want = gated_input(im.int4_mma_reference(x, *plain))
+    assert torch.equal(im.int4_mma_reference(x, *paired, gate=True), want)
+    assert torch.equal(int4_mma(x, *paired, None, None, 0.0, True), want)  # the op, its CPU implementation
+    assert im.pairs(4096, 28672) and im.pairs(4096, 22016) and im.pairs(2048, 16384)
+    assert not im.pairs(4096, 14336) and not im.pairs(576, 3072)
+
+
+@torch.no_grad()
+def test_a_paired_gate_up_layer_gates_its_dense_calls_only() -> None:
+    """PackedLinear with the paired copy: gates_in_epilogue for a dense one-row bf16 call, not for a
+    sparse one; its gated output is gated_input of the same layer without the copy (the product's own
+    rounding apart); a call that would run the paired copy without gate_product, or ask gate_product
+    where the copy does not run, fails in one line."""
+    layer, plain = _layer(splits=(8192, 8192)), _layer(splits=(8192, 8192))
+    assert layer.attach_int4pack(use_mma=True, gate_epilogue=True) and layer.int4mma_paired
+    x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    assert layer.gates_in_epilogue(x)
+    got = layer(x, gate_product=True)
+    assert got.shape == (1, 1, 8192)
+    want = gated_input(plain(x).view(1, -1)).view(1, 1, -1)
+    assert torch.allclose(got.float(), want.float(), rtol=2**-6, atol=1e-3)
+    with pytest.raises(ValueError, match="gate_product=False"):
+        layer(x)
+    for m in (layer, plain):
+        m.thresholds.fill_(0.8)
+        m.sparse = True
+    assert not layer.gates_in_epilogue(x)
+    with pytest.raises(ValueError, match="gate_product=True"):
+        layer(x, gate_product=True)
+    assert torch.equal(layer(x), plain(x))  # sparse calls: our kernel, the natural order
+    unpaired = _layer(splits=(8192, 8192))
+    assert unpaired.attach_int4pack(use_mma=True, gate_epilogue=False) and not unpaired.int4mma_paired
+    assert not unpaired.gates_in_epilogue(x)
+
+
+@torch.no_grad()
+def test_the_decode_block_hands_down_the_gated_input_from_a_paired_gate_up() -> None:
+    """decode.DecodeBlock with a paired gate|up: the block's output is the one with the plain copy (down
+    takes SiLU(gate) * up instead of computing it), within bf16 roundings."""
+    from decode import DecodeBlock
+
+    model = tiny_model(seed=2, dim=128, intermediate_size=8192, n_layer=1).to(torch.bfloat16)
+    quantize_model(model, "int4", 128)
+    pack_model(model)
+    model.setup_caches(1, 16)
+    outs = []
+    for gate in (False, True):
+        for name, m in packed_projections(model).items():
+            m.int4mma_words = None
+            assert m.attach_int4pack(use_mma=True, gate_epilogue=gate and name.endswith("w13"))
+        block = DecodeBlock(model.layers[0])
+        assert block.feed_forward.w13.int4mma_paired == gate
+        x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+        freqs = model.freqs_cis[4:5]
+        outs.append(block(x, freqs, None, torch.tensor([4])))
+    assert torch.allclose(outs[0].float(), outs[1].float(), rtol=2**-6, atol=2e-2)
+
+
+@needs_gluon
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_the_kernels_gate_epilogue_is_the_references(m: int) -> None:
+    """The GATE epilogue on the GPU (one row and the 2-8-row path): SiLU(gate) * up of the paired copy's
+    product, within a bf16 rounding or two of the reference (the product's own float32 order apart)."""
+    k, n = 2048, 16384
+    w, scales, zeros = (t.cuda() for t in _int4(k, n, seed=9))
+    paired = im.pack(w, scales, zeros, paired=True)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).cuda()
+    got = im.int4_mma(x, *paired, gate=True)
+    want = im.int4_mma_reference(x, *paired, gate=True)
+    assert got.shape == (m, n // 2)
+    assert torch.allclose(got.float(), want.float(), rtol=2**-6, atol=1e-3)
