@@ -42,6 +42,10 @@ How:
   normalized B and the sums of x in every group: q|k|v 12.1 against 10.7 µs and gate|up 38.4 against
   29.6 (H100), end to end 318 tok/s against 351 without it. This one adds no instruction to the loop
   (local SASS); a prologue of two passes over x and a barrier instead. Unmeasured.
+- SiLU(gate) * up in the epilogue of a gate|up matrix (GATE; TEAL_INT4_MMA_GATE): its paired copy
+  (`paired_order`: 16 gate rows, then the same outputs' 16 up rows) puts a gate and its up in the same
+  registers of one thread, so the kernel writes the down projection's input, [M, N / 2], and the
+  SiLU * up kernel before down goes. Unmeasured.
 - A warp requests a group's words, scales and zeros `lookahead` groups before it multiplies them
   (MmaConfig; 1 in every rule's config, 2 offered to the lab for the short loops of the small
   matrices: 2-8 groups a warp on Llama-3-8B; unmeasured, as are the scales and zeros requested with
