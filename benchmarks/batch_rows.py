@@ -5,7 +5,8 @@ the plain step's single row does (issue 13). For each projection shape in bf16 t
 x [M, K] by W [K, N] at once and each row alone, with the dense path's product (`x @ W`: cuBLAS on
 a GPU, the CPU's BLAS), with nn.Linear's F.linear over W [N, K] (the GPU's lm_head), and with our
 kernel (teal::sparse_gemv, zero thresholds), and with torch's tinygemm over random int4 weights (an
-int4 model's dense decode calls under TEAL_INT4_TINYGEMM), and reports the share of output elements whose bits
+int4 model's dense decode calls under TEAL_INT4_TINYGEMM) and through int4_mma's copy of the same
+weights on CUDA (TEAL_INT4_MMA), and reports the share of output elements whose bits
 differ and the largest difference relative to the value (in bf16's epsilon, 2^-7).
 
     python -m benchmarks.batch_rows --out benchmarks/results/batch_rows/llama3_8b
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from files import write_report
 from teal_kernels import sparse_gemv
+from teal_kernels import int4_mma as mma
 from teal_kernels.tinygemm import int4pack, int4pack_fits, int4pack_mm
 
 SHAPES = {  # [K, N] of the decode products
@@ -68,6 +70,9 @@ def main() -> None:
             scales = torch.rand(k // 128, n, generator=gen, device=args.device) * 0.02 / k ** 0.5
             pack = int4pack(codes, scales, torch.zeros_like(scales), 128)
             ways["tinygemm int4-g128 (TEAL_INT4_TINYGEMM)"] = lambda v: int4pack_mm(v, *pack, 128)
+            if args.device == "cuda" and mma.fits(k, n, 128, torch.bfloat16) and mma.available():
+                copy = mma.pack(codes, scales, torch.zeros_like(scales))  # the same weights, int4_mma's copy
+                ways["int4_mma int4-g128 (TEAL_INT4_MMA)"] = lambda v: mma.int4_mma(v, *copy)
         for way, product in ways.items():
             share, worst = row_by_row_difference(product, x)
             rows.append({"shape": name, "k": k, "n": n, "way": way, "differ": share, "max_eps": worst})

@@ -715,7 +715,8 @@ case $phase in
   int4_mma_check)  # issue 11, after results/int4_mma_2026_12_05b/: the kernel with row-invariant sums of x (changed after that session's runs; TEAL_INT4_MMA stays off until this passes): its GPU tests (float64 at every config, a row alone and among others bit for bit, the fusions, a compiled tiny model), the lab's selftest, then the lab at 1 and 4 rows against tinygemm (run 5 there: 62.4 / 58.5 best at one row with the old sums), one call (~4 min)
     step 240 python3 -m pytest -q tests/test_int4_mma.py
     step 90 python3 -m benchmarks.int4_mma_lab --selftest
-    step 200 python3 -m benchmarks.int4_mma_lab --rows 1 4 --out "$out/int4_mma_lab"
+    step 170 python3 -m benchmarks.int4_mma_lab --rows 1 4 --out "$out/int4_mma_lab"
+    step 60 python3 -m benchmarks.batch_rows --model Llama-3-8B --rows 5 --out "$out/batch_rows_int4_mma"
     ;;
   short_tiles)  # issues 10/11: decode attention with 16-position tiles where the cache holds at most 1024 positions (TEAL_ATTENTION_SHORT_TILES=1; att_tiles_2026_12_05: 5.76 against 6.85 us a layer at 128 positions) against the default, alternating 0 / 1 / 0 / 1, int4-g128 + head through int4_mma (TEAL_INT4_MMA=1), dense and 50%, one call (~5 min; a cold machine compiles ~110 s in the first run)
     step 200 env TEAL_INT4_MMA=1 TEAL_ATTENTION_SHORT_TILES=0 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_short_tiles0_first"
