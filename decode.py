@@ -42,7 +42,7 @@ from torch import Tensor
 
 from teal_kernels import MAX_BATCH
 from teal_kernels.ops import decode_attention_step
-from teal_kernels.reference import KERNEL_DTYPES
+from teal_kernels.reference import KERNEL_DTYPES, SHORT_TILES_ENV
 from linear import PackedLinear, attach_int4pack, env_switch, pack_model, swap_module
 from model import TransformerBlock
 
@@ -60,6 +60,7 @@ class DecodeBlock(TransformerBlock):
         # None: PackedLinear decides per format; a bad value fails here, not mid-decode
         self.fuse_norms = env_switch(FUSED_NORM_ENV) if FUSED_NORM_ENV in os.environ else None
         self.positionwise = env_switch(POSITIONWISE_ENV, default="1")
+        env_switch(SHORT_TILES_ENV)  # read by the attention launcher at capture; a bad value fails here too
 
     def _project(self, linear: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
         """linear(norm(x)), the norm handed to the projection, which decides where it runs."""

@@ -359,9 +359,10 @@ class PackedLinear(nn.Module):
         """x [..., K] -> [..., N]. The decode path's fusions (decode.py): with `gated`, x is a
         gate|up output [..., 2K] and the input is SiLU(gate) * up; `residual` [..., N] is added
         to the output; with `norm` (model.RMSNorm), x is the residual stream and the input is
-        norm(x). The decode kernels do them in their prologue / epilogue, the norm on CUDA only:
-        always in the preload GEMV, in the sparse GEMV and int4_mma (any device: the CPU runs its
-        reference) as `sparse_kernel_takes_norm` says; elsewhere torch. `gate_product` (where
+        norm(x). The decode kernels do them in their prologue / epilogue, the norm: always in the
+        preload GEMV (CUDA), in the sparse GEMV (CUDA) as `sparse_kernel_takes_norm` says, in int4_mma
+        at one row when `norm_in_sparse_kernel` is True (any device: the CPU runs its reference);
+        elsewhere torch. `gate_product` (where
         gates_in_epilogue says so): SiLU(gate) * up of the product, [..., N / 2], from int4_mma's epilogue."""
         sparse = self.applies_sparsity(x)
         thresholds = self.thresholds if sparse else self.no_thresholds
@@ -391,9 +392,8 @@ class PackedLinear(nn.Module):
         # and only when asked (TEAL_FUSED_NORM=1): its first version (statistics and normed B in every
         # group) cost it 13-30% on q|k|v and gate|up (H100, 2026-12-05, results/int4_mma_2026_12_05b/);
         # the present one (each program normalizes x once into scratch) is unmeasured
-        kernel_norm = ((x.device.type == "cuda" and preload)
-                       or (x.device.type == "cuda" and decode_kernel
-                           and sparse_kernel_takes_norm(self.fmt, n_rows, norm_in_sparse_kernel))
+        kernel_norm = ((x.device.type == "cuda" and (preload or (
+            decode_kernel and sparse_kernel_takes_norm(self.fmt, n_rows, norm_in_sparse_kernel))))
                        or (mma_call and norm_in_sparse_kernel is True and n_rows == 1))
         if norm is not None and not kernel_norm:
             x, norm = norm(x), None

@@ -50,7 +50,8 @@ from torch import Tensor
 from triton.runtime.jit import JITFunction
 
 from teal_kernels.attention_tiles import LOG2E, attend_tile, default_block_s, kv_tile, load_position, new_token
-from teal_kernels.reference import MAX_GROUP, env_switch, validate_attention as _validate, validate_step
+from teal_kernels.reference import (MAX_GROUP, SHORT_TILES_ENV, env_switch, validate_attention as _validate,
+                                    validate_step)
 from teal_kernels.triton_gemv import cdiv, launch_options, next_power_of_2
 
 __all__ = ["INTERPRETED", "MAX_SPLITS", "decode_attention_step_triton", "decode_attention_triton",
@@ -68,12 +69,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# TEAL_ATTENTION_SHORT_TILES=1: caches of at most SHORT_CACHE positions take 16-position tiles. The
-# default (64 for D = 128 in bf16) compiles to 255 registers with spills; 16 does not. H100, one call,
-# µs a layer (results/att_tiles_2026_12_05/): 5.76 against 6.85 at 128 positions, 8.52 against 8.60 at
-# 1024, 13.28 against 12.42 at 4096. Off until an end-to-end A/B (the step's graph is captured once per
-# cache, so the tile follows the cache's size, never the position).
-SHORT_TILES_ENV = "TEAL_ATTENTION_SHORT_TILES"
+# SHORT_TILES_ENV=1 (teal_kernels/reference.py, where decode.py checks it without Triton): caches of at
+# most SHORT_CACHE positions take 16-position tiles. The default (64 for D = 128 in bf16) compiles to
+# 255 registers with spills; 16 does not. H100, one call, µs a layer (results/att_tiles_2026_12_05/):
+# 5.76 against 6.85 at 128 positions, 8.52 against 8.60 at 1024, 13.28 against 12.42 at 4096. Off
+# until an end-to-end A/B (the step's graph is captured once per cache, so the tile follows the
+# cache's size, never the position).
 SHORT_CACHE = 1024
 
 
