@@ -175,17 +175,18 @@ ATTENTION_O_MAX_CACHE = 384
 # shape (benchmarks/batch_rows.py), so self-speculation's verify still gives plain greedy's tokens.
 # On by default; TEAL_INT4_TINYGEMM=0 turns it off (no copy: 0.5 byte a weight less).
 TINYGEMM_ENV = "TEAL_INT4_TINYGEMM"
-# TEAL_INT4_MMA=1: int4-g128 layers get teal_kernels/int4_mma.py's copy instead of tinygemm's (the same
-# bytes, scales and zeros in float32), and their dense decode calls run on tensor cores from Gluon.
-# End to end (H100, 2026-12-05, Llama-3-8B int4-g128 + int8 head, results/int4_mma_2026_12_05b/ run 7):
-# 382.9 / 383.0 tok/s dense against tinygemm's 346.8 (alternating), 387.9 / 387.4 at 50% against 368.7;
-# gpt-fast's int4 329.1 beside 382.5 in another run. Off until the kernel's row-invariant sums (changed
-# after that run) have passed the GPU tests; other group sizes and Tritons without Gluon keep tinygemm's.
+# TEAL_INT4_MMA (on by default; 0 turns it off): int4-g128 layers get teal_kernels/int4_mma.py's copy
+# instead of tinygemm's (the same bytes, scales and zeros in float32), and their dense decode calls run
+# on tensor cores from Gluon. End to end (H100, 2026-12-05, Llama-3-8B int4-g128 + int8 head,
+# results/int4_mma_2026_12_05b/ run 7): 382.9 / 383.0 tok/s dense against tinygemm's 346.8 (alternating),
+# 387.9 / 387.4 at 50% against 368.7. Its row-invariant sums passed the GPU tests after that
+# (results/int4_mma_2026_12_05c/: a row's output has the same bits alone and among 5 rows on every 8B
+# shape); other group sizes and Tritons without Gluon keep tinygemm's.
 INT4_MMA_ENV = "TEAL_INT4_MMA"
-# TEAL_INT4_MMA_GATE=1 (with TEAL_INT4_MMA=1): gate|up layers whose shape pairs (int4_mma.pairs: N >= 16384)
-# get int4_mma's paired copy, and their dense decode calls return SiLU(gate) * up from the kernel's
-# epilogue: one kernel fewer a layer (the SiLU * up that torch runs before down: 44.5 us a step over 32
-# layers in the H100 profile, results/int4_mma_2026_12_05b/ run 3, plus its gaps). Unmeasured, so off.
+# TEAL_INT4_MMA_GATE (on by default with TEAL_INT4_MMA; 0 turns it off): gate|up layers whose shape pairs
+# (int4_mma.pairs: N >= 16384) get int4_mma's paired copy, and their dense decode calls return
+# SiLU(gate) * up from the kernel's epilogue: one kernel fewer a layer. End to end (H100, 2026-12-05,
+# results/int4_mma_2026_12_05c/ run 2): 371.3 -> 385.7 tok/s dense, 379.3 / 389.4 -> 389.6 at 50%.
 INT4_MMA_GATE_ENV = "TEAL_INT4_MMA_GATE"
 
 
@@ -478,12 +479,12 @@ def pack_model(model: nn.Module) -> nn.Module:
 
 def attach_int4pack(model: nn.Module) -> list[str]:
     """Unless TINYGEMM_ENV is 0, give every int4 decoder projection on CUDA a dense copy of its weights:
-    int4_mma's where INT4_MMA_ENV is 1 and it takes the layer (gate|up ones paired where INT4_MMA_GATE_ENV
-    is 1 too), else tinygemm's (idempotent); the names of those that have one."""
+    int4_mma's unless INT4_MMA_ENV is 0 where it takes the layer (gate|up ones paired unless
+    INT4_MMA_GATE_ENV is 0), else tinygemm's (idempotent); the names of those that have one."""
     if not env_switch(TINYGEMM_ENV, default="1"):
         return []
-    use_mma = env_switch(INT4_MMA_ENV, default="0")
-    gate = env_switch(INT4_MMA_GATE_ENV, default="0") and use_mma
+    use_mma = env_switch(INT4_MMA_ENV, default="1")
+    gate = env_switch(INT4_MMA_GATE_ENV, default="1") and use_mma
     layers = {name: m for name, m in packed_projections(model).items() if m.fmt == "int4" and m.weight.is_cuda}
     return [name for name, m in layers.items()
             if m.has_dense_int4_copy or m.attach_int4pack(use_mma, gate and name.endswith("feed_forward.w13"))]

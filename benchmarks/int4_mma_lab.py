@@ -90,8 +90,10 @@ def bench(m: int) -> list[dict]:
                 lambda i, c=config: int4_mma(x, *packed[i], config=c), len(packed))
         # config_for's launch with the decode step's fusion: the RMSNorm in q|k|v's and gate|up's prologue
         # (one row only), the residual in o's and down's epilogue (decode.py)
-        fusion = (dict(norm_weight=make_x(1, k, torch.bfloat16, "cuda", seed=1)[0], eps=1e-5) if m == 1 else {}
-                  if layer in ("qkv", "gate_up") else dict(residual=make_x(m, n, torch.bfloat16, "cuda", seed=2)))
+        if layer in ("qkv", "gate_up"):
+            fusion = dict(norm_weight=make_x(1, k, torch.bfloat16, "cuda", seed=1)[0], eps=1e-5) if m == 1 else {}
+        else:
+            fusion = dict(residual=make_x(m, n, torch.bfloat16, "cuda", seed=2))
         row["fused_us"] = graph_time_us(lambda i: int4_mma(x, *packed[i], **fusion), len(packed))
         rows.append(row)
         best = min(row["config_us"].items(), key=lambda kv: kv[1])

@@ -41,20 +41,22 @@ How:
   model.RMSNorm's output once into its own scratch row, then multiplies that. The first version
   normalized B and the sums of x in every group: q|k|v 12.1 against 10.7 µs and gate|up 38.4 against
   29.6 (H100), end to end 318 tok/s against 351 without it. This one adds no instruction to the loop
-  (local SASS); a prologue of two passes over x and a barrier instead. Unmeasured.
+  (local SASS); a prologue of two passes over x and a barrier instead. It still loses: q|k|v 10.3
+  against 8.7 µs, gate|up 35.0 against 29.4 (H100), end to end 357.8 against 371.3 tok/s dense
+  (results/int4_mma_2026_12_05c/), so TEAL_FUSED_NORM stays off and torch runs the norm.
 - SiLU(gate) * up in the epilogue of a gate|up matrix (GATE; TEAL_INT4_MMA_GATE): its paired copy
   (`paired_order`: 16 gate rows, then the same outputs' 16 up rows) puts a gate and its up in the same
   registers of one thread, so the kernel writes the down projection's input, [M, N / 2], and the
-  SiLU * up kernel before down goes. Unmeasured.
+  SiLU * up kernel before down goes. End to end 385.7 against 371.3 tok/s dense (H100,
+  results/int4_mma_2026_12_05c/): on by default.
 - A warp requests a group's words, scales and zeros `lookahead` groups before it multiplies them
-  (MmaConfig; 1 in every rule's config, 2 offered to the lab for the short loops of the small
-  matrices: 2-8 groups a warp on Llama-3-8B; unmeasured, as are the scales and zeros requested with
-  the words rather than in their own group's step, as in the measured runs).
+  (MmaConfig; config_for gives 2 to the long matrices, where it won: gate|up 29.4 against 32.6 µs,
+  down 15.0 against 16.7 at one row, H100, results/int4_mma_2026_12_05c/).
 - Programmatic dependent launch (TEAL_PDL, as the GEMVs): the first groups' weights are requested
   before the kernel waits for the previous one, and the next may launch once the loop is done.
 
 Only group 128 and bf16 activations. PackedLinear attaches this copy in place of tinygemm's where the
-shape fits and TEAL_INT4_MMA is on (linear.py decides; off until this version's sums have run on a GPU).
+shape fits unless TEAL_INT4_MMA=0 (linear.py decides).
 """
 from __future__ import annotations
 
@@ -85,8 +87,8 @@ class MmaConfig(NamedTuple):
 
 
 TARGET_WARPS = 4096  # warps a launch aims at (~31 an SM of an H100 / H200): the measured winners run 1536-4096
-WIDE = 6144  # outputs from which a warp holds two 16-row tiles at 2-8 rows (x's loads and sums shared by both)
-WIDE_ONE_ROW = 16384  # ... four tiles at one row
+WIDE_ONE_ROW = 16384  # outputs from which a warp holds two 16-row tiles at one row (four at 2-8 rows)
+LONG_K = 8192  # inputs from which a warp holds two tiles at one row and requests two groups ahead
 
 
 def fits(k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
@@ -96,21 +98,24 @@ def fits(k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
 
 def config_for(k: int, n: int, m: int = 1) -> MmaConfig:
     """The launch for a [K, N] matrix and m rows of x, by a rule that gives the fastest config on each
-    Llama-3-8B matrix at one row (H100, 2026-12-05, results/int4_mma_2026_12_05b/): q|k|v (8, 1, 1), o
-    (16, 1, 1), gate|up (4, 1, 4), down (16, 1, 1). Four 16-row tiles a warp from WIDE_ONE_ROW outputs,
-    one below; then the most K warps (up to 16, dividing the groups) that leave each at least two
-    groups a tile it holds and keep the launch within TARGET_WARPS warps. At 2-8 rows two tiles a warp
-    from WIDE outputs (fewer registers a row of x), with one row's K warps: a row's output then adds
-    its groups in the same order at any M (self-speculation's verify rounds as the one-row step)."""
-    tiles_a_warp = 4 if n >= WIDE_ONE_ROW and n % (4 * TILE_ROWS) == 0 else 1
+    Llama-3-8B matrix at one row among those with one row's K warps (H100, 2026-12-05,
+    results/int4_mma_2026_12_05c/): q|k|v (8, 1, 1, 1), o (16, 1, 1, 1), gate|up (4, 1, 2, 2), down
+    (16, 1, 2, 2). Long matrices (WIDE_ONE_ROW outputs or LONG_K inputs) take two 16-row tiles a warp
+    and two groups requested ahead, the others one tile and one group; then the most K warps (up to 16,
+    dividing the groups) that leave each at least two groups a tile it holds and keep the launch within
+    TARGET_WARPS warps. At 2-8 rows the same K warps, so that a row's output adds its groups in the same
+    order at any M (self-speculation's verify rounds as the one-row step), and two tiles a warp (four
+    from WIDE_ONE_ROW outputs): x's loads and sums shared by more outputs."""
+    long = n >= WIDE_ONE_ROW or k >= LONG_K
+    tiles_a_warp = 2 if long and n % (2 * TILE_ROWS) == 0 else 1
     groups, programs = k // GROUP, n // (TILE_ROWS * tiles_a_warp)
     k_warps = 1
     while (k_warps < 16 and groups % (2 * k_warps) == 0 and groups // (2 * k_warps) >= 2 * tiles_a_warp
            and programs * 2 * k_warps <= TARGET_WARPS):
         k_warps *= 2
     if m > 1:
-        tiles_a_warp = 2 if n >= WIDE and n % (2 * TILE_ROWS) == 0 else 1
-    return MmaConfig(k_warps, 1, tiles_a_warp)
+        tiles_a_warp = next((t for t in (4 if n >= WIDE_ONE_ROW else 2, 1) if n % (t * TILE_ROWS) == 0))
+    return MmaConfig(k_warps, 1, tiles_a_warp, 2 if long else 1)
 
 
 def _lane_slot_to_row_pair(lane: Tensor, slot: Tensor) -> tuple[Tensor, Tensor]:
