@@ -82,11 +82,22 @@ class DecodeBlock(TransformerBlock):
             steps = [decode_attention_step(qkv[:, i].contiguous(), freqs_cis[i].reshape(-1, 2), *caches,
                                            input_pos[i:i + 1], att.n_head) for i in range(seqlen)]
             y = steps[0] if seqlen == 1 else torch.stack(steps, dim=1)  # a decode step: no copy
-            h = att.wo(y.view(bsz, seqlen, att.n_head * att.head_dim), residual=x)
+            y = y.view(bsz, seqlen, att.n_head * att.head_dim)
+            if att.wo.takes_norm_stats(y) and ff.w13.takes_norm_stats(x):
+                # int4_mma both sides: o's epilogue gives ffn_norm's input and statistics, no norm kernel
+                h, scaled, sumsq = att.wo.product_with_norm_stats(y, x, self.ffn_norm)
+                return self._feed_forward(h, scaled, sumsq)
+            h = att.wo(y, residual=x)
+        return self._feed_forward(h, h, None)
+
+    def _feed_forward(self, h: Tensor, ff_in: Tensor, sumsq: Tensor | None) -> Tensor:
+        """h + w2(SiLU(gate) * up) of w13(ffn_norm(h)); ff_in is h, or with sumsq (product_with_norm_stats)
+        h * ffn_norm.weight and h's statistics, which w13's int4_mma turns into the norm."""
+        ff = self.feed_forward
+        kw = dict(norm=self.ffn_norm, norm_in_sparse_kernel=self.fuse_norms, norm_stats=sumsq)
         if ff.w13.gates_in_epilogue(h):  # int4_mma's paired copy: SiLU(gate) * up from gate|up's kernel
-            gated = ff.w13(h, norm=self.ffn_norm, norm_in_sparse_kernel=self.fuse_norms, gate_product=True)
-            return ff.w2(gated, residual=h)
-        return ff.w2(self._project(ff.w13, self.ffn_norm, h), gated=True, residual=h)
+            return ff.w2(ff.w13(ff_in, gate_product=True, **kw), residual=h)
+        return ff.w2(ff.w13(ff_in, **kw), gated=True, residual=h)
 
 
 def install_fused_decode(model: nn.Module) -> nn.Module:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
 from teal_kernels import int4_mma as mma
-from teal_kernels.ops import attention_o, cpu_runs_interpreter, dense_gemv, dequantize, int4_mma, quant_gemm
+from teal_kernels.ops import attention_o, cpu_runs_interpreter, dense_gemv, dequantize, int4_mma, int4_mma_stats, quant_gemm
 from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, dot_design_fits, env_switch, gated_input
 from teal_kernels.speed_table import estimated_sparse_beats_dense, measured_on, sparse_beats_dense
 from teal_kernels.tinygemm import int4pack, int4pack_fits, int4pack_mm
@@ -188,6 +188,12 @@ INT4_MMA_ENV = "TEAL_INT4_MMA"
 # SiLU(gate) * up from the kernel's epilogue: one kernel fewer a layer. End to end (H100, 2026-12-05,
 # results/int4_mma_2026_12_05c/ run 2): 371.3 -> 385.7 tok/s dense, 379.3 / 389.4 -> 389.6 at 50%.
 INT4_MMA_GATE_ENV = "TEAL_INT4_MMA_GATE"
+# TEAL_INT4_MMA_NORM_STATS=1 (with TEAL_INT4_MMA): where o and gate|up both run int4_mma, the RMSNorm
+# between them runs in neither torch nor a prologue: o's epilogue writes h * the norm's weight and h's
+# squares summed a 16-row tile (PackedLinear.product_with_norm_stats), gate|up scales its product by
+# the row's 1 / rms from those sums (forward's norm_stats). One kernel fewer a layer, and gate|up's
+# weights requested while o runs (PDL). Unmeasured, so off.
+INT4_MMA_NORM_STATS_ENV = "TEAL_INT4_MMA_NORM_STATS"
 
 
 @torch.compiler.assume_constant_result
@@ -258,6 +264,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("int4mma_scales", None, persistent=False)
         self.register_buffer("int4mma_zeros", None, persistent=False)
         self.int4mma_paired = False  # a gate|up copy in int4_mma.paired_order: its calls return SiLU(gate) * up
+        self.int4mma_norm_stats = False  # INT4_MMA_NORM_STATS_ENV: gives / takes a norm's statistics (decode.py)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes: list[int] | None = None) -> "PackedLinear":
@@ -354,9 +361,25 @@ class PackedLinear(nn.Module):
         copy (forward's gate_product): decode.py then hands the down projection the gated input."""
         return self.int4mma_paired and self._dense_copy_call(x, self.applies_sparsity(x))
 
+    def takes_norm_stats(self, x: Tensor) -> bool:
+        """Whether this call of x's shape runs int4_mma with INT4_MMA_NORM_STATS_ENV on: it can then give
+        the next norm's statistics (product_with_norm_stats) or take them (forward's norm_stats)."""
+        return self.int4mma_norm_stats and self.int4mma_words is not None and self._dense_copy_call(
+            x, self.applies_sparsity(x))
+
+    def product_with_norm_stats(self, x: Tensor, residual: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        """Where takes_norm_stats: (h = self(x, residual=residual), h * norm.weight rounded, h's squares
+        summed a 16-output tile [rows, N / 16] float32): the input and norm_stats of the projection
+        after `norm`, which then runs in no kernel of its own."""
+        rows = x.reshape(-1, x.shape[-1])
+        out, scaled, sumsq = int4_mma_stats(rows, self.int4mma_words, self.int4mma_scales, self.int4mma_zeros,
+                                            residual.reshape(-1, self.out_features), norm.weight)
+        shape = (*x.shape[:-1], self.out_features)
+        return out.view(shape), scaled.view(shape), sumsq
+
     def forward(self, x: Tensor, gated: bool = False, residual: Tensor | None = None,
                 norm: nn.Module | None = None, norm_in_sparse_kernel: bool | None = None,
-                gate_product: bool = False) -> Tensor:
+                gate_product: bool = False, norm_stats: Tensor | None = None) -> Tensor:
         """x [..., K] -> [..., N]. The decode path's fusions (decode.py): with `gated`, x is a
         gate|up output [..., 2K] and the input is SiLU(gate) * up; `residual` [..., N] is added
         to the output; with `norm` (model.RMSNorm), x is the residual stream and the input is
@@ -364,7 +387,10 @@ class PackedLinear(nn.Module):
         preload GEMV (CUDA), in the sparse GEMV (CUDA) as `sparse_kernel_takes_norm` says, in int4_mma
         at one row when `norm_in_sparse_kernel` is True (any device: the CPU runs its reference);
         elsewhere torch. `gate_product` (where
-        gates_in_epilogue says so): SiLU(gate) * up of the product, [..., N / 2], from int4_mma's epilogue."""
+        gates_in_epilogue says so): SiLU(gate) * up of the product, [..., N / 2], from int4_mma's epilogue.
+        `norm_stats` (with `norm`, where takes_norm_stats): x is h * norm.weight and norm_stats h's
+        tile sums of squares (the projection before's product_with_norm_stats); int4_mma scales the
+        product by 1 / rms."""
         sparse = self.applies_sparsity(x)
         thresholds = self.thresholds if sparse else self.no_thresholds
         # bf16/fp16 on a CPU: a GEMM over the [K, N] layout ran 10-36x slower than in float32 on an
@@ -379,6 +405,8 @@ class PackedLinear(nn.Module):
         if gate_product != (mma_call and self.int4mma_paired):  # the paired copy's products come out gated
             raise ValueError(f"gate_product={gate_product} on a call that {'runs' if mma_call else 'does not run'} "
                              f"int4_mma's {'paired' if self.int4mma_paired else 'plain'} copy")
+        if norm_stats is not None and not (mma_call and norm is not None):
+            raise ValueError("norm_stats needs its norm and a call that runs int4_mma (takes_norm_stats)")
         kernel_rows = self.quantized_kernel_rows if x.device.type == "cuda" and not sparse else MAX_BATCH
         decode_kernel = not dense_float and not dense_copy and n_rows <= kernel_rows and x.dtype in KERNEL_DTYPES
         preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
@@ -396,11 +424,11 @@ class PackedLinear(nn.Module):
         kernel_norm = ((x.device.type == "cuda" and (preload or (
             decode_kernel and sparse_kernel_takes_norm(self.fmt, n_rows, norm_in_sparse_kernel))))
                        or (mma_call and norm_in_sparse_kernel is True and n_rows == 1))
-        if norm is not None and not kernel_norm:
+        if norm is not None and not kernel_norm and norm_stats is None:
             x, norm = norm(x), None
         rows = x.reshape(-1, x.shape[-1])
         res = None if residual is None else residual.reshape(-1, self.out_features)
-        norm_args = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+        norm_args = (None, 0.0) if norm is None else (None if norm_stats is not None else norm.weight, norm.eps)
         if preload:
             # small dense float on CUDA: weights loaded before the kernel waits on its input
             out = dense_gemv(rows, self.weight, gated, res, *norm_args)
@@ -410,7 +438,7 @@ class PackedLinear(nn.Module):
             x_in = gated_input(rows) if gated else rows
             if mma_call:
                 out = int4_mma(x_in, self.int4mma_words, self.int4mma_scales, self.int4mma_zeros, res, *norm_args,
-                               gate_product)
+                               gate_product, norm_stats)
             elif dense_copy:
                 out = int4pack_mm(x_in, self.int4pack_weight, self.int4pack_scales_zeros, self.group_size)
             elif quantized_prefill and n_rows <= self.quant_gemm_rows:
@@ -480,14 +508,19 @@ def pack_model(model: nn.Module) -> nn.Module:
 def attach_int4pack(model: nn.Module) -> list[str]:
     """Unless TINYGEMM_ENV is 0, give every int4 decoder projection on CUDA a dense copy of its weights:
     int4_mma's unless INT4_MMA_ENV is 0 where it takes the layer (gate|up ones paired unless
-    INT4_MMA_GATE_ENV is 0), else tinygemm's (idempotent); the names of those that have one."""
+    INT4_MMA_GATE_ENV is 0; all of them giving and taking norms' statistics where
+    INT4_MMA_NORM_STATS_ENV is 1), else tinygemm's (idempotent); the names of those that have one."""
     if not env_switch(TINYGEMM_ENV, default="1"):
         return []
     use_mma = env_switch(INT4_MMA_ENV, default="1")
     gate = env_switch(INT4_MMA_GATE_ENV, default="1") and use_mma
+    norm_stats = env_switch(INT4_MMA_NORM_STATS_ENV, default="0") and use_mma
     layers = {name: m for name, m in packed_projections(model).items() if m.fmt == "int4" and m.weight.is_cuda}
-    return [name for name, m in layers.items()
-            if m.has_dense_int4_copy or m.attach_int4pack(use_mma, gate and name.endswith("feed_forward.w13"))]
+    names = [name for name, m in layers.items()
+             if m.has_dense_int4_copy or m.attach_int4pack(use_mma, gate and name.endswith("feed_forward.w13"))]
+    for name in names:
+        layers[name].int4mma_norm_stats = norm_stats and layers[name].int4mma_words is not None
+    return names
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,6 +92,10 @@ class RowParallelLinear(PackedLinear):
         """Never: the ranks' parts are summed before the residual, which teal::attention_o adds."""
         return False
 
+    def takes_norm_stats(self, x: Tensor) -> bool:
+        """Never: the next norm's statistics are of the sum over the ranks, after the all-reduce."""
+        return False
+
     def forward(self, x: Tensor, gated: bool = False, residual: Tensor | None = None) -> Tensor:
         out = all_reduce(super().forward(x, gated), self.group_name)
         return out if residual is None else out + residual

@@ -14,6 +14,10 @@ Rows of the table, µs a call, CUDA graphs over rotating weight copies (benchmar
   best            the fastest of CONFIGS, each checked against float64 first
   tinygemm        torch's _weight_int4pack_mm on its own copy (what dense int4 decode ran before)
   floor           the packed bytes (codes + fp32 scales and zeros) at 4.28 TB/s
+  + fusion        config_for's launch as decode.py calls it: the norm in q|k|v's and gate|up's prologue
+                  (TEAL_FUSED_NORM=1, one row), the residual in o's and down's epilogue
+  + statistics    ... with the norms' statistics (TEAL_INT4_MMA_NORM_STATS=1): o and down also write
+                  h * the norm's weight and h's tile sums of squares, q|k|v and gate|up scale by 1 / rms
 
     python -m benchmarks.int4_mma_lab --out benchmarks/results/int4_mma_lab/lab [--rows 1 4]
     python -m benchmarks.int4_mma_lab --selftest     # GPU: small shapes against float64
@@ -30,7 +34,7 @@ import triton
 from benchmarks.int4_kpacked_lab import FLOOR_TB_S, max_error, reference
 from benchmarks.timing import MODEL_SHAPES, copies_for, graph_time_us, make_weight, make_x
 from files import write_report
-from teal_kernels.int4_mma import GROUP, MmaConfig, config_for, int4_mma, pack
+from teal_kernels.int4_mma import GROUP, MmaConfig, config_for, int4_mma, int4_mma_with_stats, pack
 
 # (K warps, row warps, 16-row tiles a warp, lookahead): the first H100 runs (results/int4_mma_2026_12_05/) tried
 # warps along the outputs with splits across programs too (float32 partials summed by torch); warps
@@ -95,6 +99,14 @@ def bench(m: int) -> list[dict]:
         else:
             fusion = dict(residual=make_x(m, n, torch.bfloat16, "cuda", seed=2))
         row["fused_us"] = graph_time_us(lambda i: int4_mma(x, *packed[i], **fusion), len(packed))
+        if layer in ("qkv", "gate_up"):
+            sumsq = torch.rand(m, k // 16, device="cuda") + 0.5
+            row["stats_us"] = graph_time_us(lambda i: int4_mma(x, *packed[i], None, None, 1e-5, False, sumsq),
+                                            len(packed))
+        else:
+            stats_weight = make_x(1, n, torch.bfloat16, "cuda", seed=3)[0]
+            row["stats_us"] = graph_time_us(lambda i: int4_mma_with_stats(x, *packed[i], fusion["residual"],
+                                                                          stats_weight), len(packed))
         rows.append(row)
         best = min(row["config_us"].items(), key=lambda kv: kv[1])
         print(f"{layer} M={m}: tinygemm {row['tinygemm_us']:.1f} µs, config_for {row['config_for']} "
@@ -126,20 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# int4-g128 on tensor cores (teal_kernels/int4_mma.py) against tinygemm ({meta['gpu']}, {meta['date']})",
              "", f"`{meta['command']}`; µs a call, CUDA graphs over rotating weights; configs (K warps, row warps, "
              "16-row tiles a warp)", "",
-             "| M | matrix | floor | tinygemm | config_for | its config | best | its config | config_for + fusion |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| M | matrix | floor | tinygemm | config_for | its config | best | its config | config_for + fusion | "
+             "+ statistics |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         best = min(r["config_us"].items(), key=lambda kv: kv[1])
         lines.append(f"| {r['M']} | {r['layer']} | {r['floor_us']:.1f} | {r['tinygemm_us']:.1f} | "
                      f"{r['config_us'][r['config_for']]:.1f} | {r['config_for']} | {best[1]:.1f} | {best[0]} | "
-                     f"{r['fused_us']:.1f} |")
+                     f"{r['fused_us']:.1f} | {r['stats_us']:.1f} |")
     for m in args.rows:
         of_m = [r for r in rows if r["M"] == m]
         lines.append(f"| {m} | a layer | {sum(r['floor_us'] for r in of_m):.1f} | "
                      f"{sum(r['tinygemm_us'] for r in of_m):.1f} | "
                      f"{sum(r['config_us'][r['config_for']] for r in of_m):.1f} | | "
                      f"{sum(min(r['config_us'].values()) for r in of_m):.1f} | | "
-                     f"{sum(r['fused_us'] for r in of_m):.1f} |")
+                     f"{sum(r['fused_us'] for r in of_m):.1f} | {sum(r['stats_us'] for r in of_m):.1f} |")
     write_report(args.out, {"meta": meta, "rows": rows}, lines)
     return 0
 

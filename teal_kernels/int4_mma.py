@@ -49,6 +49,12 @@ How:
   registers of one thread, so the kernel writes the down projection's input, [M, N / 2], and the
   SiLU * up kernel before down goes. End to end 385.7 against 371.3 tok/s dense (H100,
   results/int4_mma_2026_12_05c/): on by default.
+- The RMSNorm between o and gate|up without a kernel of its own (TEAL_INT4_MMA_NORM_STATS=1,
+  unmeasured): o's epilogue (STATS, int4_mma_with_stats) also writes h * the norm's weight and the sums
+  of h^2 over each 16-row tile; gate|up (PRENORMED) multiplies that and scales its product by the row's
+  1 / sqrt(sum / K + eps), the sums requested right after the PDL wait and added after the loop. No
+  instruction added to either loop (local SASS). A 16-row tile's squares are added in one thread's
+  registers in order and a row's tile sums in one layout, so a row's bits are the same at any M.
 - A warp requests a group's words, scales and zeros `lookahead` groups before it multiplies them
   (MmaConfig; config_for gives 2 to the long matrices, where it won: gate|up 29.4 against 32.6 µs,
   down 15.0 against 16.7 at one row, H100, results/int4_mma_2026_12_05c/).
@@ -190,23 +196,37 @@ def unpack_codes(words: Tensor) -> Tensor:
 
 
 def int4_mma_reference(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None = None,
-                       norm_weight: Tensor | None = None, eps: float = 0.0, gate: bool = False) -> Tensor:
+                       norm_weight: Tensor | None = None, eps: float = 0.0, gate: bool = False,
+                       sumsq: Tensor | None = None) -> Tensor:
     """What int4_mma computes, in float32 from the packed copy (the CPU's implementation of the op):
     W[n, k] = (q - 8) * scales[n, k // 128] + zeros[n, k // 128]; the input rms_normed(x) with a norm
-    weight, else x; out = input @ W^T rounded to x's dtype, then + residual (rounded again). `gate` (a
-    paired copy): SiLU(gate) * up of the product in the natural order, as reference.gated_input."""
+    weight, else x; out = input @ W^T (with `sumsq`, times 1 / sqrt(sum(sumsq[m]) / K + eps)) rounded to
+    x's dtype, then + residual (rounded again). `gate` (a paired copy): SiLU(gate) * up of the product in
+    the natural order, as reference.gated_input."""
     from teal_kernels.reference import dequantize_weight, gated_input, rms_normed
 
     codes = unpack_codes(words).t().to(x.device)  # [K, N]
     ours = (codes[:, 0::2] | codes[:, 1::2] << 4).to(torch.uint8)  # back to our layout, the format's one definition
     weight = dequantize_weight(ours, scales.t(), zeros.t(), GROUP)  # [K, N] float32
     inputs = x if norm_weight is None else rms_normed(x, norm_weight, eps)
-    out = (inputs.float() @ weight).to(x.dtype)
+    product = inputs.float() @ weight
+    if sumsq is not None:
+        product = product * torch.rsqrt(sumsq.sum(dim=1, keepdim=True) / x.shape[1] + eps)
+    out = product.to(x.dtype)
     if gate:
         natural = torch.empty_like(out)
         natural[:, paired_order(out.shape[1]).to(out.device)] = out
         return gated_input(natural)
     return out if residual is None else out + residual
+
+
+def int4_mma_stats_reference(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None,
+                             stats_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What int4_mma_with_stats computes (the CPU's implementation): the product out as
+    int4_mma_reference's, out * stats_weight rounded, and out's squares summed over each 16-row tile."""
+    out = int4_mma_reference(x, words, scales, zeros, residual)
+    h = out.float()
+    return out, (h * stats_weight.float()).to(out.dtype), h.square().view(h.shape[0], -1, TILE_ROWS).sum(dim=2)
 
 
 @functools.cache
@@ -281,18 +301,25 @@ def _kernel():
         gl.store(out_ptr + offs, _gated(gate, up), mask=(m < M)[None, None, :])
 
     @gluon.jit
-    def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, nw_ptr, xn_ptr, eps, M, K, N,
+    def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, nw_ptr, xn_ptr, sw_ptr, sc_ptr, sq_ptr, eps,
+                         M, K, N,
                          KW: gl.constexpr, ROWS: gl.constexpr, LOOKAHEAD: gl.constexpr, PDL: gl.constexpr,
                          RESIDUAL: gl.constexpr, NORM: gl.constexpr, ONE_ROW: gl.constexpr, GATE: gl.constexpr,
+                         STATS: gl.constexpr, PRENORMED: gl.constexpr, SQ_P: gl.constexpr,
                          MMA: gl.constexpr,
                          A: gl.constexpr, B: gl.constexpr, LOAD: gl.constexpr, WORDS: gl.constexpr,
-                         XN: gl.constexpr, XS: gl.constexpr, XS8: gl.constexpr, XCHUNK: gl.constexpr):
+                         XN: gl.constexpr, XS: gl.constexpr, XS8: gl.constexpr, XCHUNK: gl.constexpr,
+                         ROW16: gl.constexpr, ROWS16: gl.constexpr, T16: gl.constexpr, T16M: gl.constexpr,
+                         SQ: gl.constexpr):
         """out[m, n] = sum_k x[m, k] W[k, n] (+ res[m, n] with RESIDUAL) for ROWS outputs n of this
         program and every m < M; with NORM (one row), x is the residual stream and the input is
         model.RMSNorm's output (nw the norm's weight), rounded as the unfused model rounds it, which the
         program first writes into its row of xn. ONE_ROW (M == 1): x in all of B's columns (unmasked
         loads), column 0's epilogue. GATE (a paired copy): out[m, j] = SiLU(gate_j) * up_j instead,
-        [M, N / 2]."""
+        [M, N / 2]. STATS (the producer of the next norm's input): also sc[m, n] = out[m, n] * sw[n]
+        rounded, and sq[m, t] = the sum of out[m, n]^2 over the outputs n of 16-row tile t, in one
+        thread's registers in order (the same at any M and config). PRENORMED (that norm's consumer): x
+        is sc, and the product is scaled by 1 / sqrt(sum_t sq[m, t] / K + eps) before it is rounded."""
         pid = gl.program_id(0)
         NG = K // 128
         g_per = NG // KW  # groups a K warp
@@ -338,6 +365,11 @@ def _kernel():
             z_nxt2 = gl.load(z_first + g1)
         if PDL:  # the first groups' weights are on their way while the previous kernel finishes
             _grid_dependency(True)
+        if PRENORMED:  # a row's tile sums of squares (the previous kernel's), requested now, added after the loop
+            sq_i = gl.arange(0, SQ_P, layout=SQ)
+            sq_ok = sq_i < K // 16
+            if ONE_ROW:
+                sq_row0 = gl.load(sq_ptr + sq_i, mask=sq_ok, other=0.0)
         if NORM:  # one row: model.RMSNorm's output, written once into this program's scratch row
             xk = gl.arange(0, XCHUNK, layout=XN)
             squares = gl.zeros([XCHUNK], gl.float32, XN)
@@ -392,23 +424,48 @@ def _kernel():
             _grid_dependency(False)
         if ONE_ROW:  # column 0 only, then the K warps meet (a row of ROWS values through shared memory)
             o_cols1 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, MMA)))
-            out1 = gl.sum(gl.sum(gl.where(o_cols1[None, None, :] == 0, acc, 0.0), axis=2), axis=0).to(gl.bfloat16)
+            out1 = gl.sum(gl.sum(gl.where(o_cols1[None, None, :] == 0, acc, 0.0), axis=2), axis=0)
+            if PRENORMED:
+                out1 = out1 * (1.0 / gl.sqrt_rn(gl.sum(sq_row0, axis=0) / K + eps))
+            out1 = out1.to(gl.bfloat16)
             if RESIDUAL:
                 out1 = (out1.to(gl.float32) + gl.load(res_ptr + rows).to(gl.float32)).to(gl.bfloat16)
+            if STATS:
+                h = out1.to(gl.float32)
+                gl.store(sc_ptr + rows, (h * gl.load(sw_ptr + rows).to(gl.float32)).to(gl.bfloat16))
+                squares = gl.reshape(gl.convert_layout(h * h, ROW16), [ROWS // 16, 16])
+                tile = pid * (ROWS // 16) + gl.arange(0, ROWS // 16, layout=gl.SliceLayout(1, T16))
+                gl.store(sq_ptr + tile, gl.sum(gl.convert_layout(squares, T16), axis=1))
             if GATE:  # rows 32 t .. 32 t + 15 the gates of outputs 16 t .., the next 16 their ups
                 gate, up = gl.split(gl.permute(gl.reshape(out1.to(gl.float32), [ROWS // 32, 2, 16]), [0, 2, 1]))
                 _store_gated_row(out_ptr + pid * (ROWS // 2), gate, up)
             else:
                 gl.store(out_ptr + rows, out1)
         else:
-            out = gl.sum(acc, axis=0).to(gl.bfloat16)  # [ROWS, 8]: the K warps meet
+            out = gl.sum(acc, axis=0)  # [ROWS, 8]: the K warps meet
             o_rows = pid * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA)))
             o_cols = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
             o_offs = o_cols[None, :] * N + o_rows[:, None]
             o_ok = (o_cols < M)[None, :]
+            if PRENORMED:  # each row's scale from its sums as one row's: the same code, layout and order
+                inv_rms = gl.full([8], 1.0, gl.float32, o_cols.type.layout)
+                for m in gl.static_range(8):
+                    sq_m = gl.load(sq_ptr + m * (K // 16) + sq_i, mask=sq_ok & (m < M), other=0.0)
+                    inv_rms = gl.where(o_cols == m, 1.0 / gl.sqrt_rn(gl.sum(sq_m, axis=0) / K + eps), inv_rms)
+                out = out * inv_rms[None, :]
+            out = out.to(gl.bfloat16)
             if RESIDUAL:  # the product rounded first, then the sum (the unfused model's order)
                 res = gl.load(res_ptr + o_offs, mask=o_ok, other=0.0)
                 out = (out.to(gl.float32) + res.to(gl.float32)).to(gl.bfloat16)
+            if STATS:  # [ROWS / 16, 16, 8]: a column's 16 squares of a tile in one thread, as at one row
+                h = out.to(gl.float32)
+                gl.store(sc_ptr + o_offs, (h * gl.load(sw_ptr + o_rows).to(gl.float32)[:, None]).to(gl.bfloat16),
+                         mask=o_ok)
+                squares = gl.reshape(gl.convert_layout(h * h, ROWS16), [ROWS // 16, 16, 8])
+                squares = gl.sum(gl.convert_layout(squares, T16M), axis=1)
+                t_i = pid * (ROWS // 16) + gl.arange(0, ROWS // 16, layout=gl.SliceLayout(1, squares.type.layout))
+                m_i = gl.arange(0, 8, layout=gl.SliceLayout(0, squares.type.layout))
+                gl.store(sq_ptr + m_i[None, :] * (N // 16) + t_i[:, None], squares, mask=(m_i < M)[None, :])
             if GATE:  # [ROWS / 32, 16, 8] gates and ups, a column a row of x, stored at N / 2 a row
                 gated = gl.permute(gl.reshape(out.to(gl.float32), [ROWS // 32, 2, 16, 8]), [0, 2, 3, 1])
                 gate, up = gl.split(gated)
@@ -451,9 +508,17 @@ def _layouts(cfg: MmaConfig) -> dict:
                                      lane_bases=[[0, 2, 0], [0, 4, 0], [0, 0, 16], [0, 0, 32], [0, 0, 64]],
                                      warp_bases=[[0, 0, 0]] * bits(cfg.row_warps) + [[w, 0, 0] for w, _ in kw_warps],
                                      block_bases=[], shape=[cfg.k_warps, 8, 128])
+    # STATS: a 16-row tile's squares in one thread's registers ([tiles, 16]; [tiles, 16, rows of x]),
+    # added in order, the same at any M; PRENORMED: a row's tile sums, one a thread
+    warps_n = cfg.k_warps * cfg.row_warps
+    stats = dict(ROW16=gl.BlockedLayout([16], [32], [warps_n], [0]),
+                 ROWS16=gl.BlockedLayout([16, 1], [4, 8], [warps_n, 1], [0, 1]),
+                 T16=gl.BlockedLayout([1, 16], [32, 1], [warps_n, 1], [1, 0]),
+                 T16M=gl.BlockedLayout([1, 16, 1], [4, 1, 8], [warps_n, 1, 1], [1, 2, 0]),
+                 SQ=gl.BlockedLayout([1], [32], [warps_n], [0]))
     return dict(MMA=mma, A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
                 B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2), LOAD=load, WORDS=words, XN=xn,
-                XS=xs, XS8=xs8, XCHUNK=256 * cfg.k_warps * cfg.row_warps)
+                XS=xs, XS8=xs8, XCHUNK=256 * warps_n, **stats)
 
 
 def available() -> bool:
@@ -466,13 +531,29 @@ def available() -> bool:
 
 
 def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None = None,
-             norm_weight: Tensor | None = None, eps: float = 0.0, gate: bool = False, *,
-             config: MmaConfig | None = None) -> Tensor:
+             norm_weight: Tensor | None = None, eps: float = 0.0, gate: bool = False, sumsq: Tensor | None = None,
+             *, config: MmaConfig | None = None) -> Tensor:
     """x [M, K] bf16 (M <= 8) @ a packed int4-g128 matrix (pack's three tensors) -> [M, N] bf16, on
     CUDA; with `residual` [M, N] added to the product, with `norm_weight` [K] (and eps; one row only) x
     taken as the residual stream and model.RMSNorm's output as the input (int4_mma_reference says
-    exactly how); with `gate` (pack(paired=True)'s copy of a gate|up matrix) SiLU(gate) * up [M, N / 2].
+    exactly how); with `gate` (pack(paired=True)'s copy of a gate|up matrix) SiLU(gate) * up [M, N / 2];
+    with `sumsq` [M, K / 16] float32 (int4_mma_with_stats' tile sums of squares, eps the norm's), x is
+    the residual stream times the norm's weight and the product is scaled by the row's 1 / rms.
     Rejects, one line, what the kernel does not take."""
+    return _launch(x, words, scales, zeros, residual, norm_weight, eps, gate, sumsq, None, config)
+
+
+def int4_mma_with_stats(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None,
+                        stats_weight: Tensor, *, config: MmaConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """int4_mma's product `out` (+ residual), and what the next RMSNorm's consumer takes instead of a
+    norm kernel: (out, out * stats_weight rounded [M, N] bf16, the sums of out^2 over each 16-row tile
+    [M, N / 16] float32), stats_weight [N] the norm's weight."""
+    return _launch(x, words, scales, zeros, residual, None, 0.0, False, None, stats_weight, config)
+
+
+def _launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None,
+            norm_weight: Tensor | None, eps: float, gate: bool, sumsq: Tensor | None, stats_weight: Tensor | None,
+            config: MmaConfig | None):
     tiles, groups = words.shape[:2]
     n, k = tiles * TILE_ROWS, groups * GROUP
     m = x.shape[0]
@@ -493,6 +574,13 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: 
     if gate and (residual is not None or cfg.tiles_a_warp % 2):
         raise ValueError(f"int4_mma's gate epilogue takes no residual and an even number of tiles a warp; got "
                          f"config {tuple(cfg)}, residual {residual is not None}")
+    if sumsq is not None and (sumsq.shape != (m, k // TILE_ROWS) or sumsq.dtype != torch.float32
+                              or norm_weight is not None):
+        raise ValueError(f"int4_mma's sumsq must be float32 [{m}, {k // TILE_ROWS}] and comes without a norm weight; "
+                         f"got {sumsq.dtype} {tuple(sumsq.shape)}, norm weight {norm_weight is not None}")
+    if stats_weight is not None and (stats_weight.shape != (n,) or stats_weight.dtype != x.dtype or gate):
+        raise ValueError(f"int4_mma's statistics need the norm's weight bf16 [{n}] and no gate; got "
+                         f"{stats_weight.dtype} {tuple(stats_weight.shape)}, gate {gate}")
     from teal_kernels.triton_gemv import launch_options  # the one place PDL is decided (TEAL_PDL)
 
     kernel, _ = _kernel()
@@ -502,9 +590,14 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: 
     nw = x if norm_weight is None else norm_weight
     # with the norm, each program's normed copy of x (a row of K, written and read by that program only)
     normed = x if norm_weight is None else torch.empty(n // cfg.rows, k, dtype=x.dtype, device=x.device)
-    kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, res, nw, normed, eps, m, k, n, KW=cfg.k_warps,
-                             ROWS=cfg.rows, LOOKAHEAD=cfg.lookahead, PDL=bool(pdl), RESIDUAL=residual is not None,
-                             NORM=norm_weight is not None, ONE_ROW=m == 1, GATE=gate,
-                             num_warps=cfg.k_warps * cfg.row_warps,
-                             **_layouts(cfg), **pdl)
-    return out
+    stats = stats_weight is not None
+    scaled = torch.empty(m, n, dtype=x.dtype, device=x.device) if stats else out
+    sums = (torch.empty(m, n // TILE_ROWS, dtype=torch.float32, device=x.device) if stats else
+            sumsq.contiguous() if sumsq is not None else scales)  # scales: an unread float32 stand-in
+    kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, res, nw, normed,
+                             x if stats_weight is None else stats_weight, scaled, sums, eps, m, k, n,
+                             KW=cfg.k_warps, ROWS=cfg.rows, LOOKAHEAD=cfg.lookahead, PDL=bool(pdl),
+                             RESIDUAL=residual is not None, NORM=norm_weight is not None, ONE_ROW=m == 1, GATE=gate,
+                             STATS=stats, PRENORMED=sumsq is not None, SQ_P=1 << (k // TILE_ROWS - 1).bit_length(),
+                             num_warps=cfg.k_warps * cfg.row_warps, **_layouts(cfg), **pdl)
+    return (out, scaled, sums) if stats else out

@@ -3,7 +3,8 @@ decode-sized batches, and a quantized model's short prefills on CUDA), ``teal::d
 dense decode calls of small float matrices on CUDA), ``teal::dequantize`` (a quantized matrix in
 bf16/fp16 for longer prefills on CUDA), ``teal::quant_gemm`` (such a prefill's product without the
 bf16 copy: int8 and int4 prefills of 17-128 rows, linear.QUANT_GEMM_ROWS), ``teal::int4_mma`` (dense
-int4-g128 decode calls on tensor cores from a packed copy, linear.INT4_MMA_ENV), ``teal::decode_attention`` and ``teal::decode_attention_step``
+int4-g128 decode calls on tensor cores from a packed copy, linear.INT4_MMA_ENV; ``teal::int4_mma_stats``: with
+the next RMSNorm's statistics), ``teal::decode_attention`` and ``teal::decode_attention_step``
 (the fused decode path's attention, decode.py), and ``teal::attention_o`` (that attention computed
 inside o's GEMV, at short contexts: linear.PackedLinear.attention_product).
 
@@ -234,32 +235,64 @@ def quant_gemm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group
 
 @torch.library.custom_op("teal::int4_mma", mutates_args=(), device_types="cpu")
 def _int4_mma_cpu(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None = None,
-                  norm_weight: Tensor | None = None, eps: float = 0.0, gate: bool = False) -> Tensor:
+                  norm_weight: Tensor | None = None, eps: float = 0.0, gate: bool = False,
+                  sumsq: Tensor | None = None) -> Tensor:
     from teal_kernels.int4_mma import int4_mma_reference
-    return int4_mma_reference(x, words, scales, zeros, residual, norm_weight, eps, gate)
+    return int4_mma_reference(x, words, scales, zeros, residual, norm_weight, eps, gate, sumsq)
 
 
 @_int4_mma_cpu.register_kernel("cuda")
-def _(x, words, scales, zeros, residual=None, norm_weight=None, eps=0.0, gate=False):
+def _(x, words, scales, zeros, residual=None, norm_weight=None, eps=0.0, gate=False, sumsq=None):
     from teal_kernels.int4_mma import int4_mma as int4_mma_gluon
-    return int4_mma_gluon(x, words, scales, zeros, residual, norm_weight, eps, gate)
+    return int4_mma_gluon(x, words, scales, zeros, residual, norm_weight, eps, gate, sumsq)
 
 
 @_int4_mma_cpu.register_fake
-def _(x, words, scales, zeros, residual=None, norm_weight=None, eps=0.0, gate=False):
+def _(x, words, scales, zeros, residual=None, norm_weight=None, eps=0.0, gate=False, sumsq=None):
     return x.new_empty(x.shape[0], scales.shape[0] // 2 if gate else scales.shape[0])
 
 
 def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None = None,
-             norm_weight: Tensor | None = None, eps: float = 0.0, gate: bool = False) -> Tensor:
+             norm_weight: Tensor | None = None, eps: float = 0.0, gate: bool = False,
+             sumsq: Tensor | None = None) -> Tensor:
     """x [M <= 8, K] bf16 @ an int4-g128 matrix in teal_kernels/int4_mma.py's packed copy (+ residual;
     with norm_weight, x is the residual stream and model.RMSNorm's output the input; with gate, a
-    paired gate|up copy's SiLU(gate) * up): a dense int4 decode call on tensor cores (Gluon) on CUDA,
-    the float32 reference elsewhere."""
+    paired gate|up copy's SiLU(gate) * up; with sumsq, int4_mma_stats' sums for the norm before it):
+    a dense int4 decode call on tensor cores (Gluon) on CUDA, the float32 reference elsewhere."""
     if x.is_cuda and _eager():
         from teal_kernels.int4_mma import int4_mma as int4_mma_gluon
-        return int4_mma_gluon(x, words, scales, zeros, residual, norm_weight, eps, gate)
-    return torch.ops.teal.int4_mma(x, words, scales, zeros, residual, norm_weight, eps, gate)
+        return int4_mma_gluon(x, words, scales, zeros, residual, norm_weight, eps, gate, sumsq)
+    return torch.ops.teal.int4_mma(x, words, scales, zeros, residual, norm_weight, eps, gate, sumsq)
+
+
+@torch.library.custom_op("teal::int4_mma_stats", mutates_args=(), device_types="cpu")
+def _int4_mma_stats_cpu(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None,
+                        stats_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    from teal_kernels.int4_mma import int4_mma_stats_reference
+    return int4_mma_stats_reference(x, words, scales, zeros, residual, stats_weight)
+
+
+@_int4_mma_stats_cpu.register_kernel("cuda")
+def _(x, words, scales, zeros, residual, stats_weight):
+    from teal_kernels.int4_mma import int4_mma_with_stats
+    return int4_mma_with_stats(x, words, scales, zeros, residual, stats_weight)
+
+
+@_int4_mma_stats_cpu.register_fake
+def _(x, words, scales, zeros, residual, stats_weight):
+    m, n = x.shape[0], scales.shape[0]
+    return x.new_empty(m, n), x.new_empty(m, n), x.new_empty(m, n // 16, dtype=torch.float32)
+
+
+def int4_mma_stats(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None,
+                   stats_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """int4_mma's product (+ residual) and what the RMSNorm after it hands its consumer instead of
+    running (teal_kernels/int4_mma.py's int4_mma_with_stats): (out, out * stats_weight, out's squares
+    summed a 16-row tile)."""
+    if x.is_cuda and _eager():
+        from teal_kernels.int4_mma import int4_mma_with_stats
+        return int4_mma_with_stats(x, words, scales, zeros, residual, stats_weight)
+    return torch.ops.teal.int4_mma_stats(x, words, scales, zeros, residual, stats_weight)
 
 
 # ---------------------------------------------------------------------------------------------

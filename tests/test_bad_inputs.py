@@ -193,7 +193,8 @@ def test_bad_input(tool: str, args: list[str], code: int, needle: str, paths: di
 
 
 @pytest.mark.parametrize("switch", ["TEAL_FUSED_NORM", "TEAL_PRELOAD_GEMV", "TEAL_ATTENTION_O", "TEAL_INT4_TINYGEMM",
-                                    "TEAL_INT4_MMA", "TEAL_INT4_MMA_GATE", "TEAL_ATTENTION_SHORT_TILES"])
+                                    "TEAL_INT4_MMA", "TEAL_INT4_MMA_GATE", "TEAL_INT4_MMA_NORM_STATS",
+                                    "TEAL_ATTENTION_SHORT_TILES"])
 def test_bad_decode_switch(switch: str, paths: dict[str, Path], tmp_path: Path, monkeypatch, capfd) -> None:
     """A decode switch other than 0 or 1 (read when generate.py installs the fused step and packs
     the projections, on any device): one line."""

@@ -383,3 +383,145 @@ def test_the_kernels_gate_epilogue_is_the_references(m: int) -> None:
     want = im.int4_mma_reference(x, *paired, gate=True)
     assert got.shape == (m, n // 2)
     assert torch.allclose(got.float(), want.float(), rtol=2**-6, atol=1e-3)
+
+
+# --- the norm's statistics: o gives ffn_norm's input and tile sums of squares, gate|up takes them -----
+
+def _stats_pair(m: int, device: str = "cpu", seed: int = 10):
+    """A producer [256 -> 256] with a residual and the next norm's weight, a consumer [256 -> 48] packed,
+    and m rows of x."""
+    g = torch.Generator().manual_seed(seed)
+    first, second = _int4(256, 256, seed=seed), _int4(256, 48, seed=seed + 1)
+    x = (torch.randn(m, 256, generator=g) * 2).to(torch.bfloat16).to(device)
+    residual = torch.randn(m, 256, generator=g).to(torch.bfloat16).to(device)
+    norm_weight = (torch.rand(256, generator=g) + 0.5).to(torch.bfloat16).to(device)
+    return ([t.to(device) for t in first], [t.to(device) for t in second], x, residual, norm_weight)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_the_statistics_references_give_the_norm(m: int) -> None:
+    """teal::int4_mma_stats (its CPU implementation): the product with the residual as int4_mma's, that
+    times the norm's weight rounded once, and the squares' sums a 16-row tile (against float64); the
+    consumer's op with those sums is model.RMSNorm then the product, within two bf16 roundings of the
+    input (h * weight rounded, where the model rounds h / rms, then times the weight) and the output's."""
+    from teal_kernels.ops import int4_mma_stats
+
+    first, second, x, residual, norm_weight = _stats_pair(m)
+    packed1, packed2 = im.pack(*first), im.pack(*second)
+    out, scaled, sumsq = int4_mma_stats(x, *packed1, residual, norm_weight)
+    assert torch.equal(out, int4_mma(x, *packed1, residual))
+    assert torch.equal(scaled, (out.float() * norm_weight.float()).to(torch.bfloat16))
+    exact_sums = out.double().square().view(m, 16, 16).sum(dim=2)
+    assert sumsq.dtype == torch.float32 and torch.allclose(sumsq.double(), exact_sums, rtol=1e-6)
+    got = int4_mma(scaled, *packed2, None, None, 1e-5, False, sumsq)
+    normed = rms_normed(out, norm_weight, 1e-5)
+    real = dequantize_weight(*second, 128).double()
+    exact = normed.double() @ real
+    bound = 2.0 ** -8 * exact.abs() + 2.0 ** -7 * (normed.double().abs() @ real.abs()) + 1e-30
+    assert ((got.double() - exact).abs() <= bound).all()
+    with pytest.raises(ValueError, match="sumsq must be float32"):
+        im.int4_mma(scaled, *packed2, None, None, 1e-5, False, sumsq.double())
+    with pytest.raises(ValueError, match="statistics need the norm's weight"):
+        im.int4_mma_with_stats(x, *packed1, residual, norm_weight[:128])
+
+
+@torch.no_grad()
+def test_only_int4_mma_calls_give_and_take_statistics() -> None:
+    """takes_norm_stats: a dense decode call of a layer with int4_mma's copy and the switch's flag (not a
+    sparse call, not without the flag); norm_stats without its norm, or on a call int4_mma does not
+    run, fails in one line; product_with_norm_stats is the layer's output with the residual."""
+    from model import RMSNorm as Norm
+
+    layer = _layer(splits=(128, 128))
+    x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    assert layer.attach_int4pack(use_mma=True) and not layer.takes_norm_stats(x)
+    layer.int4mma_norm_stats = True
+    assert layer.takes_norm_stats(x) and layer.takes_norm_stats(x.expand(1, 5, 256))
+    norm = Norm(256, 1e-5).to(torch.bfloat16)
+    residual = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    h, scaled, sumsq = layer.product_with_norm_stats(x, residual, norm)
+    assert torch.equal(h, layer(x, residual=residual)) and scaled.shape == h.shape and sumsq.shape == (1, 16)
+    with pytest.raises(ValueError, match="norm_stats needs its norm"):
+        layer(scaled, norm_stats=sumsq)
+    layer.thresholds.fill_(0.8)
+    layer.sparse = True
+    assert not layer.takes_norm_stats(x)
+    with pytest.raises(ValueError, match="norm_stats needs its norm"):
+        layer(scaled, norm=norm, norm_stats=sumsq)
+
+
+@pytest.mark.parametrize("gate, seqlen", [(False, 1), (True, 1), (False, 3)])
+@torch.no_grad()
+def test_the_decode_block_runs_no_ffn_norm_with_statistics(monkeypatch, gate: bool, seqlen: int) -> None:
+    """decode.DecodeBlock with every layer on int4_mma and the statistics' flag: o gives ffn_norm's
+    statistics (teal::int4_mma_stats runs once), gate|up takes them, and the block's output is the one
+    without them within bf16 roundings (a decode step, and a 3-position verify step)."""
+    from decode import DecodeBlock
+
+    model = tiny_model(seed=3, dim=128, intermediate_size=8192 if gate else 256, n_layer=1).to(torch.bfloat16)
+    quantize_model(model, "int4", 128)
+    pack_model(model)
+    model.setup_caches(1, 16)
+    x = torch.randn(1, seqlen, 128, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16)
+    pos = torch.arange(4, 4 + seqlen)
+    outs, calls = [], []
+    real = linear.int4_mma_stats
+    monkeypatch.setattr(linear, "int4_mma_stats", lambda *args: calls.append(args[0].shape) or real(*args))
+    for stats in (False, True):
+        for name, m in packed_projections(model).items():
+            m.int4mma_words = None
+            assert m.attach_int4pack(use_mma=True, gate_epilogue=gate and name.endswith("w13"))
+            m.int4mma_norm_stats = stats
+        block = DecodeBlock(model.layers[0])
+        outs.append(block(x, model.freqs_cis[pos], None, pos))
+        assert len(calls) == stats  # o gave them once, in the second block only
+    assert calls == [(seqlen, 128)]
+    assert torch.allclose(outs[0].float(), outs[1].float(), rtol=2**-6, atol=2e-2)
+
+
+@needs_gluon
+@pytest.mark.parametrize("k, n", [(2048, 4096), (1408, 2048), (4096, 576 + 16 * 4)])
+def test_the_kernels_statistics_are_the_references_alone_and_among_rows(k: int, n: int) -> None:
+    """STATS on the GPU: the product exactly as without it, out * weight exactly the reference's, the
+    tile sums within float32 rounding; PRENORMED (the next projection, K = n) within the product's
+    tolerance of the reference; and a row's three outputs and its normed product have the same bits
+    alone as among 2-8 rows (self-speculation's verify)."""
+    w, scales, zeros = (t.cuda() for t in _int4(k, n, seed=k))
+    w2, scales2, zeros2 = (t.cuda() for t in _int4(n, 256, seed=n))
+    first, second = im.pack(w, scales, zeros), im.pack(w2, scales2, zeros2)
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(8, k, generator=g) * 2).to(torch.bfloat16).cuda()
+    residual = torch.randn(8, n, generator=g).to(torch.bfloat16).cuda()
+    norm_weight = (torch.rand(n, generator=g) + 0.5).to(torch.bfloat16).cuda()
+
+    def run(rows: slice) -> tuple[torch.Tensor, ...]:
+        out, scaled, sumsq = im.int4_mma_with_stats(x[rows], *first, residual[rows], norm_weight)
+        return out, scaled, sumsq, im.int4_mma(scaled, *second, None, None, 1e-5, False, sumsq)
+
+    for m in (1, 2, 5, 8):
+        out, scaled, sumsq, normed_product = run(slice(0, m))
+        assert torch.equal(out, im.int4_mma(x[:m], *first, residual[:m]))
+        assert torch.equal(scaled, (out.float() * norm_weight.float()).to(torch.bfloat16))
+        assert torch.allclose(sumsq.double(), out.double().square().view(m, -1, 16).sum(dim=2), rtol=1e-5)
+        want = im.int4_mma_reference(scaled, *second, None, None, 1e-5, False, sumsq)
+        assert torch.allclose(normed_product.float(), want.float(), rtol=2**-7, atol=2e-3)
+        if m > 1:
+            for i in range(m):
+                alone = run(slice(i, i + 1))
+                for a, b in zip(alone, (out, scaled, sumsq, normed_product), strict=True):
+                    assert torch.equal(a[0], b[i]), (k, n, m, i)
+
+
+@needs_gluon
+@torch.no_grad()
+def test_a_compiled_decode_step_with_statistics_matches_one_without(monkeypatch) -> None:
+    """A tiny int4-g128 model's compiled dense decode step with TEAL_INT4_MMA_NORM_STATS=1 and without:
+    the same logits within bf16 roundings."""
+    def logits(switch: str) -> torch.Tensor:
+        monkeypatch.setenv(linear.INT4_MMA_NORM_STATS_ENV, switch)
+        model, out = int4_fused_decode_logits(128, compiled=True)
+        assert all(m.int4mma_norm_stats == (switch == "1") for m in packed_projections(model).values())
+        return out
+
+    with_stats, without = logits("1"), logits("0")
+    assert (with_stats - without).norm() / without.norm() < 0.02
