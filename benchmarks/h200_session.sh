@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_ab | quant_gemm | quant_gemm_model | quant_gemm_ncu | int4_vec | int4_gemm_default | att_tiles | gemm_tiles | gemm_long | kpacked_lab | mma_lab | int4_mma | int4_mma_check | int4_mma_fusions | short_tiles | int4_sparse_lab | int4_mma_e2e | int4_mma_table | int4_mma_rule | norm_stats)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_ab | quant_gemm | quant_gemm_model | quant_gemm_ncu | int4_vec | int4_gemm_default | att_tiles | gemm_tiles | gemm_long | kpacked_lab | mma_lab | int4_mma | int4_mma_check | int4_mma_fusions | short_tiles | int4_sparse_lab | int4_mma_e2e | int4_mma_table | int4_mma_rule | norm_stats | mma_stalls)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -39,7 +39,7 @@ stalls() {
   ncu -i "/tmp/ncu/$label.ncu-rep" --page raw --csv > /tmp/stalls/raw.csv 2>&1
   ncu -i "/tmp/ncu/$label.ncu-rep" --page source --csv --print-source sass > /tmp/stalls/source_sass.csv 2>&1
   ncu -i "/tmp/ncu/$label.ncu-rep" --page details --print-details all > /tmp/stalls/details.txt 2>&1
-  python3 - /tmp/stalls/raw.csv > "$out/stall_reasons.txt" <<'PY'
+  python3 - /tmp/stalls/raw.csv > "$out/${label}_stall_reasons.txt" <<'PY'
 import csv, sys
 rows = list(csv.reader(open(sys.argv[1])))
 head, units, vals = rows[0], rows[1], rows[2]
@@ -732,6 +732,10 @@ case $phase in
     for t in 1 0 1; do
       step 120 env TEAL_INT4_MMA_NORM_STATS=$t python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_stats${t}_$SECONDS"
     done
+    ;;
+  mma_stalls)  # issue 11, int4 GEMV >= 70% of the bandwidth (int4_mma: gate|up 29.4 us, down 15.0 against 19.7 / 9.8 at the H100's 3.35 TB/s; local SASS 352 instructions a 2-tile group, ~37% of gate|up's time if issue-bound): per-reason warp stalls and per-instruction SASS samples of int4_mma at one row, gate|up and down, as text in two tarballs (~3 min)
+    stalls mma_gate_up 120 _int4_mma_kernel --layer gate_up --format int4-g128 --mma
+    stalls mma_down 120 _int4_mma_kernel --layer down --format int4-g128 --mma
     ;;
   short_tiles)  # issues 10/11: decode attention with 16-position tiles where the cache holds at most 1024 positions (TEAL_ATTENTION_SHORT_TILES=1; att_tiles_2026_12_05: 5.76 against 6.85 us a layer at 128 positions) against the default, alternating 0 / 1 / 0 / 1, int4-g128 + head through int4_mma (TEAL_INT4_MMA=1), dense and 50%, one call (~5 min; a cold machine compiles ~110 s in the first run)
     step 200 env TEAL_INT4_MMA=1 TEAL_ATTENTION_SHORT_TILES=0 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_short_tiles0_first"

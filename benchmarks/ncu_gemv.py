@@ -11,6 +11,8 @@ names both)::
 ``--gemm_rows M`` profiles a dense quantized prefill's GEMM instead (teal::quant_gemm's
 ``_quant_gemm_kernel`` at M rows, its heuristic config; ``--int4_vec`` and ``--int4_scales`` change
 int4's bytes a thread reads together and where its scales come from; phase ``quant_gemm_ncu``).
+``--mma`` profiles teal_kernels/int4_mma.py's ``_int4_mma_kernel`` (int4-g128, dense, its config_for
+launch) on the same weights instead (phase ``mma_stalls``).
 The first three calls compile and warm up; the fourth is the one to profile.
 """
 
@@ -46,6 +48,8 @@ def main() -> None:
     parser.add_argument("--int4_scales", choices=INT4_SCALES, default=None,
                         help="with --gemm_rows and int4: load the scales with each tile (step), once a group "
                              "(group) or a group early (ahead): GemmConfig.int4_scales (default: the heuristic's)")
+    parser.add_argument("--mma", action="store_true",
+                        help="profile int4_mma (dense, int4-g128 only) on the same weights instead of the GEMV")
     args = parser.parse_args()
     try:
         parse_format(args.format)
@@ -53,6 +57,8 @@ def main() -> None:
         parser.error(str(e))
     if args.gemm_rows < 0 or (args.gemm_rows and not args.format.startswith("int")):
         parser.error("--gemm_rows takes a positive row count and an int8 / int4 format")
+    if args.mma and (args.format != "int4-g128" or args.gemm_rows):
+        parser.error("--mma takes --format int4-g128 and no --gemm_rows")
     if not torch.cuda.is_available():
         raise SystemExit("error: benchmarks.ncu_gemv needs a CUDA GPU")
     k, splits = layers[args.layer]
@@ -64,6 +70,13 @@ def main() -> None:
                                  int4_scales=args.int4_scales or config.int4_scales)
         for _ in range(4):
             quant_gemm_triton(x, w, scales, zeros, group, config)
+        torch.cuda.synchronize()
+        return
+    if args.mma:
+        from teal_kernels.int4_mma import int4_mma, pack
+        packed = pack(w, scales, zeros)
+        for _ in range(4):
+            int4_mma(x, *packed)
         torch.cuda.synchronize()
         return
     if args.sparsity is None:
