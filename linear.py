@@ -191,8 +191,9 @@ INT4_MMA_GATE_ENV = "TEAL_INT4_MMA_GATE"
 # TEAL_INT4_MMA_NORM_STATS=1 (with TEAL_INT4_MMA): where o and gate|up both run int4_mma, the RMSNorm
 # between them runs in neither torch nor a prologue: o's epilogue writes h * the norm's weight and h's
 # squares summed a 16-row tile (PackedLinear.product_with_norm_stats), gate|up scales its product by
-# the row's 1 / rms from those sums (forward's norm_stats). One kernel fewer a layer, and gate|up's
-# weights requested while o runs (PDL). Unmeasured, so off.
+# the row's 1 / rms from those sums (forward's norm_stats); the same between down and the next block's
+# q|k|v. Two kernels fewer a layer, and gate|up's and q|k|v's weights requested while the GEMV before
+# runs (PDL). Unmeasured, so off.
 INT4_MMA_NORM_STATS_ENV = "TEAL_INT4_MMA_NORM_STATS"
 
 
@@ -367,13 +368,18 @@ class PackedLinear(nn.Module):
         return self.int4mma_norm_stats and self.int4mma_words is not None and self._dense_copy_call(
             x, self.applies_sparsity(x))
 
-    def product_with_norm_stats(self, x: Tensor, residual: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
-        """Where takes_norm_stats: (h = self(x, residual=residual), h * norm.weight rounded, h's squares
+    def product_with_norm_stats(self, x: Tensor, residual: Tensor, norm: nn.Module, gated: bool = False,
+                                into: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Where takes_norm_stats: (h = self(x, gated, residual), h * norm.weight rounded, h's squares
         summed a 16-output tile [rows, N / 16] float32): the input and norm_stats of the projection
-        after `norm`, which then runs in no kernel of its own."""
+        after `norm`, which then runs in no kernel of its own. `into`: contiguous buffers [rows, N] and
+        [rows, N / 16] to write the last two into (the next block's, decode.py), else new ones."""
         rows = x.reshape(-1, x.shape[-1])
-        out, scaled, sumsq = int4_mma_stats(rows, self.int4mma_words, self.int4mma_scales, self.int4mma_zeros,
-                                            residual.reshape(-1, self.out_features), norm.weight)
+        n_rows = rows.shape[0]
+        scaled, sumsq = into or (rows.new_empty(n_rows, self.out_features),
+                                 rows.new_empty(n_rows, self.out_features // 16, dtype=torch.float32))
+        out = int4_mma_stats(gated_input(rows) if gated else rows, self.int4mma_words, self.int4mma_scales,
+                             self.int4mma_zeros, residual.reshape(-1, self.out_features), norm.weight, scaled, sumsq)
         shape = (*x.shape[:-1], self.out_features)
         return out.view(shape), scaled.view(shape), sumsq
 

@@ -49,10 +49,11 @@ How:
   registers of one thread, so the kernel writes the down projection's input, [M, N / 2], and the
   SiLU * up kernel before down goes. End to end 385.7 against 371.3 tok/s dense (H100,
   results/int4_mma_2026_12_05c/): on by default.
-- The RMSNorm between o and gate|up without a kernel of its own (TEAL_INT4_MMA_NORM_STATS=1,
-  unmeasured): o's epilogue (STATS, int4_mma_with_stats) also writes h * the norm's weight and the sums
-  of h^2 over each 16-row tile; gate|up (PRENORMED) multiplies that and scales its product by the row's
-  1 / sqrt(sum / K + eps), the sums requested right after the PDL wait and added after the loop. No
+- The RMSNorms without a kernel of their own (TEAL_INT4_MMA_NORM_STATS=1, unmeasured): o's epilogue
+  (STATS, int4_mma_with_stats), and down's for the next block, also writes h * the norm's weight and
+  the sums of h^2 over each 16-row tile; gate|up and q|k|v (PRENORMED) multiply that and scale their
+  product by the row's 1 / sqrt(sum / K + eps), the sums requested right after the PDL wait and added
+  after the loop. No
   instruction added to either loop (local SASS). A 16-row tile's squares are added in one thread's
   registers in order and a row's tile sums in one layout, so a row's bits are the same at any M.
 - A warp requests a group's words, scales and zeros `lookahead` groups before it multiplies them
@@ -544,16 +545,23 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: 
 
 
 def int4_mma_with_stats(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None,
-                        stats_weight: Tensor, *, config: MmaConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """int4_mma's product `out` (+ residual), and what the next RMSNorm's consumer takes instead of a
-    norm kernel: (out, out * stats_weight rounded [M, N] bf16, the sums of out^2 over each 16-row tile
-    [M, N / 16] float32), stats_weight [N] the norm's weight."""
-    return _launch(x, words, scales, zeros, residual, None, 0.0, False, None, stats_weight, config)
+                        stats_weight: Tensor, scaled: Tensor, sumsq: Tensor, *,
+                        config: MmaConfig | None = None) -> Tensor:
+    """int4_mma's product `out` (+ residual), returned, and what the next RMSNorm's consumer takes
+    instead of a norm kernel, written into `scaled` (out * stats_weight rounded, [M, N] bf16) and `sumsq`
+    (the sums of out^2 over each 16-row tile, [M, N / 16] float32), both contiguous; stats_weight [N]
+    the norm's weight."""
+    if (scaled.shape != (x.shape[0], scales.shape[0]) or sumsq.shape != (x.shape[0], scales.shape[0] // TILE_ROWS)
+            or scaled.dtype != x.dtype or sumsq.dtype != torch.float32
+            or not (scaled.is_contiguous() and sumsq.is_contiguous())):
+        raise ValueError(f"int4_mma's statistics go into contiguous bf16 [M, N] and float32 [M, N / 16]; got "
+                         f"{scaled.dtype} {tuple(scaled.shape)}, {sumsq.dtype} {tuple(sumsq.shape)}")
+    return _launch(x, words, scales, zeros, residual, None, 0.0, False, None, (stats_weight, scaled, sumsq), config)
 
 
 def _launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None,
-            norm_weight: Tensor | None, eps: float, gate: bool, sumsq: Tensor | None, stats_weight: Tensor | None,
-            config: MmaConfig | None):
+            norm_weight: Tensor | None, eps: float, gate: bool, sumsq: Tensor | None,
+            stats: tuple[Tensor, Tensor, Tensor] | None, config: MmaConfig | None) -> Tensor:
     tiles, groups = words.shape[:2]
     n, k = tiles * TILE_ROWS, groups * GROUP
     m = x.shape[0]
@@ -578,7 +586,8 @@ def _launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: T
                               or norm_weight is not None):
         raise ValueError(f"int4_mma's sumsq must be float32 [{m}, {k // TILE_ROWS}] and comes without a norm weight; "
                          f"got {sumsq.dtype} {tuple(sumsq.shape)}, norm weight {norm_weight is not None}")
-    if stats_weight is not None and (stats_weight.shape != (n,) or stats_weight.dtype != x.dtype or gate):
+    stats_weight, scaled, sums = stats or (x, None, None)
+    if stats is not None and (stats_weight.shape != (n,) or stats_weight.dtype != x.dtype or gate):
         raise ValueError(f"int4_mma's statistics need the norm's weight bf16 [{n}] and no gate; got "
                          f"{stats_weight.dtype} {tuple(stats_weight.shape)}, gate {gate}")
     from teal_kernels.triton_gemv import launch_options  # the one place PDL is decided (TEAL_PDL)
@@ -590,14 +599,13 @@ def _launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: T
     nw = x if norm_weight is None else norm_weight
     # with the norm, each program's normed copy of x (a row of K, written and read by that program only)
     normed = x if norm_weight is None else torch.empty(n // cfg.rows, k, dtype=x.dtype, device=x.device)
-    stats = stats_weight is not None
-    scaled = torch.empty(m, n, dtype=x.dtype, device=x.device) if stats else out
-    sums = (torch.empty(m, n // TILE_ROWS, dtype=torch.float32, device=x.device) if stats else
-            sumsq.contiguous() if sumsq is not None else scales)  # scales: an unread float32 stand-in
-    kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, res, nw, normed,
-                             x if stats_weight is None else stats_weight, scaled, sums, eps, m, k, n,
+    if stats is None:  # unread stand-ins: out, and scales for the float32 sums
+        scaled, sums = out, sumsq.contiguous() if sumsq is not None else scales
+    kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, res, nw, normed, stats_weight, scaled, sums,
+                             eps, m, k, n,
                              KW=cfg.k_warps, ROWS=cfg.rows, LOOKAHEAD=cfg.lookahead, PDL=bool(pdl),
                              RESIDUAL=residual is not None, NORM=norm_weight is not None, ONE_ROW=m == 1, GATE=gate,
-                             STATS=stats, PRENORMED=sumsq is not None, SQ_P=1 << (k // TILE_ROWS - 1).bit_length(),
+                             STATS=stats is not None, PRENORMED=sumsq is not None,
+                             SQ_P=1 << (k // TILE_ROWS - 1).bit_length(),
                              num_warps=cfg.k_warps * cfg.row_warps, **_layouts(cfg), **pdl)
-    return (out, scaled, sums) if stats else out
+    return out

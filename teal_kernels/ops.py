@@ -265,34 +265,36 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: 
     return torch.ops.teal.int4_mma(x, words, scales, zeros, residual, norm_weight, eps, gate, sumsq)
 
 
-@torch.library.custom_op("teal::int4_mma_stats", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("teal::int4_mma_stats", mutates_args=("scaled", "sumsq"), device_types="cpu")
 def _int4_mma_stats_cpu(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None,
-                        stats_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                        stats_weight: Tensor, scaled: Tensor, sumsq: Tensor) -> Tensor:
     from teal_kernels.int4_mma import int4_mma_stats_reference
-    return int4_mma_stats_reference(x, words, scales, zeros, residual, stats_weight)
+    out, scaled_value, sums = int4_mma_stats_reference(x, words, scales, zeros, residual, stats_weight)
+    scaled.copy_(scaled_value)
+    sumsq.copy_(sums)
+    return out
 
 
 @_int4_mma_stats_cpu.register_kernel("cuda")
-def _(x, words, scales, zeros, residual, stats_weight):
+def _(x, words, scales, zeros, residual, stats_weight, scaled, sumsq):
     from teal_kernels.int4_mma import int4_mma_with_stats
-    return int4_mma_with_stats(x, words, scales, zeros, residual, stats_weight)
+    return int4_mma_with_stats(x, words, scales, zeros, residual, stats_weight, scaled, sumsq)
 
 
 @_int4_mma_stats_cpu.register_fake
-def _(x, words, scales, zeros, residual, stats_weight):
-    m, n = x.shape[0], scales.shape[0]
-    return x.new_empty(m, n), x.new_empty(m, n), x.new_empty(m, n // 16, dtype=torch.float32)
+def _(x, words, scales, zeros, residual, stats_weight, scaled, sumsq):
+    return x.new_empty(x.shape[0], scales.shape[0])
 
 
 def int4_mma_stats(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None,
-                   stats_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """int4_mma's product (+ residual) and what the RMSNorm after it hands its consumer instead of
-    running (teal_kernels/int4_mma.py's int4_mma_with_stats): (out, out * stats_weight, out's squares
-    summed a 16-row tile)."""
+                   stats_weight: Tensor, scaled: Tensor, sumsq: Tensor) -> Tensor:
+    """int4_mma's product (+ residual), returned, and what the RMSNorm after it hands its consumer
+    instead of running, written into `scaled` (out * stats_weight, [M, N]) and `sumsq` (out's squares
+    summed a 16-row tile, [M, N / 16] float32): teal_kernels/int4_mma.py's int4_mma_with_stats."""
     if x.is_cuda and _eager():
         from teal_kernels.int4_mma import int4_mma_with_stats
-        return int4_mma_with_stats(x, words, scales, zeros, residual, stats_weight)
-    return torch.ops.teal.int4_mma_stats(x, words, scales, zeros, residual, stats_weight)
+        return int4_mma_with_stats(x, words, scales, zeros, residual, stats_weight, scaled, sumsq)
+    return torch.ops.teal.int4_mma_stats(x, words, scales, zeros, residual, stats_weight, scaled, sumsq)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -408,7 +408,8 @@ def test_the_statistics_references_give_the_norm(m: int) -> None:
 
     first, second, x, residual, norm_weight = _stats_pair(m)
     packed1, packed2 = im.pack(*first), im.pack(*second)
-    out, scaled, sumsq = int4_mma_stats(x, *packed1, residual, norm_weight)
+    scaled, sumsq = torch.empty(m, 256, dtype=torch.bfloat16), torch.empty(m, 16)
+    out = int4_mma_stats(x, *packed1, residual, norm_weight, scaled, sumsq)
     assert torch.equal(out, int4_mma(x, *packed1, residual))
     assert torch.equal(scaled, (out.float() * norm_weight.float()).to(torch.bfloat16))
     exact_sums = out.double().square().view(m, 16, 16).sum(dim=2)
@@ -422,7 +423,9 @@ def test_the_statistics_references_give_the_norm(m: int) -> None:
     with pytest.raises(ValueError, match="sumsq must be float32"):
         im.int4_mma(scaled, *packed2, None, None, 1e-5, False, sumsq.double())
     with pytest.raises(ValueError, match="statistics need the norm's weight"):
-        im.int4_mma_with_stats(x, *packed1, residual, norm_weight[:128])
+        im.int4_mma_with_stats(x, *packed1, residual, norm_weight[:128], scaled, sumsq)
+    with pytest.raises(ValueError, match="statistics go into contiguous"):
+        im.int4_mma_with_stats(x, *packed1, residual, norm_weight, scaled, sumsq[:, :8])
 
 
 @torch.no_grad()
@@ -495,7 +498,10 @@ def test_the_kernels_statistics_are_the_references_alone_and_among_rows(k: int, 
     norm_weight = (torch.rand(n, generator=g) + 0.5).to(torch.bfloat16).cuda()
 
     def run(rows: slice) -> tuple[torch.Tensor, ...]:
-        out, scaled, sumsq = im.int4_mma_with_stats(x[rows], *first, residual[rows], norm_weight)
+        m = len(range(8)[rows])
+        scaled = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        sumsq = torch.empty(m, n // 16, device="cuda")
+        out = im.int4_mma_with_stats(x[rows], *first, residual[rows], norm_weight, scaled, sumsq)
         return out, scaled, sumsq, im.int4_mma(scaled, *second, None, None, 1e-5, False, sumsq)
 
     for m in (1, 2, 5, 8):
@@ -525,3 +531,57 @@ def test_a_compiled_decode_step_with_statistics_matches_one_without(monkeypatch)
 
     with_stats, without = logits("1"), logits("0")
     assert (with_stats - without).norm() / without.norm() < 0.02
+
+
+def _three_layers(gate: bool, stats: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A 3-layer int4-g128 model on the fused path with int4_mma's copies and, with `stats`, the
+    statistics' flag (made by hand: the switch attaches on CUDA only), after an 8-token prefill; and
+    the prompt."""
+    from decode import install_fused_decode
+
+    model = tiny_model(seed=4, dim=128, intermediate_size=8192 if gate else 256, n_layer=3).to(torch.bfloat16)
+    quantize_model(model, "int4", 128)
+    install_fused_decode(model)
+    for name, m in packed_projections(model).items():
+        assert m.attach_int4pack(use_mma=True, gate_epilogue=gate and name.endswith("w13"))
+        m.int4mma_norm_stats = stats
+    if stats:
+        install_fused_decode(model)  # now links the blocks
+        assert model.layers[1]._previous is model.layers[0] and model.layers[0]._next is model.layers[1]
+        assert not any("norm_scaled" in k or "_previous" in k for k in model.state_dict())
+    model.setup_caches(1, 32)
+    idx = torch.randint(model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    model(idx, torch.arange(8))
+    return model, idx
+
+
+@pytest.mark.parametrize("gate, seqlen", [(True, 1), (False, 3)])
+@torch.no_grad()
+def test_a_decode_step_runs_no_norm_before_a_projection_on_int4_mma(monkeypatch, gate: bool, seqlen: int) -> None:
+    """With the statistics' switch o gives each block's ffn_norm, down the next block's attention norm
+    (5 calls of teal::int4_mma_stats: 3 o, 2 down), no RMSNorm module runs but the first block's
+    attention norm and the final one, and the logits are those without it within bf16 roundings;
+    prefill (8 positions) passes no statistics."""
+    calls, norms, real = [], [], linear.int4_mma_stats
+    monkeypatch.setattr(linear, "int4_mma_stats", lambda *args: calls.append(args[0].shape) or real(*args))
+    monkeypatch.setattr(RMSNorm, "forward", lambda self, x, f=RMSNorm.forward: norms.append(x.shape) or f(self, x))
+    out = []
+    for stats in (False, True):
+        model, idx = _three_layers(gate, stats)
+        calls.clear()
+        norms.clear()
+        out.append(model(idx[:, :seqlen], torch.arange(8, 8 + seqlen)).double())
+        assert (len(calls), len(norms)) == ((5, 2) if stats else (0, 7))  # without: 2 a block and the final one
+    assert (out[1] - out[0]).norm() / out[0].norm() < 0.02
+
+
+@torch.no_grad()
+def test_a_compiled_step_writes_the_next_blocks_statistics_in_place() -> None:
+    """The linked blocks through torch.compile(fullgraph=True) (aot_eager, as bench_decode compiles on
+    the CPU's stand-in): the same logits as eagerly, step after step (the buffers written each step)."""
+    model, idx = _three_layers(gate=False, stats=True)
+    eager = [model(idx[:, i:i + 1], torch.tensor([8 + i])) for i in range(2)]
+    torch._dynamo.reset()
+    step = torch.compile(lambda tok, pos: model(tok, pos), backend="aot_eager", fullgraph=True)
+    for i in range(2):
+        assert torch.equal(step(idx[:, i:i + 1], torch.tensor([8 + i])), eager[i])
