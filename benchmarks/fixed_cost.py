@@ -1,7 +1,7 @@
 """Where a sparse GEMV call's fixed cost goes: the same tuned kernel with work and without.
 
-Per Llama-3-8B shape (bf16, one row, the stored config), graph-timed like bench_kernels
-(benchmarks/timing.py: 32 calls per replay, rotating weights):
+Per Llama-3-8B shape (bf16 unless --format, one row, the stored config), graph-timed like
+bench_kernels (benchmarks/timing.py: 32 calls per replay, rotating weights):
 
 - ``sparse_50``: the kernel at 50% sparsity (the decode case);
 - ``no_rows``: the same call with an infinite threshold, so no weight row is read: launch,
@@ -21,10 +21,15 @@ Per Llama-3-8B shape (bf16, one row, the stored config), graph-timed like bench_
   vendor GEMV takes for exactly the bytes a 50% call must read, the bound of any kernel that
   runs as one launch per projection (``cublas_full_k``: the dense projection, for scale).
 
+For an int8 / int4 ``--format`` the rows are ``sparse_50``, ``no_rows`` and ``dense_half_k`` (the
+variants above that change the rows design's loop are bf16's only), and for int4-g128 ``mma_full_k``
+/ ``mma_half_k``: teal_kernels/int4_mma.py's dense product (what int4 decode runs dense) on K and on
+K/2 rows, the tensor-core bound of a 50% call that read only its kept rows.
+
 A per-call cost far above ``empty_same_grid`` in ``no_rows`` is work inside the kernel that does
 not scale with the bytes read (the target of the next GEMV change). Usage::
 
-    python -m benchmarks.fixed_cost --out benchmarks/results/fixed_cost
+    python -m benchmarks.fixed_cost --out benchmarks/results/fixed_cost [--format int4-g128]
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from benchmarks.timing import MODEL_SHAPES, Problem, copies_for, graph_time_us, make_weight, make_x, threshold_for
+from benchmarks.timing import (MODEL_SHAPES, Problem, copies_for, graph_time_us, make_weight, make_x, parse_format,
+                               threshold_for)
 from files import write_report
 from teal_kernels.triton_gemv import cdiv, get_config, gpu_name, sparse_gemv_triton, weight_format_name
 
@@ -49,26 +55,42 @@ def _empty_kernel(out_ptr, FLAG: tl.constexpr):
         tl.store(out_ptr, 0)
 
 
-def probe(k: int, splits: list[int]) -> dict:
+def _bytes(weight: tuple) -> int:
+    return sum(t.numel() * t.element_size() for t in weight[:3] if t is not None)
+
+
+def probe(k: int, splits: list[int], fmt: str) -> dict:
     n = sum(splits)
-    weights = [make_weight("bf16", k, n, "cuda", seed=1)]
-    weights += [make_weight("bf16", k, n, "cuda", seed=1 + i) for i in range(1, copies_for(k * n * 2))]
+    weights = [make_weight(fmt, k, n, "cuda", seed=1)]
+    weights += [make_weight(fmt, k, n, "cuda", seed=1 + i) for i in range(1, copies_for(_bytes(weights[0])))]
+    group = weights[0][3]
     x = make_x(1, k, torch.bfloat16, "cuda", seed=0)
-    cfg = get_config(gpu_name(x.device), weight_format_name(weights[0][0], 0), 1, k, n)
+    cfg = get_config(gpu_name(x.device), weight_format_name(weights[0][0], group), 1, k, n)
     row = {"k": k, "n": n, "config": cfg.to_dict()}
-    variants = (("sparse_50", 0.5, cfg), ("no_rows", None, cfg),
-                ("no_rows_skip", None, dataclasses.replace(cfg, compact=False, num_stages=1)),
-                ("no_rows_block_k_x2", None, dataclasses.replace(cfg, block_k=2 * cfg.block_k)))
+    variants = [("sparse_50", 0.5, cfg), ("no_rows", None, cfg)]
+    if fmt == "bf16":
+        variants += [("no_rows_skip", None, dataclasses.replace(cfg, compact=False, num_stages=1)),
+                     ("no_rows_block_k_x2", None, dataclasses.replace(cfg, block_k=2 * cfg.block_k))]
     for name, sparsity, config in variants:
         thr = (threshold_for(x, sparsity, len(splits)) if sparsity is not None
                else torch.full((len(splits),), float("inf"), device="cuda"))
-        problems = [Problem(x, w, thr, splits, None, None, 0) for w, _, _, _ in weights]
+        problems = [Problem(x, w, thr, splits, scales, zeros, group) for w, scales, zeros, _ in weights]
         row[name] = graph_time_us(lambda i: sparse_gemv_triton(*problems[i].args(), config=config), len(problems))
-    half = [make_weight("bf16", k // 2, n, "cuda", seed=50 + i) for i in range(copies_for(k * n))]
+    half = [make_weight(fmt, k // 2, n, "cuda", seed=50 + i) for i in range(copies_for(_bytes(weights[0]) // 2))]
     x_half = x[:, : k // 2].contiguous()
     zero = torch.zeros(len(splits), device="cuda")
+    half_cfg = get_config(gpu_name(x.device), weight_format_name(half[0][0], group), 1, k // 2, n)
     row["dense_half_k"] = graph_time_us(
-        lambda i: sparse_gemv_triton(x_half, half[i][0], zero, splits, config=cfg), len(half))
+        lambda i: sparse_gemv_triton(x_half, half[i][0], zero, splits, half[i][1], half[i][2], group, config=half_cfg),
+        len(half))
+    if fmt == "int4-g128":
+        from teal_kernels.int4_mma import int4_mma, pack
+        for name, xs, ws in (("mma_full_k", x, weights), ("mma_half_k", x_half, half)):
+            packed = [pack(*w[:3]) for w in ws]
+            row[name] = graph_time_us(lambda i, xs=xs, packed=packed: int4_mma(xs, *packed[i]), len(packed))
+            del packed
+    if fmt != "bf16":
+        return row
     linear_half = [w.t().contiguous() for w, _, _, _ in half]
     row["cublas_half_k"] = graph_time_us(lambda i: torch.nn.functional.linear(x_half, linear_half[i]), len(half))
     del linear_half, half
@@ -82,33 +104,45 @@ def probe(k: int, splits: list[int]) -> dict:
     return row
 
 
+COLUMNS = {"sparse_50": "50% µs", "no_rows": "no rows read µs", "no_rows_skip": "no rows, no compaction µs",
+           "no_rows_block_k_x2": "no rows, 2x block_k µs", "empty_same_grid": "empty kernel, same grid µs",
+           "dense_half_k": "ours dense K/2 µs", "cublas_half_k": "cuBLAS K/2 µs", "cublas_full_k": "cuBLAS K µs",
+           "mma_half_k": "int4_mma K/2 µs", "mma_full_k": "int4_mma K µs"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fixed_cost"),
                         help="writes OUT.json and OUT.md")
+    parser.add_argument("--format", default="bf16", help="bf16 (default), int8 or int4-g<group> (random weights)")
     args = parser.parse_args()
+    try:
+        parse_format(args.format)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.format == "fp16":
+        parser.error("--format takes bf16, int8 or int4-g<group>")
     if not torch.cuda.is_available():
         raise SystemExit("error: benchmarks.fixed_cost needs a CUDA GPU")
-    rows = [{"layer": layer, **probe(k, splits)} for layer, k, splits in MODEL_SHAPES["llama3-8b"]]
+    rows = [{"layer": layer, **probe(k, splits, args.format)} for layer, k, splits in MODEL_SHAPES["llama3-8b"]]
     flag = torch.zeros(1, device="cuda")
     a, b = (torch.ones(shape, device="cuda", dtype=torch.bfloat16) for shape in ((1, 64), (64, 64)))
     floors = {
         "empty_one_program": graph_time_us(lambda i: _empty_kernel[(1,)](flag, FLAG=0), 1),
         "linear_tiny": graph_time_us(lambda i: torch.nn.functional.linear(a, b), 1),
     }
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    lines = [f"# Sparse GEMV fixed cost, Llama-3-8B shapes, bf16, M = 1 ({meta['gpu']}, torch {meta['torch']}, "
-             f"triton {meta['triton']})", "",
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "format": args.format}
+    columns = [c for c in COLUMNS if c in rows[0]]
+    lines = [f"# Sparse GEMV fixed cost, Llama-3-8B shapes, {args.format}, M = 1 ({meta['gpu']}, torch "
+             f"{meta['torch']}, triton {meta['triton']})", "",
              f"Floors (µs per call in a graph): empty one-program Triton kernel {floors['empty_one_program']:.2f}, "
              f"cuBLAS 1x64x64 {floors['linear_tiny']:.2f}.", "",
-             "| layer | K | N | programs | 50% µs | no rows read µs | no rows, no compaction µs | "
-             "no rows, 2x block_k µs | empty kernel, same grid µs | ours dense K/2 µs | cuBLAS K/2 µs | "
-             "cuBLAS K µs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['k']} | {r['n']} | {r['programs']} | {r['sparse_50']:.2f} | {r['no_rows']:.2f} | "
-              f"{r['no_rows_skip']:.2f} | {r['no_rows_block_k_x2']:.2f} | {r['empty_same_grid']:.2f} | "
-              f"{r['dense_half_k']:.2f} | {r['cublas_half_k']:.2f} | {r['cublas_full_k']:.2f} |" for r in rows]
-    per_layer = {c: sum(r[c] for r in rows) for c in ("sparse_50", "dense_half_k", "cublas_half_k")}
+             "| layer | K | N | design | " + " | ".join(COLUMNS[c] for c in columns) + " |",
+             "|---|---|---|---|" + "---|" * len(columns)]
+    lines += [f"| {r['layer']} | {r['k']} | {r['n']} | {r['config']['design']} | "
+              + " | ".join(f"{r[c]:.2f}" for c in columns) + " |" for r in rows]
+    per_layer = {c: sum(r[c] for r in rows) for c in columns}
     lines += ["", "Per layer (the four calls): " + ", ".join(f"{c} {v:.1f} µs" for c, v in per_layer.items()) + "."]
     write_report(args.out, {"meta": meta, "floors": floors, "rows": rows, "per_layer": per_layer}, lines)
 
