@@ -26,7 +26,8 @@ from torch import Tensor
 
 from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
 from teal_kernels import int4_mma as mma
-from teal_kernels.ops import attention_o, cpu_runs_interpreter, dense_gemv, dequantize, int4_mma, int4_mma_stats, quant_gemm
+from teal_kernels.ops import (attention_o, cpu_runs_interpreter, dense_gemv, dequantize, int4_mma, int4_mma_stats,
+                              quant_gemm)
 from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, dot_design_fits, env_switch, gated_input
 from teal_kernels.speed_table import estimated_sparse_beats_dense, measured_on, sparse_beats_dense
 from teal_kernels.tinygemm import int4pack, int4pack_fits, int4pack_mm

@@ -273,7 +273,8 @@ def int4_mma_variants():
             cfg = im.config_for(k, n, m)
             yield (f"_int4_mma_kernel {tuple(cfg)} PDL=True RESIDUAL={stats} STATS={stats} PRENORMED={not stats} "
                    f"GATE={gate} ONE_ROW={m == 1} K={k} num_warps={cfg.k_warps}",
-                   lambda c=cfg, o=m == 1, g=gate, st=stats, kk=k: compile_gluon(c, True, st, False, o, g, st, not st, kk))
+                   lambda c=cfg, o=m == 1, g=gate, st=stats, kk=k:
+                   compile_gluon(c, True, st, False, o, g, st, not st, kk))
 
 
 def sparse_mma_lab_variants():
