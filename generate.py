@@ -472,11 +472,15 @@ def weight_bytes_per_token(model: Transformer, skipped_fraction: float = 0.0) ->
     embed = model.tok_embeddings.weight
     # an int4 layer's dense copy (tinygemm's or int4_mma's) stands in for its own weights on dense calls:
     # count one of the two
-    copies = {id(t) for m in packed_projections(model).values()
-              for t in (m.int4pack_weight, m.int4pack_scales_zeros, m.int4mma_words, m.int4mma_scales, m.int4mma_zeros)
-              if t is not None}
+    not_weights = {id(t) for m in packed_projections(model).values()
+                   for t in (m.int4pack_weight, m.int4pack_scales_zeros, m.int4mma_words, m.int4mma_scales,
+                             m.int4mma_zeros)
+                   if t is not None}
+    # activations, not weights: the fused step's hand-over of a norm's statistics (decode.link_statistics)
+    not_weights |= {id(getattr(layer, name)) for layer in model.layers
+                    for name in ("attention_norm_scaled", "attention_norm_sumsq") if hasattr(layer, name)}
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
-                if t is not embed and t.dim() >= 2 and not _is_cache(t, model) and id(t) not in copies)
+                if t is not embed and t.dim() >= 2 and not _is_cache(t, model) and id(t) not in not_weights)
     if model.output.weight is embed:  # the tied lm_head is read in full
         total += embed.numel() * embed.element_size()
     proj = sum(m.weight.numel() * m.weight.element_size() for m in packed_projections(model).values())

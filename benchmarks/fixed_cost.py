@@ -21,10 +21,10 @@ bench_kernels (benchmarks/timing.py: 32 calls per replay, rotating weights):
   vendor GEMV takes for exactly the bytes a 50% call must read, the bound of any kernel that
   runs as one launch per projection (``cublas_full_k``: the dense projection, for scale).
 
-For an int8 / int4 ``--format`` the rows are ``sparse_50``, ``no_rows`` and ``dense_half_k`` (the
-variants above that change the rows design's loop are bf16's only), and for int4-g128 ``mma_full_k``
-/ ``mma_half_k``: teal_kernels/int4_mma.py's dense product (what int4 decode runs dense) on K and on
-K/2 rows, the tensor-core bound of a 50% call that read only its kept rows.
+For an int8 / int4 ``--format`` the rows are ``sparse_50``, ``no_rows`` and ``dense_half_k`` (with
+K/2's own config; the variants above that change the rows design's loop are bf16's only), and for
+int4-g128 ``mma_full_k`` / ``mma_half_k``: teal_kernels/int4_mma.py's dense product (what int4 decode
+runs dense) on K and on K/2 rows, the tensor-core bound of a 50% call that read only its kept rows.
 
 A per-call cost far above ``empty_same_grid`` in ``no_rows`` is work inside the kernel that does
 not scale with the bytes read (the target of the next GEMV change). Usage::
@@ -79,7 +79,9 @@ def probe(k: int, splits: list[int], fmt: str) -> dict:
     half = [make_weight(fmt, k // 2, n, "cuda", seed=50 + i) for i in range(copies_for(_bytes(weights[0]) // 2))]
     x_half = x[:, : k // 2].contiguous()
     zero = torch.zeros(len(splits), device="cuda")
-    half_cfg = get_config(gpu_name(x.device), weight_format_name(half[0][0], group), 1, k // 2, n)
+    # bf16: the 50% call's own config on K/2 rows; int formats: K/2's own (whole groups a block)
+    half_cfg = cfg if fmt == "bf16" else get_config(gpu_name(x.device), weight_format_name(half[0][0], group), 1,
+                                                    k // 2, n)
     row["dense_half_k"] = graph_time_us(
         lambda i: sparse_gemv_triton(x_half, half[i][0], zero, splits, half[i][1], half[i][2], group, config=half_cfg),
         len(half))

@@ -2,9 +2,10 @@
 
 Why: tinygemm (teal_kernels/tinygemm.py), which dense int4 decode calls ran through, reads a Llama-3-8B
 layer at ~2 TB/s. On an H100 (2026-12-05, benchmarks/int4_mma_lab.py, results/int4_mma_2026_12_05b/)
-this kernel took 62.4 µs a layer at one row against tinygemm's 68.2 (58.5 at each matrix's best config,
-which config_for now picks), 78.0 against 93.0 at 4 rows; end to end (Llama-3-8B int4-g128 + int8
-head) 382.9 / 383.0 tok/s against tinygemm's 346.8, and 382.5 against gpt-fast's int4 329.1 in one run.
+this kernel took 62.4 µs a layer at one row against tinygemm's 68.2, 78.0 against 93.0 at 4 rows; end
+to end (Llama-3-8B int4-g128 + int8 head) 382.9 / 383.0 tok/s against tinygemm's 346.8. With the sums
+below and config_for's present rule (results/int4_mma_2026_12_05c/): 60.3 µs a layer against
+tinygemm's 67.8 in one call, and 393.1 tok/s against gpt-fast's int4 335.5 in one run.
 A CUDA-core GEMV on a copy laid out for it lost to tinygemm on every matrix (int4_kpacked_lab.py):
 converting and multiplying on CUDA cores takes 5-7 instructions a weight.
 
@@ -28,8 +29,9 @@ How:
     or among others, which self-speculation's verify needs. An mma of B with an A of ones (the first
     version) put 2-8 rows' sums on the tensor cores but rounded apart from the one-row sums; with it
     o and down ran 9.0 / 17.0 µs at one row against 6.6 / 15.4 with CUDA-core sums of 4 values a lane
-    (H100). This layout (16 a lane) has not run on a GPU yet: by local SASS at one tile a warp it took
-    the loop from 180 to 212 instructions, 196-208 now that scales come a group ahead.
+    (H100). This layout (16 a lane) took the loop from 180 to 212 instructions at one tile a warp
+    (local SASS), 196-208 with scales a group ahead; on the H100 each matrix's best config went from
+    58.5 to 59.9 µs a layer, and the row property held on every 8B shape (results/int4_mma_2026_12_05c/).
   - So the product is the reference's (W = (q - 8) s + z, teal_kernels/reference.py) up to float32
     summation order, as in every kernel of ours.
 - A program's warps form a [K warps, row warps] grid. The K warps take consecutive runs of the
@@ -53,12 +55,12 @@ How:
   (STATS, int4_mma_with_stats), and down's for the next block, also writes h * the norm's weight and
   the sums of h^2 over each 16-row tile; gate|up and q|k|v (PRENORMED) multiply that and scale their
   product by the row's 1 / sqrt(sum / K + eps), the sums requested right after the PDL wait and added
-  after the loop. No
-  instruction added to either loop (local SASS). A 16-row tile's squares are added in one thread's
+  after the loop. No instruction added to either loop (local SASS). A 16-row tile's squares are added in one thread's
   registers in order and a row's tile sums in one layout, so a row's bits are the same at any M.
 - A warp requests a group's words, scales and zeros `lookahead` groups before it multiplies them
-  (MmaConfig; config_for gives 2 to the long matrices, where it won: gate|up 29.4 against 32.6 µs,
-  down 15.0 against 16.7 at one row, H100, results/int4_mma_2026_12_05c/).
+  (MmaConfig; config_for gives 2, with two tiles a warp, to the long matrices: gate|up 29.4 against the
+  previous rule's (4, 1, 4, 1) 32.2 µs, down 15.0 against (16, 1, 1, 1) 16.6, one row, one call, H100,
+  results/int4_mma_2026_12_05c/ run 4).
 - Programmatic dependent launch (TEAL_PDL, as the GEMVs): the first groups' weights are requested
   before the kernel waits for the previous one, and the next may launch once the loop is done.
 
@@ -586,10 +588,9 @@ def _launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: T
                               or norm_weight is not None):
         raise ValueError(f"int4_mma's sumsq must be float32 [{m}, {k // TILE_ROWS}] and comes without a norm weight; "
                          f"got {sumsq.dtype} {tuple(sumsq.shape)}, norm weight {norm_weight is not None}")
-    stats_weight, scaled, sums = stats or (x, None, None)
-    if stats is not None and (stats_weight.shape != (n,) or stats_weight.dtype != x.dtype or gate):
+    if stats is not None and (stats[0].shape != (n,) or stats[0].dtype != x.dtype or gate):
         raise ValueError(f"int4_mma's statistics need the norm's weight bf16 [{n}] and no gate; got "
-                         f"{stats_weight.dtype} {tuple(stats_weight.shape)}, gate {gate}")
+                         f"{stats[0].dtype} {tuple(stats[0].shape)}, gate {gate}")
     from teal_kernels.triton_gemv import launch_options  # the one place PDL is decided (TEAL_PDL)
 
     kernel, _ = _kernel()
@@ -599,8 +600,8 @@ def _launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: T
     nw = x if norm_weight is None else norm_weight
     # with the norm, each program's normed copy of x (a row of K, written and read by that program only)
     normed = x if norm_weight is None else torch.empty(n // cfg.rows, k, dtype=x.dtype, device=x.device)
-    if stats is None:  # unread stand-ins: out, and scales for the float32 sums
-        scaled, sums = out, sumsq.contiguous() if sumsq is not None else scales
+    # without STATS: unread stand-ins (x, out; scales for the float32 sums unless PRENORMED reads sumsq)
+    stats_weight, scaled, sums = stats or (x, out, scales if sumsq is None else sumsq.contiguous())
     kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, res, nw, normed, stats_weight, scaled, sums,
                              eps, m, k, n,
                              KW=cfg.k_warps, ROWS=cfg.rows, LOOKAHEAD=cfg.lookahead, PDL=bool(pdl),

@@ -561,18 +561,22 @@ def test_a_decode_step_runs_no_norm_before_a_projection_on_int4_mma(monkeypatch,
     """With the statistics' switch o gives each block's ffn_norm, down the next block's attention norm
     (5 calls of teal::int4_mma_stats: 3 o, 2 down), no RMSNorm module runs but the first block's
     attention norm and the final one, and the logits are those without it within bf16 roundings;
-    prefill (8 positions) passes no statistics."""
+    prefill (8 positions) passes no statistics; the buffers are not counted as weights read."""
     calls, norms, real = [], [], linear.int4_mma_stats
     monkeypatch.setattr(linear, "int4_mma_stats", lambda *args: calls.append(args[0].shape) or real(*args))
     monkeypatch.setattr(RMSNorm, "forward", lambda self, x, f=RMSNorm.forward: norms.append(x.shape) or f(self, x))
-    out = []
+    from generate import weight_bytes_per_token
+
+    out, bytes_read = [], []
     for stats in (False, True):
         model, idx = _three_layers(gate, stats)
+        bytes_read.append(weight_bytes_per_token(model))
         calls.clear()
         norms.clear()
         out.append(model(idx[:, :seqlen], torch.arange(8, 8 + seqlen)).double())
         assert (len(calls), len(norms)) == ((5, 2) if stats else (0, 7))  # without: 2 a block and the final one
     assert (out[1] - out[0]).norm() / out[0].norm() < 0.02
+    assert bytes_read[0] == bytes_read[1]
 
 
 @torch.no_grad()
