@@ -391,10 +391,9 @@ class PackedLinear(nn.Module):
         gate|up output [..., 2K] and the input is SiLU(gate) * up; `residual` [..., N] is added
         to the output; with `norm` (model.RMSNorm), x is the residual stream and the input is
         norm(x). The decode kernels do them in their prologue / epilogue, the norm: always in the
-        preload GEMV (CUDA), in the sparse GEMV (CUDA) as `sparse_kernel_takes_norm` says, in int4_mma
-        at one row when `norm_in_sparse_kernel` is True (any device: the CPU runs its reference);
-        elsewhere torch. `gate_product` (where
-        gates_in_epilogue says so): SiLU(gate) * up of the product, [..., N / 2], from int4_mma's epilogue.
+        preload GEMV (CUDA), in the sparse GEMV (CUDA) as `sparse_kernel_takes_norm` says (TEAL_FUSED_NORM:
+        `norm_in_sparse_kernel`), elsewhere torch (int4_mma has no norm prologue: it lost twice,
+        teal_kernels/int4_mma.py). `gate_product` (where gates_in_epilogue says so): SiLU(gate) * up of the product, [..., N / 2], from int4_mma's epilogue.
         `norm_stats` (with `norm`, where takes_norm_stats): x is h * norm.weight and norm_stats h's
         tile sums of squares (the projection before's product_with_norm_stats); int4_mma scales the
         product by 1 / rms."""
@@ -408,7 +407,7 @@ class PackedLinear(nn.Module):
         n_rows = x.numel() // x.shape[-1]
         # a dense int4 decode call of a layer with a dense copy (attach_int4pack: tinygemm's or int4_mma's)
         dense_copy = self._dense_copy_call(x, sparse)
-        mma_call = dense_copy and self.int4mma_words is not None  # int4_mma takes the residual (and the norm)
+        mma_call = dense_copy and self.int4mma_words is not None  # int4_mma takes the residual
         if gate_product != (mma_call and self.int4mma_paired):  # the paired copy's products come out gated
             raise ValueError(f"gate_product={gate_product} on a call that {'runs' if mma_call else 'does not run'} "
                              f"int4_mma's {'paired' if self.int4mma_paired else 'plain'} copy")
@@ -424,28 +423,24 @@ class PackedLinear(nn.Module):
         # or teal::quant_gemm up to quant_gemm_rows rows (QUANT_GEMM_ROWS)
         quantized_prefill = (self.fmt != "fp" and not sparse and not decode_kernel and not dense_copy
                              and x.device.type == "cuda" and x.dtype in KERNEL_DTYPES)
-        # the norm in the kernel: the sparse GEMV's as sparse_kernel_takes_norm says; int4_mma's at one row
-        # and only when asked (TEAL_FUSED_NORM=1): its first version (statistics and normed B in every
-        # group) cost it 13-30% on q|k|v and gate|up (H100, 2026-12-05, results/int4_mma_2026_12_05b/);
-        # the present one (each program normalizes x once into scratch) is unmeasured
-        kernel_norm = ((x.device.type == "cuda" and (preload or (
-            decode_kernel and sparse_kernel_takes_norm(self.fmt, n_rows, norm_in_sparse_kernel))))
-                       or (mma_call and norm_in_sparse_kernel is True and n_rows == 1))
+        # the norm in the kernel: the preload GEMV's, the sparse GEMV's as sparse_kernel_takes_norm says
+        kernel_norm = x.device.type == "cuda" and (preload or (
+            decode_kernel and sparse_kernel_takes_norm(self.fmt, n_rows, norm_in_sparse_kernel)))
         if norm is not None and not kernel_norm and norm_stats is None:
             x, norm = norm(x), None
         rows = x.reshape(-1, x.shape[-1])
         res = None if residual is None else residual.reshape(-1, self.out_features)
-        norm_args = (None, 0.0) if norm is None else (None if norm_stats is not None else norm.weight, norm.eps)
+        norm_args = (None, 0.0) if norm is None else (norm.weight, norm.eps)
         if preload:
             # small dense float on CUDA: weights loaded before the kernel waits on its input
             out = dense_gemv(rows, self.weight, gated, res, *norm_args)
         elif dense_float or quantized_prefill or dense_copy:
             # cuBLAS / the CPU's BLAS / tinygemm, the fusions left to torch (Inductor); int4_mma takes
-            # the residual itself (and the norm where kernel_norm says)
+            # the residual itself
             x_in = gated_input(rows) if gated else rows
             if mma_call:
-                out = int4_mma(x_in, self.int4mma_words, self.int4mma_scales, self.int4mma_zeros, res, *norm_args,
-                               gate_product, norm_stats)
+                out = int4_mma(x_in, self.int4mma_words, self.int4mma_scales, self.int4mma_zeros, res, gate_product,
+                               norm_stats, 0.0 if norm is None else norm.eps)
             elif dense_copy:
                 out = int4pack_mm(x_in, self.int4pack_weight, self.int4pack_scales_zeros, self.group_size)
             elif quantized_prefill and n_rows <= self.quant_gemm_rows:

@@ -750,7 +750,7 @@ case $phase in
     step 150 python3 -m benchmarks.int4_sparse_mma_lab --selftest
     step 300 python3 -m benchmarks.int4_sparse_mma_lab --out "$out/int4_sparse_lab"
     ;;
-  int4_mma_fusions)  # after int4_mma_check: int4_mma's two new fusions end to end, int4-g128 + head, dense and 50%, alternating none / both / none / both, then each alone: the RMSNorm in the prologue as one scratch row a program (TEAL_FUSED_NORM=1; the first version lost, 318 against 351 tok/s) and SiLU(gate) * up in gate|up's epilogue from a paired copy (TEAL_INT4_MMA_GATE=1), one call (~8 min; a cold machine compiles ~110 s first)
+  int4_mma_fusions)  # (ran 2026-12-05, results/int4_mma_2026_12_05c/; the norm prologue lost and is removed since, so TEAL_FUSED_NORM=1 no longer reaches int4_mma) after int4_mma_check: int4_mma's two new fusions end to end, int4-g128 + head, dense and 50%, alternating none / both / none / both, then each alone: the RMSNorm in the prologue as one scratch row a program (TEAL_FUSED_NORM=1; the first version lost, 318 against 351 tok/s) and SiLU(gate) * up in gate|up's epilogue from a paired copy (TEAL_INT4_MMA_GATE=1), one call (~8 min; a cold machine compiles ~110 s first)
     for f in "0 0" "1 1" "0 0" "1 1" "1 0" "0 1"; do
       set -- $f
       step 200 env TEAL_INT4_MMA=1 TEAL_FUSED_NORM=$1 TEAL_INT4_MMA_GATE=$2 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_norm$1_gate$2_$SECONDS"

@@ -14,8 +14,8 @@ Rows of the table, µs a call, CUDA graphs over rotating weight copies (benchmar
   best            the fastest of CONFIGS, each checked against float64 first
   tinygemm        torch's _weight_int4pack_mm on its own copy (what dense int4 decode ran before)
   floor           the packed bytes (codes + fp32 scales and zeros) at 4.28 TB/s
-  + fusion        config_for's launch as decode.py calls it: the norm in q|k|v's and gate|up's prologue
-                  (TEAL_FUSED_NORM=1, one row), the residual in o's and down's epilogue
+  + fusion        config_for's launch as decode.py calls it by default: the residual in o's and down's
+                  epilogue, SiLU(gate) * up in gate|up's (its paired copy); q|k|v plain
   + statistics    ... with the norms' statistics (TEAL_INT4_MMA_NORM_STATS=1): o and down also write
                   h * the norm's weight and h's tile sums of squares, q|k|v and gate|up scale by 1 / rms
 
@@ -34,7 +34,7 @@ import triton
 from benchmarks.int4_kpacked_lab import FLOOR_TB_S, max_error, reference
 from benchmarks.timing import MODEL_SHAPES, copies_for, graph_time_us, make_weight, make_x
 from files import write_report
-from teal_kernels.int4_mma import GROUP, MmaConfig, config_for, int4_mma, int4_mma_with_stats, pack
+from teal_kernels.int4_mma import GROUP, MmaConfig, config_for, int4_mma, int4_mma_with_stats, pack, pairs
 
 # (K warps, row warps, 16-row tiles a warp, lookahead): the first H100 runs (results/int4_mma_2026_12_05/) tried
 # warps along the outputs with splits across programs too (float32 partials summed by torch); warps
@@ -92,27 +92,31 @@ def bench(m: int) -> list[dict]:
                 raise AssertionError(f"{layer} M={m} {tuple(config)}: error {err:.3g} of its bound")
             row["config_us"][str(tuple(config))] = graph_time_us(
                 lambda i, c=config: int4_mma(x, *packed[i], config=c), len(packed))
-        # config_for's launch with the decode step's fusion: the RMSNorm in q|k|v's and gate|up's prologue
-        # (one row only), the residual in o's and down's epilogue (decode.py)
-        if layer in ("qkv", "gate_up"):
-            fusion = dict(norm_weight=make_x(1, k, torch.bfloat16, "cuda", seed=1)[0], eps=1e-5) if m == 1 else {}
+        # config_for's launch as decode.py calls it: the residual in o's and down's epilogue, SiLU(gate) * up
+        # in gate|up's (its paired copy); q|k|v plain (torch runs the norm before it)
+        residual = make_x(m, n, torch.bfloat16, "cuda", seed=2)
+        gated = layer == "gate_up" and pairs(k, n)
+        source = [pack(*c[:3], paired=True) for c in copies] if gated else packed
+        if layer == "qkv":
+            row["fused_us"] = row["config_us"][row["config_for"]]
         else:
-            fusion = dict(residual=make_x(m, n, torch.bfloat16, "cuda", seed=2))
-        row["fused_us"] = graph_time_us(lambda i: int4_mma(x, *packed[i], **fusion), len(packed))
+            row["fused_us"] = graph_time_us(lambda i: int4_mma(x, *source[i], None if gated else residual, gated),
+                                            len(source))
+        # with the norms' statistics: q|k|v and gate|up scale by 1 / rms from the sums, o and down write them
         if layer in ("qkv", "gate_up"):
             sumsq = torch.rand(m, k // 16, device="cuda") + 0.5
-            row["stats_us"] = graph_time_us(lambda i: int4_mma(x, *packed[i], None, None, 1e-5, False, sumsq),
-                                            len(packed))
+            row["stats_us"] = graph_time_us(lambda i: int4_mma(x, *source[i], None, gated, sumsq, 1e-5), len(source))
         else:
             stats_weight = make_x(1, n, torch.bfloat16, "cuda", seed=3)[0]
-            row["stats_us"] = graph_time_us(lambda i: int4_mma_with_stats(x, *packed[i], fusion["residual"],
-                                                                          stats_weight), len(packed))
+            scaled, sums = torch.empty_like(residual), torch.empty(m, n // 16, device="cuda")
+            row["stats_us"] = graph_time_us(lambda i: int4_mma_with_stats(x, *packed[i], residual, stats_weight,
+                                                                          scaled, sums), len(packed))
         rows.append(row)
         best = min(row["config_us"].items(), key=lambda kv: kv[1])
         print(f"{layer} M={m}: tinygemm {row['tinygemm_us']:.1f} µs, config_for {row['config_for']} "
               f"{row['config_us'][row['config_for']]:.1f}, best {best[1]:.1f} {best[0]}, floor {row['floor_us']:.1f}",
               flush=True)
-        del copies, packed, tiny
+        del copies, packed, tiny, source
     return rows
 
 

@@ -39,13 +39,11 @@ How:
   without partial sums in global memory, and one launch is the whole product.
 - Launch configs (`config_for`): a rule that picks the measured one-row winner on every Llama-3-8B
   matrix.
-- The RMSNorm (one row; PackedLinear hands it over only under TEAL_FUSED_NORM=1): each program writes
-  model.RMSNorm's output once into its own scratch row, then multiplies that. The first version
-  normalized B and the sums of x in every group: q|k|v 12.1 against 10.7 µs and gate|up 38.4 against
-  29.6 (H100), end to end 318 tok/s against 351 without it. This one adds no instruction to the loop
-  (local SASS); a prologue of two passes over x and a barrier instead. It still loses: q|k|v 10.3
-  against 8.7 µs, gate|up 35.0 against 29.4 (H100), end to end 357.8 against 371.3 tok/s dense
-  (results/int4_mma_2026_12_05c/), so TEAL_FUSED_NORM stays off and torch runs the norm.
+- No RMSNorm prologue: two were built and removed. Normalizing B and the sums of x in every group
+  took q|k|v from 10.7 to 12.1 µs and gate|up from 29.6 to 38.4 (H100), 351 -> 318 tok/s end to end;
+  each program writing the normed row once into its own scratch row (two passes over x and a barrier
+  before the loop) took q|k|v from 8.7 to 10.3 µs and gate|up from 29.4 to 35.0, 371.3 -> 357.8 tok/s
+  dense (H100, results/int4_mma_2026_12_05b/ and _05c/). Torch runs the norm, or none runs (below).
 - SiLU(gate) * up in the epilogue of a gate|up matrix (GATE; TEAL_INT4_MMA_GATE): its paired copy
   (`paired_order`: 16 gate rows, then the same outputs' 16 up rows) puts a gate and its up in the same
   registers of one thread, so the kernel writes the down projection's input, [M, N / 2], and the
@@ -199,20 +197,17 @@ def unpack_codes(words: Tensor) -> Tensor:
 
 
 def int4_mma_reference(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None = None,
-                       norm_weight: Tensor | None = None, eps: float = 0.0, gate: bool = False,
-                       sumsq: Tensor | None = None) -> Tensor:
+                       gate: bool = False, sumsq: Tensor | None = None, eps: float = 0.0) -> Tensor:
     """What int4_mma computes, in float32 from the packed copy (the CPU's implementation of the op):
-    W[n, k] = (q - 8) * scales[n, k // 128] + zeros[n, k // 128]; the input rms_normed(x) with a norm
-    weight, else x; out = input @ W^T (with `sumsq`, times 1 / sqrt(sum(sumsq[m]) / K + eps)) rounded to
-    x's dtype, then + residual (rounded again). `gate` (a paired copy): SiLU(gate) * up of the product in
+    W[n, k] = (q - 8) * scales[n, k // 128] + zeros[n, k // 128]; out = x @ W^T (with `sumsq`, times
+    1 / sqrt(sum(sumsq[m]) / K + eps)) rounded to x's dtype, then + residual (rounded again). `gate` (a paired copy): SiLU(gate) * up of the product in
     the natural order, as reference.gated_input."""
-    from teal_kernels.reference import dequantize_weight, gated_input, rms_normed
+    from teal_kernels.reference import dequantize_weight, gated_input
 
     codes = unpack_codes(words).t().to(x.device)  # [K, N]
     ours = (codes[:, 0::2] | codes[:, 1::2] << 4).to(torch.uint8)  # back to our layout, the format's one definition
     weight = dequantize_weight(ours, scales.t(), zeros.t(), GROUP)  # [K, N] float32
-    inputs = x if norm_weight is None else rms_normed(x, norm_weight, eps)
-    product = inputs.float() @ weight
+    product = x.float() @ weight
     if sumsq is not None:
         product = product * torch.rsqrt(sumsq.sum(dim=1, keepdim=True) / x.shape[1] + eps)
     out = product.to(x.dtype)
@@ -247,8 +242,6 @@ def _kernel():
             f"{{ .reg .b32 t, c; shr.b32 t, $2, {4 * P}; lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA; "
             "mov.b32 c, 0x43084308; sub.rn.bf16x2 t, t, c; mov.b32 {$0, $1}, t; }",
             "=h,=h,r", [words], dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
-
-    _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier  # triton 3.6 / 3.9 names
 
     @gluon.jit
     def _grid_dependency(WAIT: gl.constexpr):
@@ -304,21 +297,19 @@ def _kernel():
         gl.store(out_ptr + offs, _gated(gate, up), mask=(m < M)[None, None, :])
 
     @gluon.jit
-    def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, nw_ptr, xn_ptr, sw_ptr, sc_ptr, sq_ptr, eps,
+    def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, sw_ptr, sc_ptr, sq_ptr, eps,
                          M, K, N,
                          KW: gl.constexpr, ROWS: gl.constexpr, LOOKAHEAD: gl.constexpr, PDL: gl.constexpr,
-                         RESIDUAL: gl.constexpr, NORM: gl.constexpr, ONE_ROW: gl.constexpr, GATE: gl.constexpr,
+                         RESIDUAL: gl.constexpr, ONE_ROW: gl.constexpr, GATE: gl.constexpr,
                          STATS: gl.constexpr, PRENORMED: gl.constexpr, SQ_P: gl.constexpr,
                          MMA: gl.constexpr,
                          A: gl.constexpr, B: gl.constexpr, LOAD: gl.constexpr, WORDS: gl.constexpr,
-                         XN: gl.constexpr, XS: gl.constexpr, XS8: gl.constexpr, XCHUNK: gl.constexpr,
+                         XS: gl.constexpr, XS8: gl.constexpr,
                          ROW16: gl.constexpr, ROWS16: gl.constexpr, T16: gl.constexpr, T16M: gl.constexpr,
                          SQ: gl.constexpr):
         """out[m, n] = sum_k x[m, k] W[k, n] (+ res[m, n] with RESIDUAL) for ROWS outputs n of this
-        program and every m < M; with NORM (one row), x is the residual stream and the input is
-        model.RMSNorm's output (nw the norm's weight), rounded as the unfused model rounds it, which the
-        program first writes into its row of xn. ONE_ROW (M == 1): x in all of B's columns (unmasked
-        loads), column 0's epilogue. GATE (a paired copy): out[m, j] = SiLU(gate_j) * up_j instead,
+        program and every m < M. ONE_ROW (M == 1): x in all of B's columns (unmasked loads), column 0's
+        epilogue. GATE (a paired copy): out[m, j] = SiLU(gate_j) * up_j instead,
         [M, N / 2]. STATS (the producer of the next norm's input): also sc[m, n] = out[m, n] * sw[n]
         rounded, and sq[m, t] = the sum of out[m, n]^2 over the outputs n of 16-row tile t, in one
         thread's registers in order (the same at any M and config). PRENORMED (that norm's consumer): x
@@ -341,9 +332,7 @@ def _kernel():
         gb_first = gl.convert_layout(g_first, bkw.type.layout)
         # [KW, 32, 8]: column m = row m of x; at one row every column is row 0
         x_rows = bm * (0 if ONE_ROW else K)
-        # the product's input: x, or with NORM the program's own normed copy of it (xn_ptr, written below)
-        x_in = xn_ptr + pid * K if NORM else x_ptr
-        x_first = x_in + (gb_first * 128)[:, None, None] + bk[None, :, None] + x_rows[None, None, :]
+        x_first = x_ptr + (gb_first * 128)[:, None, None] + bk[None, :, None] + x_rows[None, None, :]
         # one row: each K warp's group of x whole ([KW, 128], 16 values a lane), for its sum
         xs_kw = gl.arange(0, KW, layout=gl.SliceLayout(1, XS))
         xs_k = gl.arange(0, 128, layout=gl.SliceLayout(0, XS))
@@ -373,20 +362,6 @@ def _kernel():
             sq_ok = sq_i < K // 16
             if ONE_ROW:
                 sq_row0 = gl.load(sq_ptr + sq_i, mask=sq_ok, other=0.0)
-        if NORM:  # one row: model.RMSNorm's output, written once into this program's scratch row
-            xk = gl.arange(0, XCHUNK, layout=XN)
-            squares = gl.zeros([XCHUNK], gl.float32, XN)
-            for k0 in range(0, K, XCHUNK):
-                xv = gl.load(x_ptr + k0 + xk, mask=k0 + xk < K, other=0.0).to(gl.float32)
-                squares += xv * xv
-            inv_rms = 1.0 / gl.sqrt_rn(gl.sum(squares, axis=0) / K + eps)
-            for k0 in range(0, K, XCHUNK):  # weight * (x / rms rounded to x's dtype), rounded (L1 hits)
-                ok = k0 + xk < K
-                xv = gl.load(x_ptr + k0 + xk, mask=ok, other=0.0).to(gl.float32)
-                nw = gl.load(nw_ptr + k0 + xk, mask=ok, other=0.0).to(gl.float32)
-                gl.store(x_in + k0 + xk, (nw * (xv * inv_rms).to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16),
-                         mask=ok)
-            _cta_barrier()  # the whole row, written by every thread of the program, before any reads it
         for i in range(g_per):
             words = nxt  # this group's; the load of the group LOOKAHEAD on goes out before the math
             s = s_nxt
@@ -414,9 +389,9 @@ def _kernel():
                 else:
                     b = gl.load(x_group + p * 32, mask=b_ok, other=0.0)
                 part = mma_v2(a, b, part)
-            # the group's sum of (normed) x: 16 values a lane and three shuffles, the same order at any M
+            # the group's sum of x: 16 values a lane and three shuffles, the same order at any M
             if ONE_ROW:
-                xv = gl.load(x_in + xs_offs + i * 128).to(gl.float32)
+                xv = gl.load(x_ptr + xs_offs + i * 128).to(gl.float32)
                 x_sums = gl.convert_layout(gl.sum(xv, axis=1), gl.SliceLayout(1, L2))[:, None, None]  # [KW, 1, 1]
             else:
                 xv8 = gl.load(x_ptr + x8_offs + i * 128, mask=x8_ok, other=0.0).to(gl.float32)  # [KW, 8, 128]
@@ -495,9 +470,6 @@ def _layouts(cfg: MmaConfig) -> dict:
     words = gl.DistributedLinearLayout(reg_bases=[[0, 8, 0], [0, 0, 4], [0, 0, 8]] + tiles,
                                        lane_bases=[[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
                                        warp_bases=warps, block_bases=[], shape=[cfg.k_warps, cfg.rows, 16])
-    # the norm's row: 8 contiguous values a lane (16-byte loads and stores), every warp of the program
-    xn = gl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[cfg.k_warps * cfg.row_warps],
-                          order=[0])
     # a group's sums of x: 8 rows (column m of C = row m of x: a register and lane bits 0-1, as C's
     # columns, so the sums land where C's columns are) x 128 K a K warp (16 a lane, lane bits 2-4);
     # one row: the same without the rows (lane bits 0-1 repeat), so a row's sum adds its values in the
@@ -520,8 +492,8 @@ def _layouts(cfg: MmaConfig) -> dict:
                  T16M=gl.BlockedLayout([1, 16, 1], [4, 1, 8], [warps_n, 1, 1], [1, 2, 0]),
                  SQ=gl.BlockedLayout([1], [32], [warps_n], [0]))
     return dict(MMA=mma, A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
-                B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2), LOAD=load, WORDS=words, XN=xn,
-                XS=xs, XS8=xs8, XCHUNK=256 * warps_n, **stats)
+                B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2), LOAD=load, WORDS=words,
+                XS=xs, XS8=xs8, **stats)
 
 
 def available() -> bool:
@@ -534,16 +506,14 @@ def available() -> bool:
 
 
 def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None = None,
-             norm_weight: Tensor | None = None, eps: float = 0.0, gate: bool = False, sumsq: Tensor | None = None,
-             *, config: MmaConfig | None = None) -> Tensor:
+             gate: bool = False, sumsq: Tensor | None = None, eps: float = 0.0, *,
+             config: MmaConfig | None = None) -> Tensor:
     """x [M, K] bf16 (M <= 8) @ a packed int4-g128 matrix (pack's three tensors) -> [M, N] bf16, on
-    CUDA; with `residual` [M, N] added to the product, with `norm_weight` [K] (and eps; one row only) x
-    taken as the residual stream and model.RMSNorm's output as the input (int4_mma_reference says
-    exactly how); with `gate` (pack(paired=True)'s copy of a gate|up matrix) SiLU(gate) * up [M, N / 2];
-    with `sumsq` [M, K / 16] float32 (int4_mma_with_stats' tile sums of squares, eps the norm's), x is
+    CUDA (int4_mma_reference says exactly what); with `residual` [M, N] added to the product; with
+    `gate` (pack(paired=True)'s copy of a gate|up matrix) SiLU(gate) * up [M, N / 2]; with `sumsq` [M, K / 16] float32 (int4_mma_with_stats' tile sums of squares, eps the norm's), x is
     the residual stream times the norm's weight and the product is scaled by the row's 1 / rms.
     Rejects, one line, what the kernel does not take."""
-    return _launch(x, words, scales, zeros, residual, norm_weight, eps, gate, sumsq, None, config)
+    return _launch(x, words, scales, zeros, residual, gate, sumsq, eps, None, config)
 
 
 def int4_mma_with_stats(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None,
@@ -558,12 +528,11 @@ def int4_mma_with_stats(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor,
             or not (scaled.is_contiguous() and sumsq.is_contiguous())):
         raise ValueError(f"int4_mma's statistics go into contiguous bf16 [M, N] and float32 [M, N / 16]; got "
                          f"{scaled.dtype} {tuple(scaled.shape)}, {sumsq.dtype} {tuple(sumsq.shape)}")
-    return _launch(x, words, scales, zeros, residual, None, 0.0, False, None, (stats_weight, scaled, sumsq), config)
+    return _launch(x, words, scales, zeros, residual, False, None, 0.0, (stats_weight, scaled, sumsq), config)
 
 
 def _launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None,
-            norm_weight: Tensor | None, eps: float, gate: bool, sumsq: Tensor | None,
-            stats: tuple[Tensor, Tensor, Tensor] | None, config: MmaConfig | None) -> Tensor:
+            gate: bool, sumsq: Tensor | None, eps: float, stats: tuple[Tensor, Tensor, Tensor] | None, config: MmaConfig | None) -> Tensor:
     tiles, groups = words.shape[:2]
     n, k = tiles * TILE_ROWS, groups * GROUP
     m = x.shape[0]
@@ -574,9 +543,6 @@ def _launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: T
                          f"zeros {tuple(zeros.shape)}")
     if residual is not None and (residual.shape != (m, n) or residual.dtype != x.dtype):
         raise ValueError(f"int4_mma's residual must be bf16 [{m}, {n}], got {residual.dtype} {tuple(residual.shape)}")
-    if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != x.dtype or m != 1):
-        raise ValueError(f"int4_mma takes a norm at one row, its weight bf16 [{k}]; got {m} rows, "
-                         f"{norm_weight.dtype} {tuple(norm_weight.shape)}")
     cfg = config or config_for(k, n, m)
     if n % cfg.rows or groups % cfg.k_warps or cfg.lookahead not in (1, 2):
         raise ValueError(f"int4_mma config {tuple(cfg)} needs N ({n}) a multiple of {cfg.rows}, {groups} groups "
@@ -584,10 +550,9 @@ def _launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: T
     if gate and (residual is not None or cfg.tiles_a_warp % 2):
         raise ValueError(f"int4_mma's gate epilogue takes no residual and an even number of tiles a warp; got "
                          f"config {tuple(cfg)}, residual {residual is not None}")
-    if sumsq is not None and (sumsq.shape != (m, k // TILE_ROWS) or sumsq.dtype != torch.float32
-                              or norm_weight is not None):
-        raise ValueError(f"int4_mma's sumsq must be float32 [{m}, {k // TILE_ROWS}] and comes without a norm weight; "
-                         f"got {sumsq.dtype} {tuple(sumsq.shape)}, norm weight {norm_weight is not None}")
+    if sumsq is not None and (sumsq.shape != (m, k // TILE_ROWS) or sumsq.dtype != torch.float32):
+        raise ValueError(f"int4_mma's sumsq must be float32 [{m}, {k // TILE_ROWS}]; got {sumsq.dtype} "
+                         f"{tuple(sumsq.shape)}")
     if stats is not None and (stats[0].shape != (n,) or stats[0].dtype != x.dtype or gate):
         raise ValueError(f"int4_mma's statistics need the norm's weight bf16 [{n}] and no gate; got "
                          f"{stats[0].dtype} {tuple(stats[0].shape)}, gate {gate}")
@@ -597,15 +562,12 @@ def _launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: T
     pdl = launch_options(x.device)
     out = torch.empty(m, n // 2 if gate else n, dtype=x.dtype, device=x.device)
     res = out if residual is None else residual.contiguous()  # an unread stand-in where there is none
-    nw = x if norm_weight is None else norm_weight
-    # with the norm, each program's normed copy of x (a row of K, written and read by that program only)
-    normed = x if norm_weight is None else torch.empty(n // cfg.rows, k, dtype=x.dtype, device=x.device)
     # without STATS: unread stand-ins (x, out; scales for the float32 sums unless PRENORMED reads sumsq)
     stats_weight, scaled, sums = stats or (x, out, scales if sumsq is None else sumsq.contiguous())
-    kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, res, nw, normed, stats_weight, scaled, sums,
+    kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, res, stats_weight, scaled, sums,
                              eps, m, k, n,
                              KW=cfg.k_warps, ROWS=cfg.rows, LOOKAHEAD=cfg.lookahead, PDL=bool(pdl),
-                             RESIDUAL=residual is not None, NORM=norm_weight is not None, ONE_ROW=m == 1, GATE=gate,
+                             RESIDUAL=residual is not None, ONE_ROW=m == 1, GATE=gate,
                              STATS=stats is not None, PRENORMED=sumsq is not None,
                              SQ_P=1 << (k // TILE_ROWS - 1).bit_length(),
                              num_warps=cfg.k_warps * cfg.row_warps, **_layouts(cfg), **pdl)

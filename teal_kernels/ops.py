@@ -235,34 +235,32 @@ def quant_gemm(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, group
 
 @torch.library.custom_op("teal::int4_mma", mutates_args=(), device_types="cpu")
 def _int4_mma_cpu(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None = None,
-                  norm_weight: Tensor | None = None, eps: float = 0.0, gate: bool = False,
-                  sumsq: Tensor | None = None) -> Tensor:
+                  gate: bool = False, sumsq: Tensor | None = None, eps: float = 0.0) -> Tensor:
     from teal_kernels.int4_mma import int4_mma_reference
-    return int4_mma_reference(x, words, scales, zeros, residual, norm_weight, eps, gate, sumsq)
+    return int4_mma_reference(x, words, scales, zeros, residual, gate, sumsq, eps)
 
 
 @_int4_mma_cpu.register_kernel("cuda")
-def _(x, words, scales, zeros, residual=None, norm_weight=None, eps=0.0, gate=False, sumsq=None):
+def _(x, words, scales, zeros, residual=None, gate=False, sumsq=None, eps=0.0):
     from teal_kernels.int4_mma import int4_mma as int4_mma_gluon
-    return int4_mma_gluon(x, words, scales, zeros, residual, norm_weight, eps, gate, sumsq)
+    return int4_mma_gluon(x, words, scales, zeros, residual, gate, sumsq, eps)
 
 
 @_int4_mma_cpu.register_fake
-def _(x, words, scales, zeros, residual=None, norm_weight=None, eps=0.0, gate=False, sumsq=None):
+def _(x, words, scales, zeros, residual=None, gate=False, sumsq=None, eps=0.0):
     return x.new_empty(x.shape[0], scales.shape[0] // 2 if gate else scales.shape[0])
 
 
 def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None = None,
-             norm_weight: Tensor | None = None, eps: float = 0.0, gate: bool = False,
-             sumsq: Tensor | None = None) -> Tensor:
+             gate: bool = False, sumsq: Tensor | None = None, eps: float = 0.0) -> Tensor:
     """x [M <= 8, K] bf16 @ an int4-g128 matrix in teal_kernels/int4_mma.py's packed copy (+ residual;
-    with norm_weight, x is the residual stream and model.RMSNorm's output the input; with gate, a
-    paired gate|up copy's SiLU(gate) * up; with sumsq, int4_mma_stats' sums for the norm before it):
+    with gate, a paired gate|up copy's SiLU(gate) * up; with sumsq and the norm's eps, int4_mma_stats'
+    sums for the norm before it):
     a dense int4 decode call on tensor cores (Gluon) on CUDA, the float32 reference elsewhere."""
     if x.is_cuda and _eager():
         from teal_kernels.int4_mma import int4_mma as int4_mma_gluon
-        return int4_mma_gluon(x, words, scales, zeros, residual, norm_weight, eps, gate, sumsq)
-    return torch.ops.teal.int4_mma(x, words, scales, zeros, residual, norm_weight, eps, gate, sumsq)
+        return int4_mma_gluon(x, words, scales, zeros, residual, gate, sumsq, eps)
+    return torch.ops.teal.int4_mma(x, words, scales, zeros, residual, gate, sumsq, eps)
 
 
 @torch.library.custom_op("teal::int4_mma_stats", mutates_args=("scaled", "sumsq"), device_types="cpu")

@@ -233,39 +233,36 @@ def int4_mma_variants():
     shape: (name, compile function)."""
     from teal_kernels import int4_mma as im
 
-    def compile_gluon(cfg: im.MmaConfig, pdl: bool, residual: bool, norm: bool, one_row: bool, gate: bool = False,
+    def compile_gluon(cfg: im.MmaConfig, pdl: bool, residual: bool, one_row: bool, gate: bool = False,
                       stats: bool = False, prenormed: bool = False, k: int = 4096):
         from triton.experimental.gluon._runtime import GluonASTSource
         kernel, _ = im._kernel()
         layouts = im._layouts(cfg)
         sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16",
-               "res_ptr": "*bf16", "nw_ptr": "*bf16", "xn_ptr": "*bf16", "sw_ptr": "*bf16", "sc_ptr": "*bf16",
+               "res_ptr": "*bf16", "sw_ptr": "*bf16", "sc_ptr": "*bf16",
                "sq_ptr": "*fp32", "eps": "fp32", "M": "i32", "K": "i32", "N": "i32",
                "KW": "constexpr", "ROWS": "constexpr", "LOOKAHEAD": "constexpr", "PDL": "constexpr",
-               "RESIDUAL": "constexpr", "NORM": "constexpr", "ONE_ROW": "constexpr", "GATE": "constexpr",
+               "RESIDUAL": "constexpr", "ONE_ROW": "constexpr", "GATE": "constexpr",
                "STATS": "constexpr", "PRENORMED": "constexpr", "SQ_P": "constexpr",
                **{name: "constexpr" for name in layouts}}
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig)
                  if name.endswith("_ptr") or name in ("K", "N")}
-        constexprs = dict(KW=cfg.k_warps, ROWS=cfg.rows, LOOKAHEAD=cfg.lookahead, PDL=pdl, RESIDUAL=residual, NORM=norm,
-                          ONE_ROW=one_row, GATE=gate, STATS=stats, PRENORMED=prenormed,
+        constexprs = dict(KW=cfg.k_warps, ROWS=cfg.rows, LOOKAHEAD=cfg.lookahead, PDL=pdl, RESIDUAL=residual, ONE_ROW=one_row, GATE=gate, STATS=stats, PRENORMED=prenormed,
                           SQ_P=1 << (k // 16 - 1).bit_length(), **layouts)
         return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs),
                               target=TARGET, options=dict(num_warps=cfg.k_warps * cfg.row_warps, launch_pdl=pdl))
 
-    # as decode.py calls them: q|k|v and gate|up with the norm, o and down with the residual; also plain
+    # as decode.py calls them: q|k|v plain, o and down with the residual, gate|up gated; also without PDL
     shapes = ((4096, 6144), (4096, 4096), (4096, 28672), (2048, 2048))
     rules = [(im.config_for(k, n, m), m == 1) for k, n in shapes for m in (1, 4)]
     for cfg, one_row in dict.fromkeys(rules + [(c._replace(lookahead=2), o) for c, o in rules[:2]]):
-        for pdl, residual, norm in ((True, False, True), (True, True, False), (False, False, False)):
-            if norm and not one_row:  # the kernel takes a norm at one row only
-                continue
-            yield (f"_int4_mma_kernel {tuple(cfg)} PDL={pdl} RESIDUAL={residual} NORM={norm} ONE_ROW={one_row} "
+        for pdl, residual in ((True, False), (True, True), (False, False)):
+            yield (f"_int4_mma_kernel {tuple(cfg)} PDL={pdl} RESIDUAL={residual} ONE_ROW={one_row} "
                    f"num_warps={cfg.k_warps * cfg.row_warps}",
-                   lambda c=cfg, p=pdl, r=residual, n=norm, o=one_row: compile_gluon(c, p, r, n, o))
+                   lambda c=cfg, p=pdl, r=residual, o=one_row: compile_gluon(c, p, r, o))
     for cfg, one_row in ((im.config_for(4096, 28672, 1), True), (im.config_for(4096, 28672, 4), False)):
-        yield (f"_int4_mma_kernel {tuple(cfg)} PDL=True RESIDUAL=False NORM={one_row} ONE_ROW={one_row} GATE=True "
-               f"num_warps={cfg.k_warps}", lambda c=cfg, o=one_row: compile_gluon(c, True, False, o, o, True))
+        yield (f"_int4_mma_kernel {tuple(cfg)} PDL=True RESIDUAL=False ONE_ROW={one_row} GATE=True "
+               f"num_warps={cfg.k_warps}", lambda c=cfg, o=one_row: compile_gluon(c, True, False, o, True))
     # the norm's statistics: o and down produce them (with the residual), q|k|v and gate|up (gated) take them
     for k, n, gate, stats in ((4096, 4096, False, True), (14336, 4096, False, True), (4096, 6144, False, False),
                               (4096, 28672, True, False), (2048, 2048, False, True), (576, 1536, False, False)):
@@ -274,7 +271,7 @@ def int4_mma_variants():
             yield (f"_int4_mma_kernel {tuple(cfg)} PDL=True RESIDUAL={stats} STATS={stats} PRENORMED={not stats} "
                    f"GATE={gate} ONE_ROW={m == 1} K={k} num_warps={cfg.k_warps}",
                    lambda c=cfg, o=m == 1, g=gate, st=stats, kk=k:
-                   compile_gluon(c, True, st, False, o, g, st, not st, kk))
+                   compile_gluon(c, True, st, o, g, st, not st, kk))
 
 
 def sparse_mma_lab_variants():

@@ -92,9 +92,6 @@ def test_pack_and_the_kernel_refuse_what_they_do_not_take() -> None:
         with pytest.raises(ValueError, match="int4_mma needs bf16 x"):
             im.int4_mma(x, *packed)
     one = torch.zeros(1, 256, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="norm at one row"):
-        im.int4_mma(torch.zeros(2, 256, dtype=torch.bfloat16), *packed, None, torch.ones(256, dtype=torch.bfloat16),
-                    1e-5)
     for bad in (im.MmaConfig(4, 1, 1), im.MmaConfig(1, 1, 2), im.MmaConfig(1, 1, 1, 3)):  # 2 groups, 48 outputs
         with pytest.raises(ValueError, match="lookahead of 1 or 2"):
             im.int4_mma(one, *packed, config=bad)
@@ -144,8 +141,8 @@ def test_dense_decode_calls_take_the_mma_copy_and_sparse_ones_do_not(monkeypatch
     want = int4_mma(x.view(2, 256), layer.int4mma_words, layer.int4mma_scales, layer.int4mma_zeros)
     assert torch.equal(layer(x).view(2, -1), want)
     _assert_product(want, x.view(2, 256), layer.weight, layer.scales, layer.zeros)
-    # the fusions: SiLU(gate) * up by torch; the residual (and the norm where asked) in the op, with
-    # the unfused model's roundings
+    # the fusions: SiLU(gate) * up and the norm by torch; the residual in the op, with the unfused
+    # model's roundings
     gate_up = torch.randn(1, 1, 512, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     residual = torch.randn(1, 1, 48, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     gated = int4_mma(gated_input(gate_up.view(1, 512)), layer.int4mma_words, layer.int4mma_scales,
@@ -158,13 +155,13 @@ def test_dense_decode_calls_take_the_mma_copy_and_sparse_ones_do_not(monkeypatch
     assert torch.equal(layer(x, norm=norm), layer(norm(x)))
     assert torch.equal(layer(x, norm=norm, norm_in_sparse_kernel=True), layer(norm(x)))
 
-    calls = []  # what reaches the op: the residual always, the norm's weight only when asked (TEAL_FUSED_NORM=1)
+    calls = []  # what reaches the op: the residual and the normed input, asked to fuse the norm or not
     monkeypatch.setattr(linear, "int4_mma", lambda *args: calls.append(args) or int4_mma(*args))
     layer(one, norm=norm, residual=residual)
     layer(one, norm=norm, residual=residual, norm_in_sparse_kernel=True)
-    layer(x, norm=norm, norm_in_sparse_kernel=True)  # two rows: the norm stays torch's
-    assert len(calls) == 3 and calls[0][4] is not None and calls[0][5] is None
-    assert calls[1][4] is not None and calls[1][5] is norm.weight and calls[2][5] is None
+    assert len(calls) == 2
+    for call in calls:
+        assert torch.equal(call[0], norm(one).view(1, -1)) and torch.equal(call[4], residual.view(1, -1))
     # TEAL's sparse calls keep our kernel and its layout: the same output as a layer without the copy
     plain = _layer()
     for m in (layer, plain):
@@ -264,21 +261,18 @@ def test_a_rows_output_is_the_same_alone_and_among_others(fusion: str) -> None:
 @needs_gluon
 @pytest.mark.parametrize("k, n, m, with_residual", [(2048, 256, 1, True), (1408, 4096, 1, False),
                                                      (4096, 512, 3, True)])
-def test_the_kernels_norm_and_residual_are_the_references(k: int, n: int, m: int, with_residual: bool) -> None:
-    """With the norm (one row; K past a whole number of the prologue's chunks too) and the residual in
-    the kernel: within the product's tolerance of the reference, which rounds as the unfused model does
-    (the normed input to bf16 twice, the product before the sum)."""
+def test_the_kernels_residual_is_the_references(k: int, n: int, m: int, with_residual: bool) -> None:
+    """With the residual in the kernel: within the product's tolerance of the reference, which rounds as
+    the unfused model does (the product before the sum)."""
     w, scales, zeros = (t.cuda() for t in _int4(k, n, seed=7))
     g = torch.Generator().manual_seed(m)
     x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16).cuda()
-    norm_weight = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16).cuda() if m == 1 else None
     residual = torch.randn(m, n, generator=g).to(torch.bfloat16).cuda() if with_residual else None
     packed = im.pack(w, scales, zeros)
-    got = im.int4_mma(x, *packed, residual, norm_weight, 1e-5)
-    want = im.int4_mma_reference(x, *packed, residual, norm_weight, 1e-5)
-    normed = x if norm_weight is None else rms_normed(x, norm_weight, 1e-5)
+    got = im.int4_mma(x, *packed, residual)
+    want = im.int4_mma_reference(x, *packed, residual)
     real = dequantize_weight(w.cpu(), scales.cpu(), zeros.cpu(), 128).double()
-    bound = 2.0 ** -7 * want.double().abs().cpu() + 1e-5 * (normed.cpu().double().abs() @ real.abs()) + 1e-30
+    bound = 2.0 ** -7 * want.double().abs().cpu() + 1e-5 * (x.cpu().double().abs() @ real.abs()) + 1e-30
     assert ((got.double() - want.double()).abs().cpu() <= bound).all()
 
 
@@ -314,7 +308,7 @@ def test_the_paired_copy_and_its_reference() -> None:
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
     want = gated_input(im.int4_mma_reference(x, *plain))
     assert torch.equal(im.int4_mma_reference(x, *paired, gate=True), want)
-    assert torch.equal(int4_mma(x, *paired, None, None, 0.0, True), want)  # the op, its CPU implementation
+    assert torch.equal(int4_mma(x, *paired, None, True), want)  # the op, its CPU implementation
     assert im.pairs(4096, 28672) and im.pairs(4096, 22016) and im.pairs(2048, 16384)
     assert not im.pairs(4096, 14336) and not im.pairs(576, 3072)
 
@@ -414,14 +408,14 @@ def test_the_statistics_references_give_the_norm(m: int) -> None:
     assert torch.equal(scaled, (out.float() * norm_weight.float()).to(torch.bfloat16))
     exact_sums = out.double().square().view(m, 16, 16).sum(dim=2)
     assert sumsq.dtype == torch.float32 and torch.allclose(sumsq.double(), exact_sums, rtol=1e-6)
-    got = int4_mma(scaled, *packed2, None, None, 1e-5, False, sumsq)
+    got = int4_mma(scaled, *packed2, None, False, sumsq, 1e-5)
     normed = rms_normed(out, norm_weight, 1e-5)
     real = dequantize_weight(*second, 128).double()
     exact = normed.double() @ real
     bound = 2.0 ** -8 * exact.abs() + 2.0 ** -7 * (normed.double().abs() @ real.abs()) + 1e-30
     assert ((got.double() - exact).abs() <= bound).all()
     with pytest.raises(ValueError, match="sumsq must be float32"):
-        im.int4_mma(scaled, *packed2, None, None, 1e-5, False, sumsq.double())
+        im.int4_mma(scaled, *packed2, None, False, sumsq.double(), 1e-5)
     with pytest.raises(ValueError, match="statistics need the norm's weight"):
         im.int4_mma_with_stats(x, *packed1, residual, norm_weight[:128], scaled, sumsq)
     with pytest.raises(ValueError, match="statistics go into contiguous"):
@@ -502,14 +496,14 @@ def test_the_kernels_statistics_are_the_references_alone_and_among_rows(k: int, 
         scaled = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
         sumsq = torch.empty(m, n // 16, device="cuda")
         out = im.int4_mma_with_stats(x[rows], *first, residual[rows], norm_weight, scaled, sumsq)
-        return out, scaled, sumsq, im.int4_mma(scaled, *second, None, None, 1e-5, False, sumsq)
+        return out, scaled, sumsq, im.int4_mma(scaled, *second, None, False, sumsq, 1e-5)
 
     for m in (1, 2, 5, 8):
         out, scaled, sumsq, normed_product = run(slice(0, m))
         assert torch.equal(out, im.int4_mma(x[:m], *first, residual[:m]))
         assert torch.equal(scaled, (out.float() * norm_weight.float()).to(torch.bfloat16))
         assert torch.allclose(sumsq.double(), out.double().square().view(m, -1, 16).sum(dim=2), rtol=1e-5)
-        want = im.int4_mma_reference(scaled, *second, None, None, 1e-5, False, sumsq)
+        want = im.int4_mma_reference(scaled, *second, None, False, sumsq, 1e-5)
         assert torch.allclose(normed_product.float(), want.float(), rtol=2**-7, atol=2e-3)
         if m > 1:
             for i in range(m):
