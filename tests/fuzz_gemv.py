@@ -1,15 +1,18 @@
 """Fuzz the sparse GEMV kernels against float64 math: random shapes, batch sizes, weight formats,
 segment splits, thresholds (none kept, all kept, anywhere between), prologue/epilogue fusions and
-kernel configs of every design (rows, dot, gather), every row-selection mode; and the attention prologue (o's GEMV
+kernel configs of every design (rows, dot, gather), every row-selection mode; the attention prologue (o's GEMV
 computing its own input, teal::attention_o: one row, float or int8 weights, random head layouts,
-head dims, cache sizes and positions).
+head dims, cache sizes and positions); and int4_mma, the dense int4-g128 decode kernel (mode "int4_mma":
+random K, N, rows and launch configs, with each of its epilogues and the norm's statistics; on a GPU also
+a row's bits alone and among the batch, which self-speculation's verify needs).
 
 On a GPU (the issue's bar: >= 2000 problems, 0 mismatches)::
 
     python tests/fuzz_gemv.py --problems 2000 --jobs 14 --out fuzz.json
 
 Without one it runs under TRITON_INTERPRET=1 at tiny sizes (tests/test_fuzz_gemv.py runs a slice
-in CI). A mismatch is an output outside one output rounding plus fp32 accumulation error of the
+in CI); int4_mma's cases then check its CPU implementation (the reference over the packed copy),
+since Gluon kernels run on a GPU only. A mismatch is an output outside one output rounding plus fp32 accumulation error of the
 float64 result (plus one input rounding for the fused SiLU / RMSNorm prologues, whose thresholds
 sit in gaps between |x| values so that rounding cannot flip a mask). Prints one line per
 mismatch and a summary; exit status 1 if any.
@@ -34,18 +37,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from teal_kernels import int4_mma as mma  # noqa: E402
 from teal_kernels.reference import gated_input, rms_normed  # noqa: E402
 from teal_kernels.triton_gemv import KernelConfig, attention_o_triton, sparse_gemv_triton  # noqa: E402
 
 FORMATS = ["bf16", "fp16", "int8", "int4-g32", "int4-g64", "int4-g128"]
 FUSIONS = ["plain", "gated", "residual", "gated+residual", "norm", "attention"]
 # Row selection / design of a config; "auto" is no config at all: the tuned table or the heuristic.
-MODES = ["rows-compact", "rows-prefetch", "rows-lanesum", "rows-pipelined", "rows-skip", "dot", "gather", "auto"]
+MODES = ["rows-compact", "rows-prefetch", "rows-lanesum", "rows-pipelined", "rows-skip", "dot", "gather", "auto",
+         "int4_mma"]
+# int4_mma's calls as decode.py makes them: the residual in o's and down's epilogue, SiLU(gate) * up in
+# gate|up's (its paired copy), the norms' statistics written by o and down (with the residual) and taken
+# by q|k|v and gate|up (TEAL_INT4_MMA_NORM_STATS)
+MMA_FUSIONS = ["plain", "residual", "gate", "stats", "prenormed", "prenormed+gate"]
 
 
-def make_case(seed: int, tiny: bool) -> dict:
-    """The parameters of problem ``seed`` (plain data, so it prints and travels to workers)."""
+def make_mma_case(r: random.Random, seed: int, tiny: bool) -> dict:
+    """An int4_mma problem: int4-g128, bf16, 1-8 rows, every input kept (the kernel is dense)."""
+    fusion = r.choice(MMA_FUSIONS)
+    gate = fusion.endswith("gate")
+    groups = r.randint(1, 2 if tiny else 112)
+    m = r.choice([1, 1, 1, 2, 3, 4, 5, 8])
+    config = None  # config_for's, where it takes the case
+    if r.random() < 0.6 or gate:
+        config = dict(k_warps=r.choice([w for w in (1, 2, 4, 8, 16) if groups % w == 0]), row_warps=r.choice([1, 2]),
+                      tiles_a_warp=r.choice([2, 4] if gate else [1, 2, 4]), lookahead=r.choice([1, 2]))
+    rows = (16 * config["row_warps"] * config["tiles_a_warp"]) if config else 2 * mma.TILE_ROWS
+    n = rows * r.randint(1, 3 if tiny else 40)
+    if config is None and n % mma.config_for(groups * mma.GROUP, n, m).rows:
+        n = mma.config_for(groups * mma.GROUP, n, m).rows * r.randint(1, 3 if tiny else 40)
+    return dict(seed=seed, fmt="int4-g128", group=mma.GROUP, m=m, k=groups * mma.GROUP, sizes=[n], attention=None,
+                dtype="bfloat16", levels=["all"], fusion=fusion, mode="int4_mma", config=config)
+
+
+def make_case(seed: int, tiny: bool, mode: str | None = None) -> dict:
+    """The parameters of problem ``seed`` (plain data, so it prints and travels to workers); `mode`
+    fixes the mode (one of MODES), else it is drawn too."""
     r = random.Random(seed)
+    mode = mode or r.choice(MODES)
+    if mode == "int4_mma":
+        return make_mma_case(r, seed, tiny)
     fmt = r.choice(FORMATS)
     group = int(fmt.split("-g")[1]) if fmt.startswith("int4") else 0
     if group:
@@ -56,7 +87,6 @@ def make_case(seed: int, tiny: bool) -> dict:
     unit = 2 if group else 1
     sizes = [unit * r.randint(1, 24 if tiny else 900) for _ in range(n_segments)]
     m = r.choice([1, 1, 1, 2, 3, 4, 5, 8])
-    mode = r.choice(MODES)
     config = None
     if mode.startswith("rows"):
         block_n = r.choice([16, 32] if tiny else [32, 64, 128, 256, 512, 1024])
@@ -176,8 +206,89 @@ def _attention_input(case: dict, dtype: torch.dtype, g: torch.Generator, device:
     return qkv.to(device), cs.to(device), caches[0].to(device), caches[1].to(device), att.to(device)
 
 
+def _excess(out: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor) -> float:
+    """The worst |out - ref| over its tolerance (> 0: a mismatch; inf: a non-finite output)."""
+    if not bool(torch.isfinite(out).all()):
+        return float("inf")
+    return float(((out.double() - ref).abs() - tol).max())
+
+
+def run_mma_case(case: dict, device: str) -> dict:
+    """One int4_mma problem against float64 (the GPU kernel; its reference on the CPU): the product
+    rounded once to bf16, then the residual added and rounded (the unfused model's order), SiLU(gate) * up
+    of the rounded products, the statistics (out * the norm's weight rounded: exact; 16-output sums of
+    out^2 in float32), or the product scaled by 1 / rms of given sums. On a GPU a random row run alone
+    must give the same bits as among the batch."""
+    g = torch.Generator().manual_seed(case["seed"])
+    m, k, n, fusion = case["m"], case["k"], case["sizes"][0], case["fusion"]
+    gate, prenormed = fusion.endswith("gate"), fusion.startswith("prenormed")
+    w, scales, zeros = _weights(case, g, "cpu")
+    words, s_copy, z_copy = (t.to(device) for t in mma.pack(w, scales, zeros, paired=gate))
+    x = (torch.randn(m, k, generator=g) * torch.logspace(-0.5, 0.5, m)[:, None]).to(torch.bfloat16)
+    residual = torch.randn(m, n, generator=g).to(torch.bfloat16) if fusion in ("residual", "stats") else None
+    sumsq = (torch.rand(m, k // 16, generator=g) * 4 + 0.1) if prenormed else None
+    stats_weight = (torch.rand(n, generator=g) + 0.5).to(torch.bfloat16) if fusion == "stats" else None
+    eps = 1e-5
+    config = mma.MmaConfig(**case["config"]) if case["config"] else None
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+
+    def run(rows: slice) -> tuple[torch.Tensor, ...]:
+        """The kernel (the reference on the CPU) on x[rows]: (out,) or (out, scaled, sums) with the statistics."""
+        xs, res = on(x[rows]), on(None if residual is None else residual[rows])
+        if stats_weight is not None:
+            scaled = torch.empty(xs.shape[0], n, dtype=torch.bfloat16, device=device)
+            sums = torch.empty(xs.shape[0], n // 16, device=device)
+            if device == "cuda":
+                out = mma.int4_mma_with_stats(xs, words, s_copy, z_copy, res, on(stats_weight), scaled, sums,
+                                              config=config)
+            else:
+                out, scaled, sums = mma.int4_mma_stats_reference(xs, words, s_copy, z_copy, res, on(stats_weight))
+            return out.cpu(), scaled.cpu(), sums.cpu()
+        args = (xs, words, s_copy, z_copy, res, gate, on(None if sumsq is None else sumsq[rows]), eps)
+        out = mma.int4_mma(*args, config=config) if device == "cuda" else mma.int4_mma_reference(*args)
+        return (out.cpu(),)
+
+    got = run(slice(0, m))
+    out = got[0]
+    w64, x64 = weight64(w, scales, zeros, mma.GROUP), x.double()
+    codes = torch.stack([(w % 16).double(), (w // 16).double()], dim=-1).reshape(k, n)
+    rows_of = torch.arange(k) // mma.GROUP
+    # what the kernel's float32 sums can lose: each term s (q - 8) x and z x apart
+    scale = x64.abs() @ ((codes - 8).abs() * scales.double()[rows_of] + zeros.double().abs()[rows_of])
+    prod = x64 @ w64
+    ulp = 2.0 ** -7
+    if prenormed:
+        inv_rms = torch.rsqrt(sumsq.double().sum(dim=1, keepdim=True) / k + eps)
+        prod, scale = prod * inv_rms, scale * inv_rms
+    err = 1.01 * ulp * prod.abs() + 1e-5 * scale + 1e-6 * prod.abs()  # the product rounded once, float32 sums
+    if gate:  # SiLU(gate) * up of the rounded products (|SiLU'| < 1.1)
+        half = n // 2
+        gate64, up64, d_gate, d_up = prod[:, :half], prod[:, half:], err[:, :half], err[:, half:]
+        silu = gate64 * torch.sigmoid(gate64)
+        ref = silu * up64
+        tol = 1.01 * ulp * ref.abs() + 1.1 * d_gate * (up64.abs() + d_up) + silu.abs() * d_up + 1e-30
+    elif residual is not None:
+        ref = prod + residual.double()
+        tol = err + 1.01 * ulp * ref.abs() + 1e-30
+    else:
+        ref, tol = prod, err + 1e-30
+    excess = _excess(out, ref, tol)
+    ok = out.shape == ref.shape and out.dtype == torch.bfloat16 and excess <= 0
+    if stats_weight is not None:  # against the kernel's own output: the scaled copy exact, the sums in float32
+        h = out.double()
+        ok = ok and torch.equal(got[1], (out.float() * stats_weight.float()).to(torch.bfloat16))
+        squares = h.square().view(m, -1, 16).sum(dim=2)
+        ok = ok and bool(((got[2].double() - squares).abs() <= 2e-6 * squares + 1e-30).all())
+    if device == "cuda" and m > 1:  # a row alone: the same bits (the one-row path sums as the batch's)
+        i = int(torch.randint(m, (1,), generator=g))
+        ok = ok and all(torch.equal(a[i], b[0]) for a, b in zip(got, run(slice(i, i + 1)), strict=True))
+    return {**case, "ok": bool(ok), "excess": excess}
+
+
 def run_case(case: dict, device: str) -> dict:
     """Run one problem; returns the case with ``ok`` and the worst error over its tolerance."""
+    if case["mode"] == "int4_mma":
+        return run_mma_case(case, device)
     g = torch.Generator().manual_seed(case["seed"])
     dtype = getattr(torch, case["dtype"])
     m, k, sizes = case["m"], case["k"], case["sizes"]
@@ -225,28 +336,27 @@ def run_case(case: dict, device: str) -> dict:
         tol = tol + 1.01 * ulp * scale
     if attention:  # and its RoPE'd q and k by one ulp (the interpreter truncates), which the softmax carries
         tol = tol + 1.01 * ulp * scale
-    finite = bool(torch.isfinite(out).all())
-    excess = float(((out.double() - ref).abs() - tol).max()) if finite else float("inf")
+    excess = _excess(out, ref, tol)
     ok = out.shape == (m, n) and out.dtype == dtype and excess <= 0
     return {**case, "ok": bool(ok), "excess": excess}
 
 
-def _shard(args: tuple[list[int], bool, str]) -> list[dict]:
-    seeds, tiny, device = args
-    return [run_case(make_case(s, tiny), device) for s in seeds]
+def _shard(args: tuple[list[int], bool, str, str | None]) -> list[dict]:
+    seeds, tiny, device, mode = args
+    return [run_case(make_case(s, tiny, mode), device) for s in seeds]
 
 
-def fuzz(problems: int, seed: int = 0, tiny: bool | None = None, jobs: int = 1) -> list[dict]:
-    """Run ``problems`` cases from ``seed`` on; results in seed order."""
+def fuzz(problems: int, seed: int = 0, tiny: bool | None = None, jobs: int = 1, mode: str | None = None) -> list[dict]:
+    """Run ``problems`` cases from ``seed`` on (all of `mode` if given); results in seed order."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tiny = device == "cpu" if tiny is None else tiny
     seeds = list(range(seed, seed + problems))
     if jobs <= 1:
-        return _shard((seeds, tiny, device))
+        return _shard((seeds, tiny, device, mode))
     shards = [seeds[i::jobs] for i in range(jobs)]
     import multiprocessing
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = [r for part in pool.map(_shard, [(s, tiny, device) for s in shards]) for r in part]
+        results = [r for part in pool.map(_shard, [(s, tiny, device, mode) for s in shards]) for r in part]
     return sorted(results, key=lambda r: r["seed"])
 
 
@@ -266,6 +376,9 @@ def main() -> int:
     parser.add_argument("--problems", type=int, default=2000, help="random problems to run")
     parser.add_argument("--seed", type=int, default=0, help="first problem's seed (problem i uses seed + i)")
     parser.add_argument("--jobs", type=int, default=1, help="processes (each compiles its own kernels)")
+    parser.add_argument("--mode", choices=MODES, default=None,
+                        help="every problem in this mode (a kernel design, its row selection, or int4_mma); "
+                             "default: each problem draws one")
     parser.add_argument("--out", type=Path, default=None, help="write the summary and every failure as JSON")
     args = parser.parse_args()
     if args.problems < 1 or args.jobs < 1:
@@ -279,7 +392,7 @@ def main() -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     start = time.time()
-    results = fuzz(args.problems, args.seed, jobs=args.jobs)
+    results = fuzz(args.problems, args.seed, jobs=args.jobs, mode=args.mode)
     for r in results:
         if not r["ok"]:
             print(f"MISMATCH seed={r['seed']} excess={r['excess']:.3g} " + json.dumps({k: r[k] for k in (
