@@ -12,15 +12,22 @@ sharded); thresholds are calibrated on the whole model before sharding.
 (benchmarks/baselines.py), timed the same way but compiled under gpt-fast's Inductor setting
 (baselines.GPT_FAST_INDUCTOR; rows before 2026-12-04's twentieth session were compiled without it),
 so our formats are compared with it in one run.
+`--switches` A/Bs decode switches in one process: each entry's TEAL_* variables are set while a fresh
+model of each format is built, installed and timed, the entries alternating `--rounds` times (one
+bf16 and gpt-fast baseline for all, no process start or baseline between the variants).
 
     python benchmarks/bench_decode.py --model Llama-3-8B --weights bf16 int8 int4-g128
     python benchmarks/bench_decode.py --model Llama-3-8B --weights int8 int4-g128 --baselines torch-int8 torch-int4-g128
+    python benchmarks/bench_decode.py --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused \
+        --switches TEAL_INT4_MMA_NORM_STATS=0 TEAL_INT4_MMA_NORM_STATS=1 --rounds 2
     torchrun --nproc_per_node 2 benchmarks/bench_decode.py --model Llama-3-8B --weights bf16
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -55,6 +62,32 @@ def apply_weights(model: Transformer, weights: str) -> None:
         return
     from quantize import quantize_model
     quantize_model(model, mode, group, lm_head=lm_head)
+
+
+def parse_switches(entry: str) -> dict[str, str]:
+    """A --switches entry, "NAME=VALUE[,NAME=VALUE...]" of TEAL_* variables or "-" (none) -> the variables."""
+    if entry == "-":
+        return {}
+    pairs = [item.partition("=") for item in entry.split(",")]
+    if any(not name.startswith("TEAL_") or not sep or not value for name, sep, value in pairs):
+        sys.exit(f"error: --switches {entry!r}: expected TEAL_NAME=VALUE[,TEAL_NAME=VALUE...] or -")
+    return {name: value for name, _, value in pairs}
+
+
+@contextlib.contextmanager
+def switched(variables: dict[str, str]):
+    """The environment with `variables` set, restored after (the switches are read as a model is
+    installed and its step traced, both inside)."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def set_level(model: Transformer, level: float, calib_tokens: int, thresholds: dict | None = None) -> None:
@@ -104,9 +137,16 @@ def main() -> None:
     p.add_argument("--baselines", nargs="+", choices=list(BASELINES), default=[],
                    help="also time gpt-fast's weight-only int8 / int4-gN on torch's kernels, dense "
                         "(one GPU only)")
+    p.add_argument("--switches", nargs="+", default=None, metavar="NAME=V[,NAME=V]",
+                   help="decode switches to compare in this process: each entry's TEAL_* variables ('-' for "
+                        "none) set for a fresh model of each format, entries alternating")
+    p.add_argument("--rounds", type=int, default=1, help="with --switches: passes over its entries (default 1)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/decode"),
                    help="output prefix: writes <out>.json, <out>.md (and <out>.png)")
     args = p.parse_args()
+    variants = [parse_switches(e) for e in args.switches] if args.switches else [None]
+    if args.rounds < 1:
+        sys.exit(f"error: --rounds must be at least 1, got {args.rounds}")
     if not torch.cuda.is_available():
         sys.exit("error: bench_decode.py needs a CUDA GPU")
     tp.print_from_rank_zero()
@@ -118,14 +158,15 @@ def main() -> None:
     except ValueError as e:
         sys.exit(f"error: {e}")
     with tp.process_group(torch.device("cuda")) as device:
-        rows = measure(args, device, world)
+        rows = measure(args, device, world, variants)
         if tp.env_rank() == 0:
             write_results(args, rows, world)
 
 
-def measure(args: argparse.Namespace, device: torch.device, world: int) -> list[dict]:
+def measure(args: argparse.Namespace, device: torch.device, world: int,
+            variants: list[dict[str, str] | None]) -> list[dict]:
     """Every row of the table: the dense baseline, gpt-fast's baselines if asked, then each weight
-    format x decode path x level."""
+    format x (round x switches variant, where --switches is given) x decode path x level."""
     torch._dynamo.config.cache_size_limit = 64  # one graph per model object and setting
     step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     model = random_model(args.model, torch.bfloat16, device)
@@ -145,25 +186,33 @@ def measure(args: argparse.Namespace, device: torch.device, world: int) -> list[
                          tok_s=tok_s, gb_s=weight_bytes_per_token(model) * tok_s / 1e9))
         print(rows[-1], flush=True)
     for weights in args.weights:
-        model = random_model(args.model, torch.bfloat16, device)
-        apply_weights(model, weights)
-        calibrated = {level: self_calibrated_thresholds(model, level, args.calib_tokens)
-                      for level in args.sparsity if level > 0}
-        if tp.launched():
-            tp.shard_model(model)
-        for path in sorted(args.decode_path, reverse=True):  # "reference" before "fused"
-            if path == "fused":
-                install_fused_decode(model)
-            for level in args.sparsity:
-                set_level(model, level, args.calib_tokens, calibrated.get(level))
-                realized = realized_on(model, level)
-                tok_s = statistics.median(time_decode(model, step, args.tokens, args.runs))
-                rows.append(dict(weights=weights, sparsity=level, path=f"PackedLinear, {path} decode",
-                                 realized=realized, tok_s=tok_s,
-                                 gb_s=weight_bytes_per_token(model, realized) * tok_s / 1e9))
-                print(rows[-1], flush=True)
-        del model
-        torch.cuda.empty_cache()
+        calibrated = None  # the seeded weights are the same in every variant: calibrated once
+        for variables in [v for _ in range(args.rounds) for v in variants]:
+            with switched(variables or {}):
+                if variables is not None:  # traced afresh: a graph of the same structure could pass the guards
+                    torch._dynamo.reset()  # of another variant's (switches read while tracing are not guarded)
+                model = random_model(args.model, torch.bfloat16, device)
+                apply_weights(model, weights)
+                calibrated = calibrated or {level: self_calibrated_thresholds(model, level, args.calib_tokens)
+                                            for level in args.sparsity if level > 0}
+                if tp.launched():
+                    tp.shard_model(model)
+                for path in sorted(args.decode_path, reverse=True):  # "reference" before "fused"
+                    if path == "fused":
+                        install_fused_decode(model)
+                    for level in args.sparsity:
+                        set_level(model, level, args.calib_tokens, calibrated.get(level))
+                        realized = realized_on(model, level)
+                        tok_s = statistics.median(time_decode(model, step, args.tokens, args.runs))
+                        rows.append(dict(weights=weights, sparsity=level, path=f"PackedLinear, {path} decode",
+                                         realized=realized, tok_s=tok_s,
+                                         gb_s=weight_bytes_per_token(model, realized) * tok_s / 1e9))
+                        if variables is not None:
+                            rows[-1]["switches"] = ",".join(f"{k}={v}" for k, v in variables.items()) or "-"
+                        print(rows[-1], flush=True)
+                del model
+                gc.collect()  # a model in a reference cycle would keep its weights through the next variant's
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -189,9 +238,10 @@ def write_results(args: argparse.Namespace, rows: list[dict], world: int = 1) ->
              f"triton {meta['triton']}, {meta['date']}", "",
              f"`{' '.join(f'{k}={v}' for k, v in meta['switches'].items())}{' ' if meta['switches'] else ''}"
              f"{meta['command']}`", "",
-             "| weights | path | sparsity | realized | tok/s | vs dense bf16 | GB/s |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['weights']} | {r['path']} | {r['sparsity']:.2f} | {r['realized']:.3f} | {r['tok_s']:.1f} | "
-              f"{r['tok_s'] / base:.2f}x | {r['gb_s']:.0f} |" for r in rows]
+             "| weights | path | switches | sparsity | realized | tok/s | vs dense bf16 | GB/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['weights']} | {r['path']} | {r.get('switches', '')} | {r['sparsity']:.2f} | {r['realized']:.3f} | "
+              f"{r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {r['gb_s']:.0f} |" for r in rows]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

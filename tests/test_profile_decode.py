@@ -3,6 +3,7 @@ byte floor, the Markdown output and the command line's CPU path (one-line errors
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +236,42 @@ def test_default_out_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert pd.parse_args(["--out", "x/y"]).out == Path("x/y")
     monkeypatch.delenv("OUT")
     assert pd.parse_args([]).out == Path("benchmarks/results/profile_decode")
+
+
+def test_bench_decode_switches_alternate_in_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--switches: each entry's variables are set while its fresh model is built, installed and timed,
+    the entries alternate round after round, the seeded weights are calibrated once, the environment is
+    restored after, and each row names its entry; a malformed entry is a one-line error."""
+    import argparse
+
+    import benchmarks.bench_decode as bench_decode
+    seen = []  # (what ran, TEAL_X during it)
+    env = lambda: os.environ.get("TEAL_X")  # noqa: E731
+
+    class Model:
+        config = None
+    monkeypatch.setattr(bench_decode, "random_model", lambda *a, **k: seen.append(("build", env())) or Model())
+    monkeypatch.setattr(bench_decode, "apply_weights", lambda *a: None)
+    monkeypatch.setattr(bench_decode, "self_calibrated_thresholds", lambda *a: seen.append(("calibrate", env())) or {})
+    monkeypatch.setattr(bench_decode, "install_fused_decode", lambda m: seen.append(("install", env())))
+    monkeypatch.setattr(bench_decode, "set_level", lambda *a: None)
+    monkeypatch.setattr(bench_decode, "realized_on", lambda m, level: level)
+    monkeypatch.setattr(bench_decode, "time_decode", lambda *a: seen.append(("time", env())) or [100.0])
+    monkeypatch.setattr(bench_decode, "weight_bytes_per_token", lambda *a: 1e9)
+    monkeypatch.setattr(bench_decode.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench_decode.torch, "compile", lambda f, **k: f)
+    monkeypatch.setenv("TEAL_X", "outer")
+    args = argparse.Namespace(model="Llama-3-8B", tokens=8, runs=1, calib_tokens=8, baselines=[],
+                              weights=["int4-g128"], sparsity=[0.5], decode_path=["fused"], rounds=2)
+    variants = [bench_decode.parse_switches(e) for e in ("TEAL_X=0", "TEAL_X=1,TEAL_Y=2")]
+    rows = bench_decode.measure(args, torch.device("cpu"), 1, variants)
+    assert os.environ["TEAL_X"] == "outer" and "TEAL_Y" not in os.environ
+    ours = [r["switches"] for r in rows[1:]]
+    assert ours == ["TEAL_X=0", "TEAL_X=1,TEAL_Y=2"] * 2 and "switches" not in rows[0]
+    assert [s for s in seen if s[0] == "calibrate"] == [("calibrate", "0")]
+    after_baseline = [s for s in seen[2:] if s[0] != "calibrate"]  # the bf16 baseline's build and timing first
+    assert after_baseline == [(what, value) for value in ("0", "1", "0", "1") for what in ("build", "install", "time")]
+    assert bench_decode.parse_switches("-") == {}
+    for bad in ("X=1", "TEAL_X", "TEAL_X="):
+        with pytest.raises(SystemExit, match="expected TEAL_NAME=VALUE"):
+            bench_decode.parse_switches(bad)
