@@ -356,3 +356,27 @@ def test_int4_sparse_mma_lab_lists_each_groups_kept_rows_in_order(threshold: flo
         assert int(counts[g]) == len(kept)
         assert torch.equal(lists[g, :len(kept)].cpu().long(), kept)
         assert torch.allclose(sums[g].cpu(), group[kept].sum(), rtol=1e-6, atol=1e-6)
+
+
+def test_gather_bandwidth_sums_each_chunks_kept_rows():
+    """benchmarks/gather_bandwidth.py's kernel (Triton; the interpreter here): each program's sums of its
+    segment over its chunk of the kept rows are torch's, wrapping as int32, at every width and step of
+    its grid that fits the matrix, pipelined or not; the wrapper refuses what it cannot launch."""
+    from benchmarks import gather_bandwidth as gb
+
+    device = DEVICE if DEVICE == "cuda" else "cpu"
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-2**31, 2**31 - 1, (70, 128), generator=g, dtype=torch.int32)
+    rows = torch.randperm(70, generator=g)[:37].sort().values.to(torch.int32)
+    for config in (gb.GatherConfig(64, 8, 5), gb.GatherConfig(512, 4, 16, 3), gb.GatherConfig(128, 16, 100)):
+        want = gb.gather_rows_reference(w, rows, config.chunk)
+        assert want.shape == (-(-37 // config.chunk), 128)
+        assert torch.equal(gb.gather_rows(w.to(device), rows.to(device), config).cpu(), want)
+    assert all(2048 <= c.block_rows * c.segment <= 16384 for c in gb.configs())
+    for bad_w, bad in ((w, gb.GatherConfig(96, 8, 5)), (w.float(), gb.GatherConfig(64, 8, 5)),
+                       (w[:, :120], gb.GatherConfig(64, 8, 5)), (w, gb.GatherConfig(64, 6, 5))):
+        with pytest.raises(ValueError, match="gather_rows needs"):
+            gb.gather_rows(bad_w, rows, bad)
+    run = subprocess.run([sys.executable, "-m", "benchmarks.gather_bandwidth"], capture_output=True, text=True)
+    if DEVICE == "cpu":
+        assert run.returncode == 1 and run.stderr.strip() == "error: gather_bandwidth needs a CUDA GPU"
