@@ -508,20 +508,24 @@ def pack_model(model: nn.Module) -> nn.Module:
 
 
 def attach_int4pack(model: nn.Module) -> list[str]:
-    """Unless TINYGEMM_ENV is 0, give every int4 decoder projection on CUDA a dense copy of its weights:
-    int4_mma's unless INT4_MMA_ENV is 0 where it takes the layer (gate|up ones paired unless
-    INT4_MMA_GATE_ENV is 0; all of them giving and taking norms' statistics where
-    INT4_MMA_NORM_STATS_ENV is 1), else tinygemm's (idempotent); the names of those that have one."""
+    """Unless TINYGEMM_ENV is 0, give every int4 decoder projection on CUDA, and an int4 lm_head
+    (quantize.py --lm_head int4), a dense copy of its weights: int4_mma's unless INT4_MMA_ENV is 0 where
+    it takes the layer (gate|up ones paired unless INT4_MMA_GATE_ENV is 0; the projections giving and
+    taking norms' statistics where INT4_MMA_NORM_STATS_ENV is 1), else tinygemm's (idempotent); the
+    names of those that have one."""
     if not env_switch(TINYGEMM_ENV, default="1"):
         return []
     use_mma = env_switch(INT4_MMA_ENV, default="1")
     gate = env_switch(INT4_MMA_GATE_ENV, default="1") and use_mma
     norm_stats = env_switch(INT4_MMA_NORM_STATS_ENV, default="0") and use_mma
-    layers = {name: m for name, m in packed_projections(model).items() if m.fmt == "int4" and m.weight.is_cuda}
+    projections = packed_projections(model)
+    head = getattr(model, "output", None)
+    candidates = {**projections, **({"output": head} if isinstance(head, PackedLinear) else {})}
+    layers = {name: m for name, m in candidates.items() if m.fmt == "int4" and m.weight.is_cuda}
     names = [name for name, m in layers.items()
              if m.has_dense_int4_copy or m.attach_int4pack(use_mma, gate and name.endswith("feed_forward.w13"))]
     for name in names:
-        layers[name].int4mma_norm_stats = norm_stats and layers[name].int4mma_words is not None
+        layers[name].int4mma_norm_stats = norm_stats and name in projections and layers[name].int4mma_words is not None
     return names
 
 
@@ -544,23 +548,28 @@ class QuantConfig:
     mode: str
     group_size: int = 0  # int4 only; int8 scales are per output channel
     # lm_head: False (float head), "int8" (an int8 head whatever `mode`: its error reaches every
-    # logit), or True (files written before 2026-12-02: the head in `mode`)
+    # logit), "int4" (with int4 projections: the head in their format, as gpt-fast's int4 quantizes
+    # every nn.Linear), or True (files written before 2026-12-02: the head in `mode`)
     lm_head: bool | str = False
 
     def __post_init__(self) -> None:
-        if self.lm_head not in (False, True, "int8"):
-            raise QuantizationError(f"unknown lm_head format {self.lm_head!r}; expected false or 'int8'")
+        if self.lm_head not in (False, True, "int8", "int4"):
+            raise QuantizationError(f"unknown lm_head format {self.lm_head!r}; expected false, 'int8' or 'int4'")
         if self.mode not in QUANT_MODES:
             raise QuantizationError(f"unknown quantization mode {self.mode!r}; expected one of {QUANT_MODES}")
+        if self.lm_head == "int4" and self.mode != "int4":
+            raise QuantizationError("an int4 lm_head takes the projections' int4 format: it needs --mode int4")
         expected = INT4_GROUP_SIZES if self.mode == "int4" else (0,)
         if self.group_size not in expected:
             raise QuantizationError(f"unsupported group size {self.group_size} for {self.mode}; "
                                     f"expected one of {', '.join(map(str, expected))}")
 
     @classmethod
-    def request(cls, mode: str, group_size: int, lm_head: bool) -> "QuantConfig":
-        """From user options: the group size only applies to int4; a quantized head is int8."""
-        return cls(mode, group_size if mode == "int4" else 0, "int8" if lm_head else False)
+    def request(cls, mode: str, group_size: int, lm_head: bool | str | None) -> "QuantConfig":
+        """From user options: the group size only applies to int4; a quantized head is int8 unless
+        asked for "int4" (True means int8)."""
+        head = "int8" if lm_head is True else lm_head or False
+        return cls(mode, group_size if mode == "int4" else 0, head)
 
     @property
     def head_format(self) -> tuple[str, int] | None:

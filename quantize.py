@@ -11,11 +11,12 @@ Formats (linear.PackedLinear's buffers; the weight is transposed, [K = in, N = o
   (column 2j in the low nibble, 2j + 1 in the high one).
 A quantized checkpoint is one safetensors file in the float checkpoint's folder (it shares its
 config.json and tokenizer; written to another folder, it gets copies of them); the metadata key
-"quantization" records {"mode", "group_size", "lm_head" (false or "int8")}, so `checkpoint.load_model(<that file>)`
-rebuilds the right modules from the file alone.
+"quantization" records {"mode", "group_size", "lm_head" (false, "int8" or "int4")}, so
+`checkpoint.load_model(<that file>)` rebuilds the right modules from the file alone.
 
     python quantize.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct --mode int8
     python quantize.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct --mode int4 --groupsize 64
+    python quantize.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct --mode int4 --groupsize 32 --lm_head int4
 """
 from __future__ import annotations
 
@@ -92,8 +93,9 @@ def quantize_projection(w_t: Tensor, split_sizes: list[int], mode: str, group_si
 # ---------------------------------------------------------------------------------------------
 
 def quantize_model(model: Transformer, mode: str, group_size: int = 128,
-                   lm_head: bool = False) -> QuantConfig:
-    """Quantize every decoder projection (and lm_head to int8 if asked) in place; returns what to record.
+                   lm_head: bool | str | None = False) -> QuantConfig:
+    """Quantize every decoder projection (and lm_head if asked: True or "int8" to int8, "int4" to the
+    projections' int4 format) in place; returns what to record.
 
     Takes nn.Linear or float PackedLinear projections; TEAL state set by teal.sparsify carries over.
     """
@@ -136,9 +138,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=QUANT_MODES, default="int8", help="weight format")
     p.add_argument("--groupsize", type=int, default=128,
                    help=f"int4 group size, one of {INT4_GROUP_SIZES} (must divide every projection's K)")
-    p.add_argument("--lm_head", action="store_true",
-                   help="also quantize lm_head, to int8 per channel whatever --mode (a head tied to the "
-                        "embedding gets its own int8 copy; the embedding lookup stays in float)")
+    p.add_argument("--lm_head", nargs="?", const="int8", default=None, choices=["int8", "int4"],
+                   help="also quantize lm_head: to int8 per channel whatever --mode (--lm_head or --lm_head "
+                        "int8), or with --mode int4 to int4 at --groupsize (--lm_head int4, as gpt-fast's int4 "
+                        "does); a head tied to the embedding gets its own copy, the embedding lookup stays in "
+                        "float")
     p.add_argument("--output", type=Path, default=None,
                    help="file to write (default: <checkpoint dir>/model_int8.safetensors or "
                         "model_int4-g<G>.safetensors); in another folder, config.json and the "
@@ -156,7 +160,7 @@ def run(args: argparse.Namespace) -> Path:
     save_quantized(model, cfg, output)
     copy_companions(folder, output.parent)  # a file elsewhere stays loadable
     elsewhere = output.parent.resolve() != folder.resolve()
-    print(f"wrote {output} ({cfg.label}{', lm_head in int8' if cfg.lm_head else ''})"
+    print(f"wrote {output} ({cfg.label}{f', lm_head in {cfg.lm_head}' if cfg.lm_head else ''})"
           + (f"; copied {folder}'s config.json and tokenizer beside it" if elsewhere else ""))
     return output
 

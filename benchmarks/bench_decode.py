@@ -44,19 +44,24 @@ from decode import install_fused_decode
 from model import ModelArgs, Transformer
 
 
-def parse_weights(weights: str) -> tuple[str, int, bool]:
-    """A --weights value (bf16, int8 or int4-gN, optionally +lm_head) -> (format, int4 group size
-    or 0, lm_head in int8)."""
+HEAD_SUFFIXES = {"": None, "lm_head": "int8", "lm_head_int4": "int4"}  # --weights' +suffix -> the head's format
+
+
+def parse_weights(weights: str) -> tuple[str, int, str | None]:
+    """A --weights value (bf16, int8 or int4-gN, optionally +lm_head after int8/int4, +lm_head_int4 after
+    int4) -> (format, int4 group size or 0, the head's quantized format or None)."""
     fmt, _, suffix = weights.partition("+")
-    if suffix not in ("", "lm_head") or (fmt == "bf16" and suffix):
-        sys.exit(f"error: --weights {weights!r}: expected bf16, int8 or int4-g<G>, optionally +lm_head after int8/int4")
     mode, _, group = fmt.partition("-g")
-    return mode, int(group or 128) if mode == "int4" else 0, suffix == "lm_head"
+    if suffix not in HEAD_SUFFIXES or (mode == "bf16" and suffix) or (suffix == "lm_head_int4" and mode != "int4"):
+        sys.exit(f"error: --weights {weights!r}: expected bf16, int8 or int4-g<G>, optionally +lm_head after "
+                 "int8/int4 or +lm_head_int4 after int4")
+    return mode, int(group or 128) if mode == "int4" else 0, HEAD_SUFFIXES[suffix]
 
 
 def apply_weights(model: Transformer, weights: str) -> None:
     """bf16 (as built), int8, or int4-gN weight-only quantization of the projections; a "+lm_head"
-    suffix (e.g. int4-g128+lm_head) also stores lm_head in int8."""
+    suffix (e.g. int4-g128+lm_head) also stores lm_head in int8, "+lm_head_int4" in the projections'
+    int4 format (gpt-fast's int4 baseline quantizes its head so)."""
     mode, group, lm_head = parse_weights(weights)
     if mode == "bf16":
         return
@@ -126,7 +131,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Llama-3-8B", help="shape from model.MODEL_CONFIGS")
     p.add_argument("--weights", nargs="+", default=["bf16"],
-                   help="bf16, int8, int4-g128, int8+lm_head (int8 head too) ... (each one run)")
+                   help="bf16, int8, int4-g128, int8+lm_head (int8 head too), int4-g128+lm_head_int4 (int4 "
+                        "head too) ... (each one run)")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0, 0.25, 0.4, 0.5, 0.65])
     p.add_argument("--tokens", type=int, default=256, help="decoded tokens per timed run")
     p.add_argument("--runs", type=int, default=3, help="timed runs per setting (median reported)")

@@ -241,8 +241,9 @@ def check_args(args: argparse.Namespace) -> None:
     from model import ModelArgs
     cfg = ModelArgs.from_name(args.model)
     for w in args.weights:
-        if not re.fullmatch(r"bf16|(int8|int4(-g\d+)?)(\+lm_head)?", w):
-            raise ValueError(f"unknown --weights {w!r}: use bf16, int8 or int4-g<group>, +lm_head after int8/int4")
+        if not re.fullmatch(r"bf16|(int8|int4(-g\d+)?)(\+lm_head)?|int4(-g\d+)?\+lm_head_int4", w):
+            raise ValueError(f"unknown --weights {w!r}: use bf16, int8 or int4-g<group>, +lm_head after int8/int4, "
+                             "+lm_head_int4 after int4")
     if not all(0 <= s < 1 for s in args.sparsity):
         raise ValueError("--sparsity levels must be in [0, 1)")
     if min(args.context, args.batch, args.steps) < 1:

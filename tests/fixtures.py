@@ -39,15 +39,17 @@ def random_int4(k: int, n: int, group_size: int, seed: int = 0) -> tuple[torch.T
 
 
 @torch.no_grad()
-def int4_fused_decode_logits(group_size: int, compiled: bool = False) -> tuple[Transformer, torch.Tensor]:
-    """A tiny int4 model (seed 1, bf16) on CUDA with the fused decode path installed (so the decode
-    switches in the environment are read now): the model and its float64 logits for one decode step
-    after an 8-token prefill, the step through torch.compile(fullgraph=True) if `compiled`."""
+def int4_fused_decode_logits(group_size: int, compiled: bool = False,
+                             lm_head: str | None = None) -> tuple[Transformer, torch.Tensor]:
+    """A tiny int4 model (seed 1, bf16; its head quantized as `lm_head` says) on CUDA with the fused decode
+    path installed (so the decode switches in the environment are read now): the model and its float64
+    logits for one decode step after an 8-token prefill, the step through torch.compile(fullgraph=True)
+    if `compiled`."""
     from decode import install_fused_decode
     from quantize import quantize_model
 
     model = tiny_model(seed=1, dim=128, intermediate_size=256).to(torch.bfloat16)
-    quantize_model(model, "int4", group_size)
+    quantize_model(model, "int4", group_size, lm_head)
     model = install_fused_decode(model.cuda())
     model.setup_caches(1, 16)
     idx = torch.randint(model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)).cuda()

@@ -77,6 +77,8 @@ CASES = [
     ("quantize", ["--output", "{other}/q.safetensors"], 1, "already holds another checkpoint's config.json"),
     ("quantize", ["--mode", "int3"], 2, "invalid choice: 'int3'"),
     ("quantize", ["--mode", "int4", "--groupsize", "48"], 1, "unsupported group size 48"),
+    ("quantize", ["--mode", "int8", "--lm_head", "int4"], 1, "an int4 lm_head takes the projections' int4 format"),
+    ("quantize", ["--lm_head", "fp8"], 2, "invalid choice: 'fp8'"),
     # scripts/perplexity.py
     ("perplexity", ["--sparsity", "0", "0.4"], 1, "no thresholds file"),
     ("perplexity", ["--output", "{work}"], 1, "is a directory"),

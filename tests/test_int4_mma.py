@@ -292,6 +292,24 @@ def test_a_compiled_decode_step_with_the_mma_copy_matches_tinygemms(monkeypatch)
     assert (mma_logits - tiny).norm() / tiny.norm() < 0.02
 
 
+@needs_gluon
+@torch.no_grad()
+def test_an_int4_head_decodes_through_its_mma_copy(monkeypatch) -> None:
+    """quantize.py --lm_head int4: the head gets int4_mma's copy too (never the norms' statistics), and
+    the decode logits are those of the same model with tinygemm's copies, about their bf16 scales apart."""
+    def logits(switch: str) -> torch.Tensor:
+        monkeypatch.setenv(INT4_MMA_ENV, switch)
+        monkeypatch.setenv(linear.INT4_MMA_NORM_STATS_ENV, "1")
+        model, out = int4_fused_decode_logits(128, compiled=True, lm_head="int4")
+        assert (model.output.fmt, model.output.group_size) == ("int4", 128)
+        assert (model.output.int4mma_words is not None) == (switch == "1") and model.output.has_dense_int4_copy
+        assert not model.output.int4mma_norm_stats
+        return out
+
+    mma_logits, tiny = logits("1"), logits("0")
+    assert (mma_logits - tiny).norm() / tiny.norm() < 0.02
+
+
 # --- the gate epilogue: a gate|up layer's paired copy returns SiLU(gate) * up ---------------------------
 
 def test_the_paired_copy_and_its_reference() -> None:

@@ -275,3 +275,22 @@ def test_bench_decode_switches_alternate_in_one_process(monkeypatch: pytest.Monk
     for bad in ("X=1", "TEAL_X", "TEAL_X="):
         with pytest.raises(SystemExit, match="expected TEAL_NAME=VALUE"):
             bench_decode.parse_switches(bad)
+
+
+def test_bench_decode_weights_name_the_heads_format() -> None:
+    """--weights: +lm_head stores the head in int8, +lm_head_int4 (int4 only) in the projections' int4
+    format, as gpt-fast's int4 baseline does; anything else is a one-line error (profile_decode agrees)."""
+    import argparse
+
+    import benchmarks.bench_decode as bench_decode
+    assert bench_decode.parse_weights("int4-g128+lm_head") == ("int4", 128, "int8")
+    assert bench_decode.parse_weights("int4-g64+lm_head_int4") == ("int4", 64, "int4")
+    assert bench_decode.parse_weights("int8") == ("int8", 0, None)
+    for bad in ("int8+lm_head_int4", "bf16+lm_head", "int4-g128+head"):
+        with pytest.raises(SystemExit, match="expected bf16, int8 or int4-g<G>"):
+            bench_decode.parse_weights(bad)
+    args = argparse.Namespace(model="Llama-3-8B", sparsity=[0.0], context=128, batch=1, steps=8,
+                              weights=["int4-g128+lm_head_int4"])
+    pd.check_args(args)
+    with pytest.raises(ValueError, match="unknown --weights 'int8\\+lm_head_int4'"):
+        pd.check_args(argparse.Namespace(**{**vars(args), "weights": ["int8+lm_head_int4"]}))

@@ -105,18 +105,21 @@ def test_int4_rejects_k_not_divisible_by_group():
 # Models and checkpoints
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode, group_size, tie", [("int8", 0, False), ("int4", 32, False), ("int4", 32, True)])
-def test_quantized_logits_match_float64_with_dequantized_weights(mode, group_size, tie):
-    """The projections in `mode`, lm_head in int8 (a tied head too: its own copy, the embedding
-    table untouched)."""
+@pytest.mark.parametrize("mode, group_size, tie, head", [("int8", 0, False, True), ("int4", 32, False, True),
+                                                         ("int4", 32, True, True), ("int4", 32, True, "int4")])
+def test_quantized_logits_match_float64_with_dequantized_weights(mode, group_size, tie, head):
+    """The projections in `mode`, lm_head in int8 (True) or in their int4 format ("int4"; a tied head
+    too: its own copy, the embedding table untouched)."""
     model, ref = tiny_model(tie=tie), tiny_model(tie=False)
     ref.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})  # same weights, untied
     embedding = model.tok_embeddings.weight.detach().clone()
-    quantize_model(model, mode, group_size, lm_head=True)
+    quantize_model(model, mode, group_size, lm_head=head)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     assert set(quantized) == set(packed_projections(model)) | {"output"}
+    head_format = ("int4", group_size) if head == "int4" else ("int8", 0)
+    assert (model.output.fmt, model.output.group_size) == head_format
     for name, layer in quantized.items():
-        assert layer.fmt == ("int8" if name == "output" else mode) and layer.weight.is_contiguous()
+        assert layer.fmt == (head_format[0] if name == "output" else mode) and layer.weight.is_contiguous()
         ref.get_submodule(name).weight.data = layer.dense_weight_t(torch.float32).t()
     assert torch.equal(model.tok_embeddings.weight, embedding)
     got = logits(model, IDS)
@@ -125,8 +128,8 @@ def test_quantized_logits_match_float64_with_dequantized_weights(mode, group_siz
 
 
 @pytest.mark.parametrize("mode, group_size, tie, lm_head",
-                         [("int8", 0, True, False), ("int4", 32, True, False), ("int4", 32, False, True),
-                          ("int4", 32, True, True)])
+                         [("int8", 0, True, False), ("int4", 32, True, False), ("int4", 32, False, "int8"),
+                          ("int4", 32, True, "int8"), ("int4", 32, True, "int4")])
 def test_saved_checkpoint_loads_to_identical_logits(tmp_path, mode, group_size, tie, lm_head):
     folder = tiny_checkpoint(tmp_path, tie)
     model = load_model(folder, "cpu", torch.float32)
@@ -135,13 +138,15 @@ def test_saved_checkpoint_loads_to_identical_logits(tmp_path, mode, group_size, 
     save_quantized(model, cfg, path)
     with safe_open(str(path), framework="pt") as f:
         assert json.loads(f.metadata()[METADATA_KEY]) == {"mode": mode, "group_size": group_size,
-                                                          "lm_head": "int8" if lm_head else False}
+                                                          "lm_head": lm_head}
     loaded = load_model(path, "cpu", torch.float32)
     assert {n: (m.fmt, m.group_size) for n, m in packed_projections(loaded).items()} == \
            {n: (m.fmt, m.group_size) for n, m in packed_projections(model).items()}
     assert all(m.scales.dtype == torch.float32 for m in packed_projections(loaded).values())
     assert (loaded.output.weight is loaded.tok_embeddings.weight) == (tie and not lm_head)
-    assert isinstance(loaded.output, PackedLinear) == lm_head
+    assert isinstance(loaded.output, PackedLinear) == bool(lm_head)
+    if lm_head:
+        assert loaded.output.fmt == lm_head and loaded.output.group_size == (group_size if lm_head == "int4" else 0)
     assert torch.equal(logits(model, IDS), logits(loaded, IDS))
 
 
@@ -203,10 +208,24 @@ def test_cli_writes_default_name_and_loads(tmp_path):
     assert model.tok_embeddings.weight.dtype == torch.float32  # the stored dtype, not bf16
 
 
+@pytest.mark.parametrize("flag, head", [(["--lm_head"], ("int8", 0)), (["--lm_head", "int8"], ("int8", 0)),
+                                        (["--lm_head", "int4"], ("int4", 32))])
+def test_cli_quantizes_the_head_as_asked(tmp_path, flag, head):
+    """--lm_head alone or int8: an int8 head; int4: the head in the projections' int4 format."""
+    folder = tiny_checkpoint(tmp_path)
+    out = tmp_path / "q" / "model.safetensors"
+    res = run_cli("--checkpoint_path", str(folder), "--mode", "int4", "--groupsize", "32", *flag, "--output", str(out))
+    assert res.returncode == 0, res.stderr
+    assert f"lm_head in {head[0]}" in res.stdout
+    model = load_model(out, "cpu", torch.float32)
+    assert (model.output.fmt, model.output.group_size) == head
+
+
 @pytest.mark.parametrize("args, message", [
     (["--mode", "int4", "--groupsize", "48"], "unsupported group size 48"),
     (["--mode", "int4", "--groupsize", "64"], "not divisible by group size 64"),
     (["--mode", "int3"], "invalid choice"),
+    (["--mode", "int8", "--lm_head", "int4"], "an int4 lm_head takes the projections' int4 format"),
     (["--mode", "int8", "--output", "{folder}/model.safetensors"], "overwrite"),
     (["--mode", "int8", "--checkpoint_path", "{folder}/model_int4-g32.safetensors"], "already quantized (int4-g32)"),
     (["--checkpoint_path", "{folder}/missing"], "checkpoint not found"),
