@@ -196,6 +196,12 @@ INT4_MMA_GATE_ENV = "TEAL_INT4_MMA_GATE"
 # q|k|v. Two kernels fewer a layer, and gate|up's and q|k|v's weights requested while the GEMV before
 # runs (PDL). Unmeasured, so off.
 INT4_MMA_NORM_STATS_ENV = "TEAL_INT4_MMA_NORM_STATS"
+# TEAL_INT4_MMA_BF16_SCALES=1 (with TEAL_INT4_MMA): int4_mma's copy keeps its scales and zeros in bf16, as
+# tinygemm's copy does (4 bytes a group and output instead of 8: 68 bytes a group and output in all
+# instead of 72, 5.6% fewer); its dense decode calls then multiply weights the reference's rounded
+# (SmolLM2 with tinygemm's bf16 scales: under 0.1% perplexity, docs/quantization/tinygemm_scales.md).
+# Unmeasured on a GPU, so off.
+INT4_MMA_BF16_SCALES_ENV = "TEAL_INT4_MMA_BF16_SCALES"
 
 
 @torch.compiler.assume_constant_result
@@ -275,20 +281,22 @@ class PackedLinear(nn.Module):
         packed.weight = w.t().contiguous()
         return packed
 
-    def attach_int4pack(self, use_mma: bool = False, gate_epilogue: bool = False) -> bool:
+    def attach_int4pack(self, use_mma: bool = False, gate_epilogue: bool = False,
+                        mma_scale_dtype: torch.dtype = torch.float32) -> bool:
         """Give an int4 layer a dense copy of its weights, which its dense decode calls then run through:
         with `use_mma`, int4_mma's where it takes the shape (INT4_MMA_ENV; on CUDA only with a Triton that
         has Gluon), else tinygemm's (TINYGEMM_ENV). With `gate_epilogue` too (a gate|up layer,
         INT4_MMA_GATE_ENV), int4_mma's paired copy where the shape pairs: its dense decode calls then return
-        SiLU(gate) * up (gates_in_epilogue). False where neither takes the shape (it stays on our
-        kernel). A copy of the weights as they are now: load them first (the fused path's install does)."""
+        SiLU(gate) * up (gates_in_epilogue); `mma_scale_dtype` the copy's scales' and zeros' dtype
+        (INT4_MMA_BF16_SCALES_ENV). False where neither takes the shape (it stays on our kernel). A copy of
+        the weights as they are now: load them first (the fused path's install does)."""
         if self.fmt != "int4":
             return False
         if use_mma and mma.fits(self.in_features, self.out_features, self.group_size, torch.bfloat16) and (
                 not self.weight.is_cuda or mma.available()):
             self.int4mma_paired = gate_epilogue and mma.pairs(self.in_features, self.out_features)
-            self.int4mma_words, self.int4mma_scales, self.int4mma_zeros = mma.pack(self.weight, self.scales,
-                                                                                   self.zeros, self.int4mma_paired)
+            self.int4mma_words, self.int4mma_scales, self.int4mma_zeros = mma.pack(
+                self.weight, self.scales, self.zeros, self.int4mma_paired, mma_scale_dtype)
             return True
         if not int4pack_fits(self.in_features, self.out_features, self.group_size, torch.bfloat16):
             return False
@@ -511,19 +519,21 @@ def attach_int4pack(model: nn.Module) -> list[str]:
     """Unless TINYGEMM_ENV is 0, give every int4 decoder projection on CUDA, and an int4 lm_head
     (quantize.py --lm_head int4), a dense copy of its weights: int4_mma's unless INT4_MMA_ENV is 0 where
     it takes the layer (gate|up ones paired unless INT4_MMA_GATE_ENV is 0; the projections giving and
-    taking norms' statistics where INT4_MMA_NORM_STATS_ENV is 1), else tinygemm's (idempotent); the
-    names of those that have one."""
+    taking norms' statistics where INT4_MMA_NORM_STATS_ENV is 1; scales and zeros in bf16 where
+    INT4_MMA_BF16_SCALES_ENV is 1), else tinygemm's (idempotent); the names of those that have one."""
     if not env_switch(TINYGEMM_ENV, default="1"):
         return []
     use_mma = env_switch(INT4_MMA_ENV, default="1")
     gate = env_switch(INT4_MMA_GATE_ENV, default="1") and use_mma
     norm_stats = env_switch(INT4_MMA_NORM_STATS_ENV, default="0") and use_mma
+    scale_dtype = torch.bfloat16 if env_switch(INT4_MMA_BF16_SCALES_ENV, default="0") else torch.float32
     projections = packed_projections(model)
     head = getattr(model, "output", None)
     candidates = {**projections, **({"output": head} if isinstance(head, PackedLinear) else {})}
     layers = {name: m for name, m in candidates.items() if m.fmt == "int4" and m.weight.is_cuda}
     names = [name for name, m in layers.items()
-             if m.has_dense_int4_copy or m.attach_int4pack(use_mma, gate and name.endswith("feed_forward.w13"))]
+             if m.has_dense_int4_copy or m.attach_int4pack(use_mma, gate and name.endswith("feed_forward.w13"),
+                                                           scale_dtype)]
     for name in names:
         layers[name].int4mma_norm_stats = norm_stats and name in projections and layers[name].int4mma_words is not None
     return names

@@ -18,6 +18,8 @@ Rows of the table, µs a call, CUDA graphs over rotating weight copies (benchmar
                   epilogue, SiLU(gate) * up in gate|up's (its paired copy); q|k|v plain
   + statistics    ... with the norms' statistics (TEAL_INT4_MMA_NORM_STATS=1): o and down also write
                   h * the norm's weight and h's tile sums of squares, q|k|v and gate|up scale by 1 / rms
+  bf16 scales     config_for's launch on a copy with bf16 scales and zeros (TEAL_INT4_MMA_BF16_SCALES=1:
+                  4 bytes a group and output instead of 8), checked against float64 of the rounded weights
 
     python -m benchmarks.int4_mma_lab --out benchmarks/results/int4_mma_lab/lab [--rows 1 4]
     python -m benchmarks.int4_mma_lab --selftest     # GPU: small shapes against float64
@@ -92,6 +94,13 @@ def bench(m: int) -> list[dict]:
                 raise AssertionError(f"{layer} M={m} {tuple(config)}: error {err:.3g} of its bound")
             row["config_us"][str(tuple(config))] = graph_time_us(
                 lambda i, c=config: int4_mma(x, *packed[i], config=c), len(packed))
+        halved = [pack(*c[:3], scale_dtype=torch.bfloat16) for c in copies]
+        rounded = reference(x, copies[0][0], copies[0][1].to(torch.bfloat16).float(),
+                            copies[0][2].to(torch.bfloat16).float(), GROUP)
+        if max_error(int4_mma(x, *halved[0]), rounded) > 1.0:
+            raise AssertionError(f"{layer} M={m}: bf16 scales off the rounded weights' product")
+        row["bf16_scales_us"] = graph_time_us(lambda i: int4_mma(x, *halved[i]), len(halved))
+        del halved
         # config_for's launch as decode.py calls it: the residual in o's and down's epilogue, SiLU(gate) * up
         # in gate|up's (its paired copy); q|k|v plain (torch runs the norm before it)
         residual = make_x(m, n, torch.bfloat16, "cuda", seed=2)
@@ -143,19 +152,20 @@ def main(argv: list[str] | None = None) -> int:
              "", f"`{meta['command']}`; µs a call, CUDA graphs over rotating weights; configs (K warps, row warps, "
              "16-row tiles a warp)", "",
              "| M | matrix | floor | tinygemm | config_for | its config | best | its config | config_for + fusion | "
-             "+ statistics |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "+ statistics | bf16 scales |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         best = min(r["config_us"].items(), key=lambda kv: kv[1])
         lines.append(f"| {r['M']} | {r['layer']} | {r['floor_us']:.1f} | {r['tinygemm_us']:.1f} | "
                      f"{r['config_us'][r['config_for']]:.1f} | {r['config_for']} | {best[1]:.1f} | {best[0]} | "
-                     f"{r['fused_us']:.1f} | {r['stats_us']:.1f} |")
+                     f"{r['fused_us']:.1f} | {r['stats_us']:.1f} | {r['bf16_scales_us']:.1f} |")
     for m in args.rows:
         of_m = [r for r in rows if r["M"] == m]
         lines.append(f"| {m} | a layer | {sum(r['floor_us'] for r in of_m):.1f} | "
                      f"{sum(r['tinygemm_us'] for r in of_m):.1f} | "
                      f"{sum(r['config_us'][r['config_for']] for r in of_m):.1f} | | "
                      f"{sum(min(r['config_us'].values()) for r in of_m):.1f} | | "
-                     f"{sum(r['fused_us'] for r in of_m):.1f} | {sum(r['stats_us'] for r in of_m):.1f} |")
+                     f"{sum(r['fused_us'] for r in of_m):.1f} | {sum(r['stats_us'] for r in of_m):.1f} | "
+                     f"{sum(r['bf16_scales_us'] for r in of_m):.1f} |")
     write_report(args.out, {"meta": meta, "rows": rows}, lines)
     return 0
 

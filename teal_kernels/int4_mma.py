@@ -154,18 +154,21 @@ def paired_order(n: int) -> Tensor:
     return torch.cat((gate, gate + half), dim=1).flatten()
 
 
-def pack(w: Tensor, scales: Tensor, zeros: Tensor, paired: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def pack(w: Tensor, scales: Tensor, zeros: Tensor, paired: bool = False,
+         scale_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
     """Our int4-g128 layout (uint8 [K, N / 2], column 2c in the low nibble; float32 scales and zeros
     [K / 128, N]) -> (words int32 [N / 16, K / 128, 32, 8], scales [N, K / 128], zeros [N, K / 128]) on
     w's device. Word (t, g, lane, slot) with (r, j) = the fragment position of (lane, slot): bits
     4p..4p+3 the code of output 16t + r at K = 128g + 32p + 2j, bits 16+4p..19+4p that of K + 1.
-    `paired` (a gate|up matrix): outputs in paired_order, for the kernel's GATE epilogue."""
+    `paired` (a gate|up matrix): outputs in paired_order, for the kernel's GATE epilogue. `scale_dtype`
+    bfloat16 (TEAL_INT4_MMA_BF16_SCALES): scales and zeros rounded to bf16, 4 bytes a group and output
+    instead of 8 (a copy with other weights than the reference's, as tinygemm's bf16 copy is)."""
     k, n = w.shape[0], w.shape[1] * 2
     if (k % GROUP or n % (2 * TILE_ROWS if paired else TILE_ROWS) or scales.shape != (k // GROUP, n)
-            or zeros.shape != scales.shape):
+            or zeros.shape != scales.shape or scale_dtype not in (torch.float32, torch.bfloat16)):
         raise ValueError(f"int4_mma.pack needs K a multiple of {GROUP}, N of {TILE_ROWS} ({2 * TILE_ROWS} paired) "
-                         f"and scales / zeros [K / {GROUP}, N]; got w {tuple(w.shape)}, scales {tuple(scales.shape)}, "
-                         f"zeros {tuple(zeros.shape)}")
+                         f"and scales / zeros [K / {GROUP}, N] kept in float32 or bfloat16; got w {tuple(w.shape)}, "
+                         f"scales {tuple(scales.shape)}, zeros {tuple(zeros.shape)}, {scale_dtype}")
     q = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(k, n).t()  # [N, K] codes, uint8
     if paired:
         order = paired_order(n).to(w.device)
@@ -179,7 +182,7 @@ def pack(w: Tensor, scales: Tensor, zeros: Tensor, paired: bool = False) -> tupl
             words |= picked[..., plane, parity].to(torch.int32) << (4 * plane + 16 * parity)
     words = words.permute(1, 2, 0)  # [tile, group, lane * slot]
     return (words.reshape(n // TILE_ROWS, k // GROUP, 32, WORDS_A_LANE).contiguous(),
-            scales.t().contiguous(), zeros.t().contiguous())
+            scales.t().to(scale_dtype).contiguous(), zeros.t().to(scale_dtype).contiguous())
 
 
 def unpack_codes(words: Tensor) -> Tensor:
@@ -206,7 +209,7 @@ def int4_mma_reference(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, 
 
     codes = unpack_codes(words).t().to(x.device)  # [K, N]
     ours = (codes[:, 0::2] | codes[:, 1::2] << 4).to(torch.uint8)  # back to our layout, the format's one definition
-    weight = dequantize_weight(ours, scales.t(), zeros.t(), GROUP)  # [K, N] float32
+    weight = dequantize_weight(ours, scales.t().float(), zeros.t().float(), GROUP)  # [K, N] float32
     product = x.float() @ weight
     if sumsq is not None:
         product = product * torch.rsqrt(sumsq.sum(dim=1, keepdim=True) / x.shape[1] + eps)
@@ -364,8 +367,8 @@ def _kernel():
                 sq_row0 = gl.load(sq_ptr + sq_i, mask=sq_ok, other=0.0)
         for i in range(g_per):
             words = nxt  # this group's; the load of the group LOOKAHEAD on goes out before the math
-            s = s_nxt
-            z = z_nxt
+            s = s_nxt.to(gl.float32)  # the copy's float32 or bfloat16 scales and zeros, used in float32
+            z = z_nxt.to(gl.float32)
             if LOOKAHEAD == 2:
                 nxt = nxt2
                 s_nxt = s_nxt2
@@ -537,10 +540,11 @@ def _launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: T
     n, k = tiles * TILE_ROWS, groups * GROUP
     m = x.shape[0]
     if (x.dim() != 2 or x.dtype != torch.bfloat16 or x.shape[1] != k or not 1 <= m <= MAX_ROWS
-            or scales.shape != (n, groups) or zeros.shape != scales.shape or words.dtype != torch.int32):
-        raise ValueError(f"int4_mma needs bf16 x [1-{MAX_ROWS}, {k}], int32 words and scales / zeros [{n}, {groups}]; "
-                         f"got x {x.dtype} {tuple(x.shape)}, words {words.dtype}, scales {tuple(scales.shape)}, "
-                         f"zeros {tuple(zeros.shape)}")
+            or scales.shape != (n, groups) or zeros.shape != scales.shape or words.dtype != torch.int32
+            or scales.dtype not in (torch.float32, torch.bfloat16) or zeros.dtype != scales.dtype):
+        raise ValueError(f"int4_mma needs bf16 x [1-{MAX_ROWS}, {k}], int32 words and float32 or bfloat16 scales / "
+                         f"zeros [{n}, {groups}]; got x {x.dtype} {tuple(x.shape)}, words {words.dtype}, scales "
+                         f"{scales.dtype} {tuple(scales.shape)}, zeros {zeros.dtype} {tuple(zeros.shape)}")
     if residual is not None and (residual.shape != (m, n) or residual.dtype != x.dtype):
         raise ValueError(f"int4_mma's residual must be bf16 [{m}, {n}], got {residual.dtype} {tuple(residual.shape)}")
     cfg = config or config_for(k, n, m)
@@ -562,7 +566,7 @@ def _launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: T
     pdl = launch_options(x.device)
     out = torch.empty(m, n // 2 if gate else n, dtype=x.dtype, device=x.device)
     res = out if residual is None else residual.contiguous()  # an unread stand-in where there is none
-    # without STATS: unread stand-ins (x, out; scales for the float32 sums unless PRENORMED reads sumsq)
+    # without STATS: unread stand-ins (x, out; scales for the sums unless PRENORMED reads sumsq)
     stats_weight, scaled, sums = stats or (x, out, scales if sumsq is None else sumsq.contiguous())
     kernel[(n // cfg.rows,)](x.contiguous(), words, scales, zeros, out, res, stats_weight, scaled, sums,
                              eps, m, k, n,

@@ -234,11 +234,11 @@ def int4_mma_variants():
     from teal_kernels import int4_mma as im
 
     def compile_gluon(cfg: im.MmaConfig, pdl: bool, residual: bool, one_row: bool, gate: bool = False,
-                      stats: bool = False, prenormed: bool = False, k: int = 4096):
+                      stats: bool = False, prenormed: bool = False, k: int = 4096, scales: str = "*fp32"):
         from triton.experimental.gluon._runtime import GluonASTSource
         kernel, _ = im._kernel()
         layouts = im._layouts(cfg)
-        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16",
+        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": scales, "z_ptr": scales, "out_ptr": "*bf16",
                "res_ptr": "*bf16", "sw_ptr": "*bf16", "sc_ptr": "*bf16",
                "sq_ptr": "*fp32", "eps": "fp32", "M": "i32", "K": "i32", "N": "i32",
                "KW": "constexpr", "ROWS": "constexpr", "LOOKAHEAD": "constexpr", "PDL": "constexpr",
@@ -263,6 +263,13 @@ def int4_mma_variants():
     for cfg, one_row in ((im.config_for(4096, 28672, 1), True), (im.config_for(4096, 28672, 4), False)):
         yield (f"_int4_mma_kernel {tuple(cfg)} PDL=True RESIDUAL=False ONE_ROW={one_row} GATE=True "
                f"num_warps={cfg.k_warps}", lambda c=cfg, o=one_row: compile_gluon(c, True, False, o, True))
+    # the copy's scales and zeros in bf16 (TEAL_INT4_MMA_BF16_SCALES): q|k|v, o, gate|up (gated), down at one row
+    for k, n, residual, gate in ((4096, 6144, False, False), (4096, 4096, True, False), (4096, 28672, False, True),
+                                 (14336, 4096, True, False)):
+        cfg = im.config_for(k, n, 1)
+        yield (f"_int4_mma_kernel {tuple(cfg)} PDL=True RESIDUAL={residual} ONE_ROW=True GATE={gate} K={k} "
+               f"scales=bf16 num_warps={cfg.k_warps}",
+               lambda c=cfg, r=residual, g=gate, kk=k: compile_gluon(c, True, r, True, g, k=kk, scales="*bf16"))
     # the norm's statistics: o and down produce them (with the residual), q|k|v and gate|up (gated) take them
     for k, n, gate, stats in ((4096, 4096, False, True), (14336, 4096, False, True), (4096, 6144, False, False),
                               (4096, 28672, True, False), (2048, 2048, False, True), (576, 1536, False, False)):

@@ -71,6 +71,28 @@ def test_a_lane_tile_is_mma_a_fragment() -> None:
     assert sorted((16 * row + pair).tolist()) == list(range(256))
 
 
+def test_a_copy_with_bf16_scales_multiplies_the_rounded_weights() -> None:
+    """pack(scale_dtype=bfloat16) (TEAL_INT4_MMA_BF16_SCALES): scales and zeros rounded to bf16, the codes
+    unchanged; the op (its CPU implementation here) multiplies (q - 8) * s + z with those rounded values,
+    and a layer given that copy says so in its dtype; any other dtype is refused in one line."""
+    w, scales, zeros = _int4(384, 64, seed=9)
+    words, s_t, z_t = im.pack(w, scales, zeros, scale_dtype=torch.bfloat16)
+    assert s_t.dtype == z_t.dtype == torch.bfloat16 and torch.equal(words, im.pack(w, scales, zeros)[0])
+    rounded = scales.to(torch.bfloat16).float(), zeros.to(torch.bfloat16).float()
+    x = torch.randn(3, 384, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    _assert_product(int4_mma(x, words, s_t, z_t), x, w, *rounded)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        im.pack(w, scales, zeros, scale_dtype=torch.float16)
+    with pytest.raises(ValueError, match="float32 or bfloat16 scales"):
+        im.int4_mma(x, words, s_t.half(), z_t.half())
+    layer = _layer()
+    assert layer.attach_int4pack(use_mma=True, mma_scale_dtype=torch.bfloat16)
+    assert layer.int4mma_scales.dtype == torch.bfloat16
+    one = x[:1].view(1, 1, 384)[..., :256]
+    _assert_product(layer(one).view(1, -1), one.view(1, -1), layer.weight, layer.scales.to(torch.bfloat16).float(),
+                    layer.zeros.to(torch.bfloat16).float())
+
+
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_the_cpu_op_is_the_reference_product(m: int) -> None:
     w, scales, zeros = _int4(384, 64, seed=m)
@@ -235,6 +257,19 @@ def test_the_kernel_matches_float64_at_every_config(k: int, n: int, m: int) -> N
             _assert_product(im.int4_mma(x, *packed, config=cfg), x, w, scales, zeros)
             ran += 1
     assert ran >= 1  # K = 1408 (11 groups), N = 48: one K warp and 16-row programs only
+
+
+@needs_gluon
+@pytest.mark.parametrize("m", [1, 4])
+def test_the_kernel_with_bf16_scales_matches_float64(m: int) -> None:
+    """The copy's bf16 scales and zeros (TEAL_INT4_MMA_BF16_SCALES) read as the float32 ones are: the
+    product of the rounded weights, at the 8B shapes' configs."""
+    for k, n in ((4096, 6144), (14336, 4096)):
+        w, scales, zeros = (t.cuda() for t in _int4(k, n, seed=k + m))
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).cuda()
+        packed = im.pack(w, scales, zeros, scale_dtype=torch.bfloat16)
+        _assert_product(im.int4_mma(x, *packed), x, w, scales.to(torch.bfloat16).float(),
+                        zeros.to(torch.bfloat16).float())
 
 
 @needs_gluon
