@@ -147,6 +147,9 @@ def main() -> None:
                    help="decode switches to compare in this process: each entry's TEAL_* variables ('-' for "
                         "none) set for a fresh model of each format, entries alternating")
     p.add_argument("--rounds", type=int, default=1, help="with --switches: passes over its entries (default 1)")
+    p.add_argument("--bf16_baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the dense bf16 model first, the table's 'vs dense bf16' reference (default on; "
+                        "--no-bf16_baseline saves its compile and timing in an A/B that does not need it)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/decode"),
                    help="output prefix: writes <out>.json, <out>.md (and <out>.png)")
     args = p.parse_args()
@@ -175,14 +178,17 @@ def measure(args: argparse.Namespace, device: torch.device, world: int,
     format x (round x switches variant, where --switches is given) x decode path x level."""
     torch._dynamo.config.cache_size_limit = 64  # one graph per model object and setting
     step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-    model = random_model(args.model, torch.bfloat16, device)
-    if tp.launched():
-        tp.shard_model(model)  # packs the projections: the baseline is PackedLinear's dense cuBLAS product
-    baseline = statistics.median(time_decode(model, step, args.tokens, args.runs))
-    path = "PackedLinear dense (cuBLAS)" if tp.launched() else "nn.Linear (cuBLAS)"
-    rows = [dict(weights="bf16", sparsity=0.0, path=path, realized=0.0, tok_s=baseline,
-                 gb_s=weight_bytes_per_token(model) * baseline / 1e9)]
-    print(rows[-1], flush=True)
+    rows = []
+    if args.bf16_baseline:
+        model = random_model(args.model, torch.bfloat16, device)
+        if tp.launched():
+            tp.shard_model(model)  # packs the projections: the baseline is PackedLinear's dense cuBLAS product
+        baseline = statistics.median(time_decode(model, step, args.tokens, args.runs))
+        path = "PackedLinear dense (cuBLAS)" if tp.launched() else "nn.Linear (cuBLAS)"
+        rows.append(dict(weights="bf16", sparsity=0.0, path=path, realized=0.0, tok_s=baseline,
+                         gb_s=weight_bytes_per_token(model) * baseline / 1e9))
+        print(rows[-1], flush=True)
+        del model
     for name in args.baselines:
         kind, group = BASELINES[name]
         model = apply_torch_baseline(random_model(args.model, torch.bfloat16, device), kind, group)
@@ -238,7 +244,7 @@ def write_results(args: argparse.Namespace, rows: list[dict], world: int = 1) ->
                 switches={k: v for k, v in sorted(os.environ.items()) if k.startswith("TEAL_")})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
-    base = rows[0]["tok_s"]
+    base = rows[0]["tok_s"] if rows and rows[0]["weights"] == "bf16" else None  # --no-bf16_baseline: none
     lines = [f"# Decode, {args.model} shape, random weights{f', {world} GPUs (tensor parallel)' if world > 1 else ''}"
              f" — {meta['gpu']}, torch {meta['torch']}, "
              f"triton {meta['triton']}, {meta['date']}", "",
@@ -246,8 +252,10 @@ def write_results(args: argparse.Namespace, rows: list[dict], world: int = 1) ->
              f"{meta['command']}`", "",
              "| weights | path | switches | sparsity | realized | tok/s | vs dense bf16 | GB/s |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['weights']} | {r['path']} | {r.get('switches', '')} | {r['sparsity']:.2f} | {r['realized']:.3f} | "
-              f"{r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {r['gb_s']:.0f} |" for r in rows]
+    for r in rows:
+        vs_bf16 = f"{r['tok_s'] / base:.2f}x" if base else ""
+        lines.append(f"| {r['weights']} | {r['path']} | {r.get('switches', '')} | {r['sparsity']:.2f} | "
+                     f"{r['realized']:.3f} | {r['tok_s']:.1f} | {vs_bf16} | {r['gb_s']:.0f} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -727,11 +727,11 @@ case $phase in
     ;;
   int4_combo)  # issue 11, int4 >= 1.2x gpt-fast (1.17x): the four unmeasured int4 changes at once, with the head in int4 as gpt-fast's int4 baseline has it (quantize.py --lm_head int4): the GPU tests of the statistics, bf16 scales and the int4 head, then none / all of TEAL_INT4_MMA_NORM_STATS=1, TEAL_INT4_MMA_BF16_SCALES=1, TEAL_ATTENTION_SHORT_TILES=1 alternating twice in one process, dense, beside gpt-fast's int4 (~9 min on a cold machine; each switch alone afterwards: phases norm_stats, bf16_scales, short_tiles, int4_head)
     step 130 python3 -m pytest -q -x tests/test_int4_mma.py -k "statistics or bf16 or head or rows_output or residual_is"
-    step 420 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head_int4 --baselines torch-int4-g128 --sparsity 0 --decode_path fused --switches - TEAL_INT4_MMA_NORM_STATS=1,TEAL_INT4_MMA_BF16_SCALES=1,TEAL_ATTENTION_SHORT_TILES=1 --rounds 2 --out "$out/decode_int4_combo"
+    step 420 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head_int4 --baselines torch-int4-g128 --sparsity 0 --decode_path fused --switches - TEAL_INT4_MMA_NORM_STATS=1,TEAL_INT4_MMA_BF16_SCALES=1,TEAL_ATTENTION_SHORT_TILES=1 --rounds 2 --out "$out/decode_int4_combo"
     ;;
   norm_stats)  # issue 11, int4 >= 1.2x gpt-fast (1.17x, results/int4_mma_2026_12_05c/): the RMSNorms in no kernel of their own (TEAL_INT4_MMA_NORM_STATS=1: o's int4_mma epilogue, and down's for the next block, write h * the norm's weight and h's tile sums of squares, gate|up's and q|k|v's scale by 1 / rms; unmeasured): GPU tests, then int4-g128 + head with the switch 0 / 1 / 0 / 1 in one process (bench_decode --switches), dense and 50%, gpt-fast's int4 in the same run (~9 min on a cold machine; the lab's "+ statistics" column is phase norm_stats_lab)
     step 150 python3 -m pytest -q -x tests/test_int4_mma.py
-    step 400 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --baselines torch-int4-g128 --sparsity 0 0.5 --decode_path fused --switches TEAL_INT4_MMA_NORM_STATS=0 TEAL_INT4_MMA_NORM_STATS=1 --rounds 2 --out "$out/decode_norm_stats"
+    step 400 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --baselines torch-int4-g128 --sparsity 0 0.5 --decode_path fused --switches TEAL_INT4_MMA_NORM_STATS=0 TEAL_INT4_MMA_NORM_STATS=1 --rounds 2 --out "$out/decode_norm_stats"
     ;;
   norm_stats_lab)  # the int4_mma lab at one row (its "+ fusion" column: decode's default calls; "+ statistics": with TEAL_INT4_MMA_NORM_STATS's epilogues), then the int4_mma fuzz (phase mma_fuzz) in what is left (~5 min)
     step 90 python3 -m benchmarks.int4_mma_lab --rows 1 --out "$out/int4_mma_lab"
@@ -745,11 +745,11 @@ case $phase in
     step 400 python3 tests/fuzz_gemv.py --problems 2000 --jobs 14 --mode int4_mma --out "$out/fuzz_int4_mma.json"
     ;;
   int4_head)  # issue 11, int4 >= 1.2x gpt-fast: our int4-g128 with the head in int4 too (quantize.py --lm_head int4; its dense decode calls through int4_mma, N = 128256), as gpt-fast's int4 baseline quantizes its head, beside the int8 head, alternating twice in one process, dense, with gpt-fast's int4 (~7 min on a cold machine). HEAD_SWITCHES adds decode switches (e.g. TEAL_INT4_MMA_NORM_STATS=1 once norm_stats has won)
-    step 500 env ${HEAD_SWITCHES:-} python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head int4-g128+lm_head_int4 int4-g128+lm_head int4-g128+lm_head_int4 --baselines torch-int4-g128 --sparsity 0 --decode_path fused --out "$out/decode_int4_head"
+    step 500 env ${HEAD_SWITCHES:-} python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head int4-g128+lm_head_int4 int4-g128+lm_head int4-g128+lm_head_int4 --baselines torch-int4-g128 --sparsity 0 --decode_path fused --out "$out/decode_int4_head"
     ;;
   bf16_scales)  # issue 11, int4 >= 1.2x gpt-fast: int4_mma's copy with bf16 scales and zeros (TEAL_INT4_MMA_BF16_SCALES=1: 5.6% fewer bytes; local SASS: 120 against 128 registers and 346 against 352 loop instructions on gate|up), unmeasured: the GPU tests, then 0 / 1 / 0 / 1 in one process, int4-g128 + head, dense (the lab's "bf16 scales" column is in norm_stats_lab) (~6 min on a cold machine)
     step 150 python3 -m pytest -q -x tests/test_int4_mma.py -k "bf16 or float64"
-    step 400 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 --decode_path fused --switches TEAL_INT4_MMA_BF16_SCALES=0 TEAL_INT4_MMA_BF16_SCALES=1 --rounds 2 --out "$out/decode_bf16_scales"
+    step 400 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 --decode_path fused --switches TEAL_INT4_MMA_BF16_SCALES=0 TEAL_INT4_MMA_BF16_SCALES=1 --rounds 2 --out "$out/decode_bf16_scales"
     ;;
   gather_bw)  # issue 11, int4 + 50% >= 550 (397.4): how fast kept rows can be read at all, by the width of each row a program reads (benchmarks/gather_bandwidth.py: no arithmetic, int4 row widths of the 8B matrices, 0 and 50%, segments of 64 B - 2 KB, rows a step, chunk, Triton's pipeline); decides whether a sparse tensor-core design whose warps read 64-128 B a kept row can stream at int4_mma's dense rate (~3 min)
     step 400 python3 -m benchmarks.gather_bandwidth --out "$out/gather_bw"
@@ -758,7 +758,7 @@ case $phase in
     step 240 python3 -m benchmarks.fixed_cost --format int4-g128 --out "$out/fixed_cost_int4"
     ;;
   short_tiles)  # issues 10/11: decode attention with 16-position tiles where the cache holds at most 1024 positions (TEAL_ATTENTION_SHORT_TILES=1; att_tiles_2026_12_05: 5.76 against 6.85 us a layer at 128 positions) against the default, 0 / 1 / 0 / 1 in one process (bench_decode --switches), int4-g128 + head (int4_mma by default), dense and 50% (~6 min on a cold machine)
-    step 450 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --switches TEAL_ATTENTION_SHORT_TILES=0 TEAL_ATTENTION_SHORT_TILES=1 --rounds 2 --out "$out/decode_short_tiles"
+    step 450 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --switches TEAL_ATTENTION_SHORT_TILES=0 TEAL_ATTENTION_SHORT_TILES=1 --rounds 2 --out "$out/decode_short_tiles"
     ;;
   int4_sparse_lab)  # issue 11's int4 + 50% (>= 550): TEAL-sparse int4 on tensor cores (benchmarks/int4_sparse_mma_lab.py: a K-row-major copy, kept rows listed a group at a time by ballots and fns, 16 kept rows an mma k-step; local SASS 2.4-4.3 instructions a weight a step, 520-850 a group to list; written without a GPU): its selftest against float64, then per 8B matrix at 0 / 50 / 65% against int4_mma (dense) and the gather kernel, one call (~4 min)
     step 150 python3 -m benchmarks.int4_sparse_mma_lab --selftest

@@ -206,7 +206,8 @@ def test_bench_decode_results_name_the_switches(tmp_path: Path, monkeypatch: pyt
     monkeypatch.delenv("TEAL_PDL", raising=False)
     args = argparse.Namespace(model="Llama-3-8B", tokens=256, runs=3, out=tmp_path / "d")
     rows = [dict(weights="int8", path="fused", sparsity=0.5, realized=0.5, tok_s=390.0, gb_s=3000.0)]
-    bench_decode.write_results(args, rows)
+    bench_decode.write_results(args, rows)  # no bf16 row (--no-bf16_baseline): no ratio, no error
+    assert "| 390.0 |  | 3000 |" in (tmp_path / "d.md").read_text()
     meta = json.loads((tmp_path / "d.json").read_text())["meta"]
     assert {k: v for k, v in meta["switches"].items() if k in ("TEAL_ATTENTION_O", "TEAL_PDL")} == {"TEAL_ATTENTION_O": "0"}
     assert "TEAL_ATTENTION_O=0 " in (tmp_path / "d.md").read_text()
@@ -262,7 +263,8 @@ def test_bench_decode_switches_alternate_in_one_process(monkeypatch: pytest.Monk
     monkeypatch.setattr(bench_decode.torch, "compile", lambda f, **k: f)
     monkeypatch.setenv("TEAL_X", "outer")
     args = argparse.Namespace(model="Llama-3-8B", tokens=8, runs=1, calib_tokens=8, baselines=[],
-                              weights=["int4-g128"], sparsity=[0.5], decode_path=["fused"], rounds=2)
+                              weights=["int4-g128"], sparsity=[0.5], decode_path=["fused"], rounds=2,
+                              bf16_baseline=True)
     variants = [bench_decode.parse_switches(e) for e in ("TEAL_X=0", "TEAL_X=1,TEAL_Y=2")]
     rows = bench_decode.measure(args, torch.device("cpu"), 1, variants)
     assert os.environ["TEAL_X"] == "outer" and "TEAL_Y" not in os.environ
@@ -271,6 +273,10 @@ def test_bench_decode_switches_alternate_in_one_process(monkeypatch: pytest.Monk
     assert [s for s in seen if s[0] == "calibrate"] == [("calibrate", "0")]
     after_baseline = [s for s in seen[2:] if s[0] != "calibrate"]  # the bf16 baseline's build and timing first
     assert after_baseline == [(what, value) for value in ("0", "1", "0", "1") for what in ("build", "install", "time")]
+    seen.clear()  # --no-bf16_baseline: no bf16 model, no bf16 row
+    rows = bench_decode.measure(argparse.Namespace(**{**vars(args), "bf16_baseline": False, "rounds": 1}),
+                                torch.device("cpu"), 1, variants)
+    assert [r["switches"] for r in rows] == ["TEAL_X=0", "TEAL_X=1,TEAL_Y=2"] and seen[0] == ("build", "0")
     assert bench_decode.parse_switches("-") == {}
     for bad in ("X=1", "TEAL_X", "TEAL_X="):
         with pytest.raises(SystemExit, match="expected TEAL_NAME=VALUE"):
