@@ -60,12 +60,14 @@ def make_mma_case(r: random.Random, seed: int, tiny: bool) -> dict:
     m = r.choice([1, 1, 1, 2, 3, 4, 5, 8])
     config = None  # config_for's, where it takes the case
     if r.random() < 0.6 or gate:
-        config = dict(k_warps=r.choice([w for w in (1, 2, 4, 8, 16) if groups % w == 0]), row_warps=r.choice([1, 2]),
-                      tiles_a_warp=r.choice([2, 4] if gate else [1, 2, 4]), lookahead=r.choice([1, 2]))
-    rows = (16 * config["row_warps"] * config["tiles_a_warp"]) if config else 2 * mma.TILE_ROWS
+        tiles = r.choice([2, 4] if gate else [1, 2, 4])
+        # warps x tiles <= 16 keeps a program's registers within an SM's (4 tiles take ~255 a thread)
+        row_warps = r.choice([w for w in (1, 2) if w * tiles <= 16])
+        k_warps = r.choice([w for w in (1, 2, 4, 8, 16) if groups % w == 0 and w * row_warps * tiles <= 16])
+        config = dict(k_warps=k_warps, row_warps=row_warps, tiles_a_warp=tiles, lookahead=r.choice([1, 2]))
+    # config_for's programs hold at most 4 tiles of one warp's 16 rows: any multiple of 64 outputs fits it
+    rows = (16 * config["row_warps"] * config["tiles_a_warp"]) if config else 4 * mma.TILE_ROWS
     n = rows * r.randint(1, 3 if tiny else 40)
-    if config is None and n % mma.config_for(groups * mma.GROUP, n, m).rows:
-        n = mma.config_for(groups * mma.GROUP, n, m).rows * r.randint(1, 3 if tiny else 40)
     return dict(seed=seed, fmt="int4-g128", group=mma.GROUP, m=m, k=groups * mma.GROUP, sizes=[n], attention=None,
                 dtype="bfloat16", levels=["all"], fusion=fusion, mode="int4_mma", config=config)
 
