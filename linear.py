@@ -401,7 +401,8 @@ class PackedLinear(nn.Module):
         norm(x). The decode kernels do them in their prologue / epilogue, the norm: always in the
         preload GEMV (CUDA), in the sparse GEMV (CUDA) as `sparse_kernel_takes_norm` says (TEAL_FUSED_NORM:
         `norm_in_sparse_kernel`), elsewhere torch (int4_mma has no norm prologue: it lost twice,
-        teal_kernels/int4_mma.py). `gate_product` (where gates_in_epilogue says so): SiLU(gate) * up of the product, [..., N / 2], from int4_mma's epilogue.
+        teal_kernels/int4_mma.py). `gate_product` (where gates_in_epilogue says so): SiLU(gate) * up of
+        the product, [..., N / 2], from int4_mma's epilogue.
         `norm_stats` (with `norm`, where takes_norm_stats): x is h * norm.weight and norm_stats h's
         tile sums of squares (the projection before's product_with_norm_stats); int4_mma scales the
         product by 1 / rms."""

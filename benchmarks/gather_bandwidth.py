@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"{best['tb_s']:.2f} ({best['us']:.1f})" if best else "")
         top = max(r["configs"], key=lambda c: c["tb_s"])
         lines.append(f"| {r['layer']} | {r['row_bytes']} | {r['sparsity']:.2f} | " + " | ".join(cells)
-                     + f" | {top['segment']} B, {top['block_rows']} rows, chunk {top['chunk']}, stages {top['stages']} |")
+                     + f" | {top['segment']} B, {top['block_rows']} rows, chunk {top['chunk']}, "
+                       f"stages {top['stages']} |")
     write_report(args.out, {"meta": meta, "rows": results}, lines)
     return 0
 

@@ -203,8 +203,8 @@ def int4_mma_reference(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, 
                        gate: bool = False, sumsq: Tensor | None = None, eps: float = 0.0) -> Tensor:
     """What int4_mma computes, in float32 from the packed copy (the CPU's implementation of the op):
     W[n, k] = (q - 8) * scales[n, k // 128] + zeros[n, k // 128]; out = x @ W^T (with `sumsq`, times
-    1 / sqrt(sum(sumsq[m]) / K + eps)) rounded to x's dtype, then + residual (rounded again). `gate` (a paired copy): SiLU(gate) * up of the product in
-    the natural order, as reference.gated_input."""
+    1 / sqrt(sum(sumsq[m]) / K + eps)) rounded to x's dtype, then + residual (rounded again). `gate` (a
+    paired copy): SiLU(gate) * up of the product in the natural order, as reference.gated_input."""
     from teal_kernels.reference import dequantize_weight, gated_input
 
     codes = unpack_codes(words).t().to(x.device)  # [K, N]
@@ -513,8 +513,9 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: 
              config: MmaConfig | None = None) -> Tensor:
     """x [M, K] bf16 (M <= 8) @ a packed int4-g128 matrix (pack's three tensors) -> [M, N] bf16, on
     CUDA (int4_mma_reference says exactly what); with `residual` [M, N] added to the product; with
-    `gate` (pack(paired=True)'s copy of a gate|up matrix) SiLU(gate) * up [M, N / 2]; with `sumsq` [M, K / 16] float32 (int4_mma_with_stats' tile sums of squares, eps the norm's), x is
-    the residual stream times the norm's weight and the product is scaled by the row's 1 / rms.
+    `gate` (pack(paired=True)'s copy of a gate|up matrix) SiLU(gate) * up [M, N / 2]; with `sumsq`
+    [M, K / 16] float32 (int4_mma_with_stats' tile sums of squares, eps the norm's), x is the residual
+    stream times the norm's weight and the product is scaled by the row's 1 / rms.
     Rejects, one line, what the kernel does not take."""
     return _launch(x, words, scales, zeros, residual, gate, sumsq, eps, None, config)
 
@@ -535,7 +536,8 @@ def int4_mma_with_stats(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor,
 
 
 def _launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None,
-            gate: bool, sumsq: Tensor | None, eps: float, stats: tuple[Tensor, Tensor, Tensor] | None, config: MmaConfig | None) -> Tensor:
+            gate: bool, sumsq: Tensor | None, eps: float, stats: tuple[Tensor, Tensor, Tensor] | None,
+            config: MmaConfig | None) -> Tensor:
     tiles, groups = words.shape[:2]
     n, k = tiles * TILE_ROWS, groups * GROUP
     m = x.shape[0]

@@ -12,10 +12,10 @@ On a GPU (the issue's bar: >= 2000 problems, 0 mismatches)::
 
 Without one it runs under TRITON_INTERPRET=1 at tiny sizes (tests/test_fuzz_gemv.py runs a slice
 in CI); int4_mma's cases then check its CPU implementation (the reference over the packed copy),
-since Gluon kernels run on a GPU only. A mismatch is an output outside one output rounding plus fp32 accumulation error of the
-float64 result (plus one input rounding for the fused SiLU / RMSNorm prologues, whose thresholds
-sit in gaps between |x| values so that rounding cannot flip a mask). Prints one line per
-mismatch and a summary; exit status 1 if any.
+since Gluon kernels run on a GPU only. A mismatch is an output outside one output rounding plus
+fp32 accumulation error of the float64 result (plus one input rounding for the fused SiLU / RMSNorm
+prologues, whose thresholds sit in gaps between |x| values so that rounding cannot flip a mask).
+Prints one line per mismatch and a summary; exit status 1 if any.
 """
 from __future__ import annotations
 

@@ -65,8 +65,8 @@ def test_int4_mma_slice_has_no_mismatch():
 @pytest.mark.parametrize("fusion", fuzz_gemv.MMA_FUSIONS)
 def test_int4_mma_checker_flags_a_wrong_product(monkeypatch, fusion: str):
     """The checker on int4_mma: a product 5% off (before the residual, the gate or the statistics; the
-    gate's tolerance allows about three bf16 roundings) is a mismatch, and the gate's halves swapped too. On a GPU the kernel itself is checked, so only the CPU
-    implementation can be broken here."""
+    gate's tolerance allows about three bf16 roundings) is a mismatch, and the gate's halves swapped too.
+    On a GPU the kernel itself is checked, so only the CPU implementation can be broken here."""
     if DEVICE != "cpu":
         pytest.skip("breaks the CPU implementation, which a GPU run does not call")
     case = fuzz_gemv.make_case(3000, tiny=True, mode="int4_mma")
