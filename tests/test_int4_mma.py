@@ -580,18 +580,20 @@ def test_a_compiled_decode_step_with_statistics_matches_one_without(monkeypatch)
     assert (with_stats - without).norm() / without.norm() < 0.02
 
 
-def _three_layers(gate: bool, stats: bool) -> tuple[torch.nn.Module, torch.Tensor]:
-    """A 3-layer int4-g128 model on the fused path with int4_mma's copies and, with `stats`, the
-    statistics' flag (made by hand: the switch attaches on CUDA only), after an 8-token prefill; and
-    the prompt."""
+def _three_layers(gate: bool, stats: bool, head: str | None = None) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A 3-layer int4-g128 model (its lm_head quantized as `head` says, an int4 one with its own int4_mma
+    copy) on the fused path with int4_mma's copies and, with `stats`, the statistics' flag (made by
+    hand: the switch attaches on CUDA only), after an 8-token prefill; and the prompt."""
     from decode import install_fused_decode
 
     model = tiny_model(seed=4, dim=128, intermediate_size=8192 if gate else 256, n_layer=3).to(torch.bfloat16)
-    quantize_model(model, "int4", 128)
+    quantize_model(model, "int4", 128, head)
     install_fused_decode(model)
     for name, m in packed_projections(model).items():
         assert m.attach_int4pack(use_mma=True, gate_epilogue=gate and name.endswith("w13"))
         m.int4mma_norm_stats = stats
+    if head == "int4":
+        assert model.output.attach_int4pack(use_mma=True)
     if stats:
         install_fused_decode(model)  # now links the blocks
         assert model.layers[1]._previous is model.layers[0] and model.layers[0]._next is model.layers[1]
@@ -602,13 +604,15 @@ def _three_layers(gate: bool, stats: bool) -> tuple[torch.nn.Module, torch.Tenso
     return model, idx
 
 
-@pytest.mark.parametrize("gate, seqlen", [(True, 1), (False, 3)])
+@pytest.mark.parametrize("gate, seqlen, head", [(True, 1, None), (False, 3, None), (False, 1, "int4")])
 @torch.no_grad()
-def test_a_decode_step_runs_no_norm_before_a_projection_on_int4_mma(monkeypatch, gate: bool, seqlen: int) -> None:
+def test_a_decode_step_runs_no_norm_before_a_projection_on_int4_mma(monkeypatch, gate: bool, seqlen: int,
+                                                                     head: str | None) -> None:
     """With the statistics' switch o gives each block's ffn_norm, down the next block's attention norm
     (5 calls of teal::int4_mma_stats: 3 o, 2 down), no RMSNorm module runs but the first block's
-    attention norm and the final one, and the logits are those without it within bf16 roundings;
-    prefill (8 positions) passes no statistics; the buffers are not counted as weights read."""
+    attention norm and the final one (an int4 head on its int4_mma copy takes the final norm's output as
+    before), and the logits are those without it within bf16 roundings; prefill (8 positions) passes no
+    statistics; the buffers are not counted as weights read."""
     calls, norms, real = [], [], linear.int4_mma_stats
     monkeypatch.setattr(linear, "int4_mma_stats", lambda *args: calls.append(args[0].shape) or real(*args))
     monkeypatch.setattr(RMSNorm, "forward", lambda self, x, f=RMSNorm.forward: norms.append(x.shape) or f(self, x))
@@ -616,7 +620,7 @@ def test_a_decode_step_runs_no_norm_before_a_projection_on_int4_mma(monkeypatch,
 
     out, bytes_read = [], []
     for stats in (False, True):
-        model, idx = _three_layers(gate, stats)
+        model, idx = _three_layers(gate, stats, head)
         bytes_read.append(weight_bytes_per_token(model))
         calls.clear()
         norms.clear()
