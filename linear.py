@@ -189,18 +189,23 @@ INT4_MMA_ENV = "TEAL_INT4_MMA"
 # SiLU(gate) * up from the kernel's epilogue: one kernel fewer a layer. End to end (H100, 2026-12-05,
 # results/int4_mma_2026_12_05c/ run 2): 371.3 -> 385.7 tok/s dense, 379.3 / 389.4 -> 389.6 at 50%.
 INT4_MMA_GATE_ENV = "TEAL_INT4_MMA_GATE"
-# TEAL_INT4_MMA_NORM_STATS=1 (with TEAL_INT4_MMA): where o and gate|up both run int4_mma, the RMSNorm
+# TEAL_INT4_MMA_NORM_STATS (on by default with TEAL_INT4_MMA; 0 turns it off): where o and gate|up both run
+# int4_mma, the RMSNorm
 # between them runs in neither torch nor a prologue: o's epilogue writes h * the norm's weight and h's
 # squares summed a 16-row tile (PackedLinear.product_with_norm_stats), gate|up scales its product by
 # the row's 1 / rms from those sums (forward's norm_stats); the same between down and the next block's
 # q|k|v. Two kernels fewer a layer, and gate|up's and q|k|v's weights requested while the GEMV before
-# runs (PDL). Unmeasured, so off.
+# runs (PDL). End to end (H100, 2026-12-05, Llama-3-8B int4-g128 + int8 head, alternating in one process,
+# results/int4_defaults_2026_12_05/): 396.8 / 396.2 -> 420.0 / 420.1 tok/s dense; 397.7 / 397.3 -> 392.3 /
+# 396.3 at 50% (where gate|up runs the gather kernel, so the statistics pass only q|k|v's norm).
 INT4_MMA_NORM_STATS_ENV = "TEAL_INT4_MMA_NORM_STATS"
-# TEAL_INT4_MMA_BF16_SCALES=1 (with TEAL_INT4_MMA): int4_mma's copy keeps its scales and zeros in bf16, as
-# tinygemm's copy does (4 bytes a group and output instead of 8: 68 bytes a group and output in all
-# instead of 72, 5.6% fewer); its dense decode calls then multiply weights the reference's rounded
-# (SmolLM2 with tinygemm's bf16 scales: under 0.1% perplexity, docs/quantization/tinygemm_scales.md).
-# Unmeasured on a GPU, so off.
+# TEAL_INT4_MMA_BF16_SCALES (on by default with TEAL_INT4_MMA; 0 turns it off): int4_mma's copy keeps its
+# scales and zeros in bf16, as tinygemm's copy does (4 bytes a group and output instead of 8: 68 bytes a
+# group and output in all instead of 72, 5.6% fewer); its dense decode calls then multiply weights the
+# reference's rounded (SmolLM2 with tinygemm's bf16 scales: under 0.1% perplexity,
+# docs/quantization/tinygemm_scales.md). Alone it lost (H100, 2026-12-05, one process: 396.8 / 396.2 ->
+# 388.8 / 389.2 tok/s dense, int4-g128 + int8 head); with the norms' statistics it wins: 425.9 / 426.0
+# (statistics and short attention tiles) -> 444.8 / 444.5 (all three), results/int4_defaults_2026_12_05/.
 INT4_MMA_BF16_SCALES_ENV = "TEAL_INT4_MMA_BF16_SCALES"
 
 
@@ -526,8 +531,8 @@ def attach_int4pack(model: nn.Module) -> list[str]:
         return []
     use_mma = env_switch(INT4_MMA_ENV, default="1")
     gate = env_switch(INT4_MMA_GATE_ENV, default="1") and use_mma
-    norm_stats = env_switch(INT4_MMA_NORM_STATS_ENV, default="0") and use_mma
-    scale_dtype = torch.bfloat16 if env_switch(INT4_MMA_BF16_SCALES_ENV, default="0") else torch.float32
+    norm_stats = env_switch(INT4_MMA_NORM_STATS_ENV, default="1") and use_mma
+    scale_dtype = torch.bfloat16 if env_switch(INT4_MMA_BF16_SCALES_ENV, default="1") and use_mma else torch.float32
     projections = packed_projections(model)
     head = getattr(model, "output", None)
     candidates = {**projections, **({"output": head} if isinstance(head, PackedLinear) else {})}

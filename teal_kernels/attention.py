@@ -69,19 +69,22 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# SHORT_TILES_ENV=1 (teal_kernels/reference.py, where decode.py checks it without Triton): caches of at
-# most SHORT_CACHE positions take 16-position tiles. The default (64 for D = 128 in bf16) compiles to
-# 255 registers with spills; 16 does not. H100, one call, µs a layer (results/att_tiles_2026_12_05/):
-# 5.76 against 6.85 at 128 positions, 8.52 against 8.60 at 1024, 13.28 against 12.42 at 4096. Off
-# until an end-to-end A/B (the step's graph is captured once per cache, so the tile follows the
-# cache's size, never the position).
+# SHORT_TILES_ENV (teal_kernels/reference.py, where decode.py checks it without Triton; on by default,
+# 0 turns it off): caches of at most SHORT_CACHE positions take 16-position tiles. The longer tile (64
+# for D = 128 in bf16) compiles to 255 registers with spills; 16 does not. H100, one call, µs a layer
+# (results/att_tiles_2026_12_05/): 5.76 against 6.85 at 128 positions, 8.52 against 8.60 at 1024, 13.28
+# against 12.42 at 4096 (so longer caches keep the long tile). End to end, Llama-3-8B, alternating in one
+# process (H100, 2026-12-05, results/int4_defaults_2026_12_05/): int4-g128 + int8 head 396.8 / 396.2 ->
+# 401.6 / 402.2 tok/s dense, bf16 166.9 / 165.7 -> 167.5 / 167.4 dense and 254.3 / 253.9 -> 255.3 /
+# 255.1 at 50%. The step's graph is captured once per cache, so the tile follows the cache's size,
+# never the position.
 SHORT_CACHE = 1024
 
 
 def block_s_for(d: int, elem_bytes: int, s_max: int) -> int:
     """Positions a tile for a cache of s_max positions: default_block_s, or 16 for a short cache
-    where SHORT_TILES_ENV is on."""
-    if s_max <= SHORT_CACHE and env_switch(SHORT_TILES_ENV, default="0"):
+    where SHORT_TILES_ENV is on (the default)."""
+    if s_max <= SHORT_CACHE and env_switch(SHORT_TILES_ENV, default="1"):
         return 16
     return default_block_s(d, elem_bytes)
 

@@ -553,9 +553,10 @@ def _launch(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: T
     if n % cfg.rows or groups % cfg.k_warps or cfg.lookahead not in (1, 2):
         raise ValueError(f"int4_mma config {tuple(cfg)} needs N ({n}) a multiple of {cfg.rows}, {groups} groups "
                          f"a multiple of {cfg.k_warps} and a lookahead of 1 or 2")
-    if gate and (residual is not None or cfg.tiles_a_warp % 2):
-        raise ValueError(f"int4_mma's gate epilogue takes no residual and an even number of tiles a warp; got "
-                         f"config {tuple(cfg)}, residual {residual is not None}")
+    if gate and (residual is not None or cfg.tiles_a_warp % 2 or cfg.row_warps != 1):
+        # with row warps a gate and its up no longer sit in one thread: the epilogue's split does not compile
+        raise ValueError(f"int4_mma's gate epilogue takes no residual, an even number of tiles a warp and one row "
+                         f"warp; got config {tuple(cfg)}, residual {residual is not None}")
     if sumsq is not None and (sumsq.shape != (m, k // TILE_ROWS) or sumsq.dtype != torch.float32):
         raise ValueError(f"int4_mma's sumsq must be float32 [{m}, {k // TILE_ROWS}]; got {sumsq.dtype} "
                          f"{tuple(sumsq.shape)}")

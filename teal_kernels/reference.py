@@ -39,7 +39,7 @@ def env_switch(name: str, default: str = "0") -> bool:
 
 
 # Decode attention in 16-position tiles where the cache is short (teal_kernels/attention.block_s_for says
-# why; off by default): named here, Triton-free, so that decode.py can check a bad value at install.
+# why; on by default): named here, Triton-free, so that decode.py can check a bad value at install.
 SHORT_TILES_ENV = "TEAL_ATTENTION_SHORT_TILES"
 
 MAX_BATCH = 8  # rows of x the decode kernels take; larger batches are GEMMs (dequantize + matmul)

@@ -62,7 +62,7 @@ def make_mma_case(r: random.Random, seed: int, tiny: bool) -> dict:
     if r.random() < 0.6 or gate:
         tiles = r.choice([2, 4] if gate else [1, 2, 4])
         # warps x tiles <= 16 keeps a program's registers within an SM's (4 tiles take ~255 a thread)
-        row_warps = r.choice([w for w in (1, 2) if w * tiles <= 16])
+        row_warps = 1 if gate else r.choice([w for w in (1, 2) if w * tiles <= 16])  # the gate epilogue: one
         k_warps = r.choice([w for w in (1, 2, 4, 8, 16) if groups % w == 0 and w * row_warps * tiles <= 16])
         config = dict(k_warps=k_warps, row_warps=row_warps, tiles_a_warp=tiles, lookahead=r.choice([1, 2]))
     # config_for's programs hold at most 4 tiles of one warp's 16 rows: any multiple of 64 outputs fits it

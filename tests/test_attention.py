@@ -101,9 +101,10 @@ def test_defaults_through_op(p):
 
 @pytest.mark.parametrize("p", [0, 15, 16, 150, 299])
 def test_short_cache_tiles_through_op(p, monkeypatch):
-    """TEAL_ATTENTION_SHORT_TILES=1: a cache of at most SHORT_CACHE positions takes 16-position tiles
-    (and so up to one split a tile), a longer one the default; the output stays the reference's."""
-    monkeypatch.setenv(SHORT_TILES_ENV, "1")
+    """TEAL_ATTENTION_SHORT_TILES (on by default): a cache of at most SHORT_CACHE positions takes
+    16-position tiles (and so up to one split a tile), a longer one the long tile; the output stays the
+    reference's. =0 gives every cache the long tile."""
+    monkeypatch.delenv(SHORT_TILES_ENV, raising=False)
     assert block_s_for(128, 2, SHORT_CACHE) == 16 and block_s_for(128, 2, SHORT_CACHE + 1) == default_block_s(128, 2)
     chosen = []  # what the launcher picked
     monkeypatch.setattr(attention, "block_s_for", lambda *args: chosen.append(block_s_for(*args)) or chosen[-1])

@@ -364,6 +364,11 @@ def test_the_paired_copy_and_its_reference() -> None:
     assert torch.equal(int4_mma(x, *paired, None, True), want)  # the op, its CPU implementation
     assert im.pairs(4096, 28672) and im.pairs(4096, 22016) and im.pairs(2048, 16384)
     assert not im.pairs(4096, 14336) and not im.pairs(576, 3072)
+    # the kernel's gate epilogue needs a gate and its up in one thread: one row warp (its split does not
+    # compile with two, the H100 fuzz of 2026-12-05), an even number of tiles, no residual
+    for bad in (im.MmaConfig(1, 2, 2), im.MmaConfig(1, 1, 1)):
+        with pytest.raises(ValueError, match="gate epilogue takes no residual, an even number of tiles"):
+            im.int4_mma(x, *paired, gate=True, config=bad)
 
 
 @torch.no_grad()
