@@ -123,17 +123,20 @@ def kernel_verdict_for(device: torch.device, weight_format: str, rows: int, k: i
     """(does the sparse kernel beat the dense path, the GPU whose measurement says so) for a decode
     call on a CUDA device: the speed table's verdict (this GPU's or its stand-in's), else the size
     model's (None: not measured); `dense`: the table's field that times the dense path ("dense_us";
-    "tinygemm_us" or "int4_mma_us" for an int4 layer with attach_int4pack's copy, where an entry
-    without int4_mma's time reads tinygemm's: int4_mma was the faster, so a kernel slower than
-    tinygemm is slower than it too). A constant to torch.compile: Dynamo can trace neither
-    torch.cuda.get_device_name nor the table file's read, and a compiled step whose first call
+    "tinygemm_us" or "int4_mma_us" for an int4 layer with attach_int4pack's copy). A layer with
+    int4_mma's copy and no int4_mma time for its shape stays dense: a kernel slower than tinygemm is
+    slower than int4_mma too, and where ours beat tinygemm int4_mma still beat it (H100, 2026-12-05,
+    results/int4_defaults_2026_12_05/: gate|up at 50% 30.5 against 29.1 µs, and with int4_mma's fusions
+    the 50% step decoded 401 tok/s against 445 dense). A constant to torch.compile: Dynamo can trace
+    neither torch.cuda.get_device_name nor the table file's read, and a compiled step whose first call
     reaches this (no eager call before it) failed."""
     name = torch.cuda.get_device_name(device)
-    fields = (dense, "tinygemm_us") if dense == "int4_mma_us" else (dense,)
-    for field in fields:
-        measured = sparse_beats_dense(name, weight_format, rows, k, n, sparsity, field)
-        if measured is not None:
-            return measured, measured_on(name, weight_format, rows, k, n, field)
+    measured = sparse_beats_dense(name, weight_format, rows, k, n, sparsity, dense)
+    if measured is not None:
+        return measured, measured_on(name, weight_format, rows, k, n, dense)
+    if dense == "int4_mma_us":
+        slower_than_tinygemm = sparse_beats_dense(name, weight_format, rows, k, n, sparsity, "tinygemm_us") is False
+        return False, measured_on(name, weight_format, rows, k, n, "tinygemm_us") if slower_than_tinygemm else None
     return estimated_sparse_beats_dense(weight_format, k, n, sparsity, rows), None
 
 

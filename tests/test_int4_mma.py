@@ -220,7 +220,8 @@ def test_the_switch_is_read_with_tinygemms(monkeypatch) -> None:
 
 def test_the_speed_table_judges_the_mma_copy_by_its_own_time_else_tinygemms(monkeypatch) -> None:
     """With int4_mma's copy a layer's dense path is int4_mma: TEAL pays only where the kernel at the
-    layer's sparsity beats int4_mma's time; an entry without it reads tinygemm's (the slower copy)."""
+    layer's sparsity beats int4_mma's time; without that time the layer stays dense, measured where the
+    kernel lost to tinygemm (the slower copy), else as unmeasured."""
     import teal_kernels.speed_table as st
 
     key = st.table_key("Fake GPU", "int4-g128", 1, 256, 48)
@@ -235,7 +236,13 @@ def test_the_speed_table_judges_the_mma_copy_by_its_own_time_else_tinygemms(monk
     assert layer.kernel_verdict(cuda) == (False, "Fake GPU")  # 9.0 against int4_mma's 8.0
     layer._kernel_pays.clear()
     del entry["int4_mma_us"]
-    assert layer.kernel_verdict(cuda) == (True, "Fake GPU")  # 9.0 against tinygemm's 9.5
+    assert layer.kernel_verdict(cuda) == (False, None)  # 9.0 beats tinygemm's 9.5: not int4_mma, unmeasured
+    layer._kernel_pays.clear()
+    entry["tinygemm_us"] = 8.5
+    assert layer.kernel_verdict(cuda) == (False, "Fake GPU")  # 9.0 against tinygemm's 8.5: slower, measured
+    layer._kernel_pays.clear()
+    monkeypatch.setattr(st, "speed_table", lambda: {})
+    assert layer.kernel_verdict(cuda) == (False, None)  # no entry: int4_mma, not the size model's sparse
 
 
 needs_gluon = pytest.mark.skipif(not (torch.cuda.is_available() and im.available()),
