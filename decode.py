@@ -20,8 +20,9 @@ fewer a layer (H200, SmolLM2-135M shape: 1501 -> 2080 tok/s, benchmarks/results/
 The sparse GEMV's prologue computes them too where PackedLinear measured that faster (one row,
 every format: int4-g128 + int8 head on the Llama-3-8B shape 316.0 -> 321.4 tok/s dense);
 TEAL_FUSED_NORM=1 / 0 (read when the blocks are installed) forces it on / off for every format
-(int4_mma, which has no norm prologue, excepted); elsewhere torch runs the norm first. Where the projections on both sides of a norm run int4_mma with
-TEAL_INT4_MMA_NORM_STATS=1, the norm runs in no kernel: the projection before it (o; the previous
+(int4_mma, which has no norm prologue, excepted); elsewhere torch runs the norm first. Where the
+projections on both sides of a norm run int4_mma (TEAL_INT4_MMA_NORM_STATS, on by default), the norm
+runs in no kernel: the projection before it (o; the previous
 block's down, through this block's buffers) writes its input times the norm's weight and the sums of
 squares, and the one after (gate|up; q|k|v) scales its product by 1 / rms.
 

@@ -212,6 +212,12 @@ INT4_MMA_NORM_STATS_ENV = "TEAL_INT4_MMA_NORM_STATS"
 INT4_MMA_BF16_SCALES_ENV = "TEAL_INT4_MMA_BF16_SCALES"
 
 
+def int4_mma_scale_dtype() -> torch.dtype:
+    """The dtype of int4_mma's copy's scales and zeros (INT4_MMA_BF16_SCALES_ENV): what attach_int4pack
+    packs, and what the benchmarks pack to time an int4 layer's dense decode path."""
+    return torch.bfloat16 if env_switch(INT4_MMA_BF16_SCALES_ENV, default="1") else torch.float32
+
+
 @torch.compiler.assume_constant_result
 def attention_o_fits_for(device: torch.device, weight_format: str, k: int, split_sizes: tuple[int, ...],
                          n_head: int, n_kv: int, d: int) -> bool:
@@ -535,7 +541,7 @@ def attach_int4pack(model: nn.Module) -> list[str]:
     use_mma = env_switch(INT4_MMA_ENV, default="1")
     gate = env_switch(INT4_MMA_GATE_ENV, default="1") and use_mma
     norm_stats = env_switch(INT4_MMA_NORM_STATS_ENV, default="1") and use_mma
-    scale_dtype = torch.bfloat16 if env_switch(INT4_MMA_BF16_SCALES_ENV, default="1") and use_mma else torch.float32
+    scale_dtype = int4_mma_scale_dtype()
     projections = packed_projections(model)
     head = getattr(model, "output", None)
     candidates = {**projections, **({"output": head} if isinstance(head, PackedLinear) else {})}

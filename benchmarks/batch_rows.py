@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from files import write_report
+from linear import int4_mma_scale_dtype
 from teal_kernels import sparse_gemv
 from teal_kernels import int4_mma as mma
 from teal_kernels.tinygemm import int4pack, int4pack_fits, int4pack_mm
@@ -71,7 +72,8 @@ def main() -> None:
             pack = int4pack(codes, scales, torch.zeros_like(scales), 128)
             ways["tinygemm int4-g128 (TEAL_INT4_TINYGEMM)"] = lambda v: int4pack_mm(v, *pack, 128)
             if args.device == "cuda" and mma.fits(k, n, 128, torch.bfloat16) and mma.available():
-                copy = mma.pack(codes, scales, torch.zeros_like(scales))  # the same weights, int4_mma's copy
+                # the same weights, the copy the product packs
+                copy = mma.pack(codes, scales, torch.zeros_like(scales), scale_dtype=int4_mma_scale_dtype())
                 ways["int4_mma int4-g128 (TEAL_INT4_MMA)"] = lambda v: mma.int4_mma(v, *copy)
         for way, product in ways.items():
             share, worst = row_by_row_difference(product, x)

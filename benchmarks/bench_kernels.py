@@ -81,14 +81,16 @@ def tinygemm_us(m: int, k: int, n: int, group_size: int) -> float | None:
 @functools.cache
 def int4_mma_us(m: int, k: int, n: int, group_size: int) -> float | None:
     """µs of teal_kernels/int4_mma.py's tensor-core product (an int4-g128 layer's dense decode calls
-    under TEAL_INT4_MMA) on the same shape; None where it does not take the shape or Triton has no Gluon."""
+    under TEAL_INT4_MMA, on the copy the product packs) on the same shape; None where it does not take the
+    shape or Triton has no Gluon."""
+    from linear import int4_mma_scale_dtype
     from teal_kernels import int4_mma as im
 
     if m > im.MAX_ROWS or not im.fits(k, n, group_size, torch.bfloat16) or not im.available():
         return None
     x = make_x(m, k, torch.bfloat16, "cuda", seed=0)
-    copies = [im.pack(*make_weight(f"int4-g{group_size}", k, n, "cuda", seed=i)[:3])
-              for i in range(copies_for(k * n // 2))]
+    copies = [im.pack(*make_weight(f"int4-g{group_size}", k, n, "cuda", seed=i)[:3],
+                      scale_dtype=int4_mma_scale_dtype()) for i in range(copies_for(k * n // 2))]
     return graph_time_us(lambda i: im.int4_mma(x, *copies[i]), len(copies))
 
 

@@ -86,9 +86,10 @@ def probe(k: int, splits: list[int], fmt: str) -> dict:
         lambda i: sparse_gemv_triton(x_half, half[i][0], zero, splits, half[i][1], half[i][2], group, config=half_cfg),
         len(half))
     if fmt == "int4-g128":
+        from linear import int4_mma_scale_dtype
         from teal_kernels.int4_mma import int4_mma, pack
         for name, xs, ws in (("mma_full_k", x, weights), ("mma_half_k", x_half, half)):
-            packed = [pack(*w[:3]) for w in ws]
+            packed = [pack(*w[:3], scale_dtype=int4_mma_scale_dtype()) for w in ws]  # the product's copy
             row[name] = graph_time_us(lambda i, xs=xs, packed=packed: int4_mma(xs, *packed[i]), len(packed))
             del packed
     if fmt != "bf16":

@@ -9,7 +9,9 @@ one launch, 59.6 against 68.8 µs a layer.
 The kernel launches as the product launches it (programmatic dependent launch unless TEAL_PDL=0), so
 back-to-back calls in the timing graph overlap a little; tinygemm's launches do not.
 
-Rows of the table, µs a call, CUDA graphs over rotating weight copies (benchmarks/timing.py):
+Rows of the table, µs a call, CUDA graphs over rotating weight copies (benchmarks/timing.py); every
+column but the last on copies with float32 scales and zeros (TEAL_INT4_MMA_BF16_SCALES=0; the product's
+default copy is the last column's):
   config_for      the kernel at the config its rule picks
   best            the fastest of CONFIGS, each checked against float64 first
   tinygemm        torch's _weight_int4pack_mm on its own copy (what dense int4 decode ran before)
@@ -18,7 +20,7 @@ Rows of the table, µs a call, CUDA graphs over rotating weight copies (benchmar
                   epilogue, SiLU(gate) * up in gate|up's (its paired copy); q|k|v plain
   + statistics    ... with the norms' statistics (TEAL_INT4_MMA_NORM_STATS=1): o and down also write
                   h * the norm's weight and h's tile sums of squares, q|k|v and gate|up scale by 1 / rms
-  bf16 scales     config_for's launch on a copy with bf16 scales and zeros (TEAL_INT4_MMA_BF16_SCALES=1:
+  bf16 scales     config_for's launch on a copy with bf16 scales and zeros (the default copy:
                   4 bytes a group and output instead of 8), checked against float64 of the rounded weights
 
     python -m benchmarks.int4_mma_lab --out benchmarks/results/int4_mma_lab/lab [--rows 1 4]

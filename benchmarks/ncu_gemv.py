@@ -73,8 +73,9 @@ def main() -> None:
         torch.cuda.synchronize()
         return
     if args.mma:
+        from linear import int4_mma_scale_dtype
         from teal_kernels.int4_mma import int4_mma, pack
-        packed = pack(w, scales, zeros)
+        packed = pack(w, scales, zeros, scale_dtype=int4_mma_scale_dtype())  # the product's copy
         for _ in range(4):
             int4_mma(x, *packed)
         torch.cuda.synchronize()

@@ -93,6 +93,18 @@ def test_a_copy_with_bf16_scales_multiplies_the_rounded_weights() -> None:
                     layer.zeros.to(torch.bfloat16).float())
 
 
+def test_the_copys_scale_dtype_is_read_from_its_switch(monkeypatch) -> None:
+    """linear.int4_mma_scale_dtype, the one place the copy's scale dtype is decided (attach_int4pack and
+    the benchmarks' timing of the dense path read it): bf16 by default, float32 with =0, a bad value an error."""
+    monkeypatch.delenv(linear.INT4_MMA_BF16_SCALES_ENV, raising=False)
+    assert linear.int4_mma_scale_dtype() == torch.bfloat16
+    monkeypatch.setenv(linear.INT4_MMA_BF16_SCALES_ENV, "0")
+    assert linear.int4_mma_scale_dtype() == torch.float32
+    monkeypatch.setenv(linear.INT4_MMA_BF16_SCALES_ENV, "yes")
+    with pytest.raises(ValueError):
+        linear.int4_mma_scale_dtype()
+
+
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_the_cpu_op_is_the_reference_product(m: int) -> None:
     w, scales, zeros = _int4(384, 64, seed=m)
