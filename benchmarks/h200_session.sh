@@ -732,7 +732,7 @@ case $phase in
   issue11_int8)  # issue 11's int8 targets on the same card: int8 + int8 head dense and 50% beside gpt-fast's int8 and the dense bf16 model in one run (~6 min on a cold machine)
     step 540 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --baselines torch-int8 --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8"
     ;;
-  gather_scales)  # issue 11, int4 + 50%: the gather kernel's scales and zeros requested once a block (two loads in flight) instead of a plane at a time (16 round trips behind barriers, local SASS): its GPU tests, fixed_cost before (prepare: git show HEAD~:teal_kernels/triton_gemv.py > .old_triton_gemv.py, the commit before the change) and after in one call, then int4-g128's 8B rows of the speed table re-timed with int4_mma's time (bench_kernels --table; copy $out/speed_table.json into the tree before gather_e2e) (~6 min)
+  gather_scales)  # issue 11, int4 + 50%: the gather kernel's scales and zeros requested once a block (two loads in flight) instead of a plane at a time (16 round trips behind barriers, local SASS): its GPU tests, fixed_cost before (prepare: git show HEAD~:teal_kernels/triton_gemv.py > .old_triton_gemv.py, the commit before the change) and after in one call, then int4-g128's 8B rows of the speed table re-timed with int4_mma's time (bench_kernels --table; copy $out/speed_table.json into the tree before gather_e2e), then dense and 50% end to end on it in what is left of 550 s
     step 120 python3 -m pytest -q tests/test_kernels.py -k "gather"
     kernel old
     step 100 python3 -m benchmarks.fixed_cost --format int4-g128 --out "$out/fixed_cost_int4_old"
@@ -740,6 +740,8 @@ case $phase in
     step 100 python3 -m benchmarks.fixed_cost --format int4-g128 --out "$out/fixed_cost_int4_new"
     step 240 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_int4"
     cp teal_kernels/speed_table.json "$out/speed_table.json"
+    # then, on that table, int4-g128 + int8 head dense and at 50% in what is left (gather_e2e: with gpt-fast's int4 and 65%)
+    step $((550 - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_table"
     ;;
   gather_e2e)  # after gather_scales, its speed table in the tree: int4-g128 + int8 head dense / 50% / 65% beside gpt-fast's int4 in one run (issue 11's 1.2x and 550 on the card lent), then the int4_mma lab at one row (GEMV >= 70% of the bandwidth) (~7 min on a cold machine)
     step 420 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --baselines torch-int4-g128 --sparsity 0 0.5 0.65 --decode_path fused --out "$out/decode_int4"
