@@ -741,7 +741,7 @@ case $phase in
     step 240 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_int4"
     cp teal_kernels/speed_table.json "$out/speed_table.json"
     # then, on that table, int4-g128 + int8 head dense and at 50% in what is left (gather_e2e: with gpt-fast's int4 and 65%)
-    step $((550 - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_table"
+    step $((${GATHER_LIMIT:-550} - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_table"
     ;;
   gather_e2e)  # after gather_scales, its speed table in the tree: int4-g128 + int8 head dense / 50% / 65% beside gpt-fast's int4 in one run (issue 11's 1.2x and 550 on the card lent), then the int4_mma lab at one row (GEMV >= 70% of the bandwidth) (~7 min on a cold machine)
     step 420 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --baselines torch-int4-g128 --sparsity 0 0.5 0.65 --decode_path fused --out "$out/decode_int4"
