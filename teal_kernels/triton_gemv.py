@@ -523,6 +523,31 @@ def _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _column_block_output(part_ptr, out_ptr, res_ptr, scale_ptr, counter_ptr, pid_n, GRID_K, M, N, m_offs, cols,
+                         out_ok, FORMAT: tl.constexpr, RESIDUAL: tl.constexpr, RED_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The last program of a column block: the sum of its GRID_K fp32 partials [M, BLOCK_N] (RED_K of
+    them requested at once, in a fixed order: one by one, each load waited for the last, down's 14
+    partials were ~8 of the int4 gather call's ~10 µs with no row read, H100), times the int8 column
+    scale, rounded, plus the residual (the unfused model's rounding: product to x's dtype, then the
+    sum); stores the output rows m_offs < M and resets the arrival counter for the next call."""
+    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, GRID_K, RED_K):
+        r = r0 + tl.arange(0, RED_K)
+        offs = (r[:, None, None] * M + m_offs[None, :, None]) * N + cols[None, None, :]
+        ok = (r < GRID_K)[:, None, None] & out_ok[None, :, :]
+        total += tl.sum(tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+    if FORMAT == 1:
+        total *= tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
+    result = total.to(out_ptr.dtype.element_ty)
+    if RESIDUAL:
+        res = tl.load(res_ptr + m_offs[:, None] * N + cols[None, :], mask=out_ok, other=0.0)
+        result = (result.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + m_offs[:, None] * N + cols[None, :], result, mask=out_ok)
+    tl.store(counter_ptr + pid_n, 0)  # ready for the next call
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr, nw_ptr,
     out_ptr, part_ptr, counter_ptr, idx_ptr, xs_ptr,
@@ -717,20 +742,8 @@ def _sparse_gemv_kernel(
     tl.debug_barrier()  # all threads' partial stores precede the release below
     ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
     if ticket == GRID_K - 1:
-        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for r0 in range(0, GRID_K, RED_K):
-            r = r0 + tl.arange(0, RED_K)
-            offs = (r[:, None, None] * M + m_offs[None, :, None]) * N + cols[None, None, :]
-            ok = (r < GRID_K)[:, None, None] & out_ok[None, :, :]
-            total += tl.sum(tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-        if FORMAT == 1:
-            total *= tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)[None, :]
-        result = total.to(out_ptr.dtype.element_ty)
-        if RESIDUAL:  # the unfused model's rounding: product to x's dtype, then the sum
-            res = tl.load(res_ptr + m_offs[:, None] * N + cols[None, :], mask=out_ok, other=0.0)
-            result = (result.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + m_offs[:, None] * N + cols[None, :], result, mask=out_ok)
-        tl.store(counter_ptr + pid_n, 0)  # ready for the next call
+        _column_block_output(part_ptr, out_ptr, res_ptr, scale_ptr, counter_ptr, pid_n, GRID_K, M, N, m_offs, cols,
+                             out_ok, FORMAT, RESIDUAL, RED_K, BLOCK_M, BLOCK_N)
 
 
 # ---------------------------------------------------------------------------
@@ -889,6 +902,7 @@ def _dot_gemv_kernel(
     GATED: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr,
     INTERPRET: tl.constexpr, PDL: tl.constexpr,
     GATHER: tl.constexpr = False, GROUPS: tl.constexpr = 1,  # the "gather" design (one row): see above
+    RED_K: tl.constexpr = 1,  # partials the last program requests at once (_column_block_output)
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -999,17 +1013,8 @@ def _dot_gemv_kernel(
     tl.debug_barrier()  # every thread's partial precedes the release below
     ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
     if ticket == grid_k - 1:
-        total = tl.zeros([DOT_M, BLOCK_N], dtype=tl.float32)
-        for r in range(0, grid_k):
-            total += tl.load(part_ptr + r * M * N + out_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
-        if FORMAT == 1:
-            total *= tl.load(scale_ptr + cols)[None, :]
-        result = total.to(out_ptr.dtype.element_ty)
-        if RESIDUAL:  # the unfused model's rounding: product to x's dtype, then the sum
-            res = tl.load(res_ptr + out_offs, mask=out_ok, other=0.0)
-            result = (result.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + out_offs, result, mask=out_ok)
-        tl.store(counter_ptr + pid_n, 0)
+        _column_block_output(part_ptr, out_ptr, res_ptr, scale_ptr, counter_ptr, pid_n, grid_k, M, N, m_offs, cols,
+                             m_ok[:, None] & (cols < N)[None, :], FORMAT, RESIDUAL, RED_K, BLOCK_M, BLOCK_N)
 
 
 # ---------------------------------------------------------------------------
@@ -1146,6 +1151,7 @@ def sparse_gemv_triton(
         x, w, *_aux_args(x, thresholds, scales, zeros, residual, norm_weight), out, partials, counters, idx, xs,
         m, k, n, w.shape[1], float(eps), splits,
         GATHER=gather, GROUPS=cfg.block_k // group_size if gather and fmt == FMT_INT4 else 1,
+        RED_K=_reduction_step(grid_k, next_power_of_2(m), cfg.block_n),
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=next_power_of_2(m), DOT_M=dot_tile_rows(m),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SUB_K=cfg.sub_k, **_fusions(gated, residual, norm_weight), EVEN_K=k % cfg.block_k == 0,
@@ -1153,6 +1159,12 @@ def sparse_gemv_triton(
         **_registers(cfg),
     )
     return out
+
+
+def _reduction_step(grid_k: int, block_m: int, block_n: int) -> int:
+    """Partials the last program of a column block requests at once: all of them where they fit the
+    register budget."""
+    return max(1, min(next_power_of_2(grid_k), _REDUCTION_FLOATS // (block_m * block_n)))
 
 
 def _launch_buffers(x: Tensor, m: int, k: int, n: int, cfg: KernelConfig,
@@ -1209,8 +1221,6 @@ def _launch_rows(x: Tensor, w: Tensor, fmt: int, m: int, k: int, n: int, cfg: Ke
         idx, xs = _alloc((slots,), torch.int32, x.device), _alloc((slots * block_m,), torch.float32, x.device)
     else:
         idx = xs = counters  # unused
-    # Partials the last program sums per step: all of them where they fit the register budget.
-    red_k = max(1, min(next_power_of_2(grid_k), _REDUCTION_FLOATS // (block_m * cfg.block_n)))
     # Largest power of two dividing every program's first column: lets loads vectorize.
     col_align = min(cfg.block_n, 32, *(s & -s for s in split_sizes))
     pipeline = cfg.num_stages if cfg.compact and cfg.num_stages > 2 else 1
@@ -1224,7 +1234,8 @@ def _launch_rows(x: Tensor, w: Tensor, fmt: int, m: int, k: int, n: int, cfg: Ke
         WINDOW=group_size if fmt == FMT_INT4 else cfg.block_k, COMPACT=cfg.compact,
         PREFETCH=cfg.compact and cfg.num_stages == 2, PIPELINE=pipeline,
         LANE_SUM=cfg.lane_sum,
-        LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align), RED_K=red_k,
+        LANE_GROUPS=_lane_groups(cfg, fmt, w.element_size(), col_align),
+        RED_K=_reduction_step(grid_k, block_m, cfg.block_n),
         **_fusions(gated, residual, norm_weight),
         WHOLE_ROW=cfg.compact and grid_k == 1, INTERPRET=INTERPRETED, PDL=bool(pdl),
         num_warps=cfg.num_warps, num_stages=1, **pdl, **_registers(cfg), **att_consts,

@@ -179,7 +179,7 @@ def gemv_variants():
         yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
                dict(FORMAT=fmt, GROUP_SIZE=128 if fmt == 2 else 1, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=block_k,
                     SUB_K=sub_k, GATED=gated, RESIDUAL=residual, NORM=norm, EVEN_K=True, INTERPRET=False, PDL=True,
-                    GATHER=True, GROUPS=block_k // 128 if fmt == 2 else 1), 4, 4)
+                    GATHER=True, GROUPS=block_k // 128 if fmt == 2 else 1, RED_K=16 if gated else 4), 4, 4)
     for fmt, m, block_n in ((2, 16, 512), (2, 32, 256), (2, 64, 128), (2, 64, 256), (1, 64, 256)):  # short prefills
         yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
                dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, DOT_M=m, BLOCK_N=block_n, BLOCK_K=512,

@@ -366,6 +366,24 @@ def test_gather_design_matches_float64(case, quantiles):
         assert torch.allclose(gathered, masked.double(), rtol=2**-6, atol=2**-8 * max(1.0, masked.abs().max().item()))
 
 
+@pytest.mark.parametrize("design", ["rows", "dot", "gather"])
+def test_partials_summed_a_few_at_a_time(design, monkeypatch):
+    """The last program of a column block requests its partials RED_K at a time
+    (_column_block_output): with the register budget cut to two partials a step, a K of 5 blocks is
+    summed in three steps, the last one half masked, and still matches float64 (int8 with its column
+    scale and the residual on top)."""
+    cfg = KernelConfig(block_n=32, block_k=64, sub_k=16, design=design)
+    monkeypatch.setattr(sg, "_REDUCTION_FLOATS", 2 * 32)
+    assert sg._reduction_step(5, 1, 32) == 2
+    x, w, thresholds, splits, scales, zeros, g = make_problem("int8", torch.float16, 1, 5 * 64, [64], 0,
+                                                              quantiles=[0.5], seed=5)
+    residual = torch.randn(1, 64, generator=torch.Generator().manual_seed(2)).to(torch.float16).to(DEVICE)
+    out = sparse_gemv_triton(x, w, thresholds, splits, scales, zeros, g, config=cfg, residual=residual)
+    product = sparse_gemv_triton(x, w, thresholds, splits, scales, zeros, g, config=cfg)
+    assert_close_to_ref(product, x, w, thresholds, splits, scales, zeros, g)
+    assert torch.equal(out, (product.float() + residual.float()).to(out.dtype))
+
+
 def test_gather_design_fits_whole_int4_groups_and_one_row():
     """"gather" takes one row (a batch runs the dot design's masked tiles) and int4 blocks of whole
     groups, at most 16 (the tl.dot tile's rows), a power of two of them (the kernel lists a block's
