@@ -747,7 +747,7 @@ case $phase in
     step 420 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --baselines torch-int4-g128 --sparsity 0 0.5 0.65 --decode_path fused --out "$out/decode_int4"
     step 120 python3 -m benchmarks.int4_mma_lab --rows 1 --out "$out/int4_mma_lab"
     ;;
-  gather_red)  # issue 11: the dot / gather designs' last program requesting its split-K partials at once (c997674; down's gather sums 14, one load after another before it) against the kernel before (prepare: git show f4d599f:teal_kernels/triton_gemv.py > .old_triton_gemv.py), in one call: the kernels' GPU tests, fixed_cost int4-g128 and int4-g32 (the dot design's long K loops) before / after, then int4-g128's rows of the speed table with int4_mma's time (not merged into the committed table unless end to end wins: gather_scales_2026_12_06/) (~5 min)
+  gather_red)  # issue 11: the dot / gather designs' last program requesting its split-K partials at once (c997674; down's gather sums 14, one load after another before it) against the kernel before (prepare: git show f4d599f:teal_kernels/triton_gemv.py > .old_triton_gemv.py), in one call: the kernels' GPU tests, fixed_cost int4-g128 and int4-g32 (the dot design's long K loops) before / after, then int4-g128's rows of the speed table with int4_mma's time (not merged into the committed table unless end to end wins: gather_scales_2026_12_06/), then dense / 50% on it with the gather's norm in its prologue and in torch's kernel (TEAL_FUSED_NORM) in what is left of GATHER_LIMIT (~9 min)
     step 200 python3 -m pytest -q tests/test_kernels.py
     kernel old
     step 100 python3 -m benchmarks.fixed_cost --format int4-g128 --out "$out/fixed_cost_int4_old"
@@ -757,6 +757,8 @@ case $phase in
     step 100 python3 -m benchmarks.fixed_cost --format int4-g32 --out "$out/fixed_cost_g32_new"
     step 120 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_int4"
     cp teal_kernels/speed_table.json "$out/speed_table.json"
+    # on that table (gate|up sparse at 50%): its RMSNorm in the gather kernel's prologue (every program reads x's row) or in torch's kernel before it, alternating, in what is left of GATHER_LIMIT (550 s)
+    step $((${GATHER_LIMIT:-550} - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --switches TEAL_FUSED_NORM=1 TEAL_FUSED_NORM=0 --out "$out/decode_int4_norm"
     ;;
   gather_stalls)  # issue 11, int4 + 50% >= 550: where the gather kernel's ~12 us a call that reads no row goes (fixed_cost: gate|up 12.9 of 30.5 us at 50%, H100): per-reason warp stalls and per-instruction SASS samples of gate|up's stored gather config with no row kept and at 50%, as text in two tarballs (~4 min)
     stalls gather_none 150 _dot_gemv_kernel --layer gate_up --format int4-g128 --sparsity none
