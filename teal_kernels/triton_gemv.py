@@ -1143,6 +1143,7 @@ def sparse_gemv_triton(
     if fmt == FMT_INT4:  # read as int32 words of 8 columns (_fit_config checked the alignment)
         w = w.view(torch.int32)
     gather = cfg.design == "gather"
+    block_m = next_power_of_2(m)
     if gather:  # the list of each block's kept rows and their thresholded x
         slots = grid_n * grid_k * cfg.block_k
         idx, xs = _alloc((slots,), torch.int32, x.device), _alloc((slots,), torch.float32, x.device)
@@ -1152,8 +1153,8 @@ def sparse_gemv_triton(
         x, w, *_aux_args(x, thresholds, scales, zeros, residual, norm_weight), out, partials, counters, idx, xs,
         m, k, n, w.shape[1], float(eps), splits,
         GATHER=gather, GROUPS=cfg.block_k // group_size if gather and fmt == FMT_INT4 else 1,
-        RED_K=_reduction_step(grid_k, next_power_of_2(m), cfg.block_n),
-        FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=next_power_of_2(m), DOT_M=dot_tile_rows(m),
+        RED_K=_reduction_step(grid_k, block_m, cfg.block_n),
+        FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, DOT_M=dot_tile_rows(m),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SUB_K=cfg.sub_k, **_fusions(gated, residual, norm_weight), EVEN_K=k % cfg.block_k == 0,
         INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
