@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_ab | quant_gemm | quant_gemm_model | quant_gemm_ncu | int4_vec | int4_gemm_default | att_tiles | gemm_tiles | gemm_long | kpacked_lab | mma_lab | int4_mma | int4_mma_check | int4_mma_fusions | short_tiles | int4_sparse_lab | int4_mma_e2e | int4_mma_table | int4_mma_rule | norm_stats | norm_stats_lab | mma_stalls | int4_fixed_cost | mma_fuzz | gather_bw | int4_head | bf16_scales | int4_combo | int4_tests | issue11_int4 | issue11_int8 | gather_stalls | gather_scales | gather_red)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_ab | quant_gemm | quant_gemm_model | quant_gemm_ncu | int4_vec | int4_gemm_default | att_tiles | gemm_tiles | gemm_long | kpacked_lab | mma_lab | int4_mma | int4_mma_check | int4_mma_fusions | short_tiles | int4_sparse_lab | int4_mma_e2e | int4_mma_table | int4_mma_rule | norm_stats | norm_stats_lab | mma_stalls | int4_fixed_cost | mma_fuzz | gather_bw | int4_head | bf16_scales | int4_combo | int4_tests | issue11_int4 | issue11_int8 | gather_stalls | gather_scales | gather_red | gather_prologue)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 step() { local t=$1; shift; echo "=== $* (limit ${t}s)"; local s=$SECONDS; timeout "$t" "$@"; echo "=== rc=$? in $((SECONDS - s))s"; }
 # Same-call A/B of the GEMV kernel: `kernel old` puts .old_triton_gemv.py (prepared by the phase's
-# note, untracked, sent with the tree) in place, `kernel new` the checkout's own file back.
+# note, untracked, sent with the tree) in place, `kernel FILE` another such file, `kernel new` the
+# checkout's own file back (saved at the first call).
 kernel() {
-  if [ "$1" = old ]; then
-    cmp -s teal_kernels/triton_gemv.py .old_triton_gemv.py || cp teal_kernels/triton_gemv.py /tmp/new_triton_gemv.py
-    cp .old_triton_gemv.py teal_kernels/triton_gemv.py
-  else
-    cp /tmp/new_triton_gemv.py teal_kernels/triton_gemv.py
-  fi
+  [ -f /tmp/new_triton_gemv.py ] || cp teal_kernels/triton_gemv.py /tmp/new_triton_gemv.py
+  case $1 in
+    new) cp /tmp/new_triton_gemv.py teal_kernels/triton_gemv.py ;;
+    old) cp .old_triton_gemv.py teal_kernels/triton_gemv.py ;;
+    *) cp "$1" teal_kernels/triton_gemv.py ;;
+  esac
 }
 # The real SmolLM2 from its GGUF carried in two halves (the first kept on the machine by an earlier
 # call: e2e or gguf_a), converted and calibrated under /tmp/teal_gguf/ck; sets gen, its generate.py call.
@@ -755,6 +756,16 @@ case $phase in
     cp teal_kernels/speed_table.json "$out/speed_table.json"
     # on that table (gate|up sparse at 50%): its RMSNorm in the gather kernel's prologue (every program reads x's row) or in torch's kernel before it, alternating, in what is left of GATHER_LIMIT (550 s)
     step $((${GATHER_LIMIT:-550} - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --switches TEAL_FUSED_NORM=1 TEAL_FUSED_NORM=0 --out "$out/decode_int4_norm"
+    ;;
+  gather_prologue)  # issue 11, int4 + 50%: the gather kernel's prologue (the block's x, the norm weight and the whole row requested together, the statistics in one round trip at K = 4096; the kept-row list's prefix sum in runs of 8: 92 -> 10 SHFL.UP and 205 -> 146 registers at gate|up's tile; scales and zeros prefetched into L2 before the PDL wait) against the kernel before it (c997674, the partials at once: prepare git show 48bc14a:teal_kernels/triton_gemv.py > .mid_triton_gemv.py) and the one before that (f4d599f: .old_triton_gemv.py), in one call: the GPU tests, fixed_cost int4-g128 of each, the table's int4 rows re-timed, then dense / 50% on them beside gpt-fast's int4 in what is left of GATHER_LIMIT (550 s)
+    step 200 python3 -m pytest -q tests/test_kernels.py -k "gather or norm"
+    for v in old .mid_triton_gemv.py new; do
+      kernel $v
+      step 100 python3 -m benchmarks.fixed_cost --format int4-g128 --out "$out/fixed_cost_${v//[^a-z]/}"
+    done
+    step 120 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_int4"
+    cp teal_kernels/speed_table.json "$out/speed_table.json"
+    step $((${GATHER_LIMIT:-550} - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --baselines torch-int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_table"
     ;;
   gather_stalls)  # issue 11, int4 + 50% >= 550: where the gather kernel's ~12 us a call that reads no row goes (fixed_cost: gate|up 12.9 of 30.5 us at 50%, H100): per-reason warp stalls and per-instruction SASS samples of gate|up's stored gather config with no row kept and at 50%, as text in two tarballs (~4 min)
     stalls gather_none 150 _dot_gemv_kernel --layer gate_up --format int4-g128 --sparsity none

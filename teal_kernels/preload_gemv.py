@@ -83,7 +83,7 @@ def _preload_gemv_kernel(
             xv = tl.load(x_row + rows, mask=rows_ok, other=0.0).to(tl.float32)
             if NORM:  # x is the residual stream: RMSNorm's statistics over the row this program holds
                 scale = 1.0 / tl.sqrt_rn(tl.sum(xv * xv, axis=0) / K + eps)
-                xv = _normed(xv, scale, nw_ptr, rows, rows_ok, DTYPE)
+                xv = _normed(xv, scale, tl.load(nw_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32), DTYPE)
         result = tl.sum(xv[:, None] * w.to(tl.float32), axis=0).to(DTYPE)
         if RESIDUAL:  # the unfused model's rounding: product to x's dtype, then the sum
             res = tl.load(res_ptr + m * N + cols, mask=cols_ok, other=0.0)

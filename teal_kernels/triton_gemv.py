@@ -413,12 +413,11 @@ def _int4_planes(words, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _rms_scale(x_ptr, M, K, eps, BLOCK_M: tl.constexpr):
+def _rms_scale(x_ptr, M, K, eps, BLOCK_M: tl.constexpr, NORM_BLOCK: tl.constexpr = 1024):
     """1 / sqrt(mean(x[m]^2) + eps) per batch row [BLOCK_M], fp32 (model.RMSNorm's statistics;
     the sum's order differs from torch's, so the last bits may): every program reads the whole
     rows, a few KB from L2, instead of a separate norm kernel writing them, in loads of NORM_BLOCK
-    values, each waiting on the last."""
-    NORM_BLOCK: tl.constexpr = 1024
+    values, each waiting on the last (the loop is unrolled by two: local sm_90 SASS)."""
     m_offs = tl.arange(0, BLOCK_M)
     squares = tl.zeros([BLOCK_M, NORM_BLOCK], dtype=tl.float32)  # summed across threads once, after the loop
     for k0 in range(0, K, NORM_BLOCK):
@@ -436,10 +435,10 @@ def _scale_of(squares, K, eps):
 
 
 @triton.jit
-def _normed(h, scale, nw_ptr, rows, ok, DTYPE: tl.constexpr):
-    """model.RMSNorm's output from the residual stream h (fp32 values of DTYPE) and its row
-    scale: (h * scale) rounded to DTYPE, times the norm weight, rounded again."""
-    nw = tl.load(nw_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+def _normed(h, scale, nw, DTYPE: tl.constexpr):
+    """model.RMSNorm's output from the residual stream h (fp32 values of DTYPE), its row scale and
+    the norm weight nw (fp32; callers request it before the statistics, a weight no barrier waits
+    for): (h * scale) rounded to DTYPE, times nw, rounded again."""
     return ((h * scale).to(DTYPE).to(tl.float32) * nw).to(DTYPE).to(tl.float32)
 
 
@@ -455,7 +454,7 @@ def _masked_x(x_ptr, lane_m, rows, ok, threshold, K, GATED: tl.constexpr, nw_ptr
     else:
         xv = tl.load(x_ptr + lane_m * K + rows, mask=ok, other=0.0).to(tl.float32)
         if NORM:
-            xv = _normed(xv, scale, nw_ptr, rows, ok, x_ptr.dtype.element_ty)
+            xv = _normed(xv, scale, tl.load(nw_ptr + rows, mask=ok, other=0.0).to(tl.float32), x_ptr.dtype.element_ty)
     return tl.where(tl.abs(xv) > threshold, xv, 0.0)
 
 
@@ -620,11 +619,12 @@ def _sparse_gemv_kernel(
             # The block's residual stream is loaded before the statistics' loads, so both are in
             # flight at once; a block that holds every row gives the statistics itself.
             h = tl.load(x_ptr + m_offs[:, None] * K + block_rows[None, :], mask=block_ok, other=0.0).to(tl.float32)
+            nw = tl.load(nw_ptr + block_rows[None, :], mask=block_ok, other=0.0).to(tl.float32)
             if WHOLE_ROW:
                 row_scale = _scale_of(tl.sum(h * h, axis=1), K, eps)
             else:
                 row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)
-            block_x = _normed(h, row_scale[:, None], nw_ptr, block_rows[None, :], block_ok, x_ptr.dtype.element_ty)
+            block_x = _normed(h, row_scale[:, None], nw, x_ptr.dtype.element_ty)
             block_x = tl.where(tl.abs(block_x) > threshold, block_x, 0.0)
         else:
             block_x = _masked_x(x_ptr, m_offs[:, None], block_rows[None, :], block_ok, threshold, K, GATED,
@@ -798,9 +798,11 @@ def _sparse_gemv_kernel(
 
 @triton.jit
 def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr, nw_ptr, row_scale,
-                NORM: tl.constexpr, EVEN_K: tl.constexpr):
+                NORM: tl.constexpr, EVEN_K: tl.constexpr, M=1, eps=0.0, OWN_STATS: tl.constexpr = False):
     """Thresholded x [BLOCK_M, SUB_K] in fp32 (batch rows past M and, unless EVEN_K, weight rows
-    past K are zero); GATED and NORM as _masked_x."""
+    past K are zero); GATED and NORM as _masked_x. OWN_STATS (the gather design's one block): NORM's
+    row_scale is computed here, after the tile's load is requested, so the tile and the whole rows
+    (in loads of 4096 values: one round trip at K = 4096) are in flight together."""
     if EVEN_K:
         ok = m_ok[:, None]
     else:
@@ -813,7 +815,10 @@ def _dot_x_tile(x_ptr, m_offs, m_ok, rows, threshold, K, GATED: tl.constexpr, nw
     else:
         xv = tl.load(x_ptr + m_offs[:, None] * K + rows[None, :], mask=ok, other=0.0).to(tl.float32)
         if NORM:
-            xv = _normed(xv, row_scale[:, None], nw_ptr, rows[None, :], ok, x_ptr.dtype.element_ty)
+            nw = tl.load(nw_ptr + rows[None, :], mask=ok, other=0.0).to(tl.float32)
+            if OWN_STATS:
+                row_scale = _rms_scale(x_ptr, M, K, eps, m_offs.shape[0], 4096)
+            xv = _normed(xv, row_scale[:, None], nw, x_ptr.dtype.element_ty)
     return tl.where(tl.abs(xv) > threshold, xv, 0.0)
 
 
@@ -862,6 +867,30 @@ def _group_scaled(a0, a1, a2, a3, a4, a5, a6, a7, x_sums, scale_ptr, zero_ptr, o
     acc = _interleave8(a0, a1, a2, a3, a4, a5, a6, a7)
     row = tl.sum(acc * s + x_sums[:, None] * z, axis=0)
     return tl.broadcast_to(row[None, :], acc.shape)
+
+
+@triton.jit
+def _exclusive_prefix(v, RUN: tl.constexpr):
+    """Exclusive prefix sum of a 1-D int tensor, as runs of RUN neighbours (one thread's vector load:
+    summed in registers) and a scan of the runs' totals. tl.cumsum over the whole block scanned
+    across threads once for every value a thread holds (SASS: 92 SHFL.UP at 2048 values)."""
+    runs = tl.reshape(v, [v.shape[0] // RUN, RUN])
+    totals = tl.sum(runs, axis=1)
+    before = tl.cumsum(totals, 0) - totals
+    return tl.reshape(before[:, None] + tl.cumsum(runs, 1) - runs, [v.shape[0]])
+
+
+@triton.jit
+def _prefetch_l2(ptr, row0, n_rows, ROWS: tl.constexpr, col0, N, BLOCK_N: tl.constexpr):
+    """Ask L2 for rows [row0, row0 + ROWS) (clamped to the table's n_rows) x columns [col0, col0 +
+    BLOCK_N) of a weight table [n_rows, N]: one request a 128-byte line, no register waits for it. A
+    kernel's weights requested before its PDL wait arrive while the kernel before it finishes."""
+    LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth  # values a line
+    tl.static_assert(BLOCK_N >= LINE)
+    rows = tl.minimum(row0 + tl.arange(0, ROWS), n_rows - 1)
+    cols = tl.minimum(col0 + LINE * tl.arange(0, BLOCK_N // LINE), N - 1)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptr + rows[:, None] * N + cols[None, :]],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -914,15 +943,18 @@ def _dot_gemv_kernel(
     for j in tl.static_range(1, _SEGMENT_SLOTS):
         seg += (col0 >= SPLITS[j]).to(tl.int32)
     cols = tl.multiple_of(col0, BLOCK_N) + tl.arange(0, BLOCK_N)
-    if PDL:  # launched early: no memory access before the previous kernel has finished
+    k0 = pid_k * BLOCK_K
+    if GATHER and FORMAT == 2 and not INTERPRET:  # the block's scales and zeros, read after the loop
+        _prefetch_l2(scale_ptr, k0 // GROUP_SIZE, K // GROUP_SIZE, GROUPS, col0, N, BLOCK_N)
+        _prefetch_l2(zero_ptr, k0 // GROUP_SIZE, K // GROUP_SIZE, GROUPS, col0, N, BLOCK_N)
+    if PDL:  # launched early: no memory access before the previous kernel has finished (weights aside)
         tl.extra.cuda.gdc_wait()
     threshold = tl.load(thr_ptr + seg)
     m_offs = tl.arange(0, BLOCK_M)
     m_ok = m_offs < M
-    k0 = pid_k * BLOCK_K
-    if NORM:
+    if NORM and not GATHER:
         row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)
-    else:
+    else:  # unread, or (GATHER) computed with the block's x
         row_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     acc = tl.zeros([DOT_M, BLOCK_N], dtype=tl.float32)
@@ -940,9 +972,9 @@ def _dot_gemv_kernel(
     if GATHER:  # M = 1: the block's kept rows, listed once, then read SUB_K a tile
         block_rows = k0 + tl.arange(0, BLOCK_K)
         block_x = tl.reshape(_dot_x_tile(x_ptr, m_offs, m_ok, block_rows, threshold, K, GATED, nw_ptr, row_scale,
-                                         NORM, EVEN_K), [BLOCK_K])
+                                         NORM, EVEN_K, M, eps, OWN_STATS=True), [BLOCK_K])
         kept = (block_x != 0.0).to(tl.int32)
-        dest = tl.cumsum(kept, 0) - kept
+        dest = _exclusive_prefix(kept, 8)
         slots = (pid_n * grid_k + pid_k) * BLOCK_K
         tl.store(idx_ptr + slots + dest, block_rows, mask=kept > 0)
         tl.store(xs_ptr + slots + dest, block_x, mask=kept > 0)
