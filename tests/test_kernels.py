@@ -366,6 +366,18 @@ def test_gather_design_matches_float64(case, quantiles):
         assert torch.allclose(gathered, masked.double(), rtol=2**-6, atol=2**-8 * max(1.0, masked.abs().max().item()))
 
 
+@pytest.mark.parametrize("fmt", ["fp", "int8"])
+@pytest.mark.parametrize("stages", [1, 4], ids=["compact", "pipelined"])
+def test_rows_long_blocks_list_their_kept_rows(fmt, stages):
+    """One row through the rows design's blocks of 1024 rows, whose kept-row list is numbered by
+    _exclusive_prefix (runs of 8, then the runs' totals; shorter blocks keep tl.cumsum): two whole
+    blocks and a short third, against float64."""
+    args = make_problem(fmt, torch.bfloat16, 1, 2600, [32, 16], 0, quantiles=[0.5, 0.8], seed=3)
+    cfg = KernelConfig(block_n=16, block_k=1024, sub_k=32, design="rows", compact=True, num_stages=stages)
+    assert sg._fit_config(cfg, {"fp": FMT_FLOAT, "int8": FMT_INT8}[fmt], 0, 1, 2600, [32, 16]).block_k == 1024
+    assert_close_to_ref(sparse_gemv_triton(*args, config=cfg), *args)
+
+
 @pytest.mark.parametrize("design", ["rows", "dot", "gather"])
 def test_partials_summed_a_few_at_a_time(design, monkeypatch):
     """The last program of a column block requests its partials RED_K at a time
