@@ -757,12 +757,12 @@ case $phase in
     # on that table (gate|up sparse at 50%): its RMSNorm in the gather kernel's prologue (every program reads x's row) or in torch's kernel before it, alternating, in what is left of GATHER_LIMIT (550 s)
     step $((${GATHER_LIMIT:-550} - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --switches TEAL_FUSED_NORM=1 TEAL_FUSED_NORM=0 --out "$out/decode_int4_norm"
     ;;
-  gather_prologue)  # issue 11, int4 + 50%: the gather kernel's prologue (the block's x, the norm weight and the whole row requested together, the statistics in one round trip at K = 4096; the kept-row list's prefix sum in runs of 8: 92 -> 10 SHFL.UP and 205 -> 146 registers at gate|up's tile; scales and zeros prefetched into L2 before the PDL wait) against the kernel before it (c997674, the partials at once: prepare git show 48bc14a:teal_kernels/triton_gemv.py > .mid_triton_gemv.py) and the one before that (f4d599f: .old_triton_gemv.py), in one call: the GPU tests, fixed_cost int4-g128 of each, the table's int4 rows re-timed, then dense / 50% on them beside gpt-fast's int4 in what is left of GATHER_LIMIT (550 s)
-    step 200 python3 -m pytest -q tests/test_kernels.py -k "gather or norm"
+  gather_prologue)  # issue 11, int4 + 50%: the gather kernel's prologue (the block's x, the norm weight and the whole row requested together, the statistics in one round trip at K = 4096; the kept-row list's prefix sum in runs of 8: 92 -> 10 SHFL.UP and 205 -> 146 registers at gate|up's tile; scales and zeros prefetched into L2 before the PDL wait) against the kernel before it (c997674, the partials at once: prepare git show 48bc14a:teal_kernels/triton_gemv.py > .mid_triton_gemv.py) and the one before that (f4d599f: .old_triton_gemv.py), in one call: fixed_cost int4-g128 of each, the GPU tests, the table's int4 rows re-timed, then dense / 50% on them beside gpt-fast's int4 in what is left of GATHER_LIMIT (550 s)
     for v in old .mid_triton_gemv.py new; do
       kernel $v
       step 100 python3 -m benchmarks.fixed_cost --format int4-g128 --out "$out/fixed_cost_${v//[^a-z]/}"
     done
+    step 150 python3 -m pytest -q tests/test_kernels.py -k "gather or norm or long_blocks"
     step 120 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_int4"
     cp teal_kernels/speed_table.json "$out/speed_table.json"
     step $((${GATHER_LIMIT:-550} - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --baselines torch-int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_table"
