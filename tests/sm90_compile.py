@@ -172,12 +172,14 @@ def gemv_variants():
                                          SUB_K=32, GATED=False, RESIDUAL=False, NORM=False,
                                          EVEN_K=True, INTERPRET=False, PDL=False), 8, 3)
     # the "gather" design (one row: a block's kept rows listed once, int4 groups as the tile's rows) at
-    # the 8B int4 winners' K blocks (gate|up 2048 with its norm, down 1024 gated with the residual), int8, bf16
-    for fmt, block_k, sub_k, (gated, residual, norm) in (
-            (2, 2048, 128, (False, False, True)), (2, 1024, 64, (True, True, False)),
-            (1, 1024, 64, (False, False, True)), (0, 512, 32, (False, True, False))):
+    # the 8B int4 winners' tiles (gate|up 2048 rows with its norm; the H200's stored gate|up, 512 columns;
+    # down 1024 gated with the residual), int8, bf16
+    for fmt, block_n, block_k, sub_k, (gated, residual, norm) in (
+            (2, 256, 2048, 128, (False, False, True)), (2, 512, 1024, 64, (False, False, True)),
+            (2, 256, 1024, 64, (True, True, False)), (1, 256, 1024, 64, (False, False, True)),
+            (0, 256, 512, 32, (False, True, False))):
         yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
-               dict(FORMAT=fmt, GROUP_SIZE=128 if fmt == 2 else 1, BLOCK_M=1, DOT_M=16, BLOCK_N=256, BLOCK_K=block_k,
+               dict(FORMAT=fmt, GROUP_SIZE=128 if fmt == 2 else 1, BLOCK_M=1, DOT_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
                     SUB_K=sub_k, GATED=gated, RESIDUAL=residual, NORM=norm, EVEN_K=True, INTERPRET=False, PDL=True,
                     GATHER=True, GROUPS=block_k // 128 if fmt == 2 else 1, RED_K=16 if gated else 4), 4, 4)
     for fmt, m, block_n in ((2, 16, 512), (2, 32, 256), (2, 64, 128), (2, 64, 256), (1, 64, 256)):  # short prefills
