@@ -807,7 +807,9 @@ def _sparse_gemv_kernel(
 # rows. A tile now spans int4 groups; at one row the tl.dot's other 15 rows are free, so row g of
 # the x tile holds the x of the block's g-th group (zero elsewhere) and accumulator row g sums
 # group g alone: blocks of at most 16 groups, and each group's scale and zero are applied once a
-# block (_group_scaled) instead of once a tile.
+# block (_group_scaled) instead of once a tile. The block's scales and zeros prefetched into L2 before
+# the PDL wait (prefetch.global.L2) lost: H100, 2026-12-06, gate|up at 50% 20.50 -> 21.67 µs a call,
+# the int4 50% step 482.6 -> 451.7 tok/s (results/gather_prologue_2026_12_06/); not kept.
 #
 # Reduction over K blocks, one launch, no memset, as in the "rows" design: each program stores
 # its fp32 partial and the last program of the column block (arrival ticket) sums them in a fixed
@@ -891,19 +893,6 @@ def _group_scaled(a0, a1, a2, a3, a4, a5, a6, a7, x_sums, scale_ptr, zero_ptr, o
 
 
 @triton.jit
-def _prefetch_l2(ptr, row0, n_rows, ROWS: tl.constexpr, col0, N, BLOCK_N: tl.constexpr):
-    """Ask L2 for rows [row0, row0 + ROWS) (clamped to the table's n_rows) x columns [col0, col0 +
-    BLOCK_N) of a weight table [n_rows, N]: one request a 128-byte line, no register waits for it. A
-    kernel's weights requested before its PDL wait arrive while the kernel before it finishes."""
-    LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth  # values a line
-    tl.static_assert(BLOCK_N >= LINE)
-    rows = tl.minimum(row0 + tl.arange(0, ROWS), n_rows - 1)
-    cols = tl.minimum(col0 + LINE * tl.arange(0, BLOCK_N // LINE), N - 1)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptr + rows[:, None] * N + cols[None, :]],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _interleave8(p0, p1, p2, p3, p4, p5, p6, p7):
     """Eight [R, C] tiles -> [R, 8 * C] with column 8c + i from tile i."""
     t = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
@@ -953,15 +942,12 @@ def _dot_gemv_kernel(
     for j in tl.static_range(1, _SEGMENT_SLOTS):
         seg += (col0 >= SPLITS[j]).to(tl.int32)
     cols = tl.multiple_of(col0, BLOCK_N) + tl.arange(0, BLOCK_N)
-    k0 = pid_k * BLOCK_K
-    if GATHER and FORMAT == 2 and not INTERPRET:  # the block's scales and zeros, read after the loop
-        _prefetch_l2(scale_ptr, k0 // GROUP_SIZE, K // GROUP_SIZE, GROUPS, col0, N, BLOCK_N)
-        _prefetch_l2(zero_ptr, k0 // GROUP_SIZE, K // GROUP_SIZE, GROUPS, col0, N, BLOCK_N)
-    if PDL:  # launched early: no memory access before the previous kernel has finished (weights aside)
+    if PDL:  # launched early: no memory access before the previous kernel has finished
         tl.extra.cuda.gdc_wait()
     threshold = tl.load(thr_ptr + seg)
     m_offs = tl.arange(0, BLOCK_M)
     m_ok = m_offs < M
+    k0 = pid_k * BLOCK_K
     if NORM and not GATHER:
         row_scale = _rms_scale(x_ptr, M, K, eps, BLOCK_M)
     else:  # unread, or (GATHER) computed with the block's x
