@@ -744,7 +744,7 @@ case $phase in
     # then, on that table, int4-g128 + int8 head dense and at 50% in what is left
     step $((${GATHER_LIMIT:-550} - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_table"
     ;;
-  gather_red)  # issue 11: the dot / gather designs' last program requesting its split-K partials at once (c997674; down's gather sums 14, one load after another before it) against the kernel before (prepare: git show f4d599f:teal_kernels/triton_gemv.py > .old_triton_gemv.py), in one call: the kernels' GPU tests, fixed_cost int4-g128 and int4-g32 (the dot design's long K loops) before / after, then int4-g128's rows of the speed table with int4_mma's time (not merged into the committed table unless end to end wins: gather_scales_2026_12_06/), then dense / 50% on it with the gather's norm in its prologue and in torch's kernel (TEAL_FUSED_NORM) in what is left of GATHER_LIMIT (~9 min)
+  gather_red)  # (its fixed-cost half ran inside prologue_all, 2026-12-06) issue 11: the dot / gather designs' last program requesting its split-K partials at once (c997674; down's gather sums 14, one load after another before it) against the kernel before (prepare: git show f4d599f:teal_kernels/triton_gemv.py > .old_triton_gemv.py), in one call: the kernels' GPU tests, fixed_cost int4-g128 and int4-g32 (the dot design's long K loops) before / after, then int4-g128's rows of the speed table with int4_mma's time (not merged into the committed table unless end to end wins: gather_scales_2026_12_06/), then dense / 50% on it with the gather's norm in its prologue and in torch's kernel (TEAL_FUSED_NORM) in what is left of GATHER_LIMIT (~9 min)
     step 200 python3 -m pytest -q tests/test_kernels.py
     kernel old
     step 100 python3 -m benchmarks.fixed_cost --format int4-g128 --out "$out/fixed_cost_int4_old"
@@ -767,7 +767,7 @@ case $phase in
     cp teal_kernels/speed_table.json "$out/speed_table.json"
     step $((${GATHER_LIMIT:-550} - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --baselines torch-int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4_table"
     ;;
-  prologue_all)  # gather_prologue and int8_scan's kernel halves in one call, for a session short of device time: fixed_cost int4-g128 of the three gather kernels and int8 of the two rows kernels, int4's table rows, the int4 step dense / 50% on them (no gpt-fast row), then the GPU tests in what is left of PROLOGUE_LIMIT (420 s)
+  prologue_all)  # (ran 2026-12-06 on an H100, results/gather_prologue_2026_12_06/: the L2 prefetch lost and was removed, the step at 50% 482.6 against 445.4 dense) gather_prologue and int8_scan's kernel halves in one call, for a session short of device time: fixed_cost int4-g128 of the three gather kernels and int8 of the two rows kernels, int4's table rows, the int4 step dense / 50% on them (no gpt-fast row), then the GPU tests in what is left of PROLOGUE_LIMIT (420 s)
     for v in old .mid_triton_gemv.py new; do
       kernel $v
       step 100 python3 -m benchmarks.fixed_cost --format int4-g128 --out "$out/fixed_cost_${v//[^a-z]/}"
