@@ -515,15 +515,13 @@ def _group_sum(acc, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 @triton.jit
 def _exclusive_prefix(v, RUN: tl.constexpr):
-    """Exclusive prefix sum of a 1-D int tensor (the gather design's kept rows -> their slots in its
+    """Exclusive prefix sum of a 1-D int tensor of a multiple of RUN values (the gather design's kept rows -> their slots in its
     list), as runs of RUN neighbours (one thread's vector load: summed in registers) and a scan of the
     runs' totals. tl.cumsum over the whole block scanned across threads once for every value a thread
     holds: 5 SHFL.UP and a shared-memory step a 128 values at 4 warps (local sm_90 SASS, triton 3.6:
     92 SHFL.UP at int4 gate|up's 2048-row block, 10 with runs). The rows design takes it for one row
     and long blocks (int8 gate|up's 4096 rows: 160 -> 20 SHFL.UP, 248 -> 216 registers; down's 1024:
     40 -> 5, 109 -> 96); at 256-512 rows it saved a few instructions and moved registers both ways."""
-    if v.shape[0] < RUN:
-        return tl.cumsum(v, 0) - v
     runs = tl.reshape(v, [v.shape[0] // RUN, RUN])
     totals = tl.sum(runs, axis=1)
     before = tl.cumsum(totals, 0) - totals
