@@ -128,7 +128,9 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
         # slower on every 8B matrix (ibid.)
         gather_ns = (128, 256, 512) if kind == "int4" else (256, 512)
         gather_ks = (32, 64, 128) if kind == "int4" else (32, 64)
-        for bn, bk, sk, st in itertools.product(gather_ns, (512, 1024, 2048), gather_ks, (3, 4, 6)):
+        # stages: triton 3.6 double-buffers the gathered weight tile at 5-6 and triple-buffers it at 8
+        # (at 3-4 it compiles one buffer: one tile in flight while the last is multiplied)
+        for bn, bk, sk, st in itertools.product(gather_ns, (512, 1024, 2048), gather_ks, (4, 6, 8)):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, design="gather"))
     if min_block_k:
         for bn, bk, st, sk in itertools.product(block_ns[:2], (2048, 4096), (4, 6), sub_ks):
@@ -306,6 +308,8 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="retune shapes already in the file")
     parser.add_argument("--out", type=Path, default=TUNED_CONFIGS_PATH)
     parser.add_argument("--jobs", type=int, default=0, help="compile the candidates in this many processes first")
+    parser.add_argument("--layers", nargs="+", default=None, metavar="LAYER",
+                        help="only these projections of the models (e.g. gate_up down); default all")
     args = parser.parse_args()
     if args.min_block_k < 0:
         parser.error(f"--min_block_k must be >= 0, got {args.min_block_k}")
@@ -317,9 +321,13 @@ def main() -> None:
     layers: dict[tuple[int, tuple[int, ...]], str] = {}  # shape -> its layer name (one per shape)
     for model in args.models:
         for layer, k, splits in MODEL_SHAPES[model]:
+            if args.layers and layer not in args.layers:
+                continue
             if layers.setdefault((k, tuple(splits)), layer) != layer:
                 raise SystemExit(f"error: K={k} splits={splits} is both {layers[(k, tuple(splits))]} and {layer}")
     shapes = sorted(layers)
+    if not shapes:
+        parser.error(f"no projection of {args.models} is named {args.layers}")
 
     def fusions_of(fmt: str, m: int, k: int, splits: tuple[int, ...]) -> tuple[str, ...]:
         return decode_fusions(layers[(k, splits)], fmt, m) if args.decode_fusions else ()

@@ -25,7 +25,7 @@ import os
 import random
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 if __name__ == "__main__" and not os.environ.get("TRITON_INTERPRET"):
@@ -345,20 +345,38 @@ def run_case(case: dict, device: str) -> dict:
 
 def _shard(args: tuple[list[int], bool, str, str | None]) -> list[dict]:
     seeds, tiny, device, mode = args
+    torch.set_num_threads(1)  # one thread a worker: --jobs processes share the host's cores
     return [run_case(make_case(s, tiny, mode), device) for s in seeds]
 
 
-def fuzz(problems: int, seed: int = 0, tiny: bool | None = None, jobs: int = 1, mode: str | None = None) -> list[dict]:
-    """Run ``problems`` cases from ``seed`` on (all of `mode` if given); results in seed order."""
+def fuzz(problems: int, seed: int = 0, tiny: bool | None = None, jobs: int = 1, mode: str | None = None,
+         seconds: float | None = None) -> list[dict]:
+    """Run ``problems`` cases from ``seed`` on (all of `mode` if given); results in seed order.
+
+    Work goes out in chunks of a few seeds, with a progress line per chunk, so that a run cut short by
+    ``seconds`` (no chunk starts after it) still returns every problem it finished."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tiny = device == "cpu" if tiny is None else tiny
     seeds = list(range(seed, seed + problems))
-    if jobs <= 1:
+    if jobs <= 1 and seconds is None:
         return _shard((seeds, tiny, device, mode))
-    shards = [seeds[i::jobs] for i in range(jobs)]
+    chunk = 8
+    chunks = [seeds[i:i + chunk] for i in range(0, len(seeds), chunk)]
+    start, results = time.time(), []
     import multiprocessing
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = [r for part in pool.map(_shard, [(s, tiny, device, mode) for s in shards]) for r in part]
+    with ProcessPoolExecutor(max(jobs, 1), mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending, queued = set(), iter(chunks)
+        for part in queued:  # a chunk per worker, then one more each time one finishes
+            pending.add(pool.submit(_shard, (part, tiny, device, mode)))
+            if len(pending) < 2 * max(jobs, 1):
+                continue
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            results += [r for f in done for r in f.result()]
+            print(f"fuzz: {len(results)}/{problems} problems, {sum(not r['ok'] for r in results)} mismatches, "
+                  f"{time.time() - start:.0f} s", file=sys.stderr, flush=True)
+            if seconds is not None and time.time() - start > seconds:
+                break
+        results += [r for f in pending for r in f.result()]
     return sorted(results, key=lambda r: r["seed"])
 
 
@@ -382,6 +400,8 @@ def main() -> int:
                         help="every problem in this mode (a kernel design, its row selection, or int4_mma); "
                              "default: each problem draws one")
     parser.add_argument("--out", type=Path, default=None, help="write the summary and every failure as JSON")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="start no new problems after this many seconds; the summary counts those run")
     args = parser.parse_args()
     if args.problems < 1 or args.jobs < 1:
         print("error: --problems and --jobs must be at least 1", file=sys.stderr)
@@ -394,7 +414,7 @@ def main() -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     start = time.time()
-    results = fuzz(args.problems, args.seed, jobs=args.jobs, mode=args.mode)
+    results = fuzz(args.problems, args.seed, jobs=args.jobs, mode=args.mode, seconds=args.seconds)
     for r in results:
         if not r["ok"]:
             print(f"MISMATCH seed={r['seed']} excess={r['excess']:.3g} " + json.dumps({k: r[k] for k in (
