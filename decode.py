@@ -47,7 +47,8 @@ from torch import Tensor
 from teal_kernels import MAX_BATCH
 from teal_kernels.ops import decode_attention_step
 from teal_kernels.reference import KERNEL_DTYPES, SHORT_TILES_ENV
-from linear import PackedLinear, attach_int4pack, env_switch, pack_model, packed_projections, swap_module
+from linear import (PackedLinear, attach_bf16_scales, attach_int4pack, env_switch, pack_model, packed_projections,
+                    swap_module)
 from model import TransformerBlock
 
 FUSED_NORM_ENV = "TEAL_FUSED_NORM"
@@ -137,11 +138,12 @@ class DecodeBlock(TransformerBlock):
 
 
 def install_fused_decode(model: nn.Module) -> nn.Module:
-    """Pack the projections (and a CPU model's float lm_head), give int4 ones on CUDA tinygemm's copy
-    if TEAL_INT4_TINYGEMM=1 (linear.attach_int4pack), and swap every block for a DecodeBlock
-    (idempotent)."""
+    """Pack the projections (and a CPU model's float lm_head), give int4 ones on CUDA their dense copy
+    (linear.attach_int4pack) and, with TEAL_INT4_BF16_SCALES=1, bf16 scales (linear.attach_bf16_scales),
+    and swap every block for a DecodeBlock (idempotent)."""
     pack_model(model)
     attach_int4pack(model)
+    attach_bf16_scales(model)
     for i, layer in enumerate(model.layers):
         if type(layer) is TransformerBlock:
             swap_module(model, f"layers.{i}", DecodeBlock(layer))

@@ -210,6 +210,12 @@ INT4_MMA_NORM_STATS_ENV = "TEAL_INT4_MMA_NORM_STATS"
 # 388.8 / 389.2 tok/s dense, int4-g128 + int8 head); with the norms' statistics it wins: 425.9 / 426.0
 # (statistics and short attention tiles) -> 444.8 / 444.5 (all three), results/int4_defaults_2026_12_05/.
 INT4_MMA_BF16_SCALES_ENV = "TEAL_INT4_MMA_BF16_SCALES"
+# TEAL_INT4_BF16_SCALES (off by default; 1 turns it on): our Triton kernels (the sparse GEMV, the
+# dequantize of prefills) read bf16 copies of an int4 layer's scales and zeros (attach_bf16_scales), half
+# the bytes they read per group and output. The 8B gate|up reads 7.3 MB of float32 scales and zeros a
+# call at any sparsity, against 29.4 MB of weights at 50%. The copies round as int4_mma's copy does, so
+# with it on, a layer's dense and sparse calls multiply the same weights. Not yet measured on a GPU.
+INT4_BF16_SCALES_ENV = "TEAL_INT4_BF16_SCALES"
 
 
 def int4_mma_scale_dtype() -> torch.dtype:
@@ -285,6 +291,9 @@ class PackedLinear(nn.Module):
         self.register_buffer("int4mma_words", None, persistent=False)
         self.register_buffer("int4mma_scales", None, persistent=False)
         self.register_buffer("int4mma_zeros", None, persistent=False)
+        # int4: bf16 copies of the scales and zeros that our kernels read instead (attach_bf16_scales), not saved
+        self.register_buffer("kernel_scales", None, persistent=False)
+        self.register_buffer("kernel_zeros", None, persistent=False)
         self.int4mma_paired = False  # a gate|up copy in int4_mma.paired_order: its calls return SiLU(gate) * up
         self.int4mma_norm_stats = False  # INT4_MMA_NORM_STATS_ENV: gives / takes a norm's statistics (decode.py)
 
@@ -324,7 +333,17 @@ class PackedLinear(nn.Module):
         return self.int4pack_weight is not None or self.int4mma_words is not None
 
     def _quant_args(self) -> tuple[Tensor | None, Tensor | None]:
+        if self.kernel_scales is not None:
+            return self.kernel_scales, self.kernel_zeros
         return getattr(self, "scales", None), getattr(self, "zeros", None)
+
+    def attach_bf16_scales(self) -> bool:
+        """Give an int4 layer bf16 copies of its scales and zeros, which every later call reads
+        (INT4_BF16_SCALES_ENV): values rounded as int4_mma's bf16 copy rounds them. False for other formats."""
+        if self.fmt != "int4":
+            return False
+        self.kernel_scales, self.kernel_zeros = self.scales.to(torch.bfloat16), self.zeros.to(torch.bfloat16)
+        return True
 
     def dense_weight_t(self, dtype: torch.dtype) -> Tensor:
         """The weight as [in, out] in `dtype`; int formats dequantized: on CUDA into bf16/fp16 by one
@@ -543,15 +562,28 @@ def attach_int4pack(model: nn.Module) -> list[str]:
     norm_stats = env_switch(INT4_MMA_NORM_STATS_ENV, default="1") and use_mma
     scale_dtype = int4_mma_scale_dtype()
     projections = packed_projections(model)
-    head = getattr(model, "output", None)
-    candidates = {**projections, **({"output": head} if isinstance(head, PackedLinear) else {})}
-    layers = {name: m for name, m in candidates.items() if m.fmt == "int4" and m.weight.is_cuda}
+    layers = int4_cuda_layers(model)
     names = [name for name, m in layers.items()
              if m.has_dense_int4_copy or m.attach_int4pack(use_mma, gate and name.endswith("feed_forward.w13"),
                                                            scale_dtype)]
     for name in names:
         layers[name].int4mma_norm_stats = norm_stats and name in projections and layers[name].int4mma_words is not None
     return names
+
+
+def int4_cuda_layers(model: nn.Module) -> dict[str, PackedLinear]:
+    """The int4 decoder projections on CUDA, and an int4 lm_head (quantize.py --lm_head int4), by name."""
+    head = getattr(model, "output", None)
+    candidates = {**packed_projections(model), **({"output": head} if isinstance(head, PackedLinear) else {})}
+    return {name: m for name, m in candidates.items() if m.fmt == "int4" and m.weight.is_cuda}
+
+
+def attach_bf16_scales(model: nn.Module) -> list[str]:
+    """Where INT4_BF16_SCALES_ENV is 1, give every int4 layer on CUDA (int4_cuda_layers) bf16 copies of
+    its scales and zeros for our kernels; the names of those that got them."""
+    if not env_switch(INT4_BF16_SCALES_ENV):
+        return []
+    return [name for name, m in int4_cuda_layers(model).items() if m.attach_bf16_scales()]
 
 
 # ---------------------------------------------------------------------------------------------

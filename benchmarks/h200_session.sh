@@ -740,12 +740,12 @@ case $phase in
     step ${TUNE_LIMIT:-560} python3 -m benchmarks.tune_kernels --formats int4-g128 --models llama3-8b --kinds gather --sparsities 0.5 --layers ${TUNE_LAYERS:-gate_up down} --jobs 16
     cp teal_kernels/tuned_configs.json "$out/tuned_configs.json"
     ;;
-  gather_tune_e2e)  # gather_tune and gather_e2e's first two steps in one call, for a session short of device time (~8 min on a cold machine)
+  gather_tune_e2e)  # gather_tune, the table rows re-timed, then the int4 step at 50% without / with TEAL_INT4_BF16_SCALES (bf16 copies of the scales and zeros for our kernels) in one process, for a session short of device time (~8 min on a cold machine)
     step ${TUNE_LIMIT:-300} python3 -m benchmarks.tune_kernels --formats int4-g128 --models llama3-8b --kinds gather --sparsities 0.5 --layers ${TUNE_LAYERS:-gate_up down} --jobs 16
     cp teal_kernels/tuned_configs.json "$out/tuned_configs.json"
     step 100 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_int4"
     cp teal_kernels/speed_table.json "$out/speed_table.json"
-    step 200 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4"
+    step 250 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0.5 --switches - TEAL_INT4_BF16_SCALES=1 --decode_path fused --out "$out/decode_int4"
     ;;
   gather_e2e)  # after gather_tune (its tuned_configs.json in the tree): int4-g128's table rows re-timed, the int4 step dense / 50% and its profile at 50%, then the int4_mma fuzz in what is left of E2E_LIMIT (560 s)
     step 120 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_int4"

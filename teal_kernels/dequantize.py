@@ -79,8 +79,8 @@ def _int4_codes(w_ptr, rows, row_ok, col0, W_ROW, BLOCK_N: tl.constexpr, INTERPR
 @triton.jit
 def _group_scales(scale_ptr, zero_ptr, group, N, cols, ok):
     """int4 group `group`'s scales and zeros of `cols` (0 where not ok)."""
-    s = tl.load(scale_ptr + group * N + cols, mask=ok, other=0.0)
-    z = tl.load(zero_ptr + group * N + cols, mask=ok, other=0.0)
+    s = tl.load(scale_ptr + group * N + cols, mask=ok, other=0.0).to(tl.float32)  # float32 or bf16
+    z = tl.load(zero_ptr + group * N + cols, mask=ok, other=0.0).to(tl.float32)
     return s, z
 
 

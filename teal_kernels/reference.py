@@ -10,7 +10,7 @@ one contiguous row. Formats (told apart by ``w.dtype``):
   * bf16 / fp16 (float32 on the CPU) ``w`` [K, N], the same dtype as ``x``;
   * int8 ``w`` [K, N] with float32 ``scales`` [N]:  W = w * scales[n];
   * int4 ``w`` uint8 [K, N // 2] (column 2j in the low nibble of byte j, 2j + 1 in the high
-    nibble) with float32 ``scales``/``zeros`` [K // group_size, N]:
+    nibble) with float32 (or bf16) ``scales``/``zeros`` [K // group_size, N]:
     W = (q - 8) * scales[k // g, n] + zeros[k // g, n].
 Output segments: ``split_sizes`` cut N into segments (fused q|k|v: three, gate|up: two) that share
 the input but each have their own threshold.
@@ -183,17 +183,20 @@ def weight_format(w: Tensor, x_dtype: torch.dtype, float_dtypes: tuple[torch.dty
             raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}.")
         if k % group_size != 0:
             raise ValueError(f"int4 needs K divisible by group_size, got K={k}, group_size={group_size}.")
-        _check_aux("scales", scales, (k // group_size, n))
-        _check_aux("zeros", zeros, (k // group_size, n))
+        # float32, or bf16 (linear.INT4_BF16_SCALES_ENV's copies: half the bytes, the kernels widen them)
+        _check_aux("scales", scales, (k // group_size, n), (torch.float32, torch.bfloat16))
+        _check_aux("zeros", zeros, (k // group_size, n), (scales.dtype,))
     else:
         raise TypeError(f"w dtype must be bf16, fp16, int8 or uint8 (packed int4), got {w.dtype}.")
     return fmt, n
 
 
-def _check_aux(name: str, t: Tensor | None, shape: tuple[int, ...]) -> None:
-    if t is None or t.dtype != torch.float32 or tuple(t.shape) != shape:
+def _check_aux(name: str, t: Tensor | None, shape: tuple[int, ...],
+               dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> None:
+    if t is None or t.dtype not in dtypes or tuple(t.shape) != shape:
         got = "None" if t is None else f"{t.dtype} {tuple(t.shape)}"
-        raise ValueError(f"{name} must be float32 of shape {list(shape)}, got {got}.")
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must be {names} of shape {list(shape)}, got {got}.")
 
 
 def gated_input(x: Tensor) -> Tensor:
