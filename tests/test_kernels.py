@@ -366,6 +366,22 @@ def test_gather_design_matches_float64(case, quantiles):
         assert torch.allclose(gathered, masked.double(), rtol=2**-6, atol=2**-8 * max(1.0, masked.abs().max().item()))
 
 
+@pytest.mark.parametrize("design", ["rows", "dot", "gather"])
+def test_int4_bf16_scales_match_float64(design):
+    """int4 scales and zeros in bf16 (linear.INT4_BF16_SCALES_ENV's copies) through every design, the
+    dequantize and the CPU op, against float64 over the same bf16 values: the kernels widen them on
+    load, exactly."""
+    x, w, thresholds, splits, scales, zeros, g = make_problem("int4", torch.bfloat16, 1, 4 * 64, [64, 32], 64,
+                                                              quantiles=[0.5, 0.2], seed=11)
+    scales, zeros = scales.to(torch.bfloat16), zeros.to(torch.bfloat16)
+    cfg = KernelConfig(block_n=32, block_k=128, sub_k=16, design=design, num_stages=3 if design == "gather" else 1)
+    args = (x, w, thresholds, splits, scales, zeros, g)
+    assert_close_to_ref(sparse_gemv_triton(*args, config=cfg), *args)
+    assert_close_to_ref(sparse_gemv(*args), *args)  # the op: C++ on the CPU (widened in its wrapper), Triton on CUDA
+    widened = dequantize_weight(w, scales.float(), zeros.float(), g)
+    assert torch.equal(dequantize_weight(w, scales, zeros, g), widened)
+
+
 @pytest.mark.parametrize("fmt", ["fp", "int8"])
 @pytest.mark.parametrize("stages", [1, 4], ids=["compact", "pipelined"])
 def test_rows_long_blocks_list_their_kept_rows(fmt, stages):
@@ -580,6 +596,10 @@ BAD_INPUTS = [
                         group_size=64, scales=lambda a: a["scales"][:0], zeros=lambda a: a["zeros"][:0]),
      ValueError, "K divisible by group_size"),
     ("int4-zeros", dict(zeros=None), ValueError, "zeros must be float32"),
+    ("int4-scales-fp16", dict(scales=lambda a: a["scales"].half(), zeros=lambda a: a["zeros"].half()), ValueError,
+     "scales must be float32 or bfloat16"),
+    ("int4-mixed-scales", dict(zeros=lambda a: a["zeros"].to(torch.bfloat16)), ValueError,
+     r"zeros must be float32 of shape \[2, 32\], got torch.bfloat16"),
     ("int4-odd-split", dict(split_sizes=[15, 17]), ValueError, "even"),
     ("split-sum", dict(split_sizes=[16, 8]), ValueError, "sum to N=32"),
     ("split-count", dict(split_sizes=[2] * 16, thresholds=lambda a: torch.zeros(16, device=DEVICE)), ValueError,
