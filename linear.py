@@ -214,7 +214,11 @@ INT4_MMA_BF16_SCALES_ENV = "TEAL_INT4_MMA_BF16_SCALES"
 # dequantize of prefills) read bf16 copies of an int4 layer's scales and zeros (attach_bf16_scales), half
 # the bytes they read per group and output. The 8B gate|up reads 7.3 MB of float32 scales and zeros a
 # call at any sparsity, against 29.4 MB of weights at 50%. The copies round as int4_mma's copy does, so
-# with it on, a layer's dense and sparse calls multiply the same weights. Not yet measured on a GPU.
+# with it on, a layer's dense and sparse calls multiply the same weights. It lost (H100, 2026-12-06,
+# results/issue11_h100_2026_12_06/): int4-g128 + int8 head at 50% 482.5 -> 448.9 tok/s in one process;
+# the gather calls at 50%, graph-timed twice each: gate|up 20.25 / 20.42 -> 21.61 / 21.27 us, down
+# 14.23 / 14.10 -> 16.19 / 15.91. Local SASS of gate|up's tile: its scale step requests half the 16-byte
+# words (8 against 16) but converts their layout through shared memory (33 more accesses, 8 shuffles).
 INT4_BF16_SCALES_ENV = "TEAL_INT4_BF16_SCALES"
 
 
