@@ -28,7 +28,8 @@ from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_
 from teal_kernels import int4_mma as mma
 from teal_kernels.ops import (attention_o, cpu_runs_interpreter, dense_gemv, dequantize, int4_mma, int4_mma_stats,
                               quant_gemm)
-from teal_kernels.reference import INT4_GROUP_SIZES, KERNEL_DTYPES, dot_design_fits, env_switch, gated_input
+from teal_kernels.reference import (INT4_GROUP_SIZES, KERNEL_DTYPES, dot_design_fits, env_switch, gated_input,
+                                    pack_scales_zeros)
 from teal_kernels.speed_table import estimated_sparse_beats_dense, measured_on, sparse_beats_dense
 from teal_kernels.tinygemm import int4pack, int4pack_fits, int4pack_mm
 
@@ -211,14 +212,16 @@ INT4_MMA_NORM_STATS_ENV = "TEAL_INT4_MMA_NORM_STATS"
 # (statistics and short attention tiles) -> 444.8 / 444.5 (all three), results/int4_defaults_2026_12_05/.
 INT4_MMA_BF16_SCALES_ENV = "TEAL_INT4_MMA_BF16_SCALES"
 # TEAL_INT4_BF16_SCALES (off by default; 1 turns it on): our Triton kernels (the sparse GEMV, the
-# dequantize of prefills) read bf16 copies of an int4 layer's scales and zeros (attach_bf16_scales), half
-# the bytes they read per group and output. The 8B gate|up reads 7.3 MB of float32 scales and zeros a
-# call at any sparsity, against 29.4 MB of weights at 50%. The copies round as int4_mma's copy does, so
-# with it on, a layer's dense and sparse calls multiply the same weights. It lost (H100, 2026-12-06,
-# results/issue11_h100_2026_12_06/): int4-g128 + int8 head at 50% 482.5 -> 448.9 tok/s in one process;
-# the gather calls at 50%, graph-timed twice each: gate|up 20.25 / 20.42 -> 21.61 / 21.27 us, down
-# 14.23 / 14.10 -> 16.19 / 15.91. Local SASS of gate|up's tile: its scale step requests half the 16-byte
-# words (8 against 16) but converts their layout through shared memory (33 more accesses, 8 shuffles).
+# dequantize of prefills) read an int4 layer's scales and zeros rounded to bf16 and packed in pairs, one
+# int32 word a group and output (attach_bf16_scales, reference.pack_scales_zeros): one 4-byte load where
+# two float32 loads read 8 bytes. The 8B gate|up reads 7.3 MB of float32 scales and zeros a call at any
+# sparsity, against 29.4 MB of weights at 50%. The words round as int4_mma's bf16 copy does, so with it
+# on, a layer's dense and sparse calls multiply the same weights. The packed form is unmeasured. Its
+# first form, two bf16 tensors, lost (H100, 2026-12-06, results/issue11_h100_2026_12_06/): int4-g128 + int8
+# head at 50% 482.5 -> 448.9 tok/s in one process; the gather calls at 50%, graph-timed twice each:
+# gate|up 20.25 / 20.42 -> 21.61 / 21.27 us, down 14.23 / 14.10 -> 16.19 / 15.91. Local SASS of gate|up's
+# tile: its 2-byte loads came in another layout than the accumulators' and were converted through shared
+# memory (33 more accesses, 8 shuffles); a packed word loads in the float32 scales' own layout.
 INT4_BF16_SCALES_ENV = "TEAL_INT4_BF16_SCALES"
 
 
@@ -295,7 +298,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("int4mma_words", None, persistent=False)
         self.register_buffer("int4mma_scales", None, persistent=False)
         self.register_buffer("int4mma_zeros", None, persistent=False)
-        # int4: bf16 copies of the scales and zeros that our kernels read instead (attach_bf16_scales), not saved
+        # int4: the scales and zeros as packed bf16 pairs that our kernels read instead (attach_bf16_scales), not saved
         self.register_buffer("kernel_scales", None, persistent=False)
         self.register_buffer("kernel_zeros", None, persistent=False)
         self.int4mma_paired = False  # a gate|up copy in int4_mma.paired_order: its calls return SiLU(gate) * up
@@ -342,11 +345,12 @@ class PackedLinear(nn.Module):
         return getattr(self, "scales", None), getattr(self, "zeros", None)
 
     def attach_bf16_scales(self) -> bool:
-        """Give an int4 layer bf16 copies of its scales and zeros, which every later call reads
-        (INT4_BF16_SCALES_ENV): values rounded as int4_mma's bf16 copy rounds them. False for other formats."""
+        """Give an int4 layer its scales and zeros rounded to bf16 and packed in pairs, which every later
+        call reads (INT4_BF16_SCALES_ENV): values rounded as int4_mma's bf16 copy rounds them. False for
+        other formats."""
         if self.fmt != "int4":
             return False
-        self.kernel_scales, self.kernel_zeros = self.scales.to(torch.bfloat16), self.zeros.to(torch.bfloat16)
+        self.kernel_scales = self.kernel_zeros = pack_scales_zeros(self.scales, self.zeros)
         return True
 
     def dense_weight_t(self, dtype: torch.dtype) -> Tensor:
@@ -583,8 +587,8 @@ def int4_cuda_layers(model: nn.Module) -> dict[str, PackedLinear]:
 
 
 def attach_bf16_scales(model: nn.Module) -> list[str]:
-    """Where INT4_BF16_SCALES_ENV is 1, give every int4 layer on CUDA (int4_cuda_layers) bf16 copies of
-    its scales and zeros for our kernels; the names of those that got them."""
+    """Where INT4_BF16_SCALES_ENV is 1, give every int4 layer on CUDA (int4_cuda_layers) its scales and
+    zeros as packed bf16 pairs for our kernels; the names of those that got them."""
     if not env_switch(INT4_BF16_SCALES_ENV):
         return []
     return [name for name, m in int4_cuda_layers(model).items() if m.attach_bf16_scales()]

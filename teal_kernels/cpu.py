@@ -36,7 +36,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from teal_kernels.reference import validate, validate_step
+from teal_kernels.reference import unpack_scales_zeros, validate, validate_step
 
 _SOURCE = r"""
 #include <ATen/ATen.h>
@@ -680,8 +680,8 @@ def sparse_gemv_cpu(x: Tensor, w: Tensor, thresholds: Tensor, split_sizes: list[
     if not torch.compiler.is_compiling():
         validate(x, w, thresholds, split_sizes, scales, zeros, group_size, for_kernel=True, gated=gated,
                  residual=residual)
-    if group_size and scales.dtype != torch.float32:  # the C++ reads float32 (bf16 copies: widened, exact)
-        scales, zeros = scales.float(), zeros.float()
+    if group_size and scales.dtype == torch.int32:  # the C++ reads float32: packed pairs widened (exact)
+        scales, zeros = unpack_scales_zeros(scales)
     return torch.ops.teal_cpu.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size, gated,
                                           residual)
 

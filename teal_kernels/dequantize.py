@@ -45,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from teal_kernels.reference import FMT_INT4, KERNEL_DTYPES, weight_format
-from teal_kernels.triton_gemv import INTERPRETED, _int8_to_f32, cdiv
+from teal_kernels.triton_gemv import INTERPRETED, _int8_to_f32, _scales_zeros, cdiv
 
 __all__ = ["GemmConfig", "dequantize_triton", "quant_gemm_config", "quant_gemm_triton"]
 
@@ -79,9 +79,7 @@ def _int4_codes(w_ptr, rows, row_ok, col0, W_ROW, BLOCK_N: tl.constexpr, INTERPR
 @triton.jit
 def _group_scales(scale_ptr, zero_ptr, group, N, cols, ok):
     """int4 group `group`'s scales and zeros of `cols` (0 where not ok)."""
-    s = tl.load(scale_ptr + group * N + cols, mask=ok, other=0.0).to(tl.float32)  # float32 or bf16
-    z = tl.load(zero_ptr + group * N + cols, mask=ok, other=0.0).to(tl.float32)
-    return s, z
+    return _scales_zeros(scale_ptr, zero_ptr, group * N + cols, ok)
 
 
 @triton.jit

@@ -737,8 +737,7 @@ def _sparse_gemv_kernel(
                 xm = next_xm
         if FORMAT == 2:
             group = win_start // GROUP_SIZE
-            s = tl.load(scale_ptr + group * N + cols, mask=cols_ok, other=0.0).to(tl.float32)
-            z = tl.load(zero_ptr + group * N + cols, mask=cols_ok, other=0.0).to(tl.float32)
+            s, z = _scales_zeros(scale_ptr, zero_ptr, group * N + cols, cols_ok)
             if LANE_SUM:
                 w_sum = _group_sum(wacc, LANE_GROUPS, BLOCK_M, BLOCK_N)
             else:
@@ -852,10 +851,30 @@ def _dot_w_tile(w_ptr, rows, keep, col0, W_ROW, SUB_K: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
+def _scales_zeros(scale_ptr, zero_ptr, offs, ok):
+    """int4 groups' float32 scales and zeros at `offs` (0 where not ok; ok None: all read): two float32
+    loads, or (int32 pointers: reference.pack_scales_zeros's words, given as both) one load of bf16
+    pairs, each half placed in a float's high bits (exact)."""
+    if zero_ptr.dtype.element_ty == tl.int32:
+        words = _load_where(zero_ptr + offs, ok)
+        return (words & -65536).to(tl.float32, bitcast=True), (words << 16).to(tl.float32, bitcast=True)
+    else:
+        return _load_where(scale_ptr + offs, ok), _load_where(zero_ptr + offs, ok)
+
+
+@triton.jit
+def _load_where(ptrs, ok):
+    """tl.load of `ptrs`, 0 where not `ok` (None: no mask)."""
+    if ok is None:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=ok, other=0)
+
+
+@triton.jit
 def _plane_step(acc, xt, plane, x_sum, scale_ptr, zero_ptr, offs, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """One int4 plane's dot, scaled by its group: acc + s * (x . (q - 8)) + z * sum(x)."""
-    s = tl.load(scale_ptr + offs).to(tl.float32)
-    z = tl.load(zero_ptr + offs).to(tl.float32)
+    s, z = _scales_zeros(scale_ptr, zero_ptr, offs, None)
     return acc + _dot(xt, plane, DTYPE, INTERPRET) * s[None, :] + x_sum * z[None, :]
 
 
@@ -883,8 +902,7 @@ def _group_scaled(a0, a1, a2, a3, a4, a5, a6, a7, x_sums, scale_ptr, zero_ptr, o
     and arrive while the planes are interleaved: scaled a plane at a time, each load waited behind the
     previous plane's layout conversion (its barriers), 16 round trips to memory a call (local sm_90
     SASS)."""
-    s = tl.load(scale_ptr + offs, mask=ok, other=0.0).to(tl.float32)  # float32 or bf16 (a no-op / a widening)
-    z = tl.load(zero_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    s, z = _scales_zeros(scale_ptr, zero_ptr, offs, ok)
     acc = _interleave8(a0, a1, a2, a3, a4, a5, a6, a7)
     row = tl.sum(acc * s + x_sums[:, None] * z, axis=0)
     return tl.broadcast_to(row[None, :], acc.shape)

@@ -182,6 +182,12 @@ def gemv_variants():
                dict(FORMAT=fmt, GROUP_SIZE=128 if fmt == 2 else 1, BLOCK_M=1, DOT_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
                     SUB_K=sub_k, GATED=gated, RESIDUAL=residual, NORM=norm, EVEN_K=True, INTERPRET=False, PDL=True,
                     GATHER=True, GROUPS=block_k // 128 if fmt == 2 else 1, RED_K=16 if gated else 4), 4, 4)
+    # gate|up's gather tile reading its scales and zeros as packed bf16 pairs (int32 words:
+    # linear.INT4_BF16_SCALES_ENV)
+    yield (sg._dot_gemv_kernel, {"w_ptr": "*i32", "scale_ptr": "*i32", "zero_ptr": "*i32"},
+           dict(FORMAT=2, GROUP_SIZE=128, BLOCK_M=1, DOT_M=16, BLOCK_N=512, BLOCK_K=1024, SUB_K=64, GATED=False,
+                RESIDUAL=False, NORM=True, EVEN_K=True, INTERPRET=False, PDL=True, GATHER=True, GROUPS=8, RED_K=4),
+           4, 4)
     for fmt, m, block_n in ((2, 16, 512), (2, 32, 256), (2, 64, 128), (2, 64, 256), (1, 64, 256)):  # short prefills
         yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
                dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, DOT_M=m, BLOCK_N=block_n, BLOCK_K=512,
@@ -322,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     triton_variants = itertools.chain(gemv_variants(), dequantize_variants(), quant_gemm_variants(),
                                       preload_variants(), attention_variants())
     named = ((f"{kernel.fn.__name__} " + " ".join(f"{k}={v}" for k, v in constexprs.items() if k != "INTERPRET")
-              + f" num_warps={warps} num_stages={stages}",
+              + f" num_warps={warps} num_stages={stages}"
+              + (" packed_scales" if pointers.get("scale_ptr") == "*i32" else ""),
               lambda kernel=kernel, p=pointers, c=constexprs, w=warps, s=stages: compile_one(kernel, p, c, w, s))
              for kernel, pointers, constexprs, warps, stages in triton_variants)
     gluon = itertools.chain(int4_mma_variants(), sparse_mma_lab_variants()) if _has_gluon() else iter(())

@@ -15,8 +15,10 @@ from fixtures import COMPILE_BACKENDS, DEVICE, HAS_CUDA, needs_cuda
 
 import teal_kernels.triton_gemv as sg
 from teal_kernels import dequantize_weight, sparse_gemv, sparse_gemv_reference
+from teal_kernels.dequantize import dequantize_triton
 from teal_kernels.ops import CPU_KERNELS_ENV
-from teal_kernels.reference import FMT_FLOAT, FMT_INT4, FMT_INT8, weight_format_name
+from teal_kernels.reference import (FMT_FLOAT, FMT_INT4, FMT_INT8, pack_scales_zeros, unpack_scales_zeros,
+                                    weight_format_name)
 from teal_kernels.triton_gemv import KernelConfig, get_config, sparse_gemv_triton
 
 pytestmark = pytest.mark.usefixtures("interpreted_kernels")
@@ -367,19 +369,23 @@ def test_gather_design_matches_float64(case, quantiles):
 
 
 @pytest.mark.parametrize("design", ["rows", "dot", "gather"])
-def test_int4_bf16_scales_match_float64(design):
-    """int4 scales and zeros in bf16 (linear.INT4_BF16_SCALES_ENV's copies) through every design, the
-    dequantize and the CPU op, against float64 over the same bf16 values: the kernels widen them on
-    load, exactly."""
+def test_int4_packed_scales_match_float64(design):
+    """int4 scales and zeros rounded to bf16 and packed in int32 pairs (reference.pack_scales_zeros, given
+    as both; linear.INT4_BF16_SCALES_ENV) through every design, the op (the C++ kernel on the CPU) and
+    the dequantize pass, against float64 over the rounded values."""
     x, w, thresholds, splits, scales, zeros, g = make_problem("int4", torch.bfloat16, 1, 4 * 64, [64, 32], 64,
                                                               quantiles=[0.5, 0.2], seed=11)
-    scales, zeros = scales.to(torch.bfloat16), zeros.to(torch.bfloat16)
+    zeros = zeros - 0.1 * scales  # zeros of both signs
+    words = pack_scales_zeros(scales, zeros)
+    rounded = (scales.to(torch.bfloat16).float(), zeros.to(torch.bfloat16).float())
+    assert all(torch.equal(a, b) for a, b in zip(unpack_scales_zeros(words), rounded, strict=True))
     cfg = KernelConfig(block_n=32, block_k=128, sub_k=16, design=design, num_stages=3 if design == "gather" else 1)
-    args = (x, w, thresholds, splits, scales, zeros, g)
-    assert_close_to_ref(sparse_gemv_triton(*args, config=cfg), *args)
-    assert_close_to_ref(sparse_gemv(*args), *args)  # the op: C++ on the CPU (widened in its wrapper), Triton on CUDA
-    widened = dequantize_weight(w, scales.float(), zeros.float(), g)
-    assert torch.equal(dequantize_weight(w, scales, zeros, g), widened)
+    ref_args = (x, w, thresholds, splits, *rounded, g)
+    assert_close_to_ref(sparse_gemv_triton(x, w, thresholds, splits, words, words, g, config=cfg), *ref_args)
+    assert_close_to_ref(sparse_gemv(x, w, thresholds, splits, words, words, g), *ref_args)
+    assert torch.equal(dequantize_weight(w, words, words, g), dequantize_weight(w, *rounded, g))
+    assert torch.equal(dequantize_triton(w, words, words, g, torch.bfloat16),
+                       dequantize_triton(w, *rounded, g, torch.bfloat16))
 
 
 @pytest.mark.parametrize("fmt", ["fp", "int8"])
@@ -596,10 +602,10 @@ BAD_INPUTS = [
                         group_size=64, scales=lambda a: a["scales"][:0], zeros=lambda a: a["zeros"][:0]),
      ValueError, "K divisible by group_size"),
     ("int4-zeros", dict(zeros=None), ValueError, "zeros must be float32"),
-    ("int4-scales-fp16", dict(scales=lambda a: a["scales"].half(), zeros=lambda a: a["zeros"].half()), ValueError,
-     "scales must be float32 or bfloat16"),
-    ("int4-mixed-scales", dict(zeros=lambda a: a["zeros"].to(torch.bfloat16)), ValueError,
-     r"zeros must be float32 of shape \[2, 32\], got torch.bfloat16"),
+    ("int4-scales-bf16", dict(scales=lambda a: a["scales"].to(torch.bfloat16)), ValueError,
+     r"scales must be float32 of shape \[2, 32\], got torch.bfloat16"),
+    ("int4-packed-apart", dict(scales=lambda a: pack_scales_zeros(a["scales"], a["zeros"])), ValueError,
+     "go as both scales and zeros"),
     ("int4-odd-split", dict(split_sizes=[15, 17]), ValueError, "even"),
     ("split-sum", dict(split_sizes=[16, 8]), ValueError, "sum to N=32"),
     ("split-count", dict(split_sizes=[2] * 16, thresholds=lambda a: torch.zeros(16, device=DEVICE)), ValueError,
