@@ -1,6 +1,7 @@
 """Fuzz the sparse GEMV kernels against float64 math: random shapes, batch sizes, weight formats,
-segment splits, thresholds (none kept, all kept, anywhere between), prologue/epilogue fusions and
-kernel configs of every design (rows, dot, gather), every row-selection mode; the attention prologue (o's GEMV
+segment splits, int4 scales and zeros as float32 or packed bf16 pairs (TEAL_INT4_BF16_SCALES),
+thresholds (none kept, all kept, anywhere between), prologue/epilogue fusions and kernel configs of
+every design (rows, dot, gather), every row-selection mode; the attention prologue (o's GEMV
 computing its own input, teal::attention_o: one row, float or int8 weights, random head layouts,
 head dims, cache sizes and positions); and int4_mma, the dense int4-g128 decode kernel (mode "int4_mma":
 random K, N, rows and launch configs, with each of its epilogues and the norm's statistics; on a GPU also
@@ -38,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from teal_kernels import int4_mma as mma  # noqa: E402
-from teal_kernels.reference import gated_input, rms_normed  # noqa: E402
+from teal_kernels.reference import (gated_input, pack_scales_zeros, rms_normed,  # noqa: E402
+                                    unpack_scales_zeros)
 from teal_kernels.triton_gemv import KernelConfig, attention_o_triton, sparse_gemv_triton  # noqa: E402
 
 FORMATS = ["bf16", "fp16", "int8", "int4-g32", "int4-g64", "int4-g128"]
@@ -69,7 +71,8 @@ def make_mma_case(r: random.Random, seed: int, tiny: bool) -> dict:
     rows = (16 * config["row_warps"] * config["tiles_a_warp"]) if config else 4 * mma.TILE_ROWS
     n = rows * r.randint(1, 3 if tiny else 40)
     return dict(seed=seed, fmt="int4-g128", group=mma.GROUP, m=m, k=groups * mma.GROUP, sizes=[n], attention=None,
-                dtype="bfloat16", levels=["all"], fusion=fusion, mode="int4_mma", config=config)
+                dtype="bfloat16", levels=["all"], fusion=fusion, mode="int4_mma", config=config,
+                packed=False)
 
 
 def make_case(seed: int, tiny: bool, mode: str | None = None) -> dict:
@@ -132,8 +135,10 @@ def make_case(seed: int, tiny: bool, mode: str | None = None) -> dict:
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(fmt) or r.choice(["bfloat16", "float16"])
     # per segment: all kept (0), none kept (above every |x|), or a quantile of |x|
     levels = [r.choice(["all", "none", r.uniform(0.05, 0.95), r.uniform(0.3, 0.7)]) for _ in sizes]
+    # int4 scales and zeros as packed bf16 pairs (TEAL_INT4_BF16_SCALES) in a third of the int4 problems
+    packed = bool(group) and r.random() < 1 / 3
     return dict(seed=seed, fmt=fmt, group=group, m=m, k=k, sizes=sizes, attention=attention, dtype=dtype,
-                levels=levels, fusion=fusion, mode=mode, config=config)
+                levels=levels, fusion=fusion, mode=mode, config=config, packed=packed)
 
 
 def _weights(case: dict, g: torch.Generator, device: str) -> tuple:
@@ -296,6 +301,9 @@ def run_case(case: dict, device: str) -> dict:
     m, k, sizes = case["m"], case["k"], case["sizes"]
     n = sum(sizes)
     w, scales, zeros = _weights(case, g, device)
+    if case["packed"]:  # the kernel reads the words; the reference the values they hold
+        words = pack_scales_zeros(scales, zeros)
+        scales, zeros = unpack_scales_zeros(words)
     fusion = case["fusion"]
     gated, norm_on, attention = "gated" in fusion, fusion == "norm", fusion == "attention"
     residual_on = "residual" in fusion or attention  # o's epilogue adds the residual stream
@@ -323,8 +331,9 @@ def run_case(case: dict, device: str) -> dict:
         out = attention_o_triton(qkv, cs, k_cache, v_cache, pos, case["attention"]["n_head"], w, thresholds, sizes,
                                  scales, residual, config=config)
     else:
-        out = sparse_gemv_triton(x, w, thresholds, sizes, scales, zeros, case["group"], config=config, gated=gated,
-                                 residual=residual, norm_weight=norm_weight, eps=eps)
+        kernel_scales, kernel_zeros = (words, words) if case["packed"] else (scales, zeros)
+        out = sparse_gemv_triton(x, w, thresholds, sizes, kernel_scales, kernel_zeros, case["group"], config=config,
+                                 gated=gated, residual=residual, norm_weight=norm_weight, eps=eps)
     w64 = weight64(w, scales, zeros, case["group"])
     x64 = x_in.double()
     col_thr = torch.cat([thresholds[j].double().expand(size) for j, size in enumerate(sizes)])
@@ -382,7 +391,7 @@ def fuzz(problems: int, seed: int = 0, tiny: bool | None = None, jobs: int = 1, 
 
 def summary(results: list[dict]) -> dict:
     by = {}
-    for key in ("fmt", "mode", "fusion"):
+    for key in ("fmt", "mode", "fusion", "packed"):
         for r in results:
             entry = by.setdefault(f"{key}={r[key]}", [0, 0])
             entry[0] += 1
@@ -418,7 +427,7 @@ def main() -> int:
     for r in results:
         if not r["ok"]:
             print(f"MISMATCH seed={r['seed']} excess={r['excess']:.3g} " + json.dumps({k: r[k] for k in (
-                "fmt", "dtype", "m", "k", "sizes", "levels", "fusion", "mode", "config")}))
+                "fmt", "dtype", "m", "k", "sizes", "levels", "fusion", "mode", "config", "packed")}))
     s = summary(results)
     s["seconds"] = round(time.time() - start, 1)
     s["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (TRITON_INTERPRET=1)"

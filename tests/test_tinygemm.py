@@ -14,7 +14,8 @@ import torch
 from fixtures import DEVICE, int4_fused_decode_logits, needs_cuda, tiny_model
 
 import teal_kernels.speed_table as st
-from linear import TINYGEMM_ENV, PackedLinear, attach_int4pack, pack_model, packed_projections
+from linear import (INT4_BF16_SCALES_ENV, TINYGEMM_ENV, PackedLinear, attach_bf16_scales, attach_int4pack, pack_model,
+                    packed_projections)
 from model import RMSNorm
 from quantize import quantize_model
 from teal_kernels.reference import dequantize_weight, gated_input
@@ -129,6 +130,41 @@ def test_the_switch_attaches_on_cuda_only_and_by_default(monkeypatch) -> None:
     monkeypatch.setenv(TINYGEMM_ENV, "yes")
     with pytest.raises(ValueError, match="must be 0 or 1"):
         attach_int4pack(model)
+
+
+@torch.no_grad()
+def test_packed_scales_hold_the_rounded_values_for_every_call() -> None:
+    """attach_bf16_scales (TEAL_INT4_BF16_SCALES): the layer's calls read its scales and zeros as packed
+    bf16 pairs, never saved, and multiply exactly what a layer whose float32 scales and zeros were
+    rounded to bf16 multiplies: dense and sparse decode rows (the op) and a prefill (the reference)."""
+    layer, rounded = _int4_layer(), _int4_layer()
+    rounded.scales, rounded.zeros = (t.to(torch.bfloat16).float() for t in (rounded.scales, rounded.zeros))
+    assert layer.attach_bf16_scales()
+    assert "kernel_scales" not in layer.state_dict() and layer.kernel_scales is layer.kernel_zeros
+    assert layer.kernel_scales.dtype == torch.int32
+    x = torch.randn(2, 1, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(DEVICE)
+    prefill = torch.randn(1, 24, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).to(DEVICE)
+    layer, rounded = layer.to(DEVICE), rounded.to(DEVICE)
+    plain = _int4_layer().to(DEVICE)
+    for sparse in (False, True):
+        for m in (layer, rounded, plain):
+            m.thresholds.fill_(0.8 if sparse else 0.0)
+            m.sparse = sparse
+        assert torch.equal(layer(x), rounded(x))
+        assert torch.equal(layer(prefill), rounded(prefill))
+    assert not torch.equal(layer(x), plain(x))  # the rounding did change the product
+    assert not PackedLinear(64, 32, [32], dtype=torch.bfloat16).attach_bf16_scales()  # float weights: none
+
+
+def test_the_packed_scales_switch_is_off_by_default_and_cuda_only(monkeypatch) -> None:
+    model = tiny_model(seed=1).to(torch.bfloat16)
+    quantize_model(model, "int4", 32)
+    pack_model(model)
+    model = model.to(DEVICE)
+    monkeypatch.delenv(INT4_BF16_SCALES_ENV, raising=False)
+    assert attach_bf16_scales(model) == []
+    monkeypatch.setenv(INT4_BF16_SCALES_ENV, "1")
+    assert attach_bf16_scales(model) == (list(packed_projections(model)) if DEVICE == "cuda" else [])
 
 
 def test_the_speed_table_compares_the_sparse_kernel_with_tinygemm(monkeypatch) -> None:
