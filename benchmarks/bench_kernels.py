@@ -31,6 +31,7 @@ from benchmarks.baselines import TorchInt4Linear
 from benchmarks.timing import (
     MODEL_SHAPES,
     Problem,
+    as_decode_reads,
     copies_for,
     decode_fusions,
     fused_call,
@@ -108,16 +109,18 @@ def bench_layer(fmt: str, m: int, k: int, splits: list[int], sparsities: list[fl
     x = make_x(m, k, dtype, "cuda", seed=0)
     config = get_config(gpu_name(x.device), weight_format_name(weights[0][0], weights[0][3]), m, k, n)
     x_in, fused, x_act = fused_call(x, () if fusion == "plain" else tuple(fusion.split("+")), n)
+    read = [as_decode_reads(w) for w in weights]  # the scales' form decode's kernels read (TEAL_INT4_BF16_SCALES)
+    scales = {"scales": "packed bf16"} if read[0][1] is not weights[0][1] else {}
     rows = []
     for s in sparsities:
         problems = [Problem(x_act, w, threshold_for(x_act, s, len(splits)), splits, sc, z, g, x_in, fused)
-                    for w, sc, z, g in weights]
+                    for w, sc, z, g in read]
         ours = graph_time_us(lambda i: sparse_gemv(*problems[i].args(), **problems[i].fusion), len(problems))
         needed = weight_bytes_needed(problems[0])
         rows.append({
             "sparsity": s, "sparse_us": ours, **dense,
             "needed_bytes": needed, "effective_tbps": needed / ours / 1e6,
-            "speedup_vs_linear": dense["linear_us"] / ours, "config": config.to_dict(), "fusion": fusion,
+            "speedup_vs_linear": dense["linear_us"] / ours, "config": config.to_dict(), "fusion": fusion, **scales,
         })
     return rows
 
@@ -151,6 +154,8 @@ def speed_table_entries(results: list[dict], meta: dict) -> dict[str, dict]:
         key = table_key(meta["gpu"], r["format"], r["M"], r["K"], r["N"])
         entry = entries.setdefault(key, {"sparse_us": {}, "source": f"{meta['command']} ({meta['date']})"})
         entry["sparse_us"][f"{r['sparsity']:g}"] = round(r["sparse_us"], 2)
+        if "scales" in r:  # timed on packed int4 scales (TEAL_INT4_BF16_SCALES=1)
+            entry["scales"] = r["scales"]
         if r["format"] in ("bf16", "fp16"):
             entry["dense_us"] = round(r["matmul_us"], 2)  # PackedLinear's dense path: x @ W^T
         for copy in ("tinygemm_us", "int4_mma_us"):  # an int4 layer's dense path with a dense copy

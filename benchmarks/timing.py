@@ -143,6 +143,18 @@ def make_weight(fmt: str, k: int, n: int, device: str, seed: int) -> tuple[torch
     return w, scales, zeros, group
 
 
+def as_decode_reads(weight: tuple) -> tuple:
+    """A make_weight tuple with its int4 scales and zeros as decode's kernels read them: packed bf16 pairs
+    given as both where TEAL_INT4_BF16_SCALES is 1 (linear.attach_bf16_scales), else as made."""
+    from linear import INT4_BF16_SCALES_ENV
+    from teal_kernels.reference import env_switch, pack_scales_zeros
+    w, scales, zeros, group = weight
+    if not group or not env_switch(INT4_BF16_SCALES_ENV):
+        return weight
+    words = pack_scales_zeros(scales, zeros)
+    return w, words, words, group
+
+
 def make_x(m: int, k: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(m, k, generator=g, device=device).to(dtype)
@@ -162,7 +174,8 @@ def weight_bytes_needed(p: Problem) -> int:
         for j, size in enumerate(p.split_sizes)
     )
     per_elem = p.w.element_size() * p.w.shape[1] / n  # 0.5 for packed int4
-    extra = sum(t.numel() * t.element_size() for t in (p.scales, p.zeros) if t is not None)
+    aux = {id(t): t for t in (p.scales, p.zeros) if t is not None}  # packed int4 words go as both: once
+    extra = sum(t.numel() * t.element_size() for t in aux.values())
     return int(kept * per_elem) + extra
 
 

@@ -380,3 +380,23 @@ def test_gather_bandwidth_sums_each_chunks_kept_rows():
     run = subprocess.run([sys.executable, "-m", "benchmarks.gather_bandwidth"], capture_output=True, text=True)
     if DEVICE == "cpu":
         assert run.returncode == 1 and run.stderr.strip() == "error: gather_bandwidth needs a CUDA GPU"
+
+
+def test_benchmarks_time_the_scales_decode_reads(monkeypatch):
+    """as_decode_reads: int4 scales and zeros as packed words (given as both) only with
+    TEAL_INT4_BF16_SCALES=1, other formats untouched; the bytes a call needs count the words once."""
+    from linear import INT4_BF16_SCALES_ENV
+    from teal_kernels.reference import pack_scales_zeros
+
+    int4, bf16 = timing.make_weight("int4-g32", 64, 32, "cpu", seed=0), timing.make_weight("bf16", 64, 32, "cpu", 0)
+    monkeypatch.delenv(INT4_BF16_SCALES_ENV, raising=False)
+    assert timing.as_decode_reads(int4) is int4
+    monkeypatch.setenv(INT4_BF16_SCALES_ENV, "1")
+    w, scales, zeros, group = timing.as_decode_reads(int4)
+    assert w is int4[0] and group == 32 and scales is zeros and torch.equal(scales, pack_scales_zeros(*int4[1:3]))
+    assert timing.as_decode_reads(bf16) is bf16
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    thresholds = torch.zeros(1)
+    packed = timing.Problem(x, w, thresholds, [32], scales, zeros, group)
+    plain = timing.Problem(x, int4[0], thresholds, [32], int4[1], int4[2], group)
+    assert timing.weight_bytes_needed(plain) - timing.weight_bytes_needed(packed) == scales.numel() * 4
