@@ -354,7 +354,6 @@ def run_case(case: dict, device: str) -> dict:
 
 def _shard(args: tuple[list[int], bool, str, str | None]) -> list[dict]:
     seeds, tiny, device, mode = args
-    torch.set_num_threads(1)  # one thread a worker: --jobs processes share the host's cores
     return [run_case(make_case(s, tiny, mode), device) for s in seeds]
 
 
@@ -373,9 +372,11 @@ def fuzz(problems: int, seed: int = 0, tiny: bool | None = None, jobs: int = 1, 
     chunks = [seeds[i:i + chunk] for i in range(0, len(seeds), chunk)]
     start, results = time.time(), []
     import multiprocessing
-    with ProcessPoolExecutor(max(jobs, 1), mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending, queued = set(), iter(chunks)
-        for part in queued:  # a chunk per worker, then one more each time one finishes
+    # one torch thread a worker: the --jobs processes share the host's cores
+    with ProcessPoolExecutor(max(jobs, 1), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        pending = set()
+        for part in chunks:  # two chunks per worker, then one more each time one finishes
             pending.add(pool.submit(_shard, (part, tiny, device, mode)))
             if len(pending) < 2 * max(jobs, 1):
                 continue
@@ -414,6 +415,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.problems < 1 or args.jobs < 1:
         print("error: --problems and --jobs must be at least 1", file=sys.stderr)
+        return 2
+    if args.seconds is not None and args.seconds <= 0:
+        print(f"error: --seconds must be above 0, got {args.seconds}", file=sys.stderr)
         return 2
     if args.out:
         from files import check_writable
