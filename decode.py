@@ -139,7 +139,7 @@ class DecodeBlock(TransformerBlock):
 
 def install_fused_decode(model: nn.Module) -> nn.Module:
     """Pack the projections (and a CPU model's float lm_head), give int4 ones on CUDA their dense copy
-    (linear.attach_int4pack) and, with TEAL_INT4_BF16_SCALES=1, bf16 scales (linear.attach_bf16_scales),
+    (linear.attach_int4pack) and, unless TEAL_INT4_BF16_SCALES=0, packed bf16 scales (linear.attach_bf16_scales),
     and swap every block for a DecodeBlock (idempotent)."""
     pack_model(model)
     attach_int4pack(model)

@@ -211,18 +211,22 @@ INT4_MMA_NORM_STATS_ENV = "TEAL_INT4_MMA_NORM_STATS"
 # 388.8 / 389.2 tok/s dense, int4-g128 + int8 head); with the norms' statistics it wins: 425.9 / 426.0
 # (statistics and short attention tiles) -> 444.8 / 444.5 (all three), results/int4_defaults_2026_12_05/.
 INT4_MMA_BF16_SCALES_ENV = "TEAL_INT4_MMA_BF16_SCALES"
-# TEAL_INT4_BF16_SCALES (off by default; 1 turns it on): our Triton kernels (the sparse GEMV, the
-# dequantize of prefills) read an int4 layer's scales and zeros rounded to bf16 and packed in pairs, one
-# int32 word a group and output (attach_bf16_scales, reference.pack_scales_zeros): one 4-byte load where
-# two float32 loads read 8 bytes. The 8B gate|up reads 7.3 MB of float32 scales and zeros a call at any
-# sparsity, against 29.4 MB of weights at 50%. The words round as int4_mma's bf16 copy does, so with it
-# on, a layer's dense and sparse calls multiply the same weights. The packed form is unmeasured. Its
-# first form, two bf16 tensors, lost (H100, 2026-12-06, results/issue11_h100_2026_12_06/): int4-g128 + int8
-# head at 50% 482.5 -> 448.9 tok/s in one process; the gather calls at 50%, graph-timed twice each:
-# gate|up 20.25 / 20.42 -> 21.61 / 21.27 us, down 14.23 / 14.10 -> 16.19 / 15.91. Local SASS of gate|up's
-# tile: its 2-byte loads came in another layout than the accumulators' and were converted through shared
-# memory (33 more accesses, 8 shuffles); a packed word loads in the float32 scales' own layout.
+# TEAL_INT4_BF16_SCALES (on by default since 2026-12-06; 0 turns it off): our Triton kernels (the sparse
+# GEMV, the dequantize of prefills) read an int4 layer's scales and zeros rounded to bf16 and packed in pairs,
+# one int32 word a group and output (attach_bf16_scales, reference.pack_scales_zeros): one 4-byte load where
+# two float32 loads read 8 bytes. The words round as int4_mma's bf16 copy does, so a layer's dense and sparse
+# calls multiply the same weights. H100, 2026-12-06 (forty-first session, results/packed_scales_2026_12_06/):
+# graph-timed per call at 50%, float32 -> packed, two rounds, µs: q|k|v 11.76 / 10.46 -> 11.23 / 9.74, o
+# 9.42 / 9.45 -> 8.92 / 8.75, gate|up 20.35 / 20.23 -> 20.24 / 19.80, down 13.52 / 13.41 -> 13.50 / 13.25;
+# int4-g128 + int8 head at 50% in one process 485.4 -> 487.7 tok/s. Its first form, two bf16 tensors, lost
+# (482.5 -> 448.9 tok/s, results/issue11_h100_2026_12_06/): their 2-byte loads came in another layout than
+# the accumulators' and were converted through shared memory; a packed word loads in the float32 scales'.
 INT4_BF16_SCALES_ENV = "TEAL_INT4_BF16_SCALES"
+
+
+def int4_bf16_scales() -> bool:
+    """Whether our kernels read int4 scales and zeros as packed bf16 pairs (INT4_BF16_SCALES_ENV)."""
+    return env_switch(INT4_BF16_SCALES_ENV, default="1")
 
 
 def int4_mma_scale_dtype() -> torch.dtype:
@@ -587,9 +591,9 @@ def int4_cuda_layers(model: nn.Module) -> dict[str, PackedLinear]:
 
 
 def attach_bf16_scales(model: nn.Module) -> list[str]:
-    """Where INT4_BF16_SCALES_ENV is 1, give every int4 layer on CUDA (int4_cuda_layers) its scales and
+    """Unless INT4_BF16_SCALES_ENV is 0, give every int4 layer on CUDA (int4_cuda_layers) its scales and
     zeros as packed bf16 pairs for our kernels; the names of those that got them."""
-    if not env_switch(INT4_BF16_SCALES_ENV):
+    if not int4_bf16_scales():
         return []
     return [name for name, m in int4_cuda_layers(model).items() if m.attach_bf16_scales()]
 

@@ -730,11 +730,12 @@ case $phase in
     step 420 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --baselines torch-int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4"
     step 120 python3 -m benchmarks.int4_mma_lab --rows 1 --out "$out/int4_mma_lab"
     ;;
-  issue11_table)  # (ran 2026-12-06 on an H100: 443.8 dense / 477.9 at 50% against gpt-fast's 334.5) issue 11 on a card whose table has no int4_mma rows (the H200's): int4-g128's 8B rows re-timed with int4_mma's time (bench_kernels --table), then issue11_int4 on that table: dense / 50% beside gpt-fast's int4, the int4_mma lab at one row (~8 min on a cold machine)
+  issue11_table)  # (ran 2026-12-06 on an H100: 443.8 dense / 477.9 at 50% against gpt-fast's 334.5) issue 11 on a card whose table has no int4_mma rows (the H200's): int4-g128's 8B rows re-timed with int4_mma's time (bench_kernels --table), then issue11_int4 on that table: dense / 50% beside gpt-fast's int4, the int4_mma lab at one row, the card's read bandwidth (~8 min on a cold machine)
     step 120 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_int4"
     cp teal_kernels/speed_table.json "$out/speed_table.json"
     step $((${TABLE_LIMIT:-450} - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --baselines torch-int4-g128 --sparsity 0 0.5 --decode_path fused --out "$out/decode_int4"
     step 90 python3 -m benchmarks.int4_mma_lab --rows 1 --out "$out/int4_mma_lab"
+    step 40 python3 -m benchmarks.read_bandwidth --out "$out/read_bandwidth"
     ;;
   gather_tune)  # issue 11, int4 + 50%: the gather design tuned for the card lent (an H100 has read the H200's rows), stages 4 / 6 / 8 (one, two, three weight tiles in flight), the 8B gate|up and down at 50% (TUNE_LAYERS: others); tuned_configs.json comes back: put it in the tree for gather_e2e
     step ${TUNE_LIMIT:-560} python3 -m benchmarks.tune_kernels --formats int4-g128 --models llama3-8b --kinds gather --sparsities 0.5 --layers ${TUNE_LAYERS:-gate_up down} --jobs 16

@@ -145,11 +145,11 @@ def make_weight(fmt: str, k: int, n: int, device: str, seed: int) -> tuple[torch
 
 def as_decode_reads(weight: tuple) -> tuple:
     """A make_weight tuple with its int4 scales and zeros as decode's kernels read them: packed bf16 pairs
-    given as both where TEAL_INT4_BF16_SCALES is 1 (linear.attach_bf16_scales), else as made."""
-    from linear import INT4_BF16_SCALES_ENV
-    from teal_kernels.reference import env_switch, pack_scales_zeros
+    given as both unless TEAL_INT4_BF16_SCALES is 0 (linear.attach_bf16_scales), else as made."""
+    from linear import int4_bf16_scales
+    from teal_kernels.reference import pack_scales_zeros
     w, scales, zeros, group = weight
-    if not group or not env_switch(INT4_BF16_SCALES_ENV):
+    if not group or not int4_bf16_scales():
         return weight
     words = pack_scales_zeros(scales, zeros)
     return w, words, words, group

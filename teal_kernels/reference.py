@@ -188,7 +188,8 @@ def weight_format(w: Tensor, x_dtype: torch.dtype, float_dtypes: tuple[torch.dty
             raise ValueError(f"int4 needs K divisible by group_size, got K={k}, group_size={group_size}.")
         if scales is not None and scales.dtype == torch.int32:  # pack_scales_zeros's words, given as both
             _check_aux("scales", scales, (k // group_size, n), (torch.int32,))
-            if zeros is not scales:
+            # compared by dtype and shape, not identity: Inductor's lowering hands the op two distinct tensors
+            if zeros is None or zeros.dtype != torch.int32 or zeros.shape != scales.shape:
                 raise ValueError("packed int4 scales (int32 words of pack_scales_zeros) go as both scales and zeros.")
         else:
             _check_aux("scales", scales, (k // group_size, n))

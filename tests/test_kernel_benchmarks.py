@@ -383,15 +383,15 @@ def test_gather_bandwidth_sums_each_chunks_kept_rows():
 
 
 def test_benchmarks_time_the_scales_decode_reads(monkeypatch):
-    """as_decode_reads: int4 scales and zeros as packed words (given as both) only with
-    TEAL_INT4_BF16_SCALES=1, other formats untouched; the bytes a call needs count the words once."""
+    """as_decode_reads: int4 scales and zeros as packed words (given as both) unless
+    TEAL_INT4_BF16_SCALES=0, other formats untouched; the bytes a call needs count the words once."""
     from linear import INT4_BF16_SCALES_ENV
     from teal_kernels.reference import pack_scales_zeros
 
     int4, bf16 = timing.make_weight("int4-g32", 64, 32, "cpu", seed=0), timing.make_weight("bf16", 64, 32, "cpu", 0)
-    monkeypatch.delenv(INT4_BF16_SCALES_ENV, raising=False)
+    monkeypatch.setenv(INT4_BF16_SCALES_ENV, "0")
     assert timing.as_decode_reads(int4) is int4
-    monkeypatch.setenv(INT4_BF16_SCALES_ENV, "1")
+    monkeypatch.delenv(INT4_BF16_SCALES_ENV, raising=False)
     w, scales, zeros, group = timing.as_decode_reads(int4)
     assert w is int4[0] and group == 32 and scales is zeros and torch.equal(scales, pack_scales_zeros(*int4[1:3]))
     assert timing.as_decode_reads(bf16) is bf16

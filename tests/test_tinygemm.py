@@ -156,14 +156,14 @@ def test_packed_scales_hold_the_rounded_values_for_every_call() -> None:
     assert not PackedLinear(64, 32, [32], dtype=torch.bfloat16).attach_bf16_scales()  # float weights: none
 
 
-def test_the_packed_scales_switch_is_off_by_default_and_cuda_only(monkeypatch) -> None:
+def test_the_packed_scales_switch_is_on_by_default_and_cuda_only(monkeypatch) -> None:
     model = tiny_model(seed=1).to(torch.bfloat16)
     quantize_model(model, "int4", 32)
     pack_model(model)
     model = model.to(DEVICE)
-    monkeypatch.delenv(INT4_BF16_SCALES_ENV, raising=False)
+    monkeypatch.setenv(INT4_BF16_SCALES_ENV, "0")
     assert attach_bf16_scales(model) == []
-    monkeypatch.setenv(INT4_BF16_SCALES_ENV, "1")
+    monkeypatch.delenv(INT4_BF16_SCALES_ENV, raising=False)
     assert attach_bf16_scales(model) == (list(packed_projections(model)) if DEVICE == "cuda" else [])
 
 
