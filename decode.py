@@ -24,7 +24,8 @@ TEAL_FUSED_NORM=1 / 0 (read when the blocks are installed) forces it on / off fo
 projections on both sides of a norm run int4_mma (TEAL_INT4_MMA_NORM_STATS, on by default), the norm
 runs in no kernel: the projection before it (o; the previous
 block's down, through this block's buffers) writes its input times the norm's weight and the sums of
-squares, and the one after (gate|up; q|k|v) scales its product by 1 / rms.
+squares, and the one after (gate|up; q|k|v) scales its product by 1 / rms. With TEAL_SPARSE_NORM_STATS=1 a
+sparse call of our kernel before it gives them too (linear.SPARSE_NORM_STATS_ENV).
 
 A step of 2..MAX_BATCH positions (speculation's verify, a short prefill) runs the attention op
 once a position, in order, instead of model.py's attention over all of them: each position's
@@ -77,7 +78,7 @@ class DecodeBlock(TransformerBlock):
     def link_statistics(self, previous: DecodeBlock) -> None:
         """Let the previous block's down projection hand this block's q|k|v the attention norm's input
         and statistics (PackedLinear.product_with_norm_stats) through two buffers of this block, where
-        both run int4_mma with the statistics' switch (takes_statistics). The blocks know each other as
+        q|k|v runs int4_mma with the statistics' switch and down gives them (takes_statistics). The blocks know each other as
         plain attributes, not submodules (module names, so thresholds files, stay as they are)."""
         dim, weight = self.attention_norm.weight.shape[0], self.attention_norm.weight
         self.register_buffer("attention_norm_scaled", weight.new_zeros(MAX_BATCH, dim), persistent=False)
@@ -87,9 +88,10 @@ class DecodeBlock(TransformerBlock):
 
     def takes_statistics(self, x: Tensor) -> bool:
         """Whether this decode step's q|k|v takes its norm from the previous block's down projection
-        (link_statistics): both run int4_mma for x's rows with the statistics' switch."""
+        (link_statistics): q|k|v runs int4_mma for x's rows with the statistics' switch, and the previous
+        down gives them (int4_mma's epilogue, or with TEAL_SPARSE_NORM_STATS a sparse call's)."""
         previous = self._previous
-        return (previous is not None and previous.feed_forward.w2.takes_norm_stats(x)
+        return (previous is not None and previous.feed_forward.w2.gives_norm_stats(x)
                 and self.attention.wqkv.takes_norm_stats(x))
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
@@ -114,8 +116,8 @@ class DecodeBlock(TransformerBlock):
                                        input_pos[i:i + 1], att.n_head) for i in range(seqlen)]
         y = steps[0] if seqlen == 1 else torch.stack(steps, dim=1)  # a decode step: no copy
         y = y.view(bsz, seqlen, att.n_head * att.head_dim)
-        if att.wo.takes_norm_stats(y) and self.feed_forward.w13.takes_norm_stats(x):
-            # int4_mma both sides: o's epilogue gives ffn_norm's input and statistics, no norm kernel
+        if att.wo.gives_norm_stats(y) and self.feed_forward.w13.takes_norm_stats(x):
+            # gate|up on int4_mma: o's epilogue gives ffn_norm's input and statistics, no norm kernel
             h, scaled, sumsq = att.wo.product_with_norm_stats(y, x, self.ffn_norm)
             return self._feed_forward(h, scaled, sumsq)
         h = att.wo(y, residual=x)

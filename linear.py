@@ -27,7 +27,7 @@ from torch import Tensor
 from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
 from teal_kernels import int4_mma as mma
 from teal_kernels.ops import (attention_o, cpu_runs_interpreter, dense_gemv, dequantize, int4_mma, int4_mma_stats,
-                              quant_gemm)
+                              quant_gemm, sparse_gemv_stats)
 from teal_kernels.reference import (INT4_GROUP_SIZES, KERNEL_DTYPES, dot_design_fits, env_switch, gated_input,
                                     pack_scales_zeros)
 from teal_kernels.speed_table import estimated_sparse_beats_dense, measured_on, sparse_beats_dense
@@ -203,6 +203,11 @@ INT4_MMA_GATE_ENV = "TEAL_INT4_MMA_GATE"
 # results/int4_defaults_2026_12_05/): 396.8 / 396.2 -> 420.0 / 420.1 tok/s dense; 397.7 / 397.3 -> 392.3 /
 # 396.3 at 50% (where gate|up runs the gather kernel, so the statistics pass only q|k|v's norm).
 INT4_MMA_NORM_STATS_ENV = "TEAL_INT4_MMA_NORM_STATS"
+# TEAL_SPARSE_NORM_STATS (off by default; 1 turns it on, with INT4_MMA_NORM_STATS_ENV): a sparse decode call
+# of our kernel gives the next norm's statistics as int4_mma's epilogue does (teal::sparse_gemv_stats): at
+# 50% on the 8B shape down runs sparse and the next block's q|k|v int4_mma, so the norm between them ran in a
+# kernel of its own (H100, 2026-12-06: 31 calls, 66 µs of a 2212 µs step, results/issue11_h100_2026_12_06/).
+SPARSE_NORM_STATS_ENV = "TEAL_SPARSE_NORM_STATS"
 # TEAL_INT4_MMA_BF16_SCALES (on by default with TEAL_INT4_MMA; 0 turns it off): int4_mma's copy keeps its
 # scales and zeros in bf16, as tinygemm's copy does (4 bytes a group and output instead of 8: 68 bytes a
 # group and output in all instead of 72, 5.6% fewer); its dense decode calls then multiply weights the
@@ -307,6 +312,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("kernel_zeros", None, persistent=False)
         self.int4mma_paired = False  # a gate|up copy in int4_mma.paired_order: its calls return SiLU(gate) * up
         self.int4mma_norm_stats = False  # INT4_MMA_NORM_STATS_ENV: gives / takes a norm's statistics (decode.py)
+        self.sparse_norm_stats = False  # SPARSE_NORM_STATS_ENV: its sparse decode calls give them too
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, split_sizes: list[int] | None = None) -> "PackedLinear":
@@ -422,9 +428,19 @@ class PackedLinear(nn.Module):
         return self.int4mma_norm_stats and self.int4mma_words is not None and self._dense_copy_call(
             x, self.applies_sparsity(x))
 
+    def gives_norm_stats(self, x: Tensor) -> bool:
+        """Whether this call of x's shape can give the next norm's statistics (product_with_norm_stats):
+        where takes_norm_stats, from int4_mma's epilogue; with sparse_norm_stats, a sparse decode call of
+        bf16 rows, from our kernel's (teal::sparse_gemv_stats)."""
+        if self.takes_norm_stats(x):
+            return True
+        n_rows = x.numel() // x.shape[-1]
+        return (self.sparse_norm_stats and x.dtype == torch.bfloat16 and n_rows <= MAX_BATCH
+                and self.out_features % 16 == 0 and self.applies_sparsity(x))
+
     def product_with_norm_stats(self, x: Tensor, residual: Tensor, norm: nn.Module, gated: bool = False,
                                 into: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Where takes_norm_stats: (h = self(x, gated, residual), h * norm.weight rounded, h's squares
+        """Where gives_norm_stats: (h = self(x, gated, residual), h * norm.weight rounded, h's squares
         summed a 16-output tile [rows, N / 16] float32): the input and norm_stats of the projection
         after `norm`, which then runs in no kernel of its own. `into`: contiguous buffers [rows, N] and
         [rows, N / 16] to write the last two into (the next block's, decode.py), else new ones."""
@@ -432,8 +448,13 @@ class PackedLinear(nn.Module):
         n_rows = rows.shape[0]
         scaled, sumsq = into or (rows.new_empty(n_rows, self.out_features),
                                  rows.new_empty(n_rows, self.out_features // 16, dtype=torch.float32))
-        out = int4_mma_stats(gated_input(rows) if gated else rows, self.int4mma_words, self.int4mma_scales,
-                             self.int4mma_zeros, residual.reshape(-1, self.out_features), norm.weight, scaled, sumsq)
+        res = residual.reshape(-1, self.out_features)
+        if self.takes_norm_stats(x):
+            out = int4_mma_stats(gated_input(rows) if gated else rows, self.int4mma_words, self.int4mma_scales,
+                                 self.int4mma_zeros, res, norm.weight, scaled, sumsq)
+        else:  # a sparse decode call (gives_norm_stats)
+            out = sparse_gemv_stats(rows, self.weight, self.thresholds, self.split_sizes, *self._quant_args(),
+                                    self.group_size, gated, res, norm.weight, scaled, sumsq)
         shape = (*x.shape[:-1], self.out_features)
         return out.view(shape), scaled.view(shape), sumsq
 
@@ -572,6 +593,7 @@ def attach_int4pack(model: nn.Module) -> list[str]:
     use_mma = env_switch(INT4_MMA_ENV, default="1")
     gate = env_switch(INT4_MMA_GATE_ENV, default="1") and use_mma
     norm_stats = env_switch(INT4_MMA_NORM_STATS_ENV, default="1") and use_mma
+    sparse_stats = env_switch(SPARSE_NORM_STATS_ENV) and norm_stats
     scale_dtype = int4_mma_scale_dtype()
     projections = packed_projections(model)
     layers = int4_cuda_layers(model)
@@ -580,6 +602,7 @@ def attach_int4pack(model: nn.Module) -> list[str]:
                                                            scale_dtype)]
     for name in names:
         layers[name].int4mma_norm_stats = norm_stats and name in projections and layers[name].int4mma_words is not None
+        layers[name].sparse_norm_stats = sparse_stats and layers[name].int4mma_norm_stats
     return names
 
 

@@ -75,6 +75,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from teal_kernels.reference import norm_statistics
+
 GROUP = 128  # one loop step: four planes of 32 K (two A tiles' K) and one scale a row
 TILE_ROWS = 16  # mma.m16n8k16's M
 WORDS_A_LANE = 8  # a lane's words of one 16-row tile and group
@@ -228,8 +230,7 @@ def int4_mma_stats_reference(x: Tensor, words: Tensor, scales: Tensor, zeros: Te
     """What int4_mma_with_stats computes (the CPU's implementation): the product out as
     int4_mma_reference's, out * stats_weight rounded, and out's squares summed over each 16-row tile."""
     out = int4_mma_reference(x, words, scales, zeros, residual)
-    h = out.float()
-    return out, (h * stats_weight.float()).to(out.dtype), h.square().view(h.shape[0], -1, TILE_ROWS).sum(dim=2)
+    return out, *norm_statistics(out, stats_weight)
 
 
 @functools.cache

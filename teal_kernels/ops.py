@@ -1,5 +1,6 @@
 """The torch ops of the decode path: ``teal::sparse_gemv`` (what PackedLinear calls for
-decode-sized batches, and a quantized model's short prefills on CUDA), ``teal::dense_gemv`` (its
+decode-sized batches, and a quantized model's short prefills on CUDA; ``teal::sparse_gemv_stats``: with the
+next RMSNorm's statistics), ``teal::dense_gemv`` (its
 dense decode calls of small float matrices on CUDA), ``teal::dequantize`` (a quantized matrix in
 bf16/fp16 for longer prefills on CUDA), ``teal::quant_gemm`` (such a prefill's product without the
 bf16 copy: int8 and int4 prefills of 17-128 rows, linear.QUANT_GEMM_ROWS), ``teal::int4_mma`` (dense
@@ -27,8 +28,8 @@ from torch import Tensor
 
 from teal_kernels import cpu
 from teal_kernels.reference import (KERNEL_DTYPES, MAX_DOT_ROWS, attention_o_reference, attention_reference,
-                                    attention_step_reference, dequantize_weight, masked_product, rms_normed, validate,
-                                    validate_attention, validate_step)
+                                    attention_step_reference, check_norm_statistics, dequantize_weight, masked_product,
+                                    norm_statistics, rms_normed, validate, validate_attention, validate_step)
 
 CPU_KERNELS_ENV = "TEAL_CPU_KERNELS"  # "native" (default), "reference" or "interpreter"
 CPU_KERNEL_MODES = ("native", "reference", "interpreter")
@@ -146,6 +147,47 @@ def sparse_gemv(
                                   residual=residual, norm_weight=norm_weight, eps=eps, dense=dense)
     return torch.ops.teal.sparse_gemv(x, w, thresholds, list(split_sizes), scales, zeros, group_size, gated,
                                       residual, norm_weight, eps, dense)
+
+
+@torch.library.custom_op("teal::sparse_gemv_stats", mutates_args=("scaled", "sumsq"), device_types="cpu")
+def _sparse_gemv_stats_cpu(x: Tensor, w: Tensor, thresholds: Tensor, split_sizes: list[int], scales: Tensor | None,
+                           zeros: Tensor | None, group_size: int, gated: bool, residual: Tensor | None,
+                           stats_weight: Tensor, scaled: Tensor, sumsq: Tensor, dense: bool = False) -> Tensor:
+    check_norm_statistics((x.shape[0], sum(split_sizes)), x.dtype, stats_weight, scaled, sumsq)
+    if cpu_runs_interpreter():
+        return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size, gated=gated,
+                                  residual=residual, dense=dense, stats=(stats_weight, scaled, sumsq))
+    out = _sparse_gemv_cpu(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual)
+    for buffer, value in zip((scaled, sumsq), norm_statistics(out, stats_weight)):
+        buffer.copy_(value)
+    return out
+
+
+@_sparse_gemv_stats_cpu.register_kernel("cuda")
+def _(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual, stats_weight, scaled, sumsq,
+      dense=False):
+    return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size, gated=gated,
+                              residual=residual, dense=dense, stats=(stats_weight, scaled, sumsq))
+
+
+@_sparse_gemv_stats_cpu.register_fake
+def _(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual, stats_weight, scaled, sumsq,
+      dense=False):
+    return x.new_empty(x.shape[0], sum(split_sizes))
+
+
+def sparse_gemv_stats(x: Tensor, w: Tensor, thresholds: Tensor, split_sizes: list[int], scales: Tensor | None,
+                      zeros: Tensor | None, group_size: int, gated: bool, residual: Tensor | None,
+                      stats_weight: Tensor, scaled: Tensor, sumsq: Tensor, dense: bool = False) -> Tensor:
+    """sparse_gemv's output (no norm prologue), returned, and what the RMSNorm after it hands its
+    consumer instead of running, written into `scaled` (out * stats_weight, [M, N]) and `sumsq` (out's
+    squares summed a 16-output tile, [M, N / 16] float32): reference.norm_statistics, as int4_mma_stats
+    gives them. On CUDA the dot design's epilogue writes them (torch after a rows-design call)."""
+    if x.is_cuda and _eager():
+        return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size, gated=gated,
+                                  residual=residual, dense=dense, stats=(stats_weight, scaled, sumsq))
+    return torch.ops.teal.sparse_gemv_stats(x, w, thresholds, list(split_sizes), scales, zeros, group_size, gated,
+                                            residual, stats_weight, scaled, sumsq, dense)
 
 
 @torch.library.custom_op("teal::dense_gemv", mutates_args=(), device_types="cpu")

@@ -227,6 +227,31 @@ def gated_input(x: Tensor) -> Tensor:
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
 
+NORM_STATS_TILE = 16  # outputs a sum of squares covers (int4_mma's mma tile height)
+
+
+def norm_statistics(out: Tensor, stats_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """What a projection hands the RMSNorm's consumer instead of the norm running (the statistics'
+    epilogues of int4_mma and the sparse GEMV): out * stats_weight rounded to out's dtype [M, N], and
+    out's squares summed a NORM_STATS_TILE-output tile, [M, N / NORM_STATS_TILE] float32."""
+    h = out.float()
+    return (h * stats_weight.float()).to(out.dtype), h.square().view(h.shape[0], -1, NORM_STATS_TILE).sum(dim=2)
+
+
+def check_norm_statistics(out_shape: tuple[int, int], dtype: torch.dtype, stats_weight: Tensor, scaled: Tensor,
+                          sumsq: Tensor) -> None:
+    """ValueError (one line) unless the statistics' buffers fit an output [M, N] of `dtype`: stats_weight [N],
+    scaled [M, N] of dtype and sumsq [M, N / NORM_STATS_TILE] float32, both contiguous."""
+    m, n = out_shape
+    if (n % NORM_STATS_TILE or tuple(stats_weight.shape) != (n,) or tuple(scaled.shape) != (m, n)
+            or tuple(sumsq.shape) != (m, n // NORM_STATS_TILE) or scaled.dtype != dtype
+            or sumsq.dtype != torch.float32 or not (scaled.is_contiguous() and sumsq.is_contiguous())):
+        raise ValueError(f"norm statistics of an output {dtype} [{m}, {n}] need N a multiple of {NORM_STATS_TILE}, "
+                         f"a weight [{n}], contiguous scaled {dtype} [{m}, {n}] and sumsq float32 "
+                         f"[{m}, {n // NORM_STATS_TILE}]; got weight {tuple(stats_weight.shape)}, scaled {scaled.dtype} "
+                         f"{tuple(scaled.shape)}, sumsq {sumsq.dtype} {tuple(sumsq.shape)}")
+
+
 def rms_normed(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """model.RMSNorm's output for x [..., K]: float32 statistics, rounded to x's dtype, times the weight."""
     xf = x.float()

@@ -27,7 +27,8 @@ from triton.runtime.jit import JITFunction
 
 from teal_kernels.attention_tiles import LOG2E, default_block_s, heads_attention
 from teal_kernels.reference import (FMT_FLOAT, FMT_INT4, FMT_INT8, MAX_BATCH, MAX_DOT_ROWS, MAX_SEGMENTS,
-                                    dot_design_fits, env_switch, validate, validate_step, weight_format_name)
+                                    check_norm_statistics, dot_design_fits, env_switch, norm_statistics, validate,
+                                    validate_step, weight_format_name)
 from teal_kernels.speed_table import lookup_names
 
 __all__ = ["INTERPRETED", "KernelConfig", "attention_o_fits", "attention_o_triton", "attention_prologue_fits",
@@ -539,13 +540,17 @@ def _kept_slots(slots, slot_x, slot, last, lane_m, BLOCK_M: tl.constexpr):
 @triton.jit
 def _column_block_output(part_ptr, out_ptr, res_ptr, scale_ptr, counter_ptr, pid_n, GRID_K, M, N, m_offs, cols,
                          out_ok, FORMAT: tl.constexpr, RESIDUAL: tl.constexpr, RED_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         sw_ptr=None, scaled_ptr=None, sumsq_ptr=None, STATS: tl.constexpr = False):
     """The last program of a column block: the sum of its GRID_K fp32 partials [M, BLOCK_N] (RED_K of
     them requested at once, in a fixed order: loaded one by one, each load waited for the last, which
     for down's 14 partials would be ~8 of the int4 gather call's 10.2 µs with no row read on the H100 at
     ~0.6 µs a trip, an estimate), times the int8 column
     scale, rounded, plus the residual (the unfused model's rounding: product to x's dtype, then the
-    sum); stores the output rows m_offs < M and resets the arrival counter for the next call."""
+    sum); stores the output rows m_offs < M and resets the arrival counter for the next call. STATS (the
+    dot design, BLOCK_N a multiple of 16 from a column that is one): also what the next RMSNorm's consumer
+    takes instead of the norm (reference.norm_statistics): out * sw rounded, and out's squares summed
+    a 16-column tile."""
     total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r0 in range(0, GRID_K, RED_K):
         r = r0 + tl.arange(0, RED_K)
@@ -559,6 +564,16 @@ def _column_block_output(part_ptr, out_ptr, res_ptr, scale_ptr, counter_ptr, pid
         res = tl.load(res_ptr + m_offs[:, None] * N + cols[None, :], mask=out_ok, other=0.0)
         result = (result.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + m_offs[:, None] * N + cols[None, :], result, mask=out_ok)
+    if STATS:
+        h = result.to(tl.float32)
+        sw = tl.load(sw_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        tl.store(scaled_ptr + m_offs[:, None] * N + cols[None, :], (h * sw[None, :]).to(out_ptr.dtype.element_ty),
+                 mask=out_ok)
+        TILES: tl.constexpr = BLOCK_N // 16
+        tiles = tl.min(tl.reshape(cols, [TILES, 16]), axis=1) // 16
+        squares = tl.sum(tl.reshape(h * h, [BLOCK_M, TILES, 16]), axis=2)
+        tl.store(sumsq_ptr + m_offs[:, None] * (N // 16) + tiles[None, :], squares,
+                 mask=(m_offs < M)[:, None] & (tiles < N // 16)[None, :])
     tl.store(counter_ptr + pid_n, 0)  # ready for the next call
 
 
@@ -940,6 +955,7 @@ def _dot(xt, wt, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 def _dot_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, res_ptr, nw_ptr,
     out_ptr, part_ptr, counter_ptr, idx_ptr, xs_ptr,
+    sw_ptr, scaled_ptr, sumsq_ptr,  # STATS's (the next norm's weight, its input and sums of squares)
     M, K, N, W_ROW, eps,
     SPLITS,  # column boundaries of the segments (trailing empty segments allowed)
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
@@ -948,6 +964,7 @@ def _dot_gemv_kernel(
     INTERPRET: tl.constexpr, PDL: tl.constexpr,
     GATHER: tl.constexpr = False, GROUPS: tl.constexpr = 1,  # the "gather" design (one row): see above
     RED_K: tl.constexpr = 1,  # partials the last program requests at once (_column_block_output)
+    STATS: tl.constexpr = False,  # the output's norm statistics too (_column_block_output)
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -1059,7 +1076,8 @@ def _dot_gemv_kernel(
     ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
     if ticket == grid_k - 1:
         _column_block_output(part_ptr, out_ptr, res_ptr, scale_ptr, counter_ptr, pid_n, grid_k, M, N, m_offs, cols,
-                             m_ok[:, None] & (cols < N)[None, :], FORMAT, RESIDUAL, RED_K, BLOCK_M, BLOCK_N)
+                             m_ok[:, None] & (cols < N)[None, :], FORMAT, RESIDUAL, RED_K, BLOCK_M, BLOCK_N,
+                             sw_ptr, scaled_ptr, sumsq_ptr, STATS)
 
 
 # ---------------------------------------------------------------------------
@@ -1156,16 +1174,21 @@ def sparse_gemv_triton(
     norm_weight: Tensor | None = None,
     eps: float = 0.0,
     dense: bool = False,
+    stats: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Run the Triton kernel (on CUDA, or on CPU under TRITON_INTERPRET=1).
 
     ``config`` overrides the tuned/heuristic config (used by the tuner and tests); ``gated``,
     ``norm_weight`` (with ``eps``) and ``residual`` are the prologue / epilogue fusions of
     teal_kernels/reference.py; ``dense`` (no thresholds: a dense call) picks the table's config
-    for 0% where it has one (get_config).
+    for 0% where it has one (get_config). ``stats`` (stats_weight, scaled, sumsq): also write the
+    output's reference.norm_statistics into scaled and sumsq, in the dot design's epilogue (torch
+    computes them after a rows-design call).
     """
     fmt = validate(x, w, thresholds, split_sizes, scales, zeros, group_size, True, gated, residual, norm_weight,
                    MAX_DOT_ROWS)
+    if stats is not None:
+        check_norm_statistics((x.shape[0], sum(split_sizes)), x.dtype, *stats)
     if x.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError("The Triton kernel needs a CUDA device or TRITON_INTERPRET=1 set before import.")
     m, k = x.shape[0], w.shape[0]
@@ -1180,10 +1203,11 @@ def sparse_gemv_triton(
         raise ValueError(f"M={m} > {MAX_BATCH} rows need the dot design, which this shape cannot take "
                          f"(segments {split_sizes}, K={k}: multiples of {128 if fmt == FMT_INT4 else 16} needed).")
     if cfg.design == "rows":
-        return _launch_rows(x, w, fmt, m, k, n, cfg, thresholds, split_sizes, scales, zeros, group_size, gated,
-                            residual, norm_weight, eps)
+        return _statistics_after(_launch_rows(x, w, fmt, m, k, n, cfg, thresholds, split_sizes, scales, zeros,
+                                              group_size, gated, residual, norm_weight, eps), stats)
     splits, grid_k, grid_n, counters, out, partials = _launch_buffers(x, m, k, n, cfg, split_sizes)
     pdl = launch_options(x.device)
+    kernel_stats = stats if cfg.block_n % 16 == 0 else None  # the epilogue's tiles of 16 columns
     if fmt == FMT_INT4:  # read as int32 words of 8 columns (_fit_config checked the alignment)
         w = w.view(torch.int32)
     gather = cfg.design == "gather"
@@ -1195,7 +1219,7 @@ def sparse_gemv_triton(
         idx = xs = counters  # unused
     _dot_gemv_kernel[(grid_n, grid_k)](
         x, w, *_aux_args(x, thresholds, scales, zeros, residual, norm_weight), out, partials, counters, idx, xs,
-        m, k, n, w.shape[1], float(eps), splits,
+        *(kernel_stats or (x, x, x)), m, k, n, w.shape[1], float(eps), splits, STATS=kernel_stats is not None,
         GATHER=gather, GROUPS=cfg.block_k // group_size if gather and fmt == FMT_INT4 else 1,
         RED_K=_reduction_step(grid_k, block_m, cfg.block_n),
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, DOT_M=dot_tile_rows(m),
@@ -1204,6 +1228,14 @@ def sparse_gemv_triton(
         INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         **_registers(cfg),
     )
+    return out if kernel_stats is not None else _statistics_after(out, stats)
+
+
+def _statistics_after(out: Tensor, stats: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+    """out, with `stats`' buffers (scaled, sumsq) filled by torch where the kernel's epilogue did not."""
+    if stats is not None:
+        for buffer, value in zip(stats[1:], norm_statistics(out, stats[0])):
+            buffer.copy_(value)
     return out
 
 

@@ -188,6 +188,12 @@ def gemv_variants():
            dict(FORMAT=2, GROUP_SIZE=128, BLOCK_M=1, DOT_M=16, BLOCK_N=512, BLOCK_K=1024, SUB_K=64, GATED=False,
                 RESIDUAL=False, NORM=True, EVEN_K=True, INTERPRET=False, PDL=True, GATHER=True, GROUPS=8, RED_K=4),
            4, 4)
+    # down's gather tile on the H100 (gated, the residual) giving the next norm's statistics (STATS:
+    # linear.SPARSE_NORM_STATS_ENV), packed scales
+    yield (sg._dot_gemv_kernel, {"w_ptr": "*i32", "scale_ptr": "*i32", "zero_ptr": "*i32", "sumsq_ptr": "*fp32"},
+           dict(FORMAT=2, GROUP_SIZE=128, BLOCK_M=1, DOT_M=16, BLOCK_N=512, BLOCK_K=512, SUB_K=32, GATED=True,
+                RESIDUAL=True, NORM=False, EVEN_K=True, INTERPRET=False, PDL=True, GATHER=True, GROUPS=4, RED_K=16,
+                STATS=True), 4, 6)
     for fmt, m, block_n in ((2, 16, 512), (2, 32, 256), (2, 64, 128), (2, 64, 256), (1, 64, 256)):  # short prefills
         yield (sg._dot_gemv_kernel, {"w_ptr": weight[fmt]},
                dict(FORMAT=fmt, GROUP_SIZE=128, BLOCK_M=m, DOT_M=m, BLOCK_N=block_n, BLOCK_K=512,

@@ -553,6 +553,47 @@ def test_the_decode_block_runs_no_ffn_norm_with_statistics(monkeypatch, gate: bo
     assert torch.allclose(outs[0].float(), outs[1].float(), rtol=2**-6, atol=2e-2)
 
 
+@torch.no_grad()
+def test_a_sparse_down_gives_the_next_blocks_q_k_v_its_statistics(monkeypatch) -> None:
+    """TEAL_SPARSE_NORM_STATS (sparse_norm_stats): a sparse down call gives the next block's attention norm
+    through teal::sparse_gemv_stats (once, the first block's), the next q|k|v on int4_mma takes them, and
+    the second block's output is the one with the norm in torch within bf16 roundings. Only a sparse call
+    of bf16 rows with the flag gives them."""
+    from decode import DecodeBlock
+
+    model = tiny_model(seed=4, dim=128, intermediate_size=256, n_layer=2).to(torch.bfloat16)
+    quantize_model(model, "int4", 128)
+    pack_model(model)
+    model.setup_caches(1, 16)
+    x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16)
+    pos = torch.tensor([4])
+    calls = []
+    real = linear.sparse_gemv_stats
+    monkeypatch.setattr(linear, "sparse_gemv_stats", lambda *args: calls.append(args[0].shape) or real(*args))
+    outs = []
+    for stats in (False, True):
+        for name, m in packed_projections(model).items():
+            m.int4mma_words = None
+            assert m.attach_int4pack(use_mma=True)
+            m.int4mma_norm_stats = True
+            m.sparse_norm_stats = stats
+        downs = [layer.feed_forward.w2 for layer in model.layers]
+        for down in downs:
+            down.thresholds.fill_(0.01)
+            down.sparse = True
+        assert downs[0].gives_norm_stats(x) == stats and not downs[0].gives_norm_stats(x.float())
+        blocks = [DecodeBlock(layer) for layer in model.layers]
+        blocks[1].link_statistics(blocks[0])
+        assert blocks[1].takes_statistics(x) == stats
+        h = x
+        for block in blocks:
+            h = block(h, model.freqs_cis[pos], None, pos)
+        outs.append(h)
+        assert len(calls) == stats  # the first block's down, in the second pass only
+    assert calls == [(1, 512)]  # gate|up's output: SiLU(gate) * up in the kernel's prologue
+    assert torch.allclose(outs[0].float(), outs[1].float(), rtol=2**-6, atol=2e-2)
+
+
 @needs_gluon
 @pytest.mark.parametrize("k, n", [(2048, 4096), (1408, 2048), (4096, 576 + 16 * 4)])
 def test_the_kernels_statistics_are_the_references_alone_and_among_rows(k: int, n: int) -> None:

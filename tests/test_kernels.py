@@ -16,7 +16,7 @@ from fixtures import COMPILE_BACKENDS, DEVICE, HAS_CUDA, needs_cuda
 import teal_kernels.triton_gemv as sg
 from teal_kernels import dequantize_weight, sparse_gemv, sparse_gemv_reference
 from teal_kernels.dequantize import dequantize_triton
-from teal_kernels.ops import CPU_KERNELS_ENV
+from teal_kernels.ops import CPU_KERNELS_ENV, sparse_gemv_stats
 from teal_kernels.reference import (FMT_FLOAT, FMT_INT4, FMT_INT8, pack_scales_zeros, unpack_scales_zeros,
                                     weight_format_name)
 from teal_kernels.triton_gemv import KernelConfig, get_config, sparse_gemv_triton
@@ -398,6 +398,52 @@ def test_rows_long_blocks_list_their_kept_rows(fmt, stages):
     cfg = KernelConfig(block_n=16, block_k=1024, sub_k=32, design="rows", compact=True, num_stages=stages)
     assert sg._fit_config(cfg, {"fp": FMT_FLOAT, "int8": FMT_INT8}[fmt], 0, 1, 2600, [32, 16]).block_k == 1024
     assert_close_to_ref(sparse_gemv_triton(*args, config=cfg), *args)
+
+
+# (format, group, K, segments, config): the gather / dot designs' epilogue writes the statistics (two
+# column blocks; the dot design's block of 16 columns, one tile a block), the rows design leaves them to torch
+NORM_STATS_CASES = [
+    ("int4", 32, 4 * 32, [128, 128], KernelConfig(block_n=128, block_k=64, sub_k=16, design="gather")),
+    ("fp", 0, 96, [32, 16], KernelConfig(block_n=16, block_k=32, sub_k=16, design="dot")),
+    ("int8", 0, 64, [32, 16], KernelConfig(block_n=16, block_k=32, sub_k=16, design="rows")),
+]
+
+
+@pytest.mark.parametrize("case", NORM_STATS_CASES, ids=lambda c: f"{c[0]}-{c[4].design}")
+@pytest.mark.parametrize("m", [1, 3])
+def test_sparse_gemv_gives_the_next_norms_statistics(case, m):
+    """stats: the output unchanged (gated prologue, residual epilogue), and what the next RMSNorm's consumer
+    takes: out * the norm's weight rounded, and out's squares summed a 16-column tile against float64 (the
+    sums of one 16-column tile straddle a block only in the dot case's 16-wide blocks: never). The op's CPU
+    implementation gives the same; a wrong buffer fails in one line."""
+    fmt, group, k, splits, cfg = case
+    x, w, thresholds, _, scales, zeros, g = make_problem(fmt, torch.bfloat16, m, k, splits, group, seed=k + m)
+    n = sum(splits)
+    gen = torch.Generator().manual_seed(4)
+    gate_up = torch.cat([x, x.flip(1)], dim=1)
+    residual = torch.randn(m, n, generator=gen).to(torch.bfloat16).to(DEVICE)
+    weight = (torch.rand(n, generator=gen) + 0.5).to(torch.bfloat16).to(DEVICE)
+    scaled = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    sumsq = torch.full((m, n // 16), float("nan"), device=DEVICE)
+    call = (gate_up, w, thresholds, splits, scales, zeros, g)
+    out = sparse_gemv_triton(*call, config=cfg, gated=True, residual=residual, stats=(weight, scaled, sumsq))
+    assert torch.equal(out, sparse_gemv_triton(*call, config=cfg, gated=True, residual=residual))
+    def assert_statistics_of(out, scaled, sumsq):
+        expected = (out.float() * weight.float()).to(torch.bfloat16)
+        if HAS_CUDA:
+            assert torch.equal(scaled, expected)
+        else:  # the interpreter truncates where the GPU rounds: one bf16 ulp
+            assert torch.allclose(scaled.float(), expected.float(), rtol=2**-7, atol=0)
+        exact = out.double().square().view(m, n // 16, 16).sum(dim=2)
+        assert sumsq.dtype == torch.float32 and torch.allclose(sumsq.double(), exact, rtol=1e-6)
+
+    assert_statistics_of(out, scaled, sumsq)
+    op_scaled, op_sumsq = torch.empty_like(scaled), torch.empty_like(sumsq)
+    op_out = sparse_gemv_stats(*call, True, residual, weight, op_scaled, op_sumsq)
+    assert torch.allclose(op_out.float(), out.float(), rtol=2**-7, atol=1e-3)  # the CPU kernel's own sum order
+    assert_statistics_of(op_out, op_scaled, op_sumsq)
+    with pytest.raises(ValueError, match="norm statistics of an output"):
+        sparse_gemv_triton(*call, config=cfg, gated=True, stats=(weight, scaled, sumsq[:, 1:]))
 
 
 @pytest.mark.parametrize("design", ["rows", "dot", "gather"])
