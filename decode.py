@@ -24,8 +24,8 @@ TEAL_FUSED_NORM=1 / 0 (read when the blocks are installed) forces it on / off fo
 projections on both sides of a norm run int4_mma (TEAL_INT4_MMA_NORM_STATS, on by default), the norm
 runs in no kernel: the projection before it (o; the previous
 block's down, through this block's buffers) writes its input times the norm's weight and the sums of
-squares, and the one after (gate|up; q|k|v) scales its product by 1 / rms. With TEAL_SPARSE_NORM_STATS=1 a
-sparse call of our kernel before it gives them too (linear.SPARSE_NORM_STATS_ENV).
+squares, and the one after (gate|up; q|k|v) scales its product by 1 / rms. A sparse call of our kernel
+before it gives them too (linear.SPARSE_NORM_STATS_ENV, on by default: at 50% down is sparse).
 
 A step of 2..MAX_BATCH positions (speculation's verify, a short prefill) runs the attention op
 once a position, in order, instead of model.py's attention over all of them: each position's
@@ -89,7 +89,7 @@ class DecodeBlock(TransformerBlock):
     def takes_statistics(self, x: Tensor) -> bool:
         """Whether this decode step's q|k|v takes its norm from the previous block's down projection
         (link_statistics): q|k|v runs int4_mma for x's rows with the statistics' switch, and the previous
-        down gives them (int4_mma's epilogue, or with TEAL_SPARSE_NORM_STATS a sparse call's)."""
+        down gives them (int4_mma's epilogue, or a sparse call's: TEAL_SPARSE_NORM_STATS)."""
         previous = self._previous
         return (previous is not None and previous.feed_forward.w2.gives_norm_stats(x)
                 and self.attention.wqkv.takes_norm_stats(x))

@@ -203,10 +203,12 @@ INT4_MMA_GATE_ENV = "TEAL_INT4_MMA_GATE"
 # results/int4_defaults_2026_12_05/): 396.8 / 396.2 -> 420.0 / 420.1 tok/s dense; 397.7 / 397.3 -> 392.3 /
 # 396.3 at 50% (where gate|up runs the gather kernel, so the statistics pass only q|k|v's norm).
 INT4_MMA_NORM_STATS_ENV = "TEAL_INT4_MMA_NORM_STATS"
-# TEAL_SPARSE_NORM_STATS (off by default; 1 turns it on, with INT4_MMA_NORM_STATS_ENV): a sparse decode call
-# of our kernel gives the next norm's statistics as int4_mma's epilogue does (teal::sparse_gemv_stats): at
-# 50% on the 8B shape down runs sparse and the next block's q|k|v int4_mma, so the norm between them ran in a
-# kernel of its own (H100, 2026-12-06: 31 calls, 66 µs of a 2212 µs step, results/issue11_h100_2026_12_06/).
+# TEAL_SPARSE_NORM_STATS (on by default with INT4_MMA_NORM_STATS_ENV since 2026-12-06; 0 turns it off): a
+# sparse decode call of our kernel gives the next norm's statistics as int4_mma's epilogue does
+# (teal::sparse_gemv_stats): at 50% on the 8B shape down runs sparse and the next block's q|k|v int4_mma, so
+# the norm between them ran in a kernel of its own (31 calls, 66 µs of a 2212 µs step). H100, Llama-3-8B
+# int4-g128 + int8 head at 50%, alternating in one process (results/packed_scales_2026_12_06/): 487.4 /
+# 486.3 -> 499.4 / 499.6 tok/s; dense 448.2 -> 448.8 (unchanged: no sparse call).
 SPARSE_NORM_STATS_ENV = "TEAL_SPARSE_NORM_STATS"
 # TEAL_INT4_MMA_BF16_SCALES (on by default with TEAL_INT4_MMA; 0 turns it off): int4_mma's copy keeps its
 # scales and zeros in bf16, as tinygemm's copy does (4 bytes a group and output instead of 8: 68 bytes a
@@ -593,7 +595,7 @@ def attach_int4pack(model: nn.Module) -> list[str]:
     use_mma = env_switch(INT4_MMA_ENV, default="1")
     gate = env_switch(INT4_MMA_GATE_ENV, default="1") and use_mma
     norm_stats = env_switch(INT4_MMA_NORM_STATS_ENV, default="1") and use_mma
-    sparse_stats = env_switch(SPARSE_NORM_STATS_ENV) and norm_stats
+    sparse_stats = env_switch(SPARSE_NORM_STATS_ENV, default="1") and norm_stats
     scale_dtype = int4_mma_scale_dtype()
     projections = packed_projections(model)
     layers = int4_cuda_layers(model)

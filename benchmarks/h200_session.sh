@@ -760,11 +760,11 @@ case $phase in
     step 40 python3 -m benchmarks.read_bandwidth --out "$out/read_bandwidth"
     step 250 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0.5 --switches - TEAL_INT4_BF16_SCALES=1 --decode_path fused --out "$out/decode_int4_packed"
     ;;
-  issue11_stats)  # issue 11 on the card lent, with packed scales (the default since 2026-12-06): the GPU tests of the sparse GEMV's norm statistics and packed scales, int4-g128's 8B rows re-timed (bench_kernels --table), then dense / 50% beside gpt-fast's int4 with and without TEAL_SPARSE_NORM_STATS=1 (down's gather gives the next q|k|v its norm) in one process (~9 min on a cold machine)
+  issue11_stats)  # issue 11 on the card lent, with packed scales (the default since 2026-12-06): the GPU tests of the sparse GEMV's norm statistics and packed scales, int4-g128's 8B rows re-timed (bench_kernels --table), then dense / 50% beside gpt-fast's int4 with TEAL_SPARSE_NORM_STATS=0 and on (the default since 2026-12-06: down's gather gives the next q|k|v its norm; ran on an H100 2026-12-06 as off / =1: 484.6 -> 497.7 at 50%) in one process (~9 min on a cold machine)
     step 150 python3 -m pytest -q tests/test_kernels.py tests/test_int4_mma.py -k "norms_statistics or sparse_down_gives or packed"
     step 150 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_int4"
     cp teal_kernels/speed_table.json "$out/speed_table.json"
-    step $((${TABLE_LIMIT:-560} - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --baselines torch-int4-g128 --sparsity 0 0.5 --switches - TEAL_SPARSE_NORM_STATS=1 --decode_path fused --out "$out/decode_int4"
+    step $((${TABLE_LIMIT:-560} - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --baselines torch-int4-g128 --sparsity 0 0.5 --switches TEAL_SPARSE_NORM_STATS=0 - --decode_path fused --out "$out/decode_int4"
     ;;
   issue11_int8)  # issue 11's int8 targets on the same card: int8 + int8 head dense and 50% beside gpt-fast's int8 and the dense bf16 model in one run (~6 min on a cold machine)
     step 540 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --baselines torch-int8 --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8"
