@@ -1,5 +1,6 @@
 """Fuzz the sparse GEMV kernels against float64 math: random shapes, batch sizes, weight formats,
-segment splits, int4 scales and zeros as float32 or packed bf16 pairs (TEAL_INT4_BF16_SCALES),
+segment splits, int4 scales and zeros as float32 or packed bf16 pairs (TEAL_INT4_BF16_SCALES), the next norm's
+statistics from the epilogue (a quarter of the problems whose N is a multiple of 16),
 thresholds (none kept, all kept, anywhere between), prologue/epilogue fusions and kernel configs of
 every design (rows, dot, gather), every row-selection mode; the attention prologue (o's GEMV
 computing its own input, teal::attention_o: one row, float or int8 weights, random head layouts,
@@ -72,7 +73,7 @@ def make_mma_case(r: random.Random, seed: int, tiny: bool) -> dict:
     n = rows * r.randint(1, 3 if tiny else 40)
     return dict(seed=seed, fmt="int4-g128", group=mma.GROUP, m=m, k=groups * mma.GROUP, sizes=[n], attention=None,
                 dtype="bfloat16", levels=["all"], fusion=fusion, mode="int4_mma", config=config,
-                packed=False)
+                packed=False, stats=False)
 
 
 def make_case(seed: int, tiny: bool, mode: str | None = None) -> dict:
@@ -137,8 +138,10 @@ def make_case(seed: int, tiny: bool, mode: str | None = None) -> dict:
     levels = [r.choice(["all", "none", r.uniform(0.05, 0.95), r.uniform(0.3, 0.7)]) for _ in sizes]
     # int4 scales and zeros as packed bf16 pairs (TEAL_INT4_BF16_SCALES) in a third of the int4 problems
     packed = bool(group) and r.random() < 1 / 3
+    # the next norm's statistics from the epilogue (teal::sparse_gemv_stats) in a quarter of the others
+    stats = sum(sizes) % 16 == 0 and fusion != "attention" and r.random() < 0.25
     return dict(seed=seed, fmt=fmt, group=group, m=m, k=k, sizes=sizes, attention=attention, dtype=dtype,
-                levels=levels, fusion=fusion, mode=mode, config=config, packed=packed)
+                levels=levels, fusion=fusion, mode=mode, config=config, packed=packed, stats=stats)
 
 
 def _weights(case: dict, g: torch.Generator, device: str) -> tuple:
@@ -326,14 +329,19 @@ def run_case(case: dict, device: str) -> dict:
     gap = (1.08 if attention else 1.04) if device == "cpu" else 1.02
     thresholds = torch.tensor([_threshold(x_in, lvl, fused, gap) for lvl in case["levels"]],
                               dtype=torch.float32, device=device)
+    stats = None
     if attention:
         pos = torch.tensor([case["attention"]["p"]], device=device)
         out = attention_o_triton(qkv, cs, k_cache, v_cache, pos, case["attention"]["n_head"], w, thresholds, sizes,
                                  scales, residual, config=config)
     else:
         kernel_scales, kernel_zeros = (words, words) if case["packed"] else (scales, zeros)
+        if case["stats"]:  # NaN-filled, so an unwritten entry fails
+            stats = ((torch.rand(n, generator=g) + 0.5).to(dtype).to(device),
+                     torch.full((m, n), float("nan"), dtype=dtype, device=device),
+                     torch.full((m, n // 16), float("nan"), device=device))
         out = sparse_gemv_triton(x, w, thresholds, sizes, kernel_scales, kernel_zeros, case["group"], config=config,
-                                 gated=gated, residual=residual, norm_weight=norm_weight, eps=eps)
+                                 gated=gated, residual=residual, norm_weight=norm_weight, eps=eps, stats=stats)
     w64 = weight64(w, scales, zeros, case["group"])
     x64 = x_in.double()
     col_thr = torch.cat([thresholds[j].double().expand(size) for j, size in enumerate(sizes)])
@@ -349,7 +357,23 @@ def run_case(case: dict, device: str) -> dict:
         tol = tol + 1.01 * ulp * scale
     excess = _excess(out, ref, tol)
     ok = out.shape == (m, n) and out.dtype == dtype and excess <= 0
+    if stats is not None:
+        ok = ok and _statistics_ok(out, *stats, device)
     return {**case, "ok": bool(ok), "excess": excess}
+
+
+def _statistics_ok(out: torch.Tensor, weight: torch.Tensor, scaled: torch.Tensor, sumsq: torch.Tensor,
+                   device: str) -> bool:
+    """The epilogue's statistics of `out`: out * weight rounded (exact on the GPU; the interpreter
+    truncates, one ulp) and the 16-output sums of out^2 within float32 rounding of float64's."""
+    expected = (out.float() * weight.float()).to(out.dtype)
+    if device == "cpu":
+        scaled_ok = torch.allclose(scaled.float(), expected.float(), rtol=2**-7 if out.dtype == torch.bfloat16
+                                   else 2**-10, atol=0)
+    else:
+        scaled_ok = torch.equal(scaled, expected)
+    sums = out.double().square().view(out.shape[0], -1, 16).sum(dim=2)
+    return bool(scaled_ok and torch.allclose(sumsq.double(), sums, rtol=1e-5, atol=1e-30))
 
 
 def _shard(args: tuple[list[int], bool, str, str | None]) -> list[dict]:
@@ -392,7 +416,7 @@ def fuzz(problems: int, seed: int = 0, tiny: bool | None = None, jobs: int = 1, 
 
 def summary(results: list[dict]) -> dict:
     by = {}
-    for key in ("fmt", "mode", "fusion", "packed"):
+    for key in ("fmt", "mode", "fusion", "packed", "stats"):
         for r in results:
             entry = by.setdefault(f"{key}={r[key]}", [0, 0])
             entry[0] += 1
@@ -431,7 +455,7 @@ def main() -> int:
     for r in results:
         if not r["ok"]:
             print(f"MISMATCH seed={r['seed']} excess={r['excess']:.3g} " + json.dumps({k: r[k] for k in (
-                "fmt", "dtype", "m", "k", "sizes", "levels", "fusion", "mode", "config", "packed")}))
+                "fmt", "dtype", "m", "k", "sizes", "levels", "fusion", "mode", "config", "packed", "stats")}))
     s = summary(results)
     s["seconds"] = round(time.time() - start, 1)
     s["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (TRITON_INTERPRET=1)"
