@@ -551,6 +551,14 @@ def _column_block_output(part_ptr, out_ptr, res_ptr, scale_ptr, counter_ptr, pid
     dot design, BLOCK_N a multiple of 16 from a column that is one): also what the next RMSNorm's consumer
     takes instead of the norm (reference.norm_statistics): out * sw rounded, and out's squares summed
     a 16-column tile."""
+    # what the sum does not produce is requested first, so it arrives with the partials: issued after
+    # the sum's loop, the residual and the norm's weight were two more round trips (local sm_90 SASS)
+    if FORMAT == 1:
+        col_scale = tl.load(scale_ptr + cols, mask=cols < N, other=0.0)
+    if RESIDUAL:
+        res = tl.load(res_ptr + m_offs[:, None] * N + cols[None, :], mask=out_ok, other=0.0)
+    if STATS:
+        sw = tl.load(sw_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r0 in range(0, GRID_K, RED_K):
         r = r0 + tl.arange(0, RED_K)
@@ -558,15 +566,13 @@ def _column_block_output(part_ptr, out_ptr, res_ptr, scale_ptr, counter_ptr, pid
         ok = (r < GRID_K)[:, None, None] & out_ok[None, :, :]
         total += tl.sum(tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
     if FORMAT == 1:
-        total *= tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
+        total *= col_scale[None, :]
     result = total.to(out_ptr.dtype.element_ty)
     if RESIDUAL:
-        res = tl.load(res_ptr + m_offs[:, None] * N + cols[None, :], mask=out_ok, other=0.0)
         result = (result.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + m_offs[:, None] * N + cols[None, :], result, mask=out_ok)
     if STATS:
         h = result.to(tl.float32)
-        sw = tl.load(sw_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         tl.store(scaled_ptr + m_offs[:, None] * N + cols[None, :], (h * sw[None, :]).to(out_ptr.dtype.element_ty),
                  mask=out_ok)
         TILES: tl.constexpr = BLOCK_N // 16
