@@ -766,9 +766,11 @@ case $phase in
     cp teal_kernels/speed_table.json "$out/speed_table.json"
     step $((${TABLE_LIMIT:-560} - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --baselines torch-int4-g128 --sparsity 0 0.5 --switches TEAL_SPARSE_NORM_STATS=0 - --decode_path fused --out "$out/decode_int4"
     ;;
-  epilogue_loads)  # issues 10/11: the last program of a column block requests the residual, the int8 column scale and the next norm's weight with its partials instead of after them (two round trips fewer for the sparse down: local sm_90 SASS) against the kernel before (df50235: prepare git show df50235:teal_kernels/triton_gemv.py > .old_triton_gemv.py), int4-g128 + int8 head at 50%, old / new / old / new, one process each (~5 min on a cold machine)
+  epilogue_loads)  # issues 10/11: two tails shortened by a round trip, against the files before them (df50235: prepare git show df50235:teal_kernels/triton_gemv.py > .old_triton_gemv.py and git show df50235:teal_kernels/attention.py > .old_attention.py): the last program of a column block requests the residual, int8's column scale and the next norm's weight with its partials instead of after them (local sm_90 SASS of down's gather tile: three dependent round trips in the tail become one), and the attention's combine kernel reads the position before its PDL wait (the partials then one round trip after it, not two); int4-g128 + int8 head at 50%, old / new / old / new, one process each (~5 min on a cold machine)
+    [ -f /tmp/new_attention.py ] || cp teal_kernels/attention.py /tmp/new_attention.py
     for v in old new old new; do
       kernel $v
+      if [ $v = old ]; then cp .old_attention.py teal_kernels/attention.py; else cp /tmp/new_attention.py teal_kernels/attention.py; fi
       step 120 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0.5 --decode_path fused --out "$out/decode_int4_$v$SECONDS"
     done
     ;;

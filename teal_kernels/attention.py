@@ -213,14 +213,16 @@ def _combine_kernel(
     PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    # p was written before the step, so it is read before the PDL wait: after the wait the partials
+    # are then one round trip, not two (local sm_90 SASS)
     p = load_position(pos_ptr, S_MAX)
     n_valid = tl.cdiv(p + 1, _chunk_len(p, NUM_SPLITS, BLOCK_S))  # the rest hold stale memory
     sp = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, D)
     sp_ok = sp < n_valid
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     lse = tl.load(lse_part_ptr + row * NUM_SPLITS + sp, mask=sp_ok, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, axis=0))  # chunk 0 always holds data: the max is finite
     o = tl.load(o_part_ptr + (row * NUM_SPLITS + sp[:, None]) * D + d[None, :], mask=sp_ok[:, None], other=0.0)
