@@ -78,8 +78,9 @@ class DecodeBlock(TransformerBlock):
     def link_statistics(self, previous: DecodeBlock) -> None:
         """Let the previous block's down projection hand this block's q|k|v the attention norm's input
         and statistics (PackedLinear.product_with_norm_stats) through two buffers of this block, where
-        q|k|v runs int4_mma with the statistics' switch and down gives them (takes_statistics). The blocks know each other as
-        plain attributes, not submodules (module names, so thresholds files, stay as they are)."""
+        q|k|v runs int4_mma with the statistics' switch and down gives them (takes_statistics). The blocks
+        know each other as plain attributes, not submodules (module names, so thresholds files, stay as
+        they are)."""
         dim, weight = self.attention_norm.weight.shape[0], self.attention_norm.weight
         self.register_buffer("attention_norm_scaled", weight.new_zeros(MAX_BATCH, dim), persistent=False)
         self.register_buffer("attention_norm_sumsq", weight.new_zeros(MAX_BATCH, dim // 16, dtype=torch.float32),

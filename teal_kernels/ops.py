@@ -29,7 +29,7 @@ from torch import Tensor
 from teal_kernels import cpu
 from teal_kernels.reference import (KERNEL_DTYPES, MAX_DOT_ROWS, attention_o_reference, attention_reference,
                                     attention_step_reference, check_norm_statistics, dequantize_weight, masked_product,
-                                    norm_statistics, rms_normed, validate, validate_attention, validate_step)
+                                    rms_normed, validate, validate_attention, validate_step, write_norm_statistics)
 
 CPU_KERNELS_ENV = "TEAL_CPU_KERNELS"  # "native" (default), "reference" or "interpreter"
 CPU_KERNEL_MODES = ("native", "reference", "interpreter")
@@ -158,8 +158,7 @@ def _sparse_gemv_stats_cpu(x: Tensor, w: Tensor, thresholds: Tensor, split_sizes
         return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size, gated=gated,
                                   residual=residual, dense=dense, stats=(stats_weight, scaled, sumsq))
     out = _sparse_gemv_cpu(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual)
-    for buffer, value in zip((scaled, sumsq), norm_statistics(out, stats_weight)):
-        buffer.copy_(value)
+    write_norm_statistics(out, stats_weight, scaled, sumsq)
     return out
 
 

@@ -238,6 +238,12 @@ def norm_statistics(out: Tensor, stats_weight: Tensor) -> tuple[Tensor, Tensor]:
     return (h * stats_weight.float()).to(out.dtype), h.square().view(h.shape[0], -1, NORM_STATS_TILE).sum(dim=2)
 
 
+def write_norm_statistics(out: Tensor, stats_weight: Tensor, scaled: Tensor, sumsq: Tensor) -> None:
+    """norm_statistics of `out` written into the buffers `scaled` and `sumsq` (check_norm_statistics's)."""
+    for buffer, value in zip((scaled, sumsq), norm_statistics(out, stats_weight)):
+        buffer.copy_(value)
+
+
 def check_norm_statistics(out_shape: tuple[int, int], dtype: torch.dtype, stats_weight: Tensor, scaled: Tensor,
                           sumsq: Tensor) -> None:
     """ValueError (one line) unless the statistics' buffers fit an output [M, N] of `dtype`: stats_weight [N],

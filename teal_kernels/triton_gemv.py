@@ -27,8 +27,8 @@ from triton.runtime.jit import JITFunction
 
 from teal_kernels.attention_tiles import LOG2E, default_block_s, heads_attention
 from teal_kernels.reference import (FMT_FLOAT, FMT_INT4, FMT_INT8, MAX_BATCH, MAX_DOT_ROWS, MAX_SEGMENTS,
-                                    check_norm_statistics, dot_design_fits, env_switch, norm_statistics, validate,
-                                    validate_step, weight_format_name)
+                                    check_norm_statistics, dot_design_fits, env_switch, validate, validate_step,
+                                    weight_format_name, write_norm_statistics)
 from teal_kernels.speed_table import lookup_names
 
 __all__ = ["INTERPRETED", "KernelConfig", "attention_o_fits", "attention_o_triton", "attention_prologue_fits",
@@ -1240,8 +1240,7 @@ def sparse_gemv_triton(
 def _statistics_after(out: Tensor, stats: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
     """out, with `stats`' buffers (scaled, sumsq) filled by torch where the kernel's epilogue did not."""
     if stats is not None:
-        for buffer, value in zip(stats[1:], norm_statistics(out, stats[0])):
-            buffer.copy_(value)
+        write_norm_statistics(out, *stats)
     return out
 
 
