@@ -214,7 +214,8 @@ def _combine_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     # p was written before the step, so it is read before the PDL wait: after the wait the partials
-    # are then one round trip, not two (local sm_90 SASS)
+    # are then one round trip, not two (local sm_90 SASS; measured together with the GEMV's epilogue
+    # loads, teal_kernels/triton_gemv.py's _column_block_output)
     p = load_position(pos_ptr, S_MAX)
     n_valid = tl.cdiv(p + 1, _chunk_len(p, NUM_SPLITS, BLOCK_S))  # the rest hold stale memory
     sp = tl.arange(0, SPLITS_PAD)
