@@ -75,7 +75,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from teal_kernels.reference import norm_statistics
+from teal_kernels.reference import check_norm_statistics, norm_statistics
 
 GROUP = 128  # one loop step: four planes of 32 K (two A tiles' K) and one scale a row
 TILE_ROWS = 16  # mma.m16n8k16's M
@@ -530,11 +530,7 @@ def int4_mma_with_stats(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor,
     instead of a norm kernel, written into `scaled` (out * stats_weight rounded, [M, N] bf16) and `sumsq`
     (the sums of out^2 over each 16-row tile, [M, N / 16] float32), both contiguous; stats_weight [N]
     the norm's weight."""
-    if (scaled.shape != (x.shape[0], scales.shape[0]) or sumsq.shape != (x.shape[0], scales.shape[0] // TILE_ROWS)
-            or scaled.dtype != x.dtype or sumsq.dtype != torch.float32
-            or not (scaled.is_contiguous() and sumsq.is_contiguous())):
-        raise ValueError(f"int4_mma's statistics go into contiguous bf16 [M, N] and float32 [M, N / 16]; got "
-                         f"{scaled.dtype} {tuple(scaled.shape)}, {sumsq.dtype} {tuple(sumsq.shape)}")
+    check_norm_statistics((x.shape[0], scales.shape[0]), x.dtype, stats_weight, scaled, sumsq)
     return _launch(x, words, scales, zeros, residual, False, None, 0.0, (stats_weight, scaled, sumsq), config)
 
 

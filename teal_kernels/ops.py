@@ -307,10 +307,9 @@ def int4_mma(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: 
 @torch.library.custom_op("teal::int4_mma_stats", mutates_args=("scaled", "sumsq"), device_types="cpu")
 def _int4_mma_stats_cpu(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, residual: Tensor | None,
                         stats_weight: Tensor, scaled: Tensor, sumsq: Tensor) -> Tensor:
-    from teal_kernels.int4_mma import int4_mma_stats_reference
-    out, scaled_value, sums = int4_mma_stats_reference(x, words, scales, zeros, residual, stats_weight)
-    scaled.copy_(scaled_value)
-    sumsq.copy_(sums)
+    from teal_kernels.int4_mma import int4_mma_reference
+    out = int4_mma_reference(x, words, scales, zeros, residual)
+    write_norm_statistics(out, stats_weight, scaled, sumsq)
     return out
 
 
