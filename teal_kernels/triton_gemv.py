@@ -829,7 +829,9 @@ def _sparse_gemv_kernel(
 # group g alone: blocks of at most 16 groups, and each group's scale and zero are applied once a
 # block (_group_scaled) instead of once a tile. The block's scales and zeros prefetched into L2 before
 # the PDL wait (prefetch.global.L2) lost: H100, 2026-12-06, gate|up at 50% 20.50 -> 21.67 µs a call,
-# the int4 50% step 482.6 -> 451.7 tok/s (results/gather_prologue_2026_12_06/); not kept.
+# the int4 50% step 482.6 -> 451.7 tok/s (results/gather_prologue_2026_12_06/); not kept. Requested into
+# registers before the loop (after the wait) lost too: H100, 2026-12-06, gate|up 20.49 -> 22.25 µs, down
+# 13.57 -> 15.11, the step 504.3 / 504.8 -> 497.5 / 499.1 alternating (results/scales_early_2026_12_06/).
 #
 # Reduction over K blocks, one launch, no memset, as in the "rows" design: each program stores
 # its fp32 partial and the last program of the column block (arrival ticket) sums them in a fixed
