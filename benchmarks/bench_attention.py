@@ -1,7 +1,7 @@
 """Decode attention per layer call: Triton split-KV kernel vs SDPA, on a CUDA GPU.
 
     python benchmarks/bench_attention.py [--contexts 128 1024 4096] [--s_max 8192] [--layers 32]
-                                         [--extra_num_splits 8 16 64] [--fused_tiles 32:4 64:8]
+                                         [--extra_num_splits 8 16 64] [--fused_tiles 32:4 16:4:16]
 
 For each model shape (B=1, bf16) and context c (position p = c - 1) it first checks every
 method against a float64 reference, then times, in µs per call:
@@ -11,8 +11,8 @@ method against a float64 reference, then times, in µs per call:
                   mask, enable_gqa=True: what model.py does today;
   * sdpa_prefix   SDPA over only the filled prefix k_cache[:, :, :c] (no mask);
   * fused_step, cublas_bytes: see ``unchecked_methods`` (timed, not checked here);
-  * fused_step sS wW  the fused step's kernels with S positions a tile and W warps (--fused_tiles),
-                  checked against fused_step's output.
+  * fused_step sS wW [nN]  the fused step's kernels with S positions a tile, W warps (and N splits)
+                  (--fused_tiles), checked against fused_step's output.
 Each time is one CUDA graph of ``--layers`` calls on different caches (so every call reads
 cold memory; L2 is flushed between replays), divided by the number of calls.  ``floor`` is
 the HBM time of the filled K and V of one layer at 4.28 TB/s.  Prints the table last;
@@ -128,14 +128,16 @@ def unchecked_methods(layers: list[tuple[torch.Tensor, ...]], context: int, fuse
         _, k, v = layers[i]
         return decode_attention_step(rows[i], freqs, k, v, pos, n_head)
 
-    def fused_tile(block_s: int, warps: int) -> Callable[[int], torch.Tensor]:
+    def fused_tile(block_s: int, warps: int, splits: int | None) -> Callable[[int], torch.Tensor]:
         def step(i: int) -> torch.Tensor:
             _, k, v = layers[i]
-            return decode_attention_step_triton(rows[i], freqs, k, v, pos, n_head, block_s=block_s, num_warps=warps)
+            return decode_attention_step_triton(rows[i], freqs, k, v, pos, n_head, block_s=block_s, num_warps=warps,
+                                                num_splits=splits)
         return step
 
     out = {"fused_step": fused_step}
-    out.update({f"fused_step s{block_s} w{warps}": fused_tile(block_s, warps) for block_s, warps in fused_tiles})
+    out.update({f"fused_step s{block_s} w{warps}" + (f" n{splits}" if splits else ""): fused_tile(block_s, warps, splits)
+                for block_s, warps, splits in fused_tiles})
     return out | {"cublas_bytes": lambda i: x @ weights[i]}
 
 
@@ -152,16 +154,18 @@ def check_fused_tiles(steps: dict[str, Callable[[int], torch.Tensor]]) -> None:
             raise AssertionError(f"{name}: max difference {err:.3g} from fused_step")
 
 
-def parse_tile(text: str) -> tuple[int, int]:
-    """'S:W' -> (positions a tile, warps) for --fused_tiles."""
+def parse_tile(text: str) -> tuple[int, int, int | None]:
+    """'S:W[:N]' -> (positions a tile, warps, splits or None for the default) for --fused_tiles."""
     try:
-        block_s, warps = (int(v) for v in text.split(":"))
+        block_s, warps, *rest = (int(v) for v in text.split(":"))
+        (splits,) = rest or (None,)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected POSITIONS:WARPS such as 32:4, got {text!r}") from None
-    if block_s < 16 or block_s & (block_s - 1) or warps not in (1, 2, 4, 8, 16):
-        raise argparse.ArgumentTypeError(f"positions must be a power of two >= 16 and warps 1-16 (a power of "
-                                         f"two), got {text!r}")
-    return block_s, warps
+        raise argparse.ArgumentTypeError(f"expected POSITIONS:WARPS[:SPLITS] such as 32:4 or 16:4:16, got {text!r}") from None
+    if (block_s < 16 or block_s & (block_s - 1) or warps not in (1, 2, 4, 8, 16)
+            or (splits is not None and not 1 <= splits <= MAX_SPLITS)):
+        raise argparse.ArgumentTypeError(f"positions must be a power of two >= 16, warps 1-16 (a power of two) "
+                                         f"and splits 1-{MAX_SPLITS}, got {text!r}")
+    return block_s, warps, splits
 
 
 def reference64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=32, help="calls per CUDA graph, each on its own cache")
     ap.add_argument("--extra_num_splits", nargs="*", type=int, default=[8, 16, 64],
                     help="also time the kernel with these split counts (the default one is always timed)")
-    ap.add_argument("--fused_tiles", nargs="*", type=parse_tile, default=[], metavar="S:W",
-                    help="also time the fused step's kernels with S positions a K/V tile and W warps "
-                         "(the default: 16 KB of K a tile, 64 positions at D = 128, and 4 warps)")
+    ap.add_argument("--fused_tiles", nargs="*", type=parse_tile, default=[], metavar="S:W[:N]",
+                    help="also time the fused step's kernels with S positions a K/V tile, W warps and N splits "
+                         "(the defaults: 16 positions where the cache holds at most 1024, else 16 KB of K a tile, "
+                         "64 positions at D = 128; 4 warps; default_num_splits)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: bench_attention.py needs a CUDA GPU", file=sys.stderr)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_ab | quant_gemm | quant_gemm_model | quant_gemm_ncu | int4_vec | int4_gemm_default | att_tiles | gemm_tiles | gemm_long | kpacked_lab | mma_lab | int4_mma | int4_mma_check | int4_mma_fusions | short_tiles | int4_sparse_lab | int4_mma_e2e | int4_mma_table | int4_mma_rule | norm_stats | norm_stats_lab | mma_stalls | int4_fixed_cost | mma_fuzz | gather_bw | int4_head | bf16_scales | int4_combo | int4_tests | issue11_int4 | gather_tune | gather_e2e | gather_tune_e2e | packed_scales | issue11_table | issue11_stats | epilogue_loads | issue11_int8 | scales_early | gather_stalls | gather_scales | gather_red | gather_prologue | int8_scan | prologue_all)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_ab | quant_gemm | quant_gemm_model | quant_gemm_ncu | int4_vec | int4_gemm_default | att_tiles | gemm_tiles | gemm_long | kpacked_lab | mma_lab | int4_mma | int4_mma_check | int4_mma_fusions | short_tiles | int4_sparse_lab | int4_mma_e2e | int4_mma_table | int4_mma_rule | norm_stats | norm_stats_lab | mma_stalls | int4_fixed_cost | mma_fuzz | gather_bw | int4_head | bf16_scales | int4_combo | int4_tests | issue11_int4 | gather_tune | gather_e2e | gather_tune_e2e | packed_scales | issue11_table | issue11_stats | epilogue_loads | issue11_int8 | scales_early | tile_splits | gather_warps | list_pad | mask_ab | gather_stalls | gather_scales | gather_red | gather_prologue | int8_scan | prologue_all)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -841,7 +841,53 @@ case $phase in
     done
     kernel new
     ;;
-  gather_stalls)  # issue 11, int4 + 50% >= 550: where the gather kernel's ~12 us a call that reads no row goes (fixed_cost: gate|up 12.9 of 30.5 us at 50%, H100): per-reason warp stalls and per-instruction SASS samples of gate|up's stored gather config with no row kept and at 50%, as text in two tarballs (~4 min)
+  tile_splits)  # (ran 2026-12-06 on an H100, results/gather_loop_2026_12_06/ section 1: no gain, 505.1 / 505.6 against 505.7 / 504.8 at 50%; the switch was removed after it) issues 10/11: decode attention with a split per 16-position tile on short caches (TEAL_ATTENTION_TILE_SPLITS=1: at 128 positions 16 splits of one tile, each requested before the PDL wait, instead of 8 splits of two, the second loaded after it): the attention GPU tests, bench_attention at 128 / 160 positions of a 164-position cache (the decode benchmark's) and 128 / 1000 of a 1024 one, then int4-g128 + int8 head dense and 50% with the switch 0 / 1 / 0 / 1 in one process (~7 min on a cold machine)
+    step 150 python3 -m pytest -q tests/test_attention.py -k "tile_splits or short_cache or step"
+    OUT=$out/att164 step 90 python3 -m benchmarks.bench_attention --models Llama-3-8B --contexts 128 160 --s_max 164 --extra_num_splits 16 --fused_tiles 16:4:8 16:4:16 16:8:16 32:4:8
+    OUT=$out/att1024 step 90 python3 -m benchmarks.bench_attention --models Llama-3-8B --contexts 128 1000 --s_max 1024 --extra_num_splits 64 --fused_tiles 16:4:32 16:4:64
+    step $((${SPLITS_LIMIT:-560} - SECONDS)) python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0 0.5 --decode_path fused --switches TEAL_ATTENTION_TILE_SPLITS=0 TEAL_ATTENTION_TILE_SPLITS=1 --rounds 2 --out "$out/decode_tile_splits"
+    ;;
+  gather_warps)  # (ran 2026-12-06 on an H100, results/gather_loop_2026_12_06/ section 4: both shapes kept their 4-warp winners) issue 11, int4 + 50%: the gather design with 8 warps a program (the tuner's gather grid had 4 only; ncu put gate|up's 4-warp tile at 50% mostly in arithmetic stalls: wait / selected / dispatch / math throttle ~60% of samples, long scoreboard 16%, results/gather_warps_2026_12_06/): gate|up and down retuned at 50% with 4- and 8-warp candidates, the table's int4 rows re-timed, then the int4 step at 50% on the new tables and the stored ones, alternating, one process each (~6 min on a cold machine)
+    cp teal_kernels/tuned_configs.json /tmp/stored_tuned_configs.json
+    cp teal_kernels/speed_table.json /tmp/stored_speed_table.json
+    step 200 python3 -m benchmarks.tune_kernels --force --formats int4-g128 --models llama3-8b --kinds gather --sparsities 0.5 --layers gate_up down --jobs 16
+    step 60 python3 -m benchmarks.bench_kernels --formats int4-g128 --models llama3-8b --sparsities 0 0.4 0.5 0.65 --table --out "$out/kernels_int4"
+    cp teal_kernels/tuned_configs.json "$out/tuned_configs_warps.json"
+    cp teal_kernels/speed_table.json "$out/speed_table_warps.json"
+    for t in warps stored warps stored; do
+      if [ $t = warps ]; then cp "$out/tuned_configs_warps.json" teal_kernels/tuned_configs.json; cp "$out/speed_table_warps.json" teal_kernels/speed_table.json
+      else cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json; cp /tmp/stored_speed_table.json teal_kernels/speed_table.json; fi
+      step 80 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0.5 --decode_path fused --out "$out/decode_int4_$t$SECONDS"
+    done
+    cp "$out/tuned_configs_warps.json" teal_kernels/tuned_configs.json
+    ;;
+  list_pad)  # (ran 2026-12-06 on an H100, results/gather_loop_2026_12_06/ section 5: gate|up 20.33 -> 22.91 µs, down 13.49 -> 12.70, the step 475.3 against 504-507 earlier that session; not kept, the variant is that folder's list_pad.patch; phase mask_ab times it again) issue 11, int4 + 50%: the gather kernel's kept-row list padded to whole tiles (row k0, x 0), so its loop's loads take no mask (local sm_90 SASS, triton 3.6: loop 704 -> 645 instructions at gate|up's tile, 419 -> 337 at down's; ncu put gate|up's loop mostly in arithmetic stalls, results/gather_warps_2026_12_06/), against the kernel before (prepare: git show 622a1a7:teal_kernels/triton_gemv.py > .old_triton_gemv.py): fixed_cost int4-g128 old / new, the 50% step new, the tests, the step old (~4 min on a cold machine)
+    for v in old new; do
+      kernel $v
+      step 40 python3 -m benchmarks.fixed_cost --format int4-g128 --out "$out/fixed_cost_$v"
+    done
+    step 60 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0.5 --decode_path fused --out "$out/decode_int4_new"
+    step 50 python3 -m pytest -q -x tests/test_kernels.py -k "gather"
+    kernel old
+    step 60 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0.5 --decode_path fused --out "$out/decode_int4_old"
+    kernel new
+    ;;
+  mask_ab)  # issue 11, int4 + 50%: the gather loop's masks (results/gather_loop_2026_12_06/ section 5: the padded list won down by 0.8 µs and lost gate|up by 2.6): the kernel as committed, the padded list and the weight loads alone unmasked (the list's loads masked as before, slots past it reading row k0), in one call. Prepare here first: for v in list_pad unmasked_weights; do cp teal_kernels/triton_gemv.py .$v.py && patch -s .$v.py benchmarks/results/gather_loop_2026_12_06/$v.patch; done (untracked, sent with the tree). fixed_cost int4-g128 of each, the gather GPU tests of each variant, then the 50% step head / pad / unmasked / head, one process each (~7 min on a cold machine)
+    for v in new .list_pad.py .unmasked_weights.py; do
+      kernel $v
+      step 40 python3 -m benchmarks.fixed_cost --format int4-g128 --out "$out/fixed_cost_${v//./}"
+    done
+    for v in .list_pad.py .unmasked_weights.py; do
+      kernel $v
+      step 60 python3 -m pytest -q -x tests/test_kernels.py -k "gather"
+    done
+    for v in new .list_pad.py .unmasked_weights.py new; do
+      kernel $v
+      step 70 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0.5 --decode_path fused --out "$out/decode_int4_${v//./}$SECONDS"
+    done
+    kernel new
+    ;;
+  gather_stalls)  # (ran 2026-12-06 on an H100, results/gather_loop_2026_12_06/ section 3) issue 11, int4 + 50% >= 550: where the gather kernel's ~12 us a call that reads no row goes (fixed_cost: gate|up 12.9 of 30.5 us at 50%, H100): per-reason warp stalls and per-instruction SASS samples of gate|up's stored gather config with no row kept and at 50%, as text in two tarballs (~4 min)
     stalls gather_none 150 _dot_gemv_kernel --layer gate_up --format int4-g128 --sparsity none
     stalls gather_50 150 _dot_gemv_kernel --layer gate_up --format int4-g128 --sparsity 0.5
     ;;

@@ -292,14 +292,14 @@ def test_bench_helpers_on_tiny_shapes():
     errors = bench.check_correctness(steps, layers, context=37)
     assert set(errors) == set(steps) | {"triton_vs_sdpa_prefix"}
     assert max(errors.values()) < 0.05
-    extra = bench.unchecked_methods(layers, context=37, fused_tiles=[(16, 2)])
-    assert list(extra) == ["fused_step", "fused_step s16 w2", "cublas_bytes"]
+    extra = bench.unchecked_methods(layers, context=37, fused_tiles=[(16, 2, None), (16, 2, 4)])
+    assert list(extra) == ["fused_step", "fused_step s16 w2", "fused_step s16 w2 n4", "cublas_bytes"]
     assert extra["fused_step"](0).shape == (1, 6, 16)
-    bench.check_fused_tiles(extra)  # 16-position tiles: three of them over 37 positions, same output
+    bench.check_fused_tiles(extra)  # 16-position tiles: three of them over 37 positions (4 splits: one each)
     with pytest.raises(AssertionError, match="fused_step s16 w2: max difference"):
         bench.check_fused_tiles(extra | {"fused_step s16 w2": lambda i: extra["fused_step"](i) * 1.1})
-    assert bench.parse_tile("32:8") == (32, 8)
-    for bad in ("32", "24:4", "32:3", "8:4", "a:b"):
+    assert bench.parse_tile("32:8") == (32, 8, None) and bench.parse_tile("16:4:16") == (16, 4, 16)
+    for bad in ("32", "24:4", "32:3", "8:4", "a:b", "16:4:0", f"16:4:{MAX_SPLITS + 1}", "16:4:2:1"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.parse_tile(bad)
     assert extra["cublas_bytes"](1).shape == (1, 2 * 2 * 16)  # [1, 2 Hkv D]: the K and V bytes of 37 positions
