@@ -872,16 +872,12 @@ case $phase in
     step 60 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0.5 --decode_path fused --out "$out/decode_int4_old"
     kernel new
     ;;
-  loop_ab)  # issue 11, int4 + 50%: the gather loop's instructions (ncu put int4 gate|up's loop at 50% mostly in arithmetic stalls; results/gather_loop_2026_12_06/ sections 3 and 5), four kernels in one call: as committed; its weight loads without a mask (unmasked_weights: the list's loads stay masked, slots past it read row k0; loop 704 -> 685 SASS instructions at gate|up's tile, 419 -> 393 at down's); the nibble planes left as 128 + q, their offset taken out with the zeros once a block (magic: no packed fma, 704 -> 596 and 419 -> 354; the dot design's tile lost with the same change in the fourteenth session's magic/, where the scales were loaded within the loop); both (magic_unmasked: 572 and 325). Prepare here first: for v in unmasked_weights magic magic_unmasked; do cp teal_kernels/triton_gemv.py .$v.py && patch -s .$v.py benchmarks/results/gather_loop_2026_12_06/$v.patch; done (untracked, sent with the tree). fixed_cost int4-g128 of each, the gather GPU tests of the three variants, then the 50% step head / magic_unmasked / magic / unmasked / head, one process each (~8 min on a cold machine)
-    for v in new .unmasked_weights.py .magic.py .magic_unmasked.py; do
+  loop_ab)  # issue 11, int4 + 50%: the gather loop (ncu: int4 gate|up's loop at 50% is latency-bound, 1.7 warps a scheduler from the grid, no pipe near its limit; results/gather_loop_2026_12_06/ sections 3, 5 and 6), five kernels in one call: as committed (new); its weight loads without a mask (unmasked_weights: the list's loads stay masked, slots past it read row k0; loop 704 -> 685 SASS instructions at gate|up's tile, 419 -> 393 at down's); the nibble planes left as 128 + q, their offset taken out with the zeros once a block (magic: no packed fma, 704 -> 596 and 419 -> 354; the dot design's tile lost with the same change in the fourteenth session's magic/, where the scales were loaded within the loop); both (magic_unmasked: 572 and 325); the loop unrolled by two (unroll2: two tiles' independent chains for ptxas to interleave; 728 and 392 a tile, registers 237 / 190, free while the grid and not the registers sets the occupancy). Prepare here first: for v in unmasked_weights magic magic_unmasked unroll2; do cp teal_kernels/triton_gemv.py .$v.py && patch -s .$v.py benchmarks/results/gather_loop_2026_12_06/$v.patch; done (untracked, sent with the tree). fixed_cost int4-g128 of each, then the 50% step new / each variant / new, one process each (~8 min on a cold machine); the interpreter's gather tests pass with each, the GPU tests run after, on the winner
+    for v in new .unmasked_weights.py .magic.py .magic_unmasked.py .unroll2.py; do
       kernel $v
       step 40 python3 -m benchmarks.fixed_cost --format int4-g128 --out "$out/fixed_cost_${v//./}"
     done
-    for v in .unmasked_weights.py .magic.py .magic_unmasked.py; do
-      kernel $v
-      step 60 python3 -m pytest -q -x tests/test_kernels.py -k "gather"
-    done
-    for v in new .magic_unmasked.py .magic.py .unmasked_weights.py new; do
+    for v in new .magic_unmasked.py .unroll2.py .magic.py .unmasked_weights.py new; do
       kernel $v
       step 70 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0.5 --decode_path fused --out "$out/decode_int4_${v//./}$SECONDS"
     done
