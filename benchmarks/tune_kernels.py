@@ -129,13 +129,12 @@ def candidates(fmt: str, m: int, k: int, splits: list[int], quick: bool,
         gather_ns = (128, 256, 512) if kind == "int4" else (256, 512)
         gather_ks = (32, 64, 128) if kind == "int4" else (32, 64)
         # stages: triton 3.6 double-buffers the gathered weight tile at 5-6 and triple-buffers it at 8
-        # (at 3-4 it compiles one buffer: one tile in flight while the last is multiplied). Warps: 8 too
-        # (int4 takes them from 512 columns): Nsight Compute put int4 gate|up's 4-warp tile at 50% (two
-        # programs, 8 warps an SM) mostly waiting on its own arithmetic, not on memory; at 8 warps it holds
-        # 128 registers, still two programs an SM. On the H100's 8B gate|up and down at 50% every 8-warp
-        # candidate lost to the 4-warp winners (2026-12-06, results/gather_loop_2026_12_06/)
-        for bn, bk, sk, st, nw in itertools.product(gather_ns, (512, 1024, 2048), gather_ks, (4, 6, 8), (4, 8)):
-            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, num_warps=nw, design="gather"))
+        # (at 3-4 it compiles one buffer: one tile in flight while the last is multiplied). 4 warps here;
+        # tune_shape's second stage times the finalists at 8 too (int4 takes 8 from 512 columns). 8 in the
+        # first stage as well, for every gather candidate, changed nothing on the H100's 8B gate|up and down
+        # at 50% (2026-12-06, results/gather_loop_2026_12_06/)
+        for bn, bk, sk, st in itertools.product(gather_ns, (512, 1024, 2048), gather_ks, (4, 6, 8)):
+            grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, design="gather"))
     if min_block_k:
         for bn, bk, st, sk in itertools.product(block_ns[:2], (2048, 4096), (4, 6), sub_ks):
             grid.add(KernelConfig(block_n=bn, block_k=bk, sub_k=sk, num_stages=st, design="dot"))
