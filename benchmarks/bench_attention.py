@@ -136,8 +136,8 @@ def unchecked_methods(layers: list[tuple[torch.Tensor, ...]], context: int, fuse
         return step
 
     out = {"fused_step": fused_step}
-    out.update({f"fused_step s{block_s} w{warps}" + (f" n{splits}" if splits else ""): fused_tile(block_s, warps, splits)
-                for block_s, warps, splits in fused_tiles})
+    for block_s, warps, splits in fused_tiles:
+        out[f"fused_step s{block_s} w{warps}" + (f" n{splits}" if splits else "")] = fused_tile(block_s, warps, splits)
     return out | {"cublas_bytes": lambda i: x @ weights[i]}
 
 
@@ -160,7 +160,8 @@ def parse_tile(text: str) -> tuple[int, int, int | None]:
         block_s, warps, *rest = (int(v) for v in text.split(":"))
         (splits,) = rest or (None,)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected POSITIONS:WARPS[:SPLITS] such as 32:4 or 16:4:16, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected POSITIONS:WARPS[:SPLITS] such as 32:4 or 16:4:16, "
+                                         f"got {text!r}") from None
     if (block_s < 16 or block_s & (block_s - 1) or warps not in (1, 2, 4, 8, 16)
             or (splits is not None and not 1 <= splits <= MAX_SPLITS)):
         raise argparse.ArgumentTypeError(f"positions must be a power of two >= 16, warps 1-16 (a power of two) "
