@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_ab | quant_gemm | quant_gemm_model | quant_gemm_ncu | int4_vec | int4_gemm_default | att_tiles | gemm_tiles | gemm_long | kpacked_lab | mma_lab | int4_mma | int4_mma_check | int4_mma_fusions | short_tiles | int4_sparse_lab | int4_mma_e2e | int4_mma_table | int4_mma_rule | norm_stats | norm_stats_lab | mma_stalls | int4_fixed_cost | mma_fuzz | gather_bw | int4_head | bf16_scales | int4_combo | int4_tests | issue11_int4 | gather_tune | gather_e2e | gather_tune_e2e | packed_scales | issue11_table | issue11_stats | epilogue_loads | issue11_int8 | scales_early | tile_splits | gather_warps | list_pad | loop_ab | gather_stalls | gather_scales | gather_red | gather_prologue | int8_scan | prologue_all)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_bf16 | gather_ab | quant_gemm | quant_gemm_model | quant_gemm_ncu | int4_vec | int4_gemm_default | att_tiles | gemm_tiles | gemm_long | kpacked_lab | mma_lab | int4_mma | int4_mma_check | int4_mma_fusions | short_tiles | int4_sparse_lab | int4_mma_e2e | int4_mma_table | int4_mma_rule | norm_stats | norm_stats_lab | mma_stalls | int4_fixed_cost | mma_fuzz | gather_bw | int4_head | bf16_scales | int4_combo | int4_tests | issue11_int4 | gather_tune | gather_e2e | gather_tune_e2e | packed_scales | issue11_table | issue11_stats | epilogue_loads | issue11_int8 | scales_early | tile_splits | gather_warps | list_pad | loop_ab | gather_stalls | gather_scales | gather_red | gather_prologue | int8_scan | prologue_all)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -976,22 +976,24 @@ case $phase in
     cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
     step 200 python3 -m benchmarks.profile_decode --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0.5 --decode_path fused --label stored --out "$out/profile_int4_stored"
     ;;
-  gather_int8)  # issue 11's int8 + 50%: the "gather" design tried on int8 (it won int4 + head at 50% on the H100, 368 against 348.6 tok/s, gather_2026_12_05b/): int8's one-row 8B shapes retuned on a copy with gather candidates against the stored winners (copied to this GPU's keys when it has none of its own), then int8 + head at 0 / 50% on the copy and the stored table, alternating, one call
-    python3 - "$out/tuned_gather_int8.json" <<'PY'
+  gather_int8|gather_bf16)  # the "gather" design tried on int8 (issue 11's int8 + 50%; it won int4 + head at 50% on the H100, 368 against 348.6 tok/s, gather_2026_12_05b/; int8 lost every 8B matrix there, before the gather kernel's later changes) or on bf16 (issue 10's 50% >= 400, never tuned with gather candidates; local SASS of bf16 gather tiles: 256 columns 96-103 registers, 512 columns 192-255): the format's one-row 8B shapes retuned on a copy with gather candidates against the stored winners (copied to this GPU's keys when it has none of its own), then the step on the copy and the stored table, alternating (int8 + head at 0 / 50%, bf16 at 50%), one call (~8 min on a cold machine)
+    fmt=${phase#gather_}
+    if [ "$fmt" = int8 ]; then weights=int8+lm_head; levels="0 0.5"; else weights=bf16; levels=0.5; fi
+    python3 - "$out/tuned_gather_$fmt.json" "$fmt" <<'PY'
 import json, sys, torch
 table = json.load(open("teal_kernels/tuned_configs.json"))
 me = torch.cuda.get_device_name()
 for key, entry in list(table.items()):
     gpu, rest = key.split("|", 1)
-    if gpu == "NVIDIA H200" and rest.startswith("int8|M1|"):
+    if gpu == "NVIDIA H200" and rest.startswith(f"{sys.argv[2]}|M1|"):
         table.setdefault(f"{me}|{rest}", {**entry, "copied_from": gpu})  # tune_kernels' merge keeps none of its rows
 json.dump(table, open(sys.argv[1], "w"), indent=1)
 PY
-    step 240 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats int8 --models llama3-8b --kinds gather --out "$out/tuned_gather_int8.json"
+    step 240 python3 -m benchmarks.tune_kernels --force --jobs 14 --formats "$fmt" --models llama3-8b --kinds gather --out "$out/tuned_gather_$fmt.json"
     cp teal_kernels/tuned_configs.json /tmp/stored_tuned_configs.json
     for t in gather stored gather stored; do
-      if [ $t = gather ]; then cp "$out/tuned_gather_int8.json" teal_kernels/tuned_configs.json; else cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json; fi
-      step 110 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights int8+lm_head --sparsity 0 0.5 --decode_path fused --out "$out/decode_int8_$t"
+      if [ $t = gather ]; then cp "$out/tuned_gather_$fmt.json" teal_kernels/tuned_configs.json; else cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json; fi
+      step 110 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights $weights --sparsity $levels --decode_path fused --out "$out/decode_${fmt}_$t$SECONDS"
     done
     cp /tmp/stored_tuned_configs.json teal_kernels/tuned_configs.json
     ;;
