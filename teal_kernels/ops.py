@@ -153,10 +153,10 @@ def sparse_gemv(
 def _sparse_gemv_stats_cpu(x: Tensor, w: Tensor, thresholds: Tensor, split_sizes: list[int], scales: Tensor | None,
                            zeros: Tensor | None, group_size: int, gated: bool, residual: Tensor | None,
                            stats_weight: Tensor, scaled: Tensor, sumsq: Tensor, dense: bool = False) -> Tensor:
-    check_norm_statistics((x.shape[0], sum(split_sizes)), x.dtype, stats_weight, scaled, sumsq)
-    if cpu_runs_interpreter():
+    if cpu_runs_interpreter():  # the launcher checks the buffers
         return _triton_launcher()(x, w, thresholds, split_sizes, scales, zeros, group_size, gated=gated,
                                   residual=residual, dense=dense, stats=(stats_weight, scaled, sumsq))
+    check_norm_statistics((x.shape[0], sum(split_sizes)), x.dtype, stats_weight, scaled, sumsq)
     out = _sparse_gemv_cpu(x, w, thresholds, split_sizes, scales, zeros, group_size, gated, residual)
     write_norm_statistics(out, stats_weight, scaled, sumsq)
     return out

@@ -1213,11 +1213,13 @@ def sparse_gemv_triton(
         raise ValueError(f"M={m} > {MAX_BATCH} rows need the dot design, which this shape cannot take "
                          f"(segments {split_sizes}, K={k}: multiples of {128 if fmt == FMT_INT4 else 16} needed).")
     if cfg.design == "rows":
-        return _statistics_after(_launch_rows(x, w, fmt, m, k, n, cfg, thresholds, split_sizes, scales, zeros,
-                                              group_size, gated, residual, norm_weight, eps), stats)
+        out = _launch_rows(x, w, fmt, m, k, n, cfg, thresholds, split_sizes, scales, zeros, group_size, gated,
+                           residual, norm_weight, eps)
+        if stats is not None:  # the rows design has no statistics epilogue: torch writes them
+            write_norm_statistics(out, *stats)
+        return out
     splits, grid_k, grid_n, counters, out, partials = _launch_buffers(x, m, k, n, cfg, split_sizes)
     pdl = launch_options(x.device)
-    kernel_stats = stats if cfg.block_n % 16 == 0 else None  # the epilogue's tiles of 16 columns
     if fmt == FMT_INT4:  # read as int32 words of 8 columns (_fit_config checked the alignment)
         w = w.view(torch.int32)
     gather = cfg.design == "gather"
@@ -1229,7 +1231,7 @@ def sparse_gemv_triton(
         idx = xs = counters  # unused
     _dot_gemv_kernel[(grid_n, grid_k)](
         x, w, *_aux_args(x, thresholds, scales, zeros, residual, norm_weight), out, partials, counters, idx, xs,
-        *(kernel_stats or (x, x, x)), m, k, n, w.shape[1], float(eps), splits, STATS=kernel_stats is not None,
+        *(stats or (x, x, x)), m, k, n, w.shape[1], float(eps), splits, STATS=stats is not None,
         GATHER=gather, GROUPS=cfg.block_k // group_size if gather and fmt == FMT_INT4 else 1,
         RED_K=_reduction_step(grid_k, block_m, cfg.block_n),
         FORMAT=fmt, GROUP_SIZE=max(group_size, 1), BLOCK_M=block_m, DOT_M=dot_tile_rows(m),
@@ -1238,14 +1240,7 @@ def sparse_gemv_triton(
         INTERPRET=INTERPRETED, PDL=bool(pdl), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         **_registers(cfg),
     )
-    return out if kernel_stats is not None else _statistics_after(out, stats)
-
-
-def _statistics_after(out: Tensor, stats: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
-    """out, with `stats`' buffers (scaled, sumsq) filled by torch where the kernel's epilogue did not."""
-    if stats is not None:
-        write_norm_statistics(out, *stats)
-    return out
+    return out  # the epilogue wrote any statistics: a dot / gather block_n is a multiple of 16 (_fit_config)
 
 
 def _reduction_step(grid_k: int, block_m: int, block_n: int) -> int:
