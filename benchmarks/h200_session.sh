@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark runs behind benchmarks/results/, as run on the lent H200 (random weights; no
-# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_bf16 | gather_ab | quant_gemm | quant_gemm_model | quant_gemm_ncu | int4_vec | int4_gemm_default | att_tiles | gemm_tiles | gemm_long | kpacked_lab | mma_lab | int4_mma | int4_mma_check | int4_mma_fusions | short_tiles | int4_sparse_lab | int4_mma_e2e | int4_mma_table | int4_mma_rule | norm_stats | norm_stats_lab | mma_stalls | int4_fixed_cost | mma_fuzz | gather_bw | int4_head | bf16_scales | int4_combo | int4_tests | issue11_int4 | gather_tune | gather_e2e | gather_tune_e2e | packed_scales | issue11_table | issue11_stats | epilogue_loads | issue11_int8 | scales_early | tile_splits | gather_warps | list_pad | loop_ab | gather_heuristic | bf16_gather_profile | gather_stalls | gather_scales | gather_red | gather_prologue | int8_scan | prologue_all)
+# checkpoint). Usage: benchmarks/h200_session.sh OUT_DIR PHASE  (PHASE: tune | decode | int4 | check | lab | small | rework | spec | after | dot | dot_e2e | quant | cal_spec | bf16_sparse | asm | asm2 | e2e | spec_real | gputests | planes | planes_e2e | spec_time | fused_profile | fusions | slot_x | fused_default | untuned | fused_norm | prefetch | fixed_cost | fuzz | lanesum | untuned2 | spec_fused | ncu | spec_profile | pdl | bound | host | spec_plain | head | same_call | gguf_a | verify | persistent | ncu_int4 | preload | preload_1b | att_preload | captured | tune_1b | norm_1b | magic | defaults | int4_stalls | int4_prefill | batch_table | real_gen | quant_rows | quant_rows2 | quant_rows3 | quant_rows_tune | quant_rows_tune8 | prefill_host | int4_tinygemm | maxnreg | int4_heuristic | tune_groups | atomic_race | int8_dense | int8_retune | no_atomic | cut_k | gptfast_int8 | int4_retune | llama2_tune | pipelined | norm_static | decode_fusions | long_k | norm_bound | carveout | pdl_tables | pdl_pipelined | bf16_pipelined | int4_pdl | int4_long_k | whole_row | step_profile | int8_stalls | step_small | int4_norm | step_int8 | step_int4 | step_e2e | attention_merge | attention_o | gptfast_head | tinygemm_table | tinygemm_prefill | att_o_tune | gather | gather_profile | gather_int8 | gather_bf16 | gather_ab | quant_gemm | quant_gemm_model | quant_gemm_ncu | int4_vec | int4_gemm_default | att_tiles | gemm_tiles | gemm_long | kpacked_lab | mma_lab | int4_mma | int4_mma_check | int4_mma_fusions | short_tiles | int4_sparse_lab | int4_mma_e2e | int4_mma_table | int4_mma_rule | norm_stats | norm_stats_lab | mma_stalls | int4_fixed_cost | mma_fuzz | gather_bw | int4_head | bf16_scales | int4_combo | int4_tests | issue11_int4 | gather_tune | gather_e2e | gather_tune_e2e | packed_scales | issue11_table | issue11_stats | epilogue_loads | issue11_int8 | scales_early | tile_splits | gather_warps | list_pad | loop_ab | gather_heuristic | idx_ahead | bf16_step_profile | heuristic_fuzz | bf16_gather_profile | gather_stalls | gather_scales | gather_red | gather_prologue | int8_scan | prologue_all)
 set -uo pipefail
 out=${1:?output dir}; phase=${2:?phase}
 export PYTHONUNBUFFERED=1
@@ -896,6 +896,33 @@ case $phase in
     done
     kernel new
     step 120 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.4 0.5 0.65 --decode_path fused --out "$out/decode_llama3_8b_bf16"
+    ;;
+  idx_ahead)  # issues 10/11, the gather loop's weight tiles pipelined deeper: the kept-row list read one tile ahead into loop-carried registers, so the weight load is no longer the second of a chained pair (triton 3.6 spaces chained loads (num_stages - 1) / 2 apart: at 6 stages bf16 down's 16 KB tile was double-buffered, 34.6 KB of shared memory, and ncu put 46% of down's stall samples on its wait, H100 2026-12-06, results/bf16_gather_profile_2026_12_06/); local sm_90 SASS: 5 buffers at 6 stages (82.9 KB), 96 -> 72 registers, loop 304 -> 220 instructions. Prepare: git show HEAD:teal_kernels/triton_gemv.py > .old_triton_gemv.py (the variant is the checkout's). The GPU gather tests, fixed_cost bf16 and int4-g128 old / new, then the 50% step old / new / old / new for bf16 and old / new for int4-g128 + int8 head, one process each (~8 min on a cold machine)
+    step 150 python3 -m pytest -q tests/test_kernels.py -k "gather"
+    for fmt in bf16 int4-g128; do
+      for v in old new; do
+        kernel $v
+        step 60 python3 -m benchmarks.fixed_cost --format $fmt --out "$out/fixed_cost_${fmt}_$v"
+      done
+    done
+    for v in old new old new; do
+      kernel $v
+      step 70 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights bf16 --sparsity 0.5 --decode_path fused --out "$out/decode_bf16_$v$SECONDS"
+    done
+    for v in old new; do
+      kernel $v
+      step 120 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-3-8B --weights int4-g128+lm_head --sparsity 0.5 --decode_path fused --out "$out/decode_int4_$v$SECONDS"
+    done
+    kernel new
+    ;;
+  bf16_step_profile)  # issue 10, after the gather heuristic (2026-12-06): where the bf16 step's time goes now that every 8B matrix and the untuned 7B / 3B / 70B-shard shapes run the gather design: profile_decode of Llama-3-8B bf16 dense and 50%, then Llama-2-7B bf16 at every level (its heuristic configs) for the README (~5 min on a cold machine). On an H200: issue11_stats instead (its int4 table lacks int4_mma rows)
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then exec bash "$0" "$out" issue11_stats; fi
+    step 200 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0 0.5 --decode_path fused --label gather --out "$out/profile_llama3_8b_bf16"
+    step 150 python3 -m benchmarks.bench_decode --model Llama-2-7B --weights bf16 --sparsity 0 0.4 0.5 0.65 --decode_path fused --out "$out/decode_llama2_7b_bf16"
+    ;;
+  heuristic_fuzz)  # the gather heuristic of untuned bf16/fp16 rows (2026-12-06) on the GPU: the GEMV fuzz with no config given (the table or the heuristic: mode auto) and in the gather design, against float64 (~5 min on a cold machine)
+    step 200 python3 tests/fuzz_gemv.py --problems 1000 --jobs 14 --mode auto --seconds 170 --out "$out/fuzz_auto.json"
+    step 200 python3 tests/fuzz_gemv.py --problems 1000 --seed 5000 --jobs 14 --mode gather --seconds 170 --out "$out/fuzz_gather.json"
     ;;
   bf16_gather_profile)  # issue 10, bf16 sparse GEMV >= 85% of the bandwidth: where bf16's gather loses time now that it runs every 8B matrix (on the H200 at 50% down reads at 68% of 4.28 TB/s, gate|up at 79%; results/gather_bf16_2026_12_06/): fixed_cost bf16 (each matrix at 50% and with no row read), then per-reason warp stalls and per-instruction SASS of down and gate|up at 50% (~5 min on a cold machine)
     step 60 python3 -m benchmarks.fixed_cost --format bf16 --out "$out/fixed_cost_bf16"

@@ -160,7 +160,13 @@ def get_config(device_name: str, weight_format: str, m: int, k: int, n: int, den
 def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfig:
     """Config of a shape nobody tuned.
 
-    One float or int8 row (decode): the compact "rows" design as the tuner's Llama-3-8B winners
+    One bf16 or fp16 row of a matrix of 8M weights or more: the "gather" design, as every 8B winner
+    on the H200 and the H100 has it since 2026-12-06. Against the rows rule below it took 0-15% less
+    time a call on every Llama-2-7B, Llama-3.2-3B and Llama-3-70B-shard (tp8) shape at 0-65% and
+    decoded Llama-2-7B at 50% at 296 tok/s against 267, Llama-3.2-3B at 478 against 453 (H100,
+    results/gather_heuristic_2026_12_06/).
+
+    Other float or int8 rows (decode): the compact "rows" design as the tuner's Llama-3-8B winners
     on the H200 have it (it gives seven of the eight bf16 and int8 winners of 2026-12-02, int8
     down took 256-row blocks; the dot rule below took 25-50% longer than the winners at 65%
     sparsity on every bf16 shape, and made TEAL slower than dense on the Llama-3.2-1B shape,
@@ -179,6 +185,17 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
     three stages, block_k for about 256 programs (two per SM on an H200), the rule the lab's
     fastest Llama-3-8B tiles follow (results/gemv_lab.md).  _fit_config makes it legal for the
     shape (or falls back to the "rows" design)."""
+    if m == 1 and weight_format in ("bf16", "fp16") and k * n >= 1 << 23 and k % 16 == 0 and n % 16 == 0:
+        # the "gather" design as the 8B winners have it on the H200 and the H100 (2026-12-06): 256
+        # columns, 32 rows a step, 6 stages, blocks of 512 rows doubled while over 256 programs
+        # (then 192-224 programs on every 8B shape) and halved while under 128
+        programs_n = cdiv(n, 256)
+        block_k = 512
+        while programs_n * cdiv(k, block_k) > 256 and block_k < k:
+            block_k *= 2
+        while programs_n * cdiv(k, block_k) < 128 and block_k > 64:
+            block_k //= 2
+        return KernelConfig(block_n=256, block_k=block_k, sub_k=32, compact=True, num_stages=6, design="gather")
     if m == 1 and not weight_format.startswith("int4"):
         block_n = max(16, min(256 if weight_format == "int8" else 512, next_power_of_2(n)))
         sub_k = 16 if k * n >= 1 << 25 else 32

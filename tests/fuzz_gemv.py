@@ -117,6 +117,12 @@ def make_case(seed: int, tiny: bool, mode: str | None = None) -> dict:
                       block_k=r.choice([32, 64] if tiny else [256, 512, 1024, 2048]),
                       sub_k=r.choice([16, 32] if tiny else [16, 32, 64]), num_warps=r.choice([4, 8]),
                       num_stages=r.choice([1, 3, 4]))
+    elif mode == "auto" and not tiny and not group and m == 1 and r.random() < 0.5:
+        # a one-row matrix of 8M weights or more in multiples of 16: an untuned float shape takes the
+        # gather heuristic (triton_gemv._heuristic_config)
+        k = r.choice([2048, 4096, 8192])
+        least = -(-(1 << 23) // (k * 16 * n_segments))  # 16-column units a segment for k * n >= 8M
+        sizes = [16 * r.randint(least, 2 * least) for _ in sizes]
     fusion = r.choice(FUSIONS)
     attention = None
     if fusion == "attention":  # o's shape: whole heads, one row, a K block inside one KV group

@@ -730,7 +730,8 @@ def test_stored_config_with_unknown_or_missing_fields_is_refused():
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-g128"])
 @pytest.mark.parametrize("m", [1, 2, 8, 16, 64])
 def test_heuristic_configs_are_legal(fmt, m):
-    """Fitted to real shapes: one float or int8 row runs the compact rows design with at least
+    """Fitted to real shapes: one bf16 row of a matrix of 8M weights or more runs the gather design
+    over 128-256 programs; other float or int8 rows run the compact rows design with at least
     128 programs where the shape has that many 32-row chunks; int4 and batches run the dot design
     with tiles that divide the shape (K blocks too, or a last one cut at K that drops at most an
     eighth of the tiles), and a shape it cannot tile gets a "rows" config within that design's
@@ -741,7 +742,10 @@ def test_heuristic_configs_are_legal(fmt, m):
         n = sum(splits)
         cfg = sg._fit_config(get_config("no such gpu", fmt, m, k, n), FMT_INT4 if group else FMT_FLOAT, group,
                              m, k, splits)
-        if m == 1 and not group:
+        if m == 1 and fmt == "bf16" and k * n >= 1 << 23:
+            assert cfg.design == "gather" and cfg.block_n == 256 and cfg.sub_k == 32 and cfg.compact
+            assert 128 <= triton.cdiv(n, cfg.block_n) * triton.cdiv(k, cfg.block_k) <= 256
+        elif m == 1 and not group:
             assert cfg.design == "rows" and cfg.compact and cfg.block_k >= 2 * cfg.sub_k
             programs = sum(triton.cdiv(s, cfg.block_n) for s in splits) * triton.cdiv(k, cfg.block_k)
             assert programs >= 128 or cfg.block_k == 2 * cfg.sub_k
