@@ -7,8 +7,11 @@ bench_kernels (benchmarks/timing.py: 32 calls per replay, rotating weights):
 - ``no_rows``: the same call with an infinite threshold, so no weight row is read: launch,
   thresholds, x and the compaction, the partial store, the ticket and the last program's
   reduction, without the streaming part;
-- ``no_rows_skip``: as ``no_rows`` with the compaction off (the chunk-skipping loop): what the
-  prefix sum and the scratch round trip cost;
+- ``no_rows_skip`` (the "rows" design): as ``no_rows`` with the compaction off (the chunk-skipping
+  loop): what the prefix sum and the scratch round trip cost;
+- ``no_rows_one_stage`` (the "dot" and "gather" designs, which always list or mask their rows): as
+  ``no_rows`` with Triton's software pipeline off (one stage): what its prologue and waits cost in a
+  call whose loop never runs;
 - ``no_rows_block_k_x2``: as ``no_rows`` with twice the rows per program (half the K blocks):
   how the cost moves with the grid and the partials the last program sums;
 - ``empty_same_grid``: a Triton kernel that does nothing, launched on the same grid (what launch
@@ -69,7 +72,9 @@ def probe(k: int, splits: list[int], fmt: str) -> dict:
     row = {"k": k, "n": n, "config": cfg.to_dict()}
     variants = [("sparse_50", 0.5, cfg), ("no_rows", None, cfg)]
     if fmt == "bf16":
-        variants += [("no_rows_skip", None, dataclasses.replace(cfg, compact=False, num_stages=1)),
+        unpiped = (("no_rows_skip", dataclasses.replace(cfg, compact=False, num_stages=1)) if cfg.design == "rows"
+                   else ("no_rows_one_stage", dataclasses.replace(cfg, num_stages=1)))
+        variants += [(unpiped[0], None, unpiped[1]),
                      ("no_rows_block_k_x2", None, dataclasses.replace(cfg, block_k=2 * cfg.block_k))]
     for name, sparsity, config in variants:
         thr = (threshold_for(x, sparsity, len(splits)) if sparsity is not None
@@ -108,6 +113,7 @@ def probe(k: int, splits: list[int], fmt: str) -> dict:
 
 
 COLUMNS = {"sparse_50": "50% µs", "no_rows": "no rows read µs", "no_rows_skip": "no rows, no compaction µs",
+           "no_rows_one_stage": "no rows, 1 stage µs",
            "no_rows_block_k_x2": "no rows, 2x block_k µs", "empty_same_grid": "empty kernel, same grid µs",
            "dense_half_k": "ours dense K/2 µs", "cublas_half_k": "cuBLAS K/2 µs", "cublas_full_k": "cuBLAS K µs",
            "mma_half_k": "int4_mma K/2 µs", "mma_full_k": "int4_mma K µs"}
@@ -136,7 +142,7 @@ def main() -> None:
     }
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "format": args.format}
-    columns = [c for c in COLUMNS if c in rows[0]]
+    columns = [c for c in COLUMNS if any(c in r for r in rows)]  # a table may mix designs
     lines = [f"# Sparse GEMV fixed cost, Llama-3-8B shapes, {args.format}, M = 1 ({meta['gpu']}, torch "
              f"{meta['torch']}, triton {meta['triton']})", "",
              f"Floors (µs per call in a graph): empty one-program Triton kernel {floors['empty_one_program']:.2f}, "
@@ -144,8 +150,8 @@ def main() -> None:
              "| layer | K | N | design | " + " | ".join(COLUMNS[c] for c in columns) + " |",
              "|---|---|---|---|" + "---|" * len(columns)]
     lines += [f"| {r['layer']} | {r['k']} | {r['n']} | {r['config']['design']} | "
-              + " | ".join(f"{r[c]:.2f}" for c in columns) + " |" for r in rows]
-    per_layer = {c: sum(r[c] for r in rows) for c in columns}
+              + " | ".join(f"{r[c]:.2f}" if c in r else "" for c in columns) + " |" for r in rows]
+    per_layer = {c: sum(r[c] for r in rows) for c in columns if all(c in r for r in rows)}
     lines += ["", "Per layer (the four calls): " + ", ".join(f"{c} {v:.1f} µs" for c, v in per_layer.items()) + "."]
     write_report(args.out, {"meta": meta, "floors": floors, "rows": rows, "per_layer": per_layer}, lines)
 
