@@ -161,7 +161,7 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
     """Config of a shape nobody tuned.
 
     One bf16 or fp16 row of a matrix of 8M weights or more: the "gather" design, as every 8B winner
-    on the H200 and the H100 has it since 2026-12-06. Against the rows rule below it took 0-15% less
+    on the H200 and the H100 has it since 2026-12-06. Against the rows rule below it took 1.5-15% less
     time a call on every Llama-2-7B, Llama-3.2-3B and Llama-3-70B-shard (tp8) shape at 0-65% and
     decoded Llama-2-7B at 50% at 296 tok/s against 267, Llama-3.2-3B at 478 against 453 (H100,
     results/gather_heuristic_2026_12_06/).
@@ -188,7 +188,7 @@ def _heuristic_config(weight_format: str, m: int, k: int, n: int) -> KernelConfi
     if m == 1 and weight_format in ("bf16", "fp16") and k * n >= 1 << 23 and k % 16 == 0 and n % 16 == 0:
         # the "gather" design as the 8B winners have it on the H200 and the H100 (2026-12-06): 256
         # columns, 32 rows a step, 6 stages, blocks of 512 rows doubled while over 256 programs
-        # (then 192-224 programs on every 8B shape) and halved while under 128
+        # (128-224 programs on the 8B shapes) and halved while under 128
         programs_n = cdiv(n, 256)
         block_k = 512
         while programs_n * cdiv(k, block_k) > 256 and block_k < k:
