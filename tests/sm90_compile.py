@@ -319,6 +319,31 @@ def sparse_mma_lab_variants():
         yield f"int4_sparse_mma_lab kernel {tuple(cfg)} num_warps={cfg.k_warps}", lambda c=cfg: compile_lab(c)
 
 
+def bf16_mma_lab_variants():
+    """benchmarks/bf16_mma_lab.py's Gluon kernel (a dense bf16 GEMV on tensor cores reading the [K, N]
+    rows in place, a lab) at configs of each tile width: (name, compile function)."""
+    from benchmarks import bf16_mma_lab as lab
+
+    def compile_lab(cfg: "lab.Bf16MmaConfig", residual: bool):
+        from triton.experimental.gluon._runtime import GluonASTSource
+        kernel, _ = lab._kernel()
+        layouts = lab.layouts(cfg)
+        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "res_ptr": "*bf16", "K": "i32", "N": "i32",
+               "KW": "constexpr", "T": "constexpr", "CG": "constexpr", "KS": "constexpr", "LOOKAHEAD": "constexpr",
+               "PDL": "constexpr", "RESIDUAL": "constexpr", **{name: "constexpr" for name in layouts}}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig)
+                 if name.endswith("_ptr") or name in ("K", "N")}
+        constexprs = dict(KW=cfg.k_warps, T=cfg.tiles, CG=cfg.col_groups, KS=cfg.k_step, LOOKAHEAD=cfg.lookahead,
+                          PDL=True, RESIDUAL=residual, **layouts)
+        return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs), target=TARGET,
+                              options=dict(num_warps=cfg.k_warps, launch_pdl=True))
+
+    for cfg, residual in ((lab.Bf16MmaConfig(8, 8, 1, 32, 2), False), (lab.Bf16MmaConfig(16, 4, 1, 32, 2), True),
+                          (lab.Bf16MmaConfig(8, 8, 2, 32, 1), False)):
+        yield (f"bf16_mma_lab kernel {tuple(cfg)} RESIDUAL={residual} num_warps={cfg.k_warps}",
+               lambda c=cfg, r=residual: compile_lab(c, r))
+
+
 def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":  # checked here: tests import the SASS helpers under it
         sys.exit("run without TRITON_INTERPRET=1: the interpreter has no kernels to compile")
@@ -338,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
               + (" packed_scales" if pointers.get("scale_ptr") == "*i32" else ""),
               lambda kernel=kernel, p=pointers, c=constexprs, w=warps, s=stages: compile_one(kernel, p, c, w, s))
              for kernel, pointers, constexprs, warps, stages in triton_variants)
-    gluon = itertools.chain(int4_mma_variants(), sparse_mma_lab_variants()) if _has_gluon() else iter(())
+    gluon = (itertools.chain(int4_mma_variants(), sparse_mma_lab_variants(), bf16_mma_lab_variants()) if _has_gluon()
+             else iter(()))
     for i, (name, build) in enumerate(itertools.chain(named, gluon)):
         if args.only not in name:
             continue
