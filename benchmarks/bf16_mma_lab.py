@@ -49,6 +49,7 @@ from torch import Tensor
 
 from benchmarks.timing import MODEL_SHAPES, copies_for, graph_time_us
 from files import write_report
+from teal_kernels.int4_mma import grid_dependency
 
 FLOORS_TB_S = {"H100": 3.35, "H200": 4.28}
 
@@ -117,14 +118,7 @@ def _kernel():
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    @gluon.jit
-    def _grid_dependency(WAIT: gl.constexpr):
-        """griddepcontrol (PDL), as int4_mma's."""
-        if WAIT:
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-        else:
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
+    _grid_dependency = grid_dependency()  # PDL, as int4_mma's
 
     @gluon.jit
     def _pairs_along_k(wa, wb):

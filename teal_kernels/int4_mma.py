@@ -234,6 +234,25 @@ def int4_mma_stats_reference(x: Tensor, words: Tensor, scales: Tensor, zeros: Te
 
 
 @functools.cache
+def grid_dependency():
+    """A Gluon function for griddepcontrol (PDL): WAIT until the previous grid's writes are visible,
+    else let the next grid start launching (it waits for this one in turn before reading anything).
+    Built on first use, as the kernels that call it (benchmarks/bf16_mma_lab.py's too)."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    @gluon.jit
+    def _grid_dependency(WAIT: gl.constexpr):
+        if WAIT:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        else:
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+
+    return _grid_dependency
+
+
+@functools.cache
 def _kernel():
     """The Gluon kernel, built on first use: Gluon needs a CUDA build of Triton (no interpreter)."""
     from triton.experimental import gluon
@@ -249,15 +268,7 @@ def _kernel():
             "mov.b32 c, 0x43084308; sub.rn.bf16x2 t, t, c; mov.b32 {$0, $1}, t; }",
             "=h,=h,r", [words], dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
 
-    @gluon.jit
-    def _grid_dependency(WAIT: gl.constexpr):
-        """griddepcontrol (PDL): WAIT until the previous grid's writes are visible, else let the next
-        grid start launching (it waits for this one in turn before reading anything)."""
-        if WAIT:
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-        else:
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
+    _grid_dependency = grid_dependency()
 
     @gluon.jit
     def _word_pointers(w_ptr, tile0, g, NG, KW: gl.constexpr, TILES: gl.constexpr, LOAD: gl.constexpr):
