@@ -72,10 +72,11 @@ def probe(k: int, splits: list[int], fmt: str) -> dict:
     row = {"k": k, "n": n, "config": cfg.to_dict()}
     variants = [("sparse_50", 0.5, cfg), ("no_rows", None, cfg)]
     if fmt == "bf16":
-        unpiped = (("no_rows_skip", dataclasses.replace(cfg, compact=False, num_stages=1)) if cfg.design == "rows"
-                   else ("no_rows_one_stage", dataclasses.replace(cfg, num_stages=1)))
-        variants += [(unpiped[0], None, unpiped[1]),
-                     ("no_rows_block_k_x2", None, dataclasses.replace(cfg, block_k=2 * cfg.block_k))]
+        if cfg.design == "rows":
+            variants.append(("no_rows_skip", None, dataclasses.replace(cfg, compact=False, num_stages=1)))
+        else:
+            variants.append(("no_rows_one_stage", None, dataclasses.replace(cfg, num_stages=1)))
+        variants.append(("no_rows_block_k_x2", None, dataclasses.replace(cfg, block_k=2 * cfg.block_k)))
     for name, sparsity, config in variants:
         thr = (threshold_for(x, sparsity, len(splits)) if sparsity is not None
                else torch.full((len(splits),), float("inf"), device="cuda"))

@@ -883,7 +883,7 @@ case $phase in
     done
     kernel new
     ;;
-  gather_heuristic)  # issue 10, shapes nobody tuned: bf16's one-row heuristic as the gather design (the 8B winners on the H200 and the H100 are all gather since 2026-12-06, results/gather_bf16_2026_12_06/; the rule gives the H200's four 8B tiles exactly) against the rows heuristic, on Llama-2-7B, Llama-3.2-3B and Llama-3-70B's per-GPU shard (tp8) shapes. Prepare here first: git apply benchmarks/results/gather_bf16_2026_12_06/gather_heuristic.patch && cp teal_kernels/triton_gemv.py .gather_heuristic.py && git checkout teal_kernels/triton_gemv.py tests/test_kernels.py (untracked, sent with the tree). Per matrix old / new at 0-65%, then Llama-2-7B and Llama-3.2-3B bf16 at 50% old / new / old / new, then Llama-3-8B bf16 at every level on the committed kernel for the README's row (~7 min on a cold machine)
+  gather_heuristic)  # (ran 2026-12-06 on an H100, results/gather_heuristic_2026_12_06/ section 1: adopted, the patch is committed; as written its 'old' side is now the gather rule too, so a rerun compares nothing) issue 10, shapes nobody tuned: bf16's one-row heuristic as the gather design (the 8B winners on the H200 and the H100 are all gather since 2026-12-06, results/gather_bf16_2026_12_06/; the rule gives the H200's four 8B tiles exactly) against the rows heuristic, on Llama-2-7B, Llama-3.2-3B and Llama-3-70B's per-GPU shard (tp8) shapes. Prepare here first: git apply benchmarks/results/gather_bf16_2026_12_06/gather_heuristic.patch && cp teal_kernels/triton_gemv.py .gather_heuristic.py && git checkout teal_kernels/triton_gemv.py tests/test_kernels.py (untracked, sent with the tree). Per matrix old / new at 0-65%, then Llama-2-7B and Llama-3.2-3B bf16 at 50% old / new / old / new, then Llama-3-8B bf16 at every level on the committed kernel for the README's row (~7 min on a cold machine)
     for v in new .gather_heuristic.py; do
       kernel $v
       step 120 python3 -m benchmarks.bench_kernels --formats bf16 --models llama2-7b llama3.2-3b llama3-70b-tp8 --sparsities 0 0.4 0.5 0.65 --out "$out/kernels_${v//./}"
@@ -897,7 +897,7 @@ case $phase in
     kernel new
     step 120 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 0.4 0.5 0.65 --decode_path fused --out "$out/decode_llama3_8b_bf16"
     ;;
-  idx_ahead)  # issues 10/11, the gather loop's weight tiles pipelined deeper: the kept-row list read one tile ahead into loop-carried registers, so the weight load is no longer the second of a chained pair (triton 3.6 spaces chained loads (num_stages - 1) / 2 apart: at 6 stages bf16 down's 16 KB tile was double-buffered, 34.6 KB of shared memory, and ncu put 46% of down's stall samples on its wait, H100 2026-12-06, results/bf16_gather_profile_2026_12_06/); local sm_90 SASS: 5 buffers at 6 stages (82.9 KB), 96 -> 72 registers, loop 304 -> 220 instructions. Prepare: git show HEAD:teal_kernels/triton_gemv.py > .old_triton_gemv.py (the variant is the checkout's). The GPU gather tests, fixed_cost bf16 and int4-g128 old / new, then the 50% step old / new / old / new for bf16 and old / new for int4-g128 + int8 head, one process each (~8 min on a cold machine)
+  idx_ahead)  # (ran 2026-12-06 on an H100, results/gather_heuristic_2026_12_06/ section 3: lost, not kept; to rerun, apply results/gather_heuristic_2026_12_06/idx_ahead.patch to the checkout's kernel first) issues 10/11, the gather loop's weight tiles pipelined deeper: the kept-row list read one tile ahead into loop-carried registers, so the weight load is no longer the second of a chained pair (triton 3.6 spaces chained loads (num_stages - 1) / 2 apart: at 6 stages bf16 down's 16 KB tile was double-buffered, 34.6 KB of shared memory, and ncu put 46% of down's stall samples on its wait, H100 2026-12-06, results/bf16_gather_profile_2026_12_06/); local sm_90 SASS: 5 buffers at 6 stages (82.9 KB), 96 -> 72 registers, loop 304 -> 220 instructions. Prepare: git show HEAD:teal_kernels/triton_gemv.py > .old_triton_gemv.py (the variant is the checkout's). The GPU gather tests, fixed_cost bf16 and int4-g128 old / new, then the 50% step old / new / old / new for bf16 and old / new for int4-g128 + int8 head, one process each (~8 min on a cold machine)
     step 150 python3 -m pytest -q tests/test_kernels.py -k "gather"
     for fmt in bf16 int4-g128; do
       for v in old new; do
@@ -915,12 +915,12 @@ case $phase in
     done
     kernel new
     ;;
-  bf16_step_profile)  # issue 10, after the gather heuristic (2026-12-06): where the bf16 step's time goes now that every 8B matrix and the untuned 7B / 3B / 70B-shard shapes run the gather design: profile_decode of Llama-3-8B bf16 dense and 50%, then Llama-2-7B bf16 at every level (its heuristic configs) for the README (~5 min on a cold machine). On an H200: issue11_stats instead (its int4 table lacks int4_mma rows)
+  bf16_step_profile)  # (ran 2026-12-06 on an H100, results/gather_heuristic_2026_12_06/ section 4) issue 10, after the gather heuristic (2026-12-06): where the bf16 step's time goes now that every 8B matrix and the untuned 7B / 3B / 70B-shard shapes run the gather design: profile_decode of Llama-3-8B bf16 dense and 50%, then Llama-2-7B bf16 at every level (its heuristic configs) for the README (~5 min on a cold machine). On an H200: issue11_stats instead (its int4 table lacks int4_mma rows)
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then exec bash "$0" "$out" issue11_stats; fi
     step 200 python3 -m benchmarks.profile_decode --model Llama-3-8B --sparsity 0 0.5 --decode_path fused --label gather --out "$out/profile_llama3_8b_bf16"
     step 150 python3 -m benchmarks.bench_decode --model Llama-2-7B --weights bf16 --sparsity 0 0.4 0.5 0.65 --decode_path fused --out "$out/decode_llama2_7b_bf16"
     ;;
-  heuristic_fuzz)  # the gather heuristic of untuned bf16/fp16 rows (2026-12-06) on the GPU: the GEMV fuzz with no config given (the table or the heuristic: mode auto) and in the gather design, against float64 (~5 min on a cold machine)
+  heuristic_fuzz)  # (ran 2026-12-06 on an H100 before the fuzz drew 8M-weight matrices, results/gather_heuristic_2026_12_06/ section 5) the gather heuristic of untuned bf16/fp16 rows (2026-12-06) on the GPU: the GEMV fuzz with no config given (the table or the heuristic: mode auto) and in the gather design, against float64 (~5 min on a cold machine)
     step 200 python3 tests/fuzz_gemv.py --problems 1000 --jobs 14 --mode auto --seconds 170 --out "$out/fuzz_auto.json"
     step 200 python3 tests/fuzz_gemv.py --problems 1000 --seed 5000 --jobs 14 --mode gather --seconds 170 --out "$out/fuzz_gather.json"
     ;;
@@ -937,7 +937,7 @@ case $phase in
     bash "$0" "$out" bf16_mma_lab
     bash "$0" "$out" fixed_split
     ;;
-  bf16_gather_profile)  # issue 10, bf16 sparse GEMV >= 85% of the bandwidth: where bf16's gather loses time now that it runs every 8B matrix (on the H200 at 50% down reads at 68% of 4.28 TB/s, gate|up at 79%; results/gather_bf16_2026_12_06/): fixed_cost bf16 (each matrix at 50% and with no row read), then per-reason warp stalls and per-instruction SASS of down and gate|up at 50% (~5 min on a cold machine)
+  bf16_gather_profile)  # (ran 2026-12-06 on an H100, results/gather_heuristic_2026_12_06/ section 2) issue 10, bf16 sparse GEMV >= 85% of the bandwidth: where bf16's gather loses time now that it runs every 8B matrix (on the H200 at 50% down reads at 68% of 4.28 TB/s, gate|up at 79%; results/gather_bf16_2026_12_06/): fixed_cost bf16 (each matrix at 50% and with no row read), then per-reason warp stalls and per-instruction SASS of down and gate|up at 50% (~5 min on a cold machine)
     step 60 python3 -m benchmarks.fixed_cost --format bf16 --out "$out/fixed_cost_bf16"
     stalls bf16_down_50 150 _dot_gemv_kernel --layer down --format bf16 --sparsity 0.5
     stalls bf16_gate_up_50 150 _dot_gemv_kernel --layer gate_up --format bf16 --sparsity 0.5
