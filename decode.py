@@ -48,8 +48,8 @@ from torch import Tensor
 from teal_kernels import MAX_BATCH
 from teal_kernels.ops import decode_attention_step
 from teal_kernels.reference import KERNEL_DTYPES, SHORT_TILES_ENV
-from linear import (PackedLinear, attach_bf16_scales, attach_int4pack, env_switch, pack_model, packed_projections,
-                    swap_module)
+from linear import (PackedLinear, attach_bf16_mma, attach_bf16_scales, attach_int4pack, env_switch, pack_model,
+                    packed_projections, swap_module)
 from model import TransformerBlock
 
 FUSED_NORM_ENV = "TEAL_FUSED_NORM"
@@ -143,14 +143,16 @@ class DecodeBlock(TransformerBlock):
 def install_fused_decode(model: nn.Module) -> nn.Module:
     """Pack the projections (and a CPU model's float lm_head), give int4 ones on CUDA their dense copy
     (linear.attach_int4pack) and, unless TEAL_INT4_BF16_SCALES=0, packed bf16 scales (linear.attach_bf16_scales),
-    and swap every block for a DecodeBlock (idempotent)."""
+    let bf16 ones on CUDA run dense calls on tensor cores with TEAL_BF16_MMA=1 (linear.attach_bf16_mma), and
+    swap every block for a DecodeBlock (idempotent)."""
     pack_model(model)
     attach_int4pack(model)
     attach_bf16_scales(model)
+    attach_bf16_mma(model)
     for i, layer in enumerate(model.layers):
         if type(layer) is TransformerBlock:
             swap_module(model, f"layers.{i}", DecodeBlock(layer))
-    if any(m.int4mma_norm_stats for m in packed_projections(model).values()):
+    if any(m.mma_norm_stats for m in packed_projections(model).values()):
         for previous, block in zip(model.layers, model.layers[1:]):
             if "_previous" not in block.__dict__:
                 block.link_statistics(previous)

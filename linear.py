@@ -25,9 +25,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from teal_kernels import MAX_BATCH, dequantize_weight, sparse_gemv, sparse_gemv_reference
+from teal_kernels import bf16_mma as bmma
 from teal_kernels import int4_mma as mma
-from teal_kernels.ops import (attention_o, cpu_runs_interpreter, dense_gemv, dequantize, int4_mma, int4_mma_stats,
-                              quant_gemm, sparse_gemv_stats)
+from teal_kernels.ops import (attention_o, bf16_mma, bf16_mma_stats, cpu_runs_interpreter, dense_gemv, dequantize,
+                              int4_mma, int4_mma_stats, quant_gemm, sparse_gemv_stats)
 from teal_kernels.reference import (INT4_GROUP_SIZES, KERNEL_DTYPES, dot_design_fits, env_switch, gated_input,
                                     pack_scales_zeros)
 from teal_kernels.speed_table import estimated_sparse_beats_dense, measured_on, sparse_beats_dense
@@ -229,6 +230,14 @@ INT4_MMA_BF16_SCALES_ENV = "TEAL_INT4_MMA_BF16_SCALES"
 # (482.5 -> 448.9 tok/s, results/issue11_h100_2026_12_06/): their 2-byte loads came in another layout than
 # the accumulators' and were converted through shared memory; a packed word loads in the float32 scales'.
 INT4_BF16_SCALES_ENV = "TEAL_INT4_BF16_SCALES"
+# TEAL_BF16_MMA (off by default; 1 turns it on, read when the fused decode path is installed): bf16 decoder
+# projections on CUDA too large for the preload GEMV run their dense decode calls through
+# teal_kernels/bf16_mma.py (tensor cores from Gluon, the [K, N] weights read in place: no copy) instead of
+# cuBLAS, with int4_mma's fusions: gate|up returns SiLU(gate) * up, and o and down give the next RMSNorm's
+# statistics to gate|up and q|k|v, which scale their products by 1 / rms (no norm kernel). Per matrix it
+# ties cuBLAS; a layer's four 8B matrices in sequence took 156.6 µs with PDL against cuBLAS's 162.0 (H100,
+# 2026-12-06, benchmarks/bf16_mma_lab.py, results/bf16_mma_2026_12_06/). Sparse calls keep our sparse GEMV.
+BF16_MMA_ENV = "TEAL_BF16_MMA"
 
 
 def int4_bf16_scales() -> bool:
@@ -312,8 +321,10 @@ class PackedLinear(nn.Module):
         # int4: the scales and zeros as packed bf16 pairs that our kernels read instead (attach_bf16_scales), not saved
         self.register_buffer("kernel_scales", None, persistent=False)
         self.register_buffer("kernel_zeros", None, persistent=False)
-        self.int4mma_paired = False  # a gate|up copy in int4_mma.paired_order: its calls return SiLU(gate) * up
-        self.int4mma_norm_stats = False  # INT4_MMA_NORM_STATS_ENV: gives / takes a norm's statistics (decode.py)
+        self.bf16_mma = False  # BF16_MMA_ENV: dense bf16 decode calls run teal_kernels/bf16_mma.py (attach_bf16_mma)
+        # a gate|up layer whose dense tensor-core calls return SiLU(gate) * up (int4_mma's paired copy, or bf16_mma)
+        self.mma_gate = False
+        self.mma_norm_stats = False  # its dense tensor-core calls give / take a norm's statistics (decode.py)
         self.sparse_norm_stats = False  # SPARSE_NORM_STATS_ENV: its sparse decode calls give them too
 
     @classmethod
@@ -336,14 +347,27 @@ class PackedLinear(nn.Module):
             return False
         if use_mma and mma.fits(self.in_features, self.out_features, self.group_size, torch.bfloat16) and (
                 not self.weight.is_cuda or mma.available()):
-            self.int4mma_paired = gate_epilogue and mma.pairs(self.in_features, self.out_features)
+            self.mma_gate = gate_epilogue and mma.pairs(self.in_features, self.out_features)
             self.int4mma_words, self.int4mma_scales, self.int4mma_zeros = mma.pack(
-                self.weight, self.scales, self.zeros, self.int4mma_paired, mma_scale_dtype)
+                self.weight, self.scales, self.zeros, self.mma_gate, mma_scale_dtype)
             return True
         if not int4pack_fits(self.in_features, self.out_features, self.group_size, torch.bfloat16):
             return False
         self.int4pack_weight, self.int4pack_scales_zeros = int4pack(self.weight, self.scales, self.zeros,
                                                                     self.group_size)
+        return True
+
+    def use_bf16_mma(self, gate_up: bool, sparse_stats: bool) -> bool:
+        """Let a bf16 layer's dense decode calls run teal_kernels/bf16_mma.py (BF16_MMA_ENV) where a config
+        fits its shape: giving and taking the norms' statistics, a `gate_up` layer gating where a config with
+        two column groups fits, and with `sparse_stats` its sparse calls giving the statistics too. False
+        (nothing set) for other formats and shapes. attach_bf16_mma decides the device."""
+        if self.fmt != "fp" or self.weight.dtype != torch.bfloat16 or bmma.config_for(
+                self.in_features, self.out_features) is None:
+            return False
+        self.bf16_mma = self.mma_norm_stats = True
+        self.mma_gate = gate_up and bmma.config_for(self.in_features, self.out_features, gate=True) is not None
+        self.sparse_norm_stats = sparse_stats
         return True
 
     @property
@@ -419,16 +443,23 @@ class PackedLinear(nn.Module):
         n_rows = x.numel() // x.shape[-1]
         return self.has_dense_int4_copy and not sparse and n_rows <= MAX_BATCH and x.dtype == torch.bfloat16
 
+    def _mma_call(self, x: Tensor, sparse: bool) -> bool:
+        """Whether this call runs on tensor cores from Gluon: a dense decode call in bf16 of an int4 layer
+        with int4_mma's copy, or of a bf16 layer with bf16_mma on (attach_bf16_mma)."""
+        if self.bf16_mma:
+            return not sparse and x.numel() // x.shape[-1] <= MAX_BATCH and x.dtype == torch.bfloat16
+        return self.int4mma_words is not None and self._dense_copy_call(x, sparse)
+
     def gates_in_epilogue(self, x: Tensor) -> bool:
-        """Whether this call can return SiLU(gate) * up of its gate|up product from int4_mma's paired
-        copy (forward's gate_product): decode.py then hands the down projection the gated input."""
-        return self.int4mma_paired and self._dense_copy_call(x, self.applies_sparsity(x))
+        """Whether this call can return SiLU(gate) * up of its gate|up product from its tensor-core
+        kernel's epilogue (forward's gate_product): decode.py then hands the down projection the gated input."""
+        return self.mma_gate and self._mma_call(x, self.applies_sparsity(x))
 
     def takes_norm_stats(self, x: Tensor) -> bool:
-        """Whether this call of x's shape runs int4_mma with INT4_MMA_NORM_STATS_ENV on: it can then give
-        the next norm's statistics (product_with_norm_stats) or take them (forward's norm_stats)."""
-        return self.int4mma_norm_stats and self.int4mma_words is not None and self._dense_copy_call(
-            x, self.applies_sparsity(x))
+        """Whether this call of x's shape runs a tensor-core kernel with the statistics on (int4_mma with
+        INT4_MMA_NORM_STATS_ENV, or bf16_mma): it can then give the next norm's statistics
+        (product_with_norm_stats) or take them (forward's norm_stats)."""
+        return self.mma_norm_stats and self._mma_call(x, self.applies_sparsity(x))
 
     def gives_norm_stats(self, x: Tensor) -> bool:
         """Whether this call of x's shape can give the next norm's statistics (product_with_norm_stats):
@@ -451,7 +482,9 @@ class PackedLinear(nn.Module):
         scaled, sumsq = into or (rows.new_empty(n_rows, self.out_features),
                                  rows.new_empty(n_rows, self.out_features // 16, dtype=torch.float32))
         res = residual.reshape(-1, self.out_features)
-        if self.takes_norm_stats(x):
+        if self.takes_norm_stats(x) and self.bf16_mma:
+            out = bf16_mma_stats(gated_input(rows) if gated else rows, self.weight, res, norm.weight, scaled, sumsq)
+        elif self.takes_norm_stats(x):
             out = int4_mma_stats(gated_input(rows) if gated else rows, self.int4mma_words, self.int4mma_scales,
                                  self.int4mma_zeros, res, norm.weight, scaled, sumsq)
         else:  # a sparse decode call (gives_norm_stats)
@@ -484,15 +517,16 @@ class PackedLinear(nn.Module):
         n_rows = x.numel() // x.shape[-1]
         # a dense int4 decode call of a layer with a dense copy (attach_int4pack: tinygemm's or int4_mma's)
         dense_copy = self._dense_copy_call(x, sparse)
-        mma_call = dense_copy and self.int4mma_words is not None  # int4_mma takes the residual
-        if gate_product != (mma_call and self.int4mma_paired):  # the paired copy's products come out gated
+        mma_call = self._mma_call(x, sparse)  # int4_mma / bf16_mma: they take the residual
+        if gate_product != (mma_call and self.mma_gate):  # a gating layer's tensor-core products come out gated
             raise ValueError(f"gate_product={gate_product} on a call that {'runs' if mma_call else 'does not run'} "
-                             f"int4_mma's {'paired' if self.int4mma_paired else 'plain'} copy")
+                             f"a {'gating' if self.mma_gate else 'plain'} tensor-core kernel")
         if norm_stats is not None and not (mma_call and norm is not None):
-            raise ValueError("norm_stats needs its norm and a call that runs int4_mma (takes_norm_stats)")
+            raise ValueError("norm_stats needs its norm and a call that runs int4_mma or bf16_mma (takes_norm_stats)")
         kernel_rows = self.quantized_kernel_rows if x.device.type == "cuda" and not sparse else MAX_BATCH
-        decode_kernel = not dense_float and not dense_copy and n_rows <= kernel_rows and x.dtype in KERNEL_DTYPES
-        preload = (dense_float and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
+        decode_kernel = (not dense_float and not dense_copy and not mma_call and n_rows <= kernel_rows
+                         and x.dtype in KERNEL_DTYPES)
+        preload = (dense_float and not mma_call and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
                    and x.dtype in KERNEL_DTYPES and preload_gemv_fits(x.device, self.in_features, self.out_features))
         # A dense prefill of int8/int4 weights on CUDA past quantized_kernel_rows: dense_weight_t
         # dequantizes the matrix once into x's dtype, then cuBLAS (H200, 8B shapes, 2048 tokens:
@@ -511,11 +545,13 @@ class PackedLinear(nn.Module):
         if preload:
             # small dense float on CUDA: weights loaded before the kernel waits on its input
             out = dense_gemv(rows, self.weight, gated, res, *norm_args)
-        elif dense_float or quantized_prefill or dense_copy:
+        elif dense_float or quantized_prefill or dense_copy or mma_call:
             # cuBLAS / the CPU's BLAS / tinygemm, the fusions left to torch (Inductor); int4_mma takes
             # the residual itself
             x_in = gated_input(rows) if gated else rows
-            if mma_call:
+            if mma_call and self.bf16_mma:
+                out = bf16_mma(x_in, self.weight, res, gate_product, norm_stats, 0.0 if norm is None else norm.eps)
+            elif mma_call:
                 out = int4_mma(x_in, self.int4mma_words, self.int4mma_scales, self.int4mma_zeros, res, gate_product,
                                norm_stats, 0.0 if norm is None else norm.eps)
             elif dense_copy:
@@ -603,9 +639,22 @@ def attach_int4pack(model: nn.Module) -> list[str]:
              if m.has_dense_int4_copy or m.attach_int4pack(use_mma, gate and name.endswith("feed_forward.w13"),
                                                            scale_dtype)]
     for name in names:
-        layers[name].int4mma_norm_stats = norm_stats and name in projections and layers[name].int4mma_words is not None
-        layers[name].sparse_norm_stats = sparse_stats and layers[name].int4mma_norm_stats
+        layers[name].mma_norm_stats = norm_stats and name in projections and layers[name].int4mma_words is not None
+        layers[name].sparse_norm_stats = sparse_stats and layers[name].mma_norm_stats
     return names
+
+
+def attach_bf16_mma(model: nn.Module) -> list[str]:
+    """With BF16_MMA_ENV on, let every bf16 decoder projection on CUDA that the preload GEMV does not take
+    run its dense decode calls through bf16_mma where it takes the shape (PackedLinear.use_bf16_mma;
+    Gluon in this Triton), their sparse calls giving the norms' statistics too unless SPARSE_NORM_STATS_ENV
+    is 0 (idempotent); the names of those that do."""
+    if not env_switch(BF16_MMA_ENV):
+        return []
+    sparse_stats = env_switch(SPARSE_NORM_STATS_ENV, default="1")
+    return [name for name, m in packed_projections(model).items()
+            if m.weight.is_cuda and not preload_gemv_fits(m.weight.device, m.in_features, m.out_features)
+            and bmma.available() and m.use_bf16_mma(name.endswith("feed_forward.w13"), sparse_stats)]
 
 
 def int4_cuda_layers(model: nn.Module) -> dict[str, PackedLinear]:

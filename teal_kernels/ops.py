@@ -5,7 +5,9 @@ dense decode calls of small float matrices on CUDA), ``teal::dequantize`` (a qua
 bf16/fp16 for longer prefills on CUDA), ``teal::quant_gemm`` (such a prefill's product without the
 bf16 copy: int8 and int4 prefills of 17-128 rows, linear.QUANT_GEMM_ROWS), ``teal::int4_mma`` (dense
 int4-g128 decode calls on tensor cores from a packed copy, linear.INT4_MMA_ENV; ``teal::int4_mma_stats``: with
-the next RMSNorm's statistics), ``teal::decode_attention`` and ``teal::decode_attention_step``
+the next RMSNorm's statistics), ``teal::bf16_mma`` (dense bf16 decode calls of large matrices on tensor
+cores, reading the [K, N] weights in place, linear.BF16_MMA_ENV; ``teal::bf16_mma_stats``: with the next
+RMSNorm's statistics), ``teal::decode_attention`` and ``teal::decode_attention_step``
 (the fused decode path's attention, decode.py), and ``teal::attention_o`` (that attention computed
 inside o's GEMV, at short contexts: linear.PackedLinear.attention_product).
 
@@ -333,6 +335,66 @@ def int4_mma_stats(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, resi
         from teal_kernels.int4_mma import int4_mma_with_stats
         return int4_mma_with_stats(x, words, scales, zeros, residual, stats_weight, scaled, sumsq)
     return torch.ops.teal.int4_mma_stats(x, words, scales, zeros, residual, stats_weight, scaled, sumsq)
+
+
+@torch.library.custom_op("teal::bf16_mma", mutates_args=(), device_types="cpu")
+def _bf16_mma_cpu(x: Tensor, w: Tensor, residual: Tensor | None = None, gate: bool = False,
+                  sumsq: Tensor | None = None, eps: float = 0.0) -> Tensor:
+    from teal_kernels.bf16_mma import bf16_mma_reference
+    return bf16_mma_reference(x, w, residual, gate, sumsq, eps)
+
+
+@_bf16_mma_cpu.register_kernel("cuda")
+def _(x, w, residual=None, gate=False, sumsq=None, eps=0.0):
+    from teal_kernels.bf16_mma import bf16_mma as bf16_mma_gluon
+    return bf16_mma_gluon(x, w, residual, gate, sumsq, eps)
+
+
+@_bf16_mma_cpu.register_fake
+def _(x, w, residual=None, gate=False, sumsq=None, eps=0.0):
+    return x.new_empty(x.shape[0], w.shape[1] // 2 if gate else w.shape[1])
+
+
+def bf16_mma(x: Tensor, w: Tensor, residual: Tensor | None = None, gate: bool = False,
+             sumsq: Tensor | None = None, eps: float = 0.0) -> Tensor:
+    """x [M <= 8, K] bf16 @ w [K, N] bf16 (+ residual; with gate, a gate|up matrix's SiLU(gate) * up; with
+    sumsq and the norm's eps, bf16_mma_stats' sums for the norm before it): a dense bf16 decode call on
+    tensor cores (Gluon, teal_kernels/bf16_mma.py) on CUDA, the float32 reference elsewhere."""
+    if x.is_cuda and _eager():
+        from teal_kernels.bf16_mma import bf16_mma as bf16_mma_gluon
+        return bf16_mma_gluon(x, w, residual, gate, sumsq, eps)
+    return torch.ops.teal.bf16_mma(x, w, residual, gate, sumsq, eps)
+
+
+@torch.library.custom_op("teal::bf16_mma_stats", mutates_args=("scaled", "sumsq"), device_types="cpu")
+def _bf16_mma_stats_cpu(x: Tensor, w: Tensor, residual: Tensor | None, stats_weight: Tensor, scaled: Tensor,
+                        sumsq: Tensor) -> Tensor:
+    from teal_kernels.bf16_mma import bf16_mma_reference
+    out = bf16_mma_reference(x, w, residual)
+    write_norm_statistics(out, stats_weight, scaled, sumsq)
+    return out
+
+
+@_bf16_mma_stats_cpu.register_kernel("cuda")
+def _(x, w, residual, stats_weight, scaled, sumsq):
+    from teal_kernels.bf16_mma import bf16_mma_with_stats
+    return bf16_mma_with_stats(x, w, residual, stats_weight, scaled, sumsq)
+
+
+@_bf16_mma_stats_cpu.register_fake
+def _(x, w, residual, stats_weight, scaled, sumsq):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+def bf16_mma_stats(x: Tensor, w: Tensor, residual: Tensor | None, stats_weight: Tensor, scaled: Tensor,
+                   sumsq: Tensor) -> Tensor:
+    """bf16_mma's product (+ residual), returned, and what the RMSNorm after it hands its consumer instead
+    of running, written into `scaled` (out * stats_weight, [M, N]) and `sumsq` (out's squares summed a
+    16-output tile, [M, N / 16] float32): teal_kernels/bf16_mma.py's bf16_mma_with_stats."""
+    if x.is_cuda and _eager():
+        from teal_kernels.bf16_mma import bf16_mma_with_stats
+        return bf16_mma_with_stats(x, w, residual, stats_weight, scaled, sumsq)
+    return torch.ops.teal.bf16_mma_stats(x, w, residual, stats_weight, scaled, sumsq)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -319,29 +319,36 @@ def sparse_mma_lab_variants():
         yield f"int4_sparse_mma_lab kernel {tuple(cfg)} num_warps={cfg.k_warps}", lambda c=cfg: compile_lab(c)
 
 
-def bf16_mma_lab_variants():
-    """benchmarks/bf16_mma_lab.py's Gluon kernel (a dense bf16 GEMV on tensor cores reading the [K, N]
-    rows in place, a lab) at configs of each tile width: (name, compile function)."""
-    from benchmarks import bf16_mma_lab as lab
+def bf16_mma_variants():
+    """teal_kernels/bf16_mma.py's Gluon kernel (dense bf16 decode calls on tensor cores reading the [K, N]
+    rows in place) at each 8B matrix's config with the epilogues the decode step asks of it, one row and
+    more: (name, compile function)."""
+    from teal_kernels import bf16_mma as bm
 
-    def compile_lab(cfg: "lab.Bf16MmaConfig", residual: bool):
+    def compile_variant(cfg: "bm.Bf16MmaConfig", one_row: bool, **flags: bool):
         from triton.experimental.gluon._runtime import GluonASTSource
-        kernel, _ = lab._kernel()
-        layouts = lab.layouts(cfg)
-        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "res_ptr": "*bf16", "K": "i32", "N": "i32",
-               "KW": "constexpr", "T": "constexpr", "CG": "constexpr", "KS": "constexpr", "LOOKAHEAD": "constexpr",
-               "PDL": "constexpr", "RESIDUAL": "constexpr", **{name: "constexpr" for name in layouts}}
+        kernel, _ = bm._kernel()
+        layouts = bm.layouts(cfg)
+        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "out_ptr": "*bf16", "res_ptr": "*bf16", "sw_ptr": "*bf16",
+               "sc_ptr": "*bf16", "sq_ptr": "*fp32", "eps": "fp32", "M": "i32", "K": "i32", "N": "i32",
+               **{name: "constexpr" for name in ("KW", "T", "CG", "KS", "LOOKAHEAD", "PDL", "ONE_ROW", "RESIDUAL",
+                                                 "GATE", "STATS", "PRENORMED", "SQ_P", *layouts)}}
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig)
                  if name.endswith("_ptr") or name in ("K", "N")}
         constexprs = dict(KW=cfg.k_warps, T=cfg.tiles, CG=cfg.col_groups, KS=cfg.k_step, LOOKAHEAD=cfg.lookahead,
-                          PDL=True, RESIDUAL=residual, **layouts)
+                          PDL=True, ONE_ROW=one_row, SQ_P=256, **{name: flags.get(name.lower(), False)
+                                                                  for name in ("RESIDUAL", "GATE", "STATS", "PRENORMED")},
+                          **layouts)
         return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs), target=TARGET,
                               options=dict(num_warps=cfg.k_warps, launch_pdl=True))
 
-    for cfg, residual in ((lab.Bf16MmaConfig(8, 8, 1, 32, 2), False), (lab.Bf16MmaConfig(16, 4, 1, 32, 2), True),
-                          (lab.Bf16MmaConfig(8, 8, 2, 32, 1), False)):
-        yield (f"bf16_mma_lab kernel {tuple(cfg)} RESIDUAL={residual} num_warps={cfg.k_warps}",
-               lambda c=cfg, r=residual: compile_lab(c, r))
+    for (k, n), flags in (((4096, 6144), dict(prenormed=True)), ((4096, 4096), dict(residual=True, stats=True)),
+                          ((4096, 28672), dict(gate=True, prenormed=True)),
+                          ((14336, 4096), dict(residual=True, stats=True))):
+        cfg = bm.config_for(k, n, flags.get("gate", False))
+        for one_row in (True, False):
+            yield (f"bf16_mma kernel {tuple(cfg)} ONE_ROW={one_row} {' '.join(sorted(flags))} num_warps={cfg.k_warps}",
+                   lambda c=cfg, o=one_row, f=flags: compile_variant(c, o, **f))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
               + (" packed_scales" if pointers.get("scale_ptr") == "*i32" else ""),
               lambda kernel=kernel, p=pointers, c=constexprs, w=warps, s=stages: compile_one(kernel, p, c, w, s))
              for kernel, pointers, constexprs, warps, stages in triton_variants)
-    gluon = (itertools.chain(int4_mma_variants(), sparse_mma_lab_variants(), bf16_mma_lab_variants()) if _has_gluon()
+    gluon = (itertools.chain(int4_mma_variants(), sparse_mma_lab_variants(), bf16_mma_variants()) if _has_gluon()
              else iter(()))
     for i, (name, build) in enumerate(itertools.chain(named, gluon)):
         if args.only not in name:

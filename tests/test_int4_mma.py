@@ -357,7 +357,7 @@ def test_an_int4_head_decodes_through_its_mma_copy(monkeypatch) -> None:
         model, out = int4_fused_decode_logits(128, compiled=True, lm_head="int4")
         assert (model.output.fmt, model.output.group_size) == ("int4", 128)
         assert (model.output.int4mma_words is not None) == (switch == "1") and model.output.has_dense_int4_copy
-        assert not model.output.int4mma_norm_stats
+        assert not model.output.mma_norm_stats
         return out
 
     mma_logits, tiny = logits("1"), logits("0")
@@ -397,7 +397,7 @@ def test_a_paired_gate_up_layer_gates_its_dense_calls_only() -> None:
     rounding apart); a call that would run the paired copy without gate_product, or ask gate_product
     where the copy does not run, fails in one line."""
     layer, plain = _layer(splits=(8192, 8192)), _layer(splits=(8192, 8192))
-    assert layer.attach_int4pack(use_mma=True, gate_epilogue=True) and layer.int4mma_paired
+    assert layer.attach_int4pack(use_mma=True, gate_epilogue=True) and layer.mma_gate
     x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     assert layer.gates_in_epilogue(x)
     got = layer(x, gate_product=True)
@@ -414,7 +414,7 @@ def test_a_paired_gate_up_layer_gates_its_dense_calls_only() -> None:
         layer(x, gate_product=True)
     assert torch.equal(layer(x), plain(x))  # sparse calls: our kernel, the natural order
     unpaired = _layer(splits=(8192, 8192))
-    assert unpaired.attach_int4pack(use_mma=True, gate_epilogue=False) and not unpaired.int4mma_paired
+    assert unpaired.attach_int4pack(use_mma=True, gate_epilogue=False) and not unpaired.mma_gate
     assert not unpaired.gates_in_epilogue(x)
 
 
@@ -434,7 +434,7 @@ def test_the_decode_block_hands_down_the_gated_input_from_a_paired_gate_up() -> 
             m.int4mma_words = None
             assert m.attach_int4pack(use_mma=True, gate_epilogue=gate and name.endswith("w13"))
         block = DecodeBlock(model.layers[0])
-        assert block.feed_forward.w13.int4mma_paired == gate
+        assert block.feed_forward.w13.mma_gate == gate
         x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
         freqs = model.freqs_cis[4:5]
         outs.append(block(x, freqs, None, torch.tensor([4])))
@@ -511,7 +511,7 @@ def test_only_int4_mma_calls_give_and_take_statistics() -> None:
     layer = _layer(splits=(128, 128))
     x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
     assert layer.attach_int4pack(use_mma=True) and not layer.takes_norm_stats(x)
-    layer.int4mma_norm_stats = True
+    layer.mma_norm_stats = True
     assert layer.takes_norm_stats(x) and layer.takes_norm_stats(x.expand(1, 5, 256))
     norm = Norm(256, 1e-5).to(torch.bfloat16)
     residual = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
@@ -547,7 +547,7 @@ def test_the_decode_block_runs_no_ffn_norm_with_statistics(monkeypatch, gate: bo
         for name, m in packed_projections(model).items():
             m.int4mma_words = None
             assert m.attach_int4pack(use_mma=True, gate_epilogue=gate and name.endswith("w13"))
-            m.int4mma_norm_stats = stats
+            m.mma_norm_stats = stats
         block = DecodeBlock(model.layers[0])
         outs.append(block(x, model.freqs_cis[pos], None, pos))
         assert len(calls) == stats  # o gave them once, in the second block only
@@ -577,7 +577,7 @@ def test_a_sparse_down_gives_the_next_blocks_q_k_v_its_statistics(monkeypatch) -
         for name, m in packed_projections(model).items():
             m.int4mma_words = None
             assert m.attach_int4pack(use_mma=True)
-            m.int4mma_norm_stats = True
+            m.mma_norm_stats = True
             m.sparse_norm_stats = stats
         downs = [layer.feed_forward.w2 for layer in model.layers]
         for down in downs:
@@ -640,7 +640,7 @@ def test_a_compiled_decode_step_with_statistics_matches_one_without(monkeypatch)
     def logits(switch: str) -> torch.Tensor:
         monkeypatch.setenv(linear.INT4_MMA_NORM_STATS_ENV, switch)
         model, out = int4_fused_decode_logits(128, compiled=True)
-        assert all(m.int4mma_norm_stats == (switch == "1") for m in packed_projections(model).values())
+        assert all(m.mma_norm_stats == (switch == "1") for m in packed_projections(model).values())
         return out
 
     with_stats, without = logits("1"), logits("0")
@@ -658,7 +658,7 @@ def _three_layers(gate: bool, stats: bool, head: str | None = None) -> tuple[tor
     install_fused_decode(model)
     for name, m in packed_projections(model).items():
         assert m.attach_int4pack(use_mma=True, gate_epilogue=gate and name.endswith("w13"))
-        m.int4mma_norm_stats = stats
+        m.mma_norm_stats = stats
     if head == "int4":
         assert model.output.attach_int4pack(use_mma=True)
     if stats:
