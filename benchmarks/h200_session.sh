@@ -937,9 +937,10 @@ case $phase in
     bash "$0" "$out" bf16_mma_lab
     bash "$0" "$out" fixed_split
     ;;
-  bf16_mma)  # issue 10, dense >= 240 on the H200: teal_kernels/bf16_mma.py (the lab's kernel with 1-8 rows, int4_mma's gate and norm-statistics epilogues; TEAL_BF16_MMA=1) on the GPU: its tests, then Llama-3-8B bf16 dense with it off / on / off / on in one process beside the cuBLAS gpt-fast-style baseline (~8 min on a cold machine)
+  bf16_mma)  # issue 10, dense >= 240 on the H200: teal_kernels/bf16_mma.py (the lab's kernel with 1-8 rows, int4_mma's gate and norm-statistics epilogues; TEAL_BF16_MMA=1) on the GPU: its tests, then Llama-3-8B bf16 dense with it off / on / off / on in one process beside the cuBLAS gpt-fast-style baseline, and Llama-2-7B off / on (shapes the rule was not measured on) (~6 min on a cold machine)
     step 200 python3 -m pytest -q -x tests/test_bf16_mma.py
-    step 420 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 --decode_path fused --switches - TEAL_BF16_MMA=1 --rounds 2 --out "$out/decode_bf16_mma"
+    step 300 python3 -m benchmarks.bench_decode --model Llama-3-8B --weights bf16 --sparsity 0 --decode_path fused --switches - TEAL_BF16_MMA=1 --rounds 2 --out "$out/decode_bf16_mma"
+    step 150 python3 -m benchmarks.bench_decode --no-bf16_baseline --model Llama-2-7B --weights bf16 --sparsity 0 --decode_path fused --switches - TEAL_BF16_MMA=1 --out "$out/decode_llama2_bf16_mma"
     ;;
   bf16_gather_profile)  # (ran 2026-12-06 on an H100, results/gather_heuristic_2026_12_06/ section 2) issue 10, bf16 sparse GEMV >= 85% of the bandwidth: where bf16's gather loses time now that it runs every 8B matrix (on the H200 at 50% down reads at 68% of 4.28 TB/s, gate|up at 79%; results/gather_bf16_2026_12_06/): fixed_cost bf16 (each matrix at 50% and with no row read), then per-reason warp stalls and per-instruction SASS of down and gate|up at 50% (~5 min on a cold machine)
     step 60 python3 -m benchmarks.fixed_cost --format bf16 --out "$out/fixed_cost_bf16"

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from teal_kernels.int4_mma import grid_dependency
+from teal_kernels.int4_mma import available, grid_dependency  # noqa: F401 (available: Gluon's mma_v2, both kernels' need)
 from teal_kernels.reference import MAX_BATCH, NORM_STATS_TILE, check_norm_statistics, gated_input, norm_statistics
 
 MAX_ROWS = MAX_BATCH  # rows of x a call takes (the decode kernels' batch; the kernel's epilogue loop has 8)
@@ -337,15 +337,6 @@ def layouts(cfg: Bf16MmaConfig) -> dict:
     return dict(MMA=mma, A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
                 B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2), LOAD=load,
                 SQ=gl.BlockedLayout([1], [32], [cfg.k_warps], [0]))
-
-
-def available() -> bool:
-    """Whether this Triton has Gluon's mma_v2 (the kernel's one dependency beyond Triton itself)."""
-    try:
-        _kernel()
-    except ImportError:
-        return False
-    return True
 
 
 def bf16_mma(x: Tensor, w: Tensor, residual: Tensor | None = None, gate: bool = False, sumsq: Tensor | None = None,
