@@ -236,7 +236,10 @@ INT4_BF16_SCALES_ENV = "TEAL_INT4_BF16_SCALES"
 # cuBLAS, with int4_mma's fusions: gate|up returns SiLU(gate) * up, and o and down give the next RMSNorm's
 # statistics to gate|up and q|k|v, which scale their products by 1 / rms (no norm kernel). Per matrix it
 # ties cuBLAS; a layer's four 8B matrices in sequence took 156.6 µs with PDL against cuBLAS's 162.0 (H100,
-# 2026-12-06, benchmarks/bf16_mma_lab.py, results/bf16_mma_2026_12_06/). Sparse calls keep our sparse GEMV.
+# 2026-12-06, benchmarks/bf16_mma_lab.py, results/bf16_mma_2026_12_06/). End to end (H100, same day, one
+# process): Llama-3-8B dense 167.5 / 167.8 -> 170.5 / 170.4 tok/s; Llama-2-7B 186.3 -> 165.0 with the first
+# launch rule (its down on 8 K warps), changed since and not yet measured: so off by default. Sparse calls
+# keep our sparse GEMV.
 BF16_MMA_ENV = "TEAL_BF16_MMA"
 
 
