@@ -66,7 +66,7 @@ class Bf16MmaConfig(NamedTuple):
         return 8 * self.tiles * self.col_groups
 
 
-WIDE = 16384  # outputs from which a program holds two 128-column groups and 8 K warps (gate|up)
+WIDE = 16384  # outputs from which a program holds two 64-column groups (128 columns) and 8 K warps (gate|up)
 MANY_PROGRAMS = 96  # 64-output programs from which a program holds 64 outputs (8-wide tiles), else 32
 
 
