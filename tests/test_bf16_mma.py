@@ -150,7 +150,7 @@ def test_the_rules_configs_match_float64(k: int, n: int) -> None:
 def test_the_kernels_gate_epilogue_is_the_references(k: int, n: int, m: int) -> None:
     """SiLU(gate) * up of the rounded product, [M, N / 2], within one more bf16 rounding of the reference
     (the product's own error passes through SiLU * up); the plain call's product gated in torch agrees to
-    one bf16 rounding: the kernel's float32 SiLU (the sparse GEMV's formula, 1 / (1 + exp(-g))) is not
+    one bf16 ulp: the kernel's float32 SiLU (the sparse GEMV's formula, 1 / (1 + exp(-g))) is not
     torch's, and on an H100 2 of 14336 outputs of the 8B gate|up differed, by 2e-12 (2026-12-06)."""
     x, w, _ = _inputs(m, k, n, seed=n + m)
     cfg = bm.config_for(k, n, gate=True)
@@ -158,7 +158,7 @@ def test_the_kernels_gate_epilogue_is_the_references(k: int, n: int, m: int) -> 
     assert got.shape == (m, n // 2)
     want = bm.bf16_mma_reference(x, w, gate=True)
     plain_gated = gated_input(bm.bf16_mma(x, w, config=cfg))
-    assert torch.allclose(got.float(), plain_gated.float(), rtol=2 ** -8, atol=1e-6)  # the same rounded product
+    assert torch.allclose(got.float(), plain_gated.float(), rtol=2 ** -7, atol=1e-6)  # one bf16 ulp
     assert torch.allclose(got.float(), want.float(), rtol=2 ** -6, atol=0.05 * want.float().abs().max().item())
 
 
@@ -189,7 +189,7 @@ def test_the_kernels_statistics_are_the_references_alone_and_among_rows(k: int, 
         assert torch.allclose(sumsq.double(), out.double().square().view(m, -1, 16).sum(dim=2), rtol=1e-5)
         want = bm.bf16_mma_reference(scaled, w2, sumsq=sumsq, eps=1e-5)
         assert torch.allclose(normed.float(), want.float(), rtol=2 ** -7, atol=2e-3)
-        assert torch.allclose(normed_gated.float(), gated_input(normed).float(), rtol=2 ** -8, atol=1e-6)
+        assert torch.allclose(normed_gated.float(), gated_input(normed).float(), rtol=2 ** -7, atol=1e-6)
         if m > 1:
             for i in range(m):
                 alone = run(slice(i, i + 1))
