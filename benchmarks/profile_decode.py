@@ -43,14 +43,17 @@ WARMUP, KV_MARGIN, CALIB_TOKENS = 10, 16, 2048  # CALIB_TOKENS: bench_decode's d
 _ATTENTION = re.compile(r"attention|attn|flash|fmha|sdpa|cudnn", re.I)
 _MATRIX = re.compile(r"gemv|gemm|nvjet|cutlass|xmma|splitkreduce|cublas", re.I)
 _INDUCTOR_MM = re.compile(r"_(mm|addmm|bmm)(_|$)")  # in an Inductor template name
-OWN_KERNELS = {"_split_kernel": "attention", "_combine_kernel": "attention"}  # teal_kernels/attention.py
+# our kernels whose names say nothing about their role: teal_kernels/attention.py's, and the Gluon tensor-core
+# GEMVs (int4_mma.py, bf16_mma.py), which "mma" alone would not tell from cuDNN's attention kernels
+OWN_KERNELS = {"_split_kernel": "attention", "_combine_kernel": "attention",
+               "_int4_mma_kernel": "projection GEMV", "_bf16_mma_kernel": "projection GEMV"}
 
 
 def classify(name: str) -> str:
     """Role of one kernel from its name (the lm_head is positional: see step_roles)."""
     if name.startswith(("Memset", "Memcpy")):
         return "memset/memcpy"
-    if name in OWN_KERNELS:  # our Triton kernels whose names say nothing about their role
+    if name in OWN_KERNELS:
         return OWN_KERNELS[name]
     if name.startswith("triton_"):  # Inductor's: named after the ops of its graph nodes, so
         # "triton_poi_fused_mul_silu_sparse_gemv_..." is the SiLU; only templates do matmul/attention

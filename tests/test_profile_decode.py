@@ -42,6 +42,7 @@ def dense_step(n_layer: int = 2) -> list[tuple[str, float]]:
 @pytest.mark.parametrize("name, role", [
     (NVJET, "projection GEMV"), (GEMV, "projection GEMV"), (REDUCE, "projection GEMV"),
     ("_sparse_gemv_kernel", "projection GEMV"), ("_fused_rmsnorm_gemv_kernel", "projection GEMV"),
+    ("_int4_mma_kernel", "projection GEMV"), ("_bf16_mma_kernel", "projection GEMV"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas", "projection GEMV"),  # noqa: E501
     ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x1_tn_align8>(cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x1_tn_align8::Params)", "projection GEMV"),  # noqa: E501
     ("nvjet_sm90_tst_384x8_64x4_2x1_v_bz_TNT", "projection GEMV"), ("triton_tem_fused_mm_0", "projection GEMV"),
