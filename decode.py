@@ -22,10 +22,11 @@ every format: int4-g128 + int8 head on the Llama-3-8B shape 316.0 -> 321.4 tok/s
 TEAL_FUSED_NORM=1 / 0 (read when the blocks are installed) forces it on / off for every format
 (int4_mma, which has no norm prologue, excepted); elsewhere torch runs the norm first. Where the
 projections on both sides of a norm run int4_mma (TEAL_INT4_MMA_NORM_STATS, on by default) or bf16_mma
-(TEAL_BF16_MMA=1, off by default: a bf16 model's dense calls), the norm runs in no kernel: the projection before it (o; the previous
-block's down, through this block's buffers) writes its input times the norm's weight and the sums of
-squares, and the one after (gate|up; q|k|v) scales its product by 1 / rms. A sparse call of our kernel
-before it gives them too (linear.SPARSE_NORM_STATS_ENV, on by default: at 50% down is sparse).
+(TEAL_BF16_MMA=1, off by default: a bf16 model's dense calls), the norm runs in no kernel: the
+projection before it (o; the previous block's down, through this block's buffers) writes its input
+times the norm's weight and the sums of squares, and the one after (gate|up; q|k|v) scales its
+product by 1 / rms. A sparse call of our kernel before it gives them too (linear.SPARSE_NORM_STATS_ENV,
+on by default: at 50% down is sparse).
 
 A step of 2..MAX_BATCH positions (speculation's verify, a short prefill) runs the attention op
 once a position, in order, instead of model.py's attention over all of them: each position's

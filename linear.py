@@ -529,8 +529,9 @@ class PackedLinear(nn.Module):
         kernel_rows = self.quantized_kernel_rows if x.device.type == "cuda" and not sparse else MAX_BATCH
         decode_kernel = (not dense_float and not dense_copy and not mma_call and n_rows <= kernel_rows
                          and x.dtype in KERNEL_DTYPES)
-        preload = (dense_float and not mma_call and self.preload_allowed and n_rows <= MAX_BATCH and x.dtype == self.weight.dtype
-                   and x.dtype in KERNEL_DTYPES and preload_gemv_fits(x.device, self.in_features, self.out_features))
+        preload = (dense_float and not mma_call and self.preload_allowed and n_rows <= MAX_BATCH
+                   and x.dtype == self.weight.dtype and x.dtype in KERNEL_DTYPES
+                   and preload_gemv_fits(x.device, self.in_features, self.out_features))
         # A dense prefill of int8/int4 weights on CUDA past quantized_kernel_rows: dense_weight_t
         # dequantizes the matrix once into x's dtype, then cuBLAS (H200, 8B shapes, 2048 tokens:
         # 1.15-1.20x bf16's time, 16-17x faster than the float32 product; benchmarks/results/int4_prefill/),

@@ -44,7 +44,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from teal_kernels.int4_mma import available, grid_dependency  # noqa: F401 (available: Gluon's mma_v2, both kernels' need)
+# available: whether this Triton has Gluon's mma_v2, which both tensor-core kernels need
+from teal_kernels.int4_mma import available, grid_dependency  # noqa: F401
 from teal_kernels.reference import MAX_BATCH, NORM_STATS_TILE, check_norm_statistics, gated_input, norm_statistics
 
 MAX_ROWS = MAX_BATCH  # rows of x a call takes (the decode kernels' batch; the kernel's epilogue loop has 8)
