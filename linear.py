@@ -449,9 +449,9 @@ class PackedLinear(nn.Module):
     def _mma_call(self, x: Tensor, sparse: bool) -> bool:
         """Whether this call runs on tensor cores from Gluon: a dense decode call in bf16 of an int4 layer
         with int4_mma's copy, or of a bf16 layer with bf16_mma on (attach_bf16_mma)."""
-        if self.bf16_mma:
-            return not sparse and x.numel() // x.shape[-1] <= MAX_BATCH and x.dtype == torch.bfloat16
-        return self.int4mma_words is not None and self._dense_copy_call(x, sparse)
+        on_tensor_cores = self.bf16_mma or self.int4mma_words is not None
+        return (on_tensor_cores and not sparse and x.numel() // x.shape[-1] <= MAX_BATCH
+                and x.dtype == torch.bfloat16)
 
     def gates_in_epilogue(self, x: Tensor) -> bool:
         """Whether this call can return SiLU(gate) * up of its gate|up product from its tensor-core
@@ -485,11 +485,11 @@ class PackedLinear(nn.Module):
         scaled, sumsq = into or (rows.new_empty(n_rows, self.out_features),
                                  rows.new_empty(n_rows, self.out_features // 16, dtype=torch.float32))
         res = residual.reshape(-1, self.out_features)
-        if self.takes_norm_stats(x) and self.bf16_mma:
-            out = bf16_mma_stats(gated_input(rows) if gated else rows, self.weight, res, norm.weight, scaled, sumsq)
-        elif self.takes_norm_stats(x):
-            out = int4_mma_stats(gated_input(rows) if gated else rows, self.int4mma_words, self.int4mma_scales,
-                                 self.int4mma_zeros, res, norm.weight, scaled, sumsq)
+        if self.takes_norm_stats(x):
+            x_in = gated_input(rows) if gated else rows
+            out = (bf16_mma_stats(x_in, self.weight, res, norm.weight, scaled, sumsq) if self.bf16_mma else
+                   int4_mma_stats(x_in, self.int4mma_words, self.int4mma_scales, self.int4mma_zeros, res, norm.weight,
+                                  scaled, sumsq))
         else:  # a sparse decode call (gives_norm_stats)
             out = sparse_gemv_stats(rows, self.weight, self.thresholds, self.split_sizes, *self._quant_args(),
                                     self.group_size, gated, res, norm.weight, scaled, sumsq)
